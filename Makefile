@@ -1,0 +1,38 @@
+# Hostvisor: common entry points. See README.md.
+SWIFT ?= swift
+CACHE ?= .cache
+GUEST = $(CACHE)/guest
+
+.PHONY: all build deps guest run test lint format bench clean
+
+all: build
+
+deps:
+	scripts/install-deps.sh
+
+build: deps
+	$(SWIFT) build -c release --product hostvisor
+
+guest: deps
+	scripts/make-default-guest.sh $(GUEST)
+
+## Boot the default guest (Debian cloud kernel + busybox initramfs) to a shell on this terminal.
+run: build guest
+	.build/release/hostvisor run --kernel $(GUEST)/vmlinuz --initrd $(GUEST)/initramfs.cpio.gz \
+	  --cmdline "console=ttyS0 panic=-1" --memory 512M
+
+## Build optimized (the interpreter is too slow in debug) and run every test.
+test: deps guest
+	$(SWIFT) test -c release
+
+lint:
+	$(SWIFT) format lint --strict --recursive Sources Tests Package.swift
+
+format:
+	$(SWIFT) format --in-place --recursive Sources Tests Package.swift
+
+bench: build guest
+	scripts/bench.sh
+
+clean:
+	rm -rf .build $(CACHE)

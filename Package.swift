@@ -1,0 +1,42 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+/// The interpreter's hot loop is compiled with the strongest settings that stay correct:
+/// whole-module optimization, no exclusivity checking (the CPU owns its state on one thread),
+/// and no overflow traps (all guest arithmetic uses explicit wrapping operators).
+let interpreterSettings: [SwiftSetting] = [
+  .unsafeFlags(["-Ounchecked", "-wmo", "-enforce-exclusivity=unchecked"], .when(configuration: .release))
+]
+
+let package = Package(
+  name: "Hostvisor",
+  platforms: [.macOS(.v15)],
+  products: [
+    .executable(name: "hostvisor", targets: ["hostvisor"]),
+    .library(name: "VMM", targets: ["VMM"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+  ],
+  targets: [
+    .target(name: "CShim"),
+    .target(name: "CNativeExec", path: "Tests/CNativeExec"),
+    .target(name: "VMCore", dependencies: ["CShim"]),
+    .target(name: "KVMBackend", dependencies: ["VMCore", "CShim"]),
+    .target(name: "SoftCPU", dependencies: ["VMCore", "CShim"], swiftSettings: interpreterSettings),
+    .target(name: "Devices", dependencies: ["VMCore", "CShim"]),
+    .target(name: "Loaders", dependencies: ["VMCore"]),
+    .target(name: "VMM", dependencies: ["VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "CShim"]),
+    .executableTarget(
+      name: "hostvisor",
+      dependencies: ["VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+    ),
+    .testTarget(name: "VMCoreTests", dependencies: ["VMCore"]),
+    .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "VMCore", "Devices", "Loaders", "VMM"]),
+    .testTarget(name: "LoaderTests", dependencies: ["Loaders", "VMCore"]),
+    .testTarget(name: "DeviceTests", dependencies: ["Devices", "VMCore"]),
+    .testTarget(name: "SoftCPUTests", dependencies: ["SoftCPU", "VMCore", "CNativeExec"]),
+    .testTarget(name: "CLITests", dependencies: ["VMM"]),
+  ],
+  swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,153 @@
+import CShim
+import Glibc
+
+/// Why a guest-physical access was refused. Never a host fault: a guest-chosen
+/// address or length that falls outside RAM becomes one of these values.
+public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertible {
+  /// The range `[address, address + length)` is not entirely inside one RAM region.
+  case outOfRange(address: UInt64, length: UInt64)
+  /// The host refused to map the requested amount of guest RAM.
+  case cannotMap(size: UInt64, errno: Int32)
+  /// The requested RAM size is zero or beyond what Hostvisor supports.
+  case invalidSize(UInt64)
+
+  public var description: String {
+    switch self {
+    case .outOfRange(let address, let length):
+      return "guest range 0x\(String(address, radix: 16))+0x\(String(length, radix: 16)) is outside guest RAM"
+    case .cannotMap(let size, let err):
+      return "cannot map \(size >> 20) MiB of guest RAM: \(String(cString: strerror(err)))"
+    case .invalidSize(let size):
+      return size == 0 ? "memory size must be greater than zero" : "memory size \(size) is not supported"
+    }
+  }
+}
+
+/// Guest RAM: anonymous host mappings (MAP_NORESERVE, so untouched RAM costs nothing),
+/// laid out as a PC does: RAM below the 32-bit PCI hole, the rest above 4 GiB.
+///
+/// This is the one place that translates guest-physical addresses to host addresses.
+/// Every accessor is bounds-checked; a bad address is an error value, never a host fault.
+public final class GuestMemory: @unchecked Sendable {
+  /// One contiguous piece of guest RAM backed by one host mapping.
+  public struct Region: Sendable {
+    /// First guest-physical address of the region.
+    public let guestBase: UInt64
+    /// Size in bytes.
+    public let size: UInt64
+    /// Host address where the region is mapped.
+    public nonisolated(unsafe) let host: UnsafeMutableRawPointer
+    /// One past the last guest-physical address of the region.
+    public var guestEnd: UInt64 { guestBase + size }
+  }
+
+  /// Start of the 32-bit PCI hole: RAM beyond this is placed at `highMemoryBase`.
+  public static let pciHoleStart: UInt64 = 0xC000_0000
+  /// Where RAM resumes above the PCI hole.
+  public static let highMemoryBase: UInt64 = 0x1_0000_0000
+  /// The largest guest RAM Hostvisor accepts (1 TiB).
+  public static let maximumSize: UInt64 = 1 << 40
+
+  /// RAM regions in ascending guest-physical order.
+  public let regions: [Region]
+  /// Total RAM in bytes.
+  public let totalSize: UInt64
+
+  /// Maps `size` bytes of guest RAM, split around the PCI hole.
+  public init(size: UInt64) throws(GuestMemoryError) {
+    guard size > 0, size <= Self.maximumSize, size % 4096 == 0 else { throw .invalidSize(size) }
+    var layout: [(UInt64, UInt64)] = [(0, min(size, Self.pciHoleStart))]
+    if size > Self.pciHoleStart { layout.append((Self.highMemoryBase, size - Self.pciHoleStart)) }
+    var mapped: [Region] = []
+    for (base, length) in layout {
+      let pointer = mmap(
+        nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+      if pointer == MAP_FAILED || pointer == nil {
+        let err = errno
+        for region in mapped { munmap(region.host, Int(region.size)) }
+        throw .cannotMap(size: size, errno: err)
+      }
+      mapped.append(Region(guestBase: base, size: length, host: pointer!))
+    }
+    regions = mapped
+    totalSize = size
+  }
+
+  deinit {
+    for region in regions { munmap(region.host, Int(region.size)) }
+  }
+
+  /// The region holding `address`, if any.
+  @inline(__always)
+  public func region(containing address: UInt64) -> Region? {
+    for region in regions where address >= region.guestBase && address < region.guestEnd {
+      return region
+    }
+    return nil
+  }
+
+  /// The host address of `[address, address + length)` when the whole range lies in one region.
+  @inline(__always)
+  public func hostPointer(_ address: UInt64, length: UInt64 = 1) -> UnsafeMutableRawPointer? {
+    for region in regions where address >= region.guestBase && address < region.guestEnd {
+      let offset = address - region.guestBase
+      guard length <= region.size - offset else { return nil }
+      return region.host + Int(offset)
+    }
+    return nil
+  }
+
+  /// A bounds-checked view of guest RAM for a device; valid while this object lives.
+  public func slice(at address: UInt64, length: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
+    guard let pointer = hostPointer(address, length: length) else {
+      throw .outOfRange(address: address, length: length)
+    }
+    return UnsafeMutableRawBufferPointer(start: pointer, count: Int(length))
+  }
+
+  /// Reads a little-endian integer at `address`.
+  @inline(__always)
+  public func read<T: FixedWidthInteger>(_: T.Type = T.self, at address: UInt64) throws(GuestMemoryError) -> T {
+    guard let pointer = hostPointer(address, length: UInt64(MemoryLayout<T>.size)) else {
+      throw .outOfRange(address: address, length: UInt64(MemoryLayout<T>.size))
+    }
+    return T(littleEndian: pointer.loadUnaligned(as: T.self))
+  }
+
+  /// Writes a little-endian integer at `address`.
+  @inline(__always)
+  public func write<T: FixedWidthInteger>(_ value: T, at address: UInt64) throws(GuestMemoryError) {
+    guard let pointer = hostPointer(address, length: UInt64(MemoryLayout<T>.size)) else {
+      throw .outOfRange(address: address, length: UInt64(MemoryLayout<T>.size))
+    }
+    pointer.storeBytes(of: value.littleEndian, as: T.self)
+  }
+
+  /// Copies `count` bytes out of guest RAM.
+  public func readBytes(at address: UInt64, count: Int) throws(GuestMemoryError) -> [UInt8] {
+    let source = try slice(at: address, length: UInt64(count))
+    return Array(source)
+  }
+
+  /// Copies `bytes` into guest RAM at `address`.
+  public func writeBytes<C: Collection>(_ bytes: C, at address: UInt64) throws(GuestMemoryError)
+  where C.Element == UInt8 {
+    let destination = try slice(at: address, length: UInt64(bytes.count))
+    var index = 0
+    for byte in bytes {
+      destination[index] = byte
+      index += 1
+    }
+  }
+
+  /// Fills `[address, address + length)` with `byte`.
+  public func fill(_ byte: UInt8, at address: UInt64, length: UInt64) throws(GuestMemoryError) {
+    let destination = try slice(at: address, length: length)
+    if length > 0 { memset(destination.baseAddress!, Int32(byte), Int(length)) }
+  }
+
+  /// The e820-style map of usable RAM: (base, length) pairs.
+  public var ramRanges: [(base: UInt64, length: UInt64)] {
+    regions.map { ($0.guestBase, $0.size) }
+  }
+}

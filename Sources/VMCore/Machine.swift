@@ -1,0 +1,123 @@
+import Synchronization
+
+/// Why a machine stopped running.
+public enum MachineStopReason: Sendable, Equatable, CustomStringConvertible {
+  /// The guest wrote `value` to the isa-debug-exit port; the process exits with `(value << 1) | 1`.
+  case debugExit(value: UInt32)
+  /// The guest powered the machine off (ACPI, or a halted CPU with interrupts disabled).
+  case powerOff
+  /// The guest reset the machine (i8042 reset line, triple fault, KVM shutdown).
+  case reset(reason: String)
+  /// The host asked the machine to stop (Ctrl-A x, a signal, the API).
+  case stopRequested
+  /// An unrecoverable accelerator or device failure.
+  case failure(String)
+
+  /// The host process exit status that this stop maps to.
+  public var exitStatus: Int32 {
+    switch self {
+    case .debugExit(let value): return Int32(truncatingIfNeeded: (value << 1) | 1) & 0xFF
+    case .powerOff, .reset, .stopRequested: return 0
+    case .failure: return 1
+    }
+  }
+
+  public var description: String {
+    switch self {
+    case .debugExit(let value): return "guest wrote \(value) to the debug-exit port"
+    case .powerOff: return "guest powered off"
+    case .reset(let reason): return "guest reset (\(reason))"
+    case .stopRequested: return "stopped by request"
+    case .failure(let message): return message
+    }
+  }
+}
+
+/// Shared, thread-safe control of a running machine: any device or host thread may ask the
+/// machine to stop; accelerators register a kick to wake their vCPU threads.
+public final class MachineControl: Sendable {
+  private let state = Mutex<(reason: MachineStopReason?, kicks: [@Sendable () -> Void])>((nil, []))
+
+  public init() {}
+
+  /// The first stop request, if any.
+  public var stopReason: MachineStopReason? { state.withLock { $0.reason } }
+
+  /// Whether a stop has been requested.
+  public var isStopping: Bool { state.withLock { $0.reason != nil } }
+
+  /// Requests a stop; only the first reason is kept. Wakes every registered vCPU.
+  public func requestStop(_ reason: MachineStopReason) {
+    let kicks = state.withLock { state -> [@Sendable () -> Void] in
+      if state.reason == nil { state.reason = reason }
+      return state.kicks
+    }
+    for kick in kicks { kick() }
+  }
+
+  /// Registers a closure that interrupts a running vCPU so it notices a stop request.
+  public func addKick(_ kick: @escaping @Sendable () -> Void) {
+    state.withLock { $0.kicks.append(kick) }
+  }
+}
+
+/// Receives interrupt line changes from devices. The KVM backend forwards to the in-kernel
+/// irqchip; the software CPU to its own PIC/IOAPIC.
+public protocol InterruptSink: AnyObject, Sendable {
+  /// Drives global system interrupt `line` (ISA IRQs 0-15 are GSIs 0-15) to `level`.
+  func setInterruptLevel(line: UInt32, level: Bool)
+}
+
+/// A late-bound interrupt router: devices hold it from construction; the accelerator
+/// attaches its sink once the machine is built.
+public final class InterruptRouter: InterruptSink, Sendable {
+  private let sink = Mutex<(any InterruptSink)?>(nil)
+  public init() {}
+  /// Attaches the accelerator's sink.
+  public func attach(_ target: any InterruptSink) { sink.withLock { $0 = target } }
+  public func setInterruptLevel(line: UInt32, level: Bool) {
+    let target = sink.withLock { $0 }
+    target?.setInterruptLevel(line: line, level: level)
+  }
+}
+
+/// One interrupt line of a device.
+public struct InterruptLine: Sendable {
+  public let router: any InterruptSink
+  public let line: UInt32
+  public init(router: any InterruptSink, line: UInt32) {
+    self.router = router
+    self.line = line
+  }
+  /// Raises or lowers the line.
+  public func set(_ level: Bool) { router.setInterruptLevel(line: line, level: level) }
+  /// Raises then lowers the line (an edge).
+  public func pulse() {
+    set(true)
+    set(false)
+  }
+}
+
+/// The parts of a machine an accelerator runs against.
+public struct MachineParts: Sendable {
+  public let memory: GuestMemory
+  public let bus: IOBus
+  public let control: MachineControl
+  public let interrupts: InterruptRouter
+  public init(memory: GuestMemory, bus: IOBus, control: MachineControl, interrupts: InterruptRouter) {
+    self.memory = memory
+    self.bus = bus
+    self.control = control
+    self.interrupts = interrupts
+  }
+}
+
+/// A CPU accelerator: runs the vCPUs of one machine until it stops.
+/// Implementations: the KVM backend and the software x86-64 CPU.
+public protocol Accelerator: AnyObject, Sendable {
+  /// Short name for logs ("kvm", "soft").
+  var name: String { get }
+  /// Runs the machine from `bootState` on the bootstrap processor until it stops;
+  /// returns why it stopped.
+  func run(bootState: X86CPUState) throws -> MachineStopReason
+}

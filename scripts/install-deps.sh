@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Hostvisor's build, tests, default guest and benchmarks need.
+# Idempotent; does nothing when everything is present.
+set -euo pipefail
+need=()
+for pair in as:binutils ld:binutils busybox:busybox-static cpio:cpio xz:xz-utils zstd:zstd \
+            qemu-system-x86_64:qemu-system-x86 gcc:gcc make:make; do
+  cmd=${pair%%:*}; pkg=${pair#*:}
+  if [ "$cmd" = busybox ]; then [ -x /bin/busybox ] && continue; fi
+  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
