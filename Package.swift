@@ -32,7 +32,7 @@ let package = Package(
       dependencies: ["VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")]
     ),
     .testTarget(name: "VMCoreTests", dependencies: ["VMCore"]),
-    .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "VMCore", "Devices", "Loaders", "VMM"]),
+    .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "VMCore", "Devices", "Loaders"]),
     .testTarget(name: "LoaderTests", dependencies: ["Loaders", "VMCore"]),
     .testTarget(name: "DeviceTests", dependencies: ["Devices", "VMCore"]),
     .testTarget(name: "SoftCPUTests", dependencies: ["SoftCPU", "VMCore", "CNativeExec"]),
