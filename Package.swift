@@ -26,7 +26,11 @@ let package = Package(
     .target(name: "SoftCPU", dependencies: ["VMCore", "CShim"], swiftSettings: interpreterSettings),
     .target(name: "Devices", dependencies: ["VMCore", "CShim"]),
     .target(name: "Loaders", dependencies: ["VMCore"]),
-    .target(name: "VMM", dependencies: ["VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "CShim"]),
+    .target(name: "InterruptControllers", dependencies: ["VMCore"]),
+    .target(name: "Firmware", dependencies: ["VMCore"]),
+    .target(name: "VMM", dependencies: [
+        "VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "InterruptControllers", "Firmware", "CShim",
+      ]),
     .executableTarget(
       name: "hostvisor",
       dependencies: ["VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")]
@@ -37,6 +41,8 @@ let package = Package(
     .testTarget(name: "DeviceTests", dependencies: ["Devices", "VMCore"]),
     .testTarget(name: "SoftCPUTests", dependencies: ["SoftCPU", "VMCore", "CNativeExec"]),
     .testTarget(name: "CLITests", dependencies: ["VMM"]),
+    .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
+    .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
   ],
   swiftLanguageModes: [.v6]
 )
