@@ -1,0 +1,282 @@
+import Synchronization
+import VMCore
+
+/// The i8042 keyboard controller (data port 0x60, command/status port 0x64), with an AT
+/// keyboard attached and no mouse, and its reset line.
+///
+/// Enough of the controller for an OS to probe it and for the classic reset path:
+/// - commands 0x20/0x60 (read/write the command byte), 0xAA self-test (0x55), 0xAB keyboard
+///   interface test (0x00), 0xA9 auxiliary interface test (0x00), 0xA7/0xA8 and 0xAD/0xAE
+///   disable/enable the auxiliary and keyboard ports, 0xC0 read input port, 0xD0/0xD1 read/write
+///   the output port, 0xD2/0xD3 write the keyboard/auxiliary output buffer, 0xD4 send to the
+///   auxiliary device (no mouse answers: 0xFE with the timeout status bit, so probes end at once);
+/// - 0xF0-0xFF pulse output port bits low; bit 0 is the CPU reset line, so 0xFE (and writing an
+///   output port value with bit 0 clear) asks the machine to reset;
+/// - the keyboard answers the usual commands (reset 0xFF: FA AA; identify 0xF2: FA AB 83;
+///   echo 0xEE; LEDs, typematic rate, scan code set, enable/disable: FA; anything else: FE).
+///
+/// Output bytes queue up; IRQ 1 (keyboard) and IRQ 12 (auxiliary) follow the byte at the head
+/// of the queue and the command byte's interrupt enables. Reading the data port lowers the line
+/// before raising it for the next byte, so edge-triggered controllers see every byte.
+/// There are no keystrokes from the host (the serial console is the input path) and the A20
+/// output is stored but not applied: guest RAM is always addressed with A20 enabled.
+public final class I8042Controller: PortIODevice {
+  /// The data port.
+  public static let dataPort: UInt16 = 0x60
+  /// The command (write) and status (read) port.
+  public static let commandPort: UInt16 = 0x64
+  /// ISA interrupt line of the keyboard port.
+  public static let keyboardInterrupt: UInt32 = 1
+  /// ISA interrupt line of the auxiliary (mouse) port.
+  public static let auxiliaryInterrupt: UInt32 = 12
+
+  private let control: MachineControl
+  private let state: Mutex<I8042State>
+
+  /// Creates the controller; `control` receives the reset request.
+  public init(control: MachineControl, keyboardInterrupt: InterruptLine, auxiliaryInterrupt: InterruptLine) {
+    self.control = control
+    self.state = Mutex(
+      I8042State(
+        keyboardLine: TrackedInterruptLine(keyboardInterrupt),
+        auxiliaryLine: TrackedInterruptLine(auxiliaryInterrupt)))
+  }
+
+  public func portRead(port: UInt16, size: Int) -> UInt32 {
+    state.withLock { controller in
+      PortAccess.readBytes(port: port, size: size) { port in
+        switch port {
+        case Self.dataPort: return controller.readData()
+        case Self.commandPort: return controller.status
+        default: return nil
+        }
+      }
+    }
+  }
+
+  public func portWrite(port: UInt16, size: Int, value: UInt32) {
+    let resetRequested = state.withLock { controller in
+      var reset = false
+      PortAccess.writeBytes(port: port, size: size, value: value) { port, byte in
+        switch port {
+        case Self.dataPort: reset = controller.writeData(byte) || reset
+        case Self.commandPort: reset = controller.writeCommand(byte) || reset
+        default: break
+        }
+      }
+      return reset
+    }
+    if resetRequested { control.requestStop(.reset(reason: "i8042 reset")) }
+  }
+
+  /// The controller command byte (configuration) as the guest last set it.
+  public var commandByte: UInt8 { state.withLock { $0.commandByte } }
+
+  /// The output port: bit 0 is the reset line (1 = running), bit 1 the A20 gate.
+  public var outputPort: UInt8 { state.withLock { $0.outputPort } }
+}
+
+/// Controller and keyboard state; always used with the controller's lock held.
+struct I8042State {
+  // Status register bits.
+  static let outputBufferFull: UInt8 = 0x01
+  static let systemFlag: UInt8 = 0x04
+  static let lastWriteWasCommand: UInt8 = 0x08
+  static let keyboardNotInhibited: UInt8 = 0x10
+  static let auxiliaryData: UInt8 = 0x20
+  static let timeoutError: UInt8 = 0x40
+
+  // Command byte bits.
+  static let keyboardInterruptEnable: UInt8 = 0x01
+  static let auxiliaryInterruptEnable: UInt8 = 0x02
+  static let keyboardDisabled: UInt8 = 0x10
+  static let auxiliaryDisabled: UInt8 = 0x20
+
+  /// Where the next data-port write goes.
+  enum DataTarget {
+    case keyboard
+    case commandByte
+    case outputPort
+    case keyboardOutputBuffer
+    case auxiliaryOutputBuffer
+    case auxiliaryDevice
+  }
+
+  struct OutputByte {
+    var value: UInt8
+    var fromAuxiliary: Bool
+    var timeout: Bool
+  }
+
+  static let outputQueueLimit = 16
+
+  var keyboardLine: TrackedInterruptLine
+  var auxiliaryLine: TrackedInterruptLine
+  /// As a BIOS leaves it: keyboard interrupt on, system flag set, auxiliary port disabled,
+  /// scan code translation on.
+  var commandByte: UInt8 = 0x65
+  var outputPort: UInt8 = 0x03
+  var lastWriteWasCommand = false
+  var outputQueue: [OutputByte] = []
+  var lastOutput: UInt8 = 0
+  var dataTarget = DataTarget.keyboard
+  /// A keyboard command waiting for its parameter byte (0xED, 0xF0, 0xF3).
+  var keyboardCommandAwaitingParameter: UInt8?
+  var keyboardScanning = true
+
+  init(keyboardLine: TrackedInterruptLine, auxiliaryLine: TrackedInterruptLine) {
+    self.keyboardLine = keyboardLine
+    self.auxiliaryLine = auxiliaryLine
+  }
+
+  var status: UInt8 {
+    var value = Self.keyboardNotInhibited | (commandByte & Self.systemFlag)
+    if lastWriteWasCommand { value |= Self.lastWriteWasCommand }
+    if let head = outputQueue.first {
+      value |= Self.outputBufferFull
+      if head.fromAuxiliary { value |= Self.auxiliaryData }
+      if head.timeout { value |= Self.timeoutError }
+    }
+    return value
+  }
+
+  mutating func updateInterrupts() {
+    let head = outputQueue.first
+    keyboardLine.set(
+      head.map { !$0.fromAuxiliary } == true && commandByte & Self.keyboardInterruptEnable != 0)
+    auxiliaryLine.set(
+      head.map { $0.fromAuxiliary } == true && commandByte & Self.auxiliaryInterruptEnable != 0)
+  }
+
+  mutating func enqueue(_ value: UInt8, fromAuxiliary: Bool = false, timeout: Bool = false) {
+    guard outputQueue.count < Self.outputQueueLimit else { return }
+    outputQueue.append(OutputByte(value: value, fromAuxiliary: fromAuxiliary, timeout: timeout))
+    updateInterrupts()
+  }
+
+  mutating func readData() -> UInt8 {
+    guard !outputQueue.isEmpty else { return lastOutput }
+    lastOutput = outputQueue.removeFirst().value
+    // Drop the lines so the next byte, if any, raises a fresh edge.
+    keyboardLine.set(false)
+    auxiliaryLine.set(false)
+    updateInterrupts()
+    return lastOutput
+  }
+
+  /// Handles a command-port write; returns whether it asks for a CPU reset.
+  mutating func writeCommand(_ command: UInt8) -> Bool {
+    lastWriteWasCommand = true
+    dataTarget = .keyboard
+    switch command {
+    case 0x20...0x3F:
+      // Read controller RAM; byte 0 is the command byte, the rest reads as zero.
+      enqueue(command == 0x20 ? commandByte : 0)
+    case 0x60:
+      dataTarget = .commandByte
+    case 0x61...0x7F:
+      break  // writes to the rest of controller RAM: accepted and ignored
+    case 0xA7:
+      commandByte |= Self.auxiliaryDisabled
+    case 0xA8:
+      commandByte &= ~Self.auxiliaryDisabled
+    case 0xA9, 0xAB:
+      enqueue(0x00)  // interface test passed
+    case 0xAA:
+      commandByte |= Self.systemFlag
+      enqueue(0x55)  // self-test passed
+    case 0xAD:
+      commandByte |= Self.keyboardDisabled
+    case 0xAE:
+      commandByte &= ~Self.keyboardDisabled
+    case 0xC0:
+      enqueue(0x80)  // input port: keyboard not inhibited
+    case 0xD0:
+      var port = outputPort & 0x03
+      if let head = outputQueue.first {
+        port |= head.fromAuxiliary ? 0x20 : 0x10
+      }
+      enqueue(port)
+    case 0xD1:
+      dataTarget = .outputPort
+    case 0xD2:
+      dataTarget = .keyboardOutputBuffer
+    case 0xD3:
+      dataTarget = .auxiliaryOutputBuffer
+    case 0xD4:
+      dataTarget = .auxiliaryDevice
+    case 0xF0...0xFF:
+      // Pulse the output port bits whose mask bit is 0; bit 0 is the reset line.
+      return command & 0x01 == 0
+    default:
+      break  // unknown commands are ignored
+    }
+    updateInterrupts()
+    return false
+  }
+
+  /// Handles a data-port write; returns whether it asks for a CPU reset.
+  mutating func writeData(_ value: UInt8) -> Bool {
+    lastWriteWasCommand = false
+    let target = dataTarget
+    dataTarget = .keyboard
+    switch target {
+    case .commandByte:
+      commandByte = value
+    case .outputPort:
+      outputPort = value
+      if value & 0x01 == 0 { return true }
+    case .keyboardOutputBuffer:
+      enqueue(value)
+    case .auxiliaryOutputBuffer:
+      enqueue(value, fromAuxiliary: true)
+    case .auxiliaryDevice:
+      enqueue(0xFE, fromAuxiliary: true, timeout: true)  // no mouse: the transfer times out
+    case .keyboard:
+      keyboardReceive(value)
+    }
+    updateInterrupts()
+    return false
+  }
+
+  /// The attached AT keyboard's answer to a byte from the host.
+  private mutating func keyboardReceive(_ byte: UInt8) {
+    if let pending = keyboardCommandAwaitingParameter {
+      keyboardCommandAwaitingParameter = nil
+      if pending == 0xF0 && byte == 0 {
+        enqueue(0xFA)
+        enqueue(0x02)  // current scan code set
+      } else {
+        enqueue(0xFA)
+      }
+      return
+    }
+    switch byte {
+    case 0xED, 0xF0, 0xF3:
+      keyboardCommandAwaitingParameter = byte
+      enqueue(0xFA)
+    case 0xEE:
+      enqueue(0xEE)
+    case 0xF2:
+      enqueue(0xFA)
+      enqueue(0xAB)
+      enqueue(0x83)
+    case 0xF4:
+      keyboardScanning = true
+      enqueue(0xFA)
+    case 0xF5:
+      keyboardScanning = false
+      enqueue(0xFA)
+    case 0xF6, 0xF7, 0xF8, 0xF9, 0xFA, 0xFB, 0xFC, 0xFD:
+      enqueue(0xFA)
+    case 0xFE:
+      enqueue(lastOutput)  // resend
+    case 0xFF:
+      keyboardScanning = true
+      enqueue(0xFA)
+      enqueue(0xAA)  // basic assurance test passed
+    default:
+      enqueue(0xFE)  // unknown command: ask for a resend
+    }
+  }
+}

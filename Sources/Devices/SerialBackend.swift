@@ -1,0 +1,107 @@
+import Glibc
+import Synchronization
+
+/// Where the bytes a guest transmits through a UART go.
+///
+/// A UART calls `write` with its own lock held, so calls arrive one at a time and in guest order;
+/// an implementation must not call back into the UART from `write` (host input reaches the UART
+/// through `SerialPort.receive(_:)`, from any other context).
+public protocol SerialBackend: AnyObject, Sendable {
+  /// Sends bytes the guest transmitted to the host side.
+  func write(_ bytes: UnsafeRawBufferPointer)
+}
+
+/// Why a serial backend could not be opened.
+public enum SerialBackendError: Error, Equatable, Sendable, CustomStringConvertible {
+  /// The output file could not be opened for appending.
+  case cannotOpen(path: String, errno: Int32)
+
+  public var description: String {
+    switch self {
+    case .cannotOpen(let path, let err):
+      return "cannot open serial output file '\(path)': \(String(cString: strerror(err)))"
+    }
+  }
+}
+
+/// Writes all of `bytes` to `fd`, retrying on EINTR and short writes and waiting when the
+/// descriptor is non-blocking and full. Gives up silently on any other error (a closed
+/// terminal must not stop the guest).
+func writeFully(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
+  guard var pointer = bytes.baseAddress else { return }
+  var remaining = bytes.count
+  while remaining > 0 {
+    let written = Glibc.write(fd, pointer, remaining)
+    if written > 0 {
+      pointer += written
+      remaining -= written
+    } else if written < 0 && errno == EINTR {
+      continue
+    } else if written < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+      var waiter = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+      _ = poll(&waiter, 1, 100)
+    } else {
+      return
+    }
+  }
+}
+
+/// Sends guest output to a host file descriptor, by default standard output (the terminal).
+/// Host input for the UART comes from a `TerminalConsole`.
+public final class StdioSerialBackend: SerialBackend {
+  /// The descriptor written to.
+  public let fileDescriptor: Int32
+
+  /// Writes to `fileDescriptor` (standard output unless told otherwise); the descriptor is not closed.
+  public init(fileDescriptor: Int32 = STDOUT_FILENO) {
+    self.fileDescriptor = fileDescriptor
+  }
+
+  public func write(_ bytes: UnsafeRawBufferPointer) {
+    writeFully(fd: fileDescriptor, bytes)
+  }
+}
+
+/// Appends guest output to a file, created if missing (`--serial file:PATH`).
+public final class FileSerialBackend: SerialBackend {
+  /// The path given at creation.
+  public let path: String
+  private let fileDescriptor: Int32
+
+  /// Opens `path` for appending, creating it with mode 0644 if needed.
+  public init(path: String) throws(SerialBackendError) {
+    let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+    guard fd >= 0 else { throw .cannotOpen(path: path, errno: errno) }
+    self.path = path
+    self.fileDescriptor = fd
+  }
+
+  deinit { close(fileDescriptor) }
+
+  public func write(_ bytes: UnsafeRawBufferPointer) {
+    writeFully(fd: fileDescriptor, bytes)
+  }
+}
+
+/// Discards guest output (`--serial none`).
+public final class NullSerialBackend: SerialBackend {
+  public init() {}
+  public func write(_ bytes: UnsafeRawBufferPointer) {}
+}
+
+/// Keeps everything the guest transmitted in memory; for tests and tools.
+public final class CapturingSerialBackend: SerialBackend {
+  private let captured = Mutex<[UInt8]>([])
+
+  public init() {}
+
+  public func write(_ bytes: UnsafeRawBufferPointer) {
+    captured.withLock { $0.append(contentsOf: bytes) }
+  }
+
+  /// Every byte written so far.
+  public var bytes: [UInt8] { captured.withLock { $0 } }
+
+  /// Every byte written so far, decoded as UTF-8 (invalid sequences replaced).
+  public var text: String { String(decoding: bytes, as: UTF8.self) }
+}
