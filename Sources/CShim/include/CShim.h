@@ -7,4 +7,81 @@
 #include <sys/ioctl.h>
 #include <linux/kvm.h>
 
+// MARK: - KVM (used by the KVMBackend module)
+
+// KVM ioctl request numbers. The _IO/_IOR/_IOW macros that define them are not importable
+// into Swift, so each one is spelled out here as a constant.
+static const unsigned long HV_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
+static const unsigned long HV_KVM_CREATE_VM = KVM_CREATE_VM;
+static const unsigned long HV_KVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
+static const unsigned long HV_KVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
+static const unsigned long HV_KVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+static const unsigned long HV_KVM_CREATE_VCPU = KVM_CREATE_VCPU;
+static const unsigned long HV_KVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
+static const unsigned long HV_KVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
+static const unsigned long HV_KVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+static const unsigned long HV_KVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
+static const unsigned long HV_KVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
+static const unsigned long HV_KVM_IRQ_LINE = KVM_IRQ_LINE;
+static const unsigned long HV_KVM_GET_REGS = KVM_GET_REGS;
+static const unsigned long HV_KVM_SET_REGS = KVM_SET_REGS;
+static const unsigned long HV_KVM_GET_SREGS = KVM_GET_SREGS;
+static const unsigned long HV_KVM_SET_SREGS = KVM_SET_SREGS;
+static const unsigned long HV_KVM_GET_FPU = KVM_GET_FPU;
+static const unsigned long HV_KVM_SET_FPU = KVM_SET_FPU;
+static const unsigned long HV_KVM_GET_MSRS = KVM_GET_MSRS;
+static const unsigned long HV_KVM_SET_MSRS = KVM_SET_MSRS;
+static const unsigned long HV_KVM_SET_CPUID2 = KVM_SET_CPUID2;
+static const unsigned long HV_KVM_GET_CPUID2 = KVM_GET_CPUID2;
+static const unsigned long HV_KVM_SET_SIGNAL_MASK = KVM_SET_SIGNAL_MASK;
+static const unsigned long HV_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
+static const unsigned long HV_KVM_RUN = KVM_RUN;
+
+/// ioctl(2) with a pointer argument (ioctl itself is variadic and cannot be called from Swift).
+int hv_ioctl_ptr(int fd, unsigned long request, void *argument);
+/// ioctl(2) with an integer argument.
+int hv_ioctl_int(int fd, unsigned long request, unsigned long argument);
+
+/// Drives interrupt line `irq` of the in-kernel irqchip to `level` (KVM_IRQ_LINE).
+int hv_kvm_irq_line(int vm_fd, uint32_t irq, uint32_t level);
+
+/// Installs a handler that does nothing for `signo`, without SA_RESTART, so the signal only
+/// interrupts blocking system calls (KVM_RUN returns EINTR).
+int hv_install_wakeup_signal_handler(int signo);
+/// Blocks `signo` in the calling thread and tells KVM to unblock it only while `vcpu_fd` is
+/// inside KVM_RUN (KVM_SET_SIGNAL_MASK): a kick then interrupts the guest but never a
+/// system call a device makes on the vCPU thread.
+int hv_kvm_unblock_signal_only_in_run(int vcpu_fd, int signo);
+
+/// Names the calling thread (shown by ps/top/gdb; at most 15 characters are kept).
+int hv_set_current_thread_name(const char *name);
+
+// Accessors for the kvm_run exit data (anonymous unions in the C header).
+static inline uint32_t hv_kvm_run_exit_reason(const struct kvm_run *run) { return run->exit_reason; }
+static inline void hv_kvm_run_set_immediate_exit(struct kvm_run *run, uint8_t value) {
+  *(volatile uint8_t *)&run->immediate_exit = value;
+}
+static inline uint8_t hv_kvm_run_io_direction(const struct kvm_run *run) { return run->io.direction; }
+static inline uint8_t hv_kvm_run_io_size(const struct kvm_run *run) { return run->io.size; }
+static inline uint16_t hv_kvm_run_io_port(const struct kvm_run *run) { return run->io.port; }
+static inline uint32_t hv_kvm_run_io_count(const struct kvm_run *run) { return run->io.count; }
+static inline uint64_t hv_kvm_run_io_data_offset(const struct kvm_run *run) { return run->io.data_offset; }
+static inline uint64_t hv_kvm_run_mmio_phys_addr(const struct kvm_run *run) { return run->mmio.phys_addr; }
+static inline uint8_t *hv_kvm_run_mmio_data(struct kvm_run *run) { return run->mmio.data; }
+static inline uint32_t hv_kvm_run_mmio_len(const struct kvm_run *run) { return run->mmio.len; }
+static inline uint8_t hv_kvm_run_mmio_is_write(const struct kvm_run *run) { return run->mmio.is_write; }
+static inline uint64_t hv_kvm_run_fail_entry_reason(const struct kvm_run *run) {
+  return run->fail_entry.hardware_entry_failure_reason;
+}
+static inline uint32_t hv_kvm_run_internal_suberror(const struct kvm_run *run) { return run->internal.suberror; }
+static inline uint32_t hv_kvm_run_internal_ndata(const struct kvm_run *run) { return run->internal.ndata; }
+static inline uint64_t hv_kvm_run_internal_data(const struct kvm_run *run, uint32_t index) {
+  return index < 16 ? run->internal.data[index] : 0;
+}
+static inline uint32_t hv_kvm_run_system_event_type(const struct kvm_run *run) { return run->system_event.type; }
+
+// Variable-length KVM structures (flexible array members are not imported into Swift).
+static inline struct kvm_cpuid_entry2 *hv_kvm_cpuid2_entries(struct kvm_cpuid2 *cpuid) { return cpuid->entries; }
+static inline struct kvm_msr_entry *hv_kvm_msrs_entries(struct kvm_msrs *msrs) { return msrs->entries; }
+
 #endif
