@@ -1,0 +1,186 @@
+import Glibc
+import VMCore
+
+// Model-specific registers (Intel SDM vol. 4): the set Linux touches during boot. Unknown MSRs
+// raise #GP(0), which Linux's rdmsr_safe/wrmsr_safe probes expect.
+
+/// MSR numbers.
+public enum MSRIndex {
+  public static let tsc: UInt32 = 0x10
+  public static let platformID: UInt32 = 0x17
+  public static let apicBase: UInt32 = 0x1B
+  public static let featureControl: UInt32 = 0x3A
+  public static let tscAdjust: UInt32 = 0x3B
+  public static let biosSignID: UInt32 = 0x8B
+  public static let platformInfo: UInt32 = 0xCE
+  public static let mtrrCapabilities: UInt32 = 0xFE
+  public static let sysenterCS: UInt32 = 0x174
+  public static let sysenterESP: UInt32 = 0x175
+  public static let sysenterEIP: UInt32 = 0x176
+  public static let mcgCapabilities: UInt32 = 0x179
+  public static let mcgStatus: UInt32 = 0x17A
+  public static let miscEnable: UInt32 = 0x1A0
+  public static let mtrrPhysBase0: UInt32 = 0x200
+  public static let mtrrFixed64K: UInt32 = 0x250
+  public static let mtrrFixed16K80000: UInt32 = 0x258
+  public static let mtrrFixed16KA0000: UInt32 = 0x259
+  public static let mtrrFixed4KC0000: UInt32 = 0x268
+  public static let pat: UInt32 = 0x277
+  public static let mtrrDefaultType: UInt32 = 0x2FF
+  public static let tscDeadline: UInt32 = 0x6E0
+  public static let efer: UInt32 = 0xC000_0080
+  public static let star: UInt32 = 0xC000_0081
+  public static let lstar: UInt32 = 0xC000_0082
+  public static let cstar: UInt32 = 0xC000_0083
+  public static let sfmask: UInt32 = 0xC000_0084
+  public static let fsBase: UInt32 = 0xC000_0100
+  public static let gsBase: UInt32 = 0xC000_0101
+  public static let kernelGSBase: UInt32 = 0xC000_0102
+  public static let tscAux: UInt32 = 0xC000_0103
+}
+
+extension CPU {
+  /// Number of variable-range MTRRs reported in MTRRcap.
+  static let variableMTRRCount: UInt64 = 8
+
+  /// The current virtual time in nanoseconds.
+  func virtualNanoseconds() -> UInt64 {
+    if let clock = system.clock { return clock() }
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
+  }
+
+  /// The time-stamp counter: virtual time scaled to the TSC frequency, plus `tscOffset`.
+  public func timeStampCounter() -> UInt64 {
+    let nanoseconds = virtualNanoseconds()
+    let khz = system.tscKilohertz
+    let ticks =
+      khz == 1_000_000
+      ? nanoseconds
+      : (nanoseconds / 1_000_000) &* khz &+ (nanoseconds % 1_000_000) &* khz / 1_000_000
+    return ticks &+ tscOffset
+  }
+
+  private func isStoredMSR(_ index: UInt32) -> Bool {
+    switch index {
+    case MSRIndex.mtrrPhysBase0..<(MSRIndex.mtrrPhysBase0 + UInt32(Self.variableMTRRCount) * 2),
+      MSRIndex.mtrrFixed64K, MSRIndex.mtrrFixed16K80000, MSRIndex.mtrrFixed16KA0000,
+      MSRIndex.mtrrFixed4KC0000...(MSRIndex.mtrrFixed4KC0000 + 7), MSRIndex.mtrrDefaultType,
+      MSRIndex.featureControl, MSRIndex.biosSignID, MSRIndex.tscAdjust, MSRIndex.mcgStatus:
+      return true
+    default:
+      return false
+    }
+  }
+
+  /// RDMSR. CPL 0; unknown MSRs raise #GP(0).
+  public func readMSR(_ index: UInt32) throws(Fault) -> UInt64 {
+    guard currentPrivilegeLevel == 0 else { throw .generalProtection(0) }
+    switch index {
+    case MSRIndex.tsc: return timeStampCounter()
+    case MSRIndex.platformID: return 0
+    case MSRIndex.apicBase: return apicBase
+    case MSRIndex.platformInfo:
+      // Maximum non-turbo ratio (bits 15:8) in 100 MHz units.
+      return ((system.tscKilohertz / 100_000) & 0xFF) << 8
+    case MSRIndex.mtrrCapabilities:
+      // Variable-range count, fixed ranges supported (bit 8), write-combining (bit 10).
+      return Self.variableMTRRCount | (1 << 8) | (1 << 10)
+    case MSRIndex.sysenterCS: return sysenterCS
+    case MSRIndex.sysenterESP: return sysenterESP
+    case MSRIndex.sysenterEIP: return sysenterEIP
+    case MSRIndex.mcgCapabilities: return 0
+    case MSRIndex.miscEnable: return system.miscEnable
+    case MSRIndex.pat: return pat
+    case MSRIndex.tscDeadline:
+      return system.interruptSource?.tscDeadline() ?? system.tscDeadlineValue
+    case MSRIndex.efer: return efer
+    case MSRIndex.star: return star
+    case MSRIndex.lstar: return lstar
+    case MSRIndex.cstar: return cstar
+    case MSRIndex.sfmask: return sfmask
+    case MSRIndex.fsBase: return segments[Int(SegmentIndex.fs)].base
+    case MSRIndex.gsBase: return segments[Int(SegmentIndex.gs)].base
+    case MSRIndex.kernelGSBase: return kernelGSBase
+    case MSRIndex.tscAux: return tscAux
+    default:
+      if isStoredMSR(index) {
+        if index == MSRIndex.featureControl { return system.storedMSRs[index] ?? 1 }  // locked, no VMX
+        return system.storedMSRs[index] ?? 0
+      }
+      throw .generalProtection(0)
+    }
+  }
+
+  /// WRMSR. CPL 0; unknown MSRs and reserved bits raise #GP(0).
+  public func writeMSR(_ index: UInt32, _ value: UInt64) throws(Fault) {
+    guard currentPrivilegeLevel == 0 else { throw .generalProtection(0) }
+    switch index {
+    case MSRIndex.tsc:
+      tscOffset = value &- (timeStampCounter() &- tscOffset)
+    case MSRIndex.apicBase:
+      // Base relocation is not supported; keep enable/x2APIC bits, BSP is read-only.
+      if value & ~(0xF_FFFF_F000 | 0xD00) != 0 { throw .generalProtection(0) }
+      if value & (1 << 10) != 0 { throw .generalProtection(0) }  // x2APIC not offered
+      apicBase = (value & ~0x100) | (apicBase & 0x100)
+    case MSRIndex.sysenterCS: sysenterCS = value & 0xFFFF
+    case MSRIndex.sysenterESP:
+      guard isCanonical(value) else { throw .generalProtection(0) }
+      sysenterESP = value
+    case MSRIndex.sysenterEIP:
+      guard isCanonical(value) else { throw .generalProtection(0) }
+      sysenterEIP = value
+    case MSRIndex.mcgStatus, MSRIndex.biosSignID, MSRIndex.platformID:
+      system.storedMSRs[index] = value
+    case MSRIndex.miscEnable: system.miscEnable = value
+    case MSRIndex.pat:
+      for byteIndex in 0..<8 {
+        let type = (value >> (UInt64(byteIndex) * 8)) & 0xFF
+        if type == 2 || type == 3 || type > 7 { throw .generalProtection(0) }
+      }
+      pat = value
+      systemFlushTLB(includingGlobal: true)
+    case MSRIndex.tscDeadline:
+      if let source = system.interruptSource {
+        source.setTSCDeadline(value)
+      } else {
+        system.tscDeadlineValue = value
+      }
+    case MSRIndex.efer: try writeEFER(value)
+    case MSRIndex.star: star = value
+    case MSRIndex.lstar:
+      guard isCanonical(value) else { throw .generalProtection(0) }
+      lstar = value
+    case MSRIndex.cstar:
+      guard isCanonical(value) else { throw .generalProtection(0) }
+      cstar = value
+    case MSRIndex.sfmask: sfmask = value & 0xFFFF_FFFF
+    case MSRIndex.fsBase, MSRIndex.gsBase:
+      guard isCanonical(value) else { throw .generalProtection(0) }
+      let segment = index == MSRIndex.fsBase ? SegmentIndex.fs : SegmentIndex.gs
+      segments[Int(segment)].base = value
+      refreshSegmentBase(segment)
+    case MSRIndex.kernelGSBase:
+      guard isCanonical(value) else { throw .generalProtection(0) }
+      kernelGSBase = value
+    case MSRIndex.tscAux: tscAux = value & 0xFFFF_FFFF
+    case MSRIndex.mtrrDefaultType:
+      if value & ~0xCFF != 0 { throw .generalProtection(0) }
+      system.storedMSRs[index] = value
+    default:
+      if isStoredMSR(index) && index != MSRIndex.featureControl {
+        system.storedMSRs[index] = value
+        return
+      }
+      if index == MSRIndex.featureControl {
+        // Writable until locked (bit 0).
+        let current = system.storedMSRs[index] ?? 1
+        if current & 1 != 0 { throw .generalProtection(0) }
+        system.storedMSRs[index] = value
+        return
+      }
+      throw .generalProtection(0)
+    }
+  }
+}
