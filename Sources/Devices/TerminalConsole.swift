@@ -1,0 +1,331 @@
+import Glibc
+import Synchronization
+
+/// Why the terminal console could not start.
+public enum TerminalConsoleError: Error, Equatable, Sendable, CustomStringConvertible {
+  /// A pipe or thread could not be created.
+  case cannotStart(what: String, errno: Int32)
+
+  public var description: String {
+    switch self {
+    case .cannotStart(let what, let err):
+      return "cannot start the terminal console: \(what): \(String(cString: strerror(err)))"
+    }
+  }
+}
+
+/// Connects the host terminal's input to a guest serial port.
+///
+/// When the input is a terminal in the foreground, `start()` switches it to raw mode (no line
+/// editing, no echo, no signal keys, 8-bit input; output processing is kept so "\n" still
+/// renders as a new line) and the previous settings come back on every exit path:
+/// `stop()` (and `run(_:)`, which stops however its body ends), process exit (an `atexit`
+/// hook), and the terminating signals SIGINT, SIGTERM, SIGHUP, SIGQUIT as well as crashes
+/// (SIGABRT, SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP): the handler restores the terminal,
+/// puts back the signal's previous disposition and re-raises it. Signals the process ignores
+/// (e.g. SIGHUP under `nohup`) are left alone. Only one console holds raw mode at a time.
+///
+/// A reader thread (a POSIX thread, never the Swift concurrency pool) reads the input and hands
+/// it to `deliver`. On a terminal, QEMU's escapes apply (see `ConsoleEscapeDecoder`): Ctrl-A x
+/// calls `onQuit`, Ctrl-A Ctrl-A sends a Ctrl-A. When the input is not a terminal (a pipe, a
+/// file, /dev/null) bytes are forwarded unchanged and end of input simply ends reading; the
+/// machine keeps running.
+public final class TerminalConsole: Sendable {
+  private struct RunningState {
+    var thread: pthread_t
+    var wakeReadEnd: Int32
+    var wakeWriteEnd: Int32
+    var ownsRawMode: Bool
+  }
+
+  /// The descriptor read from.
+  public let inputDescriptor: Int32
+  private let deliver: @Sendable ([UInt8]) -> Void
+  private let onQuit: @Sendable () -> Void
+  private let escapeHandling: Bool?
+  private let running = Mutex<RunningState?>(nil)
+  private let finished = CompletionFlag()
+
+  /// Creates a console reading `inputDescriptor` (standard input by default).
+  /// - Parameters:
+  ///   - deliver: receives input bytes for the guest, on the reader thread.
+  ///   - onQuit: called on the reader thread for Ctrl-A x; it should only request a stop
+  ///     (e.g. `control.requestStop(.stopRequested)`).
+  ///   - escapeHandling: whether Ctrl-A escapes apply; by default only when the input is a terminal.
+  public init(
+    inputDescriptor: Int32 = STDIN_FILENO, escapeHandling: Bool? = nil,
+    deliver: @escaping @Sendable ([UInt8]) -> Void, onQuit: @escaping @Sendable () -> Void
+  ) {
+    self.inputDescriptor = inputDescriptor
+    self.escapeHandling = escapeHandling
+    self.deliver = deliver
+    self.onQuit = onQuit
+  }
+
+  /// Creates a console that feeds `serialPort` from standard input.
+  public convenience init(serialPort: SerialPort, onQuit: @escaping @Sendable () -> Void) {
+    self.init(deliver: { serialPort.receive($0) }, onQuit: onQuit)
+  }
+
+  deinit { stop() }
+
+  /// Whether this console currently holds the terminal in raw mode.
+  public var isRawModeActive: Bool { running.withLock { $0?.ownsRawMode ?? false } }
+
+  /// Whether the reader thread has stopped reading (end of input, an error, or `stop()`).
+  public var readerFinished: Bool { finished.value.load(ordering: .acquiring) }
+
+  /// Enters raw mode when the input is a foreground terminal and starts the reader thread.
+  /// Does nothing if the console is already running.
+  public func start() throws(TerminalConsoleError) {
+    try running.withLock { (state: inout RunningState?) throws(TerminalConsoleError) in
+      guard state == nil else { return }
+      let isTerminal = isatty(inputDescriptor) == 1
+      var pipeEnds: [Int32] = [-1, -1]
+      guard pipe(&pipeEnds) == 0 else { throw .cannotStart(what: "pipe", errno: errno) }
+      for end in pipeEnds {
+        _ = fcntl(end, F_SETFD, FD_CLOEXEC)
+        _ = fcntl(end, F_SETFL, O_NONBLOCK)
+      }
+      let ownsRawMode = isTerminal && TerminalModeGuard.enterRawMode(inputDescriptor)
+      let reader = ConsoleReader(
+        input: inputDescriptor, wakeDescriptor: pipeEnds[0], escapes: escapeHandling ?? isTerminal,
+        deliver: deliver, onQuit: onQuit, finished: finished)
+      finished.value.store(false, ordering: .releasing)
+      let context = Unmanaged.passRetained(reader).toOpaque()
+      var thread = pthread_t()
+      let result = pthread_create(
+        &thread, nil,
+        { argument in
+          Unmanaged<ConsoleReader>.fromOpaque(argument!).takeRetainedValue().run()
+          return nil
+        }, context)
+      guard result == 0 else {
+        Unmanaged<ConsoleReader>.fromOpaque(context).release()
+        close(pipeEnds[0])
+        close(pipeEnds[1])
+        if ownsRawMode { TerminalModeGuard.leaveRawMode() }
+        throw .cannotStart(what: "thread", errno: result)
+      }
+      state = RunningState(
+        thread: thread, wakeReadEnd: pipeEnds[0], wakeWriteEnd: pipeEnds[1], ownsRawMode: ownsRawMode)
+    }
+  }
+
+  /// Stops the reader thread and restores the terminal. Safe to call more than once and from
+  /// `onQuit` (then the reader thread is left to finish by itself).
+  public func stop() {
+    guard
+      let state = running.withLock({ state -> RunningState? in
+        defer { state = nil }
+        return state
+      })
+    else { return }
+    var wake: UInt8 = 1
+    _ = write(state.wakeWriteEnd, &wake, 1)
+    if pthread_equal(pthread_self(), state.thread) != 0 {
+      pthread_detach(state.thread)
+    } else {
+      pthread_join(state.thread, nil)
+      close(state.wakeReadEnd)
+    }
+    close(state.wakeWriteEnd)
+    if state.ownsRawMode { TerminalModeGuard.leaveRawMode() }
+  }
+
+  /// Runs `body` with the console started, and stops it however `body` ends.
+  public func run<Result>(_ body: () throws -> Result) throws -> Result {
+    try start()
+    defer { stop() }
+    return try body()
+  }
+}
+
+/// A flag the reader thread sets when it ends.
+private final class CompletionFlag: Sendable {
+  let value = Atomic<Bool>(false)
+}
+
+/// The reader thread's work: wait for input or a wake-up, decode, deliver.
+private final class ConsoleReader: Sendable {
+  let input: Int32
+  let wakeDescriptor: Int32
+  let escapes: Bool
+  let deliver: @Sendable ([UInt8]) -> Void
+  let onQuit: @Sendable () -> Void
+  let finished: CompletionFlag
+
+  init(
+    input: Int32, wakeDescriptor: Int32, escapes: Bool, deliver: @escaping @Sendable ([UInt8]) -> Void,
+    onQuit: @escaping @Sendable () -> Void, finished: CompletionFlag
+  ) {
+    self.input = input
+    self.wakeDescriptor = wakeDescriptor
+    self.escapes = escapes
+    self.deliver = deliver
+    self.onQuit = onQuit
+    self.finished = finished
+  }
+
+  func run() {
+    defer { finished.value.store(true, ordering: .releasing) }
+    var decoder = ConsoleEscapeDecoder()
+    var buffer = [UInt8](repeating: 0, count: 1024)
+    var descriptors = [
+      pollfd(fd: input, events: Int16(POLLIN), revents: 0),
+      pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0),
+    ]
+    while true {
+      descriptors[0].revents = 0
+      descriptors[1].revents = 0
+      let ready = poll(&descriptors, 2, -1)
+      if ready < 0 {
+        if errno == EINTR { continue }
+        return
+      }
+      if descriptors[1].revents != 0 { return }
+      let events = descriptors[0].revents
+      if events & Int16(POLLNVAL) != 0 { return }
+      guard events & Int16(POLLIN | POLLHUP | POLLERR) != 0 else { continue }
+      let count = buffer.withUnsafeMutableBytes { read(input, $0.baseAddress, $0.count) }
+      if count == 0 { return }  // end of input: stop reading, keep the machine running
+      if count < 0 {
+        if errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK { continue }
+        return
+      }
+      let bytes = buffer[0..<count]
+      guard escapes else {
+        deliver(Array(bytes))
+        continue
+      }
+      for action in decoder.decode(bytes) {
+        switch action {
+        case .forward(let data): deliver(data)
+        case .quit: onQuit()
+        case .help:
+          ConsoleEscapeDecoder.helpText.utf8CString.withUnsafeBytes {
+            writeFully(fd: STDERR_FILENO, UnsafeRawBufferPointer(rebasing: $0.dropLast()))
+          }
+        }
+      }
+    }
+  }
+}
+
+// MARK: - Process-wide terminal restoration
+
+// The settings to restore live in globals so signal handlers and the atexit hook can reach them
+// without locks or allocation. They are written only while `terminalRestoreArmed` is false.
+private nonisolated(unsafe) var savedTerminalSettings = termios()
+private nonisolated(unsafe) var rawTerminalSettings = termios()
+private nonisolated(unsafe) var savedTerminalDescriptor: Int32 = -1
+private let terminalRestoreArmed = Atomic<Bool>(false)
+private nonisolated(unsafe) let previousSignalActions = UnsafeMutablePointer<sigaction>.allocate(capacity: 65)
+private nonisolated(unsafe) var installedSignalMask: UInt64 = 0
+private let terminalOwnerLock = Mutex<Bool>(false)
+
+/// Signals whose default action ends the process, after which the terminal must be sane again.
+private let restoringSignals: [Int32] = [
+  SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGABRT, SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP,
+]
+
+/// Restores the saved terminal settings if raw mode is armed. Async-signal-safe.
+private func restoreTerminalSettings() {
+  guard terminalRestoreArmed.load(ordering: .acquiring) else { return }
+  _ = tcsetattr(savedTerminalDescriptor, TCSANOW, &savedTerminalSettings)
+}
+
+/// Restores the terminal, then lets the signal do what it would have done without us.
+private func terminalRestoringSignalHandler(_ signalNumber: Int32) {
+  let savedErrno = errno
+  restoreTerminalSettings()
+  if signalNumber > 0 && signalNumber < 65 {
+    _ = sigaction(signalNumber, previousSignalActions + Int(signalNumber), nil)
+  }
+  _ = raise(signalNumber)
+  errno = savedErrno
+}
+
+/// Registers the atexit hook once per process.
+private let atexitHookRegistered: Bool = {
+  atexit { restoreTerminalSettings() }
+  return true
+}()
+
+/// Process-wide raw mode: at most one console owns it.
+enum TerminalModeGuard {
+  /// Puts `descriptor` in raw mode and arms restoration; returns false when the terminal is not
+  /// ours to change (a background job, another console owns it) or the change failed.
+  static func enterRawMode(_ descriptor: Int32) -> Bool {
+    terminalOwnerLock.withLock { owned in
+      guard !owned else { return false }
+      // A background job must not touch the terminal (it would be stopped by SIGTTOU). When the
+      // terminal is not our controlling terminal, tcgetpgrp fails and there is no job control.
+      let foreground = tcgetpgrp(descriptor)
+      if foreground >= 0 && foreground != getpgrp() { return false }
+      var original = termios()
+      guard tcgetattr(descriptor, &original) == 0 else { return false }
+      var raw = original
+      raw.c_iflag &= ~tcflag_t(IGNBRK | BRKINT | PARMRK | ISTRIP | INLCR | IGNCR | ICRNL | IXON)
+      raw.c_lflag &= ~tcflag_t(ECHO | ECHONL | ICANON | ISIG | IEXTEN)
+      raw.c_cflag &= ~tcflag_t(CSIZE | PARENB)
+      raw.c_cflag |= tcflag_t(CS8)
+      withUnsafeMutableBytes(of: &raw.c_cc) { controlCharacters in
+        controlCharacters[Int(VMIN)] = 1
+        controlCharacters[Int(VTIME)] = 0
+      }
+      _ = atexitHookRegistered
+      savedTerminalSettings = original
+      rawTerminalSettings = raw
+      savedTerminalDescriptor = descriptor
+      terminalRestoreArmed.store(true, ordering: .releasing)
+      installSignalHandlers()
+      guard tcsetattr(descriptor, TCSANOW, &raw) == 0 else {
+        terminalRestoreArmed.store(false, ordering: .releasing)
+        uninstallSignalHandlers()
+        return false
+      }
+      owned = true
+      return true
+    }
+  }
+
+  /// Restores the saved settings and disarms restoration.
+  static func leaveRawMode() {
+    terminalOwnerLock.withLock { owned in
+      guard owned else { return }
+      restoreTerminalSettings()
+      terminalRestoreArmed.store(false, ordering: .releasing)
+      uninstallSignalHandlers()
+      owned = false
+    }
+  }
+
+  private static func installSignalHandlers() {
+    for signalNumber in restoringSignals {
+      var current = sigaction()
+      guard sigaction(signalNumber, nil, &current) == 0 else { continue }
+      // Leave ignored signals ignored (nohup, a parent's choice).
+      if let handler = current.__sigaction_handler.sa_handler,
+        unsafeBitCast(handler, to: Int.self) == unsafeBitCast(SIG_IGN, to: Int.self)
+      {
+        continue
+      }
+      previousSignalActions[Int(signalNumber)] = current
+      var action = sigaction()
+      action.__sigaction_handler.sa_handler = terminalRestoringSignalHandler
+      sigemptyset(&action.sa_mask)
+      action.sa_flags = SA_ONSTACK
+      if sigaction(signalNumber, &action, nil) == 0 {
+        installedSignalMask |= 1 << UInt64(signalNumber)
+      }
+    }
+  }
+
+  private static func uninstallSignalHandlers() {
+    for signalNumber in restoringSignals where installedSignalMask & (1 << UInt64(signalNumber)) != 0 {
+      _ = sigaction(signalNumber, previousSignalActions + Int(signalNumber), nil)
+    }
+    installedSignalMask = 0
+  }
+}
