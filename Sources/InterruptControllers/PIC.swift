@@ -165,10 +165,18 @@ public final class DualPIC: PortIODevice, ExternalInterruptController {
     var masterOutput: Bool { master.pendingIRQ(cascadeIRQ: 2) != nil }
   }
 
-  private let chips = Mutex(Chips())
+  private let chips: Mutex<Chips>
 
-  /// Creates both PICs in their power-up state (uninitialized, vector base 0, nothing masked).
-  public init() {}
+  /// Creates both PICs as a PC BIOS leaves them: initialized with vector bases 0x08 and 0x70,
+  /// cascaded on IRQ 2, every IRQ masked.
+  public init() {
+    var initial = Chips()
+    initial.master.vectorBase = 0x08
+    initial.master.imr = 0xFF
+    initial.slave.vectorBase = 0x70
+    initial.slave.imr = 0xFF
+    chips = Mutex(initial)
+  }
 
   /// Registers the PIC and ELCR ports on `bus`.
   public func register(on bus: IOBus) throws(IOBusError) {
