@@ -20,10 +20,13 @@ let package = Package(
   ],
   targets: [
     .target(name: "CShim"),
+    .target(name: "CSoftFloat"),
     .target(name: "CNativeExec", path: "Tests/CNativeExec"),
     .target(name: "VMCore", dependencies: ["CShim"]),
     .target(name: "KVMBackend", dependencies: ["VMCore", "CShim"]),
-    .target(name: "SoftCPU", dependencies: ["VMCore", "CShim"], swiftSettings: interpreterSettings),
+    .target(
+      name: "SoftCPU", dependencies: ["VMCore", "CShim", "CSoftFloat"],
+      swiftSettings: interpreterSettings),
     .target(name: "Devices", dependencies: ["VMCore", "CShim"]),
     .target(name: "Loaders", dependencies: ["VMCore"]),
     .target(name: "InterruptControllers", dependencies: ["VMCore"]),

@@ -1,8 +1,569 @@
-// SSE/SSE2 unit (owned by the SIMD/FPU engineer). Placeholder until it lands.
+// SSE/SSE2/SSE3 unit (owned by the SIMD/FPU engineer).
+//
+// Exactness: every floating-point operation (and most integer ones) is executed by the very
+// same host instruction through the CSoftFloat C target, with the guest's MXCSR loaded (flags
+// cleared, all exceptions masked). Rounding modes, DAZ/FTZ, NaN propagation, MIN/MAX operand
+// rules, integer-indefinite conversions and the RCP/RSQRT approximations therefore match the
+// host CPU bit for bit. The raised flags are then merged into the guest MXCSR here, and an
+// unmasked exception raises #XM (CR4.OSXMMEXCPT) or #UD with the destination unchanged.
+// Data movement, shuffles and the hottest integer operations are plain Swift.
+
+import CSoftFloat
+import VMCore
+
+/// MXCSR fields.
+enum MXCSR {
+  /// Exception flags IE, DE, ZE, OE, UE, PE (bits 0-5).
+  static let flags: UInt32 = 0x3F
+  /// Pre-computation exceptions: invalid, denormal operand, divide by zero.
+  static let precomputationFlags: UInt32 = 0x7
+  /// Misaligned-SSE mode (AMD MM bit): misaligned 128-bit operands of arithmetic forms are allowed.
+  static let misalignedMode: UInt32 = 1 << 17
+  /// The MXCSR bits software may set; FXSAVE's MXCSR_MASK. Matches the AMD host (DAZ and MM).
+  static let writableMask: UInt32 = 0x2_FFFF
+  /// Reset value.
+  static let reset: UInt32 = 0x1F80
+}
 
 extension CPU {
   /// Executes an instruction the decoder classified as `.sse`.
   func executeSSE(_ instruction: Instruction) throws(Fault) {
-    throw .invalidOpcode
+    let opcode = instruction.opcode
+    if opcode == 0x177 {
+      try emms()
+      return
+    }
+    if opcode == 0x1AE {
+      try executeSIMDStateInstruction(instruction)
+      return
+    }
+    guard cr0 & X86.cr0EM == 0, cr4 & X86.cr4OSFXSR != 0 else { throw .invalidOpcode }
+    guard cr0 & X86.cr0TS == 0 else { throw .deviceNotAvailable }
+    let prefix = instruction.mandatoryPrefix
+    switch opcode {
+    // MARK: Hot integer paths (glibc string functions)
+    case 0x16F, 0x17F, 0x174, 0x1D7, 0x1EF, 0x1EB, 0x1DB, 0x1DA, 0x1F8, 0x1FC, 0x170, 0x160, 0x17E,
+      0x16E, 0x1D6:
+      try executeHotSSE2(instruction, prefix: prefix)
+
+    // MARK: Moves
+    case 0x110, 0x111: try moveUnalignedOrScalar(instruction, prefix: prefix)
+    case 0x112, 0x113, 0x116, 0x117: try moveHalves(instruction, prefix: prefix)
+    case 0x128:
+      guard prefix <= 1 else { throw .invalidOpcode }
+      xmm[Int(instruction.reg)] = try source128(instruction, aligned: true)
+    case 0x129:
+      guard prefix <= 1 else { throw .invalidOpcode }
+      try storeOrMove128(instruction, xmm[Int(instruction.reg)], aligned: true)
+    case 0x12B, 0x1E7:
+      // MOVNTPS/MOVNTPD (0F 2B), MOVNTDQ (66 0F E7): memory destination only.
+      guard instruction.hasMemoryOperand, opcode == 0x12B ? prefix <= 1 : prefix == 1 else {
+        throw .invalidOpcode
+      }
+      try write128(linearAddress(instruction), xmm[Int(instruction.reg)], aligned: true)
+    case 0x1F0:
+      // LDDQU (SSE3): unaligned load.
+      guard prefix == 3, instruction.hasMemoryOperand else { throw .invalidOpcode }
+      xmm[Int(instruction.reg)] = try read128(linearAddress(instruction), aligned: false)
+    case 0x150:
+      guard prefix <= 1, !instruction.hasMemoryOperand else { throw .invalidOpcode }
+      let value = xmm[Int(instruction.rm)]
+      let mask: UInt64
+      if prefix == 0 {
+        let words = unsafeBitCast(value, to: SIMD4<UInt32>.self)
+        mask = UInt64(words[0] >> 31 | (words[1] >> 31) << 1 | (words[2] >> 31) << 2 | (words[3] >> 31) << 3)
+      } else {
+        mask = value[0] >> 63 | (value[1] >> 63) << 1
+      }
+      gpr[Int(instruction.reg)] = mask
+    case 0x1F7: try maskedMove(instruction, prefix: prefix)
+
+    // MARK: Shuffles and inserts
+    case 0x1C6: try shuffleFloats(instruction, prefix: prefix)
+    case 0x1C4:
+      guard prefix == 1 else { throw .invalidOpcode }
+      let word: UInt16
+      if instruction.hasMemoryOperand {
+        word = try read16(linearAddress(instruction))
+      } else {
+        word = UInt16(truncatingIfNeeded: gpr[Int(instruction.rm)])
+      }
+      var words = unsafeBitCast(xmm[Int(instruction.reg)], to: SIMD8<UInt16>.self)
+      words[Int(instruction.immediate & 7)] = word
+      xmm[Int(instruction.reg)] = unsafeBitCast(words, to: XMMValue.self)
+    case 0x1C5:
+      guard prefix == 1, !instruction.hasMemoryOperand else { throw .invalidOpcode }
+      let words = unsafeBitCast(xmm[Int(instruction.rm)], to: SIMD8<UInt16>.self)
+      gpr[Int(instruction.reg)] = UInt64(words[Int(instruction.immediate & 7)])
+    case 0x171, 0x172, 0x173: try shiftByImmediate(instruction, prefix: prefix)
+
+    // MARK: Integer SIMD executed by the host
+    case 0x161...0x16D, 0x175, 0x176, 0x1D1...0x1D5, 0x1D8, 0x1D9, 0x1DC...0x1DF, 0x1E0...0x1E5, 0x1E8...0x1EA,
+      0x1EC...0x1EE, 0x1F1...0x1F6, 0x1F9...0x1FB, 0x1FD, 0x1FE:
+      guard prefix == 1 else { throw .invalidOpcode }
+      try hostInteger(instruction, prefix: prefix)
+    case 0x114, 0x115, 0x154...0x157:
+      guard prefix <= 1 else { throw .invalidOpcode }
+      try hostInteger(instruction, prefix: prefix)
+
+    // MARK: Floating point executed by the host
+    case 0x151, 0x158, 0x159, 0x15C...0x15F, 0x1C2:
+      try hostFloat(instruction, prefix: prefix, sourceSize: scalarSize(prefix))
+    case 0x152, 0x153:
+      guard prefix == 0 || prefix == 2 else { throw .invalidOpcode }
+      try hostFloat(instruction, prefix: prefix, sourceSize: scalarSize(prefix))
+    case 0x15A:
+      try hostFloat(instruction, prefix: prefix, sourceSize: prefix == 1 ? 16 : prefix == 2 ? 4 : 8)
+    case 0x15B:
+      guard prefix <= 2 else { throw .invalidOpcode }
+      try hostFloat(instruction, prefix: prefix, sourceSize: 16)
+    case 0x1E6:
+      guard prefix != 0 else { throw .invalidOpcode }
+      try hostFloat(instruction, prefix: prefix, sourceSize: prefix == 2 ? 8 : 16)
+    case 0x1D0, 0x17C, 0x17D:
+      guard prefix == 1 || prefix == 3 else { throw .invalidOpcode }
+      try hostFloat(instruction, prefix: prefix, sourceSize: 16)
+    case 0x12E, 0x12F: try compareIntoFlags(instruction, prefix: prefix)
+    case 0x12A: try convertIntegerToFloat(instruction, prefix: prefix)
+    case 0x12C, 0x12D: try convertFloatToInteger(instruction, prefix: prefix)
+
+    default:
+      throw .invalidOpcode
+    }
+  }
+
+  // MARK: - Operand access
+
+  /// Whether arithmetic forms (implicitly aligned 128-bit memory operands) must be aligned.
+  @inline(__always) var sseArithmeticNeedsAlignment: Bool { mxcsr & MXCSR.misalignedMode == 0 }
+
+  /// The xmm/m128 operand.
+  @inline(__always)
+  func source128(_ instruction: Instruction, aligned: Bool) throws(Fault) -> XMMValue {
+    if instruction.hasMemoryOperand {
+      return try read128(linearAddress(instruction), aligned: aligned)
+    }
+    return xmm[Int(instruction.rm)]
+  }
+
+  /// The xmm/mN operand, zero-extended to 128 bits for 4- and 8-byte memory operands.
+  @inline(__always)
+  func sourceSized(_ instruction: Instruction, size: Int) throws(Fault) -> XMMValue {
+    guard instruction.hasMemoryOperand else { return xmm[Int(instruction.rm)] }
+    let address = linearAddress(instruction)
+    switch size {
+    case 4: return XMMValue(UInt64(try read32(address)), 0)
+    case 8: return XMMValue(try read64(address), 0)
+    default: return try read128(address, aligned: sseArithmeticNeedsAlignment)
+    }
+  }
+
+  /// Writes the xmm/m128 destination.
+  @inline(__always)
+  func storeOrMove128(_ instruction: Instruction, _ value: XMMValue, aligned: Bool) throws(Fault) {
+    if instruction.hasMemoryOperand {
+      try write128(linearAddress(instruction), value, aligned: aligned)
+    } else {
+      xmm[Int(instruction.rm)] = value
+    }
+  }
+
+  @inline(__always)
+  private func scalarSize(_ prefix: UInt8) -> Int { prefix == 2 ? 4 : prefix == 3 ? 8 : 16 }
+
+  // MARK: - Exceptions
+
+  /// Merges the exception flags `raised` by one instruction into MXCSR; throws #XM (or #UD
+  /// without CR4.OSXMMEXCPT) when one of them is unmasked, in which case the caller must
+  /// leave the destination unchanged.
+  @inline(__always)
+  func commitSIMDExceptions(_ raised: UInt32) throws(Fault) {
+    if raised == 0 { return }
+    let unmasked = raised & ~(mxcsr >> 7) & MXCSR.flags
+    if unmasked == 0 {
+      mxcsr |= raised
+      return
+    }
+    // An unmasked pre-computation exception suppresses the post-computation ones.
+    if unmasked & MXCSR.precomputationFlags != 0 {
+      mxcsr |= raised & MXCSR.precomputationFlags
+    } else {
+      mxcsr |= raised
+    }
+    throw cr4 & X86.cr4OSXMMEXCPT != 0 ? .simdError : .invalidOpcode
+  }
+
+  // MARK: - Host-executed forms
+
+  private func hostFloat(_ instruction: Instruction, prefix: UInt8, sourceSize: Int) throws(Fault) {
+    var destination = xmm[Int(instruction.reg)]
+    var source = try sourceSized(instruction, size: sourceSize)
+    let operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
+    let raised = csf_sse_float(
+      operation, UInt32(truncatingIfNeeded: instruction.immediate), mxcsr, &destination, &source)
+    guard raised != CSF_UNSUPPORTED else { throw .invalidOpcode }
+    try commitSIMDExceptions(raised)
+    xmm[Int(instruction.reg)] = destination
+  }
+
+  private func hostInteger(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    var destination = xmm[Int(instruction.reg)]
+    var source = try source128(instruction, aligned: sseArithmeticNeedsAlignment)
+    let operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
+    guard csf_sse_integer(operation, 0, &destination, &source) == 0 else { throw .invalidOpcode }
+    xmm[Int(instruction.reg)] = destination
+  }
+
+  /// UCOMISS/COMISS/UCOMISD/COMISD: ZF, PF, CF from the comparison; OF, SF, AF cleared.
+  private func compareIntoFlags(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    guard prefix <= 1 else { throw .invalidOpcode }
+    var result = xmm[Int(instruction.reg)]
+    var source = try sourceSized(instruction, size: prefix == 0 ? 4 : 8)
+    let operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
+    let raised = csf_sse_float(operation, 0, mxcsr, &result, &source)
+    try commitSIMDExceptions(raised)
+    setStatusFlags(result[0] & (RFlags.zf | RFlags.pf | RFlags.cf))
+  }
+
+  /// CVTSI2SS/CVTSI2SD (F3/F2 0F 2A) from r/m32 or r/m64 (REX.W).
+  private func convertIntegerToFloat(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    guard prefix >= 2 else { throw .invalidOpcode }  // CVTPI2PS/CVTPI2PD: MMX, not implemented
+    let integer: UInt64
+    if instruction.hasMemoryOperand {
+      let address = linearAddress(instruction)
+      integer = instruction.rexW ? try read64(address) : UInt64(try read32(address))
+    } else {
+      integer = gpr[Int(instruction.rm)]
+    }
+    var destination = xmm[Int(instruction.reg)]
+    var operation = UInt32(prefix) << 8 | 0x2A
+    if instruction.rexW { operation |= CSF_SSE_REXW }
+    var source = XMMValue(integer, 0)
+    let raised = csf_sse_float(operation, 0, mxcsr, &destination, &source)
+    try commitSIMDExceptions(raised)
+    xmm[Int(instruction.reg)] = destination
+  }
+
+  /// CVTTSS2SI/CVTTSD2SI/CVTSS2SI/CVTSD2SI (F3/F2 0F 2C/2D) into r32 (zero-extended) or r64.
+  private func convertFloatToInteger(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    guard prefix >= 2 else { throw .invalidOpcode }  // CVT(T)PS2PI/CVT(T)PD2PI: MMX
+    var source = try sourceSized(instruction, size: prefix == 2 ? 4 : 8)
+    var result = XMMValue(0, 0)
+    var operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
+    if instruction.rexW { operation |= CSF_SSE_REXW }
+    let raised = csf_sse_float(operation, 0, mxcsr, &result, &source)
+    try commitSIMDExceptions(raised)
+    gpr[Int(instruction.reg)] = result[0]
+  }
+
+  // MARK: - Swift forms
+
+  /// The integer operations glibc's string functions live on, plus the common moves.
+  @inline(__always)
+  private func executeHotSSE2(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    let reg = Int(instruction.reg)
+    switch instruction.opcode {
+    case 0x16F:  // MOVDQA (66) / MOVDQU (F3) load
+      guard prefix == 1 || prefix == 2 else { throw .invalidOpcode }
+      xmm[reg] = try source128(instruction, aligned: prefix == 1)
+    case 0x17F:  // MOVDQA / MOVDQU store
+      guard prefix == 1 || prefix == 2 else { throw .invalidOpcode }
+      try storeOrMove128(instruction, xmm[reg], aligned: prefix == 1)
+    case 0x16E:  // MOVD/MOVQ xmm, r/m32/64
+      guard prefix == 1 else { throw .invalidOpcode }
+      let value: UInt64
+      if instruction.hasMemoryOperand {
+        let address = linearAddress(instruction)
+        value = instruction.rexW ? try read64(address) : UInt64(try read32(address))
+      } else {
+        let full = gpr[Int(instruction.rm)]
+        value = instruction.rexW ? full : full & 0xFFFF_FFFF
+      }
+      xmm[reg] = XMMValue(value, 0)
+    case 0x17E:
+      if prefix == 1 {  // MOVD/MOVQ r/m32/64, xmm
+        let low = xmm[reg][0]
+        if instruction.hasMemoryOperand {
+          let address = linearAddress(instruction)
+          if instruction.rexW {
+            try write64(address, low)
+          } else {
+            try write32(address, UInt32(truncatingIfNeeded: low))
+          }
+        } else {
+          gpr[Int(instruction.rm)] = instruction.rexW ? low : low & 0xFFFF_FFFF
+        }
+      } else if prefix == 2 {  // MOVQ xmm, xmm/m64
+        xmm[reg] = XMMValue(try sourceSized(instruction, size: 8)[0], 0)
+      } else {
+        throw .invalidOpcode
+      }
+    case 0x1D6:  // MOVQ xmm/m64, xmm
+      guard prefix == 1 else { throw .invalidOpcode }
+      let low = xmm[reg][0]
+      if instruction.hasMemoryOperand {
+        try write64(linearAddress(instruction), low)
+      } else {
+        xmm[Int(instruction.rm)] = XMMValue(low, 0)
+      }
+    case 0x1D7:  // PMOVMSKB r32, xmm
+      guard prefix == 1, !instruction.hasMemoryOperand else { throw .invalidOpcode }
+      gpr[reg] = UInt64(byteSignMask(xmm[Int(instruction.rm)]))
+    case 0x170:  // PSHUFD / PSHUFHW / PSHUFLW
+      let source = try source128(instruction, aligned: sseArithmeticNeedsAlignment)
+      let order = Int(instruction.immediate & 0xFF)
+      switch prefix {
+      case 1:
+        let lanes = unsafeBitCast(source, to: SIMD4<UInt32>.self)
+        let result = SIMD4<UInt32>(
+          lanes[order & 3], lanes[(order >> 2) & 3], lanes[(order >> 4) & 3], lanes[order >> 6])
+        xmm[reg] = unsafeBitCast(result, to: XMMValue.self)
+      case 2, 3:
+        // F3: high four words shuffled; F2: low four.
+        let half = prefix == 2 ? 1 : 0
+        let words = unsafeBitCast(source[half], to: SIMD4<UInt16>.self)
+        let shuffled = SIMD4<UInt16>(
+          words[order & 3], words[(order >> 2) & 3], words[(order >> 4) & 3], words[order >> 6])
+        var result = source
+        result[half] = unsafeBitCast(shuffled, to: UInt64.self)
+        xmm[reg] = result
+      default:
+        throw .invalidOpcode
+      }
+    default:
+      guard prefix == 1 else { throw .invalidOpcode }
+      let source = try source128(instruction, aligned: sseArithmeticNeedsAlignment)
+      let destination = xmm[reg]
+      switch instruction.opcode {
+      case 0x1EF: xmm[reg] = destination ^ source
+      case 0x1EB: xmm[reg] = destination | source
+      case 0x1DB: xmm[reg] = destination & source
+      case 0x174:
+        let equal = unsafeBitCast(destination, to: SIMD16<UInt8>.self) .== unsafeBitCast(source, to: SIMD16<UInt8>.self)
+        xmm[reg] = unsafeBitCast(SIMD16<UInt8>(repeating: 0).replacing(with: 0xFF, where: equal), to: XMMValue.self)
+      case 0x1DA:
+        let left = unsafeBitCast(destination, to: SIMD16<UInt8>.self)
+        let right = unsafeBitCast(source, to: SIMD16<UInt8>.self)
+        xmm[reg] = unsafeBitCast(pointwiseMin(left, right), to: XMMValue.self)
+      case 0x1F8:
+        let difference =
+          unsafeBitCast(destination, to: SIMD16<UInt8>.self) &- unsafeBitCast(source, to: SIMD16<UInt8>.self)
+        xmm[reg] = unsafeBitCast(difference, to: XMMValue.self)
+      case 0x1FC:
+        let sum = unsafeBitCast(destination, to: SIMD16<UInt8>.self) &+ unsafeBitCast(source, to: SIMD16<UInt8>.self)
+        xmm[reg] = unsafeBitCast(sum, to: XMMValue.self)
+      default:  // 0x160 PUNPCKLBW
+        let left = unsafeBitCast(destination, to: SIMD16<UInt8>.self)
+        let right = unsafeBitCast(source, to: SIMD16<UInt8>.self)
+        let interleaved = SIMD16<UInt8>(
+          left[0], right[0], left[1], right[1], left[2], right[2], left[3], right[3],
+          left[4], right[4], left[5], right[5], left[6], right[6], left[7], right[7])
+        xmm[reg] = unsafeBitCast(interleaved, to: XMMValue.self)
+      }
+    }
+  }
+
+  /// Bit i = sign bit of byte i.
+  @inline(__always)
+  func byteSignMask(_ value: XMMValue) -> UInt32 {
+    var mask: UInt32 = 0
+    for half in 0..<2 {
+      // Gather the top bit of each byte: multiply trick on the isolated sign bits.
+      let signs = (value[half] >> 7) & 0x0101_0101_0101_0101
+      let gathered = (signs &* 0x0102_0408_1020_4080) >> 56
+      mask |= UInt32(gathered) << (8 * UInt32(half))
+    }
+    return mask
+  }
+
+  /// MOVUPS/MOVUPD/MOVSS/MOVSD loads (0F 10) and stores (0F 11).
+  private func moveUnalignedOrScalar(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    let reg = Int(instruction.reg)
+    let isStore = instruction.opcode == 0x111
+    switch prefix {
+    case 0, 1:
+      if isStore {
+        try storeOrMove128(instruction, xmm[reg], aligned: false)
+      } else {
+        xmm[reg] = try source128(instruction, aligned: false)
+      }
+    default:
+      let isSingle = prefix == 2
+      let lowMask: UInt64 = isSingle ? 0xFFFF_FFFF : ~0
+      if isStore {
+        let low = xmm[reg][0]
+        if instruction.hasMemoryOperand {
+          let address = linearAddress(instruction)
+          if isSingle {
+            try write32(address, UInt32(truncatingIfNeeded: low))
+          } else {
+            try write64(address, low)
+          }
+        } else {
+          let rm = Int(instruction.rm)
+          xmm[rm][0] = (xmm[rm][0] & ~lowMask) | (low & lowMask)
+        }
+      } else if instruction.hasMemoryOperand {
+        // Loads from memory zero the rest of the register.
+        let address = linearAddress(instruction)
+        let value = isSingle ? UInt64(try read32(address)) : try read64(address)
+        xmm[reg] = XMMValue(value, 0)
+      } else {
+        let low = xmm[Int(instruction.rm)][0]
+        xmm[reg][0] = (xmm[reg][0] & ~lowMask) | (low & lowMask)
+      }
+    }
+  }
+
+  /// MOVLPS/MOVLPD/MOVHLPS (0F 12), MOVHPS/MOVHPD/MOVLHPS (0F 16), their stores (0F 13/17),
+  /// and SSE3 MOVSLDUP/MOVSHDUP/MOVDDUP.
+  private func moveHalves(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    let reg = Int(instruction.reg)
+    let opcode = instruction.opcode
+    let high = opcode == 0x116 || opcode == 0x117
+    switch opcode {
+    case 0x112, 0x116:
+      switch prefix {
+      case 0, 1:
+        if instruction.hasMemoryOperand {
+          xmm[reg][high ? 1 : 0] = try read64(linearAddress(instruction))
+        } else if prefix == 0 {
+          // MOVHLPS: low <- source high; MOVLHPS: high <- source low.
+          let source = xmm[Int(instruction.rm)]
+          if high {
+            xmm[reg][1] = source[0]
+          } else {
+            xmm[reg][0] = source[1]
+          }
+        } else {
+          throw .invalidOpcode
+        }
+      case 2:  // MOVSLDUP / MOVSHDUP
+        let source = unsafeBitCast(
+          try source128(instruction, aligned: sseArithmeticNeedsAlignment), to: SIMD4<UInt32>.self)
+        let first = high ? 1 : 0
+        let result = SIMD4<UInt32>(source[first], source[first], source[first + 2], source[first + 2])
+        xmm[reg] = unsafeBitCast(result, to: XMMValue.self)
+      default:  // MOVDDUP (F2 0F 12); F2 0F 16 is undefined
+        guard !high else { throw .invalidOpcode }
+        let low = try sourceSized(instruction, size: 8)[0]
+        xmm[reg] = XMMValue(low, low)
+      }
+    default:  // 0x113, 0x117 stores
+      guard prefix <= 1, instruction.hasMemoryOperand else { throw .invalidOpcode }
+      try write64(linearAddress(instruction), xmm[reg][high ? 1 : 0])
+    }
+  }
+
+  /// SHUFPS / SHUFPD.
+  private func shuffleFloats(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    guard prefix <= 1 else { throw .invalidOpcode }
+    let reg = Int(instruction.reg)
+    let source = try source128(instruction, aligned: sseArithmeticNeedsAlignment)
+    let destination = xmm[reg]
+    let order = Int(instruction.immediate & 0xFF)
+    if prefix == 0 {
+      let left = unsafeBitCast(destination, to: SIMD4<UInt32>.self)
+      let right = unsafeBitCast(source, to: SIMD4<UInt32>.self)
+      let result = SIMD4<UInt32>(left[order & 3], left[(order >> 2) & 3], right[(order >> 4) & 3], right[order >> 6])
+      xmm[reg] = unsafeBitCast(result, to: XMMValue.self)
+    } else {
+      xmm[reg] = XMMValue(destination[order & 1], source[(order >> 1) & 1])
+    }
+  }
+
+  /// MASKMOVDQU: byte-masked store of xmm(reg) to DS:rDI (segment override allowed).
+  private func maskedMove(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    guard prefix == 1, !instruction.hasMemoryOperand else { throw .invalidOpcode }
+    let data = unsafeBitCast(xmm[Int(instruction.reg)], to: SIMD16<UInt8>.self)
+    let mask = byteSignMask(xmm[Int(instruction.rm)])
+    if mask == 0 { return }
+    var offset = gpr[7]
+    switch instruction.addressSize {
+    case 4: offset &= 0xFFFF_FFFF
+    case 2: offset &= 0xFFFF
+    default: break
+    }
+    let base = segmentBase[Int(instruction.segment)] &+ offset
+    for index in 0..<16 where mask & (1 << UInt32(index)) != 0 {
+      try write8(base &+ UInt64(index), data[index])
+    }
+  }
+
+  /// 66 0F 71/72/73 groups: PSRLW/PSRAW/PSLLW, PSRLD/PSRAD/PSLLD, PSRLQ/PSRLDQ/PSLLQ/PSLLDQ by imm8.
+  private func shiftByImmediate(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    guard prefix == 1, !instruction.hasMemoryOperand else { throw .invalidOpcode }
+    let rm = Int(instruction.rm)
+    let count = instruction.immediate & 0xFF
+    let value = xmm[rm]
+    let kind = (instruction.reg & 7)
+    switch (instruction.opcode, kind) {
+    case (0x171, 2), (0x171, 4), (0x171, 6):
+      let lanes = unsafeBitCast(value, to: SIMD8<UInt16>.self)
+      let result: SIMD8<UInt16>
+      if kind == 4 {
+        let shift = Int16(min(count, 15))
+        result = unsafeBitCast(
+          unsafeBitCast(lanes, to: SIMD8<Int16>.self) &>> SIMD8<Int16>(repeating: shift), to: SIMD8<UInt16>.self)
+      } else if count > 15 {
+        result = .zero
+      } else if kind == 2 {
+        result = lanes &>> SIMD8<UInt16>(repeating: UInt16(count))
+      } else {
+        result = lanes &<< SIMD8<UInt16>(repeating: UInt16(count))
+      }
+      xmm[rm] = unsafeBitCast(result, to: XMMValue.self)
+    case (0x172, 2), (0x172, 4), (0x172, 6):
+      let lanes = unsafeBitCast(value, to: SIMD4<UInt32>.self)
+      let result: SIMD4<UInt32>
+      if kind == 4 {
+        let shift = Int32(min(count, 31))
+        result = unsafeBitCast(
+          unsafeBitCast(lanes, to: SIMD4<Int32>.self) &>> SIMD4<Int32>(repeating: shift), to: SIMD4<UInt32>.self)
+      } else if count > 31 {
+        result = .zero
+      } else if kind == 2 {
+        result = lanes &>> SIMD4<UInt32>(repeating: UInt32(count))
+      } else {
+        result = lanes &<< SIMD4<UInt32>(repeating: UInt32(count))
+      }
+      xmm[rm] = unsafeBitCast(result, to: XMMValue.self)
+    case (0x173, 2):
+      xmm[rm] = count > 63 ? .zero : value &>> XMMValue(repeating: count)
+    case (0x173, 6):
+      xmm[rm] = count > 63 ? .zero : value &<< XMMValue(repeating: count)
+    case (0x173, 3):
+      xmm[rm] = shiftBytesRight(value, by: Int(count))
+    case (0x173, 7):
+      xmm[rm] = shiftBytesLeft(value, by: Int(count))
+    default:
+      throw .invalidOpcode
+    }
+  }
+
+  @inline(__always)
+  private func shiftBytesRight(_ value: XMMValue, by count: Int) -> XMMValue {
+    if count >= 16 { return .zero }
+    if count == 0 { return value }
+    let bits = UInt64(count * 8)
+    if count >= 8 { return XMMValue(value[1] >> (bits - 64), 0) }
+    return XMMValue(value[0] >> bits | value[1] << (64 - bits), value[1] >> bits)
+  }
+
+  @inline(__always)
+  private func shiftBytesLeft(_ value: XMMValue, by count: Int) -> XMMValue {
+    if count >= 16 { return .zero }
+    if count == 0 { return value }
+    let bits = UInt64(count * 8)
+    if count >= 8 { return XMMValue(0, value[0] << (bits - 64)) }
+    return XMMValue(value[0] << bits, value[1] << bits | value[0] >> (64 - bits))
+  }
+
+  /// EMMS: marks every x87 register empty.
+  private func emms() throws(Fault) {
+    guard cr0 & X86.cr0EM == 0 else { throw .invalidOpcode }
+    guard cr0 & X86.cr0TS == 0 else { throw .deviceNotAvailable }
+    try checkPendingX87Exception()
+    fpuTags = 0xFFFF
   }
 }

@@ -1,0 +1,60 @@
+#ifndef HOSTVISOR_CSOFTFLOAT_H
+#define HOSTVISOR_CSOFTFLOAT_H
+// Host-executed floating-point primitives for the software CPU's SSE and x87 units.
+//
+// Every floating-point result of the guest is produced by the very same host instruction,
+// executed with the guest's MXCSR (SSE) or x87 control word loaded, so rounding, NaN
+// propagation, denormal handling (DAZ/FTZ), precision control and the exception flags are
+// bit-exact with the host CPU. The caller (Swift) decides about unmasked exceptions.
+#include <stdint.h>
+
+/// Lane shapes for `csf_sse_float`'s `operation` argument: `prefix << 8 | opcode byte` of the
+/// 0F map (prefix 0 none, 1 = 66, 2 = F3, 3 = F2), plus these flags:
+#define CSF_SSE_REXW 0x10000u  /* 64-bit integer operand (CVTSI2SS/SD, CVT(T)SS/SD2SI) */
+#define CSF_SSE_MAP38 0x20000u /* 0F38 map */
+#define CSF_SSE_MAP3A 0x40000u /* 0F3A map */
+/// Returned when the operation is not one of the supported forms.
+#define CSF_UNSUPPORTED 0xFFFFFFFFu
+
+/// Executes one SSE floating-point instruction on the host under `mxcsr` with all exceptions
+/// masked and the flags cleared. `destination` (16 bytes) holds the destination XMM register and
+/// receives the result (for forms with a general-register destination: the integer in the low
+/// 8 bytes; for (U)COMIS*: ZF/PF/CF in RFLAGS layout in the low 8 bytes). `source` (16 bytes)
+/// holds the source XMM register or memory value (or general register for CVTSI2S*).
+/// Returns the exception flags raised (MXCSR bits 0-5) or CSF_UNSUPPORTED.
+uint32_t csf_sse_float(uint32_t operation, uint32_t immediate, uint32_t mxcsr, void *destination,
+                       const void *source);
+
+/// Executes one SSE integer instruction (no MXCSR involvement) on `destination` with `source`.
+/// `operation` as for `csf_sse_float`. Returns 0, or CSF_UNSUPPORTED. For PTEST the RFLAGS
+/// bits are returned in the low 8 bytes of `destination` instead.
+uint32_t csf_sse_integer(uint32_t operation, uint32_t immediate, void *destination, const void *source);
+
+/// Host x87 execution frame (see csf_x87).
+typedef struct {
+  /// ST(0) and ST(1) before (the first `inputs` are loaded) and after (the first `outputs`).
+  long double stack[3];
+  /// Memory operand: read and/or written by the instruction (m16..m80).
+  uint8_t memory[16];
+  /// Guest control word, loaded for the instruction.
+  uint16_t control;
+  /// Host status word right after the instruction (TOP field meaningless).
+  uint16_t status;
+  /// How many stack values to load (0-2).
+  uint8_t inputs;
+  /// Stack depth after the instruction (0-3).
+  uint8_t outputs;
+  /// AH after the instruction (LAHF: SF ZF - AF - PF - CF), for FCOMI/FUCOMI.
+  uint8_t flags;
+  uint8_t reserved;
+} csf_x87_frame;
+
+/// Executes the x87 instruction `escape << 8 | modrm` on the host: register forms must use
+/// ST(1) as their register operand (modrm low bits 001 for C0-DF/E0-FF rows), memory forms
+/// must use mod 00 r/m 111 (the memory operand is `frame->memory`). The control word is
+/// loaded with the guest's exception masks; unmasked exceptions only set ES in the returned
+/// status (they are cleared on the host before anything can trap). Returns 0, or -1 when the
+/// encoding is not supported.
+int csf_x87(uint32_t code, csf_x87_frame *frame);
+
+#endif

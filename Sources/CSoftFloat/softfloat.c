@@ -1,0 +1,358 @@
+// Host-executed SSE and x87 primitives; see include/CSoftFloat.h.
+#include "CSoftFloat.h"
+
+#include <string.h>
+
+typedef long long v2di __attribute__((vector_size(16)));
+
+// MARK: - SSE floating point
+
+// Runs `insn src, dst` with the guest MXCSR (flags cleared, all exceptions masked) and
+// restores the host MXCSR inside the same asm statement, so no compiler-generated SSE code
+// ever runs under the guest's rounding mode.
+#define SSE_XX(insn)                                                                         \
+  __asm__ volatile("stmxcsr %[h]\n\tldmxcsr %[g]\n\t" insn " %[s], %[d]\n\t"                 \
+                   "stmxcsr %[o]\n\tldmxcsr %[h]"                                             \
+                   : [d] "+x"(d), [o] "=m"(out), [h] "+m"(host)                               \
+                   : [s] "x"(s), [g] "m"(guest));                                             \
+  break
+
+#define SSE_CMP(insn, imm)                                                                   \
+  case imm:                                                                                  \
+    __asm__ volatile("stmxcsr %[h]\n\tldmxcsr %[g]\n\t" insn " $" #imm ", %[s], %[d]\n\t"    \
+                     "stmxcsr %[o]\n\tldmxcsr %[h]"                                           \
+                     : [d] "+x"(d), [o] "=m"(out), [h] "+m"(host)                             \
+                     : [s] "x"(s), [g] "m"(guest));                                           \
+    break
+
+#define SSE_CMP_ALL(insn)                                                                    \
+  switch (immediate & 7) {                                                                   \
+    SSE_CMP(insn, 0);                                                                        \
+    SSE_CMP(insn, 1);                                                                        \
+    SSE_CMP(insn, 2);                                                                        \
+    SSE_CMP(insn, 3);                                                                        \
+    SSE_CMP(insn, 4);                                                                        \
+    SSE_CMP(insn, 5);                                                                        \
+    SSE_CMP(insn, 6);                                                                        \
+    SSE_CMP(insn, 7);                                                                        \
+  }                                                                                          \
+  break
+
+// Integer source (general register) into an XMM destination.
+#define SSE_GX(insn, width)                                                                  \
+  __asm__ volatile("stmxcsr %[h]\n\tldmxcsr %[g]\n\t" insn " %" width "[s], %[d]\n\t"        \
+                   "stmxcsr %[o]\n\tldmxcsr %[h]"                                             \
+                   : [d] "+x"(d), [o] "=m"(out), [h] "+m"(host)                               \
+                   : [s] "r"(integer), [g] "m"(guest));                                       \
+  break
+
+// XMM source into a general-register destination.
+#define SSE_XG(insn, width)                                                                  \
+  __asm__ volatile("stmxcsr %[h]\n\tldmxcsr %[g]\n\t" insn " %[s], %" width "[r]\n\t"        \
+                   "stmxcsr %[o]\n\tldmxcsr %[h]"                                             \
+                   : [r] "=r"(integer), [o] "=m"(out), [h] "+m"(host)                         \
+                   : [s] "x"(s), [g] "m"(guest));                                             \
+  d[0] = (long long)integer;                                                                 \
+  d[1] = 0;                                                                                  \
+  break
+
+// Ordered/unordered compares into RFLAGS (via LAHF: bit 6 ZF, bit 2 PF, bit 0 CF).
+#define SSE_COMI(insn)                                                                       \
+  __asm__ volatile("stmxcsr %[h]\n\tldmxcsr %[g]\n\t" insn " %[s], %[d]\n\t"                 \
+                   "lahf\n\tstmxcsr %[o]\n\tldmxcsr %[h]"                                     \
+                   : [o] "=m"(out), [h] "+m"(host), "=a"(flags)                              \
+                   : [d] "x"(d), [s] "x"(s), [g] "m"(guest)                                   \
+                   : "cc");                                                                   \
+  d[0] = (long long)((flags >> 8) & 0x45);                                                   \
+  d[1] = 0;                                                                                  \
+  break
+
+#define OP(prefix, byte) (((prefix) << 8) | (byte))
+
+uint32_t csf_sse_float(uint32_t operation, uint32_t immediate, uint32_t mxcsr, void *destination,
+                       const void *source) {
+  v2di d, s;
+  memcpy(&d, destination, 16);
+  memcpy(&s, source, 16);
+  uint32_t guest = (mxcsr & ~0x3Fu) | 0x1F80u;
+  uint32_t out = 0, host = 0;
+  uint64_t integer = (uint64_t)s[0];
+  uint64_t flags = 0;
+  if (!(operation & CSF_SSE_REXW)) {
+    integer = (uint32_t)integer;
+  }
+  switch (operation) {
+  // SQRT, RSQRT, RCP
+  case OP(0, 0x51): SSE_XX("sqrtps");
+  case OP(1, 0x51): SSE_XX("sqrtpd");
+  case OP(2, 0x51): SSE_XX("sqrtss");
+  case OP(3, 0x51): SSE_XX("sqrtsd");
+  case OP(0, 0x52): SSE_XX("rsqrtps");
+  case OP(2, 0x52): SSE_XX("rsqrtss");
+  case OP(0, 0x53): SSE_XX("rcpps");
+  case OP(2, 0x53): SSE_XX("rcpss");
+  // Arithmetic
+  case OP(0, 0x58): SSE_XX("addps");
+  case OP(1, 0x58): SSE_XX("addpd");
+  case OP(2, 0x58): SSE_XX("addss");
+  case OP(3, 0x58): SSE_XX("addsd");
+  case OP(0, 0x59): SSE_XX("mulps");
+  case OP(1, 0x59): SSE_XX("mulpd");
+  case OP(2, 0x59): SSE_XX("mulss");
+  case OP(3, 0x59): SSE_XX("mulsd");
+  case OP(0, 0x5C): SSE_XX("subps");
+  case OP(1, 0x5C): SSE_XX("subpd");
+  case OP(2, 0x5C): SSE_XX("subss");
+  case OP(3, 0x5C): SSE_XX("subsd");
+  case OP(0, 0x5D): SSE_XX("minps");
+  case OP(1, 0x5D): SSE_XX("minpd");
+  case OP(2, 0x5D): SSE_XX("minss");
+  case OP(3, 0x5D): SSE_XX("minsd");
+  case OP(0, 0x5E): SSE_XX("divps");
+  case OP(1, 0x5E): SSE_XX("divpd");
+  case OP(2, 0x5E): SSE_XX("divss");
+  case OP(3, 0x5E): SSE_XX("divsd");
+  case OP(0, 0x5F): SSE_XX("maxps");
+  case OP(1, 0x5F): SSE_XX("maxpd");
+  case OP(2, 0x5F): SSE_XX("maxss");
+  case OP(3, 0x5F): SSE_XX("maxsd");
+  // SSE3 arithmetic
+  case OP(1, 0xD0): SSE_XX("addsubpd");
+  case OP(3, 0xD0): SSE_XX("addsubps");
+  case OP(1, 0x7C): SSE_XX("haddpd");
+  case OP(3, 0x7C): SSE_XX("haddps");
+  case OP(1, 0x7D): SSE_XX("hsubpd");
+  case OP(3, 0x7D): SSE_XX("hsubps");
+  // Conversions between float formats and packed integers
+  case OP(0, 0x5A): SSE_XX("cvtps2pd");
+  case OP(1, 0x5A): SSE_XX("cvtpd2ps");
+  case OP(2, 0x5A): SSE_XX("cvtss2sd");
+  case OP(3, 0x5A): SSE_XX("cvtsd2ss");
+  case OP(0, 0x5B): SSE_XX("cvtdq2ps");
+  case OP(1, 0x5B): SSE_XX("cvtps2dq");
+  case OP(2, 0x5B): SSE_XX("cvttps2dq");
+  case OP(1, 0xE6): SSE_XX("cvttpd2dq");
+  case OP(2, 0xE6): SSE_XX("cvtdq2pd");
+  case OP(3, 0xE6): SSE_XX("cvtpd2dq");
+  // Scalar conversions with a general register
+  case OP(2, 0x2A): SSE_GX("cvtsi2ssl", "k");
+  case OP(2, 0x2A) | CSF_SSE_REXW: SSE_GX("cvtsi2ssq", "q");
+  case OP(3, 0x2A): SSE_GX("cvtsi2sdl", "k");
+  case OP(3, 0x2A) | CSF_SSE_REXW: SSE_GX("cvtsi2sdq", "q");
+  case OP(2, 0x2C): SSE_XG("cvttss2si", "k");
+  case OP(2, 0x2C) | CSF_SSE_REXW: SSE_XG("cvttss2si", "q");
+  case OP(3, 0x2C): SSE_XG("cvttsd2si", "k");
+  case OP(3, 0x2C) | CSF_SSE_REXW: SSE_XG("cvttsd2si", "q");
+  case OP(2, 0x2D): SSE_XG("cvtss2si", "k");
+  case OP(2, 0x2D) | CSF_SSE_REXW: SSE_XG("cvtss2si", "q");
+  case OP(3, 0x2D): SSE_XG("cvtsd2si", "k");
+  case OP(3, 0x2D) | CSF_SSE_REXW: SSE_XG("cvtsd2si", "q");
+  // Compares
+  case OP(0, 0x2E): SSE_COMI("ucomiss");
+  case OP(1, 0x2E): SSE_COMI("ucomisd");
+  case OP(0, 0x2F): SSE_COMI("comiss");
+  case OP(1, 0x2F): SSE_COMI("comisd");
+  case OP(0, 0xC2): SSE_CMP_ALL("cmpps");
+  case OP(1, 0xC2): SSE_CMP_ALL("cmppd");
+  case OP(2, 0xC2): SSE_CMP_ALL("cmpss");
+  case OP(3, 0xC2): SSE_CMP_ALL("cmpsd");
+  default:
+    return CSF_UNSUPPORTED;
+  }
+  memcpy(destination, &d, 16);
+  return out & 0x3F;
+}
+
+// MARK: - SSE integer
+
+#define INT_XX(insn)                                                                         \
+  __asm__(insn " %[s], %[d]" : [d] "+x"(d) : [s] "x"(s));                                    \
+  break
+
+uint32_t csf_sse_integer(uint32_t operation, uint32_t immediate, void *destination, const void *source) {
+  (void)immediate;
+  v2di d, s;
+  memcpy(&d, destination, 16);
+  memcpy(&s, source, 16);
+  switch (operation) {
+  case OP(1, 0x60): INT_XX("punpcklbw");
+  case OP(1, 0x61): INT_XX("punpcklwd");
+  case OP(1, 0x62): INT_XX("punpckldq");
+  case OP(1, 0x63): INT_XX("packsswb");
+  case OP(1, 0x64): INT_XX("pcmpgtb");
+  case OP(1, 0x65): INT_XX("pcmpgtw");
+  case OP(1, 0x66): INT_XX("pcmpgtd");
+  case OP(1, 0x67): INT_XX("packuswb");
+  case OP(1, 0x68): INT_XX("punpckhbw");
+  case OP(1, 0x69): INT_XX("punpckhwd");
+  case OP(1, 0x6A): INT_XX("punpckhdq");
+  case OP(1, 0x6B): INT_XX("packssdw");
+  case OP(1, 0x6C): INT_XX("punpcklqdq");
+  case OP(1, 0x6D): INT_XX("punpckhqdq");
+  case OP(1, 0x74): INT_XX("pcmpeqb");
+  case OP(1, 0x75): INT_XX("pcmpeqw");
+  case OP(1, 0x76): INT_XX("pcmpeqd");
+  case OP(1, 0xD1): INT_XX("psrlw");
+  case OP(1, 0xD2): INT_XX("psrld");
+  case OP(1, 0xD3): INT_XX("psrlq");
+  case OP(1, 0xD4): INT_XX("paddq");
+  case OP(1, 0xD5): INT_XX("pmullw");
+  case OP(1, 0xD8): INT_XX("psubusb");
+  case OP(1, 0xD9): INT_XX("psubusw");
+  case OP(1, 0xDA): INT_XX("pminub");
+  case OP(1, 0xDB): INT_XX("pand");
+  case OP(1, 0xDC): INT_XX("paddusb");
+  case OP(1, 0xDD): INT_XX("paddusw");
+  case OP(1, 0xDE): INT_XX("pmaxub");
+  case OP(1, 0xDF): INT_XX("pandn");
+  case OP(1, 0xE0): INT_XX("pavgb");
+  case OP(1, 0xE1): INT_XX("psraw");
+  case OP(1, 0xE2): INT_XX("psrad");
+  case OP(1, 0xE3): INT_XX("pavgw");
+  case OP(1, 0xE4): INT_XX("pmulhuw");
+  case OP(1, 0xE5): INT_XX("pmulhw");
+  case OP(1, 0xE8): INT_XX("psubsb");
+  case OP(1, 0xE9): INT_XX("psubsw");
+  case OP(1, 0xEA): INT_XX("pminsw");
+  case OP(1, 0xEB): INT_XX("por");
+  case OP(1, 0xEC): INT_XX("paddsb");
+  case OP(1, 0xED): INT_XX("paddsw");
+  case OP(1, 0xEE): INT_XX("pmaxsw");
+  case OP(1, 0xEF): INT_XX("pxor");
+  case OP(1, 0xF1): INT_XX("psllw");
+  case OP(1, 0xF2): INT_XX("pslld");
+  case OP(1, 0xF3): INT_XX("psllq");
+  case OP(1, 0xF4): INT_XX("pmuludq");
+  case OP(1, 0xF5): INT_XX("pmaddwd");
+  case OP(1, 0xF6): INT_XX("psadbw");
+  case OP(1, 0xF8): INT_XX("psubb");
+  case OP(1, 0xF9): INT_XX("psubw");
+  case OP(1, 0xFA): INT_XX("psubd");
+  case OP(1, 0xFB): INT_XX("psubq");
+  case OP(1, 0xFC): INT_XX("paddb");
+  case OP(1, 0xFD): INT_XX("paddw");
+  case OP(1, 0xFE): INT_XX("paddd");
+  // Logic on packed floats is bitwise: the same as the integer forms.
+  case OP(0, 0x54): case OP(1, 0x54): INT_XX("andps");
+  case OP(0, 0x55): case OP(1, 0x55): INT_XX("andnps");
+  case OP(0, 0x56): case OP(1, 0x56): INT_XX("orps");
+  case OP(0, 0x57): case OP(1, 0x57): INT_XX("xorps");
+  case OP(0, 0x14): INT_XX("unpcklps");
+  case OP(1, 0x14): INT_XX("unpcklpd");
+  case OP(0, 0x15): INT_XX("unpckhps");
+  case OP(1, 0x15): INT_XX("unpckhpd");
+  default:
+    return CSF_UNSUPPORTED;
+  }
+  memcpy(destination, &d, 16);
+  return 0;
+}
+
+// MARK: - x87
+
+// Register form: the instruction bytes, then LAHF for the compare-into-EFLAGS forms.
+#define X87(escape, modrm)                                                                   \
+  case ((escape) << 8 | (modrm)):                                                            \
+    __asm__ volatile(".byte " #escape ", " #modrm "\n\tlahf\n\tmovb %%ah, %[f]"              \
+                     : [f] "=m"(frame->flags)                                                 \
+                     : "D"(frame->memory)                                                     \
+                     : "memory", "rax", "cc");                                                \
+    break
+
+// All eight ModRM.reg values of one escape byte, register form with ST(1).
+#define X87_REG_ROW(escape)                                                                  \
+  X87(escape, 0xC1);                                                                         \
+  X87(escape, 0xC9);                                                                         \
+  X87(escape, 0xD1);                                                                         \
+  X87(escape, 0xD9);                                                                         \
+  X87(escape, 0xE1);                                                                         \
+  X87(escape, 0xE9);                                                                         \
+  X87(escape, 0xF1);                                                                         \
+  X87(escape, 0xF9)
+
+// All eight ModRM.reg values of one escape byte, memory form [rdi].
+#define X87_MEM_ROW(escape)                                                                  \
+  X87(escape, 0x07);                                                                         \
+  X87(escape, 0x0F);                                                                         \
+  X87(escape, 0x17);                                                                         \
+  X87(escape, 0x1F);                                                                         \
+  X87(escape, 0x27);                                                                         \
+  X87(escape, 0x2F);                                                                         \
+  X87(escape, 0x37);                                                                         \
+  X87(escape, 0x3F)
+
+int csf_x87(uint32_t code, csf_x87_frame *frame) {
+  uint16_t hostControl = 0, before = 0, after = 0;
+  __asm__ volatile("fnstcw %[h]\n\tfnclex\n\tfldcw %[g]\n\tfnstsw %[b]"
+                   : [h] "=m"(hostControl), [b] "=m"(before)
+                   : [g] "m"(frame->control)
+                   : "memory");
+  if (frame->inputs >= 2) {
+    __asm__ volatile("fldt %0" ::"m"(frame->stack[1]));
+  }
+  if (frame->inputs >= 1) {
+    __asm__ volatile("fldt %0" ::"m"(frame->stack[0]));
+  }
+  int supported = 1;
+  switch (code) {
+    X87_MEM_ROW(0xD8);
+    X87_MEM_ROW(0xD9);
+    X87_MEM_ROW(0xDA);
+    X87_MEM_ROW(0xDB);
+    X87_MEM_ROW(0xDC);
+    X87_MEM_ROW(0xDD);
+    X87_MEM_ROW(0xDE);
+    X87_MEM_ROW(0xDF);
+    X87_REG_ROW(0xD8);
+    X87_REG_ROW(0xDC);
+    X87_REG_ROW(0xDE);
+    X87(0xDD, 0xE1); // FUCOM
+    X87(0xDD, 0xE9); // FUCOMP
+    X87(0xDA, 0xE9); // FUCOMPP
+    X87(0xDB, 0xE9); // FUCOMI
+    X87(0xDB, 0xF1); // FCOMI
+    X87(0xDF, 0xE9); // FUCOMIP
+    X87(0xDF, 0xF1); // FCOMIP
+    X87(0xD9, 0xE4); // FTST
+    X87(0xD9, 0xE5); // FXAM
+    X87(0xD9, 0xE8); // FLD1
+    X87(0xD9, 0xE9); // FLDL2T
+    X87(0xD9, 0xEA); // FLDL2E
+    X87(0xD9, 0xEB); // FLDPI
+    X87(0xD9, 0xEC); // FLDLG2
+    X87(0xD9, 0xED); // FLDLN2
+    X87(0xD9, 0xEE); // FLDZ
+    X87(0xD9, 0xF0); // F2XM1
+    X87(0xD9, 0xF1); // FYL2X
+    X87(0xD9, 0xF2); // FPTAN
+    X87(0xD9, 0xF3); // FPATAN
+    X87(0xD9, 0xF4); // FXTRACT
+    X87(0xD9, 0xF5); // FPREM1
+    X87(0xD9, 0xF8); // FPREM
+    X87(0xD9, 0xF9); // FYL2XP1
+    X87(0xD9, 0xFA); // FSQRT
+    X87(0xD9, 0xFB); // FSINCOS
+    X87(0xD9, 0xFC); // FRNDINT
+    X87(0xD9, 0xFD); // FSCALE
+    X87(0xD9, 0xFE); // FSIN
+    X87(0xD9, 0xFF); // FCOS
+  default:
+    supported = 0;
+    break;
+  }
+  // Capture the status before anything else, then drop any pending unmasked exception so no
+  // later (waiting) x87 instruction on the host can trap.
+  __asm__ volatile("fnstsw %[s]\n\tfnclex" : [s] "=m"(after)::"memory");
+  frame->status = after;
+  unsigned depth = ((unsigned)(before >> 11) - (unsigned)(after >> 11)) & 7;
+  frame->outputs = (uint8_t)depth;
+  for (unsigned index = 0; index < depth; index++) {
+    if (index < 3) {
+      __asm__ volatile("fstpt %0" : "=m"(frame->stack[index]));
+    } else {
+      __asm__ volatile("fstp %%st(0)" ::: "memory");
+    }
+  }
+  __asm__ volatile("fldcw %0" ::"m"(hostControl));
+  return supported ? 0 : -1;
+}
