@@ -83,7 +83,8 @@ public enum BootCPUSetup {
 
   /// Writes a GDT at `BootLayout.gdtAddress` holding `segments` at their selectors' indices
   /// (other entries null) and returns the GDTR value.
-  static func writeGDT(memory: GuestMemory, segments: [SegmentRegister]) throws(LoaderError) -> DescriptorTableRegister {
+  static func writeGDT(memory: GuestMemory, segments: [SegmentRegister]) throws(LoaderError) -> DescriptorTableRegister
+  {
     let size = UInt64(BootLayout.gdtEntries * 8)
     try memory.zero(at: BootLayout.gdtAddress, length: size)
     for segment in segments {

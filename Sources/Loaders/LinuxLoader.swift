@@ -98,7 +98,9 @@ public enum LinuxLoader {
     guard let bootFlag = image.u16(Offset.bootFlag), bootFlag == 0xAA55 else {
       throw malformed("boot_flag at 0x1FE is not 0xAA55")
     }
-    guard let version = image.u16(Offset.version) else { throw malformed("the setup header is truncated") }
+    guard let version = image.u16(Offset.version) else {
+      throw malformed("it is truncated: the setup header is cut at \(hex(image.count))")
+    }
     guard version >= minimumVersion else {
       throw .unsupported(
         path: image.path,
@@ -107,10 +109,12 @@ public enum LinuxLoader {
     }
     let headerEnd = 0x202 + UInt64(image.u8(Offset.jump + 1)!)
     // Version 2.12 defines fields up to init_size/handover_offset (ending at 0x268).
-    guard headerEnd >= 0x268, image.range(Offset.setupSects, headerEnd - Offset.setupSects) != nil else {
+    guard headerEnd >= 0x268 else {
+      throw malformed("the setup header ends at \(hex(headerEnd)); protocol 2.12 defines fields up to 0x268")
+    }
+    guard image.range(Offset.setupSects, headerEnd - Offset.setupSects) != nil else {
       throw malformed(
-        "the setup header ends at \(hex(headerEnd)) but protocol 2.12 needs 0x268 and the file has \(image.count) bytes"
-      )
+        "it is truncated: the setup header ends at \(hex(headerEnd)) but the file has \(image.count) bytes")
     }
     let storedSectors = UInt64(image.u8(Offset.setupSects)!)
     var header = LinuxSetupHeader(
@@ -168,7 +172,8 @@ public enum LinuxLoader {
       }
       loadAddress = relocated
       warnings.append(
-        "the kernel does not fit at its preferred address \(hex(header.preferredAddress)); loaded at \(hex(loadAddress))")
+        "the kernel does not fit at its preferred address \(hex(header.preferredAddress)); loaded at \(hex(loadAddress))"
+      )
     }
     try memory.load(image.bytes, kernelFileRange, at: loadAddress)
     // The decompressor works at max(load address, pref_address) for init_size bytes (a
