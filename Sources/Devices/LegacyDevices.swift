@@ -12,8 +12,8 @@ public struct InstalledLegacyDevices: Sendable {
   public let debugExit: DebugExitDevice
   /// Fast A20 and reset (port 0x92).
   public let systemControlA: SystemControlPortA
-  /// Speaker gate and NMI status (port 0x61); `nil` when another device (a PIT model) had
-  /// already claimed the port.
+  /// Speaker gate and NMI status (port 0x61); `nil` unless requested, or when another device
+  /// had already claimed the port.
   public let systemControlB: SystemControlPortB?
   /// POST codes (port 0x80).
   public let postCode: PostCodePort
@@ -22,16 +22,21 @@ public struct InstalledLegacyDevices: Sendable {
 /// Wires the PC's legacy devices onto an I/O bus.
 public enum LegacyDevices {
   /// Creates and registers every legacy device at its standard ports:
-  /// COM1 0x3F8-0x3FF (IRQ 4), i8042 0x60 and 0x64 (IRQs 1 and 12), port B 0x61 (unless
-  /// already claimed), CMOS 0x70-0x71, POST 0x80, port A 0x92, debug-exit 0xF4.
+  /// COM1 0x3F8-0x3FF (IRQ 4), i8042 0x60 and 0x64 (IRQs 1 and 12), CMOS 0x70-0x71, POST 0x80,
+  /// port A 0x92, debug-exit 0xF4.
+  ///
+  /// Port 0x61 belongs with the PIT: KVM's in-kernel PIT answers it, and the software CPU's
+  /// interrupt controllers register their own. Only pass `includeSystemControlPortB` for a
+  /// machine with neither; it is then registered unless something already claimed it.
   ///
   /// - Parameters:
   ///   - memorySize: guest RAM in bytes, reported in the CMOS memory size registers.
-  ///   - timer2Output: PIT channel 2's output for port 0x61 bit 5, if a PIT is modelled.
+  ///   - includeSystemControlPortB: also register a `SystemControlPortB` at 0x61.
+  ///   - timer2Output: PIT channel 2's output for that port's bit 5.
   /// - Throws: `IOBusError` when one of these ports is already taken.
   public static func install(
     on bus: IOBus, control: MachineControl, interrupts: InterruptRouter, serialBackend: any SerialBackend,
-    memorySize: UInt64, timer2Output: (@Sendable () -> Bool)? = nil
+    memorySize: UInt64, includeSystemControlPortB: Bool = false, timer2Output: (@Sendable () -> Bool)? = nil
   ) throws(IOBusError) -> InstalledLegacyDevices {
     let serialPort = SerialPort(
       interrupt: InterruptLine(router: interrupts, line: SerialPort.com1Interrupt), backend: serialBackend)
@@ -45,7 +50,7 @@ public enum LegacyDevices {
     try bus.registerPorts(I8042Controller.commandPort, count: 1, device: keyboardController)
 
     var systemControlB: SystemControlPortB?
-    if !bus.hasPortDevice(SystemControlPortB.port) {
+    if includeSystemControlPortB && !bus.hasPortDevice(SystemControlPortB.port) {
       let port = SystemControlPortB(timer2Output: timer2Output)
       try bus.registerPorts(SystemControlPortB.port, count: 1, device: port)
       systemControlB = port

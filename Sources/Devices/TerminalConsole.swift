@@ -322,8 +322,15 @@ enum TerminalModeGuard {
     }
   }
 
+  /// Puts back the dispositions we replaced, unless someone installed their own since.
   private static func uninstallSignalHandlers() {
+    let ours = unsafeBitCast(
+      terminalRestoringSignalHandler as @convention(c) (Int32) -> Void, to: Int.self)
     for signalNumber in restoringSignals where installedSignalMask & (1 << UInt64(signalNumber)) != 0 {
+      var current = sigaction()
+      guard sigaction(signalNumber, nil, &current) == 0, let handler = current.__sigaction_handler.sa_handler,
+        unsafeBitCast(handler, to: Int.self) == ours
+      else { continue }
       _ = sigaction(signalNumber, previousSignalActions + Int(signalNumber), nil)
     }
     installedSignalMask = 0

@@ -57,7 +57,7 @@ struct FuzzTests {
       (machine.devices.cmos, [0x70, 0x71]),
       (machine.devices.debugExit, [0xF4]),
       (machine.devices.systemControlA, [0x92]),
-      (machine.devices.systemControlB!, [0x61]),
+      (try #require(machine.devices.systemControlB), [0x61]),
       (machine.devices.postCode, [0x80]),
     ]
     var random = SeededGenerator(seed: 42)

@@ -67,13 +67,17 @@ struct MiscDeviceTests {
     #expect(machine.control.stopReason == nil)
   }
 
-  @Test func installRespectsAnExistingPortBAndRefusesDuplicates() throws {
+  @Test func portBIsOptInAndYieldsToAnExistingDevice() throws {
+    let plain = try LegacyMachine(includeSystemControlPortB: false)
+    #expect(plain.devices.systemControlB == nil)
+    #expect(!plain.bus.hasPortDevice(0x61), "left to the PIT model")
+
     let bus = IOBus()
     let pitSpeakerPort = PostCodePort()
     try bus.registerPorts(0x61, count: 1, device: pitSpeakerPort)
     let devices = try LegacyDevices.install(
       on: bus, control: MachineControl(), interrupts: InterruptRouter(), serialBackend: NullSerialBackend(),
-      memorySize: 64 << 20)
+      memorySize: 64 << 20, includeSystemControlPortB: true)
     #expect(devices.systemControlB == nil)
     #expect(throws: IOBusError.portOverlap(first: 0x3F8, count: 8)) {
       _ = try LegacyDevices.install(

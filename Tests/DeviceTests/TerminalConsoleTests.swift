@@ -126,6 +126,37 @@ struct TerminalConsoleTests {
     console.stop()  // twice is fine
   }
 
+  @Test func inProcessRawModeAndSignalChaining() throws {
+    let terminal = try PseudoTerminal()
+    let before = try terminal.settings()
+    var saved = sigaction()
+    sigaction(SIGTERM, nil, &saved)
+    defer { sigaction(SIGTERM, &saved, nil) }
+
+    // A handler installed before the console (a VMM's graceful stop) still gets the signal,
+    // after the terminal has been restored.
+    installCountingHandler(SIGTERM)
+    let console = TerminalConsole(inputDescriptor: terminal.slave, deliver: { _ in }, onQuit: {})
+    try console.start()
+    #expect(console.isRawModeActive)
+    #expect(try terminal.settings().c_lflag & tcflag_t(ICANON | ECHO) == 0)
+    let countBefore = signalCount.load(ordering: .relaxed)
+    raiseUnblocked(SIGTERM)
+    #expect(signalCount.load(ordering: .relaxed) == countBefore + 1)
+    #expect(try terminal.settings().c_lflag == before.c_lflag, "restored before the old handler ran")
+    console.stop()
+
+    // A handler installed while the console runs survives stop().
+    try console.start()
+    #expect(try terminal.settings().c_lflag & tcflag_t(ICANON) == 0)
+    installCountingHandler(SIGTERM)
+    console.stop()
+    #expect(try terminal.settings().c_lflag == before.c_lflag)
+    #expect(!console.isRawModeActive)
+    raiseUnblocked(SIGTERM)
+    #expect(signalCount.load(ordering: .relaxed) == countBefore + 2)
+  }
+
   // MARK: Raw mode and its restoration, in a child process on a pseudo-terminal.
 
   enum ExitPath: String, CaseIterable, Sendable {
@@ -179,6 +210,27 @@ struct TerminalConsoleTests {
     #expect(after.c_lflag == before.c_lflag)
     #expect(after.c_iflag == before.c_iflag)
   }
+}
+
+private let signalCount = Atomic<Int>(0)
+
+private func installCountingHandler(_ signalNumber: Int32) {
+  var action = sigaction()
+  action.__sigaction_handler.sa_handler = { _ in signalCount.add(1, ordering: .relaxed) }
+  sigemptyset(&action.sa_mask)
+  sigaction(signalNumber, &action, nil)
+}
+
+/// Raises `signalNumber` on this thread with it unblocked (test-runner threads may block it),
+/// so it is handled before this returns.
+private func raiseUnblocked(_ signalNumber: Int32) {
+  var unblock = sigset_t()
+  var previous = sigset_t()
+  sigemptyset(&unblock)
+  sigaddset(&unblock, signalNumber)
+  pthread_sigmask(SIG_UNBLOCK, &unblock, &previous)
+  raise(signalNumber)
+  pthread_sigmask(SIG_SETMASK, &previous, nil)
 }
 
 /// How a child process ended.

@@ -42,10 +42,11 @@ struct LegacyMachine {
   let serialOutput = CapturingSerialBackend()
   let devices: InstalledLegacyDevices
 
-  init(memorySize: UInt64 = 512 << 20) throws {
+  init(memorySize: UInt64 = 512 << 20, includeSystemControlPortB: Bool = true) throws {
     interrupts.attach(sink)
     devices = try LegacyDevices.install(
-      on: bus, control: control, interrupts: interrupts, serialBackend: serialOutput, memorySize: memorySize)
+      on: bus, control: control, interrupts: interrupts, serialBackend: serialOutput, memorySize: memorySize,
+      includeSystemControlPortB: includeSystemControlPortB)
   }
 
   func outb(_ port: UInt16, _ value: UInt8) { bus.portWrite(port, size: 1, value: UInt32(value)) }
