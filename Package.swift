@@ -25,7 +25,7 @@ let package = Package(
     .target(name: "VMCore", dependencies: ["CShim"]),
     .target(name: "KVMBackend", dependencies: ["VMCore", "CShim"]),
     .target(
-      name: "SoftCPU", dependencies: ["VMCore", "CShim", "CSoftFloat"],
+      name: "SoftCPU", dependencies: ["VMCore", "CShim", "CSoftFloat", "InterruptControllers"],
       swiftSettings: interpreterSettings),
     .target(name: "Devices", dependencies: ["VMCore", "CShim"]),
     .target(name: "Loaders", dependencies: ["VMCore"]),
@@ -43,7 +43,9 @@ let package = Package(
     .testTarget(name: "LoaderTests", dependencies: ["Loaders", "VMCore"]),
     .executableTarget(name: "DeviceTestHelper", dependencies: ["Devices"], path: "Tests/DeviceTestHelper"),
     .testTarget(name: "DeviceTests", dependencies: ["Devices", "VMCore", "DeviceTestHelper"]),
-    .testTarget(name: "SoftCPUTests", dependencies: ["SoftCPU", "VMCore", "CNativeExec"]),
+    .testTarget(
+      name: "SoftCPUTests",
+      dependencies: ["SoftCPU", "VMCore", "CNativeExec", "InterruptControllers", "Loaders", "Devices"]),
     .testTarget(name: "CLITests", dependencies: ["VMM"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),

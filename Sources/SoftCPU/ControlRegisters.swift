@@ -1,3 +1,4 @@
+import InterruptControllers
 import VMCore
 
 // Control registers (Intel SDM vol. 3 §2.5, vol. 2 MOV CR, CLTS, LMSW, SMSW): reserved-bit
@@ -19,7 +20,7 @@ extension CPU {
     case 3: return cr3
     case 4: return cr4
     case 8:
-      if let source = system.interruptSource { return UInt64(source.taskPriority() & 0xF) }
+      if let apic = system.localAPIC { return UInt64(apic.taskPriority >> 4) }
       return cr8
     default: throw .invalidOpcode
     }
@@ -36,7 +37,7 @@ extension CPU {
     case 8:
       guard value & ~0xF == 0 else { throw .generalProtection(0) }
       cr8 = value
-      system.interruptSource?.setTaskPriority(UInt8(value))
+      system.localAPIC?.setTaskPriority(UInt8(value << 4))
       wakeRunLoopIfInterruptPending()
     default: throw .invalidOpcode
     }

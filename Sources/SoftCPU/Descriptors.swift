@@ -179,6 +179,8 @@ extension CPU {
   /// Loads segment register `index` for MOV Sreg / POP Sreg (the core's entry point).
   func loadSegment(_ index: UInt8, selector: UInt16) throws(Fault) {
     try loadDataSegment(index, selector: selector)
+    // MOV SS / POP SS inhibit interrupts for one instruction.
+    if index == SegmentIndex.ss { beginInterruptShadow() }
   }
 
   /// Loads a data segment register (ES, SS, DS, FS, GS) as MOV Sreg, POP Sreg and LDS/LES/LFS/LGS/LSS do.

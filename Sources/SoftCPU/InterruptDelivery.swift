@@ -1,3 +1,4 @@
+import InterruptControllers
 import VMCore
 
 // Exception and interrupt delivery (Intel SDM vol. 3 ch. 6; AMD APM vol. 2 ch. 8): the real-mode
@@ -92,42 +93,91 @@ extension CPU {
     system.interruptShadowRIP = rip
   }
 
-  /// Called between runs of `run` (at a block boundary): takes a pending NMI or maskable
-  /// interrupt from the interrupt controllers and delivers it. Returns true when the CPU shut
-  /// down (triple fault) and the machine must reset.
+  /// Called between runs of `run` (at a block boundary): takes the highest-priority event
+  /// the CPU can accept from its local APIC (INIT, start-up IPI, NMI, maskable interrupt) and
+  /// acts on it. Returns true when an event was taken (call again: more may be pending).
   @discardableResult
   public func serviceSystemEvents() -> Bool {
-    if system.shutdownReason != nil { return true }
-    guard let source = system.interruptSource else { return false }
-    if source.takeNMI() { system.nmiPending = true }
-    if inInterruptShadow {
-      // Let one more instruction run, then look again.
-      if system.nmiPending || (rflags & RFlags.if != 0 && source.pendingInterruptVector() != nil) {
-        system.recheckAfterShadow = true
-      }
+    guard system.shutdownReason == nil, let apic = system.localAPIC else { return false }
+    if apic.pendingEvents.isEmpty { return false }
+    let shadow = inInterruptShadow
+    if !shadow { system.interruptShadowRIP = ~0 }
+    let interruptsEnabled = rflags & RFlags.if != 0 && !shadow && !system.waitingForSIPI
+    let nmiEnabled = !system.nmiBlocked && !shadow && !system.waitingForSIPI
+    guard let event = apic.takeEvent(interruptsEnabled: interruptsEnabled, nmiEnabled: nmiEnabled) else {
+      if shadow { system.recheckAfterShadow = true }
       return false
     }
-    system.interruptShadowRIP = ~0
-    if system.nmiPending && !system.nmiBlocked {
-      system.nmiPending = false
+    switch event {
+    case .initialize:
+      resetForINIT(bootstrap: apic.isBootstrapProcessor)
+    case .startup(let vector):
+      if system.waitingForSIPI { startAtVector(vector) }
+    case .nmi:
+      system.halted = false
       deliverAsynchronous(vector: 2, kind: .nmi)
-      return system.shutdownReason != nil
-    }
-    if rflags & RFlags.if != 0, let vector = source.acknowledgeInterrupt() {
+    case .interrupt(let vector):
+      system.halted = false
       deliverAsynchronous(vector: vector, kind: .external)
     }
-    return system.shutdownReason != nil
+    return true
   }
 
-  /// Whether a halted CPU has something to wake up for (an interrupt it can take, or an NMI).
+  /// Whether a halted (or SIPI-waiting) CPU has something to wake up for.
   public func hasWakeupEvent() -> Bool {
-    guard let source = system.interruptSource else { return false }
-    if system.nmiPending { return true }
-    if source.takeNMI() {
-      system.nmiPending = true
-      return true
+    guard let apic = system.localAPIC else { return false }
+    let pending = apic.pendingEvents
+    if pending.contains(.initialize) || pending.contains(.startup) { return true }
+    if system.waitingForSIPI { return false }
+    if pending.contains(.nmi) && !system.nmiBlocked { return true }
+    return pending.contains(.interrupt) && rflags & RFlags.if != 0
+  }
+
+  /// INIT: the processor state after INIT (SDM vol. 3 table 10-1); application processors then
+  /// wait for a start-up IPI. The BSP restarts at the reset vector.
+  func resetForINIT(bootstrap: Bool) {
+    for index in 0..<16 { gpr[index] = 0 }
+    rflags = 0x2
+    cr0 = 0x6000_0010
+    cr2 = 0
+    cr3 = 0
+    cr4 = 0
+    efer = 0
+    for index in 0..<6 {
+      var cache = SegmentCache()
+      cache.access = index == Int(SegmentIndex.cs) ? 0x9B : 0x93
+      segments[index] = cache
     }
-    return rflags & RFlags.if != 0 && source.pendingInterruptVector() != nil
+    gdtr = DescriptorTableRegister(base: 0, limit: 0xFFFF)
+    idtr = DescriptorTableRegister(base: 0, limit: 0xFFFF)
+    ldtr = .null(selector: 0)
+    tr = SegmentCache()
+    tr.access = 0x8B
+    system.nmiBlocked = false
+    system.halted = false
+    system.interruptShadowRIP = ~0
+    if bootstrap {
+      var cs = segments[Int(SegmentIndex.cs)]
+      cs.selector = 0xF000
+      cs.base = 0xFFFF_0000
+      installCodeSegment(cs, rip: 0xFFF0)
+      system.waitingForSIPI = false
+    } else {
+      installCodeSegment(segments[Int(SegmentIndex.cs)], rip: 0)
+      system.waitingForSIPI = true
+    }
+    systemFlushTLB(includingGlobal: true)
+    flushDecodedBlocks()
+  }
+
+  /// Start-up IPI: real mode at CS = vector << 8, IP = 0.
+  func startAtVector(_ vector: UInt8) {
+    var cs = segments[Int(SegmentIndex.cs)]
+    cs.selector = UInt16(vector) << 8
+    cs.base = UInt64(vector) << 12
+    installCodeSegment(cs, rip: 0)
+    system.waitingForSIPI = false
+    system.halted = false
   }
 
   // MARK: Delivery
@@ -420,5 +470,18 @@ extension CPU {
   private func finishInterruptReturn() {
     system.nmiBlocked = false
     wakeRunLoopIfInterruptPending()
+  }
+}
+
+extension CPU {
+  /// INT n, INT3, INTO, INT1 outside flat test mode (`rip` after the instruction).
+  func deliverSoftwareInterrupt(_ op: Op, vector: UInt8) throws(Fault) {
+    let kind: EventKind
+    switch op {
+    case .intN: kind = .software
+    case .int1: kind = .privilegedSoftwareException
+    default: kind = .softwareException
+    }
+    try deliverEvent(vector: vector, kind: kind, errorCode: nil)
   }
 }

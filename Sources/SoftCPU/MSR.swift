@@ -1,4 +1,5 @@
 import Glibc
+import InterruptControllers
 import VMCore
 
 // Model-specific registers (Intel SDM vol. 4): the set Linux touches during boot. Unknown MSRs
@@ -45,7 +46,7 @@ extension CPU {
 
   /// The current virtual time in nanoseconds.
   func virtualNanoseconds() -> UInt64 {
-    if let clock = system.clock { return clock() }
+    if let clock = system.clock { return clock.nanoseconds }
     var now = timespec()
     clock_gettime(CLOCK_MONOTONIC, &now)
     return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
@@ -80,7 +81,7 @@ extension CPU {
     switch index {
     case MSRIndex.tsc: return timeStampCounter()
     case MSRIndex.platformID: return 0
-    case MSRIndex.apicBase: return apicBase
+    case MSRIndex.apicBase: return system.localAPIC?.apicBaseMSR ?? apicBase
     case MSRIndex.platformInfo:
       // Maximum non-turbo ratio (bits 15:8) in 100 MHz units.
       return ((system.tscKilohertz / 100_000) & 0xFF) << 8
@@ -94,7 +95,7 @@ extension CPU {
     case MSRIndex.miscEnable: return system.miscEnable
     case MSRIndex.pat: return pat
     case MSRIndex.tscDeadline:
-      return system.interruptSource?.tscDeadline() ?? system.tscDeadlineValue
+      return system.localAPIC?.readTSCDeadline() ?? system.tscDeadlineValue
     case MSRIndex.efer: return efer
     case MSRIndex.star: return star
     case MSRIndex.lstar: return lstar
@@ -120,10 +121,14 @@ extension CPU {
     case MSRIndex.tsc:
       tscOffset = value &- (timeStampCounter() &- tscOffset)
     case MSRIndex.apicBase:
-      // Base relocation is not supported; keep enable/x2APIC bits, BSP is read-only.
-      if value & ~(0xF_FFFF_F000 | 0xD00) != 0 { throw .generalProtection(0) }
-      if value & (1 << 10) != 0 { throw .generalProtection(0) }  // x2APIC not offered
-      apicBase = (value & ~0x100) | (apicBase & 0x100)
+      // Base relocation is not supported by the LAPIC page routing; BSP is read-only.
+      if let apic = system.localAPIC {
+        guard apic.writeAPICBaseMSR(value) else { throw .generalProtection(0) }
+        apicBase = apic.apicBaseMSR
+      } else {
+        if value & ~(0xF_FFFF_F000 | 0x900) != 0 { throw .generalProtection(0) }
+        apicBase = (value & ~0x100) | (apicBase & 0x100)
+      }
     case MSRIndex.sysenterCS: sysenterCS = value & 0xFFFF
     case MSRIndex.sysenterESP:
       guard isCanonical(value) else { throw .generalProtection(0) }
@@ -142,8 +147,8 @@ extension CPU {
       pat = value
       systemFlushTLB(includingGlobal: true)
     case MSRIndex.tscDeadline:
-      if let source = system.interruptSource {
-        source.setTSCDeadline(value)
+      if let apic = system.localAPIC {
+        apic.writeTSCDeadline(value, tscOffset: tscOffset)
       } else {
         system.tscDeadlineValue = value
       }

@@ -1,3 +1,4 @@
+import InterruptControllers
 import VMCore
 
 // Part 2 of the software CPU: the system architecture (paging, segmentation, exception and
@@ -19,42 +20,17 @@ public enum MemoryAccessKind: UInt8, Sendable {
   case execute = 2
 }
 
-/// A source of maskable and non-maskable interrupts for one CPU (its local APIC, with the
-/// PIC behind it). Implemented by the accelerator's interrupt-controller glue.
-public protocol CPUInterruptSource: AnyObject, Sendable {
-  /// The vector of the highest-priority maskable interrupt that the CPU could take now if
-  /// RFLAGS.IF allowed it, without acknowledging it.
-  func pendingInterruptVector() -> UInt8?
-  /// Acknowledges (INTA) the highest-priority pending maskable interrupt and returns its vector.
-  func acknowledgeInterrupt() -> UInt8?
-  /// Takes a pending NMI request, if any.
-  func takeNMI() -> Bool
-  /// The earliest virtual-time deadline (ns) at which a timer of this source fires, if any.
-  func nextDeadline() -> UInt64?
-  /// Advances timers to the current virtual time; called at block boundaries.
-  func poll()
-  /// CR8 write (task priority, bits 3:0 = TPR[7:4]).
-  func setTaskPriority(_ value: UInt8)
-  /// CR8 read.
-  func taskPriority() -> UInt8
-  /// WRMSR IA32_TSC_DEADLINE.
-  func setTSCDeadline(_ value: UInt64)
-  /// RDMSR IA32_TSC_DEADLINE.
-  func tscDeadline() -> UInt64
-}
-
 /// Per-CPU system-architecture state that the architectural registers in `CPU` do not cover.
 public final class SystemState: @unchecked Sendable {
-  /// The interrupt controllers of this CPU (nil in tests: no external interrupts).
-  public var interruptSource: (any CPUInterruptSource)?
+  /// This CPU's local APIC (nil in unit tests: no external interrupts, CR8 and the TSC
+  /// deadline are kept locally).
+  public var localAPIC: LocalAPIC?
 
   /// Interrupts are inhibited while `rip` equals this value (the instruction after STI, MOV SS
   /// or POP SS).
   public var interruptShadowRIP: UInt64 = ~0
   /// An NMI is being handled: further NMIs are held until IRET.
   public var nmiBlocked = false
-  /// An NMI is waiting (raised while blocked).
-  public var nmiPending = false
   /// The CPU executed HLT and waits for an interrupt.
   public var halted = false
   /// The CPU is in the wait-for-SIPI state (application processors before INIT/SIPI).
@@ -76,8 +52,8 @@ public final class SystemState: @unchecked Sendable {
   public var tscDeadlineValue: UInt64 = 0
   /// Debug registers DR0-DR7 (kept, no breakpoints).
   public var debugRegisters: [UInt64] = [0, 0, 0, 0, 0xFFFF_0FF0, 0x400, 0xFFFF_0FF0, 0x400]
-  /// Virtual-time source for the TSC (nanoseconds); nil uses the host monotonic clock.
-  public var clock: (@Sendable () -> UInt64)?
+  /// Virtual-time source for the TSC; nil uses the host monotonic clock.
+  public var clock: (any MachineClock)?
   /// TSC frequency in kHz (also reported through CPUID 0x40000010).
   public var tscKilohertz: UInt64 = 1_000_000
   /// APIC ID of this CPU.

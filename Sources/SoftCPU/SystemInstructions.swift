@@ -266,8 +266,9 @@ extension CPU {
   /// After an instruction that may have set IF (STI, POPF, IRET, SYSRET): make the run loop
   /// return at the block boundary when an interrupt is waiting, so it gets delivered.
   func wakeRunLoopIfInterruptPending() {
-    guard rflags & RFlags.if != 0, let source = system.interruptSource else { return }
-    if source.pendingInterruptVector() != nil || system.nmiPending {
+    guard let apic = system.localAPIC else { return }
+    let pending = apic.pendingEvents
+    if (pending.contains(.interrupt) && rflags & RFlags.if != 0) || (pending.contains(.nmi) && !system.nmiBlocked) {
       stopFlag.store(true, ordering: .releasing)
     }
   }

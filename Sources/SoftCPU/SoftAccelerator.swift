@@ -1,0 +1,334 @@
+import Glibc
+import InterruptControllers
+import Synchronization
+import VMCore
+
+/// Runs a machine on the software x86-64 CPU: one interpreter per vCPU on its own host thread,
+/// with the interrupt controllers KVM would otherwise provide (PIC, IOAPIC, PIT, one local
+/// APIC per vCPU) from module InterruptControllers.
+///
+/// Usage: build the `MachineParts`, create the accelerator (this registers the PIC, PIT, port
+/// 0x61, IOAPIC and the local-APIC page on `parts.bus` and attaches the GSI routing to
+/// `parts.interrupts`), then call `run(bootState:)` once. vCPU 0 starts from the boot state;
+/// the others wait for INIT/SIPI.
+public final class SoftAccelerator: Accelerator {
+  public let name = "soft"
+  /// Number of vCPUs.
+  public let cpuCount: Int
+  /// The interrupt controllers and timers of the machine.
+  public let controllers: PlatformInterruptControllers
+  /// The machine clock (TSC, APIC timers, PIT).
+  public let clock: any MachineClock
+  /// Instructions executed between two timer polls.
+  public static let instructionsPerSlice = 20_000
+
+  private let parts: MachineParts
+  private let cpus: [CPU]
+  private let wakeups: [HaltWakeup]
+  private let started = Atomic<Bool>(false)
+
+  /// Builds the vCPUs and the interrupt controllers of a machine made of `parts`.
+  public init(parts: MachineParts, cpuCount: Int = 1, clock: (any MachineClock)? = nil) throws {
+    guard (1...255).contains(cpuCount) else { throw SoftAcceleratorError.invalidCPUCount(cpuCount) }
+    let clock = clock ?? VirtualClock()
+    self.clock = clock
+    self.parts = parts
+    self.cpuCount = cpuCount
+    let controllers = PlatformInterruptControllers(cpuCount: cpuCount, clock: clock)
+    self.controllers = controllers
+    try controllers.register(on: parts.bus)
+    try parts.bus.registerMMIO(
+      LocalAPIC.defaultBase, length: LocalAPIC.mmioLength, device: LocalAPICPage(apics: controllers.localAPICs))
+    parts.interrupts.attach(controllers.routing)
+
+    var cpus: [CPU] = []
+    var wakeups: [HaltWakeup] = []
+    for index in 0..<cpuCount {
+      let cpu = CPU(memory: parts.memory, bus: parts.bus)
+      let apic = controllers.localAPICs[index]
+      cpu.system.localAPIC = apic
+      cpu.system.clock = clock
+      cpu.system.apicID = UInt32(index)
+      cpu.system.tscKilohertz = TimeBase.tscFrequency / 1000
+      cpu.apicBase = apic.apicBaseMSR
+      let wakeup = HaltWakeup()
+      apic.setInterruptPendingHandler { [unowned(unsafe) cpu] in
+        cpu.requestStop()
+        wakeup.signal()
+      }
+      parts.control.addKick { [unowned(unsafe) cpu] in
+        cpu.requestStop()
+        wakeup.signal()
+      }
+      cpus.append(cpu)
+      wakeups.append(wakeup)
+    }
+    self.cpus = cpus
+    self.wakeups = wakeups
+  }
+
+  /// The vCPUs (for tests and debuggers; touch them only while the machine is not running).
+  public var processors: [CPU] { cpus }
+
+  /// Loads `bootState` into vCPU 0, runs every vCPU on its own host thread until the machine
+  /// stops, and returns the first stop reason.
+  public func run(bootState: X86CPUState) throws -> MachineStopReason {
+    guard started.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
+    else { throw SoftAcceleratorError.alreadyStarted }
+    cpus[0].load(bootState)
+    for index in 1..<max(cpuCount, 1) where index < cpuCount {
+      cpus[index].resetForINIT(bootstrap: false)
+    }
+    var threads: [pthread_t] = []
+    let parts = self.parts
+    for index in 0..<cpuCount {
+      let cpu = cpus[index]
+      let wakeup = wakeups[index]
+      let controllers = self.controllers
+      let clock = self.clock
+      do {
+        threads.append(
+          try startInterpreterThread {
+            LocalAPICPage.setCurrentCPU(index)
+            runVCPU(
+              cpu, index: index, parts: parts, controllers: controllers, clock: clock, wakeup: wakeup)
+          })
+      } catch {
+        parts.control.requestStop(.failure(error.description))
+        break
+      }
+    }
+    for thread in threads { pthread_join(thread, nil) }
+    return parts.control.stopReason ?? .failure("software CPU stopped without a stop reason")
+  }
+}
+
+/// Errors of the software accelerator's setup.
+public enum SoftAcceleratorError: Error, CustomStringConvertible {
+  case invalidCPUCount(Int)
+  case alreadyStarted
+  case cannotCreateThread(errno: Int32)
+
+  public var description: String {
+    switch self {
+    case .invalidCPUCount(let count): return "the software CPU supports 1-255 vCPUs, not \(count)"
+    case .alreadyStarted: return "the software accelerator runs only once"
+    case .cannotCreateThread(let err): return "cannot start a vCPU thread: \(String(cString: strerror(err)))"
+    }
+  }
+}
+
+/// The vCPU loop: run slices of the interpreter, poll timers, deliver interrupts, sleep in HLT.
+private func runVCPU(
+  _ cpu: CPU, index: Int, parts: MachineParts, controllers: PlatformInterruptControllers, clock: any MachineClock,
+  wakeup: HaltWakeup
+) {
+  let control = parts.control
+  while true {
+    if control.isStopping { return }
+    if let reason = cpu.system.shutdownReason {
+      control.requestStop(.reset(reason: reason))
+      return
+    }
+    controllers.poll(cpu: index, now: clock.nanoseconds)
+    var taken = 0
+    while taken < 4 && cpu.serviceSystemEvents() { taken += 1 }
+
+    if cpu.system.halted || cpu.system.waitingForSIPI {
+      if cpu.system.halted && index == 0 && cpu.rflags & RFlags.if == 0 && !cpu.hasWakeupEvent() {
+        // The bootstrap processor halted with interrupts disabled: nothing can wake it but an
+        // NMI or INIT, which no device here sends. Treat it as power-off.
+        if cpu.system.localAPIC?.pendingEvents.isEmpty ?? true {
+          control.requestStop(.powerOff)
+          return
+        }
+      }
+      if cpu.hasWakeupEvent() { continue }
+      let deadline = controllers.nextDeadline(cpu: index)
+      let now = clock.nanoseconds
+      if let deadline, deadline <= now { continue }
+      wakeup.wait(nanoseconds: deadline.map { $0 - now })
+      continue
+    }
+
+    let limit = cpu.system.recheckAfterShadow ? 1 : SoftAccelerator.instructionsPerSlice
+    cpu.system.recheckAfterShadow = false
+    switch cpu.run(instructionLimit: limit) {
+    case .halted:
+      cpu.system.halted = true
+    case .fault(let fault):
+      cpu.deliverException(fault)
+    case .instructionLimit, .stopRequested:
+      break
+    }
+  }
+}
+
+/// Starts a joinable host thread with a large stack for an interpreter.
+private func startInterpreterThread(_ body: @escaping @Sendable () -> Void) throws(SoftAcceleratorError) -> pthread_t {
+  final class Start {
+    let body: @Sendable () -> Void
+    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+  }
+  let context = Unmanaged.passRetained(Start(body)).toOpaque()
+  var attributes = pthread_attr_t()
+  pthread_attr_init(&attributes)
+  defer { pthread_attr_destroy(&attributes) }
+  pthread_attr_setstacksize(&attributes, 16 << 20)
+  var thread = pthread_t()
+  let result = pthread_create(
+    &thread, &attributes,
+    { context in
+      Unmanaged<Start>.fromOpaque(context!).takeRetainedValue().body()
+      return nil
+    }, context)
+  guard result == 0 else {
+    Unmanaged<Start>.fromOpaque(context).release()
+    throw .cannotCreateThread(errno: result)
+  }
+  return thread
+}
+
+/// Where a halted vCPU sleeps until an interrupt, a kick or a timer deadline.
+final class HaltWakeup: @unchecked Sendable {
+  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+  private let condition: UnsafeMutablePointer<pthread_cond_t>
+  private var signaled = false
+
+  init() {
+    mutex = .allocate(capacity: 1)
+    pthread_mutex_init(mutex, nil)
+    condition = .allocate(capacity: 1)
+    var attributes = pthread_condattr_t()
+    pthread_condattr_init(&attributes)
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+    pthread_cond_init(condition, &attributes)
+    pthread_condattr_destroy(&attributes)
+  }
+
+  deinit {
+    pthread_cond_destroy(condition)
+    pthread_mutex_destroy(mutex)
+    condition.deallocate()
+    mutex.deallocate()
+  }
+
+  /// Wakes the sleeper (or makes its next wait return at once). Only signals: safe to call
+  /// with other locks held.
+  func signal() {
+    pthread_mutex_lock(mutex)
+    signaled = true
+    pthread_cond_signal(condition)
+    pthread_mutex_unlock(mutex)
+  }
+
+  /// Sleeps until `signal()` or for at most `nanoseconds` (forever when nil).
+  func wait(nanoseconds: UInt64?) {
+    pthread_mutex_lock(mutex)
+    defer { pthread_mutex_unlock(mutex) }
+    if signaled {
+      signaled = false
+      return
+    }
+    if let nanoseconds {
+      var deadline = timespec()
+      clock_gettime(CLOCK_MONOTONIC, &deadline)
+      let total = UInt64(deadline.tv_nsec) + min(nanoseconds, 3_600_000_000_000)
+      deadline.tv_sec += Int(total / 1_000_000_000)
+      deadline.tv_nsec = Int(total % 1_000_000_000)
+      _ = pthread_cond_timedwait(condition, mutex, &deadline)
+    } else {
+      pthread_cond_wait(condition, mutex)
+    }
+    signaled = false
+  }
+}
+
+/// The local-APIC page at 0xFEE00000: each CPU sees its own APIC there, so accesses are routed
+/// by the calling vCPU thread.
+final class LocalAPICPage: MMIODevice {
+  private let apics: [LocalAPIC]
+  private static let key: pthread_key_t = {
+    var key = pthread_key_t()
+    pthread_key_create(&key, nil)
+    return key
+  }()
+
+  init(apics: [LocalAPIC]) { self.apics = apics }
+
+  /// Records that the calling thread runs vCPU `index`.
+  static func setCurrentCPU(_ index: Int) {
+    pthread_setspecific(key, UnsafeRawPointer(bitPattern: index + 1))
+  }
+
+  private var current: LocalAPIC {
+    let value = Int(bitPattern: pthread_getspecific(Self.key))
+    return value >= 1 && value <= apics.count ? apics[value - 1] : apics[0]
+  }
+
+  func mmioRead(offset: UInt64, size: Int) -> UInt64 { current.mmioRead(offset: offset, size: size) }
+  func mmioWrite(offset: UInt64, size: Int, value: UInt64) {
+    current.mmioWrite(offset: offset, size: size, value: value)
+  }
+}
+
+extension CPU {
+  /// Loads the loaders' CPU state: registers, segments (converted to the descriptor-cache
+  /// layout), descriptor tables, control registers and EFER.
+  public func load(_ state: X86CPUState) {
+    let registers = state.gprs
+    for index in 0..<16 { gpr[index] = registers[index] }
+    rflags = state.rflags
+    let caches = [state.es, state.cs, state.ss, state.ds, state.fs, state.gs]
+    for index in 0..<6 { segments[index] = SegmentCache(caches[index]) }
+    tr = SegmentCache(state.tr)
+    ldtr = SegmentCache(state.ldt)
+    gdtr = state.gdt
+    idtr = state.idt
+    cr0 = state.cr0 | X86.cr0ET
+    cr2 = state.cr2
+    cr3 = state.cr3
+    cr4 = state.cr4
+    cr8 = state.cr8
+    efer = state.efer
+    if cr0 & X86.cr0PG != 0 && efer & X86.eferLME != 0 { efer |= X86.eferLMA }
+    if system.localAPIC == nil { apicBase = state.apicBase }
+    system.shutdownReason = nil
+    system.halted = false
+    system.waitingForSIPI = false
+    system.interruptShadowRIP = ~0
+    let inProtectedMode = cr0 & X86.cr0PE != 0 && state.rflags & RFlags.vm == 0
+    installCodeSegment(segments[Int(SegmentIndex.cs)], rip: state.rip)
+    if !inProtectedMode { setPrivilegeLevel(0) }
+    systemFlushTLB(includingGlobal: true)
+    flushDecodedBlocks()
+  }
+
+  /// The architectural state in the loaders' layout (for dumps and snapshots).
+  public var state: X86CPUState {
+    var state = X86CPUState()
+    var registers = [UInt64](repeating: 0, count: 16)
+    for index in 0..<16 { registers[index] = gpr[index] }
+    state.gprs = registers
+    state.rip = rip
+    state.rflags = rflags
+    state.es = segments[0].register
+    state.cs = segments[1].register
+    state.ss = segments[2].register
+    state.ds = segments[3].register
+    state.fs = segments[4].register
+    state.gs = segments[5].register
+    state.tr = tr.register
+    state.ldt = ldtr.register
+    state.gdt = gdtr
+    state.idt = idtr
+    state.cr0 = cr0
+    state.cr2 = cr2
+    state.cr3 = cr3
+    state.cr4 = cr4
+    state.cr8 = cr8
+    state.efer = efer
+    state.apicBase = system.localAPIC?.apicBaseMSR ?? apicBase
+    return state
+  }
+}
