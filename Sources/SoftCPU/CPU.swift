@@ -1,3 +1,5 @@
+import Glibc
+import Synchronization
 import VMCore
 
 /// A 128-bit XMM register value. Reinterpret with `unsafeBitCast` for other lane shapes
@@ -76,6 +78,66 @@ public final class CPU: @unchecked Sendable {
   public var sysenterCS: UInt64 = 0, sysenterESP: UInt64 = 0, sysenterEIP: UInt64 = 0
   public var pat: UInt64 = 0x0007_0406_0007_0406
   public var tscAux: UInt64 = 0
+  /// System-architecture state of part 2 (System.swift): interrupt source, NMI/shadow state, MSRs.
+  public let system = SystemState()
+
+  // MARK: Core execution state (owned by the core; see the files named in each comment)
+
+  /// Default code size of the current CS in bytes: 2 (16-bit), 4 (32-bit) or 8 (64-bit mode).
+  /// Part of the decoded-block key. Part 2 updates it on every CS load and mode change.
+  public internal(set) var codeSize: UInt8 = 2
+  /// Current privilege level (CS.RPL in protected mode).
+  public internal(set) var cpl: UInt8 = 0
+  /// Flat test mode (see `enterFlatLongMode`): faults are returned, linear = physical, and
+  /// accesses to addresses without RAM or a device fault as if not present.
+  public internal(set) var flatTestMode = false
+  /// Instructions retired by `run` since creation (counted per block).
+  public internal(set) var retiredInstructions: UInt64 = 0
+
+  // Lazy flags (Flags.swift): the last flag-setting operation, its size and operands.
+  var flagOp: FlagOp = .none
+  var flagSize: UInt8 = 8
+  var flagDst: UInt64 = 0
+  var flagSrc: UInt64 = 0
+  var flagResult: UInt64 = 0
+  /// Carry-in for ADC/SBB, the preserved CF for INC/DEC.
+  var flagCarry: UInt64 = 0
+
+  // Software TLB (TLB.swift): direct-mapped, one table per access kind.
+  let readTLB: UnsafeMutablePointer<TLBEntry>
+  let writeTLB: UnsafeMutablePointer<TLBEntry>
+  let fetchTLB: UnsafeMutablePointer<TLBEntry>
+  /// OR-ed into the page tag of every TLB lookup: bit 0 = user mode (CPL 3), so user and
+  /// supervisor translations never alias. Part 2 may add more context bits (low 12 bits).
+  var tlbTagExtra: UInt64 = 0
+  /// Guest RAM regions, copied once so the hot path never touches Swift arrays.
+  let ramRegions: UnsafeMutablePointer<RAMRegion>
+  let ramRegionCount: Int
+
+  // Decoded-block cache (BlockCache.swift).
+  let blockArena: UnsafeMutablePointer<Instruction>
+  var arenaUsed = 0
+  let blocks: UnsafeMutablePointer<DecodedBlock>
+  var blockCount = 0
+  let blockTable: UnsafeMutablePointer<BlockTableEntry>
+  /// Head of the list of blocks decoded from each physical RAM page (block index + 1, 0 = no
+  /// code on that page). A page with a nonzero head is a code page: it never gets a write-TLB
+  /// entry, so every store to it takes the slow path, which invalidates its blocks.
+  let codePageHead: UnsafeMutablePointer<Int32>
+  let codePageCount: UInt64
+  /// Set when a store invalidated decoded code: the current block stops after the
+  /// instruction doing the store.
+  var blockInvalidated = false
+
+  /// Set by another thread to make `run` return `.stopRequested` at the next block boundary.
+  /// Part 2 also raises it for pending interrupts.
+  let stopFlag = Atomic<Bool>(false)
+  /// Set by instructions that end `run` after their block (HLT, traps in flat test mode).
+  var exitRequested = false
+  /// With `exitRequested`: HLT executed.
+  var haltRequested = false
+  /// With `exitRequested` and not halted: the trap to report.
+  var pendingTrap = Fault(vector: 0)
 
   /// Creates a CPU in the reset state, attached to `memory` and `bus`.
   public init(memory: GuestMemory, bus: IOBus) {
@@ -91,6 +153,33 @@ public final class CPU: @unchecked Sendable {
     segments.initialize(repeating: SegmentCache(), count: 6)
     segmentBase = .allocate(capacity: 6)
     segmentBase.initialize(repeating: 0, count: 6)
+
+    readTLB = .allocate(capacity: tlbEntries)
+    readTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
+    writeTLB = .allocate(capacity: tlbEntries)
+    writeTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
+    fetchTLB = .allocate(capacity: tlbEntries)
+    fetchTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
+    let regionList = memory.regions
+    ramRegionCount = regionList.count
+    ramRegions = .allocate(capacity: max(regionList.count, 1))
+    var lastPage: UInt64 = 0
+    for (index, region) in regionList.enumerated() {
+      (ramRegions + index).initialize(
+        to: RAMRegion(guestBase: region.guestBase, size: region.size, host: region.host))
+      lastPage = max(lastPage, region.guestEnd >> 12)
+    }
+
+    blockArena = .allocate(capacity: blockArenaCapacity)
+    blocks = .allocate(capacity: maximumBlocks)
+    blockTable = .allocate(capacity: blockTableSize)
+    blockTable.initialize(repeating: BlockTableEntry(), count: blockTableSize)
+    codePageCount = lastPage
+    // One Int32 per guest page, zero-filled and reserved lazily by the kernel.
+    let bytes = Int(max(lastPage, 1)) * MemoryLayout<Int32>.stride
+    let mapping = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    precondition(mapping != MAP_FAILED && mapping != nil, "cannot reserve the code-page table")
+    codePageHead = mapping!.bindMemory(to: Int32.self, capacity: Int(max(lastPage, 1)))
   }
 
   deinit {
@@ -99,5 +188,19 @@ public final class CPU: @unchecked Sendable {
     fpuRegisters.deallocate()
     segments.deallocate()
     segmentBase.deallocate()
+    readTLB.deallocate()
+    writeTLB.deallocate()
+    fetchTLB.deallocate()
+    ramRegions.deallocate()
+    blockArena.deallocate()
+    blocks.deallocate()
+    blockTable.deallocate()
+    munmap(codePageHead, Int(max(codePageCount, 1)) * MemoryLayout<Int32>.stride)
+  }
+
+  /// Asks `run` (on the vCPU thread) to return `.stopRequested` at the next block boundary.
+  /// Safe to call from any thread.
+  public func requestStop() {
+    stopFlag.store(true, ordering: .releasing)
   }
 }

@@ -1,3 +1,4 @@
+import Synchronization
 import VMCore
 
 /// Why `CPU.run` returned.
@@ -12,19 +13,259 @@ public enum StopCause: Equatable, Sendable {
   case stopRequested
 }
 
+// Fault reporting in flat test mode: for faults (#DE, #UD, #GP, #PF, #SS, #AC...) `rip` is the
+// faulting instruction and no state of that instruction is committed. For traps (INT3 = #BP,
+// INTO = #OF, INT1, INT n = vector n) `rip` is after the instruction, as the saved RIP of the
+// trap frame (and the native harness's signal context after INT3) is.
+//
+// Part 2 hooks: deliver faults through the IDT in `run` where `.fault` is returned (when not
+// in flat test mode), check pending interrupts where `stopFlag` is checked (once per block;
+// raise `stopFlag` or a sibling flag from the APIC), and keep `codeSize`, `cpl` and
+// `tlbTagExtra` in sync on mode and CS changes.
+
 extension CPU {
   /// Puts the CPU in flat 64-bit mode for tests and benchmarks: CS.L=1, all segment bases 0,
   /// CPL `cpl`, paging off (linear = physical: a test-only configuration), SSE enabled
   /// (CR4.OSFXSR/OSXMMEXCPT, CR0.MP, no EM/TS), x87 in its FNINIT state, exceptions not
   /// delivered but returned from `run` as `.fault`.
   public func enterFlatLongMode(cpl: UInt8 = 3) {
-    fatalError("enterFlatLongMode: not implemented yet")
+    self.cpl = cpl & 3
+    codeSize = 8
+    flatTestMode = true
+    cr0 = X86.cr0PE | X86.cr0MP | X86.cr0ET | X86.cr0NE
+    cr4 = X86.cr4PAE | X86.cr4OSFXSR | X86.cr4OSXMMEXCPT
+    efer = X86.eferLME | X86.eferLMA | X86.eferSCE | X86.eferNXE
+    for index in 0..<6 {
+      var segment = SegmentCache()
+      let rpl = UInt16(self.cpl)
+      if index == Int(SegmentIndex.cs) {
+        segment.selector = (self.cpl == 3 ? 0x33 : 0x08)
+        segment.access = 0xA09B | UInt32(self.cpl) << 5  // code, present, L=1, G
+      } else {
+        segment.selector = index == Int(SegmentIndex.ss) ? (self.cpl == 3 ? 0x2B : 0x10) : 0
+        segment.access = 0xC093 | UInt32(self.cpl) << 5
+        if segment.selector == 0 && index != Int(SegmentIndex.ss) { segment.selector = 0 }
+      }
+      segment.selector |= segment.selector == 0 ? 0 : rpl
+      segment.limit = 0xFFFF_FFFF
+      segments[index] = segment
+      segmentBase[index] = 0
+    }
+    tlbTagExtra = self.cpl == 3 ? 1 : 0
+    rflags = 0x2
+    mxcsr = 0x1F80
+    fpuControl = 0x037F
+    fpuStatus = 0
+    fpuTop = 0
+    fpuTags = 0xFFFF
+    fpuLastIP = 0
+    fpuLastDP = 0
+    fpuLastOpcode = 0
+    flushTLB()
+    flushDecodedBlocks()
+  }
+
+  /// Sets the FS or GS base (flat test mode; MSR writes in part 2).
+  public func setSegmentBase(_ segment: UInt8, _ base: UInt64) {
+    segments[Int(segment)].base = base
+    segmentBase[Int(segment)] = base
   }
 
   /// Executes at most `instructionLimit` instructions from `rip`.
   /// In flat test mode a fault stops execution with `rip` at the faulting instruction and
   /// architectural state as the hardware leaves it at the fault.
   public func run(instructionLimit: Int) -> StopCause {
-    fatalError("run: not implemented yet")
+    var remaining = instructionLimit
+    while remaining > 0 {
+      if stopFlag.load(ordering: .relaxed) {
+        stopFlag.store(false, ordering: .relaxed)
+        return .stopRequested
+      }
+      let blockIndex: Int
+      do {
+        blockIndex = try findBlock(rip)
+      } catch {
+        return .fault(error)
+      }
+      let block = blocks[blockIndex]
+      let start = blockArena + Int(block.first)
+      let end = start + min(Int(block.count), remaining)
+      var instruction = start
+      var instructionStart = rip
+      blockInvalidated = false
+      do {
+        repeat {
+          instructionStart = rip
+          rip = instructionStart &+ UInt64(instruction.pointee.length)
+          try execute(instruction)
+          instruction += 1
+        } while instruction < end && !blockInvalidated
+      } catch {
+        rip = instructionStart
+        let executed = instruction - start
+        retiredInstructions &+= UInt64(executed)
+        return .fault(error)
+      }
+      let executed = instruction - start
+      remaining -= executed
+      retiredInstructions &+= UInt64(executed)
+      if exitRequested {
+        exitRequested = false
+        if haltRequested {
+          haltRequested = false
+          return .halted
+        }
+        return .fault(pendingTrap)
+      }
+    }
+    return .instructionLimit
+  }
+
+  /// Executes one decoded instruction; `rip` already points past it.
+  @inline(__always)
+  func execute(_ pointer: UnsafeMutablePointer<Instruction>) throws(Fault) {
+    let ins = pointer.pointee
+    switch ins.op {
+    // ALU
+    case .addRmReg: try aluRm(ins, .add, src: readRegister(ins.reg, size: ins.operandSize))
+    case .addRegRm: try aluReg(ins, .add)
+    case .addRmImm: try aluRm(ins, .add, src: ins.immediate)
+    case .orRmReg: try aluRm(ins, .or, src: readRegister(ins.reg, size: ins.operandSize))
+    case .orRegRm: try aluReg(ins, .or)
+    case .orRmImm: try aluRm(ins, .or, src: ins.immediate)
+    case .adcRmReg: try aluRm(ins, .adc, src: readRegister(ins.reg, size: ins.operandSize))
+    case .adcRegRm: try aluReg(ins, .adc)
+    case .adcRmImm: try aluRm(ins, .adc, src: ins.immediate)
+    case .sbbRmReg: try aluRm(ins, .sbb, src: readRegister(ins.reg, size: ins.operandSize))
+    case .sbbRegRm: try aluReg(ins, .sbb)
+    case .sbbRmImm: try aluRm(ins, .sbb, src: ins.immediate)
+    case .andRmReg: try aluRm(ins, .and, src: readRegister(ins.reg, size: ins.operandSize))
+    case .andRegRm: try aluReg(ins, .and)
+    case .andRmImm: try aluRm(ins, .and, src: ins.immediate)
+    case .subRmReg: try aluRm(ins, .sub, src: readRegister(ins.reg, size: ins.operandSize))
+    case .subRegRm: try aluReg(ins, .sub)
+    case .subRmImm: try aluRm(ins, .sub, src: ins.immediate)
+    case .xorRmReg: try aluRm(ins, .xor, src: readRegister(ins.reg, size: ins.operandSize))
+    case .xorRegRm: try aluReg(ins, .xor)
+    case .xorRmImm: try aluRm(ins, .xor, src: ins.immediate)
+    case .cmpRmReg: try aluRm(ins, .cmp, src: readRegister(ins.reg, size: ins.operandSize))
+    case .cmpRegRm: try aluReg(ins, .cmp)
+    case .cmpRmImm: try aluRm(ins, .cmp, src: ins.immediate)
+    case .testRmReg: try testRm(ins, src: readRegister(ins.reg, size: ins.operandSize))
+    case .testRmImm: try testRm(ins, src: ins.immediate)
+    case .incRm: try incDec(ins, increment: true)
+    case .decRm: try incDec(ins, increment: false)
+    case .negRm: try negate(ins)
+    case .notRm: try complement(ins)
+
+    // Data movement
+    case .movRmReg:
+      let value = readRegister(ins.reg, size: ins.operandSize)
+      try writeRm(ins, size: ins.operandSize, value)
+    case .movRegRm:
+      writeRegister(ins.reg, size: ins.operandSize, try readRm(ins, size: ins.operandSize))
+    case .movRmImm: try writeRm(ins, size: ins.operandSize, ins.immediate)
+    case .lea:
+      writeRegister(ins.reg, size: ins.operandSize, effectiveAddress(ins))
+    case .movzxByte: writeRegister(ins.reg, size: ins.operandSize, try readRm(ins, size: 1))
+    case .movzxWord: writeRegister(ins.reg, size: ins.operandSize, try readRm(ins, size: 2))
+    case .movsxByte:
+      let value = UInt64(bitPattern: Int64(Int8(truncatingIfNeeded: try readRm(ins, size: 1))))
+      writeRegister(ins.reg, size: ins.operandSize, value)
+    case .movsxWord:
+      let value = UInt64(bitPattern: Int64(Int16(truncatingIfNeeded: try readRm(ins, size: 2))))
+      writeRegister(ins.reg, size: ins.operandSize, value)
+    case .movsxd:
+      let value = UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: try readRm(ins, size: 4))))
+      writeRegister(ins.reg, size: ins.operandSize, value)
+    case .cmovcc:
+      let value = try readRm(ins, size: ins.operandSize)
+      if condition(UInt8(ins.opcode & 0xF)) {
+        writeRegister(ins.reg, size: ins.operandSize, value)
+      } else if ins.operandSize == 4 {
+        gpr[Int(ins.reg)] &= 0xFFFF_FFFF
+      }
+    case .setcc:
+      try writeRm(ins, size: 1, condition(UInt8(ins.opcode & 0xF)) ? 1 : 0)
+    case .xchgRmReg: try exchange(ins)
+    case .cmpxchg: try compareExchange(ins)
+    case .cmpxchg8b16b: try compareExchangeDouble(ins)
+    case .xadd: try exchangeAdd(ins)
+    case .movbeLoad: try moveBigEndian(ins, load: true)
+    case .movbeStore: try moveBigEndian(ins, load: false)
+    case .movRmSeg: try moveFromSegment(ins)
+    case .movSegRm: try moveToSegment(ins)
+    case .cbw: convertAccumulator(ins)
+    case .cwd: convertToDouble(ins)
+    case .xlat:
+      var address = (gpr[3] &+ (gpr[0] & 0xFF))
+      if ins.addressSize != 8 { address &= ins.addressSize == 4 ? 0xFFFF_FFFF : 0xFFFF }
+      let value = try read8(segmentBase[Int(ins.segment)] &+ address)
+      gpr[0] = (gpr[0] & ~0xFF) | UInt64(value)
+    case .lahf: loadFlagsIntoAH()
+    case .sahf: storeAHIntoFlags()
+
+    // Control transfer
+    case .jcc:
+      if condition(UInt8(ins.opcode & 0xF)) { try jumpRelative(ins) }
+    case .jmpRel: try jumpRelative(ins)
+    case .jmpRm: try jumpTo(try readRm(ins, size: ins.operandSize))
+    case .callRel: try callRelative(ins)
+    case .callRm: try callIndirect(ins)
+    case .ret: try returnNear(ins, release: 0)
+    case .retImm: try returnNear(ins, release: ins.immediate)
+    case .loop, .loope, .loopne, .jrcxz: try loopInstruction(ins)
+
+    // Stack
+    case .pushRm: try push(try readRm(ins, size: ins.operandSize), size: ins.operandSize)
+    case .pushImm: try push(ins.immediate, size: ins.operandSize)
+    case .popRm: try popToRm(ins)
+    case .pushSeg: try push(UInt64(segments[Int(ins.reg)].selector), size: ins.operandSize)
+    case .popSeg: try popSegment(ins)
+    case .pushf: try pushFlags(ins)
+    case .popf: try popFlags(ins)
+    case .enter: try enterFrame(ins)
+    case .leave: try leaveFrame(ins)
+
+    // Shifts
+    case .rolRm, .rorRm, .rclRm, .rcrRm: try rotate(ins)
+    case .shlRm, .shrRm, .sarRm: try shift(ins)
+    case .shldImm, .shldCL, .shrdImm, .shrdCL: try doubleShift(ins)
+
+    // Multiply / divide
+    case .mulRm, .imulRm: try multiplyAccumulator(ins)
+    case .divRm, .idivRm: try divideAccumulator(ins)
+    case .imulRegRm: try multiplySigned(ins, readRegister(ins.reg, size: ins.operandSize))
+    case .imulRegRmImm: try multiplySigned(ins, ins.immediate)
+
+    // Bits
+    case .btRmReg, .btsRmReg, .btrRmReg, .btcRmReg, .btRmImm, .btsRmImm, .btrRmImm, .btcRmImm:
+      try bitTest(ins)
+    case .bsf, .bsr, .tzcnt, .lzcnt, .popcnt: try bitScan(ins)
+    case .bswap: byteSwap(ins)
+
+    // Strings
+    case .movs, .cmps, .stos, .lods, .scas, .ins, .outs: try stringInstruction(ins)
+
+    // Flags and misc
+    case .clc: materializeFlags(); storedFlags &= ~RFlags.cf
+    case .stc: materializeFlags(); storedFlags |= RFlags.cf
+    case .cmc: materializeFlags(); storedFlags ^= RFlags.cf
+    case .cld: storedFlags &= ~RFlags.df
+    case .std: storedFlags |= RFlags.df
+    case .cli, .sti: try setInterruptFlag(ins)
+    case .nop, .pause, .fence, .clflush: break
+    case .cpuid: executeCPUID()
+    case .rdtsc, .rdtscp: try readTimeStampCounter(ins)
+    case .hlt: try halt()
+    case .int3, .intN, .into, .int1: try softwareInterrupt(ins)
+    case .inImm, .inDX, .outImm, .outDX: try portIO(ins)
+
+    case .sse: try executeSSE(ins)
+    case .x87: try executeX87(ins)
+    case .tooLong: throw .generalProtection(0)
+    case .invalid, .legacyOnly: throw .invalidOpcode
+    default: try executeSystem(ins)
+    }
   }
 }

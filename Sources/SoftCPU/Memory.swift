@@ -1,7 +1,8 @@
+import Synchronization
 import VMCore
 
-// Memory access contract for instruction handlers (the core engineer owns and optimizes the
-// implementation: software TLB, paging, code-page write tracking). Signatures stay stable.
+// Memory access for instruction handlers. Signatures are the contract shared with the SIMD/FPU
+// units; the implementation is the software TLB fast path (TLB.swift) with slow paths below.
 //
 // During a handler, `rip` already holds the address of the next instruction.
 
@@ -10,100 +11,104 @@ extension CPU {
   /// + displacement, truncated to the address size (RIP-relative uses the next instruction's address).
   @inline(__always)
   public func linearAddress(_ instruction: Instruction) -> UInt64 {
+    segmentBase[Int(instruction.segment)] &+ effectiveAddress(instruction)
+  }
+
+  /// Offset part of the memory operand (what LEA computes), truncated to the address size.
+  @inline(__always)
+  func effectiveAddress(_ instruction: Instruction) -> UInt64 {
     var offset = UInt64(bitPattern: instruction.displacement)
-    if instruction.base == Instruction.ripRelative {
-      offset &+= rip
-    } else if instruction.base != Instruction.noRegister {
+    if instruction.base < 16 {
       offset &+= gpr[Int(instruction.base)]
+    } else if instruction.base == Instruction.ripRelative {
+      offset &+= rip
     }
     if instruction.index != Instruction.noRegister {
       offset &+= gpr[Int(instruction.index)] << UInt64(instruction.scaleShift)
     }
-    switch instruction.addressSize {
-    case 4: offset &= 0xFFFF_FFFF
-    case 2: offset &= 0xFFFF
-    default: break
+    if instruction.addressSize != 8 {
+      offset &= instruction.addressSize == 4 ? 0xFFFF_FFFF : 0xFFFF
     }
-    return segmentBase[Int(instruction.segment)] &+ offset
+    return offset
   }
 
-  /// Translates a linear address for a data access; paging is the core engineer's to add.
+  // MARK: Fast paths
+
+  /// Host address for reading `size` bytes at `linear` when the read TLB hits.
   @inline(__always)
-  func translate(_ linear: UInt64, write: Bool) throws(Fault) -> UInt64 {
-    linear
+  func readHost(_ linear: UInt64, _ size: UInt64) -> UnsafeMutableRawPointer? {
+    let entry = readTLB[Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)]
+    if entry.tag == (linear & ~0xFFF) | tlbTagExtra && linear & 0xFFF <= 0x1000 - size {
+      return UnsafeMutableRawPointer(bitPattern: UInt(linear &+ entry.delta))
+    }
+    return nil
   }
 
+  /// Host address for writing `size` bytes at `linear` when the write TLB hits.
   @inline(__always)
-  func readPhysical<T: FixedWidthInteger>(_ physical: UInt64, as: T.Type) -> T {
-    if let pointer = memory.hostPointer(physical, length: UInt64(MemoryLayout<T>.size)) {
-      return T(littleEndian: pointer.loadUnaligned(as: T.self))
+  func writeHost(_ linear: UInt64, _ size: UInt64) -> UnsafeMutableRawPointer? {
+    let entry = writeTLB[Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)]
+    if entry.tag == (linear & ~0xFFF) | tlbTagExtra && linear & 0xFFF <= 0x1000 - size {
+      return UnsafeMutableRawPointer(bitPattern: UInt(linear &+ entry.delta))
     }
-    var value: T = 0
-    for byteIndex in 0..<MemoryLayout<T>.size {
-      let address = physical &+ UInt64(byteIndex)
-      let byte: UInt64
-      if let pointer = memory.hostPointer(address) {
-        byte = UInt64(pointer.load(as: UInt8.self))
-      } else {
-        byte = bus.mmioRead(address, size: 1) & 0xFF
-      }
-      value |= T(truncatingIfNeeded: byte << (8 * UInt64(byteIndex)))
-    }
-    return value
+    return nil
   }
 
+  /// Host address for a read-modify-write of `size` bytes at `linear`, filling the write TLB
+  /// on a miss (which also invalidates code on the page). Nil for MMIO and page-crossing
+  /// accesses: the caller then uses separate reads and writes.
   @inline(__always)
-  func writePhysical<T: FixedWidthInteger>(_ physical: UInt64, _ value: T) {
-    if let pointer = memory.hostPointer(physical, length: UInt64(MemoryLayout<T>.size)) {
-      pointer.storeBytes(of: value.littleEndian, as: T.self)
-      return
-    }
-    for byteIndex in 0..<MemoryLayout<T>.size {
-      let address = physical &+ UInt64(byteIndex)
-      let byte = UInt8(truncatingIfNeeded: UInt64(value) >> (8 * UInt64(byteIndex)))
-      if let pointer = memory.hostPointer(address) {
-        pointer.storeBytes(of: byte, as: UInt8.self)
-      } else {
-        bus.mmioWrite(address, size: 1, value: UInt64(byte))
-      }
-    }
+  func modifyHost(_ linear: UInt64, _ size: UInt64) throws(Fault) -> UnsafeMutableRawPointer? {
+    if let host = writeHost(linear, size) { return host }
+    return try modifyHostSlow(linear, size)
   }
 
   /// Reads a byte at a linear address.
   @inline(__always) public func read8(_ linear: UInt64) throws(Fault) -> UInt8 {
-    readPhysical(try translate(linear, write: false), as: UInt8.self)
+    if let host = readHost(linear, 1) { return host.load(as: UInt8.self) }
+    return UInt8(truncatingIfNeeded: try readSlow(linear, 1))
   }
   /// Reads a word at a linear address.
   @inline(__always) public func read16(_ linear: UInt64) throws(Fault) -> UInt16 {
-    readPhysical(try translate(linear, write: false), as: UInt16.self)
+    if let host = readHost(linear, 2) { return host.loadUnaligned(as: UInt16.self) }
+    return UInt16(truncatingIfNeeded: try readSlow(linear, 2))
   }
   /// Reads a doubleword at a linear address.
   @inline(__always) public func read32(_ linear: UInt64) throws(Fault) -> UInt32 {
-    readPhysical(try translate(linear, write: false), as: UInt32.self)
+    if let host = readHost(linear, 4) { return host.loadUnaligned(as: UInt32.self) }
+    return UInt32(truncatingIfNeeded: try readSlow(linear, 4))
   }
   /// Reads a quadword at a linear address.
   @inline(__always) public func read64(_ linear: UInt64) throws(Fault) -> UInt64 {
-    readPhysical(try translate(linear, write: false), as: UInt64.self)
+    if let host = readHost(linear, 8) { return host.loadUnaligned(as: UInt64.self) }
+    return try readSlow(linear, 8)
   }
   /// Writes a byte at a linear address.
   @inline(__always) public func write8(_ linear: UInt64, _ value: UInt8) throws(Fault) {
-    writePhysical(try translate(linear, write: true), value)
+    if let host = writeHost(linear, 1) { return host.storeBytes(of: value, as: UInt8.self) }
+    try writeSlow(linear, 1, UInt64(value))
   }
   /// Writes a word at a linear address.
   @inline(__always) public func write16(_ linear: UInt64, _ value: UInt16) throws(Fault) {
-    writePhysical(try translate(linear, write: true), value)
+    if let host = writeHost(linear, 2) { return host.storeBytes(of: value, as: UInt16.self) }
+    try writeSlow(linear, 2, UInt64(value))
   }
   /// Writes a doubleword at a linear address.
   @inline(__always) public func write32(_ linear: UInt64, _ value: UInt32) throws(Fault) {
-    writePhysical(try translate(linear, write: true), value)
+    if let host = writeHost(linear, 4) { return host.storeBytes(of: value, as: UInt32.self) }
+    try writeSlow(linear, 4, UInt64(value))
   }
   /// Writes a quadword at a linear address.
   @inline(__always) public func write64(_ linear: UInt64, _ value: UInt64) throws(Fault) {
-    writePhysical(try translate(linear, write: true), value)
+    if let host = writeHost(linear, 8) { return host.storeBytes(of: value, as: UInt64.self) }
+    try writeSlow(linear, 8, value)
   }
   /// Reads 16 bytes; when `aligned`, a misaligned address raises #GP(0) as MOVAPS/MOVDQA do.
   @inline(__always) public func read128(_ linear: UInt64, aligned: Bool) throws(Fault) -> XMMValue {
     if aligned && linear & 15 != 0 { throw .generalProtection(0) }
+    if let host = readHost(linear, 16) {
+      return XMMValue(host.loadUnaligned(as: UInt64.self), host.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+    }
     let low = try read64(linear)
     let high = try read64(linear &+ 8)
     return XMMValue(low, high)
@@ -111,7 +116,128 @@ extension CPU {
   /// Writes 16 bytes; when `aligned`, a misaligned address raises #GP(0).
   @inline(__always) public func write128(_ linear: UInt64, _ value: XMMValue, aligned: Bool) throws(Fault) {
     if aligned && linear & 15 != 0 { throw .generalProtection(0) }
+    if let host = writeHost(linear, 16) {
+      host.storeBytes(of: value[0], as: UInt64.self)
+      host.storeBytes(of: value[1], toByteOffset: 8, as: UInt64.self)
+      return
+    }
+    // Probe both halves before storing so a fault leaves memory unchanged.
+    try probeWrite(linear, 16)
     try write64(linear, value[0])
     try write64(linear &+ 8, value[1])
+  }
+
+  /// Reads `size` (1, 2, 4, 8) bytes, zero-extended.
+  @inline(__always)
+  func readMemory(_ linear: UInt64, size: UInt8) throws(Fault) -> UInt64 {
+    switch size {
+    case 8: return try read64(linear)
+    case 4: return UInt64(try read32(linear))
+    case 2: return UInt64(try read16(linear))
+    default: return UInt64(try read8(linear))
+    }
+  }
+
+  /// Writes the low `size` (1, 2, 4, 8) bytes of `value`.
+  @inline(__always)
+  func writeMemory(_ linear: UInt64, size: UInt8, _ value: UInt64) throws(Fault) {
+    switch size {
+    case 8: try write64(linear, value)
+    case 4: try write32(linear, UInt32(truncatingIfNeeded: value))
+    case 2: try write16(linear, UInt16(truncatingIfNeeded: value))
+    default: try write8(linear, UInt8(truncatingIfNeeded: value))
+    }
+  }
+
+  // MARK: Slow paths
+
+  /// Fills the read TLB for the page of `linear` (physical `physical`, RAM at `host`).
+  @inline(__always)
+  func fillTLB(_ table: UnsafeMutablePointer<TLBEntry>, linear: UInt64, target: UInt64) {
+    let page = linear & ~0xFFF
+    table[Int((linear >> 12) & tlbIndexMask)] = TLBEntry(tag: page | tlbTagExtra, delta: target &- page)
+  }
+
+  @inline(never)
+  func readSlow(_ linear: UInt64, _ size: UInt64) throws(Fault) -> UInt64 {
+    if linear & 0xFFF <= 0x1000 - size {
+      let physical = try translate(linear, access: .read)
+      if let host = ramPointer(physical) {
+        fillTLB(readTLB, linear: linear, target: UInt64(UInt(bitPattern: host)) & ~0xFFF)
+        switch size {
+        case 1: return UInt64(host.load(as: UInt8.self))
+        case 2: return UInt64(host.loadUnaligned(as: UInt16.self))
+        case 4: return UInt64(host.loadUnaligned(as: UInt32.self))
+        default: return host.loadUnaligned(as: UInt64.self)
+        }
+      }
+      try checkBacked(physical, linear: linear, access: .read)
+      return bus.mmioRead(physical, size: Int(size))
+    }
+    // Crossing a page boundary: byte by byte.
+    var value: UInt64 = 0
+    for byteIndex in 0..<size {
+      value |= UInt64(try read8(linear &+ byteIndex)) << (8 * byteIndex)
+    }
+    return value
+  }
+
+  /// Checks that `size` bytes at `linear` can be written, without writing.
+  func probeWrite(_ linear: UInt64, _ size: UInt64) throws(Fault) {
+    let last = linear &+ size &- 1
+    for address in [linear, last] {
+      let physical = try translate(address, access: .write)
+      if ramPointer(physical) == nil { try checkBacked(physical, linear: address, access: .write) }
+    }
+  }
+
+  /// Host address of a RAM page for writing; invalidates decoded code on it and fills the write TLB.
+  @inline(__always)
+  func writableRAM(_ linear: UInt64, physical: UInt64) -> UnsafeMutableRawPointer? {
+    guard let host = ramPointer(physical) else { return nil }
+    let page = physical >> 12
+    if codePageHead[Int(page)] != 0 {
+      invalidateCodePage(page)
+    }
+    fillTLB(writeTLB, linear: linear, target: UInt64(UInt(bitPattern: host)) & ~0xFFF)
+    // A write entry implies the page is readable too.
+    fillTLB(readTLB, linear: linear, target: UInt64(UInt(bitPattern: host)) & ~0xFFF)
+    return host
+  }
+
+  @inline(never)
+  func writeSlow(_ linear: UInt64, _ size: UInt64, _ value: UInt64) throws(Fault) {
+    if linear & 0xFFF <= 0x1000 - size {
+      let physical = try translate(linear, access: .write)
+      if let host = writableRAM(linear, physical: physical) {
+        switch size {
+        case 1: host.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
+        case 2: host.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)
+        case 4: host.storeBytes(of: UInt32(truncatingIfNeeded: value), as: UInt32.self)
+        default: host.storeBytes(of: value, as: UInt64.self)
+        }
+        return
+      }
+      try checkBacked(physical, linear: linear, access: .write)
+      bus.mmioWrite(physical, size: Int(size), value: value)
+      return
+    }
+    // Crossing a page boundary: check both pages first, then store byte by byte.
+    try probeWrite(linear, size)
+    for byteIndex in 0..<size {
+      try write8(linear &+ byteIndex, UInt8(truncatingIfNeeded: value >> (8 * byteIndex)))
+    }
+  }
+
+  @inline(never)
+  func modifyHostSlow(_ linear: UInt64, _ size: UInt64) throws(Fault) -> UnsafeMutableRawPointer? {
+    if linear & 0xFFF <= 0x1000 - size {
+      let physical = try translate(linear, access: .write)
+      if let host = writableRAM(linear, physical: physical) { return host }
+      try checkBacked(physical, linear: linear, access: .write)
+      return nil
+    }
+    try probeWrite(linear, size)
+    return nil
   }
 }

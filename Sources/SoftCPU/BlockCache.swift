@@ -1,0 +1,172 @@
+import VMCore
+
+// Decoded-block cache. Instructions are decoded once into a bump-allocated arena; a block is a
+// run of consecutive arena slots. A direct-mapped table maps the block key (guest-physical
+// start address | code size << 56) to the block. A block ends at a control transfer, a
+// mode/interrupt-state changing instruction, an undecodable instruction, a page boundary
+// (an instruction crossing it is the last one; the block is then registered on both pages),
+// or after `maximumBlockInstructions`. When the arena or the block list is full, everything
+// is flushed; nothing is allocated per execution.
+//
+// Code pages: each physical page with blocks heads a linked list of them (`codePageHead`). The
+// write TLB never holds a code page, so every store to one reaches `invalidateCodePage`
+// (from the slow write path), which unlinks the page's blocks and stops the current block
+// after the storing instruction (self-modifying code then re-decodes).
+//
+// Multiple vCPUs (later): each CPU keeps its own cache. A store by one vCPU to code decoded by
+// another must reach that one too: make `codePageHead` (or a shared per-page "has code" byte
+// map) shared and atomic, have the storing vCPU post the page number to the other vCPUs
+// (an atomic per-vCPU invalidation queue or generation counter checked at block boundaries),
+// and drop their write-TLB entries for pages that become code (a shootdown). Until then one
+// vCPU per machine is the supported configuration.
+
+/// Instructions the arena holds before a full flush.
+let blockArenaCapacity = 1 << 19
+/// Blocks before a full flush.
+let maximumBlocks = 1 << 16
+/// Slots of the direct-mapped lookup table (power of two).
+let blockTableSize = 1 << 16
+/// Longest block.
+let maximumBlockInstructions = 64
+
+/// A decoded block: `count` instructions starting at `blockArena[first]`.
+struct DecodedBlock {
+  var key: UInt64
+  var first: Int32
+  var count: Int32
+  /// Physical page numbers the block's bytes came from (`secondPage == .max` when one page).
+  var firstPage: UInt64
+  var secondPage: UInt64
+  /// Next block (index + 1, 0 = end) in the list of `firstPage` / `secondPage`.
+  var nextOnFirstPage: Int32
+  var nextOnSecondPage: Int32
+}
+
+/// One slot of the lookup table.
+struct BlockTableEntry {
+  var key: UInt64 = ~0
+  var block: Int32 = -1
+}
+
+@inline(__always)
+func blockSlot(_ key: UInt64) -> Int {
+  Int(truncatingIfNeeded: (key &* 0x9E37_79B9_7F4A_7C15) >> 48) & (blockTableSize - 1)
+}
+
+extension CPU {
+  /// Physical address of the instruction byte at linear `linear`, through the fetch TLB.
+  @inline(__always)
+  func fetchPhysical(_ linear: UInt64) throws(Fault) -> UInt64 {
+    let entry = fetchTLB[Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)]
+    if entry.tag == (linear & ~0xFFF) | tlbTagExtra {
+      return linear &+ entry.delta
+    }
+    return try fetchPhysicalSlow(linear)
+  }
+
+  @inline(never)
+  func fetchPhysicalSlow(_ linear: UInt64) throws(Fault) -> UInt64 {
+    let physical = try translate(linear, access: .execute)
+    guard ramPointer(physical) != nil else {
+      throw .pageFault(pageFaultErrorCode(access: .execute), address: linear)
+    }
+    fillTLB(fetchTLB, linear: linear, target: physical & ~0xFFF)
+    return physical
+  }
+
+  /// The block starting at linear `linear` (decoding it if needed).
+  @inline(__always)
+  func findBlock(_ linear: UInt64) throws(Fault) -> Int {
+    let physical = try fetchPhysical(linear)
+    let key = physical | UInt64(codeSize) << 56
+    let slot = blockSlot(key)
+    let entry = blockTable[slot]
+    if entry.key == key {
+      let block = Int(entry.block)
+      let second = blocks[block].secondPage
+      if second == .max { return block }
+      // A page-crossing block is valid only if the next linear page still maps the same page.
+      if let next = try? fetchPhysical((linear & ~0xFFF) &+ 0x1000), next >> 12 == second {
+        return block
+      }
+    }
+    return try buildBlock(linear, key: key, slot: slot)
+  }
+
+  @inline(never)
+  func buildBlock(_ linear: UInt64, key: UInt64, slot: Int) throws(Fault) -> Int {
+    if arenaUsed + maximumBlockInstructions > blockArenaCapacity || blockCount == maximumBlocks {
+      flushDecodedBlocks()
+    }
+    var fetch = CodeFetch()
+    let first = arenaUsed
+    var pc = linear
+    var count = 0
+    while true {
+      let instruction: Instruction
+      do {
+        instruction = try decodeInstruction(at: pc, &fetch)
+      } catch {
+        if count == 0 { throw error }
+        break
+      }
+      (blockArena + first + count).initialize(to: instruction)
+      count += 1
+      pc &+= UInt64(instruction.length)
+      if instruction.op.endsBlock || count == maximumBlockInstructions || (pc ^ linear) & ~0xFFF != 0 {
+        break
+      }
+    }
+    arenaUsed += count
+    let index = blockCount
+    blockCount += 1
+    let firstPage = fetch.firstPhysicalPage
+    let secondPage = fetch.secondPhysicalPage
+    blocks[index] = DecodedBlock(
+      key: key, first: Int32(first), count: Int32(count), firstPage: firstPage, secondPage: secondPage,
+      nextOnFirstPage: linkCodePage(firstPage, block: index),
+      nextOnSecondPage: secondPage == .max ? 0 : linkCodePage(secondPage, block: index))
+    blockTable[slot] = BlockTableEntry(key: key, block: Int32(index))
+    return index
+  }
+
+  /// Makes `block` the head of `page`'s list; returns the previous head.
+  func linkCodePage(_ page: UInt64, block: Int) -> Int32 {
+    let previous = codePageHead[Int(page)]
+    if previous == 0, let host = ramPointer(page << 12) {
+      dropWriteEntries(hostPage: host)
+    }
+    codePageHead[Int(page)] = Int32(block + 1)
+    return previous
+  }
+
+  /// Forgets every block decoded from physical page `page` (a store hit it).
+  @inline(never)
+  func invalidateCodePage(_ page: UInt64) {
+    var link = codePageHead[Int(page)]
+    codePageHead[Int(page)] = 0
+    while link != 0 {
+      let index = Int(link - 1)
+      let block = blocks[index]
+      let slot = blockSlot(block.key)
+      if blockTable[slot].block == Int32(index) {
+        blockTable[slot] = BlockTableEntry()
+      }
+      link = block.firstPage == page ? block.nextOnFirstPage : block.nextOnSecondPage
+    }
+    blockInvalidated = true
+  }
+
+  /// Drops every decoded block (arena full, or a global code change).
+  public func flushDecodedBlocks() {
+    for index in 0..<blockCount {
+      let block = blocks[index]
+      codePageHead[Int(block.firstPage)] = 0
+      if block.secondPage != .max { codePageHead[Int(block.secondPage)] = 0 }
+    }
+    blockTable.update(repeating: BlockTableEntry(), count: blockTableSize)
+    blockCount = 0
+    arenaUsed = 0
+    blockInvalidated = true
+  }
+}

@@ -1,0 +1,91 @@
+// The CPU model: what CPUID reports. The one place where feature bits are listed; advertise
+// exactly what the core, SIMD and FPU units implement.
+
+/// Feature bits advertised by CPUID.
+enum CPUModel {
+  static let vendor = "AuthenticAMD"
+  static let brand = "Hostvisor software x86-64 CPU"
+  /// Family 0x17 (Zen), model 0x01, stepping 0 (leaf 1 EAX).
+  static let signature: UInt32 = 0x0080_0F10
+
+  /// Leaf 1 EDX: FPU(0) TSC(4) CX8(8) CMOV(15) FXSR(24) SSE(25) SSE2(26).
+  static let leaf1EDX: UInt32 = 1 << 0 | 1 << 4 | 1 << 8 | 1 << 15 | 1 << 24 | 1 << 25 | 1 << 26
+  /// Leaf 1 ECX: CX16(13) MOVBE(22) POPCNT(23) hypervisor(31).
+  /// Add SSE3(0)/SSSE3(9)/SSE4.1(19)/SSE4.2(20) here when the SIMD unit implements them.
+  static let leaf1ECX: UInt32 = 1 << 13 | 1 << 22 | 1 << 23 | 1 << 31
+  /// Leaf 7 EBX: nothing yet (no BMI1/BMI2: they need VEX).
+  static let leaf7EBX: UInt32 = 0
+  /// 0x8000_0001 EDX: SYSCALL(11) NX(20) LM(29); NX and SYSCALL take effect with part 2.
+  static let extendedEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 29
+  /// 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode(0) ABM/LZCNT(5).
+  static let extendedECX: UInt32 = 1 << 0 | 1 << 5
+  /// Physical (bits 0-7) and linear (bits 8-15) address widths.
+  static let addressSizes: UInt32 = 48 << 8 | 40
+}
+
+extension CPU {
+  /// Packs four ASCII bytes of `text` starting at `offset` into a register value.
+  private func ascii(_ text: [UInt8], _ offset: Int) -> UInt64 {
+    var value: UInt64 = 0
+    for index in 0..<4 where offset + index < text.count {
+      value |= UInt64(text[offset + index]) << (8 * UInt64(index))
+    }
+    return value
+  }
+
+  /// CPUID: leaf EAX, subleaf ECX.
+  func executeCPUID() {
+    let leaf = UInt32(truncatingIfNeeded: gpr[0])
+    var a: UInt64 = 0
+    var b: UInt64 = 0
+    var c: UInt64 = 0
+    var d: UInt64 = 0
+    let vendor = Array(CPUModel.vendor.utf8)
+    switch leaf {
+    case 0:
+      a = 7
+      b = ascii(vendor, 0)
+      d = ascii(vendor, 4)
+      c = ascii(vendor, 8)
+    case 1:
+      a = UInt64(CPUModel.signature)
+      b = 1 << 16  // one logical processor, APIC ID 0
+      c = UInt64(CPUModel.leaf1ECX)
+      d = UInt64(CPUModel.leaf1EDX)
+    case 7:
+      if gpr[1] & 0xFFFF_FFFF == 0 { b = UInt64(CPUModel.leaf7EBX) }
+    case 0x4000_0000:
+      // Hypervisor leaf: "Hostvisor    ".
+      let name = Array("Hostvisor   ".utf8)
+      a = 0x4000_0000
+      b = ascii(name, 0)
+      c = ascii(name, 4)
+      d = ascii(name, 8)
+    case 0x8000_0000:
+      a = 0x8000_0008
+      b = ascii(vendor, 0)
+      d = ascii(vendor, 4)
+      c = ascii(vendor, 8)
+    case 0x8000_0001:
+      a = UInt64(CPUModel.signature)
+      c = UInt64(CPUModel.extendedECX)
+      d = UInt64(CPUModel.extendedEDX)
+    case 0x8000_0002...0x8000_0004:
+      var brand = Array(CPUModel.brand.utf8)
+      brand += [UInt8](repeating: 0, count: 48 - brand.count)
+      let base = Int(leaf - 0x8000_0002) * 16
+      a = ascii(brand, base)
+      b = ascii(brand, base + 4)
+      c = ascii(brand, base + 8)
+      d = ascii(brand, base + 12)
+    case 0x8000_0008:
+      a = UInt64(CPUModel.addressSizes)
+    default:
+      break
+    }
+    gpr[0] = a
+    gpr[3] = b
+    gpr[1] = c
+    gpr[2] = d
+  }
+}

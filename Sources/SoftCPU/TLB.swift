@@ -1,0 +1,120 @@
+import VMCore
+
+// Software TLB: the future shadow page table. One direct-mapped table per access kind
+// (read, write, execute), indexed by linear page number. A hit costs one compare and one
+// add: the entry holds the page tag and the delta to add to the linear address.
+//
+// - read/write entries: delta = host address - linear address (RAM pages only; MMIO and
+//   not-present translations are never cached).
+// - fetch entries: delta = physical address - linear address (the block cache is keyed by
+//   physical address).
+// - A write entry is never filled for a code page (a page with decoded blocks), so every
+//   store to code takes the slow path, which invalidates the page's blocks. When a page
+//   becomes a code page, write entries pointing at it are dropped (`dropWriteEntries`).
+// - Tags carry `tlbTagExtra` in their low 12 bits (bit 0 = user mode), so a lookup only hits
+//   an entry filled at the same privilege.
+// - Accesses that cross a page take the slow path.
+//
+// Part 2: `translate` walks the 4-level page tables here (setting A/D bits, checking U/S,
+// R/W, NX against `access` and CPL, raising #PF with CR2). Fill write entries only when the
+// walk allowed writes and set D; fill entries per privilege via `tlbTagExtra`. Flush with
+// `flushTLB()` on CR3 writes (keep global pages if desired), INVLPG (`flushTLBPage`), CR0.PG/
+// CR0.WP/CR4 paging-bit and EFER.NXE changes, and when CPL changes between 3 and 0-2 nothing
+// needs flushing (the tag differs).
+
+/// Number of entries per TLB table (power of two).
+let tlbEntries = 1024
+let tlbIndexMask: UInt64 = UInt64(tlbEntries - 1)
+/// Tag of an empty entry: low bits all ones never match `page | tlbTagExtra`.
+let tlbInvalidTag: UInt64 = ~0
+
+/// One software-TLB entry.
+struct TLBEntry {
+  /// Linear page address | `tlbTagExtra` at fill time, or `tlbInvalidTag`.
+  var tag: UInt64 = tlbInvalidTag
+  /// Added to the linear address: host address (read/write) or physical address (fetch).
+  var delta: UInt64 = 0
+}
+
+/// A guest RAM region as the hot path sees it.
+struct RAMRegion {
+  var guestBase: UInt64
+  var size: UInt64
+  var host: UnsafeMutableRawPointer
+}
+
+/// The kind of memory access, for translation and page-fault error codes.
+enum MemoryAccess {
+  case read, write, execute
+}
+
+extension CPU {
+  /// Host address of guest-physical `physical` when it is RAM.
+  @inline(__always)
+  func ramPointer(_ physical: UInt64) -> UnsafeMutableRawPointer? {
+    for index in 0..<ramRegionCount {
+      let region = ramRegions[index]
+      let offset = physical &- region.guestBase
+      if offset < region.size { return region.host + Int(offset) }
+    }
+    return nil
+  }
+
+  /// #PF error code for a not-present page: W/R, U/S and I/D bits from the access.
+  func pageFaultErrorCode(access: MemoryAccess, present: Bool = false) -> UInt32 {
+    var code: UInt32 = present ? 1 : 0
+    if access == .write { code |= 2 }
+    if cpl == 3 { code |= 4 }
+    if access == .execute { code |= 16 }
+    return code
+  }
+
+  /// Translates a linear address to a physical address (page granular; the offset is kept).
+  /// Paging off: identity. Part 2 adds the 4-level walk (and 32-bit/PAE walks) here.
+  @inline(never)
+  func translate(_ linear: UInt64, access: MemoryAccess) throws(Fault) -> UInt64 {
+    if codeSize == 8 || efer & X86.eferLMA != 0 {
+      // Non-canonical addresses raise #GP(0) (#SS(0) for stack references; not distinguished yet).
+      if UInt64(bitPattern: Int64(bitPattern: linear << 16) >> 16) != linear {
+        throw .generalProtection(0)
+      }
+    }
+    if cr0 & X86.cr0PG == 0 {
+      return linear
+    }
+    // Part 2 hook: the page walk (Paging.swift, System.swift `translatePaged`).
+    return try translatePaged(linear, access: access)
+  }
+
+  /// Raises the fault a flat-test-mode access to an address with neither RAM nor a device gets.
+  @inline(__always)
+  func checkBacked(_ physical: UInt64, linear: UInt64, access: MemoryAccess) throws(Fault) {
+    if flatTestMode && !bus.hasMMIODevice(physical) {
+      throw .pageFault(pageFaultErrorCode(access: access), address: linear)
+    }
+  }
+
+  /// Empties every TLB table (CR3 write, paging mode change).
+  public func flushTLB() {
+    readTLB.update(repeating: TLBEntry(), count: tlbEntries)
+    writeTLB.update(repeating: TLBEntry(), count: tlbEntries)
+    fetchTLB.update(repeating: TLBEntry(), count: tlbEntries)
+  }
+
+  /// Drops the entries for the page of `linear` (INVLPG).
+  public func flushTLBPage(_ linear: UInt64) {
+    let index = Int((linear >> 12) & tlbIndexMask)
+    readTLB[index] = TLBEntry()
+    writeTLB[index] = TLBEntry()
+    fetchTLB[index] = TLBEntry()
+  }
+
+  /// Drops write entries that map host page `hostPage` (the page just became a code page).
+  func dropWriteEntries(hostPage: UnsafeMutableRawPointer) {
+    let target = UInt64(UInt(bitPattern: hostPage))
+    for index in 0..<tlbEntries where writeTLB[index].tag != tlbInvalidTag {
+      let entry = writeTLB[index]
+      if (entry.tag & ~0xFFF) &+ entry.delta == target { writeTLB[index] = TLBEntry() }
+    }
+  }
+}

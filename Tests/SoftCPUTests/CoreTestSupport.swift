@@ -1,0 +1,89 @@
+import Foundation
+import Testing
+import VMCore
+
+@testable import SoftCPU
+
+/// Assembles Intel-syntax x86-64 source with GNU as and returns the flat .text bytes.
+enum CoreAssembler {
+  struct Failure: Error, CustomStringConvertible {
+    var description: String
+  }
+
+  static func assemble(_ source: String, origin: UInt64 = 0) throws -> [UInt8] {
+    let directory = FileManager.default.temporaryDirectory
+      .appendingPathComponent("hostvisor-core-as-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: directory) }
+    let sourceURL = directory.appendingPathComponent("program.s")
+    let objectURL = directory.appendingPathComponent("program.o")
+    let binaryURL = directory.appendingPathComponent("program.bin")
+    let text = ".intel_syntax noprefix\n.code64\n.text\n.org 0\n" + source + "\n"
+    try text.write(to: sourceURL, atomically: true, encoding: .utf8)
+    try run("/usr/bin/as", ["--64", "-o", objectURL.path, sourceURL.path])
+    try run("/usr/bin/objcopy", ["-O", "binary", "-j", ".text", objectURL.path, binaryURL.path])
+    return [UInt8](try Data(contentsOf: binaryURL))
+  }
+
+  private static func run(_ tool: String, _ arguments: [String]) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: tool)
+    process.arguments = arguments
+    let errors = Pipe()
+    process.standardError = errors
+    try process.run()
+    process.waitUntilExit()
+    let message = String(data: errors.fileHandleForReading.readDataToEndOfFile(), encoding: .utf8) ?? ""
+    if process.terminationStatus != 0 {
+      throw Failure(description: "\(tool) failed: \(message)")
+    }
+  }
+}
+
+/// A small flat-mode machine for core tests: 16 MiB of RAM, code at 0x10000, stack below 0x80000.
+final class CoreMachine {
+  static let codeBase: UInt64 = 0x10000
+  static let dataBase: UInt64 = 0x100000
+  static let stackTop: UInt64 = 0x80000
+
+  let memory: GuestMemory
+  let bus: IOBus
+  let cpu: CPU
+
+  init(cpl: UInt8 = 3, ramSize: UInt64 = 16 << 20) throws {
+    memory = try GuestMemory(size: ramSize)
+    bus = IOBus()
+    cpu = CPU(memory: memory, bus: bus)
+    cpu.enterFlatLongMode(cpl: cpl)
+    cpu.rip = Self.codeBase
+    cpu.gpr[4] = Self.stackTop
+  }
+
+  /// Loads `bytes` at the code base and points RIP at them.
+  func load(_ bytes: [UInt8], at address: UInt64 = codeBase) throws {
+    try memory.writeBytes(bytes, at: address)
+    cpu.rip = address
+  }
+
+  /// Assembles and loads `source`.
+  func load(assembly source: String) throws {
+    try load(try CoreAssembler.assemble(source))
+  }
+
+  /// Runs until HLT, a fault, or the limit.
+  @discardableResult
+  func run(limit: Int = 1_000_000) -> StopCause {
+    cpu.run(instructionLimit: limit)
+  }
+
+  subscript(register: Int) -> UInt64 {
+    get { cpu.gpr[register] }
+    set { cpu.gpr[register] = newValue }
+  }
+}
+
+/// Register numbers.
+enum R {
+  static let rax = 0, rcx = 1, rdx = 2, rbx = 3, rsp = 4, rbp = 5, rsi = 6, rdi = 7
+  static let r8 = 8, r9 = 9, r10 = 10, r11 = 11, r12 = 12, r13 = 13, r14 = 14, r15 = 15
+}
