@@ -67,6 +67,30 @@ typedef long long v2di __attribute__((vector_size(16)));
   d[1] = 0;                                                                                  \
   break
 
+
+// Expands M(insn, imm) for imm = 0x00...0xFF (the immediate must be an assembler literal).
+#define IMM_ROW(M, insn, h)                                                                   \
+  M(insn, h##0) M(insn, h##1) M(insn, h##2) M(insn, h##3) M(insn, h##4) M(insn, h##5)       \
+  M(insn, h##6) M(insn, h##7) M(insn, h##8) M(insn, h##9) M(insn, h##A) M(insn, h##B)       \
+  M(insn, h##C) M(insn, h##D) M(insn, h##E) M(insn, h##F)
+#define IMM_ALL(M, insn)                                                                      \
+  IMM_ROW(M, insn, 0x0) IMM_ROW(M, insn, 0x1) IMM_ROW(M, insn, 0x2) IMM_ROW(M, insn, 0x3)  \
+  IMM_ROW(M, insn, 0x4) IMM_ROW(M, insn, 0x5) IMM_ROW(M, insn, 0x6) IMM_ROW(M, insn, 0x7)  \
+  IMM_ROW(M, insn, 0x8) IMM_ROW(M, insn, 0x9) IMM_ROW(M, insn, 0xA) IMM_ROW(M, insn, 0xB)  \
+  IMM_ROW(M, insn, 0xC) IMM_ROW(M, insn, 0xD) IMM_ROW(M, insn, 0xE) IMM_ROW(M, insn, 0xF)
+
+// Float form with an immediate, under the guest MXCSR.
+#define SSE_IMM_CASE(insn, imm)                                                               \
+  case imm:                                                                                   \
+    __asm__ volatile("stmxcsr %[h]\n\tldmxcsr %[g]\n\t" insn " $" #imm ", %[s], %[d]\n\t"     \
+                     "stmxcsr %[o]\n\tldmxcsr %[h]"                                            \
+                     : [d] "+x"(d), [o] "=m"(out), [h] "+m"(host)                              \
+                     : [s] "x"(s), [g] "m"(guest));                                            \
+    break;
+#define SSE_IMM_ALL(insn)                                                                     \
+  switch (immediate & 0xFF) { IMM_ALL(SSE_IMM_CASE, insn) }                                   \
+  break
+
 #define OP(prefix, byte) (((prefix) << 8) | (byte))
 
 uint32_t csf_sse_float(uint32_t operation, uint32_t immediate, uint32_t mxcsr, void *destination,
@@ -156,6 +180,13 @@ uint32_t csf_sse_float(uint32_t operation, uint32_t immediate, uint32_t mxcsr, v
   case OP(1, 0xC2): SSE_CMP_ALL("cmppd");
   case OP(2, 0xC2): SSE_CMP_ALL("cmpss");
   case OP(3, 0xC2): SSE_CMP_ALL("cmpsd");
+  // SSE4.1 (0F 3A): rounding and dot products
+  case CSF_SSE_MAP3A | OP(1, 0x08): SSE_IMM_ALL("roundps");
+  case CSF_SSE_MAP3A | OP(1, 0x09): SSE_IMM_ALL("roundpd");
+  case CSF_SSE_MAP3A | OP(1, 0x0A): SSE_IMM_ALL("roundss");
+  case CSF_SSE_MAP3A | OP(1, 0x0B): SSE_IMM_ALL("roundsd");
+  case CSF_SSE_MAP3A | OP(1, 0x40): SSE_IMM_ALL("dpps");
+  case CSF_SSE_MAP3A | OP(1, 0x41): SSE_IMM_ALL("dppd");
   default:
     return CSF_UNSUPPORTED;
   }
@@ -165,12 +196,19 @@ uint32_t csf_sse_float(uint32_t operation, uint32_t immediate, uint32_t mxcsr, v
 
 // MARK: - SSE integer
 
+#define INT_IMM_CASE(insn, imm)                                                              \
+  case imm:                                                                                  \
+    __asm__(insn " $" #imm ", %[s], %[d]" : [d] "+x"(d) : [s] "x"(s));                        \
+    break;
+#define INT_IMM_ALL(insn)                                                                    \
+  switch (immediate & 0xFF) { IMM_ALL(INT_IMM_CASE, insn) }                                  \
+  break
+
 #define INT_XX(insn)                                                                         \
   __asm__(insn " %[s], %[d]" : [d] "+x"(d) : [s] "x"(s));                                    \
   break
 
 uint32_t csf_sse_integer(uint32_t operation, uint32_t immediate, void *destination, const void *source) {
-  (void)immediate;
   v2di d, s;
   memcpy(&d, destination, 16);
   memcpy(&s, source, 16);
@@ -241,11 +279,110 @@ uint32_t csf_sse_integer(uint32_t operation, uint32_t immediate, void *destinati
   case OP(1, 0x14): INT_XX("unpcklpd");
   case OP(0, 0x15): INT_XX("unpckhps");
   case OP(1, 0x15): INT_XX("unpckhpd");
+  // SSSE3
+  case CSF_SSE_MAP38 | OP(1, 0x00): INT_XX("pshufb");
+  case CSF_SSE_MAP38 | OP(1, 0x01): INT_XX("phaddw");
+  case CSF_SSE_MAP38 | OP(1, 0x02): INT_XX("phaddd");
+  case CSF_SSE_MAP38 | OP(1, 0x03): INT_XX("phaddsw");
+  case CSF_SSE_MAP38 | OP(1, 0x04): INT_XX("pmaddubsw");
+  case CSF_SSE_MAP38 | OP(1, 0x05): INT_XX("phsubw");
+  case CSF_SSE_MAP38 | OP(1, 0x06): INT_XX("phsubd");
+  case CSF_SSE_MAP38 | OP(1, 0x07): INT_XX("phsubsw");
+  case CSF_SSE_MAP38 | OP(1, 0x08): INT_XX("psignb");
+  case CSF_SSE_MAP38 | OP(1, 0x09): INT_XX("psignw");
+  case CSF_SSE_MAP38 | OP(1, 0x0A): INT_XX("psignd");
+  case CSF_SSE_MAP38 | OP(1, 0x0B): INT_XX("pmulhrsw");
+  case CSF_SSE_MAP38 | OP(1, 0x1C): INT_XX("pabsb");
+  case CSF_SSE_MAP38 | OP(1, 0x1D): INT_XX("pabsw");
+  case CSF_SSE_MAP38 | OP(1, 0x1E): INT_XX("pabsd");
+  // SSE4.1 / SSE4.2 (0F 38)
+  case CSF_SSE_MAP38 | OP(1, 0x20): INT_XX("pmovsxbw");
+  case CSF_SSE_MAP38 | OP(1, 0x21): INT_XX("pmovsxbd");
+  case CSF_SSE_MAP38 | OP(1, 0x22): INT_XX("pmovsxbq");
+  case CSF_SSE_MAP38 | OP(1, 0x23): INT_XX("pmovsxwd");
+  case CSF_SSE_MAP38 | OP(1, 0x24): INT_XX("pmovsxwq");
+  case CSF_SSE_MAP38 | OP(1, 0x25): INT_XX("pmovsxdq");
+  case CSF_SSE_MAP38 | OP(1, 0x28): INT_XX("pmuldq");
+  case CSF_SSE_MAP38 | OP(1, 0x29): INT_XX("pcmpeqq");
+  case CSF_SSE_MAP38 | OP(1, 0x2B): INT_XX("packusdw");
+  case CSF_SSE_MAP38 | OP(1, 0x30): INT_XX("pmovzxbw");
+  case CSF_SSE_MAP38 | OP(1, 0x31): INT_XX("pmovzxbd");
+  case CSF_SSE_MAP38 | OP(1, 0x32): INT_XX("pmovzxbq");
+  case CSF_SSE_MAP38 | OP(1, 0x33): INT_XX("pmovzxwd");
+  case CSF_SSE_MAP38 | OP(1, 0x34): INT_XX("pmovzxwq");
+  case CSF_SSE_MAP38 | OP(1, 0x35): INT_XX("pmovzxdq");
+  case CSF_SSE_MAP38 | OP(1, 0x37): INT_XX("pcmpgtq");
+  case CSF_SSE_MAP38 | OP(1, 0x38): INT_XX("pminsb");
+  case CSF_SSE_MAP38 | OP(1, 0x39): INT_XX("pminsd");
+  case CSF_SSE_MAP38 | OP(1, 0x3A): INT_XX("pminuw");
+  case CSF_SSE_MAP38 | OP(1, 0x3B): INT_XX("pminud");
+  case CSF_SSE_MAP38 | OP(1, 0x3C): INT_XX("pmaxsb");
+  case CSF_SSE_MAP38 | OP(1, 0x3D): INT_XX("pmaxsd");
+  case CSF_SSE_MAP38 | OP(1, 0x3E): INT_XX("pmaxuw");
+  case CSF_SSE_MAP38 | OP(1, 0x3F): INT_XX("pmaxud");
+  case CSF_SSE_MAP38 | OP(1, 0x40): INT_XX("pmulld");
+  case CSF_SSE_MAP38 | OP(1, 0x41): INT_XX("phminposuw");
+  // SSE4.1 MPSADBW and PCLMULQDQ (0F 3A, immediate)
+  case CSF_SSE_MAP3A | OP(1, 0x42): INT_IMM_ALL("mpsadbw");
+  case CSF_SSE_MAP3A | OP(1, 0x44): INT_IMM_ALL("pclmulqdq");
   default:
     return CSF_UNSUPPORTED;
   }
   memcpy(destination, &d, 16);
   return 0;
+}
+
+// MARK: - SSE4.2 string compares
+
+#define STR_CASE(insn, imm)                                                                  \
+  case imm:                                                                                  \
+    __asm__(insn " $" #imm ", %[s], %[d]\n\tmovdqa %%xmm0, %[m]"                            \
+            : "=c"(index), [m] "=x"(mask), "=@ccc"(carry), "=@ccz"(zero), "=@ccs"(sign),       \
+              "=@cco"(overflow)                                                              \
+            : [d] "x"(d), [s] "x"(s), "a"(lengthA), "d"(lengthD)                             \
+            : "xmm0");                                                                       \
+    break;
+
+uint32_t csf_sse_string_compare(uint32_t operation, uint32_t immediate, int32_t lengthA, int32_t lengthD,
+                                void *destination, const void *source, uint64_t *result) {
+  v2di d, s, mask = {0, 0};
+  memcpy(&d, destination, 16);
+  memcpy(&s, source, 16);
+  uint32_t index = 0;
+  unsigned char carry = 0, zero = 0, sign = 0, overflow = 0;
+  switch (operation) {
+  case 0x60:
+    switch (immediate & 0xFF) { IMM_ALL(STR_CASE, "pcmpestrm") }
+    break;
+  case 0x61:
+    switch (immediate & 0xFF) { IMM_ALL(STR_CASE, "pcmpestri") }
+    break;
+  case 0x62:
+    switch (immediate & 0xFF) { IMM_ALL(STR_CASE, "pcmpistrm") }
+    break;
+  case 0x63:
+    switch (immediate & 0xFF) { IMM_ALL(STR_CASE, "pcmpistri") }
+    break;
+  default:
+    return CSF_UNSUPPORTED;
+  }
+  if (operation == 0x60 || operation == 0x62) {
+    memcpy(destination, &mask, 16);
+  } else {
+    *result = index;
+  }
+  return (uint32_t)carry | (uint32_t)zero << 6 | (uint32_t)sign << 7 | (uint32_t)overflow << 11;
+}
+
+uint32_t csf_crc32(uint32_t crc, uint64_t value, uint32_t size) {
+  uint64_t wide = crc;
+  switch (size) {
+  case 1: __asm__("crc32b %b[v], %k[c]" : [c] "+r"(wide) : [v] "r"(value)); break;
+  case 2: __asm__("crc32w %w[v], %k[c]" : [c] "+r"(wide) : [v] "r"(value)); break;
+  case 4: __asm__("crc32l %k[v], %k[c]" : [c] "+r"(wide) : [v] "r"(value)); break;
+  default: __asm__("crc32q %q[v], %q[c]" : [c] "+r"(wide) : [v] "r"(value)); break;
+  }
+  return (uint32_t)wide;
 }
 
 // MARK: - x87

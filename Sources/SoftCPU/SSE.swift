@@ -127,6 +127,10 @@ extension CPU {
     case 0x12A: try convertIntegerToFloat(instruction, prefix: prefix)
     case 0x12C, 0x12D: try convertFloatToInteger(instruction, prefix: prefix)
 
+    // MARK: SSSE3 / SSE4.1 / SSE4.2 / PCLMULQDQ
+    case 0x200...0x2FF: try executeSSEMap38(instruction, prefix: prefix)
+    case 0x300...0x3FF: try executeSSEMap3A(instruction, prefix: prefix)
+
     default:
       throw .invalidOpcode
     }
@@ -195,10 +199,18 @@ extension CPU {
 
   // MARK: - Host-executed forms
 
-  private func hostFloat(_ instruction: Instruction, prefix: UInt8, sourceSize: Int) throws(Fault) {
+  /// The CSoftFloat operation code of an instruction: map flag | prefix << 8 | opcode byte.
+  @inline(__always)
+  func hostOperation(_ instruction: Instruction, prefix: UInt8) -> UInt32 {
+    let map = instruction.opcode >> 8
+    let mapFlag = map == 2 ? CSF_SSE_MAP38 : map == 3 ? CSF_SSE_MAP3A : 0
+    return mapFlag | UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
+  }
+
+  func hostFloat(_ instruction: Instruction, prefix: UInt8, sourceSize: Int) throws(Fault) {
     var destination = xmm[Int(instruction.reg)]
     var source = try sourceSized(instruction, size: sourceSize)
-    let operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
+    let operation = hostOperation(instruction, prefix: prefix)
     let raised = csf_sse_float(
       operation, UInt32(truncatingIfNeeded: instruction.immediate), mxcsr, &destination, &source)
     guard raised != CSF_UNSUPPORTED else { throw .invalidOpcode }
@@ -206,11 +218,12 @@ extension CPU {
     xmm[Int(instruction.reg)] = destination
   }
 
-  private func hostInteger(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+  func hostInteger(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
     var destination = xmm[Int(instruction.reg)]
     var source = try source128(instruction, aligned: sseArithmeticNeedsAlignment)
-    let operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
-    guard csf_sse_integer(operation, 0, &destination, &source) == 0 else { throw .invalidOpcode }
+    let operation = hostOperation(instruction, prefix: prefix)
+    let immediate = UInt32(truncatingIfNeeded: instruction.immediate)
+    guard csf_sse_integer(operation, immediate, &destination, &source) == 0 else { throw .invalidOpcode }
     xmm[Int(instruction.reg)] = destination
   }
 

@@ -30,6 +30,16 @@ uint32_t csf_sse_float(uint32_t operation, uint32_t immediate, uint32_t mxcsr, v
 /// bits are returned in the low 8 bytes of `destination` instead.
 uint32_t csf_sse_integer(uint32_t operation, uint32_t immediate, void *destination, const void *source);
 
+/// SSE4.2 PCMPESTRM (0x60), PCMPESTRI (0x61), PCMPISTRM (0x62), PCMPISTRI (0x63) with the
+/// explicit lengths in `lengthA`/`lengthD` (already saturated by the caller). The mask forms
+/// write XMM0's new value to `destination`; the index forms store ECX in `*result`.
+/// Returns CF, ZF, SF, OF in RFLAGS layout, or CSF_UNSUPPORTED.
+uint32_t csf_sse_string_compare(uint32_t operation, uint32_t immediate, int32_t lengthA, int32_t lengthD,
+                                void *destination, const void *source, uint64_t *result);
+
+/// CRC32 (SSE4.2, Castagnoli polynomial) of the low `size` bytes (1, 2, 4, 8) of `value`.
+uint32_t csf_crc32(uint32_t crc, uint64_t value, uint32_t size);
+
 /// Host x87 execution frame (see csf_x87).
 typedef struct {
   /// ST(0) and ST(1) before (the first `inputs` are loaded) and after (the first `outputs`).
