@@ -38,6 +38,7 @@ let package = Package(
       name: "hostvisor",
       dependencies: ["VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")]
     ),
+    .executableTarget(name: "hostvisor-bench", dependencies: ["KVMBackend", "VMCore"]),
     .testTarget(name: "VMCoreTests", dependencies: ["VMCore"]),
     .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "VMCore", "Devices", "Loaders"]),
     .testTarget(name: "LoaderTests", dependencies: ["Loaders", "VMCore"]),
