@@ -1,0 +1,154 @@
+import Glibc
+import VMCore
+
+/// Which CPU accelerator runs the guest.
+public enum AcceleratorChoice: String, Sendable, CaseIterable {
+  /// KVM when it is usable for the guest, the software CPU otherwise.
+  case auto
+  /// Linux KVM (`/dev/kvm`).
+  case kvm
+  /// Hostvisor's software x86-64 CPU.
+  case soft
+}
+
+/// Where the guest's COM1 serial port goes.
+public enum SerialChoice: Sendable, Equatable {
+  /// The host terminal (raw mode while attached; Ctrl-A x quits).
+  case stdio
+  /// Appended to a file.
+  case file(String)
+  /// Discarded.
+  case none
+
+  /// Parses `stdio`, `file:PATH` or `none`.
+  public init(parsing text: String) throws(ConfigurationError) {
+    switch text {
+    case "stdio": self = .stdio
+    case "none": self = .none
+    default:
+      guard text.hasPrefix("file:"), text.count > 5 else { throw .invalidSerial(text) }
+      self = .file(String(text.dropFirst(5)))
+    }
+  }
+}
+
+/// A user-input error in the machine configuration: one clear line.
+public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConvertible {
+  case invalidMemorySize(String)
+  case memoryTooSmall(UInt64)
+  case memoryTooLarge(requested: UInt64, limit: UInt64)
+  case invalidCPUCount(Int)
+  case invalidSerial(String)
+
+  public var description: String {
+    switch self {
+    case .invalidMemorySize(let text):
+      return "invalid memory size '\(text)': use a number with an optional K, M, G or T suffix (e.g. 512M)"
+    case .memoryTooSmall(let size):
+      return size == 0 ? "memory size must be greater than zero" : "memory size \(size) bytes is too small (minimum 2M)"
+    case .memoryTooLarge(let requested, let limit):
+      return
+        "memory size \(MemorySize.format(requested)) is larger than this host can map (limit \(MemorySize.format(limit)))"
+    case .invalidCPUCount(let count):
+      return "invalid CPU count \(count): must be between 1 and \(MachineConfiguration.maximumCPUs)"
+    case .invalidSerial(let text):
+      return "invalid serial backend '\(text)': use stdio, file:PATH or none"
+    }
+  }
+}
+
+/// Parsing and formatting of sizes like `512M`.
+public enum MemorySize {
+  /// Parses a byte count with an optional binary suffix (K, M, G, T; case-insensitive, optional trailing B/iB).
+  public static func parse(_ text: String) throws(ConfigurationError) -> UInt64 {
+    var digits = Substring(text.trimmingCharacters(in: " "))
+    for suffix in ["iB", "ib", "B", "b"] where digits.hasSuffix(suffix) && digits.count > suffix.count {
+      digits = digits.dropLast(suffix.count)
+      break
+    }
+    var shift: UInt64 = 0
+    if let last = digits.last, let unit = "KMGT".firstIndex(of: Character(last.uppercased())) {
+      shift = 10 * UInt64("KMGT".distance(from: "KMGT".startIndex, to: unit) + 1)
+      digits = digits.dropLast()
+    } else if digits.allSatisfy(\.isNumber) {
+      shift = 20  // a bare number means MiB, as in QEMU
+    }
+    guard !digits.isEmpty, digits.allSatisfy(\.isNumber), let value = UInt64(digits) else {
+      throw .invalidMemorySize(text)
+    }
+    guard value <= (UInt64.max >> shift) else { throw .invalidMemorySize(text) }
+    return value << shift
+  }
+
+  /// Formats a byte count with the largest exact binary unit.
+  public static func format(_ bytes: UInt64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")]
+    where bytes >= (1 << shift) && bytes % (1 << shift) == 0 {
+      return "\(bytes >> UInt64(shift))\(unit)"
+    }
+    return bytes >= 1 << 20 ? "\(bytes >> 20)M" : "\(bytes)"
+  }
+}
+
+extension String {
+  fileprivate func trimmingCharacters(in set: Character) -> String {
+    var result = Substring(self)
+    while result.first == set { result = result.dropFirst() }
+    while result.last == set { result = result.dropLast() }
+    return String(result)
+  }
+}
+
+/// Everything needed to build and boot one virtual machine. The CLI and the API both fill this in.
+public struct MachineConfiguration: Sendable {
+  /// The most vCPUs a machine may have.
+  public static let maximumCPUs = 64
+  /// The smallest RAM we accept.
+  public static let minimumMemory: UInt64 = 2 << 20
+
+  public var kernelPath: String
+  public var initrdPath: String?
+  public var commandLine: String
+  public var memorySize: UInt64
+  public var cpuCount: Int
+  public var accelerator: AcceleratorChoice
+  public var serial: SerialChoice
+  /// Path of the KVM device (overridable for tests and unusual hosts).
+  public var kvmDevicePath: String
+  /// Print what was chosen (accelerator, memory layout) to standard error.
+  public var verbose: Bool
+
+  public init(
+    kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",
+    memorySize: UInt64 = 512 << 20, cpuCount: Int = 1, accelerator: AcceleratorChoice = .auto,
+    serial: SerialChoice = .stdio, kvmDevicePath: String = "/dev/kvm", verbose: Bool = false
+  ) {
+    self.kernelPath = kernelPath
+    self.initrdPath = initrdPath
+    self.commandLine = commandLine
+    self.memorySize = memorySize
+    self.cpuCount = cpuCount
+    self.accelerator = accelerator
+    self.serial = serial
+    self.kvmDevicePath = kvmDevicePath
+    self.verbose = verbose
+  }
+
+  /// Checks sizes and counts before anything is allocated.
+  public func validate() throws(ConfigurationError) {
+    guard memorySize >= Self.minimumMemory else { throw .memoryTooSmall(memorySize) }
+    let limit = Self.hostMemoryLimit()
+    guard memorySize <= limit else { throw .memoryTooLarge(requested: memorySize, limit: limit) }
+    guard (1...Self.maximumCPUs).contains(cpuCount) else { throw .invalidCPUCount(cpuCount) }
+  }
+
+  /// The largest guest RAM this host can back: its physical RAM (guest RAM is ordinary
+  /// process memory, so more could only fail later, inside the guest), capped by
+  /// Hostvisor's 1 TiB guest-physical limit.
+  public static func hostMemoryLimit() -> UInt64 {
+    let pages = sysconf(Int32(_SC_PHYS_PAGES))
+    let pageSize = sysconf(Int32(_SC_PAGESIZE))
+    guard pages > 0, pageSize > 0 else { return GuestMemory.maximumSize }
+    return min(UInt64(pages) * UInt64(pageSize), GuestMemory.maximumSize)
+  }
+}

@@ -1,0 +1,107 @@
+import Devices
+import Glibc
+import KVMBackend
+import Loaders
+import VMCore
+
+/// A failure while building or running a machine, as one clear line.
+public struct MachineError: Error, CustomStringConvertible, Sendable {
+  public let description: String
+  public init(_ description: String) { self.description = description }
+}
+
+/// One virtual machine: guest memory, devices, a loaded kernel and an accelerator, built
+/// from a `MachineConfiguration`. The CLI and (later) the management API both drive this type.
+public final class VirtualMachine: Sendable {
+  /// What this machine was built from.
+  public let configuration: MachineConfiguration
+  /// Guest RAM, the I/O bus and the shared control block.
+  public let parts: MachineParts
+  /// The loaded kernel and the CPU state it starts in.
+  public let boot: BootImage
+  /// The legacy PC devices (UART, i8042, RTC, debug-exit, ...).
+  public let devices: InstalledLegacyDevices
+  /// The accelerator that runs the vCPUs.
+  public let accelerator: any Accelerator
+
+  /// Builds the machine: validates the configuration, maps RAM, loads the kernel, installs
+  /// devices and opens the accelerator. Every failure is a one-line error.
+  public init(configuration: MachineConfiguration) throws {
+    self.configuration = configuration
+    do {
+      try configuration.validate()
+    } catch {
+      throw MachineError(error.description)
+    }
+    let memory: GuestMemory
+    do {
+      memory = try GuestMemory(size: configuration.memorySize)
+    } catch {
+      throw MachineError(error.description)
+    }
+    parts = MachineParts(memory: memory, bus: IOBus(), control: MachineControl(), interrupts: InterruptRouter())
+    do {
+      boot = try KernelLoader.load(
+        kernelPath: configuration.kernelPath, initrdPath: configuration.initrdPath,
+        commandLine: configuration.commandLine, memory: memory)
+    } catch {
+      throw MachineError(error.description)
+    }
+    let backend: any SerialBackend
+    switch configuration.serial {
+    case .stdio: backend = StdioSerialBackend()
+    case .none: backend = NullSerialBackend()
+    case .file(let path):
+      do {
+        backend = try FileSerialBackend(path: path)
+      } catch {
+        throw MachineError(error.description)
+      }
+    }
+    do {
+      devices = try LegacyDevices.install(
+        on: parts.bus, control: parts.control, interrupts: parts.interrupts, serialBackend: backend,
+        memorySize: configuration.memorySize)
+    } catch {
+      throw MachineError(error.description)
+    }
+    accelerator = try Self.makeAccelerator(configuration: configuration, parts: parts)
+    if configuration.verbose {
+      log(
+        "accelerator: \(accelerator.name); kernel format: \(boot.format); memory: \(MemorySize.format(configuration.memorySize))"
+      )
+      for warning in boot.warnings { log("loader: \(warning)") }
+    }
+  }
+
+  private static func makeAccelerator(configuration: MachineConfiguration, parts: MachineParts) throws
+    -> any Accelerator
+  {
+    switch configuration.accelerator {
+    case .kvm, .auto:
+      do {
+        return try KVMAccelerator(
+          parts: parts, cpuCount: configuration.cpuCount, devicePath: configuration.kvmDevicePath)
+      } catch {
+        throw MachineError(error.description)
+      }
+    case .soft:
+      throw MachineError("the software CPU accelerator is not available yet")
+    }
+  }
+
+  /// Runs the guest until it stops, with the terminal attached when the serial console is stdio.
+  public func run() throws -> MachineStopReason {
+    guard configuration.serial == .stdio else {
+      return try accelerator.run(bootState: boot.state)
+    }
+    let control = parts.control
+    let console = TerminalConsole(serialPort: devices.serialPort) { control.requestStop(.stopRequested) }
+    return try console.run { try accelerator.run(bootState: boot.state) }
+  }
+
+  private func log(_ message: String) {
+    var line = "hostvisor: \(message)\n"
+    line.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+  }
+}

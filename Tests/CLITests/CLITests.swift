@@ -1,0 +1,161 @@
+import Foundation
+import Testing
+
+/// Runs the real `hostvisor` executable built next to this test bundle.
+struct HostvisorProcess {
+  static var executable: URL {
+    let testBinary = URL(
+      fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+        ?? CommandLine.arguments[0])
+    return testBinary.deletingLastPathComponent().appendingPathComponent("hostvisor")
+  }
+
+  struct Result {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+  }
+
+  static func run(_ arguments: [String], stdin: FileHandle? = nil) throws -> Result {
+    let process = Process()
+    process.executableURL = executable
+    process.arguments = arguments
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    process.standardInput = stdin ?? FileHandle.nullDevice
+    try process.run()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    let errData = err.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return Result(
+      status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+      stderr: String(decoding: errData, as: UTF8.self))
+  }
+}
+
+/// A scratch directory removed when the test ends.
+final class ScratchDirectory {
+  let url: URL
+  init() throws {
+    url = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-cli-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+  }
+  deinit { try? FileManager.default.removeItem(at: url) }
+  func path(_ name: String) -> String { url.appendingPathComponent(name).path }
+}
+
+/// Assembles and links a guest program from Tests/GuestPrograms with GNU as/ld.
+func buildGuest(_ source: String, in scratch: ScratchDirectory, linkAt address: String = "0x100000") throws -> String {
+  let sourcePath = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .appendingPathComponent("GuestPrograms/\(source)").path
+  let object = scratch.path("guest.o")
+  let image = scratch.path("guest.elf")
+  for (tool, arguments) in [
+    ("/usr/bin/as", ["--32", "-o", object, sourcePath]),
+    ("/usr/bin/ld", ["-m", "elf_i386", "-Ttext", address, "-o", image, object]),
+  ] {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: tool)
+    process.arguments = arguments
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else { throw CocoaError(.executableLoad) }
+  }
+  return image
+}
+
+@Suite("hostvisor command line")
+struct CLITests {
+  /// Every failure is exactly one line on stderr that starts with "hostvisor: error:".
+  func expectOneLineError(_ result: HostvisorProcess.Result, containing text: String) {
+    #expect(result.status == 1)
+    let lines = result.stderr.split(separator: "\n", omittingEmptySubsequences: true)
+    #expect(lines.count == 1, "stderr was: \(result.stderr)")
+    #expect(result.stderr.hasPrefix("hostvisor: error: "), "stderr was: \(result.stderr)")
+    #expect(result.stderr.contains(text), "stderr was: \(result.stderr)")
+  }
+
+  @Test func missingKernelFile() throws {
+    let result = try HostvisorProcess.run(["run", "--kernel", "/nonexistent/vmlinuz", "--serial", "none"])
+    expectOneLineError(result, containing: "/nonexistent/vmlinuz")
+  }
+
+  @Test func fileThatIsNotAKernel() throws {
+    let scratch = try ScratchDirectory()
+    let path = scratch.path("notes.txt")
+    try Data(repeating: 0x41, count: 4096).write(to: URL(fileURLWithPath: path))
+    let result = try HostvisorProcess.run(["run", "--kernel", path, "--serial", "none"])
+    expectOneLineError(result, containing: "not a kernel")
+  }
+
+  @Test func zeroMemory() throws {
+    let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--memory", "0", "--serial", "none"])
+    expectOneLineError(result, containing: "memory size must be greater than zero")
+  }
+
+  @Test func memoryLargerThanTheHost() throws {
+    let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--memory", "900T", "--serial", "none"])
+    expectOneLineError(result, containing: "larger than this host can map")
+  }
+
+  @Test func malformedMemorySize() throws {
+    let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--memory", "lots", "--serial", "none"])
+    expectOneLineError(result, containing: "invalid memory size 'lots'")
+  }
+
+  @Test func zeroCPUs() throws {
+    let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--cpus", "0", "--serial", "none"])
+    expectOneLineError(result, containing: "invalid CPU count 0")
+  }
+
+  @Test func unknownAccelerator() throws {
+    let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--accel", "warp", "--serial", "none"])
+    expectOneLineError(result, containing: "invalid accelerator 'warp'")
+  }
+
+  @Test func missingKVMDevice() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "kvm", "--kvm-device", "/nonexistent/kvm", "--serial", "none",
+    ])
+    expectOneLineError(result, containing: "/nonexistent/kvm")
+  }
+
+  @Test func kvmDeviceThatIsNotKVM() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "kvm", "--kvm-device", "/dev/null", "--serial", "none",
+    ])
+    expectOneLineError(result, containing: "/dev/null")
+  }
+
+  @Test func multibootGuestPrintsAndExitsThroughDebugExit() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let result = try HostvisorProcess.run(["run", "--kernel", kernel, "--accel", "kvm", "--serial", "stdio"])
+    #expect(result.stdout.contains("hello from the guest"), "stdout: \(result.stdout) stderr: \(result.stderr)")
+    #expect(result.status == (0x21 << 1) | 1)
+  }
+
+  @Test func serialToFile() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let log = scratch.path("serial.log")
+    let result = try HostvisorProcess.run(["run", "--kernel", kernel, "--accel", "kvm", "--serial", "file:\(log)"])
+    #expect(result.status == (0x21 << 1) | 1)
+    let written = try String(contentsOfFile: log, encoding: .utf8)
+    #expect(written.contains("hello from the guest"))
+  }
+
+  @Test func helpExplainsEveryOption() throws {
+    let result = try HostvisorProcess.run(["run", "--help"])
+    #expect(result.status == 0)
+    for option in ["--kernel", "--initrd", "--cmdline", "--memory", "--cpus", "--accel", "--serial", "--verbose"] {
+      #expect(result.stdout.contains(option), "help lacks \(option)")
+    }
+  }
+}
