@@ -77,7 +77,14 @@ public final class VirtualMachine: Sendable {
   private static func makeAccelerator(configuration: MachineConfiguration, parts: MachineParts) throws
     -> any Accelerator
   {
-    switch configuration.accelerator {
+    var choice = configuration.accelerator
+    if choice == .auto {
+      let finding = AcceleratorProbe.probeKVM(devicePath: configuration.kvmDevicePath)
+      if configuration.verbose { log("accelerator probe: \(finding)") }
+      // TODO(issue 4): choose .soft when KVM is unusable, once the software CPU boots kernels.
+      choice = .kvm
+    }
+    switch choice {
     case .kvm, .auto:
       do {
         return try KVMAccelerator(
@@ -100,7 +107,9 @@ public final class VirtualMachine: Sendable {
     return try console.run { try accelerator.run(bootState: boot.state) }
   }
 
-  private func log(_ message: String) {
+  private func log(_ message: String) { Self.log(message) }
+
+  private static func log(_ message: String) {
     var line = "hostvisor: \(message)\n"
     line.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
   }
