@@ -92,7 +92,11 @@ public struct E820Entry: Sendable, Equatable, CustomStringConvertible {
   public var address: UInt64
   public var size: UInt64
   public var type: E820Type
-  public var end: UInt64 { address + size }
+  /// One past the last byte (saturating at the top of the address space).
+  public var end: UInt64 {
+    let (sum, overflow) = address.addingReportingOverflow(size)
+    return overflow ? .max : sum
+  }
 
   public init(address: UInt64, size: UInt64, type: E820Type) {
     self.address = address

@@ -46,6 +46,8 @@ public enum LinuxLoader {
   /// "HdrS", little-endian.
   static let headerMagic: UInt32 = 0x5372_6448
   public static let minimumVersion: UInt16 = 0x020C
+  /// loadflags bit 7: heap_end_ptr is valid.
+  static let canUseHeap: UInt8 = 1 << 7
   static let xlfKernel64: UInt16 = 1 << 0
   static let xlfCanBeLoadedAbove4G: UInt16 = 1 << 1
   /// Offset of the 64-bit entry point from the load address.
@@ -73,6 +75,8 @@ public enum LinuxLoader {
     public static let ramdiskImage: UInt64 = 0x218
     public static let ramdiskSize: UInt64 = 0x21C
     public static let heapEndPtr: UInt64 = 0x224
+    public static let extLoaderVer: UInt64 = 0x226
+    public static let extLoaderType: UInt64 = 0x227
     public static let cmdLinePtr: UInt64 = 0x228
     public static let initrdAddrMax: UInt64 = 0x22C
     public static let kernelAlignment: UInt64 = 0x230
@@ -80,6 +84,9 @@ public enum LinuxLoader {
     public static let minAlignment: UInt64 = 0x235
     public static let xloadflags: UInt64 = 0x236
     public static let cmdlineSize: UInt64 = 0x238
+    public static let hardwareSubarch: UInt64 = 0x23C
+    public static let hardwareSubarchData: UInt64 = 0x240
+    public static let setupData: UInt64 = 0x250
     public static let prefAddress: UInt64 = 0x258
     public static let initSize: UInt64 = 0x260
     public static let e820Table: UInt64 = 0x2D0
@@ -167,7 +174,7 @@ public enum LinuxLoader {
     if !fits(loadAddress) {
       let alignment = alignment(of: header)
       let relocated = (BootLayout.kernelMinimumAddress + alignment - 1) & ~(alignment - 1)
-      guard header.relocatable, fits(relocated), relocated < header.preferredAddress else {
+      guard header.relocatable, fits(relocated) else {
         throw .segmentOutsideRAM(address: header.preferredAddress, length: footprint)
       }
       loadAddress = relocated
@@ -186,6 +193,15 @@ public enum LinuxLoader {
     let headerRange = image.range(Offset.setupSects, header.headerEnd - Offset.setupSects)!
     try memory.load(image.bytes, headerRange, at: bootParams + Offset.setupSects)
     try memory.put(undefinedLoaderType, at: bootParams + Offset.typeOfLoader)
+    // Fields the protocol marks "write" (the loader's to fill) start clean, whatever the file
+    // holds: no heap (the setup code does not run), no extended loader type, a PC subarchitecture
+    // and no setup_data list.
+    try memory.put(UInt16(0), at: bootParams + Offset.heapEndPtr)
+    try memory.put(UInt16(0), at: bootParams + Offset.extLoaderVer)
+    try memory.put(UInt32(0), at: bootParams + Offset.hardwareSubarch)
+    try memory.put(UInt64(0), at: bootParams + Offset.hardwareSubarchData)
+    try memory.put(UInt64(0), at: bootParams + Offset.setupData)
+    try memory.put(header.loadFlags & ~canUseHeap, at: bootParams + Offset.loadFlags)
     try memory.put(UInt32(truncatingIfNeeded: loadAddress), at: bootParams + Offset.code32Start)
 
     // Command line, truncated to cmdline_size bytes and NUL-terminated.

@@ -75,7 +75,10 @@ import VMCore
     let params = try memory.readBytes(at: base, count: 4096)
 
     // The setup header is copied from the file; only fields the loader writes may differ.
-    let writtenByLoader: Set<Int> = Set(0x210..<0x211).union(0x214..<0x220).union(0x228..<0x22C)
+    // type_of_loader, loadflags, code32_start, ramdisk_image/size, heap_end_ptr, ext_loader_*,
+    // cmd_line_ptr, hardware_subarch(_data), setup_data.
+    let writtenByLoader: Set<Int> = Set(0x210..<0x212).union(0x214..<0x220).union(0x224..<0x22C)
+      .union(0x23C..<0x248).union(0x250..<0x258)
     for offset in 0x1F1..<headerEnd where !writtenByLoader.contains(offset) {
       #expect(params[offset] == file[offset], "boot_params byte \(String(offset, radix: 16))")
     }
@@ -86,6 +89,9 @@ import VMCore
     #expect(params[headerEnd..<0x2D0].allSatisfy { $0 == 0 })
 
     #expect(params[0x210] == 0xFF, "type_of_loader")
+    #expect(params[0x211] == file[0x211] & 0x7F, "loadflags without CAN_USE_HEAP")
+    #expect(params.le(UInt32.self, at: 0x214) == UInt32(file.le(UInt64.self, at: 0x258)), "code32_start = load address")
+    #expect(params.le(UInt64.self, at: 0x250) == 0, "setup_data")
 
     // cmd_line_ptr → the NUL-terminated command line.
     let commandLinePointer = UInt64(params.le(UInt32.self, at: 0x228))
