@@ -29,12 +29,15 @@ public enum TerminalConsoleError: Error, Equatable, Sendable, CustomStringConver
 /// it to `deliver`. On a terminal, QEMU's escapes apply (see `ConsoleEscapeDecoder`): Ctrl-A x
 /// calls `onQuit`, Ctrl-A Ctrl-A sends a Ctrl-A. When the input is not a terminal (a pipe, a
 /// file, /dev/null) bytes are forwarded unchanged and end of input simply ends reading; the
-/// machine keeps running.
+/// machine keeps running. A background job (another process group owns the terminal) neither
+/// changes nor reads the terminal, which would stop the whole process.
+///
+/// Not handled: job-control stops (SIGTSTP from outside; Ctrl-Z itself goes to the guest)
+/// leave the terminal raw until the process continues.
 public final class TerminalConsole: Sendable {
   private struct RunningState {
     var thread: pthread_t
-    var wakeReadEnd: Int32
-    var wakeWriteEnd: Int32
+    var reader: ConsoleReader
     var ownsRawMode: Bool
   }
 
@@ -81,6 +84,11 @@ public final class TerminalConsole: Sendable {
     try running.withLock { (state: inout RunningState?) throws(TerminalConsoleError) in
       guard state == nil else { return }
       let isTerminal = isatty(inputDescriptor) == 1
+      if isTerminal && TerminalModeGuard.isBackgroundJob(inputDescriptor) {
+        // Reading our terminal from the background would stop the whole process (SIGTTIN).
+        finished.value.store(true, ordering: .releasing)
+        return
+      }
       var pipeEnds: [Int32] = [-1, -1]
       guard pipe(&pipeEnds) == 0 else { throw .cannotStart(what: "pipe", errno: errno) }
       for end in pipeEnds {
@@ -89,7 +97,8 @@ public final class TerminalConsole: Sendable {
       }
       let ownsRawMode = isTerminal && TerminalModeGuard.enterRawMode(inputDescriptor)
       let reader = ConsoleReader(
-        input: inputDescriptor, wakeDescriptor: pipeEnds[0], escapes: escapeHandling ?? isTerminal,
+        input: inputDescriptor, wakeReadEnd: pipeEnds[0], wakeWriteEnd: pipeEnds[1],
+        escapes: escapeHandling ?? isTerminal,
         deliver: deliver, onQuit: onQuit, finished: finished)
       finished.value.store(false, ordering: .releasing)
       let context = Unmanaged.passRetained(reader).toOpaque()
@@ -102,13 +111,12 @@ public final class TerminalConsole: Sendable {
         }, context)
       guard result == 0 else {
         Unmanaged<ConsoleReader>.fromOpaque(context).release()
-        close(pipeEnds[0])
-        close(pipeEnds[1])
+        reader.closeWakePipe()
         if ownsRawMode { TerminalModeGuard.leaveRawMode() }
         throw .cannotStart(what: "thread", errno: result)
       }
       state = RunningState(
-        thread: thread, wakeReadEnd: pipeEnds[0], wakeWriteEnd: pipeEnds[1], ownsRawMode: ownsRawMode)
+        thread: thread, reader: reader, ownsRawMode: ownsRawMode)
     }
   }
 
@@ -121,15 +129,17 @@ public final class TerminalConsole: Sendable {
         return state
       })
     else { return }
-    var wake: UInt8 = 1
-    _ = write(state.wakeWriteEnd, &wake, 1)
     if pthread_equal(pthread_self(), state.thread) != 0 {
+      // Called from onQuit on the reader thread: it ends after this call returns and closes
+      // its wake-up pipe itself.
+      state.reader.exitWhenCallbackReturns.store(true, ordering: .releasing)
       pthread_detach(state.thread)
     } else {
+      var wake: UInt8 = 1
+      _ = write(state.reader.wakeWriteEnd, &wake, 1)
       pthread_join(state.thread, nil)
-      close(state.wakeReadEnd)
+      state.reader.closeWakePipe()
     }
-    close(state.wakeWriteEnd)
     if state.ownsRawMode { TerminalModeGuard.leaveRawMode() }
   }
 
@@ -149,31 +159,45 @@ private final class CompletionFlag: Sendable {
 /// The reader thread's work: wait for input or a wake-up, decode, deliver.
 private final class ConsoleReader: Sendable {
   let input: Int32
-  let wakeDescriptor: Int32
+  let wakeReadEnd: Int32
+  let wakeWriteEnd: Int32
   let escapes: Bool
+  /// Set by `stop()` when it runs on the reader thread (from `onQuit`).
+  let exitWhenCallbackReturns = Atomic<Bool>(false)
   let deliver: @Sendable ([UInt8]) -> Void
   let onQuit: @Sendable () -> Void
   let finished: CompletionFlag
 
   init(
-    input: Int32, wakeDescriptor: Int32, escapes: Bool, deliver: @escaping @Sendable ([UInt8]) -> Void,
+    input: Int32, wakeReadEnd: Int32, wakeWriteEnd: Int32, escapes: Bool,
+    deliver: @escaping @Sendable ([UInt8]) -> Void,
     onQuit: @escaping @Sendable () -> Void, finished: CompletionFlag
   ) {
     self.input = input
-    self.wakeDescriptor = wakeDescriptor
+    self.wakeReadEnd = wakeReadEnd
+    self.wakeWriteEnd = wakeWriteEnd
     self.escapes = escapes
     self.deliver = deliver
     self.onQuit = onQuit
     self.finished = finished
   }
 
+  /// Closes both ends of the wake-up pipe; called once, by whoever outlives the other.
+  func closeWakePipe() {
+    close(wakeReadEnd)
+    close(wakeWriteEnd)
+  }
+
   func run() {
-    defer { finished.value.store(true, ordering: .releasing) }
+    defer {
+      if exitWhenCallbackReturns.load(ordering: .acquiring) { closeWakePipe() }
+      finished.value.store(true, ordering: .releasing)
+    }
     var decoder = ConsoleEscapeDecoder()
     var buffer = [UInt8](repeating: 0, count: 1024)
     var descriptors = [
       pollfd(fd: input, events: Int16(POLLIN), revents: 0),
-      pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0),
+      pollfd(fd: wakeReadEnd, events: Int16(POLLIN), revents: 0),
     ]
     while true {
       descriptors[0].revents = 0
@@ -201,7 +225,9 @@ private final class ConsoleReader: Sendable {
       for action in decoder.decode(bytes) {
         switch action {
         case .forward(let data): deliver(data)
-        case .quit: onQuit()
+        case .quit:
+          onQuit()
+          if exitWhenCallbackReturns.load(ordering: .acquiring) { return }
         case .help:
           ConsoleEscapeDecoder.helpText.utf8CString.withUnsafeBytes {
             writeFully(fd: STDERR_FILENO, UnsafeRawBufferPointer(rebasing: $0.dropLast()))
@@ -259,10 +285,7 @@ enum TerminalModeGuard {
   static func enterRawMode(_ descriptor: Int32) -> Bool {
     terminalOwnerLock.withLock { owned in
       guard !owned else { return false }
-      // A background job must not touch the terminal (it would be stopped by SIGTTOU). When the
-      // terminal is not our controlling terminal, tcgetpgrp fails and there is no job control.
-      let foreground = tcgetpgrp(descriptor)
-      if foreground >= 0 && foreground != getpgrp() { return false }
+      if isBackgroundJob(descriptor) { return false }
       var original = termios()
       guard tcgetattr(descriptor, &original) == 0 else { return false }
       var raw = original
@@ -288,6 +311,14 @@ enum TerminalModeGuard {
       owned = true
       return true
     }
+  }
+
+  /// Whether `descriptor` is our controlling terminal and another process group is in the
+  /// foreground: touching it would stop us (SIGTTIN, SIGTTOU). When it is not our controlling
+  /// terminal, tcgetpgrp fails and there is no job control to worry about.
+  static func isBackgroundJob(_ descriptor: Int32) -> Bool {
+    let foreground = tcgetpgrp(descriptor)
+    return foreground >= 0 && foreground != getpgrp()
   }
 
   /// Restores the saved settings and disarms restoration.

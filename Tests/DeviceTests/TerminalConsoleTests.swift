@@ -110,6 +110,36 @@ struct TerminalConsoleTests {
     close(ends[1])
   }
 
+  @Test func stopFromTheQuitCallbackDoesNotDeadlock() throws {
+    var ends: [Int32] = [-1, -1]
+    #expect(pipe(&ends) == 0)
+    defer {
+      close(ends[0])
+      close(ends[1])
+    }
+    final class ConsoleSlot: Sendable {
+      let console = Mutex<TerminalConsole?>(nil)
+    }
+    let slot = ConsoleSlot()
+    let delivered = Delivered()
+    let console = TerminalConsole(
+      inputDescriptor: ends[0], escapeHandling: true,
+      deliver: { bytes in delivered.bytes.withLock { $0 += bytes } },
+      onQuit: {
+        delivered.quits.add(1, ordering: .relaxed)
+        slot.console.withLock { $0 }?.stop()
+      })
+    slot.console.withLock { $0 = console }
+    try console.start()
+    let input: [UInt8] = [0x61, 0x01, UInt8(ascii: "x"), 0x62]
+    #expect(write(ends[1], input, input.count) == input.count)
+    #expect(eventually { console.readerFinished })
+    #expect(delivered.quits.load(ordering: .relaxed) == 1)
+    #expect(delivered.bytes.withLock { $0 } == [0x61], "nothing is read after the console stopped")
+    slot.console.withLock { $0 = nil }
+    console.stop()
+  }
+
   @Test func stopReturnsWhileTheReaderIsWaiting() throws {
     var ends: [Int32] = [-1, -1]
     #expect(pipe(&ends) == 0)
