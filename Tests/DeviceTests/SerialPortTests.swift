@@ -202,6 +202,42 @@ struct SerialPortTests {
     #expect(second & 0x0F == 0x02)
   }
 
+  @Test func linuxAutoconfigSequenceFindsA16550A() throws {
+    // The register dance of Linux's 8250 autoconfig(), condensed: existence test through IER,
+    // loopback test, FIFO detection, then the probes for look-alikes, which must all say no.
+    let machine = try LegacyMachine()
+    machine.outb(ier, 0x00)
+    #expect(machine.inb(ier) & 0x0F == 0x00)
+    machine.outb(ier, 0x0F)
+    #expect(machine.inb(ier) & 0x0F == 0x0F)
+    machine.outb(ier, 0x00)
+
+    let savedMCR = machine.inb(mcr)
+    machine.outb(mcr, 0x10 | 0x0A)
+    #expect(machine.inb(msr) & 0xF0 == 0x90)
+    machine.outb(mcr, savedMCR)
+
+    machine.outb(lcr, 0xBF)
+    machine.outb(iir, 0x00)  // EFR write on a 16650; FCR here
+    machine.outb(lcr, 0x00)
+    machine.outb(iir, 0x01)
+    #expect(machine.inb(iir) >> 6 == 3, "16550A: FIFOs reported enabled")
+
+    machine.outb(lcr, 0x80)
+    #expect(machine.inb(iir) != 0, "no EFR behind DLAB: not a 16650")
+    machine.outb(lcr, 0xBF)
+    #expect(machine.inb(iir) != 0)
+    machine.outb(lcr, 0x00)
+    let canary = machine.inb(ier)
+    machine.outb(ier, canary | 0x40)
+    #expect(machine.inb(ier) & 0x40 == 0, "no UART-unit-enable bit: not an XScale")
+    machine.outb(ier, canary)
+    machine.outb(iir, 0x01 | 0x20)
+    #expect(machine.inb(iir) & 0xE0 == 0xC0, "no 64-byte FIFO: not a 16750")
+    machine.outb(iir, 0x00)
+    #expect(machine.inb(lsr) != 0xFF, "the LSR safety check passes")
+  }
+
   @Test func overrunSetsLineStatusAndItsInterrupt() throws {
     let machine = try LegacyMachine()
     machine.outb(mcr, 0x10)  // loopback, FIFOs off: one holding register
