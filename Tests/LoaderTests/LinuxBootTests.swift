@@ -279,4 +279,34 @@ import VMCore
       tinyError?.description == "kernel '\(guest.kernel)' (\(fileSize) bytes) is larger than guest RAM (2097152 bytes)",
       "\(String(describing: tinyError))")
   }
+
+  func syntheticHeader(initrdAddressMax: UInt32, above4G: Bool) -> LinuxSetupHeader {
+    LinuxSetupHeader(
+      setupSectors: 4, bootFlag: 0xAA55, version: 0x020F, loadFlags: 1, initrdAddressMax: initrdAddressMax,
+      kernelAlignment: 0x20_0000, relocatable: true, minimumAlignmentShift: 21,
+      extendedLoadFlags: above4G ? 0x3 : 0x1, commandLineSize: 2047, preferredAddress: 0x100_0000,
+      initSize: 0x100_0000, headerEnd: 0x26C)
+  }
+
+  @Test func initrdPlacementFallsBackBelowTheKernelThenAbove4GiB() throws {
+    let memory = try GuestMemory(size: 8 << 30)
+    let kernel: Range<UInt64> = 0x100_0000..<0x200_0000
+    let header = syntheticHeader(initrdAddressMax: 0x7FFF_FFFF, above4G: true)
+    // Normal: just below initrd_addr_max + 1.
+    let normal = try LinuxLoader.placeInitrd(size: 0x1234, name: "i", header: header, kernel: kernel, memory: memory)
+    #expect(normal.lowerBound == 0x7FFF_E000 && normal.count == 0x1234)
+    // Too big for low RAM below 2 GiB: the top of high RAM, since XLF_CAN_BE_LOADED_ABOVE_4G is set.
+    let big: UInt64 = 3 << 30
+    let high = try LinuxLoader.placeInitrd(size: big, name: "i", header: header, kernel: kernel, memory: memory)
+    #expect(high == (9 << 30) - big..<(9 << 30))
+    // Without the flag it is an error.
+    let lowOnly = syntheticHeader(initrdAddressMax: 0x7FFF_FFFF, above4G: false)
+    #expect(throws: LoaderError.self) {
+      try LinuxLoader.placeInitrd(size: big, name: "i", header: lowOnly, kernel: kernel, memory: memory)
+    }
+    // A kernel reaching up to the ceiling leaves only the space between 1 MiB and the kernel.
+    let tall: Range<UInt64> = 0x100_0000..<0x8000_0000
+    let below = try LinuxLoader.placeInitrd(size: 0x80_0000, name: "i", header: lowOnly, kernel: tall, memory: memory)
+    #expect(below == 0x80_0000..<0x100_0000)
+  }
 }
