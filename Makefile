@@ -23,7 +23,7 @@ run: build guest
 
 ## Build optimized (the interpreter is too slow in debug) and run every test.
 test: deps guest
-	$(SWIFT) test -c release
+	$(SWIFT) test -c release -Xswiftc -enable-testing
 
 lint:
 	$(SWIFT) format lint --strict --recursive Sources Tests Package.swift
