@@ -31,6 +31,8 @@ let package = Package(
     .target(name: "Loaders", dependencies: ["VMCore"]),
     .target(name: "InterruptControllers", dependencies: ["VMCore"]),
     .target(name: "Firmware", dependencies: ["VMCore"]),
+    .target(name: "PCI", dependencies: ["VMCore"]),
+    .target(name: "Virtio", dependencies: ["VMCore", "PCI"]),
     .target(name: "VMM", dependencies: [
         "VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "InterruptControllers", "Firmware", "CShim",
       ]),
@@ -50,6 +52,7 @@ let package = Package(
     .testTarget(name: "CLITests", dependencies: ["VMM"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
+    .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore"]),
   ],
   swiftLanguageModes: [.v6]
 )
