@@ -420,16 +420,22 @@ uint32_t csf_crc32(uint32_t crc, uint64_t value, uint32_t size) {
 
 int csf_x87(uint32_t code, csf_x87_frame *frame) {
   uint16_t hostControl = 0, before = 0, after = 0;
-  __asm__ volatile("fnstcw %[h]\n\tfnclex\n\tfldcw %[g]\n\tfnstsw %[b]"
-                   : [h] "=m"(hostControl), [b] "=m"(before)
-                   : [g] "m"(frame->control)
-                   : "memory");
+  __asm__ volatile("fnstcw %[h]\n\tfnclex" : [h] "=m"(hostControl)::"memory");
   if (frame->inputs >= 2) {
     __asm__ volatile("fldt %0" ::"m"(frame->stack[1]));
   }
   if (frame->inputs >= 1) {
     __asm__ volatile("fldt %0" ::"m"(frame->stack[0]));
   }
+  // Loading the operands touched C1; install the guest's control word and condition codes
+  // through the environment (which keeps the loaded registers and their tags).
+  uint16_t environment[14];
+  __asm__ volatile("fnstenv %0" : "=m"(environment)::"memory");
+  environment[0] = frame->control;
+  environment[2] = (uint16_t)((environment[2] & ~0xC7FFu) | (frame->guestStatus & 0x4700u));
+  __asm__ volatile("fldenv %[e]\n\tfnstsw %[b]" : [b] "=m"(before) : [e] "m"(environment) : "memory");
+  // TOP of the empty stack, so the depth after the instruction is relative to it.
+  before = (uint16_t)(before + ((uint16_t)frame->inputs << 11));
   int supported = 1;
   switch (code) {
     X87_MEM_ROW(0xD8);
@@ -492,4 +498,39 @@ int csf_x87(uint32_t code, csf_x87_frame *frame) {
   }
   __asm__ volatile("fldcw %0" ::"m"(hostControl));
   return supported ? 0 : -1;
+}
+
+// MARK: - Unbounded-exponent inexactness (SSE unmasked overflow/underflow)
+
+uint32_t csf_unbounded_inexact(uint32_t kind, uint32_t isDouble, uint64_t left, uint64_t right, uint32_t mxcsr) {
+  if (mxcsr & 0x40) {  // DAZ: denormal inputs are zeros
+    if (isDouble) {
+      if ((left & 0x7FF0000000000000ull) == 0) left &= 0x8000000000000000ull;
+      if ((right & 0x7FF0000000000000ull) == 0) right &= 0x8000000000000000ull;
+    } else {
+      if ((left & 0x7F800000u) == 0) left &= 0x80000000u;
+      if ((right & 0x7F800000u) == 0) right &= 0x80000000u;
+    }
+  }
+  uint32_t leftSingle = (uint32_t)left, rightSingle = (uint32_t)right;
+  // Precision control: 24 bits for single results, 53 for double; rounding from MXCSR.RC.
+  int singleResult = !isDouble || kind == 5;
+  uint16_t control = (uint16_t)(0x007F | (singleResult ? 0 : 0x0200) | ((mxcsr >> 13) & 3) << 10);
+  uint16_t hostControl = 0, status = 0;
+  __asm__ volatile("fnstcw %0\n\tfnclex\n\tfldcw %1" : "=m"(hostControl) : "m"(control) : "memory");
+  if (isDouble) {
+    __asm__ volatile("fldl %0\n\tfldl %1" ::"m"(right), "m"(left));
+  } else {
+    __asm__ volatile("flds %0\n\tflds %1" ::"m"(rightSingle), "m"(leftSingle));
+  }
+  switch (kind) {
+  case 0: __asm__ volatile("fadd %%st(1), %%st" ::: "memory"); break;
+  case 1: __asm__ volatile("fsub %%st(1), %%st" ::: "memory"); break;
+  case 2: __asm__ volatile("fmul %%st(1), %%st" ::: "memory"); break;
+  case 3: __asm__ volatile("fdiv %%st(1), %%st" ::: "memory"); break;
+  case 4: __asm__ volatile("fxch\n\tfsqrt" ::: "memory"); break;
+  default: __asm__ volatile("fxch\n\tfldz\n\tfaddp" ::: "memory"); break;
+  }
+  __asm__ volatile("fnstsw %0\n\tfninit\n\tfldcw %1" : "=m"(status) : "m"(hostControl) : "memory");
+  return (status >> 5) & 1;
 }

@@ -104,7 +104,7 @@ extension CPU {
     for index in 0..<16 {
       xmm[index] = try read128(address &+ 160 &+ UInt64(16 * index), aligned: false)
     }
-    fpuControl = control
+    fpuControl = control & 0x1F3F | 0x40
     fpuStatus = status & ~0x3800
     fpuTop = top
     if status & 0x80 != 0 {
@@ -123,6 +123,7 @@ extension CPU {
       tags |= tag << (2 * UInt16(register))
     }
     fpuTags = tags
+    refreshX87Summary()
   }
 }
 

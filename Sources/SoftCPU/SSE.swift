@@ -15,6 +15,8 @@ import VMCore
 enum MXCSR {
   /// Exception flags IE, DE, ZE, OE, UE, PE (bits 0-5).
   static let flags: UInt32 = 0x3F
+  /// Precision (inexact) exception flag.
+  static let inexact: UInt32 = 1 << 5
   /// Pre-computation exceptions: invalid, denormal operand, divide by zero.
   static let precomputationFlags: UInt32 = 0x7
   /// Misaligned-SSE mode (AMD MM bit): misaligned 128-bit operands of arithmetic forms are allowed.
@@ -199,6 +201,116 @@ extension CPU {
 
   // MARK: - Host-executed forms
 
+  /// Runs a floating-point operation on the host under the guest MXCSR (all exceptions
+  /// masked) and returns the exception flags the instruction reports.
+  @inline(__always)
+  func runHostFloat(
+    _ operation: UInt32, _ immediate: UInt32, _ destination: inout XMMValue, _ source: inout XMMValue
+  ) -> UInt32 {
+    let original = destination
+    let raised = csf_sse_float(operation, immediate, mxcsr, &destination, &source)
+    let unmasked = ~(mxcsr >> 7) & MXCSR.flags
+    let overflowOrUnderflow: UInt32 = 0x18
+    if raised == CSF_UNSUPPORTED || unmasked & overflowOrUnderflow == 0
+      || raised & unmasked & MXCSR.precomputationFlags != 0
+    {
+      return raised
+    }
+    return postComputationFlags(operation, immediate, original, source, fallback: raised)
+  }
+
+  /// Exception flags when overflow or underflow is unmasked (the rare slow path), element by
+  /// element as the hardware reports them: an element that overflows (underflows) reports only
+  /// OE (UE) besides its pre-computation flags, without PE; an unmasked underflow also fires
+  /// for exact tiny results, found by repeating the element with FTZ (which flags every tiny
+  /// result). Lane-independent packed forms are split by broadcasting each element.
+  private func postComputationFlags(
+    _ operation: UInt32, _ immediate: UInt32, _ destination: XMMValue, _ source: XMMValue, fallback: UInt32
+  ) -> UInt32 {
+    let prefix = (operation >> 8) & 0xFF
+    let byte = operation & 0xFF
+    var elementSize = 0  // 0: the whole instruction is one element
+    var elements = 1
+    if operation & CSF_SSE_MAP38 == 0 {
+      let isMap3A = operation & CSF_SSE_MAP3A != 0
+      switch (isMap3A, byte) {
+      case (false, 0x51), (false, 0x52), (false, 0x53), (false, 0x58), (false, 0x59), (false, 0x5C), (false, 0x5D),
+        (false, 0x5E), (false, 0x5F), (false, 0xC2):
+        if prefix <= 1 { (elementSize, elements) = prefix == 0 ? (4, 4) : (8, 2) }
+      case (false, 0x5A):
+        if prefix <= 1 { (elementSize, elements) = prefix == 0 ? (4, 2) : (8, 2) }
+      case (false, 0x5B): (elementSize, elements) = (4, 4)
+      case (false, 0xE6): (elementSize, elements) = prefix == 2 ? (4, 2) : (8, 2)
+      case (true, 0x08): (elementSize, elements) = (4, 4)
+      case (true, 0x09): (elementSize, elements) = (8, 2)
+      default: break
+      }
+    }
+    let unmasked = ~(mxcsr >> 7) & MXCSR.flags
+    let overflow: UInt32 = 1 << 3
+    let underflow: UInt32 = 1 << 4
+    var flags: UInt32 = 0
+    for element in 0..<elements {
+      var elementDestination = destination
+      var elementSource = source
+      if elementSize == 4 {
+        let index = element
+        let destinationLanes = unsafeBitCast(destination, to: SIMD4<UInt32>.self)
+        let sourceLanes = unsafeBitCast(source, to: SIMD4<UInt32>.self)
+        elementDestination = unsafeBitCast(SIMD4<UInt32>(repeating: destinationLanes[index]), to: XMMValue.self)
+        elementSource = unsafeBitCast(SIMD4<UInt32>(repeating: sourceLanes[index]), to: XMMValue.self)
+      } else if elementSize == 8 {
+        elementDestination = XMMValue(repeating: destination[element])
+        elementSource = XMMValue(repeating: source[element])
+      }
+      var scratch = elementDestination
+      var elementFlags = csf_sse_float(operation, immediate, mxcsr, &scratch, &elementSource)
+      if elementFlags == CSF_UNSUPPORTED { return fallback }
+      if unmasked & underflow != 0 && elementFlags & underflow == 0 {
+        scratch = elementDestination
+        if csf_sse_float(operation, immediate, mxcsr | 1 << 15, &scratch, &elementSource) & underflow != 0 {
+          elementFlags |= underflow
+        }
+      }
+      let precomputation = elementFlags & MXCSR.precomputationFlags
+      let fired = elementFlags & unmasked & (overflow | underflow)
+      if fired != 0 {
+        // The hardware reports PE only when the result is inexact with an unbounded exponent.
+        var inexact = elementFlags & MXCSR.inexact
+        if let kind = unboundedKind(operation) {
+          let isDouble = prefix == 1 || prefix == 3
+          let left =
+            elementSize == 4
+            ? UInt64(unsafeBitCast(elementDestination, to: SIMD4<UInt32>.self)[0]) : elementDestination[0]
+          let right =
+            elementSize == 4 ? UInt64(unsafeBitCast(elementSource, to: SIMD4<UInt32>.self)[0]) : elementSource[0]
+          let scalarLeft = isDouble || elementSize == 4 ? left : left & 0xFFFF_FFFF
+          let scalarRight = isDouble || elementSize == 4 ? right : right & 0xFFFF_FFFF
+          inexact =
+            csf_unbounded_inexact(kind, isDouble ? 1 : 0, scalarLeft, scalarRight, mxcsr) != 0 ? MXCSR.inexact : 0
+        }
+        elementFlags = precomputation | (overflow & fired != 0 ? overflow : underflow) | inexact
+      }
+      flags |= elementFlags
+    }
+    return flags
+  }
+
+  /// The `csf_unbounded_inexact` kind of an operation, when it has one.
+  private func unboundedKind(_ operation: UInt32) -> UInt32? {
+    guard operation & (CSF_SSE_MAP38 | CSF_SSE_MAP3A) == 0 else { return nil }
+    let prefix = (operation >> 8) & 0xFF
+    switch operation & 0xFF {
+    case 0x58: return 0
+    case 0x5C: return 1
+    case 0x59: return 2
+    case 0x5E: return 3
+    case 0x51: return 4
+    case 0x5A where prefix == 1 || prefix == 3: return 5
+    default: return nil
+    }
+  }
+
   /// The CSoftFloat operation code of an instruction: map flag | prefix << 8 | opcode byte.
   @inline(__always)
   func hostOperation(_ instruction: Instruction, prefix: UInt8) -> UInt32 {
@@ -211,8 +323,8 @@ extension CPU {
     var destination = xmm[Int(instruction.reg)]
     var source = try sourceSized(instruction, size: sourceSize)
     let operation = hostOperation(instruction, prefix: prefix)
-    let raised = csf_sse_float(
-      operation, UInt32(truncatingIfNeeded: instruction.immediate), mxcsr, &destination, &source)
+    let raised = runHostFloat(
+      operation, UInt32(truncatingIfNeeded: instruction.immediate), &destination, &source)
     guard raised != CSF_UNSUPPORTED else { throw .invalidOpcode }
     try commitSIMDExceptions(raised)
     xmm[Int(instruction.reg)] = destination
@@ -233,7 +345,7 @@ extension CPU {
     var result = xmm[Int(instruction.reg)]
     var source = try sourceSized(instruction, size: prefix == 0 ? 4 : 8)
     let operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
-    let raised = csf_sse_float(operation, 0, mxcsr, &result, &source)
+    let raised = runHostFloat(operation, 0, &result, &source)
     try commitSIMDExceptions(raised)
     setStatusFlags(result[0] & (RFlags.zf | RFlags.pf | RFlags.cf))
   }
@@ -252,7 +364,7 @@ extension CPU {
     var operation = UInt32(prefix) << 8 | 0x2A
     if instruction.rexW { operation |= CSF_SSE_REXW }
     var source = XMMValue(integer, 0)
-    let raised = csf_sse_float(operation, 0, mxcsr, &destination, &source)
+    let raised = runHostFloat(operation, 0, &destination, &source)
     try commitSIMDExceptions(raised)
     xmm[Int(instruction.reg)] = destination
   }
@@ -264,7 +376,7 @@ extension CPU {
     var result = XMMValue(0, 0)
     var operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
     if instruction.rexW { operation |= CSF_SSE_REXW }
-    let raised = csf_sse_float(operation, 0, mxcsr, &result, &source)
+    let raised = runHostFloat(operation, 0, &result, &source)
     try commitSIMDExceptions(raised)
     gpr[Int(instruction.reg)] = result[0]
   }

@@ -66,7 +66,7 @@ extension CPU {
         try loadEnvironment(from: address, wide: instruction.operandSize != 2)
         return
       case (0xD9, 5):
-        fpuControl = try read16(address) | 0x40
+        fpuControl = try read16(address) & 0x1F3F | 0x40
         refreshX87Summary()
         return
       case (0xDD, 4):
@@ -185,9 +185,11 @@ extension CPU {
     return fpuControl & X87Status.invalid != 0
   }
 
-  /// Merges a host status word: sticky exceptions, the condition codes in `conditionMask`, ES/B.
+  /// Merges a host status word: sticky exceptions, the condition codes (the host started
+  /// from the guest's, so unchanged ones stay), ES/B.
   @inline(__always)
-  private func mergeHostStatus(_ host: UInt16, conditionMask: UInt16) {
+  private func mergeHostStatus(_ host: UInt16) {
+    let conditionMask = X87Status.conditionCodes
     fpuStatus = (fpuStatus & ~conditionMask) | (host & conditionMask) | (host & X87Status.exceptions)
     refreshX87Summary()
   }
@@ -196,6 +198,7 @@ extension CPU {
   @inline(__always)
   private func runOnHost(_ code: UInt32, _ frame: inout csf_x87_frame) throws(Fault) {
     frame.control = fpuControl
+    frame.guestStatus = fpuStatus
     guard csf_x87(code, &frame) == 0 else { throw .invalidOpcode }
   }
 
@@ -237,7 +240,9 @@ extension CPU {
       }
     case 0xDD:
       switch reg {
-      case 0: setStackEmpty(index)  // FFREE
+      case 0:  // FFREE
+        setStackEmpty(index)
+        fpuStatus &= ~X87Status.c1
       case 1: try exchange(index)  // FXCH alias
       case 2, 3:  // FST / FSTP ST(i)
         if isStackEmpty(0) {
@@ -256,6 +261,7 @@ extension CPU {
       case 0:  // FFREEP (undocumented)
         setStackEmpty(index)
         popStack()
+        fpuStatus &= ~X87Status.c1
       case 1: try exchange(index)
       case 2, 3:
         if isStackEmpty(0) {
@@ -285,7 +291,7 @@ extension CPU {
     frame.stack.0 = stackValue(0)
     frame.stack.1 = stackValue(index)
     try runOnHost(hostCode, &frame)
-    mergeHostStatus(frame.status, conditionMask: X87Status.c1)
+    mergeHostStatus(frame.status)
     if frame.outputs == 1 {
       setStackValue(index, frame.stack.0)
       popStack()
@@ -305,13 +311,16 @@ extension CPU {
     default: popsRequested = 0
     }
     if isStackEmpty(0) || isStackEmpty(index) {
-      guard stackFault(overflow: false) else { return }
+      // Unordered is reported even when the invalid-operation exception is unmasked.
+      let masked = stackFault(overflow: false)
       if intoFlags {
         setStatusFlags(RFlags.zf | RFlags.pf | RFlags.cf)
       } else {
         fpuStatus |= X87Status.c0 | X87Status.c2 | X87Status.c3
       }
-      for _ in 0..<popsRequested { popStack() }
+      if masked {
+        for _ in 0..<popsRequested { popStack() }
+      }
       return
     }
     var frame = csf_x87_frame()
@@ -319,13 +328,10 @@ extension CPU {
     frame.stack.0 = stackValue(0)
     frame.stack.1 = stackValue(index)
     try runOnHost(hostCode, &frame)
+    mergeHostStatus(frame.status)
     if intoFlags {
-      mergeHostStatus(frame.status, conditionMask: X87Status.c1)
-      if frame.status & ~fpuControl & X87Status.exceptions == 0 {
-        setStatusFlags(UInt64(frame.flags) & (RFlags.zf | RFlags.pf | RFlags.cf | RFlags.sf | RFlags.af))
-      }
-    } else {
-      mergeHostStatus(frame.status, conditionMask: X87Status.conditionCodes)
+      // ZF, PF, CF from the compare (also with an unmasked exception); OF, SF, AF cleared.
+      setStatusFlags(UInt64(frame.flags) & (RFlags.zf | RFlags.pf | RFlags.cf))
     }
     for _ in 0..<(2 - Int(frame.outputs)) { popStack() }
   }
@@ -370,21 +376,15 @@ extension CPU {
     }
     if negate { taken.toggle() }
     if taken { setStackValue(0, stackValue(index)) }
-    fpuStatus &= ~X87Status.c1
   }
 
   /// D9 register forms: FLD ST(i), FXCH, FNOP, FCHS, FABS, FTST, FXAM, constants, and the
   /// transcendental / miscellaneous row.
   private func executeD9Register(reg: UInt8, index: Int, modrm: UInt8) throws(Fault) {
     switch reg {
-    case 0:  // FLD ST(i)
-      if !isStackEmpty(7) {
-        guard stackFault(overflow: true) else { return }
-        pushStack(x87Indefinite)
-        return
-      }
-      if isStackEmpty(index) {
-        guard stackFault(overflow: false) else { return }
+    case 0:  // FLD ST(i): an empty source is reported before a full stack
+      if isStackEmpty(index) || !isStackEmpty(7) {
+        guard stackFault(overflow: !isStackEmpty(index)) else { return }
         pushStack(x87Indefinite)
         return
       }
@@ -416,18 +416,18 @@ extension CPU {
         fpuStatus &= ~X87Status.c1
       case 0xE4:  // FTST
         if isStackEmpty(0) {
-          guard stackFault(overflow: false) else { return }
+          _ = stackFault(overflow: false)
           fpuStatus |= X87Status.c0 | X87Status.c2 | X87Status.c3
           return
         }
-        try hostWindow(code: 0xD9E4, inputs: 1, conditionMask: X87Status.conditionCodes)
+        try hostWindow(code: 0xD9E4, inputs: 1)
       case 0xE5:  // FXAM
         if isStackEmpty(0) {
           let sign = stackValue(0).x87Bits.signAndExponent >> 15
           fpuStatus = (fpuStatus & ~X87Status.conditionCodes) | X87Status.c3 | X87Status.c0 | (sign << 9)
           return
         }
-        try hostWindow(code: 0xD9E5, inputs: 1, conditionMask: X87Status.conditionCodes)
+        try hostWindow(code: 0xD9E5, inputs: 1)
       default: throw .invalidOpcode
       }
     case 5:  // FLD1, FLDL2T, FLDL2E, FLDPI, FLDLG2, FLDLN2, FLDZ
@@ -437,7 +437,7 @@ extension CPU {
         pushStack(x87Indefinite)
         return
       }
-      try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 0, conditionMask: X87Status.c1)
+      try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 0)
     default:
       switch modrm {
       case 0xF6:  // FDECSTP
@@ -448,21 +448,21 @@ extension CPU {
         fpuStatus &= ~X87Status.c1
       case 0xF0, 0xFA, 0xFC, 0xFE, 0xFF:  // F2XM1, FSQRT, FRNDINT, FSIN, FCOS
         if isStackEmpty(0) {
+          if modrm >= 0xFE { fpuStatus &= ~X87Status.c2 }
           guard stackFault(overflow: false) else { return }
           setStackValue(0, x87Indefinite)
           return
         }
-        let mask = modrm >= 0xFE ? X87Status.c1 | X87Status.c2 : X87Status.c1
-        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 1, conditionMask: mask)
+        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 1)
       case 0xF2, 0xF4, 0xFB:  // FPTAN, FXTRACT, FSINCOS: replace ST(0) and push
         if isStackEmpty(0) || !isStackEmpty(7) {
+          if modrm != 0xF4 { fpuStatus &= ~X87Status.c2 }
           guard stackFault(overflow: !isStackEmpty(0)) else { return }
           setStackValue(0, x87Indefinite)
           pushStack(x87Indefinite)
           return
         }
-        let mask = modrm == 0xF4 ? X87Status.c1 : X87Status.c1 | X87Status.c2
-        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 1, conditionMask: mask)
+        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 1)
       case 0xF1, 0xF3, 0xF9:  // FYL2X, FPATAN, FYL2XP1: ST(1) <- f(ST(1), ST(0)), pop
         if isStackEmpty(0) || isStackEmpty(1) {
           guard stackFault(overflow: false) else { return }
@@ -470,15 +470,15 @@ extension CPU {
           popStack()
           return
         }
-        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 2, conditionMask: X87Status.c1)
+        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 2)
       case 0xF5, 0xF8, 0xFD:  // FPREM1, FPREM, FSCALE: ST(0) <- f(ST(0), ST(1))
         if isStackEmpty(0) || isStackEmpty(1) {
+          if modrm != 0xFD { fpuStatus &= ~X87Status.c2 }
           guard stackFault(overflow: false) else { return }
           setStackValue(0, x87Indefinite)
           return
         }
-        let mask = modrm == 0xFD ? X87Status.c1 : X87Status.conditionCodes
-        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 2, conditionMask: mask)
+        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 2)
       default: throw .invalidOpcode
       }
     }
@@ -486,13 +486,13 @@ extension CPU {
 
   /// Runs an instruction on ST(0)..ST(inputs-1) and maps the host stack back: the host's
   /// depth change is the guest's push/pop count, then ST(k) <- host ST(k).
-  private func hostWindow(code: UInt32, inputs: Int, conditionMask: UInt16) throws(Fault) {
+  private func hostWindow(code: UInt32, inputs: Int) throws(Fault) {
     var frame = csf_x87_frame()
     frame.inputs = UInt8(inputs)
     if inputs >= 1 { frame.stack.0 = stackValue(0) }
     if inputs >= 2 { frame.stack.1 = stackValue(1) }
     try runOnHost(code, &frame)
-    mergeHostStatus(frame.status, conditionMask: conditionMask)
+    mergeHostStatus(frame.status)
     let outputs = Int(frame.outputs)
     if outputs < inputs {
       for _ in 0..<(inputs - outputs) { popStack() }
@@ -538,11 +538,11 @@ extension CPU {
       try readX87Operand(address, size: size, into: &frame)
       let isCompare = reg == 2 || reg == 3
       if isStackEmpty(0) {
-        guard stackFault(overflow: false) else { return }
+        let masked = stackFault(overflow: false)
         if isCompare {
           fpuStatus |= X87Status.c0 | X87Status.c2 | X87Status.c3
-          if reg == 3 { popStack() }
-        } else {
+          if masked && reg == 3 { popStack() }
+        } else if masked {
           setStackValue(0, x87Indefinite)
         }
         return
@@ -550,7 +550,7 @@ extension CPU {
       frame.inputs = 1
       frame.stack.0 = stackValue(0)
       try runOnHost(hostCode, &frame)
-      mergeHostStatus(frame.status, conditionMask: isCompare ? X87Status.conditionCodes : X87Status.c1)
+      mergeHostStatus(frame.status)
       if frame.outputs == 0 {
         popStack()
       } else if !isCompare {
@@ -574,7 +574,7 @@ extension CPU {
       }
       frame.inputs = 0
       try runOnHost(hostCode, &frame)
-      mergeHostStatus(frame.status, conditionMask: X87Status.c1)
+      mergeHostStatus(frame.status)
       if frame.outputs == 1 { pushStack(frame.stack.0) }
     default:
       // Stores: FST(P) m32/m64, FIST(P) m16/m32/m64, FISTTP m16/m32/m64, FBSTP m80.
@@ -601,7 +601,7 @@ extension CPU {
       if unmasked == 0 {
         try writeX87Operand(address, size: size, from: frame)
       }
-      mergeHostStatus(frame.status, conditionMask: X87Status.c1)
+      mergeHostStatus(frame.status)
       if frame.outputs == 0 { popStack() }
     }
   }
@@ -706,7 +706,7 @@ extension CPU {
       fpuLastIP = UInt64(try read16(address &+ 6))
       fpuLastDP = UInt64(try read16(address &+ 10))
     }
-    fpuControl = control | 0x40
+    fpuControl = control & 0x1F3F | 0x40
     fpuStatus = status & ~0x3800
     fpuTop = Int(status >> 11) & 7
     var newTags: UInt16 = 0

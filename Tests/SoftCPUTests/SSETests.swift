@@ -149,6 +149,25 @@ enum SSETestSupport {
     }
   }
 
+  @Test func unmaskedUnderflowFiresForExactTinyResults() throws {
+    let cpu = try T.makeCPU()
+    cpu.mxcsr = 0x1F80 & ~(1 << 11)  // unmask underflow
+    // 1.5 * 2^-126 - 2^-126 = 2^-127: normal inputs, a tiny result exactly representable.
+    let left = Float(sign: .plus, exponent: -126, significand: 1.5)
+    cpu.xmm[0] = T.floats(left)
+    cpu.xmm[1] = T.floats(-Float.leastNormalMagnitude)
+    #expect(throws: Fault.simdError) {
+      try cpu.executeSIMDForTesting(T.registerForm(0x158, prefix: 2, reg: 0, rm: 1))
+    }
+    #expect(cpu.mxcsr & 0x3F == 0x10)  // UE only: exact, so no PE
+    #expect(T.lane(cpu.xmm[0], 0) == left)
+    // Masked, the same addition raises nothing.
+    cpu.mxcsr = 0x1F80
+    try cpu.executeSIMDForTesting(T.registerForm(0x158, prefix: 2, reg: 0, rm: 1))
+    #expect(cpu.mxcsr == 0x1F80)
+    #expect(T.lane(cpu.xmm[0], 0) == Float(sign: .plus, exponent: -127, significand: 1))
+  }
+
   @Test func comissSetsFlags() throws {
     let cpu = try T.makeCPU()
     cpu.rflags = 0x2 | RFlags.of | RFlags.sf | RFlags.af

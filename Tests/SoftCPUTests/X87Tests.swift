@@ -113,6 +113,21 @@ enum X87TestSupport {
     #expect(cpu.fpuStatus & 1 == 1)
   }
 
+  @Test func controlWordReservedBitsAndUnmaskedCompare() throws {
+    let cpu = try T.makeCPU()
+    try cpu.memory.write(UInt16(0xFFFE), at: 0x1800)  // everything but IM... and reserved bits
+    try T.run(cpu, T.memoryForm(0xD9, reg: 5, address: 0x1800))
+    #expect(cpu.fpuControl == 0x1F7E)
+    // FCOMI with an empty ST(1) and IE unmasked: unordered flags, #MF pending, no pop.
+    try T.loadDouble(cpu, 1)
+    cpu.rflags = 0x2 | RFlags.of | RFlags.sf
+    try T.run(cpu, T.registerForm(0xDF, 0xF1))  // FCOMIP ST0, ST1
+    #expect(cpu.rflags & RFlags.status == RFlags.zf | RFlags.pf | RFlags.cf)
+    #expect(cpu.fpuStatus & 0x80C1 == 0x80C1)  // B, ES, SF, IE
+    #expect(cpu.fpuTop == 7)
+    #expect(throws: Fault.x87Error) { try cpu.fwait() }
+  }
+
   @Test func fcomSetsConditionCodesAndFnstswAX() throws {
     let cpu = try T.makeCPU()
     try T.loadDouble(cpu, 5)

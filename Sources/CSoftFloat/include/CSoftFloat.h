@@ -40,6 +40,13 @@ uint32_t csf_sse_string_compare(uint32_t operation, uint32_t immediate, int32_t 
 /// CRC32 (SSE4.2, Castagnoli polynomial) of the low `size` bytes (1, 2, 4, 8) of `value`.
 uint32_t csf_crc32(uint32_t crc, uint64_t value, uint32_t size);
 
+/// Whether an SSE operation on one element is inexact when the exponent range is unbounded
+/// (what the PE flag reports next to an unmasked overflow or underflow). `kind`: 0 add, 1 sub,
+/// 2 mul, 3 div (left op right), 4 sqrt (of right), 5 double-to-single conversion (of right).
+/// Operands are the raw element bits (float in the low 32 bits unless `isDouble`).
+/// Computed on the host x87 with the precision control set to the destination format.
+uint32_t csf_unbounded_inexact(uint32_t kind, uint32_t isDouble, uint64_t left, uint64_t right, uint32_t mxcsr);
+
 /// Host x87 execution frame (see csf_x87).
 typedef struct {
   /// ST(0) and ST(1) before (the first `inputs` are loaded) and after (the first `outputs`).
@@ -57,12 +64,15 @@ typedef struct {
   /// AH after the instruction (LAHF: SF ZF - AF - PF - CF), for FCOMI/FUCOMI.
   uint8_t flags;
   uint8_t reserved;
+  /// Guest status word: its condition codes C0-C3 are loaded before the instruction, so
+  /// codes an instruction leaves "undefined" (unchanged) come back exactly as the hardware has them.
+  uint16_t guestStatus;
 } csf_x87_frame;
 
 /// Executes the x87 instruction `escape << 8 | modrm` on the host: register forms must use
 /// ST(1) as their register operand (modrm low bits 001 for C0-DF/E0-FF rows), memory forms
-/// must use mod 00 r/m 111 (the memory operand is `frame->memory`). The control word is
-/// loaded with the guest's exception masks; unmasked exceptions only set ES in the returned
+/// must use mod 00 r/m 111 (the memory operand is `frame->memory`). The control word and the
+/// condition codes are loaded (FLDENV) with the guest's values; unmasked exceptions only set ES in the returned
 /// status (they are cleared on the host before anything can trap). Returns 0, or -1 when the
 /// encoding is not supported.
 int csf_x87(uint32_t code, csf_x87_frame *frame);
