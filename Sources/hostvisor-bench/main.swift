@@ -2,7 +2,7 @@
 //
 //   hostvisor-bench kvm-exit GUEST.bin ITERATIONS
 //     Runs the port-I/O exit loop guest (scripts/bench/kvm_exit_guest.S) through
-//     KVMAccelerator and prints "swift <exits> <nanoseconds> <ns/exit>".
+//     KVMAccelerator and prints "swift <exits> <wall ns> <wall ns/exit> <process CPU ns/exit>".
 import Foundation
 import KVMBackend
 import Synchronization
@@ -21,6 +21,13 @@ final class DebugExitPort: PortIODevice {
   init(control: MachineControl) { self.control = control }
   func portRead(port: UInt16, size: Int) -> UInt32 { 0 }
   func portWrite(port: UInt16, size: Int, value: UInt32) { control.requestStop(.debugExit(value: value)) }
+}
+
+/// CPU time used by all threads of this process so far.
+func processCPUNanoseconds() -> UInt64 {
+  var time = timespec()
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &time)
+  return UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec)
 }
 
 func fail(_ message: String) -> Never {
@@ -65,7 +72,9 @@ func kvmExitBenchmark(guestPath: String, iterations: UInt64) {
     let accelerator = try KVMAccelerator(parts: parts, cpuCount: 1)
 
     let start = ContinuousClock.now
+    let cpuStart = processCPUNanoseconds()
     let reason = try accelerator.run(bootState: userModeState(entry: 0x8000, iterations: iterations))
+    let cpu = processCPUNanoseconds() - cpuStart
     let elapsed = ContinuousClock.now - start
 
     guard reason == .debugExit(value: 0) else { fail("guest stopped unexpectedly: \(reason)") }
@@ -74,7 +83,8 @@ func kvmExitBenchmark(guestPath: String, iterations: UInt64) {
     let exits = accelerator.exitStatistics.portIO
     let nanoseconds = elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000
     let perExit = Double(nanoseconds) / Double(exits)
-    print("swift \(exits) \(nanoseconds) \(String(format: "%.1f", perExit))")
+    let cpuPerExit = Double(cpu) / Double(exits)
+    print("swift \(exits) \(nanoseconds) \(String(format: "%.1f %.1f", perExit, cpuPerExit))")
   } catch {
     fail("\(error)")
   }
