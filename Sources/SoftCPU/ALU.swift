@@ -232,7 +232,7 @@ extension CPU {
   func incDec(_ ins: Instruction, increment: Bool) throws(Fault) {
     let size = ins.operandSize
     let mask = sizeMask(size)
-    let carry: UInt64 = carryFlag ? 1 : 0
+    let carry: UInt64 = flagOp == .inc || flagOp == .dec ? flagCarry : (carryFlag ? 1 : 0)
     let old = try modifyRm(ins, size: size) { increment ? ($0 &+ 1) & mask : ($0 &- 1) & mask }
     recordFlags(
       increment ? .inc : .dec, size: size, dst: old, src: 1, result: increment ? (old &+ 1) & mask : (old &- 1) & mask)

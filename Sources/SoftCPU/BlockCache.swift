@@ -40,6 +40,11 @@ struct DecodedBlock {
   /// Next block (index + 1, 0 = end) in the list of `firstPage` / `secondPage`.
   var nextOnFirstPage: Int32
   var nextOnSecondPage: Int32
+  /// Link to the block that followed last time (valid while `successorGeneration` is current
+  /// and `rip` equals `successorRIP`): skips the TLB and table lookups between hot blocks.
+  var successorRIP: UInt64 = ~0
+  var successorGeneration: UInt64 = ~0
+  var successor: Int32 = -1
 }
 
 /// One slot of the lookup table.
@@ -155,6 +160,7 @@ extension CPU {
       link = block.firstPage == page ? block.nextOnFirstPage : block.nextOnSecondPage
     }
     blockInvalidated = true
+    chainGeneration &+= 1
   }
 
   /// Drops every decoded block (arena full, or a global code change).
@@ -168,5 +174,20 @@ extension CPU {
     blockCount = 0
     arenaUsed = 0
     blockInvalidated = true
+    chainGeneration &+= 1
+  }
+}
+
+extension CPU {
+  /// Tells the CPU that guest-physical `[physical, physical + length)` was written behind its
+  /// back (device DMA, loaders, tests): decoded code from those pages is dropped.
+  public func noteExternalWrite(physical: UInt64, length: UInt64) {
+    guard length > 0 else { return }
+    var page = physical >> 12
+    let last = (physical &+ length &- 1) >> 12
+    while page <= last && page < codePageCount {
+      if codePageHead[Int(page)] != 0 { invalidateCodePage(page) }
+      page += 1
+    }
   }
 }

@@ -85,7 +85,9 @@ public final class CPU: @unchecked Sendable {
 
   /// Default code size of the current CS in bytes: 2 (16-bit), 4 (32-bit) or 8 (64-bit mode).
   /// Part of the decoded-block key. Part 2 updates it on every CS load and mode change.
-  public internal(set) var codeSize: UInt8 = 2
+  public internal(set) var codeSize: UInt8 = 2 {
+    didSet { chainGeneration &+= 1 }
+  }
   /// Current privilege level (CS.RPL in protected mode).
   public internal(set) var cpl: UInt8 = 0
   /// Flat test mode (see `enterFlatLongMode`): faults are returned, linear = physical, and
@@ -128,6 +130,9 @@ public final class CPU: @unchecked Sendable {
   /// Set when a store invalidated decoded code: the current block stops after the
   /// instruction doing the store.
   var blockInvalidated = false
+  /// Bumped whenever decoded blocks, translations or the code size change: block-to-block
+  /// links (`DecodedBlock.successor`) made under an older generation are ignored.
+  var chainGeneration: UInt64 = 0
 
   /// Set by another thread to make `run` return `.stopRequested` at the next block boundary.
   /// Part 2 also raises it for pending interrupts.

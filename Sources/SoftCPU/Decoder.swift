@@ -342,8 +342,10 @@ extension CPU {
       if repeatPrefix == 0xF3 { op = .tzcnt }
     case 0x1BD:
       if repeatPrefix == 0xF3 { op = .lzcnt }
-    case 0x8D, 0x1C3, 0x2F0, 0x2F1:
+    case 0x8D, 0x1C3:
       requiresMemory = true
+    case 0x2F0, 0x2F1:
+      if op != .sse { requiresMemory = true }
     case 0x120, 0x121, 0x122, 0x123:
       // MOV to/from control and debug registers: always register operands, 64-bit in long mode.
       ins.hasMemoryOperand = false
@@ -473,6 +475,22 @@ extension Op {
       .invlpg, .swapgs, .clts, .pause, .rdmsr:
       return true
     default: return false
+    }
+  }
+}
+
+extension CPU {
+  /// Decodes the instruction at linear `address` without executing it (tests, debuggers).
+  /// `codeSize` (2, 4 or 8) overrides the current code size for this decode only.
+  public func decode(at address: UInt64, codeSize overrideSize: UInt8? = nil) -> Result<Instruction, Fault> {
+    let savedSize = codeSize
+    if let overrideSize { codeSize = overrideSize }
+    defer { codeSize = savedSize }
+    var fetch = CodeFetch()
+    do {
+      return .success(try decodeInstruction(at: address, &fetch))
+    } catch {
+      return .failure(error)
     }
   }
 }

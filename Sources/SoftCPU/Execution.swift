@@ -76,20 +76,31 @@ extension CPU {
   /// architectural state as the hardware leaves it at the fault.
   public func run(instructionLimit: Int) -> StopCause {
     var remaining = instructionLimit
+    var previous = -1
     while remaining > 0 {
       if stopFlag.load(ordering: .relaxed) {
         stopFlag.store(false, ordering: .relaxed)
         return .stopRequested
       }
-      let blockIndex: Int
-      do {
-        blockIndex = try findBlock(rip)
-      } catch {
-        return .fault(error)
+      var blockIndex: Int
+      if previous >= 0 && blocks[previous].successorRIP == rip
+        && blocks[previous].successorGeneration == chainGeneration
+      {
+        blockIndex = Int(blocks[previous].successor)
+      } else {
+        do {
+          blockIndex = try findBlock(rip)
+        } catch {
+          return .fault(error)
+        }
+        if previous >= 0 {
+          blocks[previous].successorRIP = rip
+          blocks[previous].successorGeneration = chainGeneration
+          blocks[previous].successor = Int32(blockIndex)
+        }
       }
-      let block = blocks[blockIndex]
-      let start = blockArena + Int(block.first)
-      let end = start + min(Int(block.count), remaining)
+      let start = blockArena + Int(blocks[blockIndex].first)
+      let end = start + min(Int(blocks[blockIndex].count), remaining)
       var instruction = start
       var instructionStart = rip
       blockInvalidated = false
@@ -109,6 +120,7 @@ extension CPU {
       let executed = instruction - start
       remaining -= executed
       retiredInstructions &+= UInt64(executed)
+      previous = blockIndex
       if exitRequested {
         exitRequested = false
         if haltRequested {
@@ -124,8 +136,9 @@ extension CPU {
   /// Executes one decoded instruction; `rip` already points past it.
   @inline(__always)
   func execute(_ pointer: UnsafeMutablePointer<Instruction>) throws(Fault) {
+    let op = pointer.pointee.op
     let ins = pointer.pointee
-    switch ins.op {
+    switch op {
     // ALU
     case .addRmReg: try aluRm(ins, .add, src: readRegister(ins.reg, size: ins.operandSize))
     case .addRegRm: try aluReg(ins, .add)

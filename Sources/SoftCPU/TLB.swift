@@ -99,6 +99,7 @@ extension CPU {
     readTLB.update(repeating: TLBEntry(), count: tlbEntries)
     writeTLB.update(repeating: TLBEntry(), count: tlbEntries)
     fetchTLB.update(repeating: TLBEntry(), count: tlbEntries)
+    chainGeneration &+= 1
   }
 
   /// Drops the entries for the page of `linear` (INVLPG).
@@ -107,6 +108,7 @@ extension CPU {
     readTLB[index] = TLBEntry()
     writeTLB[index] = TLBEntry()
     fetchTLB[index] = TLBEntry()
+    chainGeneration &+= 1
   }
 
   /// Drops write entries that map host page `hostPage` (the page just became a code page).

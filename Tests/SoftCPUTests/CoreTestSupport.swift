@@ -1,8 +1,7 @@
 import Foundation
+import SoftCPU
 import Testing
 import VMCore
-
-@testable import SoftCPU
 
 /// Assembles Intel-syntax x86-64 source with GNU as and returns the flat .text bytes.
 enum CoreAssembler {
