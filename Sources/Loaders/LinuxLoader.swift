@@ -40,7 +40,8 @@ public struct LinuxSetupHeader: Sendable, Equatable {
 /// at the highest page-aligned place below min(initrd_addr_max + 1, end of low RAM) clear of
 /// the kernel (above 4 GiB via ext_ramdisk_* when low RAM is too small and the kernel allows
 /// it), and the e820 map. The CPU starts in long mode at load address + 0x200 with RSI = 0x7000.
-/// CAN_USE_HEAP stays clear: the real-mode setup code, the only user of the heap, never runs.
+/// CAN_USE_HEAP stays clear: the real-mode setup code, the only user of the heap, never runs;
+/// handover_offset (the EFI handover protocol) is unused, as there is no EFI firmware.
 public enum LinuxLoader {
   static let headerMagicOffset: UInt64 = 0x202
   /// "HdrS", little-endian.
