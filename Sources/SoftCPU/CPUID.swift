@@ -1,3 +1,5 @@
+import InterruptControllers
+
 // The CPU model: what CPUID reports. The one place where feature bits are listed; advertise
 // exactly what the core, SIMD and FPU units implement.
 
@@ -8,19 +10,24 @@ enum CPUModel {
   /// Family 0x17 (Zen), model 0x01, stepping 0 (leaf 1 EAX).
   static let signature: UInt32 = 0x0080_0F10
 
-  /// Leaf 1 EDX: FPU(0) TSC(4) CX8(8) CMOV(15) FXSR(24) SSE(25) SSE2(26).
-  static let leaf1EDX: UInt32 = 1 << 0 | 1 << 4 | 1 << 8 | 1 << 15 | 1 << 24 | 1 << 25 | 1 << 26
-  /// Leaf 1 ECX: CX16(13) MOVBE(22) POPCNT(23) hypervisor(31).
-  /// Add SSE3(0)/SSSE3(9)/SSE4.1(19)/SSE4.2(20) here when the SIMD unit implements them.
-  static let leaf1ECX: UInt32 = 1 << 13 | 1 << 22 | 1 << 23 | 1 << 31
+  /// Leaf 1 EDX: FPU(0) PSE(3) TSC(4) MSR(5) PAE(6) CX8(8) APIC(9) SEP(11) MTRR(12) PGE(13)
+  /// CMOV(15) PAT(16) PSE-36(17) FXSR(24) SSE(25) SSE2(26). System features are part 2's.
+  static let leaf1EDX: UInt32 =
+    1 << 0 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 8 | 1 << 9 | 1 << 11 | 1 << 12 | 1 << 13 | 1 << 15
+    | 1 << 16 | 1 << 17 | 1 << 24 | 1 << 25 | 1 << 26
+  /// Leaf 1 ECX: SSE3(0) PCLMULQDQ(1) SSSE3(9) CX16(13) SSE4.1(19) SSE4.2(20) MOVBE(22) POPCNT(23)
+  /// hypervisor(31). No AVX/XSAVE/x2APIC/PCID.
+  static let leaf1ECX: UInt32 =
+    1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 22 | 1 << 23 | 1 << 31
   /// Leaf 7 EBX: nothing yet (no BMI1/BMI2: they need VEX).
   static let leaf7EBX: UInt32 = 0
-  /// 0x8000_0001 EDX: SYSCALL(11) NX(20) LM(29); NX and SYSCALL take effect with part 2.
-  static let extendedEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 29
+  /// 0x8000_0001 EDX: SYSCALL(11) NX(20) 1 GiB pages(26) LM(29).
+  static let extendedEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 26 | 1 << 29
   /// 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode(0) ABM/LZCNT(5).
   static let extendedECX: UInt32 = 1 << 0 | 1 << 5
-  /// Physical (bits 0-7) and linear (bits 8-15) address widths.
-  static let addressSizes: UInt32 = 48 << 8 | 40
+  /// Linear address width (bits 8-15 of 0x8000_0008 EAX; the physical width comes from
+  /// `system.physicalAddressBits`).
+  static let linearAddressBits: UInt32 = 48
 }
 
 extension CPU {
@@ -49,18 +56,21 @@ extension CPU {
       c = ascii(vendor, 8)
     case 1:
       a = UInt64(CPUModel.signature)
-      b = 1 << 16  // one logical processor, APIC ID 0
+      b = 1 << 16 | UInt64(system.apicID & 0xFF) << 24  // one logical processor
       c = UInt64(CPUModel.leaf1ECX)
       d = UInt64(CPUModel.leaf1EDX)
     case 7:
       if gpr[1] & 0xFFFF_FFFF == 0 { b = UInt64(CPUModel.leaf7EBX) }
     case 0x4000_0000:
-      // Hypervisor leaf: "Hostvisor    ".
+      // Hypervisor leaf: "Hostvisor   ", timing leaf 0x4000_0010.
       let name = Array("Hostvisor   ".utf8)
-      a = 0x4000_0000
+      a = 0x4000_0010
       b = ascii(name, 0)
       c = ascii(name, 4)
       d = ascii(name, 8)
+    case 0x4000_0010:
+      a = system.tscKilohertz
+      b = LocalAPIC.timerFrequency / 1000  // LAPIC timer input clock in kHz
     case 0x8000_0000:
       a = 0x8000_0008
       b = ascii(vendor, 0)
@@ -79,7 +89,7 @@ extension CPU {
       c = ascii(brand, base + 8)
       d = ascii(brand, base + 12)
     case 0x8000_0008:
-      a = UInt64(CPUModel.addressSizes)
+      a = UInt64(CPUModel.linearAddressBits) << 8 | system.physicalAddressBits
     default:
       break
     }

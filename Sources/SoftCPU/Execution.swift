@@ -18,10 +18,11 @@ public enum StopCause: Equatable, Sendable {
 // INTO = #OF, INT1, INT n = vector n) `rip` is after the instruction, as the saved RIP of the
 // trap frame (and the native harness's signal context after INT3) is.
 //
-// Part 2 hooks: deliver faults through the IDT in `run` where `.fault` is returned (when not
-// in flat test mode), check pending interrupts where `stopFlag` is checked (once per block;
-// raise `stopFlag` or a sibling flag from the APIC), and keep `codeSize`, `cpl` and
-// `tlbTagExtra` in sync on mode and CS changes.
+// Outside flat test mode, faults are delivered to the guest (`deliverException`, part 2) and
+// execution continues; a triple fault (`system.shutdownReason`) returns `.stopRequested`.
+// Interrupts: the interrupt controllers raise `stopFlag` (`requestStop()`), checked once per
+// block; the accelerator then calls `serviceSystemEvents()` and re-enters `run`. Part 2 keeps
+// `codeSize`, `cpl` and `tlbTagExtra` in sync on mode and CS changes (`systemModeChanged`).
 
 extension CPU {
   /// Puts the CPU in flat 64-bit mode for tests and benchmarks: CS.L=1, all segment bases 0,
@@ -91,7 +92,11 @@ extension CPU {
         do {
           blockIndex = try findBlock(rip)
         } catch {
-          return .fault(error)
+          if flatTestMode { return .fault(error) }
+          deliverException(error)
+          if system.shutdownReason != nil { return .stopRequested }
+          previous = -1
+          continue
         }
         if previous >= 0 {
           blocks[previous].successorRIP = rip
@@ -115,7 +120,13 @@ extension CPU {
         rip = instructionStart
         let executed = instruction - start
         retiredInstructions &+= UInt64(executed)
-        return .fault(error)
+        if flatTestMode { return .fault(error) }
+        // Outside flat test mode the exception goes to the guest (part 2) and execution goes on.
+        remaining -= executed + 1
+        deliverException(error)
+        if system.shutdownReason != nil { return .stopRequested }
+        previous = -1
+        continue
       }
       let executed = instruction - start
       remaining -= executed
