@@ -32,7 +32,8 @@ let package = Package(
     .target(name: "InterruptControllers", dependencies: ["VMCore"]),
     .target(name: "Firmware", dependencies: ["VMCore"]),
     .target(name: "PCI", dependencies: ["VMCore"]),
-    .target(name: "Virtio", dependencies: ["VMCore", "PCI"]),
+    .target(name: "CVirtioShim"),
+    .target(name: "Virtio", dependencies: ["VMCore", "PCI", "CVirtioShim"]),
     .target(name: "VMM", dependencies: [
         "VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "InterruptControllers", "Firmware", "CShim",
       ]),
@@ -52,7 +53,7 @@ let package = Package(
     .testTarget(name: "CLITests", dependencies: ["VMM"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
-    .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore"]),
+    .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim"]),
   ],
   swiftLanguageModes: [.v6]
 )
