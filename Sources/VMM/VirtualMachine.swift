@@ -1,7 +1,10 @@
 import Devices
+import Firmware
 import Glibc
+import InterruptControllers
 import KVMBackend
 import Loaders
+import SoftCPU
 import VMCore
 
 /// A failure while building or running a machine, as one clear line.
@@ -41,9 +44,18 @@ public final class VirtualMachine: Sendable {
     }
     parts = MachineParts(memory: memory, bus: IOBus(), control: MachineControl(), interrupts: InterruptRouter())
     do {
+      let tables = try ACPITables.build(cpuCount: configuration.cpuCount)
+      try tables.install(into: memory)
+    } catch {
+      throw MachineError("cannot build the ACPI tables: \(error)")
+    }
+    do {
       boot = try KernelLoader.load(
         kernelPath: configuration.kernelPath, initrdPath: configuration.initrdPath,
-        commandLine: configuration.commandLine, memory: memory)
+        commandLine: configuration.commandLine, memory: memory,
+        reservedMemory: [
+          E820Entry(address: ACPITables.defaultBase, size: UInt64(ACPITables.defaultWindowSize), type: .reserved)
+        ])
     } catch {
       throw MachineError(error.description)
     }
@@ -58,42 +70,58 @@ public final class VirtualMachine: Sendable {
         throw MachineError(error.description)
       }
     }
+    let (accelerator, clock) = try Self.makeAccelerator(configuration: configuration, parts: parts)
+    self.accelerator = accelerator
     do {
       devices = try LegacyDevices.install(
         on: parts.bus, control: parts.control, interrupts: parts.interrupts, serialBackend: backend,
         memorySize: configuration.memorySize)
+      let powerManagement = ACPIPowerManagement(
+        control: parts.control,
+        sci: InterruptLine(router: parts.interrupts, line: UInt32(ACPIPowerManagement.sciInterrupt)),
+        nanoseconds: { clock.nanoseconds })
+      try powerManagement.register(on: parts.bus)
+      if !parts.bus.hasPortDevice(ACPIResetRegister.port) {
+        try parts.bus.registerPorts(ACPIResetRegister.port, count: 1, device: ACPIResetRegister(control: parts.control))
+      }
     } catch {
       throw MachineError(error.description)
     }
-    accelerator = try Self.makeAccelerator(configuration: configuration, parts: parts)
     if configuration.verbose {
-      log(
+      Self.log(
         "accelerator: \(accelerator.name); kernel format: \(boot.format); memory: \(MemorySize.format(configuration.memorySize))"
       )
-      for warning in boot.warnings { log("loader: \(warning)") }
+      for warning in boot.warnings { Self.log("loader: \(warning)") }
     }
   }
 
-  private static func makeAccelerator(configuration: MachineConfiguration, parts: MachineParts) throws
-    -> any Accelerator
-  {
+  /// Opens the accelerator the configuration asks for; `auto` probes KVM and falls back to the
+  /// software CPU when KVM is missing or would emulate the guest's kernel code.
+  private static func makeAccelerator(
+    configuration: MachineConfiguration, parts: MachineParts
+  ) throws -> (any Accelerator, any MachineClock) {
     var choice = configuration.accelerator
     if choice == .auto {
       let finding = AcceleratorProbe.probeKVM(devicePath: configuration.kvmDevicePath)
-      if configuration.verbose { log("accelerator probe: \(finding)") }
-      // TODO(issue 4): choose .soft when KVM is unusable, once the software CPU boots kernels.
-      choice = .kvm
+      choice = finding.kvmUsable ? .kvm : .soft
+      if configuration.verbose { log("accelerator probe: \(finding); choosing \(choice.rawValue)") }
     }
     switch choice {
     case .kvm, .auto:
       do {
-        return try KVMAccelerator(
+        let accelerator = try KVMAccelerator(
           parts: parts, cpuCount: configuration.cpuCount, devicePath: configuration.kvmDevicePath)
+        return (accelerator, VirtualClock())
       } catch {
         throw MachineError(error.description)
       }
     case .soft:
-      throw MachineError("the software CPU accelerator is not available yet")
+      do {
+        let accelerator = try SoftAccelerator(parts: parts, cpuCount: configuration.cpuCount)
+        return (accelerator, accelerator.clock)
+      } catch {
+        throw MachineError("cannot start the software CPU: \(error)")
+      }
     }
   }
 
@@ -106,8 +134,6 @@ public final class VirtualMachine: Sendable {
     let console = TerminalConsole(serialPort: devices.serialPort) { control.requestStop(.stopRequested) }
     return try console.run { try accelerator.run(bootState: boot.state) }
   }
-
-  private func log(_ message: String) { Self.log(message) }
 
   private static func log(_ message: String) {
     var line = "hostvisor: \(message)\n"
