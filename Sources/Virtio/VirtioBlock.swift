@@ -1,0 +1,364 @@
+import CVirtioShim
+import Glibc
+import Synchronization
+import VMCore
+
+/// Why a block backend operation failed; the guest sees VIRTIO_BLK_S_IOERR.
+public enum BlockBackendError: Error, Equatable, Sendable, CustomStringConvertible {
+  /// The image could not be opened or inspected.
+  case cannotOpen(path: String, errno: Int32)
+  /// A host I/O call failed with `errno`.
+  case io(errno: Int32)
+
+  public var description: String {
+    switch self {
+    case .cannotOpen(let path, let err): return "cannot open disk image '\(path)': \(String(cString: strerror(err)))"
+    case .io(let err): return "disk I/O error: \(String(cString: strerror(err)))"
+    }
+  }
+}
+
+/// Storage behind a virtio-blk device. Calls come from the device's worker thread, one at a time.
+public protocol BlockBackend: AnyObject, Sendable {
+  /// Size of the disk in bytes (a multiple of 512).
+  var capacity: UInt64 { get }
+  /// Whether the disk refuses writes.
+  var isReadOnly: Bool { get }
+  /// The serial the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes are used).
+  var identifier: [UInt8] { get }
+  /// Fills `buffer` from byte `offset` (reads past the end of the data return zeros).
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BlockBackendError)
+  /// Writes `buffer` at byte `offset`.
+  func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlockBackendError)
+  /// Makes every completed write durable (fdatasync).
+  func flush() throws(BlockBackendError)
+  /// Forgets the data of a range (may punch a hole); reads may return old data or zeros.
+  func discard(offset: UInt64, length: UInt64) throws(BlockBackendError)
+  /// Makes a range read as zeros; with `unmap` it may deallocate it.
+  func writeZeroes(offset: UInt64, length: UInt64, unmap: Bool) throws(BlockBackendError)
+}
+
+/// A raw disk image file: pread/pwrite, fdatasync for flushes, fallocate for discard and
+/// write-zeroes (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE).
+public final class RawFileBlockBackend: BlockBackend {
+  /// The image path.
+  public let path: String
+  public let capacity: UInt64
+  public let isReadOnly: Bool
+  public let identifier: [UInt8]
+  private let fd: Int32
+
+  /// Opens `path` (read-only when `readOnly`); the capacity is the file size rounded down to
+  /// 512-byte sectors. `serial` defaults to the file name.
+  public init(path: String, readOnly: Bool = false, serial: String? = nil) throws(BlockBackendError) {
+    let fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+    guard fd >= 0 else { throw .cannotOpen(path: path, errno: errno) }
+    var info = stat()
+    guard fstat(fd, &info) == 0 else {
+      let err = errno
+      close(fd)
+      throw .cannotOpen(path: path, errno: err)
+    }
+    guard info.st_mode & S_IFMT == S_IFREG || info.st_mode & S_IFMT == S_IFBLK else {
+      close(fd)
+      throw .cannotOpen(path: path, errno: EINVAL)
+    }
+    var size = UInt64(info.st_size)
+    if info.st_mode & S_IFMT == S_IFBLK {
+      let end = lseek(fd, 0, SEEK_END)
+      size = end > 0 ? UInt64(end) : 0
+    }
+    self.fd = fd
+    self.path = path
+    self.isReadOnly = readOnly
+    capacity = size & ~511
+    let name = serial ?? String(path.split(separator: "/").last ?? "disk")
+    identifier = Array(name.utf8.prefix(20))
+  }
+
+  deinit { close(fd) }
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BlockBackendError) {
+    var done = 0
+    while done < buffer.count {
+      let count = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+      if count < 0 {
+        if errno == EINTR { continue }
+        throw .io(errno: errno)
+      }
+      if count == 0 {
+        memset(buffer.baseAddress! + done, 0, buffer.count - done)
+        return
+      }
+      done += count
+    }
+  }
+
+  public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlockBackendError) {
+    guard !isReadOnly else { throw .io(errno: EROFS) }
+    var done = 0
+    while done < buffer.count {
+      let count = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+      if count < 0 {
+        if errno == EINTR { continue }
+        throw .io(errno: errno)
+      }
+      done += count
+    }
+  }
+
+  public func flush() throws(BlockBackendError) {
+    guard !isReadOnly else { return }
+    while fdatasync(fd) != 0 {
+      if errno != EINTR { throw .io(errno: errno) }
+    }
+  }
+
+  public func discard(offset: UInt64, length: UInt64) throws(BlockBackendError) {
+    guard !isReadOnly else { throw .io(errno: EROFS) }
+    if hv_fallocate(fd, HV_FALLOC_FL_PUNCH_HOLE | HV_FALLOC_FL_KEEP_SIZE, Int64(offset), Int64(length)) != 0 {
+      // Discard is advisory: a file system without hole punching simply keeps the data.
+      if errno != EOPNOTSUPP { throw .io(errno: errno) }
+    }
+  }
+
+  public func writeZeroes(offset: UInt64, length: UInt64, unmap: Bool) throws(BlockBackendError) {
+    guard !isReadOnly else { throw .io(errno: EROFS) }
+    let mode =
+      unmap ? HV_FALLOC_FL_PUNCH_HOLE | HV_FALLOC_FL_KEEP_SIZE : HV_FALLOC_FL_ZERO_RANGE | HV_FALLOC_FL_KEEP_SIZE
+    if hv_fallocate(fd, mode, Int64(offset), Int64(length)) == 0 { return }
+    guard errno == EOPNOTSUPP else { throw .io(errno: errno) }
+    let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 4096)
+    defer { zeros.deallocate() }
+    memset(zeros.baseAddress!, 0, zeros.count)
+    var done: UInt64 = 0
+    while done < length {
+      let chunk = Int(min(UInt64(zeros.count), length - done))
+      try write(UnsafeRawBufferPointer(rebasing: zeros[0..<chunk]), at: offset + done)
+      done += UInt64(chunk)
+    }
+  }
+}
+
+/// virtio-blk (virtio 1.2, 5.2): one request queue served by a worker thread.
+///
+/// Requests: IN, OUT, FLUSH (the backend's fdatasync returns before the completion is
+/// published), GET_ID, DISCARD and WRITE_ZEROES (hole punching). Read-only disks offer
+/// VIRTIO_BLK_F_RO and answer writes with VIRTIO_BLK_S_IOERR, as they do requests beyond the
+/// capacity. A request without a readable header or a writable status byte is a driver bug:
+/// DEVICE_NEEDS_RESET.
+public final class VirtioBlock: VirtioDeviceModel {
+  /// Request types.
+  public enum RequestType {
+    public static let read: UInt32 = 0
+    public static let write: UInt32 = 1
+    public static let flush: UInt32 = 4
+    public static let getID: UInt32 = 8
+    public static let discard: UInt32 = 11
+    public static let writeZeroes: UInt32 = 13
+  }
+  /// Status byte values.
+  public enum Status {
+    public static let ok: UInt8 = 0
+    public static let ioError: UInt8 = 1
+    public static let unsupported: UInt8 = 2
+  }
+  /// Feature bits.
+  public enum Feature {
+    public static let sizeMax: UInt64 = 1 << 1
+    public static let segMax: UInt64 = 1 << 2
+    public static let readOnly: UInt64 = 1 << 5
+    public static let blockSize: UInt64 = 1 << 6
+    public static let flush: UInt64 = 1 << 9
+    public static let discard: UInt64 = 1 << 13
+    public static let writeZeroes: UInt64 = 1 << 14
+  }
+
+  /// Largest segment size advertised (size_max).
+  public static let maxSegmentSize: UInt32 = 1 << 20
+  /// Most segments per DISCARD / WRITE_ZEROES request.
+  public static let maxDiscardSegments: UInt32 = 16
+
+  public let deviceType = VirtioDeviceID.block
+  public let deviceFeatures: UInt64
+  public let queueMaxSizes: [UInt16]
+  public let configSize = 60
+  /// The storage.
+  public let backend: any BlockBackend
+  private let configBytes: [UInt8]
+  private let queueSet = Mutex<VirtioQueueSet?>(nil)
+  private let worker: DeviceWorker
+  private let chainBox = Mutex(DescriptorChain())
+
+  /// A block device on `backend` with one queue of `queueSize` entries.
+  public init(backend: any BlockBackend, queueSize: UInt16 = 256) {
+    self.backend = backend
+    queueMaxSizes = [queueSize]
+    var features = Feature.sizeMax | Feature.segMax | Feature.blockSize | Feature.flush
+    features |= backend.isReadOnly ? Feature.readOnly : Feature.discard | Feature.writeZeroes
+    deviceFeatures = features
+    var bytes = [UInt8](repeating: 0, count: 60)
+    func put(_ offset: Int, _ value: UInt64, _ width: Int) {
+      for index in 0..<width { bytes[offset + index] = UInt8(truncatingIfNeeded: value >> (8 * index)) }
+    }
+    let sectors = backend.capacity / 512
+    put(0, sectors, 8)
+    put(8, UInt64(Self.maxSegmentSize), 4)
+    put(12, UInt64(queueSize) - 2, 4)
+    put(20, 512, 4)
+    put(34, 1, 2)
+    put(36, min(sectors, UInt64(UInt32.max)), 4)
+    put(40, UInt64(Self.maxDiscardSegments), 4)
+    put(44, 8, 4)
+    put(48, min(sectors, UInt64(UInt32.max)), 4)
+    put(52, UInt64(Self.maxDiscardSegments), 4)
+    put(56, 1, 1)
+    configBytes = bytes
+    let link = WeakLink<VirtioBlock>()
+    worker = DeviceWorker(name: "virtio-blk") { _ in link.target?.process() }
+    link.target = self
+  }
+
+  public func readConfig(offset: Int, size: Int) -> UInt64 {
+    var value: UInt64 = 0
+    for index in 0..<size where offset + index < configBytes.count {
+      value |= UInt64(configBytes[offset + index]) << (8 * index)
+    }
+    return value
+  }
+
+  public func writeConfig(offset: Int, size: Int, value: UInt64) {}
+
+  public func activate(_ queues: VirtioQueueSet) {
+    queueSet.withLock { $0 = queues }
+    worker.start()
+    worker.wake()
+  }
+
+  public func notify(queue: Int) { worker.wake() }
+  public func reset() {}
+  public func shutdown() { worker.stop() }
+
+  /// Serves every available request (worker thread).
+  fileprivate func process() {
+    guard let queues = queueSet.withLock({ $0 }) else { return }
+    let memory = queues.memory
+    chainBox.withLock { chain in
+      _ = queues.withQueue(0) { queue throws(VirtqueueError) in
+        while try queue.popAvailable(into: &chain) {
+          let written = try handle(chain, memory: memory)
+          try queue.pushUsed(head: chain.head, length: written)
+        }
+      }
+    }
+  }
+
+  private func handle(_ chain: DescriptorChain, memory: GuestMemory) throws(VirtqueueError) -> UInt32 {
+    guard chain.readableLength >= 16 else { throw VirtqueueError("virtio-blk request without a readable header") }
+    guard chain.writableLength >= 1 else { throw VirtqueueError("virtio-blk request without a writable status byte") }
+    var header = (UInt32(0), UInt32(0), UInt64(0))
+    _ = withUnsafeMutableBytes(of: &header) { chain.read(from: memory, offset: 0, into: $0) }
+    let type = UInt32(littleEndian: header.0)
+    let sector = UInt64(littleEndian: header.2)
+    let dataIn = chain.writableLength - 1
+    let dataOut = chain.readableLength - 16
+    var written: UInt64 = 0
+    var status = Status.ok
+    func inBounds(_ sector: UInt64, _ bytes: UInt64) -> Bool {
+      let (start, overflow) = sector.multipliedReportingOverflow(by: 512)
+      return !overflow && start <= backend.capacity && bytes <= backend.capacity - start
+    }
+    do throws(BlockBackendError) {
+      switch type {
+      case RequestType.read:
+        guard dataIn % 512 == 0, inBounds(sector, dataIn) else {
+          status = Status.ioError
+          break
+        }
+        var failure: BlockBackendError?
+        _ = chain.copy(memory: memory, buffers: chain.writable, offset: 0, count: Int(dataIn)) { pointer, done, count in
+          guard failure == nil else { return }
+          do throws(BlockBackendError) {
+            try backend.read(
+              into: UnsafeMutableRawBufferPointer(start: pointer, count: count), at: sector * 512 + UInt64(done))
+          } catch { failure = error }
+        }
+        if let failure { throw failure }
+        written = dataIn
+      case RequestType.write:
+        guard !backend.isReadOnly, dataOut % 512 == 0, inBounds(sector, dataOut) else {
+          status = Status.ioError
+          break
+        }
+        var failure: BlockBackendError?
+        _ = chain.copy(memory: memory, buffers: chain.readable, offset: 16, count: Int(dataOut)) {
+          pointer, done, count in
+          guard failure == nil else { return }
+          do throws(BlockBackendError) {
+            try backend.write(UnsafeRawBufferPointer(start: pointer, count: count), at: sector * 512 + UInt64(done))
+          } catch { failure = error }
+        }
+        if let failure { throw failure }
+      case RequestType.flush:
+        try backend.flush()
+      case RequestType.getID:
+        let id = backend.identifier + [UInt8](repeating: 0, count: max(0, 20 - backend.identifier.count))
+        let count = Int(min(dataIn, 20))
+        written = UInt64(
+          id.withUnsafeBytes {
+            chain.write(to: memory, offset: 0, from: UnsafeRawBufferPointer(rebasing: $0[0..<count]))
+          })
+      case RequestType.discard, RequestType.writeZeroes:
+        guard deviceFeatures & (type == RequestType.discard ? Feature.discard : Feature.writeZeroes) != 0 else {
+          status = backend.isReadOnly ? Status.ioError : Status.unsupported
+          break
+        }
+        let count = dataOut / 16
+        guard dataOut % 16 == 0, count >= 1, count <= UInt64(Self.maxDiscardSegments) else {
+          status = Status.ioError
+          break
+        }
+        for index in 0..<count {
+          var segment = (UInt64(0), UInt32(0), UInt32(0))
+          _ = withUnsafeMutableBytes(of: &segment) { chain.read(from: memory, offset: 16 + index * 16, into: $0) }
+          let start = UInt64(littleEndian: segment.0)
+          let sectors = UInt64(UInt32(littleEndian: segment.1))
+          let flags = UInt32(littleEndian: segment.2)
+          let allowedFlags: UInt32 = type == RequestType.discard ? 0 : 1
+          guard flags & ~allowedFlags == 0 else {
+            status = Status.unsupported
+            break
+          }
+          guard inBounds(start, sectors * 512) else {
+            status = Status.ioError
+            break
+          }
+          if type == RequestType.discard {
+            try backend.discard(offset: start * 512, length: sectors * 512)
+          } else {
+            try backend.writeZeroes(offset: start * 512, length: sectors * 512, unmap: flags & 1 != 0)
+          }
+        }
+      default:
+        status = Status.unsupported
+      }
+    } catch {
+      status = Status.ioError
+    }
+    var statusByte = status
+    _ = withUnsafeBytes(of: &statusByte) { chain.write(to: memory, offset: chain.writableLength - 1, from: $0) }
+    return UInt32(truncatingIfNeeded: min(written + 1, UInt64(UInt32.max)))
+  }
+}
+
+/// Lets a worker closure reach its device without keeping it alive.
+final class WeakLink<Target: AnyObject & Sendable>: Sendable {
+  private struct Box: @unchecked Sendable { weak var target: Target? }
+  private let box = Mutex(Box())
+  init() {}
+  /// The device, while it lives.
+  var target: Target? {
+    get { box.withLock { $0.target } }
+    set { box.withLock { $0.target = newValue } }
+  }
+}

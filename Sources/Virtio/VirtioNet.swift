@@ -1,0 +1,322 @@
+import CVirtioShim
+import Glibc
+import Synchronization
+import VMCore
+
+/// Why a network backend could not be opened.
+public enum NetworkBackendError: Error, Equatable, Sendable, CustomStringConvertible {
+  /// The TAP device could not be opened or configured.
+  case cannotOpenTap(name: String, errno: Int32)
+  /// The MAC address text is not six hex bytes separated by colons.
+  case invalidMAC(String)
+
+  public var description: String {
+    switch self {
+    case .cannotOpenTap(let name, let err): return "cannot open TAP '\(name)': \(String(cString: strerror(err)))"
+    case .invalidMAC(let text): return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
+    }
+  }
+}
+
+/// A host network endpoint exchanging Ethernet frames, each preceded by a 12-byte
+/// `virtio_net_hdr` (with `num_buffers`, as VIRTIO_F_VERSION_1 defines it).
+public protocol NetworkBackend: AnyObject, Sendable {
+  /// A descriptor that polls readable when a frame is waiting.
+  var pollDescriptor: Int32 { get }
+  /// Sends one frame given as header + frame bytes in `vectors`; false when it was dropped.
+  func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool
+  /// Reads one waiting frame (header + frame) into `buffer`: its length, 0 if none is waiting.
+  func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int
+}
+
+/// A Linux TAP interface opened through /dev/net/tun with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+/// and a 12-byte vnet header (TUNSETVNETHDRSZ); no offloads are enabled. The interface is
+/// created if missing (needs CAP_NET_ADMIN) and is not brought up.
+public final class TapBackend: NetworkBackend {
+  /// The interface name the kernel reports.
+  public let name: String
+  private let fd: Int32
+  public var pollDescriptor: Int32 { fd }
+
+  /// Opens (or creates) TAP interface `name`.
+  public init(name: String) throws(NetworkBackendError) {
+    guard !name.isEmpty, name.utf8.count < 16 else { throw .cannotOpenTap(name: name, errno: EINVAL) }
+    let fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK)
+    guard fd >= 0 else { throw .cannotOpenTap(name: name, errno: errno) }
+    var request = [UInt8](repeating: 0, count: Int(HV_IFREQ_SIZE))
+    for (index, byte) in name.utf8.enumerated() { request[index] = byte }
+    let flags = UInt16(bitPattern: HV_IFF_TAP | HV_IFF_NO_PI | HV_IFF_VNET_HDR)
+    request[Int(HV_IFREQ_FLAGS_OFFSET)] = UInt8(flags & 0xFF)
+    request[Int(HV_IFREQ_FLAGS_OFFSET) + 1] = UInt8(flags >> 8)
+    var headerSize: Int32 = 12
+    guard request.withUnsafeMutableBytes({ hv_virtio_ioctl_ptr(fd, HV_TUNSETIFF, $0.baseAddress) }) == 0,
+      hv_virtio_ioctl_ptr(fd, HV_TUNSETVNETHDRSZ, &headerSize) == 0,
+      hv_virtio_ioctl_int(fd, HV_TUNSETOFFLOAD, 0) == 0
+    else {
+      let err = errno
+      close(fd)
+      throw .cannotOpenTap(name: name, errno: err)
+    }
+    self.fd = fd
+    self.name = String(decoding: request.prefix(16).prefix { $0 != 0 }, as: UTF8.self)
+  }
+
+  deinit { close(fd) }
+
+  public func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool {
+    while true {
+      let result = writev(fd, vectors.baseAddress, Int32(vectors.count))
+      if result >= 0 { return true }
+      if errno != EINTR { return false }
+    }
+  }
+
+  public func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+    while true {
+      let result = read(fd, buffer.baseAddress, buffer.count)
+      if result >= 0 { return result }
+      if errno != EINTR { return 0 }
+    }
+  }
+}
+
+/// A MAC address.
+public struct MACAddress: Sendable, Equatable, CustomStringConvertible {
+  public var bytes: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8)
+
+  public init(_ a: UInt8, _ b: UInt8, _ c: UInt8, _ d: UInt8, _ e: UInt8, _ f: UInt8) { bytes = (a, b, c, d, e, f) }
+
+  /// Parses "52:54:00:12:34:56".
+  public init(parsing text: String) throws(NetworkBackendError) {
+    let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+    guard parts.count == 6 else { throw .invalidMAC(text) }
+    var values: [UInt8] = []
+    for part in parts {
+      guard part.count == 2, let value = UInt8(part, radix: 16) else { throw .invalidMAC(text) }
+      values.append(value)
+    }
+    self.init(values[0], values[1], values[2], values[3], values[4], values[5])
+  }
+
+  /// A random locally administered address 52:54:00:xx:xx:xx.
+  public static func random() -> MACAddress {
+    var tail: [UInt8] = [0, 0, 0]
+    _ = tail.withUnsafeMutableBytes { HostEntropySource().fill($0) }
+    return MACAddress(0x52, 0x54, 0x00, tail[0], tail[1], tail[2])
+  }
+
+  /// The six bytes in order.
+  public var array: [UInt8] { [bytes.0, bytes.1, bytes.2, bytes.3, bytes.4, bytes.5] }
+
+  public static func == (lhs: MACAddress, rhs: MACAddress) -> Bool { lhs.array == rhs.array }
+
+  public var description: String { array.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: ":") }
+}
+
+/// virtio-net (virtio 1.2, 5.1): receiveq 0 and transmitq 1 on a `NetworkBackend`, served by a
+/// worker thread that polls the backend (only while receive buffers are available) and an
+/// eventfd the notify writes kick. Offers VIRTIO_NET_F_MAC, F_STATUS (link up) and
+/// F_MRG_RXBUF; no checksum or segmentation offloads, so transmitted headers are replaced by
+/// zeroed ones before they reach the host.
+public final class VirtioNet: VirtioDeviceModel {
+  /// Feature bits.
+  public enum Feature {
+    public static let mac: UInt64 = 1 << 5
+    public static let mergeableReceiveBuffers: UInt64 = 1 << 15
+    public static let status: UInt64 = 1 << 16
+  }
+  /// Size of the virtio_net_hdr with num_buffers.
+  public static let headerSize = 12
+  /// Largest frame accepted (64 KiB plus an Ethernet header), header excluded.
+  public static let maxFrameSize = 65536 + 14
+
+  public let deviceType = VirtioDeviceID.network
+  public let deviceFeatures: UInt64 = Feature.mac | Feature.mergeableReceiveBuffers | Feature.status
+  public let queueMaxSizes: [UInt16]
+  public let configSize = 10
+  /// The device's MAC address.
+  public let mac: MACAddress
+  /// The host side.
+  public let backend: any NetworkBackend
+
+  private struct ReceiveState {
+    var buffer: UnsafeMutableRawBufferPointer
+    /// Bytes of the frame waiting in `buffer` (header included), 0 when none.
+    var pending = 0
+    /// Whether the last attempt found receive buffers (poll the backend only then).
+    var buffersAvailable = true
+    var chain = DescriptorChain()
+    var firstChain = DescriptorChain()
+    var used: [(UInt16, UInt32)] = []
+    var vectors: [iovec] = []
+  }
+
+  private let queueSet = Mutex<VirtioQueueSet?>(nil)
+  private let receive: Mutex<ReceiveState>
+  private let wantsInput = Atomic<Bool>(false)
+  private let worker: DeviceWorker
+
+  /// A network device on `backend` with address `mac` (random 52:54:00:xx:xx:xx by default).
+  public init(backend: any NetworkBackend, mac: MACAddress? = nil, queueSize: UInt16 = 256) {
+    self.backend = backend
+    self.mac = mac ?? .random()
+    queueMaxSizes = [queueSize, queueSize]
+    var state = ReceiveState(
+      buffer: .allocate(byteCount: Self.headerSize + Self.maxFrameSize, alignment: 16))
+    state.vectors.reserveCapacity(Int(queueSize) + 1)
+    state.used.reserveCapacity(Int(queueSize))
+    receive = Mutex(state)
+    let link = WeakLink<VirtioNet>()
+    worker = DeviceWorker(
+      name: "virtio-net", backendFD: backend.pollDescriptor, wantsBackend: { link.target?.shouldPoll ?? false }
+    ) { ready in link.target?.process(backendReady: ready) }
+    link.target = self
+  }
+
+  deinit { receive.withLock { $0.buffer.deallocate() } }
+
+  fileprivate var shouldPoll: Bool { wantsInput.load(ordering: .acquiring) }
+
+  public func readConfig(offset: Int, size: Int) -> UInt64 {
+    let bytes = mac.array + [1, 0, 1, 0]  // mac, status = LINK_UP, max_virtqueue_pairs = 1
+    var value: UInt64 = 0
+    for index in 0..<size where offset + index < bytes.count { value |= UInt64(bytes[offset + index]) << (8 * index) }
+    return value
+  }
+
+  public func writeConfig(offset: Int, size: Int, value: UInt64) {}
+
+  public func activate(_ queues: VirtioQueueSet) {
+    queueSet.withLock { $0 = queues }
+    receive.withLock {
+      $0.buffersAvailable = true
+      $0.pending = 0
+    }
+    wantsInput.store(true, ordering: .releasing)
+    worker.start()
+    worker.wake()
+  }
+
+  public func notify(queue: Int) {
+    if queue == 0 { wantsInput.store(true, ordering: .releasing) }
+    worker.wake()
+  }
+
+  public func reset() {
+    wantsInput.store(false, ordering: .releasing)
+    receive.withLock { $0.pending = 0 }
+  }
+
+  public func shutdown() { worker.stop() }
+
+  fileprivate func process(backendReady: Bool) {
+    guard let queues = queueSet.withLock({ $0 }) else { return }
+    let memory = queues.memory
+    receive.withLock { state in
+      transmitAll(queues, memory, &state)
+      receiveAll(queues, memory, &state)
+    }
+  }
+
+  private func transmitAll(_ queues: VirtioQueueSet, _ memory: GuestMemory, _ state: inout ReceiveState) {
+    _ = queues.withQueue(1) { queue throws(VirtqueueError) in
+      var header = [UInt8](repeating: 0, count: Self.headerSize)
+      while try queue.popAvailable(into: &state.chain) {
+        let chain = state.chain
+        guard chain.readableCount == chain.buffers.count else {
+          throw VirtqueueError("virtio-net transmit buffer is device-writable")
+        }
+        guard chain.readableLength >= UInt64(Self.headerSize) else {
+          throw VirtqueueError("virtio-net transmit buffer shorter than the header")
+        }
+        if chain.readableLength - UInt64(Self.headerSize) <= UInt64(Self.maxFrameSize) {
+          header.withUnsafeMutableBytes { headerBytes in
+            state.vectors.removeAll(keepingCapacity: true)
+            state.vectors.append(iovec(iov_base: headerBytes.baseAddress, iov_len: Self.headerSize))
+            _ = chain.copy(
+              memory: memory, buffers: chain.readable, offset: UInt64(Self.headerSize),
+              count: Int(chain.readableLength) - Self.headerSize
+            ) { pointer, _, count in
+              state.vectors.append(iovec(iov_base: pointer, iov_len: count))
+            }
+            _ = state.vectors.withUnsafeBufferPointer { backend.transmit($0) }
+          }
+        }
+        try queue.pushUsed(head: chain.head, length: 0)
+      }
+    }
+  }
+
+  private func receiveAll(_ queues: VirtioQueueSet, _ memory: GuestMemory, _ state: inout ReceiveState) {
+    let mergeable = queues.negotiatedFeatures & Feature.mergeableReceiveBuffers != 0
+    while true {
+      guard queues.isActive else {
+        wantsInput.store(false, ordering: .releasing)
+        return
+      }
+      if state.pending == 0 {
+        let count = backend.receive(into: state.buffer)
+        guard count > Self.headerSize else {
+          if count == 0 { break } else { continue }
+        }
+        state.pending = count
+      }
+      let delivered =
+        queues.withQueue(0) { queue throws(VirtqueueError) -> Bool in
+          try deliver(&queue, memory, &state, mergeable: mergeable)
+        } ?? false
+      if !delivered {
+        // No room: keep the frame, stop polling until the driver adds receive buffers.
+        wantsInput.store(false, ordering: .releasing)
+        return
+      }
+    }
+    wantsInput.store(true, ordering: .releasing)
+  }
+
+  /// Places the pending frame into receive buffers; false when there are not enough of them.
+  private func deliver(
+    _ queue: inout SplitVirtqueue, _ memory: GuestMemory, _ state: inout ReceiveState, mergeable: Bool
+  ) throws(VirtqueueError) -> Bool {
+    // A fresh header: no offloads were negotiated.
+    memset(state.buffer.baseAddress!, 0, Self.headerSize)
+    let frame = UnsafeRawBufferPointer(rebasing: state.buffer[0..<state.pending])
+    var offset = 0
+    state.used.removeAll(keepingCapacity: true)
+    while offset < frame.count {
+      guard try queue.popAvailable(into: &state.chain) else {
+        queue.undoPop(state.used.count)
+        return false
+      }
+      guard state.chain.readableCount == 0 else {
+        throw VirtqueueError("virtio-net receive buffer is not device-writable")
+      }
+      guard state.used.count < Int(queue.size) else { throw VirtqueueError("virtio-net receive buffers exhausted") }
+      if state.used.isEmpty {
+        guard state.chain.writableLength >= UInt64(Self.headerSize) else {
+          throw VirtqueueError("virtio-net receive buffer shorter than the header")
+        }
+        if !mergeable && state.chain.writableLength < UInt64(frame.count) {
+          // Too small for the frame without mergeable buffers: drop the frame, keep the buffer.
+          queue.undoPop(1)
+          state.pending = 0
+          return true
+        }
+        // Keep the first chain to patch num_buffers in once the count is known.
+        swap(&state.chain, &state.firstChain)
+      }
+      let chain = state.used.isEmpty ? state.firstChain : state.chain
+      let count = min(frame.count - offset, Int(min(chain.writableLength, UInt64(Int.max))))
+      let written = chain.write(
+        to: memory, offset: 0, from: UnsafeRawBufferPointer(rebasing: frame[offset..<(offset + count)]))
+      offset += written
+      state.used.append((chain.head, UInt32(written)))
+      if written == 0 || !mergeable { break }
+    }
+    var buffers = UInt16(truncatingIfNeeded: state.used.count).littleEndian
+    _ = withUnsafeBytes(of: &buffers) { state.firstChain.write(to: memory, offset: 10, from: $0) }
+    for (head, length) in state.used { try queue.pushUsed(head: head, length: length) }
+    state.pending = 0
+    return true
+  }
+}
