@@ -151,7 +151,7 @@ extension CPU {
 
   /// SYSCALL: to CPL 0 at LSTAR (64-bit mode), CSTAR (compatibility mode) or STAR[31:0]
   /// (legacy mode); RCX = return RIP, R11 = RFLAGS, RFLAGS &= ~SFMASK.
-  func fastSystemCall() throws(Fault) {
+  public func fastSystemCall() throws(Fault) {
     guard efer & X86.eferSCE != 0 else { throw .invalidOpcode }
     let selector = UInt16(truncatingIfNeeded: star >> 32) & 0xFFFC
     var code = SegmentCache()
@@ -183,7 +183,7 @@ extension CPU {
   }
 
   /// SYSRET: back to CPL 3 in 64-bit mode (REX.W) or compatibility mode. RCX must be canonical.
-  func fastSystemReturn(operandSize: UInt8) throws(Fault) {
+  public func fastSystemReturn(operandSize: UInt8) throws(Fault) {
     guard efer & X86.eferSCE != 0 else { throw .invalidOpcode }
     guard isProtectedMode, cpl == 0 else { throw .generalProtection(0) }
     let base = UInt16(truncatingIfNeeded: star >> 48)

@@ -1,0 +1,88 @@
+import Devices
+import Foundation
+import Loaders
+import SoftCPU
+import Synchronization
+import Testing
+import VMCore
+
+/// Collects what the guest writes to port 0xE9.
+final class DebugConsole: PortIODevice {
+  private let bytes = Mutex<[UInt8]>([])
+  func portRead(port: UInt16, size: Int) -> UInt32 { 0xE9 }
+  func portWrite(port: UInt16, size: Int, value: UInt32) {
+    bytes.withLock { $0.append(UInt8(truncatingIfNeeded: value)) }
+  }
+  var text: String { bytes.withLock { String(decoding: $0, as: UTF8.self) } }
+}
+
+/// Builds the Multiboot test kernels in Tests/GuestPrograms/system with GNU as and ld.
+enum SystemGuestBuilder {
+  struct Failure: Error, CustomStringConvertible { let description: String }
+
+  static let sourceDirectory = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent().deletingLastPathComponent()
+    .appendingPathComponent("GuestPrograms/system")
+
+  /// The ELF64 Multiboot kernel built from `name`.S, linked at 1 MiB.
+  static func kernel(_ name: String) throws -> [UInt8] {
+    let source = sourceDirectory.appendingPathComponent("\(name).S").path
+    let work = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-system-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: work) }
+    let object = work.appendingPathComponent("\(name).o").path
+    let image = work.appendingPathComponent("\(name).elf").path
+    try run("/usr/bin/as", ["--64", "-o", object, source])
+    try run(
+      "/usr/bin/ld",
+      [
+        "-m", "elf_x86_64", "-nostdlib", "-N", "--no-warn-rwx-segments", "-e", "_start", "-Ttext=0x100000", "-o", image,
+        object,
+      ])
+    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: image)))
+  }
+
+  private static func run(_ tool: String, _ arguments: [String]) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: tool)
+    process.arguments = arguments
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = output
+    try process.run()
+    let text = output.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+      throw Failure(description: "\(tool) failed: \(String(decoding: text, as: UTF8.self))")
+    }
+  }
+}
+
+@Suite("System: Multiboot guest kernels on the software CPU")
+struct SystemGuestTests {
+  /// Boots `kernel` with `SoftAccelerator` (a watchdog stops it after `timeout` seconds).
+  func boot(_ kernel: [UInt8], timeout: Double = 60) throws -> (MachineStopReason, String) {
+    let memory = try GuestMemory(size: 64 << 20)
+    let bus = IOBus()
+    let control = MachineControl()
+    let interrupts = InterruptRouter()
+    let console = DebugConsole()
+    try bus.registerPorts(0xE9, count: 1, device: console)
+    try bus.registerPorts(DebugExitDevice.defaultPort, count: 1, device: DebugExitDevice(control: control))
+    let image = try KernelLoader.load(
+      kernel: kernel, kernelName: "system-test", initrd: nil, commandLine: "", memory: memory)
+    let accelerator = try SoftAccelerator(
+      parts: MachineParts(memory: memory, bus: bus, control: control, interrupts: interrupts))
+    DispatchQueue.global().asyncAfter(deadline: .now() + timeout) {
+      control.requestStop(.failure("watchdog: the guest did not finish in \(timeout) s"))
+    }
+    let reason = try accelerator.run(bootState: image.state)
+    return (reason, console.text)
+  }
+
+  @Test func longModeExceptionsPrivilegeChangesSyscallAndAPICTimer() throws {
+    let (reason, output) = try boot(try SystemGuestBuilder.kernel("longmode"))
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+    #expect(output.contains("system checks passed"))
+  }
+}
