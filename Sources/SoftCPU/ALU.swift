@@ -12,7 +12,7 @@ extension CPU {
   // MARK: Registers
 
   /// Reads register `register` (0-15, or 16-19 for AH..BH) at `size` bytes, zero-extended.
-  @inline(__always)
+  @_transparent
   func readRegister(_ register: UInt8, size: UInt8) -> UInt64 {
     switch size {
     case 8: return gpr[Int(register)]
@@ -27,7 +27,7 @@ extension CPU {
   }
 
   /// Writes register `register` at `size` bytes: 32-bit writes zero-extend, 8/16-bit writes merge.
-  @inline(__always)
+  @_transparent
   func writeRegister(_ register: UInt8, size: UInt8, _ value: UInt64) {
     switch size {
     case 8: gpr[Int(register)] = value
@@ -44,19 +44,19 @@ extension CPU {
   }
 
   /// Reads the r/m operand.
-  @inline(__always)
+  @_transparent
   func readRm(_ ins: Instruction, size: UInt8) throws(Fault) -> UInt64 {
     if ins.hasMemoryOperand {
-      return try readMemory(linearAddress(ins), size: size)
+      return try readMemory(operandAddress(ins), size: size)
     }
     return readRegister(ins.rm, size: size)
   }
 
   /// Writes the r/m operand.
-  @inline(__always)
+  @_transparent
   func writeRm(_ ins: Instruction, size: UInt8, _ value: UInt64) throws(Fault) {
     if ins.hasMemoryOperand {
-      try writeMemory(linearAddress(ins), size: size, value)
+      try writeMemory(operandAddress(ins), size: size, value)
     } else {
       writeRegister(ins.rm, size: size, value)
     }
@@ -64,7 +64,7 @@ extension CPU {
 
   // MARK: Host memory helpers for read-modify-write
 
-  @inline(__always)
+  @_transparent
   func loadHost(_ host: UnsafeMutableRawPointer, size: UInt8) -> UInt64 {
     switch size {
     case 8: return host.loadUnaligned(as: UInt64.self)
@@ -74,7 +74,7 @@ extension CPU {
     }
   }
 
-  @inline(__always)
+  @_transparent
   func storeHost(_ host: UnsafeMutableRawPointer, size: UInt8, _ value: UInt64) {
     switch size {
     case 8: host.storeBytes(of: value, as: UInt64.self)
@@ -85,7 +85,7 @@ extension CPU {
   }
 
   /// Atomically replaces the value at `host` with `compute(old)`; returns the old value.
-  @inline(__always)
+  @_transparent
   func atomicUpdate(
     _ host: UnsafeMutableRawPointer, size: UInt8, _ compute: (UInt64) -> UInt64
   ) -> UInt64 {
@@ -131,7 +131,7 @@ extension CPU {
 
   /// Read-modify-write of the r/m operand: `compute(old)` gives the new value; returns the old
   /// value. Memory operands go through one TLB lookup; LOCK makes the update atomic.
-  @inline(__always)
+  @_transparent
   func modifyRm(
     _ ins: Instruction, size: UInt8, _ compute: (UInt64) -> UInt64
   ) throws(Fault) -> UInt64 {
@@ -140,7 +140,7 @@ extension CPU {
       writeRegister(ins.rm, size: size, compute(old))
       return old
     }
-    let address = linearAddress(ins)
+    let address = operandAddress(ins)
     if let host = try modifyHost(address, UInt64(size)) {
       if ins.prefixes & Instruction.Prefix.lock != 0 {
         return atomicUpdate(host, size: size, compute)
@@ -157,7 +157,7 @@ extension CPU {
   // MARK: ALU
 
   /// Computes `dst op src` truncated to `size` (carry-in `carry` for ADC/SBB).
-  @inline(__always)
+  @_transparent
   func aluResult(_ operation: ALUOperation, _ dst: UInt64, _ src: UInt64, _ carry: UInt64, size: UInt8) -> UInt64 {
     let mask = sizeMask(size)
     switch operation {
@@ -171,7 +171,7 @@ extension CPU {
     }
   }
 
-  @inline(__always)
+  @_transparent
   func recordALU(_ operation: ALUOperation, size: UInt8, dst: UInt64, src: UInt64, result: UInt64, carry: UInt64) {
     switch operation {
     case .add: recordFlags(.add, size: size, dst: dst, src: src, result: result)
@@ -187,7 +187,7 @@ extension CPU {
   }
 
   /// `r/m op= src` (or compare), with flags.
-  @inline(__always)
+  @_transparent
   func aluRm(_ ins: Instruction, _ operation: ALUOperation, src: UInt64) throws(Fault) {
     let size = ins.operandSize
     let carry: UInt64 = (operation == .adc || operation == .sbb) ? (carryFlag ? 1 : 0) : 0
@@ -210,7 +210,7 @@ extension CPU {
   }
 
   /// `reg op= r/m` (or compare), with flags.
-  @inline(__always)
+  @_transparent
   func aluReg(_ ins: Instruction, _ operation: ALUOperation) throws(Fault) {
     let size = ins.operandSize
     let src = try readRm(ins, size: size)
@@ -221,14 +221,14 @@ extension CPU {
     recordALU(operation, size: size, dst: dst, src: src, result: result, carry: carry)
   }
 
-  @inline(__always)
+  @_transparent
   func testRm(_ ins: Instruction, src: UInt64) throws(Fault) {
     let size = ins.operandSize
     let dst = try readRm(ins, size: size)
     recordFlags(.logic, size: size, dst: dst, src: src, result: dst & src)
   }
 
-  @inline(__always)
+  @_transparent
   func incDec(_ ins: Instruction, increment: Bool) throws(Fault) {
     let size = ins.operandSize
     let mask = sizeMask(size)
@@ -239,7 +239,7 @@ extension CPU {
     flagCarry = carry
   }
 
-  @inline(__always)
+  @_transparent
   func negate(_ ins: Instruction) throws(Fault) {
     let size = ins.operandSize
     let mask = sizeMask(size)
@@ -247,7 +247,7 @@ extension CPU {
     recordFlags(.sub, size: size, dst: 0, src: old, result: (0 &- old) & mask)
   }
 
-  @inline(__always)
+  @_transparent
   func complement(_ ins: Instruction) throws(Fault) {
     let size = ins.operandSize
     let mask = sizeMask(size)

@@ -5,7 +5,7 @@
 
 extension CPU {
   /// Read-modify-write of memory at `address` (atomic under LOCK); returns the old value.
-  @inline(__always)
+  @_transparent
   func modifyMemory(
     _ address: UInt64, size: UInt8, locked: Bool, _ compute: (UInt64) -> UInt64
   ) throws(Fault) -> UInt64 {
@@ -38,7 +38,7 @@ extension CPU {
     }
     let old: UInt64
     if ins.hasMemoryOperand {
-      var address = linearAddress(ins)
+      var address = operandAddress(ins)
       if !immediateForm {
         // The register offset is signed and may address beyond the operand.
         let displacement = (signExtend(offset, size: size) >> Int64(bits.trailingZeroBitCount)) &* Int64(size)

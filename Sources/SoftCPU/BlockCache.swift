@@ -53,14 +53,14 @@ struct BlockTableEntry {
   var block: Int32 = -1
 }
 
-@inline(__always)
+@_transparent
 func blockSlot(_ key: UInt64) -> Int {
   Int(truncatingIfNeeded: (key &* 0x9E37_79B9_7F4A_7C15) >> 48) & (blockTableSize - 1)
 }
 
 extension CPU {
   /// Physical address of the instruction byte at linear `linear`, through the fetch TLB.
-  @inline(__always)
+  @_transparent
   func fetchPhysical(_ linear: UInt64) throws(Fault) -> UInt64 {
     let entry = fetchTLB[Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)]
     if entry.tag == (linear & ~0xFFF) | tlbTagExtra {
@@ -80,7 +80,7 @@ extension CPU {
   }
 
   /// The block starting at linear `linear` (decoding it if needed).
-  @inline(__always)
+  @_transparent
   func findBlock(_ linear: UInt64) throws(Fault) -> Int {
     let physical = try fetchPhysical(linear)
     let key = physical | UInt64(codeSize) << 56

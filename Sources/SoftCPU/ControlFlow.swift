@@ -6,13 +6,13 @@
 // The stack is 64-bit in long mode; part 2 adds the SS.B-dependent 16/32-bit stack.
 
 extension CPU {
-  @inline(__always)
+  @_transparent
   func isCanonical(_ address: UInt64) -> Bool {
     UInt64(bitPattern: Int64(bitPattern: address << 16) >> 16) == address
   }
 
   /// Checks a branch target and truncates it to the operand size.
-  @inline(__always)
+  @_transparent
   func branchTarget(_ target: UInt64, size: UInt8) throws(Fault) -> UInt64 {
     if size == 8 {
       if !isCanonical(target) { throw .generalProtection(0) }
@@ -21,31 +21,31 @@ extension CPU {
     return target & sizeMask(size)
   }
 
-  @inline(__always)
+  @_transparent
   func jumpRelative(_ ins: Instruction) throws(Fault) {
     rip = try branchTarget(rip &+ ins.immediate, size: ins.operandSize)
   }
 
-  @inline(__always)
+  @_transparent
   func jumpTo(_ target: UInt64, size: UInt8 = 8) throws(Fault) {
     rip = try branchTarget(target, size: size)
   }
 
-  @inline(__always)
+  @_transparent
   func callRelative(_ ins: Instruction) throws(Fault) {
     let target = try branchTarget(rip &+ ins.immediate, size: ins.operandSize)
     try push(rip, size: ins.operandSize)
     rip = target
   }
 
-  @inline(__always)
+  @_transparent
   func callIndirect(_ ins: Instruction) throws(Fault) {
     let target = try branchTarget(try readRm(ins, size: ins.operandSize), size: ins.operandSize)
     try push(rip, size: ins.operandSize)
     rip = target
   }
 
-  @inline(__always)
+  @_transparent
   func returnNear(_ ins: Instruction, release: UInt64) throws(Fault) {
     let size = ins.operandSize
     let stack = gpr[4]
@@ -82,7 +82,7 @@ extension CPU {
   // MARK: Stack
 
   /// Pushes the low `size` bytes of `value`.
-  @inline(__always)
+  @_transparent
   func push(_ value: UInt64, size: UInt8) throws(Fault) {
     let stack = gpr[4] &- UInt64(size)
     try writeMemory(segmentBase[2] &+ stack, size: size, value)
@@ -90,7 +90,7 @@ extension CPU {
   }
 
   /// Pops `size` bytes.
-  @inline(__always)
+  @_transparent
   func pop(size: UInt8) throws(Fault) -> UInt64 {
     let stack = gpr[4]
     let value = try readMemory(segmentBase[2] &+ stack, size: size)
@@ -99,7 +99,7 @@ extension CPU {
   }
 
   /// POP r/m: a memory destination is addressed with RSP already incremented.
-  @inline(__always)
+  @_transparent
   func popToRm(_ ins: Instruction) throws(Fault) {
     let size = ins.operandSize
     let stack = gpr[4]
@@ -107,7 +107,7 @@ extension CPU {
     gpr[4] = stack &+ UInt64(size)
     if ins.hasMemoryOperand {
       do {
-        try writeMemory(linearAddress(ins), size: size, value)
+        try writeMemory(operandAddress(ins), size: size, value)
       } catch {
         gpr[4] = stack
         throw error

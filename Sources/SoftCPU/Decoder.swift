@@ -237,7 +237,7 @@ extension CPU {
         if segmentOverride == 0xFF { ins.segment = defaultSegment }
       }
     } else if entry.registerInOpcode {
-      ins.rm = (byte & 7) | rexB << 3
+      ins.rm = UInt8(ins.opcode & 7) | rexB << 3
     }
 
     // Groups and opcode-specific rules.

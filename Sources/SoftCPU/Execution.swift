@@ -288,7 +288,8 @@ extension CPU {
     case .sse: try executeSSE(ins)
     case .x87: try executeX87(ins)
     case .tooLong: throw .generalProtection(0)
-    case .invalid, .legacyOnly: throw .invalidOpcode
+    case .invalid: throw .invalidOpcode
+    case .legacyOnly: try executeLegacy(ins)  // Part 2 hook: SystemLegacy.swift
     default: try executeSystem(ins)
     }
   }

@@ -44,20 +44,20 @@ enum FlagOp: UInt8 {
 }
 
 /// Mask of an operand of `size` bytes.
-@inline(__always)
+@_transparent
 func sizeMask(_ size: UInt8) -> UInt64 {
   size == 8 ? ~0 : (UInt64(1) << (UInt64(size) &* 8)) &- 1
 }
 
 /// Sign-extends the low `size` bytes of `value`.
-@inline(__always)
+@_transparent
 func signExtend(_ value: UInt64, size: UInt8) -> Int64 {
   let shift = 64 &- UInt64(size) &* 8
   return Int64(bitPattern: value << shift) >> shift
 }
 
 /// Even parity of the low byte (PF).
-@inline(__always)
+@_transparent
 func parityEven(_ value: UInt64) -> Bool {
   (UInt8(truncatingIfNeeded: value).nonzeroBitCount & 1) == 0
 }
@@ -80,7 +80,7 @@ extension CPU {
   }
 
   /// Records a flag-setting operation (operands and result already truncated to `size`).
-  @inline(__always)
+  @_transparent
   func recordFlags(_ op: FlagOp, size: UInt8, dst: UInt64, src: UInt64, result: UInt64) {
     flagOp = op
     flagSize = size
@@ -90,7 +90,7 @@ extension CPU {
   }
 
   /// Materializes the status flags into `storedFlags` (before partial flag updates).
-  @inline(__always)
+  @_transparent
   func materializeFlags() {
     if flagOp != .none {
       storedFlags = (storedFlags & ~RFlags.status) | statusFlags()
@@ -111,12 +111,12 @@ extension CPU {
     return flags
   }
 
-  @inline(__always)
+  @_transparent
   var signShift: UInt64 { UInt64(flagSize) &* 8 &- 1 }
 
   /// CF.
   var carryFlag: Bool {
-    @inline(__always) get {
+    @_transparent get {
       switch flagOp {
       case .none: return storedFlags & RFlags.cf != 0
       case .add: return flagResult < flagDst
@@ -139,19 +139,19 @@ extension CPU {
 
   /// ZF.
   var zeroFlag: Bool {
-    @inline(__always) get { flagOp == .none ? storedFlags & RFlags.zf != 0 : flagResult == 0 }
+    @_transparent get { flagOp == .none ? storedFlags & RFlags.zf != 0 : flagResult == 0 }
   }
 
   /// SF.
   var signFlag: Bool {
-    @inline(__always) get {
+    @_transparent get {
       flagOp == .none ? storedFlags & RFlags.sf != 0 : (flagResult >> signShift) & 1 != 0
     }
   }
 
   /// PF.
   var parityFlag: Bool {
-    @inline(__always) get { flagOp == .none ? storedFlags & RFlags.pf != 0 : parityEven(flagResult) }
+    @_transparent get { flagOp == .none ? storedFlags & RFlags.pf != 0 : parityEven(flagResult) }
   }
 
   /// AF.
@@ -176,7 +176,7 @@ extension CPU {
   }
 
   /// Evaluates condition code `cc` (0-15: O, NO, B, AE, E, NE, BE, A, S, NS, P, NP, L, GE, LE, G).
-  @inline(__always)
+  @_transparent
   func condition(_ cc: UInt8) -> Bool {
     let holds: Bool
     switch cc >> 1 {

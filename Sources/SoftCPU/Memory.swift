@@ -11,11 +11,17 @@ extension CPU {
   /// + displacement, truncated to the address size (RIP-relative uses the next instruction's address).
   @inline(__always)
   public func linearAddress(_ instruction: Instruction) -> UInt64 {
+    operandAddress(instruction)
+  }
+
+  /// `linearAddress`, always inlined (the core's handlers use this one).
+  @_transparent
+  func operandAddress(_ instruction: Instruction) -> UInt64 {
     segmentBase[Int(instruction.segment)] &+ effectiveAddress(instruction)
   }
 
   /// Offset part of the memory operand (what LEA computes), truncated to the address size.
-  @inline(__always)
+  @_transparent
   func effectiveAddress(_ instruction: Instruction) -> UInt64 {
     var offset = UInt64(bitPattern: instruction.displacement)
     if instruction.base < 16 {
@@ -35,7 +41,7 @@ extension CPU {
   // MARK: Fast paths
 
   /// Host address for reading `size` bytes at `linear` when the read TLB hits.
-  @inline(__always)
+  @_transparent
   func readHost(_ linear: UInt64, _ size: UInt64) -> UnsafeMutableRawPointer? {
     let entry = readTLB[Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)]
     if entry.tag == (linear & ~0xFFF) | tlbTagExtra && linear & 0xFFF <= 0x1000 - size {
@@ -45,7 +51,7 @@ extension CPU {
   }
 
   /// Host address for writing `size` bytes at `linear` when the write TLB hits.
-  @inline(__always)
+  @_transparent
   func writeHost(_ linear: UInt64, _ size: UInt64) -> UnsafeMutableRawPointer? {
     let entry = writeTLB[Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)]
     if entry.tag == (linear & ~0xFFF) | tlbTagExtra && linear & 0xFFF <= 0x1000 - size {
@@ -57,49 +63,58 @@ extension CPU {
   /// Host address for a read-modify-write of `size` bytes at `linear`, filling the write TLB
   /// on a miss (which also invalidates code on the page). Nil for MMIO and page-crossing
   /// accesses: the caller then uses separate reads and writes.
-  @inline(__always)
+  @_transparent
   func modifyHost(_ linear: UInt64, _ size: UInt64) throws(Fault) -> UnsafeMutableRawPointer? {
     if let host = writeHost(linear, size) { return host }
     return try modifyHostSlow(linear, size)
   }
 
   /// Reads a byte at a linear address.
-  @inline(__always) public func read8(_ linear: UInt64) throws(Fault) -> UInt8 {
+  @inline(__always) public func read8(_ linear: UInt64) throws(Fault) -> UInt8 { try load8(linear) }
+  /// Reads a word at a linear address.
+  @inline(__always) public func read16(_ linear: UInt64) throws(Fault) -> UInt16 { try load16(linear) }
+  /// Reads a doubleword at a linear address.
+  @inline(__always) public func read32(_ linear: UInt64) throws(Fault) -> UInt32 { try load32(linear) }
+  /// Reads a quadword at a linear address.
+  @inline(__always) public func read64(_ linear: UInt64) throws(Fault) -> UInt64 { try load64(linear) }
+  /// Writes a byte at a linear address.
+  @inline(__always) public func write8(_ linear: UInt64, _ value: UInt8) throws(Fault) { try store8(linear, value) }
+  /// Writes a word at a linear address.
+  @inline(__always) public func write16(_ linear: UInt64, _ value: UInt16) throws(Fault) { try store16(linear, value) }
+  /// Writes a doubleword at a linear address.
+  @inline(__always) public func write32(_ linear: UInt64, _ value: UInt32) throws(Fault) { try store32(linear, value) }
+  /// Writes a quadword at a linear address.
+  @inline(__always) public func write64(_ linear: UInt64, _ value: UInt64) throws(Fault) { try store64(linear, value) }
+  // Internal fast paths (always inlined into the interpreter).
+  @_transparent func load8(_ linear: UInt64) throws(Fault) -> UInt8 {
     if let host = readHost(linear, 1) { return host.load(as: UInt8.self) }
     return UInt8(truncatingIfNeeded: try readSlow(linear, 1))
   }
-  /// Reads a word at a linear address.
-  @inline(__always) public func read16(_ linear: UInt64) throws(Fault) -> UInt16 {
+  @_transparent func load16(_ linear: UInt64) throws(Fault) -> UInt16 {
     if let host = readHost(linear, 2) { return host.loadUnaligned(as: UInt16.self) }
     return UInt16(truncatingIfNeeded: try readSlow(linear, 2))
   }
-  /// Reads a doubleword at a linear address.
-  @inline(__always) public func read32(_ linear: UInt64) throws(Fault) -> UInt32 {
+  @_transparent func load32(_ linear: UInt64) throws(Fault) -> UInt32 {
     if let host = readHost(linear, 4) { return host.loadUnaligned(as: UInt32.self) }
     return UInt32(truncatingIfNeeded: try readSlow(linear, 4))
   }
-  /// Reads a quadword at a linear address.
-  @inline(__always) public func read64(_ linear: UInt64) throws(Fault) -> UInt64 {
+  @_transparent func load64(_ linear: UInt64) throws(Fault) -> UInt64 {
     if let host = readHost(linear, 8) { return host.loadUnaligned(as: UInt64.self) }
     return try readSlow(linear, 8)
   }
-  /// Writes a byte at a linear address.
-  @inline(__always) public func write8(_ linear: UInt64, _ value: UInt8) throws(Fault) {
+  @_transparent func store8(_ linear: UInt64, _ value: UInt8) throws(Fault) {
     if let host = writeHost(linear, 1) { return host.storeBytes(of: value, as: UInt8.self) }
     try writeSlow(linear, 1, UInt64(value))
   }
-  /// Writes a word at a linear address.
-  @inline(__always) public func write16(_ linear: UInt64, _ value: UInt16) throws(Fault) {
+  @_transparent func store16(_ linear: UInt64, _ value: UInt16) throws(Fault) {
     if let host = writeHost(linear, 2) { return host.storeBytes(of: value, as: UInt16.self) }
     try writeSlow(linear, 2, UInt64(value))
   }
-  /// Writes a doubleword at a linear address.
-  @inline(__always) public func write32(_ linear: UInt64, _ value: UInt32) throws(Fault) {
+  @_transparent func store32(_ linear: UInt64, _ value: UInt32) throws(Fault) {
     if let host = writeHost(linear, 4) { return host.storeBytes(of: value, as: UInt32.self) }
     try writeSlow(linear, 4, UInt64(value))
   }
-  /// Writes a quadword at a linear address.
-  @inline(__always) public func write64(_ linear: UInt64, _ value: UInt64) throws(Fault) {
+  @_transparent func store64(_ linear: UInt64, _ value: UInt64) throws(Fault) {
     if let host = writeHost(linear, 8) { return host.storeBytes(of: value, as: UInt64.self) }
     try writeSlow(linear, 8, value)
   }
@@ -128,31 +143,31 @@ extension CPU {
   }
 
   /// Reads `size` (1, 2, 4, 8) bytes, zero-extended.
-  @inline(__always)
+  @_transparent
   func readMemory(_ linear: UInt64, size: UInt8) throws(Fault) -> UInt64 {
     switch size {
-    case 8: return try read64(linear)
-    case 4: return UInt64(try read32(linear))
-    case 2: return UInt64(try read16(linear))
-    default: return UInt64(try read8(linear))
+    case 8: return try load64(linear)
+    case 4: return UInt64(try load32(linear))
+    case 2: return UInt64(try load16(linear))
+    default: return UInt64(try load8(linear))
     }
   }
 
   /// Writes the low `size` (1, 2, 4, 8) bytes of `value`.
-  @inline(__always)
+  @_transparent
   func writeMemory(_ linear: UInt64, size: UInt8, _ value: UInt64) throws(Fault) {
     switch size {
-    case 8: try write64(linear, value)
-    case 4: try write32(linear, UInt32(truncatingIfNeeded: value))
-    case 2: try write16(linear, UInt16(truncatingIfNeeded: value))
-    default: try write8(linear, UInt8(truncatingIfNeeded: value))
+    case 8: try store64(linear, value)
+    case 4: try store32(linear, UInt32(truncatingIfNeeded: value))
+    case 2: try store16(linear, UInt16(truncatingIfNeeded: value))
+    default: try store8(linear, UInt8(truncatingIfNeeded: value))
     }
   }
 
   // MARK: Slow paths
 
   /// Fills the read TLB for the page of `linear` (physical `physical`, RAM at `host`).
-  @inline(__always)
+  @_transparent
   func fillTLB(_ table: UnsafeMutablePointer<TLBEntry>, linear: UInt64, target: UInt64) {
     let page = linear & ~0xFFF
     table[Int((linear >> 12) & tlbIndexMask)] = TLBEntry(tag: page | tlbTagExtra, delta: target &- page)
@@ -192,7 +207,7 @@ extension CPU {
   }
 
   /// Host address of a RAM page for writing; invalidates decoded code on it and fills the write TLB.
-  @inline(__always)
+  @_transparent
   func writableRAM(_ linear: UInt64, physical: UInt64) -> UnsafeMutableRawPointer? {
     guard let host = ramPointer(physical) else { return nil }
     let page = physical >> 12

@@ -11,7 +11,7 @@ extension CPU {
     let regValue = readRegister(ins.reg, size: size)
     if ins.hasMemoryOperand {
       // XCHG with memory is always locked.
-      let address = linearAddress(ins)
+      let address = operandAddress(ins)
       let old: UInt64
       if let host = try modifyHost(address, UInt64(size)) {
         old = atomicUpdate(host, size: size) { _ in regValue }
@@ -31,13 +31,20 @@ extension CPU {
     let size = ins.operandSize
     let accumulator = readRegister(0, size: size)
     let src = readRegister(ins.reg, size: size)
-    let old = try modifyRm(ins, size: size) { $0 == accumulator ? src : $0 }
+    let old: UInt64
+    if ins.hasMemoryOperand {
+      old = try modifyRm(ins, size: size) { $0 == accumulator ? src : $0 }
+    } else {
+      // A register destination is written only when the comparison succeeds.
+      old = readRegister(ins.rm, size: size)
+      if old == accumulator { writeRegister(ins.rm, size: size, src) }
+    }
     recordFlags(.sub, size: size, dst: accumulator, src: old, result: (accumulator &- old) & sizeMask(size))
     if old != accumulator { writeRegister(0, size: size, old) }
   }
 
   func compareExchangeDouble(_ ins: Instruction) throws(Fault) {
-    let address = linearAddress(ins)
+    let address = operandAddress(ins)
     materializeFlags()
     if ins.operandSize == 8 {
       if address & 15 != 0 { throw .generalProtection(0) }
@@ -101,7 +108,7 @@ extension CPU {
     recordFlags(.add, size: size, dst: old, src: src, result: (old &+ src) & mask)
   }
 
-  @inline(__always)
+  @_transparent
   func swapBytes(_ value: UInt64, size: UInt8) -> UInt64 {
     switch size {
     case 8: return value.byteSwapped
@@ -112,7 +119,7 @@ extension CPU {
 
   func moveBigEndian(_ ins: Instruction, load: Bool) throws(Fault) {
     let size = ins.operandSize
-    let address = linearAddress(ins)
+    let address = operandAddress(ins)
     if load {
       writeRegister(ins.reg, size: size, swapBytes(try readMemory(address, size: size), size: size))
     } else {
@@ -202,7 +209,7 @@ extension CPU {
   }
 
   /// Checks I/O permission (CPL <= IOPL in protected mode; the TSS bitmap is part 2).
-  @inline(__always)
+  @_transparent
   func checkIOPermission() throws(Fault) {
     if cr0 & X86.cr0PE != 0 && UInt64(cpl) > (storedFlags >> 12) & 3 { throw .generalProtection(0) }
   }

@@ -5,7 +5,7 @@
 // 16 give an undefined result; this core shifts in bits of `src` then `dst` again.
 
 extension CPU {
-  @inline(__always)
+  @_transparent
   func shiftCount(_ ins: Instruction) -> UInt64 {
     let raw =
       ins.opcode == 0xD2 || ins.opcode == 0xD3 || ins.op == .shldCL || ins.op == .shrdCL
@@ -13,13 +13,19 @@ extension CPU {
     return raw & (ins.operandSize == 8 ? 0x3F : 0x1F)
   }
 
-  @inline(__always)
+  /// A masked count of 0: flags and value unchanged, but a 32-bit register destination is
+  /// still written (its upper half cleared), as hardware does.
+  func zeroCountShift(_ ins: Instruction) throws(Fault) {
+    let value = try readRm(ins, size: ins.operandSize)
+    if !ins.hasMemoryOperand && ins.operandSize == 4 { writeRegister(ins.rm, size: 4, value) }
+  }
+
+  @_transparent
   func shift(_ ins: Instruction) throws(Fault) {
     let size = ins.operandSize
     let count = shiftCount(ins)
     if count == 0 {
-      // Still performs the access checks of the read.
-      _ = try readRm(ins, size: size)
+      try zeroCountShift(ins)
       return
     }
     let mask = sizeMask(size)
@@ -45,12 +51,12 @@ extension CPU {
     }
   }
 
-  @inline(__always)
+  @_transparent
   func rotate(_ ins: Instruction) throws(Fault) {
     let size = ins.operandSize
     let maskedCount = shiftCount(ins)
     if maskedCount == 0 {
-      _ = try readRm(ins, size: size)
+      try zeroCountShift(ins)
       return
     }
     let bits = UInt64(size) * 8
@@ -105,7 +111,7 @@ extension CPU {
     let size = ins.operandSize
     let count = shiftCount(ins)
     if count == 0 {
-      _ = try readRm(ins, size: size)
+      try zeroCountShift(ins)
       return
     }
     let bits = UInt64(size) * 8

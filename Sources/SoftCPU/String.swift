@@ -127,7 +127,7 @@ extension CPU {
     return host
   }
 
-  @inline(__always)
+  @_transparent
   func fillHost(_ host: UnsafeMutableRawPointer, value: UInt64, size: UInt8, count: Int) {
     switch size {
     case 1: memset(host, Int32(value & 0xFF), count)
@@ -143,7 +143,7 @@ extension CPU {
     }
   }
 
-  @inline(__always)
+  @_transparent
   func copyHost(_ destination: UnsafeMutableRawPointer, _ source: UnsafeMutableRawPointer, size: UInt8, count: Int) {
     let bytes = count * Int(size)
     let distance = Int(bitPattern: destination) - Int(bitPattern: source)

@@ -50,7 +50,7 @@ enum MemoryAccess {
 
 extension CPU {
   /// Host address of guest-physical `physical` when it is RAM.
-  @inline(__always)
+  @_transparent
   func ramPointer(_ physical: UInt64) -> UnsafeMutableRawPointer? {
     for index in 0..<ramRegionCount {
       let region = ramRegions[index]
@@ -87,7 +87,7 @@ extension CPU {
   }
 
   /// Raises the fault a flat-test-mode access to an address with neither RAM nor a device gets.
-  @inline(__always)
+  @_transparent
   func checkBacked(_ physical: UInt64, linear: UInt64, access: MemoryAccess) throws(Fault) {
     if flatTestMode && !bus.hasMMIODevice(physical) {
       throw .pageFault(pageFaultErrorCode(access: access), address: linear)
