@@ -42,6 +42,7 @@ let package = Package(
       dependencies: ["VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")]
     ),
     .executableTarget(name: "hostvisor-bench", dependencies: ["KVMBackend", "VMCore"]),
+    .executableTarget(name: "hostvisor-softbench", dependencies: ["SoftCPU", "VMCore"]),
     .testTarget(name: "VMCoreTests", dependencies: ["VMCore"]),
     .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "VMCore", "Devices", "Loaders"]),
     .testTarget(name: "LoaderTests", dependencies: ["Loaders", "VMCore"]),

@@ -1,0 +1,192 @@
+import Foundation
+import SoftCPU
+import Testing
+import VMCore
+
+/// Hostile-input fuzzing of the software CPU: random bytes as code.
+///
+/// Environment: `HOSTVISOR_FUZZ_CASES` (default 200000 hostile runs, 50000 decoder
+/// comparisons), `HOSTVISOR_DIFF_SEED`.
+@Suite("FuzzTests")
+struct FuzzTests {
+  static var seed: UInt64 { DifferentialTests.seed }
+  static var cases: Int { Int(ProcessInfo.processInfo.environment["HOSTVISOR_FUZZ_CASES"] ?? "") ?? 200_000 }
+
+  /// Random 1-15 byte sequences with random registers and a small instruction budget: the CPU
+  /// must return a defined StopCause every time (no crash, no hang, no host memory access
+  /// outside guest RAM), and leave RIP and the register file usable.
+  @Test func hostileBytesNeverCrashOrHang() throws {
+    let memory = try GuestMemory(size: 2 << 20)
+    let bus = IOBus()
+    let cpu = CPU(memory: memory, bus: bus)
+    let codeBase: UInt64 = 0x1000
+    var rng = DiffRNG(seed: DiffRNG.mix(Self.seed, 0xF022))
+    var outcomes: [String: Int] = [:]
+    let code = try memory.slice(at: codeBase, length: 32)
+    let start = Date()
+    for _ in 0..<Self.cases {
+      let length = 1 + rng.below(15)
+      for index in 0..<32 { code[index] = index < length ? UInt8(truncatingIfNeeded: rng.next()) : 0xF4 }
+      cpu.enterFlatLongMode(cpl: rng.chance(50) ? 3 : 0)
+      for index in 0..<16 {
+        // Mostly addresses inside guest RAM, sometimes anything.
+        cpu.gpr[index] = rng.chance(70) ? UInt64(rng.below(2 << 20)) : DiffValues.integer(&rng)
+      }
+      cpu.gpr[4] = 0x10_0000 + UInt64(rng.below(0x1000))
+      cpu.rflags = 0x202 | (rng.next() & (F.all | RFlags.df))
+      cpu.rip = codeBase
+      let stop = cpu.run(instructionLimit: 1 + rng.below(8))
+      let key: String
+      switch stop {
+      case .halted: key = "halted"
+      case .instructionLimit: key = "instruction limit"
+      case .stopRequested: key = "stop requested"
+      case .fault(let fault): key = fault.vector >= 32 ? "INT n" : Fault.mnemonic(Int(fault.vector))
+      }
+      outcomes[key, default: 0] += 1
+    }
+    let seconds = Date().timeIntervalSince(start)
+    print(
+      "FuzzTests: \(Self.cases) hostile sequences in \(String(format: "%.1f", seconds)) s: "
+        + outcomes.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+    #expect(outcomes.values.reduce(0, +) == Self.cases)
+  }
+
+  // MARK: Decoder vs host
+
+  /// Skips legacy prefixes and REX; returns the index of the opcode and whether FS/GS
+  /// segment overrides appeared (never executed natively: they address the host's TLS).
+  static func scanPrefixes(_ bytes: [UInt8]) -> (opcodeIndex: Int, hasFSGS: Bool, hasF3: Bool) {
+    var index = 0
+    var fsgs = false
+    var f3 = false
+    while index < bytes.count {
+      let byte = bytes[index]
+      if byte == 0x64 || byte == 0x65 { fsgs = true }
+      if byte == 0xF3 { f3 = true }
+      if [0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67].contains(byte)
+        || (0x40...0x4F).contains(byte)
+      {
+        index += 1
+        continue
+      }
+      break
+    }
+    return (index, fsgs, f3)
+  }
+
+  /// True when the bytes must not run natively at CPL 3 in this process: system calls, far
+  /// transfers and IRET/RETF (could switch to compatibility mode), segment loads, FS/GS
+  /// accesses and base writes (host TLS), POPF (could clear TF and run on), WRPKRU/XRSTOR
+  /// (protection keys), and the whole 0F 01 group.
+  static func isUnsafeNatively(_ bytes: [UInt8]) -> Bool {
+    let scan = scanPrefixes(bytes)
+    if scan.hasFSGS { return true }
+    guard scan.opcodeIndex < bytes.count else { return true }
+    let opcode = bytes[scan.opcodeIndex]
+    let next = scan.opcodeIndex + 1 < bytes.count ? bytes[scan.opcodeIndex + 1] : 0
+    let reg = (next >> 3) & 7
+    switch opcode {
+    case 0xCD, 0xCA, 0xCB, 0xCF, 0x8E, 0x9A, 0xEA, 0x07, 0x17, 0x1F, 0x9D: return true
+    case 0xFF: return reg == 3 || reg == 5
+    case 0x0F:
+      let after = scan.opcodeIndex + 2 < bytes.count ? bytes[scan.opcodeIndex + 2] : 0
+      switch next {
+      case 0x05, 0x34, 0x35, 0x07, 0x01, 0xA1, 0xA9, 0xB2, 0xB4, 0xB5: return true
+      case 0xAE:
+        let afterReg = (after >> 3) & 7
+        if scan.hasF3 { return true }
+        return afterReg == 5 || afterReg == 1 || afterReg == 4 || afterReg == 6
+      case 0xC7: return (after >> 3) & 7 == 3 || (after >> 3) & 7 == 4 || (after >> 3) & 7 == 5
+      default: return false
+      }
+    default: return false
+    }
+  }
+
+  /// A coarse class of the encoding for reporting: VEX/EVEX, or the opcode map and byte.
+  static func encodingClass(_ bytes: [UInt8]) -> String {
+    let scan = scanPrefixes(bytes)
+    guard scan.opcodeIndex < bytes.count else { return "prefixes only" }
+    let opcode = bytes[scan.opcodeIndex]
+    func byte(_ offset: Int) -> UInt8 {
+      scan.opcodeIndex + offset < bytes.count ? bytes[scan.opcodeIndex + offset] : 0
+    }
+    switch opcode {
+    case 0xC4, 0xC5: return "VEX"
+    case 0x62: return "EVEX"
+    case 0x8F where (byte(1) >> 3) & 7 != 0: return "XOP"
+    case 0x0F:
+      switch byte(1) {
+      case 0x38, 0x3A: return String(format: "0F %02X %02X", byte(1), byte(2))
+      default: return String(format: "0F %02X", byte(1))
+      }
+    case 0xD8...0xDF: return String(format: "%02X /%d%@", opcode, (byte(1) >> 3) & 7, byte(1) >= 0xC0 ? " reg" : "")
+    default: return String(format: "%02X", opcode)
+    }
+  }
+
+  /// Encoding classes where the host raises #UD and the software CPU executes something,
+  /// reviewed as acceptable. Empty: every such disagreement fails the test.
+  static let reviewedAcceptsInvalid: Set<String> = []
+
+  /// Random byte strings executed for one instruction natively (single step) and on the
+  /// software CPU: where the host raises #UD, the software CPU must too. The reverse
+  /// (software #UD, host fine: VEX/AVX and other unimplemented extensions) is reported only.
+  @Test func invalidOpcodesMatchTheHost() throws {
+    let runner = EmulatedRunner()
+    var rng = DiffRNG(seed: DiffRNG.mix(Self.seed, 0xDEC0DE))
+    let total = max(1000, Self.cases / 4)
+    var compared = 0
+    var skipped = 0
+    var weAccept: [String: (count: Int, example: [UInt8])] = [:]
+    var weReject: [String: (count: Int, example: [UInt8])] = [:]
+    let data = DiffStates.randomData(&rng)
+    for _ in 0..<total {
+      var bytes = (0..<15).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+      // Bias toward interesting maps: two-byte opcodes and the x87 escapes.
+      switch rng.below(4) {
+      case 0:
+        let prefix: [UInt8] = rng.pick([[], [0x66], [0xF2], [0xF3], [0x48]])
+        bytes = Array((prefix + [0x0F] + bytes).prefix(15))
+      case 1:
+        bytes = Array(([0x66, 0x0F, rng.pick([UInt8(0x38), 0x3A])] + bytes).prefix(15))
+      default: break
+      }
+      if Self.isUnsafeNatively(bytes) {
+        skipped += 1
+        continue
+      }
+      var state = DiffStates.random(&rng, x87: false, unmaskedSIMD: false)
+      for index in 0..<16 where index != 4 {
+        state.gpr[index] = rng.chance(50) ? DiffLayout.dataBase + UInt64(rng.below(0xF000)) : DiffValues.integer(&rng)
+      }
+      let native = NativeRunner.run(code: bytes, initial: state, data: data, singleStep: true)
+      let nativeUD = native.end == .fault(vector: 6, errorCode: nil) && native.state.rip == DiffLayout.codeBase
+      let emulated = runner.run(code: bytes, initial: state, data: data, instructionLimit: 1)
+      let emulatedUD = emulated.end == .fault(vector: 6, errorCode: nil) && emulated.state.rip == DiffLayout.codeBase
+      compared += 1
+      let encoding = Self.encodingClass(bytes)
+      if nativeUD && !emulatedUD {
+        weAccept[encoding, default: (0, bytes)].count += 1
+      } else if emulatedUD && !nativeUD {
+        weReject[encoding, default: (0, bytes)].count += 1
+      }
+    }
+    func describe(_ table: [String: (count: Int, example: [UInt8])]) -> String {
+      table.sorted { $0.value.count > $1.value.count }.prefix(40).map {
+        "\($0.key) ×\($0.value.count) e.g. "
+          + $0.value.example.map { String(format: "%02x", $0) }.joined(separator: " ")
+      }.joined(separator: "\n  ")
+    }
+    print("FuzzTests: decoder vs host: \(compared) compared, \(skipped) unsafe to run natively")
+    if !weReject.isEmpty {
+      print("FuzzTests: host executes, software CPU #UD (not implemented; report only):\n  " + describe(weReject))
+    }
+    let unreviewed = weAccept.filter { !Self.reviewedAcceptsInvalid.contains($0.key) }
+    if !unreviewed.isEmpty {
+      Issue.record(
+        Comment(rawValue: "Host #UD but the software CPU executes (encoding classes):\n  " + describe(unreviewed)))
+    }
+  }
+}
