@@ -115,8 +115,6 @@ final class VirtioDriver {
     }
   }
 
-  deinit { device.shutdown() }
-
   func common(_ offset: UInt64, size: Int) -> UInt64 { machine.bus.mmioRead(bar0 + commonOffset + offset, size: size) }
   func setCommon(_ offset: UInt64, size: Int, _ value: UInt64) {
     machine.bus.mmioWrite(bar0 + commonOffset + offset, size: size, value: value)
@@ -188,7 +186,7 @@ final class VirtioDriver {
 
 /// A driver-side split virtqueue in guest memory.
 final class DriverQueue {
-  unowned let driver: VirtioDriver
+  let driver: VirtioDriver
   let index: Int
   let size: UInt16
   let descriptors: UInt64
