@@ -38,6 +38,16 @@ public enum MSRIndex {
   public static let gsBase: UInt32 = 0xC000_0101
   public static let kernelGSBase: UInt32 = 0xC000_0102
   public static let tscAux: UInt32 = 0xC000_0103
+  public static let amdSystemConfiguration: UInt32 = 0xC001_0010
+  public static let amdHardwareConfiguration: UInt32 = 0xC001_0015
+  public static let amdTopOfMemory: UInt32 = 0xC001_001A
+  public static let amdTopOfMemory2: UInt32 = 0xC001_001D
+  public static let amdVirtualMachineControl: UInt32 = 0xC001_0114
+  public static let amdLoadStoreConfiguration: UInt32 = 0xC001_1020
+  public static let amdInstructionCacheConfiguration: UInt32 = 0xC001_1021
+  public static let amdDataCacheConfiguration: UInt32 = 0xC001_1022
+  public static let amdBusUnitConfiguration2: UInt32 = 0xC001_102A
+  public static let amdDecodeConfiguration: UInt32 = 0xC001_1029
 }
 
 extension CPU {
@@ -70,8 +80,24 @@ extension CPU {
       MSRIndex.mtrrFixed4KC0000...(MSRIndex.mtrrFixed4KC0000 + 7), MSRIndex.mtrrDefaultType,
       MSRIndex.featureControl, MSRIndex.biosSignID, MSRIndex.tscAdjust, MSRIndex.mcgStatus:
       return true
+    case MSRIndex.amdSystemConfiguration, MSRIndex.amdHardwareConfiguration, MSRIndex.amdTopOfMemory,
+      MSRIndex.amdTopOfMemory2, MSRIndex.amdDecodeConfiguration, MSRIndex.amdVirtualMachineControl,
+      MSRIndex.amdLoadStoreConfiguration, MSRIndex.amdInstructionCacheConfiguration,
+      MSRIndex.amdDataCacheConfiguration, MSRIndex.amdBusUnitConfiguration2:
+      // AMD model-specific registers Linux reads without the _safe variants on AMD CPUs.
+      return true
     default:
       return false
+    }
+  }
+
+  /// Reset values of the accept-and-keep MSRs.
+  static func defaultMSRValue(_ index: UInt32) -> UInt64 {
+    switch index {
+    case MSRIndex.amdHardwareConfiguration: return 1 << 24  // TscFreqSel: TSC at the P0 frequency
+    case MSRIndex.amdTopOfMemory: return GuestMemory.pciHoleStart
+    case MSRIndex.amdVirtualMachineControl: return 1 << 4  // SVMDIS
+    default: return 0
     }
   }
 
@@ -108,7 +134,7 @@ extension CPU {
     default:
       if isStoredMSR(index) {
         if index == MSRIndex.featureControl { return system.storedMSRs[index] ?? 1 }  // locked, no VMX
-        return system.storedMSRs[index] ?? 0
+        return system.storedMSRs[index] ?? Self.defaultMSRValue(index)
       }
       throw .generalProtection(0)
     }
