@@ -420,22 +420,37 @@ uint32_t csf_crc32(uint32_t crc, uint64_t value, uint32_t size) {
 
 int csf_x87(uint32_t code, csf_x87_frame *frame) {
   uint16_t hostControl = 0, before = 0, after = 0;
-  __asm__ volatile("fnstcw %[h]\n\tfnclex" : [h] "=m"(hostControl)::"memory");
-  if (frame->inputs >= 2) {
-    __asm__ volatile("fldt %0" ::"m"(frame->stack[1]));
+  if (frame->preloadConditionCodes) {
+    __asm__ volatile("fnstcw %[h]\n\tfnclex" : [h] "=m"(hostControl)::"memory");
+    if (frame->inputs >= 2) {
+      __asm__ volatile("fldt %0" ::"m"(frame->stack[1]));
+    }
+    if (frame->inputs >= 1) {
+      __asm__ volatile("fldt %0" ::"m"(frame->stack[0]));
+    }
+    // Loading the operands touched C1; install the guest's control word and condition codes
+    // through the environment (which keeps the loaded registers and their tags).
+    uint16_t environment[14];
+    __asm__ volatile("fnstenv %0" : "=m"(environment)::"memory");
+    environment[0] = frame->control;
+    environment[2] = (uint16_t)((environment[2] & ~0xC7FFu) | (frame->guestStatus & 0x4700u));
+    __asm__ volatile("fldenv %[e]\n\tfnstsw %[b]" : [b] "=m"(before) : [e] "m"(environment) : "memory");
+    // TOP of the empty stack, so the depth after the instruction is relative to it.
+    before = (uint16_t)(before + ((uint16_t)frame->inputs << 11));
+  } else {
+    // Fast path (FNSTENV/FLDENV are slow): the caller takes only the condition codes the
+    // instruction defines from the result.
+    __asm__ volatile("fnstcw %[h]\n\tfnclex\n\tfldcw %[g]\n\tfnstsw %[b]"
+                     : [h] "=m"(hostControl), [b] "=m"(before)
+                     : [g] "m"(frame->control)
+                     : "memory");
+    if (frame->inputs >= 2) {
+      __asm__ volatile("fldt %0" ::"m"(frame->stack[1]));
+    }
+    if (frame->inputs >= 1) {
+      __asm__ volatile("fldt %0" ::"m"(frame->stack[0]));
+    }
   }
-  if (frame->inputs >= 1) {
-    __asm__ volatile("fldt %0" ::"m"(frame->stack[0]));
-  }
-  // Loading the operands touched C1; install the guest's control word and condition codes
-  // through the environment (which keeps the loaded registers and their tags).
-  uint16_t environment[14];
-  __asm__ volatile("fnstenv %0" : "=m"(environment)::"memory");
-  environment[0] = frame->control;
-  environment[2] = (uint16_t)((environment[2] & ~0xC7FFu) | (frame->guestStatus & 0x4700u));
-  __asm__ volatile("fldenv %[e]\n\tfnstsw %[b]" : [b] "=m"(before) : [e] "m"(environment) : "memory");
-  // TOP of the empty stack, so the depth after the instruction is relative to it.
-  before = (uint16_t)(before + ((uint16_t)frame->inputs << 11));
   int supported = 1;
   switch (code) {
     X87_MEM_ROW(0xD8);

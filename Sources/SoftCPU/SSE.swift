@@ -31,43 +31,87 @@ extension CPU {
   /// Executes an instruction the decoder classified as `.sse`.
   func executeSSE(_ instruction: Instruction) throws(Fault) {
     let opcode = instruction.opcode
-    if opcode == 0x177 {
-      try emms()
-      return
+    // One test for the common case; EMMS and 0F AE have their own availability rules.
+    if _slowPath(
+      cr0 & (X86.cr0EM | X86.cr0TS) != 0 || cr4 & X86.cr4OSFXSR == 0 || opcode == 0x177 || opcode == 0x1AE)
+    {
+      if opcode == 0x177 {
+        try emms()
+        return
+      }
+      if opcode == 0x1AE {
+        try executeSIMDStateInstruction(instruction)
+        return
+      }
+      guard cr0 & X86.cr0EM == 0, cr4 & X86.cr4OSFXSR != 0 else { throw .invalidOpcode }
+      throw .deviceNotAvailable
     }
-    if opcode == 0x1AE {
-      try executeSIMDStateInstruction(instruction)
-      return
-    }
-    guard cr0 & X86.cr0EM == 0, cr4 & X86.cr4OSFXSR != 0 else { throw .invalidOpcode }
-    guard cr0 & X86.cr0TS == 0 else { throw .deviceNotAvailable }
     let prefix = instruction.mandatoryPrefix
-    switch opcode {
-    // MARK: Hot integer paths (glibc string functions)
-    case 0x16F, 0x17F, 0x174, 0x1D7, 0x1EF, 0x1EB, 0x1DB, 0x1DA, 0x1F8, 0x1FC, 0x170, 0x160, 0x17E,
-      0x16E, 0x1D6:
+    switch opcode >> 8 {
+    case 1: break
+    case 2:
+      try executeSSEMap38(instruction, prefix: prefix)
+      return
+    default:
+      try executeSSEMap3A(instruction, prefix: prefix)
+      return
+    }
+    let reg = Int(instruction.reg)
+    switch UInt8(truncatingIfNeeded: opcode) {
+    // MARK: Hot integer operations (glibc string functions), inline
+    case 0xEF, 0xEB, 0xDB, 0x74, 0xDA, 0xF8, 0xFC, 0x60:
+      guard prefix == 1 else { throw .invalidOpcode }
+      let source = try source128(instruction, aligned: sseArithmeticNeedsAlignment)
+      let destination = xmm[reg]
+      let left = unsafeBitCast(destination, to: SIMD16<UInt8>.self)
+      let right = unsafeBitCast(source, to: SIMD16<UInt8>.self)
+      switch UInt8(truncatingIfNeeded: opcode) {
+      case 0xEF: xmm[reg] = destination ^ source
+      case 0xEB: xmm[reg] = destination | source
+      case 0xDB: xmm[reg] = destination & source
+      case 0x74:
+        xmm[reg] = unsafeBitCast(
+          SIMD16<UInt8>(repeating: 0).replacing(with: 0xFF, where: left .== right), to: XMMValue.self)
+      case 0xDA: xmm[reg] = unsafeBitCast(pointwiseMin(left, right), to: XMMValue.self)
+      case 0xF8: xmm[reg] = unsafeBitCast(left &- right, to: XMMValue.self)
+      case 0xFC: xmm[reg] = unsafeBitCast(left &+ right, to: XMMValue.self)
+      default:  // PUNPCKLBW
+        let interleaved = SIMD16<UInt8>(
+          left[0], right[0], left[1], right[1], left[2], right[2], left[3], right[3],
+          left[4], right[4], left[5], right[5], left[6], right[6], left[7], right[7])
+        xmm[reg] = unsafeBitCast(interleaved, to: XMMValue.self)
+      }
+    case 0x6F:  // MOVDQA (66) / MOVDQU (F3) load
+      guard prefix == 1 || prefix == 2 else { throw .invalidOpcode }
+      xmm[reg] = try source128(instruction, aligned: prefix == 1)
+    case 0x7F:  // MOVDQA / MOVDQU store
+      guard prefix == 1 || prefix == 2 else { throw .invalidOpcode }
+      try storeOrMove128(instruction, xmm[reg], aligned: prefix == 1)
+    case 0xD7:  // PMOVMSKB r32, xmm
+      guard prefix == 1, !instruction.hasMemoryOperand else { throw .invalidOpcode }
+      gpr[reg] = UInt64(byteSignMask(xmm[Int(instruction.rm)]))
+    case 0x70, 0x7E, 0x6E, 0xD6:
       try executeHotSSE2(instruction, prefix: prefix)
-
     // MARK: Moves
-    case 0x110, 0x111: try moveUnalignedOrScalar(instruction, prefix: prefix)
-    case 0x112, 0x113, 0x116, 0x117: try moveHalves(instruction, prefix: prefix)
-    case 0x128:
+    case 0x10, 0x11: try moveUnalignedOrScalar(instruction, prefix: prefix)
+    case 0x12, 0x13, 0x16, 0x17: try moveHalves(instruction, prefix: prefix)
+    case 0x28:
       guard prefix <= 1 else { throw .invalidOpcode }
       xmm[Int(instruction.reg)] = try source128(instruction, aligned: true)
-    case 0x129:
+    case 0x29:
       guard prefix <= 1 else { throw .invalidOpcode }
       try storeOrMove128(instruction, xmm[Int(instruction.reg)], aligned: true)
-    case 0x12B, 0x1E7:
+    case 0x2B, 0xE7:
       // MOVNTPS/MOVNTPD (0F 2B), MOVNTDQ (66 0F E7): memory destination only.
       guard instruction.hasMemoryOperand, opcode == 0x12B ? prefix <= 1 : prefix == 1 else {
         throw .invalidOpcode
       }
       try write128(linearAddress(instruction), xmm[Int(instruction.reg)], aligned: true)
-    case 0x1F0:
+    case 0xF0:
       // LDDQU (SSE3): unaligned load.
       guard prefix == 3, instruction.hasMemoryOperand else { throw .invalidOpcode }
       xmm[Int(instruction.reg)] = try read128(linearAddress(instruction), aligned: false)
-    case 0x150:
+    case 0x50:
       guard prefix <= 1, !instruction.hasMemoryOperand else { throw .invalidOpcode }
       let value = xmm[Int(instruction.rm)]
       let mask: UInt64
@@ -78,11 +122,11 @@ extension CPU {
         mask = value[0] >> 63 | (value[1] >> 63) << 1
       }
       gpr[Int(instruction.reg)] = mask
-    case 0x1F7: try maskedMove(instruction, prefix: prefix)
+    case 0xF7: try maskedMove(instruction, prefix: prefix)
 
     // MARK: Shuffles and inserts
-    case 0x1C6: try shuffleFloats(instruction, prefix: prefix)
-    case 0x1C4:
+    case 0xC6: try shuffleFloats(instruction, prefix: prefix)
+    case 0xC4:
       guard prefix == 1 else { throw .invalidOpcode }
       let word: UInt16
       if instruction.hasMemoryOperand {
@@ -93,45 +137,41 @@ extension CPU {
       var words = unsafeBitCast(xmm[Int(instruction.reg)], to: SIMD8<UInt16>.self)
       words[Int(instruction.immediate & 7)] = word
       xmm[Int(instruction.reg)] = unsafeBitCast(words, to: XMMValue.self)
-    case 0x1C5:
+    case 0xC5:
       guard prefix == 1, !instruction.hasMemoryOperand else { throw .invalidOpcode }
       let words = unsafeBitCast(xmm[Int(instruction.rm)], to: SIMD8<UInt16>.self)
       gpr[Int(instruction.reg)] = UInt64(words[Int(instruction.immediate & 7)])
-    case 0x171, 0x172, 0x173: try shiftByImmediate(instruction, prefix: prefix)
+    case 0x71, 0x72, 0x73: try shiftByImmediate(instruction, prefix: prefix)
 
     // MARK: Integer SIMD executed by the host
-    case 0x161...0x16D, 0x175, 0x176, 0x1D1...0x1D5, 0x1D8, 0x1D9, 0x1DC...0x1DF, 0x1E0...0x1E5, 0x1E8...0x1EA,
-      0x1EC...0x1EE, 0x1F1...0x1F6, 0x1F9...0x1FB, 0x1FD, 0x1FE:
+    case 0x61...0x6D, 0x75, 0x76, 0xD1...0xD5, 0xD8, 0xD9, 0xDC...0xDF, 0xE0...0xE5, 0xE8...0xEA,
+      0xEC...0xEE, 0xF1...0xF6, 0xF9...0xFB, 0xFD, 0xFE:
       guard prefix == 1 else { throw .invalidOpcode }
       try hostInteger(instruction, prefix: prefix)
-    case 0x114, 0x115, 0x154...0x157:
+    case 0x14, 0x15, 0x54...0x57:
       guard prefix <= 1 else { throw .invalidOpcode }
       try hostInteger(instruction, prefix: prefix)
 
     // MARK: Floating point executed by the host
-    case 0x151, 0x158, 0x159, 0x15C...0x15F, 0x1C2:
+    case 0x51, 0x58, 0x59, 0x5C...0x5F, 0xC2:
       try hostFloat(instruction, prefix: prefix, sourceSize: scalarSize(prefix))
-    case 0x152, 0x153:
+    case 0x52, 0x53:
       guard prefix == 0 || prefix == 2 else { throw .invalidOpcode }
       try hostFloat(instruction, prefix: prefix, sourceSize: scalarSize(prefix))
-    case 0x15A:
+    case 0x5A:
       try hostFloat(instruction, prefix: prefix, sourceSize: prefix == 1 ? 16 : prefix == 2 ? 4 : 8)
-    case 0x15B:
+    case 0x5B:
       guard prefix <= 2 else { throw .invalidOpcode }
       try hostFloat(instruction, prefix: prefix, sourceSize: 16)
-    case 0x1E6:
+    case 0xE6:
       guard prefix != 0 else { throw .invalidOpcode }
       try hostFloat(instruction, prefix: prefix, sourceSize: prefix == 2 ? 8 : 16)
-    case 0x1D0, 0x17C, 0x17D:
+    case 0xD0, 0x7C, 0x7D:
       guard prefix == 1 || prefix == 3 else { throw .invalidOpcode }
       try hostFloat(instruction, prefix: prefix, sourceSize: 16)
-    case 0x12E, 0x12F: try compareIntoFlags(instruction, prefix: prefix)
-    case 0x12A: try convertIntegerToFloat(instruction, prefix: prefix)
-    case 0x12C, 0x12D: try convertFloatToInteger(instruction, prefix: prefix)
-
-    // MARK: SSSE3 / SSE4.1 / SSE4.2 / PCLMULQDQ
-    case 0x200...0x2FF: try executeSSEMap38(instruction, prefix: prefix)
-    case 0x300...0x3FF: try executeSSEMap3A(instruction, prefix: prefix)
+    case 0x2E, 0x2F: try compareIntoFlags(instruction, prefix: prefix)
+    case 0x2A: try convertIntegerToFloat(instruction, prefix: prefix)
+    case 0x2C, 0x2D: try convertFloatToInteger(instruction, prefix: prefix)
 
     default:
       throw .invalidOpcode
@@ -383,17 +423,10 @@ extension CPU {
 
   // MARK: - Swift forms
 
-  /// The integer operations glibc's string functions live on, plus the common moves.
-  @inline(__always)
+  /// MOVD/MOVQ forms and PSHUFD/PSHUFHW/PSHUFLW.
   private func executeHotSSE2(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
     let reg = Int(instruction.reg)
     switch instruction.opcode {
-    case 0x16F:  // MOVDQA (66) / MOVDQU (F3) load
-      guard prefix == 1 || prefix == 2 else { throw .invalidOpcode }
-      xmm[reg] = try source128(instruction, aligned: prefix == 1)
-    case 0x17F:  // MOVDQA / MOVDQU store
-      guard prefix == 1 || prefix == 2 else { throw .invalidOpcode }
-      try storeOrMove128(instruction, xmm[reg], aligned: prefix == 1)
     case 0x16E:  // MOVD/MOVQ xmm, r/m32/64
       guard prefix == 1 else { throw .invalidOpcode }
       let value: UInt64
@@ -431,9 +464,6 @@ extension CPU {
       } else {
         xmm[Int(instruction.rm)] = XMMValue(low, 0)
       }
-    case 0x1D7:  // PMOVMSKB r32, xmm
-      guard prefix == 1, !instruction.hasMemoryOperand else { throw .invalidOpcode }
-      gpr[reg] = UInt64(byteSignMask(xmm[Int(instruction.rm)]))
     case 0x170:  // PSHUFD / PSHUFHW / PSHUFLW
       let source = try source128(instruction, aligned: sseArithmeticNeedsAlignment)
       let order = Int(instruction.immediate & 0xFF)
@@ -456,35 +486,7 @@ extension CPU {
         throw .invalidOpcode
       }
     default:
-      guard prefix == 1 else { throw .invalidOpcode }
-      let source = try source128(instruction, aligned: sseArithmeticNeedsAlignment)
-      let destination = xmm[reg]
-      switch instruction.opcode {
-      case 0x1EF: xmm[reg] = destination ^ source
-      case 0x1EB: xmm[reg] = destination | source
-      case 0x1DB: xmm[reg] = destination & source
-      case 0x174:
-        let equal = unsafeBitCast(destination, to: SIMD16<UInt8>.self) .== unsafeBitCast(source, to: SIMD16<UInt8>.self)
-        xmm[reg] = unsafeBitCast(SIMD16<UInt8>(repeating: 0).replacing(with: 0xFF, where: equal), to: XMMValue.self)
-      case 0x1DA:
-        let left = unsafeBitCast(destination, to: SIMD16<UInt8>.self)
-        let right = unsafeBitCast(source, to: SIMD16<UInt8>.self)
-        xmm[reg] = unsafeBitCast(pointwiseMin(left, right), to: XMMValue.self)
-      case 0x1F8:
-        let difference =
-          unsafeBitCast(destination, to: SIMD16<UInt8>.self) &- unsafeBitCast(source, to: SIMD16<UInt8>.self)
-        xmm[reg] = unsafeBitCast(difference, to: XMMValue.self)
-      case 0x1FC:
-        let sum = unsafeBitCast(destination, to: SIMD16<UInt8>.self) &+ unsafeBitCast(source, to: SIMD16<UInt8>.self)
-        xmm[reg] = unsafeBitCast(sum, to: XMMValue.self)
-      default:  // 0x160 PUNPCKLBW
-        let left = unsafeBitCast(destination, to: SIMD16<UInt8>.self)
-        let right = unsafeBitCast(source, to: SIMD16<UInt8>.self)
-        let interleaved = SIMD16<UInt8>(
-          left[0], right[0], left[1], right[1], left[2], right[2], left[3], right[3],
-          left[4], right[4], left[5], right[5], left[6], right[6], left[7], right[7])
-        xmm[reg] = unsafeBitCast(interleaved, to: XMMValue.self)
-      }
+      throw .invalidOpcode
     }
   }
 

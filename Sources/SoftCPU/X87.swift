@@ -185,11 +185,10 @@ extension CPU {
     return fpuControl & X87Status.invalid != 0
   }
 
-  /// Merges a host status word: sticky exceptions, the condition codes (the host started
-  /// from the guest's, so unchanged ones stay), ES/B.
+  /// Merges a host status word: sticky exceptions, the condition codes in `conditionMask`
+  /// (the ones the instruction defines; all of them when they were preloaded), ES/B.
   @inline(__always)
-  private func mergeHostStatus(_ host: UInt16) {
-    let conditionMask = X87Status.conditionCodes
+  private func mergeHostStatus(_ host: UInt16, conditionMask: UInt16) {
     fpuStatus = (fpuStatus & ~conditionMask) | (host & conditionMask) | (host & X87Status.exceptions)
     refreshX87Summary()
   }
@@ -291,7 +290,7 @@ extension CPU {
     frame.stack.0 = stackValue(0)
     frame.stack.1 = stackValue(index)
     try runOnHost(hostCode, &frame)
-    mergeHostStatus(frame.status)
+    mergeHostStatus(frame.status, conditionMask: X87Status.c1)
     if frame.outputs == 1 {
       setStackValue(index, frame.stack.0)
       popStack()
@@ -328,7 +327,8 @@ extension CPU {
     frame.stack.0 = stackValue(0)
     frame.stack.1 = stackValue(index)
     try runOnHost(hostCode, &frame)
-    mergeHostStatus(frame.status)
+    // FCOMI and friends leave C0-C3 unchanged (C1 too, on AMD).
+    mergeHostStatus(frame.status, conditionMask: intoFlags ? 0 : X87Status.conditionCodes)
     if intoFlags {
       // ZF, PF, CF from the compare (also with an unmasked exception); OF, SF, AF cleared.
       setStatusFlags(UInt64(frame.flags) & (RFlags.zf | RFlags.pf | RFlags.cf))
@@ -420,14 +420,14 @@ extension CPU {
           fpuStatus |= X87Status.c0 | X87Status.c2 | X87Status.c3
           return
         }
-        try hostWindow(code: 0xD9E4, inputs: 1)
+        try hostWindow(code: 0xD9E4, inputs: 1, conditionMask: X87Status.conditionCodes)
       case 0xE5:  // FXAM
         if isStackEmpty(0) {
           let sign = stackValue(0).x87Bits.signAndExponent >> 15
           fpuStatus = (fpuStatus & ~X87Status.conditionCodes) | X87Status.c3 | X87Status.c0 | (sign << 9)
           return
         }
-        try hostWindow(code: 0xD9E5, inputs: 1)
+        try hostWindow(code: 0xD9E5, inputs: 1, conditionMask: X87Status.conditionCodes)
       default: throw .invalidOpcode
       }
     case 5:  // FLD1, FLDL2T, FLDL2E, FLDPI, FLDLG2, FLDLN2, FLDZ
@@ -437,7 +437,7 @@ extension CPU {
         pushStack(x87Indefinite)
         return
       }
-      try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 0)
+      try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 0, conditionMask: X87Status.c1)
     default:
       switch modrm {
       case 0xF6:  // FDECSTP
@@ -453,7 +453,8 @@ extension CPU {
           setStackValue(0, x87Indefinite)
           return
         }
-        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 1)
+        let mask = modrm >= 0xFE ? X87Status.c1 | X87Status.c2 : X87Status.c1
+        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 1, conditionMask: mask)
       case 0xF2, 0xF4, 0xFB:  // FPTAN, FXTRACT, FSINCOS: replace ST(0) and push
         if isStackEmpty(0) || !isStackEmpty(7) {
           if modrm != 0xF4 { fpuStatus &= ~X87Status.c2 }
@@ -462,7 +463,8 @@ extension CPU {
           pushStack(x87Indefinite)
           return
         }
-        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 1)
+        let mask = modrm == 0xF4 ? X87Status.c1 : X87Status.c1 | X87Status.c2
+        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 1, conditionMask: mask)
       case 0xF1, 0xF3, 0xF9:  // FYL2X, FPATAN, FYL2XP1: ST(1) <- f(ST(1), ST(0)), pop
         if isStackEmpty(0) || isStackEmpty(1) {
           guard stackFault(overflow: false) else { return }
@@ -470,7 +472,7 @@ extension CPU {
           popStack()
           return
         }
-        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 2)
+        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 2, conditionMask: X87Status.c1)
       case 0xF5, 0xF8, 0xFD:  // FPREM1, FPREM, FSCALE: ST(0) <- f(ST(0), ST(1))
         if isStackEmpty(0) || isStackEmpty(1) {
           if modrm != 0xFD { fpuStatus &= ~X87Status.c2 }
@@ -478,7 +480,13 @@ extension CPU {
           setStackValue(0, x87Indefinite)
           return
         }
-        try hostWindow(code: 0xD900 | UInt32(modrm), inputs: 2)
+        // FPREM/FPREM1 may leave codes unchanged (invalid operands): preload the guest's.
+        if modrm == 0xFD {
+          try hostWindow(code: 0xD9FD, inputs: 2, conditionMask: X87Status.c1)
+        } else {
+          try hostWindow(
+            code: 0xD900 | UInt32(modrm), inputs: 2, conditionMask: X87Status.conditionCodes, preload: true)
+        }
       default: throw .invalidOpcode
       }
     }
@@ -486,13 +494,16 @@ extension CPU {
 
   /// Runs an instruction on ST(0)..ST(inputs-1) and maps the host stack back: the host's
   /// depth change is the guest's push/pop count, then ST(k) <- host ST(k).
-  private func hostWindow(code: UInt32, inputs: Int) throws(Fault) {
+  private func hostWindow(
+    code: UInt32, inputs: Int, conditionMask: UInt16, preload: Bool = false
+  ) throws(Fault) {
     var frame = csf_x87_frame()
     frame.inputs = UInt8(inputs)
+    frame.preloadConditionCodes = preload ? 1 : 0
     if inputs >= 1 { frame.stack.0 = stackValue(0) }
     if inputs >= 2 { frame.stack.1 = stackValue(1) }
     try runOnHost(code, &frame)
-    mergeHostStatus(frame.status)
+    mergeHostStatus(frame.status, conditionMask: conditionMask)
     let outputs = Int(frame.outputs)
     if outputs < inputs {
       for _ in 0..<(inputs - outputs) { popStack() }
@@ -550,7 +561,7 @@ extension CPU {
       frame.inputs = 1
       frame.stack.0 = stackValue(0)
       try runOnHost(hostCode, &frame)
-      mergeHostStatus(frame.status)
+      mergeHostStatus(frame.status, conditionMask: isCompare ? X87Status.conditionCodes : X87Status.c1)
       if frame.outputs == 0 {
         popStack()
       } else if !isCompare {
@@ -574,7 +585,7 @@ extension CPU {
       }
       frame.inputs = 0
       try runOnHost(hostCode, &frame)
-      mergeHostStatus(frame.status)
+      mergeHostStatus(frame.status, conditionMask: X87Status.c1)
       if frame.outputs == 1 { pushStack(frame.stack.0) }
     default:
       // Stores: FST(P) m32/m64, FIST(P) m16/m32/m64, FISTTP m16/m32/m64, FBSTP m80.
@@ -601,7 +612,7 @@ extension CPU {
       if unmasked == 0 {
         try writeX87Operand(address, size: size, from: frame)
       }
-      mergeHostStatus(frame.status)
+      mergeHostStatus(frame.status, conditionMask: X87Status.c1)
       if frame.outputs == 0 { popStack() }
     }
   }

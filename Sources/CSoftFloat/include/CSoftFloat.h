@@ -63,16 +63,18 @@ typedef struct {
   uint8_t outputs;
   /// AH after the instruction (LAHF: SF ZF - AF - PF - CF), for FCOMI/FUCOMI.
   uint8_t flags;
-  uint8_t reserved;
-  /// Guest status word: its condition codes C0-C3 are loaded before the instruction, so
-  /// codes an instruction leaves "undefined" (unchanged) come back exactly as the hardware has them.
+  /// Nonzero: load the guest's condition codes (from `guestStatus`) before the instruction
+  /// (FNSTENV/FLDENV, slow), so codes it leaves unchanged come back exactly as the hardware
+  /// has them. Zero: the host's condition codes before the instruction are unspecified.
+  uint8_t preloadConditionCodes;
+  /// Guest status word (see `preloadConditionCodes`).
   uint16_t guestStatus;
 } csf_x87_frame;
 
 /// Executes the x87 instruction `escape << 8 | modrm` on the host: register forms must use
 /// ST(1) as their register operand (modrm low bits 001 for C0-DF/E0-FF rows), memory forms
-/// must use mod 00 r/m 111 (the memory operand is `frame->memory`). The control word and the
-/// condition codes are loaded (FLDENV) with the guest's values; unmasked exceptions only set ES in the returned
+/// must use mod 00 r/m 111 (the memory operand is `frame->memory`). The guest's control word
+/// (and optionally its condition codes) is loaded; unmasked exceptions only set ES in the returned
 /// status (they are cleared on the host before anything can trap). Returns 0, or -1 when the
 /// encoding is not supported.
 int csf_x87(uint32_t code, csf_x87_frame *frame);
