@@ -45,6 +45,9 @@ struct DecodedBlock {
   var successorRIP: UInt64 = ~0
   var successorGeneration: UInt64 = ~0
   var successor: Int32 = -1
+  /// The successor's `first` and `count`, copied so a chained transfer does one load less.
+  var successorFirst: Int32 = 0
+  var successorCount: Int32 = 0
 }
 
 /// One slot of the lookup table.

@@ -84,10 +84,13 @@ extension CPU {
         return .stopRequested
       }
       var blockIndex: Int
-      if previous >= 0 && blocks[previous].successorRIP == rip
-        && blocks[previous].successorGeneration == chainGeneration
-      {
-        blockIndex = Int(blocks[previous].successor)
+      var first: Int32
+      var count: Int32
+      let link = blocks + max(previous, 0)
+      if previous >= 0 && link.pointee.successorRIP == rip && link.pointee.successorGeneration == chainGeneration {
+        blockIndex = Int(link.pointee.successor)
+        first = link.pointee.successorFirst
+        count = link.pointee.successorCount
       } else {
         do {
           blockIndex = try findBlock(rip)
@@ -98,14 +101,18 @@ extension CPU {
           previous = -1
           continue
         }
+        first = blocks[blockIndex].first
+        count = blocks[blockIndex].count
         if previous >= 0 {
-          blocks[previous].successorRIP = rip
-          blocks[previous].successorGeneration = chainGeneration
-          blocks[previous].successor = Int32(blockIndex)
+          link.pointee.successorRIP = rip
+          link.pointee.successorGeneration = chainGeneration
+          link.pointee.successor = Int32(blockIndex)
+          link.pointee.successorFirst = first
+          link.pointee.successorCount = count
         }
       }
-      let start = blockArena + Int(blocks[blockIndex].first)
-      let end = start + min(Int(blocks[blockIndex].count), remaining)
+      let start = blockArena + Int(first)
+      let end = start + min(Int(count), remaining)
       var instruction = start
       var instructionStart = rip
       blockInvalidated = false
