@@ -41,7 +41,8 @@ struct DecodedBlock {
   var nextOnFirstPage: Int32
   var nextOnSecondPage: Int32
   /// Link to the block that followed last time (valid while `successorGeneration` is current
-  /// and `rip` equals `successorRIP`): skips the TLB and table lookups between hot blocks.
+  /// and the fetch address CS.base + RIP equals `successorRIP`): skips the TLB and table
+  /// lookups between hot blocks.
   var successorRIP: UInt64 = ~0
   var successorGeneration: UInt64 = ~0
   var successor: Int32 = -1

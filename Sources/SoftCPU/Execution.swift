@@ -86,14 +86,20 @@ extension CPU {
       var blockIndex: Int
       var first: Int32
       var count: Int32
+      // Instructions are fetched at CS.base + RIP (the base is 0 in 64-bit mode; outside it the
+      // linear address is 32 bits).
+      var fetchAddress = rip &+ segmentBase[Int(SegmentIndex.cs)]
+      if codeSize != 8 { fetchAddress &= 0xFFFF_FFFF }
       let link = blocks + max(previous, 0)
-      if previous >= 0 && link.pointee.successorRIP == rip && link.pointee.successorGeneration == chainGeneration {
+      if previous >= 0 && link.pointee.successorRIP == fetchAddress
+        && link.pointee.successorGeneration == chainGeneration
+      {
         blockIndex = Int(link.pointee.successor)
         first = link.pointee.successorFirst
         count = link.pointee.successorCount
       } else {
         do {
-          blockIndex = try findBlock(rip)
+          blockIndex = try findBlock(fetchAddress)
         } catch {
           if flatTestMode { return .fault(error) }
           deliverException(error)
@@ -104,7 +110,7 @@ extension CPU {
         first = blocks[blockIndex].first
         count = blocks[blockIndex].count
         if previous >= 0 {
-          link.pointee.successorRIP = rip
+          link.pointee.successorRIP = fetchAddress
           link.pointee.successorGeneration = chainGeneration
           link.pointee.successor = Int32(blockIndex)
           link.pointee.successorFirst = first
