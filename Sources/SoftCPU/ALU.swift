@@ -89,6 +89,13 @@ extension CPU {
   func atomicUpdate(
     _ host: UnsafeMutableRawPointer, size: UInt8, _ compute: (UInt64) -> UInt64
   ) -> UInt64 {
+    if (UInt(bitPattern: host) & 63) &+ UInt(size) > 64 {
+      // A locked access split across cache lines would be a host split lock (slow, and fatal
+      // under split_lock_detect=fatal): do it non-atomically (exact for one vCPU).
+      let old = loadHost(host, size: size)
+      storeHost(host, size: size, compute(old))
+      return old
+    }
     switch size {
     case 8:
       let atomic = host.assumingMemoryBound(to: Atomic<UInt64>.self)

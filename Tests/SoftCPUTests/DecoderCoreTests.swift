@@ -4,7 +4,7 @@ import Testing
 import VMCore
 
 @Suite("Decoder")
-struct DecoderCoreTests {
+struct CoreDecoderTests {
   /// Decodes `bytes` placed at 0x10000 (or `address`).
   func decode(_ bytes: [UInt8], codeSize: UInt8 = 8, at address: UInt64 = 0x10000) throws -> Result<Instruction, Fault>
   {
