@@ -242,7 +242,7 @@ extension CPU {
       case 0:  // FFREE
         setStackEmpty(index)
         fpuStatus &= ~X87Status.c1
-      case 1: try exchange(index)  // FXCH alias
+      case 1: try exchangeStack(index)  // FXCH alias
       case 2, 3:  // FST / FSTP ST(i)
         if isStackEmpty(0) {
           guard stackFault(overflow: false) else { return }
@@ -261,7 +261,7 @@ extension CPU {
         setStackEmpty(index)
         popStack()
         fpuStatus &= ~X87Status.c1
-      case 1: try exchange(index)
+      case 1: try exchangeStack(index)
       case 2, 3:
         if isStackEmpty(0) {
           guard stackFault(overflow: false) else { return }
@@ -337,7 +337,7 @@ extension CPU {
   }
 
   /// FXCH ST(i).
-  private func exchange(_ index: Int) throws(Fault) {
+  private func exchangeStack(_ index: Int) throws(Fault) {
     if isStackEmpty(0) || isStackEmpty(index) {
       guard stackFault(overflow: false) else { return }
       // Masked: empty registers read as the indefinite.
@@ -391,7 +391,7 @@ extension CPU {
       let value = stackValue(index)
       pushStack(value)
       fpuStatus &= ~X87Status.c1
-    case 1: try exchange(index)
+    case 1: try exchangeStack(index)
     case 2:
       guard modrm == 0xD0 else { throw .invalidOpcode }  // FNOP
     case 3:  // FSTP1 (undocumented alias of FSTP ST(i))
