@@ -93,6 +93,9 @@ public final class CPU: @unchecked Sendable {
   /// Flat test mode (see `enterFlatLongMode`): faults are returned, linear = physical, and
   /// accesses to addresses without RAM or a device fault as if not present.
   public internal(set) var flatTestMode = false
+  /// Stack-pointer width as a mask: ~0 in 64-bit mode, 0xFFFF_FFFF for a 32-bit stack (SS.B),
+  /// 0xFFFF for a 16-bit one. Part 2 sets it on SS loads and mode changes.
+  public internal(set) var stackMask: UInt64 = ~0
   /// Instructions retired by `run` since creation (counted per block).
   public internal(set) var retiredInstructions: UInt64 = 0
 

@@ -3,7 +3,7 @@
 //
 // Branch targets are truncated to the operand size (16-bit with 66h, as AMD does). A target
 // that is not canonical raises #GP(0) at the branch (Intel behavior; AMD faults at the target).
-// The stack is 64-bit in long mode; part 2 adds the SS.B-dependent 16/32-bit stack.
+// The stack pointer width follows `stackMask` (64-bit in long mode, SS.B-dependent otherwise).
 
 extension CPU {
   @_transparent
@@ -48,9 +48,8 @@ extension CPU {
   @_transparent
   func returnNear(_ ins: Instruction, release: UInt64) throws(Fault) {
     let size = ins.operandSize
-    let stack = gpr[4]
-    let target = try branchTarget(try readMemory(segmentBase[2] &+ stack, size: size), size: size)
-    gpr[4] = stack &+ UInt64(size) &+ release
+    let target = try branchTarget(try readMemory(segmentBase[2] &+ stackPointer, size: size), size: size)
+    adjustStack(UInt64(size) &+ release)
     rip = target
   }
 
@@ -84,17 +83,28 @@ extension CPU {
   /// Pushes the low `size` bytes of `value`.
   @_transparent
   func push(_ value: UInt64, size: UInt8) throws(Fault) {
-    let stack = gpr[4] &- UInt64(size)
+    let mask = stackMask
+    let stack = (gpr[4] &- UInt64(size)) & mask
     try writeMemory(segmentBase[2] &+ stack, size: size, value)
-    gpr[4] = stack
+    gpr[4] = (gpr[4] & ~mask) | stack
   }
+
+  /// Adds `delta` to the stack pointer at the stack width.
+  @_transparent
+  func adjustStack(_ delta: UInt64) {
+    let mask = stackMask
+    gpr[4] = (gpr[4] & ~mask) | ((gpr[4] &+ delta) & mask)
+  }
+
+  /// The stack pointer at the stack width.
+  @_transparent
+  var stackPointer: UInt64 { gpr[4] & stackMask }
 
   /// Pops `size` bytes.
   @_transparent
   func pop(size: UInt8) throws(Fault) -> UInt64 {
-    let stack = gpr[4]
-    let value = try readMemory(segmentBase[2] &+ stack, size: size)
-    gpr[4] = stack &+ UInt64(size)
+    let value = try readMemory(segmentBase[2] &+ stackPointer, size: size)
+    adjustStack(UInt64(size))
     return value
   }
 
@@ -103,8 +113,8 @@ extension CPU {
   func popToRm(_ ins: Instruction) throws(Fault) {
     let size = ins.operandSize
     let stack = gpr[4]
-    let value = try readMemory(segmentBase[2] &+ stack, size: size)
-    gpr[4] = stack &+ UInt64(size)
+    let value = try readMemory(segmentBase[2] &+ stackPointer, size: size)
+    adjustStack(UInt64(size))
     if ins.hasMemoryOperand {
       do {
         try writeMemory(operandAddress(ins), size: size, value)
@@ -118,10 +128,9 @@ extension CPU {
   }
 
   func popSegment(_ ins: Instruction) throws(Fault) {
-    let stack = gpr[4]
-    let value = try readMemory(segmentBase[2] &+ stack, size: ins.operandSize)
+    let value = try readMemory(segmentBase[2] &+ stackPointer, size: ins.operandSize)
     try loadSegment(ins.reg, selector: UInt16(truncatingIfNeeded: value))
-    gpr[4] = stack &+ UInt64(ins.operandSize)
+    adjustStack(UInt64(ins.operandSize))
   }
 
   func pushFlags(_ ins: Instruction) throws(Fault) {
@@ -149,31 +158,33 @@ extension CPU {
     let size = ins.operandSize
     let step = UInt64(size)
     let level = Int(ins.immediate2 & 31)
-    var stack = gpr[4]
-    var framePointer = gpr[5]
-    stack &-= step
-    try writeMemory(segmentBase[2] &+ stack, size: size, framePointer)
+    let mask = stackMask
+    var stack = gpr[4] & mask
+    var framePointer = gpr[5] & mask
+    stack = (stack &- step) & mask
+    try writeMemory(segmentBase[2] &+ stack, size: size, gpr[5])
     let frameTemp = stack
     if level > 0 {
       for _ in 1..<max(level, 1) {
-        framePointer &-= step
+        framePointer = (framePointer &- step) & mask
         let value = try readMemory(segmentBase[2] &+ framePointer, size: size)
-        stack &-= step
+        stack = (stack &- step) & mask
         try writeMemory(segmentBase[2] &+ stack, size: size, value)
       }
-      stack &-= step
+      stack = (stack &- step) & mask
       try writeMemory(segmentBase[2] &+ stack, size: size, frameTemp)
     }
-    stack &-= ins.immediate & 0xFFFF
+    stack = (stack &- (ins.immediate & 0xFFFF)) & mask
     writeRegister(5, size: size, frameTemp)
-    gpr[4] = stack
+    gpr[4] = (gpr[4] & ~mask) | stack
   }
 
   func leaveFrame(_ ins: Instruction) throws(Fault) {
     let size = ins.operandSize
-    let framePointer = gpr[5]
+    let mask = stackMask
+    let framePointer = gpr[5] & mask
     let value = try readMemory(segmentBase[2] &+ framePointer, size: size)
-    gpr[4] = framePointer &+ UInt64(size)
+    gpr[4] = (gpr[4] & ~mask) | ((framePointer &+ UInt64(size)) & mask)
     writeRegister(5, size: size, value)
   }
 }
