@@ -23,19 +23,20 @@ let package = Package(
     .target(name: "CSoftFloat"),
     .target(name: "CNativeExec", path: "Tests/CNativeExec"),
     .target(name: "VMCore", dependencies: ["CShim"]),
-    .target(name: "KVMBackend", dependencies: ["VMCore", "CShim"]),
+    .target(name: "KVMBackend", dependencies: ["VMCore", "CShim", "PCI"]),
     .target(
       name: "SoftCPU", dependencies: ["VMCore", "CShim", "CSoftFloat", "InterruptControllers"],
       swiftSettings: interpreterSettings),
     .target(name: "Devices", dependencies: ["VMCore", "CShim"]),
     .target(name: "Loaders", dependencies: ["VMCore"]),
-    .target(name: "InterruptControllers", dependencies: ["VMCore"]),
+    .target(name: "InterruptControllers", dependencies: ["VMCore", "PCI"]),
     .target(name: "Firmware", dependencies: ["VMCore"]),
     .target(name: "PCI", dependencies: ["VMCore"]),
     .target(name: "CVirtioShim"),
     .target(name: "Virtio", dependencies: ["VMCore", "PCI", "CVirtioShim"]),
     .target(name: "VMM", dependencies: [
         "VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "InterruptControllers", "Firmware", "CShim",
+        "PCI", "Virtio",
       ]),
     .executableTarget(
       name: "hostvisor",

@@ -25,7 +25,7 @@ public final class KVMAccelerator: Accelerator {
 
   private let parts: MachineParts
   private let system: KVMSystemDevice
-  private let machine: KVMVirtualMachine
+  let machine: KVMVirtualMachine
   private let vcpus: [KVMVCPU]
   private let started = Atomic<Bool>(false)
   private let running = Atomic<Bool>(false)

@@ -1,5 +1,6 @@
 import Glibc
 import VMCore
+import Virtio
 
 /// Which CPU accelerator runs the guest.
 public enum AcceleratorChoice: String, Sendable, CaseIterable {
@@ -32,6 +33,84 @@ public enum SerialChoice: Sendable, Equatable {
   }
 }
 
+/// A virtio-blk disk backed by a raw image file.
+public struct DiskConfiguration: Sendable, Equatable {
+  /// The image file (or block device).
+  public var path: String
+  /// Whether the guest sees a read-only disk (the file is opened O_RDONLY).
+  public var readOnly: Bool
+
+  public init(path: String, readOnly: Bool = false) {
+    self.path = path
+    self.readOnly = readOnly
+  }
+
+  /// Parses `PATH` or `PATH,readonly` (the last comma-separated word may be `readonly`).
+  public init(parsing text: String) throws(ConfigurationError) {
+    var path = Substring(text)
+    var readOnly = false
+    if let comma = text.lastIndex(of: ",") {
+      guard text[text.index(after: comma)...] == "readonly" else { throw .invalidDisk(text) }
+      path = text[..<comma]
+      readOnly = true
+    }
+    guard !path.isEmpty else { throw .invalidDisk(text) }
+    self.init(path: String(path), readOnly: readOnly)
+  }
+}
+
+/// A virtio-net interface backed by a host TAP device.
+public struct NetworkConfiguration: Sendable, Equatable {
+  /// The TAP interface name (created when missing and the process may; not brought up).
+  public var tapName: String
+  /// The guest's MAC address; nil picks a random 52:54:00:xx:xx:xx.
+  public var mac: MACAddress?
+
+  public init(tapName: String, mac: MACAddress? = nil) {
+    self.tapName = tapName
+    self.mac = mac
+  }
+
+  /// Parses `tap=NAME` or `tap=NAME,mac=xx:xx:xx:xx:xx:xx` (keys in any order).
+  public init(parsing text: String) throws(ConfigurationError) {
+    var tapName: String?
+    var mac: MACAddress?
+    for field in text.split(separator: ",", omittingEmptySubsequences: false) {
+      guard let equals = field.firstIndex(of: "=") else { throw .invalidNetwork(text) }
+      let key = field[..<equals]
+      let value = String(field[field.index(after: equals)...])
+      switch key {
+      case "tap" where tapName == nil && !value.isEmpty:
+        tapName = value
+      case "mac" where mac == nil:
+        do {
+          mac = try MACAddress(parsing: value)
+        } catch {
+          throw .invalidMAC(value)
+        }
+      default:
+        throw .invalidNetwork(text)
+      }
+    }
+    guard let tapName else { throw .invalidNetwork(text) }
+    self.init(tapName: tapName, mac: mac)
+  }
+}
+
+/// Where the guest's console is.
+public enum ConsoleChoice: String, Sendable, CaseIterable {
+  /// COM1 (ttyS0), wired as `--serial` says.
+  case serial
+  /// hvc0 on a virtio-console device wired to this process's standard input and output.
+  case virtio
+
+  /// Parses `serial` or `virtio`.
+  public init(parsing text: String) throws(ConfigurationError) {
+    guard let choice = ConsoleChoice(rawValue: text) else { throw .invalidConsole(text) }
+    self = choice
+  }
+}
+
 /// A user-input error in the machine configuration: one clear line.
 public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConvertible {
   case invalidMemorySize(String)
@@ -39,6 +118,10 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
   case memoryTooLarge(requested: UInt64, limit: UInt64)
   case invalidCPUCount(Int)
   case invalidSerial(String)
+  case invalidDisk(String)
+  case invalidNetwork(String)
+  case invalidMAC(String)
+  case invalidConsole(String)
 
   public var description: String {
     switch self {
@@ -53,6 +136,14 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
       return "invalid CPU count \(count): must be between 1 and \(MachineConfiguration.maximumCPUs)"
     case .invalidSerial(let text):
       return "invalid serial backend '\(text)': use stdio, file:PATH or none"
+    case .invalidDisk(let text):
+      return "invalid disk '\(text)': use PATH or PATH,readonly"
+    case .invalidNetwork(let text):
+      return "invalid network '\(text)': use tap=NAME or tap=NAME,mac=xx:xx:xx:xx:xx:xx"
+    case .invalidMAC(let text):
+      return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
+    case .invalidConsole(let text):
+      return "invalid console '\(text)': use serial or virtio"
     }
   }
 }
@@ -117,6 +208,12 @@ public struct MachineConfiguration: Sendable {
   public var kvmDevicePath: String
   /// Print what was chosen (accelerator, memory layout) to standard error.
   public var verbose: Bool
+  /// virtio-blk disks, attached in order from PCI slot 1.
+  public var disks: [DiskConfiguration] = []
+  /// virtio-net interfaces, attached after the disks.
+  public var networks: [NetworkConfiguration] = []
+  /// The guest console: COM1 (default) or a virtio-console (hvc0) on standard input/output.
+  public var console: ConsoleChoice = .serial
 
   public init(
     kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",

@@ -4,8 +4,10 @@ import Glibc
 import InterruptControllers
 import KVMBackend
 import Loaders
+import PCI
 import SoftCPU
 import VMCore
+import Virtio
 
 /// A failure while building or running a machine, as one clear line.
 public struct MachineError: Error, CustomStringConvertible, Sendable {
@@ -26,6 +28,13 @@ public final class VirtualMachine: Sendable {
   public let devices: InstalledLegacyDevices
   /// The accelerator that runs the vCPUs.
   public let accelerator: any Accelerator
+  /// PCI bus 0 (host bridge in slot 0, then the virtio devices).
+  public let pci: PCIBus
+  /// The virtio devices on the bus, in slot order: disks, network interfaces, the console (if
+  /// asked for) and the entropy device.
+  public let virtioDevices: [VirtioPCIDevice]
+  /// The virtio console wired to standard input/output, when `console` is `.virtio`.
+  private let virtioConsole: VirtioConsole?
 
   /// Builds the machine: validates the configuration, maps RAM, loads the kernel, installs
   /// devices and opens the accelerator. Every failure is a one-line error.
@@ -43,10 +52,27 @@ public final class VirtualMachine: Sendable {
       throw MachineError(error.description)
     }
     parts = MachineParts(memory: memory, bus: IOBus(), control: MachineControl(), interrupts: InterruptRouter())
+    pci = PCIBus(layout: PCIAddressLayout(), interrupts: parts.interrupts)
+    let (virtioDevices, virtioConsole) = try Self.attachVirtioDevices(
+      configuration: configuration, pci: pci, memory: memory)
+    self.virtioDevices = virtioDevices
+    self.virtioConsole = virtioConsole
+    // From here on a failure must stop the devices' worker threads.
     do {
-      let tables = try ACPITables.build(cpuCount: configuration.cpuCount)
+      try pci.register(on: parts.bus)
+    } catch {
+      Self.shutdown(virtioDevices)
+      throw MachineError("cannot register the PCI bus: \(error)")
+    }
+    let hostBridge = Self.hostBridgeDescription(pci)
+    do {
+      var acpi = ACPIConfiguration(cpuCount: configuration.cpuCount)
+      acpi.dsdtTerms = [hostBridge.dsdtTerm()]
+      acpi.additionalTables = [hostBridge.mcfgTable()]
+      let tables = try ACPITables.build(acpi)
       try tables.install(into: memory)
     } catch {
+      Self.shutdown(virtioDevices)
       throw MachineError("cannot build the ACPI tables: \(error)")
     }
     do {
@@ -54,9 +80,11 @@ public final class VirtualMachine: Sendable {
         kernelPath: configuration.kernelPath, initrdPath: configuration.initrdPath,
         commandLine: configuration.commandLine, memory: memory,
         reservedMemory: [
-          E820Entry(address: ACPITables.defaultBase, size: UInt64(ACPITables.defaultWindowSize), type: .reserved)
+          E820Entry(address: ACPITables.defaultBase, size: UInt64(ACPITables.defaultWindowSize), type: .reserved),
+          E820Entry(address: hostBridge.ecamBase, size: hostBridge.ecamSize, type: .reserved),
         ])
     } catch {
+      Self.shutdown(virtioDevices)
       throw MachineError(error.description)
     }
     let backend: any SerialBackend
@@ -67,11 +95,25 @@ public final class VirtualMachine: Sendable {
       do {
         backend = try FileSerialBackend(path: path)
       } catch {
+        Self.shutdown(virtioDevices)
         throw MachineError(error.description)
       }
     }
-    let (accelerator, clock) = try Self.makeAccelerator(configuration: configuration, parts: parts)
+    let accelerator: any Accelerator
+    let clock: any MachineClock
+    do {
+      (accelerator, clock) = try Self.makeAccelerator(configuration: configuration, parts: parts)
+    } catch {
+      Self.shutdown(virtioDevices)
+      throw error
+    }
     self.accelerator = accelerator
+    // MSI/MSI-X: KVM injects with KVM_SIGNAL_MSI, the software CPU through its local APICs.
+    if let kvm = accelerator as? KVMAccelerator {
+      pci.msi.attach(kvm)
+    } else if let soft = accelerator as? SoftAccelerator {
+      pci.msi.attach(soft.controllers)
+    }
     do {
       devices = try LegacyDevices.install(
         on: parts.bus, control: parts.control, interrupts: parts.interrupts, serialBackend: backend,
@@ -85,6 +127,7 @@ public final class VirtualMachine: Sendable {
         try parts.bus.registerPorts(ACPIResetRegister.port, count: 1, device: ACPIResetRegister(control: parts.control))
       }
     } catch {
+      Self.shutdown(virtioDevices)
       throw MachineError(error.description)
     }
     if configuration.verbose {
@@ -92,7 +135,102 @@ public final class VirtualMachine: Sendable {
         "accelerator: \(accelerator.name); kernel format: \(boot.format); memory: \(MemorySize.format(configuration.memorySize))"
       )
       for warning in boot.warnings { Self.log("loader: \(warning)") }
+      for (slot, device) in pci.devices {
+        guard let virtio = device as? VirtioPCIDevice else { continue }
+        Self.log("pci: 00:\(slot < 16 ? "0" : "")\(String(slot, radix: 16)).0 \(Self.describe(virtio))")
+      }
     }
+  }
+
+  /// Opens every backend and attaches one virtio device per disk and network interface, the
+  /// console when asked for, and always an entropy device (so the guest's RNG seeds early).
+  /// Backend failures (missing disk file, TAP errors) are one-line errors; devices already
+  /// built are shut down first.
+  private static func attachVirtioDevices(
+    configuration: MachineConfiguration, pci: PCIBus, memory: GuestMemory
+  ) throws -> ([VirtioPCIDevice], VirtioConsole?) {
+    var devices: [VirtioPCIDevice] = []
+    func attach(_ model: any VirtioDeviceModel) throws {
+      let device = VirtioPCIDevice(model: model, memory: memory)
+      devices.append(device)
+      do {
+        try pci.attach(device)
+      } catch {
+        throw MachineError("cannot attach a PCI device: \(error)")
+      }
+    }
+    var console: VirtioConsole?
+    do {
+      for disk in configuration.disks {
+        let backend: RawFileBlockBackend
+        do {
+          backend = try RawFileBlockBackend(path: disk.path, readOnly: disk.readOnly)
+        } catch {
+          switch error {
+          case .cannotOpen(let path, let err):
+            throw MachineError("cannot open disk '\(path)': \(String(cString: strerror(err)))")
+          case .io: throw MachineError(error.description)
+          }
+        }
+        try attach(VirtioBlock(backend: backend))
+      }
+      for network in configuration.networks {
+        let backend: TapBackend
+        do {
+          backend = try TapBackend(name: network.tapName)
+        } catch {
+          throw MachineError(error.description)
+        }
+        try attach(VirtioNet(backend: backend, mac: network.mac))
+      }
+      if configuration.console == .virtio {
+        let model = VirtioConsole(backend: StdioConsoleBackend())
+        console = model
+        try attach(model)
+      }
+      try attach(VirtioEntropy())
+    } catch {
+      shutdown(devices)
+      throw error
+    }
+    return (devices, console)
+  }
+
+  /// How the ACPI tables describe `pci`: its ECAM window, BAR windows and INTx# routing,
+  /// taken from the bus itself so the tables cannot disagree with the decoding.
+  static func hostBridgeDescription(_ pci: PCIBus) -> ACPIPCIHostBridge {
+    let layout = pci.layout
+    var routes: [ACPIPCIHostBridge.Route] = []
+    for slot in 0..<32 {
+      for pin in 1...4 {
+        routes.append(.init(slot: slot, pin: pin - 1, gsi: pci.gsi(forSlot: slot, pin: UInt8(pin))))
+      }
+    }
+    let lastBus = UInt8(clamping: max(layout.ecamBusCount, 1) - 1)
+    return ACPIPCIHostBridge(
+      ecamBase: layout.ecamBase, busNumbers: 0...lastBus, mmio32: layout.mmio32, mmio64: layout.mmio64,
+      routes: routes)
+  }
+
+  private static func describe(_ device: VirtioPCIDevice) -> String {
+    switch device.model {
+    case let block as VirtioBlock:
+      let backend = block.backend as? RawFileBlockBackend
+      return "virtio-blk \(backend?.path ?? "")\(backend?.isReadOnly == true ? " (read-only)" : "")"
+    case is VirtioNet: return "virtio-net"
+    case is VirtioConsole: return "virtio-console"
+    case is VirtioEntropy: return "virtio-rng"
+    default: return "virtio"
+    }
+  }
+
+  private static func shutdown(_ devices: [VirtioPCIDevice]) {
+    for device in devices { device.shutdown() }
+  }
+
+  /// Stops every device's worker thread (`run` does this when the guest stops).
+  public func shutdownDevices() {
+    Self.shutdown(virtioDevices)
   }
 
   /// Opens the accelerator the configuration asks for; `auto` probes KVM and falls back to the
@@ -126,13 +264,21 @@ public final class VirtualMachine: Sendable {
   }
 
   /// Runs the guest until it stops, with the terminal attached when the serial console is stdio.
+  /// Host input goes to the virtio console when there is one, else to COM1 when it is on stdio.
+  /// The virtio devices are shut down when the guest stops.
   public func run() throws -> MachineStopReason {
-    guard configuration.serial == .stdio else {
+    defer { shutdownDevices() }
+    let control = parts.control
+    let terminal: TerminalConsole
+    if let virtioConsole {
+      terminal = TerminalConsole(
+        deliver: { virtioConsole.receive($0) }, onQuit: { control.requestStop(.stopRequested) })
+    } else if configuration.serial == .stdio {
+      terminal = TerminalConsole(serialPort: devices.serialPort) { control.requestStop(.stopRequested) }
+    } else {
       return try accelerator.run(bootState: boot.state)
     }
-    let control = parts.control
-    let console = TerminalConsole(serialPort: devices.serialPort) { control.requestStop(.stopRequested) }
-    return try console.run { try accelerator.run(bootState: boot.state) }
+    return try terminal.run { try accelerator.run(bootState: boot.state) }
   }
 
   private static func log(_ message: String) {

@@ -20,6 +20,10 @@ struct Run: ParsableCommand {
       Exit status: the guest's isa-debug-exit code ((value << 1) | 1) when it writes to port 0xF4; \
       0 when the guest powers off or resets; 1 with one error line on any failure. \
       On the terminal, Ctrl-A x quits and Ctrl-A Ctrl-A sends Ctrl-A.
+
+      Every machine has a PCI bus (ECAM at 0xE0000000, described by ACPI MCFG and \\_SB.PCI0) \
+      with virtio devices in this order from slot 1: each --disk (virtio-blk), each --net \
+      (virtio-net), the virtio console with --console virtio, and always a virtio-rng.
       """
   )
 
@@ -32,8 +36,11 @@ struct Run: ParsableCommand {
   @Option(name: .long, help: ArgumentHelp("Initial ramdisk handed to a Linux or Multiboot kernel.", valueName: "path"))
   var initrd: String?
 
-  @Option(name: .long, help: ArgumentHelp("Kernel command line.", valueName: "string"))
-  var cmdline: String = "console=ttyS0"
+  @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "Kernel command line (default: console=ttyS0, or console=hvc0 with --console virtio).", valueName: "string"))
+  var cmdline: String?
 
   @Option(
     name: .long,
@@ -53,8 +60,30 @@ struct Run: ParsableCommand {
   @Option(
     name: .long,
     help: ArgumentHelp(
-      "Where COM1 goes: stdio (this terminal), file:PATH (appended), or none.", valueName: "stdio|file:PATH|none"))
-  var serial: String = "stdio"
+      "Where COM1 goes: stdio (this terminal), file:PATH (appended), or none (default: stdio; none with --console virtio).",
+      valueName: "stdio|file:PATH|none"))
+  var serial: String?
+
+  @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "A virtio-blk disk on a raw image file or block device; ',readonly' makes it read-only. Repeatable.",
+      valueName: "path[,readonly]"))
+  var disk: [String] = []
+
+  @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "A virtio-net interface on host TAP device NAME (created if missing; not brought up), with an optional MAC (default: random 52:54:00:xx:xx:xx). Repeatable.",
+      valueName: "tap=NAME[,mac=xx:xx:xx:xx:xx:xx]"))
+  var net: [String] = []
+
+  @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "Guest console: serial (COM1, ttyS0) or virtio (hvc0 on a virtio-console wired to this terminal).",
+      valueName: "serial|virtio"))
+  var console: String = "serial"
 
   @Option(
     name: .customLong("kvm-device"),
@@ -69,10 +98,19 @@ struct Run: ParsableCommand {
       guard let acceleratorChoice = AcceleratorChoice(rawValue: accel) else {
         throw CommandFailure("invalid accelerator '\(accel)': use auto, kvm or soft")
       }
-      let configuration = MachineConfiguration(
-        kernelPath: kernel, initrdPath: initrd, commandLine: cmdline,
+      let consoleChoice = try ConsoleChoice(parsing: console)
+      let serialChoice = try serial.map { text throws(ConfigurationError) in try SerialChoice(parsing: text) }
+      var configuration = MachineConfiguration(
+        kernelPath: kernel, initrdPath: initrd,
+        commandLine: cmdline ?? (consoleChoice == .virtio ? "console=hvc0" : "console=ttyS0"),
         memorySize: try MemorySize.parse(memory), cpuCount: cpus, accelerator: acceleratorChoice,
-        serial: try SerialChoice(parsing: serial), kvmDevicePath: kvmDevice, verbose: verbose)
+        serial: serialChoice ?? (consoleChoice == .virtio ? .none : .stdio), kvmDevicePath: kvmDevice,
+        verbose: verbose)
+      configuration.console = consoleChoice
+      configuration.disks = try disk.map { text throws(ConfigurationError) in try DiskConfiguration(parsing: text) }
+      configuration.networks = try net.map { text throws(ConfigurationError) in
+        try NetworkConfiguration(parsing: text)
+      }
       let machine = try VirtualMachine(configuration: configuration)
       let reason = try machine.run()
       if verbose { printError("hostvisor: \(reason)") }

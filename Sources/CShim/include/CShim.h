@@ -36,6 +36,7 @@ static const unsigned long HV_KVM_GET_CPUID2 = KVM_GET_CPUID2;
 static const unsigned long HV_KVM_SET_SIGNAL_MASK = KVM_SET_SIGNAL_MASK;
 static const unsigned long HV_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
 static const unsigned long HV_KVM_RUN = KVM_RUN;
+static const unsigned long HV_KVM_SIGNAL_MSI = KVM_SIGNAL_MSI;
 
 /// ioctl(2) with a pointer argument (ioctl itself is variadic and cannot be called from Swift).
 int hv_ioctl_ptr(int fd, unsigned long request, void *argument);
