@@ -22,7 +22,8 @@ public enum StopCause: Equatable, Sendable {
 // execution continues; a triple fault (`system.shutdownReason`) returns `.stopRequested`.
 // Interrupts: the interrupt controllers raise `stopFlag` (`requestStop()`), checked once per
 // block; the accelerator then calls `serviceSystemEvents()` and re-enters `run`. Part 2 keeps
-// `codeSize`, `cpl` and `tlbTagExtra` in sync on mode and CS changes (`systemModeChanged`).
+// `codeSize`, `cpl`, `tlbTagExtra` and `stackMask` (SS.B / mode) in sync on mode, CS and SS
+// changes (`systemModeChanged`).
 
 extension CPU {
   /// Puts the CPU in flat 64-bit mode for tests and benchmarks: CS.L=1, all segment bases 0,
