@@ -233,6 +233,8 @@ public final class VirtualMachine: Sendable {
     Self.shutdown(virtioDevices)
   }
 
+  deinit { shutdownDevices() }
+
   /// Opens the accelerator the configuration asks for; `auto` probes KVM and falls back to the
   /// software CPU when KVM is missing or would emulate the guest's kernel code.
   private static func makeAccelerator(

@@ -57,6 +57,27 @@ struct VirtioIntegrationTests {
     expectOneLineError(result, containing: "cannot open TAP 'this-name-is-far-too-long-for-linux'")
   }
 
+  /// The whole process path with devices attached: a disk, a read-only disk and the virtio
+  /// console; COM1 explicitly on stdio still carries the guest's output.
+  @Test func guestRunsWithVirtioDevicesAttached() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let disk = scratch.path("disk.img")
+    try Data(repeating: 0, count: 1 << 20).write(to: URL(fileURLWithPath: disk))
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "kvm", "--disk", disk, "--disk", "\(disk),readonly", "--console",
+      "virtio", "--serial", "stdio", "--verbose",
+    ])
+    #expect(result.status == (0x21 << 1) | 1, "stderr: \(result.stderr)")
+    #expect(result.stdout.contains("hello from the guest"), "stdout: \(result.stdout)")
+    for line in [
+      "pci: 00:01.0 virtio-blk", "pci: 00:02.0 virtio-blk", "(read-only)", "pci: 00:03.0 virtio-console",
+      "pci: 00:04.0 virtio-rng",
+    ] {
+      #expect(result.stderr.contains(line), "stderr: \(result.stderr)")
+    }
+  }
+
   @Test func badConsole() throws {
     let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--console", "vga"])
     expectOneLineError(result, containing: "invalid console 'vga'")
