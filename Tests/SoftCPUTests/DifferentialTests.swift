@@ -113,9 +113,14 @@ struct DifferentialTests {
     let native = NativeRunner.run(code: testCase.code, initial: testCase.initial, data: testCase.data)
     if case .notComparable = native.end { return .notComparable }
     let emulated = runner.run(code: testCase.code, initial: testCase.initial, data: testCase.data)
-    var faultRIP: UInt64?
-    if case .fault = native.end { faultRIP = native.state.rip }
-    var differences = DiffCompare.compare(native: native, emulated: emulated, mask: testCase.mask(faultAt: faultRIP))
+    var mask = testCase.mask
+    if case .fault(let vector, _) = native.end {
+      // Traps report the RIP after the instruction, faults the RIP of the instruction.
+      mask =
+        [1, 3, 4].contains(vector)
+        ? testCase.mask(trapBefore: native.state.rip) : testCase.mask(faultAt: native.state.rip)
+    }
+    var differences = DiffCompare.compare(native: native, emulated: emulated, mask: mask)
     if approximate {
       // The destination of RCP/RSQRT is model-specific: ignore XMM differences.
       differences.removeAll { $0.what.hasPrefix("xmm") }

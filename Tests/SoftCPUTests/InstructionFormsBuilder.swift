@@ -16,6 +16,8 @@ struct DiffCase {
   var instructionStarts: [(offset: Int, form: String)]
   /// Comparison mask for a run that faults at each main instruction.
   var faultMasks: [ComparisonMask]
+  /// Comparison mask for a run that traps right after each main instruction (INT3, INTO).
+  var trapMasks: [ComparisonMask]
 
   /// The comparison mask for a run that ended at `rip` with a fault (or the final mask).
   func mask(faultAt rip: UInt64?) -> ComparisonMask {
@@ -24,6 +26,13 @@ struct DiffCase {
       return faultMasks[index]
     }
     return mask
+  }
+
+  /// The comparison mask for a trap (vector 1, 3 or 4) reported with RIP after the instruction.
+  func mask(trapBefore rip: UInt64) -> ComparisonMask {
+    let index = instructionStarts.lastIndex { DiffLayout.codeBase + UInt64($0.offset) < rip }
+    guard let index else { return mask }
+    return trapMasks[index]
   }
 
   /// The form whose instruction starts at `rip`, if any.
@@ -53,6 +62,8 @@ struct SequenceBuilder {
   var instructionStarts: [(offset: Int, form: String)] = []
   /// Undefined flags / condition codes just before each main instruction (for faults).
   var undefinedBefore: [(flags: UInt64, cc: UInt16)] = []
+  /// Undefined flags / condition codes right after each main instruction (for traps).
+  var undefinedAfter: [(flags: UInt64, cc: UInt16)] = []
 
   init(rng: DiffRNG, groupCount: Int, data: [UInt8]) {
     self.rng = rng
@@ -208,7 +219,7 @@ struct SequenceBuilder {
         encoding.rexX = index >= 8
       } else {
         var base = pickRegister(&rng)
-        if base == index && rng.chance(70) { base = base == 0 ? 1 : base - 1 }
+        if base == index && rng.chance(70) { base = base == 0 ? 1 : (base == 5 ? 3 : base - 1) }
         let dispChoice = rng.below(3)
         if dispChoice == 1 { displacement = Int64(rng.below(256) - 128) }
         if dispChoice == 2 { displacement = Int64(rng.below(0x2000) - 0x1000) }
@@ -497,6 +508,7 @@ struct SequenceBuilder {
       undefinedFlags = (undefinedFlags & ~effect.writes) | effect.undefined
       undefinedCC = (undefinedCC & ~effect.ccWrites) | effect.ccUndefined
     }
+    undefinedAfter.append((flags: undefinedFlags, cc: undefinedCC))
   }
 }
 
@@ -578,9 +590,15 @@ enum CaseGenerator {
           faultMask.fswIgnored = before.cc
           return faultMask
         }
+        let trapMasks = builder.undefinedAfter.map { after in
+          var trapMask = mask
+          trapMask.rflags = ComparisonMask().rflags & ~after.flags
+          trapMask.fswIgnored = after.cc
+          return trapMask
+        }
         return DiffCase(
           code: code, initial: initial, data: builder.data, mask: mask, forms: chosen.map(\.name),
-          instructionStarts: builder.instructionStarts, faultMasks: faultMasks)
+          instructionStarts: builder.instructionStarts, faultMasks: faultMasks, trapMasks: trapMasks)
       }
       attempt += 1
     }
