@@ -51,7 +51,9 @@ let package = Package(
     .testTarget(name: "DeviceTests", dependencies: ["Devices", "VMCore", "DeviceTestHelper"]),
     .testTarget(
       name: "SoftCPUTests",
-      dependencies: ["SoftCPU", "VMCore", "CNativeExec", "InterruptControllers", "Loaders", "Devices"]),
+      dependencies: [
+        "SoftCPU", "VMCore", "CNativeExec", "InterruptControllers", "Loaders", "Devices", "KVMBackend",
+      ]),
     .testTarget(name: "CLITests", dependencies: ["VMM"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
