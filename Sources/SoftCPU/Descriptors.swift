@@ -159,6 +159,7 @@ extension CPU {
   func setSegment(_ index: UInt8, _ cache: SegmentCache) {
     segments[Int(index)] = cache
     refreshSegmentBase(index)
+    if index == SegmentIndex.ss { refreshStackMask() }
   }
 
   /// Recomputes `segmentBase[index]` from the cache and the mode: 0 for ES/CS/SS/DS in

@@ -114,6 +114,17 @@ extension CPU {
     }
     tlbTagExtra = (tlbTagExtra & ~1) | (cpl == 3 ? 1 : 0)
     refreshAllSegmentBases()
+    refreshStackMask()
+  }
+
+  /// Re-derives the core's `stackMask` from the mode and SS.B (after SS loads and mode changes).
+  @inline(__always)
+  func refreshStackMask() {
+    if codeSize == 8 {
+      stackMask = ~0
+    } else {
+      stackMask = segments[Int(SegmentIndex.ss)].access & SegmentAccess.defaultBig != 0 ? 0xFFFF_FFFF : 0xFFFF
+    }
   }
 
   /// Sets the CPL (after a CS load) and re-derives the cached mode.
