@@ -199,3 +199,29 @@ extension String {
     return hash
   }
 }
+
+/// Hand-written differential cases for behavior the random generator does not reach.
+@Suite("DifferentialFixedCases")
+struct DifferentialFixedCases {
+  static func check(_ code: [UInt8], setup: (inout MachineState) -> Void) -> String? {
+    var rng = DiffRNG(seed: 7)
+    var state = DiffStates.random(&rng, x87: false, unmaskedSIMD: false)
+    setup(&state)
+    let testCase = DiffCase(
+      code: code, initial: state, data: DiffStates.randomData(&rng), mask: ComparisonMask(), forms: ["fixed"],
+      instructionStarts: [(offset: 0, form: "fixed")], faultMasks: [ComparisonMask()], trapMasks: [ComparisonMask()])
+    switch DifferentialTests.runCase(testCase, runner: EmulatedRunner(), approximate: false) {
+    case .passed, .notComparable: return nil
+    case .unimplemented(let form): return "unimplemented \(form ?? "?")"
+    case .mismatch(let report): return report
+    }
+  }
+
+  /// A non-canonical address through RBP (stack segment) raises #SS(0); through RBX, #GP(0).
+  @Test func nonCanonicalStackAndDataAddresses() {
+    let stack = Self.check([0x48, 0x8B, 0x45, 0x00]) { $0.gpr[5] = 0x8000_0000_0000_0000 }  // mov rax, [rbp]
+    #expect(stack == nil, Comment(rawValue: stack ?? ""))
+    let data = Self.check([0x48, 0x8B, 0x03]) { $0.gpr[3] = 0x8000_0000_0000_0000 }  // mov rax, [rbx]
+    #expect(data == nil, Comment(rawValue: data ?? ""))
+  }
+}
