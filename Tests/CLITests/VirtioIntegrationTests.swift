@@ -78,6 +78,20 @@ struct VirtioIntegrationTests {
     }
   }
 
+  /// A TAP-backed virtio-net interface (the TAP is created for the run and vanishes with the
+  /// process, as it is not made persistent).
+  @Test(.enabled(if: FileManager.default.fileExists(atPath: "/dev/net/tun") && getuid() == 0))
+  func guestRunsWithATAPInterface() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "kvm", "--serial", "none", "--verbose", "--net",
+      "tap=hvwire\(getpid() % 10000),mac=52:54:00:12:34:56",
+    ])
+    #expect(result.status == (0x21 << 1) | 1, "stderr: \(result.stderr)")
+    #expect(result.stderr.contains("pci: 00:01.0 virtio-net"), "stderr: \(result.stderr)")
+  }
+
   @Test func badConsole() throws {
     let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--console", "vga"])
     expectOneLineError(result, containing: "invalid console 'vga'")
