@@ -251,6 +251,9 @@ extension CPU {
     let raised = csf_sse_float(operation, immediate, mxcsr, &destination, &source)
     let unmasked = ~(mxcsr >> 7) & MXCSR.flags
     let overflowOrUnderflow: UInt32 = 0x18
+    if _slowPath(raised & unmasked != 0 && operation & ~1 == CSF_SSE_MAP3A | 0x140) {
+      return dotProductFlags(operation, immediate, original, source, fallback: raised)
+    }
     if raised == CSF_UNSUPPORTED || unmasked & overflowOrUnderflow == 0
       || raised & unmasked & MXCSR.precomputationFlags != 0
     {
@@ -286,11 +289,38 @@ extension CPU {
       default: break
       }
     }
+    // Horizontal and alternating forms become per-element ADD/SUB PS/PD on rearranged operands.
+    var destination = destination
+    var source = source
+    var horizontal = false
+    if operation & (CSF_SSE_MAP38 | CSF_SSE_MAP3A) == 0 && (byte == 0x7C || byte == 0x7D || byte == 0xD0)
+      && (prefix == 1 || prefix == 3)
+    {
+      horizontal = true
+      if byte != 0xD0 {
+        if prefix == 3 {
+          let left = unsafeBitCast(destination, to: SIMD4<UInt32>.self)
+          let right = unsafeBitCast(source, to: SIMD4<UInt32>.self)
+          destination = unsafeBitCast(SIMD4<UInt32>(left[0], left[2], right[0], right[2]), to: XMMValue.self)
+          source = unsafeBitCast(SIMD4<UInt32>(left[1], left[3], right[1], right[3]), to: XMMValue.self)
+        } else {
+          (destination, source) = (XMMValue(destination[0], source[0]), XMMValue(destination[1], source[1]))
+        }
+      }
+      (elementSize, elements) = prefix == 3 ? (4, 4) : (8, 2)
+    }
     let unmasked = ~(mxcsr >> 7) & MXCSR.flags
     let overflow: UInt32 = 1 << 3
     let underflow: UInt32 = 1 << 4
     var flags: UInt32 = 0
     for element in 0..<elements {
+      var elementOperation = operation
+      if horizontal {
+        let packedDouble: UInt32 = prefix == 1 ? 0x100 : 0
+        let subtract = byte == 0x7D || (byte == 0xD0 && element & 1 == 0)
+        elementOperation = packedDouble | (subtract ? 0x5C : 0x58)
+      }
+      let elementPrefix = (elementOperation >> 8) & 0xFF
       var elementDestination = destination
       var elementSource = source
       if elementSize == 4 {
@@ -304,11 +334,11 @@ extension CPU {
         elementSource = XMMValue(repeating: source[element])
       }
       var scratch = elementDestination
-      var elementFlags = csf_sse_float(operation, immediate, mxcsr, &scratch, &elementSource)
+      var elementFlags = csf_sse_float(elementOperation, immediate, mxcsr, &scratch, &elementSource)
       if elementFlags == CSF_UNSUPPORTED { return fallback }
       if unmasked & underflow != 0 && elementFlags & underflow == 0 {
         scratch = elementDestination
-        if csf_sse_float(operation, immediate, mxcsr | 1 << 15, &scratch, &elementSource) & underflow != 0 {
+        if csf_sse_float(elementOperation, immediate, mxcsr | 1 << 15, &scratch, &elementSource) & underflow != 0 {
           elementFlags |= underflow
         }
       }
@@ -317,8 +347,8 @@ extension CPU {
       if fired != 0 {
         // The hardware reports PE only when the result is inexact with an unbounded exponent.
         var inexact = elementFlags & MXCSR.inexact
-        if let kind = unboundedKind(operation) {
-          let isDouble = prefix == 1 || prefix == 3
+        if let kind = unboundedKind(elementOperation) {
+          let isDouble = elementPrefix == 1 || elementPrefix == 3
           let left =
             elementSize == 4
             ? UInt64(unsafeBitCast(elementDestination, to: SIMD4<UInt32>.self)[0]) : elementDestination[0]
@@ -332,6 +362,59 @@ extension CPU {
         elementFlags = precomputation | (overflow & fired != 0 ? overflow : underflow) | inexact
       }
       flags |= elementFlags
+    }
+    return flags
+  }
+
+  /// DPPS/DPPD flags when an exception is unmasked: the multiplications, the first additions
+  /// and the final addition are separate steps, and an unmasked exception in one step ends
+  /// the instruction before the next step reports anything.
+  private func dotProductFlags(
+    _ operation: UInt32, _ immediate: UInt32, _ destination: XMMValue, _ source: XMMValue, fallback: UInt32
+  ) -> UInt32 {
+    let unmasked = ~(mxcsr >> 7) & MXCSR.flags
+    let single = operation & 1 == 0
+    // Step 1: products of the selected elements (the others are +0.0 and raise nothing).
+    var left = destination
+    var right = source
+    if single {
+      var leftLanes = unsafeBitCast(destination, to: SIMD4<UInt32>.self)
+      var rightLanes = unsafeBitCast(source, to: SIMD4<UInt32>.self)
+      for lane in 0..<4 where immediate & (0x10 << UInt32(lane)) == 0 {
+        leftLanes[lane] = 0
+        rightLanes[lane] = 0
+      }
+      left = unsafeBitCast(leftLanes, to: XMMValue.self)
+      right = unsafeBitCast(rightLanes, to: XMMValue.self)
+    } else {
+      for lane in 0..<2 where immediate & (0x10 << UInt32(lane)) == 0 {
+        left[lane] = 0
+        right[lane] = 0
+      }
+    }
+    // A step with an unmasked exception ends the instruction. (PE next to an unmasked
+    // overflow/underflow inside a step is kept as the masked step reports it: approximate.)
+    var flags: UInt32 = 0
+    func finish(_ step: UInt32) -> Bool {
+      flags |= step
+      return step & unmasked != 0
+    }
+    var products = left
+    let first = csf_sse_float(single ? 0x59 : 0x159, 0, mxcsr, &products, &right)
+    if first == CSF_UNSUPPORTED { return fallback }
+    if finish(first) { return flags }
+    if single {
+      // Step 2: (p0 + p1) and (p2 + p3); step 3: their sum.
+      var sums = products
+      var same = products
+      if finish(csf_sse_float(0x37C, 0, mxcsr, &sums, &same)) { return flags }  // HADDPS
+      var low = XMMValue(sums[0] & 0xFFFF_FFFF, 0)
+      var high = XMMValue(sums[0] >> 32, 0)
+      _ = finish(csf_sse_float(0x258, 0, mxcsr, &low, &high))  // ADDSS
+    } else {
+      var low = XMMValue(products[0], 0)
+      var high = XMMValue(products[1], 0)
+      _ = finish(csf_sse_float(0x358, 0, mxcsr, &low, &high))  // ADDSD
     }
     return flags
   }
