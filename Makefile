@@ -3,7 +3,7 @@ SWIFT ?= swift
 CACHE ?= .cache
 GUEST = $(CACHE)/guest
 
-.PHONY: all build deps guest run test lint format bench clean
+.PHONY: all build deps guest guest-generic run test lint format bench clean
 
 all: build
 
@@ -16,13 +16,17 @@ build: deps
 guest: deps
 	scripts/make-default-guest.sh $(GUEST)
 
+## The generic Debian kernel with the same initramfs, for the second boot test.
+guest-generic: deps
+	scripts/make-default-guest.sh --generic $(CACHE)/guest-generic
+
 ## Boot the default guest (Debian cloud kernel + busybox initramfs) to a shell on this terminal.
 run: build guest
 	.build/release/hostvisor run --kernel $(GUEST)/vmlinuz --initrd $(GUEST)/initramfs.cpio.gz \
 	  --cmdline "console=ttyS0 panic=-1" --memory 512M
 
 ## Build optimized (the interpreter is too slow in debug) and run every test.
-test: deps guest
+test: deps guest guest-generic
 	$(SWIFT) test -c release -Xswiftc -enable-testing
 
 lint:

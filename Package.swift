@@ -55,6 +55,7 @@ let package = Package(
         "SoftCPU", "VMCore", "CNativeExec", "InterruptControllers", "Loaders", "Devices", "KVMBackend",
       ]),
     .testTarget(name: "CLITests", dependencies: ["VMM"]),
+    .testTarget(name: "LinuxBootTests", dependencies: ["hostvisor"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
     .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim"]),
