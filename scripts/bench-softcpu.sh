@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Software CPU vs QEMU TCG on the same guest programs (Tests/GuestPrograms/bench/bench.S).
 #
-#   scripts/bench-softcpu.sh [--programs "1 2 3 4 5"] [--skip-build] [--scratch-path DIR] [--bin-path DIR] [--hostvisor PATH]
+#   scripts/bench-softcpu.sh [--programs "1 2 3 4 5"] [--skip-build] [--scratch-path DIR] [--bin-path DIR] [--hostvisor PATH] [--repeat N]
 #
+# --repeat: run each program N times inside the guest (default 5; memcpy-rep always once) so
+#           QEMU's runs are long compared with its start-up.
 # --hostvisor: the hostvisor binary for the `hostvisor run --accel soft` column (default: from the build).
 # --bin-path: use already built hostvisor-softbench / hostvisor binaries from DIR (implies --skip-build).
 #
@@ -17,6 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 programs="1 2 3 4 5"
+repeat=5
 scratch=.build-bench
 build=1
 bin=""
@@ -28,7 +31,8 @@ while [ $# -gt 0 ]; do
     --scratch-path) scratch="$2"; shift 2 ;;
     --bin-path) bin="$2"; build=0; shift 2 ;;
     --hostvisor) hostvisor="$2"; shift 2 ;;
-    *) echo "usage: $0 [--programs \"1 2 3 4 5\"] [--skip-build] [--scratch-path DIR] [--bin-path DIR] [--hostvisor PATH]" >&2; exit 2 ;;
+    --repeat) repeat="$2"; shift 2 ;;
+    *) echo "usage: $0 [--programs \"1 2 3 4 5\"] [--skip-build] [--scratch-path DIR] [--bin-path DIR] [--hostvisor PATH] [--repeat N]" >&2; exit 2 ;;
   esac
 done
 names=(empty checksum memcpy-rep memcpy-sse2 sieve sse2-float)
@@ -44,7 +48,9 @@ fi
 [ -n "$hostvisor" ] || { [ -x "$bin/hostvisor" ] && hostvisor="$bin/hostvisor"; } || true
 
 for p in 0 $programs; do
-  as --64 --defsym PROGRAM=$p -o "$work/b$p.o" Tests/GuestPrograms/bench/bench.S
+  # Each program runs `repeat` times (memcpy-rep once: QEMU needs a minute for it already).
+  r=$repeat; [ $p = 2 ] && r=1; [ $p = 0 ] && r=1
+  as --64 --defsym PROGRAM=$p --defsym REPEAT=$r -o "$work/b$p.o" Tests/GuestPrograms/bench/bench.S
   ld -m elf_x86_64 -Ttext=0x100000 -e 0x100000 -o "$work/b$p.elf" "$work/b$p.o"
   objcopy -O binary "$work/b$p.elf" "$work/b$p.bin"
 done
