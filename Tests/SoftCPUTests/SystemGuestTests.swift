@@ -25,19 +25,20 @@ enum SystemGuestBuilder {
     .deletingLastPathComponent().deletingLastPathComponent()
     .appendingPathComponent("GuestPrograms/system")
 
-  /// The ELF64 Multiboot kernel built from `name`.S, linked at 1 MiB.
-  static func kernel(_ name: String) throws -> [UInt8] {
+  /// The Multiboot kernel built from `name`.S, linked at 1 MiB (ELF64, or ELF32 when `bits32`).
+  static func kernel(_ name: String, bits32: Bool = false) throws -> [UInt8] {
     let source = sourceDirectory.appendingPathComponent("\(name).S").path
     let work = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-system-\(UUID().uuidString)")
     try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
     defer { try? FileManager.default.removeItem(at: work) }
     let object = work.appendingPathComponent("\(name).o").path
     let image = work.appendingPathComponent("\(name).elf").path
-    try run("/usr/bin/as", ["--64", "-o", object, source])
+    try run("/usr/bin/as", [bits32 ? "--32" : "--64", "-o", object, source])
     try run(
       "/usr/bin/ld",
       [
-        "-m", "elf_x86_64", "-nostdlib", "-N", "--no-warn-rwx-segments", "-e", "_start", "-Ttext=0x100000", "-o", image,
+        "-m", bits32 ? "elf_i386" : "elf_x86_64", "-nostdlib", "-N", "--no-warn-rwx-segments", "-e", "_start",
+        "-Ttext=0x100000", "-o", image,
         object,
       ])
     return [UInt8](try Data(contentsOf: URL(fileURLWithPath: image)))
@@ -87,6 +88,12 @@ struct SystemGuestTests {
     let (reason, output) = try boot(try SystemGuestBuilder.kernel("longmode"))
     #expect(reason == .debugExit(value: 0), "guest output: \(output)")
     #expect(output.contains("system checks passed"))
+  }
+
+  @Test func protectedModePagingPrivilegeChangesAndFarCalls() throws {
+    let (reason, output) = try boot(try SystemGuestBuilder.kernel("protected", bits32: true))
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+    #expect(output.contains("protected-mode checks passed"))
   }
 
   /// The same kernel on KVM, so the guest's expectations (error codes, frames) are checked
