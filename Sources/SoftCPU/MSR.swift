@@ -42,6 +42,7 @@ public enum MSRIndex {
   public static let amdHardwareConfiguration: UInt32 = 0xC001_0015
   public static let amdTopOfMemory: UInt32 = 0xC001_001A
   public static let amdTopOfMemory2: UInt32 = 0xC001_001D
+  public static let amdNorthBridgeConfiguration: UInt32 = 0xC001_001F
   public static let amdVirtualMachineControl: UInt32 = 0xC001_0114
   public static let amdLoadStoreConfiguration: UInt32 = 0xC001_1020
   public static let amdInstructionCacheConfiguration: UInt32 = 0xC001_1021
@@ -81,7 +82,8 @@ extension CPU {
       MSRIndex.featureControl, MSRIndex.biosSignID, MSRIndex.tscAdjust, MSRIndex.mcgStatus:
       return true
     case MSRIndex.amdSystemConfiguration, MSRIndex.amdHardwareConfiguration, MSRIndex.amdTopOfMemory,
-      MSRIndex.amdTopOfMemory2, MSRIndex.amdDecodeConfiguration, MSRIndex.amdVirtualMachineControl,
+      MSRIndex.amdTopOfMemory2, MSRIndex.amdNorthBridgeConfiguration, MSRIndex.amdDecodeConfiguration,
+      MSRIndex.amdVirtualMachineControl,
       MSRIndex.amdLoadStoreConfiguration, MSRIndex.amdInstructionCacheConfiguration,
       MSRIndex.amdDataCacheConfiguration, MSRIndex.amdBusUnitConfiguration2:
       // AMD model-specific registers Linux reads without the _safe variants on AMD CPUs.
