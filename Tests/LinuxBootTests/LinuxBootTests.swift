@@ -8,7 +8,7 @@ final class GuestSession: Sendable {
   let process = Process()
   private let input = Pipe()
   private let output = Pipe()
-  private let transcript = Mutex<String>("")
+  private let transcript = Transcript()
 
   init(arguments: [String]) throws {
     let testBinary = URL(
@@ -19,16 +19,17 @@ final class GuestSession: Sendable {
     process.standardInput = input
     process.standardOutput = output
     process.standardError = output
-    output.fileHandleForReading.readabilityHandler = { [transcript] handle in
+    let transcript = self.transcript
+    output.fileHandleForReading.readabilityHandler = { handle in
       let data = handle.availableData
       guard !data.isEmpty else { return }
-      transcript.withLock { $0 += String(decoding: data, as: UTF8.self) }
+      transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) }
     }
     try process.run()
   }
 
   /// Everything the guest printed so far.
-  var text: String { transcript.withLock { $0 } }
+  var text: String { transcript.text.withLock { $0 } }
 
   /// Waits until `marker` appears after `offset` in the transcript; returns the text before it.
   func waitFor(_ marker: String, after offset: String.Index? = nil, timeout: Duration) async throws -> String {
@@ -45,16 +46,22 @@ final class GuestSession: Sendable {
     throw SessionError.timedOut(marker: marker, transcriptTail: String(text.suffix(3000)))
   }
 
-  /// Types `command`, then waits for its output, delimited by a unique end marker that the
-  /// typed text itself does not contain (the shell echoes what is typed).
+  /// Types `command`, then returns its output: the text between a begin and an end marker
+  /// that the command prints, which the typed (and echoed, possibly wrapped) line does not
+  /// contain verbatim because of the quotes inside them.
   func run(_ command: String, timeout: Duration = .seconds(120)) async throws -> String {
     let id = UUID().uuidString.prefix(8)
+    // busybox ash asks the terminal for the cursor position (ESC [6n) as it prints the prompt
+    // and reads the answer from the input: let that read time out before typing.
+    try await Task.sleep(for: .seconds(1))
     let before = text.endIndex
-    type("\(command); echo DONE''\(id)\n")
+    type("echo BEGIN''\(id); \(command); echo DONE''\(id)\n")
     let raw = try await waitFor("DONE\(id)", after: before, timeout: timeout)
-    // Drop the echoed command line.
-    let lines = raw.split(separator: "\n", omittingEmptySubsequences: false).dropFirst()
-    return lines.map { $0.trimmingCharacters(in: .whitespaces.union(.init(charactersIn: "\r"))) }
+    guard let begin = raw.range(of: "BEGIN\(id)") else { return "" }
+    // Serial lines end in CR LF, which Swift treats as one Character.
+    return raw[begin.upperBound...].split(whereSeparator: \.isNewline)
+      .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+      .filter { !$0.isEmpty }
       .joined(separator: "\n")
   }
 
@@ -77,6 +84,11 @@ final class GuestSession: Sendable {
   deinit {
     if process.isRunning { process.terminate() }
   }
+}
+
+/// The console output collected so far, shared with the pipe's reader.
+final class Transcript: Sendable {
+  let text = Mutex<String>("")
 }
 
 enum SessionError: Error, CustomStringConvertible {
@@ -132,8 +144,15 @@ struct LinuxBootTests {
       "run", "--accel", "soft", "--memory", "512M", "--serial", "stdio", "--kernel", kernel, "--initrd", initrd,
       "--cmdline", "console=ttyS0 panic=-1",
     ])
-    _ = try await session.waitFor("HOSTVISOR-GUEST-READY", timeout: .seconds(300))
-    _ = try await session.waitFor("# ", timeout: .seconds(60))
+    defer {
+      // The whole console, for a person reading a failure.
+      try? session.text.write(
+        toFile: NSTemporaryDirectory() + "hostvisor-linux-boot-\(folder).log", atomically: true, encoding: .utf8)
+    }
+    let marker = "HOSTVISOR-GUEST-READY"
+    _ = try await session.waitFor(marker, timeout: .seconds(300))
+    let afterMarker = session.text.range(of: marker)?.upperBound
+    _ = try await session.waitFor("# ", after: afterMarker, timeout: .seconds(60))
 
     #expect(try await session.run("uname -r") == version)
 
@@ -158,6 +177,7 @@ struct LinuxBootTests {
     #expect(mounts.contains(version))
     #expect(mounts.contains("kernel") && mounts.contains("devices"))
 
+    try await Task.sleep(for: .seconds(1))
     session.type("poweroff -f\n")
     #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
   }
