@@ -286,13 +286,17 @@ extension CPU {
       if memory {
         switch regField {
         case 0...3:
+          // FXSAVE/FXRSTOR/LDMXCSR/STMXCSR take no 66/F2/F3 prefix.
+          guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
           op = .sse
           entry.simd = true
-        case 7: op = .clflush
+        case 7:
+          guard repeatPrefix == 0 else { throw .invalidOpcode }
+          op = .clflush
         default: throw .invalidOpcode
         }
       } else {
-        guard regField >= 5, repeatPrefix == 0 else { throw .invalidOpcode }
+        guard regField >= 5, repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
         op = .fence
       }
     case DecoderGroup.system00:
@@ -342,14 +346,25 @@ extension CPU {
       if repeatPrefix == 0xF3 { op = .tzcnt }
     case 0x1BD:
       if repeatPrefix == 0xF3 { op = .lzcnt }
-    case 0x8D, 0x1C3:
+    case 0x8D, 0x10D:  // LEA; PREFETCH/PREFETCHW
       requiresMemory = true
+    case 0x1C3:  // MOVNTI: memory only, no 66/F2/F3
+      guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
+      requiresMemory = true
+    case 0x177:  // EMMS takes no 66/F2/F3
+      guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
     case 0x2F0, 0x2F1:
       if op != .sse { requiresMemory = true }
     case 0x120, 0x121, 0x122, 0x123:
       // MOV to/from control and debug registers: always register operands, 64-bit in long mode.
       ins.hasMemoryOperand = false
       ins.rm = (ins.modrm & 7) | rexB << 3
+      // Only CR0, CR2, CR3, CR4, CR8 and DR0-DR7 exist; others are #UD (before any privilege check).
+      if ins.opcode == 0x120 || ins.opcode == 0x122 {
+        guard [0, 2, 3, 4, 8].contains(ins.reg) else { throw .invalidOpcode }
+      } else {
+        guard ins.reg < 8 else { throw .invalidOpcode }
+      }
       if is64 { defaultTo64 = true }
     case 0x1A0, 0x1A8:
       ins.reg = SegmentIndex.fs
