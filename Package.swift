@@ -34,7 +34,9 @@ let package = Package(
     .target(name: "PCI", dependencies: ["VMCore"]),
     .target(name: "CVirtioShim"),
     .target(name: "Virtio", dependencies: ["VMCore", "PCI", "CVirtioShim"]),
-    .target(name: "VMM", dependencies: [
+    .target(
+      name: "VMM",
+      dependencies: [
         "VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "InterruptControllers", "Firmware", "CShim",
         "PCI", "Virtio",
       ]),
