@@ -27,7 +27,8 @@ time_to_marker() {
   local start end
   start=$(date +%s.%N)
   # grep stops reading at the marker; the VMM then dies of SIGPIPE, which is expected here.
-  if (set +o pipefail; timeout $limit "$@" < /dev/null 2>/dev/null | grep -q -m1 "$marker"); then
+  # Standard input stays open but silent (QEMU's stdio serial stops at end of input).
+  if (set +o pipefail; timeout $limit "$@" 2>/dev/null < <(sleep $limit) | grep -q -m1 "$marker"); then
     end=$(date +%s.%N)
     echo "$end - $start" | bc
   else
@@ -42,7 +43,7 @@ for ((i = 1; i <= runs; i++)); do
   t=$(time_to_marker "$hostvisor" run --accel soft --serial stdio --memory 512M \
       --kernel $guest/vmlinuz --initrd $guest/initramfs.cpio.gz --cmdline "$cmdline")
   ours+=("$t")
-  q=$(time_to_marker qemu-system-x86_64 -accel tcg -m 512M -nographic -no-reboot \
+  q=$(time_to_marker qemu-system-x86_64 -accel tcg -m 512M -display none -serial stdio -monitor none -no-reboot \
       -kernel $guest/vmlinuz -initrd $guest/initramfs.cpio.gz -append "$cmdline")
   theirs+=("$q")
   echo "run $i: hostvisor(soft) ${t}s  qemu(tcg) ${q}s"
