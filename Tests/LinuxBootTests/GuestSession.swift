@@ -1,0 +1,183 @@
+import Foundation
+import Synchronization
+import Testing
+
+/// A running `hostvisor` whose serial console the test reads and types into, as a person at
+/// the terminal would.
+final class GuestSession: Sendable {
+  let process = Process()
+  private let input = Pipe()
+  private let output = Pipe()
+  private let transcript = Transcript()
+
+  /// Starts `hostvisor` with `arguments`; with a `launcher` (e.g. `ip netns exec NS`), runs
+  /// `launcher... hostvisor arguments...` instead.
+  init(arguments: [String], launcher: [String] = []) throws {
+    let testBinary = URL(
+      fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+        ?? CommandLine.arguments[0])
+    let hostvisor = testBinary.deletingLastPathComponent().appendingPathComponent("hostvisor")
+    if let first = launcher.first {
+      process.executableURL = URL(fileURLWithPath: first)
+      process.arguments = Array(launcher.dropFirst()) + [hostvisor.path] + arguments
+    } else {
+      process.executableURL = hostvisor
+      process.arguments = arguments
+    }
+    process.standardInput = input
+    process.standardOutput = output
+    process.standardError = output
+    let transcript = self.transcript
+    output.fileHandleForReading.readabilityHandler = { handle in
+      let data = handle.availableData
+      guard !data.isEmpty else { return }
+      transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) }
+    }
+    try process.run()
+  }
+
+  /// Everything the guest printed so far.
+  var text: String { transcript.text.withLock { $0 } }
+
+  /// Waits until `marker` appears after `offset` in the transcript; returns the text before it.
+  func waitFor(_ marker: String, after offset: String.Index? = nil, timeout: Duration) async throws -> String {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+      let current = text
+      let start = offset.map { min($0, current.endIndex) } ?? current.startIndex
+      if let range = current[start...].range(of: marker) {
+        return String(current[start..<range.lowerBound])
+      }
+      if !process.isRunning { break }
+      try await Task.sleep(for: .milliseconds(100))
+    }
+    throw SessionError.timedOut(marker: marker, transcriptTail: String(text.suffix(3000)))
+  }
+
+  /// Types `command`, then returns its output: the text between a begin and an end marker
+  /// that the command prints, which the typed (and echoed, possibly wrapped) line does not
+  /// contain verbatim because of the quotes inside them.
+  func run(_ command: String, timeout: Duration = .seconds(120)) async throws -> String {
+    let id = UUID().uuidString.prefix(8)
+    // busybox ash asks the terminal for the cursor position (ESC [6n) as it prints the prompt
+    // and reads the answer from the input: let that read time out before typing.
+    try await Task.sleep(for: .seconds(1))
+    let before = text.endIndex
+    type("echo BEGIN''\(id); \(command); echo DONE''\(id)\n")
+    let raw = try await waitFor("DONE\(id)", after: before, timeout: timeout)
+    guard let begin = raw.range(of: "BEGIN\(id)") else { return "" }
+    // Serial lines end in CR LF, which Swift treats as one Character.
+    return raw[begin.upperBound...].split(whereSeparator: \.isNewline)
+      .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+      .filter { !$0.isEmpty }
+      .joined(separator: "\n")
+  }
+
+  func type(_ text: String) {
+    input.fileHandleForWriting.write(Data(text.utf8))
+  }
+
+  /// Waits for the process to exit; returns its status.
+  func waitForExit(timeout: Duration) async throws -> Int32 {
+    let deadline = ContinuousClock.now + timeout
+    while process.isRunning {
+      guard ContinuousClock.now < deadline else {
+        throw SessionError.timedOut(marker: "process exit", transcriptTail: String(text.suffix(3000)))
+      }
+      try await Task.sleep(for: .milliseconds(100))
+    }
+    return process.terminationStatus
+  }
+
+  /// Waits for the boot marker of the project's initramfs, then for the shell prompt after it.
+  func waitForShell(timeout: Duration = .seconds(300)) async throws {
+    let marker = "HOSTVISOR-GUEST-READY"
+    _ = try await waitFor(marker, timeout: timeout)
+    let afterMarker = text.range(of: marker)?.upperBound
+    _ = try await waitFor("# ", after: afterMarker, timeout: .seconds(60))
+  }
+
+  /// Sends SIGKILL to the VMM (no chance to flush or clean up), then reaps it.
+  func kill() {
+    Foundation.kill(process.processIdentifier, SIGKILL)
+    process.waitUntilExit()
+  }
+
+  /// Saves the whole console for a person reading a failure; returns the file's path.
+  @discardableResult
+  func saveTranscript(name: String) -> String {
+    let path = NSTemporaryDirectory() + "hostvisor-\(name).log"
+    try? text.write(toFile: path, atomically: true, encoding: .utf8)
+    return path
+  }
+
+  deinit {
+    if process.isRunning { process.terminate() }
+  }
+}
+
+/// The console output collected so far, shared with the pipe's reader.
+final class Transcript: Sendable {
+  let text = Mutex<String>("")
+}
+
+enum SessionError: Error, CustomStringConvertible {
+  case timedOut(marker: String, transcriptTail: String)
+  var description: String {
+    switch self {
+    case .timedOut(let marker, let tail): return "timed out waiting for '\(marker)'; console tail:\n\(tail)"
+    }
+  }
+}
+
+/// Runs a host command and returns its standard output.
+func host(_ executable: String, _ arguments: [String], input: String? = nil) throws -> String {
+  try hostCommand(executable, arguments, input: input).output
+}
+
+/// Runs a host command (found on PATH when `executable` has no slash) and returns its
+/// standard output and exit status; standard error is discarded.
+func hostCommand(_ executable: String, _ arguments: [String], input: String? = nil) throws -> (
+  output: String, status: Int32
+) {
+  let process = Process()
+  if executable.contains("/") {
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+  } else {
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = [executable] + arguments
+  }
+  let out = Pipe()
+  let inPipe = Pipe()
+  process.standardOutput = out
+  process.standardInput = inPipe
+  process.standardError = FileHandle.nullDevice
+  try process.run()
+  if let input { inPipe.fileHandleForWriting.write(Data(input.utf8)) }
+  try inPipe.fileHandleForWriting.close()
+  let data = out.fileHandleForReading.readDataToEndOfFile()
+  process.waitUntilExit()
+  return (String(decoding: data, as: UTF8.self), process.terminationStatus)
+}
+
+/// The guest images `make test` builds with scripts/make-default-guest.sh.
+enum GuestImages {
+  static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent()
+
+  static func folder(_ name: String) -> URL { packageRoot.appendingPathComponent(".cache/\(name)") }
+
+  /// The kernel, initramfs and kernel version of the guest in `.cache/NAME`; fails the test
+  /// with a hint when the images were not built.
+  static func images(_ name: String = "guest") throws -> (kernel: String, initrd: String, version: String) {
+    let guest = folder(name)
+    let kernel = guest.appendingPathComponent("vmlinuz").path
+    try #require(
+      FileManager.default.fileExists(atPath: kernel),
+      "missing \(kernel): run scripts/make-default-guest.sh (make test does)")
+    let version = try String(contentsOf: guest.appendingPathComponent("kernel-version"), encoding: .utf8)
+      .trimmingCharacters(in: .whitespacesAndNewlines)
+    return (kernel, guest.appendingPathComponent("initramfs.cpio.gz").path, version)
+  }
+}
