@@ -19,8 +19,13 @@ enum CPUModel {
   /// hypervisor(31). No AVX/XSAVE/x2APIC/PCID.
   static let leaf1ECX: UInt32 =
     1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 22 | 1 << 23 | 1 << 31
-  /// Leaf 7 EBX: nothing yet (no BMI1/BMI2: they need VEX).
-  static let leaf7EBX: UInt32 = 0
+  /// Leaf 7 EBX: ERMS(9), enhanced REP MOVSB/STOSB (no BMI1/BMI2: they need VEX). A hint
+  /// that steers Linux's memcpy/memset/copy_user to `rep movsb`/`rep stosb`, which the string
+  /// unit runs as one host memmove/memset per page.
+  static let leaf7EBX: UInt32 = 1 << 9
+  /// Leaf 7 EDX: FSRM(4), fast short REP MOVSB (same reason: even short copies become one
+  /// instruction instead of an interpreted loop).
+  static let leaf7EDX: UInt32 = 1 << 4
   /// 0x8000_0001 EDX: SYSCALL(11) NX(20) 1 GiB pages(26) LM(29).
   static let extendedEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 26 | 1 << 29
   /// 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode(0) ABM/LZCNT(5).
@@ -60,7 +65,10 @@ extension CPU {
       c = UInt64(CPUModel.leaf1ECX)
       d = UInt64(CPUModel.leaf1EDX)
     case 7:
-      if gpr[1] & 0xFFFF_FFFF == 0 { b = UInt64(CPUModel.leaf7EBX) }
+      if gpr[1] & 0xFFFF_FFFF == 0 {
+        b = UInt64(CPUModel.leaf7EBX)
+        d = UInt64(CPUModel.leaf7EDX)
+      }
     case 0x4000_0000:
       // Hypervisor leaf: "Hostvisor   ", timing leaf 0x4000_0010.
       let name = Array("Hostvisor   ".utf8)

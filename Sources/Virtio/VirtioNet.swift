@@ -27,11 +27,37 @@ public protocol NetworkBackend: AnyObject, Sendable {
   func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool
   /// Reads one waiting frame (header + frame) into `buffer`: its length, 0 if none is waiting.
   func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int
+  /// Whether the backend understands the offload fields of the header (checksum, GSO) on
+  /// transmit, and can produce them on receive when `setReceiveOffloads` allows it.
+  var supportsOffloads: Bool { get }
+  /// Which offloads received frames may carry (`NetworkOffloads`); false when refused.
+  func setReceiveOffloads(_ offloads: NetworkOffloads) -> Bool
+}
+
+extension NetworkBackend {
+  public var supportsOffloads: Bool { false }
+  public func setReceiveOffloads(_ offloads: NetworkOffloads) -> Bool { offloads.isEmpty }
+}
+
+/// Offloads a receiver accepts in frames' `virtio_net_hdr`: partial checksums and TCP
+/// segmentation (the TAP's TUN_F_* flags).
+public struct NetworkOffloads: OptionSet, Sendable {
+  public let rawValue: UInt32
+  public init(rawValue: UInt32) { self.rawValue = rawValue }
+  /// Frames may carry a partial checksum (NEEDS_CSUM with csum_start/csum_offset).
+  public static let checksum = NetworkOffloads(rawValue: HV_TUN_F_CSUM)
+  /// TCPv4 segments larger than the MTU (GSO_TCPV4).
+  public static let tcp4Segmentation = NetworkOffloads(rawValue: HV_TUN_F_TSO4)
+  /// TCPv6 segments larger than the MTU (GSO_TCPV6).
+  public static let tcp6Segmentation = NetworkOffloads(rawValue: HV_TUN_F_TSO6)
+  /// Segments with ECN (GSO_ECN).
+  public static let ecnSegmentation = NetworkOffloads(rawValue: HV_TUN_F_TSO_ECN)
 }
 
 /// A Linux TAP interface opened through /dev/net/tun with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
-/// and a 12-byte vnet header (TUNSETVNETHDRSZ); no offloads are enabled. The interface is
-/// created if missing (needs CAP_NET_ADMIN) and is not brought up.
+/// and a 12-byte vnet header (TUNSETVNETHDRSZ); receive offloads start disabled and follow the
+/// features the guest negotiates (TUNSETOFFLOAD). The interface is created if missing (needs
+/// CAP_NET_ADMIN) and is not brought up.
 public final class TapBackend: NetworkBackend {
   /// The interface name the kernel reports.
   public let name: String
@@ -62,6 +88,12 @@ public final class TapBackend: NetworkBackend {
   }
 
   deinit { close(fd) }
+
+  public var supportsOffloads: Bool { true }
+
+  public func setReceiveOffloads(_ offloads: NetworkOffloads) -> Bool {
+    hv_virtio_ioctl_int(fd, HV_TUNSETOFFLOAD, UInt(offloads.rawValue)) == 0
+  }
 
   public func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool {
     while true {
@@ -116,22 +148,37 @@ public struct MACAddress: Sendable, Equatable, CustomStringConvertible {
 /// virtio-net (virtio 1.2, 5.1): receiveq 0 and transmitq 1 on a `NetworkBackend`, served by a
 /// worker thread that polls the backend (only while receive buffers are available) and an
 /// eventfd the notify writes kick. Offers VIRTIO_NET_F_MAC, F_STATUS (link up) and
-/// F_MRG_RXBUF; no checksum or segmentation offloads, so transmitted headers are replaced by
-/// zeroed ones before they reach the host.
+/// F_MRG_RXBUF, and, when the backend supports them (TAP), checksum and TCP segmentation
+/// offloads in both directions (F_CSUM, F_HOST_TSO4/6/ECN; F_GUEST_CSUM, F_GUEST_TSO4/6/ECN):
+/// a guest that negotiates them hands 64 KiB TCP segments with partial checksums to the host
+/// kernel, which finishes them, and receives them the same way, instead of computing every
+/// checksum and handling every 1500-byte frame itself. Without F_CSUM, transmitted headers
+/// are replaced by zeroed ones; without F_GUEST_CSUM, received headers are zeroed.
 public final class VirtioNet: VirtioDeviceModel {
   /// Feature bits.
   public enum Feature {
+    public static let checksum: UInt64 = 1 << 0
+    public static let guestChecksum: UInt64 = 1 << 1
     public static let mac: UInt64 = 1 << 5
+    public static let guestTSO4: UInt64 = 1 << 7
+    public static let guestTSO6: UInt64 = 1 << 8
+    public static let guestECN: UInt64 = 1 << 9
+    public static let hostTSO4: UInt64 = 1 << 11
+    public static let hostTSO6: UInt64 = 1 << 12
+    public static let hostECN: UInt64 = 1 << 13
     public static let mergeableReceiveBuffers: UInt64 = 1 << 15
     public static let status: UInt64 = 1 << 16
+    /// The offloads offered when the backend supports them.
+    public static let offloads: UInt64 =
+      checksum | guestChecksum | guestTSO4 | guestTSO6 | guestECN | hostTSO4 | hostTSO6 | hostECN
   }
   /// Size of the virtio_net_hdr with num_buffers.
   public static let headerSize = 12
-  /// Largest frame accepted (64 KiB plus an Ethernet header), header excluded.
-  public static let maxFrameSize = 65536 + 14
+  /// Largest frame accepted (a 64 KiB GSO packet plus Ethernet and VLAN headers), header excluded.
+  public static let maxFrameSize = 65536 + 18
 
   public let deviceType = VirtioDeviceID.network
-  public let deviceFeatures: UInt64 = Feature.mac | Feature.mergeableReceiveBuffers | Feature.status
+  public let deviceFeatures: UInt64
   public let queueMaxSizes: [UInt16]
   public let configSize = 10
   /// The device's MAC address.
@@ -154,12 +201,19 @@ public final class VirtioNet: VirtioDeviceModel {
   private let queueSet = Mutex<VirtioQueueSet?>(nil)
   private let receive: Mutex<ReceiveState>
   private let wantsInput = Atomic<Bool>(false)
+  /// Whether the guest negotiated F_CSUM (its transmit headers go to the host unchanged).
+  private let transmitOffloads = Atomic<Bool>(false)
+  /// Whether the guest negotiated F_GUEST_CSUM (the backend's receive headers reach it).
+  private let receiveOffloads = Atomic<Bool>(false)
   private let worker: DeviceWorker
 
   /// A network device on `backend` with address `mac` (random 52:54:00:xx:xx:xx by default).
   public init(backend: any NetworkBackend, mac: MACAddress? = nil, queueSize: UInt16 = 256) {
     self.backend = backend
     self.mac = mac ?? .random()
+    deviceFeatures =
+      Feature.mac | Feature.mergeableReceiveBuffers | Feature.status
+      | (backend.supportsOffloads ? Feature.offloads : 0)
     queueMaxSizes = [queueSize, queueSize]
     var state = ReceiveState(
       buffer: .allocate(byteCount: Self.headerSize + Self.maxFrameSize, alignment: 16))
@@ -187,6 +241,18 @@ public final class VirtioNet: VirtioDeviceModel {
   public func writeConfig(offset: Int, size: Int, value: UInt64) {}
 
   public func activate(_ queues: VirtioQueueSet) {
+    let features = queues.negotiatedFeatures
+    var offloads: NetworkOffloads = []
+    if features & Feature.guestChecksum != 0 {
+      offloads.insert(.checksum)
+      if features & Feature.guestTSO4 != 0 { offloads.insert(.tcp4Segmentation) }
+      if features & Feature.guestTSO6 != 0 { offloads.insert(.tcp6Segmentation) }
+      if features & Feature.guestECN != 0 { offloads.insert(.ecnSegmentation) }
+    }
+    // A backend that refuses keeps delivering plain frames, whose zeroed headers are valid.
+    receiveOffloads.store(
+      !offloads.isEmpty && backend.setReceiveOffloads(offloads), ordering: .releasing)
+    transmitOffloads.store(features & Feature.checksum != 0, ordering: .releasing)
     queueSet.withLock { $0 = queues }
     receive.withLock {
       $0.buffersAvailable = true
@@ -204,6 +270,10 @@ public final class VirtioNet: VirtioDeviceModel {
 
   public func reset() {
     wantsInput.store(false, ordering: .releasing)
+    if receiveOffloads.exchange(false, ordering: .acquiringAndReleasing) {
+      _ = backend.setReceiveOffloads([])
+    }
+    transmitOffloads.store(false, ordering: .releasing)
     receive.withLock { $0.pending = 0 }
   }
 
@@ -219,6 +289,7 @@ public final class VirtioNet: VirtioDeviceModel {
   }
 
   private func transmitAll(_ queues: VirtioQueueSet, _ memory: GuestMemory, _ state: inout ReceiveState) {
+    let passHeader = transmitOffloads.load(ordering: .acquiring)
     _ = queues.withQueue(1) { queue throws(VirtqueueError) in
       var header = [UInt8](repeating: 0, count: Self.headerSize)
       while try queue.popAvailable(into: &state.chain) {
@@ -231,6 +302,13 @@ public final class VirtioNet: VirtioDeviceModel {
         }
         if chain.readableLength - UInt64(Self.headerSize) <= UInt64(Self.maxFrameSize) {
           header.withUnsafeMutableBytes { headerBytes in
+            if passHeader {
+              // flags, gso_type, hdr_len, gso_size, csum_start, csum_offset as the guest set
+              // them: the host kernel validates them (virtio_net_hdr_to_skb) and drops bad
+              // frames. num_buffers means nothing on transmit.
+              _ = chain.read(
+                from: memory, offset: 0, into: UnsafeMutableRawBufferPointer(rebasing: headerBytes[0..<10]))
+            }
             state.vectors.removeAll(keepingCapacity: true)
             state.vectors.append(iovec(iov_base: headerBytes.baseAddress, iov_len: Self.headerSize))
             _ = chain.copy(
@@ -278,8 +356,11 @@ public final class VirtioNet: VirtioDeviceModel {
   private func deliver(
     _ queue: inout SplitVirtqueue, _ memory: GuestMemory, _ state: inout ReceiveState, mergeable: Bool
   ) throws(VirtqueueError) -> Bool {
-    // A fresh header: no offloads were negotiated.
-    memset(state.buffer.baseAddress!, 0, Self.headerSize)
+    // Without F_GUEST_CSUM the header must be all zeros; with it, the backend's header (partial
+    // checksum, GSO) goes through. num_buffers is set below.
+    if !receiveOffloads.load(ordering: .acquiring) {
+      memset(state.buffer.baseAddress!, 0, Self.headerSize)
+    }
     let frame = UnsafeRawBufferPointer(rebasing: state.buffer[0..<state.pending])
     var offset = 0
     state.used.removeAll(keepingCapacity: true)
