@@ -60,7 +60,7 @@ let package = Package(
     .testTarget(name: "LinuxBootTests", dependencies: ["hostvisor"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
-    .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim"]),
+    .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim", "SoftCPU"]),
   ],
   swiftLanguageModes: [.v6]
 )

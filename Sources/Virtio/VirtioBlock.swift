@@ -276,7 +276,7 @@ public final class VirtioBlock: VirtioDeviceModel {
           break
         }
         var failure: BlockBackendError?
-        _ = chain.copy(memory: memory, buffers: chain.writable, offset: 0, count: Int(dataIn)) { pointer, done, count in
+        _ = chain.fillSpans(memory: memory, offset: 0, count: Int(dataIn)) { pointer, done, count in
           guard failure == nil else { return }
           do throws(BlockBackendError) {
             try backend.read(
@@ -291,7 +291,7 @@ public final class VirtioBlock: VirtioDeviceModel {
           break
         }
         var failure: BlockBackendError?
-        _ = chain.copy(memory: memory, buffers: chain.readable, offset: 16, count: Int(dataOut)) {
+        _ = chain.readSpans(memory: memory, offset: 16, count: Int(dataOut)) {
           pointer, done, count in
           guard failure == nil else { return }
           do throws(BlockBackendError) {

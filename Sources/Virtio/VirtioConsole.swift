@@ -141,7 +141,7 @@ public final class VirtioConsole: VirtioDeviceModel {
           guard chain.readableCount == chain.buffers.count else {
             throw VirtqueueError("virtio-console transmit buffer is device-writable")
           }
-          _ = chain.copy(memory: memory, buffers: chain.readable, offset: 0, count: Int(chain.readableLength)) {
+          _ = chain.readSpans(memory: memory, offset: 0, count: Int(chain.readableLength)) {
             pointer, _, count in
             backend.write(UnsafeRawBufferPointer(start: pointer, count: count))
           }

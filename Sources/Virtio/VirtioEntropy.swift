@@ -70,7 +70,7 @@ public final class VirtioEntropy: VirtioDeviceModel {
           guard chain.readableCount == 0 else { throw VirtqueueError("virtio-rng buffer is not device-writable") }
           let count = Int(min(chain.writableLength, UInt64(Self.maxBytesPerRequest)))
           var ok = true
-          let filled = chain.copy(memory: memory, buffers: chain.writable, offset: 0, count: count) {
+          let filled = chain.fillSpans(memory: memory, offset: 0, count: count) {
             pointer, _, length in
             if ok { ok = source.fill(UnsafeMutableRawBufferPointer(start: pointer, count: length)) }
           }
