@@ -1,3 +1,4 @@
+import Devices
 import Foundation
 import Glibc
 import SoftCPU
@@ -105,7 +106,7 @@ final class FixedEntropySource: EntropySource {
 
   @Test func virtioConsoleInputReplacesDecodedCode() throws {
     let (machine, accelerator, cpu) = try Self.softMachine()
-    let console = VirtioConsole(backend: CapturingConsoleBackend())
+    let console = VirtioConsole(backend: CapturingSerialBackend())
     let driver = try VirtioDriver(machine: machine, model: console)
     driver.start(queueCount: 2)
     defer { console.shutdown() }
