@@ -33,7 +33,7 @@ let package = Package(
     .target(name: "Firmware", dependencies: ["VMCore"]),
     .target(name: "PCI", dependencies: ["VMCore"]),
     .target(name: "CVirtioShim"),
-    .target(name: "Virtio", dependencies: ["VMCore", "PCI", "CVirtioShim"]),
+    .target(name: "Virtio", dependencies: ["VMCore", "PCI", "CVirtioShim", "Devices"]),
     .target(
       name: "VMM",
       dependencies: [
@@ -60,7 +60,7 @@ let package = Package(
     .testTarget(name: "LinuxBootTests", dependencies: ["hostvisor"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
-    .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim"]),
+    .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim", "SoftCPU", "Devices"]),
   ],
   swiftLanguageModes: [.v6]
 )

@@ -4,26 +4,32 @@ import VMCore
 /// Converts between the project's `X86CPUState` and KVM's `kvm_regs` / `kvm_sregs`.
 /// Pure functions: no KVM device is needed to use or test them.
 public enum KVMCPUState {
+  /// General registers and RIP: the same 64-bit values in both layouts.
+  static var generalRegisterFields: [(WritableKeyPath<X86CPUState, UInt64>, WritableKeyPath<kvm_regs, UInt64>)] {
+    [
+      (\.rax, \.rax), (\.rbx, \.rbx), (\.rcx, \.rcx), (\.rdx, \.rdx), (\.rsi, \.rsi), (\.rdi, \.rdi),
+      (\.rsp, \.rsp), (\.rbp, \.rbp), (\.r8, \.r8), (\.r9, \.r9), (\.r10, \.r10), (\.r11, \.r11),
+      (\.r12, \.r12), (\.r13, \.r13), (\.r14, \.r14), (\.r15, \.r15), (\.rip, \.rip),
+    ]
+  }
+
+  /// Control registers, EFER and the APIC base: the same 64-bit values in both layouts.
+  static var controlRegisterFields: [(WritableKeyPath<X86CPUState, UInt64>, WritableKeyPath<kvm_sregs, UInt64>)] {
+    [
+      (\.cr0, \.cr0), (\.cr2, \.cr2), (\.cr3, \.cr3), (\.cr4, \.cr4), (\.cr8, \.cr8), (\.efer, \.efer),
+      (\.apicBase, \.apic_base),
+    ]
+  }
+
+  /// The segment registers, converted with `segment` / `segmentRegister`.
+  static var segmentFields: [(WritableKeyPath<X86CPUState, SegmentRegister>, WritableKeyPath<kvm_sregs, kvm_segment>)] {
+    [(\.cs, \.cs), (\.ds, \.ds), (\.es, \.es), (\.fs, \.fs), (\.gs, \.gs), (\.ss, \.ss), (\.tr, \.tr), (\.ldt, \.ldt)]
+  }
+
   /// The general registers, RIP and RFLAGS of `state` as KVM expects them.
   public static func registers(from state: X86CPUState) -> kvm_regs {
     var regs = kvm_regs()
-    regs.rax = state.rax
-    regs.rbx = state.rbx
-    regs.rcx = state.rcx
-    regs.rdx = state.rdx
-    regs.rsi = state.rsi
-    regs.rdi = state.rdi
-    regs.rsp = state.rsp
-    regs.rbp = state.rbp
-    regs.r8 = state.r8
-    regs.r9 = state.r9
-    regs.r10 = state.r10
-    regs.r11 = state.r11
-    regs.r12 = state.r12
-    regs.r13 = state.r13
-    regs.r14 = state.r14
-    regs.r15 = state.r15
-    regs.rip = state.rip
+    for (field, kvmField) in generalRegisterFields { regs[keyPath: kvmField] = state[keyPath: field] }
     regs.rflags = state.rflags | 0x2
     return regs
   }
@@ -32,23 +38,10 @@ public enum KVMCPUState {
   /// `state` into `sregs`. Fields `X86CPUState` does not model (the pending-interrupt
   /// bitmap) keep the values read from KVM.
   public static func apply(_ state: X86CPUState, to sregs: inout kvm_sregs) {
-    sregs.cs = segment(state.cs)
-    sregs.ds = segment(state.ds)
-    sregs.es = segment(state.es)
-    sregs.fs = segment(state.fs)
-    sregs.gs = segment(state.gs)
-    sregs.ss = segment(state.ss)
-    sregs.tr = segment(state.tr)
-    sregs.ldt = segment(state.ldt)
+    for (field, kvmField) in segmentFields { sregs[keyPath: kvmField] = segment(state[keyPath: field]) }
+    for (field, kvmField) in controlRegisterFields { sregs[keyPath: kvmField] = state[keyPath: field] }
     sregs.gdt = descriptorTable(state.gdt)
     sregs.idt = descriptorTable(state.idt)
-    sregs.cr0 = state.cr0
-    sregs.cr2 = state.cr2
-    sregs.cr3 = state.cr3
-    sregs.cr4 = state.cr4
-    sregs.cr8 = state.cr8
-    sregs.efer = state.efer
-    sregs.apic_base = state.apicBase
   }
 
   /// The special registers of `state`, starting from an all-zero `kvm_sregs`.
@@ -61,41 +54,12 @@ public enum KVMCPUState {
   /// The architectural state held in KVM's register structures.
   public static func cpuState(registers regs: kvm_regs, specialRegisters sregs: kvm_sregs) -> X86CPUState {
     var state = X86CPUState()
-    state.rax = regs.rax
-    state.rbx = regs.rbx
-    state.rcx = regs.rcx
-    state.rdx = regs.rdx
-    state.rsi = regs.rsi
-    state.rdi = regs.rdi
-    state.rsp = regs.rsp
-    state.rbp = regs.rbp
-    state.r8 = regs.r8
-    state.r9 = regs.r9
-    state.r10 = regs.r10
-    state.r11 = regs.r11
-    state.r12 = regs.r12
-    state.r13 = regs.r13
-    state.r14 = regs.r14
-    state.r15 = regs.r15
-    state.rip = regs.rip
+    for (field, kvmField) in generalRegisterFields { state[keyPath: field] = regs[keyPath: kvmField] }
     state.rflags = regs.rflags
-    state.cs = segmentRegister(sregs.cs)
-    state.ds = segmentRegister(sregs.ds)
-    state.es = segmentRegister(sregs.es)
-    state.fs = segmentRegister(sregs.fs)
-    state.gs = segmentRegister(sregs.gs)
-    state.ss = segmentRegister(sregs.ss)
-    state.tr = segmentRegister(sregs.tr)
-    state.ldt = segmentRegister(sregs.ldt)
+    for (field, kvmField) in segmentFields { state[keyPath: field] = segmentRegister(sregs[keyPath: kvmField]) }
+    for (field, kvmField) in controlRegisterFields { state[keyPath: field] = sregs[keyPath: kvmField] }
     state.gdt = DescriptorTableRegister(base: sregs.gdt.base, limit: sregs.gdt.limit)
     state.idt = DescriptorTableRegister(base: sregs.idt.base, limit: sregs.idt.limit)
-    state.cr0 = sregs.cr0
-    state.cr2 = sregs.cr2
-    state.cr3 = sregs.cr3
-    state.cr4 = sregs.cr4
-    state.cr8 = sregs.cr8
-    state.efer = sregs.efer
-    state.apicBase = sregs.apic_base
     return state
   }
 

@@ -1,3 +1,4 @@
+import Synchronization
 import VMCore
 
 // Decoded-block cache. Instructions are decoded once into a bump-allocated arena; a block is a
@@ -182,9 +183,18 @@ extension CPU {
   }
 }
 
+/// Writes posted by other threads (`CPU.postExternalWrite`), waiting for the vCPU thread.
+struct PostedExternalWrites {
+  /// Most ranges kept; beyond that the vCPU drops every decoded block instead.
+  static let capacity = 256
+  var ranges: [(physical: UInt64, length: UInt64)] = []
+  var overflowed = false
+}
+
 extension CPU {
   /// Tells the CPU that guest-physical `[physical, physical + length)` was written behind its
-  /// back (device DMA, loaders, tests): decoded code from those pages is dropped.
+  /// back: decoded code from those pages is dropped. Call it on the vCPU's own thread or while
+  /// the CPU is not running (loaders, tests); from other threads use `postExternalWrite`.
   public func noteExternalWrite(physical: UInt64, length: UInt64) {
     guard length > 0 else { return }
     var page = physical >> 12
@@ -192,6 +202,58 @@ extension CPU {
     while page <= last && page < codePageCount {
       if codePageHead[Int(page)] != 0 { invalidateCodePage(page) }
       page += 1
+    }
+  }
+}
+
+// Device DMA (other threads). A device thread may write guest RAM while the vCPU runs, so it
+// cannot touch the block cache itself. `postExternalWrite` looks (without synchronisation, as
+// a hint) whether a written page holds decoded code; only then it queues the range and raises
+// `stopFlag`. `run` sees the flag at its next block boundary, applies the queued ranges and
+// returns `.stopRequested`. A device queues the range before it publishes the used-ring entry
+// (release), so a guest that saw the completion and then jumps to the new code ends its block
+// at that jump and finds the flag first. The hint can miss only a block decoded concurrently
+// with the DMA into the same page, i.e. a guest executing a buffer it handed to the device.
+
+extension CPU {
+  /// Thread-safe form of `noteExternalWrite` for writes made by another thread while this CPU
+  /// may be running (device DMA through `GuestMemoryWriteObserver`). Ranges that touch a page
+  /// with decoded code are queued and applied by `run` at its next block boundary (which then
+  /// returns `.stopRequested`); others cost a few loads.
+  public func postExternalWrite(physical: UInt64, length: UInt64) {
+    guard length > 0, mayHoldDecodedCode(physical: physical, length: length) else { return }
+    postedExternalWrites.withLock { posted in
+      if posted.ranges.count < PostedExternalWrites.capacity {
+        posted.ranges.append((physical, length))
+      } else {
+        posted.overflowed = true
+      }
+    }
+    requestStop()
+  }
+
+  /// Whether any page of the range heads a list of decoded blocks (read as a hint from any thread).
+  func mayHoldDecodedCode(physical: UInt64, length: UInt64) -> Bool {
+    var page = physical >> 12
+    let last = (physical &+ length &- 1) >> 12
+    while page <= last && page < codePageCount {
+      if codePageHead[Int(page)] != 0 { return true }
+      page += 1
+    }
+    return false
+  }
+
+  /// Applies the writes other threads posted (vCPU thread).
+  @inline(never)
+  func applyPostedExternalWrites() {
+    postedExternalWrites.withLock { posted in
+      if posted.overflowed {
+        flushDecodedBlocks()
+      } else {
+        for range in posted.ranges { noteExternalWrite(physical: range.physical, length: range.length) }
+      }
+      posted.ranges.removeAll(keepingCapacity: true)
+      posted.overflowed = false
     }
   }
 }

@@ -137,6 +137,10 @@ public final class CPU: @unchecked Sendable {
   /// links (`DecodedBlock.successor`) made under an older generation are ignored.
   var chainGeneration: UInt64 = 0
 
+  /// Guest RAM ranges other threads wrote (device DMA) that may hold decoded code; `run`
+  /// applies them at its next block boundary (`postExternalWrite`, BlockCache.swift).
+  let postedExternalWrites = Mutex(PostedExternalWrites())
+
   /// Set by another thread to make `run` return `.stopRequested` at the next block boundary.
   /// Part 2 also raises it for pending interrupts.
   let stopFlag = Atomic<Bool>(false)

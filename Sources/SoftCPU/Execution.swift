@@ -82,6 +82,7 @@ extension CPU {
     while remaining > 0 {
       if stopFlag.load(ordering: .relaxed) {
         stopFlag.store(false, ordering: .relaxed)
+        applyPostedExternalWrites()
         return .stopRequested
       }
       var blockIndex: Int

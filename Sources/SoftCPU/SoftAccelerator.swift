@@ -10,8 +10,9 @@ import VMCore
 /// Usage: build the `MachineParts`, create the accelerator (this registers the PIC, PIT, port
 /// 0x61, IOAPIC and the local-APIC page on `parts.bus` and attaches the GSI routing to
 /// `parts.interrupts`), then call `run(bootState:)` once. vCPU 0 starts from the boot state;
-/// the others wait for INIT/SIPI.
-public final class SoftAccelerator: Accelerator {
+/// the others wait for INIT/SIPI. The accelerator observes `parts.memory`'s host-side writes
+/// (device DMA) so decoded code on those pages is dropped.
+public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
   public let name = "soft"
   /// Number of vCPUs.
   public let cpuCount: Int
@@ -65,6 +66,13 @@ public final class SoftAccelerator: Accelerator {
     }
     self.cpus = cpus
     self.wakeups = wakeups
+    parts.memory.setWriteObserver(self)
+  }
+
+  /// Device writes to guest RAM (virtio DMA): every vCPU drops decoded code from those pages
+  /// before it runs another block.
+  public func guestMemoryWritten(at address: UInt64, length: UInt64) {
+    for cpu in cpus { cpu.postExternalWrite(physical: address, length: length) }
   }
 
   /// The vCPUs (for tests and debuggers; touch them only while the machine is not running).

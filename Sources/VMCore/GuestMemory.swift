@@ -1,5 +1,6 @@
 import CShim
 import Glibc
+import Synchronization
 
 /// Why a guest-physical access was refused. Never a host fault: a guest-chosen
 /// address or length that falls outside RAM becomes one of these values.
@@ -21,6 +22,17 @@ public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertibl
       return size == 0 ? "memory size must be greater than zero" : "memory size \(size) is not supported"
     }
   }
+}
+
+/// Hears about guest RAM written from the host side while the machine may be running (device
+/// DMA: virtio buffers and rings), so an accelerator that keeps anything derived from guest RAM
+/// can drop it. The software CPU installs one (it caches decoded code per guest-physical page);
+/// KVM installs none, since the hardware sees host writes like any other store.
+///
+/// Called on the writing thread, after the bytes are in place; must be quick and thread-safe.
+public protocol GuestMemoryWriteObserver: AnyObject, Sendable {
+  /// Guest-physical `[address, address + length)` was just written by the host side.
+  func guestMemoryWritten(at address: UInt64, length: UInt64)
 }
 
 /// Guest RAM: anonymous host mappings (MAP_NORESERVE, so untouched RAM costs nothing),
@@ -52,6 +64,12 @@ public final class GuestMemory: @unchecked Sendable {
   public let regions: [Region]
   /// Total RAM in bytes.
   public let totalSize: UInt64
+
+  private struct ObserverReference {
+    weak var observer: (any GuestMemoryWriteObserver)?
+  }
+  /// Weak, so an accelerator holding this memory does not keep itself alive through it.
+  private let writeObserver = Mutex(ObserverReference())
 
   /// Maps `size` bytes of guest RAM, split around the PCI hole.
   public init(size: UInt64) throws(GuestMemoryError) {
@@ -97,7 +115,21 @@ public final class GuestMemory: @unchecked Sendable {
     return nil
   }
 
-  /// A bounds-checked view of guest RAM for a device; valid while this object lives.
+  /// Installs the accelerator's observer of host-side writes (nil removes it). Held weakly.
+  public func setWriteObserver(_ observer: (any GuestMemoryWriteObserver)?) {
+    writeObserver.withLock { $0.observer = observer }
+  }
+
+  /// Reports that the host side wrote `[address, address + length)` of guest RAM. The typed
+  /// writers below (`write`, `writeBytes`, `fill`) call it themselves; code that writes through
+  /// `slice` or `hostPointer` (device DMA) must call it after writing.
+  public func noteWrite(at address: UInt64, length: UInt64) {
+    guard length > 0, let observer = writeObserver.withLock({ $0.observer }) else { return }
+    observer.guestMemoryWritten(at: address, length: length)
+  }
+
+  /// A bounds-checked view of guest RAM for a device; valid while this object lives. Writes
+  /// through it must be reported with `noteWrite(at:length:)`.
   public func slice(at address: UInt64, length: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
     guard let pointer = hostPointer(address, length: length) else {
       throw .outOfRange(address: address, length: length)
@@ -121,6 +153,7 @@ public final class GuestMemory: @unchecked Sendable {
       throw .outOfRange(address: address, length: UInt64(MemoryLayout<T>.size))
     }
     pointer.storeBytes(of: value.littleEndian, as: T.self)
+    noteWrite(at: address, length: UInt64(MemoryLayout<T>.size))
   }
 
   /// Copies `count` bytes out of guest RAM.
@@ -138,12 +171,14 @@ public final class GuestMemory: @unchecked Sendable {
       destination[index] = byte
       index += 1
     }
+    noteWrite(at: address, length: UInt64(bytes.count))
   }
 
   /// Fills `[address, address + length)` with `byte`.
   public func fill(_ byte: UInt8, at address: UInt64, length: UInt64) throws(GuestMemoryError) {
     let destination = try slice(at: address, length: length)
     if length > 0 { memset(destination.baseAddress!, Int32(byte), Int(length)) }
+    noteWrite(at: address, length: length)
   }
 
   /// The e820-style map of usable RAM: (base, length) pairs.

@@ -184,7 +184,7 @@ public final class VirtualMachine: Sendable {
         try attach(VirtioNet(backend: backend, mac: network.mac))
       }
       if configuration.console == .virtio {
-        let model = VirtioConsole(backend: StdioConsoleBackend())
+        let model = VirtioConsole(backend: StdioSerialBackend())
         console = model
         try attach(model)
       }

@@ -1,6 +1,7 @@
 import CVirtioShim
 import Glibc
 import Synchronization
+import VMCore
 
 /// A device's own host thread (a POSIX thread, never a vCPU or the Swift concurrency pool).
 /// Sleeps in poll(2) on an eventfd and, optionally, a backend descriptor; `wake()` (called from
@@ -95,4 +96,80 @@ final class DeviceWorker: Sendable {
 func logVirtio(_ message: String) {
   let line = "hostvisor: virtio: \(message)\n"
   line.withCString { _ = write(STDERR_FILENO, $0, strlen($0)) }
+}
+
+/// A device model served by one `QueueWorker` (virtio-blk, virtio-rng, virtio-console): the
+/// worker provides `activate`, `notify`, `reset` (nothing to drop) and `shutdown`.
+public protocol QueueWorkerDevice: VirtioDeviceModel {
+  /// The device's worker thread and queue plumbing.
+  var queueWorker: QueueWorker { get }
+}
+
+extension QueueWorkerDevice {
+  public func activate(_ queues: VirtioQueueSet) { queueWorker.activate(queues) }
+  public func notify(queue: Int) { queueWorker.wake() }
+  public func reset() {}
+  public func shutdown() { queueWorker.stop() }
+}
+
+/// The plumbing of a device served by one worker thread and no backend descriptor (virtio-blk,
+/// virtio-rng, virtio-console): keeps the queue set handed over at DRIVER_OK, wakes the thread
+/// on notifications, and serves queues chain by chain. Public only so `QueueWorkerDevice` can
+/// name it; its members are the module's own.
+///
+/// The device gives `work` (run on each wake-up, typically calling `serve` for each queue);
+/// `work` should reach the device through a `WeakLink` so the thread does not keep it alive.
+public final class QueueWorker: Sendable {
+  private let queueSet = Mutex<VirtioQueueSet?>(nil)
+  private let chainBox = Mutex(DescriptorChain())
+  private let thread: DeviceWorker
+
+  init(name: String, work: @escaping @Sendable () -> Void) {
+    thread = DeviceWorker(name: name) { _ in work() }
+  }
+
+  /// DRIVER_OK: keeps `queues`, starts the thread and looks at the queues once.
+  func activate(_ queues: VirtioQueueSet) {
+    queueSet.withLock { $0 = queues }
+    thread.start()
+    thread.wake()
+  }
+
+  /// Wakes the thread (a notification, or new host-side input).
+  func wake() { thread.wake() }
+
+  /// Stops and joins the thread.
+  func stop() { thread.stop() }
+
+  /// Pops the available chains of queue `index` while `more()` holds, lets `handle` serve each
+  /// one (returning how many bytes it wrote into the chain's writable buffers) and returns it to
+  /// the driver. A `VirtqueueError` puts the device in DEVICE_NEEDS_RESET (`VirtioQueueSet.withQueue`).
+  /// Nothing happens before DRIVER_OK.
+  func serve(
+    queue index: Int, while more: () -> Bool = { true },
+    _ handle: (DescriptorChain, GuestMemory) throws(VirtqueueError) -> UInt32
+  ) {
+    guard let queues = queueSet.withLock({ $0 }) else { return }
+    let memory = queues.memory
+    chainBox.withLock { chain in
+      _ = queues.withQueue(index) { queue throws(VirtqueueError) in
+        while more(), try queue.popAvailable(into: &chain) {
+          let written = try handle(chain, memory)
+          try queue.pushUsed(head: chain.head, length: written)
+        }
+      }
+    }
+  }
+}
+
+/// Lets a worker closure reach its device without keeping it alive.
+final class WeakLink<Target: AnyObject & Sendable>: Sendable {
+  private struct Box: @unchecked Sendable { weak var target: Target? }
+  private let box = Mutex(Box())
+  init() {}
+  /// The device, while it lives.
+  var target: Target? {
+    get { box.withLock { $0.target } }
+    set { box.withLock { $0.target = newValue } }
+  }
 }

@@ -1,6 +1,5 @@
 import CVirtioShim
 import Glibc
-import Synchronization
 import VMCore
 
 /// Why a block backend operation failed; the guest sees VIRTIO_BLK_S_IOERR.
@@ -147,7 +146,7 @@ public final class RawFileBlockBackend: BlockBackend {
 /// VIRTIO_BLK_F_RO and answer writes with VIRTIO_BLK_S_IOERR, as they do requests beyond the
 /// capacity. A request without a readable header or a writable status byte is a driver bug:
 /// DEVICE_NEEDS_RESET.
-public final class VirtioBlock: VirtioDeviceModel {
+public final class VirtioBlock: QueueWorkerDevice {
   /// Request types.
   public enum RequestType {
     public static let read: UInt32 = 0
@@ -186,9 +185,8 @@ public final class VirtioBlock: VirtioDeviceModel {
   /// The storage.
   public let backend: any BlockBackend
   private let configBytes: [UInt8]
-  private let queueSet = Mutex<VirtioQueueSet?>(nil)
-  private let worker: DeviceWorker
-  private let chainBox = Mutex(DescriptorChain())
+  /// The worker thread serving the queues.
+  public let queueWorker: QueueWorker
 
   /// A block device on `backend` with one queue of `queueSize` entries.
   public init(backend: any BlockBackend, queueSize: UInt16 = 256) {
@@ -215,7 +213,7 @@ public final class VirtioBlock: VirtioDeviceModel {
     put(56, 1, 1)
     configBytes = bytes
     let link = WeakLink<VirtioBlock>()
-    worker = DeviceWorker(name: "virtio-blk") { _ in link.target?.process() }
+    queueWorker = QueueWorker(name: "virtio-blk") { link.target?.process() }
     link.target = self
   }
 
@@ -229,28 +227,9 @@ public final class VirtioBlock: VirtioDeviceModel {
 
   public func writeConfig(offset: Int, size: Int, value: UInt64) {}
 
-  public func activate(_ queues: VirtioQueueSet) {
-    queueSet.withLock { $0 = queues }
-    worker.start()
-    worker.wake()
-  }
-
-  public func notify(queue: Int) { worker.wake() }
-  public func reset() {}
-  public func shutdown() { worker.stop() }
-
   /// Serves every available request (worker thread).
   fileprivate func process() {
-    guard let queues = queueSet.withLock({ $0 }) else { return }
-    let memory = queues.memory
-    chainBox.withLock { chain in
-      _ = queues.withQueue(0) { queue throws(VirtqueueError) in
-        while try queue.popAvailable(into: &chain) {
-          let written = try handle(chain, memory: memory)
-          try queue.pushUsed(head: chain.head, length: written)
-        }
-      }
-    }
+    queueWorker.serve(queue: 0) { chain, memory throws(VirtqueueError) in try handle(chain, memory: memory) }
   }
 
   private func handle(_ chain: DescriptorChain, memory: GuestMemory) throws(VirtqueueError) -> UInt32 {
@@ -276,7 +255,7 @@ public final class VirtioBlock: VirtioDeviceModel {
           break
         }
         var failure: BlockBackendError?
-        _ = chain.copy(memory: memory, buffers: chain.writable, offset: 0, count: Int(dataIn)) { pointer, done, count in
+        _ = chain.fillSpans(memory: memory, offset: 0, count: Int(dataIn)) { pointer, done, count in
           guard failure == nil else { return }
           do throws(BlockBackendError) {
             try backend.read(
@@ -291,7 +270,7 @@ public final class VirtioBlock: VirtioDeviceModel {
           break
         }
         var failure: BlockBackendError?
-        _ = chain.copy(memory: memory, buffers: chain.readable, offset: 16, count: Int(dataOut)) {
+        _ = chain.readSpans(memory: memory, offset: 16, count: Int(dataOut)) {
           pointer, done, count in
           guard failure == nil else { return }
           do throws(BlockBackendError) {
@@ -348,17 +327,5 @@ public final class VirtioBlock: VirtioDeviceModel {
     var statusByte = status
     _ = withUnsafeBytes(of: &statusByte) { chain.write(to: memory, offset: chain.writableLength - 1, from: $0) }
     return UInt32(truncatingIfNeeded: min(written + 1, UInt64(UInt32.max)))
-  }
-}
-
-/// Lets a worker closure reach its device without keeping it alive.
-final class WeakLink<Target: AnyObject & Sendable>: Sendable {
-  private struct Box: @unchecked Sendable { weak var target: Target? }
-  private let box = Mutex(Box())
-  init() {}
-  /// The device, while it lives.
-  var target: Target? {
-    get { box.withLock { $0.target } }
-    set { box.withLock { $0.target = newValue } }
   }
 }

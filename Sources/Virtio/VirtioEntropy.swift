@@ -1,6 +1,5 @@
 import CVirtioShim
 import Glibc
-import Synchronization
 import VMCore
 
 /// Where a virtio-rng device gets its bytes.
@@ -28,7 +27,7 @@ public final class HostEntropySource: EntropySource {
 
 /// virtio-rng (virtio 1.2, 5.4): one request queue of device-writable buffers, filled from an
 /// `EntropySource` on a worker thread. At most 64 KiB are supplied per request.
-public final class VirtioEntropy: VirtioDeviceModel {
+public final class VirtioEntropy: QueueWorkerDevice {
   /// Most bytes supplied per request.
   public static let maxBytesPerRequest = 65536
   public let deviceType = VirtioDeviceID.entropy
@@ -37,46 +36,30 @@ public final class VirtioEntropy: VirtioDeviceModel {
   public let configSize = 0
   /// The byte source.
   public let source: any EntropySource
-  private let queueSet = Mutex<VirtioQueueSet?>(nil)
-  private let worker: DeviceWorker
-  private let chainBox = Mutex(DescriptorChain())
+  /// The worker thread serving the queues.
+  public let queueWorker: QueueWorker
 
   /// An entropy device fed by `source` (the host's getrandom by default).
   public init(source: any EntropySource = HostEntropySource(), queueSize: UInt16 = 64) {
     self.source = source
     queueMaxSizes = [queueSize]
     let link = WeakLink<VirtioEntropy>()
-    worker = DeviceWorker(name: "virtio-rng") { _ in link.target?.process() }
+    queueWorker = QueueWorker(name: "virtio-rng") { link.target?.process() }
     link.target = self
   }
 
   public func readConfig(offset: Int, size: Int) -> UInt64 { 0 }
   public func writeConfig(offset: Int, size: Int, value: UInt64) {}
-  public func activate(_ queues: VirtioQueueSet) {
-    queueSet.withLock { $0 = queues }
-    worker.start()
-    worker.wake()
-  }
-  public func notify(queue: Int) { worker.wake() }
-  public func reset() {}
-  public func shutdown() { worker.stop() }
 
   fileprivate func process() {
-    guard let queues = queueSet.withLock({ $0 }) else { return }
-    let memory = queues.memory
-    chainBox.withLock { chain in
-      _ = queues.withQueue(0) { queue throws(VirtqueueError) in
-        while try queue.popAvailable(into: &chain) {
-          guard chain.readableCount == 0 else { throw VirtqueueError("virtio-rng buffer is not device-writable") }
-          let count = Int(min(chain.writableLength, UInt64(Self.maxBytesPerRequest)))
-          var ok = true
-          let filled = chain.copy(memory: memory, buffers: chain.writable, offset: 0, count: count) {
-            pointer, _, length in
-            if ok { ok = source.fill(UnsafeMutableRawBufferPointer(start: pointer, count: length)) }
-          }
-          try queue.pushUsed(head: chain.head, length: ok ? UInt32(filled) : 0)
-        }
+    queueWorker.serve(queue: 0) { chain, memory throws(VirtqueueError) in
+      guard chain.readableCount == 0 else { throw VirtqueueError("virtio-rng buffer is not device-writable") }
+      let count = Int(min(chain.writableLength, UInt64(Self.maxBytesPerRequest)))
+      var ok = true
+      let filled = chain.fillSpans(memory: memory, offset: 0, count: count) { pointer, _, length in
+        if ok { ok = source.fill(UnsafeMutableRawBufferPointer(start: pointer, count: length)) }
       }
+      return ok ? UInt32(filled) : 0
     }
   }
 }

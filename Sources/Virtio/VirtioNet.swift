@@ -311,11 +311,11 @@ public final class VirtioNet: VirtioDeviceModel {
             }
             state.vectors.removeAll(keepingCapacity: true)
             state.vectors.append(iovec(iov_base: headerBytes.baseAddress, iov_len: Self.headerSize))
-            _ = chain.copy(
-              memory: memory, buffers: chain.readable, offset: UInt64(Self.headerSize),
-              count: Int(chain.readableLength) - Self.headerSize
+            _ = chain.readSpans(
+              memory: memory, offset: UInt64(Self.headerSize), count: Int(chain.readableLength) - Self.headerSize
             ) { pointer, _, count in
-              state.vectors.append(iovec(iov_base: pointer, iov_len: count))
+              // writev only reads through iov_base.
+              state.vectors.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: pointer), iov_len: count))
             }
             _ = state.vectors.withUnsafeBufferPointer { backend.transmit($0) }
           }

@@ -54,7 +54,7 @@ public struct DescriptorChain: Sendable {
   public func read(
     from memory: GuestMemory, offset: UInt64, into destination: UnsafeMutableRawBufferPointer
   ) -> Int {
-    copy(memory: memory, buffers: readable, offset: offset, count: destination.count) { pointer, done, count in
+    readSpans(memory: memory, offset: offset, count: destination.count) { pointer, done, count in
       destination.baseAddress!.advanced(by: done).copyMemory(from: pointer, byteCount: count)
     }
   }
@@ -62,17 +62,42 @@ public struct DescriptorChain: Sendable {
   /// Copies `source` into the writable area starting at logical offset `offset`; returns how
   /// many bytes fit.
   public func write(to memory: GuestMemory, offset: UInt64, from source: UnsafeRawBufferPointer) -> Int {
-    copy(memory: memory, buffers: writable, offset: offset, count: source.count) { pointer, done, count in
+    fillSpans(memory: memory, offset: offset, count: source.count) { pointer, done, count in
       pointer.copyMemory(from: source.baseAddress!.advanced(by: done), byteCount: count)
     }
   }
 
-  /// Calls `body` with host pointers for `count` bytes starting at logical `offset` of
-  /// `buffers`; returns how many bytes were covered. Every pointer comes from GuestMemory's
-  /// bounds-checked slices.
-  public func copy(
+  /// Calls `body(pointer, done, count)` with read-only host pointers covering `count` bytes of
+  /// the device-readable area from logical `offset` (`done` = bytes covered before this span);
+  /// returns how many bytes were covered.
+  public func readSpans(
+    memory: GuestMemory, offset: UInt64, count: Int, _ body: (UnsafeRawPointer, Int, Int) -> Void
+  ) -> Int {
+    spans(memory: memory, buffers: readable, offset: offset, count: count) { pointer, done, length in
+      body(UnsafeRawPointer(pointer), done, length)
+    }
+  }
+
+  /// Calls `body(pointer, done, count)` with host pointers covering `count` bytes of the
+  /// device-writable area from logical `offset`, for the device to fill; returns how many bytes
+  /// were covered. Each span is reported to `memory`'s write observer after `body` returns
+  /// (device DMA: the software CPU drops decoded code from those pages). This and `write` are
+  /// the only ways a device writes a guest buffer.
+  public func fillSpans(
+    memory: GuestMemory, offset: UInt64, count: Int, _ body: (UnsafeMutableRawPointer, Int, Int) -> Void
+  ) -> Int {
+    spans(memory: memory, buffers: writable, offset: offset, count: count) { pointer, done, length in
+      body(pointer, done, length)
+    } written: { address, length in
+      memory.noteWrite(at: address, length: UInt64(length))
+    }
+  }
+
+  /// Walks `count` bytes of `buffers` from logical `offset`, giving `body` host pointers from
+  /// GuestMemory's bounds-checked slices and then `written` the guest address of each span.
+  private func spans(
     memory: GuestMemory, buffers: ArraySlice<VirtqBuffer>, offset: UInt64, count: Int,
-    _ body: (UnsafeMutableRawPointer, Int, Int) -> Void
+    _ body: (UnsafeMutableRawPointer, Int, Int) -> Void, written: (UInt64, Int) -> Void = { _, _ in }
   ) -> Int {
     guard count > 0 else { return 0 }
     var skip = offset
@@ -84,10 +109,12 @@ public struct DescriptorChain: Sendable {
         continue
       }
       let chunk = Int(min(length - skip, UInt64(count - done)))
-      guard let slice = try? memory.slice(at: buffer.address + skip, length: UInt64(chunk)), chunk > 0 else {
+      let address = buffer.address + skip
+      guard let slice = try? memory.slice(at: address, length: UInt64(chunk)), chunk > 0 else {
         return done
       }
       body(slice.baseAddress!, done, chunk)
+      written(address, chunk)
       done += chunk
       skip = 0
       if done == count { break }

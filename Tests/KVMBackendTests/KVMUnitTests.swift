@@ -94,6 +94,43 @@ import VMCore
     #expect(KVMCPUState.cpuState(registers: regs, specialRegisters: sregs) == state)
   }
 
+  @Test func everyFieldLandsInItsNamesake() {
+    var state = X86CPUState()
+    state.gprs = (0..<16).map { 0x100 + UInt64($0) }
+    state.rip = 0x200
+    state.rflags = 0x202
+    state.cs.selector = 0x08
+    state.ds.selector = 0x10
+    state.es.selector = 0x18
+    state.fs.selector = 0x20
+    state.gs.selector = 0x28
+    state.ss.selector = 0x30
+    state.tr.selector = 0x38
+    state.ldt.selector = 0x40
+    state.cr0 = 0x11
+    state.cr2 = 0x22
+    state.cr3 = 0x33
+    state.cr4 = 0x44
+    state.cr8 = 0x5
+    state.efer = 0x66
+    state.apicBase = 0xFEE0_0800
+    let regs = KVMCPUState.registers(from: state)
+    #expect(
+      [regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi]
+        == Array(state.gprs[0..<8]))
+    #expect(
+      [regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15] == Array(state.gprs[8..<16]))
+    #expect(regs.rip == 0x200 && regs.rflags == 0x202)
+    let sregs = KVMCPUState.specialRegisters(from: state)
+    #expect(
+      [sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss, sregs.tr, sregs.ldt].map(\.selector)
+        == [0x08, 0x10, 0x18, 0x20, 0x28, 0x30, 0x38, 0x40])
+    #expect(
+      [sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.cr8, sregs.efer, sregs.apic_base]
+        == [0x11, 0x22, 0x33, 0x44, 0x5, 0x66, 0xFEE0_0800])
+    #expect(KVMCPUState.cpuState(registers: regs, specialRegisters: sregs) == state)
+  }
+
   @Test func applyKeepsThePendingInterruptBitmap() {
     var sregs = kvm_sregs()
     sregs.interrupt_bitmap.2 = 0x40

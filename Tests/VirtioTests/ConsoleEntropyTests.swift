@@ -1,3 +1,4 @@
+import Devices
 import Glibc
 import PCI
 import Testing
@@ -34,7 +35,7 @@ import VMCore
 @Suite struct ConsoleTests {
   @Test func transmitsToTheBackendAndReceivesHostInput() throws {
     let machine = try TestMachine()
-    let capture = CapturingConsoleBackend()
+    let capture = CapturingSerialBackend()
     let console = VirtioConsole(backend: capture)
     let driver = try VirtioDriver(machine: machine, model: console)
     #expect(driver.common(0x12, size: 2) == 2)
@@ -60,7 +61,7 @@ import VMCore
 
   @Test func emergencyWriteGoesStraightOut() throws {
     let machine = try TestMachine()
-    let capture = CapturingConsoleBackend()
+    let capture = CapturingSerialBackend()
     let driver = try VirtioDriver(machine: machine, model: VirtioConsole(backend: capture))
     driver.start(features: VirtioConsole.emergencyWriteFeature, queueCount: 2)
     machine.bus.mmioWrite(driver.bar0 + driver.deviceConfigOffset + 8, size: 4, value: UInt64(UInt8(ascii: "!")))
@@ -69,7 +70,7 @@ import VMCore
 
   @Test func writableTransmitBufferNeedsReset() throws {
     let machine = try TestMachine()
-    let capture = CapturingConsoleBackend()
+    let capture = CapturingSerialBackend()
     let driver = try VirtioDriver(machine: machine, model: VirtioConsole(backend: capture))
     driver.start(queueCount: 2)
     driver.queues[1].submit([(0x40_0000, 16, true)])
