@@ -2,7 +2,8 @@ import VMCore
 
 // Decoded-block cache. Instructions are decoded once into a bump-allocated arena; a block is a
 // run of consecutive arena slots. A direct-mapped table maps the block key (guest-physical
-// start address | code size << 56) to the block. A block ends at a control transfer, a
+// start address | code size << 56) to the block. A block ends at an unconditional control
+// transfer (a taken Jcc leaves its block early, a not-taken one falls through inside it), a
 // mode/interrupt-state changing instruction, an undecodable instruction, a page boundary
 // (an instruction crossing it is the last one; the block is then registered on both pages),
 // or after `maximumBlockInstructions`. When the arena or the block list is full, everything

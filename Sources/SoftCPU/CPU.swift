@@ -133,8 +133,8 @@ public final class CPU: @unchecked Sendable {
   /// entry, so every store to it takes the slow path, which invalidates its blocks.
   let codePageHead: UnsafeMutablePointer<Int32>
   let codePageCount: UInt64
-  /// Set when a store invalidated decoded code: the current block stops after the
-  /// instruction doing the store.
+  /// Set when a store invalidated decoded code, or a conditional branch was taken (Jcc does
+  /// not end its block): the current block stops after that instruction.
   var blockInvalidated = false
   /// Bumped whenever decoded blocks, translations or the code size change: block-to-block
   /// links (`DecodedBlock.links`) made under an older generation are ignored.

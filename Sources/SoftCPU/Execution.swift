@@ -91,7 +91,7 @@ extension CPU {
       // linear address is 32 bits).
       var fetchAddress = rip &+ segmentBase[Int(SegmentIndex.cs)]
       if codeSize != 8 { fetchAddress &= 0xFFFF_FFFF }
-      let link = blocks + max(previous, 0)
+      let link = blocks + (previous > 0 ? previous : 0)
       let linksValid = previous >= 0 && link.pointee.linkGeneration == chainGeneration
       if linksValid && link.pointee.links.0.rip == fetchAddress {
         blockIndex = Int(link.pointee.links.0.block)
@@ -121,7 +121,7 @@ extension CPU {
         }
       }
       let start = blockArena + Int(first)
-      let end = start + min(Int(count), remaining)
+      let end = start + (Int(count) < remaining ? Int(count) : remaining)
       var instruction = start
       var instructionStart = rip
       blockInvalidated = false
@@ -248,7 +248,11 @@ extension CPU {
 
     // Control transfer
     case .jcc:
-      if condition(UInt8(ins.opcode & 0xF)) { try jumpRelative(ins) }
+      // Jcc does not end its block: a taken branch stops the block here.
+      if condition(UInt8(ins.opcode & 0xF)) {
+        try jumpRelative(ins)
+        blockInvalidated = true
+      }
     case .jmpRel: try jumpRelative(ins)
     case .jmpRm: try jumpTo(try readRm(ins, size: ins.operandSize))
     case .callRel: try callRelative(ins)

@@ -30,9 +30,13 @@ enum FastOp: UInt8 {
   case movRI64, movRI32
   case addRI64, addRI32, subRI64, subRI32, andRI64, andRI32, orRI64, orRI32, xorRI64, xorRI32
   case cmpRI64, cmpRI32, testRI64, testRI32
-  case shlRI64, shlRI32, shrRI64, shrRI32, sarRI64, sarRI32
+  case shlRI64, shlRI32, shrRI64, shrRI32, sarRI64, sarRI32, adcRI64, adcRI32
+  // Shifts by CL.
+  case shlRC64, shlRC32, shrRC64, shrRC32, sarRC64, sarRC32
+  // Byte operands (registers 0-15 only: no AH..BH).
+  case testRR8, testRI8, cmpRI8, cmpRM8, loadRM8, storeMR8, storeMI8, storeMR16
   // Register, one operand.
-  case incR64, incR32, decR64, decR32
+  case incR64, incR32, decR64, decR32, negR64, negR32, notR64, notR32
   // Extensions, multiply, conditional moves and sets (register sources).
   case movzxByteRR, movzxWordRR, movsxByteRR64, movsxByteRR32, movsxWordRR64, movsxWordRR32, movsxdRR
   case imulRR64, imulRR32, imulRRI64, imulRRI32
@@ -81,14 +85,25 @@ extension Instruction {
       } else if size >= 4 {
         fast = pick(.storeMR64, .storeMR32)
         fastSrc = reg
+      } else if reg < 16 {
+        fast = size == 2 ? .storeMR16 : .storeMR8
+        fastSrc = reg
       }
     case .movRegRm:
       if isRegister {
         registerForm(.movRR64, .movRR32, dst: reg, src: rm)
+      } else if size == 1 {
+        guard reg < 16 else { return }
+        fast = .loadRM8
+        fastDst = reg
       } else {
         loadForm(.loadRM64, .loadRM32)
       }
     case .movRmImm:
+      if size == 1 && !isRegister {
+        fast = .storeMI8
+        return
+      }
       guard size >= 4 else { return }
       if isRegister {
         fast = pick(.movRI64, .movRI32)
@@ -123,19 +138,37 @@ extension Instruction {
         fastSrc = reg
       }
     case .cmpRegRm:
-      if isRegister { registerForm(.cmpRR64, .cmpRR32, dst: reg, src: rm) } else { loadForm(.cmpRM64, .cmpRM32) }
-    case .testRmReg:
       if isRegister {
+        registerForm(.cmpRR64, .cmpRR32, dst: reg, src: rm)
+      } else if size == 1 {
+        guard reg < 16 else { return }
+        fast = .cmpRM8
+        fastDst = reg
+      } else {
+        loadForm(.cmpRM64, .cmpRM32)
+      }
+    case .testRmReg:
+      if isRegister && size == 1 {
+        guard reg < 16, rm < 16 else { return }
+        fast = .testRR8
+        fastDst = rm
+        fastSrc = reg
+      } else if isRegister {
         registerForm(.testRR64, .testRR32, dst: rm, src: reg)
       } else if size >= 4 {
         fast = pick(.testMR64, .testMR32)
         fastSrc = reg
       }
-    case .addRmImm, .subRmImm, .andRmImm, .orRmImm, .xorRmImm, .cmpRmImm, .testRmImm:
-      if isRegister {
+    case .addRmImm, .subRmImm, .andRmImm, .orRmImm, .xorRmImm, .cmpRmImm, .testRmImm, .adcRmImm:
+      if isRegister && size == 1 {
+        guard rm < 16, op == .cmpRmImm || op == .testRmImm else { return }
+        fast = op == .cmpRmImm ? .cmpRI8 : .testRI8
+        fastDst = rm
+      } else if isRegister {
         guard size >= 4 else { return }
         fastDst = rm
         switch op {
+        case .adcRmImm: fast = pick(.adcRI64, .adcRI32)
         case .addRmImm: fast = pick(.addRI64, .addRI32)
         case .subRmImm: fast = pick(.subRI64, .subRI32)
         case .andRmImm: fast = pick(.andRI64, .andRI32)
@@ -154,8 +187,18 @@ extension Instruction {
         fast = .testMI8
       }
     case .shlRm, .shrRm, .sarRm:
-      // Immediate counts only (C0/C1/D0/D1), register destination, masked count not 0.
-      guard size >= 4, isRegister, opcode != 0xD2, opcode != 0xD3 else { return }
+      guard size >= 4, isRegister else { return }
+      if opcode == 0xD3 {
+        fastDst = rm
+        switch op {
+        case .shlRm: fast = pick(.shlRC64, .shlRC32)
+        case .shrRm: fast = pick(.shrRC64, .shrRC32)
+        default: fast = pick(.sarRC64, .sarRC32)
+        }
+        return
+      }
+      // Immediate counts (C1/D1): register destination, masked count not 0.
+      guard opcode != 0xD2 else { return }
       let count = immediate & (wide ? 0x3F : 0x1F)
       guard count != 0 else { return }
       immediate = count
@@ -167,6 +210,8 @@ extension Instruction {
       }
     case .incRm: registerForm(.incR64, .incR32, dst: rm, src: rm)
     case .decRm: registerForm(.decR64, .decR32, dst: rm, src: rm)
+    case .negRm: registerForm(.negR64, .negR32, dst: rm, src: rm)
+    case .notRm: registerForm(.notR64, .notR32, dst: rm, src: rm)
     case .movzxByte, .movzxWord:
       guard size >= 4 else { return }
       if isRegister {
@@ -348,6 +393,76 @@ extension CPU {
       gpr[dst] = result
       recordFlags(.sar, size: 4, dst: old, src: count, result: result)
 
+    case .adcRI64, .adcRI32:
+      let size: UInt8 = slot.pointee.fast == .adcRI64 ? 8 : 4
+      let mask = sizeMask(size)
+      let carry: UInt64 = carryFlag ? 1 : 0
+      let left = gpr[dst] & mask
+      let right = slot.pointee.immediate
+      let result = (left &+ right &+ carry) & mask
+      gpr[dst] = result
+      recordFlags(.adc, size: size, dst: left, src: right, result: result)
+      flagCarry = carry
+
+    case .shlRC64, .shlRC32, .shrRC64, .shrRC32, .sarRC64, .sarRC32:
+      let form = slot.pointee.fast
+      let wide = form == .shlRC64 || form == .shrRC64 || form == .sarRC64
+      let size: UInt8 = wide ? 8 : 4
+      let mask = sizeMask(size)
+      let count = gpr[1] & (wide ? 0x3F : 0x1F)
+      let old = gpr[dst] & mask
+      if count == 0 {
+        // Flags and value unchanged; a 32-bit destination is still written (upper half cleared).
+        gpr[dst] = old
+        break
+      }
+      let result: UInt64
+      switch form {
+      case .shlRC64, .shlRC32:
+        result = (old << count) & mask
+        recordFlags(.shl, size: size, dst: old, src: count, result: result)
+      case .shrRC64, .shrRC32:
+        result = old >> count
+        recordFlags(.shr, size: size, dst: old, src: count, result: result)
+      default:
+        result = UInt64(bitPattern: signExtend(old, size: size) >> Int64(count)) & mask
+        recordFlags(.sar, size: size, dst: old, src: count, result: result)
+      }
+      gpr[dst] = result
+
+    case .negR64, .negR32:
+      let size: UInt8 = slot.pointee.fast == .negR64 ? 8 : 4
+      let mask = sizeMask(size)
+      let old = gpr[dst] & mask
+      let result = (0 &- old) & mask
+      gpr[dst] = result
+      recordFlags(.sub, size: size, dst: 0, src: old, result: result)
+    case .notR64: gpr[dst] = ~gpr[dst]
+    case .notR32: gpr[dst] = ~gpr[dst] & low32
+
+    case .testRR8:
+      let left = gpr[dst] & 0xFF
+      let right = gpr[src] & 0xFF
+      recordFlags(.logic, size: 1, dst: left, src: right, result: left & right)
+    case .testRI8:
+      let left = gpr[dst] & 0xFF
+      let right = slot.pointee.immediate
+      recordFlags(.logic, size: 1, dst: left, src: right, result: left & right)
+    case .cmpRI8:
+      let left = gpr[dst] & 0xFF
+      let right = slot.pointee.immediate
+      recordFlags(.sub, size: 1, dst: left, src: right, result: (left &- right) & 0xFF)
+    case .cmpRM8:
+      let right = UInt64(try load8(fastAddress(slot)))
+      let left = gpr[dst] & 0xFF
+      recordFlags(.sub, size: 1, dst: left, src: right, result: (left &- right) & 0xFF)
+    case .loadRM8:
+      let value = UInt64(try load8(fastAddress(slot)))
+      gpr[dst] = (gpr[dst] & ~0xFF) | value
+    case .storeMR8: try store8(fastAddress(slot), UInt8(truncatingIfNeeded: gpr[src]))
+    case .storeMR16: try store16(fastAddress(slot), UInt16(truncatingIfNeeded: gpr[src]))
+    case .storeMI8: try store8(fastAddress(slot), UInt8(truncatingIfNeeded: slot.pointee.immediate))
+
     case .incR64, .incR32, .decR64, .decR32:
       let form = slot.pointee.fast
       let size: UInt8 = form == .incR64 || form == .decR64 ? 8 : 4
@@ -456,8 +571,10 @@ extension CPU {
       recordFlags(.logic, size: 4, dst: left, src: right, result: left & right)
 
     case .jcc:
+      // Jcc does not end its block (Decoder.swift `endsBlock`): a taken branch stops it here.
       if condition(UInt8(truncatingIfNeeded: slot.pointee.opcode & 0xF)) {
         rip = try branchTarget(rip &+ slot.pointee.immediate, size: slot.pointee.operandSize)
+        blockInvalidated = true
       }
     case .jmpRel:
       rip = try branchTarget(rip &+ slot.pointee.immediate, size: slot.pointee.operandSize)
