@@ -1,3 +1,4 @@
+import CShim
 import Synchronization
 
 // Register and operand access, and the integer ALU: ADD/OR/ADC/SBB/AND/SUB/XOR/CMP/TEST,
@@ -67,20 +68,20 @@ extension CPU {
   @_transparent
   func loadHost(_ host: UnsafeMutableRawPointer, size: UInt8) -> UInt64 {
     switch size {
-    case 8: return host.loadUnaligned(as: UInt64.self)
-    case 4: return UInt64(host.loadUnaligned(as: UInt32.self))
-    case 2: return UInt64(host.loadUnaligned(as: UInt16.self))
-    default: return UInt64(host.load(as: UInt8.self))
+    case 8: return hv_load64(host)
+    case 4: return UInt64(hv_load32(host))
+    case 2: return UInt64(hv_load16(host))
+    default: return UInt64(hv_load8(host))
     }
   }
 
   @_transparent
   func storeHost(_ host: UnsafeMutableRawPointer, size: UInt8, _ value: UInt64) {
     switch size {
-    case 8: host.storeBytes(of: value, as: UInt64.self)
-    case 4: host.storeBytes(of: UInt32(truncatingIfNeeded: value), as: UInt32.self)
-    case 2: host.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)
-    default: host.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
+    case 8: hv_store64(host, value)
+    case 4: hv_store32(host, UInt32(truncatingIfNeeded: value))
+    case 2: hv_store16(host, UInt16(truncatingIfNeeded: value))
+    default: hv_store8(host, UInt8(truncatingIfNeeded: value))
     }
   }
 

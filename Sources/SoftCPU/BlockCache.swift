@@ -3,7 +3,8 @@ import VMCore
 
 // Decoded-block cache. Instructions are decoded once into a bump-allocated arena; a block is a
 // run of consecutive arena slots. A direct-mapped table maps the block key (guest-physical
-// start address | code size << 56) to the block. A block ends at a control transfer, a
+// start address | code size << 56) to the block. A block ends at an unconditional control
+// transfer (a taken Jcc leaves its block early, a not-taken one falls through inside it), a
 // mode/interrupt-state changing instruction, an undecodable instruction, a page boundary
 // (an instruction crossing it is the last one; the block is then registered on both pages),
 // or after `maximumBlockInstructions`. When the arena or the block list is full, everything
@@ -41,15 +42,20 @@ struct DecodedBlock {
   /// Next block (index + 1, 0 = end) in the list of `firstPage` / `secondPage`.
   var nextOnFirstPage: Int32
   var nextOnSecondPage: Int32
-  /// Link to the block that followed last time (valid while `successorGeneration` is current
-  /// and the fetch address CS.base + RIP equals `successorRIP`): skips the TLB and table
-  /// lookups between hot blocks.
-  var successorRIP: UInt64 = ~0
-  var successorGeneration: UInt64 = ~0
-  var successor: Int32 = -1
-  /// The successor's `first` and `count`, copied so a chained transfer does one load less.
-  var successorFirst: Int32 = 0
-  var successorCount: Int32 = 0
+  /// Links to the two blocks that followed most recently (valid while `linkGeneration` is
+  /// current and the fetch address CS.base + RIP equals the link's `rip`): skip the TLB and
+  /// table lookups between hot blocks. Two links cover both exits of a conditional branch.
+  var linkGeneration: UInt64 = ~0
+  var links: (BlockLink, BlockLink) = (BlockLink(), BlockLink())
+}
+
+/// One block-to-block link: the fetch address it was made for and the target block, with the
+/// target's `first` and `count` copied so a chained transfer does one load less.
+struct BlockLink {
+  var rip: UInt64 = ~0
+  var block: Int32 = -1
+  var first: Int32 = 0
+  var count: Int32 = 0
 }
 
 /// One slot of the lookup table.
@@ -113,13 +119,14 @@ extension CPU {
     var pc = linear
     var count = 0
     while true {
-      let instruction: Instruction
+      var instruction: Instruction
       do {
         instruction = try decodeInstruction(at: pc, &fetch)
       } catch {
         if count == 0 { throw error }
         break
       }
+      instruction.selectFastForm()
       (blockArena + first + count).initialize(to: instruction)
       count += 1
       pc &+= UInt64(instruction.length)

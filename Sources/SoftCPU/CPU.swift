@@ -86,7 +86,10 @@ public final class CPU: @unchecked Sendable {
   /// Default code size of the current CS in bytes: 2 (16-bit), 4 (32-bit) or 8 (64-bit mode).
   /// Part of the decoded-block key. Part 2 updates it on every CS load and mode change.
   public internal(set) var codeSize: UInt8 = 2 {
-    didSet { chainGeneration &+= 1 }
+    didSet {
+      // Part 2 stores it on every CS load; only a real change invalidates block links.
+      if codeSize != oldValue { chainGeneration &+= 1 }
+    }
   }
   /// Current privilege level (CS.RPL in protected mode).
   public internal(set) var cpl: UInt8 = 0
@@ -130,11 +133,11 @@ public final class CPU: @unchecked Sendable {
   /// entry, so every store to it takes the slow path, which invalidates its blocks.
   let codePageHead: UnsafeMutablePointer<Int32>
   let codePageCount: UInt64
-  /// Set when a store invalidated decoded code: the current block stops after the
-  /// instruction doing the store.
+  /// Set when a store invalidated decoded code, or a conditional branch was taken (Jcc does
+  /// not end its block): the current block stops after that instruction.
   var blockInvalidated = false
   /// Bumped whenever decoded blocks, translations or the code size change: block-to-block
-  /// links (`DecodedBlock.successor`) made under an older generation are ignored.
+  /// links (`DecodedBlock.links`) made under an older generation are ignored.
   var chainGeneration: UInt64 = 0
 
   /// Guest RAM ranges other threads wrote (device DMA) that may hold decoded code; `run`

@@ -483,7 +483,7 @@ extension Op {
   /// changes, and instructions that stop the run loop.
   var endsBlock: Bool {
     switch self {
-    case .jcc, .jmpRel, .jmpRm, .callRel, .callRm, .ret, .retImm, .loop, .loope, .loopne, .jrcxz,
+    case .jmpRel, .jmpRm, .callRel, .callRm, .ret, .retImm, .loop, .loope, .loopne, .jrcxz,
       .farCall, .farJmp, .retFar, .iret, .syscall, .sysret, .sysenter, .sysexit,
       .int3, .intN, .into, .int1, .hlt, .invalid, .tooLong, .legacyOnly,
       .popf, .sti, .cli, .movSegRm, .popSeg, .movToCR, .movToDR, .wrmsr, .lgdt, .lidt, .lldt, .ltr, .lmsw,

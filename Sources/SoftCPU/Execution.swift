@@ -92,13 +92,16 @@ extension CPU {
       // linear address is 32 bits).
       var fetchAddress = rip &+ segmentBase[Int(SegmentIndex.cs)]
       if codeSize != 8 { fetchAddress &= 0xFFFF_FFFF }
-      let link = blocks + max(previous, 0)
-      if previous >= 0 && link.pointee.successorRIP == fetchAddress
-        && link.pointee.successorGeneration == chainGeneration
-      {
-        blockIndex = Int(link.pointee.successor)
-        first = link.pointee.successorFirst
-        count = link.pointee.successorCount
+      let link = blocks + (previous > 0 ? previous : 0)
+      let linksValid = previous >= 0 && link.pointee.linkGeneration == chainGeneration
+      if linksValid && link.pointee.links.0.rip == fetchAddress {
+        blockIndex = Int(link.pointee.links.0.block)
+        first = link.pointee.links.0.first
+        count = link.pointee.links.0.count
+      } else if linksValid && link.pointee.links.1.rip == fetchAddress {
+        blockIndex = Int(link.pointee.links.1.block)
+        first = link.pointee.links.1.first
+        count = link.pointee.links.1.count
       } else {
         do {
           blockIndex = try findBlock(fetchAddress)
@@ -112,15 +115,14 @@ extension CPU {
         first = blocks[blockIndex].first
         count = blocks[blockIndex].count
         if previous >= 0 {
-          link.pointee.successorRIP = fetchAddress
-          link.pointee.successorGeneration = chainGeneration
-          link.pointee.successor = Int32(blockIndex)
-          link.pointee.successorFirst = first
-          link.pointee.successorCount = count
+          // The newest link goes first; the other one is kept if still valid.
+          let newest = BlockLink(rip: fetchAddress, block: Int32(blockIndex), first: first, count: count)
+          link.pointee.links = (newest, linksValid ? link.pointee.links.0 : BlockLink())
+          link.pointee.linkGeneration = chainGeneration
         }
       }
       let start = blockArena + Int(first)
-      let end = start + min(Int(count), remaining)
+      let end = start + (Int(count) < remaining ? Int(count) : remaining)
       var instruction = start
       var instructionStart = rip
       blockInvalidated = false
@@ -128,7 +130,7 @@ extension CPU {
         repeat {
           instructionStart = rip
           rip = instructionStart &+ UInt64(instruction.pointee.length)
-          try execute(instruction)
+          try executeFast(instruction)
           instruction += 1
         } while instruction < end && !blockInvalidated
       } catch {
@@ -159,8 +161,9 @@ extension CPU {
     return .instructionLimit
   }
 
-  /// Executes one decoded instruction; `rip` already points past it.
-  @inline(__always)
+  /// Executes one decoded instruction with its generic handler; `rip` already points past it.
+  /// (The run loop calls `executeFast`, which comes here for instructions without a fast form.)
+  @inline(never)
   func execute(_ pointer: UnsafeMutablePointer<Instruction>) throws(Fault) {
     let op = pointer.pointee.op
     let ins = pointer.pointee
@@ -246,7 +249,11 @@ extension CPU {
 
     // Control transfer
     case .jcc:
-      if condition(UInt8(ins.opcode & 0xF)) { try jumpRelative(ins) }
+      // Jcc does not end its block: a taken branch stops the block here.
+      if condition(UInt8(ins.opcode & 0xF)) {
+        try jumpRelative(ins)
+        blockInvalidated = true
+      }
     case .jmpRel: try jumpRelative(ins)
     case .jmpRm: try jumpTo(try readRm(ins, size: ins.operandSize))
     case .callRel: try callRelative(ins)

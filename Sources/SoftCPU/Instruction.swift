@@ -39,6 +39,11 @@ public struct Instruction: Sendable {
   /// Opcode: for `.sse` `map << 8 | byte` with map 1 = 0F, 2 = 0F38, 3 = 0F3A;
   /// for `.x87` the escape byte D8-DF; otherwise the primary opcode byte (free for the core's use).
   public var opcode: UInt16 = 0
+  /// Specialized form chosen when the block is built (FastPath.swift); `.none` runs `execute`.
+  var fast: FastOp = .none
+  /// Destination and source registers of the fast form.
+  var fastDst: UInt8 = 0
+  var fastSrc: UInt8 = 0
   /// Memory displacement (sign-extended). For RIP-relative operands it is relative to the next instruction.
   public var displacement: Int64 = 0
   /// First immediate, zero-extended from its encoded size (handlers sign-extend when the form says so).

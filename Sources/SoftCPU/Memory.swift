@@ -1,3 +1,4 @@
+import CShim
 import Synchronization
 import VMCore
 
@@ -87,42 +88,42 @@ extension CPU {
   @inline(__always) public func write64(_ linear: UInt64, _ value: UInt64) throws(Fault) { try store64(linear, value) }
   // Internal fast paths (always inlined into the interpreter).
   @_transparent func load8(_ linear: UInt64) throws(Fault) -> UInt8 {
-    if let host = readHost(linear, 1) { return host.load(as: UInt8.self) }
+    if let host = readHost(linear, 1) { return hv_load8(host) }
     return UInt8(truncatingIfNeeded: try readSlow(linear, 1))
   }
   @_transparent func load16(_ linear: UInt64) throws(Fault) -> UInt16 {
-    if let host = readHost(linear, 2) { return host.loadUnaligned(as: UInt16.self) }
+    if let host = readHost(linear, 2) { return hv_load16(host) }
     return UInt16(truncatingIfNeeded: try readSlow(linear, 2))
   }
   @_transparent func load32(_ linear: UInt64) throws(Fault) -> UInt32 {
-    if let host = readHost(linear, 4) { return host.loadUnaligned(as: UInt32.self) }
+    if let host = readHost(linear, 4) { return hv_load32(host) }
     return UInt32(truncatingIfNeeded: try readSlow(linear, 4))
   }
   @_transparent func load64(_ linear: UInt64) throws(Fault) -> UInt64 {
-    if let host = readHost(linear, 8) { return host.loadUnaligned(as: UInt64.self) }
+    if let host = readHost(linear, 8) { return hv_load64(host) }
     return try readSlow(linear, 8)
   }
   @_transparent func store8(_ linear: UInt64, _ value: UInt8) throws(Fault) {
-    if let host = writeHost(linear, 1) { return host.storeBytes(of: value, as: UInt8.self) }
+    if let host = writeHost(linear, 1) { return hv_store8(host, value) }
     try writeSlow(linear, 1, UInt64(value))
   }
   @_transparent func store16(_ linear: UInt64, _ value: UInt16) throws(Fault) {
-    if let host = writeHost(linear, 2) { return host.storeBytes(of: value, as: UInt16.self) }
+    if let host = writeHost(linear, 2) { return hv_store16(host, value) }
     try writeSlow(linear, 2, UInt64(value))
   }
   @_transparent func store32(_ linear: UInt64, _ value: UInt32) throws(Fault) {
-    if let host = writeHost(linear, 4) { return host.storeBytes(of: value, as: UInt32.self) }
+    if let host = writeHost(linear, 4) { return hv_store32(host, value) }
     try writeSlow(linear, 4, UInt64(value))
   }
   @_transparent func store64(_ linear: UInt64, _ value: UInt64) throws(Fault) {
-    if let host = writeHost(linear, 8) { return host.storeBytes(of: value, as: UInt64.self) }
+    if let host = writeHost(linear, 8) { return hv_store64(host, value) }
     try writeSlow(linear, 8, value)
   }
   /// Reads 16 bytes; when `aligned`, a misaligned address raises #GP(0) as MOVAPS/MOVDQA do.
   @inline(__always) public func read128(_ linear: UInt64, aligned: Bool) throws(Fault) -> XMMValue {
     if aligned && linear & 15 != 0 { throw .generalProtection(0) }
     if let host = readHost(linear, 16) {
-      return XMMValue(host.loadUnaligned(as: UInt64.self), host.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+      return XMMValue(hv_load64(host), hv_load64(host + 8))
     }
     let low = try read64(linear)
     let high = try read64(linear &+ 8)
@@ -132,8 +133,8 @@ extension CPU {
   @inline(__always) public func write128(_ linear: UInt64, _ value: XMMValue, aligned: Bool) throws(Fault) {
     if aligned && linear & 15 != 0 { throw .generalProtection(0) }
     if let host = writeHost(linear, 16) {
-      host.storeBytes(of: value[0], as: UInt64.self)
-      host.storeBytes(of: value[1], toByteOffset: 8, as: UInt64.self)
+      hv_store64(host, value[0])
+      hv_store64(host + 8, value[1])
       return
     }
     // Probe both halves before storing so a fault leaves memory unchanged.
@@ -180,10 +181,10 @@ extension CPU {
       if let host = ramPointer(physical) {
         fillTLB(readTLB, linear: linear, target: UInt64(UInt(bitPattern: host)) & ~0xFFF)
         switch size {
-        case 1: return UInt64(host.load(as: UInt8.self))
-        case 2: return UInt64(host.loadUnaligned(as: UInt16.self))
-        case 4: return UInt64(host.loadUnaligned(as: UInt32.self))
-        default: return host.loadUnaligned(as: UInt64.self)
+        case 1: return UInt64(hv_load8(host))
+        case 2: return UInt64(hv_load16(host))
+        case 4: return UInt64(hv_load32(host))
+        default: return hv_load64(host)
         }
       }
       try checkBacked(physical, linear: linear, access: .read)
@@ -226,10 +227,10 @@ extension CPU {
       let physical = try translate(linear, access: .write)
       if let host = writableRAM(linear, physical: physical) {
         switch size {
-        case 1: host.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
-        case 2: host.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)
-        case 4: host.storeBytes(of: UInt32(truncatingIfNeeded: value), as: UInt32.self)
-        default: host.storeBytes(of: value, as: UInt64.self)
+        case 1: hv_store8(host, UInt8(truncatingIfNeeded: value))
+        case 2: hv_store16(host, UInt16(truncatingIfNeeded: value))
+        case 4: hv_store32(host, UInt32(truncatingIfNeeded: value))
+        default: hv_store64(host, value)
         }
         return
       }

@@ -85,4 +85,44 @@ static inline uint32_t hv_kvm_run_system_event_type(const struct kvm_run *run) {
 static inline struct kvm_cpuid_entry2 *hv_kvm_cpuid2_entries(struct kvm_cpuid2 *cpuid) { return cpuid->entries; }
 static inline struct kvm_msr_entry *hv_kvm_msrs_entries(struct kvm_msrs *msrs) { return msrs->entries; }
 
+// MARK: - Guest RAM access (used by the SoftCPU module's hot paths)
+
+// Unaligned loads and stores of host memory backing guest RAM. memcpy keeps them free of
+// alignment and aliasing assumptions and compiles to a single mov; unlike Swift's generic
+// loadUnaligned/storeBytes they are always inlined, also into the interpreter's large
+// dispatch functions.
+static inline __attribute__((always_inline)) uint8_t hv_load8(const void *p) { return *(const uint8_t *)p; }
+static inline __attribute__((always_inline)) uint16_t hv_load16(const void *p) {
+  uint16_t v;
+  __builtin_memcpy(&v, p, 2);
+  return v;
+}
+static inline __attribute__((always_inline)) uint32_t hv_load32(const void *p) {
+  uint32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+static inline __attribute__((always_inline)) uint64_t hv_load64(const void *p) {
+  uint64_t v;
+  __builtin_memcpy(&v, p, 8);
+  return v;
+}
+static inline __attribute__((always_inline)) void hv_store8(void *p, uint8_t v) { *(uint8_t *)p = v; }
+static inline __attribute__((always_inline)) void hv_store16(void *p, uint16_t v) { __builtin_memcpy(p, &v, 2); }
+static inline __attribute__((always_inline)) void hv_store32(void *p, uint32_t v) { __builtin_memcpy(p, &v, 4); }
+static inline __attribute__((always_inline)) void hv_store64(void *p, uint64_t v) { __builtin_memcpy(p, &v, 8); }
+
+/// Signed 64 x 64 -> 128-bit multiply: returns the low half, stores the high half.
+static inline __attribute__((always_inline)) uint64_t hv_imul64(int64_t a, int64_t b, int64_t *high) {
+  __int128 product = (__int128)a * (__int128)b;
+  *high = (int64_t)(product >> 64);
+  return (uint64_t)product;
+}
+/// Unsigned 64 x 64 -> 128-bit multiply: returns the low half, stores the high half.
+static inline __attribute__((always_inline)) uint64_t hv_mul64(uint64_t a, uint64_t b, uint64_t *high) {
+  unsigned __int128 product = (unsigned __int128)a * (unsigned __int128)b;
+  *high = (uint64_t)(product >> 64);
+  return (uint64_t)product;
+}
+
 #endif
