@@ -86,8 +86,12 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
   private let state: Mutex<APICState>
   private let eventBits = Atomic<UInt8>(0)
   private let deadlineCache = Atomic<UInt64>(UInt64.max)
+  // The wake closure lives in a class: an optional closure stored in a tuple inside a Mutex
+  // gains a reabstraction thunk on every `withLock` access with Swift 6.x -O (each call then
+  // walks the whole chain; after ~300 000 interrupts it overflows the stack). Reading a class
+  // reference out of the Mutex touches no closure.
   private let connections = Mutex<
-    (wake: (@Sendable () -> Void)?, external: (any ExternalInterruptController)?)
+    (wake: InterruptPendingHandler?, external: (any ExternalInterruptController)?)
   >((nil, nil))
 
   /// Creates the APIC of CPU `id` and attaches it to `bus`.
@@ -114,7 +118,8 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
   /// Sets the closure called (from any thread, possibly with another controller's lock held)
   /// when a new event becomes pending, to wake the halted vCPU. It must only signal.
   public func setInterruptPendingHandler(_ handler: @escaping @Sendable () -> Void) {
-    connections.withLock { $0.wake = handler }
+    let wrapped = InterruptPendingHandler(handler)
+    connections.withLock { $0.wake = wrapped }
   }
 
   /// Connects the 8259 whose INTR output drives LINT0 (see `setLocalInterruptLine`).
@@ -303,7 +308,7 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
       deadlineCache.store(state.timerNextFire ?? UInt64.max, ordering: .releasing)
       return (result, !after.subtracting(before).isEmpty)
     }
-    if wake, let handler = connections.withLock({ $0.wake }) { handler() }
+    if wake, let handler = connections.withLock({ $0.wake }) { handler.call() }
     return result
   }
 
@@ -733,4 +738,10 @@ struct APICState {
     }
     return .interprocessor(message, target)
   }
+}
+
+/// The closure `LocalAPIC` calls to wake its halted vCPU, boxed once (see `connections`).
+final class InterruptPendingHandler: Sendable {
+  let call: @Sendable () -> Void
+  init(_ call: @escaping @Sendable () -> Void) { self.call = call }
 }

@@ -285,6 +285,24 @@ import VMCore
     #expect(machine.bsp.mmioBase == 0xFEE0_0000)
   }
 
+  /// Regression: the wake closure once gained a reabstraction thunk per access (Swift 6 -O with
+  /// an optional closure in a Mutex'd tuple), so each wake walked a longer chain and a
+  /// long-running guest's vCPU thread overflowed its stack after ~300 000 interrupts.
+  @Test func wakeHandlerSurvivesHundredsOfThousandsOfInterrupts() throws {
+    let machine = try Machine()
+    let wakes = Counter()
+    machine.bsp.setInterruptPendingHandler { wakes.increment() }
+    let rounds = 400_000
+    var taken = 0
+    for _ in 0..<rounds {
+      machine.apicWrite(0x300, 0x0004_0077)  // self IPI, vector 0x77
+      if machine.bsp.takeEvent(interruptsEnabled: true) == .interrupt(vector: 0x77) { taken += 1 }
+      machine.apicWrite(0xB0, 0)  // EOI
+    }
+    #expect(taken == rounds)
+    #expect(wakes.count == rounds)
+  }
+
   @Test func oneShotTimerFiresAfterProgrammedDuration() throws {
     let machine = try Machine()
     let wakes = Counter()
