@@ -136,20 +136,28 @@ class GuestConsole:
             os.write(self.master, data[i:i + 16])
             time.sleep(0.005)
 
+    def cpu_seconds(self):
+        """User + system CPU time of the VMM process so far (all its threads)."""
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def run(self, command, timeout):
-        """Types `command`, returns (host wall seconds from the final newline to the end marker,
-        the command's output, its exit status)."""
+        """Types `command`; returns (host wall seconds from the final newline to the end marker,
+        VMM CPU seconds over the same span, the command's output, its exit status)."""
         self.counter += 1
         tag = f"HVB{self.counter}"
         # The typed line echoes as  ...; echo "HVB1""-END:$?"  which the pattern does not match.
         self.type(f'{command}; echo "{tag}""-END:$?"')
         self.wait_for(re.escape(f'"{tag}""-END:$?"').encode(), 30)
+        cpu_start = self.cpu_seconds()
         start = time.monotonic()
         os.write(self.master, b"\r")
         match = self.wait_for(rb"(?s)(.*?)" + tag.encode() + rb"-END:(\d+)", timeout)
         elapsed = time.monotonic() - start
+        cpu = self.cpu_seconds() - cpu_start
         self.wait_for(rb"hostvisor:[^#\r\n]*# ", 30)  # the next prompt: type only after it
-        return elapsed, match.group(1).decode(errors="replace"), int(match.group(2))
+        return elapsed, cpu, match.group(1).decode(errors="replace"), int(match.group(2))
 
     def stop(self):
         if self.process.poll() is None:
@@ -226,7 +234,22 @@ def qemu_argv(serial_log):
             "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no", "-device", net]
 
 
+def tcp_counters(text):
+    """(segments sent, segments retransmitted) from /proc/net/snmp text."""
+    lines = [line.split() for line in text.splitlines() if line.strip().startswith("Tcp:")]
+    if len(lines) < 2:
+        return None
+    values = dict(zip(lines[-2][1:], lines[-1][1:]))
+    return int(values["OutSegs"]), int(values["RetransSegs"])
+
+
+def host_tcp_counters():
+    with open("/proc/net/snmp") as snmp:  # this process lives in the benchmark's namespace
+        return tcp_counters(snmp.read())
+
+
 def one_run(name, argv, run_index):
+    """Boots one VMM and runs the four workloads; returns {workload: (wall s, CPU s)} plus notes."""
     print(f"  {name}: booting", flush=True)
     guest = GuestConsole(name, argv, f"{work}/{name}-{run_index}.log")
     results = {}
@@ -236,7 +259,7 @@ def one_run(name, argv, run_index):
         # A wide terminal, so busybox's line editing never wraps the echo of a typed command.
         guest.type("stty cols 1000\r")
         time.sleep(0.5)
-        _, out, status = guest.run(
+        _, _, out, status = guest.run(
             f"ip link set eth0 up && ip addr add {guest_ip}/24 dev eth0 && "
             f"cat /sys/block/vda/size && ping -c 1 -W 10 {host_ip} >/dev/null", 60)
         if status != 0:
@@ -246,44 +269,67 @@ def one_run(name, argv, run_index):
         bytes_disk = disk_mib << 20
         bytes_net = net_mib << 20
 
-        def check(label, status, out):
+        def timed(label, command, size):
+            seconds, cpu, out, status = guest.run(command, 1800)
             if status != 0:
                 raise RuntimeError(f"{label}: guest command failed (status {status}): {out.strip()[-300:]}")
+            results[label] = (seconds, cpu, size)
+            return out
 
-        seconds, out, status = guest.run(
-            f"dd if=/dev/zero of=/dev/vda bs=1M count={disk_mib} oflag=direct conv=fsync", 900)
-        check("blk-write", status, out)
-        results["blk-write"] = bytes_disk / seconds / 2**20
-        seconds, out, status = guest.run(
-            f"dd if=/dev/vda of=/dev/null bs=1M count={disk_mib} iflag=direct", 900)
-        check("blk-read", status, out)
-        results["blk-read"] = bytes_disk / seconds / 2**20
+        def guest_tcp_counters():
+            _, _, out, _ = guest.run("cat /proc/net/snmp", 60)
+            return tcp_counters(out)
+
+        timed("blk-write", f"dd if=/dev/zero of=/dev/vda bs=1M count={disk_mib} oflag=direct conv=fsync", bytes_disk)
+        timed("blk-read", f"dd if=/dev/vda of=/dev/null bs=1M count={disk_mib} iflag=direct", bytes_disk)
 
         payload = os.urandom(bytes_net)
         expected = hashlib.md5(payload).hexdigest()
+        before = guest_tcp_counters(), host_tcp_counters()
         server = Server(5001, payload)
-        seconds, out, status = guest.run(f"nc {host_ip} 5001 </dev/null >/tmp/blob", 900)
+        timed("net-rx", f"nc {host_ip} 5001 </dev/null >/tmp/blob", bytes_net)
         server.finish()
-        check("net-rx", status, out)
-        _, out, status = guest.run("wc -c </tmp/blob; md5sum /tmp/blob", 600)
-        check("net-rx check", status, out)
-        if str(bytes_net) not in out or expected not in out:
+        after = guest_tcp_counters(), host_tcp_counters()
+        results["net-rx-retrans"] = after[1][1] - before[1][1]  # the host is the sender
+        _, _, out, status = guest.run("wc -c </tmp/blob; md5sum /tmp/blob", 600)
+        if status != 0 or str(bytes_net) not in out or expected not in out:
+            del results["net-rx"]
             raise RuntimeError(f"net-rx: guest received wrong data: {out.strip()} (expected {bytes_net} bytes, md5 {expected})")
-        results["net-rx"] = bytes_net / seconds / 2**20
 
+        before = after
         server = Server(5002)
-        seconds, out, status = guest.run(f"nc {host_ip} 5002 </tmp/blob", 900)
+        timed("net-tx", f"nc {host_ip} 5002 </tmp/blob", bytes_net)
         server.finish()
-        check("net-tx", status, out)
+        after = guest_tcp_counters(), host_tcp_counters()
+        results["net-tx-retrans"] = after[0][1] - before[0][1]  # the guest is the sender
+        results["net-tx-segments"] = after[0][0] - before[0][0]
         if server.received != bytes_net or server.digest.hexdigest() != expected:
+            del results["net-tx"]
             raise RuntimeError(f"net-tx: host received {server.received} bytes, md5 {server.digest.hexdigest()} "
                                f"(expected {bytes_net}, {expected})")
-        results["net-tx"] = bytes_net / seconds / 2**20
     except Exception as error:
         print(f"  {name}: FAILED: {error!r} (console log {work}/{name}-{run_index}.log)", flush=True)
     finally:
         guest.stop()
     return results
+
+
+def wall_rate(result):
+    return result[2] / result[0] / 2**20
+
+
+def cpu_rate(result):
+    return result[2] / result[1] / 2**20 if result[1] > 0 else float("inf")
+
+
+def cell(results, key, rate):
+    return f"{rate(results[key]):8.2f}" if key in results else "    fail"
+
+
+def ratio(ours_run, theirs_run, key, rate):
+    if key not in ours_run or key not in theirs_run:
+        return "    -"
+    return f"{rate(ours_run[key]) / rate(theirs_run[key]):5.3f}"
 
 
 workloads = ["blk-write", "blk-read", "net-rx", "net-tx"]
@@ -292,12 +338,15 @@ for run_index in range(1, runs + 1):
     print(f"run {run_index}/{runs}", flush=True)
     ours.append(one_run("hostvisor", hostvisor_argv(None), run_index))
     theirs.append(one_run("qemu", qemu_argv(None), run_index))
+    o, q = ours[-1], theirs[-1]
+    print("  MiB/s         wall: hostvisor     qemu  ratio |  per VMM CPU s: hostvisor     qemu  ratio")
     for w in workloads:
-        o, q = ours[-1].get(w), theirs[-1].get(w)
-        fo = f"{o:8.2f}" if o else "    fail"
-        fq = f"{q:8.2f}" if q else "    fail"
-        ratio = f"{o / q:.3f}" if o and q else "-"
-        print(f"  {w:9s} hostvisor(soft) {fo} MiB/s   qemu(tcg) {fq} MiB/s   ours/QEMU {ratio}", flush=True)
+        print(f"  {w:9s}        {cell(o, w, wall_rate)} {cell(q, w, wall_rate)}  {ratio(o, q, w, wall_rate)} |"
+              f"                 {cell(o, w, cpu_rate)} {cell(q, w, cpu_rate)}  {ratio(o, q, w, cpu_rate)}", flush=True)
+    print("  TCP retransmissions: net-rx (host sends) hostvisor "
+          f"{o.get('net-rx-retrans', '-')} qemu {q.get('net-rx-retrans', '-')}; net-tx (guest sends) hostvisor "
+          f"{o.get('net-tx-retrans', '-')}/{o.get('net-tx-segments', '-')} qemu "
+          f"{q.get('net-tx-retrans', '-')}/{q.get('net-tx-segments', '-')} segments", flush=True)
 
 
 def median(values):
@@ -309,7 +358,8 @@ def median(values):
 print("command round trip (typing 'true' to its marker, best of 3, ms): hostvisor "
       + " ".join(f"{r['overhead-ms']:.0f}" for r in ours if "overhead-ms" in r) + "; qemu "
       + " ".join(f"{r['overhead-ms']:.0f}" for r in theirs if "overhead-ms" in r))
-print(f"median of {runs} runs (MiB/s; disk {disk_mib} MiB, net {net_mib} MiB):")
+print(f"median of {runs} runs (disk {disk_mib} MiB, net {net_mib} MiB; ratio = ours/QEMU throughput):")
+print("  MiB/s         wall: hostvisor     qemu  ratio |  per VMM CPU s: hostvisor     qemu  ratio")
 failed = False
 for w in workloads:
     o = [r[w] for r in ours if w in r]
@@ -319,8 +369,12 @@ for w in workloads:
     if not o or not q:
         print(f"  {w:9s} no complete result")
         continue
-    mo, mq = median(o), median(q)
-    print(f"  {w:9s} hostvisor(soft) {mo:8.2f}   qemu(tcg) {mq:8.2f}   ours/QEMU {mo / mq:.3f}")
+    line = f"  {w:9s}        "
+    for rate in (wall_rate, cpu_rate):
+        mo, mq = median([rate(x) for x in o]), median([rate(x) for x in q])
+        line += f"{mo:8.2f} {mq:8.2f}  {mo / mq:5.3f}"
+        line += " |                 " if rate is wall_rate else ""
+    print(line)
 sys.exit(1 if failed else 0)
 PYTHON
 
