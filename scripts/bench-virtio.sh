@@ -48,7 +48,12 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/hostvisor-bench-virtio.XXXXXX")
 netns=hvbench$$
 tap=hvbtap0
 cleanup() {
-  ip netns pids "$netns" 2>/dev/null | xargs -r kill 2>/dev/null || true
+  # Every process in the namespace: the driver and the VMM it started (in its own session).
+  if [ -n "$(ip netns pids "$netns" 2>/dev/null)" ]; then
+    ip netns pids "$netns" | xargs -r kill 2>/dev/null || true
+    sleep 1
+    ip netns pids "$netns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  fi
   ip netns del "$netns" 2>/dev/null || true # deletes the TAP inside it too
   if [ $keep -eq 1 ]; then echo "bench-virtio: logs kept in $work"; else rm -rf "$work"; fi
 }
@@ -387,5 +392,7 @@ for w in workloads:
 sys.exit(1 if failed else 0)
 PYTHON
 
+# In the background, so an INT/TERM to this script runs the traps at once.
 ip netns exec "$netns" python3 "$work/driver.py" "$work" "$image" $tap "$runs" "$disk_mib" "$net_mib" \
-  "$(realpath "$hostvisor")" "$(realpath $guest/vmlinuz)" "$(realpath $guest/initramfs.cpio.gz)" $qemu_offloads
+  "$(realpath "$hostvisor")" "$(realpath $guest/vmlinuz)" "$(realpath $guest/initramfs.cpio.gz)" $qemu_offloads &
+wait $!
