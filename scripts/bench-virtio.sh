@@ -69,7 +69,9 @@ ip -n "$netns" link set $tap up
 
 # Raw disk image, fully allocated so neither VMM pays for block allocation on the host.
 image=$work/disk.img
-dd if=/dev/zero of="$image" bs=1M count=$((disk_mib + 16)) status=none
+# It also takes the data check: the network file written at 8 MiB and read back.
+image_mib=$((disk_mib > net_mib + 8 ? disk_mib : net_mib + 8))
+dd if=/dev/zero of="$image" bs=1M count=$((image_mib + 16)) status=none
 
 cat >"$work/driver.py" <<'PYTHON'
 """Boots a guest on a pseudo-terminal console, types commands into its shell and times them."""
@@ -255,6 +257,12 @@ def host_tcp_counters():
         return tcp_counters(snmp.read())
 
 
+def tap_transmit_drops():
+    """Frames the host's TAP dropped on the way to the VMM (its queue was full)."""
+    with open(f"/sys/class/net/{tap}/statistics/tx_dropped") as counter:
+        return int(counter.read())
+
+
 def one_run(name, argv, run_index):
     """Boots one VMM and runs the four workloads; returns {workload: (wall s, CPU s)} plus notes."""
     print(f"  {name}: booting", flush=True)
@@ -300,11 +308,13 @@ def one_run(name, argv, run_index):
         payload = os.urandom(bytes_net)
         expected = hashlib.md5(payload).hexdigest()
         before = guest_tcp_counters(), host_tcp_counters()
+        drops_before = tap_transmit_drops()
         server = Server(5001, payload)
         timed("net-rx", f"nc {host_ip} 5001 </dev/null >/tmp/blob", bytes_net)
         server.finish()
         after = guest_tcp_counters(), host_tcp_counters()
         results["net-rx-retrans"] = after[1][1] - before[1][1]  # the host is the sender
+        results["net-rx-tap-drops"] = tap_transmit_drops() - drops_before
         _, _, out, status = guest.run("wc -c </tmp/blob; md5sum /tmp/blob", 600)
         if status != 0 or str(bytes_net) not in out or expected not in out:
             del results["net-rx"]
@@ -321,10 +331,28 @@ def one_run(name, argv, run_index):
             del results["net-tx"]
             raise RuntimeError(f"net-tx: host received {server.received} bytes, md5 {server.digest.hexdigest()} "
                                f"(expected {bytes_net}, {expected})")
+
+        # Data check, untimed: the random file onto the disk at 8 MiB and back through the guest;
+        # the host reads the image after the VMM has exited.
+        _, _, out, status = guest.run(
+            f"dd if=/tmp/blob of=/dev/vda bs=1M seek=8 oflag=direct conv=fsync 2>/dev/null && "
+            f"dd if=/dev/vda bs=1M skip=8 count={net_mib} iflag=direct 2>/dev/null | md5sum", 900)
+        if status != 0 or expected not in out:
+            raise RuntimeError(f"blk data check: guest read back {out.strip()} (expected md5 {expected})")
+        check_image = expected
     except Exception as error:
         print(f"  {name}: FAILED: {error!r} (console log {work}/{name}-{run_index}.log)", flush=True)
+        results["failed"] = True
     finally:
         guest.stop()
+    if not results.get("failed"):
+        with open(image, "rb") as disk:
+            disk.seek(8 << 20)
+            on_host = hashlib.md5(disk.read(bytes_net)).hexdigest()
+        if on_host != check_image:
+            print(f"  {name}: FAILED: the image holds md5 {on_host} at 8 MiB after the run (expected {check_image})",
+                  flush=True)
+            results["failed"] = True
     return results
 
 
@@ -358,7 +386,8 @@ for run_index in range(1, runs + 1):
         print(f"  {w:9s}        {cell(o, w, wall_rate)} {cell(q, w, wall_rate)}  {ratio(o, q, w, wall_rate)} |"
               f"                 {cell(o, w, cpu_rate)} {cell(q, w, cpu_rate)}  {ratio(o, q, w, cpu_rate)}", flush=True)
     print("  TCP retransmissions: net-rx (host sends) hostvisor "
-          f"{o.get('net-rx-retrans', '-')} qemu {q.get('net-rx-retrans', '-')}; net-tx (guest sends) hostvisor "
+          f"{o.get('net-rx-retrans', '-')} qemu {q.get('net-rx-retrans', '-')} (TAP queue drops hostvisor "
+          f"{o.get('net-rx-tap-drops', '-')} qemu {q.get('net-rx-tap-drops', '-')}); net-tx (guest sends) hostvisor "
           f"{o.get('net-tx-retrans', '-')}/{o.get('net-tx-segments', '-')} qemu "
           f"{q.get('net-tx-retrans', '-')}/{q.get('net-tx-segments', '-')} segments", flush=True)
 
@@ -378,7 +407,7 @@ failed = False
 for w in workloads:
     o = [r[w] for r in ours if w in r]
     q = [r[w] for r in theirs if w in r]
-    if len(o) < runs or len(q) < runs:
+    if len(o) < runs or len(q) < runs or any(r.get("failed") for r in ours + theirs):
         failed = True
     if not o or not q:
         print(f"  {w:9s} no complete result")
@@ -389,6 +418,8 @@ for w in workloads:
         line += f"{mo:8.2f} {mq:8.2f}  {mo / mq:5.3f}"
         line += " |                 " if rate is wall_rate else ""
     print(line)
+if not failed:
+    print("data checks passed: net-rx and net-tx MD5, disk write/read-back MD5 in the guest and on the host")
 sys.exit(1 if failed else 0)
 PYTHON
 
