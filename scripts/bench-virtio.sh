@@ -14,6 +14,8 @@
 #              host server into tmpfs; byte count and MD5 checked in the guest afterwards
 #   net-tx     guest -> host TCP: the guest sends the received file back with busybox nc;
 #              the host counts the bytes and checks the MD5
+# Each is reported per wall second and per CPU second of the VMM process. Untimed, the file is
+# also written to the disk and read back (MD5 in the guest, and in the image afterwards).
 # The VMMs, their TAP and the host's TCP server live in a network namespace made here.
 # Needs root (network namespace, TAP), python3 and qemu-system-x86_64.
 set -euo pipefail
