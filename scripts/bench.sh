@@ -9,4 +9,10 @@ echo "== Software CPU guest programs (Hostvisor soft vs QEMU TCG)"
 scripts/bench-softcpu.sh || status=1
 echo "== Linux boot to the shell marker (Hostvisor soft vs QEMU TCG)"
 scripts/bench-boot.sh || status=1
+echo "== virtio-blk and virtio-net throughput (Hostvisor soft vs QEMU TCG)"
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/bench-virtio.sh || status=1
+else
+  echo "skipped: needs root (network namespace and TAP)"
+fi
 exit $status
