@@ -15,12 +15,8 @@ import VMCore
 // (from the slow write path), which unlinks the page's blocks and stops the current block
 // after the storing instruction (self-modifying code then re-decodes).
 //
-// Multiple vCPUs (later): each CPU keeps its own cache. A store by one vCPU to code decoded by
-// another must reach that one too: make `codePageHead` (or a shared per-page "has code" byte
-// map) shared and atomic, have the storing vCPU post the page number to the other vCPUs
-// (an atomic per-vCPU invalidation queue or generation counter checked at block boundaries),
-// and drop their write-TLB entries for pages that become code (a shootdown). Until then one
-// vCPU per machine is the supported configuration.
+// Multiple vCPUs: each CPU keeps its own cache; stores by one vCPU to code another decoded
+// reach that one through CodeCoherence.swift.
 
 /// Instructions the arena holds before a full flush.
 let blockArenaCapacity = 1 << 19
@@ -154,6 +150,8 @@ extension CPU {
       dropWriteEntries(hostPage: host)
     }
     codePageHead[Int(page)] = Int32(block + 1)
+    // Published before the epoch, which siblings read with acquire ordering.
+    if previous == 0 && !siblings.isEmpty { noteNewCodePage() }
     return previous
   }
 
@@ -262,5 +260,6 @@ extension CPU {
       posted.ranges.removeAll(keepingCapacity: true)
       posted.overflowed = false
     }
+    if !siblings.isEmpty { synchronizeCodeWithSiblings() }
   }
 }

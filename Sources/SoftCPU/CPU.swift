@@ -143,6 +143,14 @@ public final class CPU: @unchecked Sendable {
   /// Guest RAM ranges other threads wrote (device DMA) that may hold decoded code; `run`
   /// applies them at its next block boundary (`postExternalWrite`, BlockCache.swift).
   let postedExternalWrites = Mutex(PostedExternalWrites())
+  /// The machine's other vCPUs and what they share, for cross-vCPU code coherence
+  /// (CodeCoherence.swift); empty / nil with one vCPU.
+  var siblings: [SiblingCPU] = []
+  var sharedCode: SharedCodeState?
+  /// The shared code epoch this CPU last synchronized with.
+  var seenCodeEpoch: UInt64 = 0
+  /// Pages holding siblings' code that this CPU stored to since its last block boundary.
+  var deferredSiblingPages: [UInt64] = []
 
   /// Set by another thread to make `run` return `.stopRequested` at the next block boundary.
   /// Part 2 also raises it for pending interrupts.

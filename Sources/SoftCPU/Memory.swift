@@ -215,6 +215,12 @@ extension CPU {
     if codePageHead[Int(page)] != 0 {
       invalidateCodePage(page)
     }
+    if !siblings.isEmpty && siblingsHoldCode(page) {
+      // Another vCPU runs code from this page: no write entry, and tell it after the store.
+      noteStoreToSiblingCode(page)
+      fillTLB(readTLB, linear: linear, target: UInt64(UInt(bitPattern: host)) & ~0xFFF)
+      return host
+    }
     fillTLB(writeTLB, linear: linear, target: UInt64(UInt(bitPattern: host)) & ~0xFFF)
     // A write entry implies the page is readable too.
     fillTLB(readTLB, linear: linear, target: UInt64(UInt(bitPattern: host)) & ~0xFFF)

@@ -64,6 +64,7 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
       cpus.append(cpu)
       wakeups.append(wakeup)
     }
+    CPU.connectSiblings(cpus)
     self.cpus = cpus
     self.wakeups = wakeups
     parts.memory.setWriteObserver(self)

@@ -44,3 +44,31 @@ struct LinuxBootTests {
     #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
   }
 }
+
+/// SMP on the software CPU: two vCPUs come up, and work runs on both at once.
+@Suite("Linux SMP on the software CPU")
+struct LinuxSMPTests {
+  @Test func twoVCPUsBootAndRunParallelWork() async throws {
+    let (kernel, initrd, _) = try GuestImages.images()
+    let session = try GuestSession(arguments: [
+      "run", "--accel", "soft", "--cpus", "2", "--memory", "512M", "--serial", "stdio", "--kernel", kernel,
+      "--initrd", initrd, "--cmdline", "console=ttyS0 panic=-1 loglevel=4",
+    ])
+    defer { session.saveTranscript(name: "linux-smp") }
+    try await session.waitForShell()
+    #expect(try await session.run("nproc") == "2")
+    #expect(try await session.run("grep -c ^processor /proc/cpuinfo") == "2")
+    // Two CPU-bound jobs pinned one per vCPU; each prints its sum.
+    let n = Int.random(in: 20_000...40_000)
+    let expected = (1...n).reduce(0) { $0 + ($1 % 7) * $1 }
+    let job = "awk 'BEGIN { s = 0; for (i = 1; i <= \(n); i++) s += (i % 7) * i; print s }'"
+    let output = try await session.run(
+      "taskset 1 \(job) > /tmp/a & taskset 2 \(job) > /tmp/b & wait; cat /tmp/a /tmp/b",
+      timeout: .seconds(240))
+    let sums = output.split(separator: "\n").prefix(2).map(String.init)
+    #expect(sums == ["\(expected)", "\(expected)"])
+    try await Task.sleep(for: .seconds(1))
+    session.type("poweroff -f\n")
+    #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
+  }
+}

@@ -76,3 +76,60 @@ import VMCore
     #expect(Self.runFrom(machine, other) == .halted && machine[R.rax] == 20)
   }
 }
+
+/// Cross-vCPU code coherence (CodeCoherence.swift): two CPUs on one RAM, run in turns on the
+/// test's thread as two vCPU threads would interleave.
+@Suite struct CrossVCPUCodeTests {
+  /// `mov dword [target], value; hlt` in 64-bit mode (absolute address via a 32-bit displacement).
+  static func storer(_ target: UInt32, _ value: UInt32) -> [UInt8] {
+    [0xC7, 0x04, 0x25] + withUnsafeBytes(of: target.littleEndian) { Array($0) }
+      + withUnsafeBytes(of: value.littleEndian) { Array($0) } + [0xF4]
+  }
+
+  /// Runs until HLT, resuming after stop requests (block boundaries where posts are applied).
+  static func runToHalt(_ cpu: CPU) -> Bool {
+    for _ in 0..<10 {
+      switch cpu.run(instructionLimit: 100) {
+      case .halted: return true
+      case .stopRequested: continue
+      default: return false
+      }
+    }
+    return false
+  }
+
+  @Test(arguments: [false, true])
+  func aStoreByOneVCPUReachesCodeAnotherDecoded(writerWarmedUp: Bool) throws {
+    let memory = try GuestMemory(size: 16 << 20)
+    let bus = IOBus()
+    let runner = CPU(memory: memory, bus: bus)
+    let writer = CPU(memory: memory, bus: bus)
+    CPU.connectSiblings([runner, writer])
+    for cpu in [runner, writer] {
+      cpu.enterFlatLongMode(cpl: 0)
+      cpu.gpr[4] = CoreMachine.stackTop
+    }
+    let code = CoreMachine.codeBase
+    let writerCode = CoreMachine.codeBase + 0x4000
+    try memory.writeBytes(ExternalWriteTests.program(1), at: code)
+    try memory.writeBytes(Self.storer(UInt32(code + 0x800), 7), at: writerCode)
+    // The writer's patch: the immediate of the runner's `mov eax, 1` becomes 2.
+    try memory.writeBytes(Self.storer(UInt32(code + 1), 2), at: writerCode + 0x100)
+    if writerWarmedUp {
+      // The writer gets a write-TLB entry for the page before the runner decodes code there:
+      // the runner's new code page must make it drop the entry.
+      writer.rip = writerCode
+      #expect(Self.runToHalt(writer))
+    }
+    // The runner decodes and runs `mov eax, 1; hlt`.
+    runner.rip = code
+    #expect(Self.runToHalt(runner) && runner.gpr[0] == 1)
+    // The writer stores (after applying the runner's news at its first boundary, if any).
+    writer.rip = writerCode + 0x100
+    #expect(Self.runToHalt(writer))
+    #expect(try memory.readBytes(at: code + 1, count: 4) == [2, 0, 0, 0])
+    // The runner's next boundary applies the writer's report; then it runs the new code.
+    runner.rip = code
+    #expect(Self.runToHalt(runner) && runner.gpr[0] == 2)
+  }
+}
