@@ -301,6 +301,7 @@ extension CPU {
     case .std: storedFlags |= RFlags.df
     case .cli, .sti: try setInterruptFlag(ins)
     case .nop, .pause, .fence, .clflush: break
+    case .fwait: try fwait()
     case .cpuid: executeCPUID()
     case .rdtsc, .rdtscp: try readTimeStampCounter(ins)
     case .hlt: try halt()

@@ -152,6 +152,18 @@ enum X87TestSupport {
     #expect(cpu.fpuStatus & 0x4700 == 0x4100 | (cpu.fpuStatus & 0x200))
   }
 
+  /// The WAIT opcode (9B) through the decoder: #MF while an unmasked exception is pending
+  /// (status ES), otherwise nothing.
+  @Test func waitOpcodeRaisesPendingX87Error() throws {
+    let machine = try CoreMachine(cpl: 0)
+    try machine.load([0x9B, 0xF4])  // wait; hlt
+    #expect(machine.run(limit: 10) == .halted)
+    machine.cpu.fpuStatus |= 0x80  // ES: an unmasked exception is pending
+    machine.cpu.rip = CoreMachine.codeBase
+    #expect(machine.run(limit: 10) == .fault(.x87Error))
+    #expect(machine.cpu.rip == CoreMachine.codeBase)
+  }
+
   @Test func unmaskedExceptionIsDeliveredOnTheNextWaitingInstruction() throws {
     let cpu = try T.makeCPU()
     try cpu.memory.write(UInt16(0x037B), at: 0x1800)  // unmask zero-divide
