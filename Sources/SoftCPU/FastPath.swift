@@ -30,7 +30,7 @@ enum FastOp: UInt8 {
   case movRI64, movRI32
   case addRI64, addRI32, subRI64, subRI32, andRI64, andRI32, orRI64, orRI32, xorRI64, xorRI32
   case cmpRI64, cmpRI32, testRI64, testRI32
-  case shlRI64, shlRI32, shrRI64, shrRI32, sarRI64, sarRI32, adcRI64, adcRI32
+  case shlRI64, shlRI32, shrRI64, shrRI32, sarRI64, sarRI32, adcRI64, adcRI32, sbbRI64, sbbRI32
   // Shifts by CL.
   case shlRC64, shlRC32, shrRC64, shrRC32, sarRC64, sarRC32
   // Byte operands (registers 0-15 only: no AH..BH).
@@ -48,6 +48,9 @@ enum FastOp: UInt8 {
   case movzxByteRM, movzxWordRM, movsxdRM
   case addRM64, addRM32, subRM64, subRM32, andRM64, andRM32, orRM64, orRM32, xorRM64, xorRM32
   case cmpRM64, cmpRM32, cmpMR64, cmpMR32, cmpMI64, cmpMI32, cmpMI8, testMI8, testMR64, testMR32
+  case adcRM64, sbbRM64, addMR64, subMR64, adcMR64, sbbMR64
+  // MUL r/m64 (RDX:RAX = RAX * source).
+  case mulR64, mulM64
   // Control transfer and the stack (64-bit operand size).
   case jcc, jmpRel, push64, pop64, callRel64, ret64
 }
@@ -75,6 +78,12 @@ extension Instruction {
       guard size >= 4, hasMemoryOperand else { return }
       fast = pick(form64, form32)
       fastDst = reg
+    }
+    // Read-modify-write `[mem] op= reg` with a 64-bit operand.
+    @inline(__always) func storeForm(_ form64: FastOp) {
+      guard wide, hasMemoryOperand else { return }
+      fast = form64
+      fastSrc = reg
     }
     switch op {
     case .nop:
@@ -111,10 +120,12 @@ extension Instruction {
       } else {
         fast = pick(.storeMI64, .storeMI32)
       }
-    case .addRmReg: registerForm(.addRR64, .addRR32, dst: rm, src: reg)
+    case .addRmReg:
+      if isRegister { registerForm(.addRR64, .addRR32, dst: rm, src: reg) } else { storeForm(.addMR64) }
     case .addRegRm:
       if isRegister { registerForm(.addRR64, .addRR32, dst: reg, src: rm) } else { loadForm(.addRM64, .addRM32) }
-    case .subRmReg: registerForm(.subRR64, .subRR32, dst: rm, src: reg)
+    case .subRmReg:
+      if isRegister { registerForm(.subRR64, .subRR32, dst: rm, src: reg) } else { storeForm(.subMR64) }
     case .subRegRm:
       if isRegister { registerForm(.subRR64, .subRR32, dst: reg, src: rm) } else { loadForm(.subRM64, .subRM32) }
     case .andRmReg: registerForm(.andRR64, .andRR32, dst: rm, src: reg)
@@ -126,10 +137,32 @@ extension Instruction {
     case .xorRmReg: registerForm(.xorRR64, .xorRR32, dst: rm, src: reg)
     case .xorRegRm:
       if isRegister { registerForm(.xorRR64, .xorRR32, dst: reg, src: rm) } else { loadForm(.xorRM64, .xorRM32) }
-    case .adcRmReg: registerForm(.adcRR64, .adcRR32, dst: rm, src: reg)
-    case .adcRegRm: registerForm(.adcRR64, .adcRR32, dst: reg, src: rm)
-    case .sbbRmReg: registerForm(.sbbRR64, .sbbRR32, dst: rm, src: reg)
-    case .sbbRegRm: registerForm(.sbbRR64, .sbbRR32, dst: reg, src: rm)
+    case .adcRmReg:
+      if isRegister { registerForm(.adcRR64, .adcRR32, dst: rm, src: reg) } else { storeForm(.adcMR64) }
+    case .adcRegRm:
+      if isRegister {
+        registerForm(.adcRR64, .adcRR32, dst: reg, src: rm)
+      } else if wide {
+        fast = .adcRM64
+        fastDst = reg
+      }
+    case .sbbRmReg:
+      if isRegister { registerForm(.sbbRR64, .sbbRR32, dst: rm, src: reg) } else { storeForm(.sbbMR64) }
+    case .sbbRegRm:
+      if isRegister {
+        registerForm(.sbbRR64, .sbbRR32, dst: reg, src: rm)
+      } else if wide {
+        fast = .sbbRM64
+        fastDst = reg
+      }
+    case .mulRm:
+      guard wide else { return }
+      if isRegister {
+        fast = .mulR64
+        fastSrc = rm
+      } else {
+        fast = .mulM64
+      }
     case .cmpRmReg:
       if isRegister {
         registerForm(.cmpRR64, .cmpRR32, dst: rm, src: reg)
@@ -159,7 +192,7 @@ extension Instruction {
         fast = pick(.testMR64, .testMR32)
         fastSrc = reg
       }
-    case .addRmImm, .subRmImm, .andRmImm, .orRmImm, .xorRmImm, .cmpRmImm, .testRmImm, .adcRmImm:
+    case .addRmImm, .subRmImm, .andRmImm, .orRmImm, .xorRmImm, .cmpRmImm, .testRmImm, .adcRmImm, .sbbRmImm:
       if isRegister && size == 1 {
         guard rm < 16, op == .cmpRmImm || op == .testRmImm else { return }
         fast = op == .cmpRmImm ? .cmpRI8 : .testRI8
@@ -169,6 +202,7 @@ extension Instruction {
         fastDst = rm
         switch op {
         case .adcRmImm: fast = pick(.adcRI64, .adcRI32)
+        case .sbbRmImm: fast = pick(.sbbRI64, .sbbRI32)
         case .addRmImm: fast = pick(.addRI64, .addRI32)
         case .subRmImm: fast = pick(.subRI64, .subRI32)
         case .andRmImm: fast = pick(.andRI64, .andRI32)
@@ -403,6 +437,16 @@ extension CPU {
       gpr[dst] = result
       recordFlags(.adc, size: size, dst: left, src: right, result: result)
       flagCarry = carry
+    case .sbbRI64, .sbbRI32:
+      let size: UInt8 = slot.pointee.fast == .sbbRI64 ? 8 : 4
+      let mask = sizeMask(size)
+      let carry: UInt64 = carryFlag ? 1 : 0
+      let left = gpr[dst] & mask
+      let right = slot.pointee.immediate
+      let result = (left &- right &- carry) & mask
+      gpr[dst] = result
+      recordFlags(.sbb, size: size, dst: left, src: right, result: result)
+      flagCarry = carry
 
     case .shlRC64, .shlRC32, .shrRC64, .shrRC32, .sarRC64, .sarRC32:
       let form = slot.pointee.fast
@@ -569,6 +613,44 @@ extension CPU {
       let left = UInt64(try load32(fastAddress(slot)))
       let right = gpr[src] & low32
       recordFlags(.logic, size: 4, dst: left, src: right, result: left & right)
+    case .adcRM64:
+      let right = try load64(fastAddress(slot))
+      let carry: UInt64 = carryFlag ? 1 : 0
+      let left = gpr[dst]
+      let result = left &+ right &+ carry
+      gpr[dst] = result
+      recordFlags(.adc, size: 8, dst: left, src: right, result: result)
+      flagCarry = carry
+    case .sbbRM64:
+      let right = try load64(fastAddress(slot))
+      let carry: UInt64 = carryFlag ? 1 : 0
+      let left = gpr[dst]
+      let result = left &- right &- carry
+      gpr[dst] = result
+      recordFlags(.sbb, size: 8, dst: left, src: right, result: result)
+      flagCarry = carry
+    case .addMR64:
+      let right = gpr[src]
+      let left = try modify64(slot) { $0 &+ right }
+      recordFlags(.add, size: 8, dst: left, src: right, result: left &+ right)
+    case .subMR64:
+      let right = gpr[src]
+      let left = try modify64(slot) { $0 &- right }
+      recordFlags(.sub, size: 8, dst: left, src: right, result: left &- right)
+    case .adcMR64:
+      let right = gpr[src]
+      let carry: UInt64 = carryFlag ? 1 : 0
+      let left = try modify64(slot) { $0 &+ right &+ carry }
+      recordFlags(.adc, size: 8, dst: left, src: right, result: left &+ right &+ carry)
+      flagCarry = carry
+    case .sbbMR64:
+      let right = gpr[src]
+      let carry: UInt64 = carryFlag ? 1 : 0
+      let left = try modify64(slot) { $0 &- right &- carry }
+      recordFlags(.sbb, size: 8, dst: left, src: right, result: left &- right &- carry)
+      flagCarry = carry
+    case .mulR64: multiplyUnsigned64(gpr[src])
+    case .mulM64: multiplyUnsigned64(try load64(fastAddress(slot)))
 
     case .jcc:
       // Jcc does not end its block (Decoder.swift `endsBlock`): a taken branch stops it here.
@@ -651,6 +733,31 @@ extension CPU {
     let low = hv_imul64(Int64(bitPattern: source), Int64(bitPattern: other), &high)
     gpr[dst] = low
     recordMultiplyFlags(low: low, size: 8, overflow: Int64(bitPattern: low) >> 63 != high)
+  }
+
+  /// MUL r/m64: RDX:RAX = RAX * `source`, flags as `multiplyAccumulator`.
+  @_transparent
+  func multiplyUnsigned64(_ source: UInt64) {
+    var high: UInt64 = 0
+    let low = hv_mul64(gpr[0], source, &high)
+    gpr[0] = low
+    gpr[2] = high
+    recordMultiplyFlags(low: low, size: 8, overflow: high != 0)
+  }
+
+  /// Read-modify-write of the 64-bit memory operand of the instruction in `slot` (not LOCK):
+  /// stores `compute(old)` and returns the old value (as `modifyRm`).
+  @_transparent
+  func modify64(_ slot: UnsafeMutablePointer<Instruction>, _ compute: (UInt64) -> UInt64) throws(Fault) -> UInt64 {
+    let address = fastAddress(slot)
+    if let host = try modifyHost(address, 8) {
+      let old = hv_load64(host)
+      hv_store64(host, compute(old))
+      return old
+    }
+    let old = try readMemory(address, size: 8)
+    try writeMemory(address, size: 8, compute(old))
+    return old
   }
 
   /// IMUL r32, r/m32 (, imm).
