@@ -25,7 +25,7 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
 
   private let parts: MachineParts
   private let cpus: [CPU]
-  private let wakeups: [HaltWakeup]
+  private let wakeups: [VCPUSleeper]
   private let started = Atomic<Bool>(false)
 
   /// Builds the vCPUs and the interrupt controllers of a machine made of `parts`.
@@ -43,7 +43,7 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
     parts.interrupts.attach(controllers.routing)
 
     var cpus: [CPU] = []
-    var wakeups: [HaltWakeup] = []
+    var wakeups: [VCPUSleeper] = []
     for index in 0..<cpuCount {
       let cpu = CPU(memory: parts.memory, bus: parts.bus)
       let apic = controllers.localAPICs[index]
@@ -52,14 +52,16 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
       cpu.system.apicID = UInt32(index)
       cpu.system.tscKilohertz = TimeBase.tscFrequency / 1000
       cpu.apicBase = apic.apicBaseMSR
-      let wakeup = HaltWakeup()
-      apic.setInterruptPendingHandler { [unowned(unsafe) cpu] in
-        cpu.requestStop()
-        wakeup.signal()
+      let wakeup = VCPUSleeper()
+      // Weak: the APIC and the machine control (which devices and host threads may still call
+      // after `run` returned) can outlive this accelerator's CPUs.
+      apic.setInterruptPendingHandler { [weak cpu] in
+        cpu?.requestStop()
+        wakeup.wake()
       }
-      parts.control.addKick { [unowned(unsafe) cpu] in
-        cpu.requestStop()
-        wakeup.signal()
+      parts.control.addKick { [weak cpu] in
+        cpu?.requestStop()
+        wakeup.wake()
       }
       cpus.append(cpu)
       wakeups.append(wakeup)
@@ -130,7 +132,7 @@ public enum SoftAcceleratorError: Error, CustomStringConvertible {
 /// The vCPU loop: run slices of the interpreter, poll timers, deliver interrupts, sleep in HLT.
 private func runVCPU(
   _ cpu: CPU, index: Int, parts: MachineParts, controllers: PlatformInterruptControllers, clock: any MachineClock,
-  wakeup: HaltWakeup
+  wakeup: VCPUSleeper
 ) {
   let control = parts.control
   while true {
@@ -156,7 +158,7 @@ private func runVCPU(
       let deadline = controllers.nextDeadline(cpu: index)
       let now = clock.nanoseconds
       if let deadline, deadline <= now { continue }
-      wakeup.wait(nanoseconds: deadline.map { $0 - now })
+      wakeup.sleep(untilVirtual: deadline, clock: clock)
       continue
     }
 
@@ -196,61 +198,6 @@ private func startInterpreterThread(_ body: @escaping @Sendable () -> Void) thro
     throw .cannotCreateThread(errno: result)
   }
   return thread
-}
-
-/// Where a halted vCPU sleeps until an interrupt, a kick or a timer deadline.
-final class HaltWakeup: @unchecked Sendable {
-  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-  private let condition: UnsafeMutablePointer<pthread_cond_t>
-  private var signaled = false
-
-  init() {
-    mutex = .allocate(capacity: 1)
-    pthread_mutex_init(mutex, nil)
-    condition = .allocate(capacity: 1)
-    var attributes = pthread_condattr_t()
-    pthread_condattr_init(&attributes)
-    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
-    pthread_cond_init(condition, &attributes)
-    pthread_condattr_destroy(&attributes)
-  }
-
-  deinit {
-    pthread_cond_destroy(condition)
-    pthread_mutex_destroy(mutex)
-    condition.deallocate()
-    mutex.deallocate()
-  }
-
-  /// Wakes the sleeper (or makes its next wait return at once). Only signals: safe to call
-  /// with other locks held.
-  func signal() {
-    pthread_mutex_lock(mutex)
-    signaled = true
-    pthread_cond_signal(condition)
-    pthread_mutex_unlock(mutex)
-  }
-
-  /// Sleeps until `signal()` or for at most `nanoseconds` (forever when nil).
-  func wait(nanoseconds: UInt64?) {
-    pthread_mutex_lock(mutex)
-    defer { pthread_mutex_unlock(mutex) }
-    if signaled {
-      signaled = false
-      return
-    }
-    if let nanoseconds {
-      var deadline = timespec()
-      clock_gettime(CLOCK_MONOTONIC, &deadline)
-      let total = UInt64(deadline.tv_nsec) + min(nanoseconds, 3_600_000_000_000)
-      deadline.tv_sec += Int(total / 1_000_000_000)
-      deadline.tv_nsec = Int(total % 1_000_000_000)
-      _ = pthread_cond_timedwait(condition, mutex, &deadline)
-    } else {
-      pthread_cond_wait(condition, mutex)
-    }
-    signaled = false
-  }
 }
 
 /// The local-APIC page at 0xFEE00000: each CPU sees its own APIC there, so accesses are routed
