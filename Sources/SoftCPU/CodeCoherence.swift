@@ -45,10 +45,12 @@ extension CPU {
 
   /// Whether a sibling holds decoded code from physical `page` (a hint, see above).
   func siblingsHoldCode(_ page: UInt64) -> Bool {
-    for sibling in siblings where page < sibling.cpu.codePageCount && sibling.cpu.codePageHead[Int(page)] != 0 {
-      return true
-    }
-    return false
+    siblings.contains { $0.cpu.mayHoldDecodedCode(physical: page << 12, length: 0x1000) }
+  }
+
+  /// Tells every sibling that physical `page` was written (each one checks its own code).
+  func postPageToSiblings(_ page: UInt64) {
+    for sibling in siblings { sibling.cpu.postExternalWrite(physical: page << 12, length: 0x1000) }
   }
 
   /// Rule 1: a slow-path store is about to hit `page`, which a sibling holds code on.
@@ -70,9 +72,7 @@ extension CPU {
   /// Runs at a block boundary (from `applyPostedExternalWrites`), outside any lock.
   @inline(never)
   func synchronizeCodeWithSiblings() {
-    for page in deferredSiblingPages {
-      for sibling in siblings { sibling.cpu.postExternalWrite(physical: page << 12, length: 0x1000) }
-    }
+    for page in deferredSiblingPages { postPageToSiblings(page) }
     deferredSiblingPages.removeAll(keepingCapacity: true)
     guard let shared = sharedCode else { return }
     let epoch = shared.epoch.load(ordering: .acquiring)
@@ -83,7 +83,7 @@ extension CPU {
       let host = (entry.tag & ~0xFFF) &+ entry.delta
       guard let page = physicalPage(ofHost: host), siblingsHoldCode(page) else { continue }
       writeTLB[index] = TLBEntry()
-      for sibling in siblings { sibling.cpu.postExternalWrite(physical: page << 12, length: 0x1000) }
+      postPageToSiblings(page)
     }
   }
 
