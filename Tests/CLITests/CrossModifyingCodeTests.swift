@@ -10,70 +10,62 @@ import VMCore
 /// 0x6000. The BSP patches the immediate 200 times (1, 2, ...), each time waiting until the AP
 /// reports the new value; it exits with 0x11 when every patch was seen, or 0x07 when the AP kept
 /// running old code for about a second of guest time (stale decoded code on the other vCPU).
-let crossModifyingCodeGuest = """
-          .set MB_MAGIC, 0x1BADB002
-          .set MB_FLAGS, 0x00000003
-          .set SEEN, 0x6000
-          .set TRAMPOLINE, 0x9000
-          .set IMMEDIATE, TRAMPOLINE + (patched - trampoline) + 1
-          .text
-          .code32
-          .align 4
-          .long MB_MAGIC
-          .long MB_FLAGS
-          .long -(MB_MAGIC + MB_FLAGS)
-          .globl _start
-  _start:
-          movl $stack_top, %esp
-          movl $trampoline, %esi
-          movl $TRAMPOLINE, %edi
-          movl $(trampoline_end - trampoline), %ecx
-          cld
-          rep movsb
-          movw $0xFFFF, SEEN
-          movl $0x000001FF, 0xFEE000F0
-          movl $0x01000000, 0xFEE00310
-          movl $0x00004500, 0xFEE00300
-          movl $0x01000000, 0xFEE00310
-          movl $0x00004609, 0xFEE00300
-          xorl %ebx, %ebx
-  await:  movl $100000000, %ecx
-  poll:   cmpw %bx, SEEN
-          je seen
-          decl %ecx
-          jnz poll
-          movw $0xF4, %dx
-          movl $0x07, %eax
-          outl %eax, %dx
-          hlt
-  seen:   incl %ebx
-          cmpl $200, %ebx
-          ja done
-          movw %bx, IMMEDIATE
-          jmp await
-  done:   movw $0xF4, %dx
-          movl $0x11, %eax
-          outl %eax, %dx
-          hlt
+let crossModifyingCodeGuest =
+  multibootPrologue + """
+            .set SEEN, 0x6000
+            .set TRAMPOLINE, 0x9000
+            .set IMMEDIATE, TRAMPOLINE + (patched - trampoline) + 1
+    _start:
+            movl $stack_top, %esp
+            movl $trampoline, %esi
+            movl $TRAMPOLINE, %edi
+            movl $(trampoline_end - trampoline), %ecx
+            cld
+            rep movsb
+            movw $0xFFFF, SEEN
+            movl $0x000001FF, 0xFEE000F0
+            movl $0x01000000, 0xFEE00310
+            movl $0x00004500, 0xFEE00300
+            movl $0x01000000, 0xFEE00310
+            movl $0x00004609, 0xFEE00300
+            xorl %ebx, %ebx
+    await:  movl $100000000, %ecx
+    poll:   cmpw %bx, SEEN
+            je seen
+            decl %ecx
+            jnz poll
+            movw $0xF4, %dx
+            movl $0x07, %eax
+            outl %eax, %dx
+            hlt
+    seen:   incl %ebx
+            cmpl $200, %ebx
+            ja done
+            movw %bx, IMMEDIATE
+            jmp await
+    done:   movw $0xF4, %dx
+            movl $0x11, %eax
+            outl %eax, %dx
+            hlt
 
-          .code16
-  trampoline:
-          xorw %ax, %ax
-          movw %ax, %ds
-  again:  call patched
-          movw %ax, SEEN
-          jmp again
-  patched:
-          movw $0, %ax
-          ret
-  trampoline_end:
-          .code32
+            .code16
+    trampoline:
+            xorw %ax, %ax
+            movw %ax, %ds
+    again:  call patched
+            movw %ax, SEEN
+            jmp again
+    patched:
+            movw $0, %ax
+            ret
+    trampoline_end:
+            .code32
 
-          .data
-          .fill 4096, 1, 0
-  stack_top:
+            .data
+            .fill 4096, 1, 0
+    stack_top:
 
-  """
+    """
 
 @Suite("Cross-modifying code between vCPUs")
 struct CrossModifyingCodeTests {

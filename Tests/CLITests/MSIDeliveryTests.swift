@@ -4,10 +4,9 @@ import VMCore
 
 @testable import VMM
 
-/// A Multiboot guest that masks the 8259s, installs an IDT gate for vector 0x41, software-
-/// enables its local APIC and halts with interrupts on; the handler exits through
-/// isa-debug-exit with 0x41. Only an MSI for vector 0x41 can end it.
-let msiWaitGuest = """
+/// The start of a 32-bit Multiboot v1 guest in GNU as syntax: the header (magic, flags 3,
+/// checksum) in `.text`, then `_start`, which the guest source continues.
+let multibootPrologue = """
           .set MB_MAGIC, 0x1BADB002
           .set MB_FLAGS, 0x00000003
           .text
@@ -17,40 +16,48 @@ let msiWaitGuest = """
           .long MB_FLAGS
           .long -(MB_MAGIC + MB_FLAGS)
           .globl _start
-  _start:
-          movl $stack_top, %esp
-          movb $0xFF, %al
-          outb %al, $0x21
-          outb %al, $0xA1
-          movl $handler, %eax
-          movw %ax, idt + 0x41 * 8
-          movw %cs, %bx
-          movw %bx, idt + 0x41 * 8 + 2
-          movw $0x8E00, idt + 0x41 * 8 + 4
-          shrl $16, %eax
-          movw %ax, idt + 0x41 * 8 + 6
-          lidt idtr
-          movl $0, 0xFEE00080
-          movl $0x1FF, 0xFEE000F0
-          sti
-  wait:   hlt
-          jmp wait
-  handler:
-          movw $0xF4, %dx
-          movl $0x41, %eax
-          outl %eax, %dx
-          cli
-          hlt
-          .data
-          .align 8
-  idtr:   .word 256 * 8 - 1
-          .long idt
-          .align 8
-  idt:    .fill 256 * 8, 1, 0
-          .fill 4096, 1, 0
-  stack_top:
 
   """
+
+/// A Multiboot guest that masks the 8259s, installs an IDT gate for vector 0x41, software-
+/// enables its local APIC and halts with interrupts on; the handler exits through
+/// isa-debug-exit with 0x41. Only an MSI for vector 0x41 can end it.
+let msiWaitGuest =
+  multibootPrologue + """
+    _start:
+            movl $stack_top, %esp
+            movb $0xFF, %al
+            outb %al, $0x21
+            outb %al, $0xA1
+            movl $handler, %eax
+            movw %ax, idt + 0x41 * 8
+            movw %cs, %bx
+            movw %bx, idt + 0x41 * 8 + 2
+            movw $0x8E00, idt + 0x41 * 8 + 4
+            shrl $16, %eax
+            movw %ax, idt + 0x41 * 8 + 6
+            lidt idtr
+            movl $0, 0xFEE00080
+            movl $0x1FF, 0xFEE000F0
+            sti
+    wait:   hlt
+            jmp wait
+    handler:
+            movw $0xF4, %dx
+            movl $0x41, %eax
+            outl %eax, %dx
+            cli
+            hlt
+            .data
+            .align 8
+    idtr:   .word 256 * 8 - 1
+            .long idt
+            .align 8
+    idt:    .fill 256 * 8, 1, 0
+            .fill 4096, 1, 0
+    stack_top:
+
+    """
 
 /// Assembles `source` (32-bit GNU as syntax) into an ELF linked at 1 MiB.
 func assembleGuest(_ source: String, in scratch: ScratchDirectory) throws -> String {
