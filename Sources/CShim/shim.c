@@ -57,3 +57,12 @@ int hv_kvm_unblock_signal_only_in_run(int vcpu_fd, int signo) {
 }
 
 int hv_set_current_thread_name(const char *name) { return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0); }
+
+void hv_consume_pending_signal(int signo) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, signo);
+  struct timespec zero = {0, 0};
+  while (sigtimedwait(&set, NULL, &zero) == signo) {
+  }
+}

@@ -18,7 +18,8 @@ import VMCore
 /// Output bytes queue up; IRQ 1 (keyboard) and IRQ 12 (auxiliary) follow the byte at the head
 /// of the queue and the command byte's interrupt enables. Reading the data port lowers the line
 /// before raising it for the next byte, so edge-triggered controllers see every byte.
-/// There are no keystrokes from the host (the serial console is the input path) and the A20
+/// The host types only Ctrl-Alt-Del (`typeControlAltDelete`; the serial console is the input
+/// path) and the A20
 /// output is stored but not applied: guest RAM is always addressed with A20 enabled.
 public final class I8042Controller: PortIODevice {
   /// The data port.
@@ -67,6 +68,20 @@ public final class I8042Controller: PortIODevice {
       return reset
     }
     if resetRequested { control.requestStop(.reset(reason: "i8042 reset")) }
+  }
+
+  /// Types Ctrl-Alt-Del: the make and break codes of Left Ctrl, Left Alt and Delete, in scan
+  /// code set 1 when the controller translates (command byte bit 6, Linux's setting) and in
+  /// set 2 otherwise. Bytes are dropped while the keyboard interface is disabled.
+  public func typeControlAltDelete() {
+    state.withLock { controller in
+      let translated = controller.commandByte & 0x40 != 0
+      let bytes: [UInt8] =
+        translated
+        ? [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
+        : [0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14]
+      for byte in bytes { controller.enqueueKeystroke(byte) }
+    }
   }
 
   /// The controller command byte (configuration) as the guest last set it.
@@ -146,6 +161,13 @@ struct I8042State {
       head.map { !$0.fromAuxiliary } == true && commandByte & Self.keyboardInterruptEnable != 0)
     auxiliaryLine.set(
       head.map { $0.fromAuxiliary } == true && commandByte & Self.auxiliaryInterruptEnable != 0)
+  }
+
+  /// Queues a keystroke byte from the host, unless the keyboard interface is disabled or the
+  /// keyboard is not scanning.
+  mutating func enqueueKeystroke(_ value: UInt8) {
+    guard commandByte & Self.keyboardDisabled == 0, keyboardScanning else { return }
+    enqueue(value)
   }
 
   mutating func enqueue(_ value: UInt8, fromAuxiliary: Bool = false, timeout: Bool = false) {

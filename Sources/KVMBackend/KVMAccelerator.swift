@@ -29,6 +29,8 @@ public final class KVMAccelerator: Accelerator {
   private let vcpus: [KVMVCPU]
   private let started = Atomic<Bool>(false)
   private let running = Atomic<Bool>(false)
+  /// The kvmclock read when the machine was paused.
+  private let pausedClock = Mutex<kvm_clock_data?>(nil)
 
   /// The capabilities the backend relies on, by KVM_CAP_ name.
   static let requiredCapabilities: [(name: String, value: Int32)] = [
@@ -130,6 +132,27 @@ public final class KVMAccelerator: Accelerator {
     for thread in threads { pthread_join(thread, nil) }
     if let startError { throw startError }
     return parts.control.stopReason ?? .failure("KVM vCPUs stopped without a stop reason")
+  }
+
+  /// Parks every vCPU outside KVM_RUN. The kvmclock is saved here and restored on `resume`,
+  /// so guest time read through it does not jump by the paused time.
+  public func pause() throws(MachinePauseError) {
+    let control = parts.control
+    guard control.pauseGate.pause(kick: { control.kickAll() }) else {
+      throw MachinePauseError("the KVM vCPUs did not stop within 5 s")
+    }
+    pausedClock.withLock { $0 = machine.clock() }
+  }
+
+  /// Restores the kvmclock saved by `pause` and lets the vCPUs run again.
+  public func resume() {
+    if let clock = pausedClock.withLock({ value -> kvm_clock_data? in
+      defer { value = nil }
+      return value
+    }) {
+      machine.setClock(clock)
+    }
+    parts.control.pauseGate.resume()
   }
 
   /// Exit counts summed over all vCPUs (readable at any time, e.g. after `run` returns).

@@ -147,12 +147,25 @@ final class KVMVCPU: @unchecked Sendable {
     thread.withLock { $0 = pthread_self() }
     defer { thread.withLock { $0 = nil } }
 
+    control.pauseGate.enter()
+    defer { control.pauseGate.leave() }
     while !control.isStopping {
+      if control.pauseGate.isPauseRequested {
+        // Out of KVM_RUN: a safe point.
+        control.pauseGate.parkIfRequested()
+        continue
+      }
+      // Clear an earlier kick. A kick that lands after the checks above still interrupts
+      // KVM_RUN: its signal stays pending until KVM_RUN unblocks it.
+      hv_kvm_run_set_immediate_exit(run, 0)
       if hv_ioctl_int(fd, HV_KVM_RUN, 0) < 0 {
         let err = errno
         counters.count(counters.total)
         if err == EINTR || err == EAGAIN {
-          // A kick (checked by the loop condition) or a stray signal: not an error.
+          // A kick (its request is checked at the loop's top) or a stray signal: not an
+          // error. The kick signal is blocked outside KVM_RUN, so it stays pending and would
+          // interrupt every later KVM_RUN: take it now.
+          hv_consume_pending_signal(KVMAccelerator.kickSignal)
           counters.count(counters.interrupted)
           continue
         }

@@ -81,6 +81,20 @@ final class KVMVirtualMachine: Sendable {
     return result
   }
 
+  /// The kvmclock (KVM_GET_CLOCK), or nil when the kernel refuses.
+  func clock() -> kvm_clock_data? {
+    var data = kvm_clock_data()
+    return hv_ioctl_ptr(fd, HV_KVM_GET_CLOCK, &data) < 0 ? nil : data
+  }
+
+  /// Sets the kvmclock (KVM_SET_CLOCK) to a value read by `clock()`; failures are ignored
+  /// (the guest then sees the host's elapsed time, as without this call).
+  func setClock(_ value: kvm_clock_data) {
+    var data = kvm_clock_data()
+    data.clock = value.clock
+    _ = hv_ioctl_ptr(fd, HV_KVM_SET_CLOCK, &data)
+  }
+
   /// Registers every RAM region of `memory` as a KVM memory slot (slot N = region N).
   func registerMemorySlots() throws(KVMError) {
     for (slot, region) in memory.regions.enumerated() {

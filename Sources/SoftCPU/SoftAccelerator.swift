@@ -114,6 +114,24 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
   }
 }
 
+extension SoftAccelerator {
+  /// Parks every vCPU thread at an instruction boundary, then freezes the machine clock (TSC,
+  /// APIC timers, PIT, ACPI PM timer), so no timer advances while paused.
+  public func pause() throws(MachinePauseError) {
+    let control = parts.control
+    guard control.pauseGate.pause(kick: { control.kickAll() }) else {
+      throw MachinePauseError("the software vCPUs did not stop within 5 s")
+    }
+    (clock as? VirtualClock)?.pause()
+  }
+
+  /// Resumes the clock from the paused time, then releases the vCPU threads.
+  public func resume() {
+    (clock as? VirtualClock)?.resume()
+    parts.control.pauseGate.resume()
+  }
+}
+
 /// Errors of the software accelerator's setup.
 public enum SoftAcceleratorError: Error, CustomStringConvertible {
   case invalidCPUCount(Int)
@@ -135,8 +153,15 @@ private func runVCPU(
   wakeup: VCPUSleeper
 ) {
   let control = parts.control
+  control.pauseGate.enter()
+  defer { control.pauseGate.leave() }
   while true {
     if control.isStopping { return }
+    if control.pauseGate.isPauseRequested {
+      // Between slices: an instruction boundary, with every posted write applied.
+      control.pauseGate.parkIfRequested()
+      continue
+    }
     if let reason = cpu.system.shutdownReason {
       control.requestStop(.reset(reason: reason))
       return

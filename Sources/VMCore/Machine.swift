@@ -38,6 +38,9 @@ public enum MachineStopReason: Sendable, Equatable, CustomStringConvertible {
 public final class MachineControl: Sendable {
   private let state = Mutex<(reason: MachineStopReason?, kicks: [@Sendable () -> Void])>((nil, []))
 
+  /// Where vCPU threads park while the host pauses the machine.
+  public let pauseGate = PauseGate()
+
   public init() {}
 
   /// The first stop request, if any.
@@ -52,6 +55,14 @@ public final class MachineControl: Sendable {
       if state.reason == nil { state.reason = reason }
       return state.kicks
     }
+    pauseGate.release()
+    for kick in kicks { kick() }
+  }
+
+  /// Interrupts every registered vCPU (without asking the machine to stop), so each reaches a
+  /// safe point and rechecks its requests, e.g. a pause.
+  public func kickAll() {
+    let kicks = state.withLock { $0.kicks }
     for kick in kicks { kick() }
   }
 
@@ -120,4 +131,17 @@ public protocol Accelerator: AnyObject, Sendable {
   /// Runs the machine from `bootState` on the bootstrap processor until it stops;
   /// returns why it stopped.
   func run(bootState: X86CPUState) throws -> MachineStopReason
+  /// Stops every vCPU at a safe point (an instruction boundary on the software CPU, outside
+  /// KVM_RUN on KVM) and freezes the machine's clocks; returns once all are parked. Throws
+  /// when the vCPUs do not park in time (the machine then keeps running).
+  func pause() throws(MachinePauseError)
+  /// Lets a paused machine continue exactly where it stopped, with its clocks continuing
+  /// from the paused time.
+  func resume()
+}
+
+/// A pause that could not complete.
+public struct MachinePauseError: Error, CustomStringConvertible, Sendable {
+  public let description: String
+  public init(_ description: String) { self.description = description }
 }

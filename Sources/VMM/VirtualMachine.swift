@@ -35,6 +35,8 @@ public final class VirtualMachine: Sendable {
   public let virtioDevices: [VirtioPCIDevice]
   /// The virtio console wired to standard input/output, when `console` is `.virtio`.
   private let virtioConsole: VirtioConsole?
+  /// The ACPI fixed-hardware registers (power button, sleep states).
+  public let powerManagement: ACPIPowerManagement
 
   /// Builds the machine: validates the configuration, maps RAM, loads the kernel, installs
   /// devices and opens the accelerator. Every failure is a one-line error.
@@ -118,7 +120,7 @@ public final class VirtualMachine: Sendable {
       devices = try LegacyDevices.install(
         on: parts.bus, control: parts.control, interrupts: parts.interrupts, serialBackend: backend,
         memorySize: configuration.memorySize)
-      let powerManagement = ACPIPowerManagement(
+      powerManagement = ACPIPowerManagement(
         control: parts.control,
         sci: InterruptLine(router: parts.interrupts, line: UInt32(ACPIPowerManagement.sciInterrupt)),
         nanoseconds: { clock.nanoseconds })
@@ -281,6 +283,35 @@ public final class VirtualMachine: Sendable {
       return try accelerator.run(bootState: boot.state)
     }
     return try terminal.run { try accelerator.run(bootState: boot.state) }
+  }
+
+  // MARK: Control of a running machine
+
+  /// Stops every vCPU at a safe point and freezes the machine's clocks (see
+  /// `Accelerator.pause`). Device workers finish the requests they hold; the guest posts no new
+  /// ones while its vCPUs are parked.
+  public func pause() throws(MachinePauseError) {
+    try accelerator.pause()
+  }
+
+  /// Continues a paused machine where it stopped.
+  public func resume() {
+    accelerator.resume()
+  }
+
+  /// Presses the ACPI power button (the guest's acpid or kernel decides what to do).
+  public func pressPowerButton() {
+    powerManagement.pressPowerButton()
+  }
+
+  /// Types Ctrl-Alt-Del on the i8042 keyboard, as Firecracker's SendCtrlAltDel does.
+  public func sendCtrlAltDel() {
+    devices.keyboardController.typeControlAltDelete()
+  }
+
+  /// Asks the machine to stop; `run` then returns `reason`.
+  public func requestStop(_ reason: MachineStopReason = .stopRequested) {
+    parts.control.requestStop(reason)
   }
 
   private static func log(_ message: String) {

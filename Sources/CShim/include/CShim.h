@@ -37,9 +37,14 @@ static const unsigned long HV_KVM_SET_SIGNAL_MASK = KVM_SET_SIGNAL_MASK;
 static const unsigned long HV_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
 static const unsigned long HV_KVM_RUN = KVM_RUN;
 static const unsigned long HV_KVM_SIGNAL_MSI = KVM_SIGNAL_MSI;
+static const unsigned long HV_KVM_GET_CLOCK = KVM_GET_CLOCK;
+static const unsigned long HV_KVM_SET_CLOCK = KVM_SET_CLOCK;
 
 /// ioctl(2) with a pointer argument (ioctl itself is variadic and cannot be called from Swift).
 int hv_ioctl_ptr(int fd, unsigned long request, void *argument);
+/// Takes every pending instance of `signo` (blocked in the calling thread) off the thread's
+/// queue without waiting, so the next KVM_RUN is not interrupted by an old kick.
+void hv_consume_pending_signal(int signo);
 /// ioctl(2) with an integer argument.
 int hv_ioctl_int(int fd, unsigned long request, unsigned long argument);
 

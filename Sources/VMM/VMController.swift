@@ -1,0 +1,453 @@
+import Glibc
+import Synchronization
+import VMCore
+import Virtio
+
+/// Where a managed machine is in its life. Both management APIs map onto these states
+/// (Firecracker: "Not started", "Running", "Paused"; Cloud Hypervisor: "Created", "Running",
+/// "Paused", "Shutdown").
+public enum VMLifecycle: String, Sendable, Equatable {
+  /// Being configured; not booted yet.
+  case notStarted
+  /// Booted and running.
+  case running
+  /// Booted, every vCPU parked and the clocks frozen.
+  case paused
+  /// The guest stopped (powered off, reset, exited, or was shut down by the host).
+  case shutDown
+}
+
+/// A failed control request, as one line. Frontends map the kind to their status codes.
+public struct ControlError: Error, Equatable, Sendable, CustomStringConvertible {
+  /// Why the request failed.
+  public enum Kind: Sendable, Equatable {
+    /// The request is malformed or names something invalid (a bad path, size or ID).
+    case invalidArgument
+    /// The request is not allowed in the machine's current state (e.g. a pre-boot resource
+    /// after InstanceStart, or resume while running).
+    case invalidState
+    /// Hostvisor does not implement this request (yet).
+    case unsupported
+    /// The request was valid but the machine could not carry it out.
+    case failed
+  }
+
+  /// Why the request failed.
+  public let kind: Kind
+  /// One line for the user (Firecracker's `fault_message`).
+  public let description: String
+
+  public init(_ kind: Kind, _ description: String) {
+    self.kind = kind
+    self.description = description
+  }
+}
+
+/// A virtio-blk drive as the control plane configures it.
+public struct DriveSpec: Sendable, Equatable {
+  /// The drive's ID (Firecracker's `drive_id`, Cloud Hypervisor's `id`).
+  public var id: String
+  /// The backing file or block device.
+  public var path: String
+  /// Whether the guest sees a read-only disk.
+  public var readOnly: Bool
+  /// Whether the drive holds the root filesystem: the kernel command line gets
+  /// `root=/dev/vdX` for it (and `ro` when it is read-only), as Firecracker does.
+  public var isRootDevice: Bool
+
+  public init(id: String, path: String, readOnly: Bool = false, isRootDevice: Bool = false) {
+    self.id = id
+    self.path = path
+    self.readOnly = readOnly
+    self.isRootDevice = isRootDevice
+  }
+}
+
+/// A virtio-net interface as the control plane configures it.
+public struct NetworkInterfaceSpec: Sendable, Equatable {
+  /// The interface's ID (Firecracker's `iface_id`).
+  public var id: String
+  /// The host TAP device.
+  public var hostDeviceName: String
+  /// The guest's MAC address; nil picks a random one.
+  public var guestMAC: MACAddress?
+
+  public init(id: String, hostDeviceName: String, guestMAC: MACAddress? = nil) {
+    self.id = id
+    self.hostDeviceName = hostDeviceName
+    self.guestMAC = guestMAC
+  }
+}
+
+/// Everything the control plane collects before boot, piece by piece (Firecracker) or in one
+/// request (Cloud Hypervisor's `vm.create`). `machineConfiguration()` turns it into the
+/// `MachineConfiguration` that `VirtualMachine` builds from.
+public struct VMSpec: Sendable, Equatable {
+  /// The kernel image; required before boot.
+  public var kernelPath: String?
+  /// The initial ramdisk.
+  public var initrdPath: String?
+  /// The kernel command line; nil uses Firecracker's default (`console=ttyS0 reboot=k panic=1`).
+  public var bootArgs: String?
+  /// Number of vCPUs.
+  public var vcpuCount: Int = 1
+  /// Guest RAM in MiB (Firecracker's default: 128).
+  public var memoryMiB: Int = 128
+  /// Simultaneous multithreading as Firecracker's machine-config describes it (reported back;
+  /// the vCPU topology is one thread per core either way).
+  public var smt: Bool = false
+  /// Whether dirty pages are tracked for diff snapshots.
+  public var trackDirtyPages: Bool = false
+  /// Drives in the order they were added; the root drive (if any) is attached first.
+  public var drives: [DriveSpec] = []
+  /// Network interfaces in the order they were added.
+  public var networkInterfaces: [NetworkInterfaceSpec] = []
+  /// Where COM1 goes.
+  public var serial: SerialChoice = .stdio
+  /// The guest console.
+  public var console: ConsoleChoice = .serial
+  /// Which accelerator runs the vCPUs.
+  public var accelerator: AcceleratorChoice = .auto
+  /// Report choices and the stop reason on standard error.
+  public var verbose: Bool = false
+
+  /// Firecracker's default kernel command line.
+  public static let defaultBootArgs = "console=ttyS0 reboot=k panic=1"
+
+  public init() {}
+
+  /// The machine configuration this spec describes; fails with `.invalidArgument` when a
+  /// required piece is missing or a value is out of range.
+  public func machineConfiguration() throws(ControlError) -> MachineConfiguration {
+    guard let kernelPath else {
+      throw ControlError(.invalidArgument, "cannot start the machine: no boot source (kernel image) is configured")
+    }
+    guard memoryMiB >= 1 else { throw ControlError(.invalidArgument, "memory size must be at least 1 MiB") }
+    var commandLine = bootArgs ?? Self.defaultBootArgs
+    let ordered = drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice }
+    if let root = ordered.first, root.isRootDevice {
+      commandLine += " root=/dev/vda \(root.readOnly ? "ro" : "rw")"
+    }
+    var configuration = MachineConfiguration(kernelPath: kernelPath)
+    configuration.initrdPath = initrdPath
+    configuration.commandLine = commandLine
+    configuration.memorySize = UInt64(memoryMiB) << 20
+    configuration.cpuCount = vcpuCount
+    configuration.accelerator = accelerator
+    configuration.serial = serial
+    configuration.console = console
+    configuration.verbose = verbose
+    configuration.disks = ordered.map { DiskConfiguration(path: $0.path, readOnly: $0.readOnly) }
+    configuration.networks = networkInterfaces.map {
+      NetworkConfiguration(tapName: $0.hostDeviceName, mac: $0.guestMAC)
+    }
+    do {
+      try configuration.validate()
+    } catch {
+      throw ControlError(.invalidArgument, error.description)
+    }
+    return configuration
+  }
+}
+
+/// The one control interface of a managed machine: configure it before boot, boot it, pause,
+/// resume, press its buttons, stop it and query it. The Firecracker and Cloud Hypervisor HTTP
+/// frontends and the CLI are thin layers over this type. Thread-safe; no call blocks a vCPU.
+public final class VMController: Sendable {
+  private struct State {
+    var lifecycle: VMLifecycle = .notStarted
+    var spec: VMSpec
+    var machine: VirtualMachine?
+    var stopReason: MachineStopReason?
+    var bootTime: UInt64?
+    var pausedAt: UInt64?
+    var pausedNanoseconds: UInt64 = 0
+  }
+
+  /// The instance ID (Firecracker's `--id`).
+  public let id: String
+  private let state: Mutex<State>
+  private let stopped = VMStopSignal()
+  /// Serializes lifecycle transitions (start/pause/resume/stop) with each other.
+  private let transitions = Mutex<Void>(())
+  private let onStop: @Sendable (MachineStopReason) -> Void
+
+  /// Creates a controller for a machine that is not configured yet. `onStop` runs on the
+  /// machine's run thread when the guest stops.
+  public init(
+    id: String = "anonymous-instance", spec: VMSpec = VMSpec(),
+    onStop: @escaping @Sendable (MachineStopReason) -> Void = { _ in }
+  ) {
+    self.id = id
+    self.state = Mutex(State(spec: spec))
+    self.onStop = onStop
+  }
+
+  /// The current lifecycle state.
+  public var lifecycle: VMLifecycle { state.withLock { $0.lifecycle } }
+
+  /// The configuration as collected so far (after boot: what the machine was built from).
+  public var spec: VMSpec { state.withLock { $0.spec } }
+
+  /// Why the machine stopped, once it has.
+  public var stopReason: MachineStopReason? { state.withLock { $0.stopReason } }
+
+  /// The running machine, once booted.
+  public var machine: VirtualMachine? { state.withLock { $0.machine } }
+
+  /// Changes the pre-boot configuration. Refused with `.invalidState` once the machine has
+  /// started; `body`'s own errors pass through and leave the spec unchanged.
+  public func configure(_ body: (inout VMSpec) throws(ControlError) -> Void) throws(ControlError) {
+    try state.withLock { (state) throws(ControlError) in
+      guard state.lifecycle == .notStarted else {
+        throw ControlError(.invalidState, "the operation is not allowed after the microVM has started")
+      }
+      var spec = state.spec
+      try body(&spec)
+      state.spec = spec
+    }
+  }
+
+  /// Builds the machine from the collected configuration and boots it on a new host thread.
+  /// Build failures (missing kernel, bad disk, no KVM) are returned as `.failed` and leave the
+  /// controller not started, so the configuration can be fixed and the start retried.
+  public func start() throws(ControlError) {
+    try transitions.withLock { _ throws(ControlError) in
+      let spec = try state.withLock { (state) throws(ControlError) -> VMSpec in
+        guard state.lifecycle == .notStarted else {
+          throw ControlError(.invalidState, "the microVM has already been started")
+        }
+        return state.spec
+      }
+      let configuration = try spec.machineConfiguration()
+      let machine: VirtualMachine
+      do {
+        machine = try VirtualMachine(configuration: configuration)
+      } catch let error as MachineError {
+        throw ControlError(.failed, error.description)
+      } catch {
+        throw ControlError(.failed, "\(error)")
+      }
+      state.withLock {
+        $0.machine = machine
+        $0.lifecycle = .running
+        $0.bootTime = VirtualClockNow.host()
+      }
+      do throws(ControlError) {
+        try startDetachedThread(name: "vmm-run") { [self] in
+          let reason: MachineStopReason
+          do {
+            reason = try machine.run()
+          } catch {
+            reason = .failure("\(error)")
+          }
+          state.withLock {
+            $0.lifecycle = .shutDown
+            $0.stopReason = reason
+          }
+          stopped.signal()
+          onStop(reason)
+        }
+      } catch {
+        state.withLock {
+          $0.lifecycle = .shutDown
+          $0.stopReason = .failure(error.description)
+        }
+        stopped.signal()
+        throw error
+      }
+    }
+  }
+
+  /// Pauses a running machine: returns once every vCPU is parked and the clocks are frozen.
+  public func pause() throws(ControlError) {
+    try transitions.withLock { _ throws(ControlError) in
+      let machine = try runningMachine(expecting: .running, verb: "pause")
+      do throws(MachinePauseError) {
+        try machine.pause()
+      } catch {
+        throw ControlError(.failed, error.description)
+      }
+      state.withLock { state in
+        // The guest may have stopped while pausing; never move back from shutDown.
+        if state.lifecycle == .running {
+          state.lifecycle = .paused
+          state.pausedAt = VirtualClockNow.host()
+        }
+      }
+    }
+  }
+
+  /// Resumes a paused machine exactly where it stopped.
+  public func resume() throws(ControlError) {
+    try transitions.withLock { _ throws(ControlError) in
+      let machine = try runningMachine(expecting: .paused, verb: "resume")
+      state.withLock { state in
+        state.lifecycle = .running
+        if let pausedAt = state.pausedAt {
+          state.pausedNanoseconds &+= VirtualClockNow.host() &- pausedAt
+        }
+        state.pausedAt = nil
+      }
+      machine.resume()
+    }
+  }
+
+  /// Presses the ACPI power button of a booted machine.
+  public func pressPowerButton() throws(ControlError) {
+    try runningMachine(expecting: nil, verb: "press the power button of").pressPowerButton()
+  }
+
+  /// Types Ctrl-Alt-Del on the machine's keyboard.
+  public func sendCtrlAltDel() throws(ControlError) {
+    try runningMachine(expecting: nil, verb: "send Ctrl-Alt-Del to").sendCtrlAltDel()
+  }
+
+  /// Stops a booted machine (from running or paused) and waits until its run thread is done.
+  /// A machine that was never started moves straight to `shutDown`.
+  public func shutdown(timeoutNanoseconds: UInt64 = 10_000_000_000) throws(ControlError) {
+    let machine = state.withLock { state -> VirtualMachine? in
+      if state.lifecycle == .notStarted {
+        state.lifecycle = .shutDown
+        state.stopReason = .stopRequested
+        return nil
+      }
+      return state.machine
+    }
+    guard let machine else {
+      stopped.signal()
+      return
+    }
+    machine.requestStop(.stopRequested)
+    guard stopped.wait(timeoutNanoseconds: timeoutNanoseconds) else {
+      throw ControlError(.failed, "the machine did not stop within \(timeoutNanoseconds / 1_000_000_000) s")
+    }
+  }
+
+  /// Waits until the machine stops; nil on timeout.
+  public func waitUntilStopped(timeoutNanoseconds: UInt64? = nil) -> MachineStopReason? {
+    guard stopped.wait(timeoutNanoseconds: timeoutNanoseconds) else { return nil }
+    return stopReason
+  }
+
+  /// Host nanoseconds the machine has spent paused since boot (for counters and tests).
+  public var pausedNanoseconds: UInt64 {
+    state.withLock { state in
+      var total = state.pausedNanoseconds
+      if let pausedAt = state.pausedAt { total &+= VirtualClockNow.host() &- pausedAt }
+      return total
+    }
+  }
+
+  /// Host nanoseconds since boot, nil before.
+  public var uptimeNanoseconds: UInt64? {
+    state.withLock { state in state.bootTime.map { VirtualClockNow.host() &- $0 } }
+  }
+
+  private func runningMachine(expecting lifecycle: VMLifecycle?, verb: String) throws(ControlError) -> VirtualMachine {
+    try state.withLock { (state) throws(ControlError) -> VirtualMachine in
+      guard let machine = state.machine, state.lifecycle == .running || state.lifecycle == .paused else {
+        throw ControlError(.invalidState, "cannot \(verb) a microVM that is \(state.lifecycle.phrase)")
+      }
+      if let lifecycle, state.lifecycle != lifecycle {
+        throw ControlError(.invalidState, "cannot \(verb) a microVM that is \(state.lifecycle.phrase)")
+      }
+      return machine
+    }
+  }
+}
+
+extension VMLifecycle {
+  /// The state as a phrase for error messages.
+  var phrase: String {
+    switch self {
+    case .notStarted: return "not started"
+    case .running: return "running"
+    case .paused: return "paused"
+    case .shutDown: return "shut down"
+    }
+  }
+}
+
+/// Host CLOCK_MONOTONIC for the controller's bookkeeping.
+enum VirtualClockNow {
+  static func host() -> UInt64 {
+    var spec = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &spec)
+    return UInt64(spec.tv_sec) &* 1_000_000_000 &+ UInt64(spec.tv_nsec)
+  }
+}
+
+/// A one-shot event: `signal` once, `wait` from any number of threads.
+final class VMStopSignal: @unchecked Sendable {
+  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+  private let condition: UnsafeMutablePointer<pthread_cond_t>
+  private var signalled = false  // guarded by `mutex`
+
+  init() {
+    mutex = .allocate(capacity: 1)
+    mutex.initialize(to: pthread_mutex_t())
+    pthread_mutex_init(mutex, nil)
+    condition = .allocate(capacity: 1)
+    condition.initialize(to: pthread_cond_t())
+    var attributes = pthread_condattr_t()
+    pthread_condattr_init(&attributes)
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+    pthread_cond_init(condition, &attributes)
+    pthread_condattr_destroy(&attributes)
+  }
+
+  deinit {
+    pthread_cond_destroy(condition)
+    pthread_mutex_destroy(mutex)
+    condition.deallocate()
+    mutex.deallocate()
+  }
+
+  func signal() {
+    pthread_mutex_lock(mutex)
+    signalled = true
+    pthread_cond_broadcast(condition)
+    pthread_mutex_unlock(mutex)
+  }
+
+  /// Waits for the signal; false on timeout.
+  func wait(timeoutNanoseconds: UInt64?) -> Bool {
+    pthread_mutex_lock(mutex)
+    defer { pthread_mutex_unlock(mutex) }
+    let deadline = timeoutNanoseconds.map { VirtualClockNow.host() &+ $0 }
+    while !signalled {
+      if let deadline {
+        var spec = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+        if pthread_cond_timedwait(condition, mutex, &spec) == ETIMEDOUT { return signalled }
+      } else {
+        pthread_cond_wait(condition, mutex)
+      }
+    }
+    return true
+  }
+}
+
+/// Starts a detached host thread running `body`.
+func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) throws(ControlError) {
+  final class Start {
+    let body: @Sendable () -> Void
+    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+  }
+  let context = Unmanaged.passRetained(Start(body)).toOpaque()
+  var attributes = pthread_attr_t()
+  pthread_attr_init(&attributes)
+  defer { pthread_attr_destroy(&attributes) }
+  pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
+  var thread = pthread_t()
+  let result = pthread_create(
+    &thread, &attributes,
+    { context in
+      Unmanaged<Start>.fromOpaque(context!).takeRetainedValue().body()
+      return nil
+    }, context)
+  guard result == 0 else {
+    Unmanaged<Start>.fromOpaque(context).release()
+    throw ControlError(.failed, "cannot start the machine's thread: \(String(cString: strerror(result)))")
+  }
+}
