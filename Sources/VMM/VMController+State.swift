@@ -1,0 +1,29 @@
+/// Machine-state operations of the control interface: snapshots, restore and live migration.
+/// The HTTP frontends and `hostvisor ctl` call these.
+extension VMController {
+  /// Writes a snapshot of a paused machine: its device and vCPU state to `statePath` and guest
+  /// RAM to `memoryPath` (only pages written since the last snapshot when `diff` is true).
+  public func createSnapshot(statePath: String, memoryPath: String, diff: Bool = false) throws(ControlError) {
+    throw ControlError(.unsupported, "snapshots are not implemented yet")
+  }
+
+  /// Builds the machine from a snapshot instead of booting it (only before start); resumes it
+  /// when `resume` is true, else leaves it paused. `networkOverrides` maps interface IDs to
+  /// host TAP devices that replace the ones recorded in the snapshot.
+  public func loadSnapshot(
+    statePath: String, memoryPath: String, resume: Bool, networkOverrides: [String: String] = [:]
+  ) throws(ControlError) {
+    throw ControlError(.unsupported, "snapshots are not implemented yet")
+  }
+
+  /// Moves the running machine to a Hostvisor process waiting at `destination`
+  /// (`unix:PATH` or `tcp:HOST:PORT`); the source stops once the destination confirms.
+  public func sendMigration(to destination: String, downtimeLimitMilliseconds: Int = 300) throws(ControlError) {
+    throw ControlError(.unsupported, "live migration is not implemented yet")
+  }
+
+  /// Waits at `source` (`unix:PATH` or `tcp:HOST:PORT`) for a migrating machine and runs it.
+  public func receiveMigration(from source: String) throws(ControlError) {
+    throw ControlError(.unsupported, "live migration is not implemented yet")
+  }
+}
