@@ -20,6 +20,7 @@ set -euo pipefail
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$script_dir/.." && pwd)
 init_script="$script_dir/initramfs/init"
+dhcp_script="$script_dir/initramfs/udhcpc.script"
 
 meta_package=linux-image-cloud-amd64
 default_outdir="$repo_root/.cache/guest"
@@ -51,6 +52,7 @@ is_fresh() {
     [ -s "$outdir/$file" ] || return 1
     [ "$outdir/$file" -nt "$0" ] || return 1
     [ "$outdir/$file" -nt "$init_script" ] || return 1
+    [ "$outdir/$file" -nt "$dhcp_script" ] || return 1
   done
 }
 
@@ -144,6 +146,11 @@ while IFS= read -r applet; do
 done < <("$busybox" --list-full)
 cp "$init_script" "$stage/init"
 chmod 755 "$stage/init"
+mkdir -p "$stage/usr/share/udhcpc" "$stage/etc/udhcpc"
+cp "$dhcp_script" "$stage/usr/share/udhcpc/default.script"
+chmod 755 "$stage/usr/share/udhcpc/default.script"
+# Debian's busybox looks in /etc/udhcpc, upstream's in /usr/share/udhcpc.
+ln -s /usr/share/udhcpc/default.script "$stage/etc/udhcpc/default.script"
 echo "root:x:0:0:root:/root:/bin/sh" >"$stage/etc/passwd"
 echo "root:x:0:" >"$stage/etc/group"
 echo "hostvisor" >"$stage/etc/hostname"

@@ -59,29 +59,58 @@ public struct DiskConfiguration: Sendable, Equatable {
   }
 }
 
-/// A virtio-net interface backed by a host TAP device.
+/// What a virtio-net interface is connected to on the host.
+public enum NetworkAttachment: Sendable, Equatable {
+  /// A host TAP device (created when missing and the process may; not brought up).
+  case tap(name: String)
+  /// User-mode networking through a passt child process: DHCP, DNS, outbound TCP/UDP/ICMP
+  /// echo and port forwards, with no privileges.
+  case user(forwards: [PortForward])
+}
+
+/// A virtio-net interface and its host side.
 public struct NetworkConfiguration: Sendable, Equatable {
-  /// The TAP interface name (created when missing and the process may; not brought up).
-  public var tapName: String
+  /// The host side of the interface.
+  public var attachment: NetworkAttachment
   /// The guest's MAC address; nil picks a random 52:54:00:xx:xx:xx.
   public var mac: MACAddress?
 
+  /// The TAP interface name, or "" for user-mode networking.
+  public var tapName: String {
+    if case .tap(let name) = attachment { return name }
+    return ""
+  }
+
   public init(tapName: String, mac: MACAddress? = nil) {
-    self.tapName = tapName
+    self.init(attachment: .tap(name: tapName), mac: mac)
+  }
+
+  public init(attachment: NetworkAttachment, mac: MACAddress? = nil) {
+    self.attachment = attachment
     self.mac = mac
   }
 
-  /// Parses `tap=NAME` or `tap=NAME,mac=xx:xx:xx:xx:xx:xx` (keys in any order).
+  /// Parses `tap=NAME[,mac=MAC]` or `user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=MAC]`
+  /// (keys after the first word in any order).
   public init(parsing text: String) throws(ConfigurationError) {
     var tapName: String?
+    var user = false
+    var forwards: [PortForward] = []
     var mac: MACAddress?
-    for field in text.split(separator: ",", omittingEmptySubsequences: false) {
+    for (index, field) in text.split(separator: ",", omittingEmptySubsequences: false).enumerated() {
+      if index == 0 && field == "user" {
+        user = true
+        continue
+      }
       guard let equals = field.firstIndex(of: "=") else { throw .invalidNetwork(text) }
       let key = field[..<equals]
       let value = String(field[field.index(after: equals)...])
       switch key {
-      case "tap" where tapName == nil && !value.isEmpty:
+      case "tap" where tapName == nil && !user && !value.isEmpty:
         tapName = value
+      case "hostfwd" where user:
+        guard let forward = PortForward(parsing: value) else { throw .invalidNetwork(text) }
+        forwards.append(forward)
       case "mac" where mac == nil:
         do {
           mac = try MACAddress(parsing: value)
@@ -92,8 +121,12 @@ public struct NetworkConfiguration: Sendable, Equatable {
         throw .invalidNetwork(text)
       }
     }
-    guard let tapName else { throw .invalidNetwork(text) }
-    self.init(tapName: tapName, mac: mac)
+    if user {
+      self.init(attachment: .user(forwards: forwards), mac: mac)
+    } else {
+      guard let tapName else { throw .invalidNetwork(text) }
+      self.init(tapName: tapName, mac: mac)
+    }
   }
 }
 
@@ -139,7 +172,8 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
     case .invalidDisk(let text):
       return "invalid disk '\(text)': use PATH or PATH,readonly"
     case .invalidNetwork(let text):
-      return "invalid network '\(text)': use tap=NAME or tap=NAME,mac=xx:xx:xx:xx:xx:xx"
+      return
+        "invalid network '\(text)': use tap=NAME[,mac=xx:xx:xx:xx:xx:xx] or user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=...]"
     case .invalidMAC(let text):
       return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
     case .invalidConsole(let text):

@@ -177,11 +177,20 @@ public final class VirtualMachine: Sendable {
         try attach(VirtioBlock(backend: backend))
       }
       for network in configuration.networks {
-        let backend: TapBackend
-        do {
-          backend = try TapBackend(name: network.tapName)
-        } catch {
-          throw MachineError(error.description)
+        let backend: any NetworkBackend
+        switch network.attachment {
+        case .tap(let name):
+          do {
+            backend = try TapBackend(name: name)
+          } catch {
+            throw MachineError(error.description)
+          }
+        case .user(let forwards):
+          do {
+            backend = try UserNetworkBackend(forwards: forwards)
+          } catch {
+            throw MachineError(error.description)
+          }
         }
         try attach(VirtioNet(backend: backend, mac: network.mac))
       }

@@ -1,0 +1,309 @@
+import Glibc
+import Synchronization
+
+/// A port forward from the host into the guest: connections to `hostAddress:hostPort` on the
+/// host reach `guestPort` in the guest.
+public struct PortForward: Sendable, Equatable {
+  /// TCP or UDP.
+  public enum Proto: String, Sendable { case tcp, udp }
+  public var proto: Proto
+  /// The host address to bind (nil: every address).
+  public var hostAddress: String?
+  public var hostPort: UInt16
+  public var guestPort: UInt16
+
+  public init(proto: Proto, hostAddress: String? = nil, hostPort: UInt16, guestPort: UInt16) {
+    self.proto = proto
+    self.hostAddress = hostAddress
+    self.hostPort = hostPort
+    self.guestPort = guestPort
+  }
+
+  /// Parses QEMU's `tcp:[HOST]:PORT-:GUESTPORT` (or `udp:`; the guest address, if given before
+  /// the second colon, must be empty).
+  public init?(parsing text: String) {
+    let halves = text.split(separator: "-", maxSplits: 1, omittingEmptySubsequences: false)
+    guard halves.count == 2 else { return nil }
+    let host = halves[0].split(separator: ":", omittingEmptySubsequences: false)
+    let guest = halves[1].split(separator: ":", omittingEmptySubsequences: false)
+    guard host.count == 3, let proto = Proto(rawValue: String(host[0])),
+      let hostPort = UInt16(host[2]), hostPort != 0,
+      guest.count == 2, guest[0].isEmpty, let guestPort = UInt16(guest[1]), guestPort != 0
+    else { return nil }
+    let address = String(host[1])
+    if !address.isEmpty {
+      var probe = in_addr()
+      guard inet_pton(AF_INET, address, &probe) == 1 else { return nil }
+    }
+    self.init(proto: proto, hostAddress: address.isEmpty ? nil : address, hostPort: hostPort, guestPort: guestPort)
+  }
+
+  /// passt's port specification for this forward (`[ADDR/]PORT:GUESTPORT`).
+  var passtSpecification: String {
+    (hostAddress.map { "\($0)/" } ?? "") + "\(hostPort):\(guestPort)"
+  }
+}
+
+/// The addresses user-mode networking gives the guest (QEMU's user-network defaults).
+public enum UserNetworkAddresses {
+  /// The guest's address, handed out by DHCP.
+  public static let guest = "10.0.2.15"
+  /// The gateway; connections to it reach the host's loopback.
+  public static let gateway = "10.0.2.2"
+  /// The prefix length of the guest network.
+  public static let prefixLength = 24
+}
+
+/// Why user-mode networking could not start.
+public struct UserNetworkError: Error, Equatable, Sendable, CustomStringConvertible {
+  public let description: String
+  init(_ description: String) { self.description = description }
+}
+
+/// User-mode networking for unprivileged users on passt (Debian package `passt`): a child
+/// process connected by a stream socket pair, frames exchanged with QEMU's stream framing (a
+/// 4-byte big-endian length, then the Ethernet frame). passt answers DHCP, ARP and DNS for the
+/// guest, carries its TCP, UDP and ICMP echo through ordinary host sockets, maps the gateway
+/// address to the host's loopback, and forwards host ports into the guest. It exits when the
+/// socket closes, so it never outlives the VM.
+public final class UserNetworkBackend: NetworkBackend {
+  /// The largest frame passt sends (its MTU of 65520 plus the Ethernet header, rounded up).
+  static let maximumFrame = 65_536 + 14
+  private static let headerSize = 12
+
+  private let socket: Int32
+  private let child: pid_t
+  private let input = Mutex<ReassemblyBuffer>(ReassemblyBuffer(capacity: 4 * (maximumFrame + 4)))
+  private let output = Mutex<[UInt8]>([])
+  /// The write end of the pipe that replaces a dead passt stream (kept open so the read end
+  /// never polls readable); -1 while passt runs. Written once, under `input`'s lock.
+  nonisolated(unsafe) private var quietPipeWriter: Int32 = -1
+  public var pollDescriptor: Int32 { socket }
+
+  /// Starts passt with `forwards`; `passtPath` nil searches the PATH.
+  public init(forwards: [PortForward], passtPath: String? = nil) throws(UserNetworkError) {
+    guard let executable = passtPath ?? Self.findExecutable("passt") else {
+      throw UserNetworkError("user networking needs passt (Debian package 'passt'), which is not installed")
+    }
+    var pair: [Int32] = [-1, -1]
+    guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+      throw UserNetworkError("cannot create the passt socket pair: \(String(cString: strerror(errno)))")
+    }
+    var arguments = [
+      executable, "--foreground", "--quiet", "--one-off", "--fd", "3", "--ipv4-only",
+      "--address", UserNetworkAddresses.guest, "--netmask", "\(UserNetworkAddresses.prefixLength)",
+      "--gateway", UserNetworkAddresses.gateway,
+    ]
+    let tcp = forwards.filter { $0.proto == .tcp }.map(\.passtSpecification)
+    let udp = forwards.filter { $0.proto == .udp }.map(\.passtSpecification)
+    if !tcp.isEmpty { arguments += ["--tcp-ports", tcp.joined(separator: ",")] }
+    if !udp.isEmpty { arguments += ["--udp-ports", udp.joined(separator: ",")] }
+
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    // dup2 clears close-on-exec on the child's descriptor 3; its standard input is /dev/null.
+    posix_spawn_file_actions_adddup2(&actions, pair[1], 3)
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    var pid: pid_t = 0
+    let argv = arguments.map { strdup($0) } + [nil]
+    defer { for argument in argv { free(argument) } }
+    let result = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+    close(pair[1])
+    guard result == 0 else {
+      close(pair[0])
+      throw UserNetworkError("cannot start passt (\(executable)): \(String(cString: strerror(result)))")
+    }
+    socket = pair[0]
+    child = pid
+    _ = fcntl(socket, F_SETFL, fcntl(socket, F_GETFL) | O_NONBLOCK)
+    // Give passt a moment to fail on its options (e.g. a forwarded port already in use), so
+    // the user sees one clear line instead of a guest without a network.
+    for _ in 0..<20 {
+      var status: Int32 = 0
+      if waitpid(pid, &status, WNOHANG) == pid {
+        close(socket)
+        throw UserNetworkError(
+          "passt exited at start (status \(status >> 8)); a forwarded port may be in use or an option refused")
+      }
+      usleep(5_000)
+    }
+  }
+
+  deinit {
+    close(socket)
+    if quietPipeWriter >= 0 { close(quietPipeWriter) }
+    var status: Int32 = 0
+    // passt ends when its socket closes (--one-off); make sure, then reap it.
+    if waitpid(child, &status, WNOHANG) == 0 {
+      kill(child, SIGTERM)
+      waitpid(child, &status, 0)
+    }
+  }
+
+  /// Sends one frame (the 12-byte virtio-net header is dropped: passt takes plain frames).
+  /// A frame the socket cannot take at once is queued and flushed on the next transmit.
+  public func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool {
+    var length = 0
+    for vector in vectors { length += vector.iov_len }
+    let frameLength = length - Self.headerSize
+    guard frameLength > 0, frameLength <= Self.maximumFrame else { return false }
+    return output.withLock { pending in
+      let prefix = UInt32(frameLength).bigEndian
+      withUnsafeBytes(of: prefix) { pending.append(contentsOf: $0) }
+      var skip = Self.headerSize
+      for vector in vectors {
+        guard let base = vector.iov_base else { continue }
+        let bytes = UnsafeRawBufferPointer(start: base, count: vector.iov_len)
+        let start = min(skip, bytes.count)
+        skip -= start
+        pending.append(contentsOf: bytes[start...])
+      }
+      flush(&pending)
+      // Never queue without bound behind a stalled passt: drop what cannot be sent.
+      if pending.count > 4 * (Self.maximumFrame + 4) {
+        pending.removeAll()
+        return false
+      }
+      return true
+    }
+  }
+
+  private func flush(_ pending: inout [UInt8]) {
+    var sent = 0
+    while sent < pending.count {
+      let result = pending.withUnsafeBytes { bytes in
+        send(socket, bytes.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL))
+      }
+      if result > 0 {
+        sent += result
+      } else if result < 0 && errno == EINTR {
+        continue
+      } else {
+        break
+      }
+    }
+    pending.removeFirst(sent)
+  }
+
+  /// Returns the next whole frame behind a zeroed virtio-net header, or 0 when none is
+  /// complete yet.
+  public func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+    // A frame we cannot send now would otherwise wait for the guest's next transmit.
+    output.withLock { if !$0.isEmpty { flush(&$0) } }
+    return input.withLock { reassembly in
+      while true {
+        if let frame = reassembly.nextFrame(maximum: Self.maximumFrame) {
+          guard Self.headerSize + frame.count <= buffer.count else {
+            reassembly.consume(frame)
+            continue  // larger than the receive buffer: drop it
+          }
+          memset(buffer.baseAddress!, 0, Self.headerSize)
+          (buffer.baseAddress! + Self.headerSize).copyMemory(from: frame.bytes, byteCount: frame.count)
+          reassembly.consume(frame)
+          return Self.headerSize + frame.count
+        }
+        if reassembly.isCorrupt || reassembly.isAtEnd { return 0 }
+        let read = reassembly.fill(from: socket)
+        if reassembly.isAtEnd || reassembly.isCorrupt {
+          stopPolling(reason: reassembly.isCorrupt ? "sent a malformed frame length" : "exited")
+          return 0
+        }
+        if read <= 0 { return 0 }
+      }
+    }
+  }
+
+  /// passt is gone or its stream is unusable: the guest's link goes quiet. The socket's
+  /// descriptor number is pointed at an empty pipe so the device worker's poll stops firing.
+  private func stopPolling(reason: String) {
+    var pipeEnds: [Int32] = [-1, -1]
+    if pipe(&pipeEnds) == 0 {
+      dup2(pipeEnds[0], socket)
+      close(pipeEnds[0])
+      quietPipeWriter = pipeEnds[1]
+    }
+    var line = "hostvisor: user networking: passt \(reason); the guest's network is down\n"
+    line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+  }
+
+  private static func findExecutable(_ name: String) -> String? {
+    let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+    for directory in path.split(separator: ":") + ["/usr/bin", "/usr/sbin"] {
+      let candidate = "\(directory)/\(name)"
+      if access(candidate, X_OK) == 0 { return candidate }
+    }
+    return nil
+  }
+}
+
+/// Bytes read from a stream of length-prefixed frames, kept until whole frames can be taken.
+/// Used only under its owner's lock.
+final class ReassemblyBuffer: @unchecked Sendable {
+  private let storage: UnsafeMutableRawBufferPointer
+  private var start = 0
+  private var end = 0
+  /// A length prefix was out of range: the stream cannot be resynchronized.
+  private(set) var isCorrupt = false
+
+  /// A frame inside the buffer.
+  struct Frame {
+    let bytes: UnsafeRawPointer
+    let count: Int
+  }
+
+  init(capacity: Int) {
+    storage = .allocate(byteCount: capacity, alignment: 8)
+  }
+
+  deinit { storage.deallocate() }
+
+  /// The stream ended (the peer closed its end).
+  private(set) var isAtEnd = false
+
+  /// The next complete frame, if the buffer holds one.
+  func nextFrame(maximum: Int) -> Frame? {
+    guard end - start >= 4 else { return nil }
+    var prefix: UInt32 = 0
+    withUnsafeMutableBytes(of: &prefix) {
+      $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: storage[start..<start + 4]))
+    }
+    let length = Int(UInt32(bigEndian: prefix))
+    guard length > 0, length <= maximum else {
+      isCorrupt = true
+      return nil
+    }
+    guard end - start >= 4 + length else { return nil }
+    return Frame(bytes: UnsafeRawPointer(storage.baseAddress! + start + 4), count: length)
+  }
+
+  /// Drops `frame` (the one `nextFrame` returned) from the buffer.
+  func consume(_ frame: Frame) {
+    start += 4 + frame.count
+    if start == end {
+      start = 0
+      end = 0
+    }
+  }
+
+  /// Reads what the non-blocking `descriptor` has into the free space; returns the byte count
+  /// (0 at end of stream or when nothing is waiting).
+  func fill(from descriptor: Int32) -> Int {
+    if start > 0 {
+      storage.baseAddress!.copyMemory(from: storage.baseAddress! + start, byteCount: end - start)
+      end -= start
+      start = 0
+    }
+    guard end < storage.count else { return 0 }
+    while true {
+      let result = read(descriptor, storage.baseAddress! + end, storage.count - end)
+      if result > 0 {
+        end += result
+        return result
+      }
+      if result < 0 && errno == EINTR { continue }
+      if result == 0 { isAtEnd = true }
+      return 0
+    }
+  }
+}

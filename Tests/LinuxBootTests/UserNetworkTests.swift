@@ -1,0 +1,125 @@
+import Foundation
+import Testing
+
+/// User-mode networking (`--net user`, on passt) for an unprivileged user: the default Debian
+/// guest on the software CPU, run under an unprivileged uid, gets its address by DHCP, fetches
+/// from an HTTP server on the host's loopback through the gateway, and serves a host client
+/// through a port forward. Payloads are random and checked with sha256sum on both sides.
+@Suite("User-mode networking without privileges", .serialized)
+struct UserNetworkTests {
+  /// The unprivileged user the VMM runs as when the test runs as root.
+  static let nobody = "65534"
+
+  /// A folder every user can read, removed when the test ends.
+  final class SharedFolder {
+    let url: URL
+    init() throws {
+      url = URL(fileURLWithPath: "/tmp").appendingPathComponent("hostvisor-usernet-\(UUID().uuidString)")
+      try FileManager.default.createDirectory(
+        at: url, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+    }
+    func path(_ name: String) -> String { url.appendingPathComponent(name).path }
+    deinit { try? FileManager.default.removeItem(at: url) }
+  }
+
+  static func freePort() -> UInt16 { UInt16.random(in: 20_000...40_000) }
+
+  @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/passt"), "needs passt"))
+  func dhcpHttpThroughTheGatewayAndAPortForwardAsAnUnprivilegedUser() async throws {
+    let folder = try SharedFolder()
+    let images = try GuestImages.images()
+    // The images may sit where the unprivileged user cannot read them: copy them.
+    let kernel = folder.path("vmlinuz")
+    let initrd = folder.path("initramfs.cpio.gz")
+    try FileManager.default.copyItem(atPath: images.kernel, toPath: kernel)
+    try FileManager.default.copyItem(atPath: images.initrd, toPath: initrd)
+    for file in [kernel, initrd] {
+      try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: file)
+    }
+
+    // An HTTP server on the host's loopback only, serving a token and a 10 MiB payload.
+    let size = 10 << 20
+    let token = "TOKEN-\(UUID().uuidString)"
+    let web = folder.path("www")
+    try FileManager.default.createDirectory(atPath: web, withIntermediateDirectories: true)
+    try token.write(toFile: web + "/token", atomically: true, encoding: .utf8)
+    let payload = web + "/payload.bin"
+    _ = FileManager.default.createFile(
+      atPath: payload, contents: Data((0..<size).map { _ in UInt8.random(in: 0...255) }))
+    let httpPort = Self.freePort()
+    let server = Process()
+    server.executableURL = URL(fileURLWithPath: "/bin/busybox")
+    server.arguments = ["httpd", "-f", "-p", "127.0.0.1:\(httpPort)", "-h", web]
+    try server.run()
+    defer {
+      server.terminate()
+      server.waitUntilExit()
+    }
+
+    let forwardPort = Self.freePort() + 1
+    let launcher =
+      getuid() == 0
+      ? ["/usr/bin/setpriv", "--reuid=\(Self.nobody)", "--regid=\(Self.nobody)", "--clear-groups", "--"] : []
+    let session = try GuestSession(
+      arguments: [
+        "run", "--accel", "soft", "--memory", "512M", "--kernel", kernel, "--initrd", initrd,
+        "--cmdline", "console=ttyS0 panic=-1 loglevel=4 hostvisor.modules=virtio_pci,virtio_net",
+        "--net", "user,hostfwd=tcp:127.0.0.1:\(forwardPort)-:8080",
+      ], launcher: launcher)
+    defer { session.saveTranscript(name: "user-network") }
+    try await session.waitForShell()
+    #expect(try await session.run("id -u") == "0", "the guest's own root, whatever the host user")
+    if getuid() == 0 {
+      let owner = try host("/bin/ps", ["-o", "user=", "-p", "\(session.process.processIdentifier)"])
+      #expect(owner.trimmingCharacters(in: .whitespacesAndNewlines) == "nobody")
+    }
+
+    let lease = try await session.run("ip link set eth0 up; udhcpc -i eth0 -n -q -t 5 2>&1; ip -4 addr show eth0")
+    #expect(lease.contains("inet 10.0.2.15/24"), "DHCP did not configure eth0: \(lease)")
+
+    // Guest to the host's loopback through the gateway address.
+    let fetched = try await session.run("wget -q -O - http://10.0.2.2:\(httpPort)/token")
+    #expect(fetched == token)
+
+    // Host to guest over HTTP: 10 MiB, checked in the guest.
+    let download = try await session.run(
+      "wget -q -O /tmp/in http://10.0.2.2:\(httpPort)/payload.bin && sha256sum /tmp/in", timeout: .seconds(300))
+    #expect(LinuxVirtioTests.digest(in: download, for: "/tmp/in") == (try LinuxVirtioTests.sha256(ofFile: payload)))
+
+    // Guest to host through the port forward: 10 MiB served by the guest, read by a host client.
+    let sent = try await session.run(
+      "head -c \(size) /dev/urandom > /tmp/out && sha256sum /tmp/out && (nc -l -p 8080 < /tmp/out &)")
+    let sentDigest = try #require(LinuxVirtioTests.digest(in: sent, for: "/tmp/out"))
+    let copy = folder.path("from-guest.bin")
+    var received = false
+    for _ in 0..<10 where !received {
+      // busybox nc ends when its standard input ends: keep it open until the data is in.
+      #expect(FileManager.default.createFile(atPath: copy, contents: nil))
+      let client = Process()
+      let keepOpen = Pipe()
+      client.executableURL = URL(fileURLWithPath: "/bin/busybox")
+      client.arguments = ["nc", "127.0.0.1", "\(forwardPort)"]
+      client.standardInput = keepOpen
+      client.standardOutput = FileHandle(forWritingAtPath: copy)
+      try client.run()
+      for _ in 0..<600 where client.isRunning && !received {
+        let length = (try? FileManager.default.attributesOfItem(atPath: copy)[.size] as? Int) ?? 0
+        received = length >= size
+        if !received { try await Task.sleep(for: .milliseconds(200)) }
+      }
+      if client.isRunning { client.terminate() }
+      client.waitUntilExit()
+      let length = (try? FileManager.default.attributesOfItem(atPath: copy)[.size] as? Int) ?? 0
+      received = length >= size
+      if !received { try await Task.sleep(for: .seconds(1)) }
+    }
+    #expect(try LinuxVirtioTests.sha256(ofFile: copy) == sentDigest)
+
+    session.type("poweroff -f\n")
+    #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
+    // passt ends with the VM.
+    try await Task.sleep(for: .milliseconds(500))
+    let leftover = try hostCommand("/usr/bin/pgrep", ["-f", "passt.*--tcp-ports 127.0.0.1/\(forwardPort)"])
+    #expect(leftover.status != 0, "passt outlived the VM: \(leftover.output)")
+  }
+}
