@@ -138,7 +138,11 @@ private func runVCPU(
   while true {
     if control.isStopping { return }
     if let reason = cpu.system.shutdownReason {
-      control.requestStop(.reset(reason: reason))
+      if let fault = cpu.system.tripleFault {
+        control.requestStop(.tripleFault(vector: fault.vector, rip: fault.rip))
+      } else {
+        control.requestStop(.reset(reason: reason))
+      }
       return
     }
     controllers.poll(cpu: index, now: clock.nanoseconds)

@@ -37,6 +37,8 @@ public final class SystemState: @unchecked Sendable {
   public var waitingForSIPI = false
   /// Set when the CPU shut down (triple fault); the accelerator resets the machine.
   public var shutdownReason: String?
+  /// For a triple fault: the exception first raised and the RIP it was raised at.
+  public var tripleFault: (vector: UInt8, rip: UInt64)?
   /// An interrupt became deliverable inside an interrupt shadow: run one instruction, then
   /// service events again.
   public var recheckAfterShadow = false
