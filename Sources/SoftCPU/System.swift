@@ -62,6 +62,11 @@ public final class SystemState: @unchecked Sendable {
   public var apicID: UInt32 = 0
   /// A large-page translation may be in the TLB (INVLPG must drop every piece of it).
   var largePagesCached = false
+  /// AMD's legacy performance counters (PerformanceCounters.swift).
+  var performanceCounters = PerformanceCounterState()
+  /// The physical page of this CPU's local APIC when it is enabled at a base other than the
+  /// default 0xFEE00000 (the bus decodes the default page); all ones otherwise.
+  var relocatedAPICPage = UInt64.max
 
   public init() {}
 

@@ -117,7 +117,7 @@ extension CPU {
     case .wrmsr:
       try writeMSR(UInt32(truncatingIfNeeded: gpr[1]), (gpr[2] << 32) | (gpr[0] & 0xFFFF_FFFF))
     case .rdpmc:
-      throw .generalProtection(0)
+      try readPerformanceMonitoringCounter()
     default:
       throw .invalidOpcode
     }

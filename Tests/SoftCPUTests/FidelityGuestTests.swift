@@ -80,4 +80,39 @@ struct FidelityGuestTests {
     #expect(reason == .debugExit(value: 0), "guest output: \(output)")
     #expect(output.contains("fidelity checks passed"))
   }
+
+  /// Defect 4: RF in the RFLAGS image of fault frames, not of trap frames; RF lasts one
+  /// instruction after IRET.
+  @Test func resumeFlagInFaultFrames() throws {
+    let (reason, output) = try bootFidelityGuest("fault_rf")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// Defect 1: AMD's legacy performance counters count retired instructions and cycles.
+  @Test func amdLegacyPerformanceCounters() throws {
+    let (reason, output) = try bootFidelityGuest("perf_counters")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// Defect 2: CLFLUSH (with its line size), CLFLUSHOPT, CLWB, RDTSCP + IA32_TSC_AUX, RDPID and
+  /// the TSC-deadline timer are offered and work.
+  @Test func cpuModelFeatures() throws {
+    let (reason, output) = try bootFidelityGuest("cpu_model")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// The same guest on KVM, whose CPUID comes from `CPUIDPolicy` (TSC-deadline is Hostvisor's
+  /// to offer: KVM emulates it with its in-kernel local APIC but leaves the bit to userspace).
+  @Test(.enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm")))
+  func cpuModelFeaturesOnKVM() throws {
+    let (reason, output) = try bootFidelityGuest("cpu_model", kvm: true, timeout: 300)
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// Defect 3: IA32_APIC_BASE reserved bits, disable (CPUID bit, no MMIO decoding), relocation,
+  /// and the one-shot timer's current count after expiry.
+  @Test func localAPICBaseAndOneShotTimer() throws {
+    let (reason, output) = try bootFidelityGuest("apic")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
 }
