@@ -99,6 +99,7 @@ struct FidelityGuestTests {
   @Test func cpuModelFeatures() throws {
     let (reason, output) = try bootFidelityGuest("cpu_model")
     #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+    #expect(output.hasPrefix("features: clflush clflushopt clwb rdtscp rdpid tsc-deadline\n"), "\(output)")
   }
 
   /// The same guest on KVM, whose CPUID comes from `CPUIDPolicy` (TSC-deadline is Hostvisor's
@@ -107,6 +108,10 @@ struct FidelityGuestTests {
   func cpuModelFeaturesOnKVM() throws {
     let (reason, output) = try bootFidelityGuest("cpu_model", kvm: true, timeout: 300)
     #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+    // What else KVM offers depends on the host (this development host's nested KVM lacks
+    // RDPID); CLFLUSH is universal and the TSC-deadline bit is the policy's own.
+    #expect(output.hasPrefix("features: clflush"), "\(output)")
+    #expect(output.contains(" tsc-deadline\n"), "\(output)")
   }
 
   /// Defect 3: IA32_APIC_BASE reserved bits, disable (CPUID bit, no MMIO decoding), relocation,

@@ -1,6 +1,7 @@
-# The CPU model's features (run on the software CPU and on KVM): CPUID bits and the
-# instructions and MSRs behind them: CLFLUSH (line size), CLFLUSHOPT, CLWB, RDTSCP with
-# IA32_TSC_AUX, RDPID, the TSC-deadline timer.
+# The CPU model's features (run on the software CPU and on KVM): for each of CLFLUSH (with its
+# line size), CLFLUSHOPT, CLWB, RDTSCP with IA32_TSC_AUX, RDPID and the TSC-deadline timer
+# that CPUID offers, runs the instructions and MSRs behind it and prints its name after
+# "features:"; fails when an offered feature does not work.
         .include "harness.S"
 
         .set LAPIC, 0xFEE00000
@@ -12,39 +13,64 @@
         .endm
 
 test_main:
+        lea features_message(%rip), %rsi
+        call print
+        # CLFLUSH and its line size.
         mov $1, %eax
         cpuid
-        EXPECT_BIT %edx, 19, 1          # CLFSH
+        bt $19, %edx
+        jnc 1f
         shr $8, %ebx
         and $0xFF, %ebx
         CHECK_EQ %rbx, 8, 2             # CLFLUSH line size: 8 * 8 = 64 bytes
-        EXPECT_BIT %ecx, 24, 3          # TSC-deadline
+        lea scratch(%rip), %rbx
+        EXPECT_NO_FAULT 8, clflush (%rbx)
+        lea name_clflush(%rip), %rsi
+        call print
+1:      # CLFLUSHOPT, CLWB, RDPID (leaf 7).
         mov $7, %eax
         xor %ecx, %ecx
         cpuid
-        EXPECT_BIT %ebx, 23, 4          # CLFLUSHOPT
-        EXPECT_BIT %ebx, 24, 5          # CLWB
-        EXPECT_BIT %ecx, 22, 6          # RDPID
+        mov %ecx, %r14d
+        mov %ebx, %r15d
+        bt $23, %r15d
+        jnc 1f
+        lea scratch(%rip), %rbx
+        EXPECT_NO_FAULT 9, clflushopt (%rbx)
+        lea name_clflushopt(%rip), %rsi
+        call print
+1:      bt $24, %r15d
+        jnc 1f
+        lea scratch(%rip), %rbx
+        EXPECT_NO_FAULT 10, clwb (%rbx)
+        lea name_clwb(%rip), %rsi
+        call print
+1:      # IA32_TSC_AUX, read back by RDTSCP (ECX) and RDPID.
         mov $0x80000001, %eax
         cpuid
-        EXPECT_BIT %edx, 27, 7          # RDTSCP
-
-        lea scratch(%rip), %rbx
-        EXPECT_NO_FAULT 8, clflush (%rbx)
-        EXPECT_NO_FAULT 9, clflushopt (%rbx)
-        EXPECT_NO_FAULT 10, clwb (%rbx)
-
-        # IA32_TSC_AUX read back, by RDTSCP (ECX) and RDPID.
+        bt $27, %edx
+        jnc 1f
         mov $0xC0000103, %ecx
         mov $0x5A5A, %eax
         xor %edx, %edx
         wrmsr
         rdtscp
         CHECK_EQ %rcx, 0x5A5A, 11
+        lea name_rdtscp(%rip), %rsi
+        call print
+        bt $22, %r14d
+        jnc 1f
         movabs $0xFFFFFFFFFFFFFFFF, %rax
         rdpid %rax
         CHECK_EQ %rax, 0x5A5A, 12
-
+        lea name_rdpid(%rip), %rsi
+        call print
+1:      mov $1, %eax
+        cpuid
+        bt $24, %ecx
+        jc 1f
+        ret
+1:
         # TSC-deadline timer: LVT timer mode 10b, vector 0x40; the interrupt arrives once the
         # TSC passes the deadline, and IA32_TSC_DEADLINE then reads 0.
         mov $0x40, %edi
@@ -81,6 +107,8 @@ test_main:
         or %rdx, %rax
         CHECK_EQ %rax, 0, 15
         movl $0x10000, 0x320(%rbx)      # mask the timer again
+        lea name_tsc_deadline(%rip), %rsi
+        call print
         ret
 
 timer_isr:
@@ -92,6 +120,13 @@ timer_isr:
         iretq
 
         .data
+features_message: .asciz "features:"
+name_clflush:   .asciz " clflush"
+name_clflushopt: .asciz " clflushopt"
+name_clwb:      .asciz " clwb"
+name_rdtscp:    .asciz " rdtscp"
+name_rdpid:     .asciz " rdpid"
+name_tsc_deadline: .asciz " tsc-deadline"
 timer_ticks:    .quad 0
         .align 64
 scratch:        .skip 64
