@@ -63,4 +63,19 @@ struct FidelityCLITests {
     #expect(result.status == (0x21 << 1) | 1, "stdout: \(result.stdout) stderr: \(result.stderr)")
     #expect(result.stdout.contains("low multiboot kernel ran"))
   }
+
+  /// Defect 8: a guest reads fw_cfg's standard items (ports and DMA) and finds them consistent
+  /// with the ACPI MADT and its memory map; the values it reports are the machine's.
+  @Test func firmwareConfigurationItemsReadByAGuest() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/fw-cfg.S", in: scratch)
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "soft", "--serial", "stdio", "--cpus", "3", "--memory", "96M",
+      "--cmdline", "fwcfg-test x=1",
+    ])
+    #expect(result.status == (0x21 << 1) | 1, "stdout: \(result.stdout) stderr: \(result.stderr)")
+    #expect(
+      result.stdout.contains("fw_cfg cpus=3 ram=0x0000000006000000 cmdline=fwcfg-test x=1\n"),
+      "stdout: \(result.stdout)")
+  }
 }
