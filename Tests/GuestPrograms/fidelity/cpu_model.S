@@ -69,7 +69,7 @@ test_main:
         cpuid
         bt $24, %ecx
         jc 1f
-        ret
+        jmp end_of_line
 1:
         # TSC-deadline timer: LVT timer mode 10b, vector 0x40; the interrupt arrives once the
         # TSC passes the deadline, and IA32_TSC_DEADLINE then reads 0.
@@ -109,6 +109,9 @@ test_main:
         movl $0x10000, 0x320(%rbx)      # mask the timer again
         lea name_tsc_deadline(%rip), %rsi
         call print
+end_of_line:
+        lea newline(%rip), %rsi
+        call print
         ret
 
 timer_isr:
@@ -127,6 +130,7 @@ name_clwb:      .asciz " clwb"
 name_rdtscp:    .asciz " rdtscp"
 name_rdpid:     .asciz " rdpid"
 name_tsc_deadline: .asciz " tsc-deadline"
+newline:        .asciz "\n"
 timer_ticks:    .quad 0
         .align 64
 scratch:        .skip 64
