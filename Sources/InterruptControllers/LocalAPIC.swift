@@ -234,10 +234,22 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
   /// The guest-physical base of the xAPIC page from IA32_APIC_BASE.
   public var mmioBase: UInt64 { apicBaseMSR & 0x000F_FFFF_FFFF_F000 }
 
-  /// Writes IA32_APIC_BASE. Returns false (the CPU raises #GP) for reserved bits or x2APIC
-  /// enable, which this APIC does not implement. Clearing the enable bit resets the APIC.
-  public func writeAPICBaseMSR(_ value: UInt64) -> Bool {
-    let writable: UInt64 = 0x000F_FFFF_FFFF_F000 | Self.baseEnableBit | Self.baseBSPBit
+  /// Whether the APIC is enabled in IA32_APIC_BASE (bit 11). A disabled APIC decodes no MMIO,
+  /// accepts no interrupts, and CPUID.1:EDX.APIC reads 0.
+  public var isGloballyEnabled: Bool { state.withLock { $0.globallyEnabled } }
+
+  /// Whether accesses to the default page (0xFEE00000) reach this APIC: it is enabled and not
+  /// relocated.
+  public var decodesDefaultPage: Bool {
+    state.withLock { $0.globallyEnabled && $0.apicBase & 0x000F_FFFF_FFFF_F000 == Self.defaultBase }
+  }
+
+  /// Writes IA32_APIC_BASE. Returns false (the CPU raises #GP) for reserved bits: bits 0-7, 9,
+  /// x2APIC enable (bit 10, not implemented here) and base bits at or above
+  /// `physicalAddressBits` (the CPU's MAXPHYADDR). Clearing the enable bit resets the APIC.
+  public func writeAPICBaseMSR(_ value: UInt64, physicalAddressBits: Int = 52) -> Bool {
+    let baseMask: UInt64 = ((1 << UInt64(min(physicalAddressBits, 52))) - 1) & ~0xFFF
+    let writable: UInt64 = baseMask | Self.baseEnableBit | Self.baseBSPBit
     guard value & ~writable == 0 else { return false }
     update { state in
       let wasEnabled = state.globallyEnabled
@@ -416,6 +428,10 @@ struct APICState {
   var divideConfiguration: UInt32 = 0
   var initialCount: UInt32 = 0
   var timerStart: UInt64 = 0
+  /// The current count at `timerStart` (the initial count, or the count a mode or divider
+  /// change found).
+  var timerCountAtStart: UInt64 = 0
+  /// When the count next reaches zero; nil when the timer is stopped (its count reads 0).
   var timerNextFire: UInt64?
   var tscDeadline: UInt64 = 0
   var nmiPending = false
@@ -588,17 +604,33 @@ struct APICState {
   }
 
   mutating func startTimer(now: UInt64) {
-    timerStart = now
-    timerNextFire = initialCount == 0 ? nil : now &+ duration(ofCounts: UInt64(initialCount))
+    restartTimer(count: UInt64(initialCount), now: now)
   }
 
+  /// Counts down from `count` starting `now` (0 stops the timer).
+  mutating func restartTimer(count: UInt64, now: UInt64) {
+    timerStart = now
+    timerCountAtStart = count
+    timerNextFire = count == 0 ? nil : now &+ duration(ofCounts: count)
+  }
+
+  /// The current-count register (SDM vol. 3 10.5.4): counts down from the initial count; in
+  /// one-shot mode it stays 0 after reaching it (until the initial count is written again, even
+  /// if the mode then changes to periodic); in periodic mode it reloads the initial count.
   func currentCount(now: UInt64) -> UInt32 {
-    guard timerMode != 2, initialCount != 0, now >= timerStart else { return 0 }
+    guard timerMode != 2, let due = timerNextFire, now >= timerStart else { return 0 }
     let elapsed = TimeBase.ticks(nanoseconds: now - timerStart, frequency: LocalAPIC.timerFrequency) / divisor
+    if elapsed < timerCountAtStart && now < due { return UInt32(truncatingIfNeeded: timerCountAtStart - elapsed) }
     let initial = UInt64(initialCount)
-    if timerMode == 1 { return UInt32(initial - elapsed % initial) }
-    if timerNextFire == nil || elapsed >= initial { return 0 }
-    return UInt32(initial - elapsed)
+    guard timerMode == 1, initial != 0 else { return 0 }
+    let sinceReload = elapsed > timerCountAtStart ? elapsed - timerCountAtStart : 0
+    return UInt32(truncatingIfNeeded: initial - sinceReload % initial)
+  }
+
+  /// After a change of the timer's mode or divider: keeps counting from the current count.
+  mutating func rebaseTimer(now: UInt64, previousCount: UInt32) {
+    guard timerNextFire != nil else { return }
+    restartTimer(count: UInt64(previousCount), now: now)
   }
 
   mutating func fireTimer(now: UInt64) {
@@ -685,30 +717,36 @@ struct APICState {
       icrLow = value & 0x000C_CFFF
       return interprocessorInterrupt()
     case APICRegister.lvtTimer...APICRegister.lvtError:
-      writeLVT(Int((offset - APICRegister.lvtTimer) >> 4), value: value)
+      writeLVT(Int((offset - APICRegister.lvtTimer) >> 4), value: value, now: now)
     case APICRegister.initialCount:
       guard timerMode != 2 else { return .none }
       initialCount = value
       startTimer(now: now)
     case APICRegister.divideConfiguration:
+      let count = currentCount(now: now)
       divideConfiguration = value & 0xB
-      if timerMode != 2, timerNextFire != nil { startTimer(now: now) }
+      if timerMode != 2 { rebaseTimer(now: now, previousCount: count) }
     default:
       break
     }
     return .none
   }
 
-  mutating func writeLVT(_ index: Int, value: UInt32) {
+  mutating func writeLVT(_ index: Int, value: UInt32, now: UInt64) {
     var entry = (value & LVT.writable[index]) | (lvt[index] & ~LVT.writable[index] & ~LVT.masked)
     if !softwareEnabled { entry |= LVT.masked }
     if index == LVT.timer {
       let oldMode = timerMode
+      let count = currentCount(now: now)
       lvt[index] = entry
       if (oldMode == 2) != (timerMode == 2) {
         timerNextFire = nil
         tscDeadline = 0
         initialCount = 0
+      } else if oldMode != timerMode {
+        // One-shot <-> periodic: the count goes on from where it is; a one-shot timer that
+        // already reached 0 stays stopped.
+        rebaseTimer(now: now, previousCount: count)
       }
       return
     }

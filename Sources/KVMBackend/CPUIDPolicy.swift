@@ -31,7 +31,8 @@ public struct CPUIDEntry: Sendable, Equatable, Hashable {
 /// The one place that decides what CPUID a guest sees. Input: what the host's KVM supports
 /// (KVM_GET_SUPPORTED_CPUID). Output: the table for one vCPU.
 ///
-/// - Sets the hypervisor-present bit (leaf 1 ECX[31]).
+/// - Sets the hypervisor-present bit (leaf 1 ECX[31]) and the TSC-deadline timer (ECX[24]:
+///   Hostvisor always uses KVM's in-kernel local APIC, which implements it).
 /// - Hides features Hostvisor does not offer: MONITOR/MWAIT (leaf 1 ECX[3]) and nested
 ///   virtualization (VMX, leaf 1 ECX[5]; SVM, leaf 0x8000_0001 ECX[2]).
 /// - Gives each vCPU its APIC ID (its index, as the in-kernel LAPIC uses) in leaf 1 EBX[31:24],
@@ -39,6 +40,9 @@ public struct CPUIDEntry: Sendable, Equatable, Hashable {
 ///   `cpuCount` single-thread cores (leaf 1 EBX[23:16] + HTT, leaf 4 EAX[31:26], leaf 0x8000_0008 ECX).
 public enum CPUIDPolicy {
   static let hypervisorBit: UInt32 = 1 << 31
+  /// Leaf 1 ECX[24]: the TSC-deadline timer. KVM's in-kernel local APIC implements it
+  /// (KVM_CAP_TSC_DEADLINE_TIMER) but KVM_GET_SUPPORTED_CPUID leaves the bit to userspace.
+  static let tscDeadlineBit: UInt32 = 1 << 24
   static let monitorBit: UInt32 = 1 << 3
   static let vmxBit: UInt32 = 1 << 5
   static let svmBit: UInt32 = 1 << 2
@@ -56,7 +60,7 @@ public enum CPUIDPolicy {
     for var entry in supported {
       switch entry.function {
       case 0x1:
-        entry.ecx |= hypervisorBit
+        entry.ecx |= hypervisorBit | tscDeadlineBit
         entry.ecx &= ~(monitorBit | vmxBit)
         entry.ebx = (entry.ebx & 0x0000_FFFF) | (apic << 24) | (count << 16)
         if count > 1 { entry.edx |= hyperThreadingBit } else { entry.edx &= ~hyperThreadingBit }

@@ -198,7 +198,8 @@ final class KVMVCPU: @unchecked Sendable {
       if !interruptsEnabled { control.requestStop(.powerOff) }
     case KVM_EXIT_SHUTDOWN:
       counters.count(counters.other)
-      control.requestStop(.reset(reason: "triple fault / shutdown"))
+      // KVM reports a shutdown (triple fault) without the exception that caused it.
+      control.requestStop(.tripleFault(vector: nil, rip: (try? registers())?.rip ?? 0))
     case KVM_EXIT_SYSTEM_EVENT:
       counters.count(counters.other)
       switch Int32(bitPattern: hv_kvm_run_system_event_type(run)) {

@@ -37,14 +37,15 @@ public enum BootCPUSetup {
   /// 32-bit protected mode, paging off: CR0 = PE|ET, a flat 32-bit code segment at
   /// `codeSelector` and flat data at `dataSelector` (defaults 0x08 and 0x10, as Multiboot
   /// loaders commonly use). A20 is always enabled in Hostvisor's memory model.
+  /// The GDT goes to `gdtAddress` (default `BootLayout.gdtAddress`).
   public static func protectedMode32(
     memory: GuestMemory, entry: UInt64, stackPointer: UInt64, codeSelector: UInt16 = 0x08,
-    dataSelector: UInt16 = 0x10
+    dataSelector: UInt16 = 0x10, gdtAddress: UInt64 = BootLayout.gdtAddress
   ) throws(LoaderError) -> X86CPUState {
     let code = SegmentRegister.flatCode(selector: codeSelector, long: false)
     let data = SegmentRegister.flatData(selector: dataSelector)
     var state = X86CPUState()
-    state.gdt = try writeGDT(memory: memory, segments: [code, data])
+    state.gdt = try writeGDT(memory: memory, segments: [code, data], at: gdtAddress)
     state.cr0 = X86.cr0PE | X86.cr0ET
     setSegments(&state, code: code, data: data)
     state.rip = entry & 0xFFFF_FFFF
@@ -81,18 +82,19 @@ public enum BootCPUSetup {
     return value
   }
 
-  /// Writes a GDT at `BootLayout.gdtAddress` holding `segments` at their selectors' indices
-  /// (other entries null) and returns the GDTR value.
-  static func writeGDT(memory: GuestMemory, segments: [SegmentRegister]) throws(LoaderError) -> DescriptorTableRegister
-  {
+  /// Writes a GDT at `address` holding `segments` at their selectors' indices (other entries
+  /// null) and returns the GDTR value.
+  static func writeGDT(
+    memory: GuestMemory, segments: [SegmentRegister], at address: UInt64 = BootLayout.gdtAddress
+  ) throws(LoaderError) -> DescriptorTableRegister {
     let size = UInt64(BootLayout.gdtEntries * 8)
-    try memory.zero(at: BootLayout.gdtAddress, length: size)
+    try memory.zero(at: address, length: size)
     for segment in segments {
       let index = UInt64(segment.selector >> 3)
       precondition(index > 0 && index < UInt64(BootLayout.gdtEntries), "boot selector outside the boot GDT")
-      try memory.put(descriptor(for: segment), at: BootLayout.gdtAddress + index * 8)
+      try memory.put(descriptor(for: segment), at: address + index * 8)
     }
-    return DescriptorTableRegister(base: BootLayout.gdtAddress, limit: UInt16(size - 1))
+    return DescriptorTableRegister(base: address, limit: UInt16(size - 1))
   }
 
   /// Builds the identity map of the first 4 GiB (PML4 → one PDPT → four page directories of

@@ -10,6 +10,11 @@ import VMCore
 /// memory map (the same ranges as the e820 map) and the boot loader name "hostvisor".
 /// The CPU starts in flat 32-bit protected mode, paging off, CS 0x08, data 0x10 (GDT at 0x500),
 /// interrupts off, EAX = 0x2BADB002, EBX = 0x1000, ESP = 0x8FF0; A20 is always on.
+///
+/// Those boot-data addresses (GDT 0x500, information 0x1000, stack 0x8000, command line
+/// 0x20000) are defaults: when the kernel or its module occupies any of them, all the boot
+/// data moves to the pages right after the kernel and module instead (as QEMU places its
+/// Multiboot data after the kernel), so no image that fits in RAM is refused because of them.
 public enum MultibootLoader {
   /// The header magic the kernel carries.
   public static let headerMagic: UInt32 = 0x1BAD_B002
@@ -51,9 +56,45 @@ public enum MultibootLoader {
   static let memoryMapEntrySize: UInt64 = 24
   static var maximumMemoryMapEntries: Int { Int((modulesOffset - memoryMapOffset) / memoryMapEntrySize) }
 
-  static let bootData: [BootLayout.Region] = [
-    BootLayout.gdt, BootLayout.multibootInfo, BootLayout.bootStack, BootLayout.commandLine,
-  ]
+  /// Where one load's boot data lives.
+  struct BootDataPlacement {
+    var gdt: UInt64
+    var information: UInt64
+    var stackTop: UInt64
+    var commandLine: UInt64
+
+    /// The default addresses when none of them overlaps `occupied` (kernel, module); else one
+    /// block after the highest occupied byte: GDT and information page, stack page, command
+    /// lines. Throws when that block does not fit in RAM below 4 GiB.
+    static func choose(occupied: [Range<UInt64>], commandLineBytes: UInt64, memory: GuestMemory)
+      throws(LoaderError) -> BootDataPlacement
+    {
+      let defaults: [BootLayout.Region] = [
+        BootLayout.gdt, BootLayout.multibootInfo, BootLayout.bootStack,
+        BootLayout.Region(name: "command line", start: BootLayout.commandLineAddress, size: commandLineBytes),
+      ]
+      let clash = occupied.contains { range in
+        defaults.contains { range.lowerBound < $0.end && $0.start < range.upperBound }
+      }
+      if !clash {
+        return BootDataPlacement(
+          gdt: BootLayout.gdtAddress, information: BootLayout.multibootInfoAddress,
+          stackTop: BootLayout.bootStackTop, commandLine: BootLayout.commandLineAddress)
+      }
+      let highest = occupied.map(\.upperBound).max() ?? 0
+      let base = (highest + 0xFFF) & ~UInt64(0xFFF)
+      // GDT at +0, the information area (structure, memory map, module list, loader name) at
+      // +0x1000, the stack page at +0x2000, the command lines from +0x3000.
+      let size = 0x3000 + ((commandLineBytes + 0xFFF) & ~UInt64(0xFFF))
+      guard base + size <= 0x1_0000_0000, memory.contains(base, length: size) else {
+        throw .segmentOverlapsBootData(
+          address: occupied.first?.lowerBound ?? 0, length: (occupied.first?.count).map(UInt64.init) ?? 0,
+          region: "Multiboot boot data (no room after the kernel)", regionStart: base, regionEnd: base + size)
+      }
+      return BootDataPlacement(
+        gdt: base, information: base + 0x1000, stackTop: base + 0x2FF0, commandLine: base + 0x3000)
+    }
+  }
 
   static func load(
     _ image: ImageBytes, headerOffset: UInt64, initrd: ImageBytes?, commandLine: String, memory: GuestMemory,
@@ -110,7 +151,6 @@ public enum MultibootLoader {
       guard memory.contains(start, length: bssEnd - start) else {
         throw .segmentOutsideRAM(address: start, length: bssEnd - start)
       }
-      try BootLayout.checkNoOverlap(address: start, length: bssEnd - start, with: bootData)
       try memory.load(image.bytes, fileRange, at: start)
       try memory.zero(at: loadEnd, length: bssEnd - loadEnd)
       entry = UInt64(entryAddress)
@@ -124,20 +164,15 @@ public enum MultibootLoader {
       guard entry <= 0xFFFF_FFFF else {
         throw malformed("the entry point \(hex(entry)) is not reachable from 32-bit protected mode")
       }
-      kernelRange = try elf.loadSegments(from: image, into: memory, avoiding: bootData)
+      kernelRange = try elf.loadSegments(from: image, into: memory, avoiding: [])
     }
 
-    // Command line, then the module string, in the command-line area.
     let kernelLine = KernelLoader.commandLineBytes(commandLine.isEmpty ? image.path : image.path + " " + commandLine)
     let moduleLine = KernelLoader.commandLineBytes(initrd?.path ?? "")
     let limit = Int(BootLayout.commandLineAreaSize)
     guard kernelLine.count + 1 + moduleLine.count + 1 <= limit else {
       throw .commandLineTooLong(length: kernelLine.count + moduleLine.count, limit: limit - 2)
     }
-    let commandLineAddress = BootLayout.commandLineAddress
-    let moduleLineAddress = commandLineAddress + UInt64(kernelLine.count) + 1
-    try memory.load(kernelLine + [0], 0..<(kernelLine.count + 1), at: commandLineAddress)
-    try memory.load(moduleLine + [0], 0..<(moduleLine.count + 1), at: moduleLineAddress)
 
     // The module, page-aligned after the kernel, below 4 GiB.
     var initrdRange: Range<UInt64>? = nil
@@ -151,8 +186,19 @@ public enum MultibootLoader {
       initrdRange = start..<(start + size)
     }
 
+    // Where the boot data goes: the default addresses, or after the kernel and module.
+    let place = try BootDataPlacement.choose(
+      occupied: [kernelRange] + (initrdRange.map { [$0] } ?? []),
+      commandLineBytes: UInt64(kernelLine.count + 1 + moduleLine.count + 1), memory: memory)
+
+    // Command line, then the module string, in the command-line area.
+    let commandLineAddress = place.commandLine
+    let moduleLineAddress = commandLineAddress + UInt64(kernelLine.count) + 1
+    try memory.load(kernelLine + [0], 0..<(kernelLine.count + 1), at: commandLineAddress)
+    try memory.load(moduleLine + [0], 0..<(moduleLine.count + 1), at: moduleLineAddress)
+
     // The information structure.
-    let info = BootLayout.multibootInfoAddress
+    let info = place.information
     try memory.zero(at: info, length: BootLayout.multibootInfoAreaSize)
     var infoFlags = Info.hasMemory | Info.hasCommandLine | Info.hasModules | Info.hasMemoryMap | Info.hasLoaderName
     if initrd == nil { infoFlags &= ~Info.hasModules }
@@ -187,7 +233,8 @@ public enum MultibootLoader {
     try memory.load(name, 0..<name.count, at: info + loaderNameAreaOffset)
     try memory.put(UInt32(info + loaderNameAreaOffset), at: info + Info.loaderNameOffset)
 
-    var state = try BootCPUSetup.protectedMode32(memory: memory, entry: entry, stackPointer: BootLayout.bootStackTop)
+    var state = try BootCPUSetup.protectedMode32(
+      memory: memory, entry: entry, stackPointer: place.stackTop, gdtAddress: place.gdt)
     state.rax = UInt64(bootloaderMagic)
     state.rbx = info
     return BootImage(

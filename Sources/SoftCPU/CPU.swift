@@ -159,6 +159,8 @@ public final class CPU: @unchecked Sendable {
   var exitRequested = false
   /// With `exitRequested`: HLT executed.
   var haltRequested = false
+  /// Set by SYSCALL and SYSRET, whose single-step trap depends on TF at their end.
+  var singleStepOverride = SingleStepOverride.none
   /// With `exitRequested` and not halted: the trap to report.
   var pendingTrap = Fault(vector: 0)
 
@@ -226,4 +228,14 @@ public final class CPU: @unchecked Sendable {
   public func requestStop() {
     stopFlag.store(true, ordering: .releasing)
   }
+}
+
+/// How the instruction that just ran decides its single-step trap.
+enum SingleStepOverride: UInt8 {
+  /// TF at the start of the instruction decides.
+  case none
+  /// Trap after the instruction (TF set at its end).
+  case trap
+  /// No trap (TF clear at its end).
+  case noTrap
 }

@@ -11,23 +11,31 @@ enum CPUModel {
   static let signature: UInt32 = 0x0080_0F10
 
   /// Leaf 1 EDX: FPU(0) PSE(3) TSC(4) MSR(5) PAE(6) CX8(8) APIC(9) SEP(11) MTRR(12) PGE(13)
-  /// CMOV(15) PAT(16) PSE-36(17) FXSR(24) SSE(25) SSE2(26). System features are part 2's.
+  /// CMOV(15) PAT(16) PSE-36(17) CLFSH(19) FXSR(24) SSE(25) SSE2(26). APIC reads 0 while
+  /// IA32_APIC_BASE disables the local APIC.
   static let leaf1EDX: UInt32 =
     1 << 0 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 8 | 1 << 9 | 1 << 11 | 1 << 12 | 1 << 13 | 1 << 15
-    | 1 << 16 | 1 << 17 | 1 << 24 | 1 << 25 | 1 << 26
+    | 1 << 16 | 1 << 17 | 1 << 19 | 1 << 24 | 1 << 25 | 1 << 26
+  /// Leaf 1 EDX bit 9: the local APIC.
+  static let leaf1EDXAPIC: UInt32 = 1 << 9
+  /// Leaf 1 EBX[15:8]: CLFLUSH line size in 8-byte units (64 bytes).
+  static let clflushLineSize: UInt32 = 8
   /// Leaf 1 ECX: SSE3(0) PCLMULQDQ(1) SSSE3(9) CX16(13) SSE4.1(19) SSE4.2(20) MOVBE(22) POPCNT(23)
-  /// hypervisor(31). No AVX/XSAVE/x2APIC/PCID.
+  /// TSC-deadline(24) hypervisor(31). No AVX/XSAVE/x2APIC/PCID.
   static let leaf1ECX: UInt32 =
-    1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 22 | 1 << 23 | 1 << 31
-  /// Leaf 7 EBX: ERMS(9), enhanced REP MOVSB/STOSB (no BMI1/BMI2: they need VEX). A hint
+    1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 22 | 1 << 23 | 1 << 24 | 1 << 31
+  /// Leaf 7 EBX: ERMS(9), enhanced REP MOVSB/STOSB (no BMI1/BMI2: they need VEX), a hint
   /// that steers Linux's memcpy/memset/copy_user to `rep movsb`/`rep stosb`, which the string
-  /// unit runs as one host memmove/memset per page.
-  static let leaf7EBX: UInt32 = 1 << 9
+  /// unit runs as one host memmove/memset per page; CLFLUSHOPT(23) and CLWB(24) (no-ops: guest
+  /// RAM is coherent host memory).
+  static let leaf7EBX: UInt32 = 1 << 9 | 1 << 23 | 1 << 24
+  /// Leaf 7 ECX: RDPID(22).
+  static let leaf7ECX: UInt32 = 1 << 22
   /// Leaf 7 EDX: FSRM(4), fast short REP MOVSB (same reason: even short copies become one
   /// instruction instead of an interpreted loop).
   static let leaf7EDX: UInt32 = 1 << 4
-  /// 0x8000_0001 EDX: SYSCALL(11) NX(20) 1 GiB pages(26) LM(29).
-  static let extendedEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 26 | 1 << 29
+  /// 0x8000_0001 EDX: SYSCALL(11) NX(20) 1 GiB pages(26) RDTSCP(27) LM(29).
+  static let extendedEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 26 | 1 << 27 | 1 << 29
   /// 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode(0) ABM/LZCNT(5).
   static let extendedECX: UInt32 = 1 << 0 | 1 << 5
   /// Linear address width (bits 8-15 of 0x8000_0008 EAX; the physical width comes from
@@ -61,12 +69,16 @@ extension CPU {
       c = ascii(vendor, 8)
     case 1:
       a = UInt64(CPUModel.signature)
-      b = 1 << 16 | UInt64(system.apicID & 0xFF) << 24  // one logical processor
+      // One logical processor, the APIC ID, the CLFLUSH line size.
+      b = 1 << 16 | UInt64(system.apicID & 0xFF) << 24 | UInt64(CPUModel.clflushLineSize) << 8
       c = UInt64(CPUModel.leaf1ECX)
       d = UInt64(CPUModel.leaf1EDX)
+      let apicEnabled = system.localAPIC?.isGloballyEnabled ?? (apicBase & LocalAPIC.baseEnableBit != 0)
+      if !apicEnabled { d &= ~UInt64(CPUModel.leaf1EDXAPIC) }
     case 7:
       if gpr[1] & 0xFFFF_FFFF == 0 {
         b = UInt64(CPUModel.leaf7EBX)
+        c = UInt64(CPUModel.leaf7ECX)
         d = UInt64(CPUModel.leaf7EDX)
       }
     case 0x4000_0000:

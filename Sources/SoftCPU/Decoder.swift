@@ -280,8 +280,12 @@ extension CPU {
       guard regField >= 4 else { throw .invalidOpcode }
       op = [Op.btRmImm, .btsRmImm, .btrRmImm, .btcRmImm][Int(regField - 4)]
     case DecoderGroup.cmpxchgN:
-      guard regField == 1, memory else { throw .invalidOpcode }
-      op = .cmpxchg8b16b
+      if !memory && regField == 7 && repeatPrefix == 0xF3 {
+        op = .rdpid  // F3 0F C7 /7: RDPID r32/r64
+      } else {
+        guard regField == 1, memory else { throw .invalidOpcode }
+        op = .cmpxchg8b16b
+      }
     case DecoderGroup.fence:
       if memory {
         switch regField {
@@ -290,7 +294,12 @@ extension CPU {
           guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
           op = .sse
           entry.simd = true
+        case 6:
+          // 66 0F AE /6: CLWB (XSAVEOPT without 66: no XSAVE here).
+          guard repeatPrefix == 0, operandPrefix else { throw .invalidOpcode }
+          op = .clflush
         case 7:
+          // CLFLUSH; with 66, CLFLUSHOPT.
           guard repeatPrefix == 0 else { throw .invalidOpcode }
           op = .clflush
         default: throw .invalidOpcode

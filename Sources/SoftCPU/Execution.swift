@@ -122,7 +122,10 @@ extension CPU {
         }
       }
       let start = blockArena + Int(first)
-      let end = start + (Int(count) < remaining ? Int(count) : remaining)
+      var end = start + (Int(count) < remaining ? Int(count) : remaining)
+      // TF (single-step) or RF (set by IRET from a fault frame) take the slow path below.
+      let debugFlags = storedFlags & (RFlags.tf | RFlags.rf)
+      if debugFlags & RFlags.tf != 0 { end = start + 1 }
       var instruction = start
       var instructionStart = rip
       blockInvalidated = false
@@ -137,6 +140,7 @@ extension CPU {
         rip = instructionStart
         let executed = instruction - start
         retiredInstructions &+= UInt64(executed)
+        singleStepOverride = .none
         if flatTestMode { return .fault(error) }
         // Outside flat test mode the exception goes to the guest (part 2) and execution goes on.
         remaining -= executed + 1
@@ -149,6 +153,15 @@ extension CPU {
       remaining -= executed
       retiredInstructions &+= UInt64(executed)
       previous = blockIndex
+      if debugFlags != 0 || singleStepOverride != .none {
+        if let trap = finishDebugFlags(debugFlags, lastOp: (instruction - 1).pointee.op) {
+          if flatTestMode { return .fault(trap) }
+          deliverException(trap)
+          if system.shutdownReason != nil { return .stopRequested }
+          previous = -1
+          continue
+        }
+      }
       if exitRequested {
         exitRequested = false
         if haltRequested {
@@ -159,6 +172,26 @@ extension CPU {
       }
     }
     return .instructionLimit
+  }
+
+  /// After a block that started with TF or RF set, or whose last instruction decided its own
+  /// single-step trap (SYSCALL, SYSRET): clears RF (it lasts one instruction, unless that
+  /// instruction was an IRET that loaded it again) and returns the single-step #DB trap to
+  /// deliver, if any, with DR6.BS set. A trap follows an instruction that began with TF set
+  /// (so not the POPF or IRET that sets it); SYSCALL and SYSRET trap when TF is set at their
+  /// end (SYSCALL's mask may clear it; SYSRET may load it from R11).
+  func finishDebugFlags(_ flagsAtStart: UInt64, lastOp: Op) -> Fault? {
+    if flagsAtStart & RFlags.rf != 0 && lastOp != .iret { storedFlags &= ~RFlags.rf }
+    let trap: Bool
+    switch singleStepOverride {
+    case .none: trap = flagsAtStart & RFlags.tf != 0
+    case .trap: trap = true
+    case .noTrap: trap = false
+    }
+    singleStepOverride = .none
+    guard trap, !exitRequested else { return nil }
+    system.debugRegisters[6] |= 1 << 14  // BS: single step
+    return .debug
   }
 
   /// Executes one decoded instruction with its generic handler; `rip` already points past it.
@@ -304,6 +337,7 @@ extension CPU {
     case .fwait: try fwait()
     case .cpuid: executeCPUID()
     case .rdtsc, .rdtscp: try readTimeStampCounter(ins)
+    case .rdpid: writeRegister(ins.rm, size: codeSize == 8 ? 8 : 4, tscAux & 0xFFFF_FFFF)
     case .hlt: try halt()
     case .int3, .intN, .into, .int1: try softwareInterrupt(ins)
     case .inImm, .inDX, .outImm, .outDX: try portIO(ins)

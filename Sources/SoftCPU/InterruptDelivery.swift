@@ -63,6 +63,7 @@ extension CPU {
         }
       }
     }
+    if system.tripleFault == nil { system.tripleFault = (fault.vector, rip) }
     shutDown("triple fault")
   }
 
@@ -198,6 +199,18 @@ extension CPU {
     system.halted = false
   }
 
+  /// The RFLAGS image an event pushes: with RF set for fault-class exceptions (SDM vol. 3
+  /// 17.3.1.1: every fault except an instruction breakpoint, so that IRET back to the faulting
+  /// instruction does not hit its breakpoint again). Not for traps (#DB here is always a trap:
+  /// there are no instruction breakpoints; #BP, #OF), aborts (#DF, #MC), NMIs or interrupts.
+  static func savedFlags(_ flags: UInt64, vector: UInt8, kind: EventKind) -> UInt64 {
+    guard kind == .exception, vector < 32 else { return flags }
+    switch vector {
+    case 1, 2, 3, 4, 8, 18: return flags
+    default: return flags | RFlags.rf
+    }
+  }
+
   /// EXT bit of error codes for faults raised while delivering `kind`.
   private func externalBit(_ kind: EventKind) -> UInt32 {
     switch kind {
@@ -290,6 +303,7 @@ extension CPU {
     let oldSS = UInt64(segments[Int(SegmentIndex.ss)].selector)
     let oldSP = gpr[4]
     let oldFlags = rflags
+    let pushedFlags = Self.savedFlags(oldFlags, vector: vector, kind: kind)
     let oldCS = UInt64(segments[Int(SegmentIndex.cs)].selector)
 
     var stack: StackCursor
@@ -327,7 +341,7 @@ extension CPU {
     } else {
       stack = StackCursor(cpu: self)
     }
-    try stack.push(oldFlags, size: size, cpl: newCPL)
+    try stack.push(pushedFlags, size: size, cpl: newCPL)
     try stack.push(oldCS, size: size, cpl: newCPL)
     try stack.push(rip, size: size, cpl: newCPL)
     if let errorCode { try stack.push(UInt64(errorCode), size: size, cpl: newCPL) }
@@ -376,7 +390,7 @@ extension CPU {
     try systemProbeWrite(frameBase, size: Int(count) * 8, cpl: newCPL)
     try systemWrite(newSP &- 8, size: 8, oldSS, cpl: newCPL)
     try systemWrite(newSP &- 16, size: 8, gpr[4], cpl: newCPL)
-    try systemWrite(newSP &- 24, size: 8, oldFlags, cpl: newCPL)
+    try systemWrite(newSP &- 24, size: 8, Self.savedFlags(oldFlags, vector: vector, kind: kind), cpl: newCPL)
     try systemWrite(newSP &- 32, size: 8, oldCS, cpl: newCPL)
     try systemWrite(newSP &- 40, size: 8, rip, cpl: newCPL)
     if let errorCode { try systemWrite(newSP &- 48, size: 8, UInt64(errorCode), cpl: newCPL) }

@@ -134,6 +134,7 @@ extension CPU {
     case MSRIndex.kernelGSBase: return kernelGSBase
     case MSRIndex.tscAux: return tscAux
     default:
+      if let value = readPerformanceMSR(index) { return value }
       if isStoredMSR(index) {
         if index == MSRIndex.featureControl { return system.storedMSRs[index] ?? 1 }  // locked, no VMX
         return system.storedMSRs[index] ?? Self.defaultMSRValue(index)
@@ -149,14 +150,21 @@ extension CPU {
     case MSRIndex.tsc:
       tscOffset = value &- (timeStampCounter() &- tscOffset)
     case MSRIndex.apicBase:
-      // Base relocation is not supported by the LAPIC page routing; BSP is read-only.
+      // Reserved bits (0-7, 9, x2APIC enable 10, base bits at or above MAXPHYADDR) raise #GP;
+      // BSP is read-only. A base other than 0xFEE00000 is decoded by this CPU's memory path.
       if let apic = system.localAPIC {
-        guard apic.writeAPICBaseMSR(value) else { throw .generalProtection(0) }
+        guard apic.writeAPICBaseMSR(value, physicalAddressBits: Int(system.physicalAddressBits)) else {
+          throw .generalProtection(0)
+        }
         apicBase = apic.apicBaseMSR
       } else {
-        if value & ~(0xF_FFFF_F000 | 0x900) != 0 { throw .generalProtection(0) }
+        let baseMask: UInt64 = ((1 << system.physicalAddressBits) - 1) & ~0xFFF
+        if value & ~(baseMask | 0x900) != 0 { throw .generalProtection(0) }
         apicBase = (value & ~0x100) | (apicBase & 0x100)
       }
+      let page = apicBase & ~0xFFF
+      system.relocatedAPICPage =
+        apicBase & LocalAPIC.baseEnableBit != 0 && page != LocalAPIC.defaultBase ? page : UInt64.max
     case MSRIndex.sysenterCS: sysenterCS = value & 0xFFFF
     case MSRIndex.sysenterESP:
       guard isCanonical(value) else { throw .generalProtection(0) }
@@ -202,6 +210,7 @@ extension CPU {
       if value & ~0xCFF != 0 { throw .generalProtection(0) }
       system.storedMSRs[index] = value
     default:
+      if try writePerformanceMSR(index, value) { return }
       if isStoredMSR(index) && index != MSRIndex.featureControl {
         system.storedMSRs[index] = value
         return

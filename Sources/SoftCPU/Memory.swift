@@ -187,6 +187,9 @@ extension CPU {
         default: return hv_load64(host)
         }
       }
+      if physical & ~0xFFF == system.relocatedAPICPage, let apic = system.localAPIC {
+        return apic.mmioRead(offset: physical & 0xFFF, size: Int(size))
+      }
       try checkBacked(physical, linear: linear, access: .read)
       return bus.mmioRead(physical, size: Int(size))
     }
@@ -238,6 +241,10 @@ extension CPU {
         case 4: hv_store32(host, UInt32(truncatingIfNeeded: value))
         default: hv_store64(host, value)
         }
+        return
+      }
+      if physical & ~0xFFF == system.relocatedAPICPage, let apic = system.localAPIC {
+        apic.mmioWrite(offset: physical & 0xFFF, size: Int(size), value: value)
         return
       }
       try checkBacked(physical, linear: linear, access: .write)

@@ -67,7 +67,7 @@ public enum Op: UInt16, Sendable {
 
   // MARK: Flags, misc
   case clc, stc, cmc, cld, std, cli, sti
-  case cpuid, rdtsc, rdtscp, nop, pause, hlt, int3, intN, into, int1
+  case cpuid, rdtsc, rdtscp, rdpid, nop, pause, hlt, int3, intN, into, int1
   /// FWAIT/WAIT (9B): see `CPU.fwait`.
   case fwait
   case inImm, inDX, outImm, outDX

@@ -163,7 +163,11 @@ private func runVCPU(
       continue
     }
     if let reason = cpu.system.shutdownReason {
-      control.requestStop(.reset(reason: reason))
+      if let fault = cpu.system.tripleFault {
+        control.requestStop(.tripleFault(vector: fault.vector, rip: fault.rip))
+      } else {
+        control.requestStop(.reset(reason: reason))
+      }
       return
     }
     controllers.poll(cpu: index, now: clock.nanoseconds)
@@ -247,9 +251,17 @@ final class LocalAPICPage: MMIODevice {
     return value >= 1 && value <= apics.count ? apics[value - 1] : apics[0]
   }
 
-  func mmioRead(offset: UInt64, size: Int) -> UInt64 { current.mmioRead(offset: offset, size: size) }
+  /// A disabled or relocated APIC leaves the default page undecoded for its CPU: reads return
+  /// all ones (nothing answers), writes are dropped.
+  func mmioRead(offset: UInt64, size: Int) -> UInt64 {
+    let apic = current
+    guard apic.decodesDefaultPage else { return size >= 8 ? ~0 : (UInt64(1) << (size * 8)) - 1 }
+    return apic.mmioRead(offset: offset, size: size)
+  }
   func mmioWrite(offset: UInt64, size: Int, value: UInt64) {
-    current.mmioWrite(offset: offset, size: size, value: value)
+    let apic = current
+    guard apic.decodesDefaultPage else { return }
+    apic.mmioWrite(offset: offset, size: size, value: value)
   }
 }
 

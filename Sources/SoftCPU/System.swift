@@ -37,6 +37,8 @@ public final class SystemState: @unchecked Sendable {
   public var waitingForSIPI = false
   /// Set when the CPU shut down (triple fault); the accelerator resets the machine.
   public var shutdownReason: String?
+  /// For a triple fault: the exception first raised and the RIP it was raised at.
+  public var tripleFault: (vector: UInt8, rip: UInt64)?
   /// An interrupt became deliverable inside an interrupt shadow: run one instruction, then
   /// service events again.
   public var recheckAfterShadow = false
@@ -60,6 +62,11 @@ public final class SystemState: @unchecked Sendable {
   public var apicID: UInt32 = 0
   /// A large-page translation may be in the TLB (INVLPG must drop every piece of it).
   var largePagesCached = false
+  /// AMD's legacy performance counters (PerformanceCounters.swift).
+  var performanceCounters = PerformanceCounterState()
+  /// The physical page of this CPU's local APIC when it is enabled at a base other than the
+  /// default 0xFEE00000 (the bus decodes the default page); all ones otherwise.
+  var relocatedAPICPage = UInt64.max
 
   public init() {}
 

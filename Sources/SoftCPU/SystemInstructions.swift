@@ -117,7 +117,7 @@ extension CPU {
     case .wrmsr:
       try writeMSR(UInt32(truncatingIfNeeded: gpr[1]), (gpr[2] << 32) | (gpr[0] & 0xFFFF_FFFF))
     case .rdpmc:
-      throw .generalProtection(0)
+      try readPerformanceMonitoringCounter()
     default:
       throw .invalidOpcode
     }
@@ -180,6 +180,7 @@ extension CPU {
       setSegment(SegmentIndex.ss, stack)
       installCodeSegment(code, rip: star & 0xFFFF_FFFF)
     }
+    singleStepOverride = storedFlags & RFlags.tf != 0 ? .trap : .noTrap
   }
 
   /// SYSRET: back to CPL 3 in 64-bit mode (REX.W) or compatibility mode. RCX must be canonical.
@@ -213,6 +214,7 @@ extension CPU {
     }
     setSegment(SegmentIndex.ss, stack)
     installCodeSegment(code, rip: target)
+    singleStepOverride = storedFlags & RFlags.tf != 0 ? .trap : .noTrap
     wakeRunLoopIfInterruptPending()
   }
 

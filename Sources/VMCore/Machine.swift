@@ -12,6 +12,12 @@ public enum MachineStopReason: Sendable, Equatable, CustomStringConvertible {
   case stopRequested
   /// An unrecoverable accelerator or device failure.
   case failure(String)
+  /// The CPU shut down after a triple fault: `vector` is the exception that could not be
+  /// delivered (nil when the accelerator does not say), `rip` where it was raised.
+  case tripleFault(vector: UInt8?, rip: UInt64)
+
+  /// Exit status of a triple fault (even, so it never collides with a debug-exit status).
+  public static let tripleFaultExitStatus: Int32 = 2
 
   /// The host process exit status that this stop maps to.
   public var exitStatus: Int32 {
@@ -19,6 +25,7 @@ public enum MachineStopReason: Sendable, Equatable, CustomStringConvertible {
     case .debugExit(let value): return Int32(truncatingIfNeeded: (value << 1) | 1) & 0xFF
     case .powerOff, .reset, .stopRequested: return 0
     case .failure: return 1
+    case .tripleFault: return Self.tripleFaultExitStatus
     }
   }
 
@@ -29,7 +36,20 @@ public enum MachineStopReason: Sendable, Equatable, CustomStringConvertible {
     case .reset(let reason): return "guest reset (\(reason))"
     case .stopRequested: return "stopped by request"
     case .failure(let message): return message
+    case .tripleFault(let vector, let rip):
+      let ripText = "0x" + String(rip, radix: 16)
+      guard let vector else { return "triple fault at RIP \(ripText)" }
+      return "triple fault: \(Self.exceptionName(vector)) (vector \(vector)) at RIP \(ripText)"
     }
+  }
+
+  /// The mnemonic of exception `vector` ("#GP"), or "exception" for vectors without one.
+  static func exceptionName(_ vector: UInt8) -> String {
+    let names = [
+      "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "exception", "#TS", "#NP", "#SS", "#GP",
+      "#PF", "exception", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
+    ]
+    return Int(vector) < names.count ? names[Int(vector)] : "exception"
   }
 }
 

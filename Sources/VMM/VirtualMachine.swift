@@ -128,9 +128,16 @@ public final class VirtualMachine: Sendable {
       if !parts.bus.hasPortDevice(ACPIResetRegister.port) {
         try parts.bus.registerPorts(ACPIResetRegister.port, count: 1, device: ACPIResetRegister(control: parts.control))
       }
+      // QEMU's fw_cfg at 0x510: the same CPU count as the ACPI MADT, the loader's memory map.
+      try FirmwareConfiguration.standard(
+        memory: memory, cpuCount: configuration.cpuCount, kernel: boot.kernelRange, entry: boot.entry,
+        initrd: boot.initrdRange, commandLine: configuration.commandLine,
+        commandLineAddress: boot.commandLineAddress ?? 0,
+        memoryMap: boot.memoryMap.map { ($0.address, $0.size, $0.type.rawValue) }
+      ).register(on: parts.bus)
     } catch {
       Self.shutdown(virtioDevices)
-      throw MachineError(error.description)
+      throw MachineError("\(error)")
     }
     if configuration.verbose {
       Self.log(

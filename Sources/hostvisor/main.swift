@@ -18,7 +18,8 @@ struct Run: ParsableCommand {
     abstract: "Boot a kernel and run the guest until it powers off, resets or exits.",
     discussion: """
       Exit status: the guest's isa-debug-exit code ((value << 1) | 1) when it writes to port 0xF4; \
-      0 when the guest powers off or resets; 1 with one error line on any failure. \
+      0 when the guest powers off or resets; 1 with one error line on any failure; 2 after a triple fault \
+      (with one line naming the exception and RIP), unless --triple-fault reset treats it as a reset. \
       On the terminal, Ctrl-A x quits and Ctrl-A Ctrl-A sends Ctrl-A.
 
       Every machine has a PCI bus (ECAM at 0xE0000000, described by ACPI MCFG and \\_SB.PCI0) \
@@ -90,6 +91,13 @@ struct Run: ParsableCommand {
     help: ArgumentHelp("Path of the KVM device.", valueName: "path", visibility: .hidden))
   var kvmDevice: String = "/dev/kvm"
 
+  @Option(
+    name: .customLong("triple-fault"),
+    help: ArgumentHelp(
+      "What a guest triple fault does: error (one line on standard error, exit status 2; default) or reset (handled like any guest reset: exit status 0).",
+      valueName: "error|reset"))
+  var tripleFault: String = "error"
+
   @Flag(name: .long, help: "Report the chosen accelerator and machine layout on standard error.")
   var verbose = false
 
@@ -111,11 +119,19 @@ struct Run: ParsableCommand {
       configuration.networks = try net.map { text throws(ConfigurationError) in
         try NetworkConfiguration(parsing: text)
       }
+      guard tripleFault == "error" || tripleFault == "reset" else {
+        throw CommandFailure("invalid --triple-fault '\(tripleFault)': use error or reset")
+      }
       let machine = try VirtualMachine(configuration: configuration)
-      let reason = try machine.run()
+      var reason = try machine.run()
+      if case .tripleFault = reason, tripleFault == "reset" {
+        reason = .reset(reason: reason.description)
+      }
       if verbose { printError("hostvisor: \(reason)") }
-      if case .failure(let message) = reason {
-        printError("hostvisor: error: \(message)")
+      switch reason {
+      case .failure(let message): printError("hostvisor: error: \(message)")
+      case .tripleFault where !verbose: printError("hostvisor: \(reason)")
+      default: break
       }
       Glibc.exit(reason.exitStatus)
     } catch let error as CommandFailure {

@@ -110,13 +110,19 @@ struct KVMGuestTests {
       machine.mmio.accesses.first == .init(write: true, offset: 0x10, size: 8, value: 0x1122_3344_5566_7788))
   }
 
-  @Test func tripleFaultResetsTheMachine() throws {
+  @Test func tripleFaultStopsTheMachineWithItsRIP() throws {
     let machine = try TestMachine()
     try machine.load("triple_fault_ud2_32", at: 0x8000)
 
     let reason = try machine.run(BootStates.protectedMode32(entry: 0x8000))
 
-    #expect(reason == .reset(reason: "triple fault / shutdown"))
+    guard case .tripleFault(let vector, let rip) = reason else {
+      Issue.record("expected a triple fault, got \(reason)")
+      return
+    }
+    #expect(vector == nil)  // KVM does not report the exception
+    #expect(rip >= 0x8000 && rip < 0x8100, "RIP \(rip) is not in the guest's code")
+    #expect(reason?.exitStatus == 2)
     #expect(machine.report.values.isEmpty)
   }
 
@@ -140,7 +146,10 @@ struct KVMGuestTests {
       }
       #expect(!message.contains("\n"))
     } else {
-      #expect(reason == .reset(reason: "triple fault / shutdown"))
+      guard case .tripleFault = reason else {
+        Issue.record("expected a triple fault, got \(reason)")
+        return
+      }
     }
   }
 

@@ -159,6 +159,7 @@ import VMCore
     #expect((leaf1.ebx >> 16) & 0xFF == 4)
     #expect(leaf1.ebx & 0xFFFF == 0x0800)  // brand index / CLFLUSH size kept
     #expect(leaf1.ecx & (1 << 31) != 0)  // hypervisor
+    #expect(leaf1.ecx & (1 << 24) != 0)  // TSC-deadline timer (the in-kernel LAPIC has it)
     #expect(leaf1.ecx & (1 << 5) == 0)  // no VMX
     #expect(leaf1.ecx & (1 << 3) == 0)  // no MONITOR
     #expect(leaf1.edx & (1 << 28) != 0)  // HTT: the count field is valid

@@ -52,7 +52,7 @@ struct SystemDeliveryTests {
     #expect(try machine.read64(frame - 48) == 6)  // error code
     #expect(try machine.read64(frame - 40) == 0x40_0000)  // RIP
     #expect(try machine.read64(frame - 32) == 0x2B)  // CS
-    #expect(try machine.read64(frame - 24) == 0x202)  // RFLAGS
+    #expect(try machine.read64(frame - 24) == 0x202 | RFlags.rf)  // RFLAGS, with RF: #PF is a fault
     #expect(try machine.read64(frame - 16) == 0x7008)  // RSP
     #expect(try machine.read64(frame - 8) == 0x23)  // SS
     #expect(cpu.rflags & RFlags.if == 0)

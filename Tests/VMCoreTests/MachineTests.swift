@@ -20,6 +20,16 @@ final class RecordingSink: InterruptSink {
     #expect(MachineStopReason.reset(reason: "triple fault").exitStatus == 0)
     #expect(MachineStopReason.stopRequested.exitStatus == 0)
     #expect(MachineStopReason.failure("boom").exitStatus == 1)
+    // Even: no debug-exit status ((value << 1) | 1) can be mistaken for a triple fault.
+    #expect(MachineStopReason.tripleFault(vector: 13, rip: 0x1000).exitStatus == 2)
+    #expect(MachineStopReason.tripleFault(vector: nil, rip: 0).exitStatus == 2)
+  }
+
+  @Test func aTripleFaultNamesItsExceptionAndRIP() {
+    #expect(
+      MachineStopReason.tripleFault(vector: 13, rip: 0x10_2345).description
+        == "triple fault: #GP (vector 13) at RIP 0x102345")
+    #expect(MachineStopReason.tripleFault(vector: nil, rip: 0x8006).description == "triple fault at RIP 0x8006")
   }
 
   @Test func descriptionsSayWhatHappened() {

@@ -1,0 +1,134 @@
+import Devices
+import Foundation
+import KVMBackend
+import Loaders
+import SoftCPU
+import Testing
+import VMCore
+
+/// Builds the guest programs of Tests/GuestPrograms/fidelity (each includes harness.S) with
+/// GNU as and ld: ELF64 Multiboot kernels linked at 1 MiB.
+enum FidelityGuestBuilder {
+  static let sourceDirectory = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent().deletingLastPathComponent()
+    .appendingPathComponent("GuestPrograms/fidelity")
+
+  static func kernel(_ name: String) throws -> [UInt8] {
+    let work = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-fidelity-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: work) }
+    let object = work.appendingPathComponent("\(name).o").path
+    let image = work.appendingPathComponent("\(name).elf").path
+    try run(
+      "/usr/bin/as",
+      ["--64", "-I", sourceDirectory.path, "-o", object, sourceDirectory.appendingPathComponent("\(name).S").path])
+    try run(
+      "/usr/bin/ld",
+      [
+        "-m", "elf_x86_64", "-nostdlib", "-N", "--no-warn-rwx-segments", "-e", "_start", "-Ttext=0x100000", "-o",
+        image, object,
+      ])
+    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: image)))
+  }
+
+  private static func run(_ tool: String, _ arguments: [String]) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: tool)
+    process.arguments = arguments
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = output
+    try process.run()
+    let text = output.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+      throw SystemGuestBuilder.Failure(description: "\(tool) failed: \(String(decoding: text, as: UTF8.self))")
+    }
+  }
+}
+
+/// Boots a fidelity guest on the software CPU (or KVM) with port 0xE9 output and
+/// isa-debug-exit, and returns how it stopped and what it printed.
+func bootFidelityGuest(
+  _ name: String, kvm: Bool = false, timeout: Double = 60, memoryMegabytes: UInt64 = 64,
+  install: (MachineParts) throws -> Void = { _ in }
+) throws -> (MachineStopReason, String) {
+  let memory = try GuestMemory(size: memoryMegabytes << 20)
+  let bus = IOBus()
+  let control = MachineControl()
+  let console = DebugConsole()
+  try bus.registerPorts(0xE9, count: 1, device: console)
+  try bus.registerPorts(DebugExitDevice.defaultPort, count: 1, device: DebugExitDevice(control: control))
+  let image = try KernelLoader.load(
+    kernel: try FidelityGuestBuilder.kernel(name), kernelName: name, initrd: nil, commandLine: "", memory: memory)
+  let parts = MachineParts(memory: memory, bus: bus, control: control, interrupts: InterruptRouter())
+  try install(parts)
+  let accelerator: any Accelerator =
+    kvm ? try KVMAccelerator(parts: parts, cpuCount: 1) : try SoftAccelerator(parts: parts)
+  DispatchQueue.global().asyncAfter(deadline: .now() + timeout) {
+    control.requestStop(.failure("watchdog: the guest did not finish in \(timeout) s"))
+  }
+  let reason = try accelerator.run(bootState: image.state)
+  return (reason, console.text)
+}
+
+@Suite("Fidelity: architectural behaviour checked by guest programs")
+struct FidelityGuestTests {
+  /// Defect 5: SYSCALL/SYSRET from ring 3 with single-step traps (64-bit and compatibility mode).
+  @Test func syscallSysretAndSingleStepFromRing3() throws {
+    let (reason, output) = try bootFidelityGuest("syscall")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+    #expect(output.contains("fidelity checks passed"))
+  }
+
+  /// Defect 4: RF in the RFLAGS image of fault frames, not of trap frames; RF lasts one
+  /// instruction after IRET.
+  @Test func resumeFlagInFaultFrames() throws {
+    let (reason, output) = try bootFidelityGuest("fault_rf")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// Defect 1: AMD's legacy performance counters count retired instructions and cycles.
+  @Test func amdLegacyPerformanceCounters() throws {
+    let (reason, output) = try bootFidelityGuest("perf_counters")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// Defect 2: CLFLUSH (with its line size), CLFLUSHOPT, CLWB, RDTSCP + IA32_TSC_AUX, RDPID and
+  /// the TSC-deadline timer are offered and work.
+  @Test func cpuModelFeatures() throws {
+    let (reason, output) = try bootFidelityGuest("cpu_model")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+    #expect(output.hasPrefix("features: clflush clflushopt clwb rdtscp rdpid tsc-deadline\n"), "\(output)")
+  }
+
+  /// The same guest on KVM, whose CPUID comes from `CPUIDPolicy` (TSC-deadline is Hostvisor's
+  /// to offer: KVM emulates it with its in-kernel local APIC but leaves the bit to userspace).
+  @Test(.enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm")))
+  func cpuModelFeaturesOnKVM() throws {
+    let (reason, output) = try bootFidelityGuest("cpu_model", kvm: true, timeout: 300)
+    if case .failure(let message) = reason, message.contains("instruction emulation failed"),
+      FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm")
+    {
+      // The development host's nested (PVM) KVM emulates ring-0 code and cannot emulate
+      // every instruction (CLWB, for one); what it did run must still have been offered.
+      withKnownIssue("nested KVM cannot emulate an offered instruction at ring 0") {
+        Issue.record("\(message); guest output: \(output)")
+      }
+      #expect(output.hasPrefix("features: clflush"), "\(output)")
+      return
+    }
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+    // What else KVM offers depends on the host (this development host's nested KVM lacks
+    // RDPID); CLFLUSH is universal and the TSC-deadline bit is the policy's own.
+    #expect(output.hasPrefix("features: clflush"), "\(output)")
+    #expect(output.contains(" tsc-deadline\n"), "\(output)")
+  }
+
+  /// Defect 3: IA32_APIC_BASE reserved bits, disable (CPUID bit, no MMIO decoding), relocation,
+  /// and the one-shot timer's current count after expiry.
+  @Test func localAPICBaseAndOneShotTimer() throws {
+    let (reason, output) = try bootFidelityGuest("apic")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+}
