@@ -292,3 +292,63 @@ extension VirtualMachine {
     }
   }
 }
+
+// MARK: Command line
+
+extension VirtualMachine {
+  /// The signal that makes a machine started with `snapshotOnSignal` write a snapshot.
+  public static let snapshotSignal = SIGUSR2
+
+  /// Restores the machine named by the `--restore` argument: `STATE` (the memory file recorded
+  /// in it) or `STATE,memory=PATH`.
+  public static func restore(commandLineArgument text: String, serial: SerialChoice, verbose: Bool) throws
+    -> VirtualMachine
+  {
+    var overrides = RestoreOverrides()
+    overrides.serial = serial
+    overrides.verbose = verbose
+    var statePath = text
+    if let range = text.firstRange(of: ",memory=") {
+      statePath = String(text[..<range.lowerBound])
+      overrides.memoryPath = String(text[range.upperBound...])
+      guard !overrides.memoryPath!.isEmpty else { throw MachineStateError("--restore: empty memory file path") }
+    }
+    guard !statePath.isEmpty else { throw MachineStateError("--restore needs a state file path") }
+    return try restore(statePath: statePath, overrides: overrides)
+  }
+
+  /// Blocks `snapshotSignal` in the calling thread (and the threads it starts later), so that
+  /// only the thread `snapshotOnSignal` starts receives it. Call before building the machine.
+  public static func blockSnapshotSignal() {
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, snapshotSignal)
+    pthread_sigmask(SIG_BLOCK, &set, nil)
+  }
+
+  /// Starts a host thread that, each time the process receives `snapshotSignal` (SIGUSR2),
+  /// pauses the machine, writes a snapshot to `statePath` and `statePath + ".mem"`, resumes it
+  /// and reports one line on standard error.
+  public func snapshotOnSignal(statePath: String) throws {
+    Self.blockSnapshotSignal()
+    try startDetachedThread(name: "vmm-snapshot") { [self] in
+      var set = sigset_t()
+      sigemptyset(&set)
+      sigaddset(&set, Self.snapshotSignal)
+      while true {
+        var received: Int32 = 0
+        guard sigwait(&set, &received) == 0 else { continue }
+        var line: String
+        do {
+          try pause()
+          defer { resume() }
+          try saveSnapshot(statePath: statePath, memoryPath: statePath + ".mem")
+          line = "hostvisor: snapshot written to \(statePath)\n"
+        } catch {
+          line = "hostvisor: error: snapshot failed: \(error)\n"
+        }
+        line.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+      }
+    }
+  }
+}
