@@ -341,7 +341,8 @@ extension I8042Controller: StateSavable {
     guard count <= I8042State.outputQueueLimit else { throw .invalid("i8042 output queue") }
     var queue: [I8042State.OutputByte] = []
     for _ in 0..<count {
-      queue.append(.init(value: try reader.read(), fromAuxiliary: try reader.readBool(), timeout: try reader.readBool()))
+      queue.append(
+        .init(value: try reader.read(), fromAuxiliary: try reader.readBool(), timeout: try reader.readBool()))
     }
     let lastOutput: UInt8 = try reader.read()
     let target = Int(try reader.read(UInt8.self))

@@ -1,5 +1,5 @@
-import VMCore
 import Synchronization
+import VMCore
 
 /// Delivers a message-signalled interrupt. Each accelerator implements it: KVM with
 /// KVM_SIGNAL_MSI, the software CPU through its local APICs.

@@ -1,5 +1,5 @@
-import VMCore
 import Synchronization
+import VMCore
 
 /// Standard offsets in a type-0 PCI configuration header (PCI Local Bus Specification 3.0, 6.1).
 public enum PCIConfigOffset {

@@ -234,7 +234,9 @@ public enum MachineStateFile {
     _ = try header.read(UInt32.self)
     let length: UInt64 = try header.read()
     let checksum: UInt32 = try header.read()
-    guard length <= UInt64(maximumPayload) else { throw MachineStateError("the state file's payload length is invalid") }
+    guard length <= UInt64(maximumPayload) else {
+      throw MachineStateError("the state file's payload length is invalid")
+    }
     let available = UInt64(bytes.count - headerSize)
     guard available >= length else {
       throw MachineStateError("the state file is truncated (\(available) of \(length) payload bytes)")

@@ -129,7 +129,9 @@ extension VirtualMachine {
     description.virtioConsole = configuration.console == .virtio
     description.disks = configuration.disks
     let nets = virtioDevices.compactMap { $0.model as? VirtioNet }
-    description.networks = zip(configuration.networks, nets).map { NetworkConfiguration(tapName: $0.tapName, mac: $1.mac) }
+    description.networks = zip(configuration.networks, nets).map {
+      NetworkConfiguration(tapName: $0.tapName, mac: $1.mac)
+    }
     description.networkIDs = (0..<description.networks.count).map { index in
       if let networkIDs, index < networkIDs.count { return networkIDs[index] }
       return "net\(index)"
@@ -144,7 +146,8 @@ extension VirtualMachine {
   /// sparse file). Device workers are quiesced while the state is taken and the disks are
   /// flushed before it completes. Throws (one line) when the machine is not paused, or its
   /// accelerator cannot save its state yet.
-  public func saveSnapshot(statePath: String, memoryPath: String, networkIDs: [String]? = nil) throws(MachineStateError) {
+  public func saveSnapshot(statePath: String, memoryPath: String, networkIDs: [String]? = nil) throws(MachineStateError)
+  {
     guard parts.control.pauseGate.isPaused else {
       throw MachineStateError("the machine must be paused to take a snapshot")
     }
@@ -163,7 +166,9 @@ extension VirtualMachine {
     }
     let absoluteMemoryPath = Self.absolutePath(memoryPath)
     var writer = StateWriter()
-    writer.section("machine") { machineDescription(memoryPath: absoluteMemoryPath, networkIDs: networkIDs).save(into: &$0) }
+    writer.section("machine") {
+      machineDescription(memoryPath: absoluteMemoryPath, networkIDs: networkIDs).save(into: &$0)
+    }
     writer.section("accelerator", soft)
     writer.section("legacy-devices", devices)
     writer.section("acpi-pm", powerManagement)
@@ -186,7 +191,9 @@ extension VirtualMachine {
   /// Builds a machine from a snapshot: the machine the state file describes (with
   /// `overrides`), guest RAM mapped copy-on-write from the memory file, and every part's state
   /// restored. Nothing runs until `run`; any failure is one line and leaves no machine behind.
-  public static func restore(statePath: String, overrides: RestoreOverrides = RestoreOverrides()) throws -> VirtualMachine {
+  public static func restore(statePath: String, overrides: RestoreOverrides = RestoreOverrides()) throws
+    -> VirtualMachine
+  {
     let bytes = try readFile(statePath)
     var reader = StateReader(bytes: try MachineStateFile.decode(bytes))
     let description = try reader.section("machine") { (reader) throws(MachineStateError) in

@@ -89,12 +89,12 @@ public final class VirtualMachine: Sendable {
         try restoringMemory != nil
         ? .restoredFromSnapshot
         : KernelLoader.load(
-        kernelPath: configuration.kernelPath, initrdPath: configuration.initrdPath,
-        commandLine: configuration.commandLine, memory: memory,
-        reservedMemory: [
-          E820Entry(address: ACPITables.defaultBase, size: UInt64(ACPITables.defaultWindowSize), type: .reserved),
-          E820Entry(address: hostBridge.ecamBase, size: hostBridge.ecamSize, type: .reserved),
-        ])
+          kernelPath: configuration.kernelPath, initrdPath: configuration.initrdPath,
+          commandLine: configuration.commandLine, memory: memory,
+          reservedMemory: [
+            E820Entry(address: ACPITables.defaultBase, size: UInt64(ACPITables.defaultWindowSize), type: .reserved),
+            E820Entry(address: hostBridge.ecamBase, size: hostBridge.ecamSize, type: .reserved),
+          ])
     } catch {
       Self.shutdown(virtioDevices)
       throw MachineError(error.description)

@@ -81,7 +81,9 @@ public final class VirtioQueueSet: Sendable {
     var failure: VirtqueueError?
     var vector: UInt16?
     let result = state.withLock { state -> Result? in
-      guard state.active, !state.broken, !state.quiesced, index >= 0, index < state.queues.count, state.queues[index].isEnabled else {
+      guard state.active, !state.broken, !state.quiesced, index >= 0, index < state.queues.count,
+        state.queues[index].isEnabled
+      else {
         return nil
       }
       do throws(VirtqueueError) {
