@@ -176,14 +176,25 @@ extension VirtualMachine {
     for device in virtioDevices { writer.section("virtio", device) }
     let file = MachineStateFile.encode(payload: writer.bytes)
 
-    let memoryDescriptor = open(memoryPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    // A new file renamed into place: a machine restored from the old file keeps mapping it.
+    let temporaryMemoryPath = memoryPath + ".partial"
+    let memoryDescriptor = open(temporaryMemoryPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
     guard memoryDescriptor >= 0 else {
       throw MachineStateError("cannot create memory file '\(memoryPath)': \(String(cString: strerror(errno)))")
     }
-    defer { close(memoryDescriptor) }
-    _ = try parts.memory.writeSparse(to: memoryDescriptor)
-    guard fsync(memoryDescriptor) == 0 else {
-      throw MachineStateError("cannot write memory file '\(memoryPath)': \(String(cString: strerror(errno)))")
+    do {
+      _ = try parts.memory.writeSparse(to: memoryDescriptor)
+    } catch {
+      close(memoryDescriptor)
+      unlink(temporaryMemoryPath)
+      throw error
+    }
+    let synced = fsync(memoryDescriptor) == 0
+    close(memoryDescriptor)
+    guard synced, rename(temporaryMemoryPath, memoryPath) == 0 else {
+      let message = String(cString: strerror(errno))
+      unlink(temporaryMemoryPath)
+      throw MachineStateError("cannot write memory file '\(memoryPath)': \(message)")
     }
     try Self.writeFileAtomically(file, to: statePath)
   }
