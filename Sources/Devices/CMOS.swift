@@ -283,3 +283,30 @@ struct CMOSState {
     offset = updated.secondsSinceEpoch &- hostTime
   }
 }
+
+// MARK: Machine state
+
+/// The 128 bytes of CMOS RAM, the index register, the NMI-disable bit and the guest's offset
+/// from host time (so the RTC keeps the guest's setting relative to the host clock).
+extension CMOSClock: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = state.withLock { $0 }
+    writer.write(bytes: saved.ram)
+    writer.write(saved.index)
+    writer.write(saved.nmiDisabled)
+    writer.write(saved.offset)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let ram = try reader.readBytes(exactly: 128, "CMOS RAM")
+    let index: UInt8 = try reader.read()
+    let nmiDisabled = try reader.readBool()
+    let offset: Int64 = try reader.read()
+    state.withLock { cmos in
+      cmos.ram = ram
+      cmos.index = index & 0x7F
+      cmos.nmiDisabled = nmiDisabled
+      cmos.offset = offset
+    }
+  }
+}

@@ -302,3 +302,66 @@ struct I8042State {
     }
   }
 }
+
+// MARK: Machine state
+
+extension I8042State.DataTarget {
+  fileprivate static let all: [I8042State.DataTarget] = [
+    .keyboard, .commandByte, .outputPort, .keyboardOutputBuffer, .auxiliaryOutputBuffer, .auxiliaryDevice,
+  ]
+}
+
+/// Command byte, output port, the output queue, the pending data-port target and keyboard
+/// command, and both interrupt lines' levels.
+extension I8042Controller: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = state.withLock { $0 }
+    writer.write(saved.commandByte)
+    writer.write(saved.outputPort)
+    writer.write(saved.lastWriteWasCommand)
+    writer.write(UInt32(saved.outputQueue.count))
+    for byte in saved.outputQueue {
+      writer.write(byte.value)
+      writer.write(byte.fromAuxiliary)
+      writer.write(byte.timeout)
+    }
+    writer.write(saved.lastOutput)
+    writer.write(UInt8(I8042State.DataTarget.all.firstIndex(of: saved.dataTarget) ?? 0))
+    writer.write(optional: saved.keyboardCommandAwaitingParameter)
+    writer.write(saved.keyboardScanning)
+    writer.write(saved.keyboardLine.level)
+    writer.write(saved.auxiliaryLine.level)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let commandByte: UInt8 = try reader.read()
+    let outputPort: UInt8 = try reader.read()
+    let lastWriteWasCommand = try reader.readBool()
+    let count = Int(try reader.read(UInt32.self))
+    guard count <= I8042State.outputQueueLimit else { throw .invalid("i8042 output queue") }
+    var queue: [I8042State.OutputByte] = []
+    for _ in 0..<count {
+      queue.append(
+        .init(value: try reader.read(), fromAuxiliary: try reader.readBool(), timeout: try reader.readBool()))
+    }
+    let lastOutput: UInt8 = try reader.read()
+    let target = Int(try reader.read(UInt8.self))
+    guard target < I8042State.DataTarget.all.count else { throw .invalid("i8042 data target") }
+    let awaiting = try reader.readOptional(UInt8.self)
+    let scanning = try reader.readBool()
+    let keyboardLevel = try reader.readBool()
+    let auxiliaryLevel = try reader.readBool()
+    state.withLock { i8042 in
+      i8042.commandByte = commandByte
+      i8042.outputPort = outputPort
+      i8042.lastWriteWasCommand = lastWriteWasCommand
+      i8042.outputQueue = queue
+      i8042.lastOutput = lastOutput
+      i8042.dataTarget = I8042State.DataTarget.all[target]
+      i8042.keyboardCommandAwaitingParameter = awaiting
+      i8042.keyboardScanning = scanning
+      i8042.keyboardLine.restoreLevel(keyboardLevel)
+      i8042.auxiliaryLine.restoreLevel(auxiliaryLevel)
+    }
+  }
+}

@@ -73,3 +73,30 @@ public enum LegacyDevices {
       systemControlA: systemControlA, systemControlB: systemControlB, postCode: postCode)
   }
 }
+
+// MARK: Machine state
+
+/// The legacy devices in a fixed order: UART, i8042, CMOS, port 0x92, port 0x61 (when this
+/// device provides it).
+extension InstalledLegacyDevices: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    writer.section("uart", serialPort)
+    writer.section("i8042", keyboardController)
+    writer.section("cmos", cmos)
+    writer.section("port92", systemControlA)
+    writer.write(systemControlB != nil)
+    if let systemControlB { writer.section("port61", systemControlB) }
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    try reader.section("uart", serialPort)
+    try reader.section("i8042", keyboardController)
+    try reader.section("cmos", cmos)
+    try reader.section("port92", systemControlA)
+    let hasPortB = try reader.readBool()
+    guard hasPortB == (systemControlB != nil) else {
+      throw MachineStateError("the state file does not match this machine: port 0x61 differs")
+    }
+    if let systemControlB { try reader.section("port61", systemControlB) }
+  }
+}

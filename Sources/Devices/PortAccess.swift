@@ -50,4 +50,8 @@ struct TrackedInterruptLine {
     level = newLevel
     line.set(newLevel)
   }
+
+  /// Records `restoredLevel` as the line's level without driving it (a machine-state restore:
+  /// the interrupt controllers restore their own view of the line).
+  mutating func restoreLevel(_ restoredLevel: Bool) { level = restoredLevel }
 }

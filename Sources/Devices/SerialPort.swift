@@ -332,3 +332,53 @@ struct UARTState {
     }
   }
 }
+
+// MARK: Machine state
+
+/// Every register, the receive FIFO, input from the host not yet in the FIFO, and the
+/// interrupt line's level.
+extension SerialPort: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = state.withLock { $0 }
+    writer.write(bytes: saved.receiveFIFO)
+    writer.write(bytes: saved.hostQueue[min(saved.hostQueueHead, saved.hostQueue.count)...])
+    for value in [
+      saved.lastReceived, saved.interruptEnable, saved.lineControl, saved.modemControl, saved.lineStatusErrors,
+      saved.modemStatusDeltas, saved.scratch, UInt8(clamping: saved.triggerLevel),
+    ] {
+      writer.write(value)
+    }
+    writer.write(saved.divisor)
+    writer.write(saved.fifosEnabled)
+    writer.write(saved.transmitterEmptyPending)
+    writer.write(saved.interrupt.level)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let fifo = try reader.readBytes(maximumCount: Self.fifoDepth)
+    let hostQueue = try reader.readBytes(maximumCount: 1 << 20)
+    let registers = try (0..<8).map { _ throws(MachineStateError) in try reader.read(UInt8.self) }
+    let divisor: UInt16 = try reader.read()
+    let fifosEnabled = try reader.readBool()
+    let transmitterEmptyPending = try reader.readBool()
+    let level = try reader.readBool()
+    guard [1, 4, 8, 14].contains(registers[7]) else { throw .invalid("UART FIFO trigger level") }
+    state.withLock { uart in
+      uart.receiveFIFO = fifo
+      uart.hostQueue = hostQueue
+      uart.hostQueueHead = 0
+      uart.lastReceived = registers[0]
+      uart.interruptEnable = registers[1]
+      uart.lineControl = registers[2]
+      uart.modemControl = registers[3]
+      uart.lineStatusErrors = registers[4]
+      uart.modemStatusDeltas = registers[5]
+      uart.scratch = registers[6]
+      uart.triggerLevel = Int(registers[7])
+      uart.divisor = divisor
+      uart.fifosEnabled = fifosEnabled
+      uart.transmitterEmptyPending = transmitterEmptyPending
+      uart.interrupt.restoreLevel(level)
+    }
+  }
+}

@@ -122,3 +122,30 @@ public final class PostCodePort: PortIODevice {
   /// The last POST code written.
   public var lastCode: UInt8 { lastValue.withLock { $0 } }
 }
+
+// MARK: Machine state
+
+/// Port 0x92's stored value.
+extension SystemControlPortA: StateSavable {
+  public func saveState(into writer: inout StateWriter) { writer.write(value.withLock { $0 }) }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let restored: UInt8 = try reader.read()
+    value.withLock { $0 = restored }
+  }
+}
+
+/// Port 0x61's stored control bits and refresh toggle.
+extension SystemControlPortB: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = state.withLock { $0 }
+    writer.write(saved.control)
+    writer.write(saved.refresh)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let control: UInt8 = try reader.read()
+    let refresh = try reader.readBool()
+    state.withLock { $0 = (control, refresh) }
+  }
+}

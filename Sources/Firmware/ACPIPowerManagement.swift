@@ -166,3 +166,25 @@ public final class ACPIResetRegister: PortIODevice {
     if byte & 0x04 != 0 { control.requestStop(.reset(reason: "ACPI reset register")) }
   }
 }
+
+// MARK: Machine state
+
+/// PM1 status, enable and control, and the SCI level (the PM timer reads the machine clock).
+extension ACPIPowerManagement: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = registers.withLock { $0 }
+    writer.write(saved.status)
+    writer.write(saved.enable)
+    writer.write(saved.control)
+    writer.write(saved.sciLevel)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    var restored = Registers()
+    restored.status = try reader.read()
+    restored.enable = try reader.read()
+    restored.control = try reader.read()
+    restored.sciLevel = try reader.readBool()
+    registers.withLock { $0 = restored }
+  }
+}

@@ -149,3 +149,26 @@ public final class IOAPIC: MMIODevice, EndOfInterruptListener {
     bus.send(message, destination: UInt8(truncatingIfNeeded: entry >> 56), logical: entry & (1 << 11) != 0)
   }
 }
+
+// MARK: Machine state
+
+/// ID, register selector, the 24 redirection entries and the input pin levels.
+extension IOAPIC: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = state.withLock { $0 }
+    writer.write(saved.id)
+    writer.write(saved.selector)
+    writer.write(array: saved.entries)
+    writer.write(UInt32(saved.levels.count))
+    for level in saved.levels { writer.write(level) }
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    var restored = State(id: try reader.read())
+    restored.selector = try reader.read()
+    restored.entries = try reader.readArray(UInt64.self, count: Self.pinCount, "IOAPIC redirection table")
+    guard Int(try reader.read(UInt32.self)) == Self.pinCount else { throw .invalid("IOAPIC pin count") }
+    for pin in 0..<Self.pinCount { restored.levels[pin] = try reader.readBool() }
+    state.withLock { $0 = restored }
+  }
+}

@@ -91,3 +91,49 @@ public final class PlatformInterruptControllers: Sendable {
     localAPICs[cpu].poll(now: now)
   }
 }
+
+// MARK: Machine state
+
+/// The GSI line levels (IOAPIC pin 2 combines GSI 0 and 2).
+extension InterruptRouting: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = levels.withLock { $0 }
+    writer.write(UInt32(saved.count))
+    for level in saved { writer.write(level) }
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    guard Int(try reader.read(UInt32.self)) == IOAPIC.pinCount else { throw .invalid("GSI count") }
+    var restored: [Bool] = []
+    for _ in 0..<IOAPIC.pinCount { restored.append(try reader.readBool()) }
+    levels.withLock { $0 = restored }
+  }
+}
+
+/// Every controller and timer, in a fixed order: local APICs by CPU index, IOAPIC, PICs, PIT,
+/// port 0x61, GSI levels.
+extension PlatformInterruptControllers: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    writer.write(UInt32(localAPICs.count))
+    for apic in localAPICs { writer.section("lapic", apic) }
+    writer.section("ioapic", ioapic)
+    writer.section("pic", pic)
+    writer.section("pit", pit)
+    writer.section("port61", systemControlPort)
+    writer.section("gsi", routing)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let count = Int(try reader.read(UInt32.self))
+    guard count == localAPICs.count else {
+      throw MachineStateError(
+        "the state file does not match this machine: \(count) local APICs, this machine has \(localAPICs.count)")
+    }
+    for apic in localAPICs { try reader.section("lapic", apic) }
+    try reader.section("ioapic", ioapic)
+    try reader.section("pic", pic)
+    try reader.section("pit", pit)
+    try reader.section("port61", systemControlPort)
+    try reader.section("gsi", routing)
+  }
+}

@@ -783,3 +783,78 @@ final class InterruptPendingHandler: Sendable {
   let call: @Sendable () -> Void
   init(_ call: @escaping @Sendable () -> Void) { self.call = call }
 }
+
+// MARK: Machine state
+
+extension VectorSet {
+  fileprivate func save(into writer: inout StateWriter) {
+    for index in 0..<4 { writer.write(words[index]) }
+  }
+
+  fileprivate static func restore(from reader: inout StateReader) throws(MachineStateError) -> VectorSet {
+    var set = VectorSet()
+    for index in 0..<4 { set.words[index] = try reader.read() }
+    return set
+  }
+}
+
+/// Every register, pending event and the timer (its start and next expiry are virtual-clock
+/// times, so they stay right when the clock continues from the snapshot's time).
+extension LocalAPIC: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = state.withLock { $0 }
+    writer.write(saved.id)
+    writer.write(saved.isBSP)
+    writer.write(saved.apicBase)
+    for value in [saved.tpr, saved.ldr, saved.dfr, saved.svr] { writer.write(value) }
+    saved.isr.save(into: &writer)
+    saved.tmr.save(into: &writer)
+    saved.irr.save(into: &writer)
+    for value in [saved.errorsPending, saved.errorStatus, saved.icrLow, saved.icrHigh] { writer.write(value) }
+    writer.write(array: saved.lvt)
+    writer.write(saved.divideConfiguration)
+    writer.write(saved.initialCount)
+    writer.write(saved.timerStart)
+    writer.write(optional: saved.timerNextFire)
+    writer.write(saved.tscDeadline)
+    writer.write(saved.nmiPending)
+    writer.write(saved.initPending)
+    writer.write(optional: saved.startupVector)
+    writer.write(saved.waitingForStartup)
+    writer.write(saved.lintLevels[0])
+    writer.write(saved.lintLevels[1])
+    writer.write(saved.externalInterruptLatched)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let id: UInt8 = try reader.read()
+    let isBSP = try reader.readBool()
+    guard isBSP == isBootstrapProcessor else { throw .invalid("local APIC (bootstrap flag differs)") }
+    var restored = APICState(id: id, isBSP: isBSP)
+    restored.apicBase = try reader.read()
+    restored.tpr = try reader.read()
+    restored.ldr = try reader.read()
+    restored.dfr = try reader.read()
+    restored.svr = try reader.read()
+    restored.isr = try VectorSet.restore(from: &reader)
+    restored.tmr = try VectorSet.restore(from: &reader)
+    restored.irr = try VectorSet.restore(from: &reader)
+    restored.errorsPending = try reader.read()
+    restored.errorStatus = try reader.read()
+    restored.icrLow = try reader.read()
+    restored.icrHigh = try reader.read()
+    restored.lvt = try reader.readArray(UInt32.self, count: 6, "local APIC LVT")
+    restored.divideConfiguration = try reader.read()
+    restored.initialCount = try reader.read()
+    restored.timerStart = try reader.read()
+    restored.timerNextFire = try reader.readOptional(UInt64.self)
+    restored.tscDeadline = try reader.read()
+    restored.nmiPending = try reader.readBool()
+    restored.initPending = try reader.readBool()
+    restored.startupVector = try reader.readOptional(UInt8.self)
+    restored.waitingForStartup = try reader.readBool()
+    restored.lintLevels = [try reader.readBool(), try reader.readBool()]
+    restored.externalInterruptLatched = try reader.readBool()
+    update { $0 = restored }
+  }
+}

@@ -288,3 +288,61 @@ public final class DualPIC: PortIODevice, ExternalInterruptController {
     }
   }
 }
+
+// MARK: Machine state
+
+extension PICChip {
+  fileprivate func save(into writer: inout StateWriter) {
+    for value in [irr, isr, imr, lineLevels, elcr, vectorBase, UInt8(initStep), lowestPriority] { writer.write(value) }
+    for flag in [
+      expectsICW4, singleMode, autoEOI, rotateOnAutoEOI, specialFullyNested, specialMask, readISR, pollPending,
+    ] {
+      writer.write(flag)
+    }
+  }
+
+  fileprivate mutating func restore(from reader: inout StateReader) throws(MachineStateError) {
+    irr = try reader.read()
+    isr = try reader.read()
+    imr = try reader.read()
+    lineLevels = try reader.read()
+    elcr = try reader.read(UInt8.self) & elcrWritable
+    vectorBase = try reader.read()
+    let step: UInt8 = try reader.read()
+    guard step <= 4 else { throw .invalid("8259 initialization step") }
+    initStep = Int(step)
+    lowestPriority = try reader.read(UInt8.self) & 7
+    expectsICW4 = try reader.readBool()
+    singleMode = try reader.readBool()
+    autoEOI = try reader.readBool()
+    rotateOnAutoEOI = try reader.readBool()
+    specialFullyNested = try reader.readBool()
+    specialMask = try reader.readBool()
+    readISR = try reader.readBool()
+    pollPending = try reader.readBool()
+  }
+}
+
+/// Both 8259s (every register and the initialization sequence position) and the INTR output.
+extension DualPIC: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = chips.withLock { ($0.master, $0.slave, $0.output) }
+    saved.0.save(into: &writer)
+    saved.1.save(into: &writer)
+    writer.write(saved.2)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    var master = PICChip(elcrWritable: 0xF8)
+    var slave = PICChip(elcrWritable: 0xDE)
+    try master.restore(from: &reader)
+    try slave.restore(from: &reader)
+    let output = try reader.readBool()
+    chips.withLock {
+      $0.master = master
+      $0.slave = slave
+      // The local APIC's LINT0 level is restored with the APIC, so no change is reported.
+      $0.output = output
+    }
+  }
+}

@@ -348,3 +348,75 @@ public final class SystemControlPort: PortIODevice {
     pit.setChannel2Gate(byte & 1 != 0)
   }
 }
+
+// MARK: Machine state
+
+extension PITChannel {
+  fileprivate func save(into writer: inout StateWriter) {
+    writer.write(mode)
+    writer.write(access)
+    writer.write(bcd)
+    writer.write(reload)
+    writer.write(nullCount)
+    writer.write(writeHighNext)
+    writer.write(pendingLow)
+    writer.write(readHighNext)
+    writer.write(optional: latchedCount)
+    writer.write(latchedCountHighNext)
+    writer.write(optional: latchedStatus)
+    writer.write(gate)
+    writer.write(armed)
+    writer.write(baseTicks)
+    writer.write(optional: runningSince)
+    writer.write(optional: nextEventTick)
+  }
+
+  fileprivate static func restore(from reader: inout StateReader) throws(MachineStateError) -> PITChannel {
+    let mode: UInt8 = try reader.read()
+    let access: UInt8 = try reader.read()
+    guard mode <= 5, (1...3).contains(access) else { throw .invalid("8254 counter mode") }
+    var channel = PITChannel(gate: false)
+    channel.mode = mode
+    channel.access = access
+    channel.bcd = try reader.readBool()
+    channel.reload = try reader.read()
+    guard (1...0x10000).contains(channel.reload) else { throw .invalid("8254 counter reload value") }
+    channel.nullCount = try reader.readBool()
+    channel.writeHighNext = try reader.readBool()
+    channel.pendingLow = try reader.read()
+    channel.readHighNext = try reader.readBool()
+    channel.latchedCount = try reader.readOptional(UInt16.self)
+    channel.latchedCountHighNext = try reader.readBool()
+    channel.latchedStatus = try reader.readOptional(UInt8.self)
+    channel.gate = try reader.readBool()
+    channel.armed = try reader.readBool()
+    channel.baseTicks = try reader.read()
+    channel.runningSince = try reader.readOptional(UInt64.self)
+    channel.nextEventTick = try reader.readOptional(UInt64.self)
+    return channel
+  }
+}
+
+/// The three counters; their running segments are virtual-clock times.
+extension ProgrammableIntervalTimer: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = channels.withLock { $0 }
+    for channel in saved { channel.save(into: &writer) }
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    var restored: [PITChannel] = []
+    for _ in 0..<3 { restored.append(try PITChannel.restore(from: &reader)) }
+    mutate { $0 = restored }
+  }
+}
+
+/// Port 0x61's stored bits (the gate lives in the PIT).
+extension SystemControlPort: StateSavable {
+  public func saveState(into writer: inout StateWriter) { writer.write(stored.withLock { $0 }) }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let value: UInt8 = try reader.read()
+    stored.withLock { $0 = value & 0x0F }
+  }
+}

@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import VMCore
 
 /// A source of virtual machine time. Every timer of the machine (LAPIC timers, PIT, TSC,
 /// ACPI PM timer) derives its counts from one clock, so all of them agree with each other.
@@ -121,5 +122,25 @@ public final class ManualClock: MachineClock {
   public func set(nanoseconds: UInt64) {
     precondition(nanoseconds >= now.load(ordering: .acquiring), "a machine clock never goes backwards")
     now.store(nanoseconds, ordering: .releasing)
+  }
+}
+
+// MARK: Machine state
+
+/// The virtual time. Restoring it makes the clock read the saved time (frozen when this clock
+/// is paused, else continuing from it), so every timer, the TSC and the guest's clocks continue
+/// monotonically from the snapshot.
+extension VirtualClock: StateSavable {
+  public func saveState(into writer: inout StateWriter) { writer.write(nanoseconds) }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let saved: UInt64 = try reader.read()
+    pauseLock.withLock { _ in
+      if frozenAt.load(ordering: .acquiring) != UInt64.max {
+        frozenAt.store(saved, ordering: .releasing)
+      } else {
+        origin.store(Self.hostMonotonic() &- saved, ordering: .releasing)
+      }
+    }
   }
 }

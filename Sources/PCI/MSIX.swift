@@ -1,4 +1,5 @@
 import Synchronization
+import VMCore
 
 /// Delivers a message-signalled interrupt. Each accelerator implements it: KVM with
 /// KVM_SIGNAL_MSI, the software CPU through its local APICs.
@@ -190,5 +191,25 @@ public final class MSIXController: Sendable {
       for index in table.entries.indices { table.entries[index] = index % 4 == 3 ? 1 : 0 }
       for index in table.pending.indices { table.pending[index] = false }
     }
+  }
+}
+
+// MARK: Machine state
+
+/// The MSI-X table and pending bits (the enable and function-mask bits live in config space).
+extension MSIXController: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = table.withLock { $0 }
+    writer.write(array: saved.entries)
+    writer.write(UInt32(saved.pending.count))
+    for bit in saved.pending { writer.write(bit) }
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let entries = try reader.readArray(UInt32.self, count: vectorCount * 4, "MSI-X table")
+    guard Int(try reader.read(UInt32.self)) == vectorCount else { throw .invalid("MSI-X pending-bit array") }
+    var pending: [Bool] = []
+    for _ in 0..<vectorCount { pending.append(try reader.readBool()) }
+    table.withLock { $0 = Table(entries: entries, pending: pending) }
   }
 }

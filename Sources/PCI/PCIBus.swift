@@ -366,3 +366,42 @@ final class PCIIOWindow: PortIODevice {
   func portRead(port: UInt16, size: Int) -> UInt32 { bus.ioRead(port, size: size) }
   func portWrite(port: UInt16, size: Int, value: UInt32) { bus.ioWrite(port, size: size, value: value) }
 }
+
+// MARK: Machine state
+
+/// CONFIG_ADDRESS, then every function in slot order: its configuration space and INTx# level.
+/// The decoded BAR ranges are rebuilt from the restored BARs. Device-specific state (MSI-X
+/// tables, virtio transports) is saved by the devices.
+extension PCIBus: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    writer.write(configAddressLatch)
+    let functions = state.withLock { state in (0..<32).compactMap { slot in state.slots[slot].map { (slot, $0) } } }
+    writer.write(UInt32(functions.count))
+    for (slot, device) in functions {
+      writer.write(UInt8(slot))
+      writer.section("pci-config", device.config)
+      writer.write(state.withLock { $0.pins[slot] }?.isAsserted ?? false)
+    }
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let latch: UInt32 = try reader.read()
+    let functions = state.withLock { state in (0..<32).compactMap { slot in state.slots[slot].map { (slot, $0) } } }
+    let count = Int(try reader.read(UInt32.self))
+    guard count == functions.count else {
+      throw MachineStateError(
+        "the state file does not match this machine: \(count) PCI functions, this machine has \(functions.count)")
+    }
+    for (slot, device) in functions {
+      let savedSlot = Int(try reader.read(UInt8.self))
+      guard savedSlot == slot else {
+        throw MachineStateError("the state file does not match this machine: PCI slot \(savedSlot) differs")
+      }
+      try reader.section("pci-config", device.config)
+      let asserted = try reader.readBool()
+      state.withLock { $0.pins[slot] }?.restoreLevel(asserted)
+    }
+    configAddressLatch = latch
+    rebuildRoutes()
+  }
+}

@@ -1,4 +1,5 @@
 import Synchronization
+import VMCore
 
 /// Standard offsets in a type-0 PCI configuration header (PCI Local Bus Specification 3.0, 6.1).
 public enum PCIConfigOffset {
@@ -291,6 +292,27 @@ public final class PCIConfigSpace: Sendable {
     case .memory64:
       setRaw(offset: offset, size: 4, value: (address & 0xFFFF_FFF0) | UInt64(low & 0xF))
       setRaw(offset: offset + 4, size: 4, value: address >> 32)
+    }
+  }
+}
+
+// MARK: Machine state
+
+/// The function's whole configuration space (header, BAR addresses, capabilities with their
+/// guest-written bits). The identity bytes must match the function being restored.
+extension PCIConfigSpace: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    writer.write(bytes: storage.withLock { $0.bytes })
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let restored = try reader.readBytes(exactly: size, "PCI configuration space")
+    let identityRanges = [0..<4, 8..<12, 0x2C..<0x30]
+    try storage.withLock { (storage) throws(MachineStateError) in
+      for range in identityRanges where storage.bytes[range] != restored[range] {
+        throw MachineStateError("the state file does not match this machine: a PCI function's identity differs")
+      }
+      storage.bytes = restored
     }
   }
 }

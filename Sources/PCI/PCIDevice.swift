@@ -62,6 +62,15 @@ public final class PCIInterruptPin: Sendable {
   /// Whether the function currently asserts INTx# (before the Interrupt Disable gate).
   public var isAsserted: Bool { level.withLock { $0 } }
 
+  /// Records the saved INTx# level without driving the interrupt line (a machine-state
+  /// restore: the interrupt controllers restore their own view of the line).
+  func restoreLevel(_ asserted: Bool) {
+    level.withLock { level in
+      level = asserted
+      wire.restore(gsi: gsi, source: source, asserted: asserted && config.command & PCICommand.interruptDisable == 0)
+    }
+  }
+
   /// Re-applies the Interrupt Disable bit after a command register write.
   func commandChanged() {
     level.withLock { level in
@@ -85,6 +94,13 @@ final class SharedInterruptWire: Sendable {
       asserted[gsi] = sources
       let isHigh = !sources.isEmpty
       if isHigh != wasHigh { InterruptLine(router: sink, line: gsi).set(isHigh) }
+    }
+  }
+
+  /// Records a source's level without driving the line (machine-state restore).
+  func restore(gsi: UInt32, source: Int, asserted isAsserted: Bool) {
+    asserted.withLock { asserted in
+      if isAsserted { asserted[gsi, default: []].insert(source) } else { asserted[gsi]?.remove(source) }
     }
   }
 }

@@ -27,6 +27,8 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
   private let cpus: [CPU]
   private let wakeups: [VCPUSleeper]
   private let started = Atomic<Bool>(false)
+  /// Set by `restoreState`: `run` then keeps the restored vCPU state instead of booting.
+  let restoredFromSnapshot = Atomic<Bool>(false)
 
   /// Builds the vCPUs and the interrupt controllers of a machine made of `parts`.
   public init(parts: MachineParts, cpuCount: Int = 1, clock: (any MachineClock)? = nil) throws {
@@ -86,9 +88,11 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
   public func run(bootState: X86CPUState) throws -> MachineStopReason {
     guard started.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
     else { throw SoftAcceleratorError.alreadyStarted }
-    cpus[0].load(bootState)
-    for index in 1..<max(cpuCount, 1) where index < cpuCount {
-      cpus[index].resetForINIT(bootstrap: false)
+    if !restoredFromSnapshot.load(ordering: .acquiring) {
+      cpus[0].load(bootState)
+      for index in 1..<max(cpuCount, 1) where index < cpuCount {
+        cpus[index].resetForINIT(bootstrap: false)
+      }
     }
     var threads: [pthread_t] = []
     let parts = self.parts
@@ -323,5 +327,40 @@ extension CPU {
     state.efer = efer
     state.apicBase = system.localAPIC?.apicBaseMSR ?? apicBase
     return state
+  }
+}
+
+// MARK: Machine state
+
+/// The software CPU's machine state: the virtual clock, every vCPU and every interrupt
+/// controller and timer. Save while paused; restore before `run`, which then continues from it.
+extension SoftAccelerator: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    writer.write(clock.nanoseconds)
+    writer.write(UInt32(cpus.count))
+    for cpu in cpus { writer.section("cpu", cpu) }
+    writer.section("interrupt-controllers", controllers)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    guard !started.load(ordering: .acquiring) else {
+      throw MachineStateError("cannot restore the state of a machine that has already started")
+    }
+    let now: UInt64 = try reader.read()
+    let count = Int(try reader.read(UInt32.self))
+    guard count == cpus.count else {
+      throw MachineStateError(
+        "the state file does not match this machine: it has \(count) vCPUs, this machine \(cpus.count)")
+    }
+    guard let clock = clock as? VirtualClock else {
+      throw MachineStateError("this machine's clock cannot be set to a saved time")
+    }
+    var clockState = StateWriter()
+    clockState.write(now)
+    var clockReader = StateReader(bytes: clockState.bytes)
+    try clock.restoreState(from: &clockReader)
+    for cpu in cpus { try reader.section("cpu", cpu) }
+    try reader.section("interrupt-controllers", controllers)
+    restoredFromSnapshot.store(true, ordering: .releasing)
   }
 }

@@ -72,14 +72,28 @@ public final class GuestMemory: @unchecked Sendable {
   private let writeObserver = Mutex(ObserverReference())
 
   /// Maps `size` bytes of guest RAM, split around the PCI hole.
-  public init(size: UInt64) throws(GuestMemoryError) {
+  public convenience init(size: UInt64) throws(GuestMemoryError) {
+    try self.init(size: size, mappingFile: nil)
+  }
+
+  /// Maps `size` bytes of guest RAM, split around the PCI hole: anonymous memory, or when
+  /// `mappingFile` is an open descriptor, that file mapped copy-on-write (MAP_PRIVATE), the
+  /// regions back to back from offset 0 (the layout of a snapshot's memory file). The file must
+  /// hold at least `size` bytes; writes by the guest never reach it.
+  public init(size: UInt64, mappingFile: Int32?) throws(GuestMemoryError) {
     guard size > 0, size <= Self.maximumSize, size % 4096 == 0 else { throw .invalidSize(size) }
     var layout: [(UInt64, UInt64)] = [(0, min(size, Self.pciHoleStart))]
     if size > Self.pciHoleStart { layout.append((Self.highMemoryBase, size - Self.pciHoleStart)) }
     var mapped: [Region] = []
+    var fileOffset: UInt64 = 0
     for (base, length) in layout {
-      let pointer = mmap(
-        nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+      let pointer =
+        if let mappingFile {
+          mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, mappingFile, off_t(fileOffset))
+        } else {
+          mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        }
+      fileOffset += length
       if pointer == MAP_FAILED || pointer == nil {
         let err = errno
         for region in mapped { munmap(region.host, Int(region.size)) }

@@ -259,6 +259,45 @@ public final class VMController: Sendable {
     }
   }
 
+  /// Runs `machine`, built elsewhere (restored from a snapshot), as this controller's machine:
+  /// only before start. With `paused`, the machine was paused before it ran and stays paused.
+  func adopt(_ machine: VirtualMachine, paused: Bool) throws(ControlError) {
+    try transitions.withLock { _ throws(ControlError) in
+      try state.withLock { (state) throws(ControlError) in
+        guard state.lifecycle == .notStarted else {
+          throw ControlError(.invalidState, "a snapshot can only be loaded before the microVM has started")
+        }
+        state.machine = machine
+        state.lifecycle = paused ? .paused : .running
+        state.bootTime = VirtualClockNow.host()
+        if paused { state.pausedAt = VirtualClockNow.host() }
+      }
+      do throws(ControlError) {
+        try startDetachedThread(name: "vmm-run") { [self] in
+          let reason: MachineStopReason
+          do {
+            reason = try machine.run()
+          } catch {
+            reason = .failure("\(error)")
+          }
+          state.withLock {
+            $0.lifecycle = .shutDown
+            $0.stopReason = reason
+          }
+          stopped.signal()
+          onStop(reason)
+        }
+      } catch {
+        state.withLock {
+          $0.lifecycle = .shutDown
+          $0.stopReason = .failure(error.description)
+        }
+        stopped.signal()
+        throw error
+      }
+    }
+  }
+
   /// Pauses a running machine: returns once every vCPU is parked and the clocks are frozen.
   public func pause() throws(ControlError) {
     try transitions.withLock { _ throws(ControlError) in

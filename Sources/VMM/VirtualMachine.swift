@@ -40,7 +40,10 @@ public final class VirtualMachine: Sendable {
 
   /// Builds the machine: validates the configuration, maps RAM, loads the kernel, installs
   /// devices and opens the accelerator. Every failure is a one-line error.
-  public init(configuration: MachineConfiguration) throws {
+  ///
+  /// With `restoringMemory` (a snapshot's RAM), nothing is written into RAM (no kernel, no ACPI
+  /// tables): the caller restores the machine state before `run` (see `restore(statePath:...)`).
+  public init(configuration: MachineConfiguration, restoringMemory: GuestMemory? = nil) throws {
     self.configuration = configuration
     do {
       try configuration.validate()
@@ -48,10 +51,14 @@ public final class VirtualMachine: Sendable {
       throw MachineError(error.description)
     }
     let memory: GuestMemory
-    do {
-      memory = try GuestMemory(size: configuration.memorySize)
-    } catch {
-      throw MachineError(error.description)
+    if let restoringMemory {
+      memory = restoringMemory
+    } else {
+      do {
+        memory = try GuestMemory(size: configuration.memorySize)
+      } catch {
+        throw MachineError(error.description)
+      }
     }
     parts = MachineParts(memory: memory, bus: IOBus(), control: MachineControl(), interrupts: InterruptRouter())
     pci = PCIBus(layout: PCIAddressLayout(), interrupts: parts.interrupts)
@@ -72,19 +79,22 @@ public final class VirtualMachine: Sendable {
       acpi.dsdtTerms = [hostBridge.dsdtTerm()]
       acpi.additionalTables = [hostBridge.mcfgTable()]
       let tables = try ACPITables.build(acpi)
-      try tables.install(into: memory)
+      if restoringMemory == nil { try tables.install(into: memory) }
     } catch {
       Self.shutdown(virtioDevices)
       throw MachineError("cannot build the ACPI tables: \(error)")
     }
     do {
-      boot = try KernelLoader.load(
-        kernelPath: configuration.kernelPath, initrdPath: configuration.initrdPath,
-        commandLine: configuration.commandLine, memory: memory,
-        reservedMemory: [
-          E820Entry(address: ACPITables.defaultBase, size: UInt64(ACPITables.defaultWindowSize), type: .reserved),
-          E820Entry(address: hostBridge.ecamBase, size: hostBridge.ecamSize, type: .reserved),
-        ])
+      boot =
+        try restoringMemory != nil
+        ? .restoredFromSnapshot
+        : KernelLoader.load(
+          kernelPath: configuration.kernelPath, initrdPath: configuration.initrdPath,
+          commandLine: configuration.commandLine, memory: memory,
+          reservedMemory: [
+            E820Entry(address: ACPITables.defaultBase, size: UInt64(ACPITables.defaultWindowSize), type: .reserved),
+            E820Entry(address: hostBridge.ecamBase, size: hostBridge.ecamSize, type: .reserved),
+          ])
     } catch {
       Self.shutdown(virtioDevices)
       throw MachineError(error.description)

@@ -86,3 +86,15 @@ public final class VirtioConsole: QueueWorkerDevice {
     }
   }
 }
+
+// MARK: Machine state
+
+/// Host input not yet delivered to the guest.
+extension VirtioConsole: StateSavable {
+  public func saveState(into writer: inout StateWriter) { writer.write(bytes: input.withLock { $0 }) }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let pending = try reader.readBytes(maximumCount: Self.inputLimit)
+    input.withLock { $0 = pending }
+  }
+}

@@ -46,6 +46,8 @@ public final class VirtioQueueSet: Sendable {
     var active = false
     var broken = false
     var features: UInt64 = 0
+    /// Set while a snapshot is taken: no queue is served (see `quiesce`).
+    var quiesced = false
   }
 
   /// Guest RAM the queues live in.
@@ -68,7 +70,7 @@ public final class VirtioQueueSet: Sendable {
   public var negotiatedFeatures: UInt64 { state.withLock { $0.features } }
 
   /// Whether the device is running (DRIVER_OK and no DEVICE_NEEDS_RESET).
-  public var isActive: Bool { state.withLock { $0.active && !$0.broken } }
+  public var isActive: Bool { state.withLock { $0.active && !$0.broken && !$0.quiesced } }
 
   /// Runs `body` on queue `index` with the queue set locked, when the device is active and the
   /// queue enabled; returns nil otherwise. A `VirtqueueError` thrown by `body` puts the device
@@ -79,7 +81,9 @@ public final class VirtioQueueSet: Sendable {
     var failure: VirtqueueError?
     var vector: UInt16?
     let result = state.withLock { state -> Result? in
-      guard state.active, !state.broken, index >= 0, index < state.queues.count, state.queues[index].isEnabled else {
+      guard state.active, !state.broken, !state.quiesced, index >= 0, index < state.queues.count,
+        state.queues[index].isEnabled
+      else {
         return nil
       }
       do throws(VirtqueueError) {

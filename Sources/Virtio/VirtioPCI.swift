@@ -366,3 +366,98 @@ public final class VirtioPCIDevice: PCIDevice, VirtioTransportEvents {
     signalConfig(vector: vector)
   }
 }
+
+// MARK: Machine state
+
+extension VirtioPCIDevice: StateSavable {
+  /// Stops serving the queues once the request being served completes, so that guest RAM and
+  /// the queues hold still while a snapshot is taken (no receive traffic lands in RAM).
+  /// Requests the driver posted meanwhile stay in the available rings: served after `unquiesce`,
+  /// or replayed by a machine restored from the snapshot.
+  public func quiesce() {
+    queues.state.withLock { $0.quiesced = true }
+  }
+
+  /// Serves the queues again and looks at each of them once.
+  public func unquiesce() {
+    let active = queues.state.withLock { state -> Bool in
+      state.quiesced = false
+      return state.active
+    }
+    if active { for index in 0..<queueCount { model.notify(queue: index) } }
+  }
+
+  /// Transport registers (feature selectors, driver features, status, configuration generation,
+  /// queue select, configuration vector, ISR), every queue, the MSI-X table and, for models that
+  /// keep any, the model's own state. Device type and offered features must match.
+  public func saveState(into writer: inout StateWriter) {
+    let saved = state.withLock { $0 }
+    writer.write(model.deviceType)
+    writer.write(offeredFeatures)
+    writer.write(saved.deviceFeatureSelect)
+    writer.write(saved.driverFeatureSelect)
+    writer.write(saved.driverFeatures)
+    writer.write(saved.status)
+    writer.write(saved.configGeneration)
+    writer.write(saved.queueSelect)
+    writer.write(saved.configVector)
+    writer.write(saved.isr)
+    queues.state.withLock { queueState in
+      writer.write(queueState.active)
+      writer.write(queueState.broken)
+      writer.write(queueState.features)
+      writer.write(UInt32(queueState.queues.count))
+      for queue in queueState.queues { queue.saveState(into: &writer) }
+    }
+    writer.section("msix", msix)
+    if let stateful = model as? any StateSavable {
+      writer.write(true)
+      writer.section("model", stateful)
+    } else {
+      writer.write(false)
+    }
+  }
+
+  /// Restores the transport and queues, then activates the model when the driver had set
+  /// DRIVER_OK, so its worker starts and serves whatever the available rings hold.
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let deviceType: UInt16 = try reader.read()
+    let features: UInt64 = try reader.read()
+    guard deviceType == model.deviceType, features == offeredFeatures else {
+      throw MachineStateError("the state file does not match this machine: a virtio device's type or features differ")
+    }
+    var restored = State()
+    restored.deviceFeatureSelect = try reader.read()
+    restored.driverFeatureSelect = try reader.read()
+    restored.driverFeatures = try reader.read()
+    restored.status = try reader.read()
+    restored.configGeneration = try reader.read()
+    restored.queueSelect = try reader.read()
+    restored.configVector = try reader.read()
+    restored.isr = try reader.read()
+    let active = try reader.readBool()
+    let broken = try reader.readBool()
+    let negotiated: UInt64 = try reader.read()
+    guard Int(try reader.read(UInt32.self)) == queueCount else {
+      throw MachineStateError("the state file does not match this machine: a virtio device's queue count differs")
+    }
+    var restoredQueues = queues.state.withLock { $0.queues }
+    for index in restoredQueues.indices { try restoredQueues[index].restoreState(from: &reader) }
+    try reader.section("msix", msix)
+    let hasModelState = try reader.readBool()
+    let stateful = model as? any StateSavable
+    guard hasModelState == (stateful != nil) else {
+      throw MachineStateError("the state file does not match this machine: a virtio device model differs")
+    }
+    if let stateful { try reader.section("model", stateful) }
+    state.withLock { $0 = restored }
+    queues.state.withLock { queueState in
+      queueState.queues = restoredQueues
+      queueState.active = active
+      queueState.broken = broken
+      queueState.features = negotiated
+      queueState.quiesced = false
+    }
+    if active { model.activate(queues) }
+  }
+}

@@ -332,3 +332,51 @@ public struct SplitVirtqueue: Sendable {
     return try load16(availableRing) & 1 == 0
   }
 }
+
+// MARK: Machine state
+
+/// A queue's layout, enable bit, vector, negotiated ring features and the device's indices
+/// (last available entry read, used index, the used index last signalled).
+extension SplitVirtqueue {
+  func saveState(into writer: inout StateWriter) {
+    writer.write(maxSize)
+    writer.write(size)
+    writer.write(descriptorTable)
+    writer.write(availableRing)
+    writer.write(usedRing)
+    writer.write(isEnabled)
+    writer.write(msixVector)
+    writer.write(eventIndex)
+    writer.write(indirectDescriptors)
+    writer.write(lastAvailableIndex)
+    writer.write(usedIndex)
+    writer.write(signalledUsedIndex)
+    writer.write(usedSinceSignal)
+  }
+
+  mutating func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let savedMaximum: UInt16 = try reader.read()
+    guard savedMaximum == maxSize else {
+      throw MachineStateError("the state file does not match this machine: a virtqueue's maximum size differs")
+    }
+    size = try reader.read()
+    descriptorTable = try reader.read()
+    availableRing = try reader.read()
+    usedRing = try reader.read()
+    isEnabled = try reader.readBool()
+    msixVector = try reader.read()
+    eventIndex = try reader.readBool()
+    indirectDescriptors = try reader.readBool()
+    lastAvailableIndex = try reader.read()
+    usedIndex = try reader.read()
+    signalledUsedIndex = try reader.read()
+    usedSinceSignal = try reader.readBool()
+    if isEnabled {
+      do {
+        try validate()
+      } catch {
+        throw .invalid("virtqueue (\(error.message))")
+      }
+    }
+  }
+}

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import VMCore
 import VMM
 
 /// `hostvisor`: a hosted virtual machine monitor for x86-64 guests.
@@ -32,7 +33,7 @@ struct Run: ParsableCommand {
     name: .long,
     help: ArgumentHelp(
       "Kernel to boot: a Linux bzImage, an ELF64/ELF32 image or a Multiboot v1 image.", valueName: "path"))
-  var kernel: String
+  var kernel: String?
 
   @Option(name: .long, help: ArgumentHelp("Initial ramdisk handed to a Linux or Multiboot kernel.", valueName: "path"))
   var initrd: String?
@@ -101,6 +102,18 @@ struct Run: ParsableCommand {
   @Flag(name: .long, help: "Report the chosen accelerator and machine layout on standard error.")
   var verbose = false
 
+  @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "Restore a snapshot instead of booting: its state file (the memory file recorded in it, or STATE,memory=PATH).",
+      valueName: "state"))
+  var restore: String?
+
+  @Option(
+    name: .customLong("snapshot-on-signal"),
+    help: ArgumentHelp("On SIGUSR2, snapshot to STATE and STATE.mem.", valueName: "state", visibility: .hidden))
+  var snapshotOnSignal: String?
+
   func run() throws {
     do {
       guard let acceleratorChoice = AcceleratorChoice(rawValue: accel) else {
@@ -108,6 +121,14 @@ struct Run: ParsableCommand {
       }
       let consoleChoice = try ConsoleChoice(parsing: console)
       let serialChoice = try serial.map { text throws(ConfigurationError) in try SerialChoice(parsing: text) }
+      if snapshotOnSignal != nil { VirtualMachine.blockSnapshotSignal() }
+      if let restore {
+        let machine = try VirtualMachine.restore(
+          commandLineArgument: restore, serial: serialChoice ?? .stdio, verbose: verbose)
+        if let snapshotOnSignal { try machine.snapshotOnSignal(statePath: snapshotOnSignal) }
+        finish(try machine.run())
+      }
+      guard let kernel else { throw CommandFailure("missing --kernel (or --restore)") }
       var configuration = MachineConfiguration(
         kernelPath: kernel, initrdPath: initrd,
         commandLine: cmdline ?? (consoleChoice == .virtio ? "console=hvc0" : "console=ttyS0"),
@@ -123,22 +144,27 @@ struct Run: ParsableCommand {
         throw CommandFailure("invalid --triple-fault '\(tripleFault)': use error or reset")
       }
       let machine = try VirtualMachine(configuration: configuration)
-      var reason = try machine.run()
-      if case .tripleFault = reason, tripleFault == "reset" {
-        reason = .reset(reason: reason.description)
-      }
-      if verbose { printError("hostvisor: \(reason)") }
-      switch reason {
-      case .failure(let message): printError("hostvisor: error: \(message)")
-      case .tripleFault where !verbose: printError("hostvisor: \(reason)")
-      default: break
-      }
-      Glibc.exit(reason.exitStatus)
+      if let snapshotOnSignal { try machine.snapshotOnSignal(statePath: snapshotOnSignal) }
+      finish(try machine.run())
     } catch let error as CommandFailure {
       fail(error.message)
     } catch {
       fail("\(error)")
     }
+  }
+
+  private func finish(_ stopReason: MachineStopReason) -> Never {
+    var reason = stopReason
+    if case .tripleFault = reason, tripleFault == "reset" {
+      reason = .reset(reason: reason.description)
+    }
+    if verbose { printError("hostvisor: \(reason)") }
+    switch reason {
+    case .failure(let message): printError("hostvisor: error: \(message)")
+    case .tripleFault where !verbose: printError("hostvisor: \(reason)")
+    default: break
+    }
+    Glibc.exit(reason.exitStatus)
   }
 
   private func fail(_ message: String) -> Never {
