@@ -116,7 +116,14 @@ public final class UserNetworkBackend: NetworkBackend {
     }
     socket = pair[0]
     child = pid
-    _ = fcntl(socket, F_SETFL, fcntl(socket, F_GETFL) | O_NONBLOCK)
+    // Sends block (a stalled passt stalls the sender for at most a second, then frames are
+    // queued and later dropped); receives never block (MSG_DONTWAIT). A non-blocking send
+    // would leave frames queued with nothing to wake the worker when the socket drains.
+    var timeout = timeval(tv_sec: 1, tv_usec: 0)
+    _ = setsockopt(socket, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    var bufferSize: Int32 = 1 << 20
+    _ = setsockopt(socket, SOL_SOCKET, SO_SNDBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
+    _ = setsockopt(socket, SOL_SOCKET, SO_RCVBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
     // Give passt a moment to fail on its options (e.g. a forwarded port already in use), so
     // the user sees one clear line instead of a guest without a network.
     for _ in 0..<20 {
@@ -286,7 +293,7 @@ final class ReassemblyBuffer: @unchecked Sendable {
     }
   }
 
-  /// Reads what the non-blocking `descriptor` has into the free space; returns the byte count
+  /// Reads what the socket `descriptor` has waiting (without blocking) into the free space; returns the byte count
   /// (0 at end of stream or when nothing is waiting).
   func fill(from descriptor: Int32) -> Int {
     if start > 0 {
@@ -296,7 +303,7 @@ final class ReassemblyBuffer: @unchecked Sendable {
     }
     guard end < storage.count else { return 0 }
     while true {
-      let result = read(descriptor, storage.baseAddress! + end, storage.count - end)
+      let result = recv(descriptor, storage.baseAddress! + end, storage.count - end, Int32(MSG_DONTWAIT))
       if result > 0 {
         end += result
         return result
