@@ -14,17 +14,21 @@ final class DeviceWorker: Sendable {
   private let work: @Sendable (_ backendReady: Bool) -> Void
   private let backendFD: Int32
   private let wantsBackend: @Sendable () -> Bool
+  private let wantsOutput: @Sendable () -> Bool
 
   /// - Parameters:
   ///   - backendFD: a descriptor to poll for input, or -1.
   ///   - wantsBackend: whether to poll `backendFD` right now (e.g. only while receive buffers exist).
+  ///   - wantsOutput: whether to poll `backendFD` for writability right now (queued output).
   init(
     name: String, backendFD: Int32 = -1, wantsBackend: @escaping @Sendable () -> Bool = { false },
+    wantsOutput: @escaping @Sendable () -> Bool = { false },
     work: @escaping @Sendable (_ backendReady: Bool) -> Void
   ) {
     self.name = name
     self.backendFD = backendFD
     self.wantsBackend = wantsBackend
+    self.wantsOutput = wantsOutput
     self.work = work
     eventFD = hv_eventfd()
   }
@@ -76,8 +80,10 @@ final class DeviceWorker: Sendable {
   private func run() {
     var descriptors = [pollfd(fd: eventFD, events: Int16(POLLIN), revents: 0), pollfd(fd: -1, events: 0, revents: 0)]
     while !stopping.load(ordering: .acquiring) {
-      descriptors[1].fd = backendFD >= 0 && wantsBackend() ? backendFD : -1
-      descriptors[1].events = Int16(POLLIN)
+      let input = backendFD >= 0 && wantsBackend()
+      let output = backendFD >= 0 && wantsOutput()
+      descriptors[1].fd = input || output ? backendFD : -1
+      descriptors[1].events = Int16(input ? POLLIN : 0) | Int16(output ? POLLOUT : 0)
       descriptors[0].revents = 0
       descriptors[1].revents = 0
       let result = poll(&descriptors, 2, -1)

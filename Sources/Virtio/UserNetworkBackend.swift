@@ -79,6 +79,8 @@ public final class UserNetworkBackend: NetworkBackend {
   /// never polls readable); -1 while passt runs. Written once, under `input`'s lock.
   nonisolated(unsafe) private var quietPipeWriter: Int32 = -1
   public var pollDescriptor: Int32 { socket }
+  /// passt's log file (removed with the backend).
+  private let logPath: String?
 
   /// Starts passt with `forwards`; `passtPath` nil searches the PATH.
   public init(forwards: [PortForward], passtPath: String? = nil) throws(UserNetworkError) {
@@ -89,8 +91,15 @@ public final class UserNetworkBackend: NetworkBackend {
     guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
       throw UserNetworkError("cannot create the passt socket pair: \(String(cString: strerror(errno)))")
     }
+    // passt logs to syslog unless told otherwise; its messages go to a file read on failure.
+    var logTemplate = Array("/tmp/hostvisor-passt-XXXXXX.log".utf8CString)
+    let logFD = logTemplate.withUnsafeMutableBufferPointer { mkstemps($0.baseAddress!, 4) }
+    let logPath =
+      logFD >= 0
+      ? String(decoding: logTemplate.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "/dev/null"
+    if logFD >= 0 { close(logFD) }
     var arguments = [
-      executable, "--foreground", "--quiet", "--one-off", "--fd", "3", "--ipv4-only",
+      executable, "--foreground", "--quiet", "--one-off", "--fd", "3", "--ipv4-only", "--log-file", logPath,
       "--address", UserNetworkAddresses.guest, "--netmask", "\(UserNetworkAddresses.prefixLength)",
       "--gateway", UserNetworkAddresses.gateway,
     ]
@@ -105,6 +114,7 @@ public final class UserNetworkBackend: NetworkBackend {
     // dup2 clears close-on-exec on the child's descriptor 3; its standard input is /dev/null.
     posix_spawn_file_actions_adddup2(&actions, pair[1], 3)
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
     var pid: pid_t = 0
     let argv = arguments.map { strdup($0) } + [nil]
     defer { for argument in argv { free(argument) } }
@@ -112,15 +122,14 @@ public final class UserNetworkBackend: NetworkBackend {
     close(pair[1])
     guard result == 0 else {
       close(pair[0])
+      if logFD >= 0 { unlink(logPath) }
       throw UserNetworkError("cannot start passt (\(executable)): \(String(cString: strerror(result)))")
     }
     socket = pair[0]
     child = pid
-    // Sends block (a stalled passt stalls the sender for at most a second, then frames are
-    // queued and later dropped); receives never block (MSG_DONTWAIT). A non-blocking send
-    // would leave frames queued with nothing to wake the worker when the socket drains.
-    var timeout = timeval(tv_sec: 1, tv_usec: 0)
-    _ = setsockopt(socket, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    self.logPath = logFD >= 0 ? logPath : nil
+    // Never block the device worker: queued output is flushed when the socket polls writable.
+    _ = fcntl(socket, F_SETFL, fcntl(socket, F_GETFL) | O_NONBLOCK)
     var bufferSize: Int32 = 1 << 20
     _ = setsockopt(socket, SOL_SOCKET, SO_SNDBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
     _ = setsockopt(socket, SOL_SOCKET, SO_RCVBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
@@ -130,14 +139,16 @@ public final class UserNetworkBackend: NetworkBackend {
       var status: Int32 = 0
       if waitpid(pid, &status, WNOHANG) == pid {
         close(socket)
-        throw UserNetworkError(
-          "passt exited at start (status \(status >> 8)); a forwarded port may be in use or an option refused")
+        let detail = Self.lastLine(ofFile: logPath) ?? "a forwarded port may be in use or an option refused"
+        if logFD >= 0 { unlink(logPath) }
+        throw UserNetworkError("passt exited at start (status \(status >> 8)): \(detail)")
       }
       usleep(5_000)
     }
   }
 
   deinit {
+    if let logPath { unlink(logPath) }
     close(socket)
     if quietPipeWriter >= 0 { close(quietPipeWriter) }
     var status: Int32 = 0
@@ -149,7 +160,8 @@ public final class UserNetworkBackend: NetworkBackend {
   }
 
   /// Sends one frame (the 12-byte virtio-net header is dropped: passt takes plain frames).
-  /// A frame the socket cannot take at once is queued and flushed on the next transmit.
+  /// What the socket cannot take at once is queued; the device's worker polls for
+  /// writability while anything is queued and flushes it.
   public func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool {
     var length = 0
     for vector in vectors { length += vector.iov_len }
@@ -193,12 +205,16 @@ public final class UserNetworkBackend: NetworkBackend {
     pending.removeFirst(sent)
   }
 
+  public var hasPendingOutput: Bool { output.withLock { !$0.isEmpty } }
+
+  public func flushPendingOutput() {
+    output.withLock { if !$0.isEmpty { flush(&$0) } }
+  }
+
   /// Returns the next whole frame behind a zeroed virtio-net header, or 0 when none is
   /// complete yet.
   public func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int {
-    // A frame we cannot send now would otherwise wait for the guest's next transmit.
-    output.withLock { if !$0.isEmpty { flush(&$0) } }
-    return input.withLock { reassembly in
+    input.withLock { reassembly in
       while true {
         if let frame = reassembly.nextFrame(maximum: Self.maximumFrame) {
           guard Self.headerSize + frame.count <= buffer.count else {
@@ -224,6 +240,7 @@ public final class UserNetworkBackend: NetworkBackend {
   /// passt is gone or its stream is unusable: the guest's link goes quiet. The socket's
   /// descriptor number is pointed at an empty pipe so the device worker's poll stops firing.
   private func stopPolling(reason: String) {
+    output.withLock { $0.removeAll() }
     var pipeEnds: [Int32] = [-1, -1]
     if pipe(&pipeEnds) == 0 {
       dup2(pipeEnds[0], socket)
@@ -232,6 +249,20 @@ public final class UserNetworkBackend: NetworkBackend {
     }
     var line = "hostvisor: user networking: passt \(reason); the guest's network is down\n"
     line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+  }
+
+  private static func lastLine(ofFile path: String) -> String? {
+    guard let file = fopen(path, "r") else { return nil }
+    defer { fclose(file) }
+    var last: String?
+    var line: UnsafeMutablePointer<CChar>?
+    var capacity = 0
+    while getline(&line, &capacity, file) > 0 {
+      let text = String(cString: line!).filter { $0 != "\n" && $0 != "\r" }
+      if !text.isEmpty { last = text }
+    }
+    free(line)
+    return last
   }
 
   private static func findExecutable(_ name: String) -> String? {

@@ -32,11 +32,18 @@ public protocol NetworkBackend: AnyObject, Sendable {
   var supportsOffloads: Bool { get }
   /// Which offloads received frames may carry (`NetworkOffloads`); false when refused.
   func setReceiveOffloads(_ offloads: NetworkOffloads) -> Bool
+  /// Whether transmitted bytes wait for the descriptor to become writable (a stream backend);
+  /// the device's worker then also polls for writability and calls `flushPendingOutput`.
+  var hasPendingOutput: Bool { get }
+  /// Sends what `transmit` had to leave queued, as far as the descriptor takes it.
+  func flushPendingOutput()
 }
 
 extension NetworkBackend {
   public var supportsOffloads: Bool { false }
   public func setReceiveOffloads(_ offloads: NetworkOffloads) -> Bool { offloads.isEmpty }
+  public var hasPendingOutput: Bool { false }
+  public func flushPendingOutput() {}
 }
 
 /// Offloads a receiver accepts in frames' `virtio_net_hdr`: partial checksums and TCP
@@ -222,7 +229,8 @@ public final class VirtioNet: VirtioDeviceModel {
     receive = Mutex(state)
     let link = WeakLink<VirtioNet>()
     worker = DeviceWorker(
-      name: "virtio-net", backendFD: backend.pollDescriptor, wantsBackend: { link.target?.shouldPoll ?? false }
+      name: "virtio-net", backendFD: backend.pollDescriptor, wantsBackend: { link.target?.shouldPoll ?? false },
+      wantsOutput: { [backend] in backend.hasPendingOutput }
     ) { ready in link.target?.process(backendReady: ready) }
     link.target = self
   }
@@ -280,6 +288,7 @@ public final class VirtioNet: VirtioDeviceModel {
   public func shutdown() { worker.stop() }
 
   fileprivate func process(backendReady: Bool) {
+    backend.flushPendingOutput()
     guard let queues = queueSet.withLock({ $0 }) else { return }
     let memory = queues.memory
     receive.withLock { state in

@@ -33,7 +33,9 @@ struct VirtioIntegrationTests {
     expectOneLineError(result, containing: "invalid disk '/tmp/disk.img,writeback'")
   }
 
-  @Test(arguments: ["user", "tap", "tap=", "tap=tap0,model=e1000", "mac=52:54:00:00:00:01"])
+  @Test(arguments: [
+    "usr", "user,tap=x", "user,hostfwd=tcp:1-:2", "tap", "tap=", "tap=tap0,model=e1000", "mac=52:54:00:00:00:01",
+  ])
   func badNetworkSyntax(option: String) throws {
     let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--serial", "none", "--net", option])
     expectOneLineError(result, containing: "invalid network '\(option)'")
@@ -100,7 +102,9 @@ struct VirtioIntegrationTests {
   @Test func helpDocumentsTheVirtioOptions() throws {
     let result = try HostvisorProcess.run(["run", "--help"])
     #expect(result.status == 0)
-    for text in ["--disk", "path[,readonly]", "--net", "tap=NAME[,mac=", "--console", "serial|virtio", "virtio-rng"] {
+    for text in [
+      "--disk", "path[,readonly]", "--net", "tap=NAME|user[,hostfwd=", "--console", "serial|virtio", "virtio-rng",
+    ] {
       #expect(result.stdout.contains(text), "help lacks \(text):\n\(result.stdout)")
     }
   }
