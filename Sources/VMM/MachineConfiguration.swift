@@ -65,16 +65,21 @@ public struct NetworkConfiguration: Sendable, Equatable {
   public var tapName: String
   /// The guest's MAC address; nil picks a random 52:54:00:xx:xx:xx.
   public var mac: MACAddress?
+  /// Whether the device offers checksum and TCP segmentation offloads to the guest
+  /// (`offloads=off` turns them off, e.g. to benchmark against a VMM with its offloads off).
+  public var offloads: Bool
 
-  public init(tapName: String, mac: MACAddress? = nil) {
+  public init(tapName: String, mac: MACAddress? = nil, offloads: Bool = true) {
     self.tapName = tapName
     self.mac = mac
+    self.offloads = offloads
   }
 
-  /// Parses `tap=NAME` or `tap=NAME,mac=xx:xx:xx:xx:xx:xx` (keys in any order).
+  /// Parses `tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,offloads=on|off]` (keys in any order).
   public init(parsing text: String) throws(ConfigurationError) {
     var tapName: String?
     var mac: MACAddress?
+    var offloads: Bool?
     for field in text.split(separator: ",", omittingEmptySubsequences: false) {
       guard let equals = field.firstIndex(of: "=") else { throw .invalidNetwork(text) }
       let key = field[..<equals]
@@ -88,12 +93,14 @@ public struct NetworkConfiguration: Sendable, Equatable {
         } catch {
           throw .invalidMAC(value)
         }
+      case "offloads" where offloads == nil && (value == "on" || value == "off"):
+        offloads = value == "on"
       default:
         throw .invalidNetwork(text)
       }
     }
     guard let tapName else { throw .invalidNetwork(text) }
-    self.init(tapName: tapName, mac: mac)
+    self.init(tapName: tapName, mac: mac, offloads: offloads ?? true)
   }
 }
 
@@ -139,7 +146,7 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
     case .invalidDisk(let text):
       return "invalid disk '\(text)': use PATH or PATH,readonly"
     case .invalidNetwork(let text):
-      return "invalid network '\(text)': use tap=NAME or tap=NAME,mac=xx:xx:xx:xx:xx:xx"
+      return "invalid network '\(text)': use tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,offloads=off]"
     case .invalidMAC(let text):
       return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
     case .invalidConsole(let text):

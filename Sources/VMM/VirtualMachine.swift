@@ -177,7 +177,7 @@ public final class VirtualMachine: Sendable {
       for network in configuration.networks {
         let backend: TapBackend
         do {
-          backend = try TapBackend(name: network.tapName)
+          backend = try TapBackend(name: network.tapName, offloads: network.offloads)
         } catch {
           throw MachineError(error.description)
         }

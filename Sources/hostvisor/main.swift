@@ -74,8 +74,8 @@ struct Run: ParsableCommand {
   @Option(
     name: .long,
     help: ArgumentHelp(
-      "A virtio-net interface on host TAP device NAME (created if missing; not brought up), with an optional MAC (default: random 52:54:00:xx:xx:xx). Repeatable.",
-      valueName: "tap=NAME[,mac=xx:xx:xx:xx:xx:xx]"))
+      "A virtio-net interface on host TAP device NAME (created if missing; not brought up), with an optional MAC (default: random 52:54:00:xx:xx:xx); offloads=off offers no checksum/segmentation offloads. Repeatable.",
+      valueName: "tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,offloads=off]"))
   var net: [String] = []
 
   @Option(

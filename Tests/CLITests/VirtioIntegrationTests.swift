@@ -114,6 +114,12 @@ struct VirtioIntegrationTests {
     #expect(network.tapName == "hv1")
     #expect(network.mac?.array == [0x02, 0, 0, 0xAA, 0xBB, 0xCC])
     #expect(try NetworkConfiguration(parsing: "tap=hv2").mac == nil)
+    #expect(try NetworkConfiguration(parsing: "tap=hv2").offloads)
+    #expect(try NetworkConfiguration(parsing: "offloads=off,tap=hv3").offloads == false)
+    #expect(try NetworkConfiguration(parsing: "tap=hv3,offloads=on").offloads)
+    #expect(throws: ConfigurationError.invalidNetwork("tap=hv4,offloads=no")) {
+      try NetworkConfiguration(parsing: "tap=hv4,offloads=no")
+    }
   }
 
   /// Builds a real machine (software CPU, nothing run) with two disks and reads the PCI
