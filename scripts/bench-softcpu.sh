@@ -75,7 +75,8 @@ measure() {
     echo "$out" | tail -5 >&2
     return 1
   fi
-  echo "$wall $(echo "$user + $sys" | bc -l) $result"
+  # Normalized to 16 hex digits (the guest prints them zero-padded, hostvisor-softbench does not).
+  echo "$wall $(echo "$user + $sys" | bc -l) $(printf '%016x' "$((16#$result))")"
 }
 
 # The guest exits through isa-debug-exit with value 0: status (0 << 1) | 1 = 1 on both VMMs.
