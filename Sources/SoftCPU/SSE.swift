@@ -397,6 +397,12 @@ extension CPU {
     // per element, PE only when the result with an unbounded exponent is inexact).
     var flags: UInt32 = 0
     func finish(_ step: UInt32) -> Bool {
+      if step & unmasked & MXCSR.precomputationFlags != 0 {
+        // The earlier steps completed: their flags stay in MXCSR, although this step's
+        // unmasked pre-computation exception suppresses its own post-computation flags
+        // (commitSIMDExceptions keeps only the pre-computation ones of the result).
+        mxcsr |= flags
+      }
       flags |= step
       return step & unmasked != 0
     }
