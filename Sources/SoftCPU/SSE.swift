@@ -251,7 +251,12 @@ extension CPU {
     let raised = csf_sse_float(operation, immediate, mxcsr, &destination, &source)
     let unmasked = ~(mxcsr >> 7) & MXCSR.flags
     let overflowOrUnderflow: UInt32 = 0x18
-    if _slowPath(raised & unmasked != 0 && operation & ~1 == CSF_SSE_MAP3A | 0x140) {
+    // DPPS/DPPD step by step whenever an exception is unmasked that one step can raise and
+    // stop at: the whole-instruction flags mix the steps (e.g. DE from a tiny product that an
+    // unmasked underflow of the multiplication would have stopped before the additions).
+    if _slowPath(
+      (raised & unmasked != 0 || unmasked & overflowOrUnderflow != 0) && operation & ~1 == CSF_SSE_MAP3A | 0x140)
+    {
       return dotProductFlags(operation, immediate, original, source, fallback: raised)
     }
     if raised == CSF_UNSUPPORTED || unmasked & overflowOrUnderflow == 0

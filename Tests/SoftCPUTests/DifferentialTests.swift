@@ -262,6 +262,21 @@ struct DifferentialFixedCases {
     }
   }
 
+  /// DPPS with UE unmasked whose one selected product is an exact tiny (denormal) value: the
+  /// multiplication step raises #XM with UE alone; the additions, which would report DE for the
+  /// denormal product, never run. (The whole-instruction flags with everything masked are DE.)
+  @Test func dppsStopsAtTheMultiplicationStep() {
+    for mxcsr: UInt32 in [0x7700, 0x7708] {
+      // dpps xmm5, xmm13, 0x2C: lane 1 only, 2^-126 × 0x3EFF0320.
+      let result = Self.check([0x66, 0x41, 0x0F, 0x3A, 0x40, 0xED, 0x2C]) {
+        $0.mxcsr = mxcsr
+        $0.xmm[5] = SIMD2(0x0080_0000_498C_C569, 0xC7A8_1F6E_3986_AA12)
+        $0.xmm[13] = SIMD2(0x3EFF_0320_6336_F8BF, 0xC188_D932_658E_5F46)
+      }
+      #expect(result == nil, Comment(rawValue: result ?? ""))
+    }
+  }
+
   /// A non-canonical address through RBP (stack segment) raises #SS(0); through RBX, #GP(0).
   @Test func nonCanonicalStackAndDataAddresses() {
     let stack = Self.check([0x48, 0x8B, 0x45, 0x00]) { $0.gpr[5] = 0x8000_0000_0000_0000 }  // mov rax, [rbp]
