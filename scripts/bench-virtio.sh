@@ -228,15 +228,15 @@ class Server:
 def hostvisor_argv(serial_log):
     return [hostvisor, "run", "--accel", "soft", "--memory", "512M", "--serial", "stdio",
             "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline,
-            "--disk", image, "--net", f"tap={tap},mac={mac}"]
+            "--disk", image, "--net", f"tap={tap},mac={mac}" + ("" if qemu_offloads == "1" else ",offloads=off")]
 
 
 def qemu_argv(serial_log):
     # Buffered host I/O with fdatasync on guest flushes, as Hostvisor's RawFileBlockBackend.
     drive = f"file={image},format=raw,if=none,id=d0,cache=writeback,aio=threads"
     # Both VMMs offer checksum and TCP segmentation offloads (QEMU's defaults). --no-offloads
-    # turns QEMU's off (csum, guest_csum, TSO/ECN/UFO); Hostvisor's then still offers them, so
-    # that mode only shows what the offloads are worth to QEMU.
+    # turns them off on both sides: QEMU's csum, guest_csum, TSO/ECN/UFO properties, and
+    # Hostvisor's `--net ...,offloads=off` (no F_CSUM/F_GUEST_CSUM/TSO features offered).
     net = "virtio-net-pci,netdev=n0,mac=" + mac
     if qemu_offloads != "1":
         net += ",csum=off,guest_csum=off" + "".join(

@@ -251,7 +251,12 @@ extension CPU {
     let raised = csf_sse_float(operation, immediate, mxcsr, &destination, &source)
     let unmasked = ~(mxcsr >> 7) & MXCSR.flags
     let overflowOrUnderflow: UInt32 = 0x18
-    if _slowPath(raised & unmasked != 0 && operation & ~1 == CSF_SSE_MAP3A | 0x140) {
+    // DPPS/DPPD step by step whenever an exception is unmasked that one step can raise and
+    // stop at: the whole-instruction flags mix the steps (e.g. DE from a tiny product that an
+    // unmasked underflow of the multiplication would have stopped before the additions).
+    if _slowPath(
+      (raised & unmasked != 0 || unmasked & overflowOrUnderflow != 0) && operation & ~1 == CSF_SSE_MAP3A | 0x140)
+    {
       return dotProductFlags(operation, immediate, original, source, fallback: raised)
     }
     if raised == CSF_UNSUPPORTED || unmasked & overflowOrUnderflow == 0
@@ -392,29 +397,44 @@ extension CPU {
         right[lane] = 0
       }
     }
-    // A step with an unmasked exception ends the instruction. (PE next to an unmasked
-    // overflow/underflow inside a step is kept as the masked step reports it: approximate.)
+    // A step with an unmasked exception ends the instruction. Each step reports its flags as
+    // the packed/scalar instruction of that step does (with an unmasked overflow/underflow:
+    // per element, PE only when the result with an unbounded exponent is inexact).
     var flags: UInt32 = 0
     func finish(_ step: UInt32) -> Bool {
+      if step & unmasked & MXCSR.precomputationFlags != 0 {
+        // The earlier steps completed: their flags stay in MXCSR, although this step's
+        // unmasked pre-computation exception suppresses its own post-computation flags
+        // (commitSIMDExceptions keeps only the pre-computation ones of the result).
+        mxcsr |= flags
+      }
       flags |= step
       return step & unmasked != 0
     }
+    func step(_ operation: UInt32, _ destination: inout XMMValue, _ source: inout XMMValue) -> UInt32 {
+      let original = destination
+      let raised = csf_sse_float(operation, 0, mxcsr, &destination, &source)
+      if raised == CSF_UNSUPPORTED || unmasked & 0x18 == 0 || raised & unmasked & MXCSR.precomputationFlags != 0 {
+        return raised
+      }
+      return postComputationFlags(operation, 0, original, source, fallback: raised)
+    }
     var products = left
-    let first = csf_sse_float(single ? 0x59 : 0x159, 0, mxcsr, &products, &right)
+    let first = step(single ? 0x59 : 0x159, &products, &right)
     if first == CSF_UNSUPPORTED { return fallback }
     if finish(first) { return flags }
     if single {
       // Step 2: (p0 + p1) and (p2 + p3); step 3: their sum.
       var sums = products
       var same = products
-      if finish(csf_sse_float(0x37C, 0, mxcsr, &sums, &same)) { return flags }  // HADDPS
+      if finish(step(0x37C, &sums, &same)) { return flags }  // HADDPS
       var low = XMMValue(sums[0] & 0xFFFF_FFFF, 0)
       var high = XMMValue(sums[0] >> 32, 0)
-      _ = finish(csf_sse_float(0x258, 0, mxcsr, &low, &high))  // ADDSS
+      _ = finish(step(0x258, &low, &high))  // ADDSS
     } else {
       var low = XMMValue(products[0], 0)
       var high = XMMValue(products[1], 0)
-      _ = finish(csf_sse_float(0x358, 0, mxcsr, &low, &high))  // ADDSD
+      _ = finish(step(0x358, &low, &high))  // ADDSD
     }
     return flags
   }

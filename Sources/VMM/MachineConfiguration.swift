@@ -74,6 +74,9 @@ public struct NetworkConfiguration: Sendable, Equatable {
   public var attachment: NetworkAttachment
   /// The guest's MAC address; nil picks a random 52:54:00:xx:xx:xx.
   public var mac: MACAddress?
+  /// Whether the device offers checksum and TCP segmentation offloads to the guest on a TAP
+  /// (`offloads=off` turns them off, e.g. to benchmark against a VMM with its offloads off).
+  public var offloads: Bool
 
   /// The TAP interface name, or "" for user-mode networking.
   public var tapName: String {
@@ -81,22 +84,25 @@ public struct NetworkConfiguration: Sendable, Equatable {
     return ""
   }
 
-  public init(tapName: String, mac: MACAddress? = nil) {
-    self.init(attachment: .tap(name: tapName), mac: mac)
+  public init(tapName: String, mac: MACAddress? = nil, offloads: Bool = true) {
+    self.init(attachment: .tap(name: tapName), mac: mac, offloads: offloads)
   }
 
-  public init(attachment: NetworkAttachment, mac: MACAddress? = nil) {
+  public init(attachment: NetworkAttachment, mac: MACAddress? = nil, offloads: Bool = true) {
     self.attachment = attachment
     self.mac = mac
+    self.offloads = offloads
   }
 
-  /// Parses `tap=NAME[,mac=MAC]` or `user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=MAC]`
-  /// (keys after the first word in any order).
+  /// Parses `tap=NAME[,mac=MAC][,offloads=on|off]` or
+  /// `user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=MAC]` (keys after the first word in any
+  /// order).
   public init(parsing text: String) throws(ConfigurationError) {
     var tapName: String?
     var user = false
     var forwards: [PortForward] = []
     var mac: MACAddress?
+    var offloads: Bool?
     for (index, field) in text.split(separator: ",", omittingEmptySubsequences: false).enumerated() {
       if index == 0 && field == "user" {
         user = true
@@ -117,6 +123,8 @@ public struct NetworkConfiguration: Sendable, Equatable {
         } catch {
           throw .invalidMAC(value)
         }
+      case "offloads" where !user && offloads == nil && (value == "on" || value == "off"):
+        offloads = value == "on"
       default:
         throw .invalidNetwork(text)
       }
@@ -125,7 +133,7 @@ public struct NetworkConfiguration: Sendable, Equatable {
       self.init(attachment: .user(forwards: forwards), mac: mac)
     } else {
       guard let tapName else { throw .invalidNetwork(text) }
-      self.init(tapName: tapName, mac: mac)
+      self.init(tapName: tapName, mac: mac, offloads: offloads ?? true)
     }
   }
 }
@@ -173,7 +181,7 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
       return "invalid disk '\(text)': use PATH or PATH,readonly"
     case .invalidNetwork(let text):
       return
-        "invalid network '\(text)': use tap=NAME[,mac=xx:xx:xx:xx:xx:xx] or user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=...]"
+        "invalid network '\(text)': use tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,offloads=off] or user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=...]"
     case .invalidMAC(let text):
       return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
     case .invalidConsole(let text):

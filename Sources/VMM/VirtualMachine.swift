@@ -198,7 +198,7 @@ public final class VirtualMachine: Sendable {
         switch network.attachment {
         case .tap(let name):
           do {
-            backend = try TapBackend(name: name)
+            backend = try TapBackend(name: name, offloads: network.offloads)
           } catch {
             throw MachineError(error.description)
           }

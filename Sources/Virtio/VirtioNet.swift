@@ -71,8 +71,12 @@ public final class TapBackend: NetworkBackend {
   private let fd: Int32
   public var pollDescriptor: Int32 { fd }
 
-  /// Opens (or creates) TAP interface `name`.
-  public init(name: String) throws(NetworkBackendError) {
+  /// Whether the device may offer the checksum and segmentation offloads (`supportsOffloads`).
+  private let offersOffloads: Bool
+
+  /// Opens (or creates) TAP interface `name`; `offloads: false` makes the device offer no
+  /// checksum or segmentation offloads (plain 1500-byte frames with full checksums only).
+  public init(name: String, offloads: Bool = true) throws(NetworkBackendError) {
     guard !name.isEmpty, name.utf8.count < 16 else { throw .cannotOpenTap(name: name, errno: EINVAL) }
     let fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK)
     guard fd >= 0 else { throw .cannotOpenTap(name: name, errno: errno) }
@@ -91,12 +95,13 @@ public final class TapBackend: NetworkBackend {
       throw .cannotOpenTap(name: name, errno: err)
     }
     self.fd = fd
+    self.offersOffloads = offloads
     self.name = String(decoding: request.prefix(16).prefix { $0 != 0 }, as: UTF8.self)
   }
 
   deinit { close(fd) }
 
-  public var supportsOffloads: Bool { true }
+  public var supportsOffloads: Bool { offersOffloads }
 
   public func setReceiveOffloads(_ offloads: NetworkOffloads) -> Bool {
     hv_virtio_ioctl_int(fd, HV_TUNSETOFFLOAD, UInt(offloads.rawValue)) == 0

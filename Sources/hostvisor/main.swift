@@ -76,8 +76,8 @@ struct Run: ParsableCommand {
   @Option(
     name: .long,
     help: ArgumentHelp(
-      "A virtio-net interface on host TAP device NAME (created if missing; not brought up), or on user-mode networking through passt (no privileges; guest 10.0.2.15/24 by DHCP, gateway 10.0.2.2 reaches the host's loopback; hostfwd forwards a host port into the guest). Optional MAC (default: random 52:54:00:xx:xx:xx). Repeatable.",
-      valueName: "tap=NAME|user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT...][,mac=xx:xx:xx:xx:xx:xx]"))
+      "A virtio-net interface on host TAP device NAME (created if missing; not brought up; offloads=off offers the guest no checksum/segmentation offloads), or on user-mode networking through passt (no privileges; guest 10.0.2.15/24 by DHCP, gateway 10.0.2.2 reaches the host's loopback; hostfwd forwards a host port into the guest). Optional MAC (default: random 52:54:00:xx:xx:xx). Repeatable.",
+      valueName: "tap=NAME[,offloads=off]|user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT...][,mac=xx:xx:xx:xx:xx:xx]"))
   var net: [String] = []
 
   @Option(

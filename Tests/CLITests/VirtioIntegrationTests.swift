@@ -103,7 +103,8 @@ struct VirtioIntegrationTests {
     let result = try HostvisorProcess.run(["run", "--help"])
     #expect(result.status == 0)
     for text in [
-      "--disk", "path[,readonly]", "--net", "tap=NAME|user[,hostfwd=", "--console", "serial|virtio", "virtio-rng",
+      "--disk", "path[,readonly]", "--net", "tap=NAME[,offloads=off]|user[,hostfwd=", "--console", "serial|virtio",
+      "virtio-rng",
     ] {
       #expect(result.stdout.contains(text), "help lacks \(text):\n\(result.stdout)")
     }
@@ -118,6 +119,12 @@ struct VirtioIntegrationTests {
     #expect(network.tapName == "hv1")
     #expect(network.mac?.array == [0x02, 0, 0, 0xAA, 0xBB, 0xCC])
     #expect(try NetworkConfiguration(parsing: "tap=hv2").mac == nil)
+    #expect(try NetworkConfiguration(parsing: "tap=hv2").offloads)
+    #expect(try NetworkConfiguration(parsing: "offloads=off,tap=hv3").offloads == false)
+    #expect(try NetworkConfiguration(parsing: "tap=hv3,offloads=on").offloads)
+    #expect(throws: ConfigurationError.invalidNetwork("tap=hv4,offloads=no")) {
+      try NetworkConfiguration(parsing: "tap=hv4,offloads=no")
+    }
   }
 
   /// Builds a real machine (software CPU, nothing run) with two disks and reads the PCI

@@ -282,3 +282,21 @@ int cnx_run(
   pthread_mutex_unlock(&cnx_lock);
   return 0;
 }
+
+uint32_t cnx_host_mxcsr_mask(void) {
+  uint8_t image[512] __attribute__((aligned(16)));
+  memset(image, 0, sizeof image);
+  __asm__ volatile("fxsave64 %0" : "=m"(image));
+  uint32_t mask;
+  memcpy(&mask, image + 28, 4);
+  return mask == 0 ? 0xFFBF : mask;
+}
+
+void cnx_host_vendor(char vendor[13]) {
+  uint32_t a = 0, b, c, d;
+  __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "=c"(c), "=d"(d));
+  memcpy(vendor, &b, 4);
+  memcpy(vendor + 4, &d, 4);
+  memcpy(vendor + 8, &c, 4);
+  vendor[12] = 0;
+}

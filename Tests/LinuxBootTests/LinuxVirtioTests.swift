@@ -194,6 +194,15 @@ struct LinuxVirtioTests {
     #expect(try await session.run("cat /proc/consoles").contains("hvc0"))
     let n = Int.random(in: 100...999)
     #expect(try await session.run("echo $((\(n) * \(n)))") == "\(n * n)")
+    // The virtio devices interrupt through MSI-X: virtio-pci names per-queue vectors
+    // "virtioN-<queue>" (an INTx device has one "virtioN" line), on an MSI irq chip, and the
+    // console's queues have taken interrupts (the commands above went through them).
+    let interrupts = try await session.run("grep virtio /proc/interrupts")
+    let lines = interrupts.split(separator: "\n").map(String.init)
+    #expect(lines.contains { $0.contains("MSI") && $0.contains("-config") }, "\(interrupts)")
+    let queueInterrupts = lines.filter { $0.contains("MSI") && $0.contains("virtio") && !$0.contains("-config") }
+      .compactMap { line in line.split(separator: " ").dropFirst().first.flatMap { Int($0) } }
+    #expect(queueInterrupts.contains { $0 > 0 }, "\(interrupts)")
     try await Task.sleep(for: .seconds(1))
     session.type("poweroff -f\n")
     #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)

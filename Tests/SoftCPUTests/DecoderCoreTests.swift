@@ -189,12 +189,18 @@ struct CoreDecoderTests {
 
 @Suite("Core robustness")
 struct CoreFuzzTests {
-  @Test("200k random 15-byte sequences from random states: every run ends with a StopCause")
+  @Test(
+    "200k random 15-byte sequences from random states (seeded): every run stops with a canonical RIP and the CPU still runs a known-answer sequence"
+  )
   func randomBytes() throws {
     let machine = try CoreMachine(ramSize: 4 << 20)
+    let guards = HostileRunChecks.HostGuards(around: machine.memory)
+    defer { guards.remove() }
     let cpu = machine.cpu
-    var generator = SystemRandomNumberGenerator()
-    var seed = UInt64.random(in: 0...UInt64.max, using: &generator)
+    // Reproducible: HOSTVISOR_DIFF_SEED (default 1) picks the byte sequences.
+    var seed = DiffRNG.mix(DifferentialTests.seed, 0xC0DE)
+    var nonCanonical = 0
+    var knownAnswerFailures: [String] = []
     func next() -> UInt64 {
       // SplitMix64: reproducible from the printed seed.
       seed &+= 0x9E37_79B9_7F4A_7C15
@@ -236,9 +242,17 @@ struct CoreFuzzTests {
       case .stopRequested: key = "stop"
       }
       outcomes[key, default: 0] += 1
+      if !HostileRunChecks.isCanonical(cpu.rip) { nonCanonical += 1 }
+      if iteration % 1000 == 999, knownAnswerFailures.count < 5,
+        let failure = try HostileRunChecks.knownAnswerFails(cpu: cpu, memory: machine.memory, at: 0x30000, seed: next())
+      {
+        knownAnswerFailures.append("after run \(iteration): \(failure)")
+      }
     }
-    print("random-bytes seed \(initialSeed): \(outcomes.sorted { $0.key < $1.key })")
-    #expect(outcomes.values.reduce(0, +) == 200_000)
+    print("random-bytes seed \(initialSeed): \(outcomes.sorted { $0.key < $1.key }); host guards: \(guards)")
+    #expect(nonCanonical == 0, "runs that stopped with a non-canonical RIP")
+    #expect(knownAnswerFailures.isEmpty, Comment(rawValue: knownAnswerFailures.joined(separator: "\n")))
     #expect(outcomes["fault 6", default: 0] > 0)
+    #expect(outcomes["limit", default: 0] > 0)
   }
 }

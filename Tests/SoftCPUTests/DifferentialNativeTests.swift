@@ -99,4 +99,48 @@ struct DifferentialNativeTests {
       code: [0xEB, 0xFE], initial: initialState(), data: .init(repeating: 0, count: DiffLayout.dataSize))
     #expect(result.end == .hang)
   }
+
+  // MARK: The emulated side's own checks
+
+  /// A write outside the data buffer (to guest RAM that exists on the emulated side only) is
+  /// reported by the flat runner's RAM digest; with paging on it is a not-present #PF, as on
+  /// the host.
+  @Test func strayWritesAreSeenAndPagingFaultsLikeTheHost() {
+    var state = initialState()
+    state.gpr[0] = 0x1234_5678
+    state.gpr[3] = 0x3000
+    let data = [UInt8](repeating: 0, count: DiffLayout.dataSize)
+    let code: [UInt8] = [0x48, 0x89, 0x03]  // mov [rbx], rax
+    let flat = EmulatedRunner().run(code: code, initial: state, data: data)
+    #expect(flat.end == .completed)
+    #expect(flat.strayWrites != nil)
+    let paged = EmulatedRunner(paging: true).run(code: code, initial: state, data: data)
+    // Error code: write (W) from user mode (U), page not present.
+    #expect(paged.end == .fault(vector: 14, errorCode: 6), "\(paged.end)")
+    #expect(paged.state.rip == DiffLayout.codeBase)
+    #expect(paged.strayWrites == nil)
+  }
+
+  /// The paging-on runner ends, faults and reports state as the flat runner and the host do.
+  @Test func pagedRunnerMatchesTheHost() {
+    let data = [UInt8](repeating: 0, count: DiffLayout.dataSize)
+    var state = initialState()
+    state.gpr[3] = DiffLayout.dataBase + 0x100
+    state.gpr[0] = 0x1122_3344_5566_7788
+    let runner = EmulatedRunner(paging: true)
+    // mov [rbx], rax; push rax; inc rcx
+    let code: [UInt8] = [0x48, 0x89, 0x03, 0x50, 0x48, 0xFF, 0xC1]
+    let native = NativeRunner.run(code: code, initial: state, data: data)
+    let paged = runner.run(code: code, initial: state, data: data)
+    #expect(paged.end == .completed)
+    let differences = DiffCompare.compare(native: native, emulated: paged, mask: ComparisonMask())
+    #expect(differences.isEmpty, "\(differences)")
+    // nop; ud2: #UD at the UD2, RSP back at the interrupted value.
+    let faulting = runner.run(code: [0x90, 0x0F, 0x0B], initial: state, data: data)
+    #expect(faulting.end == .fault(vector: 6, errorCode: nil))
+    #expect(faulting.state.rip == DiffLayout.codeBase + 1 && faulting.state.gpr[4] == DiffLayout.stackTop)
+    // hlt at CPL 3 inside the sequence: #GP(0), not the end marker.
+    let privileged = runner.run(code: [0xF4, 0x90], initial: state, data: data)
+    #expect(privileged.end == .fault(vector: 13, errorCode: 0))
+  }
 }

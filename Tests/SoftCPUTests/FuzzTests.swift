@@ -13,20 +13,26 @@ struct FuzzTests {
   static var cases: Int { Int(ProcessInfo.processInfo.environment["HOSTVISOR_FUZZ_CASES"] ?? "") ?? 200_000 }
 
   /// Random 1-15 byte sequences with random registers and a small instruction budget: the CPU
-  /// must return a defined StopCause every time (no crash, no hang, no host memory access
-  /// outside guest RAM), and leave RIP and the register file usable.
+  /// must return a defined StopCause every time (no crash, no hang), never touch host memory
+  /// outside guest RAM (PROT_NONE guards around it would kill the test), stop with a canonical
+  /// RIP, and run a known-answer sequence correctly afterwards (every 1000 runs and at the end).
   @Test func hostileBytesNeverCrashOrHang() throws {
     let memory = try GuestMemory(size: 2 << 20)
+    let guards = HostileRunChecks.HostGuards(around: memory)
+    defer { guards.remove() }
     let bus = IOBus()
     let cpu = CPU(memory: memory, bus: bus)
     let codeBase: UInt64 = 0x1000
     var rng = DiffRNG(seed: DiffRNG.mix(Self.seed, 0xF022))
     var outcomes: [String: Int] = [:]
+    var nonCanonical = 0
+    var knownAnswerFailures: [String] = []
     let code = try memory.slice(at: codeBase, length: 32)
     let start = Date()
-    for _ in 0..<Self.cases {
+    for run in 0..<Self.cases {
       let length = 1 + rng.below(15)
       for index in 0..<32 { code[index] = index < length ? UInt8(truncatingIfNeeded: rng.next()) : 0xF4 }
+      cpu.noteExternalWrite(physical: codeBase, length: 32)
       cpu.enterFlatLongMode(cpl: rng.chance(50) ? 3 : 0)
       for index in 0..<16 {
         // Mostly addresses inside guest RAM, sometimes anything.
@@ -44,12 +50,23 @@ struct FuzzTests {
       case .fault(let fault): key = fault.vector >= 32 ? "INT n" : Fault.mnemonic(Int(fault.vector))
       }
       outcomes[key, default: 0] += 1
+      if !HostileRunChecks.isCanonical(cpu.rip) { nonCanonical += 1 }
+      if run % 1000 == 999 || run == Self.cases - 1, knownAnswerFailures.count < 5,
+        let failure = try HostileRunChecks.knownAnswerFails(cpu: cpu, memory: memory, at: 0x2000, seed: rng.next())
+      {
+        knownAnswerFailures.append("after hostile run \(run): \(failure)")
+      }
     }
     let seconds = Date().timeIntervalSince(start)
     print(
       "FuzzTests: \(Self.cases) hostile sequences in \(String(format: "%.1f", seconds)) s: "
-        + outcomes.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
-    #expect(outcomes.values.reduce(0, +) == Self.cases)
+        + outcomes.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+        + "; host guards: \(guards.description)")
+    #expect(nonCanonical == 0, "runs that stopped with a non-canonical RIP")
+    #expect(knownAnswerFailures.isEmpty, Comment(rawValue: knownAnswerFailures.joined(separator: "\n")))
+    // Random bytes hit every kind of stop; a run that never faults or never reaches its
+    // budget means the loop did not run what it claims.
+    #expect(outcomes["#UD", default: 0] > 0 && outcomes["instruction limit", default: 0] > 0)
   }
 
   // MARK: Decoder vs host
@@ -187,6 +204,75 @@ struct FuzzTests {
     if !unreviewed.isEmpty {
       Issue.record(
         Comment(rawValue: "Host #UD but the software CPU executes (encoding classes):\n  " + describe(unreviewed)))
+    }
+  }
+}
+
+/// Checks shared by the hostile-input fuzz loops.
+enum HostileRunChecks {
+  static func isCanonical(_ address: UInt64) -> Bool {
+    let upper = address >> 47
+    return upper == 0 || upper == 0x1_FFFF
+  }
+
+  /// Runs `mov rax, imm64; xor rax, rbx; hlt` at CPL 0 at `address` on `cpu` (after whatever
+  /// ran before) and returns a description of what went wrong, or nil when RAX, RIP and the
+  /// stop are right: the CPU is still usable.
+  static func knownAnswerFails(cpu: CPU, memory: GuestMemory, at address: UInt64, seed: UInt64) throws -> String? {
+    let immediate = seed | 1
+    let rbx = seed.byteSwapped
+    var bytes: [UInt8] = [0x48, 0xB8]
+    for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: immediate >> UInt64(shift))) }
+    bytes += [0x48, 0x31, 0xD8, 0xF4]
+    try memory.writeBytes(bytes, at: address)
+    cpu.noteExternalWrite(physical: address, length: UInt64(bytes.count))
+    cpu.enterFlatLongMode(cpl: 0)
+    cpu.gpr[3] = rbx
+    cpu.gpr[4] = 0x10_0000
+    cpu.rflags = 0x2
+    cpu.rip = address
+    let stop = cpu.run(instructionLimit: 10)
+    let expectedRIP = address + UInt64(bytes.count)
+    if stop != .halted || cpu.gpr[0] != immediate ^ rbx || cpu.rip != expectedRIP {
+      return "known-answer sequence: stop \(stop), rax 0x\(String(cpu.gpr[0], radix: 16)) (expected 0x"
+        + "\(String(immediate ^ rbx, radix: 16))), rip 0x\(String(cpu.rip, radix: 16)) (expected 0x"
+        + "\(String(expectedRIP, radix: 16)))"
+    }
+    return nil
+  }
+
+  /// PROT_NONE pages mapped right below and above each region of guest RAM where the address
+  /// space is free, so a host access just outside guest RAM kills the test process instead of
+  /// reading or corrupting a neighbouring mapping.
+  final class HostGuards: CustomStringConvertible {
+    static let guardSize = 1 << 20
+    private var mappings: [UnsafeMutableRawPointer] = []
+    private var missing = 0
+
+    init(around memory: GuestMemory) {
+      for region in memory.regions {
+        let low = region.host - Self.guardSize
+        let high = region.host + Int(region.size)
+        for start in [low, high] {
+          let result = mmap(start, Self.guardSize, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+          if let result, result != MAP_FAILED, result == start {
+            mappings.append(result)
+          } else {
+            if let result, result != MAP_FAILED { munmap(result, Self.guardSize) }
+            missing += 1
+          }
+        }
+      }
+    }
+
+    var description: String {
+      "\(mappings.count) guard mappings of \(Self.guardSize >> 20) MiB"
+        + (missing > 0 ? " (\(missing) sides already mapped)" : "")
+    }
+
+    func remove() {
+      for mapping in mappings { munmap(mapping, Self.guardSize) }
+      mappings = []
     }
   }
 }

@@ -392,10 +392,10 @@ enum FormTable {
       forms += [sse("\(name)ps", [], [0x0F, opcode]), sse("\(name)pd", [0x66], [0x0F, opcode])]
     }
     forms += [
-      sse("rcpps (approximate)", [], [0x0F, 0x53], fill: .float32),
-      sse("rsqrtps (approximate)", [], [0x0F, 0x52], fill: .float32),
-      sse("rcpss (approximate)", [0xF3], [0x0F, 0x53], memory: 4, align: 1, fill: .float32),
-      sse("rsqrtss (approximate)", [0xF3], [0x0F, 0x52], memory: 4, align: 1, fill: .float32),
+      sse("rcpps", [], [0x0F, 0x53], fill: .float32),
+      sse("rsqrtps", [], [0x0F, 0x52], fill: .float32),
+      sse("rcpss", [0xF3], [0x0F, 0x53], memory: 4, align: 1, fill: .float32),
+      sse("rsqrtss", [0xF3], [0x0F, 0x52], memory: 4, align: 1, fill: .float32),
       sse("cmpps", [], [0x0F, 0xC2], fill: .float32, imm: true),
       sse("cmppd", [0x66], [0x0F, 0xC2], fill: .float64, imm: true),
       sse("cmpss", [0xF3], [0x0F, 0xC2], memory: 4, align: 1, fill: .float32, imm: true),

@@ -73,6 +73,12 @@ int cnx_run(
   const uint8_t *code, size_t codeLength, uint8_t *data, CNXState *state, int singleStep,
   CNXOutcome *outcome);
 
+/// The host's MXCSR_MASK (FXSAVE bytes 28-31; 0xFFBF when the processor stores 0).
+uint32_t cnx_host_mxcsr_mask(void);
+
+/// The host's CPUID vendor string (leaf 0: EBX, EDX, ECX) into `vendor` (13 bytes, NUL-terminated).
+void cnx_host_vendor(char vendor[13]);
+
 #ifdef __cplusplus
 }
 #endif
