@@ -175,7 +175,6 @@ public final class FirecrackerAPI: Sendable {
       configuration.logger = records.logger
       configuration.metrics = records.metrics
       configuration.entropy = records.entropy
-      configuration.serial = records.serial
       return configuration
     }
   }
@@ -540,6 +539,5 @@ public final class FirecrackerAPI: Sendable {
       try putNetworkInterface(id: interface.iface_id, interface)
     }
     if let entropy = configuration.entropy { try putEntropy(entropy) }
-    if let serial = configuration.serial { try putSerial(serial) }
   }
 }

@@ -189,10 +189,9 @@ struct FullVmConfiguration: Codable {
   var pmem: [UnsupportedResource]?
   var vsock: UnsupportedResource?
   var entropy: EntropyDeviceBody?
-  var serial: SerialDeviceBody?
 
   enum CodingKeys: String, CodingKey {
-    case balloon, drives, logger, metrics, pmem, vsock, entropy, serial
+    case balloon, drives, logger, metrics, pmem, vsock, entropy
     case boot_source = "boot-source"
     case cpu_config = "cpu-config"
     case machine_config = "machine-config"

@@ -299,6 +299,16 @@ func printError(_ message: String) {
   line.withUTF8 { buffer in _ = write(STDERR_FILENO, buffer.baseAddress, buffer.count) }
 }
 
+// A parent may have started us with terminating signals blocked or ignored (test harnesses,
+// some supervisors): SIGTERM and SIGINT must end a VMM.
+var unblockedSignals = sigset_t()
+sigemptyset(&unblockedSignals)
+for terminating in [SIGTERM, SIGINT, SIGHUP, SIGQUIT] {
+  sigaddset(&unblockedSignals, terminating)
+  signal(terminating, SIG_DFL)
+}
+sigprocmask(SIG_UNBLOCK, &unblockedSignals, nil)
+
 switch URL(fileURLWithPath: CommandLine.arguments.first ?? "hostvisor").lastPathComponent {
 case "firecracker": FirecrackerMode.main()
 case "cloud-hypervisor": CloudHypervisorMode.main()
