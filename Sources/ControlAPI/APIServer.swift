@@ -311,7 +311,8 @@ final class APIConnectionHandler: ChannelInboundHandler {
     for header in response.headers { headers.add(name: header.name, value: header.value) }
     if !keepAlive { headers.add(name: "Connection", value: "close") }
     let status = HTTPResponseStatus(statusCode: response.status)
-    context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+    context.write(
+      wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
     if !response.body.isEmpty {
       var buffer = context.channel.allocator.buffer(capacity: response.body.count)
       buffer.writeBytes(response.body)

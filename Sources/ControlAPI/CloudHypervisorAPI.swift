@@ -219,7 +219,8 @@ public final class CloudHypervisorAPI: Sendable {
       if let text = net.mac {
         do { mac = try MACAddress(parsing: text) } catch { throw refuse("net[\(index)].mac is not a MAC address") }
       }
-      spec.networkInterfaces.append(NetworkInterfaceSpec(id: net.id ?? "_net\(index)", hostDeviceName: tap, guestMAC: mac))
+      spec.networkInterfaces.append(
+        NetworkInterfaceSpec(id: net.id ?? "_net\(index)", hostDeviceName: tap, guestMAC: mac))
     }
     if let rng = config.rng, rng.src != "/dev/urandom", rng.src != "/dev/random" {
       throw refuse("Hostvisor's virtio-rng reads the host's random source; rng.src must be /dev/urandom")
@@ -284,7 +285,13 @@ public final class CloudHypervisorAPI: Sendable {
     do {
       try controller.start()
     } catch {
-      throw Failure(status: error.kind == .invalidState ? 405 : 500, message: error.description)
+      let status: Int
+      switch error.kind {
+      case .invalidState: status = 405
+      case .invalidArgument: status = 400
+      case .unsupported, .failed: status = 500
+      }
+      throw Failure(status: status, message: error.description)
     }
     log.info("The VM was booted.")
   }

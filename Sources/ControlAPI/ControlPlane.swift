@@ -111,7 +111,8 @@ public final class ControlPlane: Sendable {
     let old = controller
     let lifecycle = old.lifecycle
     guard lifecycle == .running || lifecycle == .paused else {
-      throw ControlError(.invalidState, "cannot reboot a microVM that is \(lifecycle == .notStarted ? "not booted" : "shut down")")
+      throw ControlError(
+        .invalidState, "cannot reboot a microVM that is \(lifecycle == .notStarted ? "not booted" : "shut down")")
     }
     try stopByAPI()
     let fresh = makeController(spec: old.spec)

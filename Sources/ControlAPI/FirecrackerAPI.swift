@@ -51,6 +51,10 @@ public final class FirecrackerAPI: Sendable {
       return Self.fault(error.description)
     }
     plane.metrics.countRequest(method: request.method, resource: resource, failed: false)
+    if response.status == 204 {
+      // The spec says every operation produces application/json, 204 included.
+      return APIResponse(status: 204, contentType: "application/json")
+    }
     return response
   }
 
@@ -132,7 +136,8 @@ public final class FirecrackerAPI: Sendable {
     case (_, "vsock"):
       throw ControlFailure("Hostvisor has no vsock device yet; PUT /vsock is not supported.")
     case (_, "mmds"), (_, "mmds/config"):
-      throw ControlFailure("Hostvisor has no microVM metadata service (MMDS) yet; the MMDS endpoints are not supported.")
+      throw ControlFailure(
+        "Hostvisor has no microVM metadata service (MMDS) yet; the MMDS endpoints are not supported.")
     case (_, "cpu-config"):
       throw ControlFailure("Hostvisor does not support custom CPU templates; PUT /cpu-config is not supported.")
     case (_, "pmem/{id}"):
@@ -214,7 +219,9 @@ public final class FirecrackerAPI: Sendable {
     var merged = records.withLock { $0.machineConfig }
     if !partial {
       guard let vcpus = body.vcpu_count, let memory = body.mem_size_mib else {
-        throw ControlFailure("An error occurred when deserializing the json body of a request: missing field `\(body.vcpu_count == nil ? "vcpu_count" : "mem_size_mib")`.")
+        throw ControlFailure(
+          "An error occurred when deserializing the json body of a request: missing field `\(body.vcpu_count == nil ? "vcpu_count" : "mem_size_mib")`."
+        )
       }
       merged = MachineConfigurationBody(
         cpu_template: body.cpu_template, smt: body.smt ?? false, mem_size_mib: memory,
@@ -230,10 +237,13 @@ public final class FirecrackerAPI: Sendable {
     let vcpus = merged.vcpu_count ?? 1
     let memory = merged.mem_size_mib ?? 128
     guard (1...32).contains(vcpus) else {
-      throw ControlFailure("The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled, and between 1 and 32.")
+      throw ControlFailure(
+        "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled, and between 1 and 32."
+      )
     }
     if merged.smt == true, vcpus != 1, vcpus % 2 != 0 {
-      throw ControlFailure("The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.")
+      throw ControlFailure(
+        "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.")
     }
     guard memory >= 2 else {
       throw ControlFailure("The memory size (MiB) is invalid: \(memory); Hostvisor needs at least 2 MiB.")
@@ -246,7 +256,8 @@ public final class FirecrackerAPI: Sendable {
     }
     if let pages = merged.huge_pages, pages != "None" {
       throw ControlFailure(
-        pages == "2M" ? "Hostvisor does not back guest memory with huge pages; use None." : "Invalid huge_pages value: \(pages).")
+        pages == "2M"
+          ? "Hostvisor does not back guest memory with huge pages; use None." : "Invalid huge_pages value: \(pages).")
     }
     let settled = merged
     try configure { spec throws(ControlError) in
@@ -271,7 +282,11 @@ public final class FirecrackerAPI: Sendable {
   }
 
   private static func requireReadableFile(_ path: String, what: String) throws(ControlFailure) {
-    guard !path.isEmpty, FileManager.default.isReadableFile(atPath: path) else {
+    var isDirectory: ObjCBool = false
+    guard !path.isEmpty, FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory),
+      !isDirectory.boolValue,
+      FileManager.default.isReadableFile(atPath: path)
+    else {
       throw ControlFailure("Cannot open the \(what) file \(path): no such readable file.")
     }
   }
@@ -293,7 +308,8 @@ public final class FirecrackerAPI: Sendable {
       throw ControlFailure("Invalid io_engine \(engine): use Sync or Async.")
     }
     if body.partuuid != nil, body.is_root_device {
-      throw ControlFailure("Hostvisor does not support booting from a partition (`partuuid`); the root device is /dev/vda.")
+      throw ControlFailure(
+        "Hostvisor does not support booting from a partition (`partuuid`); the root device is /dev/vda.")
     }
     try Self.requireReadableFile(path, what: "drive")
     let readOnly = body.is_read_only ?? false

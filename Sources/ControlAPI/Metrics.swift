@@ -99,7 +99,8 @@ public final class APIMetrics: Sendable {
       text += "\n"
       let written = text.withUTF8 { write(state.descriptor, $0.baseAddress, $0.count) }
       guard written == text.utf8.count else {
-        throw ControlFailure("Cannot write the metrics: \(written < 0 ? String(cString: strerror(errno)) : "short write")")
+        throw ControlFailure(
+          "Cannot write the metrics: \(written < 0 ? String(cString: strerror(errno)) : "short write")")
       }
     }
   }

@@ -4,8 +4,8 @@ import Foundation
 ///
 /// The body is decoded into the model with `JSONDecoder`; the model is then encoded again and
 /// every key of the body (at any depth) must appear in that encoding. A key the model does not
-/// know is therefore reported, with its dotted path, instead of being silently dropped. Keys
-/// whose value is `null` count as absent.
+/// know is therefore reported, with its dotted path, instead of being silently dropped. `null`
+/// is refused everywhere: no property of either spec is nullable.
 enum StrictJSON {
   /// A request body that could not be turned into the model; `description` is one line.
   struct Failure: Error, CustomStringConvertible {
@@ -40,10 +40,30 @@ enum StrictJSON {
     else {
       throw Failure(description: "the body could not be checked")
     }
+    if let null = firstNull(in: raw, path: "") {
+      throw Failure(description: "invalid value for `\(null)`: null is not allowed")
+    }
     if let unknown = firstUnknownKey(in: raw, known: known, path: "") {
       throw Failure(description: "\(unknownFieldWording) `\(unknown)`")
     }
     return model
+  }
+
+  /// The dotted path of the first `null` in `value`.
+  private static func firstNull(in value: Any, path: String) -> String? {
+    if let object = value as? [String: Any] {
+      for key in object.keys.sorted() {
+        let childPath = path.isEmpty ? key : "\(path).\(key)"
+        if object[key] is NSNull { return childPath }
+        if let found = firstNull(in: object[key]!, path: childPath) { return found }
+      }
+    } else if let array = value as? [Any] {
+      for (index, element) in array.enumerated() {
+        if element is NSNull { return "\(path)[\(index)]" }
+        if let found = firstNull(in: element, path: "\(path)[\(index)]") { return found }
+      }
+    }
+    return nil
   }
 
   /// The dotted path of the first key in `value` that `known` does not have.
@@ -52,8 +72,8 @@ enum StrictJSON {
       let knownObject = known as? [String: Any] ?? [:]
       for key in object.keys.sorted() {
         let child = object[key]!
-        if child is NSNull { continue }
         let childPath = path.isEmpty ? key : "\(path).\(key)"
+        if child is NSNull { return nil }
         guard let knownChild = knownObject[key] else { return childPath }
         if let found = firstUnknownKey(in: child, known: knownChild, path: childPath) { return found }
       }

@@ -257,7 +257,9 @@ struct CloudHypervisorMode: ParsableCommand {
       return result
     }
     func fail(_ message: String) -> Never { ManagedProcess.exit(1, message: message, tool: "cloud-hypervisor") }
-    var config: [String: Any] = ["payload": ["kernel": kernel, "cmdline": cmdline ?? "", "initramfs": initramfs as Any]]
+    var config: [String: Any] = [
+      "payload": ["kernel": kernel, "cmdline": cmdline ?? "", "initramfs": initramfs as Any]
+    ]
     if initramfs == nil { config["payload"] = ["kernel": kernel, "cmdline": cmdline ?? ""] }
     if let cpus {
       guard let boot = options(cpus)["boot"].flatMap({ Int($0) }) else { fail("--cpus: expected boot=N") }

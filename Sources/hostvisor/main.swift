@@ -188,7 +188,8 @@ struct Serve: ParsableCommand {
 
   @Option(
     name: .customLong("config-file"),
-    help: ArgumentHelp("Firecracker JSON configuration (the keys of GET /vm/config) to boot at once.", valueName: "path"))
+    help: ArgumentHelp(
+      "Firecracker JSON configuration (the keys of GET /vm/config) to boot at once.", valueName: "path"))
   var configFile: String?
 
   @Flag(name: .customLong("no-api"), help: "Serve no API; needs --config-file.")
@@ -248,7 +249,9 @@ struct Ctl: ParsableCommand {
       return String(array.dropFirst().dropLast())
     }
     func directoryURL(_ path: String) -> String {
-      jsonString(path.hasPrefix("file://") ? path : "file://" + (path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path))
+      jsonString(
+        path.hasPrefix("file://")
+          ? path : "file://" + (path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path))
     }
     switch (verb, arguments.count) {
     case ("ping", 0): request = ("GET", "vmm.ping", nil)
@@ -270,7 +273,8 @@ struct Ctl: ParsableCommand {
     case ("migrate", 2) where arguments[0] == "receive":
       request = ("PUT", "vm.receive-migration", "{\"receiver_url\":\(jsonString(arguments[1]))}")
     default:
-      ManagedProcess.exit(1, message: "unknown command or wrong arguments: \(command.joined(separator: " "))", tool: "hostvisor ctl")
+      ManagedProcess.exit(
+        1, message: "unknown command or wrong arguments: \(command.joined(separator: " "))", tool: "hostvisor ctl")
     }
     let response: APIClient.Response
     do {
@@ -282,7 +286,8 @@ struct Ctl: ParsableCommand {
     }
     guard (200..<300).contains(response.status) else {
       let line = response.body.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
-      ManagedProcess.exit(1, message: "\(request.endpoint) failed (HTTP \(response.status)): \(line)", tool: "hostvisor ctl")
+      ManagedProcess.exit(
+        1, message: "\(request.endpoint) failed (HTTP \(response.status)): \(line)", tool: "hostvisor ctl")
     }
     if !response.body.isEmpty { print(response.body) }
   }

@@ -36,7 +36,9 @@ struct FirecrackerPythonTests {
     // The guest sees the read-only data drive the client configured.
     sleep(1)
     server.type("echo BEGIN''; cat /sys/block/vda/ro; echo END''\n")
-    try server.waitForOutput(timeout: 60, "the drive check") { $0.contains("BEGIN\r\n1\r\nEND") || $0.contains("BEGIN\n1\nEND") }
+    try server.waitForOutput(timeout: 60, "the drive check") {
+      $0.contains("BEGIN\r\n1\r\nEND") || $0.contains("BEGIN\n1\nEND")
+    }
 
     _ = FileManager.default.createFile(atPath: socket + ".ready", contents: nil)
     try client.waitForOutput(timeout: 60, "Paused from the client") { $0.contains("state Paused") }
