@@ -226,6 +226,9 @@ final class APIConnectionHandler: ChannelInboundHandler {
   private var head: HTTPRequestHead?
   private var body: [UInt8] = []
   private var rejected = false
+  /// A rejected request's remaining body is read and dropped, then the connection closes (so
+  /// the client, still sending, reads the answer instead of a reset).
+  private var closeAtEnd = false
   private var busy = false
   private var requestTimer: Scheduled<Void>?
 
@@ -241,27 +244,35 @@ final class APIConnectionHandler: ChannelInboundHandler {
       head = requestHead
       body = []
       rejected = false
+      closeAtEnd = false
       let declared = requestHead.headers.first(name: "content-length").flatMap { Int($0) } ?? 0
       if declared > limits.maxBodyBytes {
-        reject(context: context, message: oversizeMessage(declared))
-        return
+        reject(context: context, message: oversizeMessage(declared), closeNow: false)
       }
       let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
       requestTimer = context.eventLoop.scheduleTask(in: limits.requestTimeout) {
         let (handler, context) = bound.value
-        handler.reject(context: context, message: "The request did not complete in time.")
+        if handler.rejected {
+          context.close(promise: nil)
+        } else {
+          handler.reject(context: context, message: "The request did not complete in time.", closeNow: true)
+        }
       }
     case .body(var buffer):
       guard !rejected else { return }
       if body.count + buffer.readableBytes > limits.maxBodyBytes {
-        reject(context: context, message: oversizeMessage(body.count + buffer.readableBytes))
+        reject(context: context, message: oversizeMessage(body.count + buffer.readableBytes), closeNow: false)
         return
       }
       body += buffer.readBytes(length: buffer.readableBytes) ?? []
     case .end:
       requestTimer?.cancel()
       requestTimer = nil
-      guard !rejected, let head else { return }
+      if rejected {
+        if closeAtEnd { context.close(promise: nil) }
+        return
+      }
+      guard let head else { return }
       dispatch(context: context, head: head)
     }
   }
@@ -270,15 +281,20 @@ final class APIConnectionHandler: ChannelInboundHandler {
     "Request payload with size \(size) is larger than the limit of \(limits.maxBodyBytes) allowed by server."
   }
 
-  /// Answers with 400 and closes the connection (the rest of the request is not read).
-  private func reject(context: ChannelHandlerContext, message: String) {
+  /// Answers with 400 and closes the connection: at once (`closeNow`), or once the rest of the
+  /// request has been read and dropped (the request timer still bounds that).
+  private func reject(context: ChannelHandlerContext, message: String, closeNow: Bool) {
     guard !rejected, !busy else { return }
     rejected = true
-    requestTimer?.cancel()
-    requestTimer = nil
+    closeAtEnd = !closeNow
+    if closeNow {
+      requestTimer?.cancel()
+      requestTimer = nil
+    }
     let path = head.map { Self.splitTarget($0.uri).path } ?? "/"
     write(
-      context: context, response: handler.rejection(for: path, status: 400, message: message), keepAlive: false)
+      context: context, response: handler.rejection(for: path, status: 400, message: message), keepAlive: false,
+      closeAfterWrite: closeNow)
   }
 
   private func dispatch(context: ChannelHandlerContext, head: HTTPRequestHead) {
@@ -303,7 +319,9 @@ final class APIConnectionHandler: ChannelInboundHandler {
     }
   }
 
-  private func write(context: ChannelHandlerContext, response: APIResponse, keepAlive: Bool) {
+  private func write(
+    context: ChannelHandlerContext, response: APIResponse, keepAlive: Bool, closeAfterWrite: Bool = true
+  ) {
     var headers = HTTPHeaders()
     headers.add(name: "Server", value: "Hostvisor")
     if let contentType = response.contentType { headers.add(name: "Content-Type", value: contentType) }
@@ -321,7 +339,7 @@ final class APIConnectionHandler: ChannelInboundHandler {
     let channel = context.channel
     let after = response.afterResponse
     context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
-      if !keepAlive { channel.close(promise: nil) }
+      if !keepAlive, closeAfterWrite { channel.close(promise: nil) }
       after?()
     }
   }

@@ -33,6 +33,9 @@ enum ManagedProcess {
   static func startService(instanceID: String, spec: VMSpec, socketPath: String?) throws -> ControlAPIService {
     do {
       let service = try ControlAPIService(instanceID: instanceID, baseSpec: spec, socketPath: socketPath) { status in
+        // Let responses already being written (e.g. the InstanceStart that booted a guest which
+        // stopped at once, or vmm.shutdown's 204) reach their clients.
+        usleep(100_000)
         ManagedProcess.exit(status)
       }
       socketToRemove = socketPath

@@ -233,9 +233,13 @@ func assembleGuest(_ source: String, in scratch: Scratch, name: String = "guest"
   return image
 }
 
-/// The counter values the guest printed, in order.
+/// The counter values the guest printed, in order (a last line still being printed is left
+/// out).
 func counterValues(_ text: String) -> [Int] {
-  text.split(whereSeparator: { $0 == "\n" || $0 == "\r" }).compactMap { line in
-    line.hasPrefix("C") ? Int(line.dropFirst()) : nil
+  var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+  lines.removeLast()
+  return lines.compactMap { line in
+    let trimmed = line.trimmingCharacters(in: .whitespacesAndNewlines)
+    return trimmed.hasPrefix("C") ? Int(trimmed.dropFirst()) : nil
   }
 }

@@ -75,6 +75,7 @@ struct FirecrackerCurlTests {
     // Pause: the counter stops; resume: it continues from the next value.
     #expect(try curl(socket, "PATCH", "/vm", #"{"state": "Paused"}"#).status == 204)
     #expect(try curl(socket, "GET", "/").json["state"] as? String == "Paused")
+    usleep(200_000)  // output already on its way through the pipe
     let atPause = counterValues(server.text)
     usleep(600_000)
     #expect(counterValues(server.text) == atPause, "the guest printed while paused")
