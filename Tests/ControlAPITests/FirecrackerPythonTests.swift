@@ -25,8 +25,11 @@ struct FirecrackerPythonTests {
 
     let script = packageRoot.appendingPathComponent("scripts/api/firecracker_python_boot.py").path
     let client = try HostvisorProcess(
-      [script, socket, kernel, initrd, "console=ttyS0 panic=-1 hostvisor.modules=virtio_pci,virtio_blk"],
-      executable: "/usr/bin/python3")
+      [
+        "python3", script, socket, kernel, initrd, "console=ttyS0 panic=-1 hostvisor.modules=virtio_pci,virtio_blk",
+        disk,
+      ],
+      executable: python)
     defer { client.process.terminate() }
     try client.waitForOutput(timeout: 60, "Running from the client") { $0.contains("state Running") }
     try server.waitForOutput(timeout: 600, "the guest's shell") { text in
