@@ -7,7 +7,9 @@
 # documents `default`, Cloud Hypervisor's document only their success codes, so the 400s for
 # bad bodies would count as undocumented there).
 # Not fuzzed: operations that write files at paths the client names (logger, metrics,
-# snapshots, migration) and vmm.shutdown (it ends the server).
+# snapshots, migration), vmm.shutdown (it ends the server), and PATCH /machine-config, whose
+# spec reuses the PUT schema with its required fields although the operation is a partial
+# update (Firecracker, and Hostvisor, accept `{"smt": false}`; the curl tests cover it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -48,6 +50,7 @@ start_server
 schemathesis run "$SPECS/firecracker/firecracker.yaml" --url "http://127.0.0.1:$PORT" "${common[@]}" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,negative_data_rejection \
   --exclude-path /logger --exclude-path /metrics --exclude-path /snapshot/create --exclude-path /snapshot/load \
+  --exclude-operation-id patchMachineConfiguration \
   || status=1
 check_server
 stop_server
