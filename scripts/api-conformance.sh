@@ -45,6 +45,7 @@ check_server() {
 common=(--max-examples "$EXAMPLES" --seed 1 --request-timeout 20 --no-color --generation-deterministic
   --suppress-health-check all --warnings off)
 status=0
+cd "$work"  # schemathesis keeps its example database in the current folder
 echo "== Firecracker API (firecracker.yaml)"
 start_server
 schemathesis run "$SPECS/firecracker/firecracker.yaml" --url "http://127.0.0.1:$PORT" "${common[@]}" \
