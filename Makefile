@@ -28,6 +28,7 @@ run: build guest
 ## Build optimized (the interpreter is too slow in debug) and run every test.
 test: deps guest guest-generic
 	$(SWIFT) test -c release -Xswiftc -enable-testing
+	scripts/api-conformance.sh
 
 lint:
 	$(SWIFT) format lint --strict --recursive Sources Tests Package.swift

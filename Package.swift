@@ -14,9 +14,12 @@ let package = Package(
   products: [
     .executable(name: "hostvisor", targets: ["hostvisor"]),
     .library(name: "VMM", targets: ["VMM"]),
+    .library(name: "ControlAPI", targets: ["ControlAPI"]),
   ],
   dependencies: [
-    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+    .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
   ],
   targets: [
     .target(name: "CShim"),
@@ -40,9 +43,18 @@ let package = Package(
         "VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "InterruptControllers", "Firmware", "CShim",
         "PCI", "Virtio",
       ]),
+    .target(
+      name: "ControlAPI",
+      dependencies: [
+        "VMM", "VMCore", "KVMBackend", "Virtio",
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOPosix", package: "swift-nio"),
+        .product(name: "NIOHTTP1", package: "swift-nio"),
+        .product(name: "Logging", package: "swift-log"),
+      ]),
     .executableTarget(
       name: "hostvisor",
-      dependencies: ["VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+      dependencies: ["VMM", "ControlAPI", .product(name: "ArgumentParser", package: "swift-argument-parser")]
     ),
     .executableTarget(name: "hostvisor-bench", dependencies: ["KVMBackend", "VMCore"]),
     .executableTarget(name: "hostvisor-softbench", dependencies: ["SoftCPU", "VMCore"]),
@@ -58,6 +70,7 @@ let package = Package(
       ]),
     .testTarget(name: "CLITests", dependencies: ["VMM"]),
     .testTarget(name: "LinuxBootTests", dependencies: ["hostvisor"]),
+    .testTarget(name: "ControlAPITests", dependencies: ["ControlAPI", "VMM", "hostvisor"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
     .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim", "SoftCPU", "Devices"]),

@@ -5,7 +5,8 @@ set -euo pipefail
 need=()
 for pair in as:binutils ld:binutils busybox:busybox-static cpio:cpio xz:xz-utils zstd:zstd \
             qemu-system-x86_64:qemu-system-x86 gcc:gcc make:make iasl:acpica-tools ip:iproute2 \
-            objdump:binutils bc:bc debugfs:e2fsprogs e2fsck:e2fsprogs passt:passt setpriv:util-linux; do
+            objdump:binutils bc:bc debugfs:e2fsprogs e2fsck:e2fsprogs passt:passt setpriv:util-linux \
+            curl:curl; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   if [ "$cmd" = busybox ]; then [ -x /bin/busybox ] && continue; fi
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
@@ -14,4 +15,9 @@ if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# Python clients for the control-plane tests: firecracker-python (a real Firecracker client)
+# and schemathesis (spec conformance, scripts/api-conformance.sh).
+if ! python3 -c "import firecracker.api, schemathesis" >/dev/null 2>&1; then
+  python3 -m pip install -q --root-user-action=ignore firecracker-python==0.0.5 schemathesis >/dev/null
 fi

@@ -1,4 +1,6 @@
 import ArgumentParser
+import ControlAPI
+import Foundation
 import Glibc
 import VMCore
 import VMM
@@ -8,7 +10,7 @@ struct Hostvisor: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "hostvisor",
     abstract: "A hosted virtual machine monitor: runs an x86-64 PC guest as an ordinary process.",
-    subcommands: [Run.self],
+    subcommands: [Run.self, Serve.self, Ctl.self],
     defaultSubcommand: nil
   )
 }
@@ -114,6 +116,12 @@ struct Run: ParsableCommand {
     help: ArgumentHelp("On SIGUSR2, snapshot to STATE and STATE.mem.", valueName: "state", visibility: .hidden))
   var snapshotOnSignal: String?
 
+  @Option(
+    name: .customLong("api-sock"),
+    help: ArgumentHelp(
+      "Also serve the Firecracker and Cloud Hypervisor APIs on this Unix socket (created 0600).", valueName: "path"))
+  var apiSocket: String?
+
   func run() throws {
     do {
       guard let acceleratorChoice = AcceleratorChoice(rawValue: accel) else {
@@ -143,6 +151,9 @@ struct Run: ParsableCommand {
       guard tripleFault == "error" || tripleFault == "reset" else {
         throw CommandFailure("invalid --triple-fault '\(tripleFault)': use error or reset")
       }
+      if let apiSocket {
+        try runManaged(configuration, socketPath: apiSocket)
+      }
       let machine = try VirtualMachine(configuration: configuration)
       if let snapshotOnSignal { try machine.snapshotOnSignal(statePath: snapshotOnSignal) }
       finish(try machine.run())
@@ -171,6 +182,157 @@ struct Run: ParsableCommand {
     printError("hostvisor: error: \(message)")
     Glibc.exit(1)
   }
+
+  /// Boots the configured machine under a control plane serving both APIs on `socketPath`;
+  /// exits when the guest stops.
+  private func runManaged(_ configuration: MachineConfiguration, socketPath: String) throws -> Never {
+    var spec = VMSpec()
+    spec.kernelPath = configuration.kernelPath
+    spec.initrdPath = configuration.initrdPath
+    spec.bootArgs = configuration.commandLine
+    spec.memoryMiB = Int((configuration.memorySize + (1 << 20) - 1) >> 20)
+    spec.vcpuCount = configuration.cpuCount
+    spec.accelerator = configuration.accelerator
+    spec.serial = configuration.serial
+    spec.console = configuration.console
+    spec.verbose = configuration.verbose
+    spec.drives = configuration.disks.enumerated().map { index, disk in
+      DriveSpec(id: "disk\(index)", path: disk.path, readOnly: disk.readOnly)
+    }
+    spec.networkInterfaces = configuration.networks.enumerated().map { index, network in
+      NetworkInterfaceSpec(id: "net\(index)", hostDeviceName: network.tapName, guestMAC: network.mac)
+    }
+    let service = try ManagedProcess.startService(instanceID: "anonymous-instance", spec: spec, socketPath: socketPath)
+    do {
+      try service.plane.controller.start()
+    } catch {
+      ManagedProcess.exit(1, message: error.description)
+    }
+    ManagedProcess.waitForever()
+  }
+}
+
+/// `hostvisor serve`: waits for configuration over the APIs and boots on InstanceStart or
+/// `vm.boot`.
+struct Serve: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Serve the Firecracker and Cloud Hypervisor APIs on a Unix socket and boot when told to.",
+    discussion: """
+      The guest's serial console is this process's standard input and output. The process exits \
+      when the guest stops by itself (power-off, reset, debug exit) with the status `run` uses, \
+      or after the Cloud Hypervisor request vmm.shutdown.
+      """)
+
+  @Option(
+    name: .customLong("api-sock"),
+    help: ArgumentHelp("Unix socket to serve both APIs on (created 0600).", valueName: "path"))
+  var apiSocket: String?
+
+  @Option(
+    name: .customLong("config-file"),
+    help: ArgumentHelp(
+      "Firecracker JSON configuration (the keys of GET /vm/config) to boot at once.", valueName: "path"))
+  var configFile: String?
+
+  @Flag(name: .customLong("no-api"), help: "Serve no API; needs --config-file.")
+  var noAPI = false
+
+  @Option(name: .long, help: ArgumentHelp("Instance ID reported by GET /.", valueName: "id"))
+  var id: String = "anonymous-instance"
+
+  @Option(
+    name: .long,
+    help: ArgumentHelp("CPU accelerator: auto, kvm or soft.", valueName: "auto|kvm|soft"))
+  var accel: String = "auto"
+
+  @Option(name: .long, help: ArgumentHelp("Log level: Error, Warning, Info, Debug, Trace or Off.", valueName: "level"))
+  var level: String?
+
+  @Option(name: .customLong("log-path"), help: ArgumentHelp("Write the log to this file or pipe.", valueName: "path"))
+  var logPath: String?
+
+  @Flag(name: .long, help: "Report the chosen accelerator and machine layout on standard error.")
+  var verbose = false
+
+  func run() throws {
+    guard let accelerator = AcceleratorChoice(rawValue: accel) else {
+      ManagedProcess.exit(1, message: "invalid accelerator '\(accel)': use auto, kvm or soft")
+    }
+    ManagedProcess.serve(
+      options: ManagedProcess.Options(
+        socketPath: apiSocket, configFile: configFile, noAPI: noAPI, id: id, accelerator: accelerator,
+        level: level, logPath: logPath, verbose: verbose))
+  }
+}
+
+/// `hostvisor ctl`: drives a running Hostvisor over its API socket, in the spirit of ch-remote.
+struct Ctl: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Control a Hostvisor process over its API socket.",
+    discussion: """
+      Commands: ping, info, boot, pause, resume, power-button, reboot, shutdown, delete, counters, \
+      shutdown-vmm, snapshot DIR, restore DIR [--resume], migrate send URL, migrate receive URL \
+      (URL: unix:PATH or tcp:HOST:PORT). Prints JSON answers; one error line and status 1 on failure.
+      """)
+
+  @Option(name: .customLong("api-sock"), help: ArgumentHelp("The process's API socket.", valueName: "path"))
+  var apiSocket: String
+
+  @Argument(help: "The command and its arguments.")
+  var command: [String]
+
+  func run() throws {
+    guard let verb = command.first else { ManagedProcess.exit(1, message: "no command given", tool: "hostvisor ctl") }
+    let arguments = Array(command.dropFirst())
+    let request: (method: String, endpoint: String, body: String?)
+    func jsonString(_ text: String) -> String {
+      let data = try? JSONSerialization.data(withJSONObject: [text], options: [.withoutEscapingSlashes])
+      let array = data.map { String(decoding: $0, as: UTF8.self) } ?? "[\"\"]"
+      return String(array.dropFirst().dropLast())
+    }
+    func directoryURL(_ path: String) -> String {
+      jsonString(
+        path.hasPrefix("file://")
+          ? path : "file://" + (path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path))
+    }
+    switch (verb, arguments.count) {
+    case ("ping", 0): request = ("GET", "vmm.ping", nil)
+    case ("info", 0): request = ("GET", "vm.info", nil)
+    case ("counters", 0): request = ("GET", "vm.counters", nil)
+    case ("boot", 0), ("pause", 0), ("resume", 0), ("power-button", 0), ("reboot", 0), ("shutdown", 0), ("delete", 0):
+      request = ("PUT", "vm.\(verb)", nil)
+    case ("shutdown-vmm", 0): request = ("PUT", "vmm.shutdown", nil)
+    case ("snapshot", 1):
+      request = ("PUT", "vm.snapshot", "{\"destination_url\":\(directoryURL(arguments[0]))}")
+    case ("restore", 1), ("restore", 2):
+      let resume = arguments.count == 2 && arguments[1] == "--resume"
+      guard arguments.count == 1 || resume else {
+        ManagedProcess.exit(1, message: "usage: restore DIR [--resume]", tool: "hostvisor ctl")
+      }
+      request = ("PUT", "vm.restore", "{\"source_url\":\(directoryURL(arguments[0])),\"resume\":\(resume)}")
+    case ("migrate", 2) where arguments[0] == "send":
+      request = ("PUT", "vm.send-migration", "{\"destination_url\":\(jsonString(arguments[1]))}")
+    case ("migrate", 2) where arguments[0] == "receive":
+      request = ("PUT", "vm.receive-migration", "{\"receiver_url\":\(jsonString(arguments[1]))}")
+    default:
+      ManagedProcess.exit(
+        1, message: "unknown command or wrong arguments: \(command.joined(separator: " "))", tool: "hostvisor ctl")
+    }
+    let response: APIClient.Response
+    do {
+      response = try APIClient.send(
+        socketPath: apiSocket, method: request.method, path: CloudHypervisorAPI.prefix + request.endpoint,
+        body: request.body, timeoutSeconds: 3600)
+    } catch {
+      ManagedProcess.exit(1, message: error.description, tool: "hostvisor ctl")
+    }
+    guard (200..<300).contains(response.status) else {
+      let line = response.body.split(whereSeparator: \.isNewline).first.map(String.init) ?? ""
+      ManagedProcess.exit(
+        1, message: "\(request.endpoint) failed (HTTP \(response.status)): \(line)", tool: "hostvisor ctl")
+    }
+    if !response.body.isEmpty { print(response.body) }
+  }
 }
 
 /// A user-facing failure with its message.
@@ -184,4 +346,18 @@ func printError(_ message: String) {
   line.withUTF8 { buffer in _ = write(STDERR_FILENO, buffer.baseAddress, buffer.count) }
 }
 
-Hostvisor.main()
+// A parent may have started us with terminating signals blocked or ignored (test harnesses,
+// some supervisors): SIGTERM and SIGINT must end a VMM.
+var unblockedSignals = sigset_t()
+sigemptyset(&unblockedSignals)
+for terminating in [SIGTERM, SIGINT, SIGHUP, SIGQUIT] {
+  sigaddset(&unblockedSignals, terminating)
+  signal(terminating, SIG_DFL)
+}
+sigprocmask(SIG_UNBLOCK, &unblockedSignals, nil)
+
+switch URL(fileURLWithPath: CommandLine.arguments.first ?? "hostvisor").lastPathComponent {
+case "firecracker": FirecrackerMode.main()
+case "cloud-hypervisor": CloudHypervisorMode.main()
+default: Hostvisor.main()
+}

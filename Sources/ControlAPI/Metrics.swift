@@ -1,0 +1,113 @@
+import Foundation
+import Glibc
+import Synchronization
+
+/// Firecracker-style metrics: counters grouped by area (`put_api_requests`, `vcpu`, ...),
+/// written as one JSON object per line to the file or named pipe that `PUT /metrics` names,
+/// on `FlushMetrics` and once a minute. Each line holds what changed since the previous line,
+/// as Firecracker's incremental counters do.
+public final class APIMetrics: Sendable {
+  private struct State {
+    var counters: [String: [String: UInt64]] = [:]
+    var flushed: [String: [String: UInt64]] = [:]
+    var descriptor: Int32 = -1
+    var path: String?
+  }
+
+  private let state = Mutex(State())
+
+  public init() {}
+
+  deinit {
+    state.withLock { if $0.descriptor >= 0 { Glibc.close($0.descriptor) } }
+  }
+
+  /// Adds one to `group.name`.
+  public func increment(_ group: String, _ name: String, by amount: UInt64 = 1) {
+    state.withLock { $0.counters[group, default: [:]][name, default: 0] &+= amount }
+  }
+
+  /// Sets `group.name` to an absolute value that only grows (the line reports its change).
+  public func set(_ group: String, _ name: String, to value: UInt64) {
+    state.withLock { $0.counters[group, default: [:]][name] = value }
+  }
+
+  /// Counts one API request of `method` on `resource`, and a failure when it failed.
+  public func countRequest(method: String, resource: String, failed: Bool) {
+    let group: String
+    switch method {
+    case "GET": group = "get_api_requests"
+    case "PATCH": group = "patch_api_requests"
+    default: group = "put_api_requests"
+    }
+    increment(group, "\(resource)_count")
+    if failed { increment(group, "\(resource)_fails") }
+  }
+
+  /// Whether `PUT /metrics` has configured a destination.
+  public var isConfigured: Bool { state.withLock { $0.path != nil } }
+
+  /// The configured destination.
+  public var path: String? { state.withLock { $0.path } }
+
+  /// Opens the destination (a file is created and appended to; a named pipe must have a
+  /// reader). Only once per process, as Firecracker.
+  public func configure(path: String) throws(ControlFailure) {
+    try state.withLock { (state) throws(ControlFailure) in
+      guard state.path == nil else { throw ControlFailure("Reinitialization of metrics not allowed.") }
+      let descriptor = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC, 0o600)
+      guard descriptor >= 0 else {
+        throw ControlFailure("Cannot open the metrics file \(path): \(String(cString: strerror(errno)))")
+      }
+      state.descriptor = descriptor
+      state.path = path
+    }
+  }
+
+  /// Cumulative values of every counter, for `vm.counters`.
+  func totals() -> [String: Int64] {
+    state.withLock { state in
+      var flat: [String: Int64] = [:]
+      for (group, counters) in state.counters where group.hasSuffix("_api_requests") {
+        for (name, value) in counters { flat["\(group).\(name)"] = Int64(clamping: value) }
+      }
+      return flat
+    }
+  }
+
+  /// Writes one JSON line with the changes since the last line.
+  public func flush() throws(ControlFailure) {
+    try state.withLock { (state) throws(ControlFailure) in
+      guard state.descriptor >= 0 else { throw ControlFailure("The metrics system is not initialized.") }
+      var line: [String: Any] = [
+        "utc_timestamp_ms": Int64(Date().timeIntervalSince1970 * 1000)
+      ]
+      for (group, counters) in state.counters {
+        var changes: [String: UInt64] = [:]
+        for (name, value) in counters {
+          changes[name] = value &- (state.flushed[group]?[name] ?? 0)
+        }
+        line[group] = changes
+      }
+      state.flushed = state.counters
+      guard
+        var text = (try? JSONSerialization.data(withJSONObject: line, options: [.sortedKeys]))
+          .map({ String(decoding: $0, as: UTF8.self) })
+      else {
+        throw ControlFailure("Cannot encode the metrics.")
+      }
+      text += "\n"
+      let written = text.withUTF8 { write(state.descriptor, $0.baseAddress, $0.count) }
+      guard written == text.utf8.count else {
+        throw ControlFailure(
+          "Cannot write the metrics: \(written < 0 ? String(cString: strerror(errno)) : "short write")")
+      }
+    }
+  }
+}
+
+/// A request that failed, with its one-line message.
+public struct ControlFailure: Error, CustomStringConvertible, Sendable {
+  public let description: String
+  public init(_ description: String) { self.description = description }
+}

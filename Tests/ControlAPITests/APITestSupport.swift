@@ -1,0 +1,245 @@
+import Foundation
+import Synchronization
+import Testing
+
+/// A scratch directory removed when the value goes away. Socket paths must stay under 108
+/// bytes, so it lives directly in /tmp.
+final class Scratch {
+  let path: String
+  init() throws {
+    path = "/tmp/hv-api-\(UUID().uuidString.prefix(8))"
+    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+  }
+  deinit { try? FileManager.default.removeItem(atPath: path) }
+  func file(_ name: String) -> String { path + "/" + name }
+}
+
+/// The `hostvisor` binary next to the test bundle.
+let hostvisorBinary: String = {
+  let testBinary = URL(
+    fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+      ?? CommandLine.arguments[0])
+  return testBinary.deletingLastPathComponent().appendingPathComponent("hostvisor").path
+}()
+
+/// The package root (for `.cache/guest` and `../shared/specs`).
+let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+  .deletingLastPathComponent()
+
+/// Runs a program to completion; returns its status and output.
+@discardableResult
+func runProgram(_ path: String, _ arguments: [String], input: String? = nil) throws -> (
+  status: Int32, stdout: String, stderr: String
+) {
+  let process = Process()
+  process.executableURL = URL(fileURLWithPath: path)
+  process.arguments = arguments
+  let output = Pipe()
+  let errors = Pipe()
+  process.standardOutput = output
+  process.standardError = errors
+  if input != nil {
+    let inputPipe = Pipe()
+    process.standardInput = inputPipe
+    try process.run()
+    inputPipe.fileHandleForWriting.write(Data(input!.utf8))
+    try inputPipe.fileHandleForWriting.close()
+  } else {
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+  }
+  let out = output.fileHandleForReading.readDataToEndOfFile()
+  let err = errors.fileHandleForReading.readDataToEndOfFile()
+  process.waitUntilExit()
+  return (process.terminationStatus, String(decoding: out, as: UTF8.self), String(decoding: err, as: UTF8.self))
+}
+
+/// One HTTP exchange made with curl over the Unix socket.
+struct CurlResult {
+  let status: Int
+  let body: String
+
+  /// The body parsed as a JSON object.
+  var json: [String: Any] {
+    (try? JSONSerialization.jsonObject(with: Data(body.utf8))) as? [String: Any] ?? [:]
+  }
+}
+
+/// Sends one request with `curl --unix-socket`.
+func curl(_ socket: String, _ method: String, _ path: String, _ body: String? = nil, bodyFile: String? = nil) throws
+  -> CurlResult
+{
+  var arguments = [
+    "-s", "--max-time", "60", "--unix-socket", socket, "-X", method, "-o", "-", "-w", "\n%{http_code}",
+    "http://localhost\(path)",
+  ]
+  if let body { arguments += ["-H", "Content-Type: application/json", "--data-binary", body] }
+  if let bodyFile { arguments += ["-H", "Content-Type: application/json", "--data-binary", "@" + bodyFile] }
+  let result = try runProgram("/usr/bin/curl", arguments)
+  let lines = result.stdout.split(separator: "\n", omittingEmptySubsequences: false)
+  let status = Int(lines.last ?? "") ?? 0
+  return CurlResult(status: status, body: lines.dropLast().joined(separator: "\n"))
+}
+
+/// A `hostvisor` process (any personality) whose output is collected.
+final class HostvisorProcess: Sendable {
+  let process: Process
+  private let transcript = Transcript()
+  private let errorTranscript = Transcript()
+  private let input = Pipe()
+
+  /// Starts `executable` (default: the hostvisor binary) with `arguments`.
+  init(_ arguments: [String], executable: String = hostvisorBinary, environment: [String: String]? = nil) throws {
+    process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    if let environment {
+      process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    }
+    let output = Pipe()
+    let errors = Pipe()
+    process.standardOutput = output
+    process.standardError = errors
+    process.standardInput = input
+    for (pipe, transcript) in [(output, self.transcript), (errors, self.errorTranscript)] {
+      pipe.fileHandleForReading.readabilityHandler = { handle in
+        let data = handle.availableData
+        guard !data.isEmpty else { return }
+        transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) }
+      }
+    }
+    try process.run()
+  }
+
+  deinit {
+    if process.isRunning {
+      process.terminate()
+      if waitForExit(timeout: 5) == nil {
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+      }
+    }
+  }
+
+  /// Everything the guest (and the process) printed on standard output so far.
+  var text: String { transcript.text.withLock { $0 } }
+
+  /// Everything the process printed on standard error so far.
+  var errorText: String { errorTranscript.text.withLock { $0 } }
+
+  /// Types `text` on the guest's console.
+  func type(_ text: String) { input.fileHandleForWriting.write(Data(text.utf8)) }
+
+  /// Waits until `path` exists (the API socket is up).
+  func waitForSocket(_ path: String, timeout: TimeInterval = 20) throws {
+    let deadline = Date().addingTimeInterval(timeout)
+    while !FileManager.default.fileExists(atPath: path) {
+      guard Date() < deadline, process.isRunning else {
+        throw TestFailure("the API socket \(path) did not appear; output: \(text) \(errorText)")
+      }
+      usleep(10_000)
+    }
+  }
+
+  /// Waits until `condition` holds for the transcript.
+  func waitForOutput(timeout: TimeInterval = 60, _ what: String, _ condition: (String) -> Bool) throws {
+    let deadline = Date().addingTimeInterval(timeout)
+    while !condition(text) {
+      guard Date() < deadline else { throw TestFailure("timed out waiting for \(what); output: \(text.suffix(2000))") }
+      usleep(20_000)
+    }
+  }
+
+  /// Waits for the process to exit; nil on timeout.
+  func waitForExit(timeout: TimeInterval = 30) -> Int32? {
+    let deadline = Date().addingTimeInterval(timeout)
+    while process.isRunning {
+      guard Date() < deadline else { return nil }
+      usleep(10_000)
+    }
+    return process.terminationStatus
+  }
+}
+
+/// Text collected from a pipe.
+final class Transcript: Sendable {
+  let text = Mutex("")
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+  let description: String
+  init(_ description: String) { self.description = description }
+}
+
+/// A Multiboot guest that prints `C1`, `C2`, ... on COM1, one line every few milliseconds,
+/// forever.
+let counterGuestSource = """
+          .set MB_MAGIC, 0x1BADB002
+          .set MB_FLAGS, 0x00000003
+          .text
+          .code32
+          .align 4
+          .long MB_MAGIC
+          .long MB_FLAGS
+          .long -(MB_MAGIC + MB_FLAGS)
+          .globl _start
+  _start:
+          movl $0x80000, %esp
+          xorl %ebx, %ebx
+  next:   incl %ebx
+          movl %ebx, %eax
+          movl $buf_end, %edi
+          movl $10, %esi
+  digit:  xorl %edx, %edx
+          divl %esi
+          addb $0x30, %dl
+          decl %edi
+          movb %dl, (%edi)
+          testl %eax, %eax
+          jnz digit
+          movw $0x3F8, %dx
+          movb $0x43, %al
+          outb %al, %dx
+  emit:   cmpl $buf_end, %edi
+          je eol
+          movb (%edi), %al
+          outb %al, %dx
+          incl %edi
+          jmp emit
+  eol:    movb $0x0A, %al
+          outb %al, %dx
+          movl $3000000, %ecx
+  delay:  decl %ecx
+          jnz delay
+          jmp next
+  buf:    .space 16
+  buf_end:
+
+  """
+
+/// Assembles and links `source` as a 32-bit ELF at 1 MiB; returns the image's path.
+func assembleGuest(_ source: String, in scratch: Scratch, name: String = "guest") throws -> String {
+  let sourcePath = scratch.file("\(name).S")
+  try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
+  let object = scratch.file("\(name).o")
+  let image = scratch.file("\(name).elf")
+  for (tool, arguments) in [
+    ("/usr/bin/as", ["--32", "-o", object, sourcePath]),
+    ("/usr/bin/ld", ["-m", "elf_i386", "-Ttext", "0x100000", "-o", image, object]),
+  ] {
+    let result = try runProgram(tool, arguments)
+    guard result.status == 0 else { throw TestFailure("\(tool) failed: \(result.stderr)") }
+  }
+  return image
+}
+
+/// The counter values the guest printed, in order (a last line still being printed is left
+/// out).
+func counterValues(_ text: String) -> [Int] {
+  var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+  lines.removeLast()
+  return lines.compactMap { line in
+    let trimmed = line.trimmingCharacters(in: .whitespacesAndNewlines)
+    return trimmed.hasPrefix("C") ? Int(trimmed.dropFirst()) : nil
+  }
+}
