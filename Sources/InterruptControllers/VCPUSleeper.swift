@@ -1,4 +1,5 @@
 import Glibc
+import VMCore
 
 /// Where a halted vCPU thread sleeps until an interrupt, a kick or a timer deadline.
 ///
@@ -11,38 +12,19 @@ import Glibc
 ///       sleeper.sleep(untilVirtual: platform.nextDeadline(cpu: index), clock: clock)
 ///       platform.poll(cpu: index, now: clock.nanoseconds)
 ///     }
-public final class VCPUSleeper: @unchecked Sendable {
-  // pthread objects must not move: they live in manually allocated memory.
-  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-  private let condition: UnsafeMutablePointer<pthread_cond_t>
-  private var woken = false  // guarded by `mutex`
+public final class VCPUSleeper: Sendable {
+  private let monitor = HostCondition()
+  /// Guarded by `monitor`'s mutex.
+  nonisolated(unsafe) private var woken = false
 
-  public init() {
-    mutex = .allocate(capacity: 1)
-    mutex.initialize(to: pthread_mutex_t())
-    pthread_mutex_init(mutex, nil)
-    condition = .allocate(capacity: 1)
-    condition.initialize(to: pthread_cond_t())
-    var attributes = pthread_condattr_t()
-    pthread_condattr_init(&attributes)
-    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
-    pthread_cond_init(condition, &attributes)
-    pthread_condattr_destroy(&attributes)
-  }
-
-  deinit {
-    pthread_cond_destroy(condition)
-    pthread_mutex_destroy(mutex)
-    condition.deallocate()
-    mutex.deallocate()
-  }
+  public init() {}
 
   /// Wakes the sleeping thread, or makes its next `sleep` return at once. Any thread.
   public func wake() {
-    pthread_mutex_lock(mutex)
-    woken = true
-    pthread_cond_signal(condition)
-    pthread_mutex_unlock(mutex)
+    monitor.locked {
+      woken = true
+      monitor.broadcast()
+    }
   }
 
   /// Sleeps until woken or until the clock reaches `deadline` (virtual ns; nil = no deadline).
@@ -63,27 +45,19 @@ public final class VCPUSleeper: @unchecked Sendable {
   /// Sleeps until woken or host CLOCK_MONOTONIC reaches `hostDeadline` nanoseconds.
   @discardableResult
   public func sleep(untilHost hostDeadline: UInt64?) -> Bool {
-    pthread_mutex_lock(mutex)
-    defer { pthread_mutex_unlock(mutex) }
-    while !woken {
-      if let hostDeadline {
-        var spec = timespec(
-          tv_sec: Int(min(hostDeadline / 1_000_000_000, UInt64(Int.max))), tv_nsec: Int(hostDeadline % 1_000_000_000))
-        if pthread_cond_timedwait(condition, mutex, &spec) == ETIMEDOUT { break }
-      } else {
-        pthread_cond_wait(condition, mutex)
+    monitor.locked {
+      while !woken {
+        if !monitor.wait(untilHost: hostDeadline) { break }
       }
+      defer { woken = false }
+      return woken
     }
-    defer { woken = false }
-    return woken
   }
 
   private func consumeToken() -> Bool {
-    pthread_mutex_lock(mutex)
-    defer {
-      woken = false
-      pthread_mutex_unlock(mutex)
+    monitor.locked {
+      defer { woken = false }
+      return woken
     }
-    return woken
   }
 }

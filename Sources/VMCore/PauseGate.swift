@@ -11,42 +11,24 @@ import Synchronization
 ///
 /// A stop request (`release()`, called by `MachineControl.requestStop`) also releases parked
 /// threads, so a paused machine can always be shut down.
-public final class PauseGate: @unchecked Sendable {
-  // pthread objects must not move: they live in manually allocated memory.
-  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-  private let condition: UnsafeMutablePointer<pthread_cond_t>
+public final class PauseGate: Sendable {
+  private struct State {
+    var requested = false
+    var released = false
+    var participants = 0
+    var parked = 0
+  }
+
+  private let monitor = HostCondition()
+  /// Guarded by `monitor`'s mutex.
+  nonisolated(unsafe) private var state = State()
   /// Fast, lock-free check for the vCPU hot path.
   private let requestedFlag = Atomic<Bool>(false)
-  // Guarded by `mutex`:
-  private var requested = false
-  private var released = false
-  private var participants = 0
-  private var parked = 0
 
-  public init() {
-    mutex = .allocate(capacity: 1)
-    mutex.initialize(to: pthread_mutex_t())
-    pthread_mutex_init(mutex, nil)
-    condition = .allocate(capacity: 1)
-    condition.initialize(to: pthread_cond_t())
-    var attributes = pthread_condattr_t()
-    pthread_condattr_init(&attributes)
-    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
-    pthread_cond_init(condition, &attributes)
-    pthread_condattr_destroy(&attributes)
-  }
+  public init() {}
 
-  deinit {
-    pthread_cond_destroy(condition)
-    pthread_mutex_destroy(mutex)
-    condition.deallocate()
-    mutex.deallocate()
-  }
-
-  private func locked<T>(_ body: () -> T) -> T {
-    pthread_mutex_lock(mutex)
-    defer { pthread_mutex_unlock(mutex) }
-    return body()
+  private func locked<T>(_ body: (inout State) -> T) -> T {
+    monitor.locked { body(&state) }
   }
 
   /// Whether a pause is requested (cheap; vCPU threads test it at every safe point).
@@ -54,21 +36,21 @@ public final class PauseGate: @unchecked Sendable {
   public var isPauseRequested: Bool { requestedFlag.load(ordering: .relaxed) }
 
   /// Whether the machine is paused: a pause was requested and every entered vCPU is parked.
-  public var isPaused: Bool { locked { requested && parked == participants } }
+  public var isPaused: Bool { locked { $0.requested && $0.parked == $0.participants } }
 
   /// A vCPU thread's run loop begins.
   public func enter() {
     locked {
-      participants += 1
-      pthread_cond_broadcast(condition)
+      $0.participants += 1
+      monitor.broadcast()
     }
   }
 
   /// A vCPU thread's run loop ends (for any reason); a pending pause no longer waits for it.
   public func leave() {
     locked {
-      participants -= 1
-      pthread_cond_broadcast(condition)
+      $0.participants -= 1
+      monitor.broadcast()
     }
   }
 
@@ -79,24 +61,24 @@ public final class PauseGate: @unchecked Sendable {
   public func parkIfRequested(beforeParking: () -> Void = {}) -> Bool {
     guard isPauseRequested else { return false }
     beforeParking()
-    pthread_mutex_lock(mutex)
-    defer { pthread_mutex_unlock(mutex) }
-    guard requested && !released else { return false }
-    parked += 1
-    pthread_cond_broadcast(condition)
-    while requested && !released { pthread_cond_wait(condition, mutex) }
-    parked -= 1
-    pthread_cond_broadcast(condition)
-    return true
+    return monitor.locked {
+      guard state.requested && !state.released else { return false }
+      state.parked += 1
+      monitor.broadcast()
+      while state.requested && !state.released { monitor.wait() }
+      state.parked -= 1
+      monitor.broadcast()
+      return true
+    }
   }
 
   /// Requests a pause, calls `kick` so that running vCPUs reach a safe point, and waits until
   /// every entered vCPU is parked or `timeoutNanoseconds` pass. Returns true when the machine
   /// is paused; on false the request is withdrawn and the machine keeps running.
   public func pause(timeoutNanoseconds: UInt64 = 5_000_000_000, kick: () -> Void) -> Bool {
-    let alreadyRequested = locked { () -> Bool in
-      if requested { return true }
-      requested = true
+    let alreadyRequested = locked { state -> Bool in
+      if state.requested { return true }
+      state.requested = true
       requestedFlag.store(true, ordering: .sequentiallyConsistent)
       return false
     }
@@ -108,22 +90,21 @@ public final class PauseGate: @unchecked Sendable {
   }
 
   private func waitForParking(timeoutNanoseconds: UInt64) -> Bool {
-    let deadline = monotonicNow() &+ timeoutNanoseconds
-    pthread_mutex_lock(mutex)
-    defer { pthread_mutex_unlock(mutex) }
-    while requested && !released && parked < participants {
-      var spec = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
-      if pthread_cond_timedwait(condition, mutex, &spec) == ETIMEDOUT { break }
+    let deadline = HostCondition.now() &+ timeoutNanoseconds
+    return monitor.locked {
+      while state.requested && !state.released && state.parked < state.participants {
+        if !monitor.wait(untilHost: deadline) { break }
+      }
+      return state.requested && (state.released || state.parked >= state.participants)
     }
-    return requested && (released || parked >= participants)
   }
 
   /// Releases a paused machine: parked vCPUs continue where they stopped.
   public func resume() {
     locked {
-      requested = false
+      $0.requested = false
       requestedFlag.store(false, ordering: .sequentiallyConsistent)
-      pthread_cond_broadcast(condition)
+      monitor.broadcast()
     }
   }
 
@@ -131,14 +112,8 @@ public final class PauseGate: @unchecked Sendable {
   /// nothing.
   public func release() {
     locked {
-      released = true
-      pthread_cond_broadcast(condition)
+      $0.released = true
+      monitor.broadcast()
     }
-  }
-
-  private func monotonicNow() -> UInt64 {
-    var spec = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &spec)
-    return UInt64(spec.tv_sec) &* 1_000_000_000 &+ UInt64(spec.tv_nsec)
   }
 }

@@ -410,95 +410,37 @@ extension VMLifecycle {
 
 /// Host CLOCK_MONOTONIC for the controller's bookkeeping.
 enum VirtualClockNow {
-  static func host() -> UInt64 {
-    var spec = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &spec)
-    return UInt64(spec.tv_sec) &* 1_000_000_000 &+ UInt64(spec.tv_nsec)
-  }
+  static func host() -> UInt64 { HostCondition.now() }
 }
 
 /// A one-shot event: `signal` once, `wait` from any number of threads.
-final class VMStopSignal: @unchecked Sendable {
-  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-  private let condition: UnsafeMutablePointer<pthread_cond_t>
-  private var signalled = false  // guarded by `mutex`
-
-  init() {
-    mutex = .allocate(capacity: 1)
-    mutex.initialize(to: pthread_mutex_t())
-    pthread_mutex_init(mutex, nil)
-    condition = .allocate(capacity: 1)
-    condition.initialize(to: pthread_cond_t())
-    var attributes = pthread_condattr_t()
-    pthread_condattr_init(&attributes)
-    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
-    pthread_cond_init(condition, &attributes)
-    pthread_condattr_destroy(&attributes)
-  }
-
-  deinit {
-    pthread_cond_destroy(condition)
-    pthread_mutex_destroy(mutex)
-    condition.deallocate()
-    mutex.deallocate()
-  }
+final class VMStopSignal: Sendable {
+  private let monitor = HostCondition()
+  /// Guarded by `monitor`'s mutex.
+  nonisolated(unsafe) private var signalled = false
 
   func signal() {
-    pthread_mutex_lock(mutex)
-    signalled = true
-    pthread_cond_broadcast(condition)
-    pthread_mutex_unlock(mutex)
+    monitor.locked {
+      signalled = true
+      monitor.broadcast()
+    }
   }
 
   /// Waits for the signal; false on timeout.
   func wait(timeoutNanoseconds: UInt64?) -> Bool {
-    pthread_mutex_lock(mutex)
-    defer { pthread_mutex_unlock(mutex) }
-    let deadline = timeoutNanoseconds.map { VirtualClockNow.host() &+ $0 }
-    while !signalled {
-      if let deadline {
-        var spec = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
-        if pthread_cond_timedwait(condition, mutex, &spec) == ETIMEDOUT { return signalled }
-      } else {
-        pthread_cond_wait(condition, mutex)
+    let deadline = timeoutNanoseconds.map { HostCondition.now() &+ $0 }
+    return monitor.locked {
+      while !signalled {
+        if !monitor.wait(untilHost: deadline) { return signalled }
       }
+      return true
     }
-    return true
   }
 }
 
 /// Starts a detached host thread running `body`.
 func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) throws(ControlError) {
-  final class Start {
-    let body: @Sendable () -> Void
-    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-  }
-  let context = Unmanaged.passRetained(Start(body)).toOpaque()
-  var attributes = pthread_attr_t()
-  pthread_attr_init(&attributes)
-  defer { pthread_attr_destroy(&attributes) }
-  pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
-  var thread = pthread_t()
-  let result = pthread_create(
-    &thread, &attributes,
-    { context in
-      Unmanaged<Start>.fromOpaque(context!).takeRetainedValue().body()
-      return nil
-    }, context)
-  guard result == 0 else {
-    Unmanaged<Start>.fromOpaque(context).release()
-    throw ControlError(.failed, "cannot start the machine's thread: \(String(cString: strerror(result)))")
-  }
-}
-
-extension VMController {
-  /// Points a booted machine's drive `id` at a new backing file (Firecracker's
-  /// `PATCH /drives/{id}` with `path_on_host`). Not implemented yet: answers `.unsupported`
-  /// so the API never reports a swap that did not happen.
-  public func replaceDriveBackingFile(id: String, path: String) throws(ControlError) {
-    guard spec.drives.contains(where: { $0.id == id }) else {
-      throw ControlError(.invalidArgument, "no drive with ID \(id)")
-    }
-    throw ControlError(.unsupported, "swapping a drive's backing file after boot is not supported yet")
+  if case .failure(let error) = HostThread.start(detached: true, body) {
+    throw ControlError(.failed, "cannot start the machine's thread: \(error)")
   }
 }
