@@ -23,7 +23,9 @@ public final class KVMAccelerator: Accelerator {
   /// three-page real-mode TSS): no RAM or device may be placed here.
   public static let reservedGuestPhysicalRange: Range<UInt64> = 0xFEFF_C000..<0xFF00_0000
 
-  private let parts: MachineParts
+  let parts: MachineParts
+  /// Host-side writes to guest RAM while dirty logging is on (see `startDirtyLogging`).
+  let hostWriteLog = KVMHostWriteLog()
   let system: KVMSystemDevice
   let machine: KVMVirtualMachine
   let vcpus: [KVMVCPU]

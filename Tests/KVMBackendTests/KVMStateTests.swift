@@ -111,3 +111,25 @@ struct KVMStateTests {
     #expect(throws: MachineStateError.self) { try fresh.accelerator.restoreState(from: &truncated) }
   }
 }
+
+/// Dirty-page logging on KVM: the guest's stores and the host's writes.
+@Suite(.serialized, .enabled(if: kvmAvailable, "needs /dev/kvm"))
+struct KVMDirtyLogTests {
+  @Test func guestAndHostWritesAreLoggedOnceEach() throws {
+    let machine = try TestMachine()
+    try machine.load("dirty_pages32", at: 0x8000)
+    try machine.accelerator.startDirtyLogging()
+    #expect(try machine.accelerator.takeDirtyPages().isEmpty)
+
+    #expect(try machine.run(BootStates.protectedMode32(entry: 0x8000)) == .debugExit(value: 0))
+    let guestPages = try machine.accelerator.takeDirtyPages()
+    #expect(guestPages.contains(0x20))
+    #expect(guestPages.contains(0x35))
+    #expect(!guestPages.contains(0x40), "a page the guest only read is logged")
+    #expect(guestPages.count < 8, "unexpected pages \(guestPages)")
+
+    try machine.memory.write(UInt32(0xABCD), at: 0x5_0FFE)
+    #expect(try machine.accelerator.takeDirtyPages() == [0x50, 0x51])
+    #expect(try machine.accelerator.takeDirtyPages().isEmpty)
+  }
+}
