@@ -32,7 +32,7 @@ public final class KVMAccelerator: Accelerator {
   let started = Atomic<Bool>(false)
   /// Set once a snapshot's state was applied: `run` then continues from it.
   let restoredFromSnapshot = Atomic<Bool>(false)
-  private let running = Atomic<Bool>(false)
+  let running = Atomic<Bool>(false)
   /// The kvmclock read when the machine was paused.
   let pausedClock = Mutex<kvm_clock_data?>(nil)
 

@@ -360,6 +360,9 @@ extension KVMAccelerator {
   /// Reads the whole KVM state of the paused (or not yet started) machine: every vCPU, the
   /// irqchip, the PIT and the kvmclock as it was when the machine paused.
   public func captureState() throws(MachineStateError) -> KVMMachineState {
+    guard !running.load(ordering: .sequentiallyConsistent) || parts.control.pauseGate.isPaused else {
+      throw MachineStateError("the machine must be paused to read its KVM state")
+    }
     do {
       let msrIndices = try system.msrIndexList()
       let xsaveSize: Int? =
