@@ -23,14 +23,18 @@ public final class KVMAccelerator: Accelerator {
   /// three-page real-mode TSS): no RAM or device may be placed here.
   public static let reservedGuestPhysicalRange: Range<UInt64> = 0xFEFF_C000..<0xFF00_0000
 
-  private let parts: MachineParts
-  private let system: KVMSystemDevice
+  let parts: MachineParts
+  /// Host-side writes to guest RAM while dirty logging is on (see `startDirtyLogging`).
+  let hostWriteLog = KVMHostWriteLog()
+  let system: KVMSystemDevice
   let machine: KVMVirtualMachine
-  private let vcpus: [KVMVCPU]
-  private let started = Atomic<Bool>(false)
-  private let running = Atomic<Bool>(false)
+  let vcpus: [KVMVCPU]
+  let started = Atomic<Bool>(false)
+  /// Set once a snapshot's state was applied: `run` then continues from it.
+  let restoredFromSnapshot = Atomic<Bool>(false)
+  let running = Atomic<Bool>(false)
   /// The kvmclock read when the machine was paused.
-  private let pausedClock = Mutex<kvm_clock_data?>(nil)
+  let pausedClock = Mutex<kvm_clock_data?>(nil)
 
   /// The capabilities the backend relies on, by KVM_CAP_ name.
   static let requiredCapabilities: [(name: String, value: Int32)] = [
@@ -113,7 +117,7 @@ public final class KVMAccelerator: Accelerator {
   public func run(bootState: X86CPUState) throws(KVMError) -> MachineStopReason {
     guard started.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
     else { throw .alreadyStarted }
-    try vcpus[0].setState(bootState)
+    if !restoredFromSnapshot.load(ordering: .sequentiallyConsistent) { try vcpus[0].setState(bootState) }
 
     running.store(true, ordering: .sequentiallyConsistent)
     defer { running.store(false, ordering: .sequentiallyConsistent) }

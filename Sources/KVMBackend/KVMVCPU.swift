@@ -151,8 +151,8 @@ final class KVMVCPU: @unchecked Sendable {
     defer { control.pauseGate.leave() }
     while !control.isStopping {
       if control.pauseGate.isPauseRequested {
-        // Out of KVM_RUN: a safe point.
-        control.pauseGate.parkIfRequested()
+        // Out of KVM_RUN: a safe point once the last exit is complete in KVM.
+        control.pauseGate.parkIfRequested { completePendingExit(parts: parts) }
         continue
       }
       // Clear an earlier kick. A kick that lands after the checks above still interrupts
@@ -176,6 +176,9 @@ final class KVMVCPU: @unchecked Sendable {
       handleExit(parts: parts)
     }
   }
+
+  /// Serves an exit KVM reports while `completePendingExit` finishes an instruction.
+  func handleExitForCompletion(parts: MachineParts) { handleExit(parts: parts) }
 
   /// Handles the exit described in `run`; asks the machine to stop when the guest is done.
   private func handleExit(parts: MachineParts) {

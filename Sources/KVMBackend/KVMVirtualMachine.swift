@@ -95,12 +95,13 @@ final class KVMVirtualMachine: Sendable {
     _ = hv_ioctl_ptr(fd, HV_KVM_SET_CLOCK, &data)
   }
 
-  /// Registers every RAM region of `memory` as a KVM memory slot (slot N = region N).
-  func registerMemorySlots() throws(KVMError) {
+  /// Registers every RAM region of `memory` as a KVM memory slot (slot N = region N), or
+  /// changes the `flags` (KVM_MEM_LOG_DIRTY_PAGES) of slots already registered.
+  func registerMemorySlots(flags: UInt32 = 0) throws(KVMError) {
     for (slot, region) in memory.regions.enumerated() {
       var slotRegion = kvm_userspace_memory_region()
       slotRegion.slot = UInt32(slot)
-      slotRegion.flags = 0
+      slotRegion.flags = flags
       slotRegion.guest_phys_addr = region.guestBase
       slotRegion.memory_size = region.size
       slotRegion.userspace_addr = UInt64(UInt(bitPattern: region.host))

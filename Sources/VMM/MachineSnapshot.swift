@@ -1,5 +1,6 @@
 import Devices
 import Glibc
+import KVMBackend
 import SoftCPU
 import VMCore
 import Virtio
@@ -151,7 +152,9 @@ extension VirtualMachine {
     guard parts.control.pauseGate.isPaused else {
       throw MachineStateError("the machine must be paused to take a snapshot")
     }
-    guard let soft = accelerator as? SoftAccelerator else {
+    let kvmState = try (accelerator as? KVMAccelerator)?.captureState()
+    let soft = accelerator as? SoftAccelerator
+    guard soft != nil || kvmState != nil else {
       throw MachineStateError("snapshots of machines on the \(accelerator.name) accelerator are not implemented yet")
     }
     for device in virtioDevices { device.quiesce() }
@@ -169,7 +172,11 @@ extension VirtualMachine {
     writer.section("machine") {
       machineDescription(memoryPath: absoluteMemoryPath, networkIDs: networkIDs).save(into: &$0)
     }
-    writer.section("accelerator", soft)
+    if let soft {
+      writer.section("accelerator", soft)
+    } else if let kvmState {
+      writer.section("accelerator") { kvmState.save(into: &$0) }
+    }
     writer.section("legacy-devices", devices)
     writer.section("acpi-pm", powerManagement)
     writer.section("pci", pci)
@@ -210,13 +217,16 @@ extension VirtualMachine {
     let description = try reader.section("machine") { (reader) throws(MachineStateError) in
       try MachineDescription.restore(from: &reader)
     }
-    guard description.accelerator == "soft" else {
-      throw MachineStateError(
-        "the snapshot was taken on the \(description.accelerator) accelerator; restoring it is not implemented yet")
+    let acceleratorChoice: AcceleratorChoice
+    switch description.accelerator {
+    case "soft": acceleratorChoice = .soft
+    case "kvm": acceleratorChoice = .kvm
+    default:
+      throw MachineStateError("the snapshot was taken on an unknown accelerator '\(description.accelerator)'")
     }
     var configuration = MachineConfiguration(
       kernelPath: description.kernelPath, initrdPath: description.initrdPath, commandLine: description.commandLine,
-      memorySize: description.memorySize, cpuCount: description.cpuCount, accelerator: .soft,
+      memorySize: description.memorySize, cpuCount: description.cpuCount, accelerator: acceleratorChoice,
       serial: overrides.serial, verbose: overrides.verbose)
     configuration.console = description.virtioConsole ? .virtio : .serial
     configuration.disks = description.disks.enumerated().map { index, disk in
@@ -236,11 +246,14 @@ extension VirtualMachine {
       guard built.pciFunctions == description.pciFunctions else {
         throw MachineStateError("the state file does not match this machine: its PCI devices differ")
       }
-      guard let soft = machine.accelerator as? SoftAccelerator else {
-        throw MachineStateError("the restored machine has no software CPU")
-      }
       if overrides.paused { try? machine.pause() }
-      try reader.section("accelerator", soft)
+      if let soft = machine.accelerator as? SoftAccelerator {
+        try reader.section("accelerator", soft)
+      } else if let kvm = machine.accelerator as? KVMAccelerator {
+        try reader.section("accelerator") { (reader) throws(MachineStateError) in try kvm.restoreState(from: &reader) }
+      } else {
+        throw MachineStateError("the restored machine's accelerator cannot restore a state")
+      }
       try reader.section("legacy-devices", machine.devices)
       try reader.section("acpi-pm", machine.powerManagement)
       try reader.section("pci", machine.pci)

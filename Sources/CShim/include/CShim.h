@@ -39,6 +39,25 @@ static const unsigned long HV_KVM_RUN = KVM_RUN;
 static const unsigned long HV_KVM_SIGNAL_MSI = KVM_SIGNAL_MSI;
 static const unsigned long HV_KVM_GET_CLOCK = KVM_GET_CLOCK;
 static const unsigned long HV_KVM_SET_CLOCK = KVM_SET_CLOCK;
+// Machine state (snapshots and migration).
+static const unsigned long HV_KVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
+static const unsigned long HV_KVM_SET_MP_STATE = KVM_SET_MP_STATE;
+static const unsigned long HV_KVM_GET_XSAVE = KVM_GET_XSAVE;
+static const unsigned long HV_KVM_GET_XSAVE2 = KVM_GET_XSAVE2;
+static const unsigned long HV_KVM_SET_XSAVE = KVM_SET_XSAVE;
+static const unsigned long HV_KVM_GET_XCRS = KVM_GET_XCRS;
+static const unsigned long HV_KVM_SET_XCRS = KVM_SET_XCRS;
+static const unsigned long HV_KVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+static const unsigned long HV_KVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+static const unsigned long HV_KVM_GET_LAPIC = KVM_GET_LAPIC;
+static const unsigned long HV_KVM_SET_LAPIC = KVM_SET_LAPIC;
+static const unsigned long HV_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+static const unsigned long HV_KVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+static const unsigned long HV_KVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+static const unsigned long HV_KVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+static const unsigned long HV_KVM_GET_PIT2 = KVM_GET_PIT2;
+static const unsigned long HV_KVM_SET_PIT2 = KVM_SET_PIT2;
+static const unsigned long HV_KVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
 
 /// ioctl(2) with a pointer argument (ioctl itself is variadic and cannot be called from Swift).
 int hv_ioctl_ptr(int fd, unsigned long request, void *argument);
@@ -89,6 +108,7 @@ static inline uint32_t hv_kvm_run_system_event_type(const struct kvm_run *run) {
 // Variable-length KVM structures (flexible array members are not imported into Swift).
 static inline struct kvm_cpuid_entry2 *hv_kvm_cpuid2_entries(struct kvm_cpuid2 *cpuid) { return cpuid->entries; }
 static inline struct kvm_msr_entry *hv_kvm_msrs_entries(struct kvm_msrs *msrs) { return msrs->entries; }
+static inline uint32_t *hv_kvm_msr_list_indices(struct kvm_msr_list *list) { return list->indices; }
 
 // MARK: - Guest RAM access (used by the SoftCPU module's hot paths)
 
