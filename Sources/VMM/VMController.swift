@@ -444,3 +444,17 @@ func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) t
     throw ControlError(.failed, "cannot start the machine's thread: \(error)")
   }
 }
+  }
+}
+
+extension VMController {
+  /// Points a booted machine's drive `id` at a new backing file (Firecracker's
+  /// `PATCH /drives/{id}` with `path_on_host`). Not implemented yet: answers `.unsupported`
+  /// so the API never reports a swap that did not happen.
+  public func replaceDriveBackingFile(id: String, path: String) throws(ControlError) {
+    guard spec.drives.contains(where: { $0.id == id }) else {
+      throw ControlError(.invalidArgument, "no drive with ID \(id)")
+    }
+    throw ControlError(.unsupported, "swapping a drive's backing file after boot is not supported yet")
+  }
+}
