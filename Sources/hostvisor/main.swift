@@ -99,6 +99,16 @@ struct Run: ParsableCommand {
       valueName: "error|reset"))
   var tripleFault: String = "error"
 
+  @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "Serve the gdb remote protocol on [HOST:]PORT (default host 127.0.0.1); see docs/gdb.md.",
+      valueName: "[host:]port"))
+  var gdb: String?
+
+  @Flag(name: .customLong("gdb-wait"), help: "With --gdb: stop before the first instruction until gdb continues.")
+  var gdbWait = false
+
   @Flag(name: .long, help: "Report the chosen accelerator and machine layout on standard error.")
   var verbose = false
 
@@ -144,6 +154,7 @@ struct Run: ParsableCommand {
         throw CommandFailure("invalid --triple-fault '\(tripleFault)': use error or reset")
       }
       let machine = try VirtualMachine(configuration: configuration)
+      if let gdb { try machine.startGDBServer(listen: gdb, waitForDebugger: gdbWait) }
       if let snapshotOnSignal { try machine.snapshotOnSignal(statePath: snapshotOnSignal) }
       finish(try machine.run())
     } catch let error as CommandFailure {

@@ -1,0 +1,51 @@
+import Synchronization
+import VMCore
+
+/// A debugger attached to the software CPU (the gdb stub). Its methods run on the vCPU
+/// threads, one instruction at a time, and only while it reports itself active.
+///
+/// Contract: when `shouldStop(before:index:)` or `shouldStop(after:index:)` returns true, the
+/// debugger requests a pause of the machine (through the pause gate) soon after; the vCPU
+/// waits at the instruction boundary until the pause is requested, then parks.
+public protocol SoftCPUDebugger: AnyObject, Sendable {
+  /// Called before the instruction at `cpu.rip` executes; true stops the vCPU before it.
+  func shouldStop(before cpu: CPU, index: Int) -> Bool
+  /// Called after one instruction (or exception delivery) ran; true stops the vCPU there.
+  func shouldStop(after cpu: CPU, index: Int) -> Bool
+  /// Whether vCPU `index` is being single-stepped (pending interrupts are then held back, so
+  /// a step does not land in an interrupt handler).
+  func isStepping(_ index: Int) -> Bool
+}
+
+/// Where a debugger attaches to a `SoftAccelerator`. The vCPU loops test `isActive` once per
+/// slice: without an active debugger the loop runs exactly as before.
+public final class SoftDebugHook: Sendable {
+  private let active = Atomic<Bool>(false)
+  private let attached = Mutex<(any SoftCPUDebugger)?>(nil)
+
+  init() {}
+
+  /// Attaches (or with nil detaches) the debugger.
+  public func attach(_ debugger: (any SoftCPUDebugger)?) {
+    attached.withLock { $0 = debugger }
+    if debugger == nil { active.store(false, ordering: .sequentiallyConsistent) }
+  }
+
+  /// Switches the per-instruction path on (breakpoints, watchpoints or a step exist) or off.
+  /// Change it while the machine is paused, or kick the vCPUs afterwards.
+  public func setActive(_ isActive: Bool) {
+    active.store(isActive, ordering: .sequentiallyConsistent)
+  }
+
+  /// The debugger when it is active (one relaxed atomic load otherwise).
+  @inline(__always)
+  var activeDebugger: (any SoftCPUDebugger)? {
+    guard active.load(ordering: .relaxed) else { return nil }
+    return attached.withLock { $0 }
+  }
+}
+
+extension CPU {
+  /// The x87 tag word as FSTENV stores it (for debuggers).
+  public var fullTagWord: UInt16 { fpuFullTags }
+}
