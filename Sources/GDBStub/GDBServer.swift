@@ -1,4 +1,5 @@
 import Glibc
+import KVMBackend
 import SoftCPU
 import Synchronization
 import VMCore
@@ -106,6 +107,7 @@ public final class GDBServer: @unchecked Sendable {
     -> any GDBTarget
   {
     if let soft = accelerator as? SoftAccelerator { return SoftGDBTarget(accelerator: soft, memory: memory) }
+    if let kvm = accelerator as? KVMAccelerator { return KVMGDBTarget(accelerator: kvm, memory: memory) }
     throw GDBServerError("the gdb stub does not support the \(accelerator.name) accelerator")
   }
 

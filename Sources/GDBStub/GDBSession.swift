@@ -1,3 +1,4 @@
+import Glibc
 import VMCore
 
 /// The protocol state of the stub (all-stop): which vCPU gdb looks at, whether the machine
@@ -38,6 +39,8 @@ final class Session: @unchecked Sendable {  // used by the server thread only
   /// A client connected: the machine stops, as gdb expects a stopped target.
   func connected() {
     noAcknowledgements = false
+    // Registers are only meaningful once the accelerator loaded the boot state.
+    for _ in 0..<10_000 where !target.hasStarted { usleep(1000) }
     if isRunning {
       stopMachine()
       lastStop = .interrupted(cpu: 0)

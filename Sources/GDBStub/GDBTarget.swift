@@ -90,6 +90,8 @@ public protocol GDBTarget: AnyObject, Sendable {
   var cpuCount: Int { get }
   /// Guest RAM.
   var memory: GuestMemory { get }
+  /// Whether the machine's vCPU threads have started (their boot state is loaded).
+  var hasStarted: Bool { get }
   /// Where the target reports stop events (called on a vCPU thread); set before `resume`.
   func setStopHandler(_ handler: @escaping @Sendable (GDBStopEvent) -> Void)
   /// Stops every vCPU at an instruction boundary; false when they did not stop in time.

@@ -41,6 +41,7 @@ final class SoftGDBTarget: GDBTarget, SoftCPUDebugger, @unchecked Sendable {
   }
 
   var cpuCount: Int { cpus.count }
+  var hasStarted: Bool { accelerator.debugHook.vcpusStarted }
 
   func setStopHandler(_ handler: @escaping @Sendable (GDBStopEvent) -> Void) {
     state.withLock { $0.handler = handler }

@@ -26,7 +26,7 @@ public final class KVMAccelerator: Accelerator {
   private let parts: MachineParts
   private let system: KVMSystemDevice
   let machine: KVMVirtualMachine
-  private let vcpus: [KVMVCPU]
+  let vcpus: [KVMVCPU]
   private let started = Atomic<Bool>(false)
   private let running = Atomic<Bool>(false)
   /// The kvmclock read when the machine was paused.

@@ -163,6 +163,7 @@ private func runVCPU(
   let control = parts.control
   control.pauseGate.enter()
   defer { control.pauseGate.leave() }
+  debugHook.noteVCPUStarted()
   while true {
     if control.isStopping { return }
     if control.pauseGate.isPauseRequested {

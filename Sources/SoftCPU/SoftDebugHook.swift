@@ -22,6 +22,7 @@ public protocol SoftCPUDebugger: AnyObject, Sendable {
 public final class SoftDebugHook: Sendable {
   private let active = Atomic<Bool>(false)
   private let attached = Mutex<(any SoftCPUDebugger)?>(nil)
+  private let started = Atomic<Bool>(false)
 
   init() {}
 
@@ -30,6 +31,12 @@ public final class SoftDebugHook: Sendable {
     attached.withLock { $0 = debugger }
     if debugger == nil { active.store(false, ordering: .sequentiallyConsistent) }
   }
+
+  /// Whether the vCPU threads have started (every vCPU's initial state is loaded).
+  public var vcpusStarted: Bool { started.load(ordering: .acquiring) }
+
+  /// A vCPU thread started (called once per thread).
+  func noteVCPUStarted() { started.store(true, ordering: .releasing) }
 
   /// Switches the per-instruction path on (breakpoints, watchpoints or a step exist) or off.
   /// Change it while the machine is paused, or kick the vCPUs afterwards.

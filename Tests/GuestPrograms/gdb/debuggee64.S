@@ -1,7 +1,8 @@
 # A 64-bit ELF guest for the gdb stub tests, linked with its symbols. The ELF loader enters it
 # in long mode with the first 4 GiB identity-mapped. It fills registers and memory with known
 # values in fill_registers, increments `counter` three times in count_up (a watchpoint target),
-# then exits through isa-debug-exit with status (0x21 << 1) | 1 = 67.
+# then exits through isa-debug-exit with status (0x21 << 1) | 1 = 67. It uses only instructions
+# that KVM's instruction emulator handles too (nested KVM may emulate all ring-0 code).
         .text
         .code64
         .globl _start
@@ -31,7 +32,7 @@ fill_registers:
         mov %rax, pattern(%rip)
         movabs $0xFEDCBA9876543210, %rax
         mov %rax, pattern+8(%rip)
-        movq %rax, %xmm3
+        movdqu pattern(%rip), %xmm3
         .globl fill_done
 fill_done:
         ret
