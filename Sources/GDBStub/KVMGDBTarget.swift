@@ -91,7 +91,7 @@ final class KVMGDBTarget: GDBTarget, KVMDebugger, @unchecked Sendable {
   // MARK: KVMDebugger (vCPU threads)
 
   func debugExit(cpu index: Int, exception: UInt32, pc: UInt64, dr6: UInt64) -> Bool {
-    state.withLock { state -> Bool in
+    return state.withLock { state -> Bool in
       if state.stopReported { return true }
       var event: GDBStopEvent?
       for slot in 0..<4 where dr6 & (1 << UInt64(slot)) != 0 {
