@@ -47,8 +47,12 @@ final class Session: @unchecked Sendable {  // used by the server thread only
     }
   }
 
+  /// Stops every vCPU (a vCPU stuck in a device for more than the pause timeout gets three
+  /// chances; the stub then answers anyway).
   private func stopMachine() {
-    while !target.stop() {}
+    for _ in 0..<3 {
+      if target.stop() { break }
+    }
     isRunning = false
   }
 
@@ -77,12 +81,12 @@ final class Session: @unchecked Sendable {  // used by the server thread only
 
   /// gdb went away: breakpoints are removed and the machine continues.
   func detach() {
+    // Breakpoints change only while the machine is stopped.
+    if isRunning { stopMachine() }
     target.removeAllBreakpoints()
     softwareBreakpointAddresses.removeAll()
-    if !isRunning {
-      target.resume(step: nil)
-      isRunning = true
-    }
+    target.resume(step: nil)
+    isRunning = true
   }
 
   private func stopReply(_ event: GDBStopEvent) -> [UInt8] {

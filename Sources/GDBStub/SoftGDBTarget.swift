@@ -57,6 +57,9 @@ final class SoftGDBTarget: GDBTarget, SoftCPUDebugger, @unchecked Sendable {
   }
 
   func resume(step: Int?) {
+    let breakpoints = state.withLock { $0.breakpoints }
+    // The vCPUs are parked: their breakpoint pages may change.
+    for cpu in cpus { cpu.setDebugBreakpoints(breakpoints) }
     let active = state.withLock { state -> Bool in
       state.stepping = step
       state.stopReported = false
@@ -126,6 +129,10 @@ final class SoftGDBTarget: GDBTarget, SoftCPUDebugger, @unchecked Sendable {
   }
 
   func isStepping(_ index: Int) -> Bool { state.withLock { $0.stepping == index } }
+
+  func needsEveryInstruction(_ index: Int) -> Bool {
+    state.withLock { $0.stepping != nil || !$0.watchpoints.isEmpty }
+  }
 
   private func report(_ event: GDBStopEvent, in state: inout State) {
     state.stopReported = true

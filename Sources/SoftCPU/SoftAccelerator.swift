@@ -205,12 +205,16 @@ private func runVCPU(
     }
 
     if let debugger {
-      cpu.system.recheckAfterShadow = false
       if debugger.shouldStop(before: cpu, index: index) {
         waitForDebuggerPause(control)
         continue
       }
-      runOneInstruction(cpu)
+      if debugger.needsEveryInstruction(index) || cpu.isOnDebugStopPage || cpu.system.recheckAfterShadow {
+        cpu.system.recheckAfterShadow = false
+        runOneInstruction(cpu)
+      } else {
+        runSlice(cpu, limit: SoftAccelerator.instructionsPerSlice)
+      }
       if debugger.shouldStop(after: cpu, index: index) { waitForDebuggerPause(control) }
       continue
     }

@@ -12,6 +12,9 @@ public protocol SoftCPUDebugger: AnyObject, Sendable {
   func shouldStop(before cpu: CPU, index: Int) -> Bool
   /// Called after one instruction (or exception delivery) ran; true stops the vCPU there.
   func shouldStop(after cpu: CPU, index: Int) -> Bool
+  /// Whether vCPU `index` must run one instruction at a time (a step or watchpoints); with
+  /// breakpoints only, it runs slices that leave before blocks on breakpoint pages.
+  func needsEveryInstruction(_ index: Int) -> Bool
   /// Whether vCPU `index` is being single-stepped (pending interrupts are then held back, so
   /// a step does not land in an interrupt handler).
   func isStepping(_ index: Int) -> Bool
@@ -55,4 +58,19 @@ public final class SoftDebugHook: Sendable {
 extension CPU {
   /// The x87 tag word as FSTENV stores it (for debuggers).
   public var fullTagWord: UInt16 { fpuFullTags }
+
+  /// Sets the linear addresses of the debugger's breakpoints (change it while the vCPU is
+  /// parked): `run` then leaves a slice before entering a block on one of their pages.
+  public func setDebugBreakpoints(_ addresses: Set<UInt64>) {
+    debugStopPages = Set(addresses.map { $0 >> 12 })
+    debugStopPagesActive = !addresses.isEmpty
+  }
+
+  /// Whether RIP lies on a page holding a debugger breakpoint.
+  var isOnDebugStopPage: Bool {
+    guard debugStopPagesActive else { return false }
+    var linear = rip &+ segmentBase[Int(SegmentIndex.cs)]
+    if codeSize != 8 { linear &= 0xFFFF_FFFF }
+    return debugStopPages.contains(linear >> 12)
+  }
 }
