@@ -36,12 +36,13 @@ let package = Package(
     .target(name: "Firmware", dependencies: ["VMCore"]),
     .target(name: "PCI", dependencies: ["VMCore"]),
     .target(name: "CVirtioShim"),
+    .target(name: "GDBStub", dependencies: ["VMCore", "SoftCPU", "KVMBackend"]),
     .target(name: "Virtio", dependencies: ["VMCore", "PCI", "CVirtioShim", "Devices"]),
     .target(
       name: "VMM",
       dependencies: [
         "VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "InterruptControllers", "Firmware", "CShim",
-        "PCI", "Virtio",
+        "PCI", "Virtio", "GDBStub",
       ]),
     .target(
       name: "ControlAPI",
@@ -69,6 +70,7 @@ let package = Package(
         "SoftCPU", "VMCore", "CNativeExec", "InterruptControllers", "Loaders", "Devices", "KVMBackend",
       ]),
     .testTarget(name: "CLITests", dependencies: ["VMM"]),
+    .testTarget(name: "GDBStubTests", dependencies: ["GDBStub", "VMCore", "hostvisor"]),
     .testTarget(name: "LinuxBootTests", dependencies: ["hostvisor"]),
     .testTarget(name: "ControlAPITests", dependencies: ["ControlAPI", "VMM", "hostvisor"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),

@@ -6,7 +6,7 @@ need=()
 for pair in as:binutils ld:binutils busybox:busybox-static cpio:cpio xz:xz-utils zstd:zstd \
             qemu-system-x86_64:qemu-system-x86 gcc:gcc make:make iasl:acpica-tools ip:iproute2 \
             objdump:binutils bc:bc debugfs:e2fsprogs e2fsck:e2fsprogs passt:passt setpriv:util-linux \
-            curl:curl; do
+            curl:curl gdb:gdb; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   if [ "$cmd" = busybox ]; then [ -x /bin/busybox ] && continue; fi
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")

@@ -16,6 +16,8 @@ final class KVMVCPU: @unchecked Sendable {
   let run: UnsafeMutablePointer<kvm_run>
   let runSize: Int
   let counters = KVMExitCounters()
+  /// The debugger attached to this vCPU (KVMGuestDebug.swift).
+  let debugSlot = KVMDebugSlot()
   /// The host thread inside `runLoop`, so a kick can signal it.
   private let thread = Mutex<pthread_t?>(nil)
 
@@ -149,6 +151,7 @@ final class KVMVCPU: @unchecked Sendable {
 
     control.pauseGate.enter()
     defer { control.pauseGate.leave() }
+    debugSlot.started.store(true, ordering: .releasing)
     while !control.isStopping {
       if control.pauseGate.isPauseRequested {
         // Out of KVM_RUN: a safe point once the last exit is complete in KVM.
@@ -193,6 +196,9 @@ final class KVMVCPU: @unchecked Sendable {
       handleMMIO(bus: parts.bus, control: control)
     case KVM_EXIT_INTR:
       counters.count(counters.interrupted)
+    case KVM_EXIT_DEBUG:
+      counters.count(counters.other)
+      handleDebugExit(control: control)
     case KVM_EXIT_HLT:
       counters.count(counters.halt)
       // Only seen without an in-kernel irqchip halt handler: with interrupts disabled

@@ -161,6 +161,10 @@ public final class CPU: @unchecked Sendable {
   var haltRequested = false
   /// Set by SYSCALL and SYSRET, whose single-step trap depends on TF at their end.
   var singleStepOverride = SingleStepOverride.none
+  /// Linear page numbers holding debugger breakpoints (SoftDebugHook.swift); `run` leaves a
+  /// slice before a block on one of them when `debugStopPagesActive`.
+  var debugStopPages = Set<UInt64>()
+  var debugStopPagesActive = false
   /// With `exitRequested` and not halted: the trap to report.
   var pendingTrap = Fault(vector: 0)
 

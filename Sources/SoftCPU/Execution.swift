@@ -92,6 +92,11 @@ extension CPU {
       // linear address is 32 bits).
       var fetchAddress = rip &+ segmentBase[Int(SegmentIndex.cs)]
       if codeSize != 8 { fetchAddress &= 0xFFFF_FFFF }
+      // A debugger's breakpoint page: back to the accelerator, which steps through it one
+      // instruction at a time (blocks never start on one page and run on the next).
+      if debugStopPagesActive && remaining < instructionLimit && debugStopPages.contains(fetchAddress >> 12) {
+        return .instructionLimit
+      }
       let link = blocks + (previous > 0 ? previous : 0)
       let linksValid = previous >= 0 && link.pointee.linkGeneration == chainGeneration
       if linksValid && link.pointee.links.0.rip == fetchAddress {

@@ -22,6 +22,8 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
   public let clock: any MachineClock
   /// Instructions executed between two timer polls.
   public static let instructionsPerSlice = 20_000
+  /// Where a debugger (the gdb stub) attaches; inactive unless it has work.
+  public let debugHook = SoftDebugHook()
 
   private let parts: MachineParts
   private let cpus: [CPU]
@@ -101,12 +103,14 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
       let wakeup = wakeups[index]
       let controllers = self.controllers
       let clock = self.clock
+      let debugHook = self.debugHook
       do {
         threads.append(
           try startInterpreterThread {
             LocalAPICPage.setCurrentCPU(index)
             runVCPU(
-              cpu, index: index, parts: parts, controllers: controllers, clock: clock, wakeup: wakeup)
+              cpu, index: index, parts: parts, controllers: controllers, clock: clock, wakeup: wakeup,
+              debugHook: debugHook)
           })
       } catch {
         parts.control.requestStop(.failure(error.description))
@@ -154,11 +158,12 @@ public enum SoftAcceleratorError: Error, CustomStringConvertible {
 /// The vCPU loop: run slices of the interpreter, poll timers, deliver interrupts, sleep in HLT.
 private func runVCPU(
   _ cpu: CPU, index: Int, parts: MachineParts, controllers: PlatformInterruptControllers, clock: any MachineClock,
-  wakeup: VCPUSleeper
+  wakeup: VCPUSleeper, debugHook: SoftDebugHook
 ) {
   let control = parts.control
   control.pauseGate.enter()
   defer { control.pauseGate.leave() }
+  debugHook.noteVCPUStarted()
   while true {
     if control.isStopping { return }
     if control.pauseGate.isPauseRequested {
@@ -175,8 +180,12 @@ private func runVCPU(
       return
     }
     controllers.poll(cpu: index, now: clock.nanoseconds)
+    // An attached debugger with breakpoints, watchpoints or a step: one instruction at a time.
+    let debugger = debugHook.activeDebugger
     var taken = 0
-    while taken < 4 && cpu.serviceSystemEvents() { taken += 1 }
+    if debugger == nil || cpu.system.halted || !debugger!.isStepping(index) {
+      while taken < 4 && cpu.serviceSystemEvents() { taken += 1 }
+    }
 
     if cpu.system.halted || cpu.system.waitingForSIPI {
       if cpu.system.halted && index == 0 && cpu.rflags & RFlags.if == 0 && !cpu.hasWakeupEvent() {
@@ -195,17 +204,61 @@ private func runVCPU(
       continue
     }
 
+    if let debugger {
+      if debugger.shouldStop(before: cpu, index: index) {
+        waitForDebuggerPause(control)
+        continue
+      }
+      if debugger.needsEveryInstruction(index) || cpu.isOnDebugStopPage || cpu.system.recheckAfterShadow {
+        cpu.system.recheckAfterShadow = false
+        runOneInstruction(cpu)
+      } else {
+        runSlice(cpu, limit: SoftAccelerator.instructionsPerSlice)
+      }
+      if debugger.shouldStop(after: cpu, index: index) { waitForDebuggerPause(control) }
+      continue
+    }
     let limit = cpu.system.recheckAfterShadow ? 1 : SoftAccelerator.instructionsPerSlice
     cpu.system.recheckAfterShadow = false
-    switch cpu.run(instructionLimit: limit) {
+    runSlice(cpu, limit: limit)
+  }
+}
+
+@inline(__always)
+private func runSlice(_ cpu: CPU, limit: Int) {
+  switch cpu.run(instructionLimit: limit) {
+  case .halted:
+    cpu.system.halted = true
+  case .fault(let fault):
+    cpu.deliverException(fault)
+  case .instructionLimit, .stopRequested:
+    break
+  }
+}
+
+/// Runs exactly one instruction (or one exception delivery). A `run` that only consumes a stop
+/// request (a kick from the debugger's own pause) executes nothing, so it is repeated.
+private func runOneInstruction(_ cpu: CPU) {
+  for _ in 0..<8 {
+    let cause = cpu.run(instructionLimit: 1)
+    switch cause {
     case .halted:
       cpu.system.halted = true
     case .fault(let fault):
       cpu.deliverException(fault)
-    case .instructionLimit, .stopRequested:
+    case .instructionLimit:
       break
+    case .stopRequested:
+      if cpu.system.shutdownReason == nil { continue }
     }
+    return
   }
+}
+
+/// A debugger stopped this vCPU: it stays at the instruction boundary until the debugger's
+/// pause request arrives (the loop's top then parks it) or the machine stops.
+private func waitForDebuggerPause(_ control: MachineControl) {
+  while !control.pauseGate.isPauseRequested && !control.isStopping { usleep(200) }
 }
 
 /// Starts a joinable host thread with a large stack for an interpreter.

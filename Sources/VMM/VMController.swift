@@ -444,8 +444,6 @@ func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) t
     throw ControlError(.failed, "cannot start the machine's thread: \(error)")
   }
 }
-  }
-}
 
 extension VMController {
   /// Points a booted machine's drive `id` at a new backing file (Firecracker's

@@ -1,11 +1,13 @@
 import Devices
 import Firmware
+import GDBStub
 import Glibc
 import InterruptControllers
 import KVMBackend
 import Loaders
 import PCI
 import SoftCPU
+import Synchronization
 import VMCore
 import Virtio
 
@@ -37,6 +39,8 @@ public final class VirtualMachine: Sendable {
   private let virtioConsole: VirtioConsole?
   /// The ACPI fixed-hardware registers (power button, sleep states).
   public let powerManagement: ACPIPowerManagement
+  /// The gdb stub, once `startGDBServer` ran; told when the machine stops.
+  let gdbServer = Mutex<GDBServer?>(nil)
 
   /// Builds the machine: validates the configuration, maps RAM, loads the kernel, installs
   /// devices and opens the accelerator. Every failure is a one-line error.
@@ -297,6 +301,12 @@ public final class VirtualMachine: Sendable {
   /// Host input goes to the virtio console when there is one, else to COM1 when it is on stdio.
   /// The virtio devices are shut down when the guest stops.
   public func run() throws -> MachineStopReason {
+    let reason = try runAttached()
+    gdbServer.withLock { $0 }?.machineStopped(reason)
+    return reason
+  }
+
+  private func runAttached() throws -> MachineStopReason {
     defer { shutdownDevices() }
     let control = parts.control
     let terminal: TerminalConsole

@@ -101,6 +101,16 @@ struct Run: ParsableCommand {
       valueName: "error|reset"))
   var tripleFault: String = "error"
 
+  @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "Serve the gdb remote protocol on [HOST:]PORT (default host 127.0.0.1); see docs/gdb.md.",
+      valueName: "[host:]port"))
+  var gdb: String?
+
+  @Flag(name: .customLong("gdb-wait"), help: "With --gdb: stop before the first instruction until gdb continues.")
+  var gdbWait = false
+
   @Flag(name: .long, help: "Report the chosen accelerator and machine layout on standard error.")
   var verbose = false
 
@@ -155,6 +165,7 @@ struct Run: ParsableCommand {
         try runManaged(configuration, socketPath: apiSocket)
       }
       let machine = try VirtualMachine(configuration: configuration)
+      if let gdb { try machine.startGDBServer(listen: gdb, waitForDebugger: gdbWait) }
       if let snapshotOnSignal { try machine.snapshotOnSignal(statePath: snapshotOnSignal) }
       finish(try machine.run())
     } catch let error as CommandFailure {
