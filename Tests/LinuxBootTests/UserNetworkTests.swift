@@ -55,7 +55,8 @@ struct UserNetworkTests {
     server.standardError = FileHandle.nullDevice
     try server.run()
     defer {
-      server.terminate()
+      // SIGKILL: the test runner's children inherit a blocked SIGTERM.
+      kill(server.processIdentifier, SIGKILL)
       server.waitUntilExit()
     }
 
@@ -110,7 +111,7 @@ struct UserNetworkTests {
     listener.standardOutput = FileHandle.nullDevice
     listener.standardError = FileHandle.nullDevice
     try listener.run()
-    defer { if listener.isRunning { listener.terminate() } }
+    defer { if listener.isRunning { kill(listener.processIdentifier, SIGKILL) } }
     try await Task.sleep(for: .seconds(1))
     let sent = try await session.run(
       "head -c \(size) /dev/urandom > /tmp/out && sha256sum /tmp/out && nc 10.0.2.2 \(uploadPort) < /tmp/out",
