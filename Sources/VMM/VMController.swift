@@ -233,29 +233,36 @@ public final class VMController: Sendable {
         $0.lifecycle = .running
         $0.bootTime = VirtualClockNow.host()
       }
-      do throws(ControlError) {
-        try startDetachedThread(name: "vmm-run") { [self] in
-          let reason: MachineStopReason
-          do {
-            reason = try machine.run()
-          } catch {
-            reason = .failure("\(error)")
-          }
-          state.withLock {
-            $0.lifecycle = .shutDown
-            $0.stopReason = reason
-          }
-          stopped.signal()
-          onStop(reason)
+      try runOnItsOwnThread(machine)
+    }
+  }
+
+  /// Runs `machine` on a detached host thread; when it stops, the controller moves to
+  /// `shutDown`, records the reason and calls `onStop`. A thread that cannot start shuts the
+  /// controller down at once.
+  private func runOnItsOwnThread(_ machine: VirtualMachine) throws(ControlError) {
+    do throws(ControlError) {
+      try startDetachedThread(name: "vmm-run") { [self] in
+        let reason: MachineStopReason
+        do {
+          reason = try machine.run()
+        } catch {
+          reason = .failure("\(error)")
         }
-      } catch {
         state.withLock {
           $0.lifecycle = .shutDown
-          $0.stopReason = .failure(error.description)
+          $0.stopReason = reason
         }
         stopped.signal()
-        throw error
+        onStop(reason)
       }
+    } catch {
+      state.withLock {
+        $0.lifecycle = .shutDown
+        $0.stopReason = .failure(error.description)
+      }
+      stopped.signal()
+      throw error
     }
   }
 
@@ -272,29 +279,7 @@ public final class VMController: Sendable {
         state.bootTime = VirtualClockNow.host()
         if paused { state.pausedAt = VirtualClockNow.host() }
       }
-      do throws(ControlError) {
-        try startDetachedThread(name: "vmm-run") { [self] in
-          let reason: MachineStopReason
-          do {
-            reason = try machine.run()
-          } catch {
-            reason = .failure("\(error)")
-          }
-          state.withLock {
-            $0.lifecycle = .shutDown
-            $0.stopReason = reason
-          }
-          stopped.signal()
-          onStop(reason)
-        }
-      } catch {
-        state.withLock {
-          $0.lifecycle = .shutDown
-          $0.stopReason = .failure(error.description)
-        }
-        stopped.signal()
-        throw error
-      }
+      try runOnItsOwnThread(machine)
     }
   }
 
