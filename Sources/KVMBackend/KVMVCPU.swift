@@ -308,21 +308,8 @@ final class KVMVCPU: @unchecked Sendable {
 
 /// Starts a joinable host thread running `body`: vCPUs never run on the Swift concurrency pool.
 func startHostThread(_ body: @escaping @Sendable () -> Void) throws(KVMError) -> pthread_t {
-  final class Start {
-    let body: @Sendable () -> Void
-    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+  switch HostThread.start(body) {
+  case .success(let thread): return thread
+  case .failure(let error): throw .cannotCreateThread(errno: error.errno)
   }
-  let context = Unmanaged.passRetained(Start(body)).toOpaque()
-  var thread = pthread_t()
-  let result = pthread_create(
-    &thread, nil,
-    { context in
-      Unmanaged<Start>.fromOpaque(context!).takeRetainedValue().body()
-      return nil
-    }, context)
-  guard result == 0 else {
-    Unmanaged<Start>.fromOpaque(context).release()
-    throw .cannotCreateThread(errno: result)
-  }
-  return thread
 }

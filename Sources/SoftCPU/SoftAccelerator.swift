@@ -263,27 +263,10 @@ private func waitForDebuggerPause(_ control: MachineControl) {
 
 /// Starts a joinable host thread with a large stack for an interpreter.
 private func startInterpreterThread(_ body: @escaping @Sendable () -> Void) throws(SoftAcceleratorError) -> pthread_t {
-  final class Start {
-    let body: @Sendable () -> Void
-    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+  switch HostThread.start(stackSize: 16 << 20, body) {
+  case .success(let thread): return thread
+  case .failure(let error): throw .cannotCreateThread(errno: error.errno)
   }
-  let context = Unmanaged.passRetained(Start(body)).toOpaque()
-  var attributes = pthread_attr_t()
-  pthread_attr_init(&attributes)
-  defer { pthread_attr_destroy(&attributes) }
-  pthread_attr_setstacksize(&attributes, 16 << 20)
-  var thread = pthread_t()
-  let result = pthread_create(
-    &thread, &attributes,
-    { context in
-      Unmanaged<Start>.fromOpaque(context!).takeRetainedValue().body()
-      return nil
-    }, context)
-  guard result == 0 else {
-    Unmanaged<Start>.fromOpaque(context).release()
-    throw .cannotCreateThread(errno: result)
-  }
-  return thread
 }
 
 /// The local-APIC page at 0xFEE00000: each CPU sees its own APIC there, so accesses are routed
