@@ -7,7 +7,9 @@ import Testing
 final class Scratch {
   let path: String
   init() throws {
-    path = "/tmp/hv-api-\(UUID().uuidString.prefix(8))"
+    // Lower case: HTTP-over-Unix-socket clients (requests-unixsocket) put the socket path in
+    // the URL's host, which they lower-case.
+    path = "/tmp/hv-api-\(UUID().uuidString.prefix(8).lowercased())"
     try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
   }
   deinit { try? FileManager.default.removeItem(atPath: path) }
@@ -145,7 +147,16 @@ final class HostvisorProcess: Sendable {
   func waitForOutput(timeout: TimeInterval = 60, _ what: String, _ condition: (String) -> Bool) throws {
     let deadline = Date().addingTimeInterval(timeout)
     while !condition(text) {
-      guard Date() < deadline else { throw TestFailure("timed out waiting for \(what); output: \(text.suffix(2000))") }
+      guard Date() < deadline else {
+        throw TestFailure("timed out waiting for \(what); output: \(text.suffix(2000)) \(errorText.suffix(2000))")
+      }
+      if !process.isRunning {
+        usleep(100_000)  // the last output may still be in the pipe
+        if condition(text) { return }
+        throw TestFailure(
+          "the process exited (\(process.terminationStatus)) before \(what); output: \(text.suffix(2000)) \(errorText.suffix(2000))"
+        )
+      }
       usleep(20_000)
     }
   }
