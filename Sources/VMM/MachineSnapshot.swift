@@ -128,7 +128,12 @@ extension VirtualMachine {
     description.initrdPath = configuration.initrdPath
     description.commandLine = configuration.commandLine
     description.virtioConsole = configuration.console == .virtio
-    description.disks = configuration.disks
+    // The files the disks use now (a drive's backing file may have been swapped since boot).
+    let blocks = virtioDevices.compactMap { $0.model as? VirtioBlock }
+    description.disks = configuration.disks.enumerated().map { index, disk in
+      guard index < blocks.count, let backend = blocks[index].backend as? RawFileBlockBackend else { return disk }
+      return DiskConfiguration(path: backend.path, readOnly: disk.readOnly)
+    }
     let nets = virtioDevices.compactMap { $0.model as? VirtioNet }
     description.networks = zip(configuration.networks, nets).map {
       NetworkConfiguration(tapName: $0.tapName, mac: $1.mac)

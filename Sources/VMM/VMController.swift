@@ -432,12 +432,46 @@ func startDetachedThread(name: String, _ body: @escaping @Sendable () -> Void) t
 
 extension VMController {
   /// Points a booted machine's drive `id` at a new backing file (Firecracker's
-  /// `PATCH /drives/{id}` with `path_on_host`). Not implemented yet: answers `.unsupported`
-  /// so the API never reports a swap that did not happen.
+  /// `PATCH /drives/{id}` with `path_on_host`): the file is opened with the drive's read-only
+  /// setting, the old one is flushed, and the driver gets a configuration-change interrupt so
+  /// it rereads the capacity. Before boot only the spec changes.
   public func replaceDriveBackingFile(id: String, path: String) throws(ControlError) {
-    guard spec.drives.contains(where: { $0.id == id }) else {
+    let (ordered, machine) = state.withLock { state in
+      (state.spec.drives.filter(\.isRootDevice) + state.spec.drives.filter { !$0.isRootDevice }, state.machine)
+    }
+    guard let index = ordered.firstIndex(where: { $0.id == id }) else {
       throw ControlError(.invalidArgument, "no drive with ID \(id)")
     }
-    throw ControlError(.unsupported, "swapping a drive's backing file after boot is not supported yet")
+    if let machine {
+      let blocks = machine.virtioDevices.filter { $0.model is VirtioBlock }
+      guard index < blocks.count, let block = blocks[index].model as? VirtioBlock else {
+        throw ControlError(.failed, "drive \(id) has no device in the running machine")
+      }
+      let backend: RawFileBlockBackend
+      do {
+        backend = try RawFileBlockBackend(path: path, readOnly: ordered[index].readOnly)
+      } catch {
+        throw ControlError(.invalidArgument, "cannot open the new backing file of drive \(id): \(error)")
+      }
+      var flushFailure: BlockBackendError?
+      do {
+        try block.replaceBackend(backend)
+      } catch {
+        flushFailure = error
+      }
+      blocks[index].configurationChanged()
+      recordDrivePath(id: id, path: path)
+      if let flushFailure {
+        throw ControlError(.failed, "drive \(id) now uses \(path), but flushing the old file failed: \(flushFailure)")
+      }
+    } else {
+      recordDrivePath(id: id, path: path)
+    }
+  }
+
+  private func recordDrivePath(id: String, path: String) {
+    state.withLock { state in
+      if let position = state.spec.drives.firstIndex(where: { $0.id == id }) { state.spec.drives[position].path = path }
+    }
   }
 }

@@ -1,5 +1,6 @@
 import CVirtioShim
 import Glibc
+import Synchronization
 import VMCore
 
 /// Why a block backend operation failed; the guest sees VIRTIO_BLK_S_IOERR.
@@ -182,24 +183,35 @@ public final class VirtioBlock: QueueWorkerDevice {
   public let deviceFeatures: UInt64
   public let queueMaxSizes: [UInt16]
   public let configSize = 60
-  /// The storage.
-  public let backend: any BlockBackend
-  private let configBytes: [UInt8]
+  /// The storage requests go to now (`replaceBackend` swaps it while the guest runs).
+  public var backend: any BlockBackend { current.withLock { $0 } }
+  private let current: Mutex<any BlockBackend>
+  private let configBytes: Mutex<[UInt8]>
+  private let queueSize: UInt16
   /// The worker thread serving the queues.
   public let queueWorker: QueueWorker
 
   /// A block device on `backend` with one queue of `queueSize` entries.
   public init(backend: any BlockBackend, queueSize: UInt16 = 256) {
-    self.backend = backend
+    current = Mutex(backend)
+    self.queueSize = queueSize
     queueMaxSizes = [queueSize]
     var features = Feature.sizeMax | Feature.segMax | Feature.blockSize | Feature.flush
     features |= backend.isReadOnly ? Feature.readOnly : Feature.discard | Feature.writeZeroes
     deviceFeatures = features
+    configBytes = Mutex(Self.configuration(capacity: backend.capacity, queueSize: queueSize))
+    let link = WeakLink<VirtioBlock>()
+    queueWorker = QueueWorker(name: "virtio-blk") { link.target?.process() }
+    link.target = self
+  }
+
+  /// The device configuration space (virtio 1.2, 5.2.4) for a disk of `capacity` bytes.
+  private static func configuration(capacity: UInt64, queueSize: UInt16) -> [UInt8] {
     var bytes = [UInt8](repeating: 0, count: 60)
     func put(_ offset: Int, _ value: UInt64, _ width: Int) {
       for index in 0..<width { bytes[offset + index] = UInt8(truncatingIfNeeded: value >> (8 * index)) }
     }
-    let sectors = backend.capacity / 512
+    let sectors = capacity / 512
     put(0, sectors, 8)
     put(8, UInt64(Self.maxSegmentSize), 4)
     put(12, UInt64(queueSize) - 2, 4)
@@ -211,18 +223,32 @@ public final class VirtioBlock: QueueWorkerDevice {
     put(48, min(sectors, UInt64(UInt32.max)), 4)
     put(52, UInt64(Self.maxDiscardSegments), 4)
     put(56, 1, 1)
-    configBytes = bytes
-    let link = WeakLink<VirtioBlock>()
-    queueWorker = QueueWorker(name: "virtio-blk") { link.target?.process() }
-    link.target = self
+    return bytes
+  }
+
+  /// Points the device at `newBackend` (Firecracker's `PATCH /drives` with a new
+  /// `path_on_host`): the old backend is flushed, requests taken after the swap go to the new
+  /// one and the capacity in the configuration space follows it. The caller tells the driver
+  /// (a configuration-change interrupt). The new backend must have the same read-only setting,
+  /// because the features were negotiated with it.
+  public func replaceBackend(_ newBackend: any BlockBackend) throws(BlockBackendError) {
+    let old = current.withLock { current in
+      let old = current
+      current = newBackend
+      return old
+    }
+    configBytes.withLock { $0 = Self.configuration(capacity: newBackend.capacity, queueSize: queueSize) }
+    try old.flush()
   }
 
   public func readConfig(offset: Int, size: Int) -> UInt64 {
-    var value: UInt64 = 0
-    for index in 0..<size where offset + index < configBytes.count {
-      value |= UInt64(configBytes[offset + index]) << (8 * index)
+    configBytes.withLock { configBytes in
+      var value: UInt64 = 0
+      for index in 0..<size where offset + index < configBytes.count {
+        value |= UInt64(configBytes[offset + index]) << (8 * index)
+      }
+      return value
     }
-    return value
   }
 
   public func writeConfig(offset: Int, size: Int, value: UInt64) {}
@@ -233,6 +259,7 @@ public final class VirtioBlock: QueueWorkerDevice {
   }
 
   private func handle(_ chain: DescriptorChain, memory: GuestMemory) throws(VirtqueueError) -> UInt32 {
+    let backend = self.backend
     guard chain.readableLength >= 16 else { throw VirtqueueError("virtio-blk request without a readable header") }
     guard chain.writableLength >= 1 else { throw VirtqueueError("virtio-blk request without a writable status byte") }
     var header = (UInt32(0), UInt32(0), UInt64(0))

@@ -1,0 +1,93 @@
+import Foundation
+import Testing
+
+/// Firecracker's `PATCH /drives/{id}` with a new `path_on_host` on a running Debian guest: the
+/// guest sees the new file's size and contents, and its writes land in the new file only.
+@Suite("Drive backing-file swap on a running guest")
+struct DriveSwapTests {
+  /// A `size`-byte image whose first bytes are `label`.
+  func makeDisk(_ path: String, size: Int, label: String) {
+    var bytes = Data(count: size)
+    bytes.replaceSubrange(0..<label.utf8.count, with: Data(label.utf8))
+    _ = FileManager.default.createFile(atPath: path, contents: bytes)
+  }
+
+  @Test func patchDriveSwapsTheBackingFileOfARunningGuest() throws {
+    let guest = packageRoot.appendingPathComponent(".cache/guest")
+    let kernel = guest.appendingPathComponent("vmlinuz").path
+    let initrd = guest.appendingPathComponent("initramfs.cpio.gz").path
+    try #require(FileManager.default.fileExists(atPath: kernel), "no default guest: run `make guest` first")
+
+    let scratch = try Scratch()
+    let socket = scratch.file("api.sock")
+    let first = scratch.file("first.img")
+    let second = scratch.file("second.img")
+    makeDisk(first, size: 4 << 20, label: "FIRST-DISK-DATA")
+    makeDisk(second, size: 8 << 20, label: "OTHER-DISK-DATA")
+
+    let server = try HostvisorProcess(["serve", "--api-sock", socket, "--accel", "soft"])
+    defer { server.process.terminate() }
+    try server.waitForSocket(socket)
+    let bootSource =
+      #"{"kernel_image_path": "\#(kernel)", "initrd_path": "\#(initrd)", "boot_args": "console=ttyS0 panic=-1 hostvisor.modules=virtio_pci,virtio_blk"}"#
+    #expect(try curl(socket, "PUT", "/boot-source", bootSource).status == 204)
+    #expect(
+      try curl(
+        socket, "PUT", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(first)", "is_root_device": false}"#
+      ).status == 204)
+    #expect(try curl(socket, "PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 256}"#).status == 204)
+    #expect(try curl(socket, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+    try server.waitForOutput(timeout: 600, "the guest's shell") { text in
+      guard let marker = text.range(of: "HOSTVISOR-GUEST-READY") else { return false }
+      return text[marker.upperBound...].contains("# ")
+    }
+    sleep(1)
+
+    /// Runs `command` in the guest between two markers and returns what it printed.
+    func guestOutput(_ tag: String, _ command: String) throws -> String {
+      server.type("echo \(tag)''BEGIN; \(command); echo \(tag)''END\n")
+      var captured = ""
+      try server.waitForOutput(timeout: 120, tag) { text in
+        guard let begin = text.range(of: "\(tag)BEGIN", options: .backwards),
+          let end = text.range(of: "\(tag)END", range: begin.upperBound..<text.endIndex)
+        else { return false }
+        captured = String(text[begin.upperBound..<end.lowerBound])
+        return true
+      }
+      return captured
+    }
+
+    let before = try guestOutput("ONE", "cat /sys/block/vda/size; head -c 15 /dev/vda; echo")
+    #expect(before.contains("8192"), "guest saw: \(before)")
+    #expect(before.contains("FIRST-DISK-DATA"), "guest saw: \(before)")
+
+    // A file that does not exist is refused and the guest keeps its disk.
+    let missing = try curl(
+      socket, "PATCH", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(scratch.file("nope.img"))"}"#)
+    #expect(missing.status == 400, "\(missing.body)")
+    #expect((missing.json["fault_message"] as? String ?? "").contains("cannot open"), "\(missing.body)")
+
+    let swap = try curl(socket, "PATCH", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(second)"}"#)
+    #expect(swap.status == 204, "\(swap.body)")
+    let config = try curl(socket, "GET", "/vm/config").json
+    let drives = config["drives"] as? [[String: Any]] ?? []
+    #expect(drives.first?["path_on_host"] as? String == second)
+
+    // The configuration-change interrupt makes the driver reread the capacity; cached blocks of
+    // the old file are dropped before reading.
+    let after = try guestOutput(
+      "TWO", "sleep 1; echo 3 > /proc/sys/vm/drop_caches; cat /sys/block/vda/size; head -c 15 /dev/vda; echo")
+    #expect(after.contains("16384"), "guest saw: \(after)")
+    #expect(after.contains("OTHER-DISK-DATA"), "guest saw: \(after)")
+
+    // Writes go to the new file, not the old one.
+    _ = try guestOutput("THREE", "echo SWAPPED-WRITE | dd of=/dev/vda bs=512 seek=100 conv=sync 2>/dev/null; sync")
+    server.type("poweroff -f\n")
+    #expect(server.waitForExit(timeout: 120) == 0)
+    let secondBytes = try Data(contentsOf: URL(fileURLWithPath: second))
+    let firstBytes = try Data(contentsOf: URL(fileURLWithPath: first))
+    let written = Data("SWAPPED-WRITE".utf8)
+    #expect(secondBytes.subdata(in: 51_200..<51_213) == written)
+    #expect(firstBytes.range(of: written) == nil)
+  }
+}
