@@ -135,6 +135,9 @@ public final class ControlPlane: Sendable {
         "interrupted": Int64(clamping: statistics.interrupted), "other": Int64(clamping: statistics.other),
       ]
     }
+    for device in controller.deviceCounters() {
+      groups[device.id] = device.values.mapValues { Int64(clamping: $0) }
+    }
     groups["api"] = metrics.totals()
     return groups
   }

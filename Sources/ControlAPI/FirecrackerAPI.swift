@@ -460,6 +460,24 @@ public final class FirecrackerAPI: Sendable {
     for (name, value) in counters["vmm"] ?? [:] {
       plane.metrics.set("vmm", name, to: UInt64(clamping: value))
     }
+    // Firecracker's names: an aggregate `block` / `net` group and one per device.
+    let names = [
+      "read_ops": "read_count", "read_bytes": "read_bytes", "write_ops": "write_count", "write_bytes": "write_bytes",
+      "flush_ops": "flush_count", "discard_ops": "discard_count", "errors": "io_errors",
+      "rx_frames": "rx_packets_count", "rx_bytes": "rx_bytes_count", "tx_frames": "tx_packets_count",
+      "tx_bytes": "tx_bytes_count", "tx_dropped": "tx_dropped_count", "rx_dropped": "rx_dropped_count",
+    ]
+    var totals: [String: [String: UInt64]] = [:]
+    for device in controller.deviceCounters() {
+      for (name, value) in device.values {
+        let metric = names[name] ?? name
+        plane.metrics.set("\(device.kind)_\(device.id)", metric, to: value)
+        totals[device.kind, default: [:]][metric, default: 0] &+= value
+      }
+    }
+    for (kind, values) in totals {
+      for (metric, value) in values { plane.metrics.set(kind, metric, to: value) }
+    }
     try plane.metrics.flush()
   }
 

@@ -475,3 +475,30 @@ extension VMController {
     }
   }
 }
+
+/// The counters of one device of a running machine, named by its control-plane ID.
+public struct DeviceCounterSet: Sendable {
+  /// The drive or interface ID.
+  public var id: String
+  /// `block` or `net`.
+  public var kind: String
+  /// Counter name to value (`DeviceCounters`).
+  public var values: [String: UInt64]
+}
+
+extension VMController {
+  /// Counters of every drive and network interface of the machine (empty before boot), drives
+  /// first, each in the order the spec lists them.
+  public func deviceCounters() -> [DeviceCounterSet] {
+    let (spec, machine) = state.withLock { ($0.spec, $0.machine) }
+    guard let machine else { return [] }
+    let driveIDs = (spec.drives.filter(\.isRootDevice) + spec.drives.filter { !$0.isRootDevice }).map(\.id)
+    let blocks = machine.virtioDevices.compactMap { $0.model as? VirtioBlock }
+    let nets = machine.virtioDevices.compactMap { $0.model as? VirtioNet }
+    var sets = zip(driveIDs, blocks).map { DeviceCounterSet(id: $0, kind: "block", values: $1.counters.values) }
+    sets += zip(spec.networkInterfaces.map(\.id), nets).map {
+      DeviceCounterSet(id: $0, kind: "net", values: $1.counters.values)
+    }
+    return sets
+  }
+}

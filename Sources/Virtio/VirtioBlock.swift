@@ -147,7 +147,7 @@ public final class RawFileBlockBackend: BlockBackend {
 /// VIRTIO_BLK_F_RO and answer writes with VIRTIO_BLK_S_IOERR, as they do requests beyond the
 /// capacity. A request without a readable header or a writable status byte is a driver bug:
 /// DEVICE_NEEDS_RESET.
-public final class VirtioBlock: QueueWorkerDevice {
+public final class VirtioBlock: QueueWorkerDevice, CountingDevice {
   /// Request types.
   public enum RequestType {
     public static let read: UInt32 = 0
@@ -190,6 +190,12 @@ public final class VirtioBlock: QueueWorkerDevice {
   private let queueSize: UInt16
   /// The worker thread serving the queues.
   public let queueWorker: QueueWorker
+  /// Requests and bytes served: `read_ops`, `read_bytes`, `write_ops`, `write_bytes`,
+  /// `flush_ops`, `discard_ops` (discard and write-zeroes) and `errors` (requests answered
+  /// with an I/O error or as unsupported).
+  public let counters = DeviceCounters([
+    "read_ops", "read_bytes", "write_ops", "write_bytes", "flush_ops", "discard_ops", "errors",
+  ])
 
   /// A block device on `backend` with one queue of `queueSize` entries.
   public init(backend: any BlockBackend, queueSize: UInt16 = 256) {
@@ -350,6 +356,17 @@ public final class VirtioBlock: QueueWorkerDevice {
       }
     } catch {
       status = Status.ioError
+    }
+    if status != Status.ok {
+      counters.add(["errors": 1])
+    } else {
+      switch type {
+      case RequestType.read: counters.add(["read_ops": 1, "read_bytes": dataIn])
+      case RequestType.write: counters.add(["write_ops": 1, "write_bytes": dataOut])
+      case RequestType.flush: counters.add(["flush_ops": 1])
+      case RequestType.discard, RequestType.writeZeroes: counters.add(["discard_ops": 1])
+      default: break
+      }
     }
     var statusByte = status
     _ = withUnsafeBytes(of: &statusByte) { chain.write(to: memory, offset: chain.writableLength - 1, from: $0) }

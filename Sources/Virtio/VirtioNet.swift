@@ -166,7 +166,7 @@ public struct MACAddress: Sendable, Equatable, CustomStringConvertible {
 /// kernel, which finishes them, and receives them the same way, instead of computing every
 /// checksum and handling every 1500-byte frame itself. Without F_CSUM, transmitted headers
 /// are replaced by zeroed ones; without F_GUEST_CSUM, received headers are zeroed.
-public final class VirtioNet: VirtioDeviceModel {
+public final class VirtioNet: VirtioDeviceModel, CountingDevice {
   /// Feature bits.
   public enum Feature {
     public static let checksum: UInt64 = 1 << 0
@@ -197,6 +197,10 @@ public final class VirtioNet: VirtioDeviceModel {
   public let mac: MACAddress
   /// The host side.
   public let backend: any NetworkBackend
+  /// Frames and bytes moved (without the virtio-net header): `rx_frames`, `rx_bytes`,
+  /// `tx_frames`, `tx_bytes`, and `tx_dropped` (frames the backend refused or that were too
+  /// long), `rx_dropped` (frames too long for a receive buffer).
+  public let counters = DeviceCounters(["rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "tx_dropped", "rx_dropped"])
 
   private struct ReceiveState {
     var buffer: UnsafeMutableRawBufferPointer
@@ -331,8 +335,15 @@ public final class VirtioNet: VirtioDeviceModel {
               // writev only reads through iov_base.
               state.vectors.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: pointer), iov_len: count))
             }
-            _ = state.vectors.withUnsafeBufferPointer { backend.transmit($0) }
+            let sent = state.vectors.withUnsafeBufferPointer { backend.transmit($0) }
+            if sent {
+              counters.add(["tx_frames": 1, "tx_bytes": chain.readableLength - UInt64(Self.headerSize)])
+            } else {
+              counters.add(["tx_dropped": 1])
+            }
           }
+        } else {
+          counters.add(["tx_dropped": 1])
         }
         try queue.pushUsed(head: chain.head, length: 0)
       }
@@ -395,6 +406,7 @@ public final class VirtioNet: VirtioDeviceModel {
           // Too small for the frame without mergeable buffers: drop the frame, keep the buffer.
           queue.undoPop(1)
           state.pending = 0
+          counters.add(["rx_dropped": 1])
           return true
         }
         // Keep the first chain to patch num_buffers in once the count is known.
@@ -411,6 +423,7 @@ public final class VirtioNet: VirtioDeviceModel {
     var buffers = UInt16(truncatingIfNeeded: state.used.count).littleEndian
     _ = withUnsafeBytes(of: &buffers) { state.firstChain.write(to: memory, offset: 10, from: $0) }
     for (head, length) in state.used { try queue.pushUsed(head: head, length: length) }
+    counters.add(["rx_frames": 1, "rx_bytes": UInt64(max(0, offset - Self.headerSize))])
     state.pending = 0
     return true
   }

@@ -2,8 +2,10 @@ import Foundation
 import Testing
 
 /// Firecracker's `PATCH /drives/{id}` with a new `path_on_host` on a running Debian guest: the
-/// guest sees the new file's size and contents, and its writes land in the new file only.
-@Suite("Drive backing-file swap on a running guest")
+/// guest sees the new file's size and contents, and its writes land in the new file only. The
+/// drive's counters (Cloud Hypervisor's `vm.counters`, Firecracker's metrics) follow the
+/// guest's reads and writes.
+@Suite("Drives of a running guest: backing-file swap and counters")
 struct DriveSwapTests {
   /// A `size`-byte image whose first bytes are `label`.
   func makeDisk(_ path: String, size: Int, label: String) {
@@ -36,6 +38,9 @@ struct DriveSwapTests {
         socket, "PUT", "/drives/data", #"{"drive_id": "data", "path_on_host": "\#(first)", "is_root_device": false}"#
       ).status == 204)
     #expect(try curl(socket, "PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 256}"#).status == 204)
+    let metricsFile = scratch.file("metrics.json")
+    _ = FileManager.default.createFile(atPath: metricsFile, contents: nil)
+    #expect(try curl(socket, "PUT", "/metrics", #"{"metrics_path": "\#(metricsFile)"}"#).status == 204)
     #expect(try curl(socket, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
     try server.waitForOutput(timeout: 600, "the guest's shell") { text in
       guard let marker = text.range(of: "HOSTVISOR-GUEST-READY") else { return false }
@@ -80,8 +85,30 @@ struct DriveSwapTests {
     #expect(after.contains("16384"), "guest saw: \(after)")
     #expect(after.contains("OTHER-DISK-DATA"), "guest saw: \(after)")
 
+    /// The drive's counters from `vm.counters`.
+    func driveCounters() throws -> [String: Int] {
+      let counters = try curl(socket, "GET", "/api/v1/vm.counters")
+      return (counters.json["data"] as? [String: Any] ?? [:]).compactMapValues { $0 as? Int }
+    }
+    let beforeWrite = try driveCounters()
+    #expect(beforeWrite["read_ops", default: 0] > 0 && beforeWrite["read_bytes", default: 0] >= 512, "\(beforeWrite)")
+
     // Writes go to the new file, not the old one.
-    _ = try guestOutput("THREE", "echo SWAPPED-WRITE | dd of=/dev/vda bs=512 seek=100 conv=sync 2>/dev/null; sync")
+    _ = try guestOutput("THREE", "echo SWAPPED-WRITE | dd of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null")
+    let afterWrite = try driveCounters()
+    #expect(afterWrite["write_ops", default: 0] > beforeWrite["write_ops", default: 0], "\(afterWrite)")
+    #expect(afterWrite["write_bytes", default: 0] >= beforeWrite["write_bytes", default: 0] + 512, "\(afterWrite)")
+    #expect(afterWrite["flush_ops", default: 0] > beforeWrite["flush_ops", default: 0], "\(afterWrite)")
+
+    // Firecracker's metrics carry the same counts, per drive and in total.
+    #expect(try curl(socket, "PUT", "/actions", #"{"action_type": "FlushMetrics"}"#).status == 204)
+    let metricsText = try String(contentsOfFile: metricsFile, encoding: .utf8)
+    let lastLine = metricsText.split(separator: "\n").last.map(String.init) ?? ""
+    let metrics = (try? JSONSerialization.jsonObject(with: Data(lastLine.utf8))) as? [String: Any] ?? [:]
+    let drive = metrics["block_data"] as? [String: Any] ?? [:]
+    let total = metrics["block"] as? [String: Any] ?? [:]
+    #expect(drive["write_bytes"] as? Int == afterWrite["write_bytes"], "metrics: \(lastLine)")
+    #expect(total["read_count"] as? Int == afterWrite["read_ops"], "metrics: \(lastLine)")
     server.type("poweroff -f\n")
     #expect(server.waitForExit(timeout: 120) == 0)
     let secondBytes = try Data(contentsOf: URL(fileURLWithPath: second))

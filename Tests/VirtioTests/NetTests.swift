@@ -128,6 +128,8 @@ final class NetworkNamespace {
       }
     }
     #expect(received.prefix(frame.count) == frame[...])
+    #expect(net.counters.values["tx_frames"] == 1)
+    #expect(net.counters.values["tx_bytes"] == UInt64(frame.count))
 
     // Host -> guest, spread over 64-byte mergeable buffers.
     let rx = driver.queues[0]
@@ -171,5 +173,8 @@ final class NetworkNamespace {
       waited += 1
     }
     #expect(frameBytes == injected)
+    // Other frames (IPv6 neighbour discovery) may have arrived too.
+    #expect(net.counters.values["rx_frames", default: 0] >= 1)
+    #expect(net.counters.values["rx_bytes", default: 0] >= UInt64(injected.count))
   }
 }
