@@ -3,7 +3,7 @@ SWIFT ?= swift
 CACHE ?= .cache
 GUEST = $(CACHE)/guest
 
-.PHONY: all build deps guest guest-generic run test lint format bench clean
+.PHONY: all build dist deps guest guest-generic run test lint format bench clean
 
 all: build
 
@@ -12,6 +12,14 @@ deps:
 
 build: deps
 	$(SWIFT) build -c release --product hostvisor
+
+## A release binary with the Swift standard library, Foundation and the packages linked in:
+## it needs only glibc, libstdc++ and libgcc_s, so it runs where no Swift toolchain is installed.
+## The result is .build-static/hostvisor (stripped).
+dist: deps
+	$(SWIFT) build -c release --static-swift-stdlib --product hostvisor --scratch-path .build-static
+	strip -o .build-static/hostvisor .build-static/release/hostvisor
+	scripts/check-dist.sh .build-static/hostvisor
 
 guest: deps
 	scripts/make-default-guest.sh $(GUEST)
@@ -40,4 +48,4 @@ bench: build guest
 	scripts/bench.sh
 
 clean:
-	rm -rf .build $(CACHE)
+	rm -rf .build .build-static $(CACHE)
