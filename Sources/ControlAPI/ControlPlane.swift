@@ -135,6 +135,11 @@ public final class ControlPlane: Sendable {
         "interrupted": Int64(clamping: statistics.interrupted), "other": Int64(clamping: statistics.other),
       ]
     }
+    let runTimes = controller.vcpuRunTimeNanoseconds()
+    if !runTimes.isEmpty {
+      groups["vcpu_run_time_ns"] = Dictionary(
+        uniqueKeysWithValues: runTimes.map { ("vcpu\($0.key)", Int64(clamping: $0.value)) })
+    }
     for device in controller.deviceCounters() {
       groups[device.id] = device.values.mapValues { Int64(clamping: $0) }
     }

@@ -460,6 +460,9 @@ public final class FirecrackerAPI: Sendable {
     for (name, value) in counters["vmm"] ?? [:] {
       plane.metrics.set("vmm", name, to: UInt64(clamping: value))
     }
+    for (name, value) in counters["vcpu_run_time_ns"] ?? [:] {
+      plane.metrics.set("vcpu", "\(name)_run_time_us", to: UInt64(clamping: value) / 1000)
+    }
     // Firecracker's names: an aggregate `block` / `net` group and one per device.
     let names = [
       "read_ops": "read_count", "read_bytes": "read_bytes", "write_ops": "write_count", "write_bytes": "write_bytes",

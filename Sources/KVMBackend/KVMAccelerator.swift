@@ -126,7 +126,11 @@ public final class KVMAccelerator: Accelerator {
     let parts = self.parts
     for vcpu in vcpus {
       do {
-        threads.append(try startHostThread { vcpu.runLoop(parts: parts) })
+        threads.append(
+          try startHostThread {
+            parts.control.registerVCPUThread(index: vcpu.index)
+            vcpu.runLoop(parts: parts)
+          })
       } catch {
         startError = error
         parts.control.requestStop(.failure(error.description))

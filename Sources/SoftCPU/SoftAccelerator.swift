@@ -107,6 +107,7 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
       do {
         threads.append(
           try startInterpreterThread {
+            parts.control.registerVCPUThread(index: index)
             LocalAPICPage.setCurrentCPU(index)
             runVCPU(
               cpu, index: index, parts: parts, controllers: controllers, clock: clock, wakeup: wakeup,

@@ -1,3 +1,5 @@
+import CShim
+import Glibc
 import Synchronization
 
 /// Why a machine stopped running.
@@ -89,6 +91,33 @@ public final class MachineControl: Sendable {
   /// Registers a closure that interrupts a running vCPU so it notices a stop request.
   public func addKick(_ kick: @escaping @Sendable () -> Void) {
     state.withLock { $0.kicks.append(kick) }
+  }
+
+  /// The CPU-time clock of each vCPU thread, by vCPU index, and the last time read from it.
+  private let vcpuClocks = Mutex<[Int: (clock: clockid_t, lastNanoseconds: UInt64)]>([:])
+
+  /// Called by vCPU `index`'s host thread when it starts: names the thread `vcpu N` (as `top
+  /// -H`, `ps -L` and `taskset` show it) and registers its CPU-time clock for
+  /// `vcpuRunTimeNanoseconds`.
+  public func registerVCPUThread(index: Int) {
+    let thread = pthread_self()
+    _ = hv_set_current_thread_name("vcpu \(index)")
+    var clock = clockid_t()
+    guard pthread_getcpuclockid(thread, &clock) == 0 else { return }
+    vcpuClocks.withLock { $0[index] = (clock, 0) }
+  }
+
+  /// The host CPU time each vCPU thread has used (user and system), by vCPU index; a thread
+  /// that has exited keeps the last value read.
+  public func vcpuRunTimeNanoseconds() -> [Int: UInt64] {
+    vcpuClocks.withLock { clocks in
+      for (index, entry) in clocks {
+        var time = timespec()
+        guard clock_gettime(entry.clock, &time) == 0 else { continue }
+        clocks[index]?.lastNanoseconds = UInt64(time.tv_sec) &* 1_000_000_000 &+ UInt64(time.tv_nsec)
+      }
+      return clocks.mapValues(\.lastNanoseconds)
+    }
   }
 }
 

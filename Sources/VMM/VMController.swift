@@ -487,6 +487,11 @@ public struct DeviceCounterSet: Sendable {
 }
 
 extension VMController {
+  /// Host CPU time used by each vCPU thread so far, by vCPU index (empty before boot).
+  public func vcpuRunTimeNanoseconds() -> [Int: UInt64] {
+    machine?.parts.control.vcpuRunTimeNanoseconds() ?? [:]
+  }
+
   /// Counters of every drive and network interface of the machine (empty before boot), drives
   /// first, each in the order the spec lists them.
   public func deviceCounters() -> [DeviceCounterSet] {

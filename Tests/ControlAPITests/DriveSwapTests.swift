@@ -4,7 +4,7 @@ import Testing
 /// Firecracker's `PATCH /drives/{id}` with a new `path_on_host` on a running Debian guest: the
 /// guest sees the new file's size and contents, and its writes land in the new file only. The
 /// drive's counters (Cloud Hypervisor's `vm.counters`, Firecracker's metrics) follow the
-/// guest's reads and writes.
+/// guest's reads and writes, and the vCPU's run time is reported.
 @Suite("Drives of a running guest: backing-file swap and counters")
 struct DriveSwapTests {
   /// A `size`-byte image whose first bytes are `label`.
@@ -91,6 +91,16 @@ struct DriveSwapTests {
       return (counters.json["data"] as? [String: Any] ?? [:]).compactMapValues { $0 as? Int }
     }
     let beforeWrite = try driveCounters()
+
+    // The vCPU thread carries its name for host tools and its CPU time is counted.
+    let tasks = "/proc/\(server.process.processIdentifier)/task"
+    let names = try FileManager.default.contentsOfDirectory(atPath: tasks).compactMap {
+      try? String(contentsOfFile: "\(tasks)/\($0)/comm", encoding: .utf8)
+    }
+    #expect(names.contains("vcpu 0\n"), "thread names: \(names)")
+    let runTimes = try curl(socket, "GET", "/api/v1/vm.counters").json["vcpu_run_time_ns"] as? [String: Any] ?? [:]
+    // Booting Linux on the software CPU takes well over 100 ms of CPU.
+    #expect((runTimes["vcpu0"] as? Int ?? 0) > 100_000_000, "\(runTimes)")
     #expect(beforeWrite["read_ops", default: 0] > 0 && beforeWrite["read_bytes", default: 0] >= 512, "\(beforeWrite)")
 
     // Writes go to the new file, not the old one.
@@ -109,6 +119,8 @@ struct DriveSwapTests {
     let total = metrics["block"] as? [String: Any] ?? [:]
     #expect(drive["write_bytes"] as? Int == afterWrite["write_bytes"], "metrics: \(lastLine)")
     #expect(total["read_count"] as? Int == afterWrite["read_ops"], "metrics: \(lastLine)")
+    let vcpu = metrics["vcpu"] as? [String: Any] ?? [:]
+    #expect((vcpu["vcpu0_run_time_us"] as? Int ?? 0) > 100_000, "metrics: \(lastLine)")
     server.type("poweroff -f\n")
     #expect(server.waitForExit(timeout: 120) == 0)
     let secondBytes = try Data(contentsOf: URL(fileURLWithPath: second))
