@@ -16,6 +16,14 @@ final class Scratch {
   func file(_ name: String) -> String { path + "/" + name }
 }
 
+/// The default Debian guest's kernel and initramfs (`make guest`).
+func defaultGuest() throws -> (kernel: String, initrd: String) {
+  let guest = packageRoot.appendingPathComponent(".cache/guest")
+  let kernel = guest.appendingPathComponent("vmlinuz").path
+  try #require(FileManager.default.fileExists(atPath: kernel), "no default guest: run `make guest` first")
+  return (kernel, guest.appendingPathComponent("initramfs.cpio.gz").path)
+}
+
 /// The `hostvisor` binary next to the test bundle.
 let hostvisorBinary: String = {
   let testBinary = URL(
@@ -159,6 +167,30 @@ final class HostvisorProcess: Sendable {
       }
       usleep(20_000)
     }
+  }
+
+  /// Waits until the default Debian guest's shell prompt follows its ready marker.
+  func waitForGuestShell(timeout: TimeInterval = 600) throws {
+    try waitForOutput(timeout: timeout, "the guest's shell") { text in
+      guard let marker = text.range(of: "HOSTVISOR-GUEST-READY") else { return false }
+      return text[marker.upperBound...].contains("# ")
+    }
+    sleep(1)
+  }
+
+  /// Types `command` on the guest's shell between two markers made from `tag` and returns what
+  /// it printed between them.
+  func guestOutput(_ tag: String, _ command: String, timeout: TimeInterval = 120) throws -> String {
+    type("echo \(tag)''BEGIN; \(command); echo \(tag)''END\n")
+    var captured = ""
+    try waitForOutput(timeout: timeout, tag) { text in
+      guard let begin = text.range(of: "\(tag)BEGIN", options: .backwards),
+        let end = text.range(of: "\(tag)END", range: begin.upperBound..<text.endIndex)
+      else { return false }
+      captured = String(text[begin.upperBound..<end.lowerBound])
+      return true
+    }
+    return captured
   }
 
   /// Waits for the process to exit; nil on timeout.

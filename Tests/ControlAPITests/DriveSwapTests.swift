@@ -15,10 +15,7 @@ struct DriveSwapTests {
   }
 
   @Test func patchDriveSwapsTheBackingFileOfARunningGuest() throws {
-    let guest = packageRoot.appendingPathComponent(".cache/guest")
-    let kernel = guest.appendingPathComponent("vmlinuz").path
-    let initrd = guest.appendingPathComponent("initramfs.cpio.gz").path
-    try #require(FileManager.default.fileExists(atPath: kernel), "no default guest: run `make guest` first")
+    let (kernel, initrd) = try defaultGuest()
 
     let scratch = try Scratch()
     let socket = scratch.file("api.sock")
@@ -42,25 +39,8 @@ struct DriveSwapTests {
     _ = FileManager.default.createFile(atPath: metricsFile, contents: nil)
     #expect(try curl(socket, "PUT", "/metrics", #"{"metrics_path": "\#(metricsFile)"}"#).status == 204)
     #expect(try curl(socket, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
-    try server.waitForOutput(timeout: 600, "the guest's shell") { text in
-      guard let marker = text.range(of: "HOSTVISOR-GUEST-READY") else { return false }
-      return text[marker.upperBound...].contains("# ")
-    }
-    sleep(1)
-
-    /// Runs `command` in the guest between two markers and returns what it printed.
-    func guestOutput(_ tag: String, _ command: String) throws -> String {
-      server.type("echo \(tag)''BEGIN; \(command); echo \(tag)''END\n")
-      var captured = ""
-      try server.waitForOutput(timeout: 120, tag) { text in
-        guard let begin = text.range(of: "\(tag)BEGIN", options: .backwards),
-          let end = text.range(of: "\(tag)END", range: begin.upperBound..<text.endIndex)
-        else { return false }
-        captured = String(text[begin.upperBound..<end.lowerBound])
-        return true
-      }
-      return captured
-    }
+    try server.waitForGuestShell()
+    func guestOutput(_ tag: String, _ command: String) throws -> String { try server.guestOutput(tag, command) }
 
     let before = try guestOutput("ONE", "cat /sys/block/vda/size; head -c 15 /dev/vda; echo")
     #expect(before.contains("8192"), "guest saw: \(before)")

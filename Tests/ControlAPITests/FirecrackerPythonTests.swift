@@ -8,10 +8,7 @@ import Testing
 struct FirecrackerPythonTests {
   @Test
   func firecrackerPythonBootsPausesAndResumesTheDebianGuest() throws {
-    let guest = packageRoot.appendingPathComponent(".cache/guest")
-    let kernel = guest.appendingPathComponent("vmlinuz").path
-    let initrd = guest.appendingPathComponent("initramfs.cpio.gz").path
-    try #require(FileManager.default.fileExists(atPath: kernel), "no default guest: run `make guest` first")
+    let (kernel, initrd) = try defaultGuest()
     let python = "/usr/bin/env"
     let check = try runProgram(python, ["python3", "-c", "import firecracker.api"])
     try #require(check.status == 0, "firecracker-python is not installed (scripts/install-deps.sh): \(check.stderr)")
@@ -33,12 +30,8 @@ struct FirecrackerPythonTests {
       executable: python)
     defer { client.process.terminate() }
     try client.waitForOutput(timeout: 300, "Running from the client") { $0.contains("state Running") }
-    try server.waitForOutput(timeout: 600, "the guest's shell") { text in
-      guard let marker = text.range(of: "HOSTVISOR-GUEST-READY") else { return false }
-      return text[marker.upperBound...].contains("# ")
-    }
+    try server.waitForGuestShell()
     // The guest sees the read-only data drive the client configured.
-    sleep(1)
     server.type("echo BEGIN''; cat /sys/block/vda/ro; echo END''\n")
     try server.waitForOutput(timeout: 60, "the drive check") {
       $0.contains("BEGIN\r\n1\r\nEND") || $0.contains("BEGIN\n1\nEND")
