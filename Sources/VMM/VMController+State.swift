@@ -92,16 +92,3 @@ extension VMController {
     try adopt(machine, paused: !resume)
   }
 }
-
-extension VMController {
-  /// Moves the running machine to a Hostvisor process waiting at `destination`
-  /// (`unix:PATH` or `tcp:HOST:PORT`); the source stops once the destination confirms.
-  public func sendMigration(to destination: String, downtimeLimitMilliseconds: Int = 300) throws(ControlError) {
-    throw ControlError(.unsupported, "live migration is not implemented yet")
-  }
-
-  /// Waits at `source` (`unix:PATH` or `tcp:HOST:PORT`) for a migrating machine and runs it.
-  public func receiveMigration(from source: String) throws(ControlError) {
-    throw ControlError(.unsupported, "live migration is not implemented yet")
-  }
-}
