@@ -241,7 +241,7 @@ final class MigrationChannel {
     header.write(Self.magic)
     header.write(type.rawValue)
     header.write(UInt64(payload.count))
-    header.write(CRC32C.checksum(payload))
+    header.write(FastCRC32C.checksum(payload))
     header.write(UInt32(0))
     try header.bytes.withUnsafeBytes { (bytes) throws in try writeAll(bytes) }
     try writeAll(payload)
@@ -280,7 +280,7 @@ final class MigrationChannel {
     }
     var payload = [UInt8](repeating: 0, count: Int(length))
     try payload.withUnsafeMutableBytes { (bytes) throws in try readAll(bytes) }
-    let actual = payload.withUnsafeBytes { CRC32C.checksum($0) }
+    let actual = payload.withUnsafeBytes { FastCRC32C.checksum($0) }
     guard actual == checksum else {
       throw MigrationError.protocolError("a migration message is corrupted (checksum mismatch)")
     }
@@ -327,6 +327,53 @@ final class MigrationChannel {
       }
       done += result
     }
+  }
+}
+
+/// CRC-32C (the same function as `CRC32C`) computed eight bytes at a time ("slicing by 8"),
+/// for the megabytes a migration checksums: several times faster than a byte at a time.
+enum FastCRC32C {
+  /// Eight tables of 256 entries: table k maps a byte to its CRC contribution k bytes later.
+  /// Written once when first used, read-only afterwards.
+  nonisolated(unsafe) private static let tables: UnsafeMutablePointer<UInt32> = {
+    let tables = UnsafeMutablePointer<UInt32>.allocate(capacity: 8 * 256)
+    for index in 0..<256 {
+      var crc = UInt32(index)
+      for _ in 0..<8 { crc = crc & 1 != 0 ? (crc >> 1) ^ 0x82F6_3B78 : crc >> 1 }
+      tables[index] = crc
+    }
+    for table in 1..<8 {
+      for index in 0..<256 {
+        let previous = tables[(table - 1) * 256 + index]
+        tables[table * 256 + index] = (previous >> 8) ^ tables[Int(previous & 0xFF)]
+      }
+    }
+    return tables
+  }()
+
+  /// The CRC-32C of `buffer` (initial value and final XOR 0xFFFFFFFF).
+  static func checksum(_ buffer: UnsafeRawBufferPointer) -> UInt32 {
+    guard let base = buffer.baseAddress else { return 0 }
+    let t = tables
+    var crc: UInt32 = 0xFFFF_FFFF
+    var offset = 0
+    let count = buffer.count
+    while count - offset >= 8 {
+      let word = UInt64(littleEndian: base.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+      let low = crc ^ UInt32(truncatingIfNeeded: word)
+      let high = UInt32(truncatingIfNeeded: word >> 32)
+      crc =
+        t[7 * 256 + Int(low & 0xFF)] ^ t[6 * 256 + Int((low >> 8) & 0xFF)]
+        ^ t[5 * 256 + Int((low >> 16) & 0xFF)] ^ t[4 * 256 + Int(low >> 24)]
+        ^ t[3 * 256 + Int(high & 0xFF)] ^ t[2 * 256 + Int((high >> 8) & 0xFF)]
+        ^ t[1 * 256 + Int((high >> 16) & 0xFF)] ^ t[Int(high >> 24)]
+      offset += 8
+    }
+    while offset < count {
+      crc = t[Int((crc ^ UInt32(base.load(fromByteOffset: offset, as: UInt8.self))) & 0xFF)] ^ (crc >> 8)
+      offset += 1
+    }
+    return crc ^ 0xFFFF_FFFF
   }
 }
 

@@ -128,6 +128,24 @@ final class ChildProcess {
   }
 }
 
+@Test func migrationChecksumIsCRC32C() {
+  // "123456789" has the CRC-32C check value 0xE3069283 (the catalogue's check for CRC-32C).
+  let check = Array("123456789".utf8)
+  #expect(check.withUnsafeBytes { FastCRC32C.checksum($0) } == 0xE306_9283)
+  // Every length and alignment against the byte-at-a-time implementation.
+  var state: UInt32 = 12345
+  let bytes = (0..<1000).map { _ -> UInt8 in
+    state = state &* 1_103_515_245 &+ 12345
+    return UInt8(truncatingIfNeeded: state >> 16)
+  }
+  for start in 0..<9 {
+    for end in stride(from: start, through: bytes.count, by: 37) {
+      let slice = Array(bytes[start..<end])
+      #expect(slice.withUnsafeBytes { FastCRC32C.checksum($0) } == CRC32C.checksum(slice))
+    }
+  }
+}
+
 @Suite("Live migration between two hostvisor processes", .serialized)
 struct LiveMigrationTests {
   let scratch: ScratchDirectory
