@@ -360,7 +360,8 @@ public final class CloudHypervisorAPI: Sendable {
     try requireBooted()
     let downtime = Int(clamping: data.downtime_ms ?? 300)
     do {
-      try controller.sendMigration(to: data.destination_url, downtimeLimitMilliseconds: downtime)
+      let statistics = try controller.sendMigration(to: data.destination_url, downtimeLimitMilliseconds: downtime)
+      Logger(label: "vmm").info("migrated to \(data.destination_url): \(statistics)")
     } catch {
       throw Failure(status: error.kind == .invalidArgument ? 400 : 500, message: error.description)
     }

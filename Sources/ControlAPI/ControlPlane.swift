@@ -59,6 +59,13 @@ public final class ControlPlane: Sendable {
   /// Marks the machine as created (after a Firecracker configuration request or `vm.create`).
   func markCreated() { state.withLock { $0.created = true } }
 
+  /// Waits at `url` for a migrating machine and runs it (`hostvisor serve --incoming`); the
+  /// machine then counts as created for both APIs.
+  public func receiveIncomingMigration(from url: String) throws(ControlError) {
+    try controller.receiveMigration(from: url)
+    markCreated()
+  }
+
   private func makeController(spec: VMSpec) -> VMController {
     let identity = Mutex<ObjectIdentifier?>(nil)
     let controller = VMController(id: instanceID, spec: spec) { [weak self] reason in

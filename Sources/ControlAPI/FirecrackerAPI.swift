@@ -540,7 +540,7 @@ public final class FirecrackerAPI: Sendable {
     do {
       try controller.loadSnapshot(
         statePath: body.snapshot_path, memoryPath: memoryPath, resume: body.resume_vm ?? false,
-        networkOverrides: overrides)
+        networkOverrides: overrides, trackDirtyPages: body.track_dirty_pages ?? body.enable_diff_snapshots ?? false)
     } catch {
       throw ControlFailure("Cannot load the snapshot: \(error.description)")
     }

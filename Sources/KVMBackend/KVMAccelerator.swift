@@ -24,8 +24,6 @@ public final class KVMAccelerator: Accelerator {
   public static let reservedGuestPhysicalRange: Range<UInt64> = 0xFEFF_C000..<0xFF00_0000
 
   let parts: MachineParts
-  /// Host-side writes to guest RAM while dirty logging is on (see `startDirtyLogging`).
-  let hostWriteLog = KVMHostWriteLog()
   let system: KVMSystemDevice
   let machine: KVMVirtualMachine
   let vcpus: [KVMVCPU]

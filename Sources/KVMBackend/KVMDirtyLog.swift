@@ -3,34 +3,15 @@ import Glibc
 import Synchronization
 import VMCore
 
-/// Guest-physical pages the host side (device DMA, loaders) wrote while dirty logging is on:
-/// KVM's dirty log only sees the guest's own stores.
-final class KVMHostWriteLog: GuestMemoryWriteObserver {
-  private let pages = Mutex<Set<UInt64>>([])
+extension KVMAccelerator: DirtyPageTracking {
+  /// Whether dirty logging is on.
+  public var isDirtyLogging: Bool { parts.memory.dirtyPages.isEnabled }
 
-  func guestMemoryWritten(at address: UInt64, length: UInt64) {
-    guard length > 0 else { return }
-    let first = address >> 12
-    let last = (address + length - 1) >> 12
-    pages.withLock { pages in
-      for page in first...last { pages.insert(page) }
-    }
-  }
-
-  /// The pages written since the last call.
-  func take() -> Set<UInt64> {
-    pages.withLock { pages in
-      defer { pages = [] }
-      return pages
-    }
-  }
-}
-
-extension KVMAccelerator {
-  /// Turns on dirty-page logging: every RAM slot gets KVM_MEM_LOG_DIRTY_PAGES and host-side
-  /// writes to guest RAM are recorded too. `takeDirtyPages` then reports what changed.
+  /// Turns on dirty-page logging: every RAM slot gets KVM_MEM_LOG_DIRTY_PAGES, and host-side
+  /// writes to guest RAM (device DMA, which KVM does not see) are recorded in the guest
+  /// memory's dirty bitmap. `takeDirtyPages` then reports what changed.
   public func startDirtyLogging() throws(KVMError) {
-    parts.memory.setWriteObserver(hostWriteLog)
+    parts.memory.dirtyPages.setEnabled(true)
     try machine.registerMemorySlots(flags: UInt32(KVM_MEM_LOG_DIRTY_PAGES))
     _ = try takeDirtyPages()
   }
@@ -39,7 +20,7 @@ extension KVMAccelerator {
   /// logging started or since the last call (KVM_GET_DIRTY_LOG per slot, which also resets
   /// the log), in ascending order.
   public func takeDirtyPages() throws(KVMError) -> [UInt64] {
-    var pages = hostWriteLog.take()
+    var pages = parts.memory.dirtyPages.take()
     for (slot, region) in parts.memory.regions.enumerated() {
       let pageCount = Int(region.size >> 12)
       var bitmap = [UInt64](repeating: 0, count: (pageCount + 63) / 64)
@@ -56,12 +37,23 @@ extension KVMAccelerator {
       for (wordIndex, word) in bitmap.enumerated() where word != 0 {
         var bits = word
         while bits != 0 {
-          let bit = UInt64(bits.trailingZeroBitCount)
-          pages.insert(base + UInt64(wordIndex) * 64 + bit)
+          pages.append(base + UInt64(wordIndex) * 64 + UInt64(bits.trailingZeroBitCount))
           bits &= bits - 1
         }
       }
     }
-    return pages.sorted()
+    pages.sort()
+    var unique: [UInt64] = []
+    unique.reserveCapacity(pages.count)
+    for page in pages where unique.last != page { unique.append(page) }
+    return unique
+  }
+
+  /// Turns dirty logging off: the slots lose KVM_MEM_LOG_DIRTY_PAGES (a failure only leaves
+  /// the guest slower) and host writes are no longer recorded.
+  public func stopDirtyLogging() {
+    parts.memory.dirtyPages.setEnabled(false)
+    _ = parts.memory.dirtyPages.take()
+    try? machine.registerMemorySlots(flags: 0)
   }
 }

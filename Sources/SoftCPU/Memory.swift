@@ -210,11 +210,15 @@ extension CPU {
     }
   }
 
-  /// Host address of a RAM page for writing; invalidates decoded code on it and fills the write TLB.
+  /// Host address of a RAM page for writing; marks it dirty, invalidates decoded code on it and
+  /// fills the write TLB.
   @_transparent
   func writableRAM(_ linear: UInt64, physical: UInt64) -> UnsafeMutableRawPointer? {
     guard let host = ramPointer(physical) else { return nil }
     let page = physical >> 12
+    // Dirty logging: a write entry is filled only here, and taking the dirty pages drops every
+    // write entry, so marking the page at fill time records every later store through it.
+    memory.dirtyPages.mark(page: page)
     if codePageHead[Int(page)] != 0 {
       invalidateCodePage(page)
     }

@@ -25,10 +25,10 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
   /// Where a debugger (the gdb stub) attaches; inactive unless it has work.
   public let debugHook = SoftDebugHook()
 
-  private let parts: MachineParts
-  private let cpus: [CPU]
+  let parts: MachineParts
+  let cpus: [CPU]
   private let wakeups: [VCPUSleeper]
-  private let started = Atomic<Bool>(false)
+  let started = Atomic<Bool>(false)
   /// Set by `restoreState`: `run` then keeps the restored vCPU state instead of booting.
   let restoredFromSnapshot = Atomic<Bool>(false)
 

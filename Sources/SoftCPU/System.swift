@@ -172,6 +172,7 @@ extension CPU {
   func systemWritePhysicalByte(_ physical: UInt64, _ value: UInt8) {
     if let pointer = memory.hostPointer(physical) {
       pointer.storeBytes(of: value, as: UInt8.self)
+      systemNoteWrite(physical, size: 1)
     } else {
       bus.mmioWrite(physical, size: 1, value: UInt64(value))
     }
@@ -245,10 +246,10 @@ extension CPU {
     systemNoteWrite(second, size: size - firstCount)
   }
 
-  /// Tells the core's decoded-block cache that guest RAM at `physical` was written by the
-  /// system part (stack frames, descriptor accessed/busy bits).
+  /// Records that guest RAM at `physical` was written by the system part (stack frames,
+  /// descriptor accessed/busy bits, paging A/D bits) in the dirty bitmap.
   @inline(__always)
   func systemNoteWrite(_ physical: UInt64, size: Int) {
-    // Hook: the core's code-page write tracking goes here once it exists.
+    memory.dirtyPages.mark(address: physical, length: UInt64(size))
   }
 }

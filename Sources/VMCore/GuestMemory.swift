@@ -64,6 +64,9 @@ public final class GuestMemory: @unchecked Sendable {
   public let regions: [Region]
   /// Total RAM in bytes.
   public let totalSize: UInt64
+  /// Pages written while dirty logging is on: host-side writes (`noteWrite`) always mark it;
+  /// the software CPU marks its own stores. Off until an accelerator turns it on.
+  public let dirtyPages: GuestDirtyBitmap
 
   private struct ObserverReference {
     weak var observer: (any GuestMemoryWriteObserver)?
@@ -103,6 +106,7 @@ public final class GuestMemory: @unchecked Sendable {
     }
     regions = mapped
     totalSize = size
+    dirtyPages = GuestDirtyBitmap(pageCount: mapped.last!.guestEnd >> 12)
   }
 
   deinit {
@@ -134,10 +138,12 @@ public final class GuestMemory: @unchecked Sendable {
     writeObserver.withLock { $0.observer = observer }
   }
 
-  /// Reports that the host side wrote `[address, address + length)` of guest RAM. The typed
+  /// Reports that the host side wrote `[address, address + length)` of guest RAM (for the
+  /// accelerator's observer and the dirty bitmap). The typed
   /// writers below (`write`, `writeBytes`, `fill`) call it themselves; code that writes through
   /// `slice` or `hostPointer` (device DMA) must call it after writing.
   public func noteWrite(at address: UInt64, length: UInt64) {
+    dirtyPages.mark(address: address, length: length)
     guard length > 0, let observer = writeObserver.withLock({ $0.observer }) else { return }
     observer.guestMemoryWritten(at: address, length: length)
   }

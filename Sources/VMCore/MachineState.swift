@@ -201,12 +201,18 @@ public enum MachineStateFile {
   /// The largest payload accepted (device and vCPU state; RAM lives in its own file).
   public static let maximumPayload = 256 << 20
 
+  /// Header flag: the snapshot's memory file is a diff (only the pages written since the
+  /// previous snapshot; holes mean "unchanged"), to be laid over its base.
+  public static let diffMemoryFlag: UInt32 = 1
+  /// Every flag this version knows; a file with another flag set is refused.
+  public static let knownFlags: UInt32 = diffMemoryFlag
+
   /// The header plus `payload`.
-  public static func encode(payload: [UInt8]) -> [UInt8] {
+  public static func encode(payload: [UInt8], flags: UInt32 = 0) -> [UInt8] {
     var header = StateWriter()
     header.write(UInt64(0))  // placeholder for the magic, patched below
     header.write(formatVersion)
-    header.write(UInt32(0))
+    header.write(flags)
     header.write(UInt64(payload.count))
     header.write(CRC32C.checksum(payload))
     header.write(UInt32(0))
@@ -214,6 +220,12 @@ public enum MachineStateFile {
     bytes.replaceSubrange(0..<8, with: magic)
     bytes.append(contentsOf: payload)
     return bytes
+  }
+
+  /// The header flags of a file `decode` accepted.
+  public static func flags(of bytes: [UInt8]) -> UInt32 {
+    guard bytes.count >= 16 else { return 0 }
+    return bytes[12..<16].reversed().reduce(0) { $0 << 8 | UInt32($1) }
   }
 
   /// Checks the header and the checksum; returns the payload.
@@ -231,7 +243,10 @@ public enum MachineStateFile {
       throw MachineStateError(
         "the state file has format version \(version); this Hostvisor reads version \(formatVersion)")
     }
-    _ = try header.read(UInt32.self)
+    let flags: UInt32 = try header.read()
+    guard flags & ~knownFlags == 0 else {
+      throw MachineStateError("the state file has unknown flags 0x\(String(flags, radix: 16))")
+    }
     let length: UInt64 = try header.read()
     let checksum: UInt32 = try header.read()
     guard length <= UInt64(maximumPayload) else {
@@ -258,6 +273,15 @@ public enum CRC32C {
     var crc = UInt32(index)
     for _ in 0..<8 { crc = crc & 1 != 0 ? (crc >> 1) ^ 0x82F6_3B78 : crc >> 1 }
     return crc
+  }
+
+  /// The CRC-32C of the bytes of `buffer`.
+  public static func checksum(_ buffer: UnsafeRawBufferPointer) -> UInt32 {
+    var crc: UInt32 = 0xFFFF_FFFF
+    table.withUnsafeBufferPointer { table in
+      for byte in buffer { crc = table[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8) }
+    }
+    return crc ^ 0xFFFF_FFFF
   }
 
   /// The CRC-32C of `bytes` (initial value and final XOR 0xFFFFFFFF).

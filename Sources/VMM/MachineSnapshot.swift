@@ -15,8 +15,12 @@ public struct RestoreOverrides: Sendable {
   /// Replacement host TAP devices, by interface ID (`net0`, `net1`, ... or the ID given when
   /// the snapshot was created).
   public var networkTaps: [String: String] = [:]
-  /// The memory file; nil uses the path recorded in the state file.
+  /// The memory file; nil uses the path recorded in the state file. For a diff snapshot, the
+  /// base memory file (a full snapshot's, or one merged from a chain).
   public var memoryPath: String?
+  /// Diff memory files laid over the memory file in order (each holds the pages written since
+  /// the snapshot before it). Empty: for a diff snapshot, the diff file recorded in it.
+  public var diffPaths: [String] = []
   /// Leave the restored machine paused (its clock frozen) until `resume`.
   public var paused = false
   /// Report choices on standard error.
@@ -149,44 +153,21 @@ extension VirtualMachine {
 
   /// Writes a snapshot of this paused machine: device and vCPU state to `statePath` (written
   /// to a temporary file, fsynced and renamed into place) and guest RAM to `memoryPath` (a
-  /// sparse file). Device workers are quiesced while the state is taken and the disks are
-  /// flushed before it completes. Throws (one line) when the machine is not paused, or its
-  /// accelerator cannot save its state yet.
-  public func saveSnapshot(statePath: String, memoryPath: String, networkIDs: [String]? = nil) throws(MachineStateError)
-  {
+  /// sparse file; with `diffPages`, a diff memory file holding only those pages). Device
+  /// workers are quiesced while the state is taken and the disks are flushed before it
+  /// completes. Throws (one line) when the machine is not paused, or its accelerator cannot
+  /// save its state yet.
+  public func saveSnapshot(
+    statePath: String, memoryPath: String, networkIDs: [String]? = nil, diffPages: [UInt64]? = nil
+  ) throws(MachineStateError) {
     guard parts.control.pauseGate.isPaused else {
       throw MachineStateError("the machine must be paused to take a snapshot")
     }
-    let kvmState = try (accelerator as? KVMAccelerator)?.captureState()
-    let soft = accelerator as? SoftAccelerator
-    guard soft != nil || kvmState != nil else {
-      throw MachineStateError("snapshots of machines on the \(accelerator.name) accelerator are not implemented yet")
-    }
     for device in virtioDevices { device.quiesce() }
     defer { for device in virtioDevices { device.unquiesce() } }
-    for device in virtioDevices {
-      guard let block = device.model as? VirtioBlock else { continue }
-      do {
-        try block.backend.flush()
-      } catch {
-        throw MachineStateError("cannot flush a disk before the snapshot: \(error)")
-      }
-    }
-    let absoluteMemoryPath = Self.absolutePath(memoryPath)
-    var writer = StateWriter()
-    writer.section("machine") {
-      machineDescription(memoryPath: absoluteMemoryPath, networkIDs: networkIDs).save(into: &$0)
-    }
-    if let soft {
-      writer.section("accelerator", soft)
-    } else if let kvmState {
-      writer.section("accelerator") { kvmState.save(into: &$0) }
-    }
-    writer.section("legacy-devices", devices)
-    writer.section("acpi-pm", powerManagement)
-    writer.section("pci", pci)
-    for device in virtioDevices { writer.section("virtio", device) }
-    let file = MachineStateFile.encode(payload: writer.bytes)
+    let payload = try encodeState(memoryPath: Self.absolutePath(memoryPath), networkIDs: networkIDs)
+    let file = MachineStateFile.encode(
+      payload: payload, flags: diffPages == nil ? 0 : MachineStateFile.diffMemoryFlag)
 
     // A new file renamed into place: a machine restored from the old file keeps mapping it.
     let temporaryMemoryPath = memoryPath + ".partial"
@@ -195,7 +176,11 @@ extension VirtualMachine {
       throw MachineStateError("cannot create memory file '\(memoryPath)': \(String(cString: strerror(errno)))")
     }
     do {
-      _ = try parts.memory.writeSparse(to: memoryDescriptor)
+      if let diffPages {
+        try parts.memory.writeDiff(pages: diffPages, to: memoryDescriptor)
+      } else {
+        _ = try parts.memory.writeSparse(to: memoryDescriptor)
+      }
     } catch {
       close(memoryDescriptor)
       unlink(temporaryMemoryPath)
@@ -211,17 +196,76 @@ extension VirtualMachine {
     try Self.writeFileAtomically(file, to: statePath)
   }
 
+  /// The state payload of this paused machine (every section; RAM not included), recording
+  /// `memoryPath` as its memory file. The caller keeps the virtio devices quiesced meanwhile.
+  /// The disks are flushed first.
+  func encodeState(memoryPath: String, networkIDs: [String]?) throws(MachineStateError) -> [UInt8] {
+    let kvmState = try (accelerator as? KVMAccelerator)?.captureState()
+    let soft = accelerator as? SoftAccelerator
+    guard soft != nil || kvmState != nil else {
+      throw MachineStateError("snapshots of machines on the \(accelerator.name) accelerator are not implemented yet")
+    }
+    for device in virtioDevices {
+      guard let block = device.model as? VirtioBlock else { continue }
+      do {
+        try block.backend.flush()
+      } catch {
+        throw MachineStateError("cannot flush a disk before the snapshot: \(error)")
+      }
+    }
+    var writer = StateWriter()
+    writer.section("machine") {
+      machineDescription(memoryPath: memoryPath, networkIDs: networkIDs).save(into: &$0)
+    }
+    if let soft {
+      writer.section("accelerator", soft)
+    } else if let kvmState {
+      writer.section("accelerator") { kvmState.save(into: &$0) }
+    }
+    writer.section("legacy-devices", devices)
+    writer.section("acpi-pm", powerManagement)
+    writer.section("pci", pci)
+    for device in virtioDevices { writer.section("virtio", device) }
+    return writer.bytes
+  }
+
   /// Builds a machine from a snapshot: the machine the state file describes (with
-  /// `overrides`), guest RAM mapped copy-on-write from the memory file, and every part's state
-  /// restored. Nothing runs until `run`; any failure is one line and leaves no machine behind.
+  /// `overrides`), guest RAM mapped copy-on-write from the memory file (with the diff layers of
+  /// `overrides.diffPaths` applied over it), and every part's state restored. Nothing runs
+  /// until `run`; any failure is one line and leaves no machine behind.
   public static func restore(statePath: String, overrides: RestoreOverrides = RestoreOverrides()) throws
     -> VirtualMachine
   {
     let bytes = try readFile(statePath)
-    var reader = StateReader(bytes: try MachineStateFile.decode(bytes))
+    let payload = try MachineStateFile.decode(bytes)
+    let isDiff = MachineStateFile.flags(of: bytes) & MachineStateFile.diffMemoryFlag != 0
+    var reader = StateReader(bytes: payload)
     let description = try reader.section("machine") { (reader) throws(MachineStateError) in
       try MachineDescription.restore(from: &reader)
     }
+    var layers: [String]
+    if isDiff {
+      guard let base = overrides.memoryPath else {
+        throw MachineStateError(
+          "'\(statePath)' is a diff snapshot: its memory file holds only the pages changed since the previous "
+            + "snapshot; restore it with memory=BASE (and diff=PATH for each layer), or merge it into its base "
+            + "with `hostvisor merge-memory`")
+      }
+      layers = [base] + (overrides.diffPaths.isEmpty ? [description.memoryPath] : overrides.diffPaths)
+    } else {
+      layers = [overrides.memoryPath ?? description.memoryPath] + overrides.diffPaths
+    }
+    let memory = try GuestMemory.mapping(snapshotFile: layers.removeFirst(), size: description.memorySize)
+    for diff in layers { try memory.applyDiff(path: diff) }
+    let machine = try build(description: description, overrides: overrides, memory: memory)
+    try machine.restoreSections(from: &reader, description: description, paused: overrides.paused)
+    return machine
+  }
+
+  /// The machine `description` describes, with `overrides`, on `memory` (not yet restored).
+  static func build(description: MachineDescription, overrides: RestoreOverrides, memory: GuestMemory) throws
+    -> VirtualMachine
+  {
     let acceleratorChoice: AcceleratorChoice
     switch description.accelerator {
     case "soft": acceleratorChoice = .soft
@@ -240,38 +284,43 @@ extension VirtualMachine {
     configuration.networks = zip(description.networkIDs, description.networks).map { id, network in
       NetworkConfiguration(tapName: overrides.networkTaps[id] ?? network.tapName, mac: network.mac)
     }
-    let memory = try GuestMemory.mapping(
-      snapshotFile: overrides.memoryPath ?? description.memoryPath, size: description.memorySize)
-    guard memory.regions.flatMap({ [$0.guestBase, $0.size] }) == description.regions else {
+    guard memory.totalSize == description.memorySize,
+      memory.regions.flatMap({ [$0.guestBase, $0.size] }) == description.regions
+    else {
       throw MachineStateError("the state file does not match this machine: the RAM layout differs")
     }
-    let machine = try VirtualMachine(configuration: configuration, restoringMemory: memory)
+    return try VirtualMachine(configuration: configuration, restoringMemory: memory)
+  }
+
+  /// Restores every section after `machine` from `reader` into this machine, built from
+  /// `description` (paused first when `paused`). On failure the devices are shut down and the
+  /// machine must not run.
+  func restoreSections(from reader: inout StateReader, description: MachineDescription, paused: Bool) throws {
     do {
-      let built = machine.machineDescription(memoryPath: description.memoryPath, networkIDs: description.networkIDs)
+      let built = machineDescription(memoryPath: description.memoryPath, networkIDs: description.networkIDs)
       guard built.pciFunctions == description.pciFunctions else {
         throw MachineStateError("the state file does not match this machine: its PCI devices differ")
       }
-      if overrides.paused { try? machine.pause() }
-      if let soft = machine.accelerator as? SoftAccelerator {
+      if paused { try? pause() }
+      if let soft = accelerator as? SoftAccelerator {
         try reader.section("accelerator", soft)
-      } else if let kvm = machine.accelerator as? KVMAccelerator {
+      } else if let kvm = accelerator as? KVMAccelerator {
         try reader.section("accelerator") { (reader) throws(MachineStateError) in try kvm.restoreState(from: &reader) }
       } else {
         throw MachineStateError("the restored machine's accelerator cannot restore a state")
       }
-      try reader.section("legacy-devices", machine.devices)
-      try reader.section("acpi-pm", machine.powerManagement)
-      try reader.section("pci", machine.pci)
-      for device in machine.virtioDevices { try reader.section("virtio", device) }
+      try reader.section("legacy-devices", devices)
+      try reader.section("acpi-pm", powerManagement)
+      try reader.section("pci", pci)
+      for device in virtioDevices { try reader.section("virtio", device) }
       guard reader.isAtEnd else { throw MachineStateError("the state file has unexpected data after its last section") }
     } catch {
-      machine.shutdownDevices()
+      shutdownDevices()
       throw error
     }
-    return machine
   }
 
-  private static func absolutePath(_ path: String) -> String {
+  static func absolutePath(_ path: String) -> String {
     guard !path.hasPrefix("/") else { return path }
     guard let directory = getcwd(nil, 0) else { return path }
     defer { free(directory) }
@@ -336,20 +385,29 @@ extension VirtualMachine {
   public static let snapshotSignal = SIGUSR2
 
   /// Restores the machine named by the `--restore` argument: `STATE` (the memory file recorded
-  /// in it) or `STATE,memory=PATH`.
+  /// in it), `STATE,memory=PATH`, or for diff snapshots `STATE,memory=BASE[,diff=PATH]...`
+  /// (the diff layers in order; without `diff=`, the diff recorded in the state file).
   public static func restore(commandLineArgument text: String, serial: SerialChoice, verbose: Bool) throws
     -> VirtualMachine
   {
     var overrides = RestoreOverrides()
     overrides.serial = serial
     overrides.verbose = verbose
-    var statePath = text
-    if let range = text.firstRange(of: ",memory=") {
-      statePath = String(text[..<range.lowerBound])
-      overrides.memoryPath = String(text[range.upperBound...])
-      guard !overrides.memoryPath!.isEmpty else { throw MachineStateError("--restore: empty memory file path") }
-    }
+    var parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+    let statePath = parts.removeFirst()
     guard !statePath.isEmpty else { throw MachineStateError("--restore needs a state file path") }
+    for part in parts {
+      if part.hasPrefix("memory="), overrides.memoryPath == nil {
+        overrides.memoryPath = String(part.dropFirst("memory=".count))
+        guard !overrides.memoryPath!.isEmpty else { throw MachineStateError("--restore: empty memory file path") }
+      } else if part.hasPrefix("diff=") {
+        let path = String(part.dropFirst("diff=".count))
+        guard !path.isEmpty else { throw MachineStateError("--restore: empty diff file path") }
+        overrides.diffPaths.append(path)
+      } else {
+        throw MachineStateError("--restore: unknown option '\(part)' (use STATE[,memory=PATH][,diff=PATH]...)")
+      }
+    }
     return try restore(statePath: statePath, overrides: overrides)
   }
 

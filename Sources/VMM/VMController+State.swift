@@ -4,25 +4,61 @@ import VMCore
 /// The HTTP frontends and `hostvisor ctl` call these.
 extension VMController {
   /// Writes a snapshot of a paused machine: its device and vCPU state to `statePath` and guest
-  /// RAM to `memoryPath` (only pages written since the last snapshot when `diff` is true).
+  /// RAM to `memoryPath`. With `diff`, the memory file holds only the pages written since the
+  /// previous snapshot (or since boot or restore), as a sparse file to lay over the previous
+  /// snapshot's memory file; that needs dirty-page tracking (`VMSpec.trackDirtyPages`). With
+  /// tracking on, every snapshot starts a new diff interval.
   public func createSnapshot(statePath: String, memoryPath: String, diff: Bool = false) throws(ControlError) {
-    guard !diff else { throw ControlError(.unsupported, "diff snapshots are not implemented yet") }
     guard lifecycle == .paused, let machine else {
       throw ControlError(.invalidState, "cannot create a snapshot of a microVM that is \(lifecycle.phrase)")
     }
+    let tracker = machine.accelerator as? any DirtyPageTracking
+    let tracking = tracker?.isDirtyLogging ?? false
+    if diff && !tracking {
+      throw ControlError(
+        .invalidState, "diff snapshots need dirty page tracking: enable track_dirty_pages in the machine configuration")
+    }
+    var dirtyPages: [UInt64] = []
+    if let tracker, tracking {
+      do {
+        dirtyPages = try tracker.takeDirtyPages()
+      } catch {
+        throw ControlError(.failed, "cannot read the dirty pages: \(error)")
+      }
+    }
     do {
       try machine.saveSnapshot(
-        statePath: statePath, memoryPath: memoryPath, networkIDs: spec.networkInterfaces.map(\.id))
+        statePath: statePath, memoryPath: memoryPath, networkIDs: spec.networkInterfaces.map(\.id),
+        diffPages: diff ? dirtyPages : nil)
     } catch {
+      // The pages stay dirty for the next snapshot.
+      for page in dirtyPages { machine.parts.memory.dirtyPages.mark(page: page) }
       throw ControlError(.failed, error.description)
+    }
+  }
+
+  /// Turns on dirty-page tracking for a booted or restored machine (diff snapshots).
+  func startDirtyPageTracking(_ machine: VirtualMachine) throws(ControlError) {
+    guard let tracker = machine.accelerator as? any DirtyPageTracking else {
+      throw ControlError(.unsupported, "the \(machine.accelerator.name) accelerator cannot track dirty pages")
+    }
+    do {
+      try tracker.startDirtyLogging()
+    } catch {
+      throw ControlError(.failed, "cannot start dirty page tracking: \(error)")
     }
   }
 
   /// Builds the machine from a snapshot instead of booting it (only before start); resumes it
   /// when `resume` is true, else leaves it paused. `networkOverrides` maps interface IDs to
   /// host TAP devices that replace the ones recorded in the snapshot.
+  ///
+  /// For a diff snapshot, `memoryPath` is its base (the previous full snapshot's memory file)
+  /// and the diff memory file the state records is laid over it. With `trackDirtyPages`, the
+  /// restored machine tracks dirty pages for diff snapshots.
   public func loadSnapshot(
-    statePath: String, memoryPath: String, resume: Bool, networkOverrides: [String: String] = [:]
+    statePath: String, memoryPath: String, resume: Bool, networkOverrides: [String: String] = [:],
+    trackDirtyPages: Bool = false
   ) throws(ControlError) {
     guard lifecycle == .notStarted else {
       throw ControlError(.invalidState, "a snapshot can only be loaded before the microVM has started")
@@ -44,17 +80,15 @@ extension VMController {
     } catch {
       throw ControlError(.failed, "\(error)")
     }
+    if trackDirtyPages {
+      do throws(ControlError) {
+        try startDirtyPageTracking(machine)
+      } catch {
+        machine.shutdownDevices()
+        throw error
+      }
+      try? configure { $0.trackDirtyPages = true }
+    }
     try adopt(machine, paused: !resume)
-  }
-
-  /// Moves the running machine to a Hostvisor process waiting at `destination`
-  /// (`unix:PATH` or `tcp:HOST:PORT`); the source stops once the destination confirms.
-  public func sendMigration(to destination: String, downtimeLimitMilliseconds: Int = 300) throws(ControlError) {
-    throw ControlError(.unsupported, "live migration is not implemented yet")
-  }
-
-  /// Waits at `source` (`unix:PATH` or `tcp:HOST:PORT`) for a migrating machine and runs it.
-  public func receiveMigration(from source: String) throws(ControlError) {
-    throw ControlError(.unsupported, "live migration is not implemented yet")
   }
 }

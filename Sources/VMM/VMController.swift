@@ -169,7 +169,7 @@ public final class VMController: Sendable {
   private let state: Mutex<State>
   private let stopped = VMStopSignal()
   /// Serializes lifecycle transitions (start/pause/resume/stop) with each other.
-  private let transitions = Mutex<Void>(())
+  let transitions = Mutex<Void>(())
   private let onStop: @Sendable (MachineStopReason) -> Void
 
   /// Creates a controller for a machine that is not configured yet. `onStop` runs on the
@@ -227,6 +227,14 @@ public final class VMController: Sendable {
         throw ControlError(.failed, error.description)
       } catch {
         throw ControlError(.failed, "\(error)")
+      }
+      if spec.trackDirtyPages {
+        do throws(ControlError) {
+          try startDirtyPageTracking(machine)
+        } catch {
+          machine.shutdownDevices()
+          throw error
+        }
       }
       state.withLock {
         $0.machine = machine

@@ -16,6 +16,7 @@ enum ManagedProcess {
     var level: String?
     var logPath: String?
     var verbose = false
+    var incoming: String?
   }
 
   /// The socket to remove when the process exits.
@@ -85,6 +86,14 @@ enum ManagedProcess {
       exit(1, message: error.message)
     } catch {
       exit(1, message: "\(error)")
+    }
+    if let incoming = options.incoming {
+      guard options.configFile == nil else { exit(1, message: "--incoming and --config-file exclude each other") }
+      do {
+        try service.plane.receiveIncomingMigration(from: incoming)
+      } catch {
+        exit(1, message: error.description)
+      }
     }
     if let configFile = options.configFile {
       guard let contents = FileManager.default.contents(atPath: configFile) else {

@@ -10,7 +10,7 @@ struct Hostvisor: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "hostvisor",
     abstract: "A hosted virtual machine monitor: runs an x86-64 PC guest as an ordinary process.",
-    subcommands: [Run.self, Serve.self, Ctl.self],
+    subcommands: [Run.self, Serve.self, Ctl.self, MergeMemory.self],
     defaultSubcommand: nil
   )
 }
@@ -117,7 +117,7 @@ struct Run: ParsableCommand {
   @Option(
     name: .long,
     help: ArgumentHelp(
-      "Restore a snapshot instead of booting: its state file (the memory file recorded in it, or STATE,memory=PATH).",
+      "Restore a snapshot instead of booting: STATE (the memory file recorded in it), STATE,memory=PATH, or a diff snapshot STATE,memory=BASE[,diff=PATH]...",
       valueName: "state"))
   var restore: String?
 
@@ -265,6 +265,12 @@ struct Serve: ParsableCommand {
   @Flag(name: .long, help: "Report the chosen accelerator and machine layout on standard error.")
   var verbose = false
 
+  @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "Wait at URL (unix:PATH or tcp:HOST:PORT) for a live migration and run the migrated guest.", valueName: "url"))
+  var incoming: String?
+
   func run() throws {
     guard let accelerator = AcceleratorChoice(rawValue: accel) else {
       ManagedProcess.exit(1, message: "invalid accelerator '\(accel)': use auto, kvm or soft")
@@ -272,7 +278,7 @@ struct Serve: ParsableCommand {
     ManagedProcess.serve(
       options: ManagedProcess.Options(
         socketPath: apiSocket, configFile: configFile, noAPI: noAPI, id: id, accelerator: accelerator,
-        level: level, logPath: logPath, verbose: verbose))
+        level: level, logPath: logPath, verbose: verbose, incoming: incoming))
   }
 }
 
@@ -343,6 +349,33 @@ struct Ctl: ParsableCommand {
         1, message: "\(request.endpoint) failed (HTTP \(response.status)): \(line)", tool: "hostvisor ctl")
     }
     if !response.body.isEmpty { print(response.body) }
+  }
+}
+
+/// `hostvisor merge-memory`: lays diff snapshots' memory files over their base, in place.
+struct MergeMemory: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "merge-memory",
+    abstract: "Lay diff snapshots' memory files over a base memory file, in place.",
+    discussion: """
+      BASE is a full snapshot's memory file; each DIFF holds the pages written since the snapshot \
+      before it, oldest first. Afterwards BASE holds the memory of the newest diff's snapshot: \
+      restore that snapshot with `--restore STATE,memory=BASE`.
+      """)
+
+  @Argument(help: ArgumentHelp("The base memory file (modified in place).", valueName: "base"))
+  var base: String
+
+  @Argument(help: ArgumentHelp("Diff memory files, oldest first.", valueName: "diff"))
+  var diffs: [String]
+
+  func run() throws {
+    guard !diffs.isEmpty else { ManagedProcess.exit(1, message: "merge-memory needs at least one diff file") }
+    do {
+      try GuestMemory.mergeDiffs(into: base, diffPaths: diffs)
+    } catch {
+      ManagedProcess.exit(1, message: error.description)
+    }
   }
 }
 

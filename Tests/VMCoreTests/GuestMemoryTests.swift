@@ -230,3 +230,19 @@ final class RecordingWriteObserver: GuestMemoryWriteObserver {
     #expect(Set(observer.ranges.map(\.lowerBound)).count == 800)
   }
 }
+
+@Suite struct GuestDirtyBitmapTests {
+  @Test func hostWritesAreRecordedOnlyWhileLoggingIsOn() throws {
+    let memory = try GuestMemory(size: 16 << 20)
+    try memory.write(UInt32(1), at: 0x3000)
+    #expect(memory.dirtyPages.take().isEmpty)
+    memory.dirtyPages.setEnabled(true)
+    try memory.write(UInt64(2), at: 0x5FFC)  // crosses into page 6
+    try memory.fill(0xAA, at: 0x10_0000, length: 0x2000)
+    #expect(memory.dirtyPages.take() == [5, 6, 0x100, 0x101])
+    #expect(memory.dirtyPages.take().isEmpty)
+    memory.dirtyPages.setEnabled(false)
+    try memory.write(UInt32(3), at: 0x9000)
+    #expect(memory.dirtyPages.take().isEmpty)
+  }
+}
