@@ -21,6 +21,12 @@ public struct RestoreOverrides: Sendable {
   public var paused = false
   /// Report choices on standard error.
   public var verbose = false
+  /// Read the whole memory file into anonymous RAM before the machine runs (eager), instead of
+  /// mapping it copy-on-write (lazy, the default).
+  public var eagerMemory = false
+  /// The accelerator to restore on; nil (or `.auto`) uses the one the snapshot was taken on.
+  /// The other one converts the vCPU and interrupt-controller state (docs/machine-state.md).
+  public var accelerator: AcceleratorChoice?
 
   public init() {}
 }
@@ -217,13 +223,14 @@ extension VirtualMachine {
     let description = try reader.section("machine") { (reader) throws(MachineStateError) in
       try MachineDescription.restore(from: &reader)
     }
-    let acceleratorChoice: AcceleratorChoice
+    var acceleratorChoice: AcceleratorChoice
     switch description.accelerator {
     case "soft": acceleratorChoice = .soft
     case "kvm": acceleratorChoice = .kvm
     default:
       throw MachineStateError("the snapshot was taken on an unknown accelerator '\(description.accelerator)'")
     }
+    if let target = overrides.accelerator, target != .auto { acceleratorChoice = target }
     var configuration = MachineConfiguration(
       kernelPath: description.kernelPath, initrdPath: description.initrdPath, commandLine: description.commandLine,
       memorySize: description.memorySize, cpuCount: description.cpuCount, accelerator: acceleratorChoice,
@@ -235,8 +242,11 @@ extension VirtualMachine {
     configuration.networks = zip(description.networkIDs, description.networks).map { id, network in
       NetworkConfiguration(tapName: overrides.networkTaps[id] ?? network.tapName, mac: network.mac)
     }
-    let memory = try GuestMemory.mapping(
-      snapshotFile: overrides.memoryPath ?? description.memoryPath, size: description.memorySize)
+    let memoryPath = overrides.memoryPath ?? description.memoryPath
+    let memory =
+      overrides.eagerMemory
+      ? try GuestMemory.loading(snapshotFile: memoryPath, size: description.memorySize)
+      : try GuestMemory.mapping(snapshotFile: memoryPath, size: description.memorySize)
     guard memory.regions.flatMap({ [$0.guestBase, $0.size] }) == description.regions else {
       throw MachineStateError("the state file does not match this machine: the RAM layout differs")
     }
@@ -247,14 +257,24 @@ extension VirtualMachine {
         throw MachineStateError("the state file does not match this machine: its PCI devices differ")
       }
       if overrides.paused { try? machine.pause() }
-      if let soft = machine.accelerator as? SoftAccelerator {
+      if machine.accelerator.name != description.accelerator {
+        let acceleratorSection = try reader.section("accelerator") { (reader) throws(MachineStateError) in
+          try reader.remainingBytes()
+        }
+        let legacyDevicesSection = try reader.section("legacy-devices") { (reader) throws(MachineStateError) in
+          try reader.remainingBytes()
+        }
+        try CrossAcceleratorState.restore(
+          acceleratorSection: acceleratorSection, legacyDevicesSection: legacyDevicesSection,
+          source: description.accelerator, into: machine)
+      } else if let soft = machine.accelerator as? SoftAccelerator {
         try reader.section("accelerator", soft)
       } else if let kvm = machine.accelerator as? KVMAccelerator {
         try reader.section("accelerator") { (reader) throws(MachineStateError) in try kvm.restoreState(from: &reader) }
       } else {
         throw MachineStateError("the restored machine's accelerator cannot restore a state")
       }
-      try reader.section("legacy-devices", machine.devices)
+      if machine.accelerator.name == description.accelerator { try reader.section("legacy-devices", machine.devices) }
       try reader.section("acpi-pm", machine.powerManagement)
       try reader.section("pci", machine.pci)
       for device in machine.virtioDevices { try reader.section("virtio", device) }
@@ -331,17 +351,23 @@ extension VirtualMachine {
   public static let snapshotSignal = SIGUSR2
 
   /// Restores the machine named by the `--restore` argument: `STATE` (the memory file recorded
-  /// in it) or `STATE,memory=PATH`.
-  public static func restore(commandLineArgument text: String, serial: SerialChoice, verbose: Bool) throws
-    -> VirtualMachine
-  {
+  /// in it) or `STATE,memory=PATH`, either followed by `,eager` to read the memory file into RAM
+  /// instead of mapping it copy-on-write.
+  public static func restore(
+    commandLineArgument text: String, serial: SerialChoice, verbose: Bool, accelerator: AcceleratorChoice? = nil
+  ) throws -> VirtualMachine {
     var overrides = RestoreOverrides()
     overrides.serial = serial
     overrides.verbose = verbose
+    overrides.accelerator = accelerator
     var statePath = text
-    if let range = text.firstRange(of: ",memory=") {
-      statePath = String(text[..<range.lowerBound])
-      overrides.memoryPath = String(text[range.upperBound...])
+    if statePath.hasSuffix(",eager") {
+      statePath.removeLast(",eager".count)
+      overrides.eagerMemory = true
+    }
+    if let range = statePath.firstRange(of: ",memory=") {
+      overrides.memoryPath = String(statePath[range.upperBound...])
+      statePath = String(statePath[..<range.lowerBound])
       guard !overrides.memoryPath!.isEmpty else { throw MachineStateError("--restore: empty memory file path") }
     }
     guard !statePath.isEmpty else { throw MachineStateError("--restore needs a state file path") }

@@ -19,7 +19,8 @@ extension VMController {
   }
 
   /// Builds the machine from a snapshot instead of booting it (only before start); resumes it
-  /// when `resume` is true, else leaves it paused. `networkOverrides` maps interface IDs to
+  /// when `resume` is true, else leaves it paused. A configured accelerator other than `auto`
+  /// restores on that accelerator, converting a snapshot taken on the other one. `networkOverrides` maps interface IDs to
   /// host TAP devices that replace the ones recorded in the snapshot.
   public func loadSnapshot(
     statePath: String, memoryPath: String, resume: Bool, networkOverrides: [String: String] = [:]
@@ -34,6 +35,7 @@ extension VMController {
     let current = spec
     overrides.serial = current.serial
     overrides.verbose = current.verbose
+    overrides.accelerator = current.accelerator
     let machine: VirtualMachine
     do {
       machine = try VirtualMachine.restore(statePath: statePath, overrides: overrides)
