@@ -171,3 +171,67 @@ struct KVMStateFollowUpTests {
       "the guest TSC moved \(largestStep / rate) s between two reads across a \(pause) s pause")
   }
 }
+
+@Suite("Eager memory restore")
+struct EagerRestoreTests {
+  /// A 512 MiB snapshot whose memory file holds 256 MiB of data restores with the same RAM
+  /// contents lazily and eagerly; the eagerly restored RAM no longer depends on the file (a
+  /// later change to the file does not show in it). Prints both restore times.
+  @Test func eagerRestoreReadsTheWholeFileUpFront() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try assembleGuest64(crossAcceleratorGuest, in: scratch)
+    let source = VMController(id: "eager-source")
+    try source.configure { spec throws(ControlError) in
+      spec.kernelPath = kernel
+      spec.memoryMiB = 512
+      spec.accelerator = .soft
+      spec.serial = .none
+    }
+    try source.start()
+    let deadline = Date().addingTimeInterval(120)
+    while try source.machine!.parts.memory.read(UInt64.self, at: 0x6000) < 1 {
+      guard Date() < deadline else { throw ControlError(.failed, "the guest printed nothing") }
+      usleep(5000)
+    }
+    try source.pause()
+    let state = scratch.path("eager.state")
+    let memoryPath = scratch.path("eager.mem")
+    try source.createSnapshot(statePath: state, memoryPath: memoryPath)
+    try source.shutdown()
+    // 256 MiB of data the guest never uses, from 256 MiB up.
+    let file = try FileHandle(forWritingTo: URL(fileURLWithPath: memoryPath))
+    let chunk = Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 8) })
+    try file.seek(toOffset: 256 << 20)
+    for _ in 0..<256 { file.write(chunk) }
+    try file.close()
+
+    func restore(eager: Bool) throws -> (VirtualMachine, Double) {
+      var overrides = RestoreOverrides()
+      overrides.serial = .none
+      overrides.paused = true
+      overrides.eagerMemory = eager
+      let start = Date()
+      let machine = try VirtualMachine.restore(statePath: state, overrides: overrides)
+      return (machine, Date().timeIntervalSince(start) * 1000)
+    }
+    let (lazy, lazyMilliseconds) = try restore(eager: false)
+    let (eager, eagerMilliseconds) = try restore(eager: true)
+    defer {
+      lazy.shutdownDevices()
+      eager.shutdownDevices()
+    }
+    print("restore of 512 MiB (256 MiB of data): lazy \(lazyMilliseconds) ms, eager \(eagerMilliseconds) ms")
+    for offset: UInt64 in [0x6000, 0x10_0000, 300 << 20, (512 << 20) - 4096] {
+      #expect(
+        try eager.parts.memory.readBytes(at: offset, count: 4096)
+          == lazy.parts.memory.readBytes(at: offset, count: 4096))
+    }
+    #expect(try eager.parts.memory.readBytes(at: 300 << 20, count: 16) == Array(chunk[0..<16]))
+    // Change the file: the lazily mapped RAM may see it, the eagerly read RAM must not.
+    let overwrite = try FileHandle(forWritingTo: URL(fileURLWithPath: memoryPath))
+    try overwrite.seek(toOffset: 300 << 20)
+    overwrite.write(Data(repeating: 0xEE, count: 16))
+    try overwrite.close()
+    #expect(try eager.parts.memory.readBytes(at: 300 << 20, count: 16) == Array(chunk[0..<16]))
+  }
+}
