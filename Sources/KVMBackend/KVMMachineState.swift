@@ -428,6 +428,8 @@ extension KVMAccelerator {
     pausedClock.withLock { paused in
       if paused != nil { paused = clock }
     }
+    // Restored while paused: the TSCs to hold until `resume` are the ones just restored.
+    if frozenTSCs.withLock({ $0 != nil }) { freezeGuestTSCs() }
     restoredFromSnapshot.store(true, ordering: .sequentiallyConsistent)
   }
 }
