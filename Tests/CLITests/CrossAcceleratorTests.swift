@@ -423,3 +423,32 @@ struct SoftAcceleratorImageTests {
     #expect(CrossAcceleratorState.missingSoftModelFeatures(in: table) == ["MOVBE", "RDPID"])
   }
 }
+
+extension CrossAcceleratorTests {
+  /// `--restore STATE,eager --accel soft` (the command line's path) restores a KVM snapshot on
+  /// the software CPU with the memory file read up front; `--accel auto` keeps KVM.
+  @Test func commandLineRestorePicksTheAccelerator() throws {
+    let source = VMController(id: "cross-cli-source")
+    try source.configure { spec throws(ControlError) in
+      spec.kernelPath = kernel
+      spec.memoryMiB = 32
+      spec.accelerator = .kvm
+      spec.serial = .none
+    }
+    try source.start()
+    try waitFor("the guest's first line") { try source.machine!.parts.memory.read(UInt64.self, at: 0x6000) >= 1 }
+    try source.pause()
+    let state = scratch.path("cli.state")
+    try source.createSnapshot(statePath: state, memoryPath: scratch.path("cli.mem"))
+    try source.shutdown()
+
+    let moved = try VirtualMachine.restore(
+      commandLineArgument: state + ",eager", serial: .none, verbose: false, accelerator: .soft)
+    defer { moved.shutdownDevices() }
+    #expect(moved.accelerator.name == "soft")
+    #expect(try moved.parts.memory.read(UInt64.self, at: 0x6000) >= 1)
+    let kept = try VirtualMachine.restore(commandLineArgument: state, serial: .none, verbose: false, accelerator: .auto)
+    defer { kept.shutdownDevices() }
+    #expect(kept.accelerator.name == "kvm")
+  }
+}
