@@ -215,6 +215,8 @@ extension CPU {
   func checkIOPermission(port: UInt16, size: Int) throws(Fault) {
     guard cr0 & X86.cr0PE != 0 else { return }
     if storedFlags & RFlags.vm == 0 && UInt64(cpl) <= (storedFlags >> 12) & 3 { return }
+    // Flat test mode models a Linux user process, whose TSS bitmap denies every port.
+    if flatTestMode { throw .generalProtection(0) }
     try checkIOPermissionBitmap(port: port, size: size)
   }
 
