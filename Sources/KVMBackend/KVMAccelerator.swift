@@ -33,6 +33,8 @@ public final class KVMAccelerator: Accelerator {
   let running = Atomic<Bool>(false)
   /// The kvmclock read when the machine was paused.
   let pausedClock = Mutex<kvm_clock_data?>(nil)
+  /// Every vCPU's guest TSC and TSC offset when the machine was paused (see KVMGuestTSC.swift).
+  let frozenTSCs = Mutex<[FrozenGuestTSC]?>(nil)
 
   /// The capabilities the backend relies on, by KVM_CAP_ name.
   static let requiredCapabilities: [(name: String, value: Int32)] = [
@@ -140,18 +142,21 @@ public final class KVMAccelerator: Accelerator {
     return parts.control.stopReason ?? .failure("KVM vCPUs stopped without a stop reason")
   }
 
-  /// Parks every vCPU outside KVM_RUN. The kvmclock is saved here and restored on `resume`,
-  /// so guest time read through it does not jump by the paused time.
+  /// Parks every vCPU outside KVM_RUN. The kvmclock and every guest TSC are saved here and
+  /// restored on `resume`, so guest time does not jump by the paused time.
   public func pause() throws(MachinePauseError) {
     let control = parts.control
     guard control.pauseGate.pause(kick: { control.kickAll() }) else {
       throw MachinePauseError("the KVM vCPUs did not stop within 5 s")
     }
     pausedClock.withLock { $0 = machine.clock() }
+    freezeGuestTSCs()
   }
 
-  /// Restores the kvmclock saved by `pause` and lets the vCPUs run again.
+  /// Restores the kvmclock saved by `pause`, moves each guest TSC back to its value at the
+  /// pause, and lets the vCPUs run again.
   public func resume() {
+    thawGuestTSCs()
     if let clock = pausedClock.withLock({ value -> kvm_clock_data? in
       defer { value = nil }
       return value

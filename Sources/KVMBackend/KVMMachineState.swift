@@ -371,7 +371,12 @@ extension KVMAccelerator {
       let hasXCRs = system.extensionValue(KVM_CAP_XCRS) > 0
       var vcpuStates: [KVMVCPUState] = []
       for vcpu in vcpus {
-        vcpuStates.append(try vcpu.captureState(msrIndices: msrIndices, xsaveSize: xsaveSize, hasXCRs: hasXCRs))
+        var state = try vcpu.captureState(msrIndices: msrIndices, xsaveSize: xsaveSize, hasXCRs: hasXCRs)
+        // The TSC as the guest left it when the machine paused (it still runs in KVM).
+        if let frozen = frozenGuestTSC(cpu: vcpu.index) {
+          state.msrs = state.msrs.map { $0.index == 0x10 ? (0x10, frozen) : $0 }
+        }
+        vcpuStates.append(state)
       }
       var irqchips: [kvm_irqchip] = []
       for chip in UInt32(0)..<3 {
@@ -423,6 +428,8 @@ extension KVMAccelerator {
     pausedClock.withLock { paused in
       if paused != nil { paused = clock }
     }
+    // Restored while paused: the TSCs to hold until `resume` are the ones just restored.
+    if frozenTSCs.withLock({ $0 != nil }) { freezeGuestTSCs() }
     restoredFromSnapshot.store(true, ordering: .sequentiallyConsistent)
   }
 }

@@ -208,18 +208,35 @@ extension CPU {
     exitRequested = true
   }
 
-  /// Checks I/O permission (CPL <= IOPL in protected mode; the TSS bitmap is part 2).
+  /// Checks I/O permission for `size` bytes at `port` (SDM Vol. 1 §19.5): allowed in real mode
+  /// and when CPL <= IOPL; otherwise (and always in virtual-8086 mode) every port's bit in the
+  /// TSS's I/O permission bitmap must be clear, the bitmap's bytes inside the TSS limit.
   @_transparent
-  func checkIOPermission() throws(Fault) {
-    if cr0 & X86.cr0PE != 0 && UInt64(cpl) > (storedFlags >> 12) & 3 { throw .generalProtection(0) }
+  func checkIOPermission(port: UInt16, size: Int) throws(Fault) {
+    guard cr0 & X86.cr0PE != 0 else { return }
+    if storedFlags & RFlags.vm == 0 && UInt64(cpl) <= (storedFlags >> 12) & 3 { return }
+    // Flat test mode models a Linux user process, whose TSS bitmap denies every port.
+    if flatTestMode { throw .generalProtection(0) }
+    try checkIOPermissionBitmap(port: port, size: size)
+  }
+
+  func checkIOPermissionBitmap(port: UInt16, size: Int) throws(Fault) {
+    let type = tr.access & 0xF
+    guard tr.access & 0x1_0000 == 0, type == 9 || type == 11, tr.limit >= 0x67 else { throw .generalProtection(0) }
+    let bitmapBase = UInt64(try systemRead(tr.base &+ 0x66, size: 2))
+    let offset = bitmapBase + UInt64(port >> 3)
+    guard offset + 1 <= UInt64(tr.limit) else { throw .generalProtection(0) }
+    let bits = try systemRead(tr.base &+ offset, size: 2)
+    let mask = ((UInt64(1) << UInt64(size)) - 1) << UInt64(port & 7)
+    if bits & mask != 0 { throw .generalProtection(0) }
   }
 
   func portIO(_ ins: Instruction) throws(Fault) {
-    try checkIOPermission()
     let size = Int(min(ins.operandSize, 4))
     let port =
       ins.op == .inImm || ins.op == .outImm
       ? UInt16(truncatingIfNeeded: ins.immediate) : UInt16(truncatingIfNeeded: gpr[2])
+    try checkIOPermission(port: port, size: size)
     if ins.op == .inImm || ins.op == .inDX {
       writeRegister(0, size: UInt8(size), UInt64(bus.portRead(port, size: size)))
     } else {

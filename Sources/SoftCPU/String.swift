@@ -22,7 +22,9 @@ extension CPU {
     let destinationBase = segmentBase[Int(SegmentIndex.es)]
     let repeated = ins.prefixes & (Instruction.Prefix.rep | Instruction.Prefix.repne) != 0
     let op = ins.op
-    if op == .ins || op == .outs { try checkIOPermission() }
+    if op == .ins || op == .outs {
+      try checkIOPermission(port: UInt16(truncatingIfNeeded: gpr[2]), size: Int(min(size, 4)))
+    }
 
     var count = repeated ? gpr[1] & mask : 1
     if count == 0 { return }

@@ -25,6 +25,12 @@ public struct RestoreOverrides: Sendable {
   public var paused = false
   /// Report choices on standard error.
   public var verbose = false
+  /// Read the whole memory file into anonymous RAM before the machine runs (eager), instead of
+  /// mapping it copy-on-write (lazy, the default).
+  public var eagerMemory = false
+  /// The accelerator to restore on; nil (or `.auto`) uses the one the snapshot was taken on.
+  /// The other one converts the vCPU and interrupt-controller state (docs/machine-state.md).
+  public var accelerator: AcceleratorChoice?
 
   public init() {}
 }
@@ -255,7 +261,11 @@ extension VirtualMachine {
     } else {
       layers = [overrides.memoryPath ?? description.memoryPath] + overrides.diffPaths
     }
-    let memory = try GuestMemory.mapping(snapshotFile: layers.removeFirst(), size: description.memorySize)
+    let firstLayer = layers.removeFirst()
+    let memory =
+      overrides.eagerMemory
+      ? try GuestMemory.loading(snapshotFile: firstLayer, size: description.memorySize)
+      : try GuestMemory.mapping(snapshotFile: firstLayer, size: description.memorySize)
     for diff in layers { try memory.applyDiff(path: diff) }
     let machine = try build(description: description, overrides: overrides, memory: memory)
     try machine.restoreSections(from: &reader, description: description, paused: overrides.paused)
@@ -266,13 +276,14 @@ extension VirtualMachine {
   static func build(description: MachineDescription, overrides: RestoreOverrides, memory: GuestMemory) throws
     -> VirtualMachine
   {
-    let acceleratorChoice: AcceleratorChoice
+    var acceleratorChoice: AcceleratorChoice
     switch description.accelerator {
     case "soft": acceleratorChoice = .soft
     case "kvm": acceleratorChoice = .kvm
     default:
       throw MachineStateError("the snapshot was taken on an unknown accelerator '\(description.accelerator)'")
     }
+    if let target = overrides.accelerator, target != .auto { acceleratorChoice = target }
     var configuration = MachineConfiguration(
       kernelPath: description.kernelPath, initrdPath: description.initrdPath, commandLine: description.commandLine,
       memorySize: description.memorySize, cpuCount: description.cpuCount, accelerator: acceleratorChoice,
@@ -302,14 +313,24 @@ extension VirtualMachine {
         throw MachineStateError("the state file does not match this machine: its PCI devices differ")
       }
       if paused { try? pause() }
-      if let soft = accelerator as? SoftAccelerator {
+      if accelerator.name != description.accelerator {
+        let acceleratorSection = try reader.section("accelerator") { (reader) throws(MachineStateError) in
+          try reader.remainingBytes()
+        }
+        let legacyDevicesSection = try reader.section("legacy-devices") { (reader) throws(MachineStateError) in
+          try reader.remainingBytes()
+        }
+        try CrossAcceleratorState.restore(
+          acceleratorSection: acceleratorSection, legacyDevicesSection: legacyDevicesSection,
+          source: description.accelerator, into: self)
+      } else if let soft = accelerator as? SoftAccelerator {
         try reader.section("accelerator", soft)
       } else if let kvm = accelerator as? KVMAccelerator {
         try reader.section("accelerator") { (reader) throws(MachineStateError) in try kvm.restoreState(from: &reader) }
       } else {
         throw MachineStateError("the restored machine's accelerator cannot restore a state")
       }
-      try reader.section("legacy-devices", devices)
+      if accelerator.name == description.accelerator { try reader.section("legacy-devices", devices) }
       try reader.section("acpi-pm", powerManagement)
       try reader.section("pci", pci)
       for device in virtioDevices { try reader.section("virtio", device) }
@@ -386,13 +407,16 @@ extension VirtualMachine {
 
   /// Restores the machine named by the `--restore` argument: `STATE` (the memory file recorded
   /// in it), `STATE,memory=PATH`, or for diff snapshots `STATE,memory=BASE[,diff=PATH]...`
-  /// (the diff layers in order; without `diff=`, the diff recorded in the state file).
-  public static func restore(commandLineArgument text: String, serial: SerialChoice, verbose: Bool) throws
-    -> VirtualMachine
-  {
+  /// (the diff layers in order; without `diff=`, the diff recorded in the state file); `,eager`
+  /// reads the memory into RAM instead of mapping it copy-on-write. `accelerator` restores on
+  /// that accelerator, converting a state taken on the other one.
+  public static func restore(
+    commandLineArgument text: String, serial: SerialChoice, verbose: Bool, accelerator: AcceleratorChoice? = nil
+  ) throws -> VirtualMachine {
     var overrides = RestoreOverrides()
     overrides.serial = serial
     overrides.verbose = verbose
+    overrides.accelerator = accelerator
     var parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
     let statePath = parts.removeFirst()
     guard !statePath.isEmpty else { throw MachineStateError("--restore needs a state file path") }
@@ -400,12 +424,14 @@ extension VirtualMachine {
       if part.hasPrefix("memory="), overrides.memoryPath == nil {
         overrides.memoryPath = String(part.dropFirst("memory=".count))
         guard !overrides.memoryPath!.isEmpty else { throw MachineStateError("--restore: empty memory file path") }
+      } else if part == "eager" {
+        overrides.eagerMemory = true
       } else if part.hasPrefix("diff=") {
         let path = String(part.dropFirst("diff=".count))
         guard !path.isEmpty else { throw MachineStateError("--restore: empty diff file path") }
         overrides.diffPaths.append(path)
       } else {
-        throw MachineStateError("--restore: unknown option '\(part)' (use STATE[,memory=PATH][,diff=PATH]...)")
+        throw MachineStateError("--restore: unknown option '\(part)' (use STATE[,memory=PATH][,diff=PATH]...[,eager])")
       }
     }
     return try restore(statePath: statePath, overrides: overrides)

@@ -50,7 +50,8 @@ extension VMController {
   }
 
   /// Builds the machine from a snapshot instead of booting it (only before start); resumes it
-  /// when `resume` is true, else leaves it paused. `networkOverrides` maps interface IDs to
+  /// when `resume` is true, else leaves it paused. A configured accelerator other than `auto`
+  /// restores on that accelerator, converting a snapshot taken on the other one. `networkOverrides` maps interface IDs to
   /// host TAP devices that replace the ones recorded in the snapshot.
   ///
   /// For a diff snapshot, `memoryPath` is its base (the previous full snapshot's memory file)
@@ -70,6 +71,7 @@ extension VMController {
     let current = spec
     overrides.serial = current.serial
     overrides.verbose = current.verbose
+    overrides.accelerator = current.accelerator
     let machine: VirtualMachine
     do {
       machine = try VirtualMachine.restore(statePath: statePath, overrides: overrides)

@@ -117,7 +117,8 @@ struct Run: ParsableCommand {
   @Option(
     name: .long,
     help: ArgumentHelp(
-      "Restore a snapshot instead of booting: STATE (the memory file recorded in it), STATE,memory=PATH, or a diff snapshot STATE,memory=BASE[,diff=PATH]...",
+      "Restore a snapshot instead of booting: STATE (the memory file recorded in it), STATE,memory=PATH, or a diff snapshot STATE,memory=BASE[,diff=PATH]...; add ,eager to read the memory into RAM. "
+        + "With --accel kvm|soft it restores on that accelerator, converting a state taken on the other one.",
       valueName: "state"))
   var restore: String?
 
@@ -142,7 +143,8 @@ struct Run: ParsableCommand {
       if snapshotOnSignal != nil { VirtualMachine.blockSnapshotSignal() }
       if let restore {
         let machine = try VirtualMachine.restore(
-          commandLineArgument: restore, serial: serialChoice ?? .stdio, verbose: verbose)
+          commandLineArgument: restore, serial: serialChoice ?? .stdio, verbose: verbose,
+          accelerator: acceleratorChoice)
         if let snapshotOnSignal { try machine.snapshotOnSignal(statePath: snapshotOnSignal) }
         finish(try machine.run())
       }
