@@ -24,11 +24,11 @@ enum CPUModel {
   /// TSC-deadline(24) hypervisor(31). No AVX/XSAVE/x2APIC/PCID.
   static let leaf1ECX: UInt32 =
     1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 22 | 1 << 23 | 1 << 24 | 1 << 31
-  /// Leaf 7 EBX: ERMS(9), enhanced REP MOVSB/STOSB (no BMI1/BMI2: they need VEX), a hint
+  /// Leaf 7 EBX: BMI1(3), BMI2(8) (BMI.swift), ERMS(9), enhanced REP MOVSB/STOSB, a hint
   /// that steers Linux's memcpy/memset/copy_user to `rep movsb`/`rep stosb`, which the string
   /// unit runs as one host memmove/memset per page; CLFLUSHOPT(23) and CLWB(24) (no-ops: guest
   /// RAM is coherent host memory).
-  static let leaf7EBX: UInt32 = 1 << 9 | 1 << 23 | 1 << 24
+  static let leaf7EBX: UInt32 = 1 << 3 | 1 << 8 | 1 << 9 | 1 << 23 | 1 << 24
   /// Leaf 7 ECX: RDPID(22).
   static let leaf7ECX: UInt32 = 1 << 22
   /// Leaf 7 EDX: FSRM(4), fast short REP MOVSB (same reason: even short copies become one

@@ -349,6 +349,7 @@ extension CPU {
 
     case .sse: try executeSSE(ins)
     case .x87: try executeX87(ins)
+    case .vex: try executeVEX(ins)
     case .tooLong: throw .generalProtection(0)
     case .invalid: throw .invalidOpcode
     case .legacyOnly: try executeLegacy(ins)  // Part 2 hook: SystemLegacy.swift

@@ -123,6 +123,20 @@ enum Special {
   case shiftDouble16
 }
 
+/// The VEX prefix of a VEX-encoded form (C4 or C5, chosen at random where both can encode it).
+struct VEXEncoding {
+  /// Opcode map: 1 = 0F, 2 = 0F 38, 3 = 0F 3A.
+  var map: UInt8
+  /// Implied prefix: 0 none, 1 = 66, 2 = F3, 3 = F2.
+  var pp: UInt8 = 0
+  /// VEX.L values to choose from.
+  var lengths: [UInt8] = [0]
+  /// VEX.W; nil: set for 8-byte operand sizes.
+  var w: Bool? = nil
+  /// Register file VEX.vvvv names; nil: unused (1111b).
+  var vvvv: OperandSpace? = nil
+}
+
 /// One instruction form of the table.
 struct InstructionForm {
   var name: String
@@ -152,6 +166,8 @@ struct InstructionForm {
   var memoryFill: MemoryFill = .random
   /// The low nibble of the last opcode byte is a random condition code (Jcc, SETcc, CMOVcc).
   var conditionInOpcode = false
+  /// VEX-encoded form: `opcode` is the byte after the VEX prefix, `prefixes` is empty.
+  var vex: VEXEncoding? = nil
 }
 
 enum MemoryFill { case random, float32, float64, float80, int16, int32, int64 }

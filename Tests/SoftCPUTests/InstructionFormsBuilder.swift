@@ -456,12 +456,29 @@ struct SequenceBuilder {
     if case .ldmxcsr = form.special { rexW = false }
     let needsREX = rexW || rexR || rexX || rexB || (usesByteRegisters && !legacyBytes && rng.chance(50))
     let rexAllowed = !legacyBytes
+    let instructionStart = code.count
     emit(prefixes)
-    if needsREX && rexAllowed {
+    if let vex = form.vex {
+      // VEX.vvvv: a random register of its space (never RSP among GPRs: it may be written).
+      var vvvv: UInt8 = 0
+      switch vex.vvvv {
+      case .gpr?: vvvv = pickGPR(&rng, excludeRSP: true)
+      case .xmm?: vvvv = UInt8(rng.below(16))
+      case nil: vvvv = 0
+      }
+      let w = vex.w ?? (size == 8)
+      let length = rng.pick(vex.lengths)
+      let tail = (~vvvv & 15) << 3 | length << 2 | vex.pp
+      if vex.map == 1 && !w && !rexX && !rexB && rng.chance(50) {
+        emit([0xC5, (rexR ? 0 : 0x80) | tail])
+      } else {
+        emit([0xC4, (rexR ? 0 : 0x80) | (rexX ? 0 : 0x40) | (rexB ? 0 : 0x20) | vex.map, (w ? 0x80 : 0) | tail])
+      }
+    } else if needsREX && rexAllowed {
       emit([0x40 | (rexW ? 8 : 0) | (rexR ? 4 : 0) | (rexX ? 2 : 0) | (rexB ? 1 : 0)])
     }
     if form.conditionInOpcode { opcode[opcode.count - 1] |= UInt8(rng.below(16)) }
-    instructionStarts.append((offset: code.count - prefixes.count - (needsREX && rexAllowed ? 1 : 0), form: form.name))
+    instructionStarts.append((offset: instructionStart, form: form.name))
     undefinedBefore.append((flags: undefinedFlags, cc: undefinedCC))
     emit(opcode)
     emit(modrmBytes)
