@@ -38,6 +38,14 @@ public final class CPU: @unchecked Sendable {
   public let xmm: UnsafeMutablePointer<XMMValue>
   /// SSE control/status register.
   public var mxcsr: UInt32 = 0x1F80
+  /// Bits 255:128 of YMM0-YMM15 (the AVX state component; XMM is the lower half).
+  public let ymmHigh: UnsafeMutablePointer<XMMValue>
+  /// XCR0, the XSAVE feature-enable register (XSETBV): x87 (bit 0) is always enabled.
+  public var xcr0: UInt64 = 1
+  /// XINUSE (SDM vol. 1 §13.6): the XSAVE components that may be outside their initial
+  /// configuration. Set when an instruction of the component executes; cleared only where the
+  /// SDM clears it (XRSTOR initializing the component; VZEROUPPER/VZEROALL for AVX).
+  public var xsaveInUse: UInt64 = 0x7
 
   /// x87 physical data registers R0-R7 (ST(i) is R[(top + i) & 7]).
   public let fpuRegisters: UnsafeMutablePointer<Float80>
@@ -176,6 +184,8 @@ public final class CPU: @unchecked Sendable {
     gpr.initialize(repeating: 0, count: 16)
     xmm = .allocate(capacity: 16)
     xmm.initialize(repeating: XMMValue(0, 0), count: 16)
+    ymmHigh = .allocate(capacity: 16)
+    ymmHigh.initialize(repeating: XMMValue(0, 0), count: 16)
     fpuRegisters = .allocate(capacity: 8)
     fpuRegisters.initialize(repeating: 0, count: 8)
     segments = .allocate(capacity: 6)
@@ -214,6 +224,7 @@ public final class CPU: @unchecked Sendable {
   deinit {
     gpr.deallocate()
     xmm.deallocate()
+    ymmHigh.deallocate()
     fpuRegisters.deallocate()
     segments.deallocate()
     segmentBase.deallocate()

@@ -326,6 +326,9 @@ extension CPU {
     case DecoderGroup.cmpxchgN:
       if !memory && regField == 7 && repeatPrefix == 0xF3 {
         op = .rdpid  // F3 0F C7 /7: RDPID r32/r64
+      } else if memory && regField == 4 {
+        guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
+        op = .xsavec  // 0F C7 /4 (XSAVES /5 and XRSTORS /3 are not offered)
       } else {
         guard regField == 1, memory else { throw .invalidOpcode }
         op = .cmpxchg8b16b
@@ -338,10 +341,13 @@ extension CPU {
           guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
           op = .sse
           entry.simd = true
+        case 4, 5:
+          guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
+          op = regField == 4 ? .xsave : .xrstor
         case 6:
-          // 66 0F AE /6: CLWB (XSAVEOPT without 66: no XSAVE here).
-          guard repeatPrefix == 0, operandPrefix else { throw .invalidOpcode }
-          op = .clflush
+          // 66 0F AE /6: CLWB; without 66: XSAVEOPT.
+          guard repeatPrefix == 0 else { throw .invalidOpcode }
+          op = operandPrefix ? .clflush : .xsaveopt
         case 7:
           // CLFLUSH; with 66, CLFLUSHOPT.
           guard repeatPrefix == 0 else { throw .invalidOpcode }
@@ -371,6 +377,9 @@ extension CPU {
         switch ins.modrm {
         case 0xF8 where is64: op = .swapgs
         case 0xF9: op = .rdtscp
+        case 0xD0, 0xD1:
+          guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
+          op = ins.modrm == 0xD0 ? .xgetbv : .xsetbv
         default:
           if regField == 4 {
             op = .smsw

@@ -81,4 +81,7 @@ public enum Op: UInt16, Sendable {
   case sldt, str, lldt, ltr, verr, verw, lar, lsl
   case sgdt, sidt, lgdt, lidt, smsw, lmsw, invlpg, swapgs, clts, invd, wbinvd
   case movFromCR, movToCR, movFromDR, movToDR, rdmsr, wrmsr, rdpmc
+
+  // MARK: XSAVE-managed state (XSAVE.swift)
+  case xsave, xrstor, xsaveopt, xsavec, xgetbv, xsetbv
 }

@@ -19,10 +19,9 @@ enum MXCSR {
   static let inexact: UInt32 = 1 << 5
   /// Pre-computation exceptions: invalid, denormal operand, divide by zero.
   static let precomputationFlags: UInt32 = 0x7
-  /// Misaligned-SSE mode (AMD MM bit): misaligned 128-bit operands of arithmetic forms are allowed.
-  static let misalignedMode: UInt32 = 1 << 17
-  /// The MXCSR bits software may set; FXSAVE's MXCSR_MASK. Matches the AMD host (DAZ and MM).
-  static let writableMask: UInt32 = 0x2_FFFF
+  /// The MXCSR bits software may set; FXSAVE's MXCSR_MASK: bits 0-15 (with DAZ). No AMD
+  /// misaligned-SSE mode (MM, bit 17): CPUID does not advertise MisAlignSse, so MM is reserved.
+  static let writableMask: UInt32 = 0xFFFF
   /// Reset value.
   static let reset: UInt32 = 0x1F80
 }
@@ -47,6 +46,9 @@ extension CPU {
       throw .deviceNotAvailable
     }
     let prefix = instruction.mandatoryPrefix
+    if _slowPath(xsaveInUse & XSaveModel.sse == 0) && instruction.writesVectorRegister {
+      xsaveInUse |= XSaveModel.sse
+    }
     switch opcode >> 8 {
     case 1: break
     case 2:
@@ -180,8 +182,9 @@ extension CPU {
 
   // MARK: - Operand access
 
-  /// Whether arithmetic forms (implicitly aligned 128-bit memory operands) must be aligned.
-  @inline(__always) var sseArithmeticNeedsAlignment: Bool { mxcsr & MXCSR.misalignedMode == 0 }
+  /// Whether arithmetic forms (implicitly aligned 128-bit memory operands) must be aligned:
+  /// always, as there is no misaligned-SSE mode.
+  @inline(__always) var sseArithmeticNeedsAlignment: Bool { true }
 
   /// The xmm/m128 operand.
   @inline(__always)

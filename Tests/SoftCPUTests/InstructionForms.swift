@@ -121,6 +121,12 @@ enum Special {
   case ret
   /// SHLD/SHRD 16-bit: counts above 16 give undefined results.
   case shiftDouble16
+  /// XSAVE family: EDX:EAX holds a requested-feature mask within x87/SSE/AVX (the host's XCR0
+  /// has more components than the model's); for XRSTOR (`restore`) the area holds a mostly valid
+  /// header in the standard or (`compacted`) compacted form and a mostly valid MXCSR.
+  case xsaveArea(restore: Bool, compacted: Bool)
+  /// XGETBV: ECX names no XCR of either CPU (2 and up), so both raise #GP(0).
+  case invalidXCRIndex
 }
 
 /// The VEX prefix of a VEX-encoded form (C4 or C5, chosen at random where both can encode it).

@@ -32,3 +32,44 @@ extension FormTable {
     ]
   }
 }
+
+extension FormTable {
+  /// XSAVE, XSAVEOPT, XSAVEC and XRSTOR (standard and compacted areas), with and without REX.W,
+  /// and the XGETBV/XSETBV faults a CPL-3 sequence can compare (the XCR0 values themselves
+  /// differ between the host and the model: known-answer tests).
+  static var xsaveFamily: [InstructionForm] {
+    func form(_ name: String, opcode: [UInt8], ext: UInt8, wide: Bool, special: Special) -> InstructionForm {
+      InstructionForm(
+        name: name, group: "xsave", opcode: opcode, encoding: modrm(ext, .memory), sizes: [wide ? 8 : 4],
+        memoryBytes: 832, alignment: 64, special: special)
+    }
+    var forms: [InstructionForm] = []
+    for wide in [false, true] {
+      let suffix = wide ? "64" : ""
+      forms += [
+        form(
+          "xsave\(suffix) m", opcode: [0x0F, 0xAE], ext: 4, wide: wide,
+          special: .xsaveArea(restore: false, compacted: false)),
+        form(
+          "xsaveopt\(suffix) m", opcode: [0x0F, 0xAE], ext: 6, wide: wide,
+          special: .xsaveArea(restore: false, compacted: false)),
+        form(
+          "xsavec\(suffix) m", opcode: [0x0F, 0xC7], ext: 4, wide: wide,
+          special: .xsaveArea(restore: false, compacted: true)),
+        form(
+          "xrstor\(suffix) m (standard)", opcode: [0x0F, 0xAE], ext: 5, wide: wide,
+          special: .xsaveArea(restore: true, compacted: false)),
+        form(
+          "xrstor\(suffix) m (compacted)", opcode: [0x0F, 0xAE], ext: 5, wide: wide,
+          special: .xsaveArea(restore: true, compacted: true)),
+      ]
+    }
+    forms += [
+      InstructionForm(
+        name: "xgetbv (ecx > 1)", group: "xsave", opcode: [0x0F, 0x01, 0xD0], encoding: .plain,
+        special: .invalidXCRIndex),
+      InstructionForm(name: "xsetbv (cpl 3)", group: "xsave", opcode: [0x0F, 0x01, 0xD1], encoding: .plain),
+    ]
+    return forms
+  }
+}
