@@ -13,7 +13,7 @@ extension CPU {
     case 0x2F2, 0x2F3, 0x2F5, 0x2F6, 0x2F7, 0x3F0:
       try executeBitManipulation(ins)
     default:
-      throw .invalidOpcode
+      try executeAVX(ins)
     }
   }
 

@@ -40,6 +40,9 @@ public final class CPU: @unchecked Sendable {
   public var mxcsr: UInt32 = 0x1F80
   /// Bits 255:128 of YMM0-YMM15 (the AVX state component; XMM is the lower half).
   public let ymmHigh: UnsafeMutablePointer<XMMValue>
+  /// Set while the AVX unit runs a VEX form through the SSE operations (no alignment rule for
+  /// arithmetic memory operands).
+  var vexOperationActive = false
   /// XCR0, the XSAVE feature-enable register (XSETBV): x87 (bit 0) is always enabled.
   public var xcr0: UInt64 = 1
   /// XINUSE (SDM vol. 1 §13.6): the XSAVE components that may be outside their initial
@@ -182,8 +185,9 @@ public final class CPU: @unchecked Sendable {
     self.bus = bus
     gpr = .allocate(capacity: 16)
     gpr.initialize(repeating: 0, count: 16)
-    xmm = .allocate(capacity: 16)
-    xmm.initialize(repeating: XMMValue(0, 0), count: 16)
+    // XMM0-15, and two scratch registers (16, 17) the AVX unit uses for the halves of a VEX form.
+    xmm = .allocate(capacity: 18)
+    xmm.initialize(repeating: XMMValue(0, 0), count: 18)
     ymmHigh = .allocate(capacity: 16)
     ymmHigh.initialize(repeating: XMMValue(0, 0), count: 16)
     fpuRegisters = .allocate(capacity: 8)

@@ -45,6 +45,13 @@ extension CPU {
       guard cr0 & X86.cr0EM == 0, cr4 & X86.cr4OSFXSR != 0 else { throw .invalidOpcode }
       throw .deviceNotAvailable
     }
+    try executeSSEOperation(instruction)
+  }
+
+  /// The operation of an `.sse` instruction once its availability is checked (also the
+  /// lane-wise engine of the VEX forms, see AVX.swift).
+  func executeSSEOperation(_ instruction: Instruction) throws(Fault) {
+    let opcode = instruction.opcode
     let prefix = instruction.mandatoryPrefix
     if _slowPath(xsaveInUse & XSaveModel.sse == 0) && instruction.writesVectorRegister {
       xsaveInUse |= XSaveModel.sse
@@ -183,8 +190,9 @@ extension CPU {
   // MARK: - Operand access
 
   /// Whether arithmetic forms (implicitly aligned 128-bit memory operands) must be aligned:
-  /// always, as there is no misaligned-SSE mode.
-  @inline(__always) var sseArithmeticNeedsAlignment: Bool { true }
+  /// always for legacy SSE (there is no misaligned-SSE mode), never while the AVX unit runs a
+  /// VEX form through the SSE operations.
+  @inline(__always) var sseArithmeticNeedsAlignment: Bool { !vexOperationActive }
 
   /// The xmm/m128 operand.
   @inline(__always)

@@ -640,7 +640,7 @@ enum CaseGenerator {
       }
       if !chosen.contains(where: { $0.name == focus.name }) { chosen[rng.below(groupCount)] = focus }
       let isX87 = chosen.contains { $0.group == "x87" }
-      let unmasked = focus.group == "sse" && rng.chance(8)
+      let unmasked = (focus.group == "sse" || focus.group == "avx") && rng.chance(8)
       let initial = DiffStates.random(&rng, x87: isX87, unmaskedSIMD: unmasked)
       let data = DiffStates.randomData(&rng)
       var builder = SequenceBuilder(rng: rng, groupCount: groupCount, data: data)
