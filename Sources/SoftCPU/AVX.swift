@@ -39,7 +39,8 @@ extension CPU {
       if ins.vexL {
         for index in 0..<16 { xmm[index] = .zero }
       }
-      xsaveInUse &= ~XSaveModel.avx
+      // Both leave their components in the initial configuration, as the host reports it.
+      xsaveInUse &= ins.vexL ? ~(XSaveModel.sse | XSaveModel.avx) : ~XSaveModel.avx
     case 0x110, 0x111, 0x128, 0x129, 0x16F, 0x17F, 0x12B, 0x1E7:
       try vectorMove(ins)
     default:
