@@ -75,6 +75,12 @@ extension CPU: StateSavable {
       writer.write(index)
       writer.write(value)
     }
+    // Extension (files written before XSAVE support end here): XCR0, YMM0-15 bits 255:128.
+    writer.write(xcr0)
+    for index in 0..<16 {
+      writer.write(ymmHigh[index][0])
+      writer.write(ymmHigh[index][1])
+    }
   }
 
   public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
@@ -123,6 +129,15 @@ extension CPU: StateSavable {
     guard msrCount <= 4096 else { throw .invalid("MSR count") }
     var msrs: [UInt32: UInt64] = [:]
     for _ in 0..<msrCount { msrs[try reader.read(UInt32.self)] = try reader.read(UInt64.self) }
+    var newXCR0: UInt64 = 1
+    var uppers = [XMMValue](repeating: .zero, count: 16)
+    if !reader.isAtEnd {
+      newXCR0 = try reader.read()
+      guard newXCR0 & ~XSaveModel.supportedComponents == 0, newXCR0 & XSaveModel.x87 != 0,
+        newXCR0 & XSaveModel.avx == 0 || newXCR0 & XSaveModel.sse != 0
+      else { throw .invalid("XCR0 value") }
+      for index in 0..<16 { uppers[index] = XMMValue(try reader.read(), try reader.read()) }
+    }
 
     // Everything read and checked: apply.
     for index in 0..<16 { gpr[index] = registers[index] }
@@ -160,6 +175,9 @@ extension CPU: StateSavable {
     fpuLastOpcode = lastOpcode
     for index in 0..<16 { xmm[index] = vectors[index] }
     mxcsr = newMXCSR
+    xcr0 = newXCR0
+    xsaveInUse = 0x7
+    for index in 0..<16 { ymmHigh[index] = uppers[index] }
     system.interruptShadowRIP = shadow
     system.nmiBlocked = nmiBlocked
     system.halted = halted

@@ -38,6 +38,17 @@ public final class CPU: @unchecked Sendable {
   public let xmm: UnsafeMutablePointer<XMMValue>
   /// SSE control/status register.
   public var mxcsr: UInt32 = 0x1F80
+  /// Bits 255:128 of YMM0-YMM15 (the AVX state component; XMM is the lower half).
+  public let ymmHigh: UnsafeMutablePointer<XMMValue>
+  /// Set while the AVX unit runs a VEX form through the SSE operations (no alignment rule for
+  /// arithmetic memory operands).
+  var vexOperationActive = false
+  /// XCR0, the XSAVE feature-enable register (XSETBV): x87 (bit 0) is always enabled.
+  public var xcr0: UInt64 = 1
+  /// XINUSE (SDM vol. 1 §13.6): the XSAVE components that may be outside their initial
+  /// configuration. Set when an instruction of the component executes; cleared only where the
+  /// SDM clears it (XRSTOR initializing the component; VZEROUPPER/VZEROALL for AVX).
+  public var xsaveInUse: UInt64 = 0x7
 
   /// x87 physical data registers R0-R7 (ST(i) is R[(top + i) & 7]).
   public let fpuRegisters: UnsafeMutablePointer<Float80>
@@ -174,8 +185,11 @@ public final class CPU: @unchecked Sendable {
     self.bus = bus
     gpr = .allocate(capacity: 16)
     gpr.initialize(repeating: 0, count: 16)
-    xmm = .allocate(capacity: 16)
-    xmm.initialize(repeating: XMMValue(0, 0), count: 16)
+    // XMM0-15, and two scratch registers (16, 17) the AVX unit uses for the halves of a VEX form.
+    xmm = .allocate(capacity: 18)
+    xmm.initialize(repeating: XMMValue(0, 0), count: 18)
+    ymmHigh = .allocate(capacity: 16)
+    ymmHigh.initialize(repeating: XMMValue(0, 0), count: 16)
     fpuRegisters = .allocate(capacity: 8)
     fpuRegisters.initialize(repeating: 0, count: 8)
     segments = .allocate(capacity: 6)
@@ -214,6 +228,7 @@ public final class CPU: @unchecked Sendable {
   deinit {
     gpr.deallocate()
     xmm.deallocate()
+    ymmHigh.deallocate()
     fpuRegisters.deallocate()
     segments.deallocate()
     segmentBase.deallocate()

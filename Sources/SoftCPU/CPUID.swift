@@ -1,4 +1,5 @@
 import InterruptControllers
+import VMCore
 
 // The CPU model: what CPUID reports. The one place where feature bits are listed; advertise
 // exactly what the core, SIMD and FPU units implement.
@@ -21,14 +22,16 @@ enum CPUModel {
   /// Leaf 1 EBX[15:8]: CLFLUSH line size in 8-byte units (64 bytes).
   static let clflushLineSize: UInt32 = 8
   /// Leaf 1 ECX: SSE3(0) PCLMULQDQ(1) SSSE3(9) CX16(13) SSE4.1(19) SSE4.2(20) MOVBE(22) POPCNT(23)
-  /// TSC-deadline(24) hypervisor(31). No AVX/XSAVE/x2APIC/PCID.
+  /// TSC-deadline(24) XSAVE(26) hypervisor(31); OSXSAVE(27) mirrors CR4.OSXSAVE. No AVX/x2APIC/PCID.
   static let leaf1ECX: UInt32 =
-    1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 22 | 1 << 23 | 1 << 24 | 1 << 31
-  /// Leaf 7 EBX: ERMS(9), enhanced REP MOVSB/STOSB (no BMI1/BMI2: they need VEX), a hint
+    1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 22 | 1 << 23 | 1 << 24 | 1 << 26 | 1 << 31
+  /// Leaf 1 ECX bit 27: OSXSAVE (CR4.OSXSAVE).
+  static let leaf1ECXOSXSAVE: UInt32 = 1 << 27
+  /// Leaf 7 EBX: BMI1(3), BMI2(8) (BMI.swift), ERMS(9), enhanced REP MOVSB/STOSB, a hint
   /// that steers Linux's memcpy/memset/copy_user to `rep movsb`/`rep stosb`, which the string
   /// unit runs as one host memmove/memset per page; CLFLUSHOPT(23) and CLWB(24) (no-ops: guest
   /// RAM is coherent host memory).
-  static let leaf7EBX: UInt32 = 1 << 9 | 1 << 23 | 1 << 24
+  static let leaf7EBX: UInt32 = 1 << 3 | 1 << 8 | 1 << 9 | 1 << 23 | 1 << 24
   /// Leaf 7 ECX: RDPID(22).
   static let leaf7ECX: UInt32 = 1 << 22
   /// Leaf 7 EDX: FSRM(4), fast short REP MOVSB (same reason: even short copies become one
@@ -63,7 +66,7 @@ extension CPU {
     let vendor = Array(CPUModel.vendor.utf8)
     switch leaf {
     case 0:
-      a = 7
+      a = 0xD
       b = ascii(vendor, 0)
       d = ascii(vendor, 4)
       c = ascii(vendor, 8)
@@ -75,11 +78,27 @@ extension CPU {
       d = UInt64(CPUModel.leaf1EDX)
       let apicEnabled = system.localAPIC?.isGloballyEnabled ?? (apicBase & LocalAPIC.baseEnableBit != 0)
       if !apicEnabled { d &= ~UInt64(CPUModel.leaf1EDXAPIC) }
+      if cr4 & X86.cr4OSXSAVE != 0 { c |= UInt64(CPUModel.leaf1ECXOSXSAVE) }
     case 7:
       if gpr[1] & 0xFFFF_FFFF == 0 {
         b = UInt64(CPUModel.leaf7EBX)
         c = UInt64(CPUModel.leaf7ECX)
         d = UInt64(CPUModel.leaf7EDX)
+      }
+    case 0xD:
+      // XSAVE components: x87, SSE, AVX; XSAVEOPT and XSAVEC (no XSAVES, no XGETBV ECX = 1).
+      switch gpr[1] & 0xFFFF_FFFF {
+      case 0:
+        a = XSaveModel.supportedComponents
+        b = XSaveModel.areaSize(xcr0)
+        c = XSaveModel.areaSize(XSaveModel.supportedComponents)
+      case 1:
+        a = 1 << 0 | 1 << 1
+        b = XSaveModel.areaSize(xcr0)
+      case 2:
+        a = XSaveModel.avxSize
+        b = XSaveModel.avxOffset
+      default: break
       }
     case 0x4000_0000:
       // Hypervisor leaf: "Hostvisor   ", timing leaf 0x4000_0010.

@@ -8,8 +8,7 @@
 //   prefixes the last one counts.
 // - More than 15 bytes raises #GP(0). A fetch from unmapped memory raises #PF at the first
 //   byte that is needed (so an instruction that ends before a page boundary never touches
-//   the next page). VEX (C4/C5), EVEX (62) and every other opcode invalid in 64-bit mode
-//   raise #UD. LOCK on an instruction that does not allow it, or with a register
+//   the next page). EVEX (62) and every other opcode invalid in 64-bit mode raise #UD. LOCK on an instruction that does not allow it, or with a register
 //   destination, raises #UD. Decode faults surface when the instruction would execute.
 // - `.sse`: opcode = map << 8 | byte (map 1 = 0F, 2 = 0F 38, 3 = 0F 3A). Classified as SSE:
 //   0F 10-17, 0F 28-2F, 0F 50-7F (0F 77 EMMS has no ModRM), 0F C2, 0F C4-C6, 0F D0-FF,
@@ -21,6 +20,13 @@
 //   REX.B, memory operand in base/index/scale/displacement/segment). An imm8 follows for
 //   0F 70-73, 0F C2, 0F C4, 0F C5, 0F C6 and all of 0F 3A; it is in `immediate`,
 //   zero-extended. `reg` and `rm` never use the AH..BH numbering for SSE instructions.
+// - `.vex`: VEX-encoded (C4 three-byte, C5 two-byte prefix; outside 64-bit mode only when the
+//   next byte has ModRM.mod = 11, else LES/LDS, and never in real or virtual-8086 mode).
+//   LOCK, 66, F2, F3 or REX before VEX, or a map other than 0F/0F 38/0F 3A, raise #UD.
+//   opcode = map << 8 | byte, `mandatoryPrefix` = VEX.pp, `rexW` = VEX.W, `vexRegister` =
+//   VEX.vvvv (0-7 outside 64-bit mode, where VEX.R/X/B are ignored), `vexL` = VEX.L.
+//   `operandSize` is 8 with VEX.W in 64-bit mode, else 4. ModRM always, except 0F 77
+//   (VZEROUPPER/VZEROALL); an imm8 for all of 0F 3A and for 0F 70-73, C2, C4-C6.
 // - `.x87`: opcode = escape byte D8-DF, `modrm` raw, memory operand decoded when mod != 3.
 // - Core ops: see Op.swift for operand conventions. Register operands of byte-sized
 //   operations without any REX prefix use 16-19 for AH, CH, DH, BH.
@@ -117,7 +123,48 @@ extension CPU {
       rexPresent = false
       byte = try next()
     }
+    // VEX (C4 three-byte, C5 two-byte form). Outside 64-bit mode C4/C5 are LES/LDS unless the
+    // next byte has ModRM.mod = 11 (never valid for LES/LDS), and always in real and virtual-8086 mode.
+    var isVEX = false
+    var vexMap: UInt8 = 1
+    if byte == 0xC4 || byte == 0xC5 {
+      if is64 {
+        isVEX = true
+      } else if isProtectedMode && storedFlags & RFlags.vm == 0 {
+        let following = try next()
+        count -= 1
+        isVEX = following >> 6 == 3
+      }
+    }
+    if isVEX {
+      // LOCK, 66, F2, F3 or REX before VEX: #UD.
+      if lock || operandPrefix || repeatPrefix != 0 || rexPresent { throw .invalidOpcode }
+      let first = try next()
+      var vex: UInt8 = 0x40
+      var vexByte = first  // holds W, vvvv, L, pp
+      if byte == 0xC4 {
+        vex |= ((~first >> 7) & 1) << 2 | ((~first >> 6) & 1) << 1 | ((~first >> 5) & 1)
+        vexMap = first & 0x1F
+        vexByte = try next()
+        if vexByte & 0x80 != 0 { vex |= 8 }
+      } else {
+        vex |= ((~first >> 7) & 1) << 2
+        vexByte = first & 0x7F
+      }
+      guard vexMap >= 1 && vexMap <= 3 else { throw .invalidOpcode }
+      if !is64 { vex &= 0x48 }  // VEX.R, X and B are 0 outside 64-bit mode (the bits are 1 there)
+      rex = vex
+      ins.rexW = vex & 8 != 0
+      ins.vexRegister = (~vexByte >> 3) & (is64 ? 15 : 7)
+      ins.vexL = vexByte & 4 != 0
+      ins.mandatoryPrefix = vexByte & 3
+      byte = try next()
+    }
     let rexW = rex & 8 != 0
+    if !isVEX {
+      ins.rexW = rexW
+      ins.mandatoryPrefix = repeatPrefix == 0xF2 ? 3 : repeatPrefix == 0xF3 ? 2 : operandPrefix ? 1 : 0
+    }
     let rexR = (rex >> 2) & 1
     let rexX = (rex >> 1) & 1
     let rexB = rex & 1
@@ -130,12 +177,13 @@ extension CPU {
     if rexPresent { flags |= Instruction.Prefix.rex }
     if segmentOverride != 0xFF { flags |= Instruction.Prefix.segmentOverride }
     ins.prefixes = flags
-    ins.rexW = rexW
-    ins.mandatoryPrefix = repeatPrefix == 0xF2 ? 3 : repeatPrefix == 0xF3 ? 2 : operandPrefix ? 1 : 0
 
     // Opcode.
     var entry: OpcodeEntry
-    if byte == 0x0F {
+    if isVEX {
+      ins.opcode = UInt16(vexMap) << 8 | UInt16(byte)
+      entry = vexEntry(map: vexMap, byte: byte)
+    } else if byte == 0x0F {
       let second = try next()
       if second == 0x38 {
         let third = try next()
@@ -158,10 +206,6 @@ extension CPU {
       entry = oneByteOpcodes[Int(byte)]
     }
     if is64 && entry.invalidIn64 { throw .invalidOpcode }
-    if !is64 && (byte == 0xC4 || byte == 0xC5) {
-      // LES/LDS outside 64-bit mode; VEX when ModRM.mod would be 11 (not supported).
-      throw .invalidOpcode
-    }
 
     let addressSize: UInt8 = is64 ? (addressPrefix ? 4 : 8) : (addressPrefix ? 6 - codeSize : codeSize)
     ins.addressSize = addressSize
@@ -282,6 +326,9 @@ extension CPU {
     case DecoderGroup.cmpxchgN:
       if !memory && regField == 7 && repeatPrefix == 0xF3 {
         op = .rdpid  // F3 0F C7 /7: RDPID r32/r64
+      } else if memory && regField == 4 {
+        guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
+        op = .xsavec  // 0F C7 /4 (XSAVES /5 and XRSTORS /3 are not offered)
       } else {
         guard regField == 1, memory else { throw .invalidOpcode }
         op = .cmpxchg8b16b
@@ -294,10 +341,13 @@ extension CPU {
           guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
           op = .sse
           entry.simd = true
+        case 4, 5:
+          guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
+          op = regField == 4 ? .xsave : .xrstor
         case 6:
-          // 66 0F AE /6: CLWB (XSAVEOPT without 66: no XSAVE here).
-          guard repeatPrefix == 0, operandPrefix else { throw .invalidOpcode }
-          op = .clflush
+          // 66 0F AE /6: CLWB; without 66: XSAVEOPT.
+          guard repeatPrefix == 0 else { throw .invalidOpcode }
+          op = operandPrefix ? .clflush : .xsaveopt
         case 7:
           // CLFLUSH; with 66, CLFLUSHOPT.
           guard repeatPrefix == 0 else { throw .invalidOpcode }
@@ -327,6 +377,9 @@ extension CPU {
         switch ins.modrm {
         case 0xF8 where is64: op = .swapgs
         case 0xF9: op = .rdtscp
+        case 0xD0, 0xD1:
+          guard repeatPrefix == 0, !operandPrefix else { throw .invalidOpcode }
+          op = ins.modrm == 0xD0 ? .xgetbv : .xsetbv
         default:
           if regField == 4 {
             op = .smsw
@@ -340,7 +393,7 @@ extension CPU {
     default: throw .invalidOpcode
     }
 
-    switch ins.opcode {
+    switch isVEX ? 0xFFFF : ins.opcode {
     case 0x90 where rexB == 0:
       op = repeatPrefix == 0xF3 ? .pause : .nop
     case 0x8C, 0x8E:
@@ -386,7 +439,10 @@ extension CPU {
 
     // Operand size.
     var operandSize: UInt8
-    if entry.simd {
+    if isVEX {
+      // VEX.W selects 64-bit general-register operands in 64-bit mode only.
+      operandSize = rexW && is64 ? 8 : 4
+    } else if entry.simd {
       operandSize = rexW ? 8 : (operandPrefix && ins.mandatoryPrefix != 1 ? 2 : 4)
       if op == .x87 { operandSize = operandPrefix ? 2 : 4 }
     } else if entry.byteOperation {
@@ -473,6 +529,24 @@ extension CPU {
     ins.length = UInt8(count)
     return ins
   }
+}
+
+/// Decoder attributes of a VEX-encoded opcode: ModRM everywhere except VZEROUPPER/VZEROALL
+/// (0F 77); an imm8 for all of map 0F 3A and for 0F 70-73, C2, C4-C6.
+@inline(__always)
+func vexEntry(map: UInt8, byte: UInt8) -> OpcodeEntry {
+  var entry = OpcodeEntry(op: .vex, hasModRM: true, simd: true)
+  switch map {
+  case 1:
+    switch byte {
+    case 0x77: entry.hasModRM = false
+    case 0x70...0x73, 0xC2, 0xC4...0xC6: entry.immediate = .byte
+    default: break
+    }
+  case 3: entry.immediate = .byte
+  default: break
+  }
+  return entry
 }
 
 extension Op {

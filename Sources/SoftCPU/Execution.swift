@@ -35,7 +35,8 @@ extension CPU {
     codeSize = 8
     flatTestMode = true
     cr0 = X86.cr0PE | X86.cr0MP | X86.cr0ET | X86.cr0NE
-    cr4 = X86.cr4PAE | X86.cr4OSFXSR | X86.cr4OSXMMEXCPT
+    cr4 = X86.cr4PAE | X86.cr4OSFXSR | X86.cr4OSXMMEXCPT | X86.cr4OSXSAVE
+    xcr0 = XSaveModel.supportedComponents
     efer = X86.eferLME | X86.eferLMA | X86.eferSCE | X86.eferNXE
     for index in 0..<6 {
       var segment = SegmentCache()
@@ -349,6 +350,10 @@ extension CPU {
 
     case .sse: try executeSSE(ins)
     case .x87: try executeX87(ins)
+    case .vex: try executeVEX(ins)
+    case .xsave, .xrstor, .xsaveopt, .xsavec: try executeXSAVE(ins)
+    case .xgetbv: try executeXGETBV()
+    case .xsetbv: try executeXSETBV()
     case .tooLong: throw .generalProtection(0)
     case .invalid: throw .invalidOpcode
     case .legacyOnly: try executeLegacy(ins)  // Part 2 hook: SystemLegacy.swift

@@ -34,9 +34,14 @@ public struct Instruction: Sendable {
   public var index: UInt8 = Instruction.noRegister
   /// Scale as a shift count (0-3).
   public var scaleShift: UInt8 = 0
-  /// REX.W was set.
+  /// REX.W was set (for VEX-encoded instructions: VEX.W, in every mode).
   public var rexW: Bool = false
-  /// Opcode: for `.sse` `map << 8 | byte` with map 1 = 0F, 2 = 0F38, 3 = 0F3A;
+  /// VEX-encoded instructions (`.vex`): the register VEX.vvvv names (0-15, already inverted;
+  /// 0-7 outside 64-bit mode). 0 for other instructions.
+  public var vexRegister: UInt8 = 0
+  /// VEX-encoded instructions: VEX.L (false: 128-bit or scalar, true: 256-bit).
+  public var vexL: Bool = false
+  /// Opcode: for `.sse` and `.vex` `map << 8 | byte` with map 1 = 0F, 2 = 0F38, 3 = 0F3A;
   /// for `.x87` the escape byte D8-DF; otherwise the primary opcode byte (free for the core's use).
   public var opcode: UInt16 = 0
   /// Specialized form chosen when the block is built (FastPath.swift); `.none` runs `execute`.

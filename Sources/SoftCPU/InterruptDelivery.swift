@@ -144,6 +144,7 @@ extension CPU {
     cr3 = 0
     cr4 = 0
     efer = 0
+    xcr0 = 1
     for index in 0..<6 {
       var cache = SegmentCache()
       cache.access = index == Int(SegmentIndex.cs) ? 0x9B : 0x93

@@ -15,6 +15,8 @@ public enum Op: UInt16, Sendable {
   case sse
   /// x87 escape D8-DF: see `CPU.executeX87`.
   case x87
+  /// VEX-encoded instruction (C4/C5 prefix): see `CPU.executeVEX`.
+  case vex
   /// Instruction longer than 15 bytes: #GP(0).
   case tooLong
   /// Valid only outside 64-bit mode (PUSHA, DAA, LES, ...); part 2 implements them. #UD for now.
@@ -79,4 +81,7 @@ public enum Op: UInt16, Sendable {
   case sldt, str, lldt, ltr, verr, verw, lar, lsl
   case sgdt, sidt, lgdt, lidt, smsw, lmsw, invlpg, swapgs, clts, invd, wbinvd
   case movFromCR, movToCR, movFromDR, movToDR, rdmsr, wrmsr, rdpmc
+
+  // MARK: XSAVE-managed state (XSAVE.swift)
+  case xsave, xrstor, xsaveopt, xsavec, xgetbv, xsetbv
 }

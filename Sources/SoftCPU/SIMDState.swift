@@ -1,4 +1,5 @@
-// LDMXCSR / STMXCSR / FXSAVE / FXRSTOR (0F AE /0-/3 with a memory operand).
+// LDMXCSR / STMXCSR / FXSAVE / FXRSTOR (0F AE /0-/3 with a memory operand), and the x87 and
+// XMM parts of the legacy region they share with XSAVE (XSAVE.swift).
 
 import VMCore
 
@@ -16,7 +17,9 @@ extension CPU {
     let address = linearAddress(instruction)
     switch kind {
     case 0: try fxsave(at: address, wide: instruction.rexW)
-    case 1: try fxrstor(from: address, wide: instruction.rexW)
+    case 1:
+      try fxrstor(from: address, wide: instruction.rexW)
+      xsaveInUse |= XSaveModel.x87 | XSaveModel.sse
     case 2:
       let value = try read32(address)
       guard value & ~MXCSR.writableMask == 0 else { throw .generalProtection(0) }
@@ -41,9 +44,17 @@ extension CPU {
   }
 
   /// Writes the 512-byte FXSAVE image (bytes 0-415; 416-511 are left untouched as on the host).
-  /// FOP/FIP/FDP are saved only while an unmasked exception is pending (ES), as AMD CPUs do.
   func fxsave(at address: UInt64, wide: Bool) throws(Fault) {
     guard address & 15 == 0 else { throw .generalProtection(0) }
+    try storeX87Image(at: address, wide: wide)
+    try write32(address &+ 24, mxcsr)
+    try write32(address &+ 28, MXCSR.writableMask)
+    try storeXMMImage(at: address)
+  }
+
+  /// The x87 part of an FXSAVE/XSAVE legacy region: bytes 0-23 and 32-159.
+  /// FOP/FIP/FDP are saved only while an unmasked exception is pending (ES), as AMD CPUs do.
+  func storeX87Image(at address: UInt64, wide: Bool) throws(Fault) {
     let status = fpuStatusWord
     let pointersValid = status & 0x80 != 0
     try write16(address, fpuControl)
@@ -63,14 +74,16 @@ extension CPU {
       try write32(address &+ 16, UInt32(truncatingIfNeeded: dataPointer))
       try write32(address &+ 20, dataSelector)
     }
-    try write32(address &+ 24, mxcsr)
-    try write32(address &+ 28, MXCSR.writableMask)
     for index in 0..<8 {
       let slot = address &+ 32 &+ UInt64(16 * index)
       let bits = fpuRegisters[(fpuTop + index) & 7].x87Bits
       try write64(slot, bits.significand)
       try write64(slot &+ 8, UInt64(bits.signAndExponent))
     }
+  }
+
+  /// XMM0-15 into bytes 160-415 of an FXSAVE/XSAVE legacy region.
+  func storeXMMImage(at address: UInt64) throws(Fault) {
     for index in 0..<16 {
       try write128(address &+ 160 &+ UInt64(16 * index), xmm[index], aligned: false)
     }
@@ -81,6 +94,29 @@ extension CPU {
     guard address & 15 == 0 else { throw .generalProtection(0) }
     let newMXCSR = try read32(address &+ 24)
     guard newMXCSR & ~MXCSR.writableMask == 0 else { throw .generalProtection(0) }
+    let image = try readX87Image(from: address, wide: wide)
+    var vectors = [XMMValue](repeating: .zero, count: 16)
+    for index in 0..<16 {
+      vectors[index] = try read128(address &+ 160 &+ UInt64(16 * index), aligned: false)
+    }
+    for index in 0..<16 { xmm[index] = vectors[index] }
+    mxcsr = newMXCSR
+    applyX87Image(image)
+  }
+
+  /// The x87 part of an FXSAVE/XSAVE legacy region, read but not applied.
+  struct X87Image {
+    var control: UInt16
+    var status: UInt16
+    var abridgedTags: UInt8
+    var opcode: UInt16
+    var instructionPointer: UInt64
+    var dataPointer: UInt64
+    /// ST(0)-ST(7) as stored (significand, sign and exponent).
+    var registers: [(UInt64, UInt16)]
+  }
+
+  func readX87Image(from address: UInt64, wide: Bool) throws(Fault) -> X87Image {
     let control = try read16(address)
     let status = try read16(address &+ 2)
     let abridged = try read8(address &+ 4)
@@ -94,32 +130,37 @@ extension CPU {
       instructionPointer = UInt64(try read32(address &+ 8))
       dataPointer = UInt64(try read32(address &+ 16))
     }
-    var registers: (UInt64, UInt16) = (0, 0)
-    let top = Int(status >> 11) & 7
+    var registers: [(UInt64, UInt16)] = []
     for index in 0..<8 {
       let slot = address &+ 32 &+ UInt64(16 * index)
-      registers = (try read64(slot), try read16(slot &+ 8))
-      fpuRegisters[(top + index) & 7] = Float80(x87Significand: registers.0, signAndExponent: registers.1)
+      registers.append((try read64(slot), try read16(slot &+ 8)))
     }
-    for index in 0..<16 {
-      xmm[index] = try read128(address &+ 160 &+ UInt64(16 * index), aligned: false)
+    return X87Image(
+      control: control, status: status, abridgedTags: abridged, opcode: opcode,
+      instructionPointer: instructionPointer, dataPointer: dataPointer, registers: registers)
+  }
+
+  func applyX87Image(_ image: X87Image) {
+    let top = Int(image.status >> 11) & 7
+    for index in 0..<8 {
+      fpuRegisters[(top + index) & 7] = Float80(
+        x87Significand: image.registers[index].0, signAndExponent: image.registers[index].1)
     }
-    fpuControl = control & 0x1F3F | 0x40
-    fpuStatus = status & ~0x3800
+    fpuControl = image.control & 0x1F3F | 0x40
+    fpuStatus = image.status & ~0x3800
     fpuTop = top
-    if status & 0x80 != 0 {
-      fpuLastOpcode = opcode & 0x7FF
-      fpuLastIP = instructionPointer
-      fpuLastDP = dataPointer
+    if image.status & 0x80 != 0 {
+      fpuLastOpcode = image.opcode & 0x7FF
+      fpuLastIP = image.instructionPointer
+      fpuLastDP = image.dataPointer
     } else {
       fpuLastOpcode = 0
       fpuLastIP = 0
       fpuLastDP = 0
     }
-    mxcsr = newMXCSR
     var tags: UInt16 = 0
     for register in 0..<8 {
-      let tag = abridged & (1 << UInt8(register)) != 0 ? fpuRegisters[register].x87Tag : 3
+      let tag = image.abridgedTags & (1 << UInt8(register)) != 0 ? fpuRegisters[register].x87Tag : 3
       tags |= tag << (2 * UInt16(register))
     }
     fpuTags = tags

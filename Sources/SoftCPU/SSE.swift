@@ -19,10 +19,9 @@ enum MXCSR {
   static let inexact: UInt32 = 1 << 5
   /// Pre-computation exceptions: invalid, denormal operand, divide by zero.
   static let precomputationFlags: UInt32 = 0x7
-  /// Misaligned-SSE mode (AMD MM bit): misaligned 128-bit operands of arithmetic forms are allowed.
-  static let misalignedMode: UInt32 = 1 << 17
-  /// The MXCSR bits software may set; FXSAVE's MXCSR_MASK. Matches the AMD host (DAZ and MM).
-  static let writableMask: UInt32 = 0x2_FFFF
+  /// The MXCSR bits software may set; FXSAVE's MXCSR_MASK: bits 0-15 (with DAZ). No AMD
+  /// misaligned-SSE mode (MM, bit 17): CPUID does not advertise MisAlignSse, so MM is reserved.
+  static let writableMask: UInt32 = 0xFFFF
   /// Reset value.
   static let reset: UInt32 = 0x1F80
 }
@@ -46,7 +45,17 @@ extension CPU {
       guard cr0 & X86.cr0EM == 0, cr4 & X86.cr4OSFXSR != 0 else { throw .invalidOpcode }
       throw .deviceNotAvailable
     }
+    try executeSSEOperation(instruction)
+  }
+
+  /// The operation of an `.sse` instruction once its availability is checked (also the
+  /// lane-wise engine of the VEX forms, see AVX.swift).
+  func executeSSEOperation(_ instruction: Instruction) throws(Fault) {
+    let opcode = instruction.opcode
     let prefix = instruction.mandatoryPrefix
+    if _slowPath(xsaveInUse & XSaveModel.sse == 0) && instruction.writesVectorRegister {
+      xsaveInUse |= XSaveModel.sse
+    }
     switch opcode >> 8 {
     case 1: break
     case 2:
@@ -180,8 +189,10 @@ extension CPU {
 
   // MARK: - Operand access
 
-  /// Whether arithmetic forms (implicitly aligned 128-bit memory operands) must be aligned.
-  @inline(__always) var sseArithmeticNeedsAlignment: Bool { mxcsr & MXCSR.misalignedMode == 0 }
+  /// Whether arithmetic forms (implicitly aligned 128-bit memory operands) must be aligned:
+  /// always for legacy SSE (there is no misaligned-SSE mode), never while the AVX unit runs a
+  /// VEX form through the SSE operations.
+  @inline(__always) var sseArithmeticNeedsAlignment: Bool { !vexOperationActive }
 
   /// The xmm/m128 operand.
   @inline(__always)

@@ -38,6 +38,9 @@ extension CPU {
   /// Executes an x87 escape instruction (D8-DF).
   func executeX87(_ instruction: Instruction) throws(Fault) {
     guard cr0 & (X86.cr0EM | X86.cr0TS) == 0 else { throw .deviceNotAvailable }
+    if _slowPath(xsaveInUse & XSaveModel.x87 == 0) && !instruction.onlyReadsX87State {
+      xsaveInUse |= XSaveModel.x87
+    }
     let escape = UInt8(truncatingIfNeeded: instruction.opcode)
     let modrm = instruction.modrm
     let reg = (modrm >> 3) & 7

@@ -134,6 +134,7 @@ public enum X86 {
   public static let cr4PGE: UInt64 = 1 << 7
   public static let cr4OSFXSR: UInt64 = 1 << 9
   public static let cr4OSXMMEXCPT: UInt64 = 1 << 10
+  public static let cr4OSXSAVE: UInt64 = 1 << 18
   public static let eferSCE: UInt64 = 1 << 0
   public static let eferLME: UInt64 = 1 << 8
   public static let eferLMA: UInt64 = 1 << 10

@@ -26,6 +26,8 @@ CNX_HIDDEN CNXState cnx_in __attribute__((aligned(64)));
 CNX_HIDDEN CNXState cnx_out __attribute__((aligned(64)));
 CNX_HIDDEN uint8_t cnx_host_fx[512] __attribute__((aligned(16)));
 CNX_HIDDEN uint64_t cnx_host_rsp;
+/// Nonzero when the input's YMM upper halves are not all zero (see CNXState.ymmHigh).
+CNX_HIDDEN uint8_t cnx_load_upper;
 
 static volatile sig_atomic_t cnx_active;
 static CNXOutcome cnx_outcome;
@@ -45,7 +47,8 @@ void cnx_enter(void);
 void cnx_exit(void);
 void cnx_resume(void);
 
-// Offsets into CNXState: gpr 0..127, rip 128, rflags 136, fxsave 144.
+// Offsets into CNXState: gpr 0..127, rip 128, rflags 136, fxsave 144, ymmHigh 656.
+_Static_assert(offsetof(CNXState, ymmHigh) == 656, "CNXState layout");
 __asm__(
   ".text\n"
   ".globl cnx_enter\n"
@@ -61,7 +64,27 @@ __asm__(
   "  pushq cnx_in+136(%rip)\n"
   "  mov %cs, %ax\n  push %rax\n"
   "  pushq cnx_in+128(%rip)\n"
+  "  vzeroupper\n"
   "  fxrstor64 cnx_in+144(%rip)\n"
+  "  cmpb $0, cnx_load_upper(%rip)\n"
+  "  je 1f\n"
+  "  vinsertf128 $1, cnx_in+656(%rip), %ymm0, %ymm0\n"
+  "  vinsertf128 $1, cnx_in+672(%rip), %ymm1, %ymm1\n"
+  "  vinsertf128 $1, cnx_in+688(%rip), %ymm2, %ymm2\n"
+  "  vinsertf128 $1, cnx_in+704(%rip), %ymm3, %ymm3\n"
+  "  vinsertf128 $1, cnx_in+720(%rip), %ymm4, %ymm4\n"
+  "  vinsertf128 $1, cnx_in+736(%rip), %ymm5, %ymm5\n"
+  "  vinsertf128 $1, cnx_in+752(%rip), %ymm6, %ymm6\n"
+  "  vinsertf128 $1, cnx_in+768(%rip), %ymm7, %ymm7\n"
+  "  vinsertf128 $1, cnx_in+784(%rip), %ymm8, %ymm8\n"
+  "  vinsertf128 $1, cnx_in+800(%rip), %ymm9, %ymm9\n"
+  "  vinsertf128 $1, cnx_in+816(%rip), %ymm10, %ymm10\n"
+  "  vinsertf128 $1, cnx_in+832(%rip), %ymm11, %ymm11\n"
+  "  vinsertf128 $1, cnx_in+848(%rip), %ymm12, %ymm12\n"
+  "  vinsertf128 $1, cnx_in+864(%rip), %ymm13, %ymm13\n"
+  "  vinsertf128 $1, cnx_in+880(%rip), %ymm14, %ymm14\n"
+  "  vinsertf128 $1, cnx_in+896(%rip), %ymm15, %ymm15\n"
+  "1:\n"
   "  mov cnx_in+0(%rip), %rax\n"
   "  mov cnx_in+8(%rip), %rcx\n"
   "  mov cnx_in+16(%rip), %rdx\n"
@@ -106,7 +129,24 @@ __asm__(
   "  pushq $0x202\n"
   "  popfq\n"
   "  fxsave64 cnx_out+144(%rip)\n"
+  "  vextractf128 $1, %ymm0, cnx_out+656(%rip)\n"
+  "  vextractf128 $1, %ymm1, cnx_out+672(%rip)\n"
+  "  vextractf128 $1, %ymm2, cnx_out+688(%rip)\n"
+  "  vextractf128 $1, %ymm3, cnx_out+704(%rip)\n"
+  "  vextractf128 $1, %ymm4, cnx_out+720(%rip)\n"
+  "  vextractf128 $1, %ymm5, cnx_out+736(%rip)\n"
+  "  vextractf128 $1, %ymm6, cnx_out+752(%rip)\n"
+  "  vextractf128 $1, %ymm7, cnx_out+768(%rip)\n"
+  "  vextractf128 $1, %ymm8, cnx_out+784(%rip)\n"
+  "  vextractf128 $1, %ymm9, cnx_out+800(%rip)\n"
+  "  vextractf128 $1, %ymm10, cnx_out+816(%rip)\n"
+  "  vextractf128 $1, %ymm11, cnx_out+832(%rip)\n"
+  "  vextractf128 $1, %ymm12, cnx_out+848(%rip)\n"
+  "  vextractf128 $1, %ymm13, cnx_out+864(%rip)\n"
+  "  vextractf128 $1, %ymm14, cnx_out+880(%rip)\n"
+  "  vextractf128 $1, %ymm15, cnx_out+896(%rip)\n"
   "  fxrstor64 cnx_host_fx(%rip)\n"
+  "  vzeroupper\n"
   "  pop %r15\n  pop %r14\n  pop %r13\n  pop %r12\n  pop %rbp\n  pop %rbx\n"
   "  ret\n"
   ".size cnx_exit, .-cnx_exit\n"
@@ -117,6 +157,7 @@ __asm__(
   "cnx_resume:\n"
   "  cld\n"
   "  fxrstor64 cnx_host_fx(%rip)\n"
+  "  vzeroupper\n"
   "  pop %r15\n  pop %r14\n  pop %r13\n  pop %r12\n  pop %rbp\n  pop %rbx\n"
   "  ret\n"
   ".size cnx_resume, .-cnx_resume\n");
@@ -147,6 +188,18 @@ static void cnx_handler(int sig, siginfo_t *info, void *context) {
   cnx_out.rflags = (uint64_t)g[REG_EFL];
   if (uc->uc_mcontext.fpregs) {
     memcpy(cnx_out.fxsave, uc->uc_mcontext.fpregs, 512);
+    // The kernel's signal frame is an XSAVE area (standard format) when the software-reserved
+    // bytes carry FP_XSTATE_MAGIC1; the AVX component sits at offset 576 if XSTATE_BV[2] is set.
+    const uint8_t *frame = (const uint8_t *)uc->uc_mcontext.fpregs;
+    uint32_t magic;
+    uint64_t stateMask = 0;
+    memcpy(&magic, frame + 464, 4);
+    if (magic == 0x46505853u) memcpy(&stateMask, frame + 512, 8);
+    if (stateMask & 4) {
+      memcpy(cnx_out.ymmHigh, frame + 576, 256);
+    } else {
+      memset(cnx_out.ymmHigh, 0, 256);
+    }
   }
   cnx_outcome.signal = sig;
   cnx_outcome.signalCode = info->si_code;
@@ -162,7 +215,19 @@ static void cnx_handler(int sig, siginfo_t *info, void *context) {
   g[REG_RSP] = (greg_t)cnx_host_rsp;
   g[REG_RIP] = (greg_t)(uintptr_t)&cnx_resume;
   g[REG_EFL] = 0x246;
-  if (uc->uc_mcontext.fpregs) memcpy(uc->uc_mcontext.fpregs, cnx_host_fx, 512);
+  if (uc->uc_mcontext.fpregs) {
+    uint8_t *frame = (uint8_t *)uc->uc_mcontext.fpregs;
+    memcpy(frame, cnx_host_fx, 512);
+    uint32_t magic;
+    memcpy(&magic, frame + 464, 4);
+    if (magic == 0x46505853u) {
+      // sigreturn loads x87 and SSE from the legacy region written above, and initializes AVX.
+      uint64_t stateMask;
+      memcpy(&stateMask, frame + 512, 8);
+      stateMask = (stateMask | 3) & ~(uint64_t)4;
+      memcpy(frame + 512, &stateMask, 8);
+    }
+  }
 }
 
 static void cnx_do_setup(void) {
@@ -258,6 +323,8 @@ int cnx_run(
   memcpy(&mxcsr, cnx_in.fxsave + 24, 4);
   mxcsr &= 0xFFFF;
   memcpy(cnx_in.fxsave + 24, &mxcsr, 4);
+  cnx_load_upper = 0;
+  for (size_t i = 0; i < sizeof cnx_in.ymmHigh; i++) cnx_load_upper |= cnx_in.ymmHigh[i];
   memset(&cnx_out, 0, sizeof(cnx_out));
   memset(&cnx_outcome, 0, sizeof(cnx_outcome));
   cnx_outcome.vector = -1;

@@ -158,10 +158,47 @@ struct CoreDecoderTests {
     #expect(try decoded([0xF2, 0x0F, 0x38, 0xF0, 0xC1]).op == .sse)  // CRC32
   }
 
-  @Test("Invalid encodings raise #UD: VEX, EVEX, LOCK misuse, UD2")
+  @Test("VEX prefixes: C4/C5 fields, prefixes before VEX, LES/LDS outside 64-bit mode")
+  func vex() throws {
+    // andn eax, ecx, ebx: three-byte VEX, map 0F 38, vvvv = ECX.
+    let andn = try decoded([0xC4, 0xE2, 0x70, 0xF2, 0xC3])
+    #expect(andn.op == .vex)
+    #expect(andn.opcode == 0x2F2)
+    #expect(andn.reg == 0 && andn.rm == 3 && andn.vexRegister == 1)
+    #expect(andn.operandSize == 4 && !andn.vexL && andn.length == 5)
+    // andn r9, r14, [rax]: VEX.R, VEX.W, vvvv = 14 (inverted 0001).
+    let wide = try decoded([0xC4, 0x62, 0x88, 0xF2, 0x08])
+    #expect(wide.reg == 9 && wide.vexRegister == 14 && wide.operandSize == 8 && wide.hasMemoryOperand)
+    // rorx eax, ebx, 5: map 0F 3A carries an imm8; pp = F2.
+    let rorx = try decoded([0xC4, 0xE3, 0x7B, 0xF0, 0xC3, 0x05])
+    #expect(rorx.opcode == 0x3F0 && rorx.mandatoryPrefix == 3 && rorx.immediate == 5 && rorx.length == 6)
+    // Two-byte VEX: vzeroupper (no ModRM) and a 256-bit form with VEX.R.
+    let vzeroupper = try decoded([0xC5, 0xF8, 0x77])
+    #expect(vzeroupper.op == .vex && vzeroupper.opcode == 0x177 && vzeroupper.length == 3)
+    let wideVector = try decoded([0xC5, 0x7C, 0x28, 0xC1])
+    #expect(wideVector.vexL && wideVector.reg == 8 && wideVector.rm == 1 && wideVector.vexRegister == 0)
+    // LOCK, 66, F2, F3 or REX before VEX, and map 0: #UD.
+    for bytes: [UInt8] in [
+      [0x66, 0xC5, 0xF8, 0x77], [0xF3, 0xC5, 0xF8, 0x77], [0xF2, 0xC5, 0xF8, 0x77], [0xF0, 0xC5, 0xF8, 0x77],
+      [0x40, 0xC5, 0xF8, 0x77], [0xC4, 0xE0, 0x78, 0x77],
+    ] {
+      #expect(throws: Fault.invalidOpcode) { try decode(bytes).get() }
+    }
+    // Segment and address-size prefixes are allowed.
+    #expect(try decoded([0x64, 0x67, 0xC4, 0xE2, 0x70, 0xF2, 0x03]).segment == SegmentIndex.fs)
+    // 32-bit protected mode: ModRM.mod = 11 in the next byte means VEX (R, X, B forced to 0,
+    // vvvv to 0-7); otherwise LES/LDS.
+    let andn32 = try decoded([0xC4, 0xE2, 0xF0, 0xF2, 0xC3], codeSize: 4)
+    #expect(andn32.op == .vex && andn32.vexRegister == 1 && andn32.operandSize == 4 && andn32.rexW)
+    #expect(try decoded([0xC4, 0x62, 0x88, 0xF2, 0x08], codeSize: 4).op == .legacyOnly)  // les esp, [edx-0x78]
+    #expect(try decoded([0xC5, 0x06, 0x00, 0x10], codeSize: 4).op == .legacyOnly)  // lds eax, [esi]
+    #expect(try decoded([0xC5, 0xF8, 0x77], codeSize: 2).op == .vex)
+  }
+
+  @Test("Invalid encodings raise #UD: EVEX, LOCK misuse, UD2")
   func invalid() throws {
     for bytes: [UInt8] in [
-      [0xC5, 0xF8, 0x77], [0xC4, 0xE2, 0x79, 0x18, 0x00], [0x62, 0xF1, 0x7C, 0x48, 0x10, 0x00],
+      [0x62, 0xF1, 0x7C, 0x48, 0x10, 0x00],
       [0xF0, 0x8B, 0x00], [0xF0, 0x01, 0xC0], [0x0F, 0x0B], [0x8D, 0xC0], [0xFF, 0xF8],
     ] {
       #expect(throws: Fault.invalidOpcode) { try decode(bytes).get() }

@@ -68,6 +68,8 @@ struct MachineState: Equatable {
   var rip: UInt64 = DiffLayout.codeBase
   var rflags: UInt64 = 0x202
   var xmm = [SIMD2<UInt64>](repeating: .zero, count: 16)
+  /// Bits 255:128 of YMM0-15.
+  var ymmHigh = [SIMD2<UInt64>](repeating: .zero, count: 16)
   var mxcsr: UInt32 = 0x1F80
   var fcw: UInt16 = 0x037F
   /// Status word including TOP (bits 11-13).
@@ -125,6 +127,9 @@ struct MachineState: Equatable {
     cpu.rip = rip
     cpu.rflags = rflags
     for index in 0..<16 { cpu.xmm[index] = xmm[index] }
+    for index in 0..<16 { cpu.ymmHigh[index] = ymmHigh[index] }
+    // As on the native side after FXRSTOR and VZEROUPPER or VINSERTF128.
+    cpu.xsaveInUse = ymmHigh.allSatisfy { $0 == .zero } ? 0x3 : 0x7
     cpu.mxcsr = mxcsr
     cpu.fpuControl = fcw
     cpu.fpuTop = top
@@ -146,6 +151,7 @@ struct MachineState: Equatable {
     rip = cpu.rip
     rflags = cpu.rflags
     for index in 0..<16 { xmm[index] = cpu.xmm[index] }
+    for index in 0..<16 { ymmHigh[index] = cpu.ymmHigh[index] }
     mxcsr = cpu.mxcsr
     fcw = cpu.fpuControl
     let top = cpu.fpuTop & 7
@@ -211,6 +217,12 @@ enum NativeRunner {
     }
     nativeState.rflags = initial.rflags
     withUnsafeMutableBytes(of: &nativeState.fxsave) { initial.fillFXSAVE($0) }
+    withUnsafeMutableBytes(of: &nativeState.ymmHigh) { raw in
+      for index in 0..<16 {
+        raw.storeBytes(of: initial.ymmHigh[index][0], toByteOffset: 16 * index, as: UInt64.self)
+        raw.storeBytes(of: initial.ymmHigh[index][1], toByteOffset: 16 * index + 8, as: UInt64.self)
+      }
+    }
     var buffer = data
     var outcome = CNXOutcome()
     let status = code.withUnsafeBufferPointer { codePointer in
@@ -228,6 +240,13 @@ enum NativeRunner {
     final.rip = nativeState.rip
     final.rflags = nativeState.rflags
     withUnsafeBytes(of: nativeState.fxsave) { final.loadFXSAVE($0) }
+    withUnsafeBytes(of: nativeState.ymmHigh) { raw in
+      for index in 0..<16 {
+        final.ymmHigh[index] = SIMD2(
+          raw.loadUnaligned(fromByteOffset: 16 * index, as: UInt64.self),
+          raw.loadUnaligned(fromByteOffset: 16 * index + 8, as: UInt64.self))
+      }
+    }
     let end: RunEnd
     switch outcome.vector {
     case -1: end = .completed
@@ -266,6 +285,7 @@ final class EmulatedRunner {
     if paging {
       try! PagedEnvironment.install(memory)
       cpu.load(PagedEnvironment.state)
+      cpu.xcr0 = 0x7  // x87, SSE, AVX enabled, as in the host process
     } else {
       cpu.enterFlatLongMode(cpl: 3)
     }
@@ -407,6 +427,11 @@ enum DiffCompare {
       differences.append(
         Difference(what: "xmm\(index)", native: xmmString(a.xmm[index]), emulated: xmmString(b.xmm[index])))
     }
+    for index in 0..<16 where a.ymmHigh[index] != b.ymmHigh[index] {
+      differences.append(
+        Difference(
+          what: "ymm\(index)[255:128]", native: xmmString(a.ymmHigh[index]), emulated: xmmString(b.ymmHigh[index])))
+    }
     if a.mxcsr & ~mask.mxcsrIgnored != b.mxcsr & ~mask.mxcsrIgnored {
       differences.append(
         Difference(what: "mxcsr (ignoring \(hex(mask.mxcsrIgnored)))", native: hex(a.mxcsr), emulated: hex(b.mxcsr)))
@@ -488,6 +513,10 @@ enum DiffCompare {
     for row in 0..<8 {
       lines.append(
         "xmm\(row * 2)=\(xmmString(state.xmm[row * 2])) xmm\(row * 2 + 1)=\(xmmString(state.xmm[row * 2 + 1]))")
+    }
+    let upper = (0..<16).filter { state.ymmHigh[$0] != .zero }
+    if !upper.isEmpty {
+      lines.append(upper.map { "ymm\($0)[255:128]=\(xmmString(state.ymmHigh[$0]))" }.joined(separator: " "))
     }
     lines.append("fcw=\(hex(state.fcw)) fsw=\(hex(state.fsw)) (top \(state.top)) ftw=\(hex(state.ftw))")
     let stack = (0..<8).filter { state.stValid($0) }.map { "st\($0)=\(x87String(state.st[$0]))" }

@@ -73,7 +73,7 @@ enum PagedEnvironment {
   static var state: X86CPUState {
     var state = X86CPUState()
     state.cr0 = X86.cr0PE | X86.cr0MP | X86.cr0ET | X86.cr0NE | X86.cr0WP | X86.cr0PG
-    state.cr4 = X86.cr4PAE | X86.cr4OSFXSR | X86.cr4OSXMMEXCPT
+    state.cr4 = X86.cr4PAE | X86.cr4OSFXSR | X86.cr4OSXMMEXCPT | X86.cr4OSXSAVE
     state.cr3 = pml4
     state.efer = X86.eferLME | X86.eferLMA | X86.eferSCE | X86.eferNXE
     state.gdt = DescriptorTableRegister(base: gdt, limit: 0x4F)

@@ -121,6 +121,26 @@ enum Special {
   case ret
   /// SHLD/SHRD 16-bit: counts above 16 give undefined results.
   case shiftDouble16
+  /// XSAVE family: EDX:EAX holds a requested-feature mask within x87/SSE/AVX (the host's XCR0
+  /// has more components than the model's); for XRSTOR (`restore`) the area holds a mostly valid
+  /// header in the standard or (`compacted`) compacted form and a mostly valid MXCSR.
+  case xsaveArea(restore: Bool, compacted: Bool)
+  /// XGETBV: ECX names no XCR of either CPU (2 and up), so both raise #GP(0).
+  case invalidXCRIndex
+}
+
+/// The VEX prefix of a VEX-encoded form (C4 or C5, chosen at random where both can encode it).
+struct VEXEncoding {
+  /// Opcode map: 1 = 0F, 2 = 0F 38, 3 = 0F 3A.
+  var map: UInt8
+  /// Implied prefix: 0 none, 1 = 66, 2 = F3, 3 = F2.
+  var pp: UInt8 = 0
+  /// VEX.L values to choose from.
+  var lengths: [UInt8] = [0]
+  /// VEX.W; nil: set for 8-byte operand sizes.
+  var w: Bool? = nil
+  /// Register file VEX.vvvv names; nil: unused (1111b).
+  var vvvv: OperandSpace? = nil
 }
 
 /// One instruction form of the table.
@@ -152,6 +172,8 @@ struct InstructionForm {
   var memoryFill: MemoryFill = .random
   /// The low nibble of the last opcode byte is a random condition code (Jcc, SETcc, CMOVcc).
   var conditionInOpcode = false
+  /// VEX-encoded form: `opcode` is the byte after the VEX prefix, `prefixes` is empty.
+  var vex: VEXEncoding? = nil
 }
 
 enum MemoryFill { case random, float32, float64, float80, int16, int32, int64 }

@@ -64,6 +64,11 @@ struct SequenceBuilder {
   var undefinedBefore: [(flags: UInt64, cc: UInt16)] = []
   /// Undefined flags / condition codes right after each main instruction (for traps).
   var undefinedAfter: [(flags: UInt64, cc: UInt16)] = []
+  /// Registers memory operands must not use (they are set for the instruction itself).
+  var reservedRegisters: [UInt8] = []
+  /// An x87 instruction or XRSTOR ran: the x87 instruction and data pointers may differ between
+  /// an Intel host and the AMD model (AMD saves them only with an exception pending).
+  var x87PointersSet = false
 
   init(rng: DiffRNG, groupCount: Int, data: [UInt8]) {
     self.rng = rng
@@ -161,6 +166,29 @@ struct SequenceBuilder {
     }
   }
 
+  /// An XRSTOR source area: random legacy region with a mostly valid MXCSR, a header that is
+  /// mostly valid for the form (components within x87/SSE/AVX), random AVX state.
+  mutating func fillXSAVEArea(at address: UInt64, compacted: Bool) {
+    let offset = Int(address - DiffLayout.dataBase)
+    func store(_ value: UInt64, _ count: Int, at position: Int) {
+      for byte in 0..<count where offset + position + byte < data.count {
+        data[offset + position + byte] = UInt8(truncatingIfNeeded: value >> UInt64(8 * byte))
+      }
+    }
+    var mxcsr = UInt64(0x1F80) ^ UInt64(rng.below(0x10000)) & 0xE07F
+    mxcsr &= ~UInt64(HostModel.mxcsrMaskDifference)
+    // Always valid: with a reserved MXCSR bit the host may load some components before its #GP
+    // (SSETests checks the #GP).
+    store(mxcsr, 4, at: 24)
+    let format = UInt64(rng.below(8))
+    var stateMask = compacted ? format & UInt64(rng.below(8)) : UInt64(rng.below(8))
+    if rng.chance(4) { stateMask |= 1 << UInt64(10 + rng.below(54)) }
+    store(stateMask, 8, at: 512)
+    store(compacted ? 1 << 63 | format : 0, 8, at: 520)
+    for position in stride(from: 528, to: 576, by: 8) { store(0, 8, at: position) }
+    if rng.chance(4) { store(rng.next() | 1, 8, at: 520 + 8 * rng.below(compacted ? 7 : 2)) }
+  }
+
   // MARK: Memory operands
 
   /// The bytes after the opcode for a memory operand, and what the instruction needs around them.
@@ -183,7 +211,7 @@ struct SequenceBuilder {
     func pickRegister(_ rng: inout DiffRNG) -> UInt8 {
       while true {
         let register = UInt8(rng.below(registerBound))
-        if register != 4 { return register }
+        if register != 4 && !reservedRegisters.contains(register) { return register }
       }
     }
     let mode = rng.below(lowRegistersOnly ? 6 : 8)
@@ -342,6 +370,10 @@ struct SequenceBuilder {
       emitMoveImmediate(3, DiffLayout.dataBase + 0x4000 + UInt64(rng.below(0x1000)))
     case .maskmov:
       emitMoveImmediate(7, dataAddress(bytes: 16, alignment: 1))
+    case .xsaveArea:
+      reservedRegisters = [0, 2]
+    case .invalidXCRIndex:
+      emitMoveImmediate(1, rng.next() << 32 | UInt64(2 + rng.below(rng.chance(50) ? 14 : 0x7FFF_FFFF)))
     case .framePointer:
       emitMoveImmediate(5, DiffLayout.dataBase + 0x6000 + UInt64(rng.below(0x1000) & ~7))
     case .popf:
@@ -402,6 +434,8 @@ struct SequenceBuilder {
           value &= ~HostModel.mxcsrMaskDifference
           let offset = Int(address - DiffLayout.dataBase)
           for byte in 0..<4 { data[offset + byte] = UInt8(truncatingIfNeeded: value >> UInt32(8 * byte)) }
+        case .xsaveArea(let restore, let compacted) where restore:
+          fillXSAVEArea(at: address, compacted: compacted)
         case .fldcw:
           var value = UInt16(0x037F)
           value ^= UInt16(rng.below(4)) << 10
@@ -443,6 +477,18 @@ struct SequenceBuilder {
       break
     }
 
+    if case .xsaveArea(let restore, _) = form.special {
+      // Requested-feature mask in EDX:EAX (upper halves ignored); x87 left out where the host
+      // vendor's x87 pointers may differ from the model's.
+      reservedRegisters = []
+      var mask = UInt64(rng.below(8))
+      if !restore && x87PointersSet && HostModel.vendorsDiffer { mask &= ~1 }
+      emitMoveImmediate(0, rng.next() << 32 | mask)
+      emitMoveImmediate(2, rng.next() << 32)
+      if restore { x87PointersSet = true }
+    }
+    if form.group == "x87" { x87PointersSet = true }
+
     // Prefixes: LOCK, REP, segment overrides (ignored in 64-bit mode), operand size.
     if form.allowLock && hasLockableMemory && rng.chance(40) { prefixes.insert(0xF0, at: 0) }
     if form.allowLock && !hasLockableMemory && rng.chance(3) { prefixes.insert(0xF0, at: 0) }
@@ -456,12 +502,29 @@ struct SequenceBuilder {
     if case .ldmxcsr = form.special { rexW = false }
     let needsREX = rexW || rexR || rexX || rexB || (usesByteRegisters && !legacyBytes && rng.chance(50))
     let rexAllowed = !legacyBytes
+    let instructionStart = code.count
     emit(prefixes)
-    if needsREX && rexAllowed {
+    if let vex = form.vex {
+      // VEX.vvvv: a random register of its space (never RSP among GPRs: it may be written).
+      var vvvv: UInt8 = 0
+      switch vex.vvvv {
+      case .gpr?: vvvv = pickGPR(&rng, excludeRSP: true)
+      case .xmm?: vvvv = UInt8(rng.below(16))
+      case nil: vvvv = 0
+      }
+      let w = vex.w ?? (size == 8)
+      let length = rng.pick(vex.lengths)
+      let tail = (~vvvv & 15) << 3 | length << 2 | vex.pp
+      if vex.map == 1 && !w && !rexX && !rexB && rng.chance(50) {
+        emit([0xC5, (rexR ? 0 : 0x80) | tail])
+      } else {
+        emit([0xC4, (rexR ? 0 : 0x80) | (rexX ? 0 : 0x40) | (rexB ? 0 : 0x20) | vex.map, (w ? 0x80 : 0) | tail])
+      }
+    } else if needsREX && rexAllowed {
       emit([0x40 | (rexW ? 8 : 0) | (rexR ? 4 : 0) | (rexX ? 2 : 0) | (rexB ? 1 : 0)])
     }
     if form.conditionInOpcode { opcode[opcode.count - 1] |= UInt8(rng.below(16)) }
-    instructionStarts.append((offset: code.count - prefixes.count - (needsREX && rexAllowed ? 1 : 0), form: form.name))
+    instructionStarts.append((offset: instructionStart, form: form.name))
     undefinedBefore.append((flags: undefinedFlags, cc: undefinedCC))
     emit(opcode)
     emit(modrmBytes)
@@ -523,6 +586,10 @@ enum DiffStates {
     state.gpr[4] = DiffLayout.stackTop
     state.rflags = 0x202 | (rng.next() & (F.all | RFlags.df))
     for index in 0..<16 { state.xmm[index] = DiffValues.xmm(&rng) }
+    // The AVX state: in its initial configuration (all upper halves zero) in a third of the cases.
+    if !rng.chance(33) {
+      for index in 0..<16 { state.ymmHigh[index] = DiffValues.xmm(&rng) }
+    }
     var mxcsr: UInt32 = 0x1F80 | UInt32(rng.below(4)) << 13
     if rng.chance(25) { mxcsr |= 1 << 15 }
     if rng.chance(25) { mxcsr |= 1 << 6 }
@@ -573,7 +640,7 @@ enum CaseGenerator {
       }
       if !chosen.contains(where: { $0.name == focus.name }) { chosen[rng.below(groupCount)] = focus }
       let isX87 = chosen.contains { $0.group == "x87" }
-      let unmasked = focus.group == "sse" && rng.chance(8)
+      let unmasked = (focus.group == "sse" || focus.group == "avx") && rng.chance(8)
       let initial = DiffStates.random(&rng, x87: isX87, unmaskedSIMD: unmasked)
       let data = DiffStates.randomData(&rng)
       var builder = SequenceBuilder(rng: rng, groupCount: groupCount, data: data)

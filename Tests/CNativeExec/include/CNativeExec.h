@@ -1,7 +1,8 @@
 // Native executor for differential testing of the software CPU.
 //
 // Runs a short machine-code sequence on the host CPU between a fully prepared and a fully
-// captured architectural state (GPRs, RFLAGS, FXSAVE image = x87 + MXCSR + XMM0-15). Code and
+// captured architectural state (GPRs, RFLAGS, FXSAVE image = x87 + MXCSR + XMM0-15, and the
+// upper halves of YMM0-15). Code and
 // data live at fixed low addresses so the emulated run can place the same bytes at the same
 // guest-physical addresses. Faults raised by the sequence are captured from the signal context
 // (vector from the kernel's trap number, error code, faulting RIP, full register state).
@@ -39,6 +40,9 @@ typedef struct CNXState {
   uint64_t rflags;
   /// FXSAVE (legacy 512-byte) image: FCW, FSW, abridged FTW, MXCSR, ST0-7, XMM0-15.
   uint8_t fxsave[512] __attribute__((aligned(16)));
+  /// Bits 255:128 of YMM0-15, 16 bytes each. On input all zero means the AVX state starts in
+  /// its initial configuration (VZEROUPPER), otherwise it is loaded (VINSERTF128).
+  uint8_t ymmHigh[256] __attribute__((aligned(16)));
 } CNXState;
 
 /// How a native run ended.
