@@ -43,6 +43,11 @@ struct DecodedBlock {
   /// table lookups between hot blocks. Two links cover both exits of a conditional branch.
   var linkGeneration: UInt64 = ~0
   var links: (BlockLink, BlockLink) = (BlockLink(), BlockLink())
+  /// Translating tier (Translator/): executions counted before translation, the translation
+  /// (index + 1 into `Translator.translations`; 0 none yet, -1 none possible) and its code.
+  var heat: UInt32 = 0
+  var translation: Int32 = 0
+  var translatedCode: UnsafeRawPointer? = nil
 }
 
 /// One block-to-block link: the fetch address it was made for and the target block, with the
@@ -181,6 +186,7 @@ extension CPU {
       if block.secondPage != .max { codePageHead[Int(block.secondPage)] = 0 }
     }
     blockTable.update(repeating: BlockTableEntry(), count: blockTableSize)
+    translator?.flush(blocks: blocks, count: 0)
     blockCount = 0
     arenaUsed = 0
     blockInvalidated = true
