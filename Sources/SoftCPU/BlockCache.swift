@@ -53,7 +53,9 @@ struct DecodedBlock {
 /// One block-to-block link: the fetch address it was made for and the target block, with the
 /// target's `first` and `count` copied so a chained transfer does one load less.
 struct BlockLink {
-  var rip: UInt64 = ~0
+  /// Non-canonical when unused, so it never equals a fetch address (~0 did: a jump to
+  /// 0xFFFF_FFFF_FFFF_FFFF followed an empty link to block -1).
+  var rip: UInt64 = 1 << 63
   var block: Int32 = -1
   var first: Int32 = 0
   var count: Int32 = 0

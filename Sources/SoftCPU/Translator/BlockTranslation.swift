@@ -143,6 +143,9 @@ struct BlockTranslator {
     }
     if instruction.hasMemoryOperand && instruction.fast != .nop {
       if instruction.addressSize == 2 { return false }
+      // MOV AL/AX/EAX/RAX with a 64-bit absolute address (A0-A3) has a displacement that
+      // does not fit the host's 32-bit one.
+      if !fitsInt32(UInt64(bitPattern: instruction.displacement)) { return false }
       if instruction.base == Instruction.ripRelative {
         return fitsInt32(UInt64(bitPattern: instruction.displacement) &+ UInt64(offsetAfter))
       }
