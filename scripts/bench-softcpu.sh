@@ -10,7 +10,8 @@
 #
 # For each program: one flat image (multiboot a.out-kludge header + 64-bit flat entry), run
 #   - on the software CPU through `hostvisor run --accel soft --kernel` (whole VMM: Multiboot
-#     loader, 32-bit entry, the guest's own page tables, long mode, debug-exit),
+#     loader, 32-bit entry, the guest's own page tables, long mode, debug-exit), once with the
+#     interpreter only (`--softcpu-tier interp`) and once with the translator (`--softcpu-tier jit`),
 #   - on QEMU TCG (`qemu-system-x86_64 -accel tcg -kernel ... isa-debug-exit`), the same image,
 #   - on the software CPU through hostvisor-softbench (the interpreter alone: flat long mode,
 #     CPL 0, paging off; exact retired instruction count). Not the same work as the two VMM
@@ -84,10 +85,10 @@ qemu_cmd() { echo qemu-system-x86_64 -accel tcg -m 128 -kernel "$1" -nographic -
 
 base=$(measure 1 $(qemu_cmd "$work/b0.bin")) || exit 1
 read -r qemu_base_wall qemu_base_cpu _ <<<"$base"
-base=$(measure 1 "$hostvisor" run --accel soft --memory 128M --kernel "$work/b0.bin") || exit 1
+base=$(measure 1 "$hostvisor" run --accel soft --softcpu-tier interp --memory 128M --kernel "$work/b0.bin") || exit 1
 read -r vmm_base_wall vmm_base_cpu _ <<<"$base"
 mismatches=0
-printf "%-12s %12s %7s | %8s %8s | %8s %8s | %8s %8s | %6s %6s | %s\n" program instructions MIPS hv-wall hv-cpu qemu-wall qemu-cpu flat-wall flat-cpu hv/q hv/q-net "results hv/qemu/flat"
+printf "%-12s %12s %7s | %8s %8s | %8s | %8s %8s | %8s %8s | %6s %6s %6s %6s | %s\n" program instructions MIPS hv-wall hv-cpu jit-cpu qemu-wall qemu-cpu flat-wall flat-cpu hv/q hv/q-net jit/q jit/hv "results hv/jit/qemu/flat"
 for p in $programs; do
   line=$(measure 0 "$bin/hostvisor-softbench" "$work/b$p.bin") || exit 1
   read -r soft_wall soft_cpu soft_result <<<"$line"
@@ -98,23 +99,28 @@ for p in $programs; do
   mips=$(echo "$instructions / $soft_cpu / 1000000" | bc -l | xargs printf "%.0f")
   line=$(measure 1 $(qemu_cmd "$work/b$p.bin")) || exit 1
   read -r qemu_wall qemu_cpu qemu_result <<<"$line"
-  line=$(measure 1 "$hostvisor" run --accel soft --memory 128M --kernel "$work/b$p.bin") || exit 1
+  line=$(measure 1 "$hostvisor" run --accel soft --softcpu-tier interp --memory 128M --kernel "$work/b$p.bin") || exit 1
   read -r vmm_wall vmm_cpu vmm_result <<<"$line"
+  line=$(measure 1 "$hostvisor" run --accel soft --softcpu-tier jit --memory 128M --kernel "$work/b$p.bin") || exit 1
+  read -r _ jit_cpu jit_result <<<"$line"
   # Headline: `hostvisor run` against QEMU, the same image booted the same way (Multiboot
   # loader, 32-bit entry, guest page tables, long mode, debug-exit), CPU time; and the same
   # ratio net of each VMM's own start-up (program 0 on each side).
   r_cpu=$(echo "$vmm_cpu / $qemu_cpu" | bc -l)
   r_net=$(echo "($vmm_cpu - $vmm_base_cpu) / ($qemu_cpu - $qemu_base_cpu)" | bc -l)
+  r_jit=$(echo "$jit_cpu / $qemu_cpu" | bc -l)
+  r_jit_hv=$(echo "$jit_cpu / $vmm_cpu" | bc -l)
   verdict=""
-  if [ "$vmm_result" != "$qemu_result" ] || [ "$soft_result" != "$qemu_result" ]; then
+  if [ "$vmm_result" != "$qemu_result" ] || [ "$jit_result" != "$qemu_result" ] || [ "$soft_result" != "$qemu_result" ]; then
     verdict="  MISMATCH"
     mismatches=$((mismatches + 1))
   fi
-  printf "%-12s %12s %7s | %8.2f %8.2f | %8.2f %8.2f | %8.2f %8.2f | %6.2f %6.2f | %s/%s/%s%s\n" "${names[$p]}" "$instructions" "$mips" \
-    "$vmm_wall" "$vmm_cpu" "$qemu_wall" "$qemu_cpu" "$soft_wall" "$soft_cpu" "$r_cpu" "$r_net" "$vmm_result" "$qemu_result" "$soft_result" "$verdict"
+  printf "%-12s %12s %7s | %8.2f %8.2f | %8.2f | %8.2f %8.2f | %8.2f %8.2f | %6.2f %6.2f %6.2f %6.2f | %s/%s/%s/%s%s\n" "${names[$p]}" "$instructions" "$mips" \
+    "$vmm_wall" "$vmm_cpu" "$jit_cpu" "$qemu_wall" "$qemu_cpu" "$soft_wall" "$soft_cpu" "$r_cpu" "$r_net" "$r_jit" "$r_jit_hv" "$vmm_result" "$jit_result" "$qemu_result" "$soft_result" "$verdict"
 done
 echo "start-up (program 0): hostvisor run wall ${vmm_base_wall}s cpu ${vmm_base_cpu}s; QEMU wall ${qemu_base_wall}s cpu ${qemu_base_cpu}s"
-echo "hv/q = hostvisor run CPU time / QEMU CPU time (the headline); hv/q-net = the same net of each side's program-0 start-up."
+echo "hv/q = hostvisor run (interpreter) CPU time / QEMU CPU time; hv/q-net = the same net of each side's program-0 start-up."
+echo "jit-cpu = hostvisor run --softcpu-tier jit CPU time; jit/q = it / QEMU CPU time; jit/hv = it / the interpreter's."
 echo "flat = hostvisor-softbench: the interpreter alone in flat long mode at CPL 0 with paging off (not the same work as"
 echo "       the two VMM columns); MIPS = its retired guest instructions per CPU second."
 if [ $mismatches -gt 0 ]; then

@@ -43,12 +43,19 @@ struct DecodedBlock {
   /// table lookups between hot blocks. Two links cover both exits of a conditional branch.
   var linkGeneration: UInt64 = ~0
   var links: (BlockLink, BlockLink) = (BlockLink(), BlockLink())
+  /// Translating tier (Translator/): executions counted before translation, the translation
+  /// (index + 1 into `Translator.translations`; 0 none yet, -1 none possible) and its code.
+  var heat: UInt32 = 0
+  var translation: Int32 = 0
+  var translatedCode: UnsafeRawPointer? = nil
 }
 
 /// One block-to-block link: the fetch address it was made for and the target block, with the
 /// target's `first` and `count` copied so a chained transfer does one load less.
 struct BlockLink {
-  var rip: UInt64 = ~0
+  /// Non-canonical when unused, so it never equals a fetch address (~0 did: a jump to
+  /// 0xFFFF_FFFF_FFFF_FFFF followed an empty link to block -1).
+  var rip: UInt64 = 1 << 63
   var block: Int32 = -1
   var first: Int32 = 0
   var count: Int32 = 0
@@ -181,6 +188,7 @@ extension CPU {
       if block.secondPage != .max { codePageHead[Int(block.secondPage)] = 0 }
     }
     blockTable.update(repeating: BlockTableEntry(), count: blockTableSize)
+    translator?.flush(blocks: blocks, count: 0)
     blockCount = 0
     arenaUsed = 0
     blockInvalidated = true

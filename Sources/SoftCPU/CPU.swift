@@ -1,3 +1,4 @@
+import CShim
 import Glibc
 import Synchronization
 import VMCore
@@ -176,6 +177,15 @@ public final class CPU: @unchecked Sendable {
   /// slice before a block on one of them when `debugStopPagesActive`.
   var debugStopPages = Set<UInt64>()
   var debugStopPagesActive = false
+  /// The translating tier (Translator/), nil when only the interpreter runs. The run loop
+  /// reads the plain fields below instead (no reference counting on the hot path).
+  var translator: Translator?
+  /// A translating tier is active; lockstep checking is on; executions before translation;
+  /// the context generated code runs on.
+  var translationEnabled = false
+  var translationLockstep = false
+  var translationThreshold: UInt32 = 0
+  var translationContext: UnsafeMutablePointer<hv_jit_context>?
   /// With `exitRequested` and not halted: the trap to report.
   var pendingTrap = Fault(vector: 0)
 

@@ -135,13 +135,19 @@ extension CPU {
       var instruction = start
       var instructionStart = rip
       blockInvalidated = false
+      // The translating tier runs the block's translated prefix; the interpreter the rest.
+      if translationEnabled && debugFlags == 0 && Int(count) <= remaining && !debugStopPagesActive {
+        let result = runTranslated(block: blockIndex)
+        instruction += Int(truncatingIfNeeded: result & 0xFFFF_FFFF)
+        if result & translationEndedBit != 0 { blockInvalidated = true }
+      }
       do {
-        repeat {
+        while instruction < end && !blockInvalidated {
           instructionStart = rip
           rip = instructionStart &+ UInt64(instruction.pointee.length)
           try executeFast(instruction)
           instruction += 1
-        } while instruction < end && !blockInvalidated
+        }
       } catch {
         rip = instructionStart
         let executed = instruction - start

@@ -33,7 +33,13 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
   let restoredFromSnapshot = Atomic<Bool>(false)
 
   /// Builds the vCPUs and the interrupt controllers of a machine made of `parts`.
-  public init(parts: MachineParts, cpuCount: Int = 1, clock: (any MachineClock)? = nil) throws {
+  /// `tier` selects the interpreter only, the translating tier, or lockstep checking of the
+  /// translator against the interpreter; `threshold` is the executions of a block before it
+  /// is translated.
+  public init(
+    parts: MachineParts, cpuCount: Int = 1, clock: (any MachineClock)? = nil, tier: SoftCPUTier = .interpreter,
+    threshold: UInt32 = SoftCPUTier.defaultThreshold
+  ) throws {
     guard (1...255).contains(cpuCount) else { throw SoftAcceleratorError.invalidCPUCount(cpuCount) }
     let clock = clock ?? VirtualClock()
     self.clock = clock
@@ -50,6 +56,7 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
     var wakeups: [VCPUSleeper] = []
     for index in 0..<cpuCount {
       let cpu = CPU(memory: parts.memory, bus: parts.bus)
+      if tier != .interpreter { cpu.setExecutionTier(tier, threshold: threshold) }
       let apic = controllers.localAPICs[index]
       cpu.system.localAPIC = apic
       cpu.system.clock = clock
@@ -171,6 +178,10 @@ private func runVCPU(
       // Between slices: an instruction boundary, with every posted write applied.
       control.pauseGate.parkIfRequested()
       continue
+    }
+    if let report = cpu.lockstepFailure {
+      control.requestStop(.failure(report))
+      return
     }
     if let reason = cpu.system.shutdownReason {
       if let fault = cpu.system.tripleFault {

@@ -1,4 +1,5 @@
 import Glibc
+import SoftCPU
 import VMCore
 import Virtio
 
@@ -233,6 +234,9 @@ extension String {
 }
 
 /// Everything needed to build and boot one virtual machine. The CLI and the API both fill this in.
+/// How the software CPU runs guest code (the SoftCPU module's `SoftCPUTier`).
+public typealias SoftCPUExecutionTier = SoftCPUTier
+
 public struct MachineConfiguration: Sendable {
   /// The most vCPUs a machine may have.
   public static let maximumCPUs = 64
@@ -256,6 +260,10 @@ public struct MachineConfiguration: Sendable {
   public var networks: [NetworkConfiguration] = []
   /// The guest console: COM1 (default) or a virtio-console (hvc0) on standard input/output.
   public var console: ConsoleChoice = .serial
+  /// How the software CPU runs guest code (interpreter, translator, lockstep check).
+  public var softCPUTier: SoftCPUTier = .interpreter
+  /// Executions of a block before the software CPU translates it.
+  public var softCPUThreshold: UInt32 = SoftCPUTier.defaultThreshold
 
   public init(
     kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",

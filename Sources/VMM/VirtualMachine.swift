@@ -289,7 +289,9 @@ public final class VirtualMachine: Sendable {
       }
     case .soft:
       do {
-        let accelerator = try SoftAccelerator(parts: parts, cpuCount: configuration.cpuCount)
+        let accelerator = try SoftAccelerator(
+          parts: parts, cpuCount: configuration.cpuCount, tier: configuration.softCPUTier,
+          threshold: configuration.softCPUThreshold)
         return (accelerator, accelerator.clock)
       } catch {
         throw MachineError("cannot start the software CPU: \(error)")

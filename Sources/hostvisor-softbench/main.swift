@@ -1,10 +1,12 @@
 // hostvisor-softbench: runs a flat 64-bit guest program on the software CPU in flat long mode
 // and reports retired instructions, wall time and instructions per second.
 //
-//   hostvisor-softbench <flat-binary> [--load <address>] [--ram <MiB>]
+//   hostvisor-softbench <flat-binary> [--load <address>] [--ram <MiB>] [--tier interp|jit|lockstep] [--threshold N]
 //
 // The binary is copied to `--load` (default 0x100000) and entered there at CPL 0 with
-// RSP = 0x90000; the run ends at HLT. Used by scripts/bench-softcpu.sh.
+// RSP = 0x90000; the run ends at HLT. `--tier` selects the software CPU's execution tier
+// (default interp), `--threshold` the executions of a block before it is translated. Used by
+// scripts/bench-softcpu.sh.
 
 import Glibc
 import SoftCPU
@@ -57,6 +59,10 @@ var arguments = Array(CommandLine.arguments.dropFirst())
 var loadAddress: UInt64 = 0x10_0000
 var ramMiB: UInt64 = 64
 var path: String?
+var tier = SoftCPUTier.interpreter
+var threshold = SoftCPUTier.defaultThreshold
+let usage =
+  "usage: hostvisor-softbench <flat-binary> [--load addr] [--ram MiB] [--tier interp|jit|lockstep] [--threshold N]"
 while !arguments.isEmpty {
   let argument = arguments.removeFirst()
   switch argument {
@@ -70,14 +76,24 @@ while !arguments.isEmpty {
     }
     ramMiB = value
     arguments.removeFirst()
-  default:
-    if argument.hasPrefix("-") || path != nil {
-      fail("usage: hostvisor-softbench <flat-binary> [--load addr] [--ram MiB]")
+  case "--tier":
+    guard let value = arguments.first.flatMap(SoftCPUTier.init(rawValue:)) else {
+      fail("--tier needs interp, jit or lockstep")
     }
+    tier = value
+    arguments.removeFirst()
+  case "--threshold":
+    guard let value = arguments.first.flatMap(parseNumber), value <= 1_000_000 else {
+      fail("--threshold needs a count (0-1000000)")
+    }
+    threshold = UInt32(value)
+    arguments.removeFirst()
+  default:
+    if argument.hasPrefix("-") || path != nil { fail(usage) }
     path = argument
   }
 }
-guard let path else { fail("usage: hostvisor-softbench <flat-binary> [--load addr] [--ram MiB]") }
+guard let path else { fail(usage) }
 guard let image = readFile(path) else { fail("cannot read \(path)") }
 
 let memory: GuestMemory
@@ -93,6 +109,7 @@ image.withUnsafeBytes { target.copyMemory(from: $0) }
 
 let cpu = CPU(memory: memory, bus: IOBus())
 cpu.enterFlatLongMode(cpl: 0)
+cpu.setExecutionTier(tier, threshold: threshold)
 cpu.rip = loadAddress
 cpu.gpr[4] = 0x9_0000
 let start = now()
@@ -100,7 +117,10 @@ var outcome = "halted"
 runLoop: while true {
   switch cpu.run(instructionLimit: 50_000_000) {
   case .halted: break runLoop
-  case .instructionLimit, .stopRequested: continue
+  case .instructionLimit: continue
+  case .stopRequested:
+    if let report = cpu.lockstepFailure { fail(report) }
+    continue
   case .fault(let fault):
     outcome = "fault vector \(fault.vector) at rip 0x\(String(cpu.rip, radix: 16))"
     break runLoop
@@ -111,5 +131,5 @@ let instructions = cpu.retiredInstructions
 let mips = Double(instructions) / seconds / 1e6
 print(
   "instructions=\(instructions) seconds=\(fixed(seconds, 3)) mips=\(fixed(mips, 1)) "
-    + "result=\(String(cpu.gpr[0], radix: 16)) outcome=\(outcome)")
+    + "result=\(String(cpu.gpr[0], radix: 16)) outcome=\(outcome) translated-blocks=\(cpu.translatedBlockCount)")
 exit(outcome == "halted" ? 0 : 1)

@@ -111,6 +111,19 @@ struct Run: ParsableCommand {
   @Flag(name: .customLong("gdb-wait"), help: "With --gdb: stop before the first instruction until gdb continues.")
   var gdbWait = false
 
+  @Option(
+    name: .customLong("softcpu-tier"),
+    help: ArgumentHelp(
+      "With --accel soft: interp (the interpreter only), jit (hot blocks translated to host code) or lockstep (every translated block checked against the interpreter; a difference stops the machine with a report). Default: $HOSTVISOR_SOFTCPU_TIER, else interp.",
+      valueName: "interp|jit|lockstep"))
+  var softCPUTier: String =
+    ProcessInfo.processInfo.environment["HOSTVISOR_SOFTCPU_TIER"] ?? SoftCPUExecutionTier.interpreter.rawValue
+
+  @Option(
+    name: .customLong("softcpu-threshold"),
+    help: ArgumentHelp("Executions of a block before the software CPU translates it (0-1000000).", valueName: "n"))
+  var softCPUThreshold: Int = Int(SoftCPUExecutionTier.defaultThreshold)
+
   @Flag(name: .long, help: "Report the chosen accelerator and machine layout on standard error.")
   var verbose = false
 
@@ -156,6 +169,14 @@ struct Run: ParsableCommand {
         serial: serialChoice ?? (consoleChoice == .virtio ? .none : .stdio), kvmDevicePath: kvmDevice,
         verbose: verbose)
       configuration.console = consoleChoice
+      guard let tier = SoftCPUExecutionTier(rawValue: softCPUTier) else {
+        throw CommandFailure("invalid --softcpu-tier '\(softCPUTier)': use interp, jit or lockstep")
+      }
+      guard (0...1_000_000).contains(softCPUThreshold) else {
+        throw CommandFailure("invalid --softcpu-threshold \(softCPUThreshold): use 0 to 1000000")
+      }
+      configuration.softCPUTier = tier
+      configuration.softCPUThreshold = UInt32(softCPUThreshold)
       configuration.disks = try disk.map { text throws(ConfigurationError) in try DiskConfiguration(parsing: text) }
       configuration.networks = try net.map { text throws(ConfigurationError) in
         try NetworkConfiguration(parsing: text)

@@ -45,6 +45,36 @@ struct LinuxBootTests {
   }
 }
 
+/// The software CPU's translating tier boots the default guest and runs real work; in lockstep
+/// mode every translated block of the boot is checked against the interpreter (a difference
+/// stops the machine, so the shell never comes).
+@Suite("Linux boots with the software CPU's translator", .serialized)
+struct LinuxTranslatorBootTests {
+  @Test(arguments: ["jit", "lockstep"])
+  func defaultGuestBootsWithTheTranslator(tier: String) async throws {
+    let (kernel, initrd, version) = try GuestImages.images()
+    let session = try GuestSession(arguments: [
+      "run", "--accel", "soft", "--softcpu-tier", tier, "--memory", "512M", "--serial", "stdio", "--kernel", kernel,
+      "--initrd", initrd, "--cmdline", "console=ttyS0 panic=-1",
+    ])
+    defer { session.saveTranscript(name: "linux-boot-\(tier)") }
+    try await session.waitForShell(timeout: .seconds(tier == "lockstep" ? 600 : 300))
+    #expect(try await session.run("uname -r") == version)
+    let phrase = "translated \(UInt32.random(in: 0...UInt32.max))"
+    let expectedDigest = try host("/usr/bin/sha256sum", [], input: phrase).split(separator: " ").first.map(String.init)
+    let guestDigest = try await session.run("echo -n '\(phrase)' | sha256sum").split(separator: " ").first.map(
+      String.init)
+    #expect(guestDigest != nil && guestDigest == expectedDigest)
+    let n = Int.random(in: 500...2000)
+    let expectedSum = (1...n).reduce(0) { $0 + $1 * $1 }
+    let awkSum = try await session.run("awk 'BEGIN { s = 0; for (i = 1; i <= \(n); i++) s += i * i; print s }'")
+    #expect(awkSum == "\(expectedSum)")
+    try await Task.sleep(for: .seconds(1))
+    session.type("poweroff -f\n")
+    #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
+  }
+}
+
 /// SMP on the software CPU: two vCPUs come up, and work runs on both at once.
 @Suite("Linux SMP on the software CPU")
 struct LinuxSMPTests {

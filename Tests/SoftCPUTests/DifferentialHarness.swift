@@ -204,6 +204,9 @@ struct RunResult {
   /// Guest RAM outside the data buffer that the run changed (emulated side only: natively,
   /// nothing outside the buffer is writable and a write there is a #PF).
   var strayWrites: String? = nil
+  /// Lockstep tier: the first difference between translator and interpreter, and the blocks checked.
+  var lockstepFailure: String? = nil
+  var lockstepChecks = 0
 }
 
 /// Runs sequences natively through CNativeExec.
@@ -268,9 +271,14 @@ final class EmulatedRunner {
   let bus = IOBus()
   let paging: Bool
 
-  init(paging: Bool = false) {
+  /// The software CPU's execution tier; the translating tiers translate every block on its
+  /// first execution (threshold 0), so each sequence runs translated.
+  let tier: SoftCPUTier
+
+  init(paging: Bool = false, tier: SoftCPUTier = .interpreter) {
     memory = try! GuestMemory(size: DiffLayout.guestRAMSize)
     self.paging = paging
+    self.tier = tier
   }
 
   /// The byte placed after the sequence: HLT, which faults with #GP(0) at CPL 3 (or halts).
@@ -290,6 +298,7 @@ final class EmulatedRunner {
       cpu.enterFlatLongMode(cpl: 3)
     }
     initial.apply(to: cpu)
+    if tier != .interpreter { cpu.setExecutionTier(tier, threshold: 0) }
     let before = outsideBufferDigest()
     let stop = cpu.run(instructionLimit: instructionLimit)
     let after = outsideBufferDigest()
@@ -333,6 +342,8 @@ final class EmulatedRunner {
     var finalState = MachineState(cpu: cpu)
     if end == .completed { finalState.rip = codeEnd }
     var result = RunResult(end: end, state: finalState, data: Array(dataSlice))
+    result.lockstepFailure = cpu.lockstepFailure
+    result.lockstepChecks = cpu.lockstepCheckCount
     if before != after {
       let changed = Set(before.keys).symmetricDifference(after.keys)
         .union(before.keys.filter { after[$0] != nil && after[$0] != before[$0] })

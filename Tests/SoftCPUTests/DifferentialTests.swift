@@ -63,6 +63,9 @@ struct DifferentialTests {
     }
     let runner = EmulatedRunner()
     let pagedRunner = EmulatedRunner(paging: true)
+    // Every case also runs through the translating tier (flat and paged), so each form is
+    // checked against the host on both the interpreter and the translator.
+    let translatorRunners = [EmulatedRunner(tier: .translator), EmulatedRunner(paging: true, tier: .translator)]
     var results: [String: FormResult] = [:]
     // Phase 1: each form alone (sequences of that form only). Phase 2: each form among
     // fillers drawn from the forms that passed phase 1, so one bug does not spread its
@@ -82,7 +85,7 @@ struct DifferentialTests {
           let caseSeed = DiffRNG.mix(Self.seed, form.name.hashValueStable, UInt64(caseIndex), UInt64(phase))
           let testCase = CaseGenerator.makeCase(focus: form, fillers: phaseFillers, seed: caseSeed)
           let outcome = Self.runCase(
-            testCase, runner: runner, pagedRunner: pagedRunner,
+            testCase, runner: runner, pagedRunner: pagedRunner, otherRunners: translatorRunners,
             mxcsrIgnored: Self.knownMismatches[form.name]?.mxcsrIgnored ?? 0)
           result.cases += 1
           switch outcome {
@@ -127,11 +130,12 @@ struct DifferentialTests {
   /// `pagedRunner` is given) and compares; `mxcsrIgnored` are MXCSR bits left out of the
   /// comparison (a reviewed known difference).
   static func runCase(
-    _ testCase: DiffCase, runner: EmulatedRunner, pagedRunner: EmulatedRunner? = nil, mxcsrIgnored: UInt32 = 0
+    _ testCase: DiffCase, runner: EmulatedRunner, pagedRunner: EmulatedRunner? = nil,
+    otherRunners: [EmulatedRunner] = [], mxcsrIgnored: UInt32 = 0
   ) -> CaseOutcome {
     let native = NativeRunner.run(code: testCase.code, initial: testCase.initial, data: testCase.data)
     if case .notComparable = native.end { return .notComparable }
-    for emulator in [runner] + (pagedRunner.map { [$0] } ?? []) {
+    for emulator in [runner] + (pagedRunner.map { [$0] } ?? []) + otherRunners {
       let outcome = compare(testCase, native: native, emulator: emulator, mxcsrIgnored: mxcsrIgnored)
       if case .passed = outcome { continue }
       return outcome
@@ -154,7 +158,7 @@ struct DifferentialTests {
     let differences = DiffCompare.compare(native: native, emulated: emulated, mask: mask)
     if differences.isEmpty { return .passed }
     let text =
-      "  emulated side: paging \(emulator.paging ? "on (IDT delivery)" : "off (flat)")\n"
+      "  emulated side: paging \(emulator.paging ? "on (IDT delivery)" : "off (flat)"), tier \(emulator.tier.rawValue)\n"
       + report(testCase, native: native, emulated: emulated, differences: differences)
     if case .fault(6, _) = emulated.end, native.end != emulated.end || native.state.rip != emulated.state.rip {
       return .unimplemented(testCase.form(at: emulated.state.rip), report: text)

@@ -16,12 +16,16 @@ struct FuzzTests {
   /// must return a defined StopCause every time (no crash, no hang), never touch host memory
   /// outside guest RAM (PROT_NONE guards around it would kill the test), stop with a canonical
   /// RIP, and run a known-answer sequence correctly afterwards (every 1000 runs and at the end).
-  @Test func hostileBytesNeverCrashOrHang() throws {
+  /// Under the interpreter and under the translating tier (every block translated on its first
+  /// execution).
+  @Test(arguments: [SoftCPUTier.interpreter, .translator])
+  func hostileBytesNeverCrashOrHang(tier: SoftCPUTier) throws {
     let memory = try GuestMemory(size: 2 << 20)
     let guards = HostileRunChecks.HostGuards(around: memory)
     defer { guards.remove() }
     let bus = IOBus()
     let cpu = CPU(memory: memory, bus: bus)
+    cpu.setExecutionTier(tier, threshold: 0)
     let codeBase: UInt64 = 0x1000
     var rng = DiffRNG(seed: DiffRNG.mix(Self.seed, 0xF022))
     var outcomes: [String: Int] = [:]
@@ -59,7 +63,7 @@ struct FuzzTests {
     }
     let seconds = Date().timeIntervalSince(start)
     print(
-      "FuzzTests: \(Self.cases) hostile sequences in \(String(format: "%.1f", seconds)) s: "
+      "FuzzTests (\(tier.rawValue)): \(Self.cases) hostile sequences in \(String(format: "%.1f", seconds)) s: "
         + outcomes.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
         + "; host guards: \(guards.description)")
     #expect(nonCanonical == 0, "runs that stopped with a non-canonical RIP")

@@ -150,4 +150,35 @@ static inline __attribute__((always_inline)) uint64_t hv_mul64(uint64_t a, uint6
   return (uint64_t)product;
 }
 
+
+/// State shared between the software CPU's translated blocks and the Swift run loop
+/// (Sources/SoftCPU/Translator). Generated code addresses these fields by their offsets.
+typedef struct hv_jit_context {
+  /// RFLAGS; the status bits are authoritative (the interpreter's lazy flags are materialized
+  /// before a translated block runs).
+  uint64_t flags;
+  /// RIP when the block returns (in: the block's entry RIP).
+  uint64_t rip;
+  /// Set by the memory helpers: 0 go on, 1 leave to the interpreter at the current
+  /// instruction (it re-executes it), 2 end the block after the current instruction.
+  uint64_t exit;
+  /// The CPU's read and write TLB tables and the tag bits of the current privilege.
+  void *read_tlb;
+  void *write_tlb;
+  uint64_t tag_extra;
+  /// The CPU's segment bases (ES, CS, SS, DS, FS, GS).
+  void *segment_base;
+  /// The CPU (an unretained reference) and the slow-path helpers.
+  void *cpu;
+  void *load_helper;
+  void *store_helper;
+  /// RIP of the block's first instruction.
+  uint64_t entry_rip;
+} hv_jit_context;
+
+/// Runs translated code at `code` on `context` and the guest registers `gpr`.
+static inline uint64_t hv_jit_call(const void *code, hv_jit_context *context, uint64_t *gpr) {
+  return ((uint64_t (*)(hv_jit_context *, uint64_t *))code)(context, gpr);
+}
+
 #endif

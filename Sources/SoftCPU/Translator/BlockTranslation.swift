@@ -1,0 +1,754 @@
+import CShim
+
+// Translation of one decoded block into host x86-64 code (see docs/softcpu-performance.md,
+// "The translating tier").
+//
+// What is translated: the longest prefix of the block whose instructions have one of the fast
+// forms below (64-bit code only). Each guest instruction becomes the same host instruction on
+// the guest register in the CPU's register array (RBX points at it), so the host computes the
+// result and the status flags exactly. The first instruction without a translation ends the
+// prefix; the interpreter runs the rest of the block.
+//
+// Register use inside a block: RBX = guest registers, R12 = the `hv_jit_context`, R13 / R14 =
+// the read / write TLB, R15 = the TLB tag bits of the current privilege, RBP = status flags
+// saved around a TLB probe (LAHF + SETO), RAX RCX RDX RSI RDI = scratch.
+//
+// Flags: the run loop materializes the interpreter's lazy flags before a block, so the
+// context holds the status flags. The block loads them into the host RFLAGS (POPFQ, status
+// bits only) when an instruction reads them before any instruction writes all six, and
+// stores them back at every exit once they are valid in the host. Around a TLB probe (whose
+// compare clobbers the host flags) they are kept in RBP.
+//
+// Memory: an inline probe of the CPU's software TLB (`TLB.swift`: tag = page | privilege
+// bits, delta = host - linear; a page-crossing access misses because the tag is compared with
+// the page of the access's last byte). On a miss a load or store calls a Swift helper that
+// performs the access exactly as the interpreter would (page walk, MMIO, code-page
+// invalidation, cross-vCPU coherence); on a fault the helper reports it and the block returns
+// *before* the faulting instruction, which the interpreter then executes again and faults on:
+// guest state at the fault is precisely the interpreter's. Read-modify-write forms return to
+// the interpreter on a write-TLB miss.
+//
+// Exits return `executed | endedBit`: the number of guest instructions completed, and whether
+// the block ended (taken branch, jump, or a store that invalidated decoded code). The
+// context's RIP is the next instruction's.
+
+/// Bit of a translated block's return value: the block ended (no interpreter continuation).
+let translationEndedBit: UInt64 = 1 << 63
+
+/// How an instruction uses the six status flags.
+struct FlagUse {
+  /// Reads some status flag (Jcc, CMOVcc, SETcc, ADC/SBB, INC/DEC keep CF, shifts by CL keep
+  /// all flags for a zero count).
+  var reads = false
+  /// Writes all six (the host's values, defined or not).
+  var writesAll = false
+  /// Flags the architecture leaves undefined after it (lockstep does not compare them).
+  var undefined: UInt64 = 0
+}
+
+/// The result of translating a block prefix.
+struct TranslatedCode {
+  var code: [UInt8]
+  /// Guest instructions translated.
+  var instructions: Int
+  /// Per instruction count `n` (0...instructions): status flags undefined after the first `n`.
+  var undefinedAfter: [UInt64]
+}
+
+/// Offsets of the context fields in generated code.
+enum ContextOffset {
+  static let flags = MemoryLayout<hv_jit_context>.offset(of: \.flags)!
+  static let rip = MemoryLayout<hv_jit_context>.offset(of: \.rip)!
+  static let exit = MemoryLayout<hv_jit_context>.offset(of: \.exit)!
+  static let readTLB = MemoryLayout<hv_jit_context>.offset(of: \.read_tlb)!
+  static let writeTLB = MemoryLayout<hv_jit_context>.offset(of: \.write_tlb)!
+  static let tagExtra = MemoryLayout<hv_jit_context>.offset(of: \.tag_extra)!
+  static let segmentBase = MemoryLayout<hv_jit_context>.offset(of: \.segment_base)!
+  static let loadHelper = MemoryLayout<hv_jit_context>.offset(of: \.load_helper)!
+  static let storeHelper = MemoryLayout<hv_jit_context>.offset(of: \.store_helper)!
+  static let entryRIP = MemoryLayout<hv_jit_context>.offset(of: \.entry_rip)!
+}
+
+extension FastOp {
+  /// Status-flag use of the translated form; nil when the form is not translated.
+  var translatedFlagUse: FlagUse? {
+    let none = FlagUse()
+    let all = FlagUse(reads: false, writesAll: true)
+    let logic = FlagUse(reads: false, writesAll: true, undefined: RFlags.af)
+    switch self {
+    case .movRR64, .movRR32, .movRI64, .movRI32, .notR64, .notR32, .movzxByteRR, .movzxWordRR, .movsxByteRR64,
+      .movsxByteRR32, .movsxWordRR64, .movsxWordRR32, .movsxdRR, .lea64, .lea32, .loadRM64, .loadRM32, .loadRM8,
+      .storeMR64, .storeMR32, .storeMR16, .storeMR8, .storeMI64, .storeMI32, .storeMI8, .movzxByteRM, .movzxWordRM,
+      .movsxdRM, .jmpRel, .nop:
+      return none
+    case .addRR64, .addRR32, .subRR64, .subRR32, .cmpRR64, .cmpRR32, .addRI64, .addRI32, .subRI64, .subRI32,
+      .cmpRI64, .cmpRI32, .cmpRI8, .cmpRM8, .negR64, .negR32, .addRM64, .addRM32, .subRM64, .subRM32, .cmpRM64,
+      .cmpRM32, .cmpMR64, .cmpMR32, .cmpMI64, .cmpMI32, .cmpMI8, .addMR64, .subMR64:
+      return all
+    case .andRR64, .andRR32, .orRR64, .orRR32, .xorRR64, .xorRR32, .testRR64, .testRR32, .andRI64, .andRI32,
+      .orRI64, .orRI32, .xorRI64, .xorRI32, .testRI64, .testRI32, .testRR8, .testRI8, .andRM64, .andRM32, .orRM64,
+      .orRM32, .xorRM64, .xorRM32, .testMI8, .testMR64, .testMR32:
+      return logic
+    case .adcRR64, .adcRR32, .sbbRR64, .sbbRR32, .adcRI64, .adcRI32, .sbbRI64, .sbbRI32, .adcRM64, .sbbRM64,
+      .adcMR64, .sbbMR64:
+      return FlagUse(reads: true, writesAll: true)
+    case .shlRI64, .shlRI32, .shrRI64, .shrRI32, .sarRI64, .sarRI32:
+      // OF is undefined unless the count is 1 (`undefinedFlags(of:)` refines it).
+      return FlagUse(reads: false, writesAll: true, undefined: RFlags.af | RFlags.of)
+    case .shlRC64, .shlRC32, .shrRC64, .shrRC32, .sarRC64, .sarRC32:
+      return FlagUse(reads: true, writesAll: false, undefined: RFlags.af | RFlags.of)
+    case .incR64, .incR32, .decR64, .decR32:
+      return FlagUse(reads: true, writesAll: false)
+    case .imulRR64, .imulRR32, .imulRRI64, .imulRRI32:
+      return FlagUse(
+        reads: false, writesAll: true, undefined: RFlags.sf | RFlags.zf | RFlags.af | RFlags.pf)
+    case .cmovRR64, .cmovRR32, .setccR, .jcc:
+      return FlagUse(reads: true, writesAll: false)
+    default:
+      return nil
+    }
+  }
+}
+
+/// Translates decoded blocks of 64-bit code into host code.
+struct BlockTranslator {
+  /// Every memory access through the helpers (lockstep mode: the helpers journal stores and
+  /// leave MMIO to the interpreter).
+  var inlineTLBProbes = true
+
+  private var emitter = X86Emitter()
+  private var outOfLine: [(inout X86Emitter) -> Void] = []
+  private var epilogue = HostLabel(id: 0)
+  private var instructionOffsets: [Int] = []
+  private var flagsValidAt: [Bool] = []
+
+  init(inlineTLBProbes: Bool) {
+    self.inlineTLBProbes = inlineTLBProbes
+  }
+
+  /// Whether `slot` has a translation (and its operands fit the encodings used).
+  static func canTranslate(_ slot: UnsafePointer<Instruction>, offsetAfter: Int) -> Bool {
+    let instruction = slot.pointee
+    guard instruction.fast.translatedFlagUse != nil else { return false }
+    if instruction.prefixes & Instruction.Prefix.lock != 0 { return false }
+    switch instruction.fast {
+    case .addRI64, .subRI64, .andRI64, .orRI64, .xorRI64, .cmpRI64, .testRI64, .adcRI64, .sbbRI64, .cmpMI64,
+      .storeMI64, .imulRRI64:
+      return fitsInt32(instruction.immediate)
+    case .jcc, .jmpRel:
+      return instruction.operandSize == 8
+        && fitsInt32(instruction.immediate &+ UInt64(offsetAfter))
+    default:
+      break
+    }
+    if instruction.hasMemoryOperand && instruction.fast != .nop {
+      if instruction.addressSize == 2 { return false }
+      // MOV AL/AX/EAX/RAX with a 64-bit absolute address (A0-A3) has a displacement that
+      // does not fit the host's 32-bit one.
+      if !fitsInt32(UInt64(bitPattern: instruction.displacement)) { return false }
+      if instruction.base == Instruction.ripRelative {
+        return fitsInt32(UInt64(bitPattern: instruction.displacement) &+ UInt64(offsetAfter))
+      }
+    }
+    return true
+  }
+
+  static func fitsInt32(_ value: UInt64) -> Bool {
+    let signed = Int64(bitPattern: value)
+    return signed >= Int64(Int32.min) && signed <= Int64(Int32.max)
+  }
+
+  /// Status flags undefined after `slot`, given those undefined before it.
+  static func undefinedFlags(after slot: UnsafePointer<Instruction>, before: UInt64) -> UInt64 {
+    guard let use = slot.pointee.fast.translatedFlagUse else { return before }
+    switch slot.pointee.fast {
+    case .shlRI64, .shlRI32, .shrRI64, .shrRI32, .sarRI64, .sarRI32:
+      return slot.pointee.immediate == 1 ? RFlags.af : RFlags.af | RFlags.of
+    case .incR64, .incR32, .decR64, .decR32:
+      return before & RFlags.cf
+    case .shlRC64, .shlRC32, .shrRC64, .shrRC32, .sarRC64, .sarRC32:
+      return before | use.undefined
+    default:
+      return use.writesAll ? use.undefined : before
+    }
+  }
+
+  /// Translates the translatable prefix of the `count` instructions at `first`; nil when not
+  /// even the first instruction has a translation.
+  mutating func translate(_ first: UnsafePointer<Instruction>, count: Int) -> TranslatedCode? {
+    // Prefix and instruction offsets from the block's entry RIP.
+    var offsets = [0]
+    var translated = 0
+    while translated < count {
+      let after = offsets[translated] + Int((first + translated).pointee.length)
+      guard Self.canTranslate(first + translated, offsetAfter: after) else { break }
+      offsets.append(after)
+      translated += 1
+      // A jump ends the block.
+      if (first + translated - 1).pointee.fast == .jmpRel { break }
+    }
+    guard translated > 0 else { return nil }
+    instructionOffsets = offsets
+
+    // Flag analysis: load at entry if something reads before anything writes all six.
+    var loadAtEntry = false
+    var written = false
+    var undefined: [UInt64] = [0]
+    for index in 0..<translated {
+      let use = (first + index).pointee.fast.translatedFlagUse!
+      if use.reads && !written { loadAtEntry = true }
+      if use.writesAll { written = true }
+      undefined.append(Self.undefinedFlags(after: first + index, before: undefined[index]))
+    }
+    // flagsValidAt[i]: before instruction i the guest flags are in the host RFLAGS.
+    flagsValidAt = []
+    var valid = loadAtEntry
+    for index in 0...translated {
+      flagsValidAt.append(valid)
+      if index < translated, (first + index).pointee.fast.translatedFlagUse!.writesAll { valid = true }
+    }
+
+    emitter = X86Emitter()
+    outOfLine = []
+    epilogue = emitter.newLabel()
+    emitPrologue(loadFlags: loadAtEntry)
+    var ended = false
+    for index in 0..<translated {
+      ended = emitInstruction(first + index, index: index)
+    }
+    if !ended {
+      storeFlagsIfValid(at: translated)
+      emitLeave(rip: offsets[translated], result: UInt64(translated))
+    }
+    for emit in outOfLine { emit(&emitter) }
+    emitter.bind(epilogue)
+    emitter.alu(.add, size: 8, .register(HostRegister.rsp), immediate: 8)
+    for register in [HostRegister.r15, HostRegister.r14, HostRegister.r13, HostRegister.r12, HostRegister.rbp] {
+      emitter.pop(register)
+    }
+    emitter.pop(HostRegister.rbx)
+    emitter.ret()
+    guard let code = emitter.finish() else { return nil }
+    return TranslatedCode(code: code, instructions: translated, undefinedAfter: undefined)
+  }
+
+  // MARK: Frame, flags and exits
+
+  private mutating func emitPrologue(loadFlags: Bool) {
+    for register in [HostRegister.rbx, HostRegister.rbp, HostRegister.r12, HostRegister.r13] {
+      emitter.push(register)
+    }
+    emitter.push(HostRegister.r14)
+    emitter.push(HostRegister.r15)
+    // Six pushes after the return address: align the stack for helper calls.
+    emitter.alu(.sub, size: 8, .register(HostRegister.rsp), immediate: 8)
+    emitter.mov(size: 8, HostRegister.r12, .register(HostRegister.rdi))
+    emitter.mov(size: 8, HostRegister.rbx, .register(HostRegister.rsi))
+    emitter.mov(size: 8, HostRegister.r13, .at(HostRegister.r12, ContextOffset.readTLB))
+    emitter.mov(size: 8, HostRegister.r14, .at(HostRegister.r12, ContextOffset.writeTLB))
+    emitter.mov(size: 8, HostRegister.r15, .at(HostRegister.r12, ContextOffset.tagExtra))
+    if loadFlags { emitter.loadGuestFlags() }
+  }
+
+  private mutating func storeFlagsIfValid(at index: Int) {
+    if flagsValidAt[index] { emitter.storeGuestFlags() }
+  }
+
+  private mutating func emitLeave(rip offset: Int, result: UInt64) {
+    emitter.leave(ripOffset: offset, result: result, epilogue: epilogue)
+  }
+
+  // MARK: Operands
+
+  private func guest(_ register: UInt8) -> HostOperand {
+    .at(HostRegister.rbx, Int(register) * 8)
+  }
+
+  /// RSI = the effective address (no segment) of the memory operand of `slot`, without
+  /// touching the host flags. Clobbers RDI.
+  private mutating func emitEffectiveAddress(_ slot: UnsafePointer<Instruction>, index: Int) {
+    let instruction = slot.pointee
+    var displacement = instruction.displacement
+    if instruction.base < 16 {
+      emitter.mov(size: 8, HostRegister.rsi, guest(instruction.base))
+    } else if instruction.base == Instruction.ripRelative {
+      emitter.mov(size: 8, HostRegister.rsi, .at(HostRegister.r12, ContextOffset.entryRIP))
+      displacement &+= Int64(instructionOffsets[index + 1])
+    } else {
+      emitter.mov(size: 4, .register(HostRegister.rsi), immediate: 0)
+    }
+    if instruction.index != Instruction.noRegister {
+      emitter.mov(size: 8, HostRegister.rdi, guest(instruction.index))
+      emitter.lea(
+        HostRegister.rsi,
+        .memory(
+          base: HostRegister.rsi, index: HostRegister.rdi, scale: instruction.scaleShift,
+          displacement: Int32(truncatingIfNeeded: displacement)))
+    } else if displacement != 0 {
+      emitter.lea(HostRegister.rsi, .at(HostRegister.rsi, Int(Int32(truncatingIfNeeded: displacement))))
+    }
+    if instruction.addressSize == 4 {
+      emitter.mov(size: 4, HostRegister.rsi, .register(HostRegister.rsi))
+    }
+  }
+
+  /// RSI = the linear address of the memory operand (64-bit mode: only FS and GS have bases).
+  private mutating func emitLinearAddress(_ slot: UnsafePointer<Instruction>, index: Int) {
+    emitEffectiveAddress(slot, index: index)
+    let segment = slot.pointee.segment
+    if segment == SegmentIndex.fs || segment == SegmentIndex.gs {
+      emitter.mov(size: 8, HostRegister.rdi, .at(HostRegister.r12, ContextOffset.segmentBase))
+      emitter.mov(size: 8, HostRegister.rdi, .at(HostRegister.rdi, Int(segment) * 8))
+      emitter.lea(HostRegister.rsi, .memory(base: HostRegister.rsi, index: HostRegister.rdi, scale: 0, displacement: 0))
+    }
+  }
+
+  /// Probes the read (or write) TLB for `size` bytes at RSI. On a hit RDX = host address and
+  /// the host flags are intact; on a miss jumps to `miss` with the flags saved in EBP (when
+  /// valid).
+  private mutating func emitProbe(size: Int, write: Bool, flagsValid: Bool, miss: HostLabel) {
+    if flagsValid { emitter.saveFlags() }
+    emitter.lea(HostRegister.rdx, .at(HostRegister.rsi, size - 1))
+    emitter.alu(.and, size: 8, .register(HostRegister.rdx), immediate: -4096)
+    emitter.alu(.or, size: 8, HostRegister.rdx, .register(HostRegister.r15))
+    emitter.mov(size: 8, HostRegister.rcx, .register(HostRegister.rsi))
+    emitter.shift(.shr, size: 8, .register(HostRegister.rcx), count: 12)
+    emitter.alu(.and, size: 4, .register(HostRegister.rcx), immediate: Int32(tlbIndexMask))
+    emitter.shift(.shl, size: 4, .register(HostRegister.rcx), count: 4)
+    emitter.alu(.add, size: 8, HostRegister.rcx, .register(write ? HostRegister.r14 : HostRegister.r13))
+    emitter.alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.rcx, 0))
+    emitter.jump(HostCondition.notEqual, to: miss)
+    emitter.mov(size: 8, HostRegister.rdx, .at(HostRegister.rcx, 8))
+    emitter.alu(.add, size: 8, HostRegister.rdx, .register(HostRegister.rsi))
+    if flagsValid { emitter.restoreFlags() }
+  }
+
+  /// RAX = `size` bytes at [RDX], zero-extended.
+  private mutating func emitLoadHost(size: Int, from source: HostOperand) {
+    switch size {
+    case 8: emitter.mov(size: 8, HostRegister.rax, source)
+    case 4: emitter.mov(size: 4, HostRegister.rax, source)
+    default: emitter.movzx(HostRegister.rax, sourceSize: size, source)
+    }
+  }
+
+  /// Out-of-line code: on a miss in instruction `index` (flags in EBP when valid), stores the
+  /// flags to the context and leaves before the instruction.
+  private mutating func deferLeaveBefore(_ index: Int, miss: HostLabel) {
+    let valid = flagsValidAt[index]
+    let offset = instructionOffsets[index]
+    let epilogue = self.epilogue
+    outOfLine.append { emitter in
+      emitter.bind(miss)
+      if valid {
+        emitter.restoreFlags()
+        emitter.storeGuestFlags()
+      }
+      emitter.leave(ripOffset: offset, result: UInt64(index), epilogue: epilogue)
+    }
+  }
+
+  /// Load of `size` bytes at the memory operand into RAX (zero-extended), with the host flags
+  /// intact afterwards: inline probe, helper call on a miss.
+  private mutating func emitLoad(_ slot: UnsafePointer<Instruction>, index: Int, size: Int) {
+    emitLinearAddress(slot, index: index)
+    let valid = flagsValidAt[index]
+    let miss = emitter.newLabel()
+    let resume = emitter.newLabel()
+    if inlineTLBProbes {
+      emitProbe(size: size, write: false, flagsValid: valid, miss: miss)
+      emitLoadHost(size: size, from: .at(HostRegister.rdx, 0))
+    } else {
+      if valid { emitter.saveFlags() }
+      emitter.jump(to: miss)
+    }
+    emitter.bind(resume)
+    let epilogue = self.epilogue
+    let offset = instructionOffsets[index]
+    outOfLine.append { emitter in
+      emitter.bind(miss)
+      if valid {
+        emitter.restoreFlags()
+        emitter.storeGuestFlags()
+      }
+      emitter.mov(size: 8, HostRegister.rdi, .register(HostRegister.r12))
+      emitter.mov(size: 4, .register(HostRegister.rdx), immediate: Int32(size))
+      emitter.call(.at(HostRegister.r12, ContextOffset.loadHelper))
+      emitter.alu(.cmp, size: 8, .at(HostRegister.r12, ContextOffset.exit), immediate: 0)
+      let fine = emitter.newLabel()
+      emitter.jump(HostCondition.equal, to: fine)  // JE
+      emitter.leave(ripOffset: offset, result: UInt64(index), epilogue: epilogue)
+      emitter.bind(fine)
+      if valid {
+        emitter.mov(size: 8, HostRegister.rdi, .register(HostRegister.rax))
+        emitter.loadGuestFlags()
+        emitter.mov(size: 8, HostRegister.rax, .register(HostRegister.rdi))
+      }
+      emitter.jump(to: resume)
+    }
+  }
+
+  /// Store of `size` bytes of RAX's value, computed by `value` (which must not touch flags),
+  /// to the memory operand.
+  private mutating func emitStore(
+    _ slot: UnsafePointer<Instruction>, index: Int, size: Int, value: @escaping (inout X86Emitter, UInt8) -> Void
+  ) {
+    emitLinearAddress(slot, index: index)
+    let valid = flagsValidAt[index]
+    let miss = emitter.newLabel()
+    let resume = emitter.newLabel()
+    if inlineTLBProbes {
+      emitProbe(size: size, write: true, flagsValid: valid, miss: miss)
+      value(&emitter, HostRegister.rax)
+      emitter.mov(size: size, .at(HostRegister.rdx, 0), HostRegister.rax)
+    } else {
+      if valid { emitter.saveFlags() }
+      emitter.jump(to: miss)
+    }
+    emitter.bind(resume)
+    let epilogue = self.epilogue
+    let offset = instructionOffsets[index]
+    let nextOffset = instructionOffsets[index + 1]
+    outOfLine.append { emitter in
+      emitter.bind(miss)
+      if valid {
+        emitter.restoreFlags()
+        emitter.storeGuestFlags()
+      }
+      value(&emitter, HostRegister.rcx)
+      emitter.mov(size: 8, HostRegister.rdi, .register(HostRegister.r12))
+      emitter.mov(size: 4, .register(HostRegister.rdx), immediate: Int32(size))
+      emitter.call(.at(HostRegister.r12, ContextOffset.storeHelper))
+      emitter.mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.exit))
+      emitter.alu(.cmp, size: 8, .register(HostRegister.rax), immediate: 0)
+      let fine = emitter.newLabel()
+      let ended = emitter.newLabel()
+      emitter.jump(HostCondition.equal, to: fine)  // JE
+      emitter.alu(.cmp, size: 8, .register(HostRegister.rax), immediate: 2)
+      emitter.jump(HostCondition.equal, to: ended)  // JE
+      emitter.leave(ripOffset: offset, result: UInt64(index), epilogue: epilogue)
+      emitter.bind(ended)
+      emitter.leave(ripOffset: nextOffset, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+      emitter.bind(fine)
+      if valid { emitter.loadGuestFlags() }
+      emitter.jump(to: resume)
+    }
+  }
+
+  // MARK: Instructions
+
+  /// Emits instruction `index`; returns true when it ended the block (a jump).
+  private mutating func emitInstruction(_ slot: UnsafePointer<Instruction>, index: Int) -> Bool {
+    let instruction = slot.pointee
+    let dst = guest(instruction.fastDst)
+    let src = guest(instruction.fastSrc)
+    let rax = HostRegister.rax
+    let rcx = HostRegister.rcx
+    let immediate = instruction.immediate
+    let imm32 = Int32(truncatingIfNeeded: immediate)
+
+    switch instruction.fast {
+    case .nop: break
+    case .movRR64:
+      emitter.mov(size: 8, rax, src)
+      emitter.mov(size: 8, dst, rax)
+    case .movRR32:
+      emitter.mov(size: 4, rax, src)
+      emitter.mov(size: 8, dst, rax)
+    case .movRI64:
+      if Self.fitsInt32(immediate) {
+        emitter.mov(size: 8, dst, immediate: imm32)
+      } else {
+        emitter.movImmediate64(rax, immediate)
+        emitter.mov(size: 8, dst, rax)
+      }
+    case .movRI32:
+      emitter.movImmediate64(rax, immediate & 0xFFFF_FFFF)
+      emitter.mov(size: 8, dst, rax)
+
+    case .addRR64, .subRR64, .andRR64, .orRR64, .xorRR64, .adcRR64, .sbbRR64, .cmpRR64:
+      emitter.mov(size: 8, rax, src)
+      emitter.alu(Self.aluKind(instruction.fast), size: 8, dst, rax)
+    case .testRR64:
+      emitter.mov(size: 8, rax, src)
+      emitter.test(size: 8, dst, rax)
+    case .addRR32, .subRR32, .andRR32, .orRR32, .xorRR32, .adcRR32, .sbbRR32:
+      emitter.mov(size: 4, rax, dst)
+      emitter.alu(Self.aluKind(instruction.fast), size: 4, rax, src)
+      emitter.mov(size: 8, dst, rax)
+    case .cmpRR32:
+      emitter.mov(size: 4, rax, dst)
+      emitter.alu(.cmp, size: 4, rax, src)
+    case .testRR32:
+      emitter.mov(size: 4, rax, dst)
+      emitter.test(size: 4, src, rax)
+    case .addRI64, .subRI64, .andRI64, .orRI64, .xorRI64, .adcRI64, .sbbRI64, .cmpRI64:
+      emitter.alu(Self.aluKind(instruction.fast), size: 8, dst, immediate: imm32)
+    case .testRI64:
+      emitter.test(size: 8, dst, immediate: imm32)
+    case .addRI32, .subRI32, .andRI32, .orRI32, .xorRI32, .adcRI32, .sbbRI32:
+      emitter.mov(size: 4, rax, dst)
+      emitter.alu(Self.aluKind(instruction.fast), size: 4, .register(rax), immediate: imm32)
+      emitter.mov(size: 8, dst, rax)
+    case .cmpRI32:
+      emitter.alu(.cmp, size: 4, dst, immediate: imm32)
+    case .testRI32:
+      emitter.test(size: 4, dst, immediate: imm32)
+    case .testRR8:
+      emitter.mov(size: 1, rax, src)
+      emitter.test(size: 1, dst, rax)
+    case .testRI8:
+      emitter.test(size: 1, dst, immediate: imm32)
+    case .cmpRI8:
+      emitter.alu(.cmp, size: 1, dst, immediate: imm32)
+
+    case .shlRI64, .shrRI64, .sarRI64:
+      emitter.shift(Self.shiftKind(instruction.fast), size: 8, dst, count: UInt8(truncatingIfNeeded: immediate))
+    case .shlRI32, .shrRI32, .sarRI32:
+      emitter.mov(size: 4, rax, dst)
+      emitter.shift(
+        Self.shiftKind(instruction.fast), size: 4, .register(rax), count: UInt8(truncatingIfNeeded: immediate))
+      emitter.mov(size: 8, dst, rax)
+    case .shlRC64, .shrRC64, .sarRC64:
+      emitter.mov(size: 4, rcx, guest(1))
+      emitter.shiftByCL(Self.shiftKind(instruction.fast), size: 8, dst)
+    case .shlRC32, .shrRC32, .sarRC32:
+      emitter.mov(size: 4, rcx, guest(1))
+      emitter.mov(size: 4, rax, dst)
+      emitter.shiftByCL(Self.shiftKind(instruction.fast), size: 4, .register(rax))
+      emitter.mov(size: 8, dst, rax)
+
+    case .incR64: emitter.inc(size: 8, dst)
+    case .decR64: emitter.dec(size: 8, dst)
+    case .negR64: emitter.neg(size: 8, dst)
+    case .notR64: emitter.not(size: 8, dst)
+    case .incR32, .decR32, .negR32, .notR32:
+      emitter.mov(size: 4, rax, dst)
+      switch instruction.fast {
+      case .incR32: emitter.inc(size: 4, .register(rax))
+      case .decR32: emitter.dec(size: 4, .register(rax))
+      case .negR32: emitter.neg(size: 4, .register(rax))
+      default: emitter.not(size: 4, .register(rax))
+      }
+      emitter.mov(size: 8, dst, rax)
+
+    case .movzxByteRR, .movzxWordRR:
+      emitter.movzx(rax, sourceSize: instruction.fast == .movzxByteRR ? 1 : 2, src)
+      emitter.mov(size: 8, dst, rax)
+    case .movsxByteRR64, .movsxWordRR64, .movsxdRR:
+      let sourceSize = instruction.fast == .movsxByteRR64 ? 1 : instruction.fast == .movsxWordRR64 ? 2 : 4
+      emitter.movsx(size: 8, rax, sourceSize: sourceSize, src)
+      emitter.mov(size: 8, dst, rax)
+    case .movsxByteRR32, .movsxWordRR32:
+      emitter.movsx(size: 4, rax, sourceSize: instruction.fast == .movsxByteRR32 ? 1 : 2, src)
+      emitter.mov(size: 8, dst, rax)
+
+    case .imulRR64:
+      emitter.mov(size: 8, rax, dst)
+      emitter.imul(size: 8, rax, src)
+      emitter.mov(size: 8, dst, rax)
+    case .imulRR32:
+      emitter.mov(size: 4, rax, dst)
+      emitter.imul(size: 4, rax, src)
+      emitter.mov(size: 8, dst, rax)
+    case .imulRRI64:
+      emitter.imul(size: 8, rax, src, immediate: imm32)
+      emitter.mov(size: 8, dst, rax)
+    case .imulRRI32:
+      emitter.imul(size: 4, rax, src, immediate: imm32)
+      emitter.mov(size: 8, dst, rax)
+
+    case .cmovRR64:
+      emitter.mov(size: 8, rax, dst)
+      emitter.cmov(UInt8(truncatingIfNeeded: instruction.opcode), size: 8, rax, src)
+      emitter.mov(size: 8, dst, rax)
+    case .cmovRR32:
+      emitter.mov(size: 4, rax, dst)
+      emitter.cmov(UInt8(truncatingIfNeeded: instruction.opcode), size: 4, rax, src)
+      emitter.mov(size: 8, dst, rax)
+    case .setccR:
+      emitter.set(UInt8(truncatingIfNeeded: instruction.opcode), dst)
+
+    case .lea64, .lea32:
+      emitEffectiveAddress(slot, index: index)
+      if instruction.fast == .lea32 {
+        emitter.mov(size: 4, HostRegister.rsi, .register(HostRegister.rsi))
+      }
+      emitter.mov(size: 8, dst, HostRegister.rsi)
+
+    case .loadRM64, .loadRM32, .movzxByteRM, .movzxWordRM:
+      let size = [FastOp.loadRM64: 8, .loadRM32: 4, .movzxByteRM: 1][instruction.fast] ?? 2
+      emitLoad(slot, index: index, size: size)
+      emitter.mov(size: 8, dst, rax)
+    case .loadRM8:
+      emitLoad(slot, index: index, size: 1)
+      emitter.mov(size: 1, dst, rax)
+    case .movsxdRM:
+      emitLoad(slot, index: index, size: 4)
+      emitter.movsx(size: 8, rax, sourceSize: 4, .register(rax))
+      emitter.mov(size: 8, dst, rax)
+    case .addRM64, .subRM64, .andRM64, .orRM64, .xorRM64, .cmpRM64, .adcRM64, .sbbRM64:
+      emitLoad(slot, index: index, size: 8)
+      emitter.alu(Self.aluKind(instruction.fast), size: 8, dst, rax)
+    case .addRM32, .subRM32, .andRM32, .orRM32, .xorRM32:
+      emitLoad(slot, index: index, size: 4)
+      emitter.mov(size: 4, rcx, dst)
+      emitter.alu(Self.aluKind(instruction.fast), size: 4, .register(rcx), rax)
+      emitter.mov(size: 8, dst, rcx)
+    case .cmpRM32:
+      emitLoad(slot, index: index, size: 4)
+      emitter.alu(.cmp, size: 4, dst, rax)
+    case .cmpRM8:
+      emitLoad(slot, index: index, size: 1)
+      emitter.alu(.cmp, size: 1, dst, rax)
+    case .cmpMR64, .cmpMR32:
+      let size = instruction.fast == .cmpMR64 ? 8 : 4
+      emitLoad(slot, index: index, size: size)
+      emitter.alu(.cmp, size: size, rax, src)
+    case .cmpMI64, .cmpMI32, .cmpMI8:
+      let size = instruction.fast == .cmpMI64 ? 8 : instruction.fast == .cmpMI32 ? 4 : 1
+      emitLoad(slot, index: index, size: size)
+      emitter.alu(.cmp, size: size, .register(rax), immediate: imm32)
+    case .testMR64, .testMR32:
+      let size = instruction.fast == .testMR64 ? 8 : 4
+      emitLoad(slot, index: index, size: size)
+      emitter.test(size: size, src, rax)
+    case .testMI8:
+      emitLoad(slot, index: index, size: 1)
+      emitter.test(size: 1, .register(rax), immediate: imm32)
+
+    case .storeMR64, .storeMR32, .storeMR16, .storeMR8:
+      let size = [FastOp.storeMR64: 8, .storeMR32: 4, .storeMR16: 2][instruction.fast] ?? 1
+      let source = src
+      emitStore(slot, index: index, size: size) { emitter, register in
+        emitter.mov(size: 8, register, source)
+      }
+    case .storeMI64, .storeMI32, .storeMI8:
+      let size = instruction.fast == .storeMI64 ? 8 : instruction.fast == .storeMI32 ? 4 : 1
+      let value = size == 8 ? immediate : immediate & sizeMask(UInt8(size))
+      emitStore(slot, index: index, size: size) { emitter, register in
+        emitter.movImmediate64(register, value)
+      }
+
+    case .addMR64, .subMR64, .adcMR64, .sbbMR64:
+      emitLinearAddress(slot, index: index)
+      let miss = emitter.newLabel()
+      if inlineTLBProbes {
+        emitProbe(size: 8, write: true, flagsValid: flagsValidAt[index], miss: miss)
+        emitter.mov(size: 8, rax, src)
+        emitter.alu(Self.aluKind(instruction.fast), size: 8, .at(HostRegister.rdx, 0), rax)
+      } else {
+        if flagsValidAt[index] { emitter.saveFlags() }
+        emitter.jump(to: miss)
+      }
+      deferLeaveBefore(index, miss: miss)
+
+    case .jcc:
+      let taken = emitter.newLabel()
+      emitter.jump(UInt8(truncatingIfNeeded: instruction.opcode), to: taken)
+      let target = instructionOffsets[index + 1] + Int(Int64(bitPattern: immediate))
+      let epilogue = self.epilogue
+      let offsets = instructionOffsets
+      outOfLine.append { emitter in
+        emitter.bind(taken)
+        emitter.storeGuestFlags()
+        emitter.branch(targetOffset: target, index: index, faultOffset: offsets[index], epilogue: epilogue)
+      }
+    case .jmpRel:
+      storeFlagsIfValid(at: index)
+      emitter.branch(
+        targetOffset: instructionOffsets[index + 1] + Int(Int64(bitPattern: immediate)), index: index,
+        faultOffset: instructionOffsets[index], epilogue: epilogue)
+      return true
+    default:
+      preconditionFailure("untranslated fast form \(instruction.fast)")
+    }
+    return false
+  }
+
+  static func aluKind(_ form: FastOp) -> HostALU {
+    switch form {
+    case .addRR64, .addRR32, .addRI64, .addRI32, .addRM64, .addRM32, .addMR64: return .add
+    case .subRR64, .subRR32, .subRI64, .subRI32, .subRM64, .subRM32, .subMR64: return .sub
+    case .andRR64, .andRR32, .andRI64, .andRI32, .andRM64, .andRM32: return .and
+    case .orRR64, .orRR32, .orRI64, .orRI32, .orRM64, .orRM32: return .or
+    case .xorRR64, .xorRR32, .xorRI64, .xorRI32, .xorRM64, .xorRM32: return .xor
+    case .adcRR64, .adcRR32, .adcRI64, .adcRI32, .adcRM64, .adcMR64: return .adc
+    case .sbbRR64, .sbbRR32, .sbbRI64, .sbbRI32, .sbbRM64, .sbbMR64: return .sbb
+    default: return .cmp
+    }
+  }
+
+  static func shiftKind(_ form: FastOp) -> HostShift {
+    switch form {
+    case .shlRI64, .shlRI32, .shlRC64, .shlRC32: return .shl
+    case .shrRI64, .shrRI32, .shrRC64, .shrRC32: return .shr
+    default: return .sar
+    }
+  }
+}
+
+extension X86Emitter {
+  /// Host RFLAGS status bits = the context's (other bits cleared: no TF, AC or DF in the host).
+  /// Clobbers RAX.
+  mutating func loadGuestFlags() {
+    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.flags))
+    alu(.and, size: 4, .register(HostRegister.rax), immediate: Int32(RFlags.status))
+    push(HostRegister.rax)
+    popFlags()
+  }
+
+  /// Context status bits = the host's. Clobbers RCX and RDX.
+  mutating func storeGuestFlags() {
+    pushFlags()
+    pop(HostRegister.rcx)
+    alu(.and, size: 4, .register(HostRegister.rcx), immediate: Int32(RFlags.status))
+    mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.flags))
+    alu(.and, size: 8, .register(HostRegister.rdx), immediate: ~Int32(RFlags.status))
+    alu(.or, size: 8, HostRegister.rdx, .register(HostRegister.rcx))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.flags), HostRegister.rdx)
+  }
+
+  /// Saves the host status flags in EBP (LAHF; SETO AL). Clobbers RAX.
+  mutating func saveFlags() {
+    loadFlagsIntoAH()
+    set(HostCondition.overflow, .register(HostRegister.rax))
+    mov(size: 4, HostRegister.rbp, .register(HostRegister.rax))
+  }
+
+  /// Restores the host status flags from EBP (ADD AL, 7FH sets OF from SETO's 1; SAHF the
+  /// rest). Clobbers RAX.
+  mutating func restoreFlags() {
+    mov(size: 4, HostRegister.rax, .register(HostRegister.rbp))
+    alu(.add, size: 1, .register(HostRegister.rax), immediate: 0x7F)
+    storeAHIntoFlags()
+  }
+
+  /// Sets the context RIP to entry + `ripOffset` and returns `result` (flags already stored).
+  mutating func leave(ripOffset: Int, result: UInt64, epilogue: HostLabel) {
+    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+    lea(HostRegister.rax, .at(HostRegister.rax, ripOffset))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+    movImmediate64(HostRegister.rax, result)
+    jump(to: epilogue)
+  }
+
+  /// RIP = entry + `targetOffset` (the branch of instruction `index`) and the block ends; a
+  /// non-canonical target raises #GP(0) at the branch, so the block then returns before it
+  /// (RIP = entry + `faultOffset`) and the interpreter re-executes it. Flags already stored.
+  mutating func branch(targetOffset: Int, index: Int, faultOffset: Int, epilogue: HostLabel) {
+    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+    lea(HostRegister.rax, .at(HostRegister.rax, targetOffset))
+    mov(size: 8, HostRegister.rcx, .register(HostRegister.rax))
+    shift(.shl, size: 8, .register(HostRegister.rcx), count: 16)
+    shift(.sar, size: 8, .register(HostRegister.rcx), count: 16)
+    alu(.cmp, size: 8, .register(HostRegister.rcx), HostRegister.rax)
+    let canonical = newLabel()
+    jump(HostCondition.equal, to: canonical)
+    leave(ripOffset: faultOffset, result: UInt64(index), epilogue: epilogue)
+    bind(canonical)
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+    movImmediate64(HostRegister.rax, UInt64(index + 1) | translationEndedBit)
+    jump(to: epilogue)
+  }
+}

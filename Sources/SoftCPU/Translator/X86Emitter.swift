@@ -1,0 +1,321 @@
+// A small x86-64 assembler for the translator: exactly the instructions the translator emits,
+// encoded from the Intel SDM's tables (volume 2, chapter 2: REX, ModRM, SIB; the opcode maps of
+// appendix A). Operands are host registers 0-15 (RAX..R15) and base + index * scale + disp32
+// memory operands; branches use 32-bit displacements resolved at `finish`.
+
+/// Host general registers in encoding order.
+enum HostRegister {
+  static let rax: UInt8 = 0
+  static let rcx: UInt8 = 1
+  static let rdx: UInt8 = 2
+  static let rbx: UInt8 = 3
+  static let rsp: UInt8 = 4
+  static let rbp: UInt8 = 5
+  static let rsi: UInt8 = 6
+  static let rdi: UInt8 = 7
+  static let r8: UInt8 = 8
+  static let r12: UInt8 = 12
+  static let r13: UInt8 = 13
+  static let r14: UInt8 = 14
+  static let r15: UInt8 = 15
+}
+
+/// A register or memory operand of an emitted instruction.
+enum HostOperand {
+  case register(UInt8)
+  /// [base + index << scale + displacement]; `index` nil for none.
+  case memory(base: UInt8, index: UInt8?, scale: UInt8, displacement: Int32)
+
+  /// [base + displacement].
+  static func at(_ base: UInt8, _ displacement: Int) -> HostOperand {
+    .memory(base: base, index: nil, scale: 0, displacement: Int32(displacement))
+  }
+}
+
+/// The eight classic ALU operations in their opcode order (`/digit` of 80/81/83).
+enum HostALU: UInt8 {
+  case add = 0, or, adc, sbb, and, sub, xor, cmp
+}
+
+/// Shift operations by their `/digit` in C0/C1/D2/D3.
+enum HostShift: UInt8 {
+  case shl = 4, shr = 5, sar = 7
+}
+
+/// A branch target inside the code being assembled.
+struct HostLabel {
+  let id: Int
+}
+
+/// Assembles x86-64 machine code into a byte array.
+struct X86Emitter {
+  private(set) var bytes: [UInt8] = []
+  private var labelOffsets: [Int?] = []
+  private var fixups: [(at: Int, label: Int)] = []
+
+  init() {
+    bytes.reserveCapacity(1024)
+  }
+
+  var count: Int { bytes.count }
+
+  // MARK: Labels
+
+  mutating func newLabel() -> HostLabel {
+    labelOffsets.append(nil)
+    return HostLabel(id: labelOffsets.count - 1)
+  }
+
+  mutating func bind(_ label: HostLabel) {
+    labelOffsets[label.id] = bytes.count
+  }
+
+  /// Resolves branch displacements; nil if a label was never bound.
+  func finish() -> [UInt8]? {
+    var code = bytes
+    for fixup in fixups {
+      guard let target = labelOffsets[fixup.label] else { return nil }
+      let displacement = Int32(target - (fixup.at + 4))
+      withUnsafeBytes(of: displacement.littleEndian) { raw in
+        for index in 0..<4 { code[fixup.at + index] = raw[index] }
+      }
+    }
+    return code
+  }
+
+  // MARK: Raw encoding
+
+  mutating func byte(_ value: UInt8) { bytes.append(value) }
+
+  mutating func int16(_ value: Int16) {
+    let bits = UInt16(bitPattern: value)
+    bytes.append(UInt8(truncatingIfNeeded: bits))
+    bytes.append(UInt8(truncatingIfNeeded: bits >> 8))
+  }
+
+  mutating func int32(_ value: Int32) {
+    let bits = UInt32(bitPattern: value)
+    for shift in stride(from: 0, to: 32, by: 8) { bytes.append(UInt8(truncatingIfNeeded: bits >> UInt32(shift))) }
+  }
+
+  mutating func int64(_ value: UInt64) {
+    for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: value >> UInt64(shift))) }
+  }
+
+  /// Emits [66] [REX] opcode ModRM [SIB] [disp] for `reg` (register or /digit) and `rm`.
+  /// `size` 2 adds the operand-size prefix, 8 sets REX.W; 1 forces a REX prefix when a byte
+  /// register 4-7 is named (SPL..DIL rather than AH..BH).
+  mutating func encode(_ opcode: [UInt8], size: Int, reg: UInt8, rm: HostOperand) {
+    if size == 2 { byte(0x66) }
+    var rex: UInt8 = size == 8 ? 0x08 : 0
+    if reg & 8 != 0 { rex |= 0x04 }
+    var forceREX = size == 1 && reg & 0xF >= 4 && reg & 0xF <= 7
+    switch rm {
+    case .register(let register):
+      if register & 8 != 0 { rex |= 0x01 }
+      if size == 1 && register >= 4 && register <= 7 { forceREX = true }
+    case .memory(let base, let index, _, _):
+      if base & 8 != 0 { rex |= 0x01 }
+      if let index, index & 8 != 0 { rex |= 0x02 }
+    }
+    if rex != 0 || forceREX { byte(0x40 | rex) }
+    bytes.append(contentsOf: opcode)
+    let regBits = (reg & 7) << 3
+    switch rm {
+    case .register(let register):
+      byte(0xC0 | regBits | (register & 7))
+    case .memory(let base, let index, let scale, let displacement):
+      let needsSIB = index != nil || base & 7 == HostRegister.rsp
+      let mode: UInt8
+      if displacement == 0 && base & 7 != HostRegister.rbp {
+        mode = 0x00
+      } else if Int32(Int8(truncatingIfNeeded: displacement)) == displacement {
+        mode = 0x40
+      } else {
+        mode = 0x80
+      }
+      if needsSIB {
+        byte(mode | regBits | 4)
+        let indexBits = (index ?? HostRegister.rsp) & 7
+        byte((scale & 3) << 6 | indexBits << 3 | (base & 7))
+      } else {
+        byte(mode | regBits | (base & 7))
+      }
+      if mode == 0x40 {
+        byte(UInt8(bitPattern: Int8(truncatingIfNeeded: displacement)))
+      } else if mode == 0x80 {
+        int32(displacement)
+      }
+    }
+  }
+
+  // MARK: Instructions
+
+  /// `op rm, reg` (size 1, 2, 4, 8).
+  mutating func alu(_ op: HostALU, size: Int, _ rm: HostOperand, _ reg: UInt8) {
+    encode([op.rawValue << 3 | (size == 1 ? 0 : 1)], size: size, reg: reg, rm: rm)
+  }
+
+  /// `op reg, rm`.
+  mutating func alu(_ op: HostALU, size: Int, _ reg: UInt8, _ rm: HostOperand) {
+    encode([op.rawValue << 3 | (size == 1 ? 2 : 3)], size: size, reg: reg, rm: rm)
+  }
+
+  /// `op rm, imm` (the immediate is sign-extended by the CPU for sizes 4 and 8).
+  mutating func alu(_ op: HostALU, size: Int, _ rm: HostOperand, immediate: Int32) {
+    if size == 1 {
+      encode([0x80], size: 1, reg: op.rawValue, rm: rm)
+      byte(UInt8(truncatingIfNeeded: immediate))
+    } else if Int32(Int8(truncatingIfNeeded: immediate)) == immediate {
+      encode([0x83], size: size, reg: op.rawValue, rm: rm)
+      byte(UInt8(truncatingIfNeeded: immediate))
+    } else {
+      encode([0x81], size: size, reg: op.rawValue, rm: rm)
+      if size == 2 { int16(Int16(truncatingIfNeeded: immediate)) } else { int32(immediate) }
+    }
+  }
+
+  /// `test rm, reg`.
+  mutating func test(size: Int, _ rm: HostOperand, _ reg: UInt8) {
+    encode([size == 1 ? 0x84 : 0x85], size: size, reg: reg, rm: rm)
+  }
+
+  /// `test rm, imm`.
+  mutating func test(size: Int, _ rm: HostOperand, immediate: Int32) {
+    encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 0, rm: rm)
+    switch size {
+    case 1: byte(UInt8(truncatingIfNeeded: immediate))
+    case 2: int16(Int16(truncatingIfNeeded: immediate))
+    default: int32(immediate)
+    }
+  }
+
+  /// `mov rm, reg`.
+  mutating func mov(size: Int, _ rm: HostOperand, _ reg: UInt8) {
+    encode([size == 1 ? 0x88 : 0x89], size: size, reg: reg, rm: rm)
+  }
+
+  /// `mov reg, rm` (size 4 zero-extends into the full register).
+  mutating func mov(size: Int, _ reg: UInt8, _ rm: HostOperand) {
+    encode([size == 1 ? 0x8A : 0x8B], size: size, reg: reg, rm: rm)
+  }
+
+  /// `mov rm, imm` (size 8: imm32 sign-extended).
+  mutating func mov(size: Int, _ rm: HostOperand, immediate: Int32) {
+    encode([size == 1 ? 0xC6 : 0xC7], size: size, reg: 0, rm: rm)
+    switch size {
+    case 1: byte(UInt8(truncatingIfNeeded: immediate))
+    case 2: int16(Int16(truncatingIfNeeded: immediate))
+    default: int32(immediate)
+    }
+  }
+
+  /// `mov reg, imm64`.
+  mutating func movImmediate64(_ reg: UInt8, _ value: UInt64) {
+    byte(0x48 | (reg & 8 != 0 ? 1 : 0))
+    byte(0xB8 | (reg & 7))
+    int64(value)
+  }
+
+  /// `movzx reg32, byte/word rm`.
+  mutating func movzx(_ reg: UInt8, sourceSize: Int, _ rm: HostOperand) {
+    encode([0x0F, sourceSize == 1 ? 0xB6 : 0xB7], size: 4, reg: reg, rm: rm)
+  }
+
+  /// `movsx reg, byte/word rm` with a 4- or 8-byte destination, or `movsxd reg64, rm32`.
+  mutating func movsx(size: Int, _ reg: UInt8, sourceSize: Int, _ rm: HostOperand) {
+    switch sourceSize {
+    case 1: encode([0x0F, 0xBE], size: size, reg: reg, rm: rm)
+    case 2: encode([0x0F, 0xBF], size: size, reg: reg, rm: rm)
+    default: encode([0x63], size: 8, reg: reg, rm: rm)
+    }
+  }
+
+  /// `lea reg64, [memory]`.
+  mutating func lea(_ reg: UInt8, _ memory: HostOperand) {
+    encode([0x8D], size: 8, reg: reg, rm: memory)
+  }
+
+  /// `shl/shr/sar rm, imm8`.
+  mutating func shift(_ op: HostShift, size: Int, _ rm: HostOperand, count: UInt8) {
+    encode([size == 1 ? 0xC0 : 0xC1], size: size, reg: op.rawValue, rm: rm)
+    byte(count)
+  }
+
+  /// `shl/shr/sar rm, cl`.
+  mutating func shiftByCL(_ op: HostShift, size: Int, _ rm: HostOperand) {
+    encode([size == 1 ? 0xD2 : 0xD3], size: size, reg: op.rawValue, rm: rm)
+  }
+
+  /// INC (/0), DEC (/1) on FE/FF; NOT (/2), NEG (/3) on F6/F7.
+  mutating func inc(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xFE : 0xFF], size: size, reg: 0, rm: rm) }
+  mutating func dec(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xFE : 0xFF], size: size, reg: 1, rm: rm) }
+  mutating func not(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 2, rm: rm) }
+  mutating func neg(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 3, rm: rm) }
+
+  /// `imul reg, rm` (size 4 or 8).
+  mutating func imul(size: Int, _ reg: UInt8, _ rm: HostOperand) {
+    encode([0x0F, 0xAF], size: size, reg: reg, rm: rm)
+  }
+
+  /// `imul reg, rm, imm32`.
+  mutating func imul(size: Int, _ reg: UInt8, _ rm: HostOperand, immediate: Int32) {
+    encode([0x69], size: size, reg: reg, rm: rm)
+    int32(immediate)
+  }
+
+  /// `cmovcc reg, rm`.
+  mutating func cmov(_ condition: UInt8, size: Int, _ reg: UInt8, _ rm: HostOperand) {
+    encode([0x0F, 0x40 | (condition & 0xF)], size: size, reg: reg, rm: rm)
+  }
+
+  /// `setcc byte rm`.
+  mutating func set(_ condition: UInt8, _ rm: HostOperand) {
+    encode([0x0F, 0x90 | (condition & 0xF)], size: 1, reg: 0, rm: rm)
+  }
+
+  /// `jcc label` (rel32).
+  mutating func jump(_ condition: UInt8, to label: HostLabel) {
+    byte(0x0F)
+    byte(0x80 | (condition & 0xF))
+    fixups.append((bytes.count, label.id))
+    int32(0)
+  }
+
+  /// `jmp label` (rel32).
+  mutating func jump(to label: HostLabel) {
+    byte(0xE9)
+    fixups.append((bytes.count, label.id))
+    int32(0)
+  }
+
+  /// `call rm` (an absolute address in a register or memory).
+  mutating func call(_ rm: HostOperand) {
+    encode([0xFF], size: 4, reg: 2, rm: rm)
+  }
+
+  mutating func push(_ reg: UInt8) {
+    if reg & 8 != 0 { byte(0x41) }
+    byte(0x50 | (reg & 7))
+  }
+
+  mutating func pop(_ reg: UInt8) {
+    if reg & 8 != 0 { byte(0x41) }
+    byte(0x58 | (reg & 7))
+  }
+
+  mutating func pushFlags() { byte(0x9C) }
+  mutating func popFlags() { byte(0x9D) }
+  /// LAHF: AH = SF:ZF:0:AF:0:PF:1:CF.
+  mutating func loadFlagsIntoAH() { byte(0x9F) }
+  /// SAHF: SF, ZF, AF, PF, CF from AH.
+  mutating func storeAHIntoFlags() { byte(0x9E) }
+  mutating func ret() { byte(0xC3) }
+}
+
+/// Condition codes in the Jcc/SETcc/CMOVcc encoding.
+enum HostCondition {
+  static let overflow: UInt8 = 0
+  static let equal: UInt8 = 4
+  static let notEqual: UInt8 = 5
+}

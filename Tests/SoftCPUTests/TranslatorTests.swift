@@ -1,0 +1,175 @@
+import Foundation
+import SoftCPU
+import Testing
+import VMCore
+
+/// The translating tier against the interpreter: the benchmark programs
+/// (Tests/GuestPrograms/bench/bench.S, assembled at test time) run to the end under each tier
+/// must leave the same registers, flags, instruction count and memory; lockstep mode checks
+/// every translated block of them and of random instruction sequences. The differential tests
+/// (DifferentialTests) compare the translator with the host CPU form by form.
+@Suite("TranslatorTests")
+struct TranslatorTests {
+  static let benchSource = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent().deletingLastPathComponent()
+    .appendingPathComponent("GuestPrograms/bench/bench.S")
+  static let loadAddress: UInt64 = 0x10_0000
+
+  /// The flat image of bench.S program `program` (one repetition).
+  static func benchImage(_ program: Int) throws -> [UInt8] {
+    let work = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-jit-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: work) }
+    let object = work.appendingPathComponent("b.o").path
+    let elf = work.appendingPathComponent("b.elf").path
+    let binary = work.appendingPathComponent("b.bin").path
+    try run(
+      "/usr/bin/as", ["--64", "--defsym", "PROGRAM=\(program)", "--defsym", "REPEAT=1", "-o", object, benchSource.path])
+    try run("/usr/bin/ld", ["-m", "elf_x86_64", "-Ttext=0x100000", "-e", "0x100000", "-o", elf, object])
+    try run("/usr/bin/objcopy", ["-O", "binary", elf, binary])
+    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: binary)))
+  }
+
+  static func run(_ tool: String, _ arguments: [String]) throws {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: tool)
+    process.arguments = arguments
+    process.standardOutput = FileHandle.nullDevice
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    process.waitUntilExit()
+    if process.terminationStatus != 0 { throw CoreAssembler.Failure(description: "\(tool) failed") }
+  }
+
+  struct Outcome: Equatable {
+    var gpr: [UInt64]
+    var rip: UInt64
+    var rflags: UInt64
+    var instructions: UInt64
+    var memoryDigest: UInt64
+    var stop: String
+  }
+
+  /// Runs `image` in flat long mode at CPL 0 (as hostvisor-softbench does) under `tier`.
+  static func execute(_ image: [UInt8], tier: SoftCPUTier, threshold: UInt32 = 0) throws -> (Outcome, CPU) {
+    let memory = try GuestMemory(size: 64 << 20)
+    let target = try memory.slice(at: loadAddress, length: UInt64(image.count))
+    image.withUnsafeBytes { target.copyMemory(from: $0) }
+    let cpu = CPU(memory: memory, bus: IOBus())
+    cpu.enterFlatLongMode(cpl: 0)
+    cpu.setExecutionTier(tier, threshold: threshold)
+    cpu.rip = loadAddress
+    cpu.gpr[4] = 0x9_0000
+    var stop = "limit"
+    loop: for _ in 0..<400 {
+      switch cpu.run(instructionLimit: 1_000_000) {
+      case .halted:
+        stop = "halted"
+        break loop
+      case .fault(let fault):
+        stop = "fault \(fault.vector)"
+        break loop
+      case .stopRequested:
+        stop = "stop"
+        break loop
+      case .instructionLimit:
+        continue
+      }
+    }
+    // FNV-1a over guest RAM below 16 MiB (code, data and stack of the programs).
+    let ram = try memory.slice(at: 0, length: 16 << 20)
+    var digest: UInt64 = 0xCBF2_9CE4_8422_2325
+    for index in stride(from: 0, to: ram.count, by: 8) {
+      digest = (digest ^ ram.loadUnaligned(fromByteOffset: index, as: UInt64.self)) &* 0x100_0000_01B3
+    }
+    let outcome = Outcome(
+      gpr: (0..<16).map { cpu.gpr[$0] }, rip: cpu.rip, rflags: cpu.rflags, instructions: cpu.retiredInstructions,
+      memoryDigest: digest, stop: stop)
+    return (outcome, cpu)
+  }
+
+  /// checksum, memcpy-rep, memcpy-sse2, sieve, sse2-float.
+  @Test(arguments: [1, 2, 3, 4, 5])
+  func benchProgramSameUnderEveryTier(program: Int) throws {
+    let image = try Self.benchImage(program)
+    let (reference, _) = try Self.execute(image, tier: .interpreter)
+    #expect(reference.stop == "halted")
+    for (tier, threshold) in [(SoftCPUTier.translator, UInt32(0)), (.translator, SoftCPUTier.defaultThreshold)] {
+      let (outcome, cpu) = try Self.execute(image, tier: tier, threshold: threshold)
+      #expect(outcome == reference, "tier \(tier.rawValue) threshold \(threshold)")
+      #expect(cpu.translatedBlockCount > 0)
+    }
+    let (checked, cpu) = try Self.execute(image, tier: .lockstep)
+    #expect(cpu.lockstepFailure == nil, "\(cpu.lockstepFailure ?? "")")
+    #expect(checked == reference)
+    #expect(cpu.lockstepCheckCount > 0)
+  }
+
+  /// Random sequences of the differential tests' integer forms, each checked in lockstep.
+  @Test func randomSequencesInLockstep() throws {
+    let forms = (FormTable.integer + FormTable.control).filter { !DifferentialTests.terminalForms.contains($0.name) }
+    var checks = 0
+    for runner in [EmulatedRunner(tier: .lockstep), EmulatedRunner(paging: true, tier: .lockstep)] {
+      for caseIndex in 0..<600 {
+        let focus = forms[caseIndex % forms.count]
+        let testCase = CaseGenerator.makeCase(focus: focus, fillers: forms, seed: DiffRNG.mix(7, UInt64(caseIndex)))
+        let result = runner.run(code: testCase.code, initial: testCase.initial, data: testCase.data)
+        #expect(result.lockstepFailure == nil, "\(focus.name): \(result.lockstepFailure ?? "")")
+        checks += result.lockstepChecks
+      }
+    }
+    #expect(checks > 500)
+  }
+
+  /// A store into the block being run: the translated block ends after the store and the
+  /// modified code runs (self-modifying code stays exact under the translator).
+  @Test func selfModifyingCodeUnderTheTranslator() throws {
+    let source = """
+        mov ecx, 3
+      again:
+        lea rdx, [rip + patch + 1]
+        mov byte ptr [rdx], cl
+      patch:
+        mov eax, 0
+        add rbx, rax
+        dec ecx
+        jnz again
+        hlt
+      """
+    for tier in [SoftCPUTier.interpreter, .translator, .lockstep] {
+      let machine = try CoreMachine(cpl: 0)
+      machine.cpu.setExecutionTier(tier, threshold: 0)
+      try machine.load(assembly: source)
+      _ = machine.run()
+      #expect(machine.cpu.gpr[3] == 3 + 2 + 1, "tier \(tier.rawValue)")
+      #expect(machine.cpu.lockstepFailure == nil)
+    }
+  }
+
+  /// A load from an unmapped address inside a translated block: the fault reports the RIP of
+  /// the faulting instruction with the registers and flags as before it.
+  @Test func faultInsideATranslatedBlockIsPrecise() throws {
+    let source = """
+        mov rax, 5
+        add rax, 7
+        cmp rax, 12
+        mov rbx, qword ptr [rcx]
+        mov rax, 99
+        hlt
+      """
+    var outcomes: [(UInt64, UInt64, UInt64, String)] = []
+    for tier in [SoftCPUTier.interpreter, .translator] {
+      let machine = try CoreMachine(cpl: 3)
+      machine.cpu.setExecutionTier(tier, threshold: 0)
+      try machine.load(assembly: source)
+      machine.cpu.gpr[1] = 0x7FFF_0000_0000  // no RAM there
+      let stop = machine.run()
+      outcomes.append((machine.cpu.rip, machine.cpu.gpr[0], machine.cpu.rflags, "\(stop)"))
+    }
+    #expect(outcomes[0].0 == outcomes[1].0)
+    #expect(outcomes[0].1 == 12 && outcomes[1].1 == 12)
+    #expect(outcomes[0].2 == outcomes[1].2)
+    #expect(outcomes[0].3 == outcomes[1].3)
+    #expect(outcomes[0].0 == CoreMachine.codeBase + 7 + 4 + 4)
+  }
+}
