@@ -163,6 +163,7 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
   case invalidNetwork(String)
   case invalidMAC(String)
   case invalidConsole(String)
+  case invalidBalloon(String, String)
 
   public var description: String {
     switch self {
@@ -186,6 +187,8 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
       return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
     case .invalidConsole(let text):
       return "invalid console '\(text)': use serial or virtio"
+    case .invalidBalloon(let text, let problem):
+      return "invalid balloon '\(text)': \(problem)"
     }
   }
 }
@@ -256,6 +259,8 @@ public struct MachineConfiguration: Sendable {
   public var networks: [NetworkConfiguration] = []
   /// The guest console: COM1 (default) or a virtio-console (hvc0) on standard input/output.
   public var console: ConsoleChoice = .serial
+  /// A virtio-balloon device, attached last.
+  public var balloon: BalloonConfiguration?
 
   public init(
     kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",
