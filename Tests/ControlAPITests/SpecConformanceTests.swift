@@ -185,6 +185,12 @@ struct SpecConformanceTests {
       "DiskConfig")
     Self.check(try Self.keys(CHNetConfig(tap: "t", mac: "m", id: "i")), against: spec["NetConfig"], "NetConfig")
     Self.check(try Self.keys(CHRngConfig(src: "/dev/urandom")), against: spec["RngConfig"], "RngConfig")
+    Self.check(
+      try Self.keys(CHBalloonConfig(size: 1, deflate_on_oom: true, free_page_reporting: true)),
+      against: spec["BalloonConfig"], "BalloonConfig")
+    Self.check(
+      try Self.keys(CHVmResize(desired_vcpus: 1, desired_ram: 1, desired_balloon: 1)), against: spec["VmResize"],
+      "VmResize")
     Self.check(try Self.keys(CHConsoleConfig(file: "/", mode: .File)), against: spec["SerialConfig"], "SerialConfig")
     Self.check(try Self.keys(CHConsoleConfig(file: "/", mode: .File)), against: spec["ConsoleConfig"], "ConsoleConfig")
     let config = CHVmConfig(
