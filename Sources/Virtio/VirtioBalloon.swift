@@ -173,7 +173,8 @@ public final class VirtioBalloon: VirtioDeviceModel {
       var actual = state.actualPages
       for index in 0..<size where (4..<8).contains(offset + index) {
         let shift = UInt32(8 * (offset + index - 4))
-        actual = actual & ~(0xFF << shift) | UInt32(truncatingIfNeeded: value >> (8 * index)) & 0xFF << shift
+        let byte = UInt32(truncatingIfNeeded: value >> (8 * index)) & 0xFF
+        actual = (actual & ~(0xFF << shift)) | (byte << shift)
       }
       state.actualPages = actual
     }

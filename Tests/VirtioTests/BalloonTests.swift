@@ -62,8 +62,11 @@ private func pageNumberBytes(_ numbers: [UInt32]) -> [UInt8] {
     try machine.memory.writeBytes(pageNumberBytes(numbers), at: Self.listAddress)
     driver.queues[1].submit([(Self.listAddress, UInt32(numbers.count * 4), false)])
     #expect(driver.queues[1].waitForUsed(1))
-    machine.bus.mmioWrite(driver.bar0 + driver.deviceConfigOffset + 4, size: 4, value: 7)
-    #expect(balloon.actualPages == 7)
+    machine.bus.mmioWrite(driver.bar0 + driver.deviceConfigOffset + 4, size: 4, value: 0x0003_8001)
+    #expect(balloon.actualPages == 0x0003_8001)
+    #expect(driver.deviceConfig(4, size: 4) == 0x0003_8001)
+    machine.bus.mmioWrite(driver.bar0 + driver.deviceConfigOffset + 5, size: 1, value: 0x42)
+    #expect(balloon.actualPages == 0x0003_4201)
   }
 
   @Test func targetChangeInterruptsTheDriver() throws {
