@@ -24,7 +24,7 @@ public final class CloudHypervisorAPI: Sendable {
     self.requestExit = requestExit
   }
 
-  private var controller: VMController { plane.controller }
+  var controller: VMController { plane.controller }
 
   /// A failed request: its status and one line.
   struct Failure: Error {
@@ -36,11 +36,11 @@ public final class CloudHypervisorAPI: Sendable {
     "vmm.ping": "GET", "vmm.shutdown": "PUT", "vm.create": "PUT", "vm.boot": "PUT", "vm.info": "GET",
     "vm.counters": "GET", "vm.pause": "PUT", "vm.resume": "PUT", "vm.shutdown": "PUT", "vm.reboot": "PUT",
     "vm.power-button": "PUT", "vm.delete": "PUT", "vm.snapshot": "PUT", "vm.restore": "PUT",
-    "vm.send-migration": "PUT", "vm.receive-migration": "PUT",
+    "vm.send-migration": "PUT", "vm.receive-migration": "PUT", "vm.resize": "PUT",
   ]
 
   private static let unsupportedEndpoints: Set<String> = [
-    "vm.resize", "vm.resize-disk", "vm.resize-zone", "vm.add-device", "vm.remove-device", "vm.add-disk",
+    "vm.resize-disk", "vm.resize-zone", "vm.add-device", "vm.remove-device", "vm.add-disk",
     "vm.add-fs", "vm.add-generic-vhost-user", "vm.add-pmem", "vm.add-net", "vm.add-vsock", "vm.add-vdpa",
     "vm.add-user-device", "vm.coredump", "vm.nmi",
   ]
@@ -122,6 +122,8 @@ public final class CloudHypervisorAPI: Sendable {
       try sendMigration(decode(CHSendMigrationData.self, body))
     case "vm.receive-migration":
       try receiveMigration(decode(CHReceiveMigrationData.self, body))
+    case "vm.resize":
+      try resize(decode(CHVmResize.self, body))
     default:
       throw Failure(status: 404, message: "no such endpoint: \(request.path)")
     }
@@ -229,6 +231,7 @@ public final class CloudHypervisorAPI: Sendable {
     where flag == true {
       throw refuse("Hostvisor does not support \(name)")
     }
+    if let balloon = config.balloon { spec.balloon = try Self.balloon(from: balloon, memoryMiB: spec.memoryMiB) }
     // Cloud Hypervisor's defaults: serial Null, console Tty (virtio-console on the terminal).
     let serial = config.serial ?? CHConsoleConfig(mode: .Null)
     let console = config.console ?? CHConsoleConfig(mode: .Tty)
@@ -272,7 +275,7 @@ public final class CloudHypervisorAPI: Sendable {
       disks: spec.drives.map { CHDiskConfig(path: $0.path, readonly: $0.readOnly, id: $0.id) },
       net: spec.networkInterfaces.map { CHNetConfig(tap: $0.hostDeviceName, mac: $0.guestMAC?.description, id: $0.id) },
       rng: CHRngConfig(src: "/dev/urandom"), serial: serial,
-      console: CHConsoleConfig(mode: spec.console == .virtio ? .Tty : .Off))
+      console: CHConsoleConfig(mode: spec.console == .virtio ? .Tty : .Off), balloon: balloonConfig(from: spec.balloon))
   }
 
   private func boot() throws(Failure) {
@@ -306,7 +309,10 @@ public final class CloudHypervisorAPI: Sendable {
     case .shutDown: state = "Shutdown"
     }
     let spec = controller.spec
-    return CHVmInfo(config: Self.vmConfig(from: spec), state: state, memory_actual_size: Int64(spec.memoryMiB) << 20)
+    // The balloon's pages are not the guest's.
+    let ballooned = Int64(controller.machine?.balloon?.actualPages ?? 0) * 4096
+    return CHVmInfo(
+      config: Self.vmConfig(from: spec), state: state, memory_actual_size: (Int64(spec.memoryMiB) << 20) - ballooned)
   }
 
   // MARK: Snapshots and migration

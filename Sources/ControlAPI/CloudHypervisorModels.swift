@@ -79,6 +79,7 @@ struct CHVmConfig: Codable, Equatable {
   var iommu: Bool?
   var watchdog: Bool?
   var pvpanic: Bool?
+  var balloon: CHBalloonConfig?
 }
 
 /// `VmInfo`.

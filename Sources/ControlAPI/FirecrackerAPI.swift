@@ -36,7 +36,7 @@ public final class FirecrackerAPI: Sendable {
     self.plane = plane
   }
 
-  private var controller: VMController { plane.controller }
+  var controller: VMController { plane.controller }
 
   /// Answers one request whose path is not under `/api/v1/`.
   public func handle(_ request: APIRequest) -> APIResponse {
@@ -130,9 +130,19 @@ public final class FirecrackerAPI: Sendable {
       try createSnapshot(decode(SnapshotCreateParams.self, body))
     case ("PUT", "snapshot/load"):
       try loadSnapshot(decode(SnapshotLoadParams.self, body))
-    case (_, "balloon"), (_, "balloon/statistics"), (_, "balloon/hinting/start"), (_, "balloon/hinting/status"),
-      (_, "balloon/hinting/stop"):
-      throw ControlFailure("Hostvisor has no balloon device yet; the balloon endpoints are not supported.")
+    case ("PUT", "balloon"):
+      try putBalloon(decode(BalloonBody.self, body))
+    case ("PATCH", "balloon"):
+      try patchBalloon(decode(BalloonUpdateBody.self, body))
+    case ("GET", "balloon"):
+      return .json(200, StrictJSON.encode(try balloonConfiguration()))
+    case ("GET", "balloon/statistics"):
+      return .json(200, StrictJSON.encode(try balloonStatistics()))
+    case ("PATCH", "balloon/statistics"):
+      try patchBalloonStatistics(decode(BalloonStatisticsUpdateBody.self, body))
+    case (_, "balloon/hinting/start"), (_, "balloon/hinting/status"), (_, "balloon/hinting/stop"):
+      throw ControlFailure(
+        "Hostvisor does not support free page hinting; the balloon hinting endpoints are not supported.")
     case (_, "vsock"):
       throw ControlFailure("Hostvisor has no vsock device yet; PUT /vsock is not supported.")
     case (_, "mmds"), (_, "mmds/config"):
@@ -180,6 +190,7 @@ public final class FirecrackerAPI: Sendable {
       configuration.logger = records.logger
       configuration.metrics = records.metrics
       configuration.entropy = records.entropy
+      configuration.balloon = controller.spec.balloon.map(Self.body)
       return configuration
     }
   }
@@ -188,9 +199,10 @@ public final class FirecrackerAPI: Sendable {
 
   private static let notAfterStart = "The requested operation is not supported after starting the microVM."
   private static let notBeforeStart = "The requested operation is not supported before starting the microVM."
+  static var notBeforeStartMessage: String { notBeforeStart }
 
   /// Changes the pre-boot spec; refused once the machine has started.
-  private func configure(_ body: (inout VMSpec) throws(ControlError) -> Void) throws(ControlFailure) {
+  func configure(_ body: (inout VMSpec) throws(ControlError) -> Void) throws(ControlFailure) {
     do {
       try controller.configure(body)
       plane.markCreated()
@@ -553,7 +565,7 @@ public final class FirecrackerAPI: Sendable {
   /// Fails with one line naming the first problem.
   public func applyConfigFile(_ contents: [UInt8]) throws(ControlFailure) {
     if let object = try? JSONSerialization.jsonObject(with: Data(contents)) as? [String: Any] {
-      let unsupported = ["balloon", "vsock", "mmds-config", "cpu-config", "pmem", "memory-hotplug"]
+      let unsupported = ["vsock", "mmds-config", "cpu-config", "pmem", "memory-hotplug"]
       if let key = unsupported.first(where: { object[$0] != nil && !(object[$0] is NSNull) }) {
         throw ControlFailure("The configuration file names `\(key)`, which Hostvisor does not support yet.")
       }
@@ -576,5 +588,6 @@ public final class FirecrackerAPI: Sendable {
       try putNetworkInterface(id: interface.iface_id, interface)
     }
     if let entropy = configuration.entropy { try putEntropy(entropy) }
+    if let balloon = configuration.balloon { try putBalloon(balloon) }
   }
 }

@@ -176,7 +176,7 @@ struct SnapshotLoadParams: Codable {
 /// not have yet are decoded as raw presence markers so a config file naming them is refused
 /// with a clear message rather than ignored.
 struct FullVmConfiguration: Codable {
-  var balloon: UnsupportedResource?
+  var balloon: BalloonBody?
   var drives: [Drive]?
   var boot_source: BootSource?
   var cpu_config: UnsupportedResource?

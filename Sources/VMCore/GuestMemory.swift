@@ -201,6 +201,20 @@ public final class GuestMemory: @unchecked Sendable {
     noteWrite(at: address, length: length)
   }
 
+  /// Gives the host pages of `[address, address + length)` back (madvise MADV_DONTNEED): the
+  /// next guest or host access finds them zero-filled (anonymous RAM) or back at the mapped
+  /// file's contents (RAM restored from a snapshot file). Only whole 4 KiB pages entirely inside
+  /// one RAM region are discarded; returns false, touching nothing, for any other range.
+  @discardableResult
+  public func discard(at address: UInt64, length: UInt64) -> Bool {
+    guard length > 0, address % 4096 == 0, length % 4096 == 0,
+      let pointer = hostPointer(address, length: length)
+    else { return false }
+    guard madvise(pointer, Int(length), MADV_DONTNEED) == 0 else { return false }
+    noteWrite(at: address, length: length)
+    return true
+  }
+
   /// The e820-style map of usable RAM: (base, length) pairs.
   public var ramRanges: [(base: UInt64, length: UInt64)] {
     regions.map { ($0.guestBase, $0.size) }

@@ -164,6 +164,7 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
   case invalidNetwork(String)
   case invalidMAC(String)
   case invalidConsole(String)
+  case invalidBalloon(String, String)
 
   public var description: String {
     switch self {
@@ -187,6 +188,8 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
       return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
     case .invalidConsole(let text):
       return "invalid console '\(text)': use serial or virtio"
+    case .invalidBalloon(let text, let problem):
+      return "invalid balloon '\(text)': \(problem)"
     }
   }
 }
@@ -264,6 +267,8 @@ public struct MachineConfiguration: Sendable {
   public var softCPUTier: SoftCPUTier = .interpreter
   /// Executions of a block before the software CPU translates it.
   public var softCPUThreshold: UInt32 = SoftCPUTier.defaultThreshold
+  /// A virtio-balloon device, attached last.
+  public var balloon: BalloonConfiguration?
 
   public init(
     kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",

@@ -110,6 +110,8 @@ public struct VMSpec: Sendable, Equatable {
   public var accelerator: AcceleratorChoice = .auto
   /// Report choices and the stop reason on standard error.
   public var verbose: Bool = false
+  /// A virtio-balloon device.
+  public var balloon: BalloonConfiguration?
 
   /// Firecracker's default kernel command line.
   public static let defaultBootArgs = "console=ttyS0 reboot=k panic=1"
@@ -137,6 +139,7 @@ public struct VMSpec: Sendable, Equatable {
     configuration.serial = serial
     configuration.console = console
     configuration.verbose = verbose
+    configuration.balloon = balloon
     configuration.disks = ordered.map { DiskConfiguration(path: $0.path, readOnly: $0.readOnly) }
     configuration.networks = networkInterfaces.map {
       NetworkConfiguration(tapName: $0.hostDeviceName, mac: $0.guestMAC)

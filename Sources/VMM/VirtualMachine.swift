@@ -221,6 +221,9 @@ public final class VirtualMachine: Sendable {
         try attach(model)
       }
       try attach(VirtioEntropy())
+      if let balloon = configuration.balloon {
+        try attach(VirtioBalloon(options: balloon.options, targetPages: balloon.targetPages))
+      }
     } catch {
       shutdown(devices)
       throw error
@@ -252,6 +255,7 @@ public final class VirtualMachine: Sendable {
     case is VirtioNet: return "virtio-net"
     case is VirtioConsole: return "virtio-console"
     case is VirtioEntropy: return "virtio-rng"
+    case is VirtioBalloon: return "virtio-balloon"
     default: return "virtio"
     }
   }

@@ -90,6 +90,13 @@ struct Run: ParsableCommand {
   var console: String = "serial"
 
   @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "A virtio-balloon device (target 0 unless target= is given; the API changes it): on, or any of deflate-on-oom (the guest deflates instead of running out of memory), stats=SECONDS (statistics polling interval), reporting (free page reporting: the guest's free pages go back to the host), target=MIB.",
+      valueName: "on|[deflate-on-oom][,stats=SECONDS][,reporting][,target=MIB]"))
+  var balloon: String?
+
+  @Option(
     name: .customLong("kvm-device"),
     help: ArgumentHelp("Path of the KVM device.", valueName: "path", visibility: .hidden))
   var kvmDevice: String = "/dev/kvm"
@@ -181,6 +188,9 @@ struct Run: ParsableCommand {
       configuration.networks = try net.map { text throws(ConfigurationError) in
         try NetworkConfiguration(parsing: text)
       }
+      configuration.balloon = try balloon.map { text throws(ConfigurationError) in
+        try BalloonConfiguration(parsing: text)
+      }
       guard tripleFault == "error" || tripleFault == "reset" else {
         throw CommandFailure("invalid --triple-fault '\(tripleFault)': use error or reset")
       }
@@ -230,6 +240,7 @@ struct Run: ParsableCommand {
     spec.serial = configuration.serial
     spec.console = configuration.console
     spec.verbose = configuration.verbose
+    spec.balloon = configuration.balloon
     spec.drives = configuration.disks.enumerated().map { index, disk in
       DriveSpec(id: "disk\(index)", path: disk.path, readOnly: disk.readOnly)
     }

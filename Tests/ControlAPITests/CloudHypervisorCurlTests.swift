@@ -35,7 +35,8 @@ struct CloudHypervisorCurlTests {
     #expect(try api("GET", "vm.pause").status == 405)
     #expect(try api("PUT", "vm.no-such-thing").status == 404)
     #expect(
-      try api("PUT", "vm.create", #"{"payload": {"kernel": "\#(kernel)"}, "balloon": {"size": 1}}"#).status == 400)
+      try api("PUT", "vm.create", #"{"payload": {"kernel": "\#(kernel)"}, "balloon": {"size": 1, "iommu": true}}"#)
+        .status == 400)
     #expect(try api("PUT", "vm.create", #"{"payload": {"kernel": 5}}"#).status == 400)
     #expect(try api("PUT", "vm.create", "{not json").status == 400)
     let create = #"""

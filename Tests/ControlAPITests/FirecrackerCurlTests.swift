@@ -65,7 +65,9 @@ struct FirecrackerCurlTests {
       to: URL(fileURLWithPath: big))
     expectFault(try curl(socket, "PUT", "/boot-source", bodyFile: big), containing: "larger than the limit")
     expectFault(
-      try curl(socket, "PUT", "/balloon", #"{"amount_mib": 1, "deflate_on_oom": false}"#), containing: "balloon")
+      try curl(socket, "PUT", "/balloon", #"{"amount_mib": 1, "deflate_on_oom": false}"#),
+      containing: "after starting")
+    expectFault(try curl(socket, "GET", "/balloon"), containing: "No balloon device")
     expectFault(try curl(socket, "PUT", "/vsock", #"{"guest_cid": 3, "uds_path": "/tmp/v"}"#), containing: "vsock")
     expectFault(try curl(socket, "PUT", "/mmds", #"{}"#), containing: "MMDS")
     let stillRunning = counterValues(server.text).last ?? 0

@@ -119,6 +119,15 @@ struct SpecConformanceTests {
     Self.check(try Self.keys(MetricsBody(metrics_path: "/")), against: spec["Metrics"], "Metrics")
     Self.check(try Self.keys(EntropyDeviceBody(rate_limiter: limiter)), against: spec["EntropyDevice"], "EntropyDevice")
     Self.check(
+      try Self.keys(
+        BalloonBody(
+          amount_mib: 1, deflate_on_oom: true, stats_polling_interval_s: 1, free_page_hinting: false,
+          free_page_reporting: true)), against: spec["Balloon"], "Balloon")
+    Self.check(try Self.keys(BalloonUpdateBody(amount_mib: 1)), against: spec["BalloonUpdate"], "BalloonUpdate")
+    Self.check(
+      try Self.keys(BalloonStatisticsUpdateBody(stats_polling_interval_s: 1)), against: spec["BalloonStatsUpdate"],
+      "BalloonStatsUpdate")
+    Self.check(
       try Self.keys(SerialDeviceBody(serial_out_path: "/", rate_limiter: bucket)), against: spec["SerialDevice"],
       "SerialDevice")
     Self.check(
@@ -139,7 +148,9 @@ struct SpecConformanceTests {
           network_overrides: [], vsock_override: VsockOverride(uds_path: "/"), clock_realtime: false)),
       against: spec["SnapshotLoadParams"], "SnapshotLoadParams")
     var full = FullVmConfiguration()
-    full.balloon = UnsupportedResource()
+    full.balloon = BalloonBody(
+      amount_mib: 1, deflate_on_oom: false, stats_polling_interval_s: 1, free_page_hinting: false,
+      free_page_reporting: false)
     full.drives = []
     full.boot_source = BootSource(kernel_image_path: "/")
     full.cpu_config = UnsupportedResource()
@@ -174,6 +185,12 @@ struct SpecConformanceTests {
       "DiskConfig")
     Self.check(try Self.keys(CHNetConfig(tap: "t", mac: "m", id: "i")), against: spec["NetConfig"], "NetConfig")
     Self.check(try Self.keys(CHRngConfig(src: "/dev/urandom")), against: spec["RngConfig"], "RngConfig")
+    Self.check(
+      try Self.keys(CHBalloonConfig(size: 1, deflate_on_oom: true, free_page_reporting: true)),
+      against: spec["BalloonConfig"], "BalloonConfig")
+    Self.check(
+      try Self.keys(CHVmResize(desired_vcpus: 1, desired_ram: 1, desired_balloon: 1)), against: spec["VmResize"],
+      "VmResize")
     Self.check(try Self.keys(CHConsoleConfig(file: "/", mode: .File)), against: spec["SerialConfig"], "SerialConfig")
     Self.check(try Self.keys(CHConsoleConfig(file: "/", mode: .File)), against: spec["ConsoleConfig"], "ConsoleConfig")
     let config = CHVmConfig(

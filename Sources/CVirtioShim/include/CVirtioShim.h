@@ -16,6 +16,7 @@
 #include <linux/falloc.h>
 #include <sched.h>
 #include <sys/prctl.h>
+#include <sys/timerfd.h>
 
 static const unsigned long HV_TUNSETIFF = TUNSETIFF;
 static const unsigned long HV_TUNSETVNETHDRSZ = TUNSETVNETHDRSZ;
@@ -56,6 +57,13 @@ static const int HV_IFREQ_SIZE = sizeof(struct ifreq);
 static const int HV_IFREQ_FLAGS_OFFSET = __builtin_offsetof(struct ifreq, ifr_flags);
 static const int HV_IFREQ_IFINDEX_OFFSET = __builtin_offsetof(struct ifreq, ifr_ifindex);
 
+/// A monotonic timerfd(2), close-on-exec and non-blocking; -1 with errno on failure.
+static inline int hv_timerfd(void) { return timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK); }
+/// Arms `fd` to fire every `seconds` seconds (0 disarms); returns 0 or -1 with errno.
+static inline int hv_timerfd_every(int fd, unsigned int seconds) {
+  struct itimerspec spec = {{seconds, 0}, {seconds, 0}};
+  return timerfd_settime(fd, 0, &spec, 0);
+}
 /// Names the calling thread (at most 15 characters are kept).
 static inline void hv_virtio_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 
