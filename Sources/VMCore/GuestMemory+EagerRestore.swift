@@ -11,19 +11,8 @@ extension GuestMemory {
   /// (never-written pages) are skipped with SEEK_DATA/SEEK_HOLE and stay untouched zero pages.
   /// Takes time proportional to the data in the file, unlike `mapping(snapshotFile:size:)`.
   public static func loading(snapshotFile path: String, size: UInt64) throws(MachineStateError) -> GuestMemory {
-    let descriptor = open(path, O_RDONLY | O_CLOEXEC)
-    guard descriptor >= 0 else {
-      throw MachineStateError("cannot open memory file '\(path)': \(String(cString: strerror(errno)))")
-    }
+    let descriptor = try openSnapshotFile(path, size: size)
     defer { close(descriptor) }
-    var info = stat()
-    guard fstat(descriptor, &info) == 0, info.st_mode & S_IFMT == S_IFREG else {
-      throw MachineStateError("memory file '\(path)' is not a regular file")
-    }
-    guard UInt64(info.st_size) == size else {
-      throw MachineStateError(
-        "memory file '\(path)' holds \(info.st_size) bytes but the snapshot's machine has \(size) bytes of RAM")
-    }
     let memory: GuestMemory
     do {
       memory = try GuestMemory(size: size)

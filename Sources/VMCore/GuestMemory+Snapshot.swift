@@ -55,23 +55,32 @@ extension GuestMemory {
     return accumulated == 0
   }
 
-  /// Maps a snapshot's memory file at `path` copy-on-write as guest RAM of `size` bytes. The
-  /// pages are read from the file on first touch, so the time this takes does not grow with
-  /// the RAM size; several machines mapping one file share its unmodified pages.
-  public static func mapping(snapshotFile path: String, size: UInt64) throws(MachineStateError) -> GuestMemory {
+  /// Opens a snapshot's memory file for reading; it must be a regular file of exactly `size`
+  /// bytes. The caller closes the descriptor.
+  static func openSnapshotFile(_ path: String, size: UInt64) throws(MachineStateError) -> Int32 {
     let descriptor = open(path, O_RDONLY | O_CLOEXEC)
     guard descriptor >= 0 else {
       throw MachineStateError("cannot open memory file '\(path)': \(String(cString: strerror(errno)))")
     }
-    defer { close(descriptor) }
     var info = stat()
     guard fstat(descriptor, &info) == 0, info.st_mode & S_IFMT == S_IFREG else {
+      close(descriptor)
       throw MachineStateError("memory file '\(path)' is not a regular file")
     }
     guard UInt64(info.st_size) == size else {
+      close(descriptor)
       throw MachineStateError(
         "memory file '\(path)' holds \(info.st_size) bytes but the snapshot's machine has \(size) bytes of RAM")
     }
+    return descriptor
+  }
+
+  /// Maps a snapshot's memory file at `path` copy-on-write as guest RAM of `size` bytes. The
+  /// pages are read from the file on first touch, so the time this takes does not grow with
+  /// the RAM size; several machines mapping one file share its unmodified pages.
+  public static func mapping(snapshotFile path: String, size: UInt64) throws(MachineStateError) -> GuestMemory {
+    let descriptor = try openSnapshotFile(path, size: size)
+    defer { close(descriptor) }
     do {
       return try GuestMemory(size: size, mappingFile: descriptor)
     } catch {

@@ -152,6 +152,7 @@ enum CrossAcceleratorState {
       guard xcr0 & ~3 == 0 else {
         throw MachineStateError("\(prefix): the guest enabled XSAVE state components \(hex(xcr0)) (AVX or later)")
       }
+      cpu.xcr0 = xcr0 | 1
     }
     guard sregs.apic_base & (1 << 10) == 0 else { throw MachineStateError("\(prefix): the guest uses x2APIC mode") }
     for (msr, name) in paravirtualMSRs where (msrs[msr] ?? 0) & 1 != 0 {
@@ -492,6 +493,10 @@ enum CrossAcceleratorState {
     typealias C = SoftCPUImage.Control
     // Features of the model the host's KVM lacks are refused only where the state shows their
     // use; an instruction the guest may execute later leaves no trace (docs/machine-state.md).
+    guard cpu.xcr0 & ~3 == 0 else {
+      throw MachineStateError(
+        "cannot move vCPU \(index) to KVM: the guest enabled XSAVE state components \(hex(cpu.xcr0)) (AVX or later)")
+    }
     let missing = missingSoftModelFeatures(in: vcpu.cpuid)
     if missing.contains("1 GiB pages"),
       usesGigabytePages(cr0: cpu.control[C.cr0], cr3: cpu.control[C.cr3], efer: cpu.control[C.efer], memory: memory)
@@ -556,7 +561,7 @@ enum CrossAcceleratorState {
 
     convertFloatingPoint(from: cpu, into: &vcpu)
     if var xcrs = vcpu.xcrs, xcrs.nr_xcrs > 0 {
-      xcrs.xcrs.0.value = 1 | (cpu.control[C.cr4] & (1 << 18) != 0 ? 2 : 0)
+      xcrs.xcrs.0.value = cpu.xcr0 & 3 | 1
       vcpu.xcrs = xcrs
     }
 

@@ -154,6 +154,10 @@ struct SoftCPUImage: Equatable {
   var apicID: UInt32 = 0
   var tscKilohertz: UInt64 = 1_000_000
   var msrs: [UInt32: UInt64] = [:]
+  /// XCR0 and YMM0-15 bits 255:128 as (low, high) quadwords: the section's optional trailing
+  /// extension (files written before the software CPU had XSAVE end before it).
+  var xcr0: UInt64 = 1
+  var ymmHigh = [(UInt64, UInt64)](repeating: (0, 0), count: 16)
 
   /// Indices into `control`.
   enum Control {
@@ -205,6 +209,10 @@ struct SoftCPUImage: Equatable {
     let msrCount = Int(try reader.read(UInt32.self))
     guard msrCount <= 4096 else { throw .invalid("MSR count") }
     for _ in 0..<msrCount { cpu.msrs[try reader.read(UInt32.self)] = try reader.read(UInt64.self) }
+    if !reader.isAtEnd {
+      cpu.xcr0 = try reader.read()
+      for index in 0..<16 { cpu.ymmHigh[index] = (try reader.read(), try reader.read()) }
+    }
     return cpu
   }
 
@@ -249,6 +257,11 @@ struct SoftCPUImage: Equatable {
     for (index, value) in msrs.sorted(by: { $0.key < $1.key }) {
       writer.write(index)
       writer.write(value)
+    }
+    writer.write(xcr0)
+    for value in ymmHigh {
+      writer.write(value.0)
+      writer.write(value.1)
     }
   }
 }

@@ -57,6 +57,9 @@ enum PagedEnvironment {
     try memory.write(tssLow, at: gdt + 0x40)
     try memory.write(tss >> 32, at: gdt + 0x48)
     try memory.write(stackTop, at: tss + 4)
+    // The I/O permission bitmap starts past the TSS limit: every port is denied at CPL 3, as in
+    // the Linux process the native side runs in.
+    try memory.write(UInt16(0x68), at: tss + 0x66)
     // Interrupt gates to handler v = `hlt` at handlers + 16 v; DPL 3 for #BP and #OF (INT3 and
     // INTO from user mode, as Linux sets them), 0 for the rest.
     for vector in 0..<256 {
