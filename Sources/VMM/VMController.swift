@@ -118,6 +118,10 @@ public struct VMSpec: Sendable, Equatable {
 
   public init() {}
 
+  /// The drives in the order their virtio-blk devices are attached: the root drive (if any)
+  /// first, so it is `/dev/vda`, then the others as they were added.
+  public var drivesInDeviceOrder: [DriveSpec] { drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice } }
+
   /// The machine configuration this spec describes; fails with `.invalidArgument` when a
   /// required piece is missing or a value is out of range.
   public func machineConfiguration() throws(ControlError) -> MachineConfiguration {
@@ -126,7 +130,7 @@ public struct VMSpec: Sendable, Equatable {
     }
     guard memoryMiB >= 1 else { throw ControlError(.invalidArgument, "memory size must be at least 1 MiB") }
     var commandLine = bootArgs ?? Self.defaultBootArgs
-    let ordered = drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice }
+    let ordered = drivesInDeviceOrder
     if let root = ordered.first, root.isRootDevice {
       commandLine += " root=/dev/vda \(root.readOnly ? "ro" : "rw")"
     }
@@ -448,7 +452,7 @@ extension VMController {
   /// it rereads the capacity. Before boot only the spec changes.
   public func replaceDriveBackingFile(id: String, path: String) throws(ControlError) {
     let (ordered, machine) = state.withLock { state in
-      (state.spec.drives.filter(\.isRootDevice) + state.spec.drives.filter { !$0.isRootDevice }, state.machine)
+      (state.spec.drivesInDeviceOrder, state.machine)
     }
     guard let index = ordered.firstIndex(where: { $0.id == id }) else {
       throw ControlError(.invalidArgument, "no drive with ID \(id)")
@@ -508,7 +512,7 @@ extension VMController {
   public func deviceCounters() -> [DeviceCounterSet] {
     let (spec, machine) = state.withLock { ($0.spec, $0.machine) }
     guard let machine else { return [] }
-    let driveIDs = (spec.drives.filter(\.isRootDevice) + spec.drives.filter { !$0.isRootDevice }).map(\.id)
+    let driveIDs = spec.drivesInDeviceOrder.map(\.id)
     let blocks = machine.virtioDevices.compactMap { $0.model as? VirtioBlock }
     let nets = machine.virtioDevices.compactMap { $0.model as? VirtioNet }
     var sets = zip(driveIDs, blocks).map { DeviceCounterSet(id: $0, kind: "block", values: $1.counters.values) }
