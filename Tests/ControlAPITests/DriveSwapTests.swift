@@ -40,9 +40,8 @@ struct DriveSwapTests {
     #expect(try curl(socket, "PUT", "/metrics", #"{"metrics_path": "\#(metricsFile)"}"#).status == 204)
     #expect(try curl(socket, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
     try server.waitForGuestShell()
-    func guestOutput(_ tag: String, _ command: String) throws -> String { try server.guestOutput(tag, command) }
 
-    let before = try guestOutput("ONE", "cat /sys/block/vda/size; head -c 15 /dev/vda; echo")
+    let before = try server.guestOutput("ONE", "cat /sys/block/vda/size; head -c 15 /dev/vda; echo")
     #expect(before.contains("8192"), "guest saw: \(before)")
     #expect(before.contains("FIRST-DISK-DATA"), "guest saw: \(before)")
 
@@ -60,7 +59,7 @@ struct DriveSwapTests {
 
     // The configuration-change interrupt makes the driver reread the capacity; cached blocks of
     // the old file are dropped before reading.
-    let after = try guestOutput(
+    let after = try server.guestOutput(
       "TWO", "sleep 1; echo 3 > /proc/sys/vm/drop_caches; cat /sys/block/vda/size; head -c 15 /dev/vda; echo")
     #expect(after.contains("16384"), "guest saw: \(after)")
     #expect(after.contains("OTHER-DISK-DATA"), "guest saw: \(after)")
@@ -84,7 +83,8 @@ struct DriveSwapTests {
     #expect(beforeWrite["read_ops", default: 0] > 0 && beforeWrite["read_bytes", default: 0] >= 512, "\(beforeWrite)")
 
     // Writes go to the new file, not the old one.
-    _ = try guestOutput("THREE", "echo SWAPPED-WRITE | dd of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null")
+    _ = try server.guestOutput(
+      "THREE", "echo SWAPPED-WRITE | dd of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null")
     let afterWrite = try driveCounters()
     #expect(afterWrite["write_ops", default: 0] > beforeWrite["write_ops", default: 0], "\(afterWrite)")
     #expect(afterWrite["write_bytes", default: 0] >= beforeWrite["write_bytes", default: 0] + 512, "\(afterWrite)")
