@@ -324,11 +324,16 @@ struct CrossAcceleratorTests {
     defer { try? restored.shutdown() }
     #expect(restored.machine?.accelerator.name == target)
     let printedBefore = UInt64(before.count)
-    try waitFor("four more lines on \(target)") {
+    // Wait for four more lines, and (native ring 3 on KVM prints lines faster than the PIT's
+    // 10 ms period) for lines printed after both timers ticked again on the target.
+    try waitFor("four more lines and both timers' ticks on \(target)") {
       if let reason = restored.machine?.parts.control.stopReason {
         throw ControlError(.failed, "the restored guest stopped: \(reason)")
       }
-      return try restored.machine!.parts.memory.read(UInt64.self, at: 0x6000) >= printedBefore + 4
+      guard try restored.machine!.parts.memory.read(UInt64.self, at: 0x6000) >= printedBefore + 4 else { return false }
+      let after = lines(serialOutput(beforeSerial) + serialOutput(afterSerial)).dropFirst(before.count)
+      guard let first = after.first, let last = after.last, first.count == 3, last.count == 3 else { return false }
+      return last[1] > first[1] && last[2] > first[2]
     }
     try restored.pause()
     let all = lines(serialOutput(beforeSerial) + serialOutput(afterSerial))
