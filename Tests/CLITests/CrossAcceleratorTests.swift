@@ -228,26 +228,6 @@ let crossAcceleratorGuest = """
 
   """
 
-/// Assembles a 64-bit guest into an ELF64 image linked at 1 MiB (entered in long mode).
-func assembleGuest64(_ source: String, in scratch: ScratchDirectory) throws -> String {
-  let sourcePath = scratch.path("guest64.S")
-  try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
-  let object = scratch.path("guest64.o")
-  let image = scratch.path("guest64.elf")
-  for (tool, arguments) in [
-    ("/usr/bin/as", ["--64", "-o", object, sourcePath]),
-    ("/usr/bin/ld", ["-m", "elf_x86_64", "-Ttext", "0x100000", "-o", image, object]),
-  ] {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    try process.run()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else { throw CocoaError(.executableLoad) }
-  }
-  return image
-}
-
 @Suite(
   "Snapshots moved between KVM and the software CPU", .serialized,
   .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"))

@@ -11,20 +11,7 @@ import VMCore
 /// timer must still run) and exits through isa-debug-exit with 0x31. Progress is at 0x6000.
 let stateGuestIterations = 4_000_000
 let stateGuest =
-  multibootPrologue + """
-    _start:
-            movl $stack_top, %esp
-            movb $0xFF, %al
-            outb %al, $0x21
-            outb %al, $0xA1
-            movl $handler, %eax
-            movw %ax, idt + 0x40 * 8
-            movw %cs, %bx
-            movw %bx, idt + 0x40 * 8 + 2
-            movw $0x8E00, idt + 0x40 * 8 + 4
-            shrl $16, %eax
-            movw %ax, idt + 0x40 * 8 + 6
-            lidt idtr
+  interruptGuestStart(vector: 0x40) + """
             movl $0x1FF, 0xFEE000F0
             movl $0xB, 0xFEE003E0
             movl $0x20040, 0xFEE00320
@@ -92,15 +79,8 @@ let stateGuest =
             .data
             .align 16
     seed:   .long 0xDEADBEEF, 0x01234567, 0x89ABCDEF, 0xCAFEF00D
-            .align 8
-    idtr:   .word 256 * 8 - 1
-            .long idt
-            .align 8
-    idt:    .fill 256 * 8, 1, 0
-            .fill 4096, 1, 0
-    stack_top:
 
-    """
+    """ + interruptGuestTables
 
 @Suite("Snapshot and restore on the software CPU", .serialized)
 struct SnapshotTests {
