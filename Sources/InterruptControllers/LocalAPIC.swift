@@ -824,6 +824,7 @@ extension LocalAPIC: StateSavable {
     writer.write(saved.lintLevels[0])
     writer.write(saved.lintLevels[1])
     writer.write(saved.externalInterruptLatched)
+    writer.write(saved.timerCountAtStart)
   }
 
   public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
@@ -855,6 +856,9 @@ extension LocalAPIC: StateSavable {
     restored.waitingForStartup = try reader.readBool()
     restored.lintLevels = [try reader.readBool(), try reader.readBool()]
     restored.externalInterruptLatched = try reader.readBool()
+    // Sections written before the count at the timer's start was saved end here: the timer
+    // then counted from its initial count at `timerStart`.
+    restored.timerCountAtStart = reader.isAtEnd ? UInt64(restored.initialCount) : try reader.read()
     update { $0 = restored }
   }
 }

@@ -258,6 +258,7 @@ enum CrossAcceleratorState {
     lapic.tscDeadline = 0
     lapic.timerNextFire = nil
     lapic.timerStart = clock
+    lapic.timerCountAtStart = 0
     if timerMode == 2 {
       let deadline = msrs[0x6E0] ?? 0
       lapic.tscDeadline = deadline
@@ -267,10 +268,8 @@ enum CrossAcceleratorState {
       }
     } else if register(0x390) != 0 {
       // The APIC timer counts at 1 GHz / divisor on both accelerators.
-      let next = clock &+ UInt64(register(0x390)) &* divisor
-      lapic.timerNextFire = next
-      let period = UInt64(lapic.initialCount) &* divisor
-      lapic.timerStart = timerMode == 1 && next >= period ? next - period : clock
+      lapic.timerCountAtStart = UInt64(register(0x390))
+      lapic.timerNextFire = clock &+ lapic.timerCountAtStart &* divisor
     }
     lapic.nmiPending = events.nmi.pending != 0 || events.nmi.injected != 0
     lapic.initPending = mpState == UInt32(KVM_MP_STATE_INIT_RECEIVED)

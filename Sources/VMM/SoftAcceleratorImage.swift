@@ -296,6 +296,8 @@ struct SoftLAPICImage: Equatable {
   var waitingForStartup = false
   var lintLevels = [false, false]
   var externalInterruptLatched = false
+  /// The current count at `timerStart`.
+  var timerCountAtStart: UInt64 = 0
 
   static func read(from reader: inout StateReader) throws(MachineStateError) -> SoftLAPICImage {
     var apic = SoftLAPICImage()
@@ -325,6 +327,7 @@ struct SoftLAPICImage: Equatable {
     apic.waitingForStartup = try reader.readBool()
     apic.lintLevels = [try reader.readBool(), try reader.readBool()]
     apic.externalInterruptLatched = try reader.readBool()
+    apic.timerCountAtStart = reader.isAtEnd ? UInt64(apic.initialCount) : try reader.read()
     return apic
   }
 
@@ -350,6 +353,7 @@ struct SoftLAPICImage: Equatable {
     writer.write(lintLevels[0])
     writer.write(lintLevels[1])
     writer.write(externalInterruptLatched)
+    writer.write(timerCountAtStart)
   }
 }
 

@@ -416,3 +416,64 @@ import VMCore
     #expect(taken == Set((0x31..<0xF0).map { UInt8($0) }))
   }
 }
+
+@Suite("Local APIC timer across a save and restore")
+struct LocalAPICTimerStateTests {
+  /// Saves `source`'s CPU 0 APIC and restores it into a new machine whose clock reads the same.
+  func restored(_ source: Machine, droppingTrailingBytes dropped: Int = 0) throws -> Machine {
+    var writer = StateWriter()
+    source.bsp.saveState(into: &writer)
+    let target = try Machine()
+    target.clock.set(nanoseconds: source.clock.nanoseconds)
+    var reader = StateReader(bytes: Array(writer.bytes.dropLast(dropped)))
+    try target.bsp.restoreState(from: &reader)
+    #expect(reader.isAtEnd)
+    return target
+  }
+
+  /// A one-shot count half-way down reads the same after the restore and still fires on time.
+  @Test func oneShotCountContinues() throws {
+    let machine = try Machine()
+    machine.apicWrite(0x3E0, 0x3)  // divide by 16
+    machine.apicWrite(0x320, 0xEC)  // one-shot, vector 0xEC
+    machine.apicWrite(0x380, 1000)  // 16 µs
+    machine.clock.advance(by: 8_000)
+    let countBefore = machine.apicRead(0x390)
+    #expect(countBefore == 500)
+    let copy = try restored(machine)
+    #expect(copy.apicRead(0x390) == countBefore)
+    copy.clock.set(nanoseconds: 16_000)
+    copy.bsp.poll()
+    #expect(copy.bsp.highestPendingVector() == 0xEC)
+    #expect(copy.apicRead(0x390) == 0)
+  }
+
+  /// After a divider change the timer counts on from the count it had (not from the initial
+  /// count); the restored timer does the same.
+  @Test func countAfterADividerChangeContinues() throws {
+    let machine = try Machine()
+    machine.apicWrite(0x3E0, 0x3)  // divide by 16
+    machine.apicWrite(0x320, 0x200EC)  // periodic, vector 0xEC
+    machine.apicWrite(0x380, 1000)
+    machine.clock.advance(by: 8_000)  // count 500
+    machine.apicWrite(0x3E0, 0xB)  // divide by 1: 500 counts left, 1 ns each
+    machine.clock.advance(by: 100)
+    let countBefore = machine.apicRead(0x390)
+    #expect(countBefore == 400)
+    let copy = try restored(machine)
+    #expect(copy.apicRead(0x390) == countBefore)
+    #expect(copy.bsp.nextTimerDeadline == machine.bsp.nextTimerDeadline)
+  }
+
+  /// A `lapic` section written before the count at the timer's start was saved (8 bytes
+  /// shorter) restores with the timer counting from its initial count at its start.
+  @Test func olderSectionCountsFromTheInitialCount() throws {
+    let machine = try Machine()
+    machine.apicWrite(0x3E0, 0x3)
+    machine.apicWrite(0x320, 0xEC)
+    machine.apicWrite(0x380, 1000)
+    machine.clock.advance(by: 8_000)
+    let copy = try restored(machine, droppingTrailingBytes: 8)
+    #expect(copy.apicRead(0x390) == 500)
+  }
+}
