@@ -3,7 +3,7 @@ SWIFT ?= swift
 CACHE ?= .cache
 GUEST = $(CACHE)/guest
 
-.PHONY: all build dist deps guest guest-generic run test lint format bench clean
+.PHONY: all build dist deps guest guest-generic guest-686 run test lint format bench clean
 
 all: build
 
@@ -28,13 +28,17 @@ guest: deps
 guest-generic: deps
 	scripts/make-default-guest.sh --generic $(CACHE)/guest-generic
 
+## The 32-bit guest: Debian's 686 kernel with an i386 busybox initramfs.
+guest-686: deps
+	scripts/make-default-guest.sh --i386 $(CACHE)/guest-686
+
 ## Boot the default guest (Debian cloud kernel + busybox initramfs) to a shell on this terminal.
 run: build guest
 	.build/release/hostvisor run --kernel $(GUEST)/vmlinuz --initrd $(GUEST)/initramfs.cpio.gz \
 	  --cmdline "console=ttyS0 panic=-1" --memory 512M
 
 ## Build optimized (the interpreter is too slow in debug) and run every test.
-test: deps guest guest-generic
+test: deps guest guest-generic guest-686
 	$(SWIFT) test -c release -Xswiftc -enable-testing
 	scripts/api-conformance.sh
 

@@ -3,17 +3,18 @@
 #
 #   scripts/make-default-guest.sh [OUTDIR]            cloud kernel (linux-image-cloud-amd64), default .cache/guest
 #   scripts/make-default-guest.sh --generic [OUTDIR]  generic kernel (linux-image-amd64), default .cache/guest-generic
+#   scripts/make-default-guest.sh --i386 [OUTDIR]     32-bit kernel (linux-image-686) and i386 busybox, default .cache/guest-686
 #
 # Produces in OUTDIR:
 #   vmlinuz             the kernel (bzImage) from the Debian package
 #   kernel-version      its version string (e.g. 6.1.0-57-cloud-amd64)
-#   initramfs.cpio.gz   busybox-static userland; /init prints HOSTVISOR-GUEST-READY then runs a shell
+#   initramfs.cpio.gz   busybox-static userland (i386 for --i386); /init prints HOSTVISOR-GUEST-READY then runs a shell
 #                       on the console; the virtio (and ext2/ext4 when modular) modules live under
 #                       /lib/modules/VERSION with a modules.dep made by busybox depmod
 #   modules/            the package's whole lib/modules tree, for later disk images
 #
 # Nothing is installed into the host: the kernel package is fetched with `apt-get download` and
-# unpacked with `dpkg-deb -x`. Does nothing when the outputs are newer than this script and the
+# unpacked with `dpkg-deb -x` (--i386 adds the i386 architecture to dpkg once). Does nothing when the outputs are newer than this script and the
 # init script. Works as root on a fresh Debian 12; as another user it needs the tools already present.
 set -euo pipefail
 
@@ -24,14 +25,23 @@ dhcp_script="$script_dir/initramfs/udhcpc.script"
 
 meta_package=linux-image-cloud-amd64
 default_outdir="$repo_root/.cache/guest"
-if [ "${1:-}" = "--generic" ]; then
-  meta_package=linux-image-amd64
-  default_outdir="$repo_root/.cache/guest-generic"
-  shift
-fi
+guest_busybox_package=""
+case "${1:-}" in
+  --generic)
+    meta_package=linux-image-amd64
+    default_outdir="$repo_root/.cache/guest-generic"
+    shift
+    ;;
+  --i386)
+    meta_package=linux-image-686:i386
+    guest_busybox_package=busybox-static:i386
+    default_outdir="$repo_root/.cache/guest-686"
+    shift
+    ;;
+esac
 case "${1:-}" in
   -h | --help)
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
   -*)
@@ -92,6 +102,11 @@ kernel_package_of() {
     awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
 }
 
+if [ -n "$guest_busybox_package" ] && ! dpkg --print-foreign-architectures | grep -qx i386; then
+  echo "make-default-guest: adding the i386 architecture to dpkg (for the 32-bit guest's packages)" >&2
+  as_root dpkg --add-architecture i386
+  as_root apt-get update -qq
+fi
 kernel_package=$(kernel_package_of || true)
 if [ -z "$kernel_package" ]; then
   echo "make-default-guest: refreshing the apt package lists" >&2
@@ -116,6 +131,19 @@ deb=$(ls "$work"/download/*.deb 2>/dev/null | head -n 1)
 [ -n "$deb" ] || fail "apt-get download produced no package for $kernel_package"
 
 dpkg-deb -x "$deb" "$work/pkg"
+
+# The guest's own busybox when its architecture differs from the host's (the host's static
+# busybox still runs depmod and lists the applets: same Debian version, same configuration).
+guest_busybox=$busybox
+if [ -n "$guest_busybox_package" ]; then
+  mkdir -p "$work/busybox-download"
+  [ "$(id -u)" = 0 ] && id _apt >/dev/null 2>&1 && chown _apt "$work/busybox-download"
+  (cd "$work/busybox-download" && apt-get download -qq "$guest_busybox_package" >/dev/null) ||
+    fail "cannot download $guest_busybox_package"
+  dpkg-deb -x "$(ls "$work"/busybox-download/*.deb | head -n 1)" "$work/busybox-pkg"
+  guest_busybox="$work/busybox-pkg/bin/busybox"
+  [ -x "$guest_busybox" ] || fail "$guest_busybox_package contains no bin/busybox"
+fi
 kernel_image=$(ls "$work"/pkg/boot/vmlinuz-* 2>/dev/null | head -n 1)
 [ -n "$kernel_image" ] || fail "$kernel_package contains no boot/vmlinuz-*"
 version=${kernel_image##*/vmlinuz-}
@@ -137,7 +165,7 @@ done < <(find "$modules_root" -name '*.ko.*' -print0)
 stage="$work/stage"
 mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,root,etc,mnt,lib/modules}
 chmod 1777 "$stage/tmp"
-cp "$busybox" "$stage/bin/busybox"
+cp "$guest_busybox" "$stage/bin/busybox"
 chmod 755 "$stage/bin/busybox"
 while IFS= read -r applet; do
   [ -n "$applet" ] || continue

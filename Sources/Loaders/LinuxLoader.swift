@@ -31,7 +31,8 @@ public struct LinuxSetupHeader: Sendable, Equatable {
   public var canBeLoadedAbove4G: Bool { extendedLoadFlags & LinuxLoader.xlfCanBeLoadedAbove4G != 0 }
 }
 
-/// Loads Linux bzImages through the 64-bit boot protocol (boot.rst, "64-bit Boot Protocol").
+/// Loads Linux bzImages through the 64-bit boot protocol (boot.rst, "64-bit Boot Protocol"), or
+/// the 32-bit one ("32-bit Boot Protocol") for kernels without a 64-bit entry (32-bit kernels).
 ///
 /// The protected-mode kernel (file bytes from (setup_sects + 1) * 512) goes to pref_address, or,
 /// when that does not fit and the kernel is relocatable, to the lowest kernel_alignment-aligned
@@ -39,7 +40,10 @@ public struct LinuxSetupHeader: Sendable, Equatable {
 /// header copied from the file, type_of_loader 0xFF, the command line at 0x20000, the initrd
 /// at the highest page-aligned place below min(initrd_addr_max + 1, end of low RAM) clear of
 /// the kernel (above 4 GiB via ext_ramdisk_* when low RAM is too small and the kernel allows
-/// it), and the e820 map. The CPU starts in long mode at load address + 0x200 with RSI = 0x7000.
+/// it), and the e820 map. The CPU starts in long mode at load address + 0x200 with RSI = 0x7000;
+/// a kernel without XLF_KERNEL_64 starts in 32-bit protected mode with paging off at the load
+/// address (code32_start), with flat __BOOT_CS (0x10) and __BOOT_DS (0x18) segments, ESI =
+/// 0x7000 and EBP = EDI = EBX = 0, as the 32-bit protocol asks.
 /// CAN_USE_HEAP stays clear: the real-mode setup code, the only user of the heap, never runs;
 /// handover_offset (the EFI handover protocol) is unused, as there is no EFI firmware.
 public enum LinuxLoader {
@@ -53,6 +57,9 @@ public enum LinuxLoader {
   static let xlfCanBeLoadedAbove4G: UInt16 = 1 << 1
   /// Offset of the 64-bit entry point from the load address.
   public static let entryOffset64: UInt64 = 0x200
+  /// The boot protocol's __BOOT_CS and __BOOT_DS selectors.
+  static let bootCodeSelector: UInt16 = 0x10
+  static let bootDataSelector: UInt16 = 0x18
   /// type_of_loader for a boot loader without an assigned ID.
   public static let undefinedLoaderType: UInt8 = 0xFF
   /// E820_MAX_ENTRIES_ZEROPAGE.
@@ -113,7 +120,7 @@ public enum LinuxLoader {
       throw .unsupported(
         path: image.path,
         reason:
-          "it uses Linux boot protocol \(version >> 8).\(version & 0xFF); Hostvisor needs 2.12 or later (64-bit entry)")
+          "it uses Linux boot protocol \(version >> 8).\(version & 0xFF); Hostvisor needs 2.12 or later")
     }
     let headerEnd = 0x202 + UInt64(image.u8(Offset.jump + 1)!)
     // Version 2.12 defines fields up to init_size/handover_offset (ending at 0x268).
@@ -134,10 +141,6 @@ public enum LinuxLoader {
       initSize: image.u32(Offset.initSize)!, headerEnd: headerEnd)
     if header.initrdAddressMax == 0 { header.initrdAddressMax = 0x37FF_FFFF }
     if header.commandLineSize == 0 { header.commandLineSize = 255 }
-    guard header.has64BitEntry else {
-      throw .unsupported(
-        path: image.path, reason: "the kernel has no 64-bit entry point (XLF_KERNEL_64 is not set in xloadflags)")
-    }
     guard header.kernelOffset < UInt64(image.count) else {
       throw malformed(
         "it is truncated: the protected-mode kernel starts at \(hex(header.kernelOffset)) but the file has \(image.count) bytes"
@@ -241,8 +244,20 @@ public enum LinuxLoader {
       try memory.put(entry.type.rawValue, at: slot + 16)
     }
 
-    let entry = loadAddress + entryOffset64
-    var state = try BootCPUSetup.longMode64(memory: memory, entry: entry, stackPointer: BootLayout.bootStackTop)
+    let entry: UInt64
+    var state: X86CPUState
+    if header.has64BitEntry {
+      entry = loadAddress + entryOffset64
+      state = try BootCPUSetup.longMode64(memory: memory, entry: entry, stackPointer: BootLayout.bootStackTop)
+    } else {
+      guard loadAddress + footprint <= 1 << 32 else {
+        throw .segmentOutsideRAM(address: loadAddress, length: footprint)
+      }
+      entry = loadAddress
+      state = try BootCPUSetup.protectedMode32(
+        memory: memory, entry: entry, stackPointer: BootLayout.bootStackTop, codeSelector: bootCodeSelector,
+        dataSelector: bootDataSelector)
+    }
     state.rsi = bootParams
     return BootImage(
       state: state, format: .linuxBzImage, entry: entry, kernelRange: kernelRange, initrdRange: initrdRange,

@@ -428,9 +428,11 @@ extension CPU {
         guard ins.reg < 8 else { throw .invalidOpcode }
       }
       if is64 { defaultTo64 = true }
-    case 0x1A0, 0x1A8:
+    case 0x1A0, 0x1A1:
+      // PUSH FS / POP FS.
       ins.reg = SegmentIndex.fs
-    case 0x1A1, 0x1A9:
+    case 0x1A8, 0x1A9:
+      // PUSH GS / POP GS.
       ins.reg = SegmentIndex.gs
     default: break
     }

@@ -1,11 +1,12 @@
 import Foundation
 import Testing
 
-/// Issue 4: Debian's kernels boot to a busybox shell on the software CPU, a scripted session
-/// runs, and `poweroff -f` ends the VMM with status 0.
+/// Debian's kernels (cloud and generic amd64, and the 32-bit 686 kernel with an i386 busybox,
+/// entered through the 32-bit boot protocol) boot to a busybox shell on the software CPU, a
+/// scripted session runs, and `poweroff -f` ends the VMM with status 0.
 @Suite("Linux boots on the software CPU", .serialized)
 struct LinuxBootTests {
-  @Test(arguments: ["guest", "guest-generic"])
+  @Test(arguments: ["guest", "guest-generic", "guest-686"])
   func debianKernelBootsToAShellAndPowersOff(folder: String) async throws {
     let (kernel, initrd, version) = try GuestImages.images(folder)
 
@@ -17,6 +18,7 @@ struct LinuxBootTests {
     try await session.waitForShell()
 
     #expect(try await session.run("uname -r") == version)
+    #expect(try await session.run("uname -m") == (folder == "guest-686" ? "i686" : "x86_64"))
 
     let cpuinfo = try await session.run("cat /proc/cpuinfo")
     #expect(cpuinfo.contains("processor\t: 0"))

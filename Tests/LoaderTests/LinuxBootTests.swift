@@ -105,6 +105,38 @@ import VMCore
     #expect(loaded.image.state.rsi == base)
   }
 
+  /// A kernel without XLF_KERNEL_64 (a 32-bit kernel; here the Debian kernel with the flag
+  /// cleared) is entered as the 32-bit boot protocol says: protected mode, paging off, at
+  /// code32_start, flat __BOOT_CS/__BOOT_DS from a GDT in RAM, ESI = boot_params, EBP = EDI =
+  /// EBX = 0.
+  @Test func kernelWithout64BitEntryStartsAtThe32BitEntry() throws {
+    let guest = try TestSupport.defaultGuest.get()
+    var file = try TestSupport.bytes(atPath: guest.kernel)
+    file.setLE(file.le(UInt16.self, at: 0x236) & ~1, at: 0x236)
+    let memory = try GuestMemory(size: 512 << 20)
+    let image = try KernelLoader.load(
+      kernel: file, kernelName: "k32", initrd: nil, commandLine: Self.commandLine, memory: memory)
+    let state = image.state
+    let params = try memory.readBytes(at: BootLayout.bootParamsAddress, count: 4096)
+    let code32Start = UInt64(params.le(UInt32.self, at: 0x214))
+    #expect(code32Start == image.kernelRange.lowerBound)
+    #expect(state.rip == code32Start && image.entry == code32Start)
+    #expect(state.cr0 & 1 == 1 && state.cr0 & (1 << 31) == 0, "protected mode, paging off")
+    #expect(state.efer == 0)
+    #expect(state.cs.selector == 0x10 && state.cs.db && !state.cs.l && state.cs.base == 0)
+    #expect(state.cs.limit == 0xFFFF_FFFF && state.cs.type & 0xA == 0xA, "flat execute/read code")
+    for data in [state.ds, state.es, state.ss] {
+      #expect(data.selector == 0x18 && data.base == 0 && data.limit == 0xFFFF_FFFF && data.type & 2 == 2)
+    }
+    // The selectors name descriptors in the GDT that match the hidden segment state.
+    let gdt = try memory.readBytes(at: state.gdt.base, count: Int(state.gdt.limit) + 1)
+    #expect(gdt.le(UInt64.self, at: 0x10) == BootCPUSetup.descriptor(for: state.cs))
+    #expect(gdt.le(UInt64.self, at: 0x18) == BootCPUSetup.descriptor(for: state.ds))
+    #expect(state.rsi == BootLayout.bootParamsAddress)
+    #expect(state.rbp == 0 && state.rdi == 0 && state.rbx == 0)
+    #expect(state.rflags & (1 << 9) == 0, "interrupts off")
+  }
+
   @Test func initrdIsPlacedHighPageAlignedAndClearOfTheKernel() throws {
     let loaded = try loadDefaultGuest()
     let params = try loaded.memory.readBytes(at: BootLayout.bootParamsAddress, count: 4096)

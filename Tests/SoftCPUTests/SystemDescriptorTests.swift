@@ -35,6 +35,30 @@ struct SystemDescriptorTests {
     #expect(try machine.read64(SystemTestMachine.gdtBase + 0x10) >> 40 & 0xFF == 0x93)
   }
 
+  /// PUSH FS/GS and POP FS/GS (0F A0, 0F A8, 0F A1, 0F A9) each name their own register: the
+  /// program swaps FS (0x10) and GS (0x20) through the stack.
+  @Test func pushAndPopOfFSAndGSUseTheirOwnRegisters() throws {
+    let machine = try protectedMode(cpl: 0)
+    let program: [UInt8] = [
+      0x66, 0xB8, 0x10, 0x00,  // mov ax, 0x10
+      0x8E, 0xE0,  // mov fs, ax
+      0x66, 0xB8, 0x20, 0x00,  // mov ax, 0x20
+      0x8E, 0xE8,  // mov gs, ax
+      0x0F, 0xA0,  // push fs
+      0x0F, 0xA8,  // push gs
+      0x0F, 0xA1,  // pop fs
+      0x0F, 0xA9,  // pop gs
+      0xF4,  // hlt
+    ]
+    try machine.memory.writeBytes(program, at: 0x10000)
+    machine.cpu.rip = 0x10000
+    machine.cpu.gpr[4] = 0x9000
+    _ = machine.cpu.run(instructionLimit: program.count)
+    #expect(machine.cpu.segments[Int(SegmentIndex.fs)].selector == 0x20)
+    #expect(machine.cpu.segments[Int(SegmentIndex.gs)].selector == 0x10)
+    #expect(machine.cpu.gpr[4] == 0x9000)
+  }
+
   @Test func selectorFaults() throws {
     let machine = try protectedMode(cpl: 0)
     let cpu = machine.cpu
