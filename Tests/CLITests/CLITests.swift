@@ -50,20 +50,7 @@ final class ScratchDirectory {
 func buildGuest(_ source: String, in scratch: ScratchDirectory, linkAt address: String = "0x100000") throws -> String {
   let sourcePath = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
     .appendingPathComponent("GuestPrograms/\(source)").path
-  let object = scratch.path("guest.o")
-  let image = scratch.path("guest.elf")
-  for (tool, arguments) in [
-    ("/usr/bin/as", ["--32", "-o", object, sourcePath]),
-    ("/usr/bin/ld", ["-m", "elf_i386", "-Ttext", address, "-o", image, object]),
-  ] {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    try process.run()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else { throw CocoaError(.executableLoad) }
-  }
-  return image
+  return try assembleAndLink(sourcePath, bits: 32, linkAt: address, into: scratch.path("guest"))
 }
 
 @Suite("hostvisor command line")

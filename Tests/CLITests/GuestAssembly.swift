@@ -66,11 +66,17 @@ func assembleGuest64(_ source: String, in scratch: ScratchDirectory) throws -> S
 private func assembleGuest(_ source: String, bits: Int, in scratch: ScratchDirectory) throws -> String {
   let sourcePath = scratch.path("guest\(bits).S")
   try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
-  let object = scratch.path("guest\(bits).o")
-  let image = scratch.path("guest\(bits).elf")
+  return try assembleAndLink(sourcePath, bits: bits, linkAt: "0x100000", into: scratch.path("guest\(bits)"))
+}
+
+/// Assembles the GNU as file at `sourcePath` (`--32` or `--64`) into `output`.o and links it
+/// with ld at `address` into `output`.elf, whose path it returns.
+func assembleAndLink(_ sourcePath: String, bits: Int, linkAt address: String, into output: String) throws -> String {
+  let object = output + ".o"
+  let image = output + ".elf"
   for (tool, arguments) in [
     ("/usr/bin/as", ["--\(bits)", "-o", object, sourcePath]),
-    ("/usr/bin/ld", ["-m", bits == 64 ? "elf_x86_64" : "elf_i386", "-Ttext", "0x100000", "-o", image, object]),
+    ("/usr/bin/ld", ["-m", bits == 64 ? "elf_x86_64" : "elf_i386", "-Ttext", address, "-o", image, object]),
   ] {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: tool)
