@@ -16,11 +16,21 @@ struct HostvisorSendKeyConfig: Codable {
 }
 
 extension CloudHypervisorAPI {
+  /// The machine when it is running or paused (booted by `vm.boot`, or by `hostvisor run
+  /// --api-sock`); 405 otherwise.
+  private func runningMachine() throws(Failure) -> VirtualMachine {
+    let lifecycle = controller.lifecycle
+    guard lifecycle == .running || lifecycle == .paused, let machine = controller.machine else {
+      throw Failure(status: 405, message: "the VM is not running")
+    }
+    return machine
+  }
+
   /// Writes the screen as a PNG file; 405 when the machine has no display.
   func screenshot(_ config: HostvisorScreenshotConfig) throws(Failure) {
     let path = try Self.directory(fromFileURL: config.destination_url)
-    try requireBooted()
-    guard let display = controller.machine?.display else {
+    let machine = try runningMachine()
+    guard let display = machine.display else {
       throw Failure(status: 405, message: "the VM has no display (start it with --display vnc=...)")
     }
     let png = display.screenshotPNG()
@@ -42,8 +52,7 @@ extension CloudHypervisorAPI {
 
   /// Presses a chord or types text on the i8042 keyboard.
   func sendKey(_ config: HostvisorSendKeyConfig) throws(Failure) {
-    try requireBooted()
-    guard let machine = controller.machine else { throw Failure(status: 405, message: "the VM is not booted") }
+    let machine = try runningMachine()
     switch (config.keys, config.text) {
     case (let keys?, nil):
       var keysyms: [UInt32] = []

@@ -160,7 +160,7 @@ public final class CloudHypervisorAPI: Sendable {
     guard plane.isCreated else { throw Failure(status: 404, message: "the VM is not created") }
   }
 
-  func requireBooted() throws(Failure) {
+  private func requireBooted() throws(Failure) {
     try requireCreated()
     let lifecycle = controller.lifecycle
     guard lifecycle == .running || lifecycle == .paused else {

@@ -22,6 +22,9 @@ public final class DisplayPCIDevice: PCIDevice {
   /// A display function whose BAR 0 is `framebufferSize` bytes (a power of two).
   public init(framebufferSize: Int) {
     config.addBAR(PCIBARDefinition(index: 0, size: UInt64(framebufferSize), kind: .memory32(prefetchable: true)))
+    // Memory decoding on, as firmware leaves the display it booted with: Linux's efifb
+    // fixup refuses a framebuffer BAR whose function is disabled.
+    config.setRaw(offset: PCIConfigOffset.command, size: 2, value: UInt64(PCICommand.memorySpace))
   }
 
   /// Where the bus placed BAR 0 (valid once the function is attached).

@@ -191,10 +191,10 @@ final class VNCSession {
   private func sendUpdate(incremental: Bool) -> Bool {
     let width = framebuffer.width
     let height = framebuffer.height
-    let image = framebuffer.copyImage()
     var rectangles: [(x: Int, y: Int, width: Int, height: Int)] = []
     let resized = width != clientWidth || height != clientHeight
     if let previous = clientImage, incremental, !resized {
+      // Compare the live framebuffer with what the client has, without copying it first.
       let rowBytes = width * 4
       for tileY in stride(from: 0, to: height, by: Self.tileSize) {
         let tileHeight = min(Self.tileSize, height - tileY)
@@ -203,12 +203,10 @@ final class VNCSession {
           var changed = false
           if tileX < width {
             let bytes = min(Self.tileSize, width - tileX) * 4
-            image.withUnsafeBytes { now in
-              previous.withUnsafeBytes { before in
-                for y in tileY..<(tileY + tileHeight) where !changed {
-                  let offset = y * rowBytes + tileX * 4
-                  changed = memcmp(now.baseAddress! + offset, before.baseAddress! + offset, bytes) != 0
-                }
+            previous.withUnsafeBytes { before in
+              for y in tileY..<(tileY + tileHeight) where !changed {
+                let now = framebuffer.row(y).baseAddress! + tileX * 4
+                changed = memcmp(now, before.baseAddress! + y * rowBytes + tileX * 4, bytes) != 0
               }
             }
           }
@@ -223,6 +221,23 @@ final class VNCSession {
       if rectangles.isEmpty { return false }
     } else {
       rectangles = [(0, 0, width, height)]
+    }
+    let image = framebuffer.copyImage()
+    // The client's copy changes only where it is sent something: a tile the guest changed
+    // after the comparison above is found (and sent) next time.
+    var known = clientImage ?? image
+    if clientImage != nil {
+      let rowBytes = width * 4
+      known.withUnsafeMutableBytes { target in
+        image.withUnsafeBytes { source in
+          for rectangle in rectangles {
+            for y in rectangle.y..<(rectangle.y + rectangle.height) {
+              let offset = y * rowBytes + rectangle.x * 4
+              memcpy(target.baseAddress! + offset, source.baseAddress! + offset, rectangle.width * 4)
+            }
+          }
+        }
+      }
     }
     var message: [UInt8] = [0, 0]
     let sendSize = resized && desktopSize
@@ -253,7 +268,7 @@ final class VNCSession {
         }
       }
     }
-    clientImage = image
+    clientImage = known
     _ = send(message)
     return true
   }
