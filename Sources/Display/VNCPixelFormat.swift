@@ -77,39 +77,45 @@ struct VNCPixelFormat: Equatable, Sendable {
     switch bitsPerPixel {
     case 8: output.append(UInt8(truncatingIfNeeded: value))
     case 16:
-      let bytes = [UInt8(truncatingIfNeeded: value), UInt8(truncatingIfNeeded: value >> 8)]
-      output += bigEndian ? bytes.reversed() : bytes
+      appendBytes(of: value, from: bigEndian ? 1 : 0, through: bigEndian ? 0 : 1, to: &output)
     default:
-      if bigEndian {
-        output += [UInt8(value >> 24), UInt8((value >> 16) & 0xFF), UInt8((value >> 8) & 0xFF), UInt8(value & 0xFF)]
-      } else {
-        output += [UInt8(value & 0xFF), UInt8((value >> 8) & 0xFF), UInt8((value >> 16) & 0xFF), UInt8(value >> 24)]
-      }
+      appendBytes(of: value, from: bigEndian ? 3 : 0, through: bigEndian ? 0 : 3, to: &output)
+    }
+  }
+
+  /// Appends bytes `first` through `last` (byte 0 the least significant; either direction)
+  /// of `value`, one by one, without building temporary arrays.
+  @inline(__always)
+  private func appendBytes(of value: UInt32, from first: Int, through last: Int, to output: inout [UInt8]) {
+    var index = first
+    while true {
+      output.append(UInt8(truncatingIfNeeded: value >> (8 * UInt32(index))))
+      if index == last { break }
+      index += first < last ? 1 : -1
     }
   }
 
   /// ZRLE's compressed pixel (RFC 6143 7.7.6): three bytes when a 32-bit true-colour pixel's
   /// colours all fit in its low (or high) three bytes; else the whole pixel.
+  @inline(__always)
   func appendCompressed(_ value: UInt32, to output: inout [UInt8]) {
     guard bitsPerPixel == 32, depth <= 24 else { return append(value, to: &output) }
-    let used =
-      UInt32(redMax) << UInt32(redShift) | UInt32(greenMax) << UInt32(greenShift)
-      | UInt32(blueMax) << UInt32(blueShift)
-    if used & 0xFF00_0000 == 0 {
-      // The low three bytes, in the client's byte order.
-      if bigEndian {
-        output += [UInt8((value >> 16) & 0xFF), UInt8((value >> 8) & 0xFF), UInt8(value & 0xFF)]
-      } else {
-        output += [UInt8(value & 0xFF), UInt8((value >> 8) & 0xFF), UInt8((value >> 16) & 0xFF)]
-      }
-    } else if used & 0xFF == 0 {
-      if bigEndian {
-        output += [UInt8(value >> 24), UInt8((value >> 16) & 0xFF), UInt8((value >> 8) & 0xFF)]
-      } else {
-        output += [UInt8((value >> 8) & 0xFF), UInt8((value >> 16) & 0xFF), UInt8(value >> 24)]
-      }
-    } else {
-      append(value, to: &output)
+    switch compressedLayout {
+    case .lowBytes: appendBytes(of: value, from: bigEndian ? 2 : 0, through: bigEndian ? 0 : 2, to: &output)
+    case .highBytes: appendBytes(of: value, from: bigEndian ? 3 : 1, through: bigEndian ? 1 : 3, to: &output)
+    case .wholePixel: append(value, to: &output)
     }
+  }
+
+  enum CompressedLayout { case lowBytes, highBytes, wholePixel }
+
+  /// Which bytes of a 32-bit pixel hold the colours (ZRLE's CPIXEL).
+  var compressedLayout: CompressedLayout {
+    let used =
+      UInt32(redMax) << UInt32(redShift) | UInt32(greenMax) << UInt32(greenShift) | UInt32(blueMax)
+      << UInt32(blueShift)
+    if used & 0xFF00_0000 == 0 { return .lowBytes }
+    if used & 0xFF == 0 { return .highBytes }
+    return .wholePixel
   }
 }

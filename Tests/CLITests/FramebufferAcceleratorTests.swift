@@ -68,9 +68,10 @@ struct FramebufferAcceleratorTests {
     let reason = try machine.run()
     let display = try #require(machine.display)
     let image = display.framebuffer.copyImage()
-    let pixels = (0..<4096).map { index in
-      UInt32(image[index * 4]) | UInt32(image[index * 4 + 1]) << 8 | UInt32(image[index * 4 + 2]) << 16
-        | UInt32(image[index * 4 + 3]) << 24
+    let pixels = image.withUnsafeBytes { bytes in
+      (0..<4096).map { index -> UInt32 in
+        UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: index * 4, as: UInt32.self))
+      }
     }
     return (reason, pixels)
   }

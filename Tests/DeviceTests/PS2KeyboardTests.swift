@@ -52,7 +52,7 @@ struct PS2KeyboardTests {
     #expect(drain(machine) == [0xFA, 0xFA])
     machine.outb(dataPort, 0xF0)
     machine.outb(dataPort, 0x00)
-    #expect(drain(machine) == [0xFA, 0x01], "get scan code set answers 1")
+    #expect(drain(machine) == [0xFA, 0xFA, 0x01], "get scan code set: two ACKs, then 1")
     let keyboard = PS2KeyboardInput(controller: machine.devices.keyboardController)
     keyboard.pressChord([0xFFE3, 0xFFE9, 0xFFFF])  // Ctrl-Alt-Del
     #expect(drain(machine) == [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D])

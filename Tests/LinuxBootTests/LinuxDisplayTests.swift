@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 
-/// Debian's kernel on the display: efifb binds to the framebuffer announced in screen_info, a
+/// Debian's kernels (cloud and generic) on the display: efifb binds to the framebuffer announced in screen_info, a
 /// real VNC client (vncdotool) sees the boot text and types on tty1 through the PS/2
 /// keyboard, and a pattern the guest writes to /dev/fb0 comes back byte for byte in
 /// `hostvisor ctl screenshot`'s PNG.
@@ -18,13 +18,14 @@ import Testing
     [UInt8(1 + index * 7 % 255), UInt8(1 + index * 13 % 255), UInt8(1 + index * 29 % 255), 255]
   }
 
-  @Test(.timeLimit(.minutes(15))) func efifbVNCKeyboardAndScreenshot() async throws {
+  @Test(.timeLimit(.minutes(15)), arguments: ["guest", "guest-generic"])
+  func efifbVNCKeyboardAndScreenshot(guest: String) async throws {
     guard (try? hostCommand("vncdo", ["--version"]))?.status == 0 else {
       Issue.record("vncdo is missing: scripts/install-deps.sh installs vncdotool")
       return
     }
-    let images = try GuestImages.images()
-    let directory = NSTemporaryDirectory() + "hv-display-\(getpid())"
+    let images = try GuestImages.images(guest)
+    let directory = NSTemporaryDirectory() + "hv-display-\(guest)-\(getpid())"
     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
     defer { try? FileManager.default.removeItem(atPath: directory) }
     let socket = directory + "/api.sock"
@@ -81,7 +82,7 @@ import Testing
       let firstRows = Array(decoded.rgb.prefix(pixels * 3))
       #expect(firstRows == expected, "the guest's /dev/fb0 pattern, byte for byte")
     } catch {
-      session.saveTranscript(name: "display")
+      session.saveTranscript(name: "display-\(guest)")
       throw error
     }
   }
