@@ -36,18 +36,20 @@ let package = Package(
     .target(name: "Firmware", dependencies: ["VMCore"]),
     .target(name: "PCI", dependencies: ["VMCore"]),
     .target(name: "CVirtioShim"),
+    .systemLibrary(name: "CZlib"),
+    .target(name: "Display", dependencies: ["VMCore", "PCI", "CZlib"]),
     .target(name: "GDBStub", dependencies: ["VMCore", "SoftCPU", "KVMBackend"]),
     .target(name: "Virtio", dependencies: ["VMCore", "PCI", "CVirtioShim", "Devices"]),
     .target(
       name: "VMM",
       dependencies: [
         "VMCore", "KVMBackend", "SoftCPU", "Devices", "Loaders", "InterruptControllers", "Firmware", "CShim",
-        "PCI", "Virtio", "GDBStub",
+        "PCI", "Virtio", "GDBStub", "Display",
       ]),
     .target(
       name: "ControlAPI",
       dependencies: [
-        "VMM", "VMCore", "KVMBackend", "Virtio",
+        "VMM", "VMCore", "KVMBackend", "Virtio", "Devices",
         .product(name: "NIOCore", package: "swift-nio"),
         .product(name: "NIOPosix", package: "swift-nio"),
         .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -75,6 +77,7 @@ let package = Package(
     .testTarget(name: "ControlAPITests", dependencies: ["ControlAPI", "VMM", "hostvisor"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
+    .testTarget(name: "DisplayTests", dependencies: ["Display", "Devices", "VMCore", "PCI", "hostvisor"]),
     .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim", "SoftCPU", "Devices"]),
   ],
   swiftLanguageModes: [.v6]

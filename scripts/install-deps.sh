@@ -21,3 +21,7 @@ fi
 if ! python3 -c "import firecracker.api, schemathesis" >/dev/null 2>&1; then
   python3 -m pip install -q --root-user-action=ignore firecracker-python==0.0.5 schemathesis >/dev/null
 fi
+# vncdotool: a real VNC client for the display tests (captures, typing).
+if ! command -v vncdo >/dev/null 2>&1; then
+  python3 -m pip install -q --root-user-action=ignore vncdotool==1.4.2 >/dev/null
+fi

@@ -37,6 +37,7 @@ public final class CloudHypervisorAPI: Sendable {
     "vm.counters": "GET", "vm.pause": "PUT", "vm.resume": "PUT", "vm.shutdown": "PUT", "vm.reboot": "PUT",
     "vm.power-button": "PUT", "vm.delete": "PUT", "vm.snapshot": "PUT", "vm.restore": "PUT",
     "vm.send-migration": "PUT", "vm.receive-migration": "PUT", "vm.resize": "PUT",
+    "vm.hostvisor-screenshot": "PUT", "vm.hostvisor-sendkey": "PUT",
   ]
 
   private static let unsupportedEndpoints: Set<String> = [
@@ -124,6 +125,10 @@ public final class CloudHypervisorAPI: Sendable {
       try receiveMigration(decode(CHReceiveMigrationData.self, body))
     case "vm.resize":
       try resize(decode(CHVmResize.self, body))
+    case "vm.hostvisor-screenshot":
+      try screenshot(decode(HostvisorScreenshotConfig.self, body))
+    case "vm.hostvisor-sendkey":
+      try sendKey(decode(HostvisorSendKeyConfig.self, body))
     default:
       throw Failure(status: 404, message: "no such endpoint: \(request.path)")
     }

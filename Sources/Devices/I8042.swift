@@ -18,9 +18,11 @@ import VMCore
 /// Output bytes queue up; IRQ 1 (keyboard) and IRQ 12 (auxiliary) follow the byte at the head
 /// of the queue and the command byte's interrupt enables. Reading the data port lowers the line
 /// before raising it for the next byte, so edge-triggered controllers see every byte.
-/// The host types only Ctrl-Alt-Del (`typeControlAltDelete`; the serial console is the input
-/// path) and the A20
-/// output is stored but not applied: guest RAM is always addressed with A20 enabled.
+/// The host types keys as scan code set 2 (`typeScanCodes`, fed by `PS2KeyboardInput`): the
+/// keyboard hands them to the controller one byte at a time, when its output buffer is empty,
+/// and the controller translates them to set 1 when command byte bit 6 asks for it (Linux's
+/// setting), as an 8042 does. The A20 output is stored but not applied: guest RAM is always
+/// addressed with A20 enabled.
 public final class I8042Controller: PortIODevice {
   /// The data port.
   public static let dataPort: UInt16 = 0x60
@@ -84,6 +86,13 @@ public final class I8042Controller: PortIODevice {
     }
   }
 
+  /// Types scan code set 2 bytes (make and break codes, E0/F0 prefixes) on the keyboard. Bytes
+  /// are dropped while the keyboard is not scanning; at most `I8042State.keyboardBufferLimit`
+  /// wait for the guest to read them.
+  public func typeScanCodes(_ setTwoBytes: [UInt8]) {
+    state.withLock { controller in controller.typeScanCodes(setTwoBytes) }
+  }
+
   /// The controller command byte (configuration) as the guest last set it.
   public var commandByte: UInt8 { state.withLock { $0.commandByte } }
 
@@ -124,6 +133,8 @@ struct I8042State {
   }
 
   static let outputQueueLimit = 16
+  /// Host keystroke bytes waiting for the keyboard to send them.
+  static let keyboardBufferLimit = 4096
 
   var keyboardLine: TrackedInterruptLine
   var auxiliaryLine: TrackedInterruptLine
@@ -138,6 +149,12 @@ struct I8042State {
   /// A keyboard command waiting for its parameter byte (0xED, 0xF0, 0xF3).
   var keyboardCommandAwaitingParameter: UInt8?
   var keyboardScanning = true
+  /// The scan code set the guest selected (keyboard command 0xF0): 1, 2 or 3.
+  var scanCodeSet: UInt8 = 2
+  /// Keystroke bytes (already in the set the guest reads) not yet in the output buffer.
+  var keyboardPending: [UInt8] = []
+  /// Translation state: the set 2 break prefix 0xF0 was seen.
+  var translationBreakPending = false
 
   init(keyboardLine: TrackedInterruptLine, auxiliaryLine: TrackedInterruptLine) {
     self.keyboardLine = keyboardLine
@@ -176,9 +193,38 @@ struct I8042State {
     updateInterrupts()
   }
 
+  /// Queues host keystrokes given in scan code set 2, translated to set 1 when the controller
+  /// translates (command byte bit 6) or the guest selected set 1.
+  mutating func typeScanCodes(_ bytes: [UInt8]) {
+    guard keyboardScanning else { return }
+    let translate = commandByte & 0x40 != 0 || scanCodeSet == 1
+    for byte in bytes where keyboardPending.count < Self.keyboardBufferLimit {
+      guard translate else {
+        keyboardPending.append(byte)
+        continue
+      }
+      if byte == 0xF0 {
+        translationBreakPending = true
+        continue
+      }
+      let translated = PS2ScanCodes.translateToSetOne(byte)
+      keyboardPending.append(translationBreakPending ? translated | 0x80 : translated)
+      translationBreakPending = false
+    }
+    feedKeyboardByte()
+  }
+
+  /// Moves the next pending keystroke byte into the output buffer when it is empty and the
+  /// keyboard interface is enabled (the keyboard sends one byte at a time).
+  mutating func feedKeyboardByte() {
+    guard outputQueue.isEmpty, !keyboardPending.isEmpty, commandByte & Self.keyboardDisabled == 0 else { return }
+    enqueue(keyboardPending.removeFirst())
+  }
+
   mutating func readData() -> UInt8 {
     guard !outputQueue.isEmpty else { return lastOutput }
     lastOutput = outputQueue.removeFirst().value
+    defer { feedKeyboardByte() }
     // Drop the lines so the next byte, if any, raises a fresh edge.
     keyboardLine.set(false)
     auxiliaryLine.set(false)
@@ -211,6 +257,7 @@ struct I8042State {
       commandByte |= Self.keyboardDisabled
     case 0xAE:
       commandByte &= ~Self.keyboardDisabled
+      feedKeyboardByte()
     case 0xC0:
       enqueue(0x80)  // input port: keyboard not inhibited
     case 0xD0:
@@ -245,6 +292,7 @@ struct I8042State {
     switch target {
     case .commandByte:
       commandByte = value
+      feedKeyboardByte()
     case .outputPort:
       outputPort = value
       if value & 0x01 == 0 { return true }
@@ -267,7 +315,10 @@ struct I8042State {
       keyboardCommandAwaitingParameter = nil
       if pending == 0xF0 && byte == 0 {
         enqueue(0xFA)
-        enqueue(0x02)  // current scan code set
+        enqueue(scanCodeSet)  // current scan code set
+      } else if pending == 0xF0 {
+        if (1...3).contains(byte) { scanCodeSet = byte }
+        enqueue(0xFA)
       } else {
         enqueue(0xFA)
       }
@@ -295,6 +346,8 @@ struct I8042State {
       enqueue(lastOutput)  // resend
     case 0xFF:
       keyboardScanning = true
+      scanCodeSet = 2
+      keyboardPending.removeAll()
       enqueue(0xFA)
       enqueue(0xAA)  // basic assurance test passed
     default:

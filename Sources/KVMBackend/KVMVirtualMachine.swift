@@ -96,7 +96,8 @@ final class KVMVirtualMachine: Sendable {
   }
 
   /// Registers every RAM region of `memory` as a KVM memory slot (slot N = region N), or
-  /// changes the `flags` (KVM_MEM_LOG_DIRTY_PAGES) of slots already registered.
+  /// changes the `flags` (KVM_MEM_LOG_DIRTY_PAGES) of slots already registered; device
+  /// memory regions follow the RAM slots.
   func registerMemorySlots(flags: UInt32 = 0) throws(KVMError) {
     for (slot, region) in memory.regions.enumerated() {
       var slotRegion = kvm_userspace_memory_region()
@@ -106,6 +107,16 @@ final class KVMVirtualMachine: Sendable {
       slotRegion.memory_size = region.size
       slotRegion.userspace_addr = UInt64(UInt(bitPattern: region.host))
       try call("KVM_SET_USER_MEMORY_REGION (slot \(slot))", HV_KVM_SET_USER_MEMORY_REGION, &slotRegion)
+    }
+    // Device memory mapped like RAM (a framebuffer) follows in the next slots, never logged.
+    for (index, region) in memory.deviceRegions.enumerated() {
+      var slotRegion = kvm_userspace_memory_region()
+      slotRegion.slot = UInt32(memory.regions.count + index)
+      slotRegion.guest_phys_addr = region.guestBase
+      slotRegion.memory_size = region.size
+      slotRegion.userspace_addr = UInt64(UInt(bitPattern: region.host))
+      try call(
+        "KVM_SET_USER_MEMORY_REGION (device slot \(slotRegion.slot))", HV_KVM_SET_USER_MEMORY_REGION, &slotRegion)
     }
   }
 }

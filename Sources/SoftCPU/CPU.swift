@@ -213,7 +213,8 @@ public final class CPU: @unchecked Sendable {
     writeTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
     fetchTLB = .allocate(capacity: tlbEntries)
     fetchTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
-    let regionList = memory.regions
+    // RAM, then device memory the guest maps like RAM (a framebuffer).
+    let regionList = memory.regions + memory.deviceRegions
     ramRegionCount = regionList.count
     ramRegions = .allocate(capacity: max(regionList.count, 1))
     var lastPage: UInt64 = 0

@@ -73,6 +73,8 @@ public final class GuestMemory: @unchecked Sendable {
   }
   /// Weak, so an accelerator holding this memory does not keep itself alive through it.
   private let writeObserver = Mutex(ObserverReference())
+  /// Device memory the guest maps like RAM (see `mapDeviceMemory`).
+  let deviceRegionList = Mutex<[Region]>([])
 
   /// Maps `size` bytes of guest RAM, split around the PCI hole.
   public convenience init(size: UInt64) throws(GuestMemoryError) {
@@ -111,6 +113,7 @@ public final class GuestMemory: @unchecked Sendable {
 
   deinit {
     for region in regions { munmap(region.host, Int(region.size)) }
+    for region in deviceRegionList.withLock({ $0 }) { munmap(region.host, Int(region.size)) }
   }
 
   /// The region holding `address`, if any.

@@ -165,6 +165,7 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
   case invalidMAC(String)
   case invalidConsole(String)
   case invalidBalloon(String, String)
+  case invalidDisplay(String)
 
   public var description: String {
     switch self {
@@ -190,6 +191,8 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
       return "invalid console '\(text)': use serial or virtio"
     case .invalidBalloon(let text, let problem):
       return "invalid balloon '\(text)': \(problem)"
+    case .invalidDisplay(let text):
+      return "invalid display '\(text)': use none or vnc=[HOST:]PORT (HOST an IPv4 address, default 127.0.0.1)"
     }
   }
 }
@@ -269,6 +272,8 @@ public struct MachineConfiguration: Sendable {
   public var softCPUThreshold: UInt32 = SoftCPUTier.defaultThreshold
   /// A virtio-balloon device, attached last.
   public var balloon: BalloonConfiguration?
+  /// The framebuffer and its VNC server; none by default (no device at all).
+  public var display: DisplayChoice = .none
 
   public init(
     kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",

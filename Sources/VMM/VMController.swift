@@ -112,6 +112,8 @@ public struct VMSpec: Sendable, Equatable {
   public var verbose: Bool = false
   /// A virtio-balloon device.
   public var balloon: BalloonConfiguration?
+  /// The framebuffer and its VNC server (`--display`); none by default.
+  public var display: DisplayChoice = .none
 
   /// Firecracker's default kernel command line.
   public static let defaultBootArgs = "console=ttyS0 reboot=k panic=1"
@@ -144,6 +146,7 @@ public struct VMSpec: Sendable, Equatable {
     configuration.console = console
     configuration.verbose = verbose
     configuration.balloon = balloon
+    configuration.display = display
     configuration.disks = ordered.map { DiskConfiguration(path: $0.path, readOnly: $0.readOnly) }
     configuration.networks = networkInterfaces.map {
       NetworkConfiguration(tapName: $0.hostDeviceName, mac: $0.guestMAC)

@@ -39,6 +39,10 @@ public final class VirtualMachine: Sendable {
   private let virtioConsole: VirtioConsole?
   /// The ACPI fixed-hardware registers (power button, sleep states).
   public let powerManagement: ACPIPowerManagement
+  /// The framebuffer and VNC server (`--display vnc=...`), or nil without a display.
+  public let display: MachineDisplay?
+  /// Host key input to the i8042 keyboard (VNC key events, the API's sendkey).
+  public let keyboardInput: PS2KeyboardInput
   /// The gdb stub, once `startGDBServer` ran; told when the machine stops.
   let gdbServer = Mutex<GDBServer?>(nil)
 
@@ -70,6 +74,12 @@ public final class VirtualMachine: Sendable {
       configuration: configuration, pci: pci, memory: memory)
     self.virtioDevices = virtioDevices
     self.virtioConsole = virtioConsole
+    do {
+      display = try Self.attachDisplay(configuration: configuration, pci: pci, memory: memory)
+    } catch {
+      Self.shutdown(virtioDevices)
+      throw error
+    }
     // From here on a failure must stop the devices' worker threads.
     do {
       try pci.register(on: parts.bus)
@@ -82,6 +92,8 @@ public final class VirtualMachine: Sendable {
       var acpi = ACPIConfiguration(cpuCount: configuration.cpuCount)
       acpi.dsdtTerms = [hostBridge.dsdtTerm()]
       acpi.additionalTables = [hostBridge.mcfgTable()]
+      // With a screen, the FADT announces the i8042 so that Linux probes the keyboard.
+      acpi.hasI8042 = display != nil
       let tables = try ACPITables.build(acpi)
       if restoringMemory == nil { try tables.install(into: memory) }
     } catch {
@@ -102,6 +114,14 @@ public final class VirtualMachine: Sendable {
     } catch {
       Self.shutdown(virtioDevices)
       throw MachineError(error.description)
+    }
+    if let display, restoringMemory == nil, boot.format == .linuxBzImage, let bootParams = boot.bootParamsAddress {
+      do {
+        try display.screenInfo.write(into: memory, bootParamsAddress: bootParams)
+      } catch {
+        Self.shutdown(virtioDevices)
+        throw MachineError("cannot describe the framebuffer to the kernel: \(error)")
+      }
     }
     let backend: any SerialBackend
     switch configuration.serial {
@@ -139,6 +159,8 @@ public final class VirtualMachine: Sendable {
         sci: InterruptLine(router: parts.interrupts, line: UInt32(ACPIPowerManagement.sciInterrupt)),
         nanoseconds: { clock.nanoseconds })
       try powerManagement.register(on: parts.bus)
+      keyboardInput = PS2KeyboardInput(controller: devices.keyboardController)
+      try display?.startServer(keyboard: keyboardInput)
       if !parts.bus.hasPortDevice(ACPIResetRegister.port) {
         try parts.bus.registerPorts(ACPIResetRegister.port, count: 1, device: ACPIResetRegister(control: parts.control))
       }
@@ -267,6 +289,7 @@ public final class VirtualMachine: Sendable {
   /// Stops every device's worker thread (`run` does this when the guest stops).
   public func shutdownDevices() {
     Self.shutdown(virtioDevices)
+    display?.stop()
   }
 
   deinit { shutdownDevices() }

@@ -97,6 +97,13 @@ struct Run: ParsableCommand {
   var balloon: String?
 
   @Option(
+    name: .long,
+    help: ArgumentHelp(
+      "A screen: none (default: no display device), or vnc=[HOST:]PORT (a framebuffer the guest's efifb drives, a PS/2 keyboard, and a VNC server on HOST, default 127.0.0.1); see docs/display.md.",
+      valueName: "none|vnc=[HOST:]PORT"))
+  var display: String = "none"
+
+  @Option(
     name: .customLong("kvm-device"),
     help: ArgumentHelp("Path of the KVM device.", valueName: "path", visibility: .hidden))
   var kvmDevice: String = "/dev/kvm"
@@ -191,6 +198,7 @@ struct Run: ParsableCommand {
       configuration.balloon = try balloon.map { text throws(ConfigurationError) in
         try BalloonConfiguration(parsing: text)
       }
+      configuration.display = try DisplayChoice(parsing: display)
       guard tripleFault == "error" || tripleFault == "reset" else {
         throw CommandFailure("invalid --triple-fault '\(tripleFault)': use error or reset")
       }
@@ -241,6 +249,7 @@ struct Run: ParsableCommand {
     spec.console = configuration.console
     spec.verbose = configuration.verbose
     spec.balloon = configuration.balloon
+    spec.display = configuration.display
     spec.drives = configuration.disks.enumerated().map { index, disk in
       DriveSpec(id: "disk\(index)", path: disk.path, readOnly: disk.readOnly)
     }
@@ -323,7 +332,9 @@ struct Ctl: ParsableCommand {
     discussion: """
       Commands: ping, info, boot, pause, resume, power-button, reboot, shutdown, delete, counters, \
       shutdown-vmm, snapshot DIR, restore DIR [--resume], migrate send URL, migrate receive URL \
-      (URL: unix:PATH or tcp:HOST:PORT). Prints JSON answers; one error line and status 1 on failure.
+      (URL: unix:PATH or tcp:HOST:PORT), screenshot FILE.png, sendkey KEYS (a chord such as \
+      ctrl-alt-del, or a single key) and type TEXT. Prints JSON answers; one error line and status 1 \
+      on failure.
       """)
 
   @Option(name: .customLong("api-sock"), help: ArgumentHelp("The process's API socket.", valueName: "path"))
@@ -363,6 +374,12 @@ struct Ctl: ParsableCommand {
       request = ("PUT", "vm.restore", "{\"source_url\":\(directoryURL(arguments[0])),\"resume\":\(resume)}")
     case ("migrate", 2) where arguments[0] == "send":
       request = ("PUT", "vm.send-migration", "{\"destination_url\":\(jsonString(arguments[1]))}")
+    case ("screenshot", 1):
+      request = ("PUT", "vm.hostvisor-screenshot", "{\"destination_url\":\(directoryURL(arguments[0]))}")
+    case ("sendkey", 1):
+      request = ("PUT", "vm.hostvisor-sendkey", "{\"keys\":\(jsonString(arguments[0]))}")
+    case ("type", 1):
+      request = ("PUT", "vm.hostvisor-sendkey", "{\"text\":\(jsonString(arguments[0]))}")
     case ("migrate", 2) where arguments[0] == "receive":
       request = ("PUT", "vm.receive-migration", "{\"receiver_url\":\(jsonString(arguments[1]))}")
     default:
