@@ -167,6 +167,13 @@ public final class CPU: @unchecked Sendable {
   /// Set by another thread to make `run` return `.stopRequested` at the next block boundary.
   /// Part 2 also raises it for pending interrupts.
   let stopFlag = Atomic<Bool>(false)
+  /// A copy of `stopFlag` that translated code reads before chaining into the next block
+  /// (nonzero: return to `run`). Written with C atomics, possibly from other threads.
+  let translationStopSignal: UnsafeMutablePointer<UInt8> = {
+    let signal = UnsafeMutablePointer<UInt8>.allocate(capacity: 1)
+    signal.initialize(to: 0)
+    return signal
+  }()
   /// Set by instructions that end `run` after their block (HLT, traps in flat test mode).
   var exitRequested = false
   /// With `exitRequested`: HLT executed.
@@ -237,6 +244,7 @@ public final class CPU: @unchecked Sendable {
   }
 
   deinit {
+    translationStopSignal.deallocate()
     gpr.deallocate()
     xmm.deallocate()
     ymmHigh.deallocate()
@@ -256,6 +264,7 @@ public final class CPU: @unchecked Sendable {
   /// Asks `run` (on the vCPU thread) to return `.stopRequested` at the next block boundary.
   /// Safe to call from any thread.
   public func requestStop() {
+    hv_atomic_store8(translationStopSignal, 1)
     stopFlag.store(true, ordering: .releasing)
   }
 }

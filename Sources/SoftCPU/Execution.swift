@@ -1,3 +1,4 @@
+import CShim
 import Synchronization
 import VMCore
 
@@ -82,6 +83,7 @@ extension CPU {
     var previous = -1
     while remaining > 0 {
       if stopFlag.load(ordering: .relaxed) {
+        hv_atomic_store8(translationStopSignal, 0)
         stopFlag.store(false, ordering: .relaxed)
         applyPostedExternalWrites()
         return .stopRequested
@@ -127,7 +129,7 @@ extension CPU {
           link.pointee.linkGeneration = chainGeneration
         }
       }
-      let start = blockArena + Int(first)
+      var start = blockArena + Int(first)
       var end = start + (Int(count) < remaining ? Int(count) : remaining)
       // TF (single-step) or RF (set by IRET from a fault frame) take the slow path below.
       let debugFlags = storedFlags & (RFlags.tf | RFlags.rf)
@@ -137,7 +139,18 @@ extension CPU {
       blockInvalidated = false
       // The translating tier runs the block's translated prefix; the interpreter the rest.
       if translationEnabled && debugFlags == 0 && Int(count) <= remaining && !debugStopPagesActive {
-        let result = runTranslated(block: blockIndex)
+        let result = runTranslated(block: blockIndex, remaining: remaining)
+        let chained = Int(truncatingIfNeeded: translationContext.unsafelyUnwrapped.pointee.chained)
+        if chained != 0 {
+          // Translated blocks chained into others: account for the completed ones and go on
+          // with the last one.
+          remaining -= chained
+          retiredInstructions &+= UInt64(chained)
+          blockIndex = Int(truncatingIfNeeded: translationContext.unsafelyUnwrapped.pointee.last_block)
+          start = blockArena + Int(blocks[blockIndex].first)
+          end = start + Int(blocks[blockIndex].count)
+          instruction = start
+        }
         instruction += Int(truncatingIfNeeded: result & 0xFFFF_FFFF)
         if result & translationEndedBit != 0 { blockInvalidated = true }
       }

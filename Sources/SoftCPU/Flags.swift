@@ -170,7 +170,10 @@ extension CPU {
     case .add, .adc, .inc: return ((flagDst ^ flagResult) & (flagSrc ^ flagResult)) >> signShift & 1 != 0
     case .sub, .sbb, .dec: return ((flagDst ^ flagSrc) & (flagDst ^ flagResult)) >> signShift & 1 != 0
     case .logic, .sar: return false
-    case .shl: return ((flagResult >> signShift) & 1 != 0) != carryFlag
+    // Defined for a count of 1 (MSB of the result XOR CF, which is the same); for larger counts
+    // undefined, and computed as Intel processors do: from the first one-bit step (the two
+    // top bits of the original operand).
+    case .shl: return ((flagDst >> signShift) ^ (flagDst >> (signShift &- 1))) & 1 != 0
     case .shr: return (flagDst >> signShift) & 1 != 0
     }
   }

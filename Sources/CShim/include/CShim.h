@@ -172,9 +172,36 @@ typedef struct hv_jit_context {
   void *cpu;
   void *load_helper;
   void *store_helper;
-  /// RIP of the block's first instruction.
+  /// RIP of the block's first instruction (updated when a block chains into the next).
   uint64_t entry_rip;
+  /// The CPU's block-chain generation (jump cache entries of another one are stale).
+  uint64_t generation;
+  /// Instructions the run loop still allows; a block chains into the next only when its own
+  /// instructions and the next block's all fit.
+  int64_t budget;
+  /// Out: instructions of the blocks completed before the last one (0 when none chained).
+  uint64_t chained;
+  /// Out: the decoded-block index of the last block run (when `chained` is nonzero).
+  uint64_t last_block;
+  /// The jump cache (`hv_jit_cache_entry` array) and the byte that requests a stop.
+  void *jump_cache;
+  uint8_t *stop;
+  /// Offset of the chained entry of every translation.
+  uint64_t chain_offset;
 } hv_jit_context;
+
+/// One jump cache entry: the translation of the block at `rip` (entered past its frame
+/// set-up), valid under block-chain generation `generation`.
+typedef struct hv_jit_cache_entry {
+  uint64_t rip;
+  uint64_t generation;
+  const void *code;
+  uint32_t count;
+  int32_t block;
+} hv_jit_cache_entry;
+
+/// A byte store visible to other threads' loads (requests a stop of translated code).
+static inline void hv_atomic_store8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
 /// Runs translated code at `code` on `context` and the guest registers `gpr`.
 static inline uint64_t hv_jit_call(const void *code, hv_jit_context *context, uint64_t *gpr) {

@@ -44,6 +44,8 @@ struct FlagUse {
   var writesAll = false
   /// Flags the architecture leaves undefined after it (lockstep does not compare them).
   var undefined: UInt64 = 0
+  /// ROL/ROR (CF and OF written, the rest kept).
+  var rotate = false
 }
 
 /// The result of translating a block prefix.
@@ -53,6 +55,9 @@ struct TranslatedCode {
   var instructions: Int
   /// Per instruction count `n` (0...instructions): status flags undefined after the first `n`.
   var undefinedAfter: [UInt64]
+  /// Offset of the entry a chained block jumps to (past the frame set-up, which every block
+  /// shares).
+  var chainEntry: Int
 }
 
 /// Offsets of the context fields in generated code.
@@ -67,6 +72,24 @@ enum ContextOffset {
   static let loadHelper = MemoryLayout<hv_jit_context>.offset(of: \.load_helper)!
   static let storeHelper = MemoryLayout<hv_jit_context>.offset(of: \.store_helper)!
   static let entryRIP = MemoryLayout<hv_jit_context>.offset(of: \.entry_rip)!
+  static let generation = MemoryLayout<hv_jit_context>.offset(of: \.generation)!
+  static let budget = MemoryLayout<hv_jit_context>.offset(of: \.budget)!
+  static let chained = MemoryLayout<hv_jit_context>.offset(of: \.chained)!
+  static let lastBlock = MemoryLayout<hv_jit_context>.offset(of: \.last_block)!
+  static let jumpCache = MemoryLayout<hv_jit_context>.offset(of: \.jump_cache)!
+  static let stop = MemoryLayout<hv_jit_context>.offset(of: \.stop)!
+}
+
+/// The per-vCPU jump cache that chains translated blocks: entry `jumpCacheIndex(rip)` holds the
+/// translation of the block at `rip` under one block-chain generation (`hv_jit_cache_entry`).
+enum JumpCache {
+  /// Entries (a power of two).
+  static let entries = 4096
+  /// The entry for a block starting at `rip`.
+  @inline(__always)
+  static func index(_ rip: UInt64) -> Int {
+    Int(truncatingIfNeeded: (rip ^ (rip >> 12)) & UInt64(entries - 1))
+  }
 }
 
 extension FastOp {
@@ -79,8 +102,10 @@ extension FastOp {
     case .movRR64, .movRR32, .movRI64, .movRI32, .notR64, .notR32, .movzxByteRR, .movzxWordRR, .movsxByteRR64,
       .movsxByteRR32, .movsxWordRR64, .movsxWordRR32, .movsxdRR, .lea64, .lea32, .loadRM64, .loadRM32, .loadRM8,
       .storeMR64, .storeMR32, .storeMR16, .storeMR8, .storeMI64, .storeMI32, .storeMI8, .movzxByteRM, .movzxWordRM,
-      .movsxdRM, .jmpRel, .nop:
+      .movsxdRM, .jmpRel, .nop, .push64, .pop64, .callRel64, .ret64:
       return none
+    case .mulR64:
+      return FlagUse(reads: false, writesAll: true, undefined: RFlags.sf | RFlags.zf | RFlags.af | RFlags.pf)
     case .addRR64, .addRR32, .subRR64, .subRR32, .cmpRR64, .cmpRR32, .addRI64, .addRI32, .subRI64, .subRI32,
       .cmpRI64, .cmpRI32, .cmpRI8, .cmpRM8, .negR64, .negR32, .addRM64, .addRM32, .subRM64, .subRM32, .cmpRM64,
       .cmpRM32, .cmpMR64, .cmpMR32, .cmpMI64, .cmpMI32, .cmpMI8, .addMR64, .subMR64:
@@ -129,13 +154,18 @@ struct BlockTranslator {
   /// Whether `slot` has a translation (and its operands fit the encodings used).
   static func canTranslate(_ slot: UnsafePointer<Instruction>, offsetAfter: Int) -> Bool {
     let instruction = slot.pointee
-    guard instruction.fast.translatedFlagUse != nil else { return false }
+    guard let use = flagUse(slot) else { return false }
+    if use.rotate {
+      // ROL/ROR of a 32- or 64-bit register by a nonzero immediate count (C1 /0-1, D1 /0-1).
+      return !instruction.hasMemoryOperand && instruction.operandSize >= 4 && instruction.rm < 16
+        && (instruction.opcode == 0xC1 || instruction.opcode == 0xD1) && rotateCount(instruction) != 0
+    }
     if instruction.prefixes & Instruction.Prefix.lock != 0 { return false }
     switch instruction.fast {
     case .addRI64, .subRI64, .andRI64, .orRI64, .xorRI64, .cmpRI64, .testRI64, .adcRI64, .sbbRI64, .cmpMI64,
       .storeMI64, .imulRRI64:
       return fitsInt32(instruction.immediate)
-    case .jcc, .jmpRel:
+    case .jcc, .jmpRel, .callRel64:
       return instruction.operandSize == 8
         && fitsInt32(instruction.immediate &+ UInt64(offsetAfter))
     default:
@@ -153,6 +183,21 @@ struct BlockTranslator {
     return true
   }
 
+  /// Status-flag use of the translated form of `slot`; nil when it has none. Most forms are
+  /// the interpreter's fast forms; ROL and ROR (no fast form) are recognized by their op.
+  static func flagUse(_ slot: UnsafePointer<Instruction>) -> FlagUse? {
+    let instruction = slot.pointee
+    if instruction.fast == .none && (instruction.op == .rolRm || instruction.op == .rorRm) {
+      return FlagUse(reads: true, writesAll: false, undefined: RFlags.of, rotate: true)
+    }
+    return instruction.fast.translatedFlagUse
+  }
+
+  /// The masked count of a ROL/ROR by immediate.
+  static func rotateCount(_ instruction: Instruction) -> UInt8 {
+    UInt8(truncatingIfNeeded: instruction.immediate) & (instruction.operandSize == 8 ? 63 : 31)
+  }
+
   static func fitsInt32(_ value: UInt64) -> Bool {
     let signed = Int64(bitPattern: value)
     return signed >= Int64(Int32.min) && signed <= Int64(Int32.max)
@@ -160,7 +205,11 @@ struct BlockTranslator {
 
   /// Status flags undefined after `slot`, given those undefined before it.
   static func undefinedFlags(after slot: UnsafePointer<Instruction>, before: UInt64) -> UInt64 {
-    guard let use = slot.pointee.fast.translatedFlagUse else { return before }
+    guard let use = flagUse(slot) else { return before }
+    if use.rotate {
+      // CF is the last bit rotated; OF is defined for a count of 1 only.
+      return before & ~(RFlags.cf | RFlags.of) | (rotateCount(slot.pointee) == 1 ? 0 : RFlags.of)
+    }
     switch slot.pointee.fast {
     case .shlRI64, .shlRI32, .shrRI64, .shrRI32, .sarRI64, .sarRI32:
       return slot.pointee.immediate == 1 ? RFlags.af : RFlags.af | RFlags.of
@@ -185,7 +234,8 @@ struct BlockTranslator {
       offsets.append(after)
       translated += 1
       // A jump ends the block.
-      if (first + translated - 1).pointee.fast == .jmpRel { break }
+      let last = (first + translated - 1).pointee.fast
+      if last == .jmpRel || last == .callRel64 || last == .ret64 { break }
     }
     guard translated > 0 else { return nil }
     instructionOffsets = offsets
@@ -195,7 +245,7 @@ struct BlockTranslator {
     var written = false
     var undefined: [UInt64] = [0]
     for index in 0..<translated {
-      let use = (first + index).pointee.fast.translatedFlagUse!
+      let use = Self.flagUse(first + index)!
       if use.reads && !written { loadAtEntry = true }
       if use.writesAll { written = true }
       undefined.append(Self.undefinedFlags(after: first + index, before: undefined[index]))
@@ -205,20 +255,30 @@ struct BlockTranslator {
     var valid = loadAtEntry
     for index in 0...translated {
       flagsValidAt.append(valid)
-      if index < translated, (first + index).pointee.fast.translatedFlagUse!.writesAll { valid = true }
+      if index < translated, Self.flagUse(first + index)!.writesAll { valid = true }
     }
 
     emitter = X86Emitter()
     outOfLine = []
     epilogue = emitter.newLabel()
-    emitPrologue(loadFlags: loadAtEntry)
+    emitFrame()
+    let chainEntry = emitter.count
+    if loadAtEntry { emitter.loadGuestFlags() }
     var ended = false
     for index in 0..<translated {
       ended = emitInstruction(first + index, index: index)
     }
     if !ended {
       storeFlagsIfValid(at: translated)
-      emitLeave(rip: offsets[translated], result: UInt64(translated))
+      if translated == count {
+        // The whole block ran: go on to the next one (chained when translated).
+        emitter.mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+        emitter.lea(HostRegister.rax, .at(HostRegister.rax, offsets[translated]))
+        emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+        emitter.chainOrLeave(instructions: translated, result: UInt64(translated), epilogue: epilogue)
+      } else {
+        emitLeave(rip: offsets[translated], result: UInt64(translated))
+      }
     }
     for emit in outOfLine { emit(&emitter) }
     emitter.bind(epilogue)
@@ -229,12 +289,14 @@ struct BlockTranslator {
     emitter.pop(HostRegister.rbx)
     emitter.ret()
     guard let code = emitter.finish() else { return nil }
-    return TranslatedCode(code: code, instructions: translated, undefinedAfter: undefined)
+    return TranslatedCode(code: code, instructions: translated, undefinedAfter: undefined, chainEntry: chainEntry)
   }
 
   // MARK: Frame, flags and exits
 
-  private mutating func emitPrologue(loadFlags: Bool) {
+  /// Saves the callee-saved registers and loads the block's fixed registers from the context
+  /// (the same in every block, so chained blocks skip it).
+  private mutating func emitFrame() {
     for register in [HostRegister.rbx, HostRegister.rbp, HostRegister.r12, HostRegister.r13] {
       emitter.push(register)
     }
@@ -247,7 +309,6 @@ struct BlockTranslator {
     emitter.mov(size: 8, HostRegister.r13, .at(HostRegister.r12, ContextOffset.readTLB))
     emitter.mov(size: 8, HostRegister.r14, .at(HostRegister.r12, ContextOffset.writeTLB))
     emitter.mov(size: 8, HostRegister.r15, .at(HostRegister.r12, ContextOffset.tagExtra))
-    if loadFlags { emitter.loadGuestFlags() }
   }
 
   private mutating func storeFlagsIfValid(at index: Int) {
@@ -290,6 +351,17 @@ struct BlockTranslator {
     if instruction.addressSize == 4 {
       emitter.mov(size: 4, HostRegister.rsi, .register(HostRegister.rsi))
     }
+  }
+
+  /// RSI = the linear address of the access: the memory operand, or the stack (`stackOffset`
+  /// bytes from the guest RSP; 64-bit mode, so SS has no base and the stack is 64-bit).
+  private mutating func emitAccessAddress(_ slot: UnsafePointer<Instruction>, index: Int, stackOffset: Int?) {
+    guard let stackOffset else {
+      emitLinearAddress(slot, index: index)
+      return
+    }
+    emitter.mov(size: 8, HostRegister.rsi, guest(4))
+    if stackOffset != 0 { emitter.lea(HostRegister.rsi, .at(HostRegister.rsi, stackOffset)) }
   }
 
   /// RSI = the linear address of the memory operand (64-bit mode: only FS and GS have bases).
@@ -350,8 +422,8 @@ struct BlockTranslator {
 
   /// Load of `size` bytes at the memory operand into RAX (zero-extended), with the host flags
   /// intact afterwards: inline probe, helper call on a miss.
-  private mutating func emitLoad(_ slot: UnsafePointer<Instruction>, index: Int, size: Int) {
-    emitLinearAddress(slot, index: index)
+  private mutating func emitLoad(_ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil) {
+    emitAccessAddress(slot, index: index, stackOffset: stackOffset)
     let valid = flagsValidAt[index]
     let miss = emitter.newLabel()
     let resume = emitter.newLabel()
@@ -390,11 +462,18 @@ struct BlockTranslator {
 
   /// Store of `size` bytes of RAX's value, computed by `value` (which must not touch flags),
   /// to the memory operand.
+  ///
+  /// `stackOffset`: the access is to the stack (see `emitAccessAddress`). `flagsLive`: false
+  /// when the flags were already stored (the instruction ends the block). `after` completes
+  /// the instruction once the store is done (both paths); `endedRIPOffset` is where a store
+  /// that invalidated decoded code leaves the block (default: the next instruction).
   private mutating func emitStore(
-    _ slot: UnsafePointer<Instruction>, index: Int, size: Int, value: @escaping (inout X86Emitter, UInt8) -> Void
+    _ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil, flagsLive: Bool = true,
+    after: ((inout X86Emitter) -> Void)? = nil, endedRIPOffset: Int? = nil,
+    value: @escaping (inout X86Emitter, UInt8) -> Void
   ) {
-    emitLinearAddress(slot, index: index)
-    let valid = flagsValidAt[index]
+    emitAccessAddress(slot, index: index, stackOffset: stackOffset)
+    let valid = flagsLive && flagsValidAt[index]
     let miss = emitter.newLabel()
     let resume = emitter.newLabel()
     if inlineTLBProbes {
@@ -406,9 +485,10 @@ struct BlockTranslator {
       emitter.jump(to: miss)
     }
     emitter.bind(resume)
+    after?(&emitter)
     let epilogue = self.epilogue
     let offset = instructionOffsets[index]
-    let nextOffset = instructionOffsets[index + 1]
+    let nextOffset = endedRIPOffset ?? instructionOffsets[index + 1]
     outOfLine.append { emitter in
       emitter.bind(miss)
       if valid {
@@ -428,6 +508,7 @@ struct BlockTranslator {
       emitter.jump(HostCondition.equal, to: ended)  // JE
       emitter.leave(ripOffset: offset, result: UInt64(index), epilogue: epilogue)
       emitter.bind(ended)
+      after?(&emitter)
       emitter.leave(ripOffset: nextOffset, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
       emitter.bind(fine)
       if valid { emitter.loadGuestFlags() }
@@ -447,6 +528,19 @@ struct BlockTranslator {
     let immediate = instruction.immediate
     let imm32 = Int32(truncatingIfNeeded: immediate)
 
+    if Self.flagUse(slot)!.rotate {
+      let kind: HostShift = instruction.op == .rolRm ? .rol : .ror
+      let count = Self.rotateCount(instruction)
+      let register = guest(instruction.rm)
+      if instruction.operandSize == 8 {
+        emitter.shift(kind, size: 8, register, count: count)
+      } else {
+        emitter.mov(size: 4, rax, register)
+        emitter.shift(kind, size: 4, .register(rax), count: count)
+        emitter.mov(size: 8, register, rax)
+      }
+      return false
+    }
     switch instruction.fast {
     case .nop: break
     case .movRR64:
@@ -654,6 +748,55 @@ struct BlockTranslator {
         emitter.storeGuestFlags()
         emitter.branch(targetOffset: target, index: index, faultOffset: offsets[index], epilogue: epilogue)
       }
+    case .mulR64:
+      emitter.mov(size: 8, rax, guest(0))
+      emitter.mul(size: 8, src)
+      emitter.mov(size: 8, guest(0), rax)
+      emitter.mov(size: 8, guest(2), HostRegister.rdx)
+    case .push64:
+      let source = src
+      emitStore(slot, index: index, size: 8, stackOffset: -8, after: Self.adjustStack(-8)) { emitter, register in
+        emitter.mov(size: 8, register, source)
+      }
+    case .pop64:
+      emitLoad(slot, index: index, size: 8, stackOffset: 0)
+      Self.adjustStack(8)(&emitter)
+      emitter.mov(size: 8, dst, rax)
+    case .callRel64:
+      storeFlagsIfValid(at: index)
+      let returnOffset = instructionOffsets[index + 1]
+      let target = returnOffset + Int(Int64(bitPattern: immediate))
+      emitCanonicalCheck(targetOffset: target, index: index)
+      emitStore(
+        slot, index: index, size: 8, stackOffset: -8, flagsLive: false, after: Self.adjustStack(-8),
+        endedRIPOffset: target
+      ) { emitter, register in
+        emitter.mov(size: 8, register, .at(HostRegister.r12, ContextOffset.entryRIP))
+        emitter.lea(register, .at(register, returnOffset))
+      }
+      emitter.mov(size: 8, rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+      emitter.lea(rax, .at(rax, target))
+      emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
+      emitter.chainOrLeave(
+        instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+      return true
+    case .ret64:
+      emitLoad(slot, index: index, size: 8, stackOffset: 0)
+      storeFlagsIfValid(at: index)
+      // A non-canonical return address: #GP at the RET, which the interpreter raises.
+      emitter.mov(size: 8, rcx, .register(rax))
+      emitter.shift(.shl, size: 8, .register(rcx), count: 16)
+      emitter.shift(.sar, size: 8, .register(rcx), count: 16)
+      emitter.alu(.cmp, size: 8, .register(rcx), rax)
+      let canonical = emitter.newLabel()
+      emitter.jump(HostCondition.equal, to: canonical)
+      emitLeave(rip: instructionOffsets[index], result: UInt64(index))
+      emitter.bind(canonical)
+      emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
+      Self.adjustStack(8)(&emitter)
+      emitter.chainOrLeave(
+        instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+      return true
     case .jmpRel:
       storeFlagsIfValid(at: index)
       emitter.branch(
@@ -664,6 +807,30 @@ struct BlockTranslator {
       preconditionFailure("untranslated fast form \(instruction.fast)")
     }
     return false
+  }
+
+  /// Guest RSP += `delta` without touching the host flags. Clobbers RCX.
+  static func adjustStack(_ delta: Int) -> (inout X86Emitter) -> Void {
+    { emitter in
+      emitter.mov(size: 8, HostRegister.rcx, .at(HostRegister.rbx, 4 * 8))
+      emitter.lea(HostRegister.rcx, .at(HostRegister.rcx, delta))
+      emitter.mov(size: 8, .at(HostRegister.rbx, 4 * 8), HostRegister.rcx)
+    }
+  }
+
+  /// Leaves before instruction `index` (whose flags are stored) when entry + `targetOffset`
+  /// is not canonical (the interpreter then raises the #GP). Clobbers RAX, RCX and the flags.
+  private mutating func emitCanonicalCheck(targetOffset: Int, index: Int) {
+    emitter.mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+    emitter.lea(HostRegister.rax, .at(HostRegister.rax, targetOffset))
+    emitter.mov(size: 8, HostRegister.rcx, .register(HostRegister.rax))
+    emitter.shift(.shl, size: 8, .register(HostRegister.rcx), count: 16)
+    emitter.shift(.sar, size: 8, .register(HostRegister.rcx), count: 16)
+    emitter.alu(.cmp, size: 8, .register(HostRegister.rcx), HostRegister.rax)
+    let canonical = emitter.newLabel()
+    emitter.jump(HostCondition.equal, to: canonical)
+    emitLeave(rip: instructionOffsets[index], result: UInt64(index))
+    emitter.bind(canonical)
   }
 
   static func aluKind(_ form: FastOp) -> HostALU {
@@ -748,7 +915,41 @@ extension X86Emitter {
     leave(ripOffset: faultOffset, result: UInt64(index), epilogue: epilogue)
     bind(canonical)
     mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
-    movImmediate64(HostRegister.rax, UInt64(index + 1) | translationEndedBit)
+    chainOrLeave(instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+  }
+
+  /// The block completed `instructions` guest instructions and RAX (= the context's RIP) is
+  /// the next block's RIP, flags stored. Jumps straight into the next block's translation when
+  /// the jump cache holds it under the current generation, its instructions fit the budget and
+  /// no stop was requested; otherwise returns `result`. Clobbers RCX and RDX.
+  mutating func chainOrLeave(instructions: Int, result: UInt64, epilogue: HostLabel) {
+    let leave = newLabel()
+    mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
+    alu(.cmp, size: 1, .at(HostRegister.rdx, 0), immediate: 0)
+    jump(HostCondition.notEqual, to: leave)
+    mov(size: 8, HostRegister.rcx, .register(HostRegister.rax))
+    shift(.shr, size: 8, .register(HostRegister.rcx), count: 12)
+    alu(.xor, size: 8, HostRegister.rcx, .register(HostRegister.rax))
+    alu(.and, size: 4, .register(HostRegister.rcx), immediate: Int32(JumpCache.entries - 1))
+    shift(.shl, size: 4, .register(HostRegister.rcx), count: 5)
+    alu(.add, size: 8, HostRegister.rcx, .at(HostRegister.r12, ContextOffset.jumpCache))
+    alu(.cmp, size: 8, HostRegister.rax, .at(HostRegister.rcx, 0))
+    jump(HostCondition.notEqual, to: leave)
+    mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.generation))
+    alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.rcx, 8))
+    jump(HostCondition.notEqual, to: leave)
+    mov(size: 4, HostRegister.rdx, .at(HostRegister.rcx, 24))
+    alu(.add, size: 8, .register(HostRegister.rdx), immediate: Int32(instructions))
+    alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.budget))
+    jump(HostCondition.greater, to: leave)
+    alu(.sub, size: 8, .at(HostRegister.r12, ContextOffset.budget), immediate: Int32(instructions))
+    alu(.add, size: 8, .at(HostRegister.r12, ContextOffset.chained), immediate: Int32(instructions))
+    mov(size: 4, HostRegister.rdx, .at(HostRegister.rcx, 28))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.lastBlock), HostRegister.rdx)
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.entryRIP), HostRegister.rax)
+    jumpIndirect(.at(HostRegister.rcx, 16))
+    bind(leave)
+    movImmediate64(HostRegister.rax, result)
     jump(to: epilogue)
   }
 }

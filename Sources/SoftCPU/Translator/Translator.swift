@@ -26,6 +26,8 @@ final class Translator {
   var threshold: UInt32
   let buffer: CodeBuffer
   let context: UnsafeMutablePointer<hv_jit_context>
+  /// The jump cache (`JumpCache`) generated code chains through.
+  let jumpCache: UnsafeMutablePointer<hv_jit_cache_entry>
   /// Translated blocks: entry point, instruction count, flags undefined after each count.
   var translations: [(code: UnsafeRawPointer, instructions: Int, undefinedAfter: [UInt64])] = []
   /// The first lockstep difference (the machine stops on it).
@@ -44,6 +46,9 @@ final class Translator {
     lockstep = tier == .lockstep
     self.threshold = threshold
     self.buffer = buffer
+    precondition(MemoryLayout<hv_jit_cache_entry>.stride == 32)
+    jumpCache = .allocate(capacity: JumpCache.entries)
+    jumpCache.initialize(repeating: hv_jit_cache_entry(), count: JumpCache.entries)
     context = .allocate(capacity: 1)
     let load: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64) -> UInt64 = translatedLoad
     let store: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64, UInt64) -> Void =
@@ -55,11 +60,14 @@ final class Translator {
         segment_base: UnsafeMutableRawPointer(cpu.segmentBase),
         cpu: Unmanaged.passUnretained(cpu).toOpaque(),
         load_helper: unsafeBitCast(load, to: UnsafeMutableRawPointer.self),
-        store_helper: unsafeBitCast(store, to: UnsafeMutableRawPointer.self), entry_rip: 0))
+        store_helper: unsafeBitCast(store, to: UnsafeMutableRawPointer.self), entry_rip: 0, generation: 0,
+        budget: 0, chained: 0, last_block: 0, jump_cache: UnsafeMutableRawPointer(jumpCache),
+        stop: cpu.translationStopSignal, chain_offset: 0))
   }
 
   deinit {
     context.deallocate()
+    jumpCache.deallocate()
   }
 
   /// Drops every translation (the code buffer is full, or the decoded blocks were flushed).
@@ -70,6 +78,7 @@ final class Translator {
       blocks[index].heat = 0
     }
     translations.removeAll(keepingCapacity: true)
+    jumpCache.update(repeating: hv_jit_cache_entry(), count: JumpCache.entries)
     buffer.reset()
   }
 
@@ -87,6 +96,8 @@ final class Translator {
       code = buffer.install(result.code)
     }
     guard let code else { return }
+    // Every block's frame set-up is the same, so is the entry chained blocks jump to.
+    context.pointee.chain_offset = UInt64(result.chainEntry)
     translations.append((code, result.instructions, result.undefinedAfter))
     translatedBlocks += 1
     translatedInstructions += result.instructions
@@ -125,8 +136,15 @@ extension CPU {
   /// Runs the translated prefix of `block` (if it has one, or translates it once hot) with
   /// `rip` at its first instruction; returns the instructions completed and whether the block
   /// ended (`translationEndedBit`). 0 when nothing ran.
+  ///
+  /// Unless in lockstep mode the block may chain into further translated blocks (through the
+  /// jump cache) while their instructions fit `remaining`; the context's `chained` then counts
+  /// the instructions of the blocks completed before the last one and `last_block` names it
+  /// (the result is that block's).
   @inline(__always)
-  func runTranslated(block: Int) -> UInt64 {
+  func runTranslated(block: Int, remaining: Int) -> UInt64 {
+    let context = translationContext.unsafelyUnwrapped
+    context.pointee.chained = 0
     var code = blocks[block].translatedCode
     if code == nil {
       if blocks[block].translation != 0 { return 0 }
@@ -138,13 +156,22 @@ extension CPU {
       if code == nil { return 0 }
     }
     materializeFlags()
-    let context = translationContext.unsafelyUnwrapped
     context.pointee.flags = storedFlags
     context.pointee.entry_rip = rip
     context.pointee.exit = 0
     context.pointee.tag_extra = tlbTagExtra
     if translationLockstep {
       return runLockstep(block: block)
+    }
+    context.pointee.generation = chainGeneration
+    context.pointee.budget = debugStopPagesActive ? 0 : Int64(remaining)
+    // This block becomes a chaining target.
+    let entry = context.pointee.jump_cache.assumingMemoryBound(to: hv_jit_cache_entry.self) + JumpCache.index(rip)
+    if entry.pointee.rip != rip || entry.pointee.generation != chainGeneration {
+      entry.pointee = hv_jit_cache_entry(
+        rip: rip, generation: chainGeneration,
+        code: code.unsafelyUnwrapped + Int(context.pointee.chain_offset), count: UInt32(blocks[block].count),
+        block: Int32(block))
     }
     let result = hv_jit_call(code.unsafelyUnwrapped, context, gpr)
     storedFlags = context.pointee.flags
@@ -176,7 +203,9 @@ extension CPU {
       }
     }
     do {
-      return try readMemory(linear, size: UInt8(size))
+      let value = try readMemory(linear, size: UInt8(size))
+      context.pointee.generation = chainGeneration
+      return value
     } catch {
       context.pointee.exit = 1
       return 0
@@ -219,6 +248,7 @@ extension CPU {
       }
     }
     if blockInvalidated { context.pointee.exit = 2 }
+    context.pointee.generation = chainGeneration
   }
 
   /// Lockstep mode: the host address of a RAM access within one page, or nil (faults, MMIO and

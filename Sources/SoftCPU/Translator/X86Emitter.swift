@@ -39,7 +39,7 @@ enum HostALU: UInt8 {
 
 /// Shift operations by their `/digit` in C0/C1/D2/D3.
 enum HostShift: UInt8 {
-  case shl = 4, shr = 5, sar = 7
+  case rol = 0, ror = 1, shl = 4, shr = 5, sar = 7
 }
 
 /// A branch target inside the code being assembled.
@@ -248,6 +248,8 @@ struct X86Emitter {
   }
 
   /// INC (/0), DEC (/1) on FE/FF; NOT (/2), NEG (/3) on F6/F7.
+  /// `mul rm` (RDX:RAX = RAX * rm, unsigned).
+  mutating func mul(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 4, rm: rm) }
   mutating func inc(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xFE : 0xFF], size: size, reg: 0, rm: rm) }
   mutating func dec(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xFE : 0xFF], size: size, reg: 1, rm: rm) }
   mutating func not(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 2, rm: rm) }
@@ -294,6 +296,11 @@ struct X86Emitter {
     encode([0xFF], size: 4, reg: 2, rm: rm)
   }
 
+  /// `jmp rm` (an absolute address in a register or memory).
+  mutating func jumpIndirect(_ rm: HostOperand) {
+    encode([0xFF], size: 4, reg: 4, rm: rm)
+  }
+
   mutating func push(_ reg: UInt8) {
     if reg & 8 != 0 { byte(0x41) }
     byte(0x50 | (reg & 7))
@@ -318,4 +325,5 @@ enum HostCondition {
   static let overflow: UInt8 = 0
   static let equal: UInt8 = 4
   static let notEqual: UInt8 = 5
+  static let greater: UInt8 = 0xF
 }
