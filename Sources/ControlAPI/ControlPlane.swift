@@ -59,6 +59,13 @@ public final class ControlPlane: Sendable {
   /// Marks the machine as created (after a Firecracker configuration request or `vm.create`).
   func markCreated() { state.withLock { $0.created = true } }
 
+  /// Boots the machine configured when the process started (`hostvisor run --api-sock`): it
+  /// counts as created for both APIs, as if `vm.create` and `vm.boot` had made it.
+  public func bootConfiguredMachine() throws(ControlError) {
+    markCreated()
+    try controller.start()
+  }
+
   /// Waits at `url` for a migrating machine and runs it (`hostvisor serve --incoming`); the
   /// machine then counts as created for both APIs.
   public func receiveIncomingMigration(from url: String) throws(ControlError) {

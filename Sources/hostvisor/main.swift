@@ -258,7 +258,7 @@ struct Run: ParsableCommand {
     }
     let service = try ManagedProcess.startService(instanceID: "anonymous-instance", spec: spec, socketPath: socketPath)
     do {
-      try service.plane.controller.start()
+      try service.plane.bootConfiguredMachine()
     } catch {
       ManagedProcess.exit(1, message: error.description)
     }

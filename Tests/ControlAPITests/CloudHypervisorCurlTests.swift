@@ -101,6 +101,25 @@ struct CloudHypervisorCurlTests {
     #expect(!FileManager.default.fileExists(atPath: socket))
   }
 
+  /// The machine `hostvisor run --api-sock` boots is managed through both APIs like one made
+  /// by `vm.create` and `vm.boot`: Cloud Hypervisor's `vm.info`, `vm.pause` and `vm.resume`
+  /// and Firecracker's `GET /vm/config` answer for it.
+  @Test func runWithAnAPISocketIsManagedThroughBothAPIs() throws {
+    let kernel = try assembleGuest(counterGuestSource, in: scratch)
+    let server = try HostvisorProcess([
+      "run", "--accel", "soft", "--memory", "32M", "--kernel", kernel, "--api-sock", socket,
+    ])
+    defer { server.process.terminate() }
+    try server.waitForSocket(socket)
+    try server.waitForOutput("the counter") { counterValues($0).count >= 2 }
+    #expect(try api("GET", "vm.info").json["state"] as? String == "Running")
+    #expect(try api("PUT", "vm.pause").status == 204)
+    #expect(try api("GET", "vm.info").json["state"] as? String == "Paused")
+    #expect(try api("PUT", "vm.resume").status == 204)
+    #expect(try curl(socket, "GET", "/vm/config").status == 200)
+    #expect(try api("PUT", "vm.create", #"{"payload": {"kernel": "\#(kernel)"}}"#).status == 400)
+  }
+
   /// A guest that stops by itself ends the `serve` process with `run`'s exit status.
   @Test func guestExitEndsTheProcess() throws {
     let scratch = try Scratch()
