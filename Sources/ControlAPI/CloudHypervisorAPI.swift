@@ -363,10 +363,16 @@ public final class CloudHypervisorAPI: Sendable {
     if let downtime = data.downtime_ms, downtime < 1 {
       throw Failure(status: 400, message: "downtime_ms must be at least 1")
     }
+    if let timeout = data.timeout_s, timeout < 1 {
+      throw Failure(status: 400, message: "timeout_s must be at least 1")
+    }
     try requireBooted()
     let downtime = Int(clamping: data.downtime_ms ?? 300)
     do {
-      let statistics = try controller.sendMigration(to: data.destination_url, downtimeLimitMilliseconds: downtime)
+      let statistics = try controller.sendMigration(
+        to: data.destination_url, downtimeLimitMilliseconds: downtime,
+        timeoutSeconds: Int(clamping: data.timeout_s ?? 3600),
+        timeoutStrategy: data.timeout_strategy == .Ignore ? .ignore : .cancel)
       Logger(label: "vmm").info("migrated to \(data.destination_url): \(statistics)")
     } catch {
       throw Failure(status: error.kind == .invalidArgument ? 400 : 500, message: error.description)

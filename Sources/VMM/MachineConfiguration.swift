@@ -269,6 +269,10 @@ public struct MachineConfiguration: Sendable {
   public var softCPUThreshold: UInt32 = SoftCPUTier.defaultThreshold
   /// A virtio-balloon device, attached last.
   public var balloon: BalloonConfiguration?
+  /// Build the TAP-backed interfaces without opening their TAPs (a live migration's
+  /// destination, whose source still holds them): `VirtualMachine.attachNetworkInterfaces`
+  /// opens them once the source let go.
+  public var openTapsLater = false
 
   public init(
     kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",
