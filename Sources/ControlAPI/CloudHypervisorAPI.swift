@@ -342,12 +342,13 @@ public final class CloudHypervisorAPI: Sendable {
     guard !plane.isCreated else {
       throw Failure(status: 404, message: "the VM is already created; restore needs a fresh VMM")
     }
-    if config.memory_restore_mode == .OnDemand {
-      throw Failure(status: 400, message: "Hostvisor restores memory by copying (memory_restore_mode Copy)")
-    }
+    // Copy (the default) reads the memory file into RAM before the guest runs (eager), as does
+    // `prefault`; OnDemand maps it copy-on-write, pages read when the guest touches them.
+    let eager = (config.memory_restore_mode ?? .Copy) == .Copy || config.prefault == true
     try perform { () throws(ControlError) in
       try controller.loadSnapshot(
-        statePath: directory + "/state", memoryPath: directory + "/memory", resume: config.resume ?? false)
+        statePath: directory + "/state", memoryPath: directory + "/memory", resume: config.resume ?? false,
+        eagerMemory: eager)
     }
     plane.markCreated()
   }

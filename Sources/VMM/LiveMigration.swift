@@ -554,6 +554,8 @@ extension VMController {
   /// from the description the source sends, receives its RAM and state and runs it (paused if
   /// it was paused on the source). Only before start; returns once the guest runs here. A
   /// machine this process cannot build (no KVM, a missing disk) is refused with its reason.
+  /// A configured accelerator other than `auto` runs the guest on that accelerator, converting
+  /// the state of a machine that ran on the other one.
   /// `networkOverrides` maps interface IDs to host TAP devices that replace the source's; the
   /// others are opened by the same name once the source has let go of them.
   public func receiveMigration(from source: String, networkOverrides: [String: String] = [:]) throws(ControlError) {
@@ -605,6 +607,9 @@ extension VMController {
     overrides.serial = current.serial
     overrides.verbose = current.verbose
     overrides.networkTaps = networkOverrides
+    // A destination configured for the other accelerator converts the vCPU and interrupt
+    // controller state, as a restore does (docs/machine-state.md, "Across accelerators").
+    overrides.accelerator = current.accelerator
     // The source still holds its TAPs: they are opened after it lets go of them.
     overrides.openTapsLater = true
     do {
