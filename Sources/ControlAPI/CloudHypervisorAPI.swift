@@ -347,12 +347,13 @@ public final class CloudHypervisorAPI: Sendable {
     guard !plane.isCreated else {
       throw Failure(status: 404, message: "the VM is already created; restore needs a fresh VMM")
     }
-    if config.memory_restore_mode == .OnDemand {
-      throw Failure(status: 400, message: "Hostvisor restores memory by copying (memory_restore_mode Copy)")
-    }
+    // Copy (the default) reads the memory file into RAM before the guest runs (eager), as does
+    // `prefault`; OnDemand maps it copy-on-write, pages read when the guest touches them.
+    let eager = (config.memory_restore_mode ?? .Copy) == .Copy || config.prefault == true
     try perform { () throws(ControlError) in
       try controller.loadSnapshot(
-        statePath: directory + "/state", memoryPath: directory + "/memory", resume: config.resume ?? false)
+        statePath: directory + "/state", memoryPath: directory + "/memory", resume: config.resume ?? false,
+        eagerMemory: eager)
     }
     plane.markCreated()
   }
@@ -368,10 +369,16 @@ public final class CloudHypervisorAPI: Sendable {
     if let downtime = data.downtime_ms, downtime < 1 {
       throw Failure(status: 400, message: "downtime_ms must be at least 1")
     }
+    if let timeout = data.timeout_s, timeout < 1 {
+      throw Failure(status: 400, message: "timeout_s must be at least 1")
+    }
     try requireBooted()
     let downtime = Int(clamping: data.downtime_ms ?? 300)
     do {
-      let statistics = try controller.sendMigration(to: data.destination_url, downtimeLimitMilliseconds: downtime)
+      let statistics = try controller.sendMigration(
+        to: data.destination_url, downtimeLimitMilliseconds: downtime,
+        timeoutSeconds: Int(clamping: data.timeout_s ?? 3600),
+        timeoutStrategy: data.timeout_strategy == .Ignore ? .ignore : .cancel)
       Logger(label: "vmm").info("migrated to \(data.destination_url): \(statistics)")
     } catch {
       throw Failure(status: error.kind == .invalidArgument ? 400 : 500, message: error.description)

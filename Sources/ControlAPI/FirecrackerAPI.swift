@@ -532,9 +532,6 @@ public final class FirecrackerAPI: Sendable {
       throw ControlFailure("Loading a microVM snapshot not allowed after configuring boot-specific resources.")
     }
     if body.vsock_override != nil { throw ControlFailure("Hostvisor has no vsock device (`vsock_override`).") }
-    if body.clock_realtime == true {
-      throw ControlFailure("Hostvisor does not advance the guest clock on restore (`clock_realtime`).")
-    }
     let memoryPath: String
     switch (body.mem_file_path, body.mem_backend) {
     case (let path?, nil):
@@ -552,7 +549,8 @@ public final class FirecrackerAPI: Sendable {
     do {
       try controller.loadSnapshot(
         statePath: body.snapshot_path, memoryPath: memoryPath, resume: body.resume_vm ?? false,
-        networkOverrides: overrides, trackDirtyPages: body.track_dirty_pages ?? body.enable_diff_snapshots ?? false)
+        networkOverrides: overrides, trackDirtyPages: body.track_dirty_pages ?? body.enable_diff_snapshots ?? false,
+        clockRealtime: body.clock_realtime ?? false)
     } catch {
       throw ControlFailure("Cannot load the snapshot: \(error.description)")
     }

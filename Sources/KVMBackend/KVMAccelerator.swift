@@ -166,6 +166,25 @@ public final class KVMAccelerator: Accelerator {
     parts.control.pauseGate.resume()
   }
 
+  /// The kvmclock in nanoseconds: as frozen by `pause` while paused, else as KVM reads it now;
+  /// nil when the kernel refuses KVM_GET_CLOCK.
+  public var clockNanoseconds: UInt64? {
+    (pausedClock.withLock { $0 } ?? machine.clock())?.clock
+  }
+
+  /// Moves the kvmclock forward by `nanoseconds` (KVM_SET_CLOCK), before the machine runs or
+  /// while it is paused (then the clock `resume` restores moves too): the guest's kvmclock-based
+  /// time steps forward, as after a pause of that length without the freeze.
+  public func advanceClock(byNanoseconds nanoseconds: UInt64) {
+    guard let current = clockNanoseconds else { return }
+    var clock = kvm_clock_data()
+    clock.clock = current &+ nanoseconds
+    machine.setClock(clock)
+    pausedClock.withLock { paused in
+      if paused != nil { paused = clock }
+    }
+  }
+
   /// Exit counts summed over all vCPUs (readable at any time, e.g. after `run` returns).
   public var exitStatistics: KVMExitStatistics {
     vcpus.reduce(KVMExitStatistics()) { $0 + $1.counters.snapshot }

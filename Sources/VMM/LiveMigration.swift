@@ -12,11 +12,15 @@ import VMCore
 //   pages (rounds 2...: the dirty pages)  ->
 //   [pause] pages (the last dirty pages)  ->
 //   state (state file, resume flag)       ->
+//   with TAP interfaces:                  <- release-network (the state is restored)
+//   [close the TAPs] network-released     ->
+//                                            [open the TAPs by name]
 //                                         <- resumed (the guest runs there) | error
 //   [stop]
 //
 // The source stops only after "resumed"; any failure before it (an unreachable or refusing
-// destination, a broken connection, a timeout) resumes the guest on the source.
+// destination, a broken connection, a timeout, a TAP the destination cannot open) resumes the
+// guest on the source, which opens its TAPs again if it had let go of them.
 
 /// Where a migration goes or comes from: `unix:PATH` or `tcp:HOST:PORT`.
 public enum MigrationAddress: Sendable, Equatable, CustomStringConvertible {
@@ -200,14 +204,17 @@ enum MigrationMessage: UInt32 {
   case pages = 4
   case state = 5
   case resumed = 6
+  case releaseNetwork = 7
+  case networkReleased = 8
 }
 
 /// One migration connection: framed messages with checksums.
 final class MigrationChannel {
   /// "HVMG" as a little-endian integer.
   static let magic: UInt32 = 0x474D_5648
-  /// The protocol version this Hostvisor speaks (and the only one it accepts).
-  static let version: UInt32 = 1
+  /// The protocol version this Hostvisor speaks (and the only one it accepts). Version 2 added
+  /// the TAP hand-over (`release-network`, `network-released`).
+  static let version: UInt32 = 2
   /// Frame header: magic, type, payload length (u64), CRC-32C of the payload, reserved.
   static let headerSize = 24
   /// The largest payload accepted.
@@ -479,6 +486,15 @@ extension GuestMemory {
   }
 }
 
+/// What a live migration does when it reaches its time limit before the dirty pages left fit
+/// the downtime limit (Cloud Hypervisor's `timeout_strategy`).
+public enum MigrationTimeoutStrategy: Sendable {
+  /// Give up: the guest keeps running on the source.
+  case cancel
+  /// Switch over now, whatever the downtime.
+  case ignore
+}
+
 extension VMController {
   /// The most pre-copy rounds before the switch-over, however much is still dirty.
   static let maximumMigrationRounds = 30
@@ -488,14 +504,21 @@ extension VMController {
   /// runs until the dirty pages left would take less than `downtimeLimitMilliseconds` to send
   /// (or after 30 rounds), then a short pause for the last pages and the state. The source
   /// stops once the destination confirms that the guest runs there; on any failure before
-  /// that the guest keeps running here and the error is returned.
+  /// that the guest keeps running here and the error is returned. When the pre-copy rounds
+  /// are still going after `timeoutSeconds` (from the start, nil for no limit), the migration
+  /// is cancelled (the guest keeps running here) or switches over at once, as
+  /// `timeoutStrategy` says.
   @discardableResult
-  public func sendMigration(to destination: String, downtimeLimitMilliseconds: Int = 300) throws(ControlError)
-    -> MigrationStatistics
-  {
+  public func sendMigration(
+    to destination: String, downtimeLimitMilliseconds: Int = 300, timeoutSeconds: Int? = nil,
+    timeoutStrategy: MigrationTimeoutStrategy = .cancel
+  ) throws(ControlError) -> MigrationStatistics {
     let address = try MigrationAddress(destination)
     guard downtimeLimitMilliseconds >= 1 else {
       throw ControlError(.invalidArgument, "the downtime limit must be at least 1 ms")
+    }
+    if let timeoutSeconds, timeoutSeconds < 1 {
+      throw ControlError(.invalidArgument, "the migration timeout must be at least 1 s")
     }
     return try transitions.withLock { _ throws(ControlError) -> MigrationStatistics in
       let current = lifecycle
@@ -508,7 +531,9 @@ extension VMController {
       let migration = SourceMigration(
         machine: machine, tracker: tracker, address: address, running: current == .running,
         downtimeLimitNanoseconds: UInt64(downtimeLimitMilliseconds) * 1_000_000,
-        networkIDs: spec.networkInterfaces.map(\.id))
+        networkIDs: spec.networkInterfaces.map(\.id),
+        timeoutNanoseconds: timeoutSeconds.map { UInt64(min($0, 1 << 30)) * 1_000_000_000 },
+        timeoutStrategy: timeoutStrategy)
       let statistics: MigrationStatistics
       do {
         statistics = try migration.run()
@@ -529,7 +554,11 @@ extension VMController {
   /// from the description the source sends, receives its RAM and state and runs it (paused if
   /// it was paused on the source). Only before start; returns once the guest runs here. A
   /// machine this process cannot build (no KVM, a missing disk) is refused with its reason.
-  public func receiveMigration(from source: String) throws(ControlError) {
+  /// A configured accelerator other than `auto` runs the guest on that accelerator, converting
+  /// the state of a machine that ran on the other one.
+  /// `networkOverrides` maps interface IDs to host TAP devices that replace the source's; the
+  /// others are opened by the same name once the source has let go of them.
+  public func receiveMigration(from source: String, networkOverrides: [String: String] = [:]) throws(ControlError) {
     let address = try MigrationAddress(source)
     guard lifecycle == .notStarted else {
       throw ControlError(.invalidState, "a migration can only be received before the microVM has started")
@@ -543,7 +572,7 @@ extension VMController {
     channel.setTimeout(seconds: 60)
     var machine: VirtualMachine?
     do {
-      try receive(over: channel, building: &machine)
+      try receive(over: channel, building: &machine, networkOverrides: networkOverrides)
     } catch {
       machine?.shutdownDevices()
       let message = (error as? ControlError)?.description ?? "\(error)"
@@ -553,7 +582,9 @@ extension VMController {
     }
   }
 
-  private func receive(over channel: MigrationChannel, building machine: inout VirtualMachine?) throws {
+  private func receive(
+    over channel: MigrationChannel, building machine: inout VirtualMachine?, networkOverrides: [String: String]
+  ) throws {
     var hello = StateReader(bytes: try channel.receive(.hello))
     let version: UInt32 = try hello.read()
     guard version == MigrationChannel.version else {
@@ -575,6 +606,12 @@ extension VMController {
     let current = spec
     overrides.serial = current.serial
     overrides.verbose = current.verbose
+    overrides.networkTaps = networkOverrides
+    // A destination configured for the other accelerator converts the vCPU and interrupt
+    // controller state, as a restore does (docs/machine-state.md, "Across accelerators").
+    overrides.accelerator = current.accelerator
+    // The source still holds its TAPs: they are opened after it lets go of them.
+    overrides.openTapsLater = true
     do {
       machine = try VirtualMachine.build(description: description, overrides: overrides, memory: memory)
     } catch {
@@ -599,6 +636,15 @@ extension VMController {
         throw ControlError(.failed, "the migrated state describes another machine than the source announced")
       }
       try machine!.restoreSections(from: &reader, description: description, paused: true)
+      if !machine!.tapNetworkDevices.isEmpty {
+        try channel.send(.releaseNetwork)
+        _ = try channel.receive(.networkReleased)
+        do {
+          try machine!.attachNetworkInterfaces()
+        } catch {
+          throw ControlError(.failed, "cannot take over the network interfaces: \(error)")
+        }
+      }
       try adopt(machine!, paused: true)
       if resume == 1 { try self.resume() }
       // The guest runs here now: the source may stop (if it never hears this, it resumes).
@@ -616,9 +662,20 @@ struct SourceMigration {
   let running: Bool
   let downtimeLimitNanoseconds: UInt64
   let networkIDs: [String]
+  /// The time limit of the pre-copy phase, from the start; nil for none.
+  let timeoutNanoseconds: UInt64?
+  let timeoutStrategy: MigrationTimeoutStrategy
 
   func run() throws -> MigrationStatistics {
     let started = HostCondition.now()
+    /// Whether the time limit has passed; with `.cancel`, throws instead.
+    func timedOut() throws -> Bool {
+      guard let timeoutNanoseconds, HostCondition.now() - started >= timeoutNanoseconds else { return false }
+      if timeoutStrategy == .ignore { return true }
+      throw MigrationError.protocolError(
+        "the migration did not converge within its time limit (\(timeoutNanoseconds / 1_000_000_000) s, "
+          + "timeout strategy cancel)")
+    }
     var statistics = MigrationStatistics()
     let channel = try address.connect()
     channel.setTimeout(seconds: 60)
@@ -635,6 +692,7 @@ struct SourceMigration {
     defer { sender.deallocate() }
     var paused = !running
     var quiesced = false
+    var networkReleased = false
     do {
       try tracker.startDirtyLogging()
       // Round 1: all of RAM that is not zero.
@@ -642,6 +700,8 @@ struct SourceMigration {
       for region in memory.regions {
         for page in stride(from: region.guestBase >> 12, to: region.guestEnd >> 12, by: 1) {
           try sender.add(page: page, skipZero: true)
+          // Cancelling may cut the first round short; switching over needs all of it.
+          if page & 0xFFF == 0 { _ = try timedOut() }
         }
       }
       try sender.flush()
@@ -650,6 +710,7 @@ struct SourceMigration {
       var pending = try tracker.takeDirtyPages()
       // More rounds while the guest runs, until the rest fits in the downtime limit.
       while running && statistics.rounds < VMController.maximumMigrationRounds {
+        if try timedOut() { break }
         let estimate = Double(pending.count * MigrationChannel.pageEntrySize) / max(bytesPerSecond, 1) * 1e9
         if estimate < Double(downtimeLimitNanoseconds) / 2 { break }
         roundStart = HostCondition.now()
@@ -679,6 +740,14 @@ struct SourceMigration {
       var state: [UInt8] = [running ? 1 : 0]
       state.append(contentsOf: MachineStateFile.encode(payload: payload))
       try channel.send(.state, state)
+      if !machine.tapNetworkDevices.isEmpty {
+        // The destination restored the state: hand it the TAPs (on one host it cannot open a
+        // TAP this process holds), then wait for it to run the guest.
+        _ = try channel.receive(.releaseNetwork)
+        machine.releaseNetworkInterfaces()
+        networkReleased = true
+        try channel.send(.networkReleased)
+      }
       _ = try channel.receive(.resumed)
       let now = HostCondition.now()
       statistics.downtimeNanoseconds = now - pauseStart
@@ -698,9 +767,17 @@ struct SourceMigration {
       } else {
         tracker.stopDirtyLogging()
       }
+      var failure = error
+      if networkReleased {
+        do {
+          try machine.attachNetworkInterfaces()
+        } catch {
+          failure = MigrationError.protocolError("\(failure); the network interfaces stay detached: \(error)")
+        }
+      }
       if quiesced { for device in machine.virtioDevices { device.unquiesce() } }
       if running && paused { machine.resume() }
-      throw error
+      throw failure
     }
   }
 }

@@ -274,6 +274,10 @@ public struct MachineConfiguration: Sendable {
   public var balloon: BalloonConfiguration?
   /// The framebuffer and its VNC server; none by default (no device at all).
   public var display: DisplayChoice = .none
+  /// Build the TAP-backed interfaces without opening their TAPs (a live migration's
+  /// destination, whose source still holds them): `VirtualMachine.attachNetworkInterfaces`
+  /// opens them once the source let go.
+  public var openTapsLater = false
 
   public init(
     kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",

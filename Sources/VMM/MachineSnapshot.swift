@@ -1,5 +1,6 @@
 import Devices
 import Glibc
+import InterruptControllers
 import KVMBackend
 import SoftCPU
 import VMCore
@@ -31,6 +32,11 @@ public struct RestoreOverrides: Sendable {
   /// The accelerator to restore on; nil (or `.auto`) uses the one the snapshot was taken on.
   /// The other one converts the vCPU and interrupt-controller state (docs/machine-state.md).
   public var accelerator: AcceleratorChoice?
+  /// Step the guest's clocks forward by the host wall-clock time since the snapshot was taken
+  /// (Firecracker's `clock_realtime`), instead of continuing from the snapshot's time.
+  public var clockRealtime = false
+  /// Build the TAP-backed interfaces without opening their TAPs (`MachineConfiguration.openTapsLater`).
+  var openTapsLater = false
 
   public init() {}
 }
@@ -56,6 +62,8 @@ struct MachineDescription: Equatable {
   /// Device types of the PCI functions in slot order (0 for the host bridge).
   var pciFunctions: [UInt16] = []
   var memoryPath = ""
+  /// The balloon device's options (its target and size travel in its device state).
+  var balloon: BalloonOptions?
 
   func save(into writer: inout StateWriter) {
     writer.write(cpuModel)
@@ -81,6 +89,11 @@ struct MachineDescription: Equatable {
     }
     writer.write(array: pciFunctions)
     writer.write(memoryPath)
+    // Written since balloons are saved; a description without it has no balloon.
+    writer.write(balloon != nil)
+    writer.write(balloon?.deflateOnOOM ?? false)
+    writer.write(balloon?.statisticsInterval ?? 0)
+    writer.write(balloon?.freePageReporting ?? false)
   }
 
   static func restore(from reader: inout StateReader) throws(MachineStateError) -> MachineDescription {
@@ -122,6 +135,13 @@ struct MachineDescription: Equatable {
     guard functionCount <= 32 else { throw .invalid("PCI function count") }
     for _ in 0..<functionCount { description.pciFunctions.append(try reader.read()) }
     description.memoryPath = try reader.readString()
+    if !reader.isAtEnd {
+      let hasBalloon = try reader.readBool()
+      let options = BalloonOptions(
+        deflateOnOOM: try reader.readBool(), statisticsInterval: try reader.read(),
+        freePageReporting: try reader.readBool())
+      description.balloon = hasBalloon ? options : nil
+    }
     return description
   }
 }
@@ -154,6 +174,7 @@ extension VirtualMachine {
     }
     description.pciFunctions = pci.devices.map { ($0.1 as? VirtioPCIDevice)?.model.deviceType ?? 0 }
     description.memoryPath = memoryPath
+    description.balloon = configuration.balloon?.options
     return description
   }
 
@@ -232,7 +253,52 @@ extension VirtualMachine {
     writer.section("acpi-pm", powerManagement)
     writer.section("pci", pci)
     for device in virtioDevices { writer.section("virtio", device) }
+    writer.section("host-time") { $0.write(Self.hostRealtimeNanoseconds()) }
     return writer.bytes
+  }
+
+  /// The host's CLOCK_REALTIME in nanoseconds since the epoch.
+  static func hostRealtimeNanoseconds() -> UInt64 {
+    var spec = timespec()
+    clock_gettime(CLOCK_REALTIME, &spec)
+    return UInt64(max(0, spec.tv_sec)) &* 1_000_000_000 &+ UInt64(max(0, spec.tv_nsec))
+  }
+
+  /// The host wall-clock time a state payload records in its `host-time` section (when it was
+  /// taken), or nil for a state written before the section existed.
+  static func recordedHostTime(in payload: [UInt8]) throws(MachineStateError) -> UInt64? {
+    var reader = StateReader(bytes: payload)
+    var found: UInt64?
+    while !reader.isAtEnd {
+      var peek = reader
+      let tag = try peek.readString(maximumCount: 256)
+      try reader.section(tag) { (section) throws(MachineStateError) in
+        if tag == "host-time" {
+          found = try section.read(UInt64.self)
+        } else {
+          _ = try section.remainingBytes()
+        }
+      }
+    }
+    return found
+  }
+
+  /// Moves every guest clock forward by `nanoseconds` after the accelerator state is restored:
+  /// the software CPU's virtual clock (TSC, local APIC timers, PIT, ACPI PM timer), or KVM's
+  /// kvmclock. Timers that fall due meanwhile fire when the guest runs.
+  func advanceGuestClock(byNanoseconds nanoseconds: UInt64) throws(MachineStateError) {
+    guard nanoseconds > 0 else { return }
+    if let soft = accelerator as? SoftAccelerator {
+      guard let clock = soft.clock as? VirtualClock else {
+        throw MachineStateError("this machine's clock cannot be stepped")
+      }
+      var writer = StateWriter()
+      writer.write(clock.nanoseconds &+ nanoseconds)
+      var reader = StateReader(bytes: writer.bytes)
+      try clock.restoreState(from: &reader)
+    } else if let kvm = accelerator as? KVMAccelerator {
+      kvm.advanceClock(byNanoseconds: nanoseconds)
+    }
   }
 
   /// Builds a machine from a snapshot: the machine the state file describes (with
@@ -267,8 +333,18 @@ extension VirtualMachine {
       ? try GuestMemory.loading(snapshotFile: firstLayer, size: description.memorySize)
       : try GuestMemory.mapping(snapshotFile: firstLayer, size: description.memorySize)
     for diff in layers { try memory.applyDiff(path: diff) }
+    var clockStep: UInt64 = 0
+    if overrides.clockRealtime {
+      guard let takenAt = try recordedHostTime(in: payload) else {
+        throw MachineStateError(
+          "'\(statePath)' does not record when it was taken, so the guest clock cannot be stepped (clock_realtime)")
+      }
+      let now = hostRealtimeNanoseconds()
+      clockStep = now > takenAt ? now - takenAt : 0
+    }
     let machine = try build(description: description, overrides: overrides, memory: memory)
-    try machine.restoreSections(from: &reader, description: description, paused: overrides.paused)
+    try machine.restoreSections(
+      from: &reader, description: description, paused: overrides.paused, clockStep: clockStep)
     return machine
   }
 
@@ -289,6 +365,8 @@ extension VirtualMachine {
       memorySize: description.memorySize, cpuCount: description.cpuCount, accelerator: acceleratorChoice,
       serial: overrides.serial, verbose: overrides.verbose)
     configuration.console = description.virtioConsole ? .virtio : .serial
+    configuration.openTapsLater = overrides.openTapsLater
+    configuration.balloon = description.balloon.map { BalloonConfiguration(options: $0) }
     configuration.disks = description.disks.enumerated().map { index, disk in
       DiskConfiguration(path: overrides.diskPaths[index] ?? disk.path, readOnly: disk.readOnly)
     }
@@ -304,9 +382,11 @@ extension VirtualMachine {
   }
 
   /// Restores every section after `machine` from `reader` into this machine, built from
-  /// `description` (paused first when `paused`). On failure the devices are shut down and the
-  /// machine must not run.
-  func restoreSections(from reader: inout StateReader, description: MachineDescription, paused: Bool) throws {
+  /// `description` (paused first when `paused`), stepping the guest clocks forward by
+  /// `clockStep` nanoseconds. On failure the devices are shut down and the machine must not run.
+  func restoreSections(
+    from reader: inout StateReader, description: MachineDescription, paused: Bool, clockStep: UInt64 = 0
+  ) throws {
     do {
       let built = machineDescription(memoryPath: description.memoryPath, networkIDs: description.networkIDs)
       guard built.pciFunctions == description.pciFunctions else {
@@ -330,10 +410,15 @@ extension VirtualMachine {
       } else {
         throw MachineStateError("the restored machine's accelerator cannot restore a state")
       }
+      try advanceGuestClock(byNanoseconds: clockStep)
       if accelerator.name == description.accelerator { try reader.section("legacy-devices", devices) }
       try reader.section("acpi-pm", powerManagement)
       try reader.section("pci", pci)
       for device in virtioDevices { try reader.section("virtio", device) }
+      // Written since the section was added; older state files end after the virtio sections.
+      if !reader.isAtEnd {
+        _ = try reader.section("host-time") { (reader) throws(MachineStateError) in try reader.read(UInt64.self) }
+      }
       guard reader.isAtEnd else { throw MachineStateError("the state file has unexpected data after its last section") }
     } catch {
       shutdownDevices()
@@ -408,7 +493,8 @@ extension VirtualMachine {
   /// Restores the machine named by the `--restore` argument: `STATE` (the memory file recorded
   /// in it), `STATE,memory=PATH`, or for diff snapshots `STATE,memory=BASE[,diff=PATH]...`
   /// (the diff layers in order; without `diff=`, the diff recorded in the state file); `,eager`
-  /// reads the memory into RAM instead of mapping it copy-on-write. `accelerator` restores on
+  /// reads the memory into RAM instead of mapping it copy-on-write; `,clock-realtime` steps the
+  /// guest clocks forward by the time since the snapshot. `accelerator` restores on
   /// that accelerator, converting a state taken on the other one.
   public static func restore(
     commandLineArgument text: String, serial: SerialChoice, verbose: Bool, accelerator: AcceleratorChoice? = nil
@@ -426,12 +512,15 @@ extension VirtualMachine {
         guard !overrides.memoryPath!.isEmpty else { throw MachineStateError("--restore: empty memory file path") }
       } else if part == "eager" {
         overrides.eagerMemory = true
+      } else if part == "clock-realtime" {
+        overrides.clockRealtime = true
       } else if part.hasPrefix("diff=") {
         let path = String(part.dropFirst("diff=".count))
         guard !path.isEmpty else { throw MachineStateError("--restore: empty diff file path") }
         overrides.diffPaths.append(path)
       } else {
-        throw MachineStateError("--restore: unknown option '\(part)' (use STATE[,memory=PATH][,diff=PATH]...[,eager])")
+        throw MachineStateError(
+          "--restore: unknown option '\(part)' (use STATE[,memory=PATH][,diff=PATH]...[,eager][,clock-realtime])")
       }
     }
     return try restore(statePath: statePath, overrides: overrides)

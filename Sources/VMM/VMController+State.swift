@@ -56,10 +56,13 @@ extension VMController {
   ///
   /// For a diff snapshot, `memoryPath` is its base (the previous full snapshot's memory file)
   /// and the diff memory file the state records is laid over it. With `trackDirtyPages`, the
-  /// restored machine tracks dirty pages for diff snapshots.
+  /// restored machine tracks dirty pages for diff snapshots. With `clockRealtime`, the guest's
+  /// clocks step forward by the host wall-clock time since the snapshot was taken. With
+  /// `eagerMemory`, the memory file is read into RAM before the guest runs instead of being
+  /// mapped copy-on-write.
   public func loadSnapshot(
     statePath: String, memoryPath: String, resume: Bool, networkOverrides: [String: String] = [:],
-    trackDirtyPages: Bool = false
+    trackDirtyPages: Bool = false, clockRealtime: Bool = false, eagerMemory: Bool = false
   ) throws(ControlError) {
     guard lifecycle == .notStarted else {
       throw ControlError(.invalidState, "a snapshot can only be loaded before the microVM has started")
@@ -68,6 +71,8 @@ extension VMController {
     overrides.memoryPath = memoryPath
     overrides.networkTaps = networkOverrides
     overrides.paused = !resume
+    overrides.clockRealtime = clockRealtime
+    overrides.eagerMemory = eagerMemory
     let current = spec
     overrides.serial = current.serial
     overrides.verbose = current.verbose

@@ -293,6 +293,11 @@ public final class VMController: Sendable {
           throw ControlError(.invalidState, "a snapshot can only be loaded before the microVM has started")
         }
         state.machine = machine
+        // A restored balloon is configured as the snapshot's was (the balloon endpoints use it).
+        if let balloon = machine.balloon {
+          state.spec.balloon = BalloonConfiguration(
+            targetMiB: balloon.targetPages / BalloonConfiguration.pagesPerMiB, options: balloon.options)
+        }
         state.lifecycle = paused ? .paused : .running
         state.bootTime = VirtualClockNow.host()
         if paused { state.pausedAt = VirtualClockNow.host() }

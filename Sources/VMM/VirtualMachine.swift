@@ -224,7 +224,8 @@ public final class VirtualMachine: Sendable {
         switch network.attachment {
         case .tap(let name):
           do {
-            backend = try TapBackend(name: name, offloads: network.offloads)
+            backend = try TapBackend(
+              name: name, offloads: network.offloads, attached: !configuration.openTapsLater)
           } catch {
             throw MachineError(error.description)
           }
@@ -290,6 +291,30 @@ public final class VirtualMachine: Sendable {
   public func shutdownDevices() {
     Self.shutdown(virtioDevices)
     display?.stop()
+  }
+
+  /// The virtio-net devices whose host side is a TAP (those a live migration hands over).
+  var tapNetworkDevices: [VirtioNet] {
+    virtioDevices.compactMap { $0.model as? VirtioNet }.filter { $0.backend is TapBackend }
+  }
+
+  /// Lets go of every TAP (a live migration's source, so the destination on the same host can
+  /// open it); frames sent meanwhile are dropped.
+  func releaseNetworkInterfaces() {
+    for device in tapNetworkDevices { device.releaseHostInterface() }
+  }
+
+  /// Opens every TAP not held yet (a live migration's destination once the source let go, or
+  /// the source again when the migration failed), retrying while another process still holds
+  /// one for up to `timeoutMilliseconds`.
+  func attachNetworkInterfaces(timeoutMilliseconds: Int = 5000) throws(MachineError) {
+    for device in tapNetworkDevices {
+      do {
+        try device.attachHostInterface(timeoutMilliseconds: timeoutMilliseconds)
+      } catch {
+        throw MachineError(error.description)
+      }
+    }
   }
 
   deinit { shutdownDevices() }

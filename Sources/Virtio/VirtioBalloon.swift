@@ -76,6 +76,8 @@ public final class VirtioBalloon: VirtioDeviceModel {
     var statisticsInterval: UInt32
     var discardedPages: UInt64 = 0
     var ignoredPages: UInt64 = 0
+    /// Set by `restoreState`: the next `activate` keeps the held statistics buffer.
+    var restored = false
   }
   private let state: Mutex<State>
   private let chainBox = Mutex(DescriptorChain())
@@ -183,7 +185,9 @@ public final class VirtioBalloon: VirtioDeviceModel {
   public func activate(_ queues: VirtioQueueSet) {
     let interval = state.withLock { state -> UInt32 in
       state.queues = queues
-      state.heldStatisticsHead = nil
+      // A restored device still holds the buffer the driver gave it before the snapshot.
+      if !state.restored { state.heldStatisticsHead = nil }
+      state.restored = false
       return state.statisticsInterval
     }
     if timerFD >= 0 { _ = hv_timerfd_every(timerFD, interval) }
@@ -337,6 +341,62 @@ public final class VirtioBalloon: VirtioDeviceModel {
         $0.discardedPages += discarded
         $0.ignoredPages += ignored
       }
+    }
+  }
+}
+
+// MARK: Machine state
+
+/// The balloon's own state: the target and the actual size, the statistics interval, the
+/// statistics buffer held for the next request, the latest statistics and the page counters.
+/// The options travel as the offered features (checked by the transport).
+extension VirtioBalloon: StateSavable {
+  public func saveState(into writer: inout StateWriter) {
+    let saved = state.withLock { $0 }
+    writer.write(saved.targetPages)
+    writer.write(saved.actualPages)
+    writer.write(saved.statisticsInterval)
+    writer.write(saved.heldStatisticsHead != nil)
+    writer.write(saved.heldStatisticsHead ?? 0)
+    writer.write(saved.statistics.updates)
+    writer.write(UInt32(saved.statistics.values.count))
+    for (tag, value) in saved.statistics.values.sorted(by: { $0.key < $1.key }) {
+      writer.write(tag)
+      writer.write(value)
+    }
+    writer.write(saved.discardedPages)
+    writer.write(saved.ignoredPages)
+  }
+
+  public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
+    let target: UInt32 = try reader.read()
+    let actual: UInt32 = try reader.read()
+    let interval: UInt32 = try reader.read()
+    let holds = try reader.readBool()
+    let held: UInt16 = try reader.read()
+    var statistics = BalloonStatistics()
+    statistics.updates = try reader.read()
+    let count = Int(try reader.read(UInt32.self))
+    guard count <= 256 else { throw .invalid("balloon statistics count") }
+    for _ in 0..<count {
+      let tag: UInt16 = try reader.read()
+      statistics.values[tag] = try reader.read()
+    }
+    let discarded: UInt64 = try reader.read()
+    let ignored: UInt64 = try reader.read()
+    guard interval == 0 || timerFD >= 0 else { throw .invalid("balloon statistics interval without statistics") }
+    guard !holds || (queueMaxSizes.count > Self.statisticsQueue && held < queueMaxSizes[Self.statisticsQueue]) else {
+      throw .invalid("balloon statistics buffer")
+    }
+    state.withLock { state in
+      state.targetPages = target
+      state.actualPages = actual
+      state.statisticsInterval = interval
+      state.heldStatisticsHead = holds ? held : nil
+      state.statistics = statistics
+      state.discardedPages = discarded
+      state.ignoredPages = ignored
+      state.restored = true
     }
   }
 }

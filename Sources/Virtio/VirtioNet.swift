@@ -65,20 +65,43 @@ public struct NetworkOffloads: OptionSet, Sendable {
 /// and a 12-byte vnet header (TUNSETVNETHDRSZ); receive offloads start disabled and follow the
 /// features the guest negotiates (TUNSETOFFLOAD). The interface is created if missing (needs
 /// CAP_NET_ADMIN) and is not brought up.
+///
+/// The backend can let go of the interface and take it again (`release`, `attach`) while its
+/// descriptor number stays the same, so a device worker polling it needs no change: a live
+/// migration on one host hands the interface from the source process to the destination this
+/// way. While released, the descriptor is an eventfd that never polls readable, transmitted
+/// frames are dropped and nothing is received.
 public final class TapBackend: NetworkBackend {
-  /// The interface name the kernel reports.
+  /// The interface name the kernel reports (the requested name while never attached).
   public let name: String
+  /// The descriptor number; it refers to the TAP while attached, else to an idle eventfd.
   private let fd: Int32
   public var pollDescriptor: Int32 { fd }
+  /// Whether `fd` refers to the TAP now; and the receive offloads last asked for, applied
+  /// again when the interface is taken back.
+  private let attachment: Mutex<(attached: Bool, offloads: NetworkOffloads)>
 
   /// Whether the device may offer the checksum and segmentation offloads (`supportsOffloads`).
   private let offersOffloads: Bool
 
   /// Opens (or creates) TAP interface `name`; `offloads: false` makes the device offer no
   /// checksum or segmentation offloads (plain 1500-byte frames with full checksums only).
-  public init(name: String, offloads: Bool = true) throws(NetworkBackendError) {
+  /// With `attached: false` the interface is not opened yet (see `attach`).
+  public init(name: String, offloads: Bool = true, attached: Bool = true) throws(NetworkBackendError) {
     guard !name.isEmpty, name.utf8.count < 16 else { throw .cannotOpenTap(name: name, errno: EINVAL) }
-    let fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK)
+    let fd = attached ? try Self.open(name: name) : hv_eventfd()
+    guard fd >= 0 else { throw .cannotOpenTap(name: name, errno: errno) }
+    self.fd = fd
+    self.offersOffloads = offloads
+    self.name = attached ? Self.interfaceName(of: fd) ?? name : name
+    attachment = Mutex((attached, []))
+  }
+
+  deinit { close(fd) }
+
+  /// A new descriptor on TAP `name` (IFF_VNET_HDR, 12-byte header, offloads off).
+  private static func open(name: String) throws(NetworkBackendError) -> Int32 {
+    let fd = Glibc.open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK)
     guard fd >= 0 else { throw .cannotOpenTap(name: name, errno: errno) }
     var request = [UInt8](repeating: 0, count: Int(HV_IFREQ_SIZE))
     for (index, byte) in name.utf8.enumerated() { request[index] = byte }
@@ -94,32 +117,97 @@ public final class TapBackend: NetworkBackend {
       close(fd)
       throw .cannotOpenTap(name: name, errno: err)
     }
-    self.fd = fd
-    self.offersOffloads = offloads
-    self.name = String(decoding: request.prefix(16).prefix { $0 != 0 }, as: UTF8.self)
+    return fd
   }
 
-  deinit { close(fd) }
+  /// The name of the interface `fd` is attached to (TUNGETIFF).
+  private static func interfaceName(of fd: Int32) -> String? {
+    var request = [UInt8](repeating: 0, count: Int(HV_IFREQ_SIZE))
+    guard request.withUnsafeMutableBytes({ hv_virtio_ioctl_ptr(fd, HV_TUNGETIFF, $0.baseAddress) }) == 0 else {
+      return nil
+    }
+    return String(decoding: request.prefix(16).prefix { $0 != 0 }, as: UTF8.self)
+  }
+
+  /// Whether the backend holds the interface now.
+  public var isAttached: Bool { attachment.withLock { $0.attached } }
+
+  /// Lets go of the interface: its descriptor is replaced by an idle eventfd, so the kernel
+  /// detaches this process from the TAP once no poll holds the old descriptor any more (a
+  /// persistent TAP stays, with its addresses; one this process created disappears). Frames
+  /// sent meanwhile are dropped.
+  public func release() {
+    attachment.withLock { state in
+      guard state.attached else { return }
+      let idle = hv_eventfd()
+      guard idle >= 0 else { return }
+      _ = dup2(idle, fd)
+      close(idle)
+      state.attached = false
+    }
+  }
+
+  /// Opens the interface by name again (after `release`, or for a backend made with
+  /// `attached: false`) and restores the receive offloads the device asked for. Retries for up
+  /// to `timeoutMilliseconds` while the kernel reports it busy (another process still holds
+  /// it).
+  public func attach(timeoutMilliseconds: Int = 5000) throws(NetworkBackendError) {
+    var waited = 0
+    while true {
+      let result = attachment.withLock { state -> Result<Void, NetworkBackendError> in
+        guard !state.attached else { return .success(()) }
+        do throws(NetworkBackendError) {
+          let tap = try Self.open(name: name)
+          if !state.offloads.isEmpty { _ = hv_virtio_ioctl_int(tap, HV_TUNSETOFFLOAD, UInt(state.offloads.rawValue)) }
+          _ = dup2(tap, fd)
+          close(tap)
+          state.attached = true
+          return .success(())
+        } catch {
+          return .failure(error)
+        }
+      }
+      switch result {
+      case .success: return
+      case .failure(let error):
+        guard case .cannotOpenTap(_, let err) = error, err == EBUSY, waited < timeoutMilliseconds else { throw error }
+        usleep(20_000)
+        waited += 20
+      }
+    }
+  }
 
   public var supportsOffloads: Bool { offersOffloads }
 
   public func setReceiveOffloads(_ offloads: NetworkOffloads) -> Bool {
-    hv_virtio_ioctl_int(fd, HV_TUNSETOFFLOAD, UInt(offloads.rawValue)) == 0
+    attachment.withLock { state in
+      state.offloads = offloads
+      // While released, the offloads apply when the interface is taken back.
+      return !state.attached || hv_virtio_ioctl_int(fd, HV_TUNSETOFFLOAD, UInt(offloads.rawValue)) == 0
+    }
   }
 
+  // Both hold the lock through the system call (uncontended: the device's one worker thread
+  // calls them), so `release` never swaps the descriptor under a frame in flight.
   public func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool {
-    while true {
-      let result = writev(fd, vectors.baseAddress, Int32(vectors.count))
-      if result >= 0 { return true }
-      if errno != EINTR { return false }
+    attachment.withLock { state in
+      guard state.attached else { return false }
+      while true {
+        let result = writev(fd, vectors.baseAddress, Int32(vectors.count))
+        if result >= 0 { return true }
+        if errno != EINTR { return false }
+      }
     }
   }
 
   public func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int {
-    while true {
-      let result = read(fd, buffer.baseAddress, buffer.count)
-      if result >= 0 { return result }
-      if errno != EINTR { return 0 }
+    attachment.withLock { state in
+      guard state.attached else { return 0 }
+      while true {
+        let result = read(fd, buffer.baseAddress, buffer.count)
+        if result >= 0 { return result }
+        if errno != EINTR { return 0 }
+      }
     }
   }
 }
@@ -295,6 +383,23 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
   }
 
   public func shutdown() { worker.stop() }
+
+  /// Lets go of the host TAP (`TapBackend.release`) and wakes the worker so that its poll
+  /// stops holding the old descriptor. Other backends keep their host side.
+  public func releaseHostInterface() {
+    guard let tap = backend as? TapBackend else { return }
+    tap.release()
+    worker.wake()
+  }
+
+  /// Takes the host TAP again (`TapBackend.attach`, retrying while another process still holds
+  /// it) and looks for waiting frames.
+  public func attachHostInterface(timeoutMilliseconds: Int = 5000) throws(NetworkBackendError) {
+    guard let tap = backend as? TapBackend else { return }
+    try tap.attach(timeoutMilliseconds: timeoutMilliseconds)
+    wantsInput.store(true, ordering: .releasing)
+    worker.wake()
+  }
 
   fileprivate func process(backendReady: Bool) {
     backend.flushPendingOutput()

@@ -19,6 +19,7 @@
 #include <sys/timerfd.h>
 
 static const unsigned long HV_TUNSETIFF = TUNSETIFF;
+static const unsigned long HV_TUNGETIFF = TUNGETIFF;
 static const unsigned long HV_TUNSETVNETHDRSZ = TUNSETVNETHDRSZ;
 static const unsigned long HV_TUNSETOFFLOAD = TUNSETOFFLOAD;
 static const short HV_IFF_TAP = IFF_TAP;
