@@ -14,6 +14,7 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <sched.h>
+#include <sys/sysmacros.h>
 #include <sys/resource.h>
 #include <linux/kvm.h>
 #include <linux/if_tun.h>
@@ -193,3 +194,8 @@ int hv_sandbox_set_limit(int resource, uint64_t value) {
 }
 
 _Static_assert(RLIMIT_CORE == 4 && RLIMIT_NOFILE == 7 && RLIMIT_NPROC == 6, "x86-64 Linux resource numbers");
+
+unsigned int hv_sandbox_major(dev_t device) { return major(device); }
+unsigned int hv_sandbox_minor(dev_t device) { return minor(device); }
+
+int hv_sandbox_thread_id(void) { return (int)syscall(SYS_gettid); }

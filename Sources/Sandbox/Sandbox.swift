@@ -117,7 +117,7 @@ public enum Sandbox {
     if reporter != 0 { throw SandboxError("cannot install the SIGSYS reporter", errno: reporter) }
     try SeccompPolicy.process.install(allThreads: true)
     let vcpuProbe = options.probes.contains(.forbiddenCallOnVCPU)
-    HostThreadSandbox.setThreadStartHook { kind in
+    ThreadStartActions.add { kind in
       let policy: SeccompPolicy = kind == .vcpu ? .vcpu : .deviceWorker
       kind.rawValue.withCString { hv_sandbox_set_thread_kind($0) }
       do {

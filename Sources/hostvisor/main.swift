@@ -156,6 +156,8 @@ struct Run: ParsableCommand {
 
   @OptionGroup(title: "Sandbox") var sandboxArguments: SandboxArguments
 
+  @OptionGroup(title: "cgroup v2") var cgroupArguments: CgroupArguments
+
   func run() throws {
     do {
       let sandboxed = sandboxArguments.enabled(apiSocket: apiSocket, gdb: gdb, snapshotOnSignal: snapshotOnSignal)
@@ -163,6 +165,9 @@ struct Run: ParsableCommand {
       let probePath = (kernel ?? restore).map { URL(fileURLWithPath: $0).standardizedFileURL.path }
       if sandboxed { try Sandbox.prepare() }
       let sandboxOptions = sandboxed ? try sandboxArguments.options(probePath: probePath) : nil
+      if let limits = try cgroupArguments.limits() {
+        try cgroupArguments.apply(limits, diskPaths: disk.map { String($0.split(separator: ",").first ?? "") })
+      }
       guard let acceleratorChoice = AcceleratorChoice(rawValue: accel) else {
         throw CommandFailure("invalid accelerator '\(accel)': use auto, kvm or soft")
       }

@@ -136,6 +136,12 @@ static const int HV_RLIMIT_CORE = 4;
 static const int HV_RLIMIT_NOFILE = 7;
 static const int HV_RLIMIT_NPROC = 6;
 
+/// The calling thread's ID (gettid).
+int hv_sandbox_thread_id(void);
+/// major(3) and minor(3) of a device number.
+unsigned int hv_sandbox_major(dev_t device);
+unsigned int hv_sandbox_minor(dev_t device);
+
 // MARK: - Seccomp
 
 /// SECCOMP_RET_ALLOW, SECCOMP_RET_TRAP, SECCOMP_RET_KILL_PROCESS and SECCOMP_RET_ERRNO.
