@@ -199,3 +199,5 @@ unsigned int hv_sandbox_major(dev_t device) { return major(device); }
 unsigned int hv_sandbox_minor(dev_t device) { return minor(device); }
 
 int hv_sandbox_thread_id(void) { return (int)syscall(SYS_gettid); }
+
+void hv_sandbox_renew_parent_death_signal(void) { prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0); }

@@ -106,6 +106,9 @@ public enum Sandbox {
     if group != 0 { throw SandboxError("cannot switch to group \(options.gid)", errno: group) }
     let user = hv_sandbox_set_user(options.uid)
     if user != 0 { throw SandboxError("cannot switch to user \(options.uid)", errno: user) }
+    // Changing credentials cleared PR_SET_PDEATHSIG: without it the VMM would outlive a
+    // killed supervisor.
+    hv_sandbox_renew_parent_death_signal()
     let cleared = hv_sandbox_clear_capabilities()
     if cleared != 0 { throw SandboxError("cannot clear the capabilities", errno: cleared) }
     let noNewPrivileges = hv_sandbox_set_no_new_privs()

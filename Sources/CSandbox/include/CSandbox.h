@@ -186,6 +186,9 @@ pid_t hv_sandbox_fork(void);
 /// handler for), waits for it and ends this process the way the child ended. Never returns.
 void hv_sandbox_supervise(pid_t child) __attribute__((noreturn));
 
+/// Asks again for SIGKILL when the supervisor dies (a change of credentials clears the request).
+void hv_sandbox_renew_parent_death_signal(void);
+
 /// A forbidden system call for the test hook: ptrace(PTRACE_TRACEME). Returns its result.
 long hv_sandbox_forbidden_call(void);
 /// socket(AF_INET, SOCK_STREAM, 0) made directly, for the vCPU thread's test hook.
