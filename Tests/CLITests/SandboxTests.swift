@@ -79,7 +79,7 @@ struct SandboxTests {
     let scratch = try ScratchDirectory()
     let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
     let vmm = try RunningVMM(
-      ["run", "--kernel", kernel, "--accel", "kvm", "--serial", "stdio", "--sandbox-probe", "report"],
+      ["run", "--kernel", kernel, "--accel", "kvm", "--serial", "stdio", "--sandbox", "--sandbox-probe", "report"],
       scratch: scratch)
     try vmm.waitFor("busy loop running")
     let output = vmm.output
@@ -127,7 +127,7 @@ struct SandboxTests {
     let scratch = try ScratchDirectory()
     let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
     let result = try HostvisorProcess.run([
-      "run", "--kernel", kernel, "--accel", "kvm", "--serial", "none", "--sandbox-probe", probe,
+      "run", "--kernel", kernel, "--accel", "kvm", "--serial", "none", "--sandbox", "--sandbox-probe", probe,
     ])
     #expect(result.status == 128 + SIGSYS, "stderr: \(result.stderr)")
     #expect(
@@ -136,7 +136,7 @@ struct SandboxTests {
       "stderr: \(result.stderr)")
   }
 
-  /// As root the sandbox is on by default and the guest still runs and exits with its own
+  /// With --sandbox the guest still runs and exits with its own
   /// status; --no-sandbox turns it off; sandbox options without the sandbox are an error.
   @Test func defaultsAndOptOut() throws {
     let scratch = try ScratchDirectory()
@@ -144,7 +144,7 @@ struct SandboxTests {
     let disk = scratch.path("disk.img")
     try Data(repeating: 0, count: 1 << 20).write(to: URL(fileURLWithPath: disk))
     let base = ["run", "--kernel", kernel, "--accel", "kvm", "--disk", disk, "--console", "virtio", "--verbose"]
-    let sandboxed = try HostvisorProcess.run(base + ["--serial", "stdio"])
+    let sandboxed = try HostvisorProcess.run(base + ["--serial", "stdio", "--sandbox"])
     #expect(sandboxed.status == (0x21 << 1) | 1, "stderr: \(sandboxed.stderr)")
     #expect(sandboxed.stdout.contains("hello from the guest"))
     #expect(sandboxed.stderr.contains("hostvisor: sandbox: entered (root: empty;"), "\(sandboxed.stderr)")
@@ -154,7 +154,7 @@ struct SandboxTests {
     let wrong = try HostvisorProcess.run(base + ["--no-sandbox", "--uid", "1"])
     #expect(wrong.status == 1)
     #expect(wrong.stderr.hasPrefix("hostvisor: error: --jail, --uid and --gid need the sandbox"), "\(wrong.stderr)")
-    let root = try HostvisorProcess.run(base + ["--uid", "0"])
+    let root = try HostvisorProcess.run(base + ["--sandbox", "--uid", "0"])
     #expect(root.status == 1)
     #expect(root.stderr.contains("must not be 0"), "\(root.stderr)")
   }
