@@ -23,6 +23,8 @@ let package = Package(
   ],
   targets: [
     .target(name: "CShim"),
+    .target(name: "CSandbox"),
+    .target(name: "Sandbox", dependencies: ["CSandbox", "VMCore"]),
     .target(name: "CSoftFloat"),
     .target(name: "CNativeExec", path: "Tests/CNativeExec"),
     .target(name: "VMCore", dependencies: ["CShim"]),
@@ -57,7 +59,9 @@ let package = Package(
       ]),
     .executableTarget(
       name: "hostvisor",
-      dependencies: ["VMM", "ControlAPI", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+      dependencies: [
+        "VMM", "ControlAPI", "Sandbox", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]
     ),
     .executableTarget(name: "hostvisor-bench", dependencies: ["KVMBackend", "VMCore"]),
     .executableTarget(name: "hostvisor-softbench", dependencies: ["SoftCPU", "VMCore"]),

@@ -102,6 +102,7 @@ public final class MachineControl: Sendable {
   public func registerVCPUThread(index: Int) {
     let thread = pthread_self()
     _ = hv_set_current_thread_name("vcpu \(index)")
+    HostThreadSandbox.threadStarted(.vcpu)
     var clock = clockid_t()
     guard pthread_getcpuclockid(thread, &clock) == 0 else { return }
     vcpuClocks.withLock { $0[index] = (clock, 0) }

@@ -47,6 +47,7 @@ final class DeviceWorker: Sendable {
         { argument in
           let worker = Unmanaged<DeviceWorker>.fromOpaque(argument!).takeRetainedValue()
           worker.name.withCString { hv_virtio_set_thread_name($0) }
+          HostThreadSandbox.threadStarted(.deviceWorker)
           worker.run()
           return nil
         }, context)

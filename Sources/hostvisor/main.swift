@@ -2,6 +2,7 @@ import ArgumentParser
 import ControlAPI
 import Foundation
 import Glibc
+import Sandbox
 import VMCore
 import VMM
 
@@ -160,8 +161,20 @@ struct Run: ParsableCommand {
       "Also serve the Firecracker and Cloud Hypervisor APIs on this Unix socket (created 0600).", valueName: "path"))
   var apiSocket: String?
 
+  @OptionGroup(title: "Sandbox") var sandboxArguments: SandboxArguments
+
+  @OptionGroup(title: "cgroup v2") var cgroupArguments: CgroupArguments
+
   func run() throws {
     do {
+      let sandboxed = sandboxArguments.enabled(apiSocket: apiSocket, gdb: gdb, snapshotOnSignal: snapshotOnSignal)
+      try sandboxArguments.validate(enabled: sandboxed)
+      let probePath = (kernel ?? restore).map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+      if sandboxed { try Sandbox.prepare() }
+      let sandboxOptions = sandboxed ? try sandboxArguments.options(probePath: probePath) : nil
+      if let limits = try cgroupArguments.limits() {
+        try cgroupArguments.apply(limits, diskPaths: disk.map { String($0.split(separator: ",").first ?? "") })
+      }
       guard let acceleratorChoice = AcceleratorChoice(rawValue: accel) else {
         throw CommandFailure("invalid accelerator '\(accel)': use auto, kvm or soft")
       }
@@ -173,6 +186,7 @@ struct Run: ParsableCommand {
           commandLineArgument: restore, serial: serialChoice ?? .stdio, verbose: verbose,
           accelerator: acceleratorChoice)
         if let snapshotOnSignal { try machine.snapshotOnSignal(statePath: snapshotOnSignal) }
+        if let sandboxOptions { try enterSandbox(sandboxOptions) }
         finish(try machine.run())
       }
       guard let kernel else { throw CommandFailure("missing --kernel (or --restore)") }
@@ -203,16 +217,27 @@ struct Run: ParsableCommand {
         throw CommandFailure("invalid --triple-fault '\(tripleFault)': use error or reset")
       }
       if let apiSocket {
-        try runManaged(configuration, socketPath: apiSocket)
+        try runManaged(configuration, socketPath: apiSocket, sandbox: sandboxOptions)
       }
       let machine = try VirtualMachine(configuration: configuration)
       if let gdb { try machine.startGDBServer(listen: gdb, waitForDebugger: gdbWait) }
       if let snapshotOnSignal { try machine.snapshotOnSignal(statePath: snapshotOnSignal) }
+      if let sandboxOptions { try enterSandbox(sandboxOptions) }
       finish(try machine.run())
     } catch let error as CommandFailure {
       fail(error.message)
     } catch {
       fail("\(error)")
+    }
+  }
+
+  /// Enters the sandbox; with --verbose, says so.
+  private func enterSandbox(_ options: SandboxOptions) throws {
+    try Sandbox.enter(options)
+    if verbose {
+      printError(
+        "hostvisor: sandbox: entered (root: \(options.jailDirectory ?? "empty"); user \(options.uid), group \(options.gid); seccomp filters per thread kind)"
+      )
     }
   }
 
@@ -237,7 +262,9 @@ struct Run: ParsableCommand {
 
   /// Boots the configured machine under a control plane serving both APIs on `socketPath`;
   /// exits when the guest stops.
-  private func runManaged(_ configuration: MachineConfiguration, socketPath: String) throws -> Never {
+  private func runManaged(
+    _ configuration: MachineConfiguration, socketPath: String, sandbox: SandboxOptions?
+  ) throws -> Never {
     var spec = VMSpec()
     spec.kernelPath = configuration.kernelPath
     spec.initrdPath = configuration.initrdPath
@@ -261,6 +288,14 @@ struct Run: ParsableCommand {
       try service.plane.bootConfiguredMachine()
     } catch {
       ManagedProcess.exit(1, message: error.description)
+    }
+    // The machine is built and running; its first instructions ran before this point.
+    if let sandbox {
+      do {
+        try enterSandbox(sandbox)
+      } catch {
+        ManagedProcess.exit(1, message: "\(error)")
+      }
     }
     ManagedProcess.waitForever()
   }

@@ -1,0 +1,203 @@
+#define _GNU_SOURCE
+#include "CSandbox.h"
+
+#include <errno.h>
+#include <linux/audit.h>
+#include <linux/capability.h>
+#include <linux/seccomp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <sched.h>
+#include <sys/sysmacros.h>
+#include <sys/resource.h>
+#include <linux/kvm.h>
+#include <linux/if_tun.h>
+#include <termios.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+const uint32_t HV_SECCOMP_RET_ALLOW = SECCOMP_RET_ALLOW;
+const uint32_t HV_SECCOMP_RET_TRAP = SECCOMP_RET_TRAP;
+const uint32_t HV_SECCOMP_RET_KILL_PROCESS = SECCOMP_RET_KILL_PROCESS;
+const uint32_t HV_SECCOMP_RET_ERRNO = SECCOMP_RET_ERRNO;
+const uint32_t HV_AUDIT_ARCH_X86_64 = AUDIT_ARCH_X86_64;
+
+int hv_seccomp_install(const struct sock_filter *program, unsigned short count, int tsync) {
+  struct sock_fprog fprog = {.len = count, .filter = (struct sock_filter *)program};
+  long result = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, tsync ? SECCOMP_FILTER_FLAG_TSYNC : 0, &fprog);
+  if (result == 0) return 0;
+  return result < 0 ? errno : ESRCH;  // a positive result is the thread that could not sync
+}
+
+static __thread char thread_kind[32] = "main";
+
+void hv_sandbox_set_thread_kind(const char *kind) {
+  strncpy(thread_kind, kind, sizeof thread_kind - 1);
+  thread_kind[sizeof thread_kind - 1] = 0;
+}
+
+// Async-signal-safe: formats with no library call and writes with the raw system call.
+static void sigsys_report(int signo, siginfo_t *info, void *context) {
+  (void)signo;
+  (void)context;
+  char line[160];
+  size_t length = 0;
+  const char *prefix = "hostvisor: sandbox: seccomp stopped the VMM: forbidden system call ";
+  for (const char *p = prefix; *p && length < 100; p++) line[length++] = *p;
+  char digits[12];
+  int count = 0;
+  unsigned int number = (unsigned int)info->si_syscall;
+  do {
+    digits[count++] = (char)('0' + number % 10);
+    number /= 10;
+  } while (number && count < 11);
+  while (count) line[length++] = digits[--count];
+  const char *middle = " on a ";
+  for (const char *p = middle; *p; p++) line[length++] = *p;
+  for (const char *p = thread_kind; *p && length < 150; p++) line[length++] = *p;
+  const char *suffix = " thread\n";
+  for (const char *p = suffix; *p && length < sizeof line; p++) line[length++] = *p;
+  syscall(SYS_write, 2, line, length);
+  syscall(SYS_exit_group, 128 + SIGSYS);
+}
+
+int hv_sandbox_install_sigsys_reporter(void) {
+  struct sigaction action;
+  memset(&action, 0, sizeof action);
+  action.sa_sigaction = sigsys_report;
+  action.sa_flags = SA_SIGINFO;
+  sigfillset(&action.sa_mask);
+  return sigaction(SIGSYS, &action, NULL) == 0 ? 0 : errno;
+}
+
+int hv_sandbox_drop_bounding_set(void) {
+  for (int capability = 0; capability <= 63; capability++) {
+    if (prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 && errno != EINVAL) return errno;
+  }
+  if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 && errno != EINVAL) return errno;
+  return 0;
+}
+
+int hv_sandbox_clear_capabilities(void) {
+  struct __user_cap_header_struct header = {.version = _LINUX_CAPABILITY_VERSION_3, .pid = 0};
+  struct __user_cap_data_struct data[2];
+  memset(data, 0, sizeof data);
+  return syscall(SYS_capset, &header, data) == 0 ? 0 : errno;
+}
+
+int hv_sandbox_pivot_root(const char *new_root, const char *put_old) {
+  return syscall(SYS_pivot_root, new_root, put_old) == 0 ? 0 : errno;
+}
+
+int hv_sandbox_close_from(unsigned int first) {
+  return syscall(SYS_close_range, first, ~0U, 0) == 0 ? 0 : errno;
+}
+
+int hv_sandbox_set_no_new_privs(void) { return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 ? 0 : errno; }
+
+pid_t hv_sandbox_fork(void) {
+  pid_t parent = getpid();
+  pid_t child = fork();
+  if (child < 0) return -errno;
+  if (child == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    // The parent may have died before the request: its death would never be reported.
+    if (getppid() != 0 && getppid() != parent) _exit(1);
+  }
+  return child;
+}
+
+static volatile pid_t supervised_child;
+static volatile sig_atomic_t forwarded_signal;
+
+static void forward_as_kill(int signo) {
+  forwarded_signal = signo;
+  if (supervised_child > 0) kill(supervised_child, SIGKILL);
+}
+
+void hv_sandbox_supervise(pid_t child) {
+  supervised_child = child;
+  int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT};
+  for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = forward_as_kill;
+    sigemptyset(&action.sa_mask);
+    sigaction(forwarded[i], &action, NULL);
+  }
+  int status = 0;
+  for (;;) {
+    pid_t result = waitpid(child, &status, 0);
+    if (result == child) break;
+    if (result < 0 && errno != EINTR) _exit(1);
+  }
+  if (WIFEXITED(status)) _exit(WEXITSTATUS(status));
+  int signo = WIFSIGNALED(status) ? WTERMSIG(status) : SIGKILL;
+  if (signo == SIGKILL && forwarded_signal) signo = forwarded_signal;
+  signal(signo, SIG_DFL);
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, signo);
+  sigprocmask(SIG_UNBLOCK, &set, NULL);
+  raise(signo);
+  _exit(128 + signo);
+}
+
+long hv_sandbox_forbidden_call(void) { return syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0); }
+
+long hv_sandbox_socket_call(void) { return syscall(SYS_socket, AF_INET, SOCK_STREAM, 0); }
+
+#define TERMINAL_IOCTLS TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ, FIONREAD, FIONBIO
+
+static const uint32_t vcpu_ioctls[] = {
+    KVM_RUN, KVM_GET_REGS, KVM_SET_REGS, KVM_GET_SREGS, KVM_SET_SREGS, KVM_GET_FPU, KVM_SET_FPU,
+    KVM_GET_MSRS, KVM_SET_MSRS, KVM_GET_MP_STATE, KVM_SET_MP_STATE, KVM_GET_XSAVE, KVM_GET_XSAVE2,
+    KVM_SET_XSAVE, KVM_GET_XCRS, KVM_SET_XCRS, KVM_GET_DEBUGREGS, KVM_SET_DEBUGREGS, KVM_GET_LAPIC,
+    KVM_SET_LAPIC, KVM_GET_VCPU_EVENTS, KVM_SET_VCPU_EVENTS, KVM_GET_CPUID2, KVM_SET_SIGNAL_MASK,
+    KVM_SET_GUEST_DEBUG, KVM_TRANSLATE, KVM_KVMCLOCK_CTRL, KVM_GET_TSC_KHZ, KVM_IRQ_LINE,
+    KVM_IRQ_LINE_STATUS, KVM_SIGNAL_MSI, KVM_GET_CLOCK, KVM_SET_CLOCK, KVM_GET_DIRTY_LOG,
+    KVM_GET_IRQCHIP, KVM_SET_IRQCHIP, KVM_GET_PIT2, KVM_SET_PIT2, KVM_CHECK_EXTENSION,
+    TUNSETOFFLOAD, TERMINAL_IOCTLS};
+
+static const uint32_t worker_ioctls[] = {TERMINAL_IOCTLS};
+
+const uint32_t *hv_sandbox_vcpu_ioctls(int *count) {
+  *count = (int)(sizeof vcpu_ioctls / sizeof vcpu_ioctls[0]);
+  return vcpu_ioctls;
+}
+
+const uint32_t *hv_sandbox_worker_ioctls(int *count) {
+  *count = (int)(sizeof worker_ioctls / sizeof worker_ioctls[0]);
+  return worker_ioctls;
+}
+
+int hv_sandbox_unshare_namespaces(void) {
+  return unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS) == 0 ? 0 : errno;
+}
+
+int hv_sandbox_set_group(gid_t gid) { return setresgid(gid, gid, gid) == 0 ? 0 : errno; }
+
+int hv_sandbox_set_user(uid_t uid) { return setresuid(uid, uid, uid) == 0 ? 0 : errno; }
+
+int hv_sandbox_set_limit(int resource, uint64_t value) {
+  struct rlimit limit;
+  if (getrlimit(resource, &limit) == 0 && limit.rlim_max < value) value = limit.rlim_max;
+  limit.rlim_cur = value;
+  limit.rlim_max = value;
+  return setrlimit(resource, &limit) == 0 ? 0 : errno;
+}
+
+_Static_assert(RLIMIT_CORE == 4 && RLIMIT_NOFILE == 7 && RLIMIT_NPROC == 6, "x86-64 Linux resource numbers");
+
+unsigned int hv_sandbox_major(dev_t device) { return major(device); }
+unsigned int hv_sandbox_minor(dev_t device) { return minor(device); }
+
+int hv_sandbox_thread_id(void) { return (int)syscall(SYS_gettid); }
+
+void hv_sandbox_renew_parent_death_signal(void) { prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0); }

@@ -1,0 +1,26 @@
+import CSandbox
+import Glibc
+
+/// The `report` probe's lines on standard error, each starting with `sandbox-probe:`.
+enum SandboxReport {
+  static func print(_ options: SandboxOptions) {
+    let opened = open(options.probeHostPath, O_RDONLY)
+    let openResult = opened >= 0 ? "opened" : String(cString: strerror(errno))
+    if opened >= 0 { close(opened) }
+    line("sandbox-probe: open \(options.probeHostPath): \(openResult)")
+    let signalled = kill(options.probeHostPID, 0)
+    line(
+      "sandbox-probe: kill \(options.probeHostPID) 0: \(signalled == 0 ? "delivered" : String(cString: strerror(errno)))"
+    )
+    line("sandbox-probe: pid \(getpid()) uid \(getuid()) gid \(getgid())")
+    var root = [CChar](repeating: 0, count: 256)
+    let cwd = getcwd(&root, root.count).map { String(cString: $0) } ?? "?"
+    let proc = access("/proc/self", F_OK) == 0 ? "present" : "absent"
+    line("sandbox-probe: cwd \(cwd) /proc \(proc)")
+  }
+
+  static func line(_ text: String) {
+    var message = text + "\n"
+    message.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+  }
+}

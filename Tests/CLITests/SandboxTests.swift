@@ -1,0 +1,207 @@
+import Foundation
+import Testing
+
+/// The sandbox (docs/isolation.md) around the real binary and a real KVM guest: each layer is
+/// checked from inside (the hidden `--sandbox-probe` hook) and from outside (/proc).
+@Suite(
+  "the sandboxed VMM", .serialized,
+  .enabled(if: getuid() == 0, "the sandbox needs root"),
+  .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"))
+struct SandboxTests {
+  /// A running `hostvisor` whose output goes to a file (never the runner's pipes).
+  final class RunningVMM {
+    let process = Process()
+    let outputPath: String
+
+    init(_ arguments: [String], scratch: ScratchDirectory) throws {
+      outputPath = scratch.path("vmm-\(UUID().uuidString).log")
+      _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
+      let output = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath))
+      process.executableURL = HostvisorProcess.executable
+      process.arguments = arguments
+      process.standardInput = FileHandle.nullDevice
+      process.standardOutput = output
+      process.standardError = output
+      try process.run()
+    }
+
+    var output: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
+
+    /// Waits until the output contains `text`.
+    func waitFor(_ text: String, seconds: Double = 60) throws {
+      let deadline = Date().addingTimeInterval(seconds)
+      while !output.contains(text) {
+        guard process.isRunning, Date() < deadline else {
+          Issue.record("no '\(text)' in the output: \(output)")
+          throw CocoaError(.fileReadUnknown)
+        }
+        usleep(50_000)
+      }
+    }
+
+    /// The sandboxed VMM: the supervisor's only child.
+    func child() throws -> pid_t {
+      let pid = process.processIdentifier
+      let children = try String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8)
+      return try #require(children.split(separator: " ").compactMap { pid_t($0) }.first)
+    }
+
+    /// SIGKILL to the supervisor (the runner's children inherit a blocked SIGTERM).
+    func kill() {
+      if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
+      process.waitUntilExit()
+    }
+
+    deinit { kill() }
+  }
+
+  /// One field of /proc/PID/status.
+  static func status(_ pid: pid_t, _ field: String) -> String? {
+    let text = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+    return text.split(separator: "\n").first { $0.hasPrefix(field + ":") }
+      .map { $0.dropFirst(field.count + 1).trimmingCharacters(in: .whitespaces) }
+  }
+
+  static func namespace(_ pid: String, _ kind: String) -> String? {
+    try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/ns/\(kind)")
+  }
+
+  static let nobody: (uid: UInt32, gid: UInt32) = (
+    getpwnam("nobody")?.pointee.pw_uid ?? 65534,
+    getgrnam("nogroup")?.pointee.gr_gid ?? getpwnam("nobody")?.pointee.pw_gid ?? 65534
+  )
+
+  /// After start-up, inside: the kernel file it booted is out of reach by its host path, the
+  /// supervisor's host PID does not exist, it is PID 1 running as nobody with no /proc.
+  /// Outside: no capabilities in any set, no_new_privs, seccomp filter mode, its own
+  /// namespaces, PID 1 in its PID namespace; killing the supervisor kills it.
+  @Test func layersSeenFromInsideAndOutside() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    let vmm = try RunningVMM(
+      ["run", "--kernel", kernel, "--accel", "kvm", "--serial", "stdio", "--sandbox", "--sandbox-probe", "report"],
+      scratch: scratch)
+    try vmm.waitFor("busy loop running")
+    let output = vmm.output
+    let supervisor = vmm.process.processIdentifier
+    #expect(output.contains("sandbox-probe: open \(kernel): No such file or directory"), "\(output)")
+    #expect(output.contains("sandbox-probe: kill \(supervisor) 0: No such process"), "\(output)")
+    #expect(output.contains("sandbox-probe: pid 1 uid \(Self.nobody.uid) gid \(Self.nobody.gid)"), "\(output)")
+    #expect(output.contains("sandbox-probe: cwd / /proc absent"), "\(output)")
+
+    let child = try vmm.child()
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+      #expect(Self.status(child, set) == "0000000000000000", "\(set)")
+    }
+    #expect(Self.status(child, "NoNewPrivs") == "1")
+    #expect(Self.status(child, "Seccomp") == "2")
+    #expect(Self.status(child, "Uid")?.split(separator: "\t").allSatisfy { $0 == "\(Self.nobody.uid)" } == true)
+    #expect(Self.status(child, "NSpid") == "\(child)\t1")
+    for kind in ["mnt", "pid", "ipc", "uts"] {
+      let own = Self.namespace("self", kind)
+      #expect(own != nil && Self.namespace("\(child)", kind) != own, "\(kind) namespace")
+    }
+    // Every thread carries a filter: the process one, plus its own for the vCPU.
+    let tasks = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(child)/task")
+    for task in tasks {
+      let name = (try? String(contentsOfFile: "/proc/\(child)/task/\(task)/comm", encoding: .utf8)) ?? ""
+      let status = (try? String(contentsOfFile: "/proc/\(child)/task/\(task)/status", encoding: .utf8)) ?? ""
+      let filters = status.split(separator: "\n").first { $0.hasPrefix("Seccomp_filters:") }
+        .flatMap { Int($0.split(separator: "\t").last ?? "") }
+      if name.hasPrefix("vcpu") { #expect(filters == 2, "\(name)") }
+      if name.hasPrefix("hostvisor") { #expect((filters ?? 0) >= 1, "\(name)") }
+    }
+    vmm.kill()
+    var gone = false
+    for _ in 0..<100 where !gone {
+      gone = !FileManager.default.fileExists(atPath: "/proc/\(child)")
+      usleep(20_000)
+    }
+    #expect(gone, "the VMM outlived its supervisor")
+  }
+
+  /// A forbidden system call on the main thread (ptrace, 101) and on a vCPU thread (socket,
+  /// 41, which the main thread may make) each stop the whole process with one line naming it.
+  @Test(arguments: [("forbidden-call", 101, "main"), ("forbidden-call-vcpu", 41, "vcpu")])
+  func forbiddenCallStopsTheVMM(probe: String, number: Int, thread: String) throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "kvm", "--serial", "none", "--sandbox", "--sandbox-probe", probe,
+    ])
+    #expect(result.status == 128 + SIGSYS, "stderr: \(result.stderr)")
+    #expect(
+      result.stderr.contains(
+        "hostvisor: sandbox: seccomp stopped the VMM: forbidden system call \(number) on a \(thread) thread"),
+      "stderr: \(result.stderr)")
+  }
+
+  /// With --sandbox the guest still runs and exits with its own
+  /// status; --no-sandbox turns it off; sandbox options without the sandbox are an error.
+  @Test func defaultsAndOptOut() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let disk = scratch.path("disk.img")
+    try Data(repeating: 0, count: 1 << 20).write(to: URL(fileURLWithPath: disk))
+    let base = ["run", "--kernel", kernel, "--accel", "kvm", "--disk", disk, "--console", "virtio", "--verbose"]
+    let sandboxed = try HostvisorProcess.run(base + ["--serial", "stdio", "--sandbox"])
+    #expect(sandboxed.status == (0x21 << 1) | 1, "stderr: \(sandboxed.stderr)")
+    #expect(sandboxed.stdout.contains("hello from the guest"))
+    #expect(sandboxed.stderr.contains("hostvisor: sandbox: entered (root: empty;"), "\(sandboxed.stderr)")
+    let plain = try HostvisorProcess.run(base + ["--serial", "stdio", "--no-sandbox"])
+    #expect(plain.status == (0x21 << 1) | 1, "stderr: \(plain.stderr)")
+    #expect(!plain.stderr.contains("sandbox"), "\(plain.stderr)")
+    let wrong = try HostvisorProcess.run(base + ["--no-sandbox", "--uid", "1"])
+    #expect(wrong.status == 1)
+    #expect(wrong.stderr.hasPrefix("hostvisor: error: --jail, --uid and --gid need the sandbox"), "\(wrong.stderr)")
+    let root = try HostvisorProcess.run(base + ["--sandbox", "--uid", "0"])
+    #expect(root.status == 1)
+    #expect(root.stderr.contains("must not be 0"), "\(root.stderr)")
+  }
+
+  /// With --api-sock and a --jail the API still answers after the VMM entered the sandbox, and
+  /// a snapshot written by path lands in the jail (named as the VMM sees it).
+  @Test func apiAnswersAndSnapshotsIntoTheJail() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    let jail = scratch.path("jail")
+    try FileManager.default.createDirectory(atPath: jail, withIntermediateDirectories: true)
+    #expect(chown(jail, Self.nobody.uid, Self.nobody.gid) == 0)
+    let socket = scratch.path("api.sock")
+    let vmm = try RunningVMM(
+      [
+        "run", "--kernel", kernel, "--accel", "kvm", "--serial", "stdio", "--api-sock", socket, "--sandbox",
+        "--jail", jail, "--verbose",
+      ], scratch: scratch)
+    try vmm.waitFor("hostvisor: sandbox: entered (root: \(jail);")
+    try vmm.waitFor("busy loop running")
+    func curl(_ method: String, _ path: String, _ body: String? = nil) throws -> String {
+      let process = Process()
+      process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+      process.arguments =
+        ["-s", "--max-time", "60", "--unix-socket", socket, "-X", method, "http://localhost\(path)"]
+        + (body.map { ["-H", "Content-Type: application/json", "-d", $0] } ?? [])
+      let output = Pipe()
+      process.standardOutput = output
+      process.standardError = FileHandle.nullDevice
+      try process.run()
+      let data = output.fileHandleForReading.readDataToEndOfFile()
+      process.waitUntilExit()
+      return String(decoding: data, as: UTF8.self)
+    }
+    #expect(try curl("GET", "/").contains("\"state\":\"Running\""))
+    _ = try curl("PATCH", "/vm", #"{"state":"Paused"}"#)
+    #expect(try curl("GET", "/").contains("\"state\":\"Paused\""))
+    let answer = try curl("PUT", "/snapshot/create", #"{"snapshot_path":"/guest.state","mem_file_path":"/guest.mem"}"#)
+    #expect(!answer.contains("fault_message"), "\(answer)")
+    let memory = try FileManager.default.attributesOfItem(atPath: jail + "/guest.mem")
+    #expect((memory[.size] as? Int ?? 0) > 0)
+    #expect(FileManager.default.fileExists(atPath: jail + "/guest.state"))
+    // A path outside the jail does not exist for the VMM.
+    let outside = try curl(
+      "PUT", "/snapshot/create", #"{"snapshot_path":"\#(scratch.path("x.state"))","mem_file_path":"/x.mem"}"#)
+    #expect(outside.contains("fault_message"), "\(outside)")
+    #expect(!FileManager.default.fileExists(atPath: scratch.path("x.state")))
+    vmm.kill()
+  }
+}
