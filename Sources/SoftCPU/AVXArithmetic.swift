@@ -40,8 +40,8 @@ extension CPU {
   }
 
   /// The exception flags of an FMA with overflow or underflow unmasked, element by element as
-  /// the host reports them: an element that overflows (underflows) reports OE (UE) with its
-  /// pre-computation flags and PE when the rounded result is inexact; with underflow unmasked
+  /// the host reports them: an element that overflows reports OE with its pre-computation flags
+  /// and PE when the rounded result is inexact, one that underflows UE, with PE only while PE is masked; with underflow unmasked
   /// every tiny result underflows, exact or not (found by running the element again with FTZ,
   /// which flags every tiny result).
   private func fusedElementFlags(
@@ -68,7 +68,9 @@ extension CPU {
       if unmasked & overflow != 0 && flags & overflow != 0 {
         flags = flags & (MXCSR.precomputationFlags | MXCSR.inexact) | overflow
       } else if unmasked & underflow != 0 && flushed & underflow != 0 {
-        flags = flags & (MXCSR.precomputationFlags | MXCSR.inexact) | underflow
+        // PE stays only while the precision exception is masked (as the host reports it).
+        let kept = MXCSR.precomputationFlags | (unmasked & MXCSR.inexact == 0 ? MXCSR.inexact : 0)
+        flags = flags & kept | underflow
       }
       total |= flags
     }
