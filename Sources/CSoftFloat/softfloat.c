@@ -194,6 +194,165 @@ uint32_t csf_sse_float(uint32_t operation, uint32_t immediate, uint32_t mxcsr, v
   return out & 0x3F;
 }
 
+
+// MARK: - AVX compares, FMA3 and F16C
+
+// VCMPPS/PD/SS/SD with the five-bit predicate of the VEX forms (xmm registers; the caller runs
+// each 128-bit half).
+#define VCMP_CASE(insn, imm)                                                                  \
+  case imm:                                                                                   \
+    __asm__ volatile("stmxcsr %[h]\n\tldmxcsr %[g]\n\t" insn " $" #imm ", %[s], %[d], %[d]\n\t" \
+                     "stmxcsr %[o]\n\tldmxcsr %[h]"                                            \
+                     : [d] "+x"(d), [o] "=m"(out), [h] "+m"(host)                              \
+                     : [s] "x"(s), [g] "m"(guest));                                            \
+    break;
+#define VCMP_ALL(insn)                                                                        \
+  switch (immediate & 0x1F) { IMM_ROW(VCMP_CASE, insn, 0x0) IMM_ROW(VCMP_CASE, insn, 0x1) }  \
+  break
+
+uint32_t csf_avx_compare(uint32_t operation, uint32_t immediate, uint32_t mxcsr, void *destination,
+                         const void *source) {
+  v2di d, s;
+  memcpy(&d, destination, 16);
+  memcpy(&s, source, 16);
+  uint32_t guest = (mxcsr & ~0x3Fu) | 0x1F80u;
+  uint32_t out = 0, host = 0;
+  switch (operation & 0xFFFF) {
+  case OP(0, 0xC2): VCMP_ALL("vcmpps");
+  case OP(1, 0xC2): VCMP_ALL("vcmppd");
+  case OP(2, 0xC2): VCMP_ALL("vcmpss");
+  case OP(3, 0xC2): VCMP_ALL("vcmpsd");
+  default:
+    return CSF_UNSUPPORTED;
+  }
+  memcpy(destination, &d, 16);
+  return out & 0x3F;
+}
+
+// FMA3 on whole registers: ymm0 = destination, ymm1 = VEX.vvvv, ymm2 = r/m, loaded from and
+// stored to memory so the compiler never holds 256-bit values.
+#define FMA_RUN(insn, reg0, reg1, reg2)                                                        \
+  __asm__ volatile("vmovdqu (%[d]), %%ymm0\n\tvmovdqu (%[v]), %%ymm1\n\tvmovdqu (%[s]), %%ymm2\n\t" \
+                   "stmxcsr %[h]\n\tldmxcsr %[g]\n\t" insn " %%" reg2 ", %%" reg1 ", %%" reg0 "\n\t" \
+                   "stmxcsr %[o]\n\tldmxcsr %[h]\n\tvmovdqu %%ymm0, (%[d])\n\tvzeroupper"       \
+                   : [o] "=m"(out), [h] "+m"(host)                                             \
+                   : [d] "r"(destination), [v] "r"(middle), [s] "r"(source), [g] "m"(guest)   \
+                   : "xmm0", "xmm1", "xmm2", "memory");                                       \
+  break
+#define FMA_CASE(code, insn)                                                                   \
+  case code: FMA_RUN(insn, "xmm0", "xmm1", "xmm2");                                            \
+  case code | 0x200: FMA_RUN(insn, "ymm0", "ymm1", "ymm2");
+
+uint32_t csf_fma(uint32_t operation, uint32_t mxcsr, void *destination, const void *middle, const void *source) {
+  uint32_t guest = (mxcsr & ~0x3Fu) | 0x1F80u;
+  uint32_t out = 0, host = 0;
+  switch (operation) {
+  FMA_CASE(0x96, "vfmaddsub132ps")
+  FMA_CASE(0x196, "vfmaddsub132pd")
+  FMA_CASE(0x97, "vfmsubadd132ps")
+  FMA_CASE(0x197, "vfmsubadd132pd")
+  FMA_CASE(0x98, "vfmadd132ps")
+  FMA_CASE(0x198, "vfmadd132pd")
+  case 0x99: FMA_RUN("vfmadd132ss", "xmm0", "xmm1", "xmm2");
+  case 0x199: FMA_RUN("vfmadd132sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0x9A, "vfmsub132ps")
+  FMA_CASE(0x19A, "vfmsub132pd")
+  case 0x9B: FMA_RUN("vfmsub132ss", "xmm0", "xmm1", "xmm2");
+  case 0x19B: FMA_RUN("vfmsub132sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0x9C, "vfnmadd132ps")
+  FMA_CASE(0x19C, "vfnmadd132pd")
+  case 0x9D: FMA_RUN("vfnmadd132ss", "xmm0", "xmm1", "xmm2");
+  case 0x19D: FMA_RUN("vfnmadd132sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0x9E, "vfnmsub132ps")
+  FMA_CASE(0x19E, "vfnmsub132pd")
+  case 0x9F: FMA_RUN("vfnmsub132ss", "xmm0", "xmm1", "xmm2");
+  case 0x19F: FMA_RUN("vfnmsub132sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0xA6, "vfmaddsub213ps")
+  FMA_CASE(0x1A6, "vfmaddsub213pd")
+  FMA_CASE(0xA7, "vfmsubadd213ps")
+  FMA_CASE(0x1A7, "vfmsubadd213pd")
+  FMA_CASE(0xA8, "vfmadd213ps")
+  FMA_CASE(0x1A8, "vfmadd213pd")
+  case 0xA9: FMA_RUN("vfmadd213ss", "xmm0", "xmm1", "xmm2");
+  case 0x1A9: FMA_RUN("vfmadd213sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0xAA, "vfmsub213ps")
+  FMA_CASE(0x1AA, "vfmsub213pd")
+  case 0xAB: FMA_RUN("vfmsub213ss", "xmm0", "xmm1", "xmm2");
+  case 0x1AB: FMA_RUN("vfmsub213sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0xAC, "vfnmadd213ps")
+  FMA_CASE(0x1AC, "vfnmadd213pd")
+  case 0xAD: FMA_RUN("vfnmadd213ss", "xmm0", "xmm1", "xmm2");
+  case 0x1AD: FMA_RUN("vfnmadd213sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0xAE, "vfnmsub213ps")
+  FMA_CASE(0x1AE, "vfnmsub213pd")
+  case 0xAF: FMA_RUN("vfnmsub213ss", "xmm0", "xmm1", "xmm2");
+  case 0x1AF: FMA_RUN("vfnmsub213sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0xB6, "vfmaddsub231ps")
+  FMA_CASE(0x1B6, "vfmaddsub231pd")
+  FMA_CASE(0xB7, "vfmsubadd231ps")
+  FMA_CASE(0x1B7, "vfmsubadd231pd")
+  FMA_CASE(0xB8, "vfmadd231ps")
+  FMA_CASE(0x1B8, "vfmadd231pd")
+  case 0xB9: FMA_RUN("vfmadd231ss", "xmm0", "xmm1", "xmm2");
+  case 0x1B9: FMA_RUN("vfmadd231sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0xBA, "vfmsub231ps")
+  FMA_CASE(0x1BA, "vfmsub231pd")
+  case 0xBB: FMA_RUN("vfmsub231ss", "xmm0", "xmm1", "xmm2");
+  case 0x1BB: FMA_RUN("vfmsub231sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0xBC, "vfnmadd231ps")
+  FMA_CASE(0x1BC, "vfnmadd231pd")
+  case 0xBD: FMA_RUN("vfnmadd231ss", "xmm0", "xmm1", "xmm2");
+  case 0x1BD: FMA_RUN("vfnmadd231sd", "xmm0", "xmm1", "xmm2");
+  FMA_CASE(0xBE, "vfnmsub231ps")
+  FMA_CASE(0x1BE, "vfnmsub231pd")
+  case 0xBF: FMA_RUN("vfnmsub231ss", "xmm0", "xmm1", "xmm2");
+  case 0x1BF: FMA_RUN("vfnmsub231sd", "xmm0", "xmm1", "xmm2");
+  default:
+    return CSF_UNSUPPORTED;
+  }
+  return out & 0x3F;
+}
+
+#define PS2PH_CASE(from, to, imm)                                                        \
+  case imm:                                                                                    \
+    __asm__ volatile("vmovdqu (%[s]), %%ymm1\n\tvpxor %%xmm0, %%xmm0, %%xmm0\n\t"               \
+                     "stmxcsr %[h]\n\tldmxcsr %[g]\n\tvcvtps2ph $" #imm ", %%" from ", %%" to "\n\t" \
+                     "stmxcsr %[o]\n\tldmxcsr %[h]\n\tvmovdqu %%ymm0, (%[d])\n\tvzeroupper"      \
+                     : [o] "=m"(out), [h] "+m"(host)                                           \
+                     : [d] "r"(destination), [s] "r"(source), [g] "m"(guest)                   \
+                     : "xmm0", "xmm1", "memory");                                             \
+    break;
+#define PS2PH_ALL(from, to)                                                                    \
+  switch (immediate & 7) {                                                                     \
+    PS2PH_CASE(from, to, 0) PS2PH_CASE(from, to, 1) PS2PH_CASE(from, to, 2)                     \
+    PS2PH_CASE(from, to, 3) PS2PH_CASE(from, to, 4) PS2PH_CASE(from, to, 5)                     \
+    PS2PH_CASE(from, to, 6) PS2PH_CASE(from, to, 7)                                             \
+  }                                                                                            \
+  break
+
+#define PH2PS_RUN(to)                                                                      \
+  __asm__ volatile("vmovdqu (%[s]), %%ymm1\n\t"                                                \
+                   "stmxcsr %[h]\n\tldmxcsr %[g]\n\tvcvtph2ps %%xmm1, %%" to "\n\t"          \
+                   "stmxcsr %[o]\n\tldmxcsr %[h]\n\tvmovdqu %%ymm0, (%[d])\n\tvzeroupper"        \
+                   : [o] "=m"(out), [h] "+m"(host)                                             \
+                   : [d] "r"(destination), [s] "r"(source), [g] "m"(guest)                     \
+                   : "xmm0", "xmm1", "memory");                                               \
+  break
+
+uint32_t csf_f16c(uint32_t operation, uint32_t immediate, uint32_t mxcsr, void *destination, const void *source) {
+  uint32_t guest = (mxcsr & ~0x3Fu) | 0x1F80u;
+  uint32_t out = 0, host = 0;
+  switch (operation) {
+  case 0: PH2PS_RUN("xmm0");
+  case 1: PH2PS_RUN("ymm0");
+  case 2: PS2PH_ALL("xmm1", "xmm0");
+  case 3: PS2PH_ALL("ymm1", "xmm0");
+  default:
+    return CSF_UNSUPPORTED;
+  }
+  return out & 0x3F;
+}
+
 // MARK: - SSE integer
 
 #define INT_IMM_CASE(insn, imm)                                                              \

@@ -12,18 +12,54 @@ import VMCore
 // bits, the high half on the upper halves (memory + 16), both into the scratch register 17,
 // with the register source copied to scratch register 16 first, so nothing is written before
 // both halves have run. An exception in the high half leaves the destination unchanged.
+// Forms with general-register or memory destinations run the SSE operation unchanged
+// (`executeDirect`). Forms that move data across the 128-bit halves (broadcasts, permutes,
+// inserts/extracts, masked moves, variable blends, the widening and narrowing conversions,
+// gathers) and FMA/F16C are in AVXPermute.swift and AVXArithmetic.swift.
 //
 // XINUSE: a VEX.128 form (which zeroes bits 255:128) marks only SSE in use, a VEX.256 form
 // AVX too, as the host CPU shows.
 //
-// Not implemented yet (#UD): AVX2, FMA, F16C and the AVX forms not in `vexLaneShape`.
+// Every other VEX vector form raises #UD.
 
 /// How a VEX form maps onto the SSE unit's operation of the same opcode.
-enum VEXLaneShape {
-  /// dest = op(vvvv, r/m), lane by lane.
-  case twoSources
-  /// dest = op(r/m); VEX.vvvv must be 1111b.
-  case oneSource
+struct VEXLaneForm {
+  /// Which VEX.L values the form accepts.
+  enum Length {
+    /// VEX.128 and VEX.256 (the operation runs on each 128-bit half).
+    case both
+    /// VEX.128 only; VEX.L = 1 raises #UD.
+    case only128
+    /// Scalar forms: VEX.L is ignored, bits 255:128 of the destination are zeroed.
+    case ignored
+  }
+  var length: Length = .both
+  /// dest = op(vvvv, r/m); false: dest = op(r/m) and VEX.vvvv must be 1111b.
+  var usesVVVV = true
+  /// The r/m operand names a general register (CVTSI2SS/SD, PINSRW/B/D/Q).
+  var rmIsGeneral = false
+  /// The 128-bit r/m operand serves both halves (the count of PSLL/PSRL/PSRA by xmm/m128).
+  var sharedSource = false
+  /// Shifts by immediate: VEX.vvvv is the destination, r/m the source, ModRM.reg the operation.
+  var destinationIsVVVV = false
+  /// The high half takes its immediate shifted right by this many bits (VSHUFPD 2, VBLENDPS 4,
+  /// VBLENDPD 2, VMPSADBW 3).
+  var highImmediateShift: UInt64 = 0
+
+  static let two = VEXLaneForm()
+  static let one = VEXLaneForm(usesVVVV: false)
+  static let two128 = VEXLaneForm(length: .only128)
+  static let one128 = VEXLaneForm(length: .only128, usesVVVV: false)
+  static let scalar = VEXLaneForm(length: .ignored)
+}
+
+/// Inputs of the two halves prepared by the caller instead of vvvv and r/m (conversions and
+/// sign/zero extensions whose 256-bit form widens or narrows).
+struct VEXHalfSources {
+  var low: XMMValue
+  var high: XMMValue
+  /// The result is the low 64 bits of each half's result, in the low 128 bits (narrowing).
+  var narrowing = false
 }
 
 extension CPU {
@@ -43,50 +79,174 @@ extension CPU {
       xsaveInUse &= ins.vexL ? ~(XSaveModel.sse | XSaveModel.avx) : ~XSaveModel.avx
     case 0x110, 0x111, 0x128, 0x129, 0x16F, 0x17F, 0x12B, 0x1E7:
       try vectorMove(ins)
+    case 0x296...0x29F, 0x2A6...0x2AF, 0x2B6...0x2BF:
+      try fusedMultiplyAdd(ins)
+    case 0x213, 0x31D:
+      try halfPrecisionConversion(ins)
     default:
-      guard let shape = vexLaneShape(ins) else { throw .invalidOpcode }
-      try executeLaneWise(ins, shape: shape)
+      if try executeAVXPermute(ins) { return }
+      if let shape = vexDirectForm(ins) {
+        try executeDirect(ins, allowsWide: shape)
+        return
+      }
+      guard let form = vexLaneForm(ins) else { throw .invalidOpcode }
+      try executeLaneWise(ins, form: form)
     }
   }
 
-  /// The lane shape of a VEX form that runs through the SSE unit, nil when it is not one.
-  private func vexLaneShape(_ ins: Instruction) -> VEXLaneShape? {
+  /// VEX forms that run the SSE operation unchanged (VEX.vvvv = 1111b, general-register or
+  /// memory destinations, or VEX.128 loads that zero bits 255:128): nil when the form is not
+  /// one, else whether VEX.L is ignored (true) or must be 0 (false).
+  private func vexDirectForm(_ ins: Instruction) -> Bool? {
     let byte = UInt8(truncatingIfNeeded: ins.opcode)
     let prefix = ins.mandatoryPrefix
-    guard ins.opcode >> 8 == 1 else { return nil }
-    switch byte {
-    case 0x54...0x57, 0x14, 0x15, 0xC6:  // logic, UNPCKL/H, SHUFPS/PD
-      return prefix <= 1 ? .twoSources : nil
-    case 0x58, 0x59, 0x5C...0x5F, 0xC2:  // arithmetic, min/max, compares
-      return .twoSources
-    case 0x51:  // VSQRTPS/PD one source; VSQRTSS/SD merge into vvvv
-      return prefix >= 2 ? .twoSources : .oneSource
-    case 0x52, 0x53:  // VRSQRT/VRCP PS one source, SS two
-      return prefix == 2 ? .twoSources : prefix == 0 ? .oneSource : nil
-    case 0xD0, 0x7C, 0x7D:  // ADDSUB, HADD, HSUB
-      return prefix == 1 || prefix == 3 ? .twoSources : nil
-    case 0x60...0x6B, 0x6C, 0x6D, 0x74...0x76, 0xD4, 0xD5, 0xD8...0xDF, 0xE0, 0xE3...0xE5, 0xE8...0xEF, 0xF4...0xF6,
-      0xF8...0xFE:
-      // Integer: unpacks, packs, compares, add/sub/mul/avg/min/max/logic, PSADBW, PMADDWD.
-      return prefix == 1 ? .twoSources : nil
-    case 0x70:  // VPSHUFD/HW/LW
-      return prefix >= 1 ? .oneSource : nil
+    switch ins.opcode >> 8 {
+    case 1:
+      switch byte {
+      case 0x2C, 0x2D: return prefix >= 2 ? true : nil  // VCVT(T)SS2SI / VCVT(T)SD2SI
+      case 0x2E, 0x2F: return prefix <= 1 ? true : nil  // V(U)COMISS/SD
+      case 0x13, 0x17: return prefix <= 1 ? false : nil  // VMOVLPS/PD, VMOVHPS/PD stores
+      case 0x6E, 0xC5, 0xD6, 0xF7: return prefix == 1 ? false : nil  // VMOVD/Q, VPEXTRW, VMOVQ, VMASKMOVDQU
+      case 0x7E: return prefix == 1 || prefix == 2 ? false : nil  // VMOVD/Q r/m, xmm; VMOVQ xmm, xmm/m64
+      case 0xD7: return prefix == 1 && !ins.vexL ? false : nil  // VPMOVMSKB (VEX.256 in AVXPermute)
+      default: return nil
+      }
+    case 2:
+      return byte == 0x17 && prefix == 1 && !ins.vexL ? false : nil  // VPTEST xmm
     default:
-      return nil
+      switch byte {
+      case 0x14...0x17, 0x60...0x63: return prefix == 1 ? false : nil  // VPEXTR*, VEXTRACTPS, VPCMP?STR?
+      default: return nil
+      }
     }
   }
 
-  /// Runs a lane-wise VEX form through the SSE operation of the same opcode, one 128-bit half at a time.
-  private func executeLaneWise(_ ins: Instruction, shape: VEXLaneShape) throws(Fault) {
-    if shape == .oneSource && ins.vexRegister != 0 { throw .invalidOpcode }
-    // Scalar forms ignore VEX.L (LIG) and always zero bits 255:128.
-    let byte = UInt8(truncatingIfNeeded: ins.opcode)
-    let scalar = ins.mandatoryPrefix >= 2 && (0x51...0x5F).contains(byte)
-    let wide = ins.vexL && !scalar
+  /// Runs an SSE operation as its VEX form: VEX.vvvv must be 1111b; a vector register the
+  /// operation writes has bits 255:128 zeroed.
+  private func executeDirect(_ ins: Instruction, allowsWide: Bool) throws(Fault) {
+    guard ins.vexRegister == 0, allowsWide || !ins.vexL else { throw .invalidOpcode }
     var operation = ins
     operation.op = .sse
-    operation.reg = 17
-    if !ins.hasMemoryOperand { operation.rm = 16 }
+    operation.rexW = ins.operandSize == 8
+    vexOperationActive = true
+    defer { vexOperationActive = false }
+    try executeSSEOperation(operation)
+    guard ins.writesVectorRegister else { return }
+    let byte = UInt8(truncatingIfNeeded: ins.opcode)
+    if ins.opcode >> 8 == 3 {
+      ymmHigh[0] = .zero  // VPCMPESTRM/VPCMPISTRM write XMM0
+    } else if byte == 0xD6 {
+      ymmHigh[Int(ins.rm)] = .zero
+    } else {
+      ymmHigh[Int(ins.reg)] = .zero
+    }
+  }
+
+  /// The lane form of a VEX form that runs through the SSE unit, nil when it is not one.
+  private func vexLaneForm(_ ins: Instruction) -> VEXLaneForm? {
+    let byte = UInt8(truncatingIfNeeded: ins.opcode)
+    let prefix = ins.mandatoryPrefix
+    switch ins.opcode >> 8 {
+    case 1:
+      switch byte {
+      case 0x54...0x57, 0x14, 0x15:  // logic, UNPCKL/H
+        return prefix <= 1 ? .two : nil
+      case 0xC6:  // VSHUFPS/PD
+        return prefix == 0 ? .two : prefix == 1 ? VEXLaneForm(highImmediateShift: 2) : nil
+      case 0x58, 0x59, 0x5C...0x5F, 0xC2:  // arithmetic, min/max, compares
+        return prefix >= 2 ? .scalar : .two
+      case 0x51:  // VSQRTPS/PD one source; VSQRTSS/SD merge into vvvv
+        return prefix >= 2 ? .scalar : .one
+      case 0x52, 0x53:  // VRSQRT/VRCP PS one source, SS two
+        return prefix == 2 ? .scalar : prefix == 0 ? .one : nil
+      case 0x5A:  // VCVTPS2PD/VCVTPD2PS (VEX.256 in AVXPermute), VCVTSS2SD/VCVTSD2SS
+        return prefix >= 2 ? .scalar : .one
+      case 0x5B:  // VCVTDQ2PS, VCVTPS2DQ, VCVTTPS2DQ
+        return prefix <= 2 ? .one : nil
+      case 0xE6:  // VCVTTPD2DQ, VCVTDQ2PD, VCVTPD2DQ (VEX.256 in AVXPermute)
+        return prefix != 0 ? .one : nil
+      case 0x2A:  // VCVTSI2SS/SD
+        return prefix >= 2 ? VEXLaneForm(length: .ignored, rmIsGeneral: true) : nil
+      case 0x12, 0x16:
+        switch prefix {
+        case 0, 1: return .two128  // VMOVLPS/PD, VMOVHLPS, VMOVHPS/PD, VMOVLHPS
+        case 2: return .one  // VMOVSLDUP, VMOVSHDUP
+        default: return byte == 0x12 ? .one : nil  // VMOVDDUP
+        }
+      case 0xD0, 0x7C, 0x7D:  // ADDSUB, HADD, HSUB
+        return prefix == 1 || prefix == 3 ? .two : nil
+      case 0x60...0x6B, 0x6C, 0x6D, 0x74...0x76, 0xD4, 0xD5, 0xD8...0xDF, 0xE0, 0xE3...0xE5, 0xE8...0xEF, 0xF4...0xF6,
+        0xF8...0xFE:
+        // Integer: unpacks, packs, compares, add/sub/mul/avg/min/max/logic, PSADBW, PMADDWD.
+        return prefix == 1 ? .two : nil
+      case 0xD1...0xD3, 0xE1, 0xE2, 0xF1...0xF3:  // shifts by the count in xmm/m128
+        return prefix == 1 ? VEXLaneForm(sharedSource: true) : nil
+      case 0x71...0x73:  // shifts by immediate
+        return prefix == 1 && !ins.hasMemoryOperand ? VEXLaneForm(usesVVVV: false, destinationIsVVVV: true) : nil
+      case 0x70:  // VPSHUFD/HW/LW
+        return prefix >= 1 ? .one : nil
+      case 0xC4:  // VPINSRW
+        return prefix == 1 ? VEXLaneForm(length: .only128, rmIsGeneral: true) : nil
+      case 0xF0:  // VLDDQU
+        return prefix == 3 && ins.hasMemoryOperand ? .one : nil
+      default:
+        return nil
+      }
+    case 2:
+      guard prefix == 1 else { return nil }
+      switch byte {
+      case 0x00...0x0B, 0x28, 0x29, 0x2B, 0x37...0x40:
+        return .two
+      case 0x1C...0x1E, 0x2A:  // VPABSB/W/D, VMOVNTDQA
+        return .one
+      case 0x20...0x25, 0x30...0x35:  // VPMOVSX/ZX (VEX.256 in AVXPermute)
+        return .one
+      case 0x41:  // VPHMINPOSUW
+        return .one128
+      default:
+        return nil
+      }
+    default:
+      guard prefix == 1 else { return nil }
+      switch byte {
+      case 0x08, 0x09: return .one  // VROUNDPS/PD
+      case 0x0A, 0x0B: return .scalar  // VROUNDSS/SD
+      case 0x0C: return VEXLaneForm(highImmediateShift: 4)  // VBLENDPS
+      case 0x0D: return VEXLaneForm(highImmediateShift: 2)  // VBLENDPD
+      case 0x0E, 0x0F, 0x40: return .two  // VPBLENDW, VPALIGNR, VDPPS
+      case 0x41, 0x44, 0x21: return .two128  // VDPPD, VPCLMULQDQ, VINSERTPS
+      case 0x42: return VEXLaneForm(highImmediateShift: 3)  // VMPSADBW
+      case 0x20, 0x22: return VEXLaneForm(length: .only128, rmIsGeneral: true)  // VPINSRB/D/Q
+      default: return nil
+      }
+    }
+  }
+
+  /// Runs a lane-wise VEX form through the SSE operation of the same opcode, one 128-bit half
+  /// at a time (`sources`: the halves' inputs prepared by the caller instead of r/m).
+  func executeLaneWise(_ ins: Instruction, form: VEXLaneForm, sources: VEXHalfSources? = nil) throws(Fault) {
+    if !form.usesVVVV && !form.destinationIsVVVV && ins.vexRegister != 0 { throw .invalidOpcode }
+    if form.length == .only128 && ins.vexL { throw .invalidOpcode }
+    let wide = ins.vexL && form.length == .both && !(sources?.narrowing ?? false)
+    let halves = ins.vexL && form.length == .both ? 2 : 1
+    // VMOVNTDQA: 32-byte alignment for VEX.256 (each half checks 16).
+    if ins.opcode == 0x22A && ins.vexL && ins.hasMemoryOperand && linearAddress(ins) & 31 != 0 {
+      throw .generalProtection(0)
+    }
+    var operation = ins
+    operation.op = .sse
+    operation.rexW = ins.operandSize == 8
+    if form.destinationIsVVVV {
+      operation.rm = 17
+    } else {
+      operation.reg = 17
+      if sources != nil {
+        operation.hasMemoryOperand = false
+        operation.rm = 16
+      } else if !ins.hasMemoryOperand && !form.rmIsGeneral {
+        operation.rm = 16
+      }
+    }
     vexOperationActive = true
     defer { vexOperationActive = false }
     let source1 = Int(ins.vexRegister)
@@ -98,17 +258,22 @@ extension CPU {
     let original = mxcsr
     var raised: UInt32 = 0
     var unmaskedException = false
-    var halves = (low: XMMValue.zero, high: XMMValue.zero)
-    for half in 0..<(wide ? 2 : 1) {
+    var results = (low: XMMValue.zero, high: XMMValue.zero)
+    for half in 0..<halves {
       let upper = half == 1
-      xmm[17] = shape == .twoSources ? (upper ? ymmHigh[source1] : xmm[source1]) : .zero
-      if ins.hasMemoryOperand {
-        if upper { operation.displacement &+= 16 }
+      if form.destinationIsVVVV {
+        xmm[17] = upper ? ymmHigh[source2] : xmm[source2]
       } else {
-        xmm[16] = upper ? ymmHigh[source2] : xmm[source2]
+        xmm[17] = form.usesVVVV ? (upper ? ymmHigh[source1] : xmm[source1]) : .zero
+        if let sources {
+          xmm[16] = upper ? sources.high : sources.low
+        } else if ins.hasMemoryOperand {
+          if upper && !form.sharedSource { operation.displacement &+= 16 }
+        } else if !form.rmIsGeneral {
+          xmm[16] = upper && !form.sharedSource ? ymmHigh[source2] : xmm[source2]
+        }
       }
-      // VSHUFPD takes the high lane's selectors from immediate bits 3:2.
-      if upper && ins.opcode == 0x1C6 && ins.mandatoryPrefix == 1 { operation.immediate = ins.immediate >> 2 }
+      if upper { operation.immediate = ins.immediate >> form.highImmediateShift }
       mxcsr = original & ~MXCSR.flags
       do {
         try executeSSEOperation(operation)
@@ -123,15 +288,19 @@ extension CPU {
         unmaskedException = true
       }
       raised |= mxcsr & MXCSR.flags
-      if upper { halves.high = xmm[17] } else { halves.low = xmm[17] }
+      if upper { results.high = xmm[17] } else { results.low = xmm[17] }
     }
     if raised & ~(original >> 7) & MXCSR.precomputationFlags != 0 { raised &= MXCSR.precomputationFlags }
     mxcsr = original | raised
     if unmaskedException { throw cr4 & X86.cr4OSXMMEXCPT != 0 ? .simdError : .invalidOpcode }
-    let low = halves.low
-    let high = halves.high
-    xmm[Int(ins.reg)] = low
-    ymmHigh[Int(ins.reg)] = high
+    let destination = form.destinationIsVVVV ? source1 : Int(ins.reg)
+    if sources?.narrowing ?? false {
+      xmm[destination] = XMMValue(results.low[0], results.high[0])
+      ymmHigh[destination] = .zero
+    } else {
+      xmm[destination] = results.low
+      ymmHigh[destination] = results.high
+    }
     xsaveInUse |= wide ? XSaveModel.sse | XSaveModel.avx : XSaveModel.sse
   }
 

@@ -477,8 +477,14 @@ extension CPU {
     var destination = xmm[Int(instruction.reg)]
     var source = try sourceSized(instruction, size: sourceSize)
     let operation = hostOperation(instruction, prefix: prefix)
-    let raised = runHostFloat(
-      operation, UInt32(truncatingIfNeeded: instruction.immediate), &destination, &source)
+    let immediate = UInt32(truncatingIfNeeded: instruction.immediate)
+    let raised: UInt32
+    if _slowPath(vexOperationActive && instruction.opcode == 0x1C2) {
+      // VCMPPS/PD/SS/SD: the VEX forms' 32 predicates.
+      raised = csf_avx_compare(operation, immediate, mxcsr, &destination, &source)
+    } else {
+      raised = runHostFloat(operation, immediate, &destination, &source)
+    }
     guard raised != CSF_UNSUPPORTED else { throw .invalidOpcode }
     try commitSIMDExceptions(raised)
     xmm[Int(instruction.reg)] = destination

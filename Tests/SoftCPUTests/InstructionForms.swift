@@ -141,6 +141,8 @@ struct VEXEncoding {
   var w: Bool? = nil
   /// Register file VEX.vvvv names; nil: unused (1111b).
   var vvvv: OperandSpace? = nil
+  /// VEX.vvvv is never 1111b although the form has no VEX.vvvv operand (the #UD cases).
+  var vvvvNotUnused = false
 }
 
 /// One instruction form of the table.

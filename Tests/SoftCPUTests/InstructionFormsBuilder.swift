@@ -510,7 +510,7 @@ struct SequenceBuilder {
       switch vex.vvvv {
       case .gpr?: vvvv = pickGPR(&rng, excludeRSP: true)
       case .xmm?: vvvv = UInt8(rng.below(16))
-      case nil: vvvv = 0
+      case nil: vvvv = vex.vvvvNotUnused ? UInt8(1 + rng.below(15)) : 0
       }
       let w = vex.w ?? (size == 8)
       let length = rng.pick(vex.lengths)

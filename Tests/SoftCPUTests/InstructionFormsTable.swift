@@ -2,7 +2,7 @@
 // SSE..SSE4.2 and x87. Flag effects follow the Intel SDM (undefined flags are masked).
 
 enum FormTable {
-  static let all: [InstructionForm] = integer + control + sse + x87 + bitManipulation + xsaveFamily + avx
+  static let all: [InstructionForm] = integer + control + sse + x87 + bitManipulation + xsaveFamily + avx + avxExtended
 
   // MARK: Flag effects
 

@@ -25,6 +25,24 @@
 uint32_t csf_sse_float(uint32_t operation, uint32_t immediate, uint32_t mxcsr, void *destination,
                        const void *source);
 
+/// VCMPPS/PD/SS/SD (`operation` as for `csf_sse_float`, opcode C2) on one 128-bit half with the
+/// VEX forms' five-bit predicate in `immediate`. Returns the exception flags or CSF_UNSUPPORTED.
+uint32_t csf_avx_compare(uint32_t operation, uint32_t immediate, uint32_t mxcsr, void *destination,
+                         const void *source);
+
+/// FMA3 on the host under `mxcsr` (exceptions masked, flags cleared): `operation` is the 0F 38
+/// opcode byte (96-9F, A6-AF, B6-BF) | VEX.W << 8 | VEX.L << 9 (L only for the packed forms).
+/// `destination`, `middle` (VEX.vvvv) and `source` (r/m) are 32 bytes each; the result replaces
+/// `destination` (upper 128 bits zero for 128-bit and scalar forms). Returns the exception flags
+/// or CSF_UNSUPPORTED.
+uint32_t csf_fma(uint32_t operation, uint32_t mxcsr, void *destination, const void *middle, const void *source);
+
+/// F16C on the host under `mxcsr`: `operation` 0/1 = VCVTPH2PS to xmm/ymm (from the low 8/16 bytes
+/// of `source`), 2/3 = VCVTPS2PH from xmm/ymm with `immediate` (bits 2:0) into the low 8/16 bytes
+/// of `destination` (the rest zero). Buffers are 32 bytes. Returns the exception flags or
+/// CSF_UNSUPPORTED.
+uint32_t csf_f16c(uint32_t operation, uint32_t immediate, uint32_t mxcsr, void *destination, const void *source);
+
 /// Executes one SSE integer instruction (no MXCSR involvement) on `destination` with `source`.
 /// `operation` as for `csf_sse_float`. Returns 0, or CSF_UNSUPPORTED. For PTEST the RFLAGS
 /// bits are returned in the low 8 bytes of `destination` instead.
