@@ -53,30 +53,14 @@ public final class GDBServer: @unchecked Sendable {
   ) throws(GDBServerError) {
     let (host, port) = try Self.parseAddress(listenAddress)
     self.target = target
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { throw GDBServerError("cannot create the gdb socket: \(String(cString: strerror(errno)))") }
-    var yes: Int32 = 1
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, socklen_t(MemoryLayout<Int32>.size))
-    var socketAddress = sockaddr_in()
-    socketAddress.sin_family = sa_family_t(AF_INET)
-    socketAddress.sin_port = port.bigEndian
-    inet_pton(AF_INET, host, &socketAddress.sin_addr)
-    let bound = withUnsafePointer(to: &socketAddress) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-        bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-      }
+    let fd: Int32
+    do {
+      let opened = try TCPListener.open(host: host, port: port, backlog: 1)
+      fd = opened.descriptor
+      address = "\(host):\(opened.port)"
+    } catch {
+      throw GDBServerError("gdb stub: \(error)")
     }
-    guard bound == 0, listen(fd, 1) == 0 else {
-      let err = errno
-      close(fd)
-      throw GDBServerError("cannot listen for gdb on \(host):\(port): \(String(cString: strerror(err)))")
-    }
-    var actual = sockaddr_in()
-    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafeMutablePointer(to: &actual) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-    }
-    address = "\(host):\(UInt16(bigEndian: actual.sin_port))"
     listener = fd
     var pipeEnds: [Int32] = [-1, -1]
     guard pipe(&pipeEnds) == 0 else {
