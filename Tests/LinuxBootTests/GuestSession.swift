@@ -27,28 +27,34 @@ final class GuestSession: Sendable {
     process.standardInput = input
     process.standardOutput = output
     process.standardError = output
+    // A thread of its own reads the console, so the transcript grows even while CPU-bound tests
+    // occupy every thread of the shared pools.
     let transcript = self.transcript
-    output.fileHandleForReading.readabilityHandler = { handle in
-      let data = handle.availableData
-      guard !data.isEmpty else { return }
-      transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) }
-    }
+    let reader = output.fileHandleForReading
     try process.run()
+    Thread.detachNewThread {
+      while true {
+        let data = reader.availableData
+        if data.isEmpty { break }
+        transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) }
+      }
+    }
   }
 
   /// Everything the guest printed so far.
   var text: String { transcript.text.withLock { $0 } }
 
   /// Waits until `marker` appears after `offset` in the transcript; returns the text before it.
+  /// A wait resumed late (every pool thread busy) still looks once more before it gives up.
   func waitFor(_ marker: String, after offset: String.Index? = nil, timeout: Duration) async throws -> String {
     let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
+    while true {
       let current = text
       let start = offset.map { min($0, current.endIndex) } ?? current.startIndex
       if let range = current[start...].range(of: marker) {
         return String(current[start..<range.lowerBound])
       }
-      if !process.isRunning { break }
+      if !process.isRunning || ContinuousClock.now >= deadline { break }
       try await Task.sleep(for: .milliseconds(100))
     }
     throw SessionError.timedOut(marker: marker, transcriptTail: String(text.suffix(3000)))
