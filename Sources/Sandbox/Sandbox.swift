@@ -57,9 +57,9 @@ public struct SandboxOptions: Sendable {
 /// The VMM's sandbox, entered in two steps.
 ///
 /// `prepare` runs first, while the process has one thread and nothing open but its standard
-/// descriptors: it closes every inherited descriptor, enters new mount, PID, IPC and UTS
-/// namespaces and forks, so the VMM is PID 1 of its PID namespace; the original process stays
-/// outside as a supervisor that mirrors the VMM's exit.
+/// descriptors: it enters new mount, PID, IPC and UTS namespaces and forks, so the VMM is PID 1
+/// of its PID namespace, and the VMM closes every inherited descriptor; the original process
+/// stays outside as a supervisor that mirrors the VMM's exit.
 ///
 /// `enter` runs once everything the machine needs is open (disks, TAP, /dev/kvm, sockets,
 /// the passt child): it pivots into the jail, drops to the unprivileged user with no
@@ -75,7 +75,6 @@ public enum Sandbox {
     guard threads == 1 else {
       throw SandboxError("sandbox: the process already runs \(threads) threads; cannot enter namespaces")
     }
-    _ = hv_sandbox_close_from(3)
     let unshared = hv_sandbox_unshare_namespaces()
     if unshared != 0 { throw SandboxError("cannot enter new namespaces (needs root)", errno: unshared) }
     // Nothing mounted from here on reaches the host's namespace.
@@ -86,6 +85,10 @@ public enum Sandbox {
     let child = hv_sandbox_fork()
     if child < 0 { throw SandboxError("cannot fork the VMM into its PID namespace", errno: -child) }
     if child > 0 { hv_sandbox_supervise(child) }
+    // Only the VMM drops what it inherited. The supervisor keeps its descriptors: a parent may
+    // watch one of them for the end of its child (Foundation's `Process` does, with a socket
+    // it passes down), and closing it would read as the supervisor's exit.
+    _ = hv_sandbox_close_from(3)
     _ = "hostvisor".withCString { sethostname($0, 9) }
   }
 

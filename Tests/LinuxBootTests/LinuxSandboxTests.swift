@@ -8,10 +8,7 @@ import Testing
   "Linux under the sandboxed VMM", .serialized,
   .enabled(if: getuid() == 0, "the sandbox needs root"))
 struct LinuxSandboxTests {
-  @Test(
-    .disabled(
-      "passes alone, but in the full parallel suite the sandboxed guest sat idle at its shell while the run stalled; see docs/TODO.md"
-    ))
+  @Test
   func bootsAndDoesDiskIOSandboxed() async throws {
     let scratch = try LinuxVirtioTests.ScratchFolder()
     let image = scratch.path("disk.img")
