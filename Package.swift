@@ -75,7 +75,7 @@ let package = Package(
       dependencies: [
         "SoftCPU", "VMCore", "CNativeExec", "InterruptControllers", "Loaders", "Devices", "KVMBackend",
       ]),
-    .testTarget(name: "CLITests", dependencies: ["VMM"]),
+    .testTarget(name: "CLITests", dependencies: ["VMM", "Sandbox"]),
     .testTarget(name: "GDBStubTests", dependencies: ["GDBStub", "VMCore", "hostvisor"]),
     .testTarget(name: "LinuxBootTests", dependencies: ["hostvisor"]),
     .testTarget(name: "ControlAPITests", dependencies: ["ControlAPI", "VMM", "hostvisor"]),

@@ -26,87 +26,198 @@ public struct CgroupLimits: Sendable {
   public init() {}
 }
 
-/// The VM's own cgroup v2 group, `ROOT/NAME`, holding the whole VMM process with its limits,
-/// and two threaded child groups: `vcpu` (vCPU threads) and `io` (device worker threads), so
-/// `cpu.max` / `cpu.weight` can be set per kind inside the VM's share. The children's
-/// `cgroup.threads` files are opened at start, so threads that start inside the sandbox still
-/// move themselves.
+/// Where the host's cgroups are: one cgroup v2 hierarchy, or cgroup v1's hierarchy per
+/// controller.
+public enum CgroupHierarchy: Sendable, Equatable {
+  /// The cgroup2 mount point.
+  case unified(String)
+  /// The cgroup v1 mount point of each controller this process can write to (`cpu`, `memory`,
+  /// `pids`, `blkio`; `cpu` and `memory` are always present).
+  case legacy([String: String])
+}
+
+/// The VM's own cgroup, `NAME`, holding the whole VMM process with its limits, and two child
+/// groups: `vcpu` (vCPU threads) and `io` (device worker threads), so CPU limits can be set per
+/// kind inside the VM's share. On cgroup v2 the children are threaded groups; on cgroup v1
+/// they live in the `cpu` hierarchy (v1 places threads one by one). The children's thread
+/// lists are opened at start, so threads that start inside the sandbox still move themselves.
 public final class CgroupSlice: Sendable {
-  /// The group's directory.
+  /// The group's directory (on cgroup v1: in the `cpu` hierarchy).
   public let path: String
   private let vcpuThreads: Int32
   private let ioThreads: Int32
 
-  /// The mount point of the host's cgroup v2 hierarchy, if there is one this process can
-  /// write to; else a reason.
-  public static func hierarchy() -> Result<String, CgroupError> {
+  /// The host's cgroup hierarchy this process can write to: cgroup v2 when its root offers the
+  /// cpu and memory controllers, else cgroup v1 when its cpu and memory hierarchies are
+  /// writable; else a reason.
+  public static func hierarchy() -> Result<CgroupHierarchy, CgroupError> {
     guard let file = fopen("/proc/self/mountinfo", "r") else { return .failure(CgroupError("cannot read mountinfo")) }
     defer { fclose(file) }
     var line: UnsafeMutablePointer<CChar>?
     var capacity = 0
     defer { free(line) }
+    var unified: String?
+    var legacy: [String: String] = [:]
     while getline(&line, &capacity, file) > 0, let line {
-      let fields = String(cString: line).split(separator: " ")
-      guard let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count, fields[dash + 1] == "cgroup2" else {
-        continue
-      }
+      let fields = String(cString: line).split(whereSeparator: { $0 == " " || $0 == "\n" })
+      guard let dash = fields.firstIndex(of: "-"), dash + 3 < fields.count else { continue }
       let mountPoint = String(fields[4])
-      guard access(mountPoint + "/cgroup.subtree_control", W_OK) == 0 else {
-        return .failure(CgroupError("the cgroup v2 hierarchy at \(mountPoint) is not writable"))
+      if fields[dash + 1] == "cgroup2" {
+        let controllers = Self.read(mountPoint + "/cgroup.controllers") ?? ""
+        if controllers.contains("cpu"), controllers.contains("memory"),
+          access(mountPoint + "/cgroup.subtree_control", W_OK) == 0
+        {
+          unified = mountPoint
+        }
+      } else if fields[dash + 1] == "cgroup" {
+        let options = fields[dash + 3].split(separator: ",").map(String.init)
+        for controller in ["cpu", "memory", "pids", "blkio"] where options.contains(controller) {
+          if access(mountPoint + "/cgroup.procs", W_OK) == 0 { legacy[controller] = mountPoint }
+        }
       }
-      return .success(mountPoint)
     }
-    return .failure(CgroupError("the host has no cgroup v2 hierarchy (only cgroup v1, or none)"))
+    if let unified { return .success(.unified(unified)) }
+    if legacy["cpu"] != nil, legacy["memory"] != nil { return .success(.legacy(legacy)) }
+    return .failure(
+      CgroupError("the host has no writable cgroup hierarchy with the cpu and memory controllers (v2 or v1)"))
   }
 
-  /// Creates (or reuses) `ROOT/name`, writes the limits, creates the threaded `vcpu` and `io`
+  /// Creates (or reuses) the group `name`, writes the limits, creates the `vcpu` and `io`
   /// children and moves this process into the group. `diskDevices` are the block devices
-  /// (`major:minor`) under the VM's disks, for `io.max`.
+  /// (`major:minor`) under the VM's disks, for the I/O limits.
   public init(name: String, limits: CgroupLimits, diskDevices: [String]) throws(CgroupError) {
     guard !name.isEmpty, !name.contains(".."), !name.hasPrefix("/") else {
       throw CgroupError("invalid --cgroup '\(name)': use a relative name without '..'")
     }
-    let root: String
+    let hierarchy: CgroupHierarchy
     switch Self.hierarchy() {
-    case .success(let mountPoint): root = mountPoint
+    case .success(let found): hierarchy = found
     case .failure(let error): throw CgroupError("cannot use --cgroup: \(error.description)")
     }
-    path = root + "/" + name
+    let threadList: String
+    switch hierarchy {
+    case .unified(let root):
+      path = try Self.createUnified(root: root, name: name, limits: limits, diskDevices: diskDevices)
+      threadList = "cgroup.threads"
+    case .legacy(let roots):
+      path = try Self.createLegacy(roots: roots, name: name, limits: limits, diskDevices: diskDevices)
+      threadList = "tasks"
+    }
+    vcpuThreads = open(path + "/vcpu/" + threadList, O_WRONLY | O_CLOEXEC)
+    ioThreads = open(path + "/io/" + threadList, O_WRONLY | O_CLOEXEC)
+    guard vcpuThreads >= 0, ioThreads >= 0 else {
+      throw CgroupError("cannot open the thread lists of \(path): \(String(cString: strerror(errno)))")
+    }
+  }
+
+  /// cgroup v2: `ROOT/name` with the limits in v2's own files, threaded children; returns the
+  /// group's path.
+  private static func createUnified(
+    root: String, name: String, limits: CgroupLimits, diskDevices: [String]
+  ) throws(CgroupError) -> String {
+    let path = root + "/" + name
     // Every level down to the group must pass the controllers on.
     var level = root
     for component in name.split(separator: "/") {
       for controller in ["cpu", "memory", "io", "pids"] {
-        try? Self.write("+\(controller)", to: level + "/cgroup.subtree_control")
+        try? write("+\(controller)", to: level + "/cgroup.subtree_control")
       }
       level += "/" + component
-      if mkdir(level, 0o755) != 0 && errno != EEXIST {
-        throw CgroupError("cannot create cgroup \(level): \(String(cString: strerror(errno)))")
-      }
+      try makeDirectory(level)
     }
     let files: [(String, String?)] = [
       ("cpu.max", limits.cpuMax), ("cpu.weight", limits.cpuWeight), ("memory.max", limits.memoryMax),
       ("memory.high", limits.memoryHigh), ("pids.max", limits.pidsMax),
     ]
     for (file, value) in files {
-      if let value { try Self.write(value, to: path + "/" + file) }
+      if let value { try write(value, to: path + "/" + file) }
     }
     if let ioMax = limits.ioMax {
-      for device in Set(diskDevices) { try Self.write("\(device) \(ioMax)", to: path + "/io.max") }
+      for device in Set(diskDevices) { try write("\(device) \(ioMax)", to: path + "/io.max") }
     }
     for child in ["vcpu", "io"] {
-      let childPath = path + "/" + child
-      if mkdir(childPath, 0o755) != 0 && errno != EEXIST {
-        throw CgroupError("cannot create cgroup \(childPath): \(String(cString: strerror(errno)))")
+      try makeDirectory(path + "/" + child)
+      try write("threaded", to: path + "/" + child + "/cgroup.type")
+    }
+    for controller in ["cpu", "pids"] { try? write("+\(controller)", to: path + "/cgroup.subtree_control") }
+    try write("\(getpid())", to: path + "/cgroup.procs")
+    return path
+  }
+
+  /// cgroup v1: `name` in each controller's hierarchy, the v2-syntax limits translated to v1's
+  /// files, children in the cpu hierarchy; returns the group's path there.
+  private static func createLegacy(
+    roots: [String: String], name: String, limits: CgroupLimits, diskDevices: [String]
+  ) throws(CgroupError) -> String {
+    var groups: [String: String] = [:]
+    for (controller, root) in roots {
+      var level = root
+      for component in name.split(separator: "/") {
+        level += "/" + component
+        try makeDirectory(level)
       }
-      try Self.write("threaded", to: childPath + "/cgroup.type")
+      groups[controller] = level
     }
-    for controller in ["cpu", "pids"] { try? Self.write("+\(controller)", to: path + "/cgroup.subtree_control") }
-    try Self.write("\(getpid())", to: path + "/cgroup.procs")
-    vcpuThreads = open(path + "/vcpu/cgroup.threads", O_WRONLY | O_CLOEXEC)
-    ioThreads = open(path + "/io/cgroup.threads", O_WRONLY | O_CLOEXEC)
-    guard vcpuThreads >= 0, ioThreads >= 0 else {
-      throw CgroupError("cannot open the thread lists of \(path): \(String(cString: strerror(errno)))")
+    let cpu = groups["cpu"]!
+    for (file, value) in try legacyFiles(limits, diskDevices: diskDevices) {
+      let controller = String(file.prefix { $0 != "." })
+      guard let group = groups[controller] else {
+        throw CgroupError("cannot apply \(file): the host's cgroup v1 has no writable \(controller) hierarchy")
+      }
+      try write(value, to: group + "/" + file)
     }
+    for child in ["vcpu", "io"] { try makeDirectory(cpu + "/" + child) }
+    for group in groups.values { try write("\(getpid())", to: group + "/cgroup.procs") }
+    return cpu
+  }
+
+  /// The cgroup v1 files and values that stand for `limits` (given in cgroup v2's syntax):
+  /// `cpu.max` becomes `cpu.cfs_quota_us` / `cpu.cfs_period_us`, `cpu.weight` becomes
+  /// `cpu.shares` (weight 100 = 1024 shares), `memory.max` `memory.limit_in_bytes`,
+  /// `memory.high` `memory.soft_limit_in_bytes` (v1 has no throttling limit; the soft limit is
+  /// the nearest), `io.max` keys the `blkio.throttle.*_device` files.
+  static func legacyFiles(_ limits: CgroupLimits, diskDevices: [String]) throws(CgroupError) -> [(String, String)] {
+    var files: [(String, String)] = []
+    if let cpuMax = limits.cpuMax {
+      let parts = cpuMax.split(separator: " ")
+      if parts.count == 2 { files.append(("cpu.cfs_period_us", String(parts[1]))) }
+      files.append(("cpu.cfs_quota_us", parts.first == "max" ? "-1" : String(parts.first ?? "-1")))
+    }
+    if let weight = limits.cpuWeight.flatMap({ Int($0) }) {
+      files.append(("cpu.shares", "\(weight * 1024 / 100)"))
+    }
+    if let value = limits.memoryMax { files.append(("memory.limit_in_bytes", value == "max" ? "-1" : value)) }
+    if let value = limits.memoryHigh { files.append(("memory.soft_limit_in_bytes", value == "max" ? "-1" : value)) }
+    if let value = limits.pidsMax { files.append(("pids.max", value)) }
+    if let ioMax = limits.ioMax {
+      let names = [
+        "rbps": "read_bps_device", "wbps": "write_bps_device", "riops": "read_iops_device",
+        "wiops": "write_iops_device",
+      ]
+      for key in ioMax.split(separator: " ") {
+        let pair = key.split(separator: "=", maxSplits: 1)
+        guard pair.count == 2, let file = names[String(pair[0])] else {
+          throw CgroupError("invalid I/O limit '\(key)': use rbps, wbps, riops or wiops")
+        }
+        let value = pair[1] == "max" ? "0" : String(pair[1])
+        for device in Set(diskDevices).sorted() { files.append(("blkio.throttle.\(file)", "\(device) \(value)")) }
+      }
+    }
+    return files
+  }
+
+  private static func makeDirectory(_ path: String) throws(CgroupError) {
+    if mkdir(path, 0o755) != 0 && errno != EEXIST {
+      throw CgroupError("cannot create cgroup \(path): \(String(cString: strerror(errno)))")
+    }
+  }
+
+  private static func read(_ file: String) -> String? {
+    guard let handle = fopen(file, "r") else { return nil }
+    defer { fclose(handle) }
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let count = fread(&buffer, 1, buffer.count - 1, handle)
+    return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
   }
 
   /// Moves the calling thread into the child group of its kind.

@@ -1,12 +1,12 @@
 import ArgumentParser
 import Sandbox
 
-/// `run`'s cgroup v2 options (see docs/isolation.md).
+/// `run`'s cgroup options (cgroup v2 syntax, translated on a cgroup v1 host; docs/isolation.md).
 struct CgroupArguments: ParsableArguments {
   @Option(
     name: .long,
     help: ArgumentHelp(
-      "Run the VM in its own cgroup v2 group NAME (under the host's cgroup2 mount; created if missing), with threaded children vcpu and io for the vCPU and device threads.",
+      "Run the VM in its own cgroup NAME (under the host's cgroup2 mount, or in each cgroup v1 controller hierarchy; created if missing), with children vcpu and io for the vCPU and device threads.",
       valueName: "name"))
   var cgroup: String?
 

@@ -163,7 +163,7 @@ struct Run: ParsableCommand {
 
   @OptionGroup(title: "Sandbox") var sandboxArguments: SandboxArguments
 
-  @OptionGroup(title: "cgroup v2") var cgroupArguments: CgroupArguments
+  @OptionGroup(title: "cgroups") var cgroupArguments: CgroupArguments
 
   func run() throws {
     do {

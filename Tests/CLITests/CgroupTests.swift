@@ -1,86 +1,225 @@
 import Foundation
 import Testing
 
-/// The cgroup2 mount point whose root offers the cpu and memory controllers, if writable.
-let cgroupV2Hierarchy: String? = {
-  let mounts = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
-  for line in mounts.split(separator: "\n") {
-    let fields = line.split(separator: " ")
-    guard let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count, fields[dash + 1] == "cgroup2" else {
-      continue
+@testable import Sandbox
+
+/// Where the tests find the host's cgroups: the cgroup2 mount whose root offers the cpu and
+/// memory controllers, or else cgroup v1's cpu and memory hierarchies, if writable.
+enum TestCgroups {
+  case unified(String)
+  case legacy(cpu: String, memory: String, others: [String])
+
+  static let host: TestCgroups? = {
+    let mounts = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+    var legacy: [String: String] = [:]
+    for line in mounts.split(separator: "\n") {
+      let fields = line.split(separator: " ")
+      guard let dash = fields.firstIndex(of: "-"), dash + 3 < fields.count else { continue }
+      let root = String(fields[4])
+      if fields[dash + 1] == "cgroup2" {
+        let controllers = (try? String(contentsOfFile: root + "/cgroup.controllers", encoding: .utf8)) ?? ""
+        if controllers.contains("cpu"), controllers.contains("memory"), access(root + "/cgroup.procs", W_OK) == 0 {
+          return .unified(root)
+        }
+      } else if fields[dash + 1] == "cgroup", access(root + "/cgroup.procs", W_OK) == 0 {
+        for controller in fields[dash + 3].split(separator: ",").map(String.init)
+        where ["cpu", "memory", "pids", "blkio"].contains(controller) {
+          legacy[controller] = root
+        }
+      }
     }
-    let root = String(fields[4])
-    let controllers = (try? String(contentsOfFile: root + "/cgroup.controllers", encoding: .utf8)) ?? ""
-    if controllers.contains("cpu"), controllers.contains("memory"), access(root + "/cgroup.procs", W_OK) == 0 {
-      return root
+    guard let cpu = legacy["cpu"], let memory = legacy["memory"] else { return nil }
+    return .legacy(cpu: cpu, memory: memory, others: [legacy["pids"], legacy["blkio"]].compactMap { $0 })
+  }()
+
+  /// The group's directory that holds the CPU limits.
+  func cpuGroup(_ name: String) -> String {
+    switch self {
+    case .unified(let root): return root + "/" + name
+    case .legacy(let cpu, _, _): return cpu + "/" + name
     }
   }
-  return nil
-}()
 
-/// `--cgroup` (docs/isolation.md) on the host's cgroup v2 hierarchy, with real guests: a busy
-/// loop slowed to the `cpu.max` share, a guest filling its RAM contained by `memory.max`.
+  /// The group's memory OOM-kill count (v2 `memory.events`, v1 `memory.oom_control`).
+  func oomKills(_ name: String) -> Int? {
+    let file: String
+    switch self {
+    case .unified(let root): file = root + "/" + name + "/memory.events"
+    case .legacy(_, let memory, _): file = memory + "/" + name + "/memory.oom_control"
+    }
+    let text = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""
+    return text.split(separator: "\n").first { $0.hasPrefix("oom_kill ") }.flatMap { Int($0.dropFirst(9)) }
+  }
+
+  /// The group's count of periods in which its CPU quota throttled it.
+  func throttledPeriods(_ name: String) -> Int? {
+    let text = (try? String(contentsOfFile: cpuGroup(name) + "/cpu.stat", encoding: .utf8)) ?? ""
+    return text.split(separator: "\n").first { $0.hasPrefix("nr_throttled ") }.flatMap { Int($0.dropFirst(13)) }
+  }
+
+  /// Removes a test group and its children from every hierarchy.
+  func remove(_ name: String) {
+    switch self {
+    case .unified(let root):
+      for child in ["vcpu", "io", ""] { rmdir("\(root)/\(name)/\(child)") }
+    case .legacy(let cpu, let memory, let others):
+      for child in ["vcpu", "io", ""] { rmdir("\(cpu)/\(name)/\(child)") }
+      for root in [memory] + others { rmdir("\(root)/\(name)") }
+    }
+  }
+}
+
+/// `--cgroup` (docs/isolation.md) on the host's cgroups (v2, or v1 where that is what the host
+/// has), with real guests: a busy loop held to its `cpu.max` share, two busy loops on one core
+/// sharing it by `cpu.weight`, a guest filling its RAM contained by `memory.max`.
 @Suite(
-  "cgroup v2 limits", .serialized,
-  .enabled(if: cgroupV2Hierarchy != nil, "the host has no writable cgroup v2 hierarchy with cpu and memory"),
+  "cgroup limits", .serialized,
+  .enabled(if: TestCgroups.host != nil, "the host has no writable cgroup hierarchy with cpu and memory"),
   .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"))
 struct CgroupTests {
-  static var hierarchy: String? { cgroupV2Hierarchy }
+  static var host: TestCgroups { TestCgroups.host! }
 
-  /// Removes a test group and its children.
-  static func remove(_ name: String) {
-    guard let root = hierarchy else { return }
-    for child in ["vcpu", "io", ""] { rmdir("\(root)/\(name)/\(child)") }
-  }
-
-  /// Ticks the busy-loop guest prints in `seconds`, with `extra` arguments.
-  static func ticks(_ extra: [String], seconds: UInt32, scratch: ScratchDirectory) throws -> Int {
-    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
-    let output = scratch.path("ticks-\(UUID().uuidString).log")
+  /// A busy-loop guest on KVM (ring 0: the host kernel emulates it, so its vCPU thread is
+  /// CPU-bound on the host), optionally pinned to host CPU 0.
+  final class BusyGuest {
     let process = Process()
-    process.executableURL = HostvisorProcess.executable
-    process.arguments = ["run", "--kernel", kernel, "--accel", "kvm", "--serial", "file:\(output)"] + extra
-    process.standardInput = FileHandle.nullDevice
-    process.standardOutput = FileHandle.nullDevice
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    // Count from the first line on, so start-up time does not count.
-    for _ in 0..<200 {
-      if ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("running") { break }
-      usleep(50_000)
+
+    init(_ extra: [String], pinned: Bool, scratch: ScratchDirectory) throws {
+      let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+      let arguments = ["run", "--kernel", kernel, "--accel", "kvm", "--serial", "none", "--no-sandbox"] + extra
+      if pinned {
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+        process.arguments = ["-c", "0", HostvisorProcess.executable.path] + arguments
+      } else {
+        process.executableURL = HostvisorProcess.executable
+        process.arguments = arguments
+      }
+      process.standardInput = FileHandle.nullDevice
+      process.standardOutput = FileHandle.nullDevice
+      process.standardError = FileHandle.nullDevice
+      try process.run()
     }
-    let before = ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").components(separatedBy: "tick").count
-    sleep(seconds)
-    let after = ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").components(separatedBy: "tick").count
-    kill(process.processIdentifier, SIGKILL)
-    process.waitUntilExit()
-    return after - before
+
+    /// The process's user + system CPU time in seconds (/proc/PID/stat, clock ticks).
+    var cpuSeconds: Double {
+      let stat = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/stat", encoding: .utf8)) ?? ""
+      // Fields after the command name in parentheses: state is field 3, utime 14, stime 15.
+      guard let close = stat.lastIndex(of: ")") else { return 0 }
+      let fields = stat[stat.index(after: close)...].split(separator: " ")
+      guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
+      return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    func stop() {
+      kill(process.processIdentifier, SIGKILL)
+      process.waitUntilExit()
+    }
+
+    deinit { if process.isRunning { stop() } }
   }
 
-  @Test func cpuMaxSlowsABusyLoopToItsShare() throws {
+  /// The CPU share (CPU seconds per wall second) each guest used over `seconds`, after a second
+  /// of start-up.
+  static func shares(_ guests: [BusyGuest], seconds: Double) -> [Double] {
+    sleep(1)
+    let before = guests.map(\.cpuSeconds)
+    let start = Date()
+    usleep(UInt32(seconds * 1_000_000))
+    let wall = Date().timeIntervalSince(start)
+    return zip(guests, before).map { ($0.cpuSeconds - $1) / wall }
+  }
+
+  @Test func cpuMaxHoldsABusyLoopToItsShare() throws {
     let scratch = try ScratchDirectory()
     let name = "hostvisor-test-\(getpid())-cpu"
-    defer { Self.remove(name) }
-    let free = try Self.ticks([], seconds: 5, scratch: scratch)
-    let limited = try Self.ticks(["--cgroup", name, "--cpu-max", "20%"], seconds: 5, scratch: scratch)
-    let quota = try String(contentsOfFile: "\(Self.hierarchy!)/\(name)/cpu.max", encoding: .utf8)
-    #expect(quota.hasPrefix("20000 100000"), "\(quota)")
-    #expect(free > 20, "too few ticks to compare: \(free)")
-    let ratio = Double(limited) / Double(max(free, 1))
-    #expect(ratio > 0.1 && ratio < 0.35, "unlimited \(free) ticks, at 20%: \(limited)")
+    defer { Self.host.remove(name) }
+    let free = try BusyGuest([], pinned: false, scratch: scratch)
+    let freeShare = Self.shares([free], seconds: 4)[0]
+    free.stop()
+    let limited = try BusyGuest(["--cgroup", name, "--cpu-max", "20%"], pinned: false, scratch: scratch)
+    let limitedShare = Self.shares([limited], seconds: 4)[0]
+    let throttled = Self.host.throttledPeriods(name) ?? 0
+    limited.stop()
+    switch Self.host {
+    case .unified:
+      let quota = try String(contentsOfFile: Self.host.cpuGroup(name) + "/cpu.max", encoding: .utf8)
+      #expect(quota.hasPrefix("20000 100000"), "\(quota)")
+    case .legacy:
+      let quota = try String(contentsOfFile: Self.host.cpuGroup(name) + "/cpu.cfs_quota_us", encoding: .utf8)
+      let period = try String(contentsOfFile: Self.host.cpuGroup(name) + "/cpu.cfs_period_us", encoding: .utf8)
+      #expect(quota.hasPrefix("20000") && period.hasPrefix("100000"), "\(quota) \(period)")
+    }
+    // The quota is an upper bound whatever the host's load; it bites (throttles) whenever the
+    // unlimited loop used more than the quota.
+    #expect(limitedShare > 0.02 && limitedShare < 0.27, "unlimited \(freeShare), at 20%: \(limitedShare)")
+    if freeShare > 0.3 {
+      #expect(throttled > 0, "never throttled (unlimited share \(freeShare), limited \(limitedShare))")
+    }
+  }
+
+  @Test func cpuWeightSharesACoreInItsRatio() throws {
+    let scratch = try ScratchDirectory()
+    let light = "hostvisor-test-\(getpid())-light"
+    let heavy = "hostvisor-test-\(getpid())-heavy"
+    defer {
+      Self.host.remove(light)
+      Self.host.remove(heavy)
+    }
+    let guests = [
+      try BusyGuest(["--cgroup", light, "--cpu-weight", "100"], pinned: true, scratch: scratch),
+      try BusyGuest(["--cgroup", heavy, "--cpu-weight", "300"], pinned: true, scratch: scratch),
+    ]
+    let used = Self.shares(guests, seconds: 5)
+    for guest in guests { guest.stop() }
+    #expect(used[0] > 0.02, "the light guest barely ran: \(used)")
+    let ratio = used[1] / max(used[0], 0.001)
+    #expect(ratio > 2 && ratio < 4.5, "weights 100 and 300 on one core used \(used)")
   }
 
   @Test func memoryMaxContainsAGuestFillingItsRAM() throws {
     let scratch = try ScratchDirectory()
     let kernel = try buildGuest("cli/fill-ram.S", in: scratch)
     let name = "hostvisor-test-\(getpid())-memory"
-    defer { Self.remove(name) }
+    defer { Self.host.remove(name) }
     let base = ["run", "--kernel", kernel, "--accel", "kvm", "--memory", "256M", "--serial", "stdio", "--no-sandbox"]
     let free = try HostvisorProcess.run(base)
     #expect(free.status == (0x21 << 1) | 1 && free.stdout.contains("filled"), "\(free.stderr)")
     let limited = try HostvisorProcess.run(base + ["--cgroup", name, "--memory-max", "64M"])
     #expect(!limited.stdout.contains("filled"), "the guest filled 190 MiB under memory.max 64M")
-    let events = try String(contentsOfFile: "\(Self.hierarchy!)/\(name)/memory.events", encoding: .utf8)
-    #expect(events.contains("oom_kill 1"), "\(events)")
+    #expect(Self.host.oomKills(name) == 1)
+  }
+}
+
+/// The cgroup v1 files that stand for limits given in cgroup v2's syntax (the kernel's
+/// cgroup-v1 cpu/CFS bandwidth, memory and blkio throttling documents).
+@Suite("cgroup v1 translation")
+struct CgroupLegacyTranslationTests {
+  @Test func everyLimitMapsToItsV1File() throws {
+    var limits = CgroupLimits()
+    limits.cpuMax = "20000 100000"
+    limits.cpuWeight = "300"
+    limits.memoryMax = "64M"
+    limits.memoryHigh = "max"
+    limits.pidsMax = "64"
+    limits.ioMax = "rbps=1048576 wiops=max"
+    let files = try CgroupSlice.legacyFiles(limits, diskDevices: ["8:16", "8:0", "8:0"])
+    let expected: [(String, String)] = [
+      ("cpu.cfs_period_us", "100000"), ("cpu.cfs_quota_us", "20000"), ("cpu.shares", "3072"),
+      ("memory.limit_in_bytes", "64M"), ("memory.soft_limit_in_bytes", "-1"), ("pids.max", "64"),
+      ("blkio.throttle.read_bps_device", "8:0 1048576"), ("blkio.throttle.read_bps_device", "8:16 1048576"),
+      ("blkio.throttle.write_iops_device", "8:0 0"), ("blkio.throttle.write_iops_device", "8:16 0"),
+    ]
+    #expect(files.map { "\($0.0)=\($0.1)" } == expected.map { "\($0.0)=\($0.1)" })
+  }
+
+  @Test func unlimitedQuotaSmallestWeightAndBadKeys() throws {
+    var limits = CgroupLimits()
+    limits.cpuMax = "max"
+    limits.cpuWeight = "1"
+    let files = try CgroupSlice.legacyFiles(limits, diskDevices: [])
+    #expect(files.map { "\($0.0)=\($0.1)" } == ["cpu.cfs_quota_us=-1", "cpu.shares=10"])
+    limits = CgroupLimits()
+    limits.ioMax = "bogus=1"
+    #expect(throws: CgroupError.self) { try CgroupSlice.legacyFiles(limits, diskDevices: ["8:0"]) }
   }
 }
