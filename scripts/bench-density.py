@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Density benchmark: how many small guests (96 MiB by default) this machine holds, booted to the default guest's
+shell marker on the software CPU, and what each VMM costs beyond its guest's memory.
+
+Guests are started in waves of WAVE; a wave counts when every guest in it prints
+HOSTVISOR-GUEST-READY within the timeout. Waves stop at the cap, when a wave fails, or when the
+host's MemAvailable falls below the reserve. For every running VMM the script reads
+/proc/PID/smaps_rollup and /proc/PID/smaps: RSS, the guest RAM mapping's resident part (the
+pages the guest touched), and the rest, the VMM's own overhead (anonymous, and file-backed:
+the binary's and libraries' pages, shared between VMMs). Also measures the start rate: VMMs of
+a tiny Multiboot guest started at once, exec to their first serial byte, per core per second.
+
+Usage: scripts/bench-density.py [--cap N] [--wave N] [--memory 64M] [--timeout S]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BINARY = os.path.join(ROOT, ".build/release/hostvisor")
+GUEST = os.path.join(ROOT, ".cache/guest")
+MARKER = b"HOSTVISOR-GUEST-READY"
+
+TINY_GUEST = """
+        .set MB_MAGIC, 0x1BADB002
+        .set MB_FLAGS, 0x00000003
+        .text
+        .code32
+        .align 4
+        .long MB_MAGIC
+        .long MB_FLAGS
+        .long -(MB_MAGIC + MB_FLAGS)
+        .globl _start
+_start: movw $0x3F8, %dx
+        movb $0x21, %al
+        outb %al, %dx
+idle:   hlt
+        jmp idle
+"""
+
+
+def mem_available_mib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def memory_of(pid, guest_bytes):
+    """(rss, guest resident, own anonymous, own file-backed) in KiB for one VMM."""
+    rss = guest = anonymous = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        size = 0
+        for line in f:
+            fields = line.split()
+            if not fields[0].endswith(":"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                size = end - start
+                continue
+            if fields[0] == "Rss:":
+                rss += int(fields[1])
+                if size >= guest_bytes:
+                    guest += int(fields[1])
+            elif fields[0] == "Anonymous:" and size < guest_bytes:
+                anonymous += int(fields[1])
+    return rss, guest, anonymous, rss - guest - anonymous
+
+
+class Guest:
+    def __init__(self, index, memory, scratch):
+        self.log = os.path.join(scratch, f"guest-{index}.log")
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [BINARY, "run", "--accel", "soft", "--no-sandbox", "--memory", memory,
+                 "--kernel", os.path.join(GUEST, "vmlinuz"),
+                 "--initrd", os.path.join(GUEST, "initramfs.cpio.gz"),
+                 "--cmdline", "console=ttyS0 panic=-1 quiet"],
+                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+
+    def ready(self):
+        with open(self.log, "rb") as f:
+            return MARKER in f.read()
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+
+
+def density(args, scratch):
+    guest_bytes = int(args.memory[:-1]) << 20
+    guests = []
+    held = 0
+    waves = []
+    try:
+        while len(guests) < args.cap:
+            if mem_available_mib() < args.reserve:
+                print(f"stop: MemAvailable below {args.reserve} MiB", flush=True)
+                break
+            wave = [Guest(len(guests) + i, args.memory, scratch)
+                    for i in range(min(args.wave, args.cap - len(guests)))]
+            guests += wave
+            start = time.monotonic()
+            while time.monotonic() - start < args.timeout and not all(g.ready() for g in wave):
+                if any(g.process.poll() is not None for g in wave):
+                    break
+                time.sleep(0.5)
+            elapsed = time.monotonic() - start
+            if not all(g.ready() for g in wave):
+                print(f"stop: a guest of the wave from {held + 1} to {len(guests)} did not reach the marker "
+                      f"in {args.timeout} s", flush=True)
+                break
+            held = len(guests)
+            waves.append((held, elapsed))
+            print(f"{held} guests at their shell (this wave of {len(wave)}: {elapsed:.1f} s); "
+                  f"MemAvailable {mem_available_mib()} MiB", flush=True)
+        time.sleep(2)
+        figures = [memory_of(g.process.pid, guest_bytes) for g in guests[:held] if g.process.poll() is None]
+    finally:
+        for g in guests:
+            g.stop()
+    return held, waves, figures
+
+
+def start_rate(count, scratch):
+    source = os.path.join(scratch, "tiny.S")
+    with open(source, "w") as f:
+        f.write(TINY_GUEST)
+    subprocess.run(["as", "--32", "-o", source + ".o", source], check=True)
+    kernel = os.path.join(scratch, "tiny.elf")
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-o", kernel, source + ".o"], check=True)
+    processes = []
+    start = time.monotonic()
+    for _ in range(count):
+        processes.append(subprocess.Popen(
+            [BINARY, "run", "--accel", "soft", "--no-sandbox", "--memory", "64M", "--kernel", kernel,
+             "--serial", "stdio"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+    for p in processes:
+        p.stdout.read(1)
+    elapsed = time.monotonic() - start
+    for p in processes:
+        p.kill()
+        p.wait()
+    return elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cap", type=int, default=64)
+    parser.add_argument("--wave", type=int, default=8)
+    parser.add_argument("--memory", default="96M")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--reserve", type=int, default=2048, help="MiB of MemAvailable to keep")
+    parser.add_argument("--starts", type=int, default=20)
+    args = parser.parse_args()
+    if not os.access(BINARY, os.X_OK):
+        sys.exit(f"bench-density: no {BINARY}; run `make build` first")
+    cores = os.cpu_count()
+    with tempfile.TemporaryDirectory(prefix="hostvisor-density-") as scratch:
+        held, waves, figures = density(args, scratch)
+        elapsed = start_rate(args.starts, scratch)
+    print()
+    print(f"host: {cores} cores, {mem_available_mib()} MiB available after the run")
+    print(f"density: {held} guests of {args.memory} held at their shell on --accel soft "
+          f"(cap {args.cap}, waves of {args.wave})")
+    if figures:
+        def median(values):
+            ordered = sorted(values)
+            return ordered[len(ordered) // 2]
+        rss, guest, anonymous, shared = (median([f[i] for f in figures]) for i in range(4))
+        print(f"per VMM (median of {len(figures)}): RSS {rss / 1024:.1f} MiB = guest RAM touched "
+              f"{guest / 1024:.1f} MiB + own anonymous {anonymous / 1024:.1f} MiB + file-backed "
+              f"{shared / 1024:.1f} MiB (shared between VMMs)")
+    print(f"start rate: {args.starts} VMMs exec to first guest byte in {elapsed:.2f} s = "
+          f"{args.starts / elapsed / cores:.1f} VMs/core/s (Firecracker's target: 5 VMs/core/s)")
+
+
+if __name__ == "__main__":
+    main()
