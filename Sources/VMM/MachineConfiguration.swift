@@ -4,8 +4,18 @@ import VMCore
 import Virtio
 
 extension GuestCPUModel {
+  /// The x86-64 baseline ISA level (System V psABI): FPU ... CMOV, CLFSH, MMX, FXSR, SSE, SSE2,
+  /// SYSCALL, NX, LM, with the TSC-deadline timer and the hypervisor bit; no SSE3 or later. The
+  /// model for moving machines between accelerators where KVM lacks x86-64-v2 (nested KVMs
+  /// that virtualize few extensions).
+  public static let x86_64 = GuestCPUModel(
+    name: "x86-64", summary: "the x86-64 baseline (SSE2): movable between accelerators on any KVM",
+    features: CPUIDFeatures(
+      leaf1EDX: x86_64_v2.features!.leaf1EDX, leaf1ECX: 1 << 24 | 1 << 31,
+      extendedEDX: x86_64_v2.features!.extendedEDX, extendedECX: 0))
+
   /// The models `--cpu-model` offers, the software CPU's default first.
-  public static let catalogue: [GuestCPUModel] = [.hostvisor, .x86_64_v3, .x86_64_v2, .host]
+  public static let catalogue: [GuestCPUModel] = [.hostvisor, .x86_64_v3, .x86_64_v2, .x86_64, .host]
 
   /// The model named `name`; throws a one-line error listing the models for another name.
   public static func named(_ name: String) throws(ConfigurationError) -> GuestCPUModel {

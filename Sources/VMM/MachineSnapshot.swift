@@ -376,7 +376,7 @@ extension VirtualMachine {
     if acceleratorChoice == .soft && cpuModel.features == nil {
       throw MachineStateError(
         "cannot restore on the software CPU: the machine presents KVM's own CPUID (CPU model 'host'); "
-          + "start it with --cpu-model x86-64-v2 or x86-64-v3 to move it between accelerators")
+          + "start it with --cpu-model x86-64, x86-64-v2 or x86-64-v3 to move it between accelerators")
     }
     var configuration = MachineConfiguration(
       kernelPath: description.kernelPath, initrdPath: description.initrdPath, commandLine: description.commandLine,

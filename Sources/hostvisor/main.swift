@@ -65,8 +65,8 @@ struct Run: ParsableCommand {
   @Option(
     name: .customLong("cpu-model"),
     help: ArgumentHelp(
-      "The CPU model the guest sees: hostvisor (default on the software CPU), x86-64-v3 or x86-64-v2 (movable "
-        + "between accelerators), host (KVM's own CPUID; default on KVM).",
+      "The CPU model the guest sees: hostvisor (default on the software CPU), x86-64-v3, x86-64-v2 or x86-64 "
+        + "(movable between accelerators), host (KVM's own CPUID; default on KVM).",
       valueName: "name"))
   var cpuModel: String?
 
@@ -351,8 +351,8 @@ struct Serve: ParsableCommand {
   @Option(
     name: .customLong("cpu-model"),
     help: ArgumentHelp(
-      "The CPU model the guest sees: hostvisor (default on the software CPU), x86-64-v3 or x86-64-v2 (movable "
-        + "between accelerators), host (KVM's own CPUID; default on KVM).",
+      "The CPU model the guest sees: hostvisor (default on the software CPU), x86-64-v3, x86-64-v2 or x86-64 "
+        + "(movable between accelerators), host (KVM's own CPUID; default on KVM).",
       valueName: "name"))
   var cpuModel: String?
 

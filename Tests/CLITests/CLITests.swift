@@ -106,7 +106,8 @@ struct CLITests {
     let result = try HostvisorProcess.run([
       "run", "--kernel", "/bin/true", "--accel", "soft", "--cpu-model", "pentium", "--serial", "none",
     ])
-    expectOneLineError(result, containing: "unknown CPU model 'pentium': use hostvisor, x86-64-v3, x86-64-v2, host")
+    expectOneLineError(
+      result, containing: "unknown CPU model 'pentium': use hostvisor, x86-64-v3, x86-64-v2, x86-64, host")
     let served = try HostvisorProcess.run(["serve", "--api-sock", "/nonexistent/hv.sock", "--cpu-model", "pentium"])
     expectOneLineError(served, containing: "unknown CPU model 'pentium'")
   }
