@@ -708,3 +708,93 @@ uint32_t csf_unbounded_inexact(uint32_t kind, uint32_t isDouble, uint64_t left, 
   __asm__ volatile("fnstsw %0\n\tfninit\n\tfldcw %1" : "=m"(status) : "m"(hostControl) : "memory");
   return (status >> 5) & 1;
 }
+
+// MARK: - MMX
+
+// One MMX instruction on the host: both operands loaded into MM0/MM1, the result stored, then
+// EMMS, so the host's x87 state is empty again before any compiler-generated code runs.
+#define MMX_XX(insn)                                                                         \
+  __asm__ volatile("movq (%[d]), %%mm0\n\tmovq (%[s]), %%mm1\n\t" insn " %%mm1, %%mm0\n\t"     \
+                   "movq %%mm0, (%[d])\n\temms"                                               \
+                   :                                                                         \
+                   : [d] "r"(destination), [s] "r"(source)                                   \
+                   : "mm0", "mm1", "memory");                                                \
+  break
+
+uint32_t csf_mmx(uint32_t operation, uint64_t *destination, const uint64_t *source) {
+  switch (operation) {
+  case 0x60: MMX_XX("punpcklbw");
+  case 0x61: MMX_XX("punpcklwd");
+  case 0x62: MMX_XX("punpckldq");
+  case 0x63: MMX_XX("packsswb");
+  case 0x64: MMX_XX("pcmpgtb");
+  case 0x65: MMX_XX("pcmpgtw");
+  case 0x66: MMX_XX("pcmpgtd");
+  case 0x67: MMX_XX("packuswb");
+  case 0x68: MMX_XX("punpckhbw");
+  case 0x69: MMX_XX("punpckhwd");
+  case 0x6A: MMX_XX("punpckhdq");
+  case 0x6B: MMX_XX("packssdw");
+  case 0x74: MMX_XX("pcmpeqb");
+  case 0x75: MMX_XX("pcmpeqw");
+  case 0x76: MMX_XX("pcmpeqd");
+  case 0xD1: MMX_XX("psrlw");
+  case 0xD2: MMX_XX("psrld");
+  case 0xD3: MMX_XX("psrlq");
+  case 0xD4: MMX_XX("paddq");
+  case 0xD5: MMX_XX("pmullw");
+  case 0xD8: MMX_XX("psubusb");
+  case 0xD9: MMX_XX("psubusw");
+  case 0xDA: MMX_XX("pminub");
+  case 0xDB: MMX_XX("pand");
+  case 0xDC: MMX_XX("paddusb");
+  case 0xDD: MMX_XX("paddusw");
+  case 0xDE: MMX_XX("pmaxub");
+  case 0xDF: MMX_XX("pandn");
+  case 0xE0: MMX_XX("pavgb");
+  case 0xE1: MMX_XX("psraw");
+  case 0xE2: MMX_XX("psrad");
+  case 0xE3: MMX_XX("pavgw");
+  case 0xE4: MMX_XX("pmulhuw");
+  case 0xE5: MMX_XX("pmulhw");
+  case 0xE8: MMX_XX("psubsb");
+  case 0xE9: MMX_XX("psubsw");
+  case 0xEA: MMX_XX("pminsw");
+  case 0xEB: MMX_XX("por");
+  case 0xEC: MMX_XX("paddsb");
+  case 0xED: MMX_XX("paddsw");
+  case 0xEE: MMX_XX("pmaxsw");
+  case 0xEF: MMX_XX("pxor");
+  case 0xF1: MMX_XX("psllw");
+  case 0xF2: MMX_XX("pslld");
+  case 0xF3: MMX_XX("psllq");
+  case 0xF4: MMX_XX("pmuludq");
+  case 0xF5: MMX_XX("pmaddwd");
+  case 0xF6: MMX_XX("psadbw");
+  case 0xF8: MMX_XX("psubb");
+  case 0xF9: MMX_XX("psubw");
+  case 0xFA: MMX_XX("psubd");
+  case 0xFB: MMX_XX("psubq");
+  case 0xFC: MMX_XX("paddb");
+  case 0xFD: MMX_XX("paddw");
+  case 0xFE: MMX_XX("paddd");
+  case CSF_SSE_MAP38 | 0x00: MMX_XX("pshufb");
+  case CSF_SSE_MAP38 | 0x01: MMX_XX("phaddw");
+  case CSF_SSE_MAP38 | 0x02: MMX_XX("phaddd");
+  case CSF_SSE_MAP38 | 0x03: MMX_XX("phaddsw");
+  case CSF_SSE_MAP38 | 0x04: MMX_XX("pmaddubsw");
+  case CSF_SSE_MAP38 | 0x05: MMX_XX("phsubw");
+  case CSF_SSE_MAP38 | 0x06: MMX_XX("phsubd");
+  case CSF_SSE_MAP38 | 0x07: MMX_XX("phsubsw");
+  case CSF_SSE_MAP38 | 0x08: MMX_XX("psignb");
+  case CSF_SSE_MAP38 | 0x09: MMX_XX("psignw");
+  case CSF_SSE_MAP38 | 0x0A: MMX_XX("psignd");
+  case CSF_SSE_MAP38 | 0x0B: MMX_XX("pmulhrsw");
+  case CSF_SSE_MAP38 | 0x1C: MMX_XX("pabsb");
+  case CSF_SSE_MAP38 | 0x1D: MMX_XX("pabsw");
+  case CSF_SSE_MAP38 | 0x1E: MMX_XX("pabsd");
+  default:
+    return CSF_UNSUPPORTED;
+  }
+  return 0;
+}

@@ -1,3 +1,5 @@
+import VMCore
+
 /// One CPUID leaf/subleaf as KVM reports and accepts it (`kvm_cpuid_entry2`).
 public struct CPUIDEntry: Sendable, Equatable, Hashable {
   /// The leaf (EAX input).
@@ -38,6 +40,9 @@ public struct CPUIDEntry: Sendable, Equatable, Hashable {
 /// - Gives each vCPU its APIC ID (its index, as the in-kernel LAPIC uses) in leaf 1 EBX[31:24],
 ///   the x2APIC topology leaves 0xB/0x1F and AMD leaf 0x8000_001E, and describes one package of
 ///   `cpuCount` single-thread cores (leaf 1 EBX[23:16] + HTT, leaf 4 EAX[31:26], leaf 0x8000_0008 ECX).
+/// - With a named CPU model (`GuestCPUModel`), masks the feature registers to the model's bits
+///   (`model(_:supported:)` first refuses a model whose features KVM lacks), hides leaf 7's
+///   other subleaves and the XSAVE state components beyond the model's.
 public enum CPUIDPolicy {
   static let hypervisorBit: UInt32 = 1 << 31
   /// Leaf 1 ECX[24]: the TSC-deadline timer. KVM's in-kernel local APIC implements it
@@ -48,8 +53,48 @@ public enum CPUIDPolicy {
   static let svmBit: UInt32 = 1 << 2
   static let hyperThreadingBit: UInt32 = 1 << 28
 
-  /// The CPUID table for the vCPU whose APIC ID is `apicID` in a machine of `cpuCount` vCPUs.
-  public static func entries(apicID: Int, cpuCount: Int, supported: [CPUIDEntry]) -> [CPUIDEntry] {
+  /// Leaf 1 ECX[27] OSXSAVE (KVM mirrors CR4.OSXSAVE) and EDX[28] HTT (the vCPU count): bits
+  /// that follow the machine, not the model.
+  static let dynamicLeaf1ECX: UInt32 = 1 << 27
+  static let dynamicLeaf1EDX: UInt32 = 1 << 28
+
+  /// The features of `supported` (KVM_GET_SUPPORTED_CPUID) as this policy presents them: with
+  /// the hypervisor and TSC-deadline bits, without MONITOR, VMX and SVM.
+  public static func availableFeatures(supported: [CPUIDEntry]) -> CPUIDFeatures {
+    var features = CPUIDFeatures.none
+    for register in CPUIDFeatureRegister.allCases {
+      guard
+        let entry = supported.first(where: {
+          $0.function == register.leaf && ($0.index == register.subleaf || $0.flags & CPUIDEntry.significantIndex == 0)
+        })
+      else { continue }
+      switch register {
+      case .leaf1EDX, .leaf7EDX, .extendedEDX: features[register] = entry.edx
+      case .leaf1ECX, .leaf7ECX, .extendedECX: features[register] = entry.ecx
+      case .leaf7EBX: features[register] = entry.ebx
+      case .xsaveComponents, .xsaveInstructions: features[register] = entry.eax
+      }
+    }
+    features.leaf1ECX = (features.leaf1ECX | hypervisorBit | tscDeadlineBit) & ~(monitorBit | vmxBit)
+    features.extendedECX &= ~svmBit
+    return features
+  }
+
+  /// Checks that KVM can present `model`; throws naming the features it lacks.
+  public static func check(_ model: GuestCPUModel, supported: [CPUIDEntry]) throws(KVMError) {
+    guard let features = model.features else { return }
+    let missing = features.missing(from: availableFeatures(supported: supported))
+    guard missing.isEmpty else { throw .cpuModelUnavailable(model: model.name, missing: missing) }
+  }
+
+  /// The CPUID table for the vCPU whose APIC ID is `apicID` in a machine of `cpuCount` vCPUs,
+  /// presenting `model`'s features (all of KVM's for `host`). Check the model with
+  /// `check(_:supported:)` first.
+  public static func entries(
+    apicID: Int, cpuCount: Int, supported: [CPUIDEntry], model: GuestCPUModel = .host
+  ) -> [CPUIDEntry] {
+    let features = model.features
+    let xsaveComponents = features.map { $0.xsaveComponents } ?? ~0
     let apic = UInt32(truncatingIfNeeded: apicID) & 0xFF
     let count = UInt32(max(1, min(cpuCount, 255)))
     let coreShift = UInt32(bitsToNumber(Int(count)))
@@ -58,6 +103,41 @@ public enum CPUIDPolicy {
     var hadTopologyLeaf: Set<UInt32> = []
 
     for var entry in supported {
+      if let features {
+        // The model's feature bits only; leaf 7's other subleaves and XSAVE components beyond
+        // the model's are dropped.
+        switch entry.function {
+        case 0x1:
+          entry.ecx &= features.leaf1ECX | dynamicLeaf1ECX
+          entry.edx &= features.leaf1EDX | dynamicLeaf1EDX
+        case 0x7:
+          guard entry.index == 0 else { continue }
+          entry.eax = 0
+          entry.ebx &= features.leaf7EBX
+          entry.ecx &= features.leaf7ECX
+          entry.edx &= features.leaf7EDX
+        case 0xD:
+          switch entry.index {
+          case 0:
+            guard xsaveComponents != 0 else { continue }
+            entry.eax &= xsaveComponents
+            entry.edx = 0
+            entry.ecx = xsaveAreaSize(components: xsaveComponents, table: supported)
+          case 1:
+            guard xsaveComponents != 0 else { continue }
+            entry.eax &= features.xsaveInstructions
+            entry.ecx = 0
+            entry.edx = 0
+          default:
+            guard entry.index < 32, xsaveComponents & (1 << entry.index) != 0 else { continue }
+          }
+        case 0x8000_0001:
+          entry.ecx &= features.extendedECX
+          entry.edx &= features.extendedEDX
+        default:
+          break
+        }
+      }
       switch entry.function {
       case 0x1:
         entry.ecx |= hypervisorBit | tscDeadlineBit
@@ -96,6 +176,17 @@ public enum CPUIDPolicy {
         CPUIDEntry(function: leaf, index: 2, flags: CPUIDEntry.significantIndex, eax: 0, ebx: 0, ecx: 2, edx: apic))
     }
     return result
+  }
+
+  /// The size of a standard-format XSAVE area holding `components` (legacy region and header,
+  /// then each user component at the offset leaf 0DH gives it).
+  static func xsaveAreaSize(components: UInt32, table: [CPUIDEntry]) -> UInt32 {
+    var size: UInt32 = 576
+    for entry in table where entry.function == 0xD && entry.index >= 2 && entry.index < 32 {
+      guard components & (1 << entry.index) != 0 else { continue }
+      size = max(size, entry.ebx + entry.eax)
+    }
+    return size
   }
 
   /// The number of APIC ID bits needed to number `count` items (0 for one item).

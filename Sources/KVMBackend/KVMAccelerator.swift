@@ -47,9 +47,12 @@ public final class KVMAccelerator: Accelerator {
     ("KVM_CAP_EXT_CPUID", KVM_CAP_EXT_CPUID),
   ]
 
-  /// Opens `devicePath`, creates the VM with `cpuCount` vCPUs over `parts.memory`, and
-  /// attaches the in-kernel irqchip to `parts.interrupts`.
-  public init(parts: MachineParts, cpuCount: Int, devicePath: String = "/dev/kvm") throws(KVMError) {
+  /// Opens `devicePath`, creates the VM with `cpuCount` vCPUs over `parts.memory` presenting
+  /// `cpuModel` (refused when the host's KVM lacks one of its features), and attaches the
+  /// in-kernel irqchip to `parts.interrupts`.
+  public init(
+    parts: MachineParts, cpuCount: Int, devicePath: String = "/dev/kvm", cpuModel: GuestCPUModel = .host
+  ) throws(KVMError) {
     let system = try KVMSystemDevice(path: devicePath)
     let version = hv_ioctl_int(system.fd, HV_KVM_GET_API_VERSION, 0)
     guard version >= 0 else { throw .notAKVMDevice(path: devicePath, errno: errno) }
@@ -87,9 +90,10 @@ public final class KVMAccelerator: Accelerator {
     try machine.call("KVM_CREATE_PIT2", HV_KVM_CREATE_PIT2, &pit)
 
     let supported = try system.supportedCPUID()
+    try CPUIDPolicy.check(cpuModel, supported: supported)
     var vcpus: [KVMVCPU] = []
     for index in 0..<cpuCount {
-      let cpuid = CPUIDPolicy.entries(apicID: index, cpuCount: cpuCount, supported: supported)
+      let cpuid = CPUIDPolicy.entries(apicID: index, cpuCount: cpuCount, supported: supported, model: cpuModel)
       vcpus.append(try KVMVCPU(machine: machine, index: index, runSize: Int(runSize), cpuid: cpuid))
     }
 

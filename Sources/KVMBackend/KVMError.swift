@@ -25,6 +25,8 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
   case noSuchCPU(index: Int, cpuCount: Int)
   /// vCPU state was requested while the vCPU threads are running.
   case machineRunning
+  /// The CPU model asks for features the host's KVM does not offer.
+  case cpuModelUnavailable(model: String, missing: [String])
 
   public var description: String {
     switch self {
@@ -56,6 +58,8 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
       return "no vCPU \(index): the machine has \(cpuCount) vCPUs (0 to \(cpuCount - 1))"
     case .machineRunning:
       return "vCPU state can only be read while the machine is not running"
+    case .cpuModelUnavailable(let model, let missing):
+      return "this host's KVM cannot present the CPU model '\(model)': it lacks \(missing.joined(separator: ", "))"
     }
   }
 

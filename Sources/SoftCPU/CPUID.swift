@@ -12,26 +12,36 @@ enum CPUModel {
   static let signature: UInt32 = 0x0080_0F10
 
   /// Leaf 1 EDX: FPU(0) PSE(3) TSC(4) MSR(5) PAE(6) CX8(8) APIC(9) SEP(11) MTRR(12) PGE(13)
-  /// CMOV(15) PAT(16) PSE-36(17) CLFSH(19) FXSR(24) SSE(25) SSE2(26). APIC reads 0 while
+  /// CMOV(15) PAT(16) PSE-36(17) CLFSH(19) MMX(23) FXSR(24) SSE(25) SSE2(26). APIC reads 0 while
   /// IA32_APIC_BASE disables the local APIC.
   static let leaf1EDX: UInt32 =
     1 << 0 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 8 | 1 << 9 | 1 << 11 | 1 << 12 | 1 << 13 | 1 << 15
-    | 1 << 16 | 1 << 17 | 1 << 19 | 1 << 24 | 1 << 25 | 1 << 26
+    | 1 << 16 | 1 << 17 | 1 << 19 | 1 << 23 | 1 << 24 | 1 << 25 | 1 << 26
   /// Leaf 1 EDX bit 9: the local APIC.
   static let leaf1EDXAPIC: UInt32 = 1 << 9
   /// Leaf 1 EBX[15:8]: CLFLUSH line size in 8-byte units (64 bytes).
   static let clflushLineSize: UInt32 = 8
   /// Leaf 1 ECX: SSE3(0) PCLMULQDQ(1) SSSE3(9) CX16(13) SSE4.1(19) SSE4.2(20) MOVBE(22) POPCNT(23)
-  /// TSC-deadline(24) XSAVE(26) hypervisor(31); OSXSAVE(27) mirrors CR4.OSXSAVE. No AVX/x2APIC/PCID.
+  /// TSC-deadline(24) XSAVE(26) hypervisor(31); OSXSAVE(27) mirrors CR4.OSXSAVE. No x2APIC/PCID.
   static let leaf1ECX: UInt32 =
     1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 22 | 1 << 23 | 1 << 24 | 1 << 26 | 1 << 31
   /// Leaf 1 ECX bit 27: OSXSAVE (CR4.OSXSAVE).
   static let leaf1ECXOSXSAVE: UInt32 = 1 << 27
-  /// Leaf 7 EBX: BMI1(3), BMI2(8) (BMI.swift), ERMS(9), enhanced REP MOVSB/STOSB, a hint
+  /// Leaf 1 ECX bit 26: XSAVE (CR4.OSXSAVE is reserved without it).
+  static let leaf1ECXXSAVE: UInt32 = 1 << 26
+  /// Leaf 7 ECX bit 22: RDPID; 8000_0001 EDX bit 27: RDTSCP; bit 26: 1 GiB pages (#UD or a
+  /// reserved-bit page fault when the model hides them).
+  static let leaf7ECXRDPID: UInt32 = 1 << 22
+  static let extendedEDXRDTSCP: UInt32 = 1 << 27
+  static let extendedEDXGigabytePages: UInt32 = 1 << 26
+  /// Leaf 1 ECX, the x86-64-v3 vector extensions (AVX.swift, AVXPermute.swift,
+  /// AVXArithmetic.swift), offered with `leaf1ECX`: FMA(12) AVX(28) F16C(29).
+  static let leaf1ECXVector: UInt32 = 1 << 12 | 1 << 28 | 1 << 29
+  /// Leaf 7 EBX: BMI1(3), AVX2(5), BMI2(8) (BMI.swift), ERMS(9), enhanced REP MOVSB/STOSB, a hint
   /// that steers Linux's memcpy/memset/copy_user to `rep movsb`/`rep stosb`, which the string
   /// unit runs as one host memmove/memset per page; CLFLUSHOPT(23) and CLWB(24) (no-ops: guest
   /// RAM is coherent host memory).
-  static let leaf7EBX: UInt32 = 1 << 3 | 1 << 8 | 1 << 9 | 1 << 23 | 1 << 24
+  static let leaf7EBX: UInt32 = 1 << 3 | 1 << 5 | 1 << 8 | 1 << 9 | 1 << 23 | 1 << 24
   /// Leaf 7 ECX: RDPID(22).
   static let leaf7ECX: UInt32 = 1 << 22
   /// Leaf 7 EDX: FSRM(4), fast short REP MOVSB (same reason: even short copies become one
@@ -44,6 +54,26 @@ enum CPUModel {
   /// Linear address width (bits 8-15 of 0x8000_0008 EAX; the physical width comes from
   /// `system.physicalAddressBits`).
   static let linearAddressBits: UInt32 = 48
+
+  /// Everything above as one feature set: the `hostvisor` CPU model, and the most any model
+  /// may ask of the software CPU.
+  static let implemented = CPUIDFeatures(
+    leaf1EDX: leaf1EDX, leaf1ECX: leaf1ECX | leaf1ECXVector, leaf7EBX: leaf7EBX, leaf7ECX: leaf7ECX,
+    leaf7EDX: leaf7EDX, xsaveComponents: UInt32(XSaveModel.supportedComponents),
+    xsaveInstructions: XSaveModel.instructions, extendedEDX: extendedEDX, extendedECX: extendedECX)
+}
+
+extension GuestCPUModel {
+  /// Every feature the software CPU implements (docs/cpu-model.md): the default on the
+  /// software CPU.
+  public static let hostvisor = GuestCPUModel(
+    name: "hostvisor", summary: "everything the software CPU implements (x86-64-v3 and more)",
+    features: CPUModel.implemented)
+
+  /// Whether the software CPU can present `features`, and if not, what it lacks.
+  public static func featuresTheSoftwareCPULacks(_ features: CPUIDFeatures) -> [String] {
+    features.missing(from: CPUModel.implemented)
+  }
 }
 
 extension CPU {
@@ -64,6 +94,7 @@ extension CPU {
     var c: UInt64 = 0
     var d: UInt64 = 0
     let vendor = Array(CPUModel.vendor.utf8)
+    let features = system.cpuidFeatures
     switch leaf {
     case 0:
       a = 0xD
@@ -74,28 +105,30 @@ extension CPU {
       a = UInt64(CPUModel.signature)
       // One logical processor, the APIC ID, the CLFLUSH line size.
       b = 1 << 16 | UInt64(system.apicID & 0xFF) << 24 | UInt64(CPUModel.clflushLineSize) << 8
-      c = UInt64(CPUModel.leaf1ECX)
-      d = UInt64(CPUModel.leaf1EDX)
+      c = UInt64(features.leaf1ECX)
+      d = UInt64(features.leaf1EDX)
       let apicEnabled = system.localAPIC?.isGloballyEnabled ?? (apicBase & LocalAPIC.baseEnableBit != 0)
       if !apicEnabled { d &= ~UInt64(CPUModel.leaf1EDXAPIC) }
       if cr4 & X86.cr4OSXSAVE != 0 { c |= UInt64(CPUModel.leaf1ECXOSXSAVE) }
     case 7:
       if gpr[1] & 0xFFFF_FFFF == 0 {
-        b = UInt64(CPUModel.leaf7EBX)
-        c = UInt64(CPUModel.leaf7ECX)
-        d = UInt64(CPUModel.leaf7EDX)
+        b = UInt64(features.leaf7EBX)
+        c = UInt64(features.leaf7ECX)
+        d = UInt64(features.leaf7EDX)
       }
     case 0xD:
-      // XSAVE components: x87, SSE, AVX; XSAVEOPT and XSAVEC (no XSAVES, no XGETBV ECX = 1).
+      // XSAVE components: x87, SSE, AVX; XSAVEOPT and XSAVEC (no XSAVES, no XGETBV ECX = 1),
+      // as far as the model offers them; nothing without XSAVE.
+      let components = UInt64(features.xsaveComponents)
       switch gpr[1] & 0xFFFF_FFFF {
-      case 0:
-        a = XSaveModel.supportedComponents
+      case 0 where components != 0:
+        a = components
         b = XSaveModel.areaSize(xcr0)
-        c = XSaveModel.areaSize(XSaveModel.supportedComponents)
-      case 1:
-        a = 1 << 0 | 1 << 1
+        c = XSaveModel.areaSize(components)
+      case 1 where components != 0:
+        a = UInt64(features.xsaveInstructions)
         b = XSaveModel.areaSize(xcr0)
-      case 2:
+      case 2 where components & XSaveModel.avx != 0:
         a = XSaveModel.avxSize
         b = XSaveModel.avxOffset
       default: break
@@ -117,8 +150,8 @@ extension CPU {
       c = ascii(vendor, 8)
     case 0x8000_0001:
       a = UInt64(CPUModel.signature)
-      c = UInt64(CPUModel.extendedECX)
-      d = UInt64(CPUModel.extendedEDX)
+      c = UInt64(features.extendedECX)
+      d = UInt64(features.extendedEDX)
     case 0x8000_0002...0x8000_0004:
       var brand = Array(CPUModel.brand.utf8)
       brand += [UInt8](repeating: 0, count: 48 - brand.count)

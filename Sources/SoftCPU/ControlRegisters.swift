@@ -93,6 +93,10 @@ extension CPU {
 
   func writeCR4(_ value: UInt64) throws(Fault) {
     if value & ~Self.supportedCR4Bits != 0 { throw .generalProtection(0) }
+    // OSXSAVE is reserved when the CPU model does not offer XSAVE.
+    if value & X86.cr4OSXSAVE != 0 && system.cpuidFeatures.leaf1ECX & CPUModel.leaf1ECXXSAVE == 0 {
+      throw .generalProtection(0)
+    }
     if isLongModeActive && value & X86.cr4PAE == 0 { throw .generalProtection(0) }
     let old = cr4
     cr4 = value

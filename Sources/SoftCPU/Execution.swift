@@ -362,7 +362,7 @@ extension CPU {
     case .fwait: try fwait()
     case .cpuid: executeCPUID()
     case .rdtsc, .rdtscp: try readTimeStampCounter(ins)
-    case .rdpid: writeRegister(ins.rm, size: codeSize == 8 ? 8 : 4, tscAux & 0xFFFF_FFFF)
+    case .rdpid: try readProcessorID(ins)
     case .hlt: try halt()
     case .int3, .intN, .into, .int1: try softwareInterrupt(ins)
     case .inImm, .inDX, .outImm, .outDX: try portIO(ins)

@@ -176,11 +176,20 @@ extension CPU {
   }
 
   func readTimeStampCounter(_ ins: Instruction) throws(Fault) {
+    if ins.op == .rdtscp && system.cpuidFeatures.extendedEDX & CPUModel.extendedEDXRDTSCP == 0 {
+      throw .invalidOpcode
+    }
     if cr4 & (1 << 2) != 0 && cpl != 0 { throw .generalProtection(0) }  // CR4.TSD
     let value = timeStampCounter()
     gpr[0] = value & 0xFFFF_FFFF
     gpr[2] = value >> 32
     if ins.op == .rdtscp { gpr[1] = tscAux & 0xFFFF_FFFF }
+  }
+
+  /// RDPID: IA32_TSC_AUX into a register; #UD when the CPU model does not offer it.
+  func readProcessorID(_ ins: Instruction) throws(Fault) {
+    guard system.cpuidFeatures.leaf7ECX & CPUModel.leaf7ECXRDPID != 0 else { throw .invalidOpcode }
+    writeRegister(ins.rm, size: codeSize == 8 ? 8 : 4, tscAux & 0xFFFF_FFFF)
   }
 
   /// HLT: privileged, except that flat test mode lets any CPL stop the run with `.halted`.

@@ -189,6 +189,12 @@ extension CPU {
         let largePage = entry & 0x80 != 0 && (level == 2 || level == 3)
         var reserved = entry & reservedHigh
         if level == 4 && entry & 0x80 != 0 { reserved |= 0x80 }
+        // PDPTE.PS is reserved when the CPU model hides 1 GiB pages.
+        if level == 3 && entry & 0x80 != 0
+          && system.cpuidFeatures.extendedEDX & CPUModel.extendedEDXGigabytePages == 0
+        {
+          reserved |= 0x80
+        }
         if largePage {
           // Bits 29:13 (1 GiB) or 20:13 (2 MiB) of a large-page frame address are reserved.
           reserved |= entry & (level == 3 ? 0x3FFF_E000 : 0x1F_E000)

@@ -35,12 +35,16 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
   /// Builds the vCPUs and the interrupt controllers of a machine made of `parts`.
   /// `tier` selects the interpreter only, the translating tier, or lockstep checking of the
   /// translator against the interpreter; `threshold` is the executions of a block before it
-  /// is translated.
+  /// is translated. The vCPUs present `cpuModel` (refused when it asks for something the
+  /// software CPU does not implement, or is `host`).
   public init(
     parts: MachineParts, cpuCount: Int = 1, clock: (any MachineClock)? = nil, tier: SoftCPUTier = .interpreter,
-    threshold: UInt32 = SoftCPUTier.defaultThreshold
+    threshold: UInt32 = SoftCPUTier.defaultThreshold, cpuModel: GuestCPUModel = .hostvisor
   ) throws {
     guard (1...255).contains(cpuCount) else { throw SoftAcceleratorError.invalidCPUCount(cpuCount) }
+    guard let features = cpuModel.features else { throw SoftAcceleratorError.cpuModelUnavailable(cpuModel.name, []) }
+    let lacking = GuestCPUModel.featuresTheSoftwareCPULacks(features)
+    guard lacking.isEmpty else { throw SoftAcceleratorError.cpuModelUnavailable(cpuModel.name, lacking) }
     let clock = clock ?? VirtualClock()
     self.clock = clock
     self.parts = parts
@@ -61,6 +65,7 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
       cpu.system.localAPIC = apic
       cpu.system.clock = clock
       cpu.system.apicID = UInt32(index)
+      cpu.system.cpuidFeatures = features
       cpu.system.tscKilohertz = TimeBase.tscFrequency / 1000
       cpu.apicBase = apic.apicBaseMSR
       let wakeup = VCPUSleeper()
@@ -153,9 +158,16 @@ public enum SoftAcceleratorError: Error, CustomStringConvertible {
   case invalidCPUCount(Int)
   case alreadyStarted
   case cannotCreateThread(errno: Int32)
+  /// The CPU model is `host` (no features listed), or asks for features the software CPU lacks.
+  case cpuModelUnavailable(String, [String])
 
   public var description: String {
     switch self {
+    case .cpuModelUnavailable(let model, let lacking) where lacking.isEmpty:
+      return "the software CPU cannot present the CPU model '\(model)' (KVM's own CPUID); "
+        + "use hostvisor, x86-64-v3 or x86-64-v2"
+    case .cpuModelUnavailable(let model, let lacking):
+      return "the software CPU cannot present the CPU model '\(model)': it lacks \(lacking.joined(separator: ", "))"
     case .invalidCPUCount(let count): return "the software CPU supports 1-255 vCPUs, not \(count)"
     case .alreadyStarted: return "the software accelerator runs only once"
     case .cannotCreateThread(let err): return "cannot start a vCPU thread: \(String(cString: strerror(err)))"

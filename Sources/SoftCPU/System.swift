@@ -43,6 +43,11 @@ public final class SystemState: @unchecked Sendable {
   /// service events again.
   public var recheckAfterShadow = false
 
+  /// The CPUID features this CPU presents (its machine's CPU model; every feature the
+  /// software CPU implements by default). CPUID reports them; XSETBV, CR4.OSXSAVE, RDTSCP,
+  /// RDPID and 1 GiB pages refuse what they leave out.
+  public var cpuidFeatures: CPUIDFeatures = CPUModel.implemented
+
   /// Physical-address width reported by CPUID 0x80000008 and enforced by the page walker.
   public let physicalAddressBits: UInt64 = 40
 

@@ -23,6 +23,8 @@ enum XSaveModel {
   static let x87: UInt64 = 1
   static let sse: UInt64 = 2
   static let avx: UInt64 = 4
+  /// CPUID.(EAX=0DH, ECX=1):EAX: XSAVEOPT(0) and XSAVEC(1).
+  static let instructions: UInt32 = 1 << 0 | 1 << 1
 
   /// Bytes an XSAVE area needs for the components in `mask` (standard and compacted alike).
   static func areaSize(_ mask: UInt64) -> UInt64 { mask & avx != 0 ? avxOffset + avxSize : baseSize }
@@ -37,12 +39,15 @@ extension CPU {
     gpr[2] = xcr0 >> 32
   }
 
-  /// XSETBV (0F 01 D1): XCR[ECX] = EDX:EAX at CPL 0. x87 must stay enabled, AVX needs SSE.
+  /// XSETBV (0F 01 D1): XCR[ECX] = EDX:EAX at CPL 0. x87 must stay enabled, AVX needs SSE, and
+  /// only components the CPU model offers (CPUID leaf 0DH) may be enabled: a model without AVX
+  /// keeps every VEX vector instruction #UD.
   func executeXSETBV() throws(Fault) {
     guard cr4 & X86.cr4OSXSAVE != 0 else { throw .invalidOpcode }
     guard currentPrivilegeLevel == 0, rflags & RFlags.vm == 0 else { throw .generalProtection(0) }
     let value = (gpr[2] & 0xFFFF_FFFF) << 32 | gpr[0] & 0xFFFF_FFFF
-    guard gpr[1] & 0xFFFF_FFFF == 0, value & ~XSaveModel.supportedComponents == 0, value & XSaveModel.x87 != 0,
+    guard gpr[1] & 0xFFFF_FFFF == 0, value & ~UInt64(system.cpuidFeatures.xsaveComponents) == 0,
+      value & XSaveModel.x87 != 0,
       value & XSaveModel.avx == 0 || value & XSaveModel.sse != 0
     else { throw .generalProtection(0) }
     xcr0 = value

@@ -149,8 +149,8 @@ enum CrossAcceleratorState {
     }
     if let xcrs = vcpu.xcrs, xcrs.nr_xcrs > 0 {
       let xcr0 = xcrs.xcrs.0.value
-      guard xcr0 & ~3 == 0 else {
-        throw MachineStateError("\(prefix): the guest enabled XSAVE state components \(hex(xcr0)) (AVX or later)")
+      guard xcr0 & ~softXSAVEComponents == 0 else {
+        throw MachineStateError("\(prefix): the guest enabled XSAVE state components \(hex(xcr0)) (beyond AVX)")
       }
       cpu.xcr0 = xcr0 | 1
     }
@@ -353,7 +353,24 @@ enum CrossAcceleratorState {
         components & 2 == 0
         ? (0, 0) : (load(legacy, 160 + 16 * index, UInt64.self), load(legacy, 168 + 16 * index, UInt64.self))
     }
+    // The AVX component (YMM_Hi128) at its standard-format offset; a clear XSTATE_BV bit means
+    // the initial state (zero upper halves).
+    for index in 0..<16 {
+      if let xsave = vcpu.xsave, components & 4 != 0, xsave.count >= avxOffset + 256 {
+        cpu.ymmHigh[index] = (
+          load(xsave, avxOffset + 16 * index, UInt64.self), load(xsave, avxOffset + 8 + 16 * index, UInt64.self)
+        )
+      } else {
+        cpu.ymmHigh[index] = (0, 0)
+      }
+    }
   }
+
+  /// XCR0 components the software CPU implements: x87, SSE, AVX.
+  static let softXSAVEComponents: UInt64 = 7
+  /// Offset of the AVX state component (YMM_Hi128) in a standard-format XSAVE area (Intel SDM
+  /// Vol. 1 §13.4; CPUID.(EAX=0DH, ECX=2):EBX).
+  static let avxOffset = 576
 
   /// The full-tag-word value of an x87 register that is not empty (SDM Vol. 1 §8.1.7).
   static func x87Tag(_ register: (significand: UInt64, signAndExponent: UInt16)) -> UInt16 {
@@ -444,47 +461,6 @@ enum CrossAcceleratorState {
     }
   }
 
-  /// Leaf 1 EDX/ECX, leaf 7 EBX/ECX/EDX and leaf 0x8000_0001 EDX/ECX of the software CPU's
-  /// model (docs/cpu-model.md), except leaf 1 ECX[31] (hypervisor) and [24] (TSC deadline),
-  /// which KVM's table always has.
-  static let softModelFeatures: [(leaf: UInt32, register: String, bits: UInt32, names: [Int: String])] = [
-    (
-      1, "edx", 0x0708_B379,
-      [
-        0: "FPU", 3: "PSE", 4: "TSC", 5: "MSR", 6: "PAE", 8: "CX8", 9: "APIC", 11: "SEP", 12: "MTRR", 13: "PGE",
-        15: "CMOV", 16: "PAT", 17: "PSE-36", 19: "CLFSH", 24: "FXSR", 25: "SSE", 26: "SSE2",
-      ]
-    ),
-    (
-      1, "ecx", 0x00D8_2203,
-      [0: "SSE3", 1: "PCLMULQDQ", 9: "SSSE3", 13: "CX16", 19: "SSE4.1", 20: "SSE4.2", 22: "MOVBE", 23: "POPCNT"]
-    ),
-    (7, "ebx", 0x0180_0200, [9: "ERMS", 23: "CLFLUSHOPT", 24: "CLWB"]),
-    (7, "ecx", 0x0040_0000, [22: "RDPID"]),
-    (7, "edx", 0x0000_0010, [4: "FSRM"]),
-    (0x8000_0001, "edx", 0x2C10_0800, [11: "SYSCALL", 20: "NX", 26: "1 GiB pages", 27: "RDTSCP", 29: "LM"]),
-    (0x8000_0001, "ecx", 0x0000_0021, [0: "LAHF/SAHF", 5: "ABM"]),
-  ]
-
-  /// The features of the software CPU's model that `table` lacks, by name.
-  static func missingSoftModelFeatures(in table: [CPUIDEntry]) -> [String] {
-    var missing: [String] = []
-    for feature in softModelFeatures {
-      let entry = table.first { $0.function == feature.leaf && ($0.index == 0 || $0.flags & 1 == 0) }
-      let value: UInt32
-      switch feature.register {
-      case "eax": value = entry?.eax ?? 0
-      case "ebx": value = entry?.ebx ?? 0
-      case "ecx": value = entry?.ecx ?? 0
-      default: value = entry?.edx ?? 0
-      }
-      for bit in 0..<32 where feature.bits & (1 << UInt32(bit)) != 0 && value & (1 << UInt32(bit)) == 0 {
-        missing.append(feature.names[bit] ?? "CPUID.\(hex(feature.leaf)).\(feature.register)[\(bit)]")
-      }
-    }
-    return missing
-  }
-
   private static func convert(
     _ cpu: SoftCPUImage, lapic: SoftLAPICImage, clock: UInt64, into vcpu: inout KVMVCPUState, index: Int,
     memory: GuestMemory
@@ -492,12 +468,16 @@ enum CrossAcceleratorState {
     typealias C = SoftCPUImage.Control
     // Features of the model the host's KVM lacks are refused only where the state shows their
     // use; an instruction the guest may execute later leaves no trace (docs/machine-state.md).
-    guard cpu.xcr0 & ~3 == 0 else {
+    // The target presents the snapshot's CPU model (its KVM machine was refused otherwise), so
+    // everything the model offers is there; XCR0 can only hold what KVM's XSAVE area holds.
+    let kvmFeatures = CPUIDPolicy.availableFeatures(supported: vcpu.cpuid)
+    let kvmComponents = UInt64(kvmFeatures.xsaveComponents)
+    guard cpu.xcr0 & ~(kvmComponents | 1) == 0, cpu.xcr0 & 4 == 0 || vcpu.xsave != nil else {
       throw MachineStateError(
-        "cannot move vCPU \(index) to KVM: the guest enabled XSAVE state components \(hex(cpu.xcr0)) (AVX or later)")
+        "cannot move vCPU \(index) to KVM: the guest enabled XSAVE state components \(hex(cpu.xcr0)), "
+          + "which this host's KVM does not offer")
     }
-    let missing = missingSoftModelFeatures(in: vcpu.cpuid)
-    if missing.contains("1 GiB pages"),
+    if kvmFeatures.extendedEDX & (1 << 26) == 0,
       usesGigabytePages(cr0: cpu.control[C.cr0], cr3: cpu.control[C.cr3], efer: cpu.control[C.efer], memory: memory)
     {
       throw MachineStateError(
@@ -560,7 +540,7 @@ enum CrossAcceleratorState {
 
     convertFloatingPoint(from: cpu, into: &vcpu)
     if var xcrs = vcpu.xcrs, xcrs.nr_xcrs > 0 {
-      xcrs.xcrs.0.value = cpu.xcr0 & 3 | 1
+      xcrs.xcrs.0.value = cpu.xcr0 | 1
       vcpu.xcrs = xcrs
     }
 
@@ -662,7 +642,17 @@ enum CrossAcceleratorState {
         store(&area, 160 + 16 * index, cpu.xmm[index].0)
         store(&area, 168 + 16 * index, cpu.xmm[index].1)
       }
-      store(&area, 512, load(area, 512, UInt64.self) | 3)
+      var stateBitmap = load(area, 512, UInt64.self) | 3
+      if cpu.xcr0 & 4 != 0 && area.count >= avxOffset + 256 {
+        for index in 0..<16 {
+          store(&area, avxOffset + 16 * index, cpu.ymmHigh[index].0)
+          store(&area, avxOffset + 8 + 16 * index, cpu.ymmHigh[index].1)
+        }
+        stateBitmap |= 4
+      } else {
+        stateBitmap &= ~4
+      }
+      store(&area, 512, stateBitmap)
       vcpu.xsave = area
     } else if var fpu = vcpu.fpu {
       withUnsafeMutableBytes(of: &fpu) { raw in

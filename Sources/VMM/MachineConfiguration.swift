@@ -3,6 +3,29 @@ import SoftCPU
 import VMCore
 import Virtio
 
+extension GuestCPUModel {
+  /// The x86-64 baseline ISA level (System V psABI): FPU ... CMOV, CLFSH, MMX, FXSR, SSE, SSE2,
+  /// SYSCALL, NX, LM, with the TSC-deadline timer and the hypervisor bit; no SSE3 or later. The
+  /// model for moving machines between accelerators where KVM lacks x86-64-v2 (nested KVMs
+  /// that virtualize few extensions).
+  public static let x86_64 = GuestCPUModel(
+    name: "x86-64", summary: "the x86-64 baseline (SSE2): movable between accelerators on any KVM",
+    features: CPUIDFeatures(
+      leaf1EDX: x86_64_v2.features!.leaf1EDX, leaf1ECX: 1 << 24 | 1 << 31,
+      extendedEDX: x86_64_v2.features!.extendedEDX, extendedECX: 0))
+
+  /// The models `--cpu-model` offers, the software CPU's default first.
+  public static let catalogue: [GuestCPUModel] = [.hostvisor, .x86_64_v3, .x86_64_v2, .x86_64, .host]
+
+  /// The model named `name`; throws a one-line error listing the models for another name.
+  public static func named(_ name: String) throws(ConfigurationError) -> GuestCPUModel {
+    guard let model = catalogue.first(where: { $0.name == name }) else {
+      throw .invalidCPUModel(name, known: catalogue.map(\.name))
+    }
+    return model
+  }
+}
+
 /// Which CPU accelerator runs the guest.
 public enum AcceleratorChoice: String, Sendable, CaseIterable {
   /// KVM when it is usable for the guest, the software CPU otherwise.
@@ -166,6 +189,7 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
   case invalidConsole(String)
   case invalidBalloon(String, String)
   case invalidDisplay(String)
+  case invalidCPUModel(String, known: [String])
 
   public var description: String {
     switch self {
@@ -193,6 +217,8 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
       return "invalid balloon '\(text)': \(problem)"
     case .invalidDisplay(let text):
       return "invalid display '\(text)': use none or vnc=[HOST:]PORT (HOST an IPv4 address, default 127.0.0.1)"
+    case .invalidCPUModel(let text, let known):
+      return "unknown CPU model '\(text)': use \(known.joined(separator: ", "))"
     }
   }
 }
@@ -266,6 +292,8 @@ public struct MachineConfiguration: Sendable {
   public var networks: [NetworkConfiguration] = []
   /// The guest console: COM1 (default) or a virtio-console (hvc0) on standard input/output.
   public var console: ConsoleChoice = .serial
+  /// The CPU model the vCPUs present; nil: `host` on KVM, `hostvisor` on the software CPU.
+  public var cpuModel: GuestCPUModel?
   /// How the software CPU runs guest code (interpreter, translator, lockstep check).
   public var softCPUTier: SoftCPUTier = .interpreter
   /// Executions of a block before the software CPU translates it.

@@ -44,10 +44,12 @@ public struct RestoreOverrides: Sendable {
 /// The machine a state file belongs to (its section `machine`): enough to rebuild it and to
 /// refuse a state that does not fit.
 struct MachineDescription: Equatable {
-  /// The accelerator-independent CPU model the vCPU state is expressed in.
-  static let cpuModel = "hostvisor-x86-64-v1"
+  /// The name state files recorded before CPU models were selectable: a software-CPU machine
+  /// then presented `hostvisor`, a KVM machine `host`.
+  static let legacyCPUModel = "hostvisor-x86-64-v1"
 
-  var cpuModel = MachineDescription.cpuModel
+  /// The CPU model the vCPUs present (`GuestCPUModel.name`).
+  var cpuModel = GuestCPUModel.hostvisor.name
   var accelerator = "soft"
   var memorySize: UInt64 = 0
   var regions: [UInt64] = []
@@ -99,11 +101,15 @@ struct MachineDescription: Equatable {
   static func restore(from reader: inout StateReader) throws(MachineStateError) -> MachineDescription {
     var description = MachineDescription()
     description.cpuModel = try reader.readString()
-    guard description.cpuModel == cpuModel else {
-      throw MachineStateError(
-        "the state file's CPU model '\(description.cpuModel)' is not one this Hostvisor provides (\(cpuModel))")
-    }
     description.accelerator = try reader.readString()
+    if description.cpuModel == legacyCPUModel {
+      description.cpuModel = description.accelerator == "kvm" ? GuestCPUModel.host.name : GuestCPUModel.hostvisor.name
+    }
+    guard (try? GuestCPUModel.named(description.cpuModel)) != nil else {
+      throw MachineStateError(
+        "the state file's CPU model '\(description.cpuModel)' is not one this Hostvisor provides ("
+          + GuestCPUModel.catalogue.map(\.name).joined(separator: ", ") + ")")
+    }
     description.memorySize = try reader.read()
     let regionCount = Int(try reader.read(UInt32.self))
     guard regionCount <= 8 else { throw .invalid("RAM layout") }
@@ -150,6 +156,7 @@ extension VirtualMachine {
   /// The description of this machine as a state file records it.
   func machineDescription(memoryPath: String, networkIDs: [String]?) -> MachineDescription {
     var description = MachineDescription()
+    description.cpuModel = cpuModel.name
     description.accelerator = accelerator.name
     description.memorySize = parts.memory.totalSize
     description.regions = parts.memory.regions.flatMap { [$0.guestBase, $0.size] }
@@ -360,11 +367,23 @@ extension VirtualMachine {
       throw MachineStateError("the snapshot was taken on an unknown accelerator '\(description.accelerator)'")
     }
     if let target = overrides.accelerator, target != .auto { acceleratorChoice = target }
+    let cpuModel: GuestCPUModel
+    do {
+      cpuModel = try GuestCPUModel.named(description.cpuModel)
+    } catch {
+      throw MachineStateError(error.description)
+    }
+    if acceleratorChoice == .soft && cpuModel.features == nil {
+      throw MachineStateError(
+        "cannot restore on the software CPU: the machine presents KVM's own CPUID (CPU model 'host'); "
+          + "start it with --cpu-model x86-64, x86-64-v2 or x86-64-v3 to move it between accelerators")
+    }
     var configuration = MachineConfiguration(
       kernelPath: description.kernelPath, initrdPath: description.initrdPath, commandLine: description.commandLine,
       memorySize: description.memorySize, cpuCount: description.cpuCount, accelerator: acceleratorChoice,
       serial: overrides.serial, verbose: overrides.verbose)
     configuration.console = description.virtioConsole ? .virtio : .serial
+    configuration.cpuModel = cpuModel
     configuration.openTapsLater = overrides.openTapsLater
     configuration.balloon = description.balloon.map { BalloonConfiguration(options: $0) }
     configuration.disks = description.disks.enumerated().map { index, disk in

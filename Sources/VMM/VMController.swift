@@ -108,6 +108,8 @@ public struct VMSpec: Sendable, Equatable {
   public var console: ConsoleChoice = .serial
   /// Which accelerator runs the vCPUs.
   public var accelerator: AcceleratorChoice = .auto
+  /// The CPU model the vCPUs present (`--cpu-model`); nil: the accelerator's default.
+  public var cpuModel: GuestCPUModel?
   /// Report choices and the stop reason on standard error.
   public var verbose: Bool = false
   /// A virtio-balloon device.
@@ -142,6 +144,7 @@ public struct VMSpec: Sendable, Equatable {
     configuration.memorySize = UInt64(memoryMiB) << 20
     configuration.cpuCount = vcpuCount
     configuration.accelerator = accelerator
+    configuration.cpuModel = cpuModel
     configuration.serial = serial
     configuration.console = console
     configuration.verbose = verbose

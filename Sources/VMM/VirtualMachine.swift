@@ -30,6 +30,8 @@ public final class VirtualMachine: Sendable {
   public let devices: InstalledLegacyDevices
   /// The accelerator that runs the vCPUs.
   public let accelerator: any Accelerator
+  /// The CPU model the vCPUs present (recorded in snapshots).
+  public let cpuModel: GuestCPUModel
   /// PCI bus 0 (host bridge in slot 0, then the virtio devices).
   public let pci: PCIBus
   /// The virtio devices on the bus, in slot order: disks, network interfaces, the console (if
@@ -137,13 +139,15 @@ public final class VirtualMachine: Sendable {
     }
     let accelerator: any Accelerator
     let clock: any MachineClock
+    let cpuModel: GuestCPUModel
     do {
-      (accelerator, clock) = try Self.makeAccelerator(configuration: configuration, parts: parts)
+      (accelerator, clock, cpuModel) = try Self.makeAccelerator(configuration: configuration, parts: parts)
     } catch {
       Self.shutdown(virtioDevices)
       throw error
     }
     self.accelerator = accelerator
+    self.cpuModel = cpuModel
     // MSI/MSI-X: KVM injects with KVM_SIGNAL_MSI, the software CPU through its local APICs.
     if let kvm = accelerator as? KVMAccelerator {
       pci.msi.attach(kvm)
@@ -320,10 +324,12 @@ public final class VirtualMachine: Sendable {
   deinit { shutdownDevices() }
 
   /// Opens the accelerator the configuration asks for; `auto` probes KVM and falls back to the
-  /// software CPU when KVM is missing or would emulate the guest's kernel code.
+  /// software CPU when KVM is missing or would emulate the guest's kernel code. The CPU model
+  /// defaults to `host` on KVM and `hostvisor` on the software CPU; one the accelerator cannot
+  /// present is refused with one line.
   private static func makeAccelerator(
     configuration: MachineConfiguration, parts: MachineParts
-  ) throws -> (any Accelerator, any MachineClock) {
+  ) throws -> (any Accelerator, any MachineClock, GuestCPUModel) {
     var choice = configuration.accelerator
     if choice == .auto {
       let finding = AcceleratorProbe.probeKVM(devicePath: configuration.kvmDevicePath)
@@ -332,19 +338,26 @@ public final class VirtualMachine: Sendable {
     }
     switch choice {
     case .kvm, .auto:
+      let model = configuration.cpuModel ?? .host
       do {
         let accelerator = try KVMAccelerator(
-          parts: parts, cpuCount: configuration.cpuCount, devicePath: configuration.kvmDevicePath)
-        return (accelerator, VirtualClock())
+          parts: parts, cpuCount: configuration.cpuCount, devicePath: configuration.kvmDevicePath, cpuModel: model)
+        if configuration.verbose { log("CPU model: \(model.name)") }
+        return (accelerator, VirtualClock(), model)
       } catch {
         throw MachineError(error.description)
       }
     case .soft:
+      let model = configuration.cpuModel ?? .hostvisor
       do {
         let accelerator = try SoftAccelerator(
           parts: parts, cpuCount: configuration.cpuCount, tier: configuration.softCPUTier,
-          threshold: configuration.softCPUThreshold)
-        return (accelerator, accelerator.clock)
+          threshold: configuration.softCPUThreshold, cpuModel: model)
+        if configuration.verbose { log("CPU model: \(model.name)") }
+        return (accelerator, accelerator.clock, model)
+      } catch let error as SoftAcceleratorError {
+        if case .cpuModelUnavailable = error { throw MachineError(error.description) }
+        throw MachineError("cannot start the software CPU: \(error)")
       } catch {
         throw MachineError("cannot start the software CPU: \(error)")
       }

@@ -2,6 +2,7 @@ import ArgumentParser
 import ControlAPI
 import Foundation
 import Glibc
+import VMCore
 import VMM
 
 /// What `serve`, `run --api-sock` and the Firecracker and Cloud Hypervisor personalities share:
@@ -13,6 +14,7 @@ enum ManagedProcess {
     var noAPI = false
     var id = "anonymous-instance"
     var accelerator = AcceleratorChoice.auto
+    var cpuModel: GuestCPUModel?
     var level: String?
     var logPath: String?
     var verbose = false
@@ -77,6 +79,7 @@ enum ManagedProcess {
     }
     var spec = VMSpec()
     spec.accelerator = options.accelerator
+    spec.cpuModel = options.cpuModel
     spec.verbose = options.verbose
     let service: ControlAPIService
     do {

@@ -63,6 +63,14 @@ struct Run: ParsableCommand {
   var accel: String = "auto"
 
   @Option(
+    name: .customLong("cpu-model"),
+    help: ArgumentHelp(
+      "The CPU model the guest sees: hostvisor (default on the software CPU), x86-64-v3, x86-64-v2 or x86-64 "
+        + "(movable between accelerators), host (KVM's own CPUID; default on KVM).",
+      valueName: "name"))
+  var cpuModel: String?
+
+  @Option(
     name: .long,
     help: ArgumentHelp(
       "Where COM1 goes: stdio (this terminal), file:PATH (appended), or none (default: stdio; none with --console virtio).",
@@ -181,7 +189,11 @@ struct Run: ParsableCommand {
       let consoleChoice = try ConsoleChoice(parsing: console)
       let serialChoice = try serial.map { text throws(ConfigurationError) in try SerialChoice(parsing: text) }
       if snapshotOnSignal != nil { VirtualMachine.blockSnapshotSignal() }
+      let cpuModelChoice = try cpuModel.map { name throws(ConfigurationError) in try GuestCPUModel.named(name) }
       if let restore {
+        guard cpuModelChoice == nil else {
+          throw CommandFailure("--cpu-model does not apply to --restore: the snapshot records its CPU model")
+        }
         let machine = try VirtualMachine.restore(
           commandLineArgument: restore, serial: serialChoice ?? .stdio, verbose: verbose,
           accelerator: acceleratorChoice)
@@ -197,6 +209,7 @@ struct Run: ParsableCommand {
         serial: serialChoice ?? (consoleChoice == .virtio ? .none : .stdio), kvmDevicePath: kvmDevice,
         verbose: verbose)
       configuration.console = consoleChoice
+      configuration.cpuModel = cpuModelChoice
       guard let tier = SoftCPUExecutionTier(rawValue: softCPUTier) else {
         throw CommandFailure("invalid --softcpu-tier '\(softCPUTier)': use interp, jit or lockstep")
       }
@@ -272,6 +285,7 @@ struct Run: ParsableCommand {
     spec.memoryMiB = Int((configuration.memorySize + (1 << 20) - 1) >> 20)
     spec.vcpuCount = configuration.cpuCount
     spec.accelerator = configuration.accelerator
+    spec.cpuModel = configuration.cpuModel
     spec.serial = configuration.serial
     spec.console = configuration.console
     spec.verbose = configuration.verbose
@@ -334,6 +348,14 @@ struct Serve: ParsableCommand {
     help: ArgumentHelp("CPU accelerator: auto, kvm or soft.", valueName: "auto|kvm|soft"))
   var accel: String = "auto"
 
+  @Option(
+    name: .customLong("cpu-model"),
+    help: ArgumentHelp(
+      "The CPU model the guest sees: hostvisor (default on the software CPU), x86-64-v3, x86-64-v2 or x86-64 "
+        + "(movable between accelerators), host (KVM's own CPUID; default on KVM).",
+      valueName: "name"))
+  var cpuModel: String?
+
   @Option(name: .long, help: ArgumentHelp("Log level: Error, Warning, Info, Debug, Trace or Off.", valueName: "level"))
   var level: String?
 
@@ -353,10 +375,18 @@ struct Serve: ParsableCommand {
     guard let accelerator = AcceleratorChoice(rawValue: accel) else {
       ManagedProcess.exit(1, message: "invalid accelerator '\(accel)': use auto, kvm or soft")
     }
+    var model: GuestCPUModel?
+    if let cpuModel {
+      do {
+        model = try GuestCPUModel.named(cpuModel)
+      } catch {
+        ManagedProcess.exit(1, message: error.description)
+      }
+    }
     ManagedProcess.serve(
       options: ManagedProcess.Options(
         socketPath: apiSocket, configFile: configFile, noAPI: noAPI, id: id, accelerator: accelerator,
-        level: level, logPath: logPath, verbose: verbose, incoming: incoming))
+        cpuModel: model, level: level, logPath: logPath, verbose: verbose, incoming: incoming))
   }
 }
 

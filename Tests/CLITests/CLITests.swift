@@ -102,6 +102,32 @@ struct CLITests {
     expectOneLineError(result, containing: "invalid accelerator 'warp'")
   }
 
+  @Test func unknownCPUModel() throws {
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", "/bin/true", "--accel", "soft", "--cpu-model", "pentium", "--serial", "none",
+    ])
+    expectOneLineError(
+      result, containing: "unknown CPU model 'pentium': use hostvisor, x86-64-v3, x86-64-v2, x86-64, host")
+    let served = try HostvisorProcess.run(["serve", "--api-sock", "/nonexistent/hv.sock", "--cpu-model", "pentium"])
+    expectOneLineError(served, containing: "unknown CPU model 'pentium'")
+  }
+
+  /// `host` is KVM's own CPUID: the software CPU refuses it with one line; the migratable
+  /// models run there.
+  @Test func hostModelIsRefusedOnTheSoftwareCPU() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let refused = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "soft", "--cpu-model", "host", "--serial", "none",
+    ])
+    expectOneLineError(refused, containing: "the software CPU cannot present the CPU model 'host'")
+    let accepted = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "soft", "--cpu-model", "x86-64-v2", "--serial", "stdio", "--verbose",
+    ])
+    #expect(accepted.status == (0x21 << 1) | 1, "stderr: \(accepted.stderr)")
+    #expect(accepted.stderr.contains("CPU model: x86-64-v2"), "stderr: \(accepted.stderr)")
+  }
+
   @Test func missingKVMDevice() throws {
     let scratch = try ScratchDirectory()
     let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
@@ -141,7 +167,9 @@ struct CLITests {
   @Test func helpExplainsEveryOption() throws {
     let result = try HostvisorProcess.run(["run", "--help"])
     #expect(result.status == 0)
-    for option in ["--kernel", "--initrd", "--cmdline", "--memory", "--cpus", "--accel", "--serial", "--verbose"] {
+    for option in [
+      "--kernel", "--initrd", "--cmdline", "--memory", "--cpus", "--accel", "--cpu-model", "--serial", "--verbose",
+    ] {
       #expect(result.stdout.contains(option), "help lacks \(option)")
     }
   }

@@ -37,6 +37,7 @@ struct CrossAcceleratorMigrationTests {
       spec.kernelPath = kernel
       spec.memoryMiB = 32
       spec.accelerator = AcceleratorChoice(rawValue: source)!
+      spec.cpuModel = .x86_64  // a model both accelerators present (also on nested KVM)
       spec.serial = .file(beforeSerial)
     }
     try original.start()

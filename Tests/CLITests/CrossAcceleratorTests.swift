@@ -259,9 +259,11 @@ struct CrossAcceleratorTests {
     }
   }
 
-  /// The guest runs on `source`, is snapshotted mid-run and restored on `target`: its printed
-  /// sequence continues without a gap or a repeat across the move, and both the APIC timer's
-  /// and the PIT's interrupts keep arriving after it.
+  /// The guest runs on `source` under the migratable CPU model `x86-64` (the baseline: nested
+  /// KVMs lack x86-64-v2's extensions), is snapshotted
+  /// mid-run and restored on `target`: its printed sequence continues without a gap or a
+  /// repeat across the move, both the APIC timer's and the PIT's interrupts keep arriving after
+  /// it, and the restored machine presents the same model.
   @Test(arguments: [("kvm", "soft"), ("soft", "kvm")])
   func guestContinuesOnTheOtherAccelerator(source: String, target: String) throws {
     let sourceChoice = AcceleratorChoice(rawValue: source)!
@@ -272,6 +274,7 @@ struct CrossAcceleratorTests {
       spec.kernelPath = kernel
       spec.memoryMiB = 32
       spec.accelerator = sourceChoice
+      spec.cpuModel = .x86_64
       spec.serial = .file(beforeSerial)
     }
     try original.start()
@@ -303,6 +306,7 @@ struct CrossAcceleratorTests {
     try restored.loadSnapshot(statePath: state, memoryPath: memory, resume: true)
     defer { try? restored.shutdown() }
     #expect(restored.machine?.accelerator.name == target)
+    #expect(restored.machine?.cpuModel == .x86_64)
     let printedBefore = UInt64(before.count)
     // Wait for four more lines, and (native ring 3 on KVM prints lines faster than the PIT's
     // 10 ms period) for lines printed after both timers ticked again on the target.
@@ -386,33 +390,50 @@ struct SoftAcceleratorImageTests {
     #expect(CrossAcceleratorState.x87Tag((1, 0x3FFF)) == 2)  // unnormal
   }
 
-  /// A CPUID table without some of the software CPU's features names exactly those.
-  @Test func missingModelFeaturesAreNamed() {
-    let full = CrossAcceleratorState.softModelFeatures.map { feature in
-      var entry = CPUIDEntry(function: feature.leaf)
-      switch feature.register {
-      case "ebx": entry.ebx = feature.bits
-      case "ecx": entry.ecx = feature.bits
-      default: entry.edx = feature.bits
-      }
-      return entry
+  /// A KVM CPUID table without some of a model's features is refused naming exactly those;
+  /// the table KVM then gets holds only the model's feature bits.
+  @Test func missingModelFeaturesAreNamed() throws {
+    let model = try #require(GuestCPUModel.hostvisor.features)
+    func table(_ features: CPUIDFeatures) -> [CPUIDEntry] {
+      [
+        CPUIDEntry(function: 1, ecx: features.leaf1ECX | 1 << 25 | 1 << 30, edx: features.leaf1EDX),  // + AES, RDRAND
+        CPUIDEntry(
+          function: 7, flags: CPUIDEntry.significantIndex, eax: 1, ebx: features.leaf7EBX | 1 << 19,  // + ADX
+          ecx: features.leaf7ECX, edx: features.leaf7EDX),
+        CPUIDEntry(function: 7, index: 1, flags: CPUIDEntry.significantIndex, eax: 1 << 4),  // AVX-VNNI
+        CPUIDEntry(function: 0xD, flags: CPUIDEntry.significantIndex, eax: 0xE7, ecx: 2696),
+        CPUIDEntry(function: 0xD, index: 1, flags: CPUIDEntry.significantIndex, eax: 0xF),
+        CPUIDEntry(function: 0xD, index: 2, flags: CPUIDEntry.significantIndex, eax: 256, ebx: 576),
+        CPUIDEntry(function: 0xD, index: 5, flags: CPUIDEntry.significantIndex, eax: 64, ebx: 1088),
+        CPUIDEntry(function: 0x8000_0001, ecx: features.extendedECX, edx: features.extendedEDX),
+      ]
     }
-    var table: [CPUIDEntry] = []
-    for entry in full {
-      if let index = table.firstIndex(where: { $0.function == entry.function }) {
-        table[index].ebx |= entry.ebx
-        table[index].ecx |= entry.ecx
-        table[index].edx |= entry.edx
-      } else {
-        table.append(entry)
-      }
+    var full = model
+    full.xsaveComponents = 0xE7
+    full.xsaveInstructions = 0xF
+    try CPUIDPolicy.check(.hostvisor, supported: table(full))
+    var lacking = full
+    lacking.leaf1ECX &= ~(1 << 22)  // MOVBE
+    lacking.leaf7ECX = 0  // RDPID
+    lacking.extendedEDX &= ~(1 << 26 | 1 << 27)  // 1 GiB pages, RDTSCP
+    do {
+      try CPUIDPolicy.check(.hostvisor, supported: table(lacking))
+      Issue.record("a KVM without MOVBE, RDPID, RDTSCP and 1 GiB pages was accepted for 'hostvisor'")
+    } catch {
+      guard case .cpuModelUnavailable(let name, let missing) = error else { throw error }
+      #expect(name == "hostvisor")
+      #expect(missing == ["MOVBE", "RDPID", "1 GiB pages", "RDTSCP"])
     }
-    #expect(CrossAcceleratorState.missingSoftModelFeatures(in: table).isEmpty)
-    let leaf1 = table.firstIndex { $0.function == 1 }!
-    table[leaf1].ecx &= ~(1 << 22)  // MOVBE
-    let leaf7 = table.firstIndex { $0.function == 7 }!
-    table[leaf7].ecx = 0  // RDPID
-    #expect(CrossAcceleratorState.missingSoftModelFeatures(in: table) == ["MOVBE", "RDPID"])
+    // The masked table: the model's bits, leaf 7 subleaf 0 only, XSAVE up to AVX (832 bytes).
+    let masked = CPUIDPolicy.entries(apicID: 0, cpuCount: 1, supported: table(full), model: .x86_64_v3)
+    let v3 = try #require(GuestCPUModel.x86_64_v3.features)
+    let leaf1 = try #require(masked.first { $0.function == 1 })
+    #expect(leaf1.ecx == v3.leaf1ECX && leaf1.edx == v3.leaf1EDX)
+    #expect(masked.filter { $0.function == 7 }.map(\.ebx) == [v3.leaf7EBX])
+    let xsave = masked.filter { $0.function == 0xD }
+    #expect(xsave.map(\.index) == [0, 1, 2])
+    #expect(xsave.first?.eax == 7 && xsave.first?.ecx == 832)
+    #expect(xsave.dropFirst().first?.eax == v3.xsaveInstructions)
   }
 }
 
@@ -425,6 +446,7 @@ extension CrossAcceleratorTests {
       spec.kernelPath = kernel
       spec.memoryMiB = 32
       spec.accelerator = .kvm
+      spec.cpuModel = .x86_64
       spec.serial = .none
     }
     try source.start()
@@ -442,5 +464,41 @@ extension CrossAcceleratorTests {
     let kept = try VirtualMachine.restore(commandLineArgument: state, serial: .none, verbose: false, accelerator: .auto)
     defer { kept.shutdownDevices() }
     #expect(kept.accelerator.name == "kvm")
+  }
+}
+
+extension CrossAcceleratorTests {
+  /// A snapshot records its CPU model; a restore onto an accelerator that cannot present it is
+  /// refused with one line: KVM's own CPUID (`host`, the default on KVM) on the software CPU,
+  /// and the software CPU's full model on a KVM that lacks some of its features.
+  @Test func restoreOntoAnAcceleratorThatCannotPresentTheModelIsRefused() throws {
+    for (source, model) in [(AcceleratorChoice.kvm, GuestCPUModel.host), (.soft, .hostvisor)] {
+      let controller = VMController(id: "cross-model-\(source.rawValue)")
+      try controller.configure { spec throws(ControlError) in
+        spec.kernelPath = kernel
+        spec.memoryMiB = 32
+        spec.accelerator = source
+        spec.serial = .none
+      }
+      try controller.start()
+      #expect(controller.machine?.cpuModel == model)
+      try controller.pause()
+      let state = scratch.path("model-\(source.rawValue).state")
+      try controller.createSnapshot(statePath: state, memoryPath: scratch.path("model-\(source.rawValue).mem"))
+      try controller.shutdown()
+
+      let target: AcceleratorChoice = source == .kvm ? .soft : .kvm
+      do {
+        let moved = try VirtualMachine.restore(
+          commandLineArgument: state, serial: .none, verbose: false, accelerator: target)
+        moved.shutdownDevices()
+        // Only a KVM that offers every feature of the software CPU's model may take it.
+        #expect(source == .soft, "a '\(model.name)' machine was restored on \(target.rawValue)")
+      } catch {
+        let message = "\(error)"
+        #expect(!message.contains("\n"), "\(message)")
+        #expect(message.contains("'\(model.name)'"), "\(message)")
+      }
+    }
   }
 }

@@ -218,8 +218,15 @@ struct SnapshotTests {
 
     // Wrong machine: the description claims two vCPUs (re-checksummed, so only the content is
     // wrong): the vCPU state holds one.
+    // The machine section: its tag, its length, then the CPU model's name (the software CPU's
+    // default, `hostvisor`).
+    let modelOffset = (4 + 7) + 4
+    #expect(Array(payload[(modelOffset + 4)..<(modelOffset + 4 + 9)]) == Array("hostvisor".utf8))
+    var unknownModel = payload
+    unknownModel.replaceSubrange((modelOffset + 4)..<(modelOffset + 4 + 9), with: Array("pentium-4".utf8))
+    #expect(try refusal(MachineStateFile.encode(payload: unknownModel)).contains("CPU model 'pentium-4'"))
     var twoCPUs = payload
-    let cpuCountOffset = (4 + 7) + 4 + (4 + MachineDescription.cpuModel.utf8.count) + (4 + 4) + 8 + (4 + 16)
+    let cpuCountOffset = modelOffset + (4 + "hostvisor".utf8.count) + (4 + 4) + 8 + (4 + 16)
     #expect(twoCPUs[cpuCountOffset] == 1)
     twoCPUs[cpuCountOffset] = 2
     #expect(try refusal(MachineStateFile.encode(payload: twoCPUs)).contains("does not match this machine"))

@@ -146,6 +146,14 @@ func host(_ executable: String, _ arguments: [String], input: String? = nil) thr
 func hostCommand(_ executable: String, _ arguments: [String], input: String? = nil) throws -> (
   output: String, status: Int32
 ) {
+  let result = try hostCommandData(executable, arguments, input: input)
+  return (String(decoding: result.output, as: UTF8.self), result.status)
+}
+
+/// `hostCommand` with the standard output as bytes (binary output such as a cpio archive).
+func hostCommandData(_ executable: String, _ arguments: [String], input: String? = nil) throws -> (
+  output: Data, status: Int32
+) {
   let process = Process()
   if executable.contains("/") {
     process.executableURL = URL(fileURLWithPath: executable)
@@ -164,7 +172,7 @@ func hostCommand(_ executable: String, _ arguments: [String], input: String? = n
   try inPipe.fileHandleForWriting.close()
   let data = out.fileHandleForReading.readDataToEndOfFile()
   process.waitUntilExit()
-  return (String(decoding: data, as: UTF8.self), process.terminationStatus)
+  return (data, process.terminationStatus)
 }
 
 /// The guest images `make test` builds with scripts/make-default-guest.sh.

@@ -104,3 +104,83 @@ struct LinuxSMPTests {
     #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
   }
 }
+
+/// x86-64-v3 on the software CPU: the default guest, with the host's dynamic loader and C
+/// library and a program the test compiles with `gcc -march=x86-64-v3 -O2 -static` added in a
+/// second cpio archive appended to its initramfs (Linux unpacks concatenated archives). The
+/// guest's glibc finds the v3 level usable (CPUID, XCR0 with the AVX state enabled by the
+/// kernel) and the program gives the host's answers.
+@Suite("x86-64-v3 in a Linux guest on the software CPU")
+struct LinuxX86_64V3Tests {
+  /// The program's source, Tests/GuestPrograms/linux/x86-64-v3-check.c.
+  static let source = GuestImages.packageRoot.appendingPathComponent(
+    "Tests/GuestPrograms/linux/x86-64-v3-check.c")
+
+  /// The output lines of a console command or a host run, trimmed and without empty lines.
+  static func lines(_ text: String) -> [String] {
+    text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+  }
+
+  @Test func loaderFindsTheV3LevelAndAV3ProgramGivesTheHostsAnswers() async throws {
+    let work = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("hostvisor-v3-\(UUID())")
+    let stage = work.appendingPathComponent("stage")
+    try FileManager.default.createDirectory(at: stage, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: work) }
+
+    let program = stage.appendingPathComponent("bin/x86-64-v3-check")
+    try FileManager.default.createDirectory(
+      at: program.deletingLastPathComponent(), withIntermediateDirectories: true)
+    let compile = try hostCommand(
+      "gcc", ["-march=x86-64-v3", "-O2", "-static", "-o", program.path, Self.source.path])
+    try #require(compile.status == 0, "gcc failed to build \(Self.source.path)")
+    let hostRun = try hostCommand(program.path, [])
+    try #require(hostRun.status == 0)
+    let expected = Self.lines(hostRun.output)
+    try #require(expected.first == "avx2 1 fma 1 f16c 1 bmi2 1", "the host CPU must have x86-64-v3")
+
+    // The host's loader and C library at the paths the loader itself expects.
+    for (hostPath, guestPath) in [
+      ("/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
+      ("/lib/x86_64-linux-gnu/libc.so.6", "lib/x86_64-linux-gnu/libc.so.6"),
+    ] {
+      let destination = stage.appendingPathComponent(guestPath)
+      try FileManager.default.createDirectory(
+        at: destination.deletingLastPathComponent(), withIntermediateDirectories: true)
+      let resolved = URL(fileURLWithPath: hostPath).resolvingSymlinksInPath()
+      try FileManager.default.copyItem(at: resolved, to: destination)
+    }
+    let archive = try hostCommandData(
+      "/bin/sh", ["-c", "cd '\(stage.path)' && find . -mindepth 1 | cpio -o -H newc -R 0:0 --quiet"])
+    try #require(archive.status == 0 && !archive.output.isEmpty, "cpio failed")
+
+    // The default initramfs, padded to a 4-byte boundary (where Linux looks for the next
+    // archive's header), then the extra archive.
+    let (kernel, initrd, _) = try GuestImages.images()
+    var combined = try Data(contentsOf: URL(fileURLWithPath: initrd))
+    combined.append(Data(count: (4 - combined.count % 4) % 4))
+    combined.append(archive.output)
+    let combinedInitrd = work.appendingPathComponent("initramfs-v3.cpio")
+    try combined.write(to: combinedInitrd)
+
+    let session = try GuestSession(arguments: [
+      "run", "--accel", "soft", "--memory", "512M", "--serial", "stdio", "--kernel", kernel, "--initrd",
+      combinedInitrd.path, "--cmdline", "console=ttyS0 panic=-1",
+    ])
+    defer { session.saveTranscript(name: "linux-x86-64-v3") }
+    try await session.waitForShell()
+
+    let flags = Set(try await session.run("grep -m1 ^flags /proc/cpuinfo").split(separator: " ").map(String.init))
+    for flag in ["avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe", "xsave"] {
+      #expect(flags.contains(flag), "/proc/cpuinfo lacks \(flag)")
+    }
+    let loaderHelp = try await session.run("/lib64/ld-linux-x86-64.so.2 --help")
+    #expect(loaderHelp.contains("x86-64-v3 (supported, searched)"), "\(loaderHelp)")
+    #expect(loaderHelp.contains("x86-64-v2 (supported, searched)"), "\(loaderHelp)")
+    let guestOutput = Self.lines(try await session.run("/bin/x86-64-v3-check", timeout: .seconds(180)))
+    #expect(guestOutput == expected)
+
+    try await Task.sleep(for: .seconds(1))
+    session.type("poweroff -f\n")
+    #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
+  }
+}

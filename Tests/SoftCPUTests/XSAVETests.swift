@@ -40,13 +40,20 @@ struct XSAVETests {
         mov eax, 1
         cpuid
         mov r15, rcx
+        mov eax, 7
+        xor ecx, ecx
+        cpuid
+        mov rsi, rbx
         hlt
         """)
     #expect(machine.run() == .halted)
+    #expect(machine[R.rsi] & (1 << 5) != 0)  // AVX2
     #expect(machine[R.r8] & (1 << 26) != 0)  // XSAVE
     #expect(machine[R.r8] & (1 << 27) != 0)  // OSXSAVE while CR4.OSXSAVE = 1
     #expect(machine[R.r15] & (1 << 27) == 0)  // and 0 after clearing it
-    #expect(machine[R.r8] & (1 << 28) == 0)  // AVX: not offered until every AVX form exists
+    #expect(machine[R.r8] & (1 << 28) != 0)  // AVX
+    #expect(machine[R.r8] & (1 << 12) != 0)  // FMA
+    #expect(machine[R.r8] & (1 << 29) != 0)  // F16C
     #expect(machine[R.r9] == 0x7)  // x87, SSE, AVX
     #expect(machine[R.r10] == 576 + 256)  // XCR0 = 7 in flat test mode: up to the end of AVX
     #expect(machine[R.r11] == 576 + 256)

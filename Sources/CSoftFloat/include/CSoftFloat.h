@@ -48,6 +48,11 @@ uint32_t csf_f16c(uint32_t operation, uint32_t immediate, uint32_t mxcsr, void *
 /// bits are returned in the low 8 bytes of `destination` instead.
 uint32_t csf_sse_integer(uint32_t operation, uint32_t immediate, void *destination, const void *source);
 
+/// Executes one MMX instruction (the no-prefix 0F xx and 0F 38 xx integer forms; `operation`
+/// is the opcode byte, with CSF_SSE_MAP38 for the 0F 38 map) on the 64-bit `destination` with
+/// `source`, leaving the host's x87 state empty (EMMS). Returns 0, or CSF_UNSUPPORTED.
+uint32_t csf_mmx(uint32_t operation, uint64_t *destination, const uint64_t *source);
+
 /// SSE4.2 PCMPESTRM (0x60), PCMPESTRI (0x61), PCMPISTRM (0x62), PCMPISTRI (0x63) with the
 /// explicit lengths in `lengthA`/`lengthD` (already saturated by the caller). The mask forms
 /// write XMM0's new value to `destination`; the index forms store ECX in `*result`.

@@ -1,0 +1,185 @@
+import CSoftFloat
+import VMCore
+
+// MMX (Intel SDM Vol. 1 ch. 9 and §9.5.1, Vol. 2 instruction pages): the no-prefix 0F forms of
+// the integer SIMD instructions on the eight 64-bit MMX registers MM0-MM7, which are the
+// significands of the x87 physical registers R0-R7 (REX.R/REX.B do not extend them). Every MMX
+// instruction but EMMS moves the x87 unit into MMX state: TOP = 0 and every tag valid; a write
+// of MMn sets bits 79:64 of Rn (sign and exponent) to all ones. EMMS (SSE.swift) empties the
+// tags. CR0.EM raises #UD, CR0.TS #NM, a pending unmasked x87 exception #MF; CR4.OSFXSR is
+// not needed. The arithmetic runs on the host's own MMX instructions (`csf_mmx`); moves,
+// inserts, extracts, PSHUFW, PALIGNR and MASKMOVQ are done here.
+
+/// Whether the no-prefix `.sse` opcode (0x1xx: 0F xx, 0x2xx: 0F 38 xx, 0x3xx: 0F 3A xx) is an
+/// MMX form.
+let mmxForms: [Bool] = {
+  var forms = [Bool](repeating: false, count: 0x400)
+  let map1: [ClosedRange<Int>] = [
+    0x60...0x6B, 0x6E...0x76, 0x7E...0x7F, 0xC4...0xC5, 0xD1...0xD5, 0xD7...0xDF, 0xE0...0xE5, 0xE7...0xEF,
+    0xF1...0xF7, 0xF8...0xFE,
+  ]
+  for range in map1 { for opcode in range { forms[0x100 | opcode] = true } }
+  for opcode in 0x00...0x0B { forms[0x200 | opcode] = true }
+  for opcode in 0x1C...0x1E { forms[0x200 | opcode] = true }
+  forms[0x30F] = true  // PALIGNR mm
+  return forms
+}()
+
+extension CPU {
+  /// MMX register `index` (0-7): the significand of x87 physical register R`index`.
+  @inline(__always)
+  func mmxRegister(_ index: Int) -> UInt64 {
+    UnsafeRawPointer(fpuRegisters + index).load(as: UInt64.self)
+  }
+
+  /// Writes MMX register `index`: the significand, with the sign and exponent all ones.
+  @inline(__always)
+  func setMMXRegister(_ index: Int, _ value: UInt64) {
+    let raw = UnsafeMutableRawPointer(fpuRegisters + index)
+    raw.storeBytes(of: value, as: UInt64.self)
+    raw.storeBytes(of: 0xFFFF as UInt16, toByteOffset: 8, as: UInt16.self)
+  }
+
+  /// The x87-to-MMX transition every MMX instruction but EMMS makes.
+  @inline(__always)
+  private func enterMMXState() {
+    fpuTop = 0
+    fpuTags = 0
+    xsaveInUse |= XSaveModel.x87
+  }
+
+  /// The mm/m64 source operand.
+  private func mmxSource(_ instruction: Instruction) throws(Fault) -> UInt64 {
+    if instruction.hasMemoryOperand { return try read64(linearAddress(instruction)) }
+    return mmxRegister(Int(instruction.rm & 7))
+  }
+
+  /// Executes an MMX instruction (the caller checked `mmxForms`).
+  func executeMMX(_ instruction: Instruction) throws(Fault) {
+    guard cr0 & X86.cr0EM == 0 else { throw .invalidOpcode }
+    guard cr0 & X86.cr0TS == 0 else { throw .deviceNotAvailable }
+    try checkPendingX87Exception()
+    let reg = Int(instruction.reg & 7)
+    let rm = Int(instruction.rm & 7)
+    let immediate = instruction.immediate & 0xFF
+    switch instruction.opcode {
+    case 0x16E:  // MOVD/MOVQ mm, r/m32/64
+      let size: UInt8 = instruction.rexW ? 8 : 4
+      let value =
+        instruction.hasMemoryOperand
+        ? try readMemory(linearAddress(instruction), size: size) : readRegister(instruction.rm, size: size)
+      enterMMXState()
+      setMMXRegister(reg, value)
+    case 0x17E:  // MOVD/MOVQ r/m32/64, mm
+      let size: UInt8 = instruction.rexW ? 8 : 4
+      let value = mmxRegister(reg) & (size == 8 ? ~0 : 0xFFFF_FFFF)
+      if instruction.hasMemoryOperand {
+        try writeMemory(linearAddress(instruction), size: size, value)
+      } else {
+        writeRegister(instruction.rm, size: size, value)
+      }
+      enterMMXState()
+    case 0x16F:  // MOVQ mm, mm/m64
+      let value = try mmxSource(instruction)
+      enterMMXState()
+      setMMXRegister(reg, value)
+    case 0x17F, 0x1E7:  // MOVQ mm/m64, mm; MOVNTQ m64, mm
+      let value = mmxRegister(reg)
+      if instruction.hasMemoryOperand {
+        try write64(linearAddress(instruction), value)
+        enterMMXState()
+      } else {
+        guard instruction.opcode == 0x17F else { throw .invalidOpcode }
+        enterMMXState()
+        setMMXRegister(rm, value)
+      }
+    case 0x170:  // PSHUFW mm, mm/m64, imm8
+      let source = try mmxSource(instruction)
+      var result: UInt64 = 0
+      for word in 0..<4 {
+        let selected = (immediate >> (2 * UInt64(word))) & 3
+        result |= ((source >> (16 * selected)) & 0xFFFF) << (16 * UInt64(word))
+      }
+      enterMMXState()
+      setMMXRegister(reg, result)
+    case 0x171, 0x172, 0x173:  // shift groups by imm8: /2 logical right, /4 arithmetic right, /6 left
+      guard !instruction.hasMemoryOperand else { throw .invalidOpcode }
+      let width = instruction.opcode & 0xFF  // 0x71 words, 0x72 doublewords, 0x73 quadword
+      let operation: UInt32
+      switch (instruction.reg & 7, width) {
+      case (2, 0x71): operation = 0xD1
+      case (4, 0x71): operation = 0xE1
+      case (6, 0x71): operation = 0xF1
+      case (2, 0x72): operation = 0xD2
+      case (4, 0x72): operation = 0xE2
+      case (6, 0x72): operation = 0xF2
+      case (2, 0x73): operation = 0xD3
+      case (6, 0x73): operation = 0xF3
+      default: throw .invalidOpcode
+      }
+      var value = mmxRegister(rm)
+      var count = immediate
+      guard csf_mmx(operation, &value, &count) == 0 else { throw .invalidOpcode }
+      enterMMXState()
+      setMMXRegister(rm, value)
+    case 0x1C4:  // PINSRW mm, r32/m16, imm8
+      let word =
+        instruction.hasMemoryOperand
+        ? UInt64(try read16(linearAddress(instruction))) : readRegister(instruction.rm, size: 2)
+      let shift = 16 * (immediate & 3)
+      let value = mmxRegister(reg) & ~(0xFFFF << shift) | word << shift
+      enterMMXState()
+      setMMXRegister(reg, value)
+    case 0x1C5:  // PEXTRW r32, mm, imm8
+      guard !instruction.hasMemoryOperand else { throw .invalidOpcode }
+      let word = (mmxRegister(rm) >> (16 * (immediate & 3))) & 0xFFFF
+      enterMMXState()
+      writeRegister(instruction.reg, size: 4, word)
+    case 0x1D7:  // PMOVMSKB r32, mm
+      guard !instruction.hasMemoryOperand else { throw .invalidOpcode }
+      let value = mmxRegister(rm)
+      var mask: UInt64 = 0
+      for byte in 0..<8 where value & (0x80 << (8 * UInt64(byte))) != 0 { mask |= 1 << UInt64(byte) }
+      enterMMXState()
+      writeRegister(instruction.reg, size: 4, mask)
+    case 0x1F7:  // MASKMOVQ mm1, mm2: bytes of mm1 whose mm2 byte has bit 7 set, to DS:rDI
+      guard !instruction.hasMemoryOperand else { throw .invalidOpcode }
+      let data = mmxRegister(reg)
+      let mask = mmxRegister(rm)
+      var offset = gpr[7]
+      switch instruction.addressSize {
+      case 4: offset &= 0xFFFF_FFFF
+      case 2: offset &= 0xFFFF
+      default: break
+      }
+      let base = segmentBase[Int(instruction.segment)] &+ offset
+      for byte in 0..<8 where mask & (0x80 << (8 * UInt64(byte))) != 0 {
+        try write8(base &+ UInt64(byte), UInt8(truncatingIfNeeded: data >> (8 * UInt64(byte))))
+      }
+      enterMMXState()
+    case 0x30F:  // PALIGNR mm, mm/m64, imm8: (mm:source) >> (imm8 * 8), low 64 bits
+      let source = try mmxSource(instruction)
+      let destination = mmxRegister(reg)
+      let shift = immediate * 8
+      let result: UInt64
+      switch shift {
+      case 0: result = source
+      case 1..<64: result = source >> shift | destination << (64 - shift)
+      case 64: result = destination
+      case 65..<128: result = destination >> (shift - 64)
+      default: result = 0
+      }
+      enterMMXState()
+      setMMXRegister(reg, result)
+    default:  // arithmetic, logic, compares, packs, unpacks on the host
+      var source = try mmxSource(instruction)
+      var destination = mmxRegister(reg)
+      let map: UInt32 = instruction.opcode >> 8 == 2 ? UInt32(CSF_SSE_MAP38) : 0
+      guard csf_mmx(map | UInt32(instruction.opcode & 0xFF), &destination, &source) == 0 else {
+        throw .invalidOpcode
+      }
+      enterMMXState()
+      setMMXRegister(reg, destination)
+    }
+  }
+}
