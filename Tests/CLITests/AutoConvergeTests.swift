@@ -4,7 +4,7 @@ import VMCore
 
 @testable import VMM
 
-/// A Multiboot guest that dirties a 16 MiB window (8-24 MiB) in a tight loop: one 32-bit store
+/// A Multiboot guest that dirties a 32 MiB window (8-40 MiB) in a tight loop: one 32-bit store
 /// every 64 bytes, the pass number at 0x6000.
 let dirtyingGuest =
   multibootPrologue + """
@@ -15,7 +15,7 @@ let dirtyingGuest =
             movl $0x800000, %edi
     store:  movl %ecx, (%edi)
             addl $64, %edi
-            cmpl $0x1800000, %edi
+            cmpl $0x2800000, %edi
             jb store
             jmp pass
 
@@ -139,7 +139,7 @@ struct AutoConvergeTests {
     _ = SlowDestination(path: scratch.path(socket))
     while !FileManager.default.fileExists(atPath: scratch.path(socket)) { usleep(10_000) }
     let statistics = try controller.sendMigration(
-      to: "unix:" + scratch.path(socket), downtimeLimitMilliseconds: 300, autoConverge: autoConverge)
+      to: "unix:" + scratch.path(socket), downtimeLimitMilliseconds: 500, autoConverge: autoConverge)
     print("auto-converge \(autoConverge ? "on" : "off"): \(statistics)")
     #expect(controller.machine?.parts.control.throttle.percent ?? 0 == 0)
     return statistics
