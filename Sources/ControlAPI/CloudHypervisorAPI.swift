@@ -378,7 +378,8 @@ public final class CloudHypervisorAPI: Sendable {
       let statistics = try controller.sendMigration(
         to: data.destination_url, downtimeLimitMilliseconds: downtime,
         timeoutSeconds: Int(clamping: data.timeout_s ?? 3600),
-        timeoutStrategy: data.timeout_strategy == .Ignore ? .ignore : .cancel)
+        timeoutStrategy: data.timeout_strategy == .Ignore ? .ignore : .cancel,
+        autoConverge: data.auto_converge ?? true)
       Logger(label: "vmm").info("migrated to \(data.destination_url): \(statistics)")
     } catch {
       throw Failure(status: error.kind == .invalidArgument ? 400 : 500, message: error.description)

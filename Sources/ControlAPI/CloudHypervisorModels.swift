@@ -130,4 +130,7 @@ struct CHSendMigrationData: Codable {
   var connections: Int64?
   var tls_dir: String?
   var memory_mode: CHMigrationMode?
+  /// Hostvisor's extension: throttle a guest whose dirty pages do not converge (default true;
+  /// QEMU's `auto-converge` capability). Cloud Hypervisor has no such field.
+  var auto_converge: Bool?
 }

@@ -152,11 +152,20 @@ final class KVMVCPU: @unchecked Sendable {
     control.pauseGate.enter()
     defer { control.pauseGate.leave() }
     debugSlot.started.store(true, ordering: .releasing)
+    // When this vCPU's current throttle timeslice began (0: not throttled).
+    var throttleTimesliceStart: UInt64 = 0
     while !control.isStopping {
       if control.pauseGate.isPauseRequested {
         // Out of KVM_RUN: a safe point once the last exit is complete in KVM.
         control.pauseGate.parkIfRequested { completePendingExit(parts: parts) }
         continue
+      }
+      if control.throttle.isActive {
+        // The throttle's ticker kicks the vCPU out of KVM_RUN once per timeslice; the pending
+        // exit needs no completion before a sleep (the thread stays out of KVM_RUN).
+        if control.throttle.throttleIfDue(runningSince: &throttleTimesliceStart) { continue }
+      } else {
+        throttleTimesliceStart = 0
       }
       // Clear an earlier kick. A kick that lands after the checks above still interrupts
       // KVM_RUN: its signal stays pending until KVM_RUN unblocks it.

@@ -184,12 +184,20 @@ private func runVCPU(
   control.pauseGate.enter()
   defer { control.pauseGate.leave() }
   debugHook.noteVCPUStarted()
+  // When this vCPU's current throttle timeslice began (0: not throttled).
+  var throttleTimesliceStart: UInt64 = 0
   while true {
     if control.isStopping { return }
     if control.pauseGate.isPauseRequested {
       // Between slices: an instruction boundary, with every posted write applied.
       control.pauseGate.parkIfRequested()
       continue
+    }
+    if control.throttle.isActive {
+      // Between slices too: sleep the throttle's share of each timeslice.
+      if control.throttle.throttleIfDue(runningSince: &throttleTimesliceStart) { continue }
+    } else {
+      throttleTimesliceStart = 0
     }
     if let report = cpu.lockstepFailure {
       control.requestStop(.failure(report))

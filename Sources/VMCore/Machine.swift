@@ -63,6 +63,9 @@ public final class MachineControl: Sendable {
   /// Where vCPU threads park while the host pauses the machine.
   public let pauseGate = PauseGate()
 
+  /// Slows the vCPUs down while set (live migration's auto-converge); see `setThrottle`.
+  public let throttle = VCPUThrottle()
+
   public init() {}
 
   /// The first stop request, if any.
@@ -78,14 +81,30 @@ public final class MachineControl: Sendable {
       return state.kicks
     }
     pauseGate.release()
+    throttle.wakeSleepers()
     for kick in kicks { kick() }
   }
 
   /// Interrupts every registered vCPU (without asking the machine to stop), so each reaches a
-  /// safe point and rechecks its requests, e.g. a pause.
+  /// safe point and rechecks its requests, e.g. a pause; wakes vCPUs sleeping in the throttle.
   public func kickAll() {
+    throttle.wakeSleepers()
+    kickVCPUs()
+  }
+
+  private func kickVCPUs() {
     let kicks = state.withLock { $0.kicks }
     for kick in kicks { kick() }
+  }
+
+  /// Makes the vCPUs sleep `percent` % of the time (0 lifts the throttle; at most
+  /// `VCPUThrottle.maximumPercent`); the guest's clocks keep running.
+  public func setThrottle(percent: Int) {
+    throttle.set(percent: percent) { [weak self] in
+      guard let self, !self.isStopping else { return false }
+      self.kickVCPUs()
+      return true
+    }
   }
 
   /// Registers a closure that interrupts a running vCPU so it notices a stop request.

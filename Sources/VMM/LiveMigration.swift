@@ -396,10 +396,12 @@ public struct MigrationStatistics: Sendable, CustomStringConvertible {
   public var totalNanoseconds: UInt64 = 0
   /// From pausing the guest on the source to the destination's confirmation that it runs it.
   public var downtimeNanoseconds: UInt64 = 0
+  /// The highest vCPU throttle auto-converge set, in percent (0: the guest ran at full speed).
+  public var throttlePercent = 0
 
   public var description: String {
     "\(rounds) rounds, \(pagesSent) pages (\(bytesSent >> 20) MiB), total \(totalNanoseconds / 1_000_000) ms, "
-      + "downtime \(downtimeNanoseconds / 1_000_000) ms"
+      + "downtime \(downtimeNanoseconds / 1_000_000) ms, vCPU throttle \(throttlePercent) %"
   }
 }
 
@@ -495,6 +497,50 @@ public enum MigrationTimeoutStrategy: Sendable {
   case ignore
 }
 
+/// Auto-converge: how live migration throttles the vCPUs of a guest that dirties pages faster
+/// than the link sends them (docs/machine-state.md, "Auto-converge").
+struct AutoConverge {
+  /// The first throttle, in percent (QEMU's `cpu-throttle-initial` default).
+  static let initialPercent = 20
+  /// The least a further step raises it, in percentage points (QEMU's `cpu-throttle-increment`).
+  static let incrementPercent = 10
+  /// A round does not converge when the guest dirtied more pages during it than this share of
+  /// the pages it sent, in percent (QEMU's `throttle-trigger-threshold` default).
+  static let triggerPercent = 50
+
+  /// The current throttle in percent.
+  private(set) var percent = 0
+  /// Rounds in a row that did not converge before the first throttle.
+  private var slowRounds = 0
+
+  /// Looks at one pre-copy round: `sent` pages went out in `seconds` while the guest dirtied
+  /// `dirtied` pages. Returns the new throttle when it should change. The first throttle comes
+  /// after two rounds in a row that did not converge; every later such round raises it to what
+  /// the measured rates ask for (the guest's dirty rate at full speed, from the dirtied pages and
+  /// the share of time it ran, must fall below half the link's rate), at least by the increment.
+  mutating func afterRound(sent: Int, dirtied: Int, seconds: Double) -> Int? {
+    guard sent > 0, dirtied * 100 > sent * Self.triggerPercent else {
+      slowRounds = 0
+      return nil
+    }
+    if percent == 0 {
+      slowRounds += 1
+      guard slowRounds >= 2 else { return nil }
+      percent = Self.initialPercent
+      return percent
+    }
+    guard percent < VCPUThrottle.maximumPercent else { return nil }
+    let runningShare = Double(100 - percent) / 100
+    let seconds = max(seconds, 1e-6)
+    let fullSpeedDirtyRate = Double(dirtied) / (seconds * runningShare)
+    let linkRate = Double(sent) / seconds
+    let neededShare = linkRate * Double(100 - Self.triggerPercent) / 100 / fullSpeedDirtyRate
+    let needed = Int((100 * (1 - neededShare)).rounded(.up))
+    percent = min(max(percent + Self.incrementPercent, needed), VCPUThrottle.maximumPercent)
+    return percent
+  }
+}
+
 extension VMController {
   /// The most pre-copy rounds before the switch-over, however much is still dirty.
   static let maximumMigrationRounds = 30
@@ -507,11 +553,14 @@ extension VMController {
   /// that the guest keeps running here and the error is returned. When the pre-copy rounds
   /// are still going after `timeoutSeconds` (from the start, nil for no limit), the migration
   /// is cancelled (the guest keeps running here) or switches over at once, as
-  /// `timeoutStrategy` says.
+  /// `timeoutStrategy` says. With `autoConverge` (the default), a guest that dirties pages
+  /// faster than the link sends them is slowed down (its vCPUs sleep a growing share of the
+  /// time, up to 99 %) until the rest fits the downtime limit; the throttle is lifted when the
+  /// migration ends either way.
   @discardableResult
   public func sendMigration(
     to destination: String, downtimeLimitMilliseconds: Int = 300, timeoutSeconds: Int? = nil,
-    timeoutStrategy: MigrationTimeoutStrategy = .cancel
+    timeoutStrategy: MigrationTimeoutStrategy = .cancel, autoConverge: Bool = true
   ) throws(ControlError) -> MigrationStatistics {
     let address = try MigrationAddress(destination)
     guard downtimeLimitMilliseconds >= 1 else {
@@ -533,7 +582,7 @@ extension VMController {
         downtimeLimitNanoseconds: UInt64(downtimeLimitMilliseconds) * 1_000_000,
         networkIDs: spec.networkInterfaces.map(\.id),
         timeoutNanoseconds: timeoutSeconds.map { UInt64(min($0, 1 << 30)) * 1_000_000_000 },
-        timeoutStrategy: timeoutStrategy)
+        timeoutStrategy: timeoutStrategy, autoConverge: autoConverge)
       let statistics: MigrationStatistics
       do {
         statistics = try migration.run()
@@ -665,6 +714,8 @@ struct SourceMigration {
   /// The time limit of the pre-copy phase, from the start; nil for none.
   let timeoutNanoseconds: UInt64?
   let timeoutStrategy: MigrationTimeoutStrategy
+  /// Whether to throttle the vCPUs when the rounds do not converge (`AutoConverge`).
+  let autoConverge: Bool
 
   func run() throws -> MigrationStatistics {
     let started = HostCondition.now()
@@ -693,6 +744,10 @@ struct SourceMigration {
     var paused = !running
     var quiesced = false
     var networkReleased = false
+    var converge = AutoConverge()
+    // The guest runs at full speed again whatever happens (on the destination, or here after a
+    // failure).
+    defer { machine.parts.control.setThrottle(percent: 0) }
     do {
       try tracker.startDirtyLogging()
       // Round 1: all of RAM that is not zero.
@@ -720,7 +775,12 @@ struct SourceMigration {
         statistics.rounds += 1
         let seconds = max(Double(HostCondition.now() - roundStart) / 1e9, 1e-6)
         bytesPerSecond = Double(sender.bytesSent - before) / seconds
+        let sent = pending.count
         pending = try tracker.takeDirtyPages()
+        if autoConverge, let percent = converge.afterRound(sent: sent, dirtied: pending.count, seconds: seconds) {
+          machine.parts.control.setThrottle(percent: percent)
+          statistics.throttlePercent = max(statistics.throttlePercent, percent)
+        }
       }
       // The switch-over: pause, quiesce the devices, the last pages and the state.
       let pauseStart = HostCondition.now()

@@ -439,6 +439,15 @@ extension VirtualMachine {
         _ = try reader.section("host-time") { (reader) throws(MachineStateError) in try reader.read(UInt64.self) }
       }
       guard reader.isAtEnd else { throw MachineStateError("the state file has unexpected data after its last section") }
+      // An interface restored onto another TAP than the one it was saved on (network_overrides):
+      // the guest sees its link go down and up, and resolves the new host side's address.
+      let networkDevices = virtioDevices.compactMap { $0.model as? VirtioNet }
+      for (index, device) in networkDevices.enumerated()
+      where index < description.networks.count && index < configuration.networks.count
+        && configuration.networks[index].tapName != description.networks[index].tapName
+      {
+        device.signalHostInterfaceChange()
+      }
     } catch {
       shutdownDevices()
       throw error

@@ -310,6 +310,13 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
   /// Whether the guest negotiated F_GUEST_CSUM (the backend's receive headers reach it).
   private let receiveOffloads = Atomic<Bool>(false)
   private let worker: DeviceWorker
+  /// The link-status flap after the host interface changed (`signalHostInterfaceChange`):
+  /// whether the link reads as down, and whether the driver has read it down.
+  private let linkFlap = Mutex<(down: Bool, seenDown: Bool)>((false, false))
+  /// How long the link stays down after the driver saw it down, and how long the device waits
+  /// for the driver to look before it raises the link anyway (host nanoseconds).
+  static let linkDownNanoseconds: UInt64 = 50_000_000
+  static let linkFlapTimeoutNanoseconds: UInt64 = 30_000_000_000
 
   /// A network device on `backend` with address `mac` (random 52:54:00:xx:xx:xx by default).
   public init(backend: any NetworkBackend, mac: MACAddress? = nil, queueSize: UInt16 = 256) {
@@ -337,7 +344,13 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
   fileprivate var shouldPoll: Bool { wantsInput.load(ordering: .acquiring) }
 
   public func readConfig(offset: Int, size: Int) -> UInt64 {
-    let bytes = mac.array + [1, 0, 1, 0]  // mac, status = LINK_UP, max_virtqueue_pairs = 1
+    // mac, status (VIRTIO_NET_S_LINK_UP unless a flap holds the link down), max_virtqueue_pairs = 1
+    let statusOffset = 6
+    let linkUp = linkFlap.withLock { flap -> Bool in
+      if flap.down && offset <= statusOffset && statusOffset < offset + size { flap.seenDown = true }
+      return !flap.down
+    }
+    let bytes = mac.array + [linkUp ? 1 : 0, 0, 1, 0]
     var value: UInt64 = 0
     for index in 0..<size where offset + index < bytes.count { value |= UInt64(bytes[offset + index]) << (8 * index) }
     return value
@@ -383,6 +396,43 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
   }
 
   public func shutdown() { worker.stop() }
+
+  /// Tells the driver that the host side of the link changed (a snapshot restored onto another
+  /// TAP), as a NIC whose cable moved to another switch sees it: with VIRTIO_NET_F_STATUS
+  /// negotiated and the device active, the link reads down (configuration-change interrupt)
+  /// until the driver has read it down plus `linkDownNanoseconds`, then up again (another
+  /// interrupt). A Linux guest drops its neighbour (ARP) entries on carrier loss, so it resolves
+  /// the new host side's MAC address instead of sending to the old one's. The link comes up
+  /// after `linkFlapTimeoutNanoseconds` whether the driver looked or not.
+  public func signalHostInterfaceChange() {
+    guard let queues = queueSet.withLock({ $0 }), queues.isActive,
+      queues.negotiatedFeatures & Feature.status != 0
+    else { return }
+    linkFlap.withLock { $0 = (true, false) }
+    queues.configurationChanged()
+    let started = HostCondition.now()
+    let link = WeakLink<VirtioNet>()
+    link.target = self
+    let thread = HostThread.start(detached: true) {
+      var seenAt: UInt64?
+      while true {
+        guard let device = link.target else { return }
+        let now = HostCondition.now()
+        let seen = device.linkFlap.withLock { $0.seenDown }
+        if seen && seenAt == nil { seenAt = now }
+        if let seenAt, now - seenAt >= Self.linkDownNanoseconds { break }
+        if now - started >= Self.linkFlapTimeoutNanoseconds { break }
+        usleep(10_000)
+      }
+      guard let device = link.target else { return }
+      device.linkFlap.withLock { $0 = (false, false) }
+      queues.configurationChanged()
+    }
+    if case .failure = thread {
+      linkFlap.withLock { $0 = (false, false) }
+      queues.configurationChanged()
+    }
+  }
 
   /// Lets go of the host TAP (`TapBackend.release`) and wakes the worker so that its poll
   /// stops holding the old descriptor. Other backends keep their host side.

@@ -396,16 +396,16 @@ struct Ctl: ParsableCommand {
     abstract: "Control a Hostvisor process over its API socket.",
     discussion: """
       Commands: ping, info, boot, pause, resume, power-button, reboot, shutdown, delete, counters, \
-      shutdown-vmm, snapshot DIR, restore DIR [--resume], migrate send URL, migrate receive URL \
-      (URL: unix:PATH or tcp:HOST:PORT), screenshot FILE.png, sendkey KEYS (a chord such as \
-      ctrl-alt-del, or a single key) and type TEXT. Prints JSON answers; one error line and status 1 \
-      on failure.
+      shutdown-vmm, snapshot DIR, restore DIR [--resume], migrate send URL [--no-auto-converge], \
+      migrate receive URL (URL: unix:PATH or tcp:HOST:PORT), screenshot FILE.png, sendkey KEYS (a \
+      chord such as ctrl-alt-del, or a single key) and type TEXT. Prints JSON answers; one error \
+      line and status 1 on failure.
       """)
 
   @Option(name: .customLong("api-sock"), help: ArgumentHelp("The process's API socket.", valueName: "path"))
   var apiSocket: String
 
-  @Argument(help: "The command and its arguments.")
+  @Argument(parsing: .allUnrecognized, help: "The command and its arguments (options such as --resume included).")
   var command: [String]
 
   func run() throws {
@@ -437,8 +437,13 @@ struct Ctl: ParsableCommand {
         ManagedProcess.exit(1, message: "usage: restore DIR [--resume]", tool: "hostvisor ctl")
       }
       request = ("PUT", "vm.restore", "{\"source_url\":\(directoryURL(arguments[0])),\"resume\":\(resume)}")
-    case ("migrate", 2) where arguments[0] == "send":
-      request = ("PUT", "vm.send-migration", "{\"destination_url\":\(jsonString(arguments[1]))}")
+    case ("migrate", 2) where arguments[0] == "send",
+      ("migrate", 3) where arguments[0] == "send" && arguments[2] == "--no-auto-converge":
+      let autoConverge = arguments.count == 2
+      request = (
+        "PUT", "vm.send-migration",
+        "{\"destination_url\":\(jsonString(arguments[1])),\"auto_converge\":\(autoConverge)}"
+      )
     case ("screenshot", 1):
       request = ("PUT", "vm.hostvisor-screenshot", "{\"destination_url\":\(directoryURL(arguments[0]))}")
     case ("sendkey", 1):

@@ -201,7 +201,8 @@ struct LiveMigrationTests {
     #expect(
       FileManager.default.fileExists(atPath: deadPath)
         || source.wait(seconds: 5) { FileManager.default.fileExists(atPath: deadPath) })
-    let failed = try ctl(sourceSocket, "migrate", "send", "unix:" + deadPath)
+    // (Without auto-converge: the option reaches the API, which accepts it.)
+    let failed = try ctl(sourceSocket, "migrate", "send", "unix:" + deadPath, "--no-auto-converge")
     #expect(failed.status == 1, "a migration to a dying destination reported success")
     #expect(failed.stderr.contains("keeps running"), "stderr: \(failed.stderr)")
     let linesAfterFailure = source.lines.count
