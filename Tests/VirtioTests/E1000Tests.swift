@@ -318,8 +318,9 @@ func onesComplementSum(_ bytes: ArraySlice<UInt8>, initial: UInt32 = 0) -> UInt1
   @Test func longFramesSpanBuffersAndWaitForDescriptors() throws {
     let driver = try E1000Driver()
     let memory = driver.memory
-    // 256-byte buffers (BSIZE 11b), long packets allowed, CRC stripped.
-    try driver.setUpReceive(base: 0x20000, count: 4, buffers: 0x100000, control: 0x2 | 1 << 5 | 3 << 16 | 1 << 26)
+    // Eight descriptors (RDLEN counts in 128-byte units), seven handed over; 256-byte buffers
+    // (BSIZE 11b), long packets allowed, CRC stripped.
+    try driver.setUpReceive(base: 0x20000, count: 8, buffers: 0x100000, control: 0x2 | 1 << 5 | 3 << 16 | 1 << 26)
     let frame: [UInt8] = E1000Driver.mac.array + [0x02, 0, 0, 0, 0, 9, 0x08, 0x00] + (0..<586).map { UInt8($0 & 0xFF) }
     driver.backend.inject(frame)  // 600 bytes: three buffers
     #expect(waitUntil { driver.read(E1000.Register.rdh) == 3 })
@@ -332,12 +333,20 @@ func onesComplementSum(_ bytes: ArraySlice<UInt8>, initial: UInt32 = 0) -> UInt1
       gathered += try memory.readBytes(at: 0x100000 + UInt64(index) * 2048, count: Int(upper & 0xFFFF))
     }
     #expect(gathered == frame)
-    // The next frame needs three buffers but none are free: it waits until RDT moves.
+    // The second frame takes three more; the third needs three but one is left: it waits
+    // until RDT moves (past the end of the ring, wrapping).
+    driver.backend.inject(frame)
+    #expect(waitUntil { driver.read(E1000.Register.rdh) == 6 })
     driver.backend.inject(frame)
     usleep(50_000)
-    #expect(driver.read(E1000.Register.rdh) == 3)
-    driver.write(E1000.Register.rdt, 2)
-    #expect(waitUntil { driver.read(E1000.Register.rdh) == 2 })
+    #expect(driver.read(E1000.Register.rdh) == 6)
+    driver.write(E1000.Register.rdt, 1)
+    #expect(waitUntil { driver.read(E1000.Register.rdh) == 1 })
+    let last = try memory.read(UInt64.self, at: 0x20000 + 0 * 16 + 8)
+    #expect(UInt8(truncatingIfNeeded: last >> 32) & 0x3 == 0x3, "the frame ends in descriptor 0")
+    // A 64-byte ring length is not a multiple of 128: the ring has no descriptors.
+    try driver.setUpReceive(base: 0x20000, count: 4, buffers: 0x100000, control: 0x2 | 1 << 26)
+    #expect(driver.read(E1000.Register.rdlen) == 0)
   }
 
   /// A TCP/IPv4 packet with 4000 payload bytes sent with TSO (MSS 1000) and checksum
