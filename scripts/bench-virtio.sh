@@ -5,7 +5,12 @@
 # ratio ours/QEMU (throughput, so > 1 means Hostvisor is faster).
 #
 #   scripts/bench-virtio.sh [--runs N] [--hostvisor PATH] [--disk-mib N] [--net-mib N]
-#                           [--no-offloads] [--keep]
+#                           [--no-offloads] [--nic virtio|e1000] [--keep]
+#
+# --nic e1000 puts an emulated Intel 82540EM on the TAP instead of virtio-net on both VMMs
+# (Hostvisor's `--net ...,model=e1000`, QEMU's `-device e1000`) and boots the generic kernel
+# (.cache/guest-generic; the cloud kernel has no e1000 driver); the disk stays virtio-blk.
+# Run once with each to compare virtio-net with the emulated NIC on both VMMs.
 #
 # Workloads (each timed by the host around one guest shell command, see docs/benchmarks.md):
 #   blk-write  dd if=/dev/zero of=/dev/vda bs=1M count=N oflag=direct conv=fsync
@@ -25,8 +30,9 @@ hostvisor=.build/release/hostvisor
 disk_mib=256
 net_mib=32
 qemu_offloads=1
+nic=virtio
 keep=0
-usage="usage: $0 [--runs N] [--hostvisor PATH] [--disk-mib N] [--net-mib N] [--no-offloads] [--keep]"
+usage="usage: $0 [--runs N] [--hostvisor PATH] [--disk-mib N] [--net-mib N] [--no-offloads] [--nic virtio|e1000] [--keep]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2 ;;
@@ -34,14 +40,19 @@ while [ $# -gt 0 ]; do
     --disk-mib) disk_mib="$2"; shift 2 ;;
     --net-mib) net_mib="$2"; shift 2 ;;
     --no-offloads) qemu_offloads=0; shift ;;
+    --nic) nic="$2"; shift 2 ;;
     --keep) keep=1; shift ;;
     *) echo "$usage" >&2; exit 2 ;;
   esac
 done
-guest=.cache/guest
+case "$nic" in
+  virtio) guest=.cache/guest ;;
+  e1000) guest=.cache/guest-generic ;;
+  *) echo "$usage" >&2; exit 2 ;;
+esac
 [ "$(id -u)" -eq 0 ] || { echo "bench-virtio: needs root (network namespace and TAP device)" >&2; exit 1; }
 [ -x "$hostvisor" ] || { echo "bench-virtio: missing $hostvisor: run 'make build' or pass --hostvisor PATH" >&2; exit 1; }
-[ -f $guest/vmlinuz ] || scripts/make-default-guest.sh $guest
+[ -f $guest/vmlinuz ] || scripts/make-default-guest.sh $([ "$nic" = e1000 ] && echo --generic) $guest
 command -v qemu-system-x86_64 >/dev/null || { echo "bench-virtio: missing qemu-system-x86_64: apt-get install qemu-system-x86" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "bench-virtio: missing python3" >&2; exit 1; }
 [ -c /dev/net/tun ] || { echo "bench-virtio: missing /dev/net/tun" >&2; exit 1; }
@@ -81,9 +92,9 @@ import fcntl, hashlib, os, pty, re, select, signal, socket, subprocess, sys, ter
 
 work, image, tap, runs, disk_mib, net_mib = sys.argv[1:7]
 runs, disk_mib, net_mib = int(runs), int(disk_mib), int(net_mib)
-hostvisor, kernel, initrd, qemu_offloads = sys.argv[7:11]
+hostvisor, kernel, initrd, qemu_offloads, nic = sys.argv[7:12]
 host_ip, guest_ip = "10.77.0.1", "10.77.0.2"
-cmdline = "console=ttyS0 panic=-1 hostvisor.modules=virtio_pci,virtio_blk,virtio_net"
+cmdline = "console=ttyS0 panic=-1 hostvisor.modules=virtio_pci,virtio_blk," + ("e1000" if nic == "e1000" else "virtio_net")
 mac = "52:54:00:12:34:56"
 
 
@@ -228,7 +239,8 @@ class Server:
 def hostvisor_argv(serial_log):
     return [hostvisor, "run", "--accel", "soft", "--memory", "512M", "--serial", "stdio",
             "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline,
-            "--disk", image, "--net", f"tap={tap},mac={mac}" + ("" if qemu_offloads == "1" else ",offloads=off")]
+            "--disk", image, "--net", f"tap={tap},mac={mac}" + ("" if qemu_offloads == "1" else ",offloads=off")
+            + (",model=e1000" if nic == "e1000" else "")]
 
 
 def qemu_argv(serial_log):
@@ -237,8 +249,8 @@ def qemu_argv(serial_log):
     # Both VMMs offer checksum and TCP segmentation offloads (QEMU's defaults). --no-offloads
     # turns them off on both sides: QEMU's csum, guest_csum, TSO/ECN/UFO properties, and
     # Hostvisor's `--net ...,offloads=off` (no F_CSUM/F_GUEST_CSUM/TSO features offered).
-    net = "virtio-net-pci,netdev=n0,mac=" + mac
-    if qemu_offloads != "1":
+    net = ("e1000" if nic == "e1000" else "virtio-net-pci") + ",netdev=n0,mac=" + mac
+    if qemu_offloads != "1" and nic != "e1000":
         net += ",csum=off,guest_csum=off" + "".join(
             f",{side}_{what}=off" for side in ("host", "guest") for what in ("tso4", "tso6", "ecn", "ufo"))
     return ["qemu-system-x86_64", "-accel", "tcg", "-m", "512M", "-display", "none",
@@ -283,10 +295,11 @@ def one_run(name, argv, run_index):
         time.sleep(0.5)
         _, _, out, status = guest.run(
             f"ip link set eth0 up && ip addr add {guest_ip}/24 dev eth0 && "
-            f"cat /sys/class/net/eth0/device/features && ping -c 1 -W 10 {host_ip} >/dev/null", 60)
+            f"{'echo' if nic == 'e1000' else 'cat /sys/class/net/eth0/device/features'} && "
+            f"ping -c 1 -W 10 {host_ip} >/dev/null", 60)
         if status != 0:
             raise RuntimeError(f"guest set-up failed: {out.strip()}")
-        if run_index == 1:
+        if run_index == 1 and nic != "e1000":
             bits = out.strip().splitlines()[-1].strip()
             names = {0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC", 7: "GUEST_TSO4", 11: "HOST_TSO4",
                      15: "MRG_RXBUF", 16: "STATUS", 17: "CTRL_VQ", 18: "CTRL_RX", 19: "CTRL_VLAN", 21: "GUEST_ANNOUNCE",
@@ -408,7 +421,7 @@ def median(values):
 print("command round trip (typing 'true' to its marker, best of 3, ms): hostvisor "
       + " ".join(f"{r['overhead-ms']:.0f}" for r in ours if "overhead-ms" in r) + "; qemu "
       + " ".join(f"{r['overhead-ms']:.0f}" for r in theirs if "overhead-ms" in r))
-print(f"median of {runs} runs (disk {disk_mib} MiB, net {net_mib} MiB; ratio = ours/QEMU throughput):")
+print(f"median of {runs} runs (disk {disk_mib} MiB, net {net_mib} MiB on {nic}; ratio = ours/QEMU throughput):")
 print("  MiB/s         wall: hostvisor     qemu  ratio |  per VMM CPU s: hostvisor     qemu  ratio")
 failed = False
 for w in workloads:
@@ -432,5 +445,5 @@ PYTHON
 
 # In the background, so an INT/TERM to this script runs the traps at once.
 ip netns exec "$netns" python3 "$work/driver.py" "$work" "$image" $tap "$runs" "$disk_mib" "$net_mib" \
-  "$(realpath "$hostvisor")" "$(realpath $guest/vmlinuz)" "$(realpath $guest/initramfs.cpio.gz)" $qemu_offloads &
+  "$(realpath "$hostvisor")" "$(realpath $guest/vmlinuz)" "$(realpath $guest/initramfs.cpio.gz)" $qemu_offloads $nic &
 wait $!

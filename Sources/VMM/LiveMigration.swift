@@ -728,6 +728,7 @@ struct SourceMigration {
           + "timeout strategy cancel)")
     }
     var statistics = MigrationStatistics()
+    try machine.refuseDevicesWithoutState()
     let channel = try address.connect()
     channel.setTimeout(seconds: 60)
     var hello = StateWriter()

@@ -92,10 +92,20 @@ public enum NetworkAttachment: Sendable, Equatable {
   case user(forwards: [PortForward])
 }
 
-/// A virtio-net interface and its host side.
+/// The network device model the guest sees.
+public enum NetworkDeviceModel: String, Sendable, Equatable, CaseIterable {
+  /// virtio-net (the default: paravirtual, the fastest).
+  case virtio
+  /// An emulated Intel 82540EM (Linux `e1000`), for guests without virtio drivers.
+  case e1000
+}
+
+/// A network interface (its device model) and its host side.
 public struct NetworkConfiguration: Sendable, Equatable {
   /// The host side of the interface.
   public var attachment: NetworkAttachment
+  /// The device the guest sees.
+  public var model: NetworkDeviceModel
   /// The guest's MAC address; nil picks a random 52:54:00:xx:xx:xx.
   public var mac: MACAddress?
   /// Whether the device offers checksum and TCP segmentation offloads to the guest on a TAP
@@ -108,25 +118,31 @@ public struct NetworkConfiguration: Sendable, Equatable {
     return ""
   }
 
-  public init(tapName: String, mac: MACAddress? = nil, offloads: Bool = true) {
-    self.init(attachment: .tap(name: tapName), mac: mac, offloads: offloads)
+  public init(
+    tapName: String, mac: MACAddress? = nil, offloads: Bool = true, model: NetworkDeviceModel = .virtio
+  ) {
+    self.init(attachment: .tap(name: tapName), mac: mac, offloads: offloads, model: model)
   }
 
-  public init(attachment: NetworkAttachment, mac: MACAddress? = nil, offloads: Bool = true) {
+  public init(
+    attachment: NetworkAttachment, mac: MACAddress? = nil, offloads: Bool = true, model: NetworkDeviceModel = .virtio
+  ) {
     self.attachment = attachment
     self.mac = mac
     self.offloads = offloads
+    self.model = model
   }
 
-  /// Parses `tap=NAME[,mac=MAC][,offloads=on|off]` or
-  /// `user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=MAC]` (keys after the first word in any
-  /// order).
+  /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,model=virtio|e1000]` or
+  /// `user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=MAC][,model=virtio|e1000]` (keys after
+  /// the first word in any order).
   public init(parsing text: String) throws(ConfigurationError) {
     var tapName: String?
     var user = false
     var forwards: [PortForward] = []
     var mac: MACAddress?
     var offloads: Bool?
+    var model: NetworkDeviceModel?
     for (index, field) in text.split(separator: ",", omittingEmptySubsequences: false).enumerated() {
       if index == 0 && field == "user" {
         user = true
@@ -149,15 +165,18 @@ public struct NetworkConfiguration: Sendable, Equatable {
         }
       case "offloads" where !user && offloads == nil && (value == "on" || value == "off"):
         offloads = value == "on"
+      case "model" where model == nil:
+        guard let choice = NetworkDeviceModel(rawValue: value) else { throw .invalidNetworkModel(value) }
+        model = choice
       default:
         throw .invalidNetwork(text)
       }
     }
     if user {
-      self.init(attachment: .user(forwards: forwards), mac: mac)
+      self.init(attachment: .user(forwards: forwards), mac: mac, model: model ?? .virtio)
     } else {
       guard let tapName else { throw .invalidNetwork(text) }
-      self.init(tapName: tapName, mac: mac, offloads: offloads ?? true)
+      self.init(tapName: tapName, mac: mac, offloads: offloads ?? true, model: model ?? .virtio)
     }
   }
 }
@@ -185,6 +204,7 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
   case invalidSerial(String)
   case invalidDisk(String)
   case invalidNetwork(String)
+  case invalidNetworkModel(String)
   case invalidMAC(String)
   case invalidConsole(String)
   case invalidBalloon(String, String)
@@ -208,7 +228,9 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
       return "invalid disk '\(text)': use PATH or PATH,readonly"
     case .invalidNetwork(let text):
       return
-        "invalid network '\(text)': use tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,offloads=off] or user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=...]"
+        "invalid network '\(text)': use tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,offloads=off][,model=virtio|e1000] or user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=...][,model=...]"
+    case .invalidNetworkModel(let text):
+      return "invalid network model '\(text)': use virtio or e1000"
     case .invalidMAC(let text):
       return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
     case .invalidConsole(let text):

@@ -37,6 +37,9 @@ public final class VirtualMachine: Sendable {
   /// The virtio devices on the bus, in slot order: disks, network interfaces, the console (if
   /// asked for) and the entropy device.
   public let virtioDevices: [VirtioPCIDevice]
+  /// The emulated network devices (`model=e1000` interfaces), in slot order after the virtio
+  /// network interfaces' turn.
+  public let emulatedNetworkDevices: [E1000]
   /// The virtio console wired to standard input/output, when `console` is `.virtio`.
   private let virtioConsole: VirtioConsole?
   /// The ACPI fixed-hardware registers (power button, sleep states).
@@ -72,9 +75,10 @@ public final class VirtualMachine: Sendable {
     }
     parts = MachineParts(memory: memory, bus: IOBus(), control: MachineControl(), interrupts: InterruptRouter())
     pci = PCIBus(layout: PCIAddressLayout(), interrupts: parts.interrupts)
-    let (virtioDevices, virtioConsole) = try Self.attachVirtioDevices(
+    let (virtioDevices, virtioConsole, emulatedNetworkDevices) = try Self.attachVirtioDevices(
       configuration: configuration, pci: pci, memory: memory)
     self.virtioDevices = virtioDevices
+    self.emulatedNetworkDevices = emulatedNetworkDevices
     self.virtioConsole = virtioConsole
     do {
       display = try Self.attachDisplay(configuration: configuration, pci: pci, memory: memory)
@@ -185,20 +189,28 @@ public final class VirtualMachine: Sendable {
       )
       for warning in boot.warnings { Self.log("loader: \(warning)") }
       for (slot, device) in pci.devices {
-        guard let virtio = device as? VirtioPCIDevice else { continue }
-        Self.log("pci: 00:\(slot < 16 ? "0" : "")\(String(slot, radix: 16)).0 \(Self.describe(virtio))")
+        let name: String
+        if let virtio = device as? VirtioPCIDevice {
+          name = Self.describe(virtio)
+        } else if device is E1000 {
+          name = "e1000 (82540EM)"
+        } else {
+          continue
+        }
+        Self.log("pci: 00:\(slot < 16 ? "0" : "")\(String(slot, radix: 16)).0 \(name)")
       }
     }
   }
 
-  /// Opens every backend and attaches one virtio device per disk and network interface, the
-  /// console when asked for, and always an entropy device (so the guest's RNG seeds early).
-  /// Backend failures (missing disk file, TAP errors) are one-line errors; devices already
-  /// built are shut down first.
+  /// Opens every backend and attaches one virtio device per disk and network interface (an
+  /// emulated e1000 for interfaces with `model=e1000`), the console when asked for, and always
+  /// an entropy device (so the guest's RNG seeds early). Backend failures (missing disk file,
+  /// TAP errors) are one-line errors; devices already built are shut down first.
   private static func attachVirtioDevices(
     configuration: MachineConfiguration, pci: PCIBus, memory: GuestMemory
-  ) throws -> ([VirtioPCIDevice], VirtioConsole?) {
+  ) throws -> ([VirtioPCIDevice], VirtioConsole?, [E1000]) {
     var devices: [VirtioPCIDevice] = []
+    var emulated: [E1000] = []
     func attach(_ model: any VirtioDeviceModel) throws {
       let device = VirtioPCIDevice(model: model, memory: memory)
       devices.append(device)
@@ -240,7 +252,18 @@ public final class VirtualMachine: Sendable {
             throw MachineError(error.description)
           }
         }
-        try attach(VirtioNet(backend: backend, mac: network.mac))
+        switch network.model {
+        case .virtio:
+          try attach(VirtioNet(backend: backend, mac: network.mac))
+        case .e1000:
+          let device = E1000(backend: backend, mac: network.mac, memory: memory)
+          emulated.append(device)
+          do {
+            try pci.attach(device)
+          } catch {
+            throw MachineError("cannot attach a PCI device: \(error)")
+          }
+        }
       }
       if configuration.console == .virtio {
         let model = VirtioConsole(backend: StdioSerialBackend())
@@ -253,9 +276,10 @@ public final class VirtualMachine: Sendable {
       }
     } catch {
       shutdown(devices)
+      for device in emulated { device.shutdown() }
       throw error
     }
-    return (devices, console)
+    return (devices, console, emulated)
   }
 
   /// How the ACPI tables describe `pci`: its ECAM window, BAR windows and INTx# routing,
@@ -294,6 +318,7 @@ public final class VirtualMachine: Sendable {
   /// Stops every device's worker thread (`run` does this when the guest stops).
   public func shutdownDevices() {
     Self.shutdown(virtioDevices)
+    for device in emulatedNetworkDevices { device.shutdown() }
     display?.stop()
   }
 

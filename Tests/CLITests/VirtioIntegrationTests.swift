@@ -125,6 +125,16 @@ struct VirtioIntegrationTests {
     #expect(throws: ConfigurationError.invalidNetwork("tap=hv4,offloads=no")) {
       try NetworkConfiguration(parsing: "tap=hv4,offloads=no")
     }
+    #expect(try NetworkConfiguration(parsing: "tap=hv5").model == .virtio)
+    #expect(try NetworkConfiguration(parsing: "model=e1000,tap=hv5").model == .e1000)
+    #expect(try NetworkConfiguration(parsing: "user,model=e1000").model == .e1000)
+    #expect(try NetworkConfiguration(parsing: "tap=hv5,model=virtio").model == .virtio)
+    #expect(throws: ConfigurationError.invalidNetworkModel("rtl")) {
+      try NetworkConfiguration(parsing: "tap=hv5,model=rtl")
+    }
+    #expect(throws: ConfigurationError.invalidNetwork("tap=hv5,model=e1000,model=e1000")) {
+      try NetworkConfiguration(parsing: "tap=hv5,model=e1000,model=e1000")
+    }
   }
 
   /// Builds a real machine (software CPU, nothing run) with two disks and reads the PCI

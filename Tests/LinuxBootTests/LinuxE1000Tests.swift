@@ -1,0 +1,106 @@
+import Foundation
+import Testing
+
+/// The emulated 82540EM end to end: Debian's generic kernel (the `guest-generic` images, whose
+/// initramfs carries e1000.ko) on the software CPU binds its own `e1000` driver to
+/// `--net tap=...,model=e1000`, brings the link up, and moves traffic through a TAP in a
+/// network namespace made by the test: ping, and 20 MiB each way with busybox nc, checked with
+/// sha256sum on both sides.
+@Suite("Linux drives the emulated e1000 on the software CPU", .serialized)
+struct LinuxE1000Tests {
+  /// Starts a busybox nc in `namespace` with `arguments`, reading `input` and writing `output`
+  /// (never the test runner's own output).
+  static func netcat(
+    in namespace: String, _ arguments: [String], input: Any?, output: FileHandle?
+  ) throws -> Process {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = ["ip", "netns", "exec", namespace, "/bin/busybox", "nc"] + arguments
+    process.standardInput = input
+    process.standardOutput = output ?? FileHandle.nullDevice
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    return process
+  }
+
+  /// Ends a helper process (SIGKILL: the test runner's children inherit a blocked SIGTERM).
+  static func stop(_ process: Process) {
+    if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    process.waitUntilExit()
+  }
+
+  @Test(.enabled(if: getuid() == 0, "needs root to make a network namespace"), .timeLimit(.minutes(30)))
+  func tcpOverE1000ThroughATapInANetworkNamespace() async throws {
+    let scratch = try LinuxVirtioTests.ScratchFolder()
+    let namespace = "hve1000-\(UInt32.random(in: 0...UInt32.max))"
+    try #require(try hostCommand("ip", ["netns", "add", namespace]).status == 0)
+    defer { _ = try? hostCommand("ip", ["netns", "del", namespace]) }
+    _ = try hostCommand("ip", ["-n", namespace, "link", "set", "lo", "up"])
+    let images = try GuestImages.images("guest-generic")
+
+    let session = try GuestSession(
+      arguments: [
+        "run", "--accel", "soft", "--memory", "512M", "--serial", "stdio",
+        "--kernel", images.kernel, "--initrd", images.initrd,
+        "--cmdline", "console=ttyS0 panic=-1 loglevel=4 hostvisor.modules=e1000",
+        "--net", "tap=hve1000,model=e1000",
+      ], launcher: ["/usr/bin/env", "ip", "netns", "exec", namespace])
+    defer { session.saveTranscript(name: "e1000") }
+    var tapExists = false
+    for _ in 0..<100 where !tapExists {
+      tapExists = try hostCommand("ip", ["-n", namespace, "link", "show", "hve1000"]).status == 0
+      if !tapExists { try await Task.sleep(for: .milliseconds(200)) }
+    }
+    try #require(tapExists, "hostvisor did not create the TAP hve1000")
+    #expect(try hostCommand("ip", ["-n", namespace, "addr", "add", "10.0.3.2/24", "dev", "hve1000"]).status == 0)
+    #expect(try hostCommand("ip", ["-n", namespace, "link", "set", "hve1000", "up"]).status == 0)
+    try await session.waitForShell(timeout: .seconds(600))
+
+    // The e1000 driver bound eth0, and reports the link up once the interface is up.
+    let driver = try await session.run("basename $(readlink /sys/class/net/eth0/device/driver)")
+    #expect(driver.contains("e1000"))
+    let link = try await session.run(
+      "ip link set eth0 up && ip addr add 10.0.3.15/24 dev eth0;"
+        + " for i in $(seq 1 100); do dmesg | grep -q 'Link is Up' && break; sleep 0.2; done; dmesg | grep e1000",
+      timeout: .seconds(180))
+    #expect(link.contains("NIC Link is Up 1000 Mbps Full Duplex"))
+    let ping = try await session.run("ping -c 3 -W 5 10.0.3.2", timeout: .seconds(60))
+    #expect(ping.contains("3 packets received"))
+
+    // Host to guest: a host listener sends 20 MiB of random bytes; the guest checksums them.
+    let size = 20 << 20
+    let payload = scratch.path("to-guest.bin")
+    var random = SystemRandomNumberGenerator()
+    _ = FileManager.default.createFile(
+      atPath: payload, contents: Data((0..<size / 8).flatMap { _ in withUnsafeBytes(of: random.next()) { Array($0) } }))
+    let sender = try Self.netcat(
+      in: namespace, ["-l", "-p", "5001"], input: FileHandle(forReadingAtPath: payload), output: nil)
+    defer { Self.stop(sender) }
+    let received = try await session.run(
+      "for i in 1 2 3 4 5; do nc 10.0.3.2 5001 > /tmp/in && [ -s /tmp/in ] && break; sleep 1; done;"
+        + " sha256sum /tmp/in; wc -c < /tmp/in", timeout: .seconds(900))
+    #expect(LinuxVirtioTests.digest(in: received, for: "/tmp/in") == (try LinuxVirtioTests.sha256(ofFile: payload)))
+
+    // Guest to host: the guest sends 20 MiB of random bytes; the host listener's copy must match.
+    let copy = scratch.path("from-guest.bin")
+    #expect(FileManager.default.createFile(atPath: copy, contents: nil))
+    let keepOpen = Pipe()
+    let receiver = try Self.netcat(
+      in: namespace, ["-l", "-p", "5002"], input: keepOpen, output: FileHandle(forWritingAtPath: copy))
+    defer { Self.stop(receiver) }
+    let sent = try await session.run(
+      "rm /tmp/in; head -c \(size) /dev/urandom > /tmp/out && sha256sum /tmp/out"
+        + " && for i in 1 2 3 4 5; do nc 10.0.3.2 5002 < /tmp/out && break; sleep 1; done",
+      timeout: .seconds(900))
+    let sentDigest = try #require(LinuxVirtioTests.digest(in: sent, for: "/tmp/out"))
+    for _ in 0..<300 {
+      let length = (try? FileManager.default.attributesOfItem(atPath: copy)[.size] as? Int) ?? 0
+      if length >= size { break }
+      try await Task.sleep(for: .milliseconds(200))
+    }
+    #expect(try LinuxVirtioTests.sha256(ofFile: copy) == sentDigest)
+
+    session.type("poweroff -f\n")
+    #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
+  }
+}
