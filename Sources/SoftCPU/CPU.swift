@@ -193,6 +193,9 @@ public final class CPU: @unchecked Sendable {
   var translationLockstep = false
   var translationThreshold: UInt32 = 0
   var translationContext: UnsafeMutablePointer<hv_jit_context>?
+  /// Some translation has SSE floating-point arithmetic: translated code then runs with the
+  /// guest's MXCSR loaded in the host (when it masks every exception).
+  var translationUsesFloatingPoint = false
   /// With `exitRequested` and not halted: the trap to report.
   var pendingTrap = Fault(vector: 0)
 

@@ -146,6 +146,49 @@ struct TranslatorTests {
     }
   }
 
+  /// JMP and CALL through a register and through memory chain like direct transfers; a
+  /// non-canonical target raises #GP(0) at the branch, with the state before it.
+  @Test func indirectJumpsAndCalls() throws {
+    let source = """
+        lea rbx, [rip + function]
+        mov qword ptr [rsi], rbx
+        mov ecx, 200
+      again:
+        call rbx
+        call qword ptr [rsi]
+        lea rdx, [rip + next]
+        jmp rdx
+      next:
+        dec ecx
+        jnz again
+        mov rdi, 0x800000000000
+        cmp ecx, 1
+        jmp rdi
+      function:
+        add rax, 3
+        ret
+      """
+    var outcomes: [(String, UInt64, [UInt64], UInt64)] = []
+    for tier in [SoftCPUTier.interpreter, .translator, .lockstep] {
+      let machine = try CoreMachine(cpl: 0)
+      machine.cpu.setExecutionTier(tier, threshold: 0)
+      try machine.load(assembly: source)
+      machine.cpu.gpr[6] = CoreMachine.dataBase
+      let stop = machine.run()
+      #expect(machine.cpu.lockstepFailure == nil, "\(machine.cpu.lockstepFailure ?? "")")
+      if tier != .interpreter { #expect(machine.cpu.translatedBlockCount > 0) }
+      outcomes.append(("\(stop)", machine.cpu.rip, (0..<16).map { machine.cpu.gpr[$0] }, machine.cpu.rflags))
+    }
+    #expect(outcomes[0].2[0] == 200 * 6)
+    #expect(outcomes[0].0.contains("vector: 13"))
+    for outcome in outcomes.dropFirst() {
+      #expect(outcome.0 == outcomes[0].0)
+      #expect(outcome.1 == outcomes[0].1)
+      #expect(outcome.2 == outcomes[0].2)
+      #expect(outcome.3 == outcomes[0].3)
+    }
+  }
+
   /// A load from an unmapped address inside a translated block: the fault reports the RIP of
   /// the faulting instruction with the registers and flags as before it.
   @Test func faultInsideATranslatedBlockIsPrecise() throws {
@@ -171,5 +214,91 @@ struct TranslatorTests {
     #expect(outcomes[0].2 == outcomes[1].2)
     #expect(outcomes[0].3 == outcomes[1].3)
     #expect(outcomes[0].0 == CoreMachine.codeBase + 7 + 4 + 4)
+  }
+}
+
+/// SSE moves and arithmetic run as host instructions in translated blocks; the checks the
+/// interpreter makes per instruction (CR0.TS/EM, CR4.OSFXSR, unmasked MXCSR exceptions) are
+/// made at the block's entry, so every fault stays exact.
+struct TranslatorSSETests {
+  /// Runs the loop translated once, then again after `change`: the stop, RIP, XMM1 and MXCSR
+  /// must be the interpreter's.
+  static func outcome(tier: SoftCPUTier, change: (CPU) -> Void) throws -> (String, UInt64, XMMValue, UInt32, Int) {
+    let source = """
+      again:
+        movaps xmm1, xmm0
+        addps xmm1, xmm2
+        movdqu xmmword ptr [rsi], xmm1
+        dec ecx
+        jnz again
+        hlt
+      """
+    let machine = try CoreMachine(cpl: 0)
+    machine.cpu.cr4 |= X86.cr4OSFXSR | X86.cr4OSXMMEXCPT
+    machine.cpu.setExecutionTier(tier, threshold: 0)
+    try machine.load(assembly: source)
+    machine.cpu.gpr[1] = 4
+    machine.cpu.gpr[6] = CoreMachine.dataBase
+    machine.cpu.xmm[0] = XMMValue(0x3F80_0000_4000_0000, 0x7F80_0000_0000_0000)  // 2, 1, 0, +inf
+    machine.cpu.xmm[2] = XMMValue(0x3F80_0000_3F80_0000, 0xFF80_0000_0000_0000)  // 1, 1, 0, -inf
+    let first = machine.run()
+    guard case .halted = first else { return ("first run: \(first)", 0, .zero, 0, 0) }
+    let translated = machine.cpu.translatedBlockCount
+    change(machine.cpu)
+    machine.cpu.rip = CoreMachine.codeBase
+    machine.cpu.gpr[1] = 4
+    machine.cpu.xmm[1] = .zero
+    let stop = machine.run()
+    return ("\(stop)", machine.cpu.rip, machine.cpu.xmm[1], machine.cpu.mxcsr, translated)
+  }
+
+  @Test(arguments: ["ts", "em", "osfxsr", "unmasked", "masked", "rounding"])
+  func availabilityAndExceptionsAreExact(change: String) throws {
+    let apply: (CPU) -> Void = { cpu in
+      switch change {
+      case "ts": cpu.cr0 |= X86.cr0TS
+      case "em": cpu.cr0 |= X86.cr0EM
+      case "osfxsr": cpu.cr4 &= ~X86.cr4OSFXSR
+      case "unmasked": cpu.mxcsr = 0x1F80 & ~0x80  // invalid operation unmasked: inf + -inf faults
+      case "masked": cpu.mxcsr = 0x1F80
+      default: cpu.mxcsr = 0x1F80 | 0x6000  // round toward zero
+      }
+    }
+    let reference = try Self.outcome(tier: .interpreter, change: apply)
+    let translated = try Self.outcome(tier: .translator, change: apply)
+    #expect(translated.4 > 0)
+    #expect(translated.0 == reference.0)
+    #expect(translated.1 == reference.1)
+    #expect(translated.2 == reference.2)
+    #expect(translated.3 == reference.3)
+    // The architecture's answers (Intel SDM vol. 2, MOVAPS/ADDPS exceptions): #NM with TS, #UD
+    // with EM or without OSFXSR at the first SSE instruction; #XM at ADDPS when IM is clear.
+    switch change {
+    case "ts": #expect(translated.0.contains("vector: 7") && translated.1 == CoreMachine.codeBase)
+    case "em", "osfxsr": #expect(translated.0.contains("vector: 6") && translated.1 == CoreMachine.codeBase)
+    case "unmasked": #expect(translated.0.contains("vector: 19") && translated.1 == CoreMachine.codeBase + 3)
+    default:
+      #expect(translated.0 == "halted")
+      // inf + -inf = the default NaN with IE raised.
+      #expect(translated.2[1] >> 32 == 0xFFC0_0000 && translated.3 & 1 == 1)
+    }
+  }
+
+  /// Random sequences of the differential tests' SSE forms among integer ones, each
+  /// translated block checked against the interpreter (registers, XMM, MXCSR, memory).
+  @Test func randomSSESequencesInLockstep() throws {
+    let sse = FormTable.sse.filter { !DifferentialTests.terminalForms.contains($0.name) }
+    let fillers = sse + FormTable.integer.filter { !DifferentialTests.terminalForms.contains($0.name) }
+    var checks = 0
+    for runner in [EmulatedRunner(tier: .lockstep), EmulatedRunner(paging: true, tier: .lockstep)] {
+      for caseIndex in 0..<600 {
+        let focus = sse[caseIndex % sse.count]
+        let testCase = CaseGenerator.makeCase(focus: focus, fillers: fillers, seed: DiffRNG.mix(11, UInt64(caseIndex)))
+        let result = runner.run(code: testCase.code, initial: testCase.initial, data: testCase.data)
+        #expect(result.lockstepFailure == nil, "\(focus.name): \(result.lockstepFailure ?? "")")
+        checks += result.lockstepChecks
+      }
+    }
+    #expect(checks > 500)
   }
 }

@@ -188,6 +188,22 @@ typedef struct hv_jit_context {
   uint8_t *stop;
   /// Offset of the chained entry of every translation.
   uint64_t chain_offset;
+  /// The guest's XMM registers (16 bytes each).
+  void *xmm;
+  /// Bit 0: SSE instructions may run (CR0.EM and CR0.TS clear, CR4.OSFXSR set); bit 1: the
+  /// guest's MXCSR (every exception masked) is loaded in the host, so SSE floating-point
+  /// arithmetic may run.
+  uint64_t sse_state;
+  /// The host's MXCSR while the guest's is loaded (the helpers run under it).
+  uint64_t host_mxcsr;
+  /// Set by translated code that wrote an XMM register (XINUSE.SSE).
+  uint64_t sse_written;
+  /// The vector slow-path helpers (`vector` holds the operand).
+  void *vector_load_helper;
+  void *vector_store_helper;
+  /// A 16-byte operand a vector helper loaded or is to store (16-byte aligned: translated
+  /// code uses it as the memory operand of aligned SSE instructions).
+  uint64_t vector[2] __attribute__((aligned(16)));
 } hv_jit_context;
 
 /// One jump cache entry: the translation of the block at `rip` (entered past its frame
@@ -207,5 +223,30 @@ static inline void hv_atomic_store8(uint8_t *p, uint8_t v) { __atomic_store_n(p,
 static inline uint64_t hv_jit_call(const void *code, hv_jit_context *context, uint64_t *gpr) {
   return ((uint64_t (*)(hv_jit_context *, uint64_t *))code)(context, gpr);
 }
+
+/// As `hv_jit_call`, with the guest's MXCSR `guest_mxcsr` (status flags clear) loaded in the
+/// host while the code runs; the host's is saved in the context and restored afterwards.
+/// Returns the status flags the code raised in `*raised`.
+static inline uint64_t hv_jit_call_mxcsr(const void *code, hv_jit_context *context, uint64_t *gpr,
+                                         uint32_t guest_mxcsr, uint32_t *raised) {
+  uint32_t host, out;
+  __asm__ volatile("stmxcsr %0" : "=m"(host) : : "memory");
+  context->host_mxcsr = host;
+  __asm__ volatile("ldmxcsr %0" : : "m"(guest_mxcsr) : "memory");
+  uint64_t result = hv_jit_call(code, context, gpr);
+  __asm__ volatile("stmxcsr %0\n\tldmxcsr %1" : "=m"(out) : "m"(host) : "memory");
+  *raised = out & 0x3F;
+  return result;
+}
+
+/// The host's MXCSR.
+static inline uint32_t hv_stmxcsr(void) {
+  uint32_t value;
+  __asm__ volatile("stmxcsr %0" : "=m"(value) : : "memory");
+  return value;
+}
+
+/// Loads the host's MXCSR.
+static inline void hv_ldmxcsr(uint32_t value) { __asm__ volatile("ldmxcsr %0" : : "m"(value) : "memory"); }
 
 #endif

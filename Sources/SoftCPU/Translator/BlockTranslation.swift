@@ -58,6 +58,8 @@ struct TranslatedCode {
   /// Offset of the entry a chained block jumps to (past the frame set-up, which every block
   /// shares).
   var chainEntry: Int
+  /// The translation has SSE floating-point arithmetic (it runs only under the guest's MXCSR).
+  var usesFloatingPoint = false
 }
 
 /// Offsets of the context fields in generated code.
@@ -78,6 +80,101 @@ enum ContextOffset {
   static let lastBlock = MemoryLayout<hv_jit_context>.offset(of: \.last_block)!
   static let jumpCache = MemoryLayout<hv_jit_context>.offset(of: \.jump_cache)!
   static let stop = MemoryLayout<hv_jit_context>.offset(of: \.stop)!
+  static let xmm = MemoryLayout<hv_jit_context>.offset(of: \.xmm)!
+  static let sseState = MemoryLayout<hv_jit_context>.offset(of: \.sse_state)!
+  static let sseWritten = MemoryLayout<hv_jit_context>.offset(of: \.sse_written)!
+  static let vectorLoadHelper = MemoryLayout<hv_jit_context>.offset(of: \.vector_load_helper)!
+  static let vectorStoreHelper = MemoryLayout<hv_jit_context>.offset(of: \.vector_store_helper)!
+  static let vector = MemoryLayout<hv_jit_context>.offset(of: \.vector)!
+}
+
+/// An SSE instruction translated as the same host instruction (SSE2 and older: every x86-64
+/// host has it). The operands are moved between the guest's XMM registers (in the CPU state)
+/// and host XMM0 / XMM1; a memory operand is the host address the TLB probe found (or, after
+/// a miss, the context's `vector`, filled or drained by a helper).
+struct SSEForm {
+  /// The destination is the ModRM.reg XMM register (loads, arithmetic), or the r/m operand
+  /// (store forms: an XMM register, a general register or memory).
+  var destinationIsRM = false
+  /// Bytes the memory operand accesses (4, 8 or 16).
+  var memorySize = 16
+  /// A 16-byte memory operand must be aligned (#GP(0) otherwise).
+  var aligned = false
+  /// Floating-point arithmetic: runs only under the guest's MXCSR, which must mask every
+  /// exception (the interpreter raises #XM/#UD for unmasked ones).
+  var floatingPoint = false
+  /// The r/m register operand is a general register (MOVD/MOVQ, 66 0F 6E/7E).
+  var generalRegister = false
+  /// The register destination's old value is part of the result.
+  var readsDestination = true
+  /// REX.W in the host encoding (MOVQ forms of 6E/7E).
+  var wide = false
+
+  /// The translated form of `instruction`, nil when it has none.
+  init?(_ instruction: Instruction) {
+    guard instruction.op == .sse, instruction.opcode >> 8 == 1 else { return nil }
+    let prefix = instruction.mandatoryPrefix
+    let memory = instruction.hasMemoryOperand
+    let scalarSize = prefix == 2 ? 4 : prefix == 3 ? 8 : 16
+    switch UInt8(truncatingIfNeeded: instruction.opcode) {
+    case 0x10, 0x11:
+      // MOVUPS/MOVUPD/MOVSS/MOVSD; the scalar register forms merge, the memory loads zero.
+      memorySize = scalarSize
+      destinationIsRM = instruction.opcode & 1 != 0
+      readsDestination = prefix >= 2 && !memory
+    case 0x28, 0x29:  // MOVAPS/MOVAPD
+      guard prefix <= 1 else { return nil }
+      aligned = true
+      destinationIsRM = instruction.opcode == 0x129
+      readsDestination = false
+    case 0x6F, 0x7F:  // MOVDQA (66) / MOVDQU (F3)
+      guard prefix == 1 || prefix == 2 else { return nil }
+      aligned = prefix == 1
+      destinationIsRM = instruction.opcode == 0x17F
+      readsDestination = false
+    case 0x6E:  // MOVD/MOVQ xmm, r/m32/64
+      guard prefix == 1 else { return nil }
+      generalRegister = true
+      wide = instruction.rexW
+      memorySize = wide ? 8 : 4
+      readsDestination = false
+    case 0x7E:
+      if prefix == 1 {  // MOVD/MOVQ r/m32/64, xmm
+        generalRegister = true
+        destinationIsRM = true
+        wide = instruction.rexW
+        memorySize = wide ? 8 : 4
+      } else if prefix == 2 {  // MOVQ xmm, xmm/m64
+        memorySize = 8
+        readsDestination = false
+      } else {
+        return nil
+      }
+    case 0xD6:  // MOVQ xmm/m64, xmm
+      guard prefix == 1 else { return nil }
+      memorySize = 8
+      destinationIsRM = true
+    case 0x14, 0x15, 0x54...0x57:  // UNPCKL/HPS/PD, ANDPS, ANDNPS, ORPS, XORPS (and PD)
+      guard prefix <= 1 else { return nil }
+      aligned = true
+    case 0x51, 0x58, 0x59, 0x5C...0x5F:  // SQRT, ADD, MUL, SUB, MIN, DIV, MAX (PS/PD/SS/SD)
+      memorySize = scalarSize
+      aligned = scalarSize == 16
+      floatingPoint = true
+    case 0x60...0x6D, 0x74...0x76, 0xD1...0xD5, 0xD8...0xDF, 0xE0...0xE5, 0xE8...0xEF, 0xF1...0xF6, 0xF8...0xFE:
+      // SSE2 integer operations (66 only; without it they are MMX).
+      guard prefix == 1 else { return nil }
+      aligned = true
+    default:
+      return nil
+    }
+    if !memory && generalRegister && instruction.rm >= 16 { return nil }
+  }
+
+  /// The host's prefix byte for the guest's mandatory prefix.
+  static func hostPrefix(_ mandatoryPrefix: UInt8) -> UInt8 {
+    [0, 0x66, 0xF3, 0xF2][Int(mandatoryPrefix & 3)]
+  }
 }
 
 /// The per-vCPU jump cache that chains translated blocks: entry `jumpCacheIndex(rip)` holds the
@@ -190,7 +287,15 @@ struct BlockTranslator {
     if instruction.fast == .none && (instruction.op == .rolRm || instruction.op == .rorRm) {
       return FlagUse(reads: true, writesAll: false, undefined: RFlags.of, rotate: true)
     }
+    if instruction.fast == .none && (isIndirectBranch(instruction) || SSEForm(instruction) != nil) {
+      return FlagUse()
+    }
     return instruction.fast.translatedFlagUse
+  }
+
+  /// JMP r/m64 or CALL r/m64 (no fast form: recognized by its op).
+  static func isIndirectBranch(_ instruction: Instruction) -> Bool {
+    (instruction.op == .jmpRm || instruction.op == .callRm) && instruction.operandSize == 8
   }
 
   /// The masked count of a ROL/ROR by immediate.
@@ -236,6 +341,7 @@ struct BlockTranslator {
       // A jump ends the block.
       let last = (first + translated - 1).pointee.fast
       if last == .jmpRel || last == .callRel64 || last == .ret64 { break }
+      if Self.isIndirectBranch((first + translated - 1).pointee) { break }
     }
     guard translated > 0 else { return nil }
     instructionOffsets = offsets
@@ -263,6 +369,23 @@ struct BlockTranslator {
     epilogue = emitter.newLabel()
     emitFrame()
     let chainEntry = emitter.count
+    // SSE: the block runs only when the run loop found SSE usable (CR0.EM/TS clear, CR4.OSFXSR
+    // set) and, for floating-point arithmetic, the guest's MXCSR loaded with every exception
+    // masked; otherwise it leaves before its first instruction and the interpreter runs it
+    // (and raises #UD, #NM or #XM exactly).
+    let forms = (0..<translated).map { SSEForm((first + $0).pointee) }
+    let usesSSE = forms.contains { $0 != nil }
+    let usesFloatingPoint = forms.contains { $0?.floatingPoint == true }
+    if usesSSE {
+      let required: Int32 = usesFloatingPoint ? 3 : 1
+      emitter.mov(size: 4, HostRegister.rax, .at(HostRegister.r12, ContextOffset.sseState))
+      emitter.alu(.and, size: 4, .register(HostRegister.rax), immediate: required)
+      emitter.alu(.cmp, size: 4, .register(HostRegister.rax), immediate: required)
+      let ready = emitter.newLabel()
+      emitter.jump(HostCondition.equal, to: ready)
+      emitLeave(rip: 0, result: 0)
+      emitter.bind(ready)
+    }
     if loadAtEntry { emitter.loadGuestFlags() }
     var ended = false
     for index in 0..<translated {
@@ -289,7 +412,9 @@ struct BlockTranslator {
     emitter.pop(HostRegister.rbx)
     emitter.ret()
     guard let code = emitter.finish() else { return nil }
-    return TranslatedCode(code: code, instructions: translated, undefinedAfter: undefined, chainEntry: chainEntry)
+    return TranslatedCode(
+      code: code, instructions: translated, undefinedAfter: undefined, chainEntry: chainEntry,
+      usesFloatingPoint: usesFloatingPoint)
   }
 
   // MARK: Frame, flags and exits
@@ -378,8 +503,13 @@ struct BlockTranslator {
   /// Probes the read (or write) TLB for `size` bytes at RSI. On a hit RDX = host address and
   /// the host flags are intact; on a miss jumps to `miss` with the flags saved in EBP (when
   /// valid).
-  private mutating func emitProbe(size: Int, write: Bool, flagsValid: Bool, miss: HostLabel) {
+  private mutating func emitProbe(size: Int, write: Bool, flagsValid: Bool, miss: HostLabel, aligned: Bool = false) {
     if flagsValid { emitter.saveFlags() }
+    if aligned {
+      // A misaligned access takes the slow path, whose helper raises the #GP(0).
+      emitter.test(size: 4, .register(HostRegister.rsi), immediate: Int32(size - 1))
+      emitter.jump(HostCondition.notEqual, to: miss)
+    }
     emitter.lea(HostRegister.rdx, .at(HostRegister.rsi, size - 1))
     emitter.alu(.and, size: 8, .register(HostRegister.rdx), immediate: -4096)
     emitter.alu(.or, size: 8, HostRegister.rdx, .register(HostRegister.r15))
@@ -469,7 +599,7 @@ struct BlockTranslator {
   /// that invalidated decoded code leaves the block (default: the next instruction).
   private mutating func emitStore(
     _ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil, flagsLive: Bool = true,
-    after: ((inout X86Emitter) -> Void)? = nil, endedRIPOffset: Int? = nil,
+    after: ((inout X86Emitter) -> Void)? = nil, endedRIPOffset: Int? = nil, endedRIPInContext: Bool = false,
     value: @escaping (inout X86Emitter, UInt8) -> Void
   ) {
     emitAccessAddress(slot, index: index, stackOffset: stackOffset)
@@ -509,7 +639,12 @@ struct BlockTranslator {
       emitter.leave(ripOffset: offset, result: UInt64(index), epilogue: epilogue)
       emitter.bind(ended)
       after?(&emitter)
-      emitter.leave(ripOffset: nextOffset, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+      if endedRIPInContext {
+        emitter.movImmediate64(HostRegister.rax, UInt64(index + 1) | translationEndedBit)
+        emitter.jump(to: epilogue)
+      } else {
+        emitter.leave(ripOffset: nextOffset, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+      }
       emitter.bind(fine)
       if valid { emitter.loadGuestFlags() }
       emitter.jump(to: resume)
@@ -528,6 +663,14 @@ struct BlockTranslator {
     let immediate = instruction.immediate
     let imm32 = Int32(truncatingIfNeeded: immediate)
 
+    if let form = SSEForm(instruction) {
+      emitSSE(slot, index: index, form: form)
+      return false
+    }
+    if Self.isIndirectBranch(instruction) {
+      emitIndirectBranch(slot, index: index)
+      return true
+    }
     if Self.flagUse(slot)!.rotate {
       let kind: HostShift = instruction.op == .rolRm ? .rol : .ror
       let count = Self.rotateCount(instruction)
@@ -807,6 +950,200 @@ struct BlockTranslator {
       preconditionFailure("untranslated fast form \(instruction.fast)")
     }
     return false
+  }
+
+  // MARK: SSE
+
+  /// The guest's XMM register `number` (RDI = the context's `xmm`).
+  private func guestVector(_ number: UInt8) -> HostOperand {
+    .at(HostRegister.rdi, Int(number) * 16)
+  }
+
+  /// Emits an SSE instruction as the same host instruction on host XMM0 (ModRM.reg) and XMM1
+  /// or the host address of the memory operand (ModRM.rm). No status flags change.
+  private mutating func emitSSE(_ slot: UnsafePointer<Instruction>, index: Int, form: SSEForm) {
+    let instruction = slot.pointee
+    let prefix = SSEForm.hostPrefix(instruction.mandatoryPrefix)
+    let opcode = UInt8(truncatingIfNeeded: instruction.opcode)
+    let rdi = HostRegister.rdi
+    let written = !(form.destinationIsRM && (form.generalRegister || instruction.hasMemoryOperand))
+    if instruction.hasMemoryOperand && form.destinationIsRM {
+      emitVectorStore(slot, index: index, form: form, prefix: prefix, opcode: opcode)
+    } else if instruction.hasMemoryOperand {
+      // RDX = the operand's host address (or the context's `vector`).
+      emitVectorLoad(slot, index: index, size: form.memorySize, aligned: form.aligned)
+      emitter.mov(size: 8, rdi, .at(HostRegister.r12, ContextOffset.xmm))
+      if form.readsDestination { emitter.loadVector(0, guestVector(instruction.reg)) }
+      emitter.sse(prefix: prefix, opcode: opcode, wide: form.wide, reg: 0, rm: .at(HostRegister.rdx, 0))
+      emitter.storeVector(guestVector(instruction.reg), 0)
+    } else if form.generalRegister {
+      // MOVD/MOVQ between an XMM register and the guest register array.
+      emitter.mov(size: 8, rdi, .at(HostRegister.r12, ContextOffset.xmm))
+      let general = guest(instruction.rm)
+      if form.destinationIsRM {
+        emitter.loadVector(0, guestVector(instruction.reg))
+        emitter.sse(prefix: prefix, opcode: opcode, wide: form.wide, reg: 0, rm: general)
+        if !form.wide {
+          // A 32-bit destination register is zero-extended.
+          emitter.mov(size: 4, .at(HostRegister.rbx, Int(instruction.rm) * 8 + 4), immediate: 0)
+        }
+      } else {
+        emitter.sse(prefix: prefix, opcode: opcode, wide: form.wide, reg: 0, rm: general)
+        emitter.storeVector(guestVector(instruction.reg), 0)
+      }
+    } else {
+      emitter.mov(size: 8, rdi, .at(HostRegister.r12, ContextOffset.xmm))
+      if form.destinationIsRM {
+        emitter.loadVector(1, guestVector(instruction.rm))
+        emitter.loadVector(0, guestVector(instruction.reg))
+        emitter.sse(prefix: prefix, opcode: opcode, wide: form.wide, reg: 0, rm: .register(1))
+        emitter.storeVector(guestVector(instruction.rm), 1)
+      } else {
+        if form.readsDestination { emitter.loadVector(0, guestVector(instruction.reg)) }
+        emitter.loadVector(1, guestVector(instruction.rm))
+        emitter.sse(prefix: prefix, opcode: opcode, wide: form.wide, reg: 0, rm: .register(1))
+        emitter.storeVector(guestVector(instruction.reg), 0)
+      }
+    }
+    if written {
+      emitter.mov(size: 1, .at(HostRegister.r12, ContextOffset.sseWritten), immediate: 1)
+    }
+  }
+
+  /// RDX = the host address of the `size`-byte memory operand of SSE instruction `index`, with
+  /// the host flags intact: inline probe; on a miss (or a misaligned `aligned` access) a
+  /// helper reads the operand into the context's `vector` (RDX then points there) or leaves
+  /// before the instruction on a fault.
+  private mutating func emitVectorLoad(_ slot: UnsafePointer<Instruction>, index: Int, size: Int, aligned: Bool) {
+    emitLinearAddress(slot, index: index)
+    let valid = flagsValidAt[index]
+    let miss = emitter.newLabel()
+    let resume = emitter.newLabel()
+    if inlineTLBProbes {
+      emitProbe(size: size, write: false, flagsValid: valid, miss: miss, aligned: aligned && size == 16)
+    } else {
+      if valid { emitter.saveFlags() }
+      emitter.jump(to: miss)
+    }
+    emitter.bind(resume)
+    let epilogue = self.epilogue
+    let offset = instructionOffsets[index]
+    let sizeArgument = Int32(size) | (aligned && size == 16 ? 0x100 : 0)
+    outOfLine.append { emitter in
+      emitter.bind(miss)
+      if valid {
+        emitter.restoreFlags()
+        emitter.storeGuestFlags()
+      }
+      emitter.mov(size: 8, HostRegister.rdi, .register(HostRegister.r12))
+      emitter.mov(size: 4, .register(HostRegister.rdx), immediate: sizeArgument)
+      emitter.call(.at(HostRegister.r12, ContextOffset.vectorLoadHelper))
+      emitter.alu(.cmp, size: 8, .at(HostRegister.r12, ContextOffset.exit), immediate: 0)
+      let fine = emitter.newLabel()
+      emitter.jump(HostCondition.equal, to: fine)
+      emitter.leave(ripOffset: offset, result: UInt64(index), epilogue: epilogue)
+      emitter.bind(fine)
+      if valid { emitter.loadGuestFlags() }
+      emitter.lea(HostRegister.rdx, .at(HostRegister.r12, ContextOffset.vector))
+      emitter.jump(to: resume)
+    }
+  }
+
+  /// An SSE store form with a memory destination: the host instruction stores to the host
+  /// address the write probe found; on a miss (or a misaligned `aligned` access) the XMM
+  /// register goes to the context's `vector` and a helper stores its low bytes as the
+  /// interpreter would (a fault leaves before the instruction, a store into decoded code ends
+  /// the block after it).
+  private mutating func emitVectorStore(
+    _ slot: UnsafePointer<Instruction>, index: Int, form: SSEForm, prefix: UInt8, opcode: UInt8
+  ) {
+    let instruction = slot.pointee
+    emitLinearAddress(slot, index: index)
+    let valid = flagsValidAt[index]
+    let miss = emitter.newLabel()
+    let resume = emitter.newLabel()
+    let source = guestVector(instruction.reg)
+    if inlineTLBProbes {
+      emitProbe(
+        size: form.memorySize, write: true, flagsValid: valid, miss: miss,
+        aligned: form.aligned && form.memorySize == 16)
+      emitter.mov(size: 8, HostRegister.rdi, .at(HostRegister.r12, ContextOffset.xmm))
+      emitter.loadVector(0, source)
+      emitter.sse(prefix: prefix, opcode: opcode, wide: form.wide, reg: 0, rm: .at(HostRegister.rdx, 0))
+    } else {
+      if valid { emitter.saveFlags() }
+      emitter.jump(to: miss)
+    }
+    emitter.bind(resume)
+    let epilogue = self.epilogue
+    let offset = instructionOffsets[index]
+    let nextOffset = instructionOffsets[index + 1]
+    let sizeArgument = Int32(form.memorySize) | (form.aligned && form.memorySize == 16 ? 0x100 : 0)
+    outOfLine.append { emitter in
+      emitter.bind(miss)
+      if valid {
+        emitter.restoreFlags()
+        emitter.storeGuestFlags()
+      }
+      emitter.mov(size: 8, HostRegister.rdi, .at(HostRegister.r12, ContextOffset.xmm))
+      emitter.loadVector(0, source)
+      emitter.storeVector(.at(HostRegister.r12, ContextOffset.vector), 0)
+      emitter.mov(size: 8, HostRegister.rdi, .register(HostRegister.r12))
+      emitter.mov(size: 4, .register(HostRegister.rdx), immediate: sizeArgument)
+      emitter.call(.at(HostRegister.r12, ContextOffset.vectorStoreHelper))
+      emitter.mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.exit))
+      emitter.alu(.cmp, size: 8, .register(HostRegister.rax), immediate: 0)
+      let fine = emitter.newLabel()
+      let ended = emitter.newLabel()
+      emitter.jump(HostCondition.equal, to: fine)
+      emitter.alu(.cmp, size: 8, .register(HostRegister.rax), immediate: 2)
+      emitter.jump(HostCondition.equal, to: ended)
+      emitter.leave(ripOffset: offset, result: UInt64(index), epilogue: epilogue)
+      emitter.bind(ended)
+      emitter.leave(ripOffset: nextOffset, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+      emitter.bind(fine)
+      if valid { emitter.loadGuestFlags() }
+      emitter.jump(to: resume)
+    }
+  }
+
+  // MARK: Indirect branches
+
+  /// JMP r/m64 or CALL r/m64: the target is read (register or memory), checked for canonical
+  /// form (#GP(0) at the branch otherwise: the block leaves before it), CALL pushes the return
+  /// address, and the block chains to the target through the jump cache.
+  private mutating func emitIndirectBranch(_ slot: UnsafePointer<Instruction>, index: Int) {
+    let instruction = slot.pointee
+    let rax = HostRegister.rax
+    let rcx = HostRegister.rcx
+    if instruction.hasMemoryOperand {
+      emitLoad(slot, index: index, size: 8)
+    } else {
+      emitter.mov(size: 8, rax, guest(instruction.rm))
+    }
+    storeFlagsIfValid(at: index)
+    emitter.mov(size: 8, rcx, .register(rax))
+    emitter.shift(.shl, size: 8, .register(rcx), count: 16)
+    emitter.shift(.sar, size: 8, .register(rcx), count: 16)
+    emitter.alu(.cmp, size: 8, .register(rcx), rax)
+    let canonical = emitter.newLabel()
+    emitter.jump(HostCondition.equal, to: canonical)
+    emitLeave(rip: instructionOffsets[index], result: UInt64(index))
+    emitter.bind(canonical)
+    emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
+    if instruction.op == .callRm {
+      let returnOffset = instructionOffsets[index + 1]
+      emitStore(
+        slot, index: index, size: 8, stackOffset: -8, flagsLive: false, after: Self.adjustStack(-8),
+        endedRIPInContext: true
+      ) { emitter, register in
+        emitter.mov(size: 8, register, .at(HostRegister.r12, ContextOffset.entryRIP))
+        emitter.lea(register, .at(register, returnOffset))
+      }
+      emitter.mov(size: 8, rax, .at(HostRegister.r12, ContextOffset.rip))
+    }
+    emitter.chainOrLeave(
+      instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
   }
 
   /// Guest RSP += `delta` without touching the host flags. Clobbers RCX.

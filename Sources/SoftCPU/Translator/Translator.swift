@@ -1,5 +1,6 @@
 import CShim
 import Glibc
+import VMCore
 
 /// How the software CPU executes guest code.
 public enum SoftCPUTier: String, Sendable, CaseIterable {
@@ -14,6 +15,9 @@ public enum SoftCPUTier: String, Sendable, CaseIterable {
   /// Executions of a block before it is translated.
   public static let defaultThreshold: UInt32 = 32
 }
+
+/// MXCSR's exception mask bits (IM, DM, ZM, OM, UM, PM).
+let mxcsrExceptionMasks: UInt32 = 0x1F80
 
 /// One vCPU's translating tier: its code buffer, its translations and the context the
 /// generated code works on (see BlockTranslation.swift). Used only on the vCPU's thread.
@@ -50,9 +54,14 @@ final class Translator {
     jumpCache = .allocate(capacity: JumpCache.entries)
     jumpCache.initialize(repeating: hv_jit_cache_entry(), count: JumpCache.entries)
     context = .allocate(capacity: 1)
+    precondition(UInt(bitPattern: context) & 15 == 0 && ContextOffset.vector & 15 == 0)
     let load: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64) -> UInt64 = translatedLoad
     let store: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64, UInt64) -> Void =
       translatedStore
+    let vectorLoad: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64) -> Void =
+      translatedVectorLoad
+    let vectorStore: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64) -> Void =
+      translatedVectorStore
     context.initialize(
       to: hv_jit_context(
         flags: 0, rip: 0, exit: 0, read_tlb: UnsafeMutableRawPointer(cpu.readTLB),
@@ -62,7 +71,10 @@ final class Translator {
         load_helper: unsafeBitCast(load, to: UnsafeMutableRawPointer.self),
         store_helper: unsafeBitCast(store, to: UnsafeMutableRawPointer.self), entry_rip: 0, generation: 0,
         budget: 0, chained: 0, last_block: 0, jump_cache: UnsafeMutableRawPointer(jumpCache),
-        stop: cpu.translationStopSignal, chain_offset: 0))
+        stop: cpu.translationStopSignal, chain_offset: 0, xmm: UnsafeMutableRawPointer(cpu.xmm), sse_state: 0,
+        host_mxcsr: 0, sse_written: 0,
+        vector_load_helper: unsafeBitCast(vectorLoad, to: UnsafeMutableRawPointer.self),
+        vector_store_helper: unsafeBitCast(vectorStore, to: UnsafeMutableRawPointer.self), vector: (0, 0)))
   }
 
   deinit {
@@ -99,6 +111,7 @@ final class Translator {
     // Every block's frame set-up is the same, so is the entry chained blocks jump to.
     context.pointee.chain_offset = UInt64(result.chainEntry)
     translations.append((code, result.instructions, result.undefinedAfter))
+    if result.usesFloatingPoint { cpu.translationUsesFloatingPoint = true }
     translatedBlocks += 1
     translatedInstructions += result.instructions
     cpu.blocks[block].translation = Int32(translations.count)
@@ -173,9 +186,36 @@ extension CPU {
         code: code.unsafelyUnwrapped + Int(context.pointee.chain_offset), count: UInt32(blocks[block].count),
         block: Int32(block))
     }
-    let result = hv_jit_call(code.unsafelyUnwrapped, context, gpr)
+    let result = callTranslated(code.unsafelyUnwrapped, context)
     storedFlags = context.pointee.flags
     rip = context.pointee.rip
+    return result
+  }
+
+  /// Calls translated code with the SSE state it checks (`sse_state`) set up: under the
+  /// guest's MXCSR when that masks every exception and some translation does floating-point
+  /// arithmetic, the status flags it raised then merged into the guest's MXCSR.
+  @inline(__always)
+  func callTranslated(_ code: UnsafeRawPointer, _ context: UnsafeMutablePointer<hv_jit_context>) -> UInt64 {
+    let result: UInt64
+    if cr0 & (X86.cr0EM | X86.cr0TS) == 0 && cr4 & X86.cr4OSFXSR != 0 {
+      if translationUsesFloatingPoint && mxcsr & mxcsrExceptionMasks == mxcsrExceptionMasks {
+        context.pointee.sse_state = 3
+        var raised: UInt32 = 0
+        result = hv_jit_call_mxcsr(code, context, gpr, mxcsr & ~MXCSR.flags, &raised)
+        mxcsr |= raised
+      } else {
+        context.pointee.sse_state = 1
+        result = hv_jit_call(code, context, gpr)
+      }
+      if context.pointee.sse_written != 0 {
+        context.pointee.sse_written = 0
+        xsaveInUse |= XSaveModel.sse
+      }
+    } else {
+      context.pointee.sse_state = 0
+      result = hv_jit_call(code, context, gpr)
+    }
     return result
   }
 
@@ -190,6 +230,8 @@ extension CPU {
   /// A load the inline TLB probe missed: performed as the interpreter does; on a fault (or,
   /// in lockstep mode, anything but RAM) the block leaves before the instruction.
   func translatedLoad(_ context: UnsafeMutablePointer<hv_jit_context>, _ linear: UInt64, _ size: UInt64) -> UInt64 {
+    let guestMXCSR = enterHelper(context)
+    defer { leaveHelper(context, guestMXCSR) }
     if translationLockstep {
       guard let host = lockstepHost(linear, size, write: false) else {
         context.pointee.exit = 1
@@ -218,6 +260,8 @@ extension CPU {
   func translatedStore(
     _ context: UnsafeMutablePointer<hv_jit_context>, _ linear: UInt64, _ size: UInt64, _ value: UInt64
   ) {
+    let guestMXCSR = enterHelper(context)
+    defer { leaveHelper(context, guestMXCSR) }
     if let translator, translator.lockstep {
       guard let host = lockstepHost(linear, size, write: true) else {
         context.pointee.exit = 1
@@ -242,6 +286,96 @@ extension CPU {
     } else {
       do {
         try writeMemory(linear, size: UInt8(size), value)
+      } catch {
+        context.pointee.exit = 1
+        return
+      }
+    }
+    if blockInvalidated { context.pointee.exit = 2 }
+    context.pointee.generation = chainGeneration
+  }
+
+  /// A helper called by translated code runs under the host's MXCSR (translated code may run
+  /// under the guest's); returns the MXCSR to restore when it returns.
+  @inline(__always)
+  func enterHelper(_ context: UnsafeMutablePointer<hv_jit_context>) -> UInt32? {
+    guard context.pointee.sse_state & 2 != 0 else { return nil }
+    let guestMXCSR = hv_stmxcsr()
+    hv_ldmxcsr(UInt32(truncatingIfNeeded: context.pointee.host_mxcsr))
+    return guestMXCSR
+  }
+
+  @inline(__always)
+  func leaveHelper(_ context: UnsafeMutablePointer<hv_jit_context>, _ guestMXCSR: UInt32?) {
+    if let guestMXCSR { hv_ldmxcsr(guestMXCSR) }
+  }
+
+  /// A vector load the inline TLB probe missed (or that is misaligned): the `size & 0xFF`
+  /// bytes at `linear` into the context's `vector` (zero-extended), as the interpreter reads
+  /// them (`size & 0x100`: a 16-byte access that must be aligned). A fault leaves before the
+  /// instruction.
+  func translatedVectorLoad(_ context: UnsafeMutablePointer<hv_jit_context>, _ linear: UInt64, _ size: UInt64) {
+    let guestMXCSR = enterHelper(context)
+    defer { leaveHelper(context, guestMXCSR) }
+    let bytes = size & 0xFF
+    if translationLockstep {
+      guard size & 0x100 == 0 || linear & 15 == 0, let host = lockstepHost(linear, bytes, write: false) else {
+        context.pointee.exit = 1
+        return
+      }
+      switch bytes {
+      case 4: context.pointee.vector = (UInt64(hv_load32(host)), 0)
+      case 8: context.pointee.vector = (hv_load64(host), 0)
+      default: context.pointee.vector = (hv_load64(host), hv_load64(host + 8))
+      }
+      return
+    }
+    do {
+      switch bytes {
+      case 4, 8: context.pointee.vector = (try readMemory(linear, size: UInt8(bytes)), 0)
+      default:
+        let value = try read128(linear, aligned: size & 0x100 != 0)
+        context.pointee.vector = (value[0], value[1])
+      }
+      context.pointee.generation = chainGeneration
+    } catch {
+      context.pointee.exit = 1
+    }
+  }
+
+  /// A vector store the inline TLB probe missed (or that is misaligned): the low `size & 0xFF`
+  /// bytes of the context's `vector` to `linear`, as the interpreter writes them (`size &
+  /// 0x100`: must be aligned). A fault leaves before the instruction, a store that
+  /// invalidated decoded code ends the block after it.
+  func translatedVectorStore(_ context: UnsafeMutablePointer<hv_jit_context>, _ linear: UInt64, _ size: UInt64) {
+    let guestMXCSR = enterHelper(context)
+    defer { leaveHelper(context, guestMXCSR) }
+    let bytes = size & 0xFF
+    let (low, high) = context.pointee.vector
+    if let translator, translator.lockstep {
+      guard size & 0x100 == 0 || linear & 15 == 0, let host = lockstepHost(linear, bytes, write: true) else {
+        context.pointee.exit = 1
+        return
+      }
+      switch bytes {
+      case 4:
+        translator.journal.append((host, 4, UInt64(hv_load32(host))))
+        hv_store32(host, UInt32(truncatingIfNeeded: low))
+      case 8:
+        translator.journal.append((host, 8, hv_load64(host)))
+        hv_store64(host, low)
+      default:
+        translator.journal.append((host, 8, hv_load64(host)))
+        translator.journal.append((host + 8, 8, hv_load64(host + 8)))
+        hv_store64(host, low)
+        hv_store64(host + 8, high)
+      }
+    } else {
+      do {
+        switch bytes {
+        case 4, 8: try writeMemory(linear, size: UInt8(bytes), low)
+        default: try write128(linear, XMMValue(low, high), aligned: size & 0x100 != 0)
+        }
       } catch {
         context.pointee.exit = 1
         return
@@ -276,6 +410,18 @@ private func translatedStore(
   cpu.translatedStore(context!, linear, size, value)
 }
 
+private func translatedVectorLoad(_ context: UnsafeMutablePointer<hv_jit_context>?, _ linear: UInt64, _ size: UInt64) {
+  let cpu = Unmanaged<CPU>.fromOpaque(context!.pointee.cpu).takeUnretainedValue()
+  cpu.translatedVectorLoad(context!, linear, size)
+}
+
+private func translatedVectorStore(
+  _ context: UnsafeMutablePointer<hv_jit_context>?, _ linear: UInt64, _ size: UInt64
+) {
+  let cpu = Unmanaged<CPU>.fromOpaque(context!.pointee.cpu).takeUnretainedValue()
+  cpu.translatedVectorStore(context!, linear, size)
+}
+
 extension CPU {
   /// Lockstep mode: runs the translated block, undoes its effects, runs the same instructions
   /// in the interpreter and compares registers, RIP, the defined status flags and the bytes
@@ -289,10 +435,15 @@ extension CPU {
     let savedGPR = (0..<16).map { gpr[$0] }
     let savedRIP = rip
     let savedFlags = storedFlags
+    let savedXMM = (0..<16).map { xmm[$0] }
+    let savedMXCSR = mxcsr
+    let savedXSaveInUse = xsaveInUse
     translator.journal.removeAll(keepingCapacity: true)
-    let result = hv_jit_call(entry.code, context, gpr)
+    let result = callTranslated(entry.code, context)
     let executed = Int(result & 0xFFFF_FFFF)
     let translatedGPR = (0..<16).map { gpr[$0] }
+    let translatedXMM = (0..<16).map { xmm[$0] }
+    let translatedMXCSR = mxcsr
     let translatedRIP = context.pointee.rip
     let translatedFlags = context.pointee.flags
     let translatedInvalidated = blockInvalidated
@@ -317,6 +468,9 @@ extension CPU {
 
     // The same instructions in the interpreter, from the same state.
     for index in 0..<16 { gpr[index] = savedGPR[index] }
+    for index in 0..<16 { xmm[index] = savedXMM[index] }
+    mxcsr = savedMXCSR
+    xsaveInUse = savedXSaveInUse
     rip = savedRIP
     storedFlags = savedFlags
     flagOp = .none
@@ -346,6 +500,14 @@ extension CPU {
     if rip != translatedRIP { differences.append("RIP: translated \(hex(translatedRIP)), interpreted \(hex(rip))") }
     for index in 0..<16 where gpr[index] != translatedGPR[index] {
       differences.append("R\(index): translated \(hex(translatedGPR[index])), interpreted \(hex(gpr[index]))")
+    }
+    for index in 0..<16 where xmm[index] != translatedXMM[index] {
+      differences.append(
+        "XMM\(index): translated \(hex(translatedXMM[index][1]))_\(hex(translatedXMM[index][0])), "
+          + "interpreted \(hex(xmm[index][1]))_\(hex(xmm[index][0]))")
+    }
+    if mxcsr != translatedMXCSR {
+      differences.append("MXCSR: translated \(hex(UInt64(translatedMXCSR))), interpreted \(hex(UInt64(mxcsr)))")
     }
     let compared = ~(entry.undefinedAfter[min(executed, entry.instructions)])
     if (storedFlags ^ translatedFlags) & compared != 0 {

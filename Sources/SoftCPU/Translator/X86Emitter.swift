@@ -311,6 +311,23 @@ struct X86Emitter {
     byte(0x58 | (reg & 7))
   }
 
+  /// An SSE instruction `[prefix] 0F opcode /r` (`prefix` 0 for none; 66, F3 or F2 otherwise)
+  /// with XMM register `reg` and `rm` (an XMM register number or memory); `wide` sets REX.W.
+  mutating func sse(prefix: UInt8, opcode: UInt8, wide: Bool = false, reg: UInt8, rm: HostOperand) {
+    if prefix != 0 { byte(prefix) }
+    encode([0x0F, opcode], size: wide ? 8 : 4, reg: reg, rm: rm)
+  }
+
+  /// `movdqu xmm, m128/xmm`.
+  mutating func loadVector(_ register: UInt8, _ source: HostOperand) {
+    sse(prefix: 0xF3, opcode: 0x6F, reg: register, rm: source)
+  }
+
+  /// `movdqu m128/xmm, xmm`.
+  mutating func storeVector(_ destination: HostOperand, _ register: UInt8) {
+    sse(prefix: 0xF3, opcode: 0x7F, reg: register, rm: destination)
+  }
+
   mutating func pushFlags() { byte(0x9C) }
   mutating func popFlags() { byte(0x9D) }
   /// LAHF: AH = SF:ZF:0:AF:0:PF:1:CF.
