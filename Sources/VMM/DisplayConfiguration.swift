@@ -4,19 +4,36 @@ import Display
 public enum DisplayChoice: Sendable, Equatable {
   /// No display device (the default): nothing is added to the machine.
   case none
-  /// A framebuffer served by a VNC server listening on `[HOST:]PORT`.
-  case vnc(address: String)
+  /// A framebuffer served by a VNC server listening on `[HOST:]PORT`; with `tablet`, a
+  /// virtio-input tablet that the VNC clients' pointer drives.
+  case vnc(address: String, tablet: Bool = true)
 
-  /// Parses `none` or `vnc=[HOST:]PORT`.
+  /// Parses `none` or `vnc=[HOST:]PORT[,tablet=on|off]`.
   public init(parsing text: String) throws(ConfigurationError) {
     if text == "none" {
       self = .none
       return
     }
-    guard text.hasPrefix("vnc="), VNCServer.parseAddress(String(text.dropFirst(4))) != nil else {
+    guard text.hasPrefix("vnc=") else { throw .invalidDisplay(text) }
+    let parts = text.dropFirst(4).split(separator: ",", omittingEmptySubsequences: false)
+    guard let address = parts.first.map(String.init), VNCServer.parseAddress(address) != nil else {
       throw .invalidDisplay(text)
     }
-    self = .vnc(address: String(text.dropFirst(4)))
+    var tablet = true
+    for option in parts.dropFirst() {
+      switch option {
+      case "tablet=on": tablet = true
+      case "tablet=off": tablet = false
+      default: throw .invalidDisplay(text)
+      }
+    }
+    self = .vnc(address: address, tablet: tablet)
+  }
+
+  /// Whether the machine gets a virtio tablet.
+  public var hasTablet: Bool {
+    if case .vnc(_, let tablet) = self { return tablet }
+    return false
   }
 }
 

@@ -238,7 +238,8 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
     case .invalidBalloon(let text, let problem):
       return "invalid balloon '\(text)': \(problem)"
     case .invalidDisplay(let text):
-      return "invalid display '\(text)': use none or vnc=[HOST:]PORT (HOST an IPv4 address, default 127.0.0.1)"
+      return
+        "invalid display '\(text)': use none or vnc=[HOST:]PORT[,tablet=off] (HOST an IPv4 address, default 127.0.0.1)"
     case .invalidCPUModel(let text, let known):
       return "unknown CPU model '\(text)': use \(known.joined(separator: ", "))"
     }

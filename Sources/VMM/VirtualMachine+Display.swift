@@ -5,6 +5,7 @@ import Loaders
 import PCI
 import Synchronization
 import VMCore
+import Virtio
 
 /// A machine's screen: the display PCI function, its framebuffer and the VNC server.
 public final class MachineDisplay: Sendable {
@@ -38,12 +39,19 @@ public final class MachineDisplay: Sendable {
       stride: framebuffer.width * Framebuffer.bytesPerPixel)
   }
 
-  func startServer(keyboard: PS2KeyboardInput) throws(MachineError) {
+  /// Starts the VNC server: key events go to `keyboard`, pointer events to `tablet` (if any),
+  /// scaled from the framebuffer's size.
+  func startServer(keyboard: PS2KeyboardInput, tablet: VirtioTablet?) throws(MachineError) {
     let started: VNCServer
+    let framebuffer = self.framebuffer
     do {
       started = try VNCServer(
         framebuffer: framebuffer, listenAddress: listenAddress,
-        input: VNCInputHandlers(key: { keysym, down in keyboard.keysymEvent(keysym, down: down) }))
+        input: VNCInputHandlers(
+          key: { keysym, down in keyboard.keysymEvent(keysym, down: down) },
+          pointer: { x, y, buttons in
+            tablet?.pointer(x: x, y: y, buttons: buttons, width: framebuffer.width, height: framebuffer.height)
+          }))
     } catch {
       throw MachineError(error.description)
     }
@@ -63,7 +71,7 @@ extension VirtualMachine {
   static func attachDisplay(
     configuration: MachineConfiguration, pci: PCIBus, memory: GuestMemory
   ) throws(MachineError) -> MachineDisplay? {
-    guard case .vnc(let address) = configuration.display else { return nil }
+    guard case .vnc(let address, _) = configuration.display else { return nil }
     let width = DisplayGeometry.width
     let height = DisplayGeometry.height
     let size = Framebuffer.memorySize(width: width, height: height)

@@ -35,7 +35,7 @@ public final class VirtualMachine: Sendable {
   /// PCI bus 0 (host bridge in slot 0, then the virtio devices).
   public let pci: PCIBus
   /// The virtio devices on the bus, in slot order: disks, network interfaces, the console (if
-  /// asked for) and the entropy device.
+  /// asked for), the entropy device, the balloon and the tablet (if asked for).
   public let virtioDevices: [VirtioPCIDevice]
   /// The emulated network devices (`model=e1000` interfaces), in slot order after the virtio
   /// network interfaces' turn.
@@ -168,7 +168,8 @@ public final class VirtualMachine: Sendable {
         nanoseconds: { clock.nanoseconds })
       try powerManagement.register(on: parts.bus)
       keyboardInput = PS2KeyboardInput(controller: devices.keyboardController)
-      try display?.startServer(keyboard: keyboardInput)
+      try display?.startServer(
+        keyboard: keyboardInput, tablet: virtioDevices.lazy.compactMap { $0.model as? VirtioTablet }.first)
       if !parts.bus.hasPortDevice(ACPIResetRegister.port) {
         try parts.bus.registerPorts(ACPIResetRegister.port, count: 1, device: ACPIResetRegister(control: parts.control))
       }
@@ -203,9 +204,10 @@ public final class VirtualMachine: Sendable {
   }
 
   /// Opens every backend and attaches one virtio device per disk and network interface (an
-  /// emulated e1000 for interfaces with `model=e1000`), the console when asked for, and always
-  /// an entropy device (so the guest's RNG seeds early). Backend failures (missing disk file,
-  /// TAP errors) are one-line errors; devices already built are shut down first.
+  /// emulated e1000 for interfaces with `model=e1000`), the console when asked for, always an
+  /// entropy device (so the guest's RNG seeds early), then the balloon and the display's tablet
+  /// when asked for. Backend failures (missing disk file, TAP errors) are one-line errors;
+  /// devices already built are shut down first.
   private static func attachVirtioDevices(
     configuration: MachineConfiguration, pci: PCIBus, memory: GuestMemory
   ) throws -> ([VirtioPCIDevice], VirtioConsole?, [E1000]) {
@@ -274,6 +276,7 @@ public final class VirtualMachine: Sendable {
       if let balloon = configuration.balloon {
         try attach(VirtioBalloon(options: balloon.options, targetPages: balloon.targetPages))
       }
+      if configuration.display.hasTablet { try attach(VirtioTablet()) }
     } catch {
       shutdown(devices)
       for device in emulated { device.shutdown() }
@@ -307,6 +310,7 @@ public final class VirtualMachine: Sendable {
     case is VirtioConsole: return "virtio-console"
     case is VirtioEntropy: return "virtio-rng"
     case is VirtioBalloon: return "virtio-balloon"
+    case is VirtioTablet: return "virtio-input (tablet)"
     default: return "virtio"
     }
   }

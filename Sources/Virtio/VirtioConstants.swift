@@ -22,6 +22,7 @@ public enum VirtioDeviceID {
   public static let console: UInt16 = 3
   public static let entropy: UInt16 = 4
   public static let balloon: UInt16 = 5
+  public static let input: UInt16 = 18
 }
 
 /// Split virtqueue descriptor flags (virtio 1.2, 2.7.5).

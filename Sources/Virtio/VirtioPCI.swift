@@ -68,6 +68,7 @@ public final class VirtioPCIDevice: PCIDevice, VirtioTransportEvents {
     case VirtioDeviceID.network: classCode = (0x02, 0x00, 0x00)
     case VirtioDeviceID.block: classCode = (0x01, 0x80, 0x00)
     case VirtioDeviceID.console: classCode = (0x07, 0x80, 0x00)
+    case VirtioDeviceID.input: classCode = (0x09, 0x80, 0x00)
     default: classCode = (0x00, 0xFF, 0x00)
     }
     let config = PCIConfigSpace(

@@ -110,8 +110,8 @@ struct Run: ParsableCommand {
   @Option(
     name: .long,
     help: ArgumentHelp(
-      "A screen: none (default: no display device), or vnc=[HOST:]PORT (a framebuffer the guest's efifb drives, a PS/2 keyboard, and a VNC server on HOST, default 127.0.0.1); see docs/display.md.",
-      valueName: "none|vnc=[HOST:]PORT"))
+      "A screen: none (default: no display device), or vnc=[HOST:]PORT (a framebuffer the guest's efifb drives, a PS/2 keyboard, a virtio-input tablet unless tablet=off, and a VNC server on HOST, default 127.0.0.1); see docs/display.md.",
+      valueName: "none|vnc=[HOST:]PORT[,tablet=off]"))
   var display: String = "none"
 
   @Option(

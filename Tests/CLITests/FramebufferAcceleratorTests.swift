@@ -90,3 +90,29 @@ struct FramebufferAcceleratorTests {
     #expect(pixels == Self.expected)
   }
 }
+
+/// `--display vnc=...` adds a virtio tablet unless `tablet=off` says otherwise.
+@Suite struct DisplayOptionTests {
+  @Test func parsesTheTabletOption() throws {
+    #expect(try DisplayChoice(parsing: "none") == .none)
+    #expect(try DisplayChoice(parsing: "vnc=5900") == .vnc(address: "5900", tablet: true))
+    #expect(try DisplayChoice(parsing: "vnc=127.0.0.1:0,tablet=off") == .vnc(address: "127.0.0.1:0", tablet: false))
+    #expect(try DisplayChoice(parsing: "vnc=127.0.0.1:0,tablet=on").hasTablet)
+    for bad in ["vnc=", "vnc=5900,", "vnc=5900,tablet=maybe", "vnc=5900,mouse=off", "tablet=off", "vnc=,tablet=off"] {
+      #expect(throws: ConfigurationError.self, "\(bad)") { try DisplayChoice(parsing: bad) }
+    }
+  }
+
+  @Test(arguments: [true, false])
+  func machineHasATabletWhenAskedFor(tablet: Bool) throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try assembleGuest(framebufferGuest, in: scratch)
+    var configuration = MachineConfiguration(
+      kernelPath: kernel, memorySize: 32 << 20, accelerator: .soft, serial: .none)
+    configuration.display = .vnc(address: "127.0.0.1:0", tablet: tablet)
+    let machine = try VirtualMachine(configuration: configuration)
+    defer { machine.shutdownDevices() }
+    let tablets = machine.virtioDevices.filter { $0.model.deviceType == 18 }
+    #expect(tablets.count == (tablet ? 1 : 0))
+  }
+}

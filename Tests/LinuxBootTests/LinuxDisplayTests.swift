@@ -86,6 +86,73 @@ import Testing
       throw error
     }
   }
+
+  /// A pointer move and a click from vncdotool reach the guest's event device for the virtio
+  /// tablet: ABS_X/ABS_Y scaled from the client's coordinates (c * 0x7FFF / (size - 1)), then
+  /// BTN_LEFT pressed and released, read back as raw input_event records.
+  @Test(.timeLimit(.minutes(15)))
+  func vncPointerReachesTheVirtioTablet() async throws {
+    guard (try? hostCommand("vncdo", ["--version"]))?.status == 0 else {
+      Issue.record("vncdo is missing: scripts/install-deps.sh installs vncdotool")
+      return
+    }
+    let images = try GuestImages.images("guest")
+    // The shell stays on the serial port (the last console=), where the test types.
+    let session = try GuestSession(arguments: [
+      "run", "--accel", "soft", "--memory", "256M", "--kernel", images.kernel, "--initrd", images.initrd,
+      "--cmdline", "console=tty0 console=ttyS0 panic=-1 hostvisor.modules=virtio_pci,virtio_input,evdev",
+      "--display", "vnc=127.0.0.1:0",
+    ])
+    defer { session.kill() }
+    do {
+      let listening = try await session.waitFor(
+        "\n", after: try await Self.waitForVNCLine(session), timeout: .seconds(5))
+      let port = try #require(
+        listening.split(separator: ":").last.map { String($0).trimmingCharacters(in: .whitespaces) })
+      let server = "127.0.0.1::\(port)"
+      try await session.waitForShell()
+      let device = try await session.run(
+        "for d in /sys/class/input/event*; do grep -q 'Hostvisor Tablet' $d/device/name && echo ${d##*/}; done")
+      try #require(device.hasPrefix("event"), "no event device named Hostvisor Tablet: '\(device)'")
+      _ = try await session.run("cat /dev/input/\(device) > /tmp/events & sleep 1")
+
+      let (x, y) = (300, 200)
+      #expect(try hostCommand("vncdo", ["-s", server, "move", "\(x)", "\(y)", "click", "1"]).status == 0)
+      // Four reports: the move, the press, the release (each with its SYN_REPORT); the
+      // repeated position is filtered by the guest's input core.
+      var size = 0
+      for _ in 0..<60 where size < 6 * 24 {
+        try await Task.sleep(for: .seconds(2))
+        size = Int(try await session.run("wc -c < /tmp/events")) ?? 0
+      }
+      let dump = try await session.run("od -An -tx1 -v /tmp/events")
+      let bytes = dump.split(whereSeparator: { $0 == " " || $0.isNewline }).compactMap { UInt8($0, radix: 16) }
+      #expect(bytes.count % 24 == 0 && bytes.count >= 6 * 24, "\(bytes.count) bytes of events")
+      // struct input_event on x86-64: 16 bytes of time, u16 type, u16 code, s32 value.
+      let events = stride(from: 0, to: bytes.count - bytes.count % 24, by: 24).map { start -> [Int] in
+        let field = { (offset: Int, count: Int) in
+          (0..<count).reduce(0) { $0 | Int(bytes[start + offset + $1]) << ($1 * 8) }
+        }
+        return [field(16, 2), field(18, 2), field(20, 4)]
+      }
+      let (evAbs, evKey, absX, absY, buttonLeft) = (3, 1, 0, 1, 0x110)
+      #expect(events.contains([evAbs, absX, x * 0x7FFF / 1023]), "\(events)")
+      #expect(events.contains([evAbs, absY, y * 0x7FFF / 767]), "\(events)")
+      let press = events.firstIndex(of: [evKey, buttonLeft, 1])
+      let release = events.firstIndex(of: [evKey, buttonLeft, 0])
+      #expect(press != nil && release != nil && press! < release!, "\(events)")
+    } catch {
+      session.saveTranscript(name: "display-tablet")
+      throw error
+    }
+  }
+
+  /// Waits for the VNC server's address line; returns where the address starts.
+  static func waitForVNCLine(_ session: GuestSession) async throws -> String.Index? {
+    let marker = "VNC server listening on "
+    _ = try await session.waitFor(marker, timeout: .seconds(60))
+    return session.text.range(of: marker)?.upperBound
+  }
 }
 
 /// Decodes an 8-bit RGB PNG with python3's zlib and struct (checking every chunk's CRC).
