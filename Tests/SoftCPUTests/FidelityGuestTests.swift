@@ -50,7 +50,7 @@ enum FidelityGuestBuilder {
 /// Boots a fidelity guest on the software CPU (or KVM) with port 0xE9 output and
 /// isa-debug-exit, and returns how it stopped and what it printed.
 func bootFidelityGuest(
-  _ name: String, kvm: Bool = false, timeout: Double = 60, memoryMegabytes: UInt64 = 64,
+  _ name: String, kvm: Bool = false, cpuCount: Int = 1, timeout: Double = 60, memoryMegabytes: UInt64 = 64,
   install: (MachineParts) throws -> Void = { _ in }
 ) throws -> (MachineStopReason, String) {
   let memory = try GuestMemory(size: memoryMegabytes << 20)
@@ -64,7 +64,8 @@ func bootFidelityGuest(
   let parts = MachineParts(memory: memory, bus: bus, control: control, interrupts: InterruptRouter())
   try install(parts)
   let accelerator: any Accelerator =
-    kvm ? try KVMAccelerator(parts: parts, cpuCount: 1) : try SoftAccelerator(parts: parts)
+    kvm
+    ? try KVMAccelerator(parts: parts, cpuCount: cpuCount) : try SoftAccelerator(parts: parts, cpuCount: cpuCount)
   DispatchQueue.global().asyncAfter(deadline: .now() + timeout) {
     control.requestStop(.failure("watchdog: the guest did not finish in \(timeout) s"))
   }
@@ -129,6 +130,20 @@ struct FidelityGuestTests {
   /// and the one-shot timer's current count after expiry.
   @Test func localAPICBaseAndOneShotTimer() throws {
     let (reason, output) = try bootFidelityGuest("apic")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// x2APIC mode: the IA32_APIC_BASE transitions, the MSR register interface and its #GP
+  /// cases, the x2APIC and logical IDs, the timer through MSRs, SELF IPI and ICR IPIs.
+  @Test func x2APICModeOnOneCPU() throws {
+    let (reason, output) = try bootFidelityGuest("x2apic")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// x2APIC IPIs from the BSP to an AP (which enters x2APIC mode in real mode) by physical ID,
+  /// logical cluster and broadcast; INIT and SIPI through the 64-bit ICR.
+  @Test func x2APICInterprocessorInterrupts() throws {
+    let (reason, output) = try bootFidelityGuest("x2apic_smp", cpuCount: 2)
     #expect(reason == .debugExit(value: 0), "guest output: \(output)")
   }
 }
