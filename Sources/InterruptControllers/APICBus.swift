@@ -34,6 +34,9 @@ public protocol InterruptDelivery: AnyObject, Sendable {
   /// Whether `destination` addresses this APIC: physical (APIC ID, 0xFF = all) or logical
   /// (flat or cluster model, per the APIC's DFR/LDR).
   func isDestination(_ destination: UInt8, logical: Bool) -> Bool
+  /// Whether an x2APIC ICR's 32-bit `destination` addresses this APIC: physical (x2APIC ID,
+  /// 0xFFFFFFFF = all) or logical (x2APIC cluster and members).
+  func isDestination(extended destination: UInt32, logical: Bool) -> Bool
   /// Accepts a message addressed to this APIC.
   func deliver(_ message: InterruptMessage)
 }
@@ -67,6 +70,13 @@ public final class APICBus: Sendable {
   @discardableResult
   public func send(_ message: InterruptMessage, destination: UInt8, logical: Bool) -> Int {
     let targets = localAPICs.filter { $0.isDestination(destination, logical: logical) }
+    return deliver(message, to: targets)
+  }
+
+  /// Sends `message` to the APICs that an x2APIC ICR's 32-bit `destination` addresses.
+  @discardableResult
+  public func send(_ message: InterruptMessage, extendedDestination destination: UInt32, logical: Bool) -> Int {
+    let targets = localAPICs.filter { $0.isDestination(extended: destination, logical: logical) }
     return deliver(message, to: targets)
   }
 

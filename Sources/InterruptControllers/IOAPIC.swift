@@ -60,6 +60,13 @@ public final class IOAPIC: MMIODevice, EndOfInterruptListener {
     }
   }
 
+  /// The vector an edge on `pin` sends, or nil when the entry is masked.
+  public func unmaskedVector(pin: Int) -> UInt8? {
+    guard pin >= 0 && pin < Self.pinCount else { return nil }
+    let entry = state.withLock { $0.entries[pin] }
+    return entry & Entry.masked == 0 ? UInt8(truncatingIfNeeded: entry) : nil
+  }
+
   /// The redirection entry of `pin` (for tests and debugging).
   public func redirectionEntry(_ pin: Int) -> UInt64 { state.withLock { $0.entries[pin] } }
 

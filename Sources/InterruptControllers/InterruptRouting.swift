@@ -61,7 +61,15 @@ public final class PlatformInterruptControllers: Sendable {
     pic = DualPIC()
     let routing = InterruptRouting(pic: pic, ioapic: ioapic)
     self.routing = routing
-    pit = ProgrammableIntervalTimer(clock: clock, irq0: InterruptLine(router: routing, line: 0))
+    // The PIT raises an owed tick once the last one left the 8259's IRR (IRQ 0) or, through
+    // IOAPIC pin 2, the local APICs' IRRs.
+    let (localAPICs, ioapic, pic) = (localAPICs, ioapic, pic)
+    let pin = InterruptRouting.ioapicPin(forLine: 0)
+    pit = ProgrammableIntervalTimer(clock: clock, irq0: InterruptLine(router: routing, line: 0)) {
+      if pic.isRequestPending(0) { return true }
+      guard let vector = ioapic.unmaskedVector(pin: pin) else { return false }
+      return localAPICs.contains { $0.isRequested(vector: vector) }
+    }
     systemControlPort = SystemControlPort(pit: pit, clock: clock)
     let bsp = localAPICs[0]
     bsp.connectExternalInterruptController(pic)

@@ -56,11 +56,13 @@ public enum LocalAPICEvent: Equatable, Sendable {
   case interrupt(vector: UInt8)
 }
 
-/// A local APIC in xAPIC mode (Intel SDM vol. 3 ch. 11): one per vCPU.
+/// A local APIC in xAPIC or x2APIC mode (Intel SDM vol. 3 ch. 11): one per vCPU.
 ///
-/// The software CPU routes its accesses to the 4 KiB page at `mmioBase` (0xFEE00000) to
-/// `readRegister`/`writeRegister` of *its own* APIC (the page is per CPU, so it cannot live on
-/// the shared IOBus except in single-CPU setups, where `LocalAPIC` also works as an MMIODevice).
+/// In xAPIC mode the software CPU routes its accesses to the 4 KiB page at `mmioBase`
+/// (0xFEE00000) to `readRegister`/`writeRegister` of *its own* APIC (the page is per CPU, so it
+/// cannot live on the shared IOBus except in single-CPU setups, where `LocalAPIC` also works as
+/// an MMIODevice). In x2APIC mode (IA32_APIC_BASE.EXTD) the page is not decoded and the
+/// registers are MSRs 0x800-0x8FF (`readX2APICRegister`/`writeX2APICRegister`).
 ///
 /// Timers are computed from the machine clock, never ticked: the CPU calls `poll(now:)` from
 /// its run loop (cheap when nothing expired) and sleeps at most until `nextTimerDeadline`.
@@ -78,6 +80,10 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
   public static let baseEnableBit: UInt64 = 1 << 11
   /// IA32_APIC_BASE bootstrap-processor bit.
   public static let baseBSPBit: UInt64 = 1 << 8
+  /// IA32_APIC_BASE x2APIC enable bit (EXTD).
+  public static let baseExtendedBit: UInt64 = 1 << 10
+  /// The MSRs of the x2APIC register interface: MSR 0x800 + (xAPIC offset >> 4).
+  public static let x2APICMSRs: ClosedRange<UInt32> = 0x800...0x8FF
 
   /// Whether this is the bootstrap processor's APIC.
   public let isBootstrapProcessor: Bool
@@ -178,6 +184,9 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
     return nil
   }
 
+  /// Whether `vector` waits in the IRR (requested, not yet taken by the CPU).
+  public func isRequested(vector: UInt8) -> Bool { state.withLock { $0.irr.contains(vector) } }
+
   /// Whether an NMI is pending.
   public var hasPendingNMI: Bool { state.withLock { $0.nmiPending } }
 
@@ -238,29 +247,109 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
   /// accepts no interrupts, and CPUID.1:EDX.APIC reads 0.
   public var isGloballyEnabled: Bool { state.withLock { $0.globallyEnabled } }
 
-  /// Whether accesses to the default page (0xFEE00000) reach this APIC: it is enabled and not
-  /// relocated.
+  /// Whether the APIC is in x2APIC mode (IA32_APIC_BASE.EN and EXTD): its registers are MSRs
+  /// 0x800-0x8FF and its page is not decoded.
+  public var isX2APICMode: Bool { state.withLock { $0.x2APICMode } }
+
+  /// Whether accesses to the default page (0xFEE00000) reach this APIC: it is enabled in xAPIC
+  /// mode and not relocated.
   public var decodesDefaultPage: Bool {
-    state.withLock { $0.globallyEnabled && $0.apicBase & 0x000F_FFFF_FFFF_F000 == Self.defaultBase }
+    state.withLock {
+      $0.globallyEnabled && !$0.x2APICMode && $0.apicBase & 0x000F_FFFF_FFFF_F000 == Self.defaultBase
+    }
   }
 
-  /// Writes IA32_APIC_BASE. Returns false (the CPU raises #GP) for reserved bits: bits 0-7, 9,
-  /// x2APIC enable (bit 10, not implemented here) and base bits at or above
-  /// `physicalAddressBits` (the CPU's MAXPHYADDR). Clearing the enable bit resets the APIC.
+  /// Writes IA32_APIC_BASE. Returns false (the CPU raises #GP) for reserved bits (0-7, 9, base
+  /// bits at or above `physicalAddressBits`, the CPU's MAXPHYADDR) and for the transitions SDM
+  /// vol. 3 11.12.5 forbids: EXTD without EN, x2APIC to xAPIC mode, and disabled to x2APIC
+  /// mode. Clearing the enable bit resets the APIC (the x2APIC then leaves x2APIC mode too).
   public func writeAPICBaseMSR(_ value: UInt64, physicalAddressBits: Int = 52) -> Bool {
     let baseMask: UInt64 = ((1 << UInt64(min(physicalAddressBits, 52))) - 1) & ~0xFFF
-    let writable: UInt64 = baseMask | Self.baseEnableBit | Self.baseBSPBit
+    let writable: UInt64 = baseMask | Self.baseEnableBit | Self.baseBSPBit | Self.baseExtendedBit
     guard value & ~writable == 0 else { return false }
-    update { state in
+    let enable = value & Self.baseEnableBit != 0
+    let extended = value & Self.baseExtendedBit != 0
+    if extended && !enable { return false }
+    return update { state in
       let wasEnabled = state.globallyEnabled
+      let wasX2APIC = state.x2APICMode
+      if wasX2APIC && enable && !extended { return false }
+      if !wasEnabled && extended { return false }
       state.apicBase = (value & ~Self.baseBSPBit) | (state.isBSP ? Self.baseBSPBit : 0)
       if wasEnabled && !state.globallyEnabled { state.resetRegisters() }
+      return true
     }
-    return true
   }
 
-  /// The APIC ID (bits 31:24 of the ID register).
+  /// The APIC ID (bits 31:24 of the xAPIC ID register).
   public var id: UInt8 { state.withLock { $0.id } }
+
+  /// The x2APIC ID: the initial APIC ID, read-only, what register 0x802 and CPUID leaf 0xB
+  /// report.
+  public var x2APICID: UInt32 { state.withLock { $0.x2APICID } }
+
+  // MARK: x2APIC registers
+
+  /// RDMSR of x2APIC register `msr` (0x800-0x8FF). Nil (the CPU raises #GP) outside x2APIC
+  /// mode and for reserved and write-only registers (EOI, SELF IPI).
+  public func readX2APICRegister(_ msr: UInt32) -> UInt64? {
+    guard Self.x2APICMSRs.contains(msr) else { return nil }
+    let offset = (msr - Self.x2APICMSRs.lowerBound) << 4
+    let now = clock.nanoseconds
+    return state.withLock { state -> UInt64? in
+      guard state.x2APICMode else { return nil }
+      switch offset {
+      case APICRegister.id: return UInt64(state.x2APICID)
+      case APICRegister.ldr: return UInt64(state.x2APICLogicalID)
+      case APICRegister.icrLow: return UInt64(state.icrHigh) << 32 | UInt64(state.icrLow)
+      case APICRegister.version, APICRegister.tpr, APICRegister.ppr, APICRegister.svr,
+        APICRegister.isr..<APICRegister.esr, APICRegister.esr, APICRegister.lvtTimer...APICRegister.lvtError,
+        APICRegister.initialCount, APICRegister.currentCount, APICRegister.divideConfiguration:
+        return UInt64(state.read(offset, now: now))
+      default: return nil
+      }
+    }
+  }
+
+  /// WRMSR of x2APIC register `msr` (0x800-0x8FF). Returns false (the CPU raises #GP) outside
+  /// x2APIC mode, for reserved and read-only registers, for bits 63:32 set (but in the ICR),
+  /// and for a non-zero write to EOI or the ESR. The ICR is one 64-bit register with a 32-bit
+  /// destination in bits 63:32; SELF IPI (0x83F) sends a fixed interrupt to this APIC.
+  public func writeX2APICRegister(_ msr: UInt32, value: UInt64) -> Bool {
+    guard Self.x2APICMSRs.contains(msr) else { return false }
+    let offset = (msr - Self.x2APICMSRs.lowerBound) << 4
+    let low = UInt32(truncatingIfNeeded: value)
+    if offset != APICRegister.icrLow && value >> 32 != 0 { return false }
+    let now = clock.nanoseconds
+    let effect = update { state -> RegisterWriteEffect? in
+      guard state.x2APICMode else { return nil }
+      switch offset {
+      case APICRegister.eoi, APICRegister.esr:
+        guard low == 0 else { return nil }
+        return state.write(offset, value: 0, now: now)
+      case APICRegister.tpr, APICRegister.svr, APICRegister.lvtTimer...APICRegister.lvtError,
+        APICRegister.initialCount, APICRegister.divideConfiguration:
+        return state.write(offset, value: low, now: now)
+      case APICRegister.icrLow:
+        state.icrHigh = UInt32(truncatingIfNeeded: value >> 32)
+        state.icrLow = low & 0x000C_CFFF
+        return state.interprocessorInterrupt()
+      case APICRegister.selfIPI:
+        let vector = UInt8(truncatingIfNeeded: low)
+        if vector < 16 {
+          state.raiseError(APICError.sendIllegalVector)
+        } else {
+          state.acceptVector(vector, levelTriggered: false)
+        }
+        return RegisterWriteEffect.none
+      default:
+        return nil
+      }
+    }
+    guard let effect else { return false }
+    perform(effect)
+    return true
+  }
 
   // MARK: Registers
 
@@ -274,7 +363,10 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
   /// (EOI, IPIs through the ICR, timer programming).
   public func writeRegister(offset: UInt32, value: UInt32) {
     let now = clock.nanoseconds
-    let effect = update { $0.write(offset & 0xFF0, value: value, now: now) }
+    perform(update { $0.write(offset & 0xFF0, value: value, now: now) })
+  }
+
+  private func perform(_ effect: RegisterWriteEffect) {
     switch effect {
     case .none: break
     case .endOfInterrupt(let vector): bus.broadcastEndOfInterrupt(vector: vector)
@@ -301,6 +393,10 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
 
   public func isDestination(_ destination: UInt8, logical: Bool) -> Bool {
     state.withLock { $0.isDestination(destination, logical: logical) }
+  }
+
+  public func isDestination(extended destination: UInt32, logical: Bool) -> Bool {
+    state.withLock { $0.isDestination(extended: destination, logical: logical) }
   }
 
   public func deliver(_ message: InterruptMessage) {
@@ -337,6 +433,8 @@ public final class LocalAPIC: MMIODevice, InterruptDelivery {
   private func send(_ message: InterruptMessage, to target: IPITarget) {
     switch target {
     case .destination(let destination, let logical): bus.send(message, destination: destination, logical: logical)
+    case .extendedDestination(let destination, let logical):
+      bus.send(message, extendedDestination: destination, logical: logical)
     case .selfOnly: deliver(message)
     case .all: bus.broadcast(message)
     case .allExcludingSelf: bus.broadcast(message, excluding: self)
@@ -367,6 +465,8 @@ enum APICRegister {
   static let initialCount: UInt32 = 0x380
   static let currentCount: UInt32 = 0x390
   static let divideConfiguration: UInt32 = 0x3E0
+  /// SELF IPI: x2APIC mode only (MSR 0x83F).
+  static let selfIPI: UInt32 = 0x3F0
 }
 
 /// Indices into `APICState.lvt` (register offset 0x320 + 0x10 * index).
@@ -391,6 +491,8 @@ enum Acknowledgement {
 
 enum IPITarget {
   case destination(UInt8, logical: Bool)
+  /// An x2APIC ICR's 32-bit destination.
+  case extendedDestination(UInt32, logical: Bool)
   case selfOnly
   case all
   case allExcludingSelf
@@ -411,6 +513,8 @@ enum APICError {
 
 struct APICState {
   var id: UInt8
+  /// The initial APIC ID, the x2APIC ID (read-only).
+  let x2APICID: UInt32
   let isBSP: Bool
   var apicBase: UInt64
   var tpr: UInt32 = 0
@@ -441,8 +545,9 @@ struct APICState {
   var lintLevels = [false, false]
   var externalInterruptLatched = false
 
-  init(id: UInt8, isBSP: Bool) {
+  init(id: UInt8, isBSP: Bool, x2APICID: UInt32? = nil) {
     self.id = id
+    self.x2APICID = x2APICID ?? UInt32(id)
     self.isBSP = isBSP
     apicBase = LocalAPIC.defaultBase | LocalAPIC.baseEnableBit | (isBSP ? LocalAPIC.baseBSPBit : 0)
     waitingForStartup = !isBSP
@@ -470,6 +575,13 @@ struct APICState {
   }
 
   var globallyEnabled: Bool { apicBase & LocalAPIC.baseEnableBit != 0 }
+  var x2APICMode: Bool {
+    apicBase & (LocalAPIC.baseEnableBit | LocalAPIC.baseExtendedBit)
+      == LocalAPIC.baseEnableBit | LocalAPIC.baseExtendedBit
+  }
+  /// The x2APIC logical ID (LDR in x2APIC mode, SDM vol. 3 11.12.10.2): the cluster (x2APIC
+  /// ID bits 19:4) in bits 31:16, one bit for the member (ID bits 3:0) in bits 15:0.
+  var x2APICLogicalID: UInt32 { (x2APICID >> 4) << 16 | 1 << (x2APICID & 0xF) }
   var softwareEnabled: Bool { svr & 0x100 != 0 }
   var spuriousVector: UInt8 { UInt8(truncatingIfNeeded: svr) }
 
@@ -583,11 +695,27 @@ struct APICState {
   func isDestination(_ destination: UInt8, logical: Bool) -> Bool {
     guard globallyEnabled else { return false }
     if destination == 0xFF { return true }
+    // An 8-bit destination (IOAPIC, MSI) reaching an x2APIC: the same ID or cluster match.
+    if x2APICMode { return isDestination(extended: UInt32(destination), logical: logical) }
     if !logical { return destination == id }
     let logicalID = UInt8(truncatingIfNeeded: ldr >> 24)
     if dfr >> 28 == 0xF { return logicalID & destination != 0 }
     // Cluster model: high nibble selects the cluster, low nibble the members.
     return destination >> 4 == logicalID >> 4 && destination & logicalID & 0x0F != 0
+  }
+
+  /// A 32-bit destination of an x2APIC ICR: 0xFFFFFFFF is every APIC; physical destinations
+  /// name an x2APIC ID; logical ones a cluster (bits 31:16) and members in it (bits 15:0). An
+  /// APIC still in xAPIC mode matches the 8-bit destinations it would match there.
+  func isDestination(extended destination: UInt32, logical: Bool) -> Bool {
+    guard globallyEnabled else { return false }
+    if destination == 0xFFFF_FFFF { return true }
+    guard x2APICMode else {
+      return destination < 0xFF && isDestination(UInt8(destination), logical: logical)
+    }
+    if !logical { return destination == x2APICID }
+    let logicalID = x2APICLogicalID
+    return destination >> 16 == logicalID >> 16 && destination & logicalID & 0xFFFF != 0
   }
 
   // MARK: Timer
@@ -772,7 +900,12 @@ struct APICState {
     case 1: target = .selfOnly
     case 2: target = .all
     case 3: target = .allExcludingSelf
-    default: target = .destination(UInt8(truncatingIfNeeded: icrHigh >> 24), logical: icrLow & (1 << 11) != 0)
+    default:
+      let logical = icrLow & (1 << 11) != 0
+      target =
+        x2APICMode
+        ? .extendedDestination(icrHigh, logical: logical)
+        : .destination(UInt8(truncatingIfNeeded: icrHigh >> 24), logical: logical)
     }
     return .interprocessor(message, target)
   }
@@ -831,7 +964,7 @@ extension LocalAPIC: StateSavable {
     let id: UInt8 = try reader.read()
     let isBSP = try reader.readBool()
     guard isBSP == isBootstrapProcessor else { throw .invalid("local APIC (bootstrap flag differs)") }
-    var restored = APICState(id: id, isBSP: isBSP)
+    var restored = APICState(id: id, isBSP: isBSP, x2APICID: x2APICID)
     restored.apicBase = try reader.read()
     restored.tpr = try reader.read()
     restored.ldr = try reader.read()

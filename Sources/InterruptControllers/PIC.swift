@@ -207,6 +207,13 @@ public final class DualPIC: PortIODevice, ExternalInterruptController {
     }
   }
 
+  /// Whether ISA IRQ `irq` (0-7, on the master) is requested and not masked: it waits for an
+  /// INTA cycle.
+  public func isRequestPending(_ irq: Int) -> Bool {
+    guard (0..<8).contains(irq) else { return false }
+    return chips.withLock { ($0.master.irr & ~$0.master.imr) & (1 << UInt8(irq)) != 0 }
+  }
+
   /// Whether the master's INTR output is asserted.
   public var hasPendingInterrupt: Bool { chips.withLock { $0.output } }
 

@@ -27,6 +27,9 @@ struct PITChannel {
   var runningSince: UInt64?
   /// Next tick count (in `elapsedTicks` terms) at which OUT rises (channel 0 raises IRQ 0 then).
   var nextEventTick: UInt64?
+  /// OUT rising edges that are due and whose interrupt has not been raised yet (channel 0:
+  /// the backlog `ProgrammableIntervalTimer` reinjects one at a time).
+  var owedEvents: UInt64 = 0
 
   init(gate: Bool) { self.gate = gate }
 
@@ -75,6 +78,7 @@ struct PITChannel {
     baseTicks = 0
     runningSince = (gate || mode == 1 || mode == 5) ? now : nil
     nextEventTick = UInt64(reload)
+    owedEvents = 0
   }
 
   mutating func setGate(_ level: Bool, now: UInt64) {
@@ -108,19 +112,26 @@ struct PITChannel {
     return start &+ TimeBase.nanoseconds(ticks: tick - baseTicks, frequency: ProgrammableIntervalTimer.frequency)
   }
 
-  /// Consumes the OUT edge due by `now`; returns whether one happened.
-  mutating func takeEvent(now: UInt64) -> Bool {
+  /// Consumes the OUT edges due by `now` and adds them to `owedEvents`, at most `limit` in
+  /// all; returns whether any happened.
+  mutating func takeEvents(now: UInt64, limit: UInt64) -> Bool {
     guard armed, runningSince != nil, let tick = nextEventTick else { return false }
     let elapsed = elapsedTicks(now: now)
     guard elapsed >= tick else { return false }
+    var edges: UInt64 = 1
     if isPeriodic {
       let initial = UInt64(reload)
+      edges = (elapsed - tick) / initial + 1
       nextEventTick = (elapsed / initial + 1) * initial
     } else {
       nextEventTick = nil
     }
+    owedEvents = min(owedEvents &+ edges, max(limit, 1))
     return true
   }
+
+  /// How many periods of one second: the bound of the reinjection backlog.
+  var periodsPerSecond: UInt64 { max(ProgrammableIntervalTimer.frequency / UInt64(reload), 1) }
 
   func statusByte(now: UInt64) -> UInt8 {
     (output(now: now) ? 0x80 : 0) | (nullCount ? 0x40 : 0) | (access << 4) | (mode << 1) | (bcd ? 1 : 0)
@@ -134,6 +145,7 @@ struct PITChannel {
     armed = false
     runningSince = nil
     nextEventTick = nil
+    owedEvents = 0
     writeHighNext = false
     readHighNext = false
     latchedCount = nil
@@ -207,7 +219,11 @@ struct PITChannel {
 ///
 /// Counts are derived from the machine clock, never ticked. Channel 0's OUT rising edge raises
 /// IRQ 0 as a pulse on `irq0` (periodic in modes 2 and 3): the run loop calls `poll(now:)` and
-/// sleeps at most until `nextDeadline`. Channel 2's gate and OUT are reached through port 0x61
+/// sleeps at most until `nextDeadline`. When the run loop comes late (the host descheduled the
+/// vCPU thread for several periods), the missed edges are not merged into one interrupt: they
+/// are owed and raised one at a time, each once the previous one was taken (`isTickPending`
+/// says it no longer waits in a controller), like QEMU's `lost_tick_policy=delay`; the backlog
+/// holds at most one second of periods. Channel 2's gate and OUT are reached through port 0x61
 /// (`SystemControlPort`). BCD counting is recorded in the status byte but counts are binary.
 /// Thread-safe.
 public final class ProgrammableIntervalTimer: PortIODevice {
@@ -218,13 +234,19 @@ public final class ProgrammableIntervalTimer: PortIODevice {
 
   private let clock: any MachineClock
   private let irq0: InterruptLine?
+  private let isTickPending: (@Sendable () -> Bool)?
   private let channels: Mutex<[PITChannel]>
   private let deadlineCache = Atomic<UInt64>(UInt64.max)
+  private let owedCache = Atomic<UInt64>(0)
 
-  /// Creates the PIT; channel 0's interrupt goes to `irq0` (GSI 0).
-  public init(clock: any MachineClock, irq0: InterruptLine?) {
+  /// Creates the PIT; channel 0's interrupt goes to `irq0` (GSI 0). `isTickPending` says
+  /// whether the last IRQ 0 still waits to be taken (in the 8259's or a local APIC's request
+  /// register): an owed tick is raised only when it returns false. Without it, each poll
+  /// raises one owed tick.
+  public init(clock: any MachineClock, irq0: InterruptLine?, isTickPending: (@Sendable () -> Bool)? = nil) {
     self.clock = clock
     self.irq0 = irq0
+    self.isTickPending = isTickPending
     channels = Mutex([PITChannel(gate: true), PITChannel(gate: true), PITChannel(gate: false)])
   }
 
@@ -239,13 +261,24 @@ public final class ProgrammableIntervalTimer: PortIODevice {
     return deadline == UInt64.max ? nil : deadline
   }
 
-  /// Raises IRQ 0 if channel 0's OUT rose by `now` (several missed periods coalesce into one).
-  /// Lock-free when nothing is due.
+  /// Counts channel 0's OUT edges due by `now` and raises IRQ 0 for the oldest owed one unless
+  /// the previous one is still pending. Lock-free when nothing is due or owed.
   public func poll(now: UInt64) {
-    guard now >= deadlineCache.load(ordering: .acquiring) else { return }
-    let fired = mutate { $0[0].takeEvent(now: now) }
-    if fired { irq0?.pulse() }
+    if now >= deadlineCache.load(ordering: .acquiring) {
+      mutate { _ = $0[0].takeEvents(now: now, limit: $0[0].periodsPerSecond) }
+    }
+    guard owedCache.load(ordering: .acquiring) != 0 else { return }
+    if let isTickPending, isTickPending() { return }
+    let raise = mutate { channels -> Bool in
+      guard channels[0].owedEvents > 0 else { return false }
+      channels[0].owedEvents -= 1
+      return true
+    }
+    if raise { irq0?.pulse() }
   }
+
+  /// Channel 0 interrupts that are due and not raised yet.
+  public var owedTicks: UInt64 { owedCache.load(ordering: .acquiring) }
 
   /// Polls at the clock's current time.
   public func poll() { poll(now: clock.nanoseconds) }
@@ -305,6 +338,7 @@ public final class ProgrammableIntervalTimer: PortIODevice {
     channels.withLock { channels in
       let result = body(&channels)
       deadlineCache.store(channels[0].nextEventTime() ?? UInt64.max, ordering: .releasing)
+      owedCache.store(channels[0].owedEvents, ordering: .releasing)
       return result
     }
   }
@@ -402,11 +436,15 @@ extension ProgrammableIntervalTimer: StateSavable {
   public func saveState(into writer: inout StateWriter) {
     let saved = channels.withLock { $0 }
     for channel in saved { channel.save(into: &writer) }
+    writer.write(saved[0].owedEvents)
   }
 
   public func restoreState(from reader: inout StateReader) throws(MachineStateError) {
     var restored: [PITChannel] = []
     for _ in 0..<3 { restored.append(try PITChannel.restore(from: &reader)) }
+    // Sections written before the backlog was saved end here: nothing owed.
+    let owed: UInt64 = reader.isAtEnd ? 0 : try reader.read()
+    restored[0].owedEvents = min(owed, restored[0].periodsPerSecond)
     mutate { $0 = restored }
   }
 }

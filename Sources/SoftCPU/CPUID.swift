@@ -22,9 +22,9 @@ enum CPUModel {
   /// Leaf 1 EBX[15:8]: CLFLUSH line size in 8-byte units (64 bytes).
   static let clflushLineSize: UInt32 = 8
   /// Leaf 1 ECX: SSE3(0) PCLMULQDQ(1) SSSE3(9) CX16(13) SSE4.1(19) SSE4.2(20) MOVBE(22) POPCNT(23)
-  /// TSC-deadline(24) XSAVE(26) hypervisor(31); OSXSAVE(27) mirrors CR4.OSXSAVE. No x2APIC/PCID.
+  /// TSC-deadline(24) XSAVE(26) hypervisor(31) x2APIC(21); OSXSAVE(27) mirrors CR4.OSXSAVE. No PCID.
   static let leaf1ECX: UInt32 =
-    1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 22 | 1 << 23 | 1 << 24 | 1 << 26 | 1 << 31
+    1 << 0 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 21 | 1 << 22 | 1 << 23 | 1 << 24 | 1 << 26 | 1 << 31
   /// Leaf 1 ECX bit 27: OSXSAVE (CR4.OSXSAVE).
   static let leaf1ECXOSXSAVE: UInt32 = 1 << 27
   /// Leaf 1 ECX bit 26: XSAVE (CR4.OSXSAVE is reserved without it).

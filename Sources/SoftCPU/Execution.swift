@@ -75,6 +75,28 @@ extension CPU {
     segmentBase[Int(segment)] = base
   }
 
+  /// The exception for a memory reference of `instruction` that the page walk found
+  /// non-canonical (`Fault.nonCanonical`): #SS(0) when the reference goes through SS (the
+  /// implicit stack accesses of PUSH, POP, CALL, RET, ENTER, LEAVE, IRET and far transfers,
+  /// and explicit operands whose segment is SS, by default with an RSP or RBP base), else
+  /// #GP(0) (SDM vol. 3 6.15, interrupts 12 and 13). Other faults pass unchanged. Called with
+  /// RIP still past the instruction (RIP-relative operands).
+  func faultForNonCanonicalAccess(_ fault: Fault, _ instruction: Instruction) -> Fault {
+    guard fault.isNonCanonicalAccess else { return fault }
+    // The faulting byte lies within the explicit operand (accesses are at most 64 bytes).
+    let explicitOperandFaulted =
+      instruction.hasMemoryOperand && fault.address &- operandAddress(instruction) < 64
+    let throughStack: Bool
+    switch instruction.op {
+    case .pushRm, .pushImm, .popRm, .pushSeg, .popSeg, .pushf, .popf, .enter, .leave, .callRel, .callRm, .ret,
+      .retImm, .farCall, .retFar, .iret:
+      throughStack = !explicitOperandFaulted || instruction.segment == SegmentIndex.ss
+    default:
+      throughStack = instruction.hasMemoryOperand && instruction.segment == SegmentIndex.ss
+    }
+    return throughStack ? .stackFault(0) : .generalProtection(0)
+  }
+
   /// Executes at most `instructionLimit` instructions from `rip`.
   /// In flat test mode a fault stops execution with `rip` at the faulting instruction and
   /// architectural state as the hardware leaves it at the fault.
@@ -114,6 +136,7 @@ extension CPU {
         do {
           blockIndex = try findBlock(fetchAddress)
         } catch {
+          let error = error.isNonCanonicalAccess ? Fault.generalProtection(0) : error
           if flatTestMode { return .fault(error) }
           deliverException(error)
           if system.shutdownReason != nil { return .stopRequested }
@@ -162,6 +185,7 @@ extension CPU {
           instruction += 1
         }
       } catch {
+        let error = faultForNonCanonicalAccess(error, instruction.pointee)
         rip = instructionStart
         let executed = instruction - start
         retiredInstructions &+= UInt64(executed)

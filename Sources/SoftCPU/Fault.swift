@@ -36,6 +36,14 @@ public struct Fault: Error, Equatable, Sendable {
   /// #XM: SIMD floating-point exception.
   public static let simdError = Fault(vector: 19)
 
+  /// #GP(0) for a non-canonical linear address, as the page walk raises it. `address` keeps the
+  /// address, so the execution loop can tell a reference through SS, which raises #SS(0)
+  /// instead (`CPU.faultForNonCanonicalAccess`); the fault delivered has no address.
+  public static func nonCanonical(_ linear: UInt64) -> Fault { Fault(vector: 13, errorCode: 0, address: linear) }
+
+  /// Whether this is `nonCanonical` (a non-canonical address is never 0).
+  public var isNonCanonicalAccess: Bool { vector == 13 && address != 0 }
+
   /// #GP with an error code (usually a selector, or 0).
   public static func generalProtection(_ code: UInt32 = 0) -> Fault { Fault(vector: 13, errorCode: code) }
   /// #SS with an error code.

@@ -133,6 +133,9 @@ extension CPU {
     case MSRIndex.gsBase: return segments[Int(SegmentIndex.gs)].base
     case MSRIndex.kernelGSBase: return kernelGSBase
     case MSRIndex.tscAux: return tscAux
+    case LocalAPIC.x2APICMSRs:
+      guard let value = system.localAPIC?.readX2APICRegister(index) else { throw .generalProtection(0) }
+      return value
     default:
       if let value = readPerformanceMSR(index) { return value }
       if isStoredMSR(index) {
@@ -150,8 +153,9 @@ extension CPU {
     case MSRIndex.tsc:
       tscOffset = value &- (timeStampCounter() &- tscOffset)
     case MSRIndex.apicBase:
-      // Reserved bits (0-7, 9, x2APIC enable 10, base bits at or above MAXPHYADDR) raise #GP;
-      // BSP is read-only. A base other than 0xFEE00000 is decoded by this CPU's memory path.
+      // Reserved bits (0-7, 9, base bits at or above MAXPHYADDR) and the forbidden x2APIC
+      // transitions raise #GP; BSP is read-only. A base other than 0xFEE00000 is decoded by
+      // this CPU's memory path; in x2APIC mode no page is decoded.
       if let apic = system.localAPIC {
         guard apic.writeAPICBaseMSR(value, physicalAddressBits: Int(system.physicalAddressBits)) else {
           throw .generalProtection(0)
@@ -163,8 +167,8 @@ extension CPU {
         apicBase = (value & ~0x100) | (apicBase & 0x100)
       }
       let page = apicBase & ~0xFFF
-      system.relocatedAPICPage =
-        apicBase & LocalAPIC.baseEnableBit != 0 && page != LocalAPIC.defaultBase ? page : UInt64.max
+      let xAPICMode = apicBase & (LocalAPIC.baseEnableBit | LocalAPIC.baseExtendedBit) == LocalAPIC.baseEnableBit
+      system.relocatedAPICPage = xAPICMode && page != LocalAPIC.defaultBase ? page : UInt64.max
     case MSRIndex.sysenterCS: sysenterCS = value & 0xFFFF
     case MSRIndex.sysenterESP:
       guard isCanonical(value) else { throw .generalProtection(0) }
@@ -206,6 +210,10 @@ extension CPU {
       guard isCanonical(value) else { throw .generalProtection(0) }
       kernelGSBase = value
     case MSRIndex.tscAux: tscAux = value & 0xFFFF_FFFF
+    case LocalAPIC.x2APICMSRs:
+      guard let apic = system.localAPIC, apic.writeX2APICRegister(index, value: value) else {
+        throw .generalProtection(0)
+      }
     case MSRIndex.mtrrDefaultType:
       if value & ~0xCFF != 0 { throw .generalProtection(0) }
       system.storedMSRs[index] = value

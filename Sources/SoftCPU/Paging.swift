@@ -72,7 +72,7 @@ extension CPU {
       return .identity(isLongModeActive ? linear : linear & 0xFFFF_FFFF)
     }
     if efer & X86.eferLMA != 0 {
-      if !isCanonical(linear) { throw .generalProtection(0) }
+      if !isCanonical(linear) { throw .nonCanonical(linear) }
       return try walkHierarchical(linear, access: access, cpl: cpl, levels: 4)
     }
     if cr4 & X86.cr4PAE != 0 {

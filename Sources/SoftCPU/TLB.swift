@@ -74,9 +74,9 @@ extension CPU {
   @inline(never)
   func translate(_ linear: UInt64, access: MemoryAccess) throws(Fault) -> UInt64 {
     if codeSize == 8 || efer & X86.eferLMA != 0 {
-      // Non-canonical addresses raise #GP(0) (#SS(0) for stack references; not distinguished yet).
+      // Non-canonical addresses raise #GP(0); the execution loop makes stack references #SS(0).
       if UInt64(bitPattern: Int64(bitPattern: linear << 16) >> 16) != linear {
-        throw .generalProtection(0)
+        throw .nonCanonical(linear)
       }
     }
     if cr0 & X86.cr0PG == 0 {

@@ -15,6 +15,8 @@ struct SoftAcceleratorImage: Equatable {
   /// The 8259 pair's INTR output.
   var picOutput = false
   var pitChannels: [SoftPITChannelImage] = []
+  /// PIT channel 0 interrupts due and not yet raised (lost-tick reinjection).
+  var pitOwedTicks: UInt64 = 0
   /// Port 0x61's stored bits.
   var port61: UInt8 = 0
   /// The 24 GSI line levels.
@@ -47,6 +49,8 @@ struct SoftAcceleratorImage: Equatable {
       image.pitChannels = try reader.section("pit") { (reader) throws(MachineStateError) in
         var channels: [SoftPITChannelImage] = []
         for _ in 0..<3 { channels.append(try SoftPITChannelImage.read(from: &reader)) }
+        // The reinjection backlog (channel 0's owed interrupts); absent in older sections.
+        image.pitOwedTicks = reader.isAtEnd ? 0 : try reader.read()
         return channels
       }
       image.port61 = try reader.section("port61") { (reader) throws(MachineStateError) in try reader.read(UInt8.self) }
@@ -76,6 +80,7 @@ struct SoftAcceleratorImage: Equatable {
       }
       writer.section("pit") { writer in
         for channel in pitChannels { channel.write(into: &writer) }
+        writer.write(pitOwedTicks)
       }
       writer.section("port61") { $0.write(port61) }
       writer.section("gsi") { writer in

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import Testing
 import VMCore
 
@@ -54,11 +55,86 @@ struct PITBench {
       #expect(bench.sink.events.last?.level == false, "IRQ 0 is pulsed")
     }
     #expect(bench.pit.nextDeadline == PITBench.ns(1193 * 6))
-    // Missed periods coalesce.
+    // Missed periods are owed: one interrupt per poll (no pending check here), none lost.
     bench.clock.set(nanoseconds: PITBench.ns(1193 * 20 + 5))
     bench.pit.poll()
     #expect(bench.sink.risingEdges(0) == 6)
+    #expect(bench.pit.owedTicks == 14)
     #expect(bench.pit.nextDeadline == PITBench.ns(1193 * 21))
+    for _ in 0..<20 { bench.pit.poll() }
+    #expect(bench.sink.risingEdges(0) == 20)
+    #expect(bench.pit.owedTicks == 0)
+  }
+
+  /// Lost-tick reinjection: after a jump over several periods, each owed interrupt is raised
+  /// only once the previous one was taken; the backlog holds at most one second of periods
+  /// and reprogramming the counter drops it.
+  @Test func missedPeriodsAreReinjectedOneAtATime() throws {
+    let clock = ManualClock()
+    let bus = IOBus()
+    let sink = RecordingSink()
+    /// IRQ 0 is pending from its rising edge until the test takes it.
+    final class PendingLine: InterruptSink {
+      let sink: RecordingSink
+      let pending = Mutex(false)
+      init(sink: RecordingSink) { self.sink = sink }
+      func setInterruptLevel(line: UInt32, level: Bool) {
+        if level { pending.withLock { $0 = true } }
+        sink.setInterruptLevel(line: line, level: level)
+      }
+    }
+    let line = PendingLine(sink: sink)
+    let pit = ProgrammableIntervalTimer(clock: clock, irq0: InterruptLine(router: line, line: 0)) {
+      line.pending.withLock { $0 }
+    }
+    try pit.register(on: bus)
+    bus.portWrite(0x43, size: 1, value: 0x34)
+    bus.portWrite(0x40, size: 1, value: 0xA9)
+    bus.portWrite(0x40, size: 1, value: 0x04)  // 1193: 1000 periods per second
+    // The vCPU comes back after ten periods.
+    clock.set(nanoseconds: PITBench.ns(1193 * 10))
+    var delivered = 0
+    for _ in 0..<30 {
+      pit.poll()
+      pit.poll()  // still pending: nothing more
+      if line.pending.withLock({ $0 }) {
+        delivered += 1
+        line.pending.withLock { $0 = false }  // the CPU takes the interrupt
+      }
+      #expect(sink.risingEdges(0) == delivered)
+    }
+    #expect(delivered == 10)
+    #expect(pit.owedTicks == 0)
+    // Five seconds away: at most one second of periods is owed.
+    clock.set(nanoseconds: PITBench.ns(1193 * 5010))
+    pit.poll()
+    #expect(pit.owedTicks == 999)
+    #expect(sink.risingEdges(0) == 11)
+    // A new count starts over: nothing owed.
+    bus.portWrite(0x40, size: 1, value: 0xA9)
+    bus.portWrite(0x40, size: 1, value: 0x04)
+    #expect(pit.owedTicks == 0)
+  }
+
+  /// The same through the PC's controllers: IRQ 0 through the 8259 reaches the CPU once per
+  /// missed period, each after the previous INTA.
+  @Test func missedPeriodsReachTheCPUThroughThe8259() throws {
+    let machine = try Machine()
+    machine.initializePICs(masterMask: 0xFE, slaveMask: 0xFF)
+    machine.outb(0x43, 0x34)
+    machine.outb(0x40, 0xA9)
+    machine.outb(0x40, 0x04)
+    machine.clock.set(nanoseconds: PITBench.ns(1193 * 7))
+    var vectors: [UInt8] = []
+    for _ in 0..<20 {
+      machine.platform.poll(cpu: 0, now: machine.clock.nanoseconds)
+      machine.platform.poll(cpu: 0, now: machine.clock.nanoseconds)
+      if case .interrupt(let vector) = machine.bsp.takeEvent(interruptsEnabled: true) {
+        vectors.append(vector)
+        machine.outb(0x20, 0x20)  // non-specific EOI
+      }
+    }
+    #expect(vectors == [UInt8](repeating: 0x20, count: 7))
   }
 
   @Test func mode3SquareWave() throws {

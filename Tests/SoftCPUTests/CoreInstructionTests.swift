@@ -358,6 +358,16 @@ struct CoreInstructionTests {
       Issue.record("expected #PF")
     }
 
+    // Non-canonical references: #SS(0) through SS (implicit stack, RBP base), else #GP(0).
+    for (source, vector) in [
+      ("mov rsp, 0x8000000000000008\npush rax", UInt8(12)), ("mov rbp, 0x8000000000000000\nmov rax, [rbp+8]", 12),
+      ("mov rbx, 0x8000000000000000\nmov rax, [rbx]", 13), ("mov rbx, 0x8000000000000000\npush qword ptr [rbx]", 13),
+    ] {
+      let nonCanonical = try CoreMachine()
+      try nonCanonical.load(assembly: source + "\nhlt")
+      #expect(nonCanonical.run() == .fault(Fault(vector: vector, errorCode: 0)), "\(source)")
+    }
+
     let invalid64 = try CoreMachine()
     for opcode: UInt8 in [
       0x06, 0x07, 0x0E, 0x16, 0x17, 0x1E, 0x1F, 0x27, 0x2F, 0x37, 0x3F, 0x60, 0x61, 0x62, 0x82, 0x9A, 0xC4, 0xC5, 0xCE,

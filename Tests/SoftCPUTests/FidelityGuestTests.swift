@@ -51,7 +51,7 @@ enum FidelityGuestBuilder {
 /// isa-debug-exit, presenting `cpuModel` (nil: the accelerator's default), and returns how it
 /// stopped and what it printed.
 func bootFidelityGuest(
-  _ name: String, kvm: Bool = false, cpuModel: GuestCPUModel? = nil, timeout: Double = 60,
+  _ name: String, kvm: Bool = false, cpuCount: Int = 1, cpuModel: GuestCPUModel? = nil, timeout: Double = 60,
   memoryMegabytes: UInt64 = 64, install: (MachineParts) throws -> Void = { _ in }
 ) throws -> (MachineStopReason, String) {
   let memory = try GuestMemory(size: memoryMegabytes << 20)
@@ -66,8 +66,8 @@ func bootFidelityGuest(
   try install(parts)
   let accelerator: any Accelerator =
     kvm
-    ? try KVMAccelerator(parts: parts, cpuCount: 1, cpuModel: cpuModel ?? .host)
-    : try SoftAccelerator(parts: parts, cpuModel: cpuModel ?? .hostvisor)
+    ? try KVMAccelerator(parts: parts, cpuCount: cpuCount, cpuModel: cpuModel ?? .host)
+    : try SoftAccelerator(parts: parts, cpuCount: cpuCount, cpuModel: cpuModel ?? .hostvisor)
   DispatchQueue.global().asyncAfter(deadline: .now() + timeout) {
     control.requestStop(.failure("watchdog: the guest did not finish in \(timeout) s"))
   }
@@ -132,6 +132,20 @@ struct FidelityGuestTests {
   /// and the one-shot timer's current count after expiry.
   @Test func localAPICBaseAndOneShotTimer() throws {
     let (reason, output) = try bootFidelityGuest("apic")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// x2APIC mode: the IA32_APIC_BASE transitions, the MSR register interface and its #GP
+  /// cases, the x2APIC and logical IDs, the timer through MSRs, SELF IPI and ICR IPIs.
+  @Test func x2APICModeOnOneCPU() throws {
+    let (reason, output) = try bootFidelityGuest("x2apic")
+    #expect(reason == .debugExit(value: 0), "guest output: \(output)")
+  }
+
+  /// x2APIC IPIs from the BSP to an AP (which enters x2APIC mode in real mode) by physical ID,
+  /// logical cluster and broadcast; INIT and SIPI through the 64-bit ICR.
+  @Test func x2APICInterprocessorInterrupts() throws {
+    let (reason, output) = try bootFidelityGuest("x2apic_smp", cpuCount: 2)
     #expect(reason == .debugExit(value: 0), "guest output: \(output)")
   }
 }

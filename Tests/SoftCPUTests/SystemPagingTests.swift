@@ -104,8 +104,9 @@ struct SystemPagingTests {
   }
 
   @Test func nonCanonicalAddressIsGeneralProtection() {
-    #expect(
-      thrownFault { _ = try cpu.translateSlow(0x0000_8000_0000_0000, access: .read, cpl: 0) } == .generalProtection(0))
+    let fault = thrownFault { _ = try cpu.translateSlow(0x0000_8000_0000_0000, access: .read, cpl: 0) }
+    #expect(fault == .nonCanonical(0x0000_8000_0000_0000))
+    #expect(fault?.vector == 13 && fault?.errorCode == 0)
   }
 
   @Test func globalPages() throws {

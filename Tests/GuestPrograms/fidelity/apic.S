@@ -42,11 +42,12 @@ test_main:
         movabs LAPIC+0x30, %eax         # the version register
         mov %eax, %r13d
 
-        # Reserved bits: bit 0, bit 10 (x2APIC, not offered), base bit MAXPHYADDR.
+        # Reserved bits: bit 0, x2APIC enable (bit 10) without EN, base bit MAXPHYADDR.
         mov %r12, %rax
         or $1, %rax
         EXPECT_FAULT 13, 3, WRITE_BASE
         mov %r12, %rax
+        btr $11, %rax
         or $0x400, %rax
         EXPECT_FAULT 13, 4, WRITE_BASE
         mov $0x80000008, %eax

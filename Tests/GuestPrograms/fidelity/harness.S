@@ -43,20 +43,21 @@
 9:
         .endm
 
-        # Runs `instruction` expecting exception `vector`, resuming after it.
+        # Runs `instruction` expecting exception `vector`, resuming after it (clobbers R11, so
+        # the instruction sees every other register as the caller set it).
         .macro EXPECT_FAULT vector, check, instruction:vararg
         movq $0xFF, last_vector(%rip)
-        lea 7f(%rip), %rax
-        mov %rax, resume_rip(%rip)
+        lea 7f(%rip), %r11
+        mov %r11, resume_rip(%rip)
         \instruction
 7:      CHECK_EQ last_vector(%rip), \vector, \check
         .endm
 
-        # Runs `instruction` expecting no exception.
+        # Runs `instruction` expecting no exception (clobbers R11).
         .macro EXPECT_NO_FAULT check, instruction:vararg
         movq $0xFF, last_vector(%rip)
-        lea 7f(%rip), %rax
-        mov %rax, resume_rip(%rip)
+        lea 7f(%rip), %r11
+        mov %r11, resume_rip(%rip)
         \instruction
 7:      movq $0, resume_rip(%rip)
         CHECK_EQ last_vector(%rip), 0xFF, \check
