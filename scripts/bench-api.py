@@ -3,31 +3,22 @@
 exec to API socket and exec to first serial byte (wall and CPU time), and the VMM's resident
 memory. Uses a tiny Multiboot guest assembled here that prints one byte and halts with
 interrupts masked. Usage: scripts/bench-api.py [HOSTVISOR_BINARY]"""
-import http.client
 import os
 import select
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from benchsupport import UnixHTTPConnection, assemble_multiboot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, ".build/release/hostvisor")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 GUEST = """
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
-_start: movb $0xFF, %al
+        movb $0xFF, %al
         outb %al, $0x21
         outb %al, $0xA1
         movw $0x3F8, %dx
@@ -37,16 +28,6 @@ _start: movb $0xFF, %al
 idle:   hlt
         jmp idle
 """
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost")
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
 
 
 def request(connection, method, path, body=None):
@@ -89,11 +70,7 @@ def wait_for_socket(path, process):
 
 def main():
     work = tempfile.mkdtemp(prefix="hv-bench-api-")
-    source, obj, kernel = (os.path.join(work, name) for name in ("g.S", "g.o", "g.elf"))
-    with open(source, "w") as handle:
-        handle.write(GUEST)
-    subprocess.run(["as", "--32", "-o", obj, source], check=True)
-    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-o", kernel, obj], check=True)
+    kernel = assemble_multiboot(GUEST, work)
     sock = os.path.join(work, "api.sock")
 
     # Exec to API socket: wall and CPU time, 20 runs.

@@ -19,22 +19,15 @@ import sys
 import tempfile
 import time
 
+from benchsupport import assemble_multiboot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, ".build/release/hostvisor")
 GUEST = os.path.join(ROOT, ".cache/guest")
 MARKER = b"HOSTVISOR-GUEST-READY"
 
 TINY_GUEST = """
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
-_start: movw $0x3F8, %dx
+        movw $0x3F8, %dx
         movb $0x21, %al
         outb %al, %dx
 idle:   hlt
@@ -126,12 +119,7 @@ def density(args, scratch):
 
 
 def start_rate(count, scratch):
-    source = os.path.join(scratch, "tiny.S")
-    with open(source, "w") as f:
-        f.write(TINY_GUEST)
-    subprocess.run(["as", "--32", "-o", source + ".o", source], check=True)
-    kernel = os.path.join(scratch, "tiny.elf")
-    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-o", kernel, source + ".o"], check=True)
+    kernel = assemble_multiboot(TINY_GUEST, scratch, name="tiny")
     processes = []
     start = time.monotonic()
     for _ in range(count):

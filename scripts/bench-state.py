@@ -13,7 +13,6 @@ it (pause to the destination's confirmation), from its log.
 
 Usage: scripts/bench-state.py [--accel soft|kvm] [--sizes 512,4096] [--fill-mib 256] [BINARY]"""
 import argparse
-import http.client
 import json
 import os
 import re
@@ -25,19 +24,12 @@ import sys
 import tempfile
 import time
 
+from benchsupport import UnixHTTPConnection, assemble_multiboot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GUEST = """
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
-_start: movb $0xFF, %al
+        movb $0xFF, %al
         outb %al, $0x21
         outb %al, $0xA1
         movl $0x1000000, %edi
@@ -68,18 +60,8 @@ idle:   hlt
 """
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost", timeout=600)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
 def request(sock, endpoint, body=None):
-    connection = UnixHTTPConnection(sock)
+    connection = UnixHTTPConnection(sock, timeout=600)
     connection.request("PUT", "/api/v1/" + endpoint, body=json.dumps(body) if body is not None else None,
                        headers={"Content-Type": "application/json"})
     response = connection.getresponse()
@@ -90,13 +72,8 @@ def request(sock, endpoint, body=None):
 
 
 def assemble(work, busy, fill_mib):
-    source = os.path.join(work, f"guest-{busy}.S")
-    with open(source, "w") as file:
-        file.write(f".set BUSY, {int(busy)}\n.set FILL_MIB, {fill_mib}\n" + GUEST)
-    subprocess.run(["as", "--32", "-o", source + ".o", source], check=True)
-    image = os.path.join(work, f"guest-{busy}.elf")
-    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-o", image, source + ".o"], check=True)
-    return image
+    return assemble_multiboot(GUEST, work, name=f"guest-{busy}",
+                              definitions=f".set BUSY, {int(busy)}\n.set FILL_MIB, {fill_mib}\n")
 
 
 def wait_for(path, timeout=60):
