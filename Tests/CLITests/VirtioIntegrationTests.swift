@@ -34,7 +34,8 @@ struct VirtioIntegrationTests {
   }
 
   @Test(arguments: [
-    "usr", "user,tap=x", "user,hostfwd=tcp:1-:2", "tap", "tap=", "tap=tap0,model=e1000", "mac=52:54:00:00:00:01",
+    "usr", "user,tap=x", "user,hostfwd=tcp:1-:2", "tap", "tap=", "tap=tap0,model=e1000,model=virtio",
+    "mac=52:54:00:00:00:01",
   ])
   func badNetworkSyntax(option: String) throws {
     let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--serial", "none", "--net", option])

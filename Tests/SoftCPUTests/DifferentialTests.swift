@@ -12,7 +12,7 @@ enum MXCSRBits {
 /// and raise the same faults.
 ///
 /// Environment:
-/// - `HOSTVISOR_DIFF_CASES`: total cases over all forms (default: 120 per form).
+/// - `HOSTVISOR_DIFF_CASES`: total cases over all forms (default: 64 per form).
 /// - `HOSTVISOR_DIFF_SEED`: base seed (default 1).
 /// - `HOSTVISOR_DIFF_FORM`: only forms whose name contains this text.
 /// - `HOSTVISOR_DIFF_REPORTS`: mismatch reports printed per form (default 2).
@@ -47,7 +47,7 @@ struct DifferentialTests {
     if let total = Int(environment["HOSTVISOR_DIFF_CASES"] ?? "") {
       return max(1, total / max(1, FormTable.all.count))
     }
-    return 120
+    return 64
   }
 
   /// Forms that end a sequence early or never complete: not used as filler around other forms.
