@@ -4,32 +4,21 @@ import Testing
 @testable import Sandbox
 
 /// Where the tests find the host's cgroups: the cgroup2 mount whose root offers the cpu and
-/// memory controllers, or else cgroup v1's cpu and memory hierarchies, if writable.
+/// memory controllers, or else cgroup v1's cpu and memory hierarchies, if writable (the
+/// hierarchy `--cgroup` picks).
 enum TestCgroups {
   case unified(String)
   case legacy(cpu: String, memory: String, others: [String])
 
+  /// The hierarchy `--cgroup` itself would use (`CgroupSlice.hierarchy()`), as the tests see it.
   static let host: TestCgroups? = {
-    let mounts = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
-    var legacy: [String: String] = [:]
-    for line in mounts.split(separator: "\n") {
-      let fields = line.split(separator: " ")
-      guard let dash = fields.firstIndex(of: "-"), dash + 3 < fields.count else { continue }
-      let root = String(fields[4])
-      if fields[dash + 1] == "cgroup2" {
-        let controllers = (try? String(contentsOfFile: root + "/cgroup.controllers", encoding: .utf8)) ?? ""
-        if controllers.contains("cpu"), controllers.contains("memory"), access(root + "/cgroup.procs", W_OK) == 0 {
-          return .unified(root)
-        }
-      } else if fields[dash + 1] == "cgroup", access(root + "/cgroup.procs", W_OK) == 0 {
-        for controller in fields[dash + 3].split(separator: ",").map(String.init)
-        where ["cpu", "memory", "pids", "blkio"].contains(controller) {
-          legacy[controller] = root
-        }
-      }
+    guard case .success(let hierarchy) = CgroupSlice.hierarchy() else { return nil }
+    switch hierarchy {
+    case .unified(let root): return .unified(root)
+    case .legacy(let roots):
+      guard let cpu = roots["cpu"], let memory = roots["memory"] else { return nil }
+      return .legacy(cpu: cpu, memory: memory, others: [roots["pids"], roots["blkio"]].compactMap { $0 })
     }
-    guard let cpu = legacy["cpu"], let memory = legacy["memory"] else { return nil }
-    return .legacy(cpu: cpu, memory: memory, others: [legacy["pids"], legacy["blkio"]].compactMap { $0 })
   }()
 
   /// The group's directory that holds the CPU limits.
