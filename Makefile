@@ -37,9 +37,10 @@ run: build guest
 	.build/release/hostvisor run --kernel $(GUEST)/vmlinuz --initrd $(GUEST)/initramfs.cpio.gz \
 	  --cmdline "console=ttyS0 panic=-1" --memory 512M
 
-## Build optimized (the interpreter is too slow in debug) and run every test.
+## Build optimized (the interpreter is too slow in debug) and run every test, under a watchdog
+## that names the unfinished tests and prints the runner's stacks if the run hangs.
 test: deps guest guest-generic guest-686
-	$(SWIFT) test -c release -Xswiftc -enable-testing
+	SWIFT=$(SWIFT) scripts/run-tests.sh
 	scripts/api-conformance.sh
 
 lint:

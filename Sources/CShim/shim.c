@@ -1,6 +1,10 @@
+// glibc declares the posix_spawn *_np file actions only for _GNU_SOURCE.
+#define _GNU_SOURCE
 #include "CShim.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,4 +69,16 @@ void hv_consume_pending_signal(int signo) {
   struct timespec zero = {0, 0};
   while (sigtimedwait(&set, NULL, &zero) == signo) {
   }
+}
+
+// MARK: - Spawning children
+
+int hv_spawn_add_close_from(posix_spawn_file_actions_t *actions, int lowest) {
+  return posix_spawn_file_actions_addclosefrom_np(actions, lowest);
+}
+
+int hv_pipe_cloexec(int ends[2]) { return pipe2(ends, O_CLOEXEC); }
+
+int hv_spawn_add_chdir(posix_spawn_file_actions_t *actions, const char *path) {
+  return posix_spawn_file_actions_addchdir_np(actions, path);
 }

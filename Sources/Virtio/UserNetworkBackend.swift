@@ -1,3 +1,4 @@
+import CShim
 import Glibc
 import Synchronization
 
@@ -111,10 +112,14 @@ public final class UserNetworkBackend: NetworkBackend {
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
-    // dup2 clears close-on-exec on the child's descriptor 3; its standard input is /dev/null.
+    // dup2 clears close-on-exec on the child's descriptor 3; its standard streams are
+    // /dev/null (it logs to the file), and every other descriptor the VMM holds (disks, TAPs,
+    // /dev/kvm, the API socket, other processes' pipes) is closed in the child.
     posix_spawn_file_actions_adddup2(&actions, pair[1], 3)
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
     posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+    hv_spawn_add_close_from(&actions, 4)
     var pid: pid_t = 0
     let argv = arguments.map { strdup($0) } + [nil]
     defer { for argument in argv { free(argument) } }

@@ -107,10 +107,6 @@ struct AutoConvergeTests {
     print(
       "\(accelerator): \(fullSpeed) counts/s at full speed, \(throttled) with an 80 % throttle "
         + "(\(controller.lifecycle), \(String(describing: controller.stopReason)))")
-    // Running 20 % of the time: well under half the full speed, but not stopped.
-    #expect(fullSpeed > 1000, "the guest hardly ran (\(fullSpeed) counts)")
-    #expect(throttled > 0)
-    #expect(Double(throttled) < Double(fullSpeed) * 0.5, "\(fullSpeed) -> \(throttled)")
     // A pause does not wait for the throttle's sleeps; lifting the throttle restores the speed.
     let pauseStarted = Date()
     try controller.pause()
@@ -120,6 +116,12 @@ struct AutoConvergeTests {
     usleep(50_000)
     let again = try progress(controller, seconds: 1)
     #expect(Double(again) > Double(throttled) * 1.5, "\(throttled) -> \(again) after lifting the throttle")
+    // Running 20 % of the time: well under half the full speed, but not stopped. The full
+    // speed is the better of the seconds before and after (a loaded host's share varies).
+    let reference = max(fullSpeed, again)
+    #expect(reference > 1000, "the guest hardly ran (\(fullSpeed), \(again) counts)")
+    #expect(throttled > 0)
+    #expect(Double(throttled) < Double(reference) * 0.5, "\(fullSpeed), \(again) -> \(throttled)")
   }
 
   @Test func throttleSlowsTheSoftwareCPU() throws {
@@ -137,7 +139,8 @@ struct AutoConvergeTests {
     let deadline = Date().addingTimeInterval(20)
     while try passes(controller) < 2 && Date() < deadline { usleep(1000) }
     _ = SlowDestination(path: scratch.path(socket))
-    while !FileManager.default.fileExists(atPath: scratch.path(socket)) { usleep(10_000) }
+    let listening = Date().addingTimeInterval(20)
+    while !FileManager.default.fileExists(atPath: scratch.path(socket)) && Date() < listening { usleep(10_000) }
     let statistics = try controller.sendMigration(
       to: "unix:" + scratch.path(socket), downtimeLimitMilliseconds: 500, autoConverge: autoConverge)
     print("auto-converge \(autoConverge ? "on" : "off"): \(statistics)")

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// Runs the real `hostvisor` executable built next to this test bundle.
@@ -16,22 +17,11 @@ struct HostvisorProcess {
     var stderr: String
   }
 
-  static func run(_ arguments: [String], stdin: FileHandle? = nil) throws -> Result {
-    let process = Process()
-    process.executableURL = executable
-    process.arguments = arguments
-    let out = Pipe()
-    let err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    process.standardInput = stdin ?? FileHandle.nullDevice
-    try process.run()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return Result(
-      status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-      stderr: String(decoding: errData, as: UTF8.self))
+  /// Runs hostvisor to completion (killed after `timeout` seconds, which fails the test).
+  static func run(_ arguments: [String], timeout: Double = 300) throws -> Result {
+    let result = try HostCommand.run(executable.path, arguments, timeout: timeout)
+    #expect(!result.timedOut, "hostvisor \(arguments.joined(separator: " ")) ran longer than \(Int(timeout)) s")
+    return Result(status: result.status, stdout: result.text, stderr: result.errorText)
   }
 }
 

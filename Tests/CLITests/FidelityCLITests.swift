@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// Fidelity defects seen from the command line: triple faults and low Multiboot images.
@@ -6,14 +7,7 @@ import Testing
 struct FidelityCLITests {
   /// The address of `symbol` in the ELF file at `path`, from `nm`.
   func symbolAddress(_ symbol: String, in path: String) throws -> UInt64 {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/nm")
-    process.arguments = [path]
-    let output = Pipe()
-    process.standardOutput = output
-    try process.run()
-    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    process.waitUntilExit()
+    let text = try HostCommand.check("/usr/bin/nm", [path]).text
     for line in text.split(separator: "\n") {
       let fields = line.split(separator: " ")
       if fields.count == 3, fields[2] == symbol, let value = UInt64(fields[0], radix: 16) { return value }

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 
 /// The start of a 32-bit Multiboot v1 guest in GNU as syntax: the header (magic, flags 3,
 /// checksum) in `.text`, then `_start`, which the guest source continues.
@@ -78,12 +79,7 @@ func assembleAndLink(_ sourcePath: String, bits: Int, linkAt address: String, in
     ("/usr/bin/as", ["--\(bits)", "-o", object, sourcePath]),
     ("/usr/bin/ld", ["-m", bits == 64 ? "elf_x86_64" : "elf_i386", "-Ttext", address, "-o", image, object]),
   ] {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    try process.run()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else { throw CocoaError(.executableLoad) }
+    try HostCommand.check(tool, arguments)
   }
   return image
 }

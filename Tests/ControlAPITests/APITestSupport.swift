@@ -1,5 +1,6 @@
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 /// A scratch directory removed when the value goes away. Socket paths must stay under 108
@@ -36,32 +37,17 @@ let hostvisorBinary: String = {
 let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
   .deletingLastPathComponent()
 
-/// Runs a program to completion; returns its status and output.
+/// Runs a program to completion; returns its status and output. A program still running after
+/// `timeout` seconds is killed (SIGKILL) and recorded as a test issue.
 @discardableResult
-func runProgram(_ path: String, _ arguments: [String], input: String? = nil) throws -> (
+func runProgram(_ path: String, _ arguments: [String], input: String? = nil, timeout: Double = 300) throws -> (
   status: Int32, stdout: String, stderr: String
 ) {
-  let process = Process()
-  process.executableURL = URL(fileURLWithPath: path)
-  process.arguments = arguments
-  let output = Pipe()
-  let errors = Pipe()
-  process.standardOutput = output
-  process.standardError = errors
-  if input != nil {
-    let inputPipe = Pipe()
-    process.standardInput = inputPipe
-    try process.run()
-    inputPipe.fileHandleForWriting.write(Data(input!.utf8))
-    try inputPipe.fileHandleForWriting.close()
-  } else {
-    process.standardInput = FileHandle.nullDevice
-    try process.run()
+  let result = try HostCommand.run(path, arguments, input: input.map { Data($0.utf8) }, timeout: timeout)
+  if result.timedOut {
+    Issue.record("\(path) \(arguments.joined(separator: " ")) ran longer than \(Int(timeout)) s: killed")
   }
-  let out = output.fileHandleForReading.readDataToEndOfFile()
-  let err = errors.fileHandleForReading.readDataToEndOfFile()
-  process.waitUntilExit()
-  return (process.terminationStatus, String(decoding: out, as: UTF8.self), String(decoding: err, as: UTF8.self))
+  return (result.status, result.text, result.errorText)
 }
 
 /// One HTTP exchange made with curl over the Unix socket.
@@ -93,39 +79,25 @@ func curl(_ socket: String, _ method: String, _ path: String, _ body: String? = 
 
 /// A `hostvisor` process (any personality) whose output is collected.
 final class HostvisorProcess: Sendable {
-  let process: Process
+  let process: HostProcess
   private let transcript = Transcript()
   private let errorTranscript = Transcript()
-  private let input = Pipe()
 
   /// Starts `executable` (default: the hostvisor binary) with `arguments`.
   init(_ arguments: [String], executable: String = hostvisorBinary, environment: [String: String]? = nil) throws {
-    process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    if let environment {
-      process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-    }
-    let output = Pipe()
-    let errors = Pipe()
-    process.standardOutput = output
-    process.standardError = errors
-    process.standardInput = input
-    for (pipe, transcript) in [(output, self.transcript), (errors, self.errorTranscript)] {
-      pipe.fileHandleForReading.readabilityHandler = { handle in
-        let data = handle.availableData
-        guard !data.isEmpty else { return }
-        transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) }
-      }
-    }
-    try process.run()
+    let transcript = self.transcript
+    let errorTranscript = self.errorTranscript
+    process = try HostProcess(
+      executable, arguments, environment: environment.map { ProcessInfo.processInfo.environment.merging($0) { $1 } },
+      errors: { data in errorTranscript.text.withLock { $0 += String(decoding: data, as: UTF8.self) } },
+      output: { data in transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) } })
   }
 
   deinit {
     if process.isRunning {
       process.terminate()
       if waitForExit(timeout: 5) == nil {
-        kill(process.processIdentifier, SIGKILL)
+        process.signal(SIGKILL)
         process.waitUntilExit()
       }
     }
@@ -138,7 +110,7 @@ final class HostvisorProcess: Sendable {
   var errorText: String { errorTranscript.text.withLock { $0 } }
 
   /// Types `text` on the guest's console.
-  func type(_ text: String) { input.fileHandleForWriting.write(Data(text.utf8)) }
+  func type(_ text: String) { process.write(Data(text.utf8)) }
 
   /// Waits until `path` exists (the API socket is up).
   func waitForSocket(_ path: String, timeout: TimeInterval = 20) throws {

@@ -1,3 +1,4 @@
+import CShim
 import Devices
 import Glibc
 import Synchronization
@@ -281,9 +282,23 @@ enum ChildStatus: Equatable, CustomStringConvertible {
 struct ChildProcess {
   let pid: pid_t
 
-  func wait() -> ChildStatus {
+  /// Waits for the child to end; one that is still running after `seconds` is killed with
+  /// SIGKILL (so a stuck helper fails its test instead of hanging the run).
+  func wait(seconds: Int = 30) -> ChildStatus {
     var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while true {
+      let result = waitpid(pid, &status, WNOHANG)
+      if result == pid { break }
+      if result < 0 && errno != EINTR { return .unknown(-1) }
+      if ContinuousClock.now > deadline {
+        Issue.record("helper \(pid) still running after \(seconds) s: killed")
+        kill(pid, SIGKILL)
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        break
+      }
+      usleep(10_000)
+    }
     if status & 0x7F == 0 { return .exited((status >> 8) & 0xFF) }
     if (status & 0x7F) != 0x7F { return .signaled(status & 0x7F) }
     return .unknown(status)
@@ -358,6 +373,8 @@ final class PseudoTerminal {
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
     for target in Int32(0)...2 { posix_spawn_file_actions_adddup2(&actions, slave, target) }
+    // Nothing else the runner holds (other tests' pipes and sockets) leaks into the helper.
+    hv_spawn_add_close_from(&actions, 3)
     var attributes = posix_spawnattr_t()
     posix_spawnattr_init(&attributes)
     defer { posix_spawnattr_destroy(&attributes) }

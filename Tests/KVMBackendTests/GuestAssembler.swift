@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 
 /// Assembles the guest programs in Tests/GuestPrograms/kvm with the host's GNU as and ld
 /// into flat binaries, in a fresh temporary directory per call.
@@ -38,18 +39,6 @@ enum GuestAssembler {
   }
 
   private static func runTool(_ path: String, _ arguments: [String]) throws {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: path)
-    process.arguments = arguments
-    let errors = Pipe()
-    process.standardError = errors
-    process.standardOutput = errors
-    try process.run()
-    let output = errors.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-      throw Failure(
-        description: "\(path) \(arguments.joined(separator: " ")) failed: \(String(decoding: output, as: UTF8.self))")
-    }
+    try HostCommand.check(path, arguments)
   }
 }

@@ -1,43 +1,26 @@
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 /// A running `hostvisor` whose serial console the test reads and types into, as a person at
 /// the terminal would.
 final class GuestSession: Sendable {
-  let process = Process()
-  private let input = Pipe()
-  private let output = Pipe()
+  let process: HostProcess
   private let transcript = Transcript()
 
   /// Starts `hostvisor` with `arguments`; with a `launcher` (e.g. `ip netns exec NS`), runs
-  /// `launcher... hostvisor arguments...` instead.
+  /// `launcher... hostvisor arguments...` instead. The console is read on a thread of its own,
+  /// so the transcript grows even while CPU-bound tests occupy every thread of the shared pools.
   init(arguments: [String], launcher: [String] = []) throws {
     let testBinary = URL(
       fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
         ?? CommandLine.arguments[0])
-    let hostvisor = testBinary.deletingLastPathComponent().appendingPathComponent("hostvisor")
-    if let first = launcher.first {
-      process.executableURL = URL(fileURLWithPath: first)
-      process.arguments = Array(launcher.dropFirst()) + [hostvisor.path] + arguments
-    } else {
-      process.executableURL = hostvisor
-      process.arguments = arguments
-    }
-    process.standardInput = input
-    process.standardOutput = output
-    process.standardError = output
-    // A thread of its own reads the console, so the transcript grows even while CPU-bound tests
-    // occupy every thread of the shared pools.
+    let hostvisor = testBinary.deletingLastPathComponent().appendingPathComponent("hostvisor").path
+    let command = launcher + [hostvisor] + arguments
     let transcript = self.transcript
-    let reader = output.fileHandleForReading
-    try process.run()
-    Thread.detachNewThread {
-      while true {
-        let data = reader.availableData
-        if data.isEmpty { break }
-        transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) }
-      }
+    process = try HostProcess(command[0], Array(command.dropFirst())) { data in
+      transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) }
     }
   }
 
@@ -48,14 +31,21 @@ final class GuestSession: Sendable {
   /// A wait resumed late (every pool thread busy) still looks once more before it gives up.
   func waitFor(_ marker: String, after offset: String.Index? = nil, timeout: Duration) async throws -> String {
     let deadline = ContinuousClock.now + timeout
+    var exitSeen = false
     while true {
       let current = text
       let start = offset.map { min($0, current.endIndex) } ?? current.startIndex
       if let range = current[start...].range(of: marker) {
         return String(current[start..<range.lowerBound])
       }
-      if !process.isRunning || ContinuousClock.now >= deadline { break }
-      try await Task.sleep(for: .milliseconds(100))
+      if ContinuousClock.now >= deadline { break }
+      // After the process exits, its last output may still be on its way through the pipe:
+      // one more look before giving up.
+      if !process.isRunning {
+        if exitSeen { break }
+        exitSeen = true
+      }
+      try await Task.sleep(for: .milliseconds(exitSeen ? 300 : 100))
     }
     throw SessionError.timedOut(marker: marker, transcriptTail: String(text.suffix(3000)))
   }
@@ -80,7 +70,7 @@ final class GuestSession: Sendable {
   }
 
   func type(_ text: String) {
-    input.fileHandleForWriting.write(Data(text.utf8))
+    process.write(Data(text.utf8))
   }
 
   /// Waits for the process to exit; returns its status.
@@ -105,7 +95,7 @@ final class GuestSession: Sendable {
 
   /// Sends SIGKILL to the VMM (no chance to flush or clean up), then reaps it.
   func kill() {
-    Foundation.kill(process.processIdentifier, SIGKILL)
+    process.signal(SIGKILL)
     process.waitUntilExit()
   }
 
@@ -117,9 +107,6 @@ final class GuestSession: Sendable {
     return path
   }
 
-  deinit {
-    if process.isRunning { process.terminate() }
-  }
 }
 
 /// The console output collected so far, shared with the pipe's reader.
@@ -136,43 +123,42 @@ enum SessionError: Error, CustomStringConvertible {
   }
 }
 
+/// `count` random bytes from the kernel's generator in one read (`UInt8.random` makes one
+/// getrandom call per byte, which for megabytes holds a test thread for seconds).
+func randomBytes(_ count: Int) throws -> Data {
+  let source = try FileHandle(forReadingFrom: URL(fileURLWithPath: "/dev/urandom"))
+  defer { try? source.close() }
+  let bytes = try source.read(upToCount: count) ?? Data()
+  try #require(bytes.count == count, "short read from /dev/urandom")
+  return bytes
+}
+
 /// Runs a host command and returns its standard output.
 func host(_ executable: String, _ arguments: [String], input: String? = nil) throws -> String {
   try hostCommand(executable, arguments, input: input).output
 }
 
 /// Runs a host command (found on PATH when `executable` has no slash) and returns its
-/// standard output and exit status; standard error is discarded.
-func hostCommand(_ executable: String, _ arguments: [String], input: String? = nil) throws -> (
-  output: String, status: Int32
-) {
-  let result = try hostCommandData(executable, arguments, input: input)
+/// standard output and exit status; standard error is discarded. A command still running after
+/// `timeout` seconds is killed (SIGKILL) and recorded as a test issue, so a stuck client fails
+/// its test instead of hanging the run.
+func hostCommand(_ executable: String, _ arguments: [String], input: String? = nil, timeout: Double = 300) throws
+  -> (output: String, status: Int32)
+{
+  let result = try hostCommandData(executable, arguments, input: input, timeout: timeout)
   return (String(decoding: result.output, as: UTF8.self), result.status)
 }
 
 /// `hostCommand` with the standard output as bytes (binary output such as a cpio archive).
-func hostCommandData(_ executable: String, _ arguments: [String], input: String? = nil) throws -> (
-  output: Data, status: Int32
-) {
-  let process = Process()
-  if executable.contains("/") {
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-  } else {
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = [executable] + arguments
+func hostCommandData(_ executable: String, _ arguments: [String], input: String? = nil, timeout: Double = 300)
+  throws -> (output: Data, status: Int32)
+{
+  let result = try HostCommand.run(
+    executable, arguments, input: input.map { Data($0.utf8) }, errors: .discarded, timeout: timeout)
+  if result.timedOut {
+    Issue.record("\(executable) \(arguments.joined(separator: " ")) ran longer than \(Int(timeout)) s: killed")
   }
-  let out = Pipe()
-  let inPipe = Pipe()
-  process.standardOutput = out
-  process.standardInput = inPipe
-  process.standardError = FileHandle.nullDevice
-  try process.run()
-  if let input { inPipe.fileHandleForWriting.write(Data(input.utf8)) }
-  try inPipe.fileHandleForWriting.close()
-  let data = out.fileHandleForReading.readDataToEndOfFile()
-  process.waitUntilExit()
-  return (data, process.terminationStatus)
+  return (result.output, result.status)
 }
 
 /// The guest images `make test` builds with scripts/make-default-guest.sh.

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// Debian's kernels (cloud and generic) on the display: efifb binds to the framebuffer announced in screen_info, a
@@ -48,7 +49,7 @@ import Testing
 
       // vncdotool's capture shows the boot text: many lit pixels.
       let capture = directory + "/capture.png"
-      #expect(try hostCommand("vncdo", ["-s", server, "capture", capture]).status == 0)
+      #expect(try hostCommand("vncdo", ["--timeout", "120", "-s", server, "capture", capture]).status == 0)
       let lit = try host(
         "python3",
         [
@@ -59,7 +60,8 @@ import Testing
       #expect((Int(lit.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) > 2000, "the capture shows text")
 
       // Typing on tty1 through VNC key events and the PS/2 keyboard.
-      let typed = try hostCommand("vncdo", ["-s", server, "type", "echo KBD_OK > /dev/ttyS0", "key", "enter"])
+      let typed = try hostCommand(
+        "vncdo", ["--timeout", "120", "-s", server, "type", "echo KBD_OK > /dev/ttyS0", "key", "enter"])
       #expect(typed.status == 0)
       _ = try await session.waitFor("KBD_OK", timeout: .seconds(180))
 
@@ -117,7 +119,8 @@ import Testing
       _ = try await session.run("cat /dev/input/\(device) > /tmp/events & sleep 1")
 
       let (x, y) = (300, 200)
-      #expect(try hostCommand("vncdo", ["-s", server, "move", "\(x)", "\(y)", "click", "1"]).status == 0)
+      #expect(
+        try hostCommand("vncdo", ["--timeout", "120", "-s", server, "move", "\(x)", "\(y)", "click", "1"]).status == 0)
       // Four reports: the move, the press, the release (each with its SYN_REPORT); the
       // repeated position is filtered by the guest's input core.
       var size = 0
@@ -185,18 +188,11 @@ enum PNGDecoder {
     """
 
   static func decodeRGB(_ path: String) throws -> Image {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-    process.arguments = ["-c", script, path]
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    let output = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
+    let result = try HostCommand.run("/usr/bin/python3", ["-c", script, path], errors: .discarded)
+    let output = result.output
     let newline = try #require(output.firstIndex(of: 0x0A), "python3 could not decode \(path)")
     let header = String(decoding: output[..<newline], as: UTF8.self).split(separator: " ").compactMap { Int($0) }
-    try #require(process.terminationStatus == 0 && header.count == 2)
+    try #require(result.status == 0 && header.count == 2)
     return Image(width: header[0], height: header[1], rgb: Array(output[(newline + 1)...]))
   }
 }

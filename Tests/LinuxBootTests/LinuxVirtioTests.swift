@@ -145,7 +145,7 @@ struct LinuxVirtioTests {
     let size = 3 << 20
     let payload = scratch.path("to-guest.bin")
     _ = FileManager.default.createFile(
-      atPath: payload, contents: Data((0..<size).map { _ in UInt8.random(in: 0...255) }))
+      atPath: payload, contents: try randomBytes(size))
     let sender = Process()
     sender.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     sender.arguments = ["ip", "netns", "exec", namespace, "/bin/busybox", "nc", "-l", "-p", "5001"]

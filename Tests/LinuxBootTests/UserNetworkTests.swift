@@ -45,7 +45,7 @@ struct UserNetworkTests {
     try token.write(toFile: web + "/token", atomically: true, encoding: .utf8)
     let payload = web + "/payload.bin"
     _ = FileManager.default.createFile(
-      atPath: payload, contents: Data((0..<size).map { _ in UInt8.random(in: 0...255) }))
+      atPath: payload, contents: try randomBytes(size))
     let httpPort = Self.freePort()
     let server = Process()
     server.executableURL = URL(fileURLWithPath: "/bin/busybox")

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 import VMCore
 
@@ -36,21 +37,12 @@ enum TestSupport {
   static func run(_ executable: String, _ arguments: [String], in directory: URL? = nil) -> (
     status: Int32, output: String
   ) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    if let directory { process.currentDirectoryURL = directory }
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
     do {
-      try process.run()
+      let result = try HostCommand.run(executable, arguments, errors: .merged, directory: directory?.path)
+      return (result.timedOut ? -1 : result.status, result.text)
     } catch {
       return (-1, "cannot run \(executable): \(error)")
     }
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
   }
 
   /// A fresh temporary directory.

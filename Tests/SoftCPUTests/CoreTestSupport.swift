@@ -1,5 +1,6 @@
 import Foundation
 import SoftCPU
+import TestSupport
 import Testing
 import VMCore
 
@@ -25,17 +26,7 @@ enum CoreAssembler {
   }
 
   private static func run(_ tool: String, _ arguments: [String]) throws {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    let errors = Pipe()
-    process.standardError = errors
-    try process.run()
-    process.waitUntilExit()
-    let message = String(data: errors.fileHandleForReading.readDataToEndOfFile(), encoding: .utf8) ?? ""
-    if process.terminationStatus != 0 {
-      throw Failure(description: "\(tool) failed: \(message)")
-    }
+    try HostCommand.check(tool, arguments)
   }
 }
 

@@ -2,6 +2,7 @@ import CNativeExec
 import Foundation
 import SoftCPU
 import Synchronization
+import TestSupport
 import VMCore
 
 // Differential testing: run the same bytes on the host CPU (CNativeExec) and on the software
@@ -540,18 +541,11 @@ enum DiffCompare {
     let path = NSTemporaryDirectory() + "hostvisor-diff-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).bin"
     guard FileManager.default.createFile(atPath: path, contents: Data(code)) else { return "" }
     defer { try? FileManager.default.removeItem(atPath: path) }
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/objdump")
-    process.arguments = [
+    let arguments = [
       "-D", "-b", "binary", "-mi386:x86-64", "--adjust-vma=0x\(String(DiffLayout.codeBase, radix: 16))", path,
     ]
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = FileHandle.nullDevice
-    do { try process.run() } catch { return "" }
-    let output = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    let text = String(decoding: output, as: UTF8.self)
+    guard let result = try? HostCommand.run("/usr/bin/objdump", arguments, errors: .discarded) else { return "" }
+    let text = result.text
     return text.split(separator: "\n").filter { $0.contains(":\t") }.map { "    " + $0 }.joined(separator: "\n")
   }
 }

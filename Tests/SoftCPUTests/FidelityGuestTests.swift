@@ -3,6 +3,7 @@ import Foundation
 import KVMBackend
 import Loaders
 import SoftCPU
+import TestSupport
 import Testing
 import VMCore
 
@@ -32,18 +33,7 @@ enum FidelityGuestBuilder {
   }
 
   private static func run(_ tool: String, _ arguments: [String]) throws {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    let output = Pipe()
-    process.standardOutput = output
-    process.standardError = output
-    try process.run()
-    let text = output.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-      throw SystemGuestBuilder.Failure(description: "\(tool) failed: \(String(decoding: text, as: UTF8.self))")
-    }
+    try HostCommand.check(tool, arguments)
   }
 }
 

@@ -4,6 +4,7 @@ import KVMBackend
 import Loaders
 import SoftCPU
 import Synchronization
+import TestSupport
 import Testing
 import VMCore
 
@@ -51,18 +52,7 @@ enum SystemGuestBuilder {
   }
 
   private static func run(_ tool: String, _ arguments: [String]) throws {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    let output = Pipe()
-    process.standardOutput = output
-    process.standardError = output
-    try process.run()
-    let text = output.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-      throw Failure(description: "\(tool) failed: \(String(decoding: text, as: UTF8.self))")
-    }
+    try HostCommand.check(tool, arguments)
   }
 }
 

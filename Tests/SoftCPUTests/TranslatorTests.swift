@@ -1,5 +1,6 @@
 import Foundation
 import SoftCPU
+import TestSupport
 import Testing
 import VMCore
 
@@ -31,14 +32,7 @@ struct TranslatorTests {
   }
 
   static func run(_ tool: String, _ arguments: [String]) throws {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: tool)
-    process.arguments = arguments
-    process.standardOutput = FileHandle.nullDevice
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    process.waitUntilExit()
-    if process.terminationStatus != 0 { throw CoreAssembler.Failure(description: "\(tool) failed") }
+    try HostCommand.check(tool, arguments)
   }
 
   struct Outcome: Equatable {

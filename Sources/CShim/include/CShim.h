@@ -5,6 +5,7 @@
 #include <termios.h>
 #include <signal.h>
 #include <sys/ioctl.h>
+#include <spawn.h>
 #include <linux/kvm.h>
 
 // MARK: - KVM (used by the KVMBackend module)
@@ -248,5 +249,14 @@ static inline uint32_t hv_stmxcsr(void) {
 
 /// Loads the host's MXCSR.
 static inline void hv_ldmxcsr(uint32_t value) { __asm__ volatile("ldmxcsr %0" : : "m"(value) : "memory"); }
+
+// MARK: - Spawning children (glibc's *_np file actions, declared only for _GNU_SOURCE)
+
+/// Adds "close every descriptor >= lowest" to `actions` (posix_spawn_file_actions_addclosefrom_np).
+int hv_spawn_add_close_from(posix_spawn_file_actions_t *actions, int lowest);
+/// Creates a pipe whose both ends are close-on-exec (pipe2 with O_CLOEXEC).
+int hv_pipe_cloexec(int ends[2]);
+/// Adds "change the working directory to path" to `actions` (posix_spawn_file_actions_addchdir_np).
+int hv_spawn_add_chdir(posix_spawn_file_actions_t *actions, const char *path);
 
 #endif
