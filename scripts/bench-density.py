@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
-"""Density benchmark: how many small guests (96 MiB by default) this machine holds, booted to the default guest's
+"""Density benchmark: how many small guests (72 MiB by default) this machine holds, booted to the default guest's
 shell marker on the software CPU, and what each VMM costs beyond its guest's memory.
+
+The guests run the default guest's kernel (Debian's cloud kernel) with, by default, a copy of its
+initramfs without the kernel modules (busybox and /init only, made here from the default one):
+that kernel needs 72 MiB with it and 80 MiB with the default initramfs (docs/benchmarks.md says
+why 64 MiB cannot work). `--initramfs default` uses the default initramfs unchanged.
 
 Guests are started in waves of WAVE; a wave counts when every guest in it prints
 HOSTVISOR-GUEST-READY within the timeout. Waves stop at the cap, when a wave fails, or when the
@@ -10,9 +15,11 @@ pages the guest touched), and the rest, the VMM's own overhead (anonymous, and f
 the binary's and libraries' pages, shared between VMMs). Also measures the start rate: VMMs of
 a tiny Multiboot guest started at once, exec to their first serial byte, per core per second.
 
-Usage: scripts/bench-density.py [--cap N] [--wave N] [--memory 64M] [--timeout S]
+Usage: scripts/bench-density.py [--cap N] [--wave N] [--memory 72M] [--initramfs minimal|default] [--timeout S]
+                               [--reserve MIB] [--deadline S]
 """
 import argparse
+import gzip
 import os
 import subprocess
 import sys
@@ -33,6 +40,43 @@ TINY_GUEST = """
 idle:   hlt
         jmp idle
 """
+
+
+def without_modules(source, destination):
+    """Copies a gzipped newc cpio archive, leaving out everything under lib/modules."""
+    data = gzip.open(source).read()
+    out = bytearray()
+    offset = 0
+    while offset + 110 <= len(data):
+        header = data[offset:offset + 110]
+        if header[:6] not in (b"070701", b"070702"):
+            sys.exit(f"bench-density: {source} is not a newc cpio archive")
+        name_size = int(header[94:102], 16)
+        file_size = int(header[54:62], 16)
+        name_end = offset + 110 + name_size
+        data_start = (name_end + 3) & ~3
+        next_entry = (data_start + file_size + 3) & ~3
+        name = data[offset + 110:name_end - 1].decode()
+        if not (name == "lib/modules" or name.startswith("lib/modules/")):
+            out += data[offset:next_entry]
+        offset = next_entry
+        if name == "TRAILER!!!":
+            break
+    with gzip.open(destination, "wb", compresslevel=9) as f:
+        f.write(out)
+    return destination
+
+
+def cpu_busy(seconds):
+    """The host's CPU use in percent (all cores) over the next `seconds`, from /proc/stat."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 100.0 * (1 - (idle1 - idle0) / max(1, total1 - total0))
 
 
 def mem_available_mib():
@@ -64,13 +108,13 @@ def memory_of(pid, guest_bytes):
 
 
 class Guest:
-    def __init__(self, index, memory, scratch):
+    def __init__(self, index, memory, initramfs, scratch):
         self.log = os.path.join(scratch, f"guest-{index}.log")
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
                 [BINARY, "run", "--accel", "soft", "--no-sandbox", "--memory", memory,
                  "--kernel", os.path.join(GUEST, "vmlinuz"),
-                 "--initrd", os.path.join(GUEST, "initramfs.cpio.gz"),
+                 "--initrd", initramfs,
                  "--cmdline", "console=ttyS0 panic=-1 quiet"],
                 stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
 
@@ -85,15 +129,22 @@ class Guest:
 
 def density(args, scratch):
     guest_bytes = int(args.memory[:-1]) << 20
+    initramfs = os.path.join(GUEST, "initramfs.cpio.gz")
+    if args.initramfs == "minimal":
+        initramfs = without_modules(initramfs, os.path.join(scratch, "initramfs-minimal.cpio.gz"))
     guests = []
     held = 0
     waves = []
+    run_start = time.monotonic()
     try:
         while len(guests) < args.cap:
+            if args.deadline and time.monotonic() - run_start > args.deadline:
+                print(f"stop: no new wave after {args.deadline:.0f} s (--deadline)", flush=True)
+                break
             if mem_available_mib() < args.reserve:
                 print(f"stop: MemAvailable below {args.reserve} MiB", flush=True)
                 break
-            wave = [Guest(len(guests) + i, args.memory, scratch)
+            wave = [Guest(len(guests) + i, args.memory, initramfs, scratch)
                     for i in range(min(args.wave, args.cap - len(guests)))]
             guests += wave
             start = time.monotonic()
@@ -103,14 +154,22 @@ def density(args, scratch):
                 time.sleep(0.5)
             elapsed = time.monotonic() - start
             if not all(g.ready() for g in wave):
-                print(f"stop: a guest of the wave from {held + 1} to {len(guests)} did not reach the marker "
-                      f"in {args.timeout} s", flush=True)
+                ready = sum(g.ready() for g in wave)
+                exited = [g for g in wave if g.process.poll() is not None]
+                print(f"stop: {len(wave) - ready} guests of the wave from {held + 1} to {len(guests)} did not reach "
+                      f"the marker in {args.timeout} s ({len(exited)} exited)", flush=True)
+                for g in exited[:2]:
+                    with open(g.log, "rb") as f:
+                        tail = f.read()[-600:].decode(errors="replace")
+                    print(f"  exited with status {g.process.returncode}; console tail:\n{tail}", flush=True)
                 break
             held = len(guests)
             waves.append((held, elapsed))
             print(f"{held} guests at their shell (this wave of {len(wave)}: {elapsed:.1f} s); "
-                  f"MemAvailable {mem_available_mib()} MiB", flush=True)
+                  f"MemAvailable {mem_available_mib()} MiB; load average {os.getloadavg()[0]:.1f}", flush=True)
         time.sleep(2)
+        print(f"host with {held} guests idle at their shell: load average {os.getloadavg()[0]:.1f} (1 min), "
+              f"CPU busy {cpu_busy(10):.0f} % over 10 s", flush=True)
         figures = [memory_of(g.process.pid, guest_bytes) for g in guests[:held] if g.process.poll() is None]
     finally:
         for g in guests:
@@ -139,10 +198,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cap", type=int, default=64)
     parser.add_argument("--wave", type=int, default=8)
-    parser.add_argument("--memory", default="96M")
+    parser.add_argument("--memory", default="72M")
+    parser.add_argument("--initramfs", choices=["minimal", "default"], default="minimal")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--reserve", type=int, default=2048, help="MiB of MemAvailable to keep")
     parser.add_argument("--starts", type=int, default=20)
+    parser.add_argument("--deadline", type=float, default=0, help="start no wave after this many seconds (0: none)")
     args = parser.parse_args()
     if not os.access(BINARY, os.X_OK):
         sys.exit(f"bench-density: no {BINARY}; run `make build` first")
@@ -152,7 +213,7 @@ def main():
         elapsed = start_rate(args.starts, scratch)
     print()
     print(f"host: {cores} cores, {mem_available_mib()} MiB available after the run")
-    print(f"density: {held} guests of {args.memory} held at their shell on --accel soft "
+    print(f"density: {held} guests of {args.memory} ({args.initramfs} initramfs) held at their shell on --accel soft "
           f"(cap {args.cap}, waves of {args.wave})")
     if figures:
         def median(values):

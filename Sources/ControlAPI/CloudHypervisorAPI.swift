@@ -1,5 +1,6 @@
 import Glibc
 import Logging
+import VMCore
 import VMM
 import Virtio
 
@@ -200,8 +201,7 @@ public final class CloudHypervisorAPI: Sendable {
     spec.memoryMiB = 512
     if let memory = config.memory {
       for (flag, name) in [
-        (memory.mergeable, "mergeable"), (memory.shared, "shared"), (memory.hugepages, "hugepages"),
-        (memory.prefault, "prefault"),
+        (memory.shared, "shared"), (memory.hugepages, "hugepages"), (memory.prefault, "prefault"),
       ] where flag == true {
         throw refuse("Hostvisor does not support memory.\(name)")
       }
@@ -210,6 +210,8 @@ public final class CloudHypervisorAPI: Sendable {
         throw refuse("memory.size \(memory.size) is out of range")
       }
       spec.memoryMiB = Int(mebibytes)
+      // THP only when asked for (Cloud Hypervisor's default is on; Hostvisor's is off).
+      spec.memoryAdvice = GuestMemoryAdvice(mergeable: memory.mergeable ?? false, hugePages: memory.thp ?? false)
     }
     spec.drives = []
     for (index, disk) in (config.disks ?? []).enumerated() {

@@ -11,6 +11,8 @@ public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertibl
   case cannotMap(size: UInt64, errno: Int32)
   /// The requested RAM size is zero or beyond what Hostvisor supports.
   case invalidSize(UInt64)
+  /// The host kernel refused an madvise advice on guest RAM (`what` names it, e.g. KSM merging).
+  case cannotAdvise(what: String, errno: Int32)
 
   public var description: String {
     switch self {
@@ -20,6 +22,8 @@ public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertibl
       return "cannot map \(size >> 20) MiB of guest RAM: \(String(cString: strerror(err)))"
     case .invalidSize(let size):
       return size == 0 ? "memory size must be greater than zero" : "memory size \(size) is not supported"
+    case .cannotAdvise(let what, let err):
+      return "the host kernel refused \(what) on guest RAM: \(String(cString: strerror(err)))"
     }
   }
 }
@@ -33,6 +37,19 @@ public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertibl
 public protocol GuestMemoryWriteObserver: AnyObject, Sendable {
   /// Guest-physical `[address, address + length)` was just written by the host side.
   func guestMemoryWritten(at address: UInt64, length: UInt64)
+}
+
+/// What the host kernel is told about guest RAM (madvise), for overcommit: both off by default.
+public struct GuestMemoryAdvice: Sendable, Equatable {
+  /// `MADV_MERGEABLE`: KSM may merge identical guest pages across the host.
+  public var mergeable: Bool
+  /// `MADV_HUGEPAGE`: back guest RAM with transparent huge pages where the host can.
+  public var hugePages: Bool
+
+  public init(mergeable: Bool = false, hugePages: Bool = false) {
+    self.mergeable = mergeable
+    self.hugePages = hugePages
+  }
 }
 
 /// Guest RAM: anonymous host mappings (MAP_NORESERVE, so untouched RAM costs nothing),
@@ -216,6 +233,20 @@ public final class GuestMemory: @unchecked Sendable {
     guard madvise(pointer, Int(length), MADV_DONTNEED) == 0 else { return false }
     noteWrite(at: address, length: length)
     return true
+  }
+
+  /// Applies `advice` to every RAM region: `MADV_MERGEABLE` lets the host's KSM merge identical
+  /// pages (copy-on-write), `MADV_HUGEPAGE` asks for transparent huge pages even when the host's
+  /// THP policy is `madvise`. Advice already given stays; nothing is undone on failure.
+  public func apply(_ advice: GuestMemoryAdvice) throws(GuestMemoryError) {
+    for (wanted, flag, what) in [
+      (advice.mergeable, MADV_MERGEABLE, "KSM merging (MADV_MERGEABLE; a kernel with CONFIG_KSM)"),
+      (advice.hugePages, MADV_HUGEPAGE, "transparent huge pages (MADV_HUGEPAGE; a kernel with THP)"),
+    ] where wanted {
+      for region in regions where madvise(region.host, Int(region.size), flag) != 0 {
+        throw .cannotAdvise(what: what, errno: errno)
+      }
+    }
   }
 
   /// The e820-style map of usable RAM: (base, length) pairs.

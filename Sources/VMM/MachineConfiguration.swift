@@ -198,6 +198,8 @@ public enum ConsoleChoice: String, Sendable, CaseIterable {
 /// A user-input error in the machine configuration: one clear line.
 public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConvertible {
   case invalidMemorySize(String)
+  /// A `--memory` item other than `merge=on|off` or `hugepages=on|off` (the whole value, the item).
+  case invalidMemoryOption(String, String)
   case memoryTooSmall(UInt64)
   case memoryTooLarge(requested: UInt64, limit: UInt64)
   case invalidCPUCount(Int)
@@ -215,6 +217,8 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
     switch self {
     case .invalidMemorySize(let text):
       return "invalid memory size '\(text)': use a number with an optional K, M, G or T suffix (e.g. 512M)"
+    case .invalidMemoryOption(let text, let item):
+      return "invalid memory option '\(item)' in '\(text)': use SIZE[,merge=on|off][,hugepages=on|off]"
     case .memoryTooSmall(let size):
       return size == 0 ? "memory size must be greater than zero" : "memory size \(size) bytes is too small (minimum 2M)"
     case .memoryTooLarge(let requested, let limit):
@@ -269,6 +273,31 @@ public enum MemorySize {
     return value << shift
   }
 
+  /// Parses the CLI's `--memory` value: a size, then optional comma-separated `merge=on|off`
+  /// (KSM) and `hugepages=on|off` (transparent huge pages), e.g. `2G,merge=on,hugepages=on`.
+  public static func parseWithAdvice(_ text: String) throws(ConfigurationError) -> (
+    size: UInt64, advice: GuestMemoryAdvice
+  ) {
+    let items = text.split(separator: ",", omittingEmptySubsequences: false)
+    let size = try parse(String(items[0]))
+    var advice = GuestMemoryAdvice()
+    for item in items.dropFirst() {
+      let pair = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+      let value: Bool
+      switch pair.count == 2 ? pair[1] : "" {
+      case "on": value = true
+      case "off": value = false
+      default: throw .invalidMemoryOption(text, String(item))
+      }
+      switch pair[0] {
+      case "merge": advice.mergeable = value
+      case "hugepages": advice.hugePages = value
+      default: throw .invalidMemoryOption(text, String(item))
+      }
+    }
+    return (size, advice)
+  }
+
   /// Formats a byte count with the largest exact binary unit.
   public static func format(_ bytes: UInt64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")]
@@ -302,6 +331,8 @@ public struct MachineConfiguration: Sendable {
   public var initrdPath: String?
   public var commandLine: String
   public var memorySize: UInt64
+  /// What the host kernel is told about guest RAM: KSM merging, transparent huge pages.
+  public var memoryAdvice = GuestMemoryAdvice()
   public var cpuCount: Int
   public var accelerator: AcceleratorChoice
   public var serial: SerialChoice

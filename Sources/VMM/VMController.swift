@@ -93,6 +93,8 @@ public struct VMSpec: Sendable, Equatable {
   public var vcpuCount: Int = 1
   /// Guest RAM in MiB (Firecracker's default: 128).
   public var memoryMiB: Int = 128
+  /// KSM merging and transparent huge pages for guest RAM (Cloud Hypervisor's `mergeable`, `thp`).
+  public var memoryAdvice = GuestMemoryAdvice()
   /// Simultaneous multithreading as Firecracker's machine-config describes it (reported back;
   /// the vCPU topology is one thread per core either way).
   public var smt: Bool = false
@@ -142,6 +144,7 @@ public struct VMSpec: Sendable, Equatable {
     configuration.initrdPath = initrdPath
     configuration.commandLine = commandLine
     configuration.memorySize = UInt64(memoryMiB) << 20
+    configuration.memoryAdvice = memoryAdvice
     configuration.cpuCount = vcpuCount
     configuration.accelerator = accelerator
     configuration.cpuModel = cpuModel

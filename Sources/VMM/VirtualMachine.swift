@@ -73,6 +73,11 @@ public final class VirtualMachine: Sendable {
         throw MachineError(error.description)
       }
     }
+    do {
+      try memory.apply(configuration.memoryAdvice)
+    } catch {
+      throw MachineError(error.description)
+    }
     parts = MachineParts(memory: memory, bus: IOBus(), control: MachineControl(), interrupts: InterruptRouter())
     pci = PCIBus(layout: PCIAddressLayout(), interrupts: parts.interrupts)
     let (virtioDevices, virtioConsole, emulatedNetworkDevices) = try Self.attachVirtioDevices(

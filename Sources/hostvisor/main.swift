@@ -49,8 +49,10 @@ struct Run: ParsableCommand {
 
   @Option(
     name: .long,
-    help: ArgumentHelp("Guest RAM: a number with an optional K/M/G/T suffix (a bare number is MiB).", valueName: "size")
-  )
+    help: ArgumentHelp(
+      "Guest RAM: a number with an optional K/M/G/T suffix (a bare number is MiB); merge=on lets the host's KSM "
+        + "merge identical pages (MADV_MERGEABLE), hugepages=on asks for transparent huge pages (MADV_HUGEPAGE).",
+      valueName: "size[,merge=on][,hugepages=on]"))
   var memory: String = "512M"
 
   @Option(name: .long, help: ArgumentHelp("Number of virtual CPUs (1-64).", valueName: "n"))
@@ -204,12 +206,14 @@ struct Run: ParsableCommand {
         finish(try machine.run())
       }
       guard let kernel else { throw CommandFailure("missing --kernel (or --restore)") }
+      let (memorySize, memoryAdvice) = try MemorySize.parseWithAdvice(memory)
       var configuration = MachineConfiguration(
         kernelPath: kernel, initrdPath: initrd,
         commandLine: cmdline ?? (consoleChoice == .virtio ? "console=hvc0" : "console=ttyS0"),
-        memorySize: try MemorySize.parse(memory), cpuCount: cpus, accelerator: acceleratorChoice,
+        memorySize: memorySize, cpuCount: cpus, accelerator: acceleratorChoice,
         serial: serialChoice ?? (consoleChoice == .virtio ? .none : .stdio), kvmDevicePath: kvmDevice,
         verbose: verbose)
+      configuration.memoryAdvice = memoryAdvice
       configuration.console = consoleChoice
       configuration.cpuModel = cpuModelChoice
       guard let tier = SoftCPUExecutionTier(rawValue: softCPUTier) else {
@@ -285,6 +289,7 @@ struct Run: ParsableCommand {
     spec.initrdPath = configuration.initrdPath
     spec.bootArgs = configuration.commandLine
     spec.memoryMiB = Int((configuration.memorySize + (1 << 20) - 1) >> 20)
+    spec.memoryAdvice = configuration.memoryAdvice
     spec.vcpuCount = configuration.cpuCount
     spec.accelerator = configuration.accelerator
     spec.cpuModel = configuration.cpuModel

@@ -4,7 +4,9 @@ import Testing
 /// The virtio-balloon on the default Debian guest (its own virtio_balloon module), driven through
 /// Firecracker's balloon resources: memory the guest touched and freed goes back to the host by
 /// free page reporting, the target set with `PATCH /balloon` is followed by the guest's
-/// `actual` and takes that memory from the guest, and statistics read back.
+/// `actual` and takes that memory from the guest, and statistics read back. With
+/// `deflate_on_oom`, an allocation beyond what an inflated balloon leaves deflates it instead of
+/// invoking the OOM killer; without it, the same allocation is OOM-killed.
 @Suite("virtio-balloon on a Debian guest")
 struct BalloonGuestTests {
   /// The server's resident set in MiB.
@@ -92,5 +94,73 @@ struct BalloonGuestTests {
     #expect(try memTotalKiB() == totalBefore)
     #expect(try curl(socket, "PATCH", "/balloon/statistics", #"{"stats_polling_interval_s": 2}"#).status == 204)
     #expect(try curl(socket, "PATCH", "/balloon/statistics", #"{"stats_polling_interval_s": 0}"#).status == 400)
+  }
+
+  /// A guest of 256 MiB whose balloon leaves it about 40 MiB available allocates (and touches)
+  /// 12 MiB more than it has available with busybox `dd bs=...M` (less than its MemTotal, which
+  /// the balloon lowers without `deflate_on_oom`, so the kernel's overcommit check lets it
+  /// through). With `deflate_on_oom`, Linux's OOM notifier deflates the balloon: the allocation
+  /// succeeds, no process is killed, and `actual` falls below the target. Without it, the OOM
+  /// killer kills `dd` and the balloon keeps its size.
+  @Test(arguments: [true, false])
+  func allocationBeyondAnInflatedBalloon(deflateOnOOM: Bool) throws {
+    let (kernel, initrd) = try defaultGuest()
+    let scratch = try Scratch()
+    let socket = scratch.file("api.sock")
+    let server = try HostvisorProcess(["serve", "--api-sock", socket, "--accel", "soft"])
+    defer { server.process.terminate() }
+    try server.waitForSocket(socket)
+    let bootSource =
+      #"{"kernel_image_path": "\#(kernel)", "initrd_path": "\#(initrd)", "boot_args": "console=ttyS0 panic=-1 quiet hostvisor.modules=virtio_pci,virtio_balloon"}"#
+    #expect(try curl(socket, "PUT", "/boot-source", bootSource).status == 204)
+    #expect(try curl(socket, "PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 256}"#).status == 204)
+    let balloon = #"{"amount_mib": 0, "deflate_on_oom": \#(deflateOnOOM), "stats_polling_interval_s": 1}"#
+    #expect(try curl(socket, "PUT", "/balloon", balloon).status == 204)
+    #expect(try curl(socket, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#).status == 204)
+    try server.waitForGuestShell()
+
+    func guestNumber(_ tag: String, _ command: String) throws -> Int {
+      let text = try server.guestOutput(tag, command)
+      return Int(text.split(whereSeparator: { !$0.isNumber }).first ?? "") ?? -1
+    }
+    func actualMiB() throws -> Int {
+      try curl(socket, "GET", "/balloon/statistics").json["actual_mib"] as? Int ?? -1
+    }
+
+    // Inflate until about 40 MiB stay available to the guest.
+    let availableMiB = try guestNumber("AVAIL", "grep MemAvailable /proc/meminfo") / 1024
+    let target = availableMiB - 40
+    try #require(target >= 64, "the guest has only \(availableMiB) MiB available")
+    #expect(try curl(socket, "PATCH", "/balloon", #"{"amount_mib": \#(target)}"#).status == 204)
+    var actual = -1
+    #expect(
+      try eventually(60) {
+        actual = try actualMiB()
+        return actual == target
+      }, "actual \(actual) MiB, target \(target) MiB")
+    let left = try guestNumber("LEFT", "grep MemAvailable /proc/meminfo") / 1024
+    let total = try guestNumber("TOTAL", "grep MemTotal /proc/meminfo") / 1024
+    #expect(left < 60, "MemAvailable \(left) MiB after inflating to \(target) MiB")
+
+    // More than is left, less than the balloon holds and less than MemTotal.
+    let allocationMiB = left + 12
+    #expect(allocationMiB < total, "MemTotal \(total) MiB, MemAvailable \(left) MiB")
+    let allocation = try server.guestOutput(
+      "ALLOC", "dd if=/dev/zero of=/dev/null bs=\(allocationMiB)M count=1 2>&1; echo status=$?", timeout: 300)
+    let killed = try guestNumber("KILLS", "dmesg | grep -c 'Killed process'")
+    let actualAfter = try actualMiB()
+    if deflateOnOOM {
+      #expect(allocation.contains("1+0 records in") && allocation.contains("status=0"), "dd: \(allocation)")
+      #expect(killed == 0, "the OOM killer ran \(killed) times")
+      #expect(actualAfter < target, "the balloon still holds \(actualAfter) MiB (target \(target) MiB)")
+      #expect(actualAfter >= target - allocationMiB, "the balloon fell from \(target) to \(actualAfter) MiB")
+    } else {
+      #expect(!allocation.contains("status=0"), "dd: \(allocation)")
+      let victim = try server.guestOutput("VICTIM", "dmesg | grep 'Killed process'")
+      let log =
+        killed >= 1 ? "" : try server.guestOutput("DMESG", "dmesg | tail -n 30; grep -E 'Mem|Committed' /proc/meminfo")
+      #expect(killed >= 1 && victim.contains("(dd)"), "dd: \(allocation); dmesg: \(victim) \(log)")
+      #expect(actualAfter == target, "the balloon holds \(actualAfter) MiB (target \(target) MiB)")
+    }
   }
 }

@@ -121,6 +121,34 @@ struct CloudHypervisorCurlTests {
   }
 
   /// A guest that stops by itself ends the `serve` process with `run`'s exit status.
+  /// `memory.mergeable` and `memory.thp` in `vm.create` reach the guest RAM mapping as
+  /// MADV_MERGEABLE and MADV_HUGEPAGE (VmFlags `mg` and `hg` in /proc/PID/smaps); `shared`
+  /// stays refused.
+  @Test func mergeableAndTHPAdviseGuestRAM() throws {
+    let kernel = try assembleGuest(counterGuestSource, in: scratch)
+    let server = try HostvisorProcess(["serve", "--api-sock", socket, "--accel", "soft"])
+    defer { server.process.terminate() }
+    try server.waitForSocket(socket)
+    func create(_ memory: String) -> String {
+      #"{"payload": {"kernel": "\#(kernel)", "cmdline": ""}, "memory": {"size": 33554432, \#(memory)}, "serial": {"mode": "Tty"}, "console": {"mode": "Off"}}"#
+    }
+    #expect(try api("PUT", "vm.create", create(#""shared": true"#)).status == 400)
+    #expect(try api("PUT", "vm.create", create(#""mergeable": true, "thp": true"#)).status == 204)
+    #expect(try api("PUT", "vm.boot").status == 204)
+    try server.waitForOutput("the counter") { counterValues($0).count >= 1 }
+    // cat, not Foundation: Foundation stops after the first read of a /proc file (size 0).
+    let smaps = try runProgram("/bin/cat", ["/proc/\(server.process.processIdentifier)/smaps"]).stdout
+    var size = ""
+    var flags: [String] = []
+    for line in smaps.split(separator: "\n") {
+      let fields = line.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+      if fields.first == "Size:" { size = fields[1] }
+      if fields.first == "VmFlags:", size == "32768" { flags.append(fields.dropFirst().joined(separator: " ")) }
+    }
+    #expect(
+      flags.count == 1 && flags[0].contains("mg") && flags[0].contains("hg"), "32 MiB mappings' VmFlags: \(flags)")
+  }
+
   @Test func guestExitEndsTheProcess() throws {
     let scratch = try Scratch()
     let exiting = """
