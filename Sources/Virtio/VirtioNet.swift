@@ -451,7 +451,7 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
     worker.wake()
   }
 
-  fileprivate func process(backendReady: Bool) {
+  func process(backendReady: Bool) {
     backend.flushPendingOutput()
     guard let queues = queueSet.withLock({ $0 }) else { return }
     let memory = queues.memory
