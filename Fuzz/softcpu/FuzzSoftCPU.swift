@@ -119,7 +119,8 @@ enum FuzzSoftCPU {
     let cpu = machine.cpu
     // The previous input may have written anywhere in RAM: start from zeros.
     if !memory.discard(at: 0, length: ramSize) { try! memory.fill(0, at: 0, length: ramSize) }
-    try! memory.writeBytes(code + [UInt8](repeating: 0xF4, count: 4096 + 16 - code.count), at: codeAddress)
+    try! memory.writeBytes(code, at: codeAddress)
+    try! memory.fill(0xF4, at: codeAddress + UInt64(code.count), length: UInt64(4096 + 16 - code.count))
     if paged { buildPagedMachine(memory, codeFlags: codeFlags, dataFlags: dataFlags) }
     cpu.noteExternalWrite(physical: 0, length: ramSize)
     machine.reset()
