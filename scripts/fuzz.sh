@@ -47,6 +47,9 @@ for name in "${selected[@]}"; do
   # No allocation stacks while fuzzing (recording one per malloc costs a fifth of the time);
   # replay a crash without ASAN_OPTIONS to see them.
   export ASAN_OPTIONS=${ASAN_OPTIONS:-malloc_context_size=0}
+  # A Swift runtime trap is then a plain deadly signal with libFuzzer's stack trace (Swift's
+  # own backtracer reads other threads' stacks, which ASan reports as an error of its own).
+  export SWIFT_BACKTRACE=${SWIFT_BACKTRACE:-enable=no}
   echo "fuzz.sh: fuzz-$name for ${seconds}s (sanitizers: $sanitizers; load: $(cut -d' ' -f1-3 /proc/loadavg))"
   # stderr of the target is closed (-close_fd_mask=2: devices log protocol violations there);
   # libFuzzer's own report and the crash report still appear.
