@@ -1,12 +1,17 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
+/// Set by `scripts/fuzz.sh`: adds the libFuzzer targets in `Fuzz/` (docs/fuzzing.md) and keeps
+/// Swift's runtime checks in every module, so a broken invariant shows as a crash.
+let fuzzing = Context.environment["HOSTVISOR_FUZZ"] != nil
+
 /// The interpreter's hot loop is compiled with the strongest settings that stay correct:
 /// whole-module optimization, no exclusivity checking (the CPU owns its state on one thread),
 /// and no overflow traps (all guest arithmetic uses explicit wrapping operators).
-let interpreterSettings: [SwiftSetting] = [
-  .unsafeFlags(["-Ounchecked", "-wmo", "-enforce-exclusivity=unchecked"], .when(configuration: .release))
-]
+let interpreterSettings: [SwiftSetting] =
+  fuzzing
+  ? []
+  : [.unsafeFlags(["-Ounchecked", "-wmo", "-enforce-exclusivity=unchecked"], .when(configuration: .release))]
 
 let package = Package(
   name: "Hostvisor",
@@ -88,3 +93,34 @@ let package = Package(
   ],
   swiftLanguageModes: [.v6]
 )
+
+/// The fuzz targets: one executable per attack surface, linked with libFuzzer (its `main` is
+/// the target's `@main`, which hands the input callback to `LLVMFuzzerRunDriver`).
+if fuzzing {
+  let linkWithLLD: [LinkerSetting] = [.unsafeFlags(["-use-ld=lld"])]
+  package.targets += [
+    .target(name: "CFuzzerDriver", path: "Fuzz/CFuzzerDriver"),
+    .target(name: "FuzzSupport", dependencies: ["CFuzzerDriver", "VMCore"], path: "Fuzz/FuzzSupport"),
+    .executableTarget(
+      name: "fuzz-softcpu", dependencies: ["FuzzSupport", "SoftCPU", "VMCore"], path: "Fuzz/softcpu",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
+      name: "fuzz-virtio", dependencies: ["FuzzSupport", "Virtio", "Devices", "PCI", "VMCore"], path: "Fuzz/virtio",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
+      name: "fuzz-loaders", dependencies: ["FuzzSupport", "Loaders", "VMCore"], path: "Fuzz/loaders",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
+      name: "fuzz-state", dependencies: ["FuzzSupport", "VMM", "Virtio", "VMCore"], path: "Fuzz/state",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
+      name: "fuzz-api",
+      dependencies: [
+        "FuzzSupport", "ControlAPI", "VMM",
+        .product(name: "NIOCore", package: "swift-nio"),
+        .product(name: "NIOEmbedded", package: "swift-nio"),
+        .product(name: "NIOHTTP1", package: "swift-nio"),
+      ],
+      path: "Fuzz/api", linkerSettings: linkWithLLD),
+  ]
+}

@@ -49,21 +49,29 @@ public protocol EndOfInterruptListener: AnyObject, Sendable {
 
 /// The virtual APIC bus: connects the local APICs and the IOAPIC. Attach everything while
 /// building the machine; sending is safe from any thread.
+///
+/// The bus holds its members weakly: each of them holds the bus, and whoever owns them (the
+/// machine's interrupt controllers, the vCPUs) keeps them alive; strong references both ways
+/// would keep every controller of a machine alive after the machine is gone.
 public final class APICBus: Sendable {
-  private let members = Mutex<(apics: [any InterruptDelivery], listeners: [any EndOfInterruptListener])>(([], []))
+  private struct Member: @unchecked Sendable {
+    weak var apic: (any InterruptDelivery)?
+    weak var listener: (any EndOfInterruptListener)?
+  }
+  private let members = Mutex<(apics: [Member], listeners: [Member])>(([], []))
 
   public init() {}
 
   /// Adds a local APIC.
-  public func attach(_ apic: any InterruptDelivery) { members.withLock { $0.apics.append(apic) } }
+  public func attach(_ apic: any InterruptDelivery) { members.withLock { $0.apics.append(Member(apic: apic)) } }
 
   /// Adds an EOI listener (an IOAPIC).
   public func addEndOfInterruptListener(_ listener: any EndOfInterruptListener) {
-    members.withLock { $0.listeners.append(listener) }
+    members.withLock { $0.listeners.append(Member(listener: listener)) }
   }
 
-  /// Every attached local APIC.
-  public var localAPICs: [any InterruptDelivery] { members.withLock { $0.apics } }
+  /// Every attached local APIC that still exists.
+  public var localAPICs: [any InterruptDelivery] { members.withLock { $0.apics.compactMap(\.apic) } }
 
   /// Sends `message` to the APICs that `destination` addresses. Lowest-priority messages go to
   /// the matching APIC with the lowest ID. Returns how many APICs accepted it.
@@ -89,7 +97,7 @@ public final class APICBus: Sendable {
 
   /// Forwards a local APIC's EOI of a level-triggered vector to the IOAPICs.
   public func broadcastEndOfInterrupt(vector: UInt8) {
-    let listeners = members.withLock { $0.listeners }
+    let listeners = members.withLock { $0.listeners.compactMap(\.listener) }
     for listener in listeners { listener.endOfInterrupt(vector: vector) }
   }
 

@@ -73,7 +73,8 @@ public final class PlatformInterruptControllers: Sendable {
     systemControlPort = SystemControlPort(pit: pit, clock: clock)
     let bsp = localAPICs[0]
     bsp.connectExternalInterruptController(pic)
-    pic.setOutputHandler { level in bsp.setLocalInterruptLine(0, level: level) }
+    // Weakly: the BSP holds the PIC (its ExtINT source), so a strong capture would be a cycle.
+    pic.setOutputHandler { [weak bsp] level in bsp?.setLocalInterruptLine(0, level: level) }
   }
 
   /// Registers the PIC (0x20-0x21, 0xA0-0xA1), ELCR (0x4D0-0x4D1), PIT (0x40-0x43), port 0x61 and

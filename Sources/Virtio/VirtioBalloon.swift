@@ -210,7 +210,7 @@ public final class VirtioBalloon: VirtioDeviceModel {
 
   // MARK: Worker
 
-  fileprivate func process(timerFired: Bool) {
+  func process(timerFired: Bool) {
     if timerFired {
       var expirations: UInt64 = 0
       _ = read(timerFD, &expirations, 8)

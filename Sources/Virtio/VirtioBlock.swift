@@ -260,7 +260,7 @@ public final class VirtioBlock: QueueWorkerDevice, CountingDevice {
   public func writeConfig(offset: Int, size: Int, value: UInt64) {}
 
   /// Serves every available request (worker thread).
-  fileprivate func process() {
+  func process() {
     queueWorker.serve(queue: 0) { chain, memory throws(VirtqueueError) in try handle(chain, memory: memory) }
   }
 

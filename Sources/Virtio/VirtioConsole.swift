@@ -59,7 +59,7 @@ public final class VirtioConsole: QueueWorkerDevice {
     output.withLock { _ in withUnsafeBytes(of: &byte) { backend.write($0) } }
   }
 
-  fileprivate func process() {
+  func process() {
     queueWorker.serve(queue: 1) { chain, memory throws(VirtqueueError) in
       guard chain.readableCount == chain.buffers.count else {
         throw VirtqueueError("virtio-console transmit buffer is device-writable")

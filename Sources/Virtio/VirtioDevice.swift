@@ -53,7 +53,12 @@ public final class VirtioQueueSet: Sendable {
   /// Guest RAM the queues live in.
   public let memory: GuestMemory
   let state: Mutex<State>
-  private let events = Mutex<(any VirtioTransportEvents)?>(nil)
+  /// The transport, held weakly: the transport owns this queue set, so a strong reference back
+  /// would keep both (and guest RAM) alive after the machine is gone.
+  private struct TransportLink: @unchecked Sendable {
+    weak var transport: (any VirtioTransportEvents)?
+  }
+  private let events = Mutex(TransportLink())
 
   public init(memory: GuestMemory, maxSizes: [UInt16]) {
     self.memory = memory
@@ -61,7 +66,7 @@ public final class VirtioQueueSet: Sendable {
   }
 
   /// Connects the transport's interrupt hooks.
-  public func connect(_ transport: any VirtioTransportEvents) { events.withLock { $0 = transport } }
+  public func connect(_ transport: any VirtioTransportEvents) { events.withLock { $0.transport = transport } }
 
   /// Number of queues.
   public var count: Int { state.withLock { $0.queues.count } }
@@ -96,7 +101,7 @@ public final class VirtioQueueSet: Sendable {
         return nil
       }
     }
-    let transport = events.withLock { $0 }
+    let transport = events.withLock { $0.transport }
     if let failure { transport?.deviceNeedsReset("queue \(index): \(failure.message)") }
     if let vector { transport?.queueInterrupt(index: index, vector: vector) }
     return result
@@ -105,9 +110,9 @@ public final class VirtioQueueSet: Sendable {
   /// Reports a device-level protocol violation found outside `withQueue` (DEVICE_NEEDS_RESET).
   public func fail(_ reason: String) {
     state.withLock { $0.broken = true }
-    events.withLock { $0 }?.deviceNeedsReset(reason)
+    events.withLock { $0.transport }?.deviceNeedsReset(reason)
   }
 
   /// Tells the driver the device configuration changed.
-  public func configurationChanged() { events.withLock { $0 }?.configurationChanged() }
+  public func configurationChanged() { events.withLock { $0.transport }?.configurationChanged() }
 }

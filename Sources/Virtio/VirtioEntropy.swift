@@ -51,7 +51,7 @@ public final class VirtioEntropy: QueueWorkerDevice {
   public func readConfig(offset: Int, size: Int) -> UInt64 { 0 }
   public func writeConfig(offset: Int, size: Int, value: UInt64) {}
 
-  fileprivate func process() {
+  func process() {
     queueWorker.serve(queue: 0) { chain, memory throws(VirtqueueError) in
       guard chain.readableCount == 0 else { throw VirtqueueError("virtio-rng buffer is not device-writable") }
       let count = Int(min(chain.writableLength, UInt64(Self.maxBytesPerRequest)))

@@ -305,6 +305,8 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
   private let queueSet = Mutex<VirtioQueueSet?>(nil)
   private let receive: Mutex<ReceiveState>
   private let wantsInput = Atomic<Bool>(false)
+  /// Set by `reset`: the worker drops the frame it holds before it serves the queues again.
+  private let dropPendingFrame = Atomic<Bool>(false)
   /// Whether the guest negotiated F_CSUM (its transmit headers go to the host unchanged).
   private let transmitOffloads = Atomic<Bool>(false)
   /// Whether the guest negotiated F_GUEST_CSUM (the backend's receive headers reach it).
@@ -376,6 +378,7 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
       $0.buffersAvailable = true
       $0.pending = 0
     }
+    dropPendingFrame.store(false, ordering: .releasing)
     wantsInput.store(true, ordering: .releasing)
     worker.start()
     worker.wake()
@@ -386,13 +389,17 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
     worker.wake()
   }
 
+  /// Called with the queue set locked, so it must not take `receive`: the worker holds
+  /// `receive` while it waits for the queue set (lock order receive, then queue set), and a
+  /// reset taking them the other way round deadlocked with a worker delivering a frame. The
+  /// pending frame is dropped by the worker (`dropPendingFrame`) or by the next `activate`.
   public func reset() {
     wantsInput.store(false, ordering: .releasing)
     if receiveOffloads.exchange(false, ordering: .acquiringAndReleasing) {
       _ = backend.setReceiveOffloads([])
     }
     transmitOffloads.store(false, ordering: .releasing)
-    receive.withLock { $0.pending = 0 }
+    dropPendingFrame.store(true, ordering: .releasing)
   }
 
   public func shutdown() { worker.stop() }
@@ -451,11 +458,12 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
     worker.wake()
   }
 
-  fileprivate func process(backendReady: Bool) {
+  func process(backendReady: Bool) {
     backend.flushPendingOutput()
     guard let queues = queueSet.withLock({ $0 }) else { return }
     let memory = queues.memory
     receive.withLock { state in
+      if dropPendingFrame.exchange(false, ordering: .acquiringAndReleasing) { state.pending = 0 }
       transmitAll(queues, memory, &state)
       receiveAll(queues, memory, &state)
     }

@@ -273,7 +273,7 @@ public final class VirtioTablet: VirtioDeviceModel {
 
   public func shutdown() { queueWorker.stop() }
 
-  fileprivate func process() {
+  func process() {
     // statusq: LED and feedback events are read and ignored.
     queueWorker.serve(queue: 1) { _, _ throws(VirtqueueError) in 0 }
     queueWorker.serve(queue: 0, while: { state.withLock { !$0.pending.isEmpty } }) {
