@@ -319,8 +319,10 @@ def one_run(name, argv, run_index, nic):
         if status != 0:
             raise RuntimeError(f"guest set-up failed: {out.strip()}")
         if run_index == 1:
+            # The driver's name, then the virtio features (virtio) or an empty line (emulated).
             lines = out.strip().splitlines()
-            print(f"  {name}: eth0 driver {lines[-2].strip() if len(lines) >= 2 else '?'}", flush=True)
+            position = -2 if nic == "virtio" else -1
+            print(f"  {name}: eth0 driver {lines[position].strip() if len(lines) >= -position else '?'}", flush=True)
         if run_index == 1 and nic == "virtio":
             bits = out.strip().splitlines()[-1].strip()
             names = {0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC", 7: "GUEST_TSO4", 11: "HOST_TSO4",
