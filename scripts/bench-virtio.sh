@@ -5,12 +5,17 @@
 # ratio ours/QEMU (throughput, so > 1 means Hostvisor is faster).
 #
 #   scripts/bench-virtio.sh [--runs N] [--hostvisor PATH] [--disk-mib N] [--net-mib N]
-#                           [--no-offloads] [--nic virtio|e1000] [--keep]
+#                           [--no-offloads] [--nic virtio|e1000|rtl8139[,...]] [--keep]
 #
 # --nic e1000 puts an emulated Intel 82540EM on the TAP instead of virtio-net on both VMMs
-# (Hostvisor's `--net ...,model=e1000`, QEMU's `-device e1000`) and boots the generic kernel
-# (.cache/guest-generic; the cloud kernel has no e1000 driver); the disk stays virtio-blk.
-# Run once with each to compare virtio-net with the emulated NIC on both VMMs.
+# (Hostvisor's `--net ...,model=e1000`, QEMU's `-device e1000`), --nic rtl8139 a Realtek
+# RTL8139 (Hostvisor's `model=rtl8139`, an RTL8139C that Linux drives with 8139too; QEMU's
+# `-device rtl8139`, an RTL8139C+ that Linux drives with 8139cp), and boot the generic kernel
+# (.cache/guest-generic; the cloud kernel has neither driver); the disk stays virtio-blk.
+#
+# A list (--nic virtio,e1000,rtl8139: the seed's table) runs only the two network workloads,
+# for every NIC on both VMMs in each run, all on the generic kernel, and ends with the
+# virtio/emulated throughput ratios of each VMM.
 #
 # Workloads (each timed by the host around one guest shell command, see docs/benchmarks.md):
 #   blk-write  dd if=/dev/zero of=/dev/vda bs=1M count=N oflag=direct conv=fsync
@@ -32,7 +37,7 @@ net_mib=32
 qemu_offloads=1
 nic=virtio
 keep=0
-usage="usage: $0 [--runs N] [--hostvisor PATH] [--disk-mib N] [--net-mib N] [--no-offloads] [--nic virtio|e1000] [--keep]"
+usage="usage: $0 [--runs N] [--hostvisor PATH] [--disk-mib N] [--net-mib N] [--no-offloads] [--nic virtio|e1000|rtl8139[,...]] [--keep]"
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2 ;;
@@ -45,14 +50,19 @@ while [ $# -gt 0 ]; do
     *) echo "$usage" >&2; exit 2 ;;
   esac
 done
+for one in ${nic//,/ }; do
+  case "$one" in
+    virtio | e1000 | rtl8139) ;;
+    *) echo "$usage" >&2; exit 2 ;;
+  esac
+done
 case "$nic" in
   virtio) guest=.cache/guest ;;
-  e1000) guest=.cache/guest-generic ;;
-  *) echo "$usage" >&2; exit 2 ;;
+  *) guest=.cache/guest-generic ;;
 esac
 [ "$(id -u)" -eq 0 ] || { echo "bench-virtio: needs root (network namespace and TAP device)" >&2; exit 1; }
 [ -x "$hostvisor" ] || { echo "bench-virtio: missing $hostvisor: run 'make build' or pass --hostvisor PATH" >&2; exit 1; }
-[ -f $guest/vmlinuz ] || scripts/make-default-guest.sh $([ "$nic" = e1000 ] && echo --generic) $guest
+[ -f $guest/vmlinuz ] || scripts/make-default-guest.sh $([ "$nic" != virtio ] && echo --generic) $guest
 command -v qemu-system-x86_64 >/dev/null || { echo "bench-virtio: missing qemu-system-x86_64: apt-get install qemu-system-x86" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "bench-virtio: missing python3" >&2; exit 1; }
 [ -c /dev/net/tun ] || { echo "bench-virtio: missing /dev/net/tun" >&2; exit 1; }
@@ -92,9 +102,14 @@ import fcntl, hashlib, os, pty, re, select, signal, socket, subprocess, sys, ter
 
 work, image, tap, runs, disk_mib, net_mib = sys.argv[1:7]
 runs, disk_mib, net_mib = int(runs), int(disk_mib), int(net_mib)
-hostvisor, kernel, initrd, qemu_offloads, nic = sys.argv[7:12]
+hostvisor, kernel, initrd, qemu_offloads, nic_list = sys.argv[7:12]
+nics = nic_list.split(",")
+table = len(nics) > 1  # the seed's table: network workloads only, every NIC in each run
 host_ip, guest_ip = "10.77.0.1", "10.77.0.2"
-cmdline = "console=ttyS0 panic=-1 hostvisor.modules=virtio_pci,virtio_blk," + ("e1000" if nic == "e1000" else "virtio_net")
+# The cloud kernel (virtio only) has no e1000/8139 modules; the generic kernel loads them all
+# (8139too binds Hostvisor's RTL8139C, 8139cp QEMU's RTL8139C+; each refuses the other chip).
+modules = "virtio_pci,virtio_blk,virtio_net" + ("" if nic_list == "virtio" else ",e1000,8139too,8139cp")
+cmdline = "console=ttyS0 panic=-1 hostvisor.modules=" + modules
 mac = "52:54:00:12:34:56"
 
 
@@ -236,21 +251,21 @@ class Server:
             raise RuntimeError(f"host server: {self.error}")
 
 
-def hostvisor_argv(serial_log):
+def hostvisor_argv(nic):
     return [hostvisor, "run", "--accel", "soft", "--memory", "512M", "--serial", "stdio",
             "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline,
             "--disk", image, "--net", f"tap={tap},mac={mac}" + ("" if qemu_offloads == "1" else ",offloads=off")
-            + (",model=e1000" if nic == "e1000" else "")]
+            + ("" if nic == "virtio" else f",model={nic}")]
 
 
-def qemu_argv(serial_log):
+def qemu_argv(nic):
     # Buffered host I/O with fdatasync on guest flushes, as Hostvisor's RawFileBlockBackend.
     drive = f"file={image},format=raw,if=none,id=d0,cache=writeback,aio=threads"
     # Both VMMs offer checksum and TCP segmentation offloads (QEMU's defaults). --no-offloads
     # turns them off on both sides: QEMU's csum, guest_csum, TSO/ECN/UFO properties, and
     # Hostvisor's `--net ...,offloads=off` (no F_CSUM/F_GUEST_CSUM/TSO features offered).
-    net = ("e1000" if nic == "e1000" else "virtio-net-pci") + ",netdev=n0,mac=" + mac
-    if qemu_offloads != "1" and nic != "e1000":
+    net = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}[nic] + ",netdev=n0,mac=" + mac
+    if qemu_offloads != "1" and nic == "virtio":
         net += ",csum=off,guest_csum=off" + "".join(
             f",{side}_{what}=off" for side in ("host", "guest") for what in ("tso4", "tso6", "ecn", "ufo"))
     return ["qemu-system-x86_64", "-accel", "tcg", "-m", "512M", "-display", "none",
@@ -280,11 +295,14 @@ def tap_transmit_drops():
         return int(counter.read())
 
 
-def one_run(name, argv, run_index):
-    """Boots one VMM and runs the four workloads; returns {workload: (wall s, CPU s)} plus notes."""
-    print(f"  {name}: booting", flush=True)
-    guest = GuestConsole(name, argv, f"{work}/{name}-{run_index}.log")
+def one_run(name, argv, run_index, nic):
+    """Boots one VMM and runs the workloads (the network ones only for the table); returns
+    {workload: (wall s, CPU s, bytes)} plus notes."""
+    print(f"  {name} ({nic}): booting", flush=True)
+    log = f"{work}/{name}-{nic}-{run_index}.log"
+    guest = GuestConsole(name, argv, log)
     results = {}
+    check_image = None
     try:
         guest.wait_for(rb"HOSTVISOR-GUEST-READY", 300)
         time.sleep(1.0)
@@ -295,11 +313,17 @@ def one_run(name, argv, run_index):
         time.sleep(0.5)
         _, _, out, status = guest.run(
             f"ip link set eth0 up && ip addr add {guest_ip}/24 dev eth0 && "
-            f"{'echo' if nic == 'e1000' else 'cat /sys/class/net/eth0/device/features'} && "
+            f"basename $(readlink /sys/class/net/eth0/device/driver) && "
+            f"{'echo' if nic != 'virtio' else 'cat /sys/class/net/eth0/device/features'} && "
             f"ping -c 1 -W 10 {host_ip} >/dev/null", 60)
         if status != 0:
             raise RuntimeError(f"guest set-up failed: {out.strip()}")
-        if run_index == 1 and nic != "e1000":
+        if run_index == 1:
+            # The driver's name, then the virtio features (virtio) or an empty line (emulated).
+            lines = out.strip().splitlines()
+            position = -2 if nic == "virtio" else -1
+            print(f"  {name}: eth0 driver {lines[position].strip() if len(lines) >= -position else '?'}", flush=True)
+        if run_index == 1 and nic == "virtio":
             bits = out.strip().splitlines()[-1].strip()
             names = {0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC", 7: "GUEST_TSO4", 11: "HOST_TSO4",
                      15: "MRG_RXBUF", 16: "STATUS", 17: "CTRL_VQ", 18: "CTRL_RX", 19: "CTRL_VLAN", 21: "GUEST_ANNOUNCE",
@@ -322,8 +346,9 @@ def one_run(name, argv, run_index):
             _, _, out, _ = guest.run("cat /proc/net/snmp", 60)
             return tcp_counters(out)
 
-        timed("blk-write", f"dd if=/dev/zero of=/dev/vda bs=1M count={disk_mib} oflag=direct conv=fsync", bytes_disk)
-        timed("blk-read", f"dd if=/dev/vda of=/dev/null bs=1M count={disk_mib} iflag=direct", bytes_disk)
+        if not table:
+            timed("blk-write", f"dd if=/dev/zero of=/dev/vda bs=1M count={disk_mib} oflag=direct conv=fsync", bytes_disk)
+            timed("blk-read", f"dd if=/dev/vda of=/dev/null bs=1M count={disk_mib} iflag=direct", bytes_disk)
 
         payload = os.urandom(bytes_net)
         expected = hashlib.md5(payload).hexdigest()
@@ -354,6 +379,8 @@ def one_run(name, argv, run_index):
 
         # Data check, untimed: the random file onto the disk at 8 MiB and back through the guest;
         # the host reads the image after the VMM has exited.
+        if table:
+            return results
         _, _, out, status = guest.run(
             f"dd if=/tmp/blob of=/dev/vda bs=1M seek=8 oflag=direct conv=fsync 2>/dev/null && "
             f"dd if=/dev/vda bs=1M skip=8 count={net_mib} iflag=direct 2>/dev/null | md5sum", 900)
@@ -361,11 +388,11 @@ def one_run(name, argv, run_index):
             raise RuntimeError(f"blk data check: guest read back {out.strip()} (expected md5 {expected})")
         check_image = expected
     except Exception as error:
-        print(f"  {name}: FAILED: {error!r} (console log {work}/{name}-{run_index}.log)", flush=True)
+        print(f"  {name}: FAILED: {error!r} (console log {log})", flush=True)
         results["failed"] = True
     finally:
         guest.stop()
-    if not results.get("failed"):
+    if not results.get("failed") and check_image is not None:
         with open(image, "rb") as disk:
             disk.seek(8 << 20)
             on_host = hashlib.md5(disk.read(bytes_net)).hexdigest()
@@ -394,22 +421,25 @@ def ratio(ours_run, theirs_run, key, rate):
     return f"{rate(ours_run[key]) / rate(theirs_run[key]):5.3f}"
 
 
-workloads = ["blk-write", "blk-read", "net-rx", "net-tx"]
-ours, theirs = [], []
+workloads = ["net-rx", "net-tx"] if table else ["blk-write", "blk-read", "net-rx", "net-tx"]
+ours = {nic: [] for nic in nics}
+theirs = {nic: [] for nic in nics}
 for run_index in range(1, runs + 1):
     print(f"run {run_index}/{runs}", flush=True)
-    ours.append(one_run("hostvisor", hostvisor_argv(None), run_index))
-    theirs.append(one_run("qemu", qemu_argv(None), run_index))
-    o, q = ours[-1], theirs[-1]
-    print("  MiB/s         wall: hostvisor     qemu  ratio |  per VMM CPU s: hostvisor     qemu  ratio")
-    for w in workloads:
-        print(f"  {w:9s}        {cell(o, w, wall_rate)} {cell(q, w, wall_rate)}  {ratio(o, q, w, wall_rate)} |"
-              f"                 {cell(o, w, cpu_rate)} {cell(q, w, cpu_rate)}  {ratio(o, q, w, cpu_rate)}", flush=True)
-    print("  TCP retransmissions: net-rx (host sends) hostvisor "
-          f"{o.get('net-rx-retrans', '-')} qemu {q.get('net-rx-retrans', '-')} (TAP queue drops hostvisor "
-          f"{o.get('net-rx-tap-drops', '-')} qemu {q.get('net-rx-tap-drops', '-')}); net-tx (guest sends) hostvisor "
-          f"{o.get('net-tx-retrans', '-')}/{o.get('net-tx-segments', '-')} qemu "
-          f"{q.get('net-tx-retrans', '-')}/{q.get('net-tx-segments', '-')} segments", flush=True)
+    for nic in nics:
+        ours[nic].append(one_run("hostvisor", hostvisor_argv(nic), run_index, nic))
+        theirs[nic].append(one_run("qemu", qemu_argv(nic), run_index, nic))
+        o, q = ours[nic][-1], theirs[nic][-1]
+        print(f"  {nic}: MiB/s  wall: hostvisor     qemu  ratio |  per VMM CPU s: hostvisor     qemu  ratio")
+        for w in workloads:
+            print(f"  {w:9s}        {cell(o, w, wall_rate)} {cell(q, w, wall_rate)}  {ratio(o, q, w, wall_rate)} |"
+                  f"                 {cell(o, w, cpu_rate)} {cell(q, w, cpu_rate)}  {ratio(o, q, w, cpu_rate)}",
+                  flush=True)
+        print("  TCP retransmissions: net-rx (host sends) hostvisor "
+              f"{o.get('net-rx-retrans', '-')} qemu {q.get('net-rx-retrans', '-')} (TAP queue drops hostvisor "
+              f"{o.get('net-rx-tap-drops', '-')} qemu {q.get('net-rx-tap-drops', '-')}); net-tx (guest sends) hostvisor "
+              f"{o.get('net-tx-retrans', '-')}/{o.get('net-tx-segments', '-')} qemu "
+              f"{q.get('net-tx-retrans', '-')}/{q.get('net-tx-segments', '-')} segments", flush=True)
 
 
 def median(values):
@@ -418,28 +448,50 @@ def median(values):
     return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
-print("command round trip (typing 'true' to its marker, best of 3, ms): hostvisor "
-      + " ".join(f"{r['overhead-ms']:.0f}" for r in ours if "overhead-ms" in r) + "; qemu "
-      + " ".join(f"{r['overhead-ms']:.0f}" for r in theirs if "overhead-ms" in r))
-print(f"median of {runs} runs (disk {disk_mib} MiB, net {net_mib} MiB on {nic}; ratio = ours/QEMU throughput):")
-print("  MiB/s         wall: hostvisor     qemu  ratio |  per VMM CPU s: hostvisor     qemu  ratio")
+def medians(results, w):
+    """(wall MiB/s, CPU MiB/s) medians of workload `w` over the runs that completed it, or None."""
+    done = [r[w] for r in results if w in r]
+    if not done:
+        return None
+    return median([wall_rate(x) for x in done]), median([cpu_rate(x) for x in done])
+
+
 failed = False
-for w in workloads:
-    o = [r[w] for r in ours if w in r]
-    q = [r[w] for r in theirs if w in r]
-    if len(o) < runs or len(q) < runs or any(r.get("failed") for r in ours + theirs):
-        failed = True
-    if not o or not q:
-        print(f"  {w:9s} no complete result")
-        continue
-    line = f"  {w:9s}        "
-    for rate in (wall_rate, cpu_rate):
-        mo, mq = median([rate(x) for x in o]), median([rate(x) for x in q])
-        line += f"{mo:8.2f} {mq:8.2f}  {mo / mq:5.3f}"
-        line += " |                 " if rate is wall_rate else ""
-    print(line)
+for nic in nics:
+    print("command round trip (typing 'true' to its marker, best of 3, ms) on " + nic + ": hostvisor "
+          + " ".join(f"{r['overhead-ms']:.0f}" for r in ours[nic] if "overhead-ms" in r) + "; qemu "
+          + " ".join(f"{r['overhead-ms']:.0f}" for r in theirs[nic] if "overhead-ms" in r))
+for nic in nics:
+    print(f"median of {runs} runs ({'' if table else f'disk {disk_mib} MiB, '}net {net_mib} MiB on {nic}; "
+          "ratio = ours/QEMU throughput):")
+    print("  MiB/s         wall: hostvisor     qemu  ratio |  per VMM CPU s: hostvisor     qemu  ratio")
+    for w in workloads:
+        if any(len([r for r in side[nic] if w in r]) < runs for side in (ours, theirs)) or any(
+                r.get("failed") for r in ours[nic] + theirs[nic]):
+            failed = True
+        mo, mq = medians(ours[nic], w), medians(theirs[nic], w)
+        if mo is None or mq is None:
+            print(f"  {w:9s} no complete result")
+            continue
+        print(f"  {w:9s}        {mo[0]:8.2f} {mq[0]:8.2f}  {mo[0] / mq[0]:5.3f} |"
+              f"                 {mo[1]:8.2f} {mq[1]:8.2f}  {mo[1] / mq[1]:5.3f}")
+if "virtio" in nics and len(nics) > 1:
+    print("virtio-net / emulated NIC throughput (medians; > 1: virtio-net is faster):")
+    print("  workload  NIC            wall: hostvisor     qemu |  per VMM CPU s: hostvisor     qemu")
+    for w in workloads:
+        for nic in nics:
+            if nic == "virtio":
+                continue
+            cells = []
+            for rate_index in (0, 1):
+                for side in (ours, theirs):
+                    virtio, emulated = medians(side["virtio"], w), medians(side[nic], w)
+                    cells.append(f"{virtio[rate_index] / emulated[rate_index]:8.2f}" if virtio and emulated
+                                 else "       -")
+            print(f"  {w:9s} {nic:8s}              {cells[0]} {cells[1]} |                 {cells[2]} {cells[3]}")
 if not failed:
-    print("data checks passed: net-rx and net-tx MD5, disk write/read-back MD5 in the guest and on the host")
+    print("data checks passed: net-rx and net-tx MD5" + ("" if table else
+          ", disk write/read-back MD5 in the guest and on the host"))
 sys.exit(1 if failed else 0)
 PYTHON
 

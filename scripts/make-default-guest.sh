@@ -9,7 +9,7 @@
 #   vmlinuz             the kernel (bzImage) from the Debian package
 #   kernel-version      its version string (e.g. 6.1.0-57-cloud-amd64)
 #   initramfs.cpio.gz   busybox-static userland (i386 for --i386); /init prints HOSTVISOR-GUEST-READY then runs a shell
-#                       on the console; the virtio, e1000, evdev (and ext2/ext4 when modular) modules live under
+#                       on the console; the virtio, e1000, 8139too/8139cp, evdev (and ext2/ext4 when modular) modules live under
 #                       /lib/modules/VERSION with a modules.dep made by busybox depmod
 #   modules/            the package's whole lib/modules tree, for later disk images
 #
@@ -185,13 +185,14 @@ echo "hostvisor" >"$stage/etc/hostname"
 # The kernel opens /dev/console for PID 1 before /init mounts devtmpfs.
 if [ "$(id -u)" = 0 ]; then mknod -m 600 "$stage/dev/console" c 5 1; fi
 
-# Modules: the virtio drivers (virtio_input among them), the emulated NICs' drivers (e1000),
+# Modules: the virtio drivers (virtio_input among them), the emulated NICs' drivers (e1000, 8139too; 8139cp for QEMU's RTL8139C+),
 # evdev for /dev/input/event*, ext2/ext4 when they are modules, and everything they depend on.
 wanted_modules=$(
   cd "$modules_root" &&
     find kernel/drivers/virtio kernel/drivers/block/virtio_blk.ko kernel/drivers/net/virtio_net.ko \
       kernel/drivers/char/virtio_console.ko kernel/drivers/char/hw_random/virtio-rng.ko \
-      kernel/drivers/net/ethernet/intel/e1000 kernel/drivers/input/evdev.ko kernel/fs/ext2 kernel/fs/ext4 -name '*.ko' 2>/dev/null || true
+      kernel/drivers/net/ethernet/intel/e1000 kernel/drivers/net/ethernet/realtek/8139too.ko \
+      kernel/drivers/net/ethernet/realtek/8139cp.ko kernel/drivers/input/evdev.ko kernel/fs/ext2 kernel/fs/ext4 -name '*.ko' 2>/dev/null || true
 )
 [ -n "$wanted_modules" ] || echo "make-default-guest: note: $version has no virtio modules (built in?)" >&2
 module_closure=$(

@@ -98,6 +98,8 @@ public enum NetworkDeviceModel: String, Sendable, Equatable, CaseIterable {
   case virtio
   /// An emulated Intel 82540EM (Linux `e1000`), for guests without virtio drivers.
   case e1000
+  /// An emulated Realtek RTL8139C (Linux `8139too`), for guests without virtio drivers.
+  case rtl8139
 }
 
 /// A network interface (its device model) and its host side.
@@ -133,8 +135,8 @@ public struct NetworkConfiguration: Sendable, Equatable {
     self.model = model
   }
 
-  /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,model=virtio|e1000]` or
-  /// `user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=MAC][,model=virtio|e1000]` (keys after
+  /// Parses `tap=NAME[,mac=MAC][,offloads=on|off][,model=virtio|e1000|rtl8139]` or
+  /// `user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=MAC][,model=virtio|e1000|rtl8139]` (keys after
   /// the first word in any order).
   public init(parsing text: String) throws(ConfigurationError) {
     var tapName: String?
@@ -232,9 +234,9 @@ public enum ConfigurationError: Error, Equatable, Sendable, CustomStringConverti
       return "invalid disk '\(text)': use PATH or PATH,readonly"
     case .invalidNetwork(let text):
       return
-        "invalid network '\(text)': use tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,offloads=off][,model=virtio|e1000] or user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=...][,model=...]"
+        "invalid network '\(text)': use tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,offloads=off][,model=virtio|e1000|rtl8139] or user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT]...[,mac=...][,model=...]"
     case .invalidNetworkModel(let text):
-      return "invalid network model '\(text)': use virtio or e1000"
+      return "invalid network model '\(text)': use virtio, e1000 or rtl8139"
     case .invalidMAC(let text):
       return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
     case .invalidConsole(let text):

@@ -153,11 +153,13 @@ struct MachineDescription: Equatable {
 }
 
 extension VirtualMachine {
-  /// Throws when the machine has a device whose state cannot be saved yet (the emulated e1000).
+  /// Throws when the machine has a device whose state cannot be saved yet (the emulated e1000
+  /// and RTL8139).
   func refuseDevicesWithoutState() throws(MachineStateError) {
-    guard emulatedNetworkDevices.isEmpty else {
+    if let device = emulatedNetworkDevices.first {
+      let model = device is RTL8139 ? "an rtl8139" : "an e1000"
       throw MachineStateError(
-        "snapshots and migration of machines with an e1000 network device are not implemented yet")
+        "snapshots and migration of machines with \(model) network device are not implemented yet")
     }
   }
 

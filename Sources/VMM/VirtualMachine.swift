@@ -37,9 +37,9 @@ public final class VirtualMachine: Sendable {
   /// The virtio devices on the bus, in slot order: disks, network interfaces, the console (if
   /// asked for), the entropy device, the balloon and the tablet (if asked for).
   public let virtioDevices: [VirtioPCIDevice]
-  /// The emulated network devices (`model=e1000` interfaces), in slot order after the virtio
-  /// network interfaces' turn.
-  public let emulatedNetworkDevices: [E1000]
+  /// The emulated network devices (`model=e1000` and `model=rtl8139` interfaces), in slot
+  /// order after the virtio network interfaces' turn.
+  public let emulatedNetworkDevices: [any EmulatedNetworkDevice]
   /// The virtio console wired to standard input/output, when `console` is `.virtio`.
   private let virtioConsole: VirtioConsole?
   /// The ACPI fixed-hardware registers (power button, sleep states).
@@ -198,8 +198,8 @@ public final class VirtualMachine: Sendable {
         let name: String
         if let virtio = device as? VirtioPCIDevice {
           name = Self.describe(virtio)
-        } else if device is E1000 {
-          name = "e1000 (82540EM)"
+        } else if let emulated = device as? any EmulatedNetworkDevice {
+          name = emulated.modelDescription
         } else {
           continue
         }
@@ -209,15 +209,15 @@ public final class VirtualMachine: Sendable {
   }
 
   /// Opens every backend and attaches one virtio device per disk and network interface (an
-  /// emulated e1000 for interfaces with `model=e1000`), the console when asked for, always an
+  /// emulated e1000 or RTL8139 for interfaces with `model=e1000` or `model=rtl8139`), the console when asked for, always an
   /// entropy device (so the guest's RNG seeds early), then the balloon and the display's tablet
   /// when asked for. Backend failures (missing disk file, TAP errors) are one-line errors;
   /// devices already built are shut down first.
   private static func attachVirtioDevices(
     configuration: MachineConfiguration, pci: PCIBus, memory: GuestMemory
-  ) throws -> ([VirtioPCIDevice], VirtioConsole?, [E1000]) {
+  ) throws -> ([VirtioPCIDevice], VirtioConsole?, [any EmulatedNetworkDevice]) {
     var devices: [VirtioPCIDevice] = []
-    var emulated: [E1000] = []
+    var emulated: [any EmulatedNetworkDevice] = []
     func attach(_ model: any VirtioDeviceModel) throws {
       let device = VirtioPCIDevice(model: model, memory: memory)
       devices.append(device)
@@ -259,17 +259,21 @@ public final class VirtualMachine: Sendable {
             throw MachineError(error.description)
           }
         }
+        let device: any EmulatedNetworkDevice
         switch network.model {
         case .virtio:
           try attach(VirtioNet(backend: backend, mac: network.mac))
+          continue
         case .e1000:
-          let device = E1000(backend: backend, mac: network.mac, memory: memory)
-          emulated.append(device)
-          do {
-            try pci.attach(device)
-          } catch {
-            throw MachineError("cannot attach a PCI device: \(error)")
-          }
+          device = E1000(backend: backend, mac: network.mac, memory: memory)
+        case .rtl8139:
+          device = RTL8139(backend: backend, mac: network.mac, memory: memory)
+        }
+        emulated.append(device)
+        do {
+          try pci.attach(device)
+        } catch {
+          throw MachineError("cannot attach a PCI device: \(error)")
         }
       }
       if configuration.console == .virtio {

@@ -89,9 +89,9 @@ struct Run: ParsableCommand {
   @Option(
     name: .long,
     help: ArgumentHelp(
-      "A network interface on host TAP device NAME (created if missing; not brought up; offloads=off offers the guest no checksum/segmentation offloads), or on user-mode networking through passt (no privileges; guest 10.0.2.15/24 by DHCP, gateway 10.0.2.2 reaches the host's loopback; hostfwd forwards a host port into the guest). model=e1000 emulates an Intel 82540EM (Linux e1000) instead of virtio-net. Optional MAC (default: random 52:54:00:xx:xx:xx). Repeatable.",
+      "A network interface on host TAP device NAME (created if missing; not brought up; offloads=off offers the guest no checksum/segmentation offloads), or on user-mode networking through passt (no privileges; guest 10.0.2.15/24 by DHCP, gateway 10.0.2.2 reaches the host's loopback; hostfwd forwards a host port into the guest). model=e1000 emulates an Intel 82540EM (Linux e1000), model=rtl8139 a Realtek RTL8139C (Linux 8139too), instead of virtio-net. Optional MAC (default: random 52:54:00:xx:xx:xx). Repeatable.",
       valueName:
-        "tap=NAME[,offloads=off]|user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT...][,mac=xx:xx:xx:xx:xx:xx][,model=virtio|e1000]"
+        "tap=NAME[,offloads=off]|user[,hostfwd=tcp:[HOST]:PORT-:GUESTPORT...][,mac=xx:xx:xx:xx:xx:xx][,model=virtio|e1000|rtl8139]"
     ))
   var net: [String] = []
 

@@ -129,6 +129,8 @@ struct VirtioIntegrationTests {
     #expect(try NetworkConfiguration(parsing: "tap=hv5").model == .virtio)
     #expect(try NetworkConfiguration(parsing: "model=e1000,tap=hv5").model == .e1000)
     #expect(try NetworkConfiguration(parsing: "user,model=e1000").model == .e1000)
+    #expect(try NetworkConfiguration(parsing: "tap=hv5,model=rtl8139").model == .rtl8139)
+    #expect(try NetworkConfiguration(parsing: "user,model=rtl8139").model == .rtl8139)
     #expect(try NetworkConfiguration(parsing: "tap=hv5,model=virtio").model == .virtio)
     #expect(throws: ConfigurationError.invalidNetworkModel("rtl")) {
       try NetworkConfiguration(parsing: "tap=hv5,model=rtl")
