@@ -121,6 +121,8 @@ extension CPU {
       }
     } else {
       setYMM(Int(ins.rm), result, wide: false)
+      // VEX.256 marks AVX in use although only an XMM register is written (as the host shows).
+      if wide { xsaveInUse |= XSaveModel.avx }
     }
   }
 

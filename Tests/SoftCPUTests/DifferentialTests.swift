@@ -379,6 +379,28 @@ struct DifferentialFixedCases {
     }
   }
 
+  /// XINUSE after a VEX.256 instruction that writes only an XMM register (a narrowing
+  /// conversion, VCVTPS2PH, VEXTRACTF128/I128) from the AVX initial state: XSAVE's XSTATE_BV
+  /// shows whether the instruction marked the AVX component in use.
+  @Test func vex256WithAnXMMDestinationMarksAVXInUse() {
+    let instructions: [(String, [UInt8])] = [
+      ("vcvtpd2dq xmm14, ymm14", [0xC4, 0x41, 0x7F, 0xE6, 0xF6]),
+      ("vcvtps2ph xmm0, ymm1, 0", [0xC4, 0xE3, 0x7D, 0x1D, 0xC8, 0x00]),
+      ("vextractf128 xmm0, ymm1, 1", [0xC4, 0xE3, 0x7D, 0x19, 0xC8, 0x01]),
+      ("vextracti128 xmm0, ymm1, 1", [0xC4, 0xE3, 0x7D, 0x39, 0xC8, 0x01]),
+      ("vaddss (VEX.L = 1)", [0xC5, 0xEE, 0x58, 0xC1]),
+    ]
+    // vzeroupper; INSTRUCTION; mov eax, 6; xor edx, edx; xsave [rbx] (SSE and AVX components).
+    for (name, bytes) in instructions {
+      let code: [UInt8] = [0xC5, 0xF8, 0x77] + bytes + [0xB8, 0x06, 0x00, 0x00, 0x00, 0x31, 0xD2, 0x0F, 0xAE, 0x23]
+      let result = Self.check(code) {
+        $0.mxcsr = 0x1F80
+        $0.gpr[3] = DiffLayout.dataBase + 0x1000
+      }
+      #expect(result == nil, "\(name): \(result ?? "")")
+    }
+  }
+
   /// A non-canonical address in a reference through SS raises #SS(0): the implicit stack
   /// accesses (PUSH, POP, RET), RSP and RBP bases, an SS override; any other, #GP(0).
   @Test func nonCanonicalStackAndDataAddresses() {
