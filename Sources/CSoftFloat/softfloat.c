@@ -709,6 +709,126 @@ uint32_t csf_unbounded_inexact(uint32_t kind, uint32_t isDouble, uint64_t left, 
   return (status >> 5) & 1;
 }
 
+// MARK: - Unbounded-exponent inexactness of FMA3 and VCVTPS2PH
+
+// A finite value as sign, integer significand and exponent: value = (-1)^sign * significand * 2^exponent.
+typedef struct {
+  int sign;
+  uint64_t significand;
+  int exponent;
+} csf_exact_value;
+
+// Returns 0 for infinities and NaNs (which never overflow or underflow), 1 otherwise. With
+// `daz`, denormal inputs are zeros.
+static int csf_unpack(uint64_t bits, int isDouble, int daz, csf_exact_value *value) {
+  unsigned fractionBits = isDouble ? 52 : 23;
+  unsigned exponentBits = isDouble ? 11 : 8;
+  int bias = isDouble ? 1023 : 127;
+  uint64_t fraction = bits & ((1ull << fractionBits) - 1);
+  unsigned biased = (unsigned)(bits >> fractionBits) & ((1u << exponentBits) - 1);
+  value->sign = (int)(bits >> (fractionBits + exponentBits)) & 1;
+  if (biased == (1u << exponentBits) - 1) return 0;
+  if (biased == 0) {
+    value->significand = daz ? 0 : fraction;
+    value->exponent = 1 - bias - (int)fractionBits;
+  } else {
+    value->significand = fraction | 1ull << fractionBits;
+    value->exponent = (int)biased - bias - (int)fractionBits;
+  }
+  return 1;
+}
+
+// Whether a nonzero integer needs more than `precision` significant bits.
+static int csf_needs_more_bits(unsigned __int128 magnitude, unsigned precision) {
+  while ((magnitude & 1) == 0) magnitude >>= 1;
+  return magnitude >> precision != 0;
+}
+
+static unsigned csf_bit_length(unsigned __int128 value) {
+  unsigned length = 0;
+  while (value != 0) {
+    value >>= 1;
+    length++;
+  }
+  return length;
+}
+
+uint32_t csf_fma_unbounded_inexact(uint32_t operation, uint32_t element, uint64_t destination, uint64_t middle,
+                                   uint64_t source, uint32_t mxcsr) {
+  int isDouble = (operation >> 8) & 1;
+  int daz = (mxcsr >> 6) & 1;
+  unsigned precision = isDouble ? 53 : 24;
+  uint8_t opcode = (uint8_t)operation;
+  // Multiplicands and addend by operand order: 132 = dest * r/m + vvvv, 213 = vvvv * dest + r/m,
+  // 231 = vvvv * r/m + dest.
+  uint64_t factorA, factorB, addend;
+  switch (opcode >> 4) {
+  case 0x9: factorA = destination, factorB = source, addend = middle; break;
+  case 0xA: factorA = middle, factorB = destination, addend = source; break;
+  case 0xB: factorA = middle, factorB = source, addend = destination; break;
+  default: return 0;
+  }
+  // Whether the addend is subtracted from the product (the overall sign of VFNM* does not change
+  // the magnitude): VFMADDSUB subtracts in even elements, VFMSUBADD in odd ones.
+  int subtract;
+  switch (opcode & 0xF) {
+  case 0x6: subtract = (element & 1) == 0; break;
+  case 0x7: subtract = (element & 1) == 1; break;
+  case 0x8: case 0x9: case 0xE: case 0xF: subtract = 0; break;
+  default: subtract = 1; break;  // VFMSUB*, VFNMADD* (-(a*b) + c = -(a*b - c))
+  }
+  csf_exact_value a, b, c;
+  if (!csf_unpack(factorA, isDouble, daz, &a) || !csf_unpack(factorB, isDouble, daz, &b) ||
+      !csf_unpack(addend, isDouble, daz, &c)) {
+    return 0;
+  }
+  unsigned __int128 product = (unsigned __int128)a.significand * b.significand;
+  if (product == 0) return 0;  // the result is the addend, exactly
+  int productExponent = a.exponent + b.exponent;
+  int productSign = a.sign ^ b.sign;
+  int addendSign = c.sign ^ subtract;
+  if (c.significand == 0) return (uint32_t)csf_needs_more_bits(product, precision);
+  // Both terms as odd integers times powers of two.
+  uint64_t addendSignificand = c.significand;
+  int addendExponent = c.exponent;
+  while ((product & 1) == 0) product >>= 1, productExponent++;
+  while ((addendSignificand & 1) == 0) addendSignificand >>= 1, addendExponent++;
+  if (productExponent == addendExponent) {
+    // Both below 2^106: the signed sum fits.
+    __int128 sum = (productSign ? -(__int128)product : (__int128)product) +
+                   (addendSign ? -(__int128)addendSignificand : (__int128)addendSignificand);
+    if (sum == 0) return 0;
+    return (uint32_t)csf_needs_more_bits((unsigned __int128)(sum < 0 ? -sum : sum), precision);
+  }
+  // Different exponents: the sum is the lower term (odd) plus an even multiple of it, so it is
+  // odd in units of the lower exponent and exact only below 2^precision of those units.
+  unsigned __int128 low, high;
+  int lowSign, highSign, shift;
+  if (productExponent < addendExponent) {
+    low = product, lowSign = productSign, high = addendSignificand, highSign = addendSign;
+    shift = addendExponent - productExponent;
+  } else {
+    low = addendSignificand, lowSign = addendSign, high = product, highSign = productSign;
+    shift = productExponent - addendExponent;
+  }
+  // The lower term is below 2^106; a shifted higher term at or above 2^120 leaves a sum above
+  // 2^119, far beyond any precision here.
+  if (csf_bit_length(high) + (unsigned)shift > 120) return 1;
+  high <<= shift;
+  __int128 sum = (lowSign ? -(__int128)low : (__int128)low) + (highSign ? -(__int128)high : (__int128)high);
+  unsigned __int128 magnitude = (unsigned __int128)(sum < 0 ? -sum : sum);
+  return magnitude >> precision != 0;
+}
+
+uint32_t csf_single_to_half_unbounded_inexact(uint32_t single, uint32_t mxcsr) {
+  csf_exact_value value;
+  if (!csf_unpack(single, 0, (mxcsr >> 6) & 1, &value) || value.significand == 0) return 0;
+  // A denormal input (DAZ clear) reports PE with its UE, as the SDM's VCVTPS2PH exceptions
+  // section lists (DE, UE and PE), whatever its bits.
+  if ((single & 0x7F800000u) == 0) return 1;
+  return (uint32_t)csf_needs_more_bits(value.significand, 11);
+}
+
 // MARK: - MMX
 
 // One MMX instruction on the host: both operands loaded into MM0/MM1, the result stored, then

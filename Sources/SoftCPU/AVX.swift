@@ -17,8 +17,9 @@ import VMCore
 // inserts/extracts, masked moves, variable blends, the widening and narrowing conversions,
 // gathers) and FMA/F16C are in AVXPermute.swift and AVXArithmetic.swift.
 //
-// XINUSE: a VEX.128 form (which zeroes bits 255:128) marks only SSE in use, a VEX.256 form
-// AVX too, as the host CPU shows.
+// XINUSE: a VEX.128 form (which zeroes bits 255:128) marks only SSE in use, a VEX.256 form that
+// writes a vector register AVX too (also when the register written is an XMM register, as in
+// the narrowing conversions, VCVTPS2PH and VEXTRACTF128), as the host CPU shows.
 //
 // Every other VEX vector form raises #UD.
 
@@ -227,7 +228,6 @@ extension CPU {
   func executeLaneWise(_ ins: Instruction, form: VEXLaneForm, sources: VEXHalfSources? = nil) throws(Fault) {
     if !form.usesVVVV && !form.destinationIsVVVV && ins.vexRegister != 0 { throw .invalidOpcode }
     if form.length == .only128 && ins.vexL { throw .invalidOpcode }
-    let wide = ins.vexL && form.length == .both && !(sources?.narrowing ?? false)
     let halves = ins.vexL && form.length == .both ? 2 : 1
     // VMOVNTDQA: 32-byte alignment for VEX.256 (each half checks 16).
     if ins.opcode == 0x22A && ins.vexL && ins.hasMemoryOperand && linearAddress(ins) & 31 != 0 {
@@ -301,7 +301,9 @@ extension CPU {
       xmm[destination] = results.low
       ymmHigh[destination] = results.high
     }
-    xsaveInUse |= wide ? XSaveModel.sse | XSaveModel.avx : XSaveModel.sse
+    // A VEX.256 form marks AVX in use even when it writes only an XMM register (the narrowing
+    // conversions), as the host CPU shows.
+    xsaveInUse |= ins.vexL && form.length == .both ? XSaveModel.sse | XSaveModel.avx : XSaveModel.sse
   }
 
   /// VMOVUPS/VMOVUPD (0F 10/11 without or with 66), VMOVSS/VMOVSD (F3/F2 0F 10/11), VMOVAPS/

@@ -40,10 +40,10 @@ extension CPU {
   }
 
   /// The exception flags of an FMA with overflow or underflow unmasked, element by element as
-  /// the host reports them: an element that overflows reports OE with its pre-computation flags
-  /// and PE when the rounded result is inexact, one that underflows UE, with PE only while PE is masked; with underflow unmasked
-  /// every tiny result underflows, exact or not (found by running the element again with FTZ,
-  /// which flags every tiny result).
+  /// the host reports them: an element that overflows or underflows reports OE or UE with its
+  /// pre-computation flags, and PE when its result with an unbounded exponent is inexact
+  /// (whether PE is masked or not). With underflow unmasked every tiny result underflows, exact
+  /// or not (found by running the element again with FTZ, which flags every tiny result).
   private func fusedElementFlags(
     _ operation: UInt32, _ inputs: (YMMValue, YMMValue, YMMValue), elements: Int, double: Bool
   ) -> UInt32 {
@@ -65,13 +65,20 @@ extension CPU {
       let flushed = csf_fma(operation, mxcsr | 0x8000, &destination, &middle, &source)
       let overflow: UInt32 = 0x8
       let underflow: UInt32 = 0x10
+      let fired: UInt32
       if unmasked & overflow != 0 && flags & overflow != 0 {
-        flags = flags & (MXCSR.precomputationFlags | MXCSR.inexact) | overflow
+        fired = overflow
       } else if unmasked & underflow != 0 && flushed & underflow != 0 {
-        // PE stays only while the precision exception is masked (as the host reports it).
-        let kept = MXCSR.precomputationFlags | (unmasked & MXCSR.inexact == 0 ? MXCSR.inexact : 0)
-        flags = flags & kept | underflow
+        fired = underflow
+      } else {
+        total |= flags
+        continue
       }
+      func bits(_ value: YMMValue) -> UInt64 {
+        double ? value[element] : value[element / 2] >> UInt64(32 * (element & 1)) & 0xFFFF_FFFF
+      }
+      let inexact = csf_fma_unbounded_inexact(operation, UInt32(element), bits(d), bits(m), bits(s), mxcsr)
+      flags = flags & MXCSR.precomputationFlags | fired | (inexact != 0 ? MXCSR.inexact : 0)
       total |= flags
     }
     return total
@@ -98,7 +105,11 @@ extension CPU {
     }
     var source = ymm(Int(ins.reg))
     let immediate = UInt32(truncatingIfNeeded: ins.immediate)
-    let raised = csf_f16c(wide ? 3 : 2, immediate, mxcsr, &result, &source)
+    var raised = csf_f16c(wide ? 3 : 2, immediate, mxcsr, &result, &source)
+    let unmasked = ~(mxcsr >> 7) & MXCSR.flags
+    if _slowPath(unmasked & 0x18 != 0 && raised & unmasked & MXCSR.precomputationFlags == 0) {
+      raised = halfConversionElementFlags(immediate, source, elements: wide ? 8 : 4)
+    }
     // An unmasked exception leaves the destination (register or memory) unchanged.
     try commitSIMDExceptions(raised)
     if ins.hasMemoryOperand {
@@ -110,6 +121,42 @@ extension CPU {
       }
     } else {
       setYMM(Int(ins.rm), result, wide: false)
+      // VEX.256 marks AVX in use although only an XMM register is written (as the host shows).
+      if wide { xsaveInUse |= XSaveModel.avx }
     }
+  }
+
+  /// The exception flags of VCVTPS2PH with overflow or underflow unmasked, element by element:
+  /// an element whose half-precision result overflows or is tiny (after rounding; exact or not,
+  /// FTZ does not apply) reports OE or UE with its pre-computation flags, and PE when the
+  /// conversion with an unbounded exponent is inexact (whether PE is masked or not).
+  private func halfConversionElementFlags(_ immediate: UInt32, _ source: YMMValue, elements: Int) -> UInt32 {
+    let unmasked = ~(mxcsr >> 7) & MXCSR.flags
+    let overflow: UInt32 = 0x8
+    let underflow: UInt32 = 0x10
+    var total: UInt32 = 0
+    for element in 0..<elements {
+      let shift = UInt64(32 * (element & 1))
+      let single = UInt32(truncatingIfNeeded: source[element / 2] >> shift)
+      var alone = YMMValue()
+      alone[element / 2] = UInt64(single) << shift
+      var result = YMMValue()
+      let flags = csf_f16c(elements == 8 ? 3 : 2, immediate, mxcsr, &result, &alone)
+      let half = UInt16(truncatingIfNeeded: result[element / 4] >> UInt64(16 * (element & 3)))
+      // Masked, UE reports a tiny inexact result; an exact tiny one is a denormal half.
+      let tiny = flags & underflow != 0 || (half & 0x7C00 == 0 && half & 0x3FF != 0)
+      let fired: UInt32
+      if unmasked & overflow != 0 && flags & overflow != 0 {
+        fired = overflow
+      } else if unmasked & underflow != 0 && tiny {
+        fired = underflow
+      } else {
+        total |= flags
+        continue
+      }
+      let inexact = csf_single_to_half_unbounded_inexact(single, mxcsr) != 0 ? MXCSR.inexact : 0
+      total |= flags & MXCSR.precomputationFlags | fired | inexact
+    }
+    return total
   }
 }

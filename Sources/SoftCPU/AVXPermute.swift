@@ -250,6 +250,8 @@ extension CPU {
       try write128(linearAddress(ins), value, aligned: false)
     } else {
       setYMM(Int(ins.rm), YMMValue(value[0], value[1], 0, 0), wide: false)
+      // VEX.256 marks AVX in use although only an XMM register is written (as the host shows).
+      xsaveInUse |= XSaveModel.avx
     }
   }
 

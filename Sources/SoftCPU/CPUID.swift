@@ -51,6 +51,11 @@ enum CPUModel {
   static let extendedEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 26 | 1 << 27 | 1 << 29
   /// 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode(0) ABM/LZCNT(5).
   static let extendedECX: UInt32 = 1 << 0 | 1 << 5
+  /// 0x8000_0007 EDX: invariant TSC(8). Every vCPU reads the TSC from one virtual clock at a
+  /// constant rate that no power state stops, so Linux may keep it as the clocksource with
+  /// several vCPUs (it marks a TSC without this bit unstable on a non-Intel SMP machine). An
+  /// accelerator's own leaf, like the cache leaves: the same in every CPU model.
+  static let powerManagementEDX: UInt32 = 1 << 8
   /// Linear address width (bits 8-15 of 0x8000_0008 EAX; the physical width comes from
   /// `system.physicalAddressBits`).
   static let linearAddressBits: UInt32 = 48
@@ -160,6 +165,8 @@ extension CPU {
       b = ascii(brand, base + 4)
       c = ascii(brand, base + 8)
       d = ascii(brand, base + 12)
+    case 0x8000_0007:
+      d = UInt64(CPUModel.powerManagementEDX)
     case 0x8000_0008:
       a = UInt64(CPUModel.linearAddressBits) << 8 | system.physicalAddressBits
     default:

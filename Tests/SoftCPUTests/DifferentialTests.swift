@@ -2,11 +2,6 @@ import Foundation
 import SoftCPU
 import Testing
 
-/// MXCSR flag bits named in `knownMismatches`.
-enum MXCSRBits {
-  static let precision: UInt32 = 0x20
-}
-
 /// Differential tests: random instruction sequences run natively (CNativeExec) and on the
 /// software CPU must end in the same state (registers, defined flags, XMM, MXCSR, x87, memory)
 /// and raise the same faults.
@@ -24,17 +19,8 @@ struct DifferentialTests {
 
   /// Forms with a reviewed, documented difference from this host (docs/softcpu-testing.md), and
   /// the MXCSR bits not compared in cases built around them; everything else is compared
-  /// strictly. They are never used as fillers around other forms.
-  static let knownMismatches: [String: (mxcsrIgnored: UInt32, reason: String)] = Dictionary(
-    uniqueKeysWithValues: FormTable.avxExtended.filter { $0.name.hasPrefix("vf") }.map {
-      (
-        $0.name,
-        (
-          mxcsrIgnored: MXCSRBits.precision,
-          reason: "FMA3 with underflow unmasked: PE follows the inexactness of the result with an unbounded exponent"
-        )
-      )
-    })
+  /// strictly. They are never used as fillers around other forms. The goal is an empty list.
+  static let knownMismatches: [String: (mxcsrIgnored: UInt32, reason: String)] = [:]
 
   static let environment = ProcessInfo.processInfo.environment
   static var seed: UInt64 { UInt64(environment["HOSTVISOR_DIFF_SEED"] ?? "") ?? 1 }
@@ -296,6 +282,122 @@ struct DifferentialFixedCases {
         $0.xmm[13] = SIMD2(0x3EFF_0320_6336_F8BF, 0xC188_D932_658E_5F46)
       }
       #expect(result == nil, Comment(rawValue: result ?? ""))
+    }
+  }
+
+  /// MXCSR values with overflow or underflow unmasked (PE masked and unmasked), and variants
+  /// with DAZ, FTZ and other rounding modes.
+  static let overflowUnderflowUnmasked: [UInt32] = [0x1780, 0x0780, 0x1B80, 0x0B80, 0x17C0, 0x9780, 0x3780, 0x7780]
+
+  /// FMA3 elements that overflow or underflow with the exception unmasked: PE is the inexactness
+  /// of the result with an unbounded exponent, masked or not, so it differs from the flags of the
+  /// delivered (denormal, zero or infinite) result: exact products whose denormal result is not
+  /// (2^-1100, 3·2^-1080, 2^-160 in single), inexact ones, exact overflows (2^1100), a
+  /// cancellation to an exact tiny value, and VFMADDSUB's alternating subtraction.
+  @Test func fmaUnboundedExponentInexactness() {
+    let onePlus: UInt64 = 1
+    // (name, code, xmm0, xmm1, xmm2, upper halves of ymm0-2)
+    let cases: [(String, [UInt8], SIMD2<UInt64>, SIMD2<UInt64>, SIMD2<UInt64>, [SIMD2<UInt64>])] = [
+      (
+        "2^-600 * 2^-500", [0xC4, 0xE2, 0xF1, 0xA9, 0xC2], SIMD2(0x20B0_0000_0000_0000, 0),
+        SIMD2(0x1A70_0000_0000_0000, 0), .zero, []
+      ),
+      (
+        "(1+2^-52)^2 * 2^-1100", [0xC4, 0xE2, 0xF1, 0xA9, 0xC2], SIMD2(0x20B0_0000_0000_0000 | onePlus, 0),
+        SIMD2(0x1A70_0000_0000_0000 | onePlus, 0), .zero, []
+      ),
+      (
+        "3 * 2^-1080", [0xC4, 0xE2, 0xF1, 0xA9, 0xC2], SIMD2(0x21F0_0000_0000_0000, 0), SIMD2(0x1A88_0000_0000_0000, 0),
+        .zero, []
+      ),
+      (
+        "2^1000 * 2^100", [0xC4, 0xE2, 0xF1, 0xA9, 0xC2], SIMD2(0x4630_0000_0000_0000, 0),
+        SIMD2(0x7E70_0000_0000_0000, 0), .zero, []
+      ),
+      (
+        "(1+2^-52)^2 * 2^1100", [0xC4, 0xE2, 0xF1, 0xA9, 0xC2], SIMD2(0x4630_0000_0000_0000 | onePlus, 0),
+        SIMD2(0x7E70_0000_0000_0000 | onePlus, 0), .zero, []
+      ),
+      (
+        "((1+2^-30) * 2^-511)^2 - 2^-1022", [0xC4, 0xE2, 0xF1, 0xA9, 0xC2], SIMD2(0x2000_0000_0040_0000, 0),
+        SIMD2(0x2000_0000_0040_0000, 0), SIMD2(0x8010_0000_0000_0000, 0), []
+      ),
+      (
+        "single 2^-80 * 2^-80", [0xC4, 0xE2, 0x71, 0xA9, 0xC2], SIMD2(0x1780_0000, 0), SIMD2(0x1780_0000, 0), .zero, []
+      ),
+      (
+        "single (1+2^-23)^2 * 2^-160", [0xC4, 0xE2, 0x71, 0xA9, 0xC2], SIMD2(0x1780_0001, 0), SIMD2(0x1780_0001, 0),
+        .zero, []
+      ),
+      (
+        "vfmaddsub231pd", [0xC4, 0xE2, 0xF1, 0xB6, 0xC2], SIMD2(0x0010_0000_0000_0000, 0),
+        SIMD2(0x2000_0000_0040_0000, 0x1A70_0000_0000_0000), SIMD2(0x2000_0000_0040_0000, 0x20B0_0000_0000_0000), []
+      ),
+      (
+        "vfnmsub132pd ymm", [0xC4, 0xE2, 0xF5, 0x9E, 0xC2], SIMD2(0x7E70_0000_0000_0000, 0x3FF0_0000_0000_0000), .zero,
+        SIMD2(0x4630_0000_0000_0000, 0x3FF0_0000_0000_0000),
+        [SIMD2(0x1A70_0000_0000_0000, 0), .zero, SIMD2(0x20B0_0000_0000_0000, 0)]
+      ),
+    ]
+    for (name, code, xmm0, xmm1, xmm2, upper) in cases {
+      for mxcsr in Self.overflowUnderflowUnmasked {
+        let result = Self.check(code) {
+          $0.mxcsr = mxcsr
+          ($0.xmm[0], $0.xmm[1], $0.xmm[2]) = (xmm0, xmm1, xmm2)
+          for (index, high) in upper.enumerated() { $0.ymmHigh[index] = high }
+        }
+        #expect(result == nil, "\(name), mxcsr \(String(mxcsr, radix: 16)): \(result ?? "")")
+      }
+    }
+  }
+
+  /// VCVTPS2PH with overflow or underflow unmasked: every tiny half-precision result underflows,
+  /// an exact one too (2^-20), but not one that rounds up to the smallest normal; PE is the
+  /// inexactness with an unbounded exponent (2^-30 and 2^20 are exact); flags of the elements
+  /// combine (1+2^-23 inexact beside an exact tiny 2^-30); a denormal single input.
+  @Test func halfConversionUnboundedExponentInexactness() {
+    let xmmForm: [UInt8] = [0xC4, 0xE3, 0x79, 0x1D, 0xC8, 0x04]  // vcvtps2ph xmm0, xmm1, 4 (MXCSR.RC)
+    let ymmForm: [UInt8] = [0xC4, 0xE3, 0x7D, 0x1D, 0xC8, 0x00]  // vcvtps2ph xmm0, ymm1, 0 (nearest)
+    let cases: [([UInt8], [UInt32])] = [
+      (xmmForm, [0x3580_0000]), (xmmForm, [0x3080_0000]), (xmmForm, [0x3580_0001]), (xmmForm, [0x4980_0000]),
+      (xmmForm, [0x477F_F000]), (xmmForm, [0x387F_F000]), (xmmForm, [0x3F80_0001, 0x3080_0000]),
+      (xmmForm, [0x0000_0001]), (xmmForm, [0x8000_0C00, 0x4980_0001]),
+      (ymmForm, [0x3580_0000, 0x3F80_0000, 0x4980_0000, 0, 0x3080_0000, 0x3580_0001, 0, 0x387F_F000]),
+    ]
+    for (code, singles) in cases {
+      var lanes = [UInt64](repeating: 0, count: 4)
+      for (index, single) in singles.enumerated() { lanes[index / 2] |= UInt64(single) << UInt64(32 * (index & 1)) }
+      for mxcsr in Self.overflowUnderflowUnmasked {
+        let result = Self.check(code) {
+          $0.mxcsr = mxcsr
+          $0.xmm[1] = SIMD2(lanes[0], lanes[1])
+          $0.ymmHigh[1] = SIMD2(lanes[2], lanes[3])
+        }
+        #expect(
+          result == nil, "\(singles.map { String($0, radix: 16) }), mxcsr \(String(mxcsr, radix: 16)): \(result ?? "")")
+      }
+    }
+  }
+
+  /// XINUSE after a VEX.256 instruction that writes only an XMM register (a narrowing
+  /// conversion, VCVTPS2PH, VEXTRACTF128/I128) from the AVX initial state: XSAVE's XSTATE_BV
+  /// shows whether the instruction marked the AVX component in use.
+  @Test func vex256WithAnXMMDestinationMarksAVXInUse() {
+    let instructions: [(String, [UInt8])] = [
+      ("vcvtpd2dq xmm14, ymm14", [0xC4, 0x41, 0x7F, 0xE6, 0xF6]),
+      ("vcvtps2ph xmm0, ymm1, 0", [0xC4, 0xE3, 0x7D, 0x1D, 0xC8, 0x00]),
+      ("vextractf128 xmm0, ymm1, 1", [0xC4, 0xE3, 0x7D, 0x19, 0xC8, 0x01]),
+      ("vextracti128 xmm0, ymm1, 1", [0xC4, 0xE3, 0x7D, 0x39, 0xC8, 0x01]),
+      ("vaddss (VEX.L = 1)", [0xC5, 0xEE, 0x58, 0xC1]),
+    ]
+    // vzeroupper; INSTRUCTION; mov eax, 6; xor edx, edx; xsave [rbx] (SSE and AVX components).
+    for (name, bytes) in instructions {
+      let code: [UInt8] = [0xC5, 0xF8, 0x77] + bytes + [0xB8, 0x06, 0x00, 0x00, 0x00, 0x31, 0xD2, 0x0F, 0xAE, 0x23]
+      let result = Self.check(code) {
+        $0.mxcsr = 0x1F80
+        $0.gpr[3] = DiffLayout.dataBase + 0x1000
+      }
+      #expect(result == nil, "\(name): \(result ?? "")")
     }
   }
 

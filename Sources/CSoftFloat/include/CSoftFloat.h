@@ -70,6 +70,19 @@ uint32_t csf_crc32(uint32_t crc, uint64_t value, uint32_t size);
 /// Computed on the host x87 with the precision control set to the destination format.
 uint32_t csf_unbounded_inexact(uint32_t kind, uint32_t isDouble, uint64_t left, uint64_t right, uint32_t mxcsr);
 
+/// Whether one FMA3 element is inexact when the exponent range is unbounded (what PE reports
+/// next to an unmasked overflow or underflow of that element). `operation` as for `csf_fma`;
+/// `element` is the element's index (VFMADDSUB/VFMSUBADD alternate by it); `destination`,
+/// `middle` (VEX.vvvv) and `source` (r/m) are the element's raw bits (float in the low 32 bits
+/// unless VEX.W). Computed exactly with integers; DAZ from `mxcsr` applies to the inputs.
+uint32_t csf_fma_unbounded_inexact(uint32_t operation, uint32_t element, uint64_t destination, uint64_t middle,
+                                   uint64_t source, uint32_t mxcsr);
+
+/// Whether converting the single-precision `single` to half precision (VCVTPS2PH) is inexact when
+/// the exponent range is unbounded (more than 11 significant bits); a denormal input (DAZ clear)
+/// always is, as the host reports it. DAZ from `mxcsr` applies.
+uint32_t csf_single_to_half_unbounded_inexact(uint32_t single, uint32_t mxcsr);
+
 /// Host x87 execution frame (see csf_x87).
 typedef struct {
   /// ST(0) and ST(1) before (the first `inputs` are loaded) and after (the first `outputs`).
