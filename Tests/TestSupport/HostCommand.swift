@@ -70,32 +70,8 @@ public enum HostCommand {
     case .merged: posix_spawn_file_actions_adddup2(&actions, stdout.writeEnd, 2)
     case .discarded: posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
     }
-    hv_spawn_add_close_from(&actions, 3)
     if let directory { hv_spawn_add_chdir(&actions, directory) }
-
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    var everySignal = sigset_t()
-    sigfillset(&everySignal)
-    posix_spawnattr_setsigdefault(&attributes, &everySignal)
-    var noSignals = sigset_t()
-    sigemptyset(&noSignals)
-    posix_spawnattr_setsigmask(&attributes, &noSignals)
-    posix_spawnattr_setpgroup(&attributes, 0)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP))
-
-    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-    defer { argv.forEach { free($0) } }
-    let variables = environment ?? ProcessInfo.processInfo.environment
-    let envp = variables.map { strdup("\($0.key)=\($0.value)") } + [nil]
-    defer { envp.forEach { free($0) } }
-
-    var pid: pid_t = 0
-    let spawned = posix_spawnp(&pid, executable, &actions, &attributes, argv, envp)
-    guard spawned == 0 else {
-      throw HostCommandError("cannot start \(executable): \(String(cString: strerror(spawned)))")
-    }
+    let pid = try spawnChild(executable, arguments, environment: environment, actions: &actions)
     // The child's ends belong to the child now.
     stdout.closeWriteEnd()
     stderr?.closeWriteEnd()

@@ -36,33 +36,17 @@ public final class HostProcess: Sendable {
     posix_spawn_file_actions_adddup2(&actions, inputEnds[0], 0)
     posix_spawn_file_actions_adddup2(&actions, outputEnds[1], 1)
     posix_spawn_file_actions_adddup2(&actions, errors == nil ? outputEnds[1] : errorEnds[1], 2)
-    hv_spawn_add_close_from(&actions, 3)
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    var everySignal = sigset_t()
-    sigfillset(&everySignal)
-    posix_spawnattr_setsigdefault(&attributes, &everySignal)
-    var noSignals = sigset_t()
-    sigemptyset(&noSignals)
-    posix_spawnattr_setsigmask(&attributes, &noSignals)
-    posix_spawnattr_setpgroup(&attributes, 0)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP))
-    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-    defer { argv.forEach { free($0) } }
-    let envp = (environment ?? ProcessInfo.processInfo.environment).map { strdup("\($0.key)=\($0.value)") } + [nil]
-    defer { envp.forEach { free($0) } }
-    var pid: pid_t = 0
-    let spawned = posix_spawnp(&pid, executable, &actions, &attributes, argv, envp)
+    let pid: pid_t
+    do {
+      pid = try spawnChild(executable, arguments, environment: environment, actions: &actions)
+    } catch {
+      for end in inputEnds + outputEnds + errorEnds where end >= 0 { close(end) }
+      throw error
+    }
+    // The child's ends belong to the child now.
     close(inputEnds[0])
     close(outputEnds[1])
     if errorEnds[1] >= 0 { close(errorEnds[1]) }
-    guard spawned == 0 else {
-      close(inputEnds[1])
-      close(outputEnds[0])
-      if errorEnds[0] >= 0 { close(errorEnds[0]) }
-      throw HostCommandError("cannot start \(executable): \(String(cString: strerror(spawned)))")
-    }
     processIdentifier = pid
     inputDescriptor.withLock { $0 = inputEnds[1] }
     Self.startReader(outputEnds[0], output)
