@@ -76,7 +76,7 @@ let package = Package(
     .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "VMCore", "Devices", "Loaders", "TestSupport"]),
     .testTarget(name: "LoaderTests", dependencies: ["Loaders", "VMCore", "TestSupport"]),
     .executableTarget(name: "DeviceTestHelper", dependencies: ["Devices"], path: "Tests/DeviceTestHelper"),
-    .testTarget(name: "DeviceTests", dependencies: ["Devices", "VMCore", "DeviceTestHelper", "CShim"]),
+    .testTarget(name: "DeviceTests", dependencies: ["Devices", "VMCore", "DeviceTestHelper", "TestSupport"]),
     .testTarget(
       name: "SoftCPUTests",
       dependencies: [

@@ -1,7 +1,8 @@
-import CShim
 import Devices
+import Foundation
 import Glibc
 import Synchronization
+import TestSupport
 import Testing
 
 @Suite("Console escapes")
@@ -373,33 +374,11 @@ final class PseudoTerminal {
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
     for target in Int32(0)...2 { posix_spawn_file_actions_adddup2(&actions, slave, target) }
-    // Nothing else the runner holds (other tests' pipes and sockets) leaks into the helper.
-    hv_spawn_add_close_from(&actions, 3)
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    // Default dispositions and an empty mask, whatever the test runner uses.
-    var defaults = sigset_t()
-    sigfillset(&defaults)
-    posix_spawnattr_setsigdefault(&attributes, &defaults)
-    var mask = sigset_t()
-    sigemptyset(&mask)
-    posix_spawnattr_setsigmask(&attributes, &mask)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
-
-    let arguments: [UnsafeMutablePointer<CChar>?] = [strdup(path), strdup(mode), nil]
-    defer { arguments.forEach { free($0) } }
-    var environment: [UnsafeMutablePointer<CChar>?] = [strdup("SWIFT_BACKTRACE=enable=no")]
-    var index = 0
-    while let entry = environ[index] {
-      if !String(cString: entry).hasPrefix("SWIFT_BACKTRACE=") { environment.append(strdup(entry)) }
-      index += 1
-    }
-    environment.append(nil)
-    defer { environment.forEach { free($0) } }
-    var pid: pid_t = 0
-    let result = posix_spawn(&pid, path, &actions, &attributes, arguments, environment)
-    guard result == 0 else { throw TerminalTestError(description: "cannot start \(path): error \(result)") }
+    // Only the terminal: nothing else the runner holds (other tests' pipes and sockets) leaks
+    // into the helper; it stays in the runner's process group, as a program started from it.
+    var environment = ProcessInfo.processInfo.environment
+    environment["SWIFT_BACKTRACE"] = "enable=no"
+    let pid = try spawnChild(path, [mode], environment: environment, ownProcessGroup: false, actions: &actions)
     return ChildProcess(pid: pid)
   }
 

@@ -5,10 +5,11 @@ import Glibc
 /// Starts `executable` (searched on the PATH when it has no slash) the way every child of the
 /// test suite starts: with the descriptors `actions` sets up and no others (descriptors 3 and
 /// up are closed), default signal dispositions, an empty signal mask (the runner's threads
-/// block some signals, SIGTERM among them) and a process group of its own.
-func spawnChild(
+/// block some signals, SIGTERM among them) and, with `ownProcessGroup`, a process group of its
+/// own (so a deadline can kill what it started too).
+public func spawnChild(
   _ executable: String, _ arguments: [String], environment: [String: String]?,
-  actions: inout posix_spawn_file_actions_t
+  ownProcessGroup: Bool = true, actions: inout posix_spawn_file_actions_t
 ) throws -> pid_t {
   hv_spawn_add_close_from(&actions, 3)
   var attributes = posix_spawnattr_t()
@@ -21,7 +22,8 @@ func spawnChild(
   sigemptyset(&noSignals)
   posix_spawnattr_setsigmask(&attributes, &noSignals)
   posix_spawnattr_setpgroup(&attributes, 0)
-  posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP))
+  let group = ownProcessGroup ? POSIX_SPAWN_SETPGROUP : 0
+  posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | group))
   let argv = ([executable] + arguments).map { strdup($0) } + [nil]
   defer { argv.forEach { free($0) } }
   let envp = (environment ?? ProcessInfo.processInfo.environment).map { strdup("\($0.key)=\($0.value)") } + [nil]
