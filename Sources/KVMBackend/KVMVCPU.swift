@@ -152,8 +152,8 @@ final class KVMVCPU: @unchecked Sendable {
     control.pauseGate.enter()
     defer { control.pauseGate.leave() }
     debugSlot.started.store(true, ordering: .releasing)
-    // When this vCPU's current throttle timeslice began (0: not throttled).
-    var throttleTimesliceStart: UInt64 = 0
+    // Where this vCPU is in the throttle's timeslices (while a throttle is set).
+    var throttleTimeslice = VCPUThrottle.Timeslice()
     while !control.isStopping {
       if control.pauseGate.isPauseRequested {
         // Out of KVM_RUN: a safe point once the last exit is complete in KVM.
@@ -163,9 +163,9 @@ final class KVMVCPU: @unchecked Sendable {
       if control.throttle.isActive {
         // The throttle's ticker kicks the vCPU out of KVM_RUN once per timeslice; the pending
         // exit needs no completion before a sleep (the thread stays out of KVM_RUN).
-        if control.throttle.throttleIfDue(runningSince: &throttleTimesliceStart) { continue }
+        if control.throttle.throttleIfDue(&throttleTimeslice) { continue }
       } else {
-        throttleTimesliceStart = 0
+        throttleTimeslice.reset()
       }
       // Clear an earlier kick. A kick that lands after the checks above still interrupts
       // KVM_RUN: its signal stays pending until KVM_RUN unblocks it.

@@ -184,8 +184,8 @@ private func runVCPU(
   control.pauseGate.enter()
   defer { control.pauseGate.leave() }
   debugHook.noteVCPUStarted()
-  // When this vCPU's current throttle timeslice began (0: not throttled).
-  var throttleTimesliceStart: UInt64 = 0
+  // Where this vCPU is in the throttle's timeslices (while a throttle is set).
+  var throttleTimeslice = VCPUThrottle.Timeslice()
   while true {
     if control.isStopping { return }
     if control.pauseGate.isPauseRequested {
@@ -195,9 +195,9 @@ private func runVCPU(
     }
     if control.throttle.isActive {
       // Between slices too: sleep the throttle's share of each timeslice.
-      if control.throttle.throttleIfDue(runningSince: &throttleTimesliceStart) { continue }
+      if control.throttle.throttleIfDue(&throttleTimeslice) { continue }
     } else {
-      throttleTimesliceStart = 0
+      throttleTimeslice.reset()
     }
     if let report = cpu.lockstepFailure {
       control.requestStop(.failure(report))

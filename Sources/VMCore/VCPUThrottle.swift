@@ -2,16 +2,20 @@ import Glibc
 import Synchronization
 
 /// Slows a running machine's vCPUs down without stopping its clocks: while a throttle of P
-/// percent is set, every vCPU thread sleeps after each `timesliceNanoseconds` it ran, for
-/// the share that makes it run (100 - P) % of the time (P / (100 - P) timeslices). Live
+/// percent is set, every vCPU thread sleeps after each `timesliceNanoseconds` of CPU time it
+/// ran, for the share that makes it run (100 - P) % of the time (P / (100 - P) timeslices).
+/// Counting the thread's CPU time, not the wall clock, keeps the share exact on a loaded host,
+/// where a runnable vCPU thread waits for a core part of the time. Live
 /// migration's auto-converge sets it when the guest dirties pages faster than the link sends
 /// them (docs/machine-state.md, "Auto-converge").
 ///
-/// vCPU threads call `throttleIfDue(runningSince:)` at their safe points (between interpreter
-/// slices on the software CPU, outside KVM_RUN on KVM). While a throttle is set, a ticker thread
-/// kicks every vCPU once per timeslice so that a vCPU inside KVM_RUN (or halted) comes back to
-/// that check. The guest's clocks keep running while a vCPU sleeps: it gets less CPU, not less
-/// time. A pause, a stop request or lifting the throttle wakes sleeping vCPUs at once.
+/// vCPU threads call `throttleIfDue(_:)` at their safe points (between interpreter slices on the
+/// software CPU, outside KVM_RUN on KVM). While a throttle is set, a ticker thread kicks every
+/// vCPU once per timeslice so that a vCPU inside KVM_RUN (or halted) comes back to that check.
+/// The guest's clocks keep running while a vCPU sleeps: it gets less CPU, not less time. A
+/// pause, a stop request or lifting the throttle wakes sleeping vCPUs at once; after a pause
+/// a vCPU sleeps what is left of its sleep (its deadline stays), so pausing a throttled guest
+/// often (live migration's dirty-page rounds on the software CPU) gives it no extra time.
 public final class VCPUThrottle: Sendable {
   /// How long a vCPU runs between two throttle sleeps (10 ms, as QEMU's CPU throttle).
   public static let timesliceNanoseconds: UInt64 = 10_000_000
@@ -20,9 +24,9 @@ public final class VCPUThrottle: Sendable {
 
   private let percentValue = Atomic<Int>(0)
   private let monitor = HostCondition()
-  /// Guarded by `monitor`: how often `wakeSleepers` ran (a sleeper returns when it changes),
-  /// and whether a ticker thread runs.
-  nonisolated(unsafe) private var wakeGeneration: UInt64 = 0
+  /// How often `wakeSleepers` ran (changed under `monitor`; a sleeper returns when it changes).
+  private let wakeGeneration = Atomic<UInt64>(0)
+  /// Guarded by `monitor`: whether a ticker thread runs.
   nonisolated(unsafe) private var tickerRunning = false
 
   public init() {}
@@ -42,7 +46,7 @@ public final class VCPUThrottle: Sendable {
     let clamped = min(max(percent, 0), Self.maximumPercent)
     percentValue.store(clamped, ordering: .releasing)
     let startTicker = monitor.locked { () -> Bool in
-      wakeGeneration &+= 1
+      wakeGeneration.add(1, ordering: .relaxed)
       monitor.broadcast()
       guard clamped > 0, !tickerRunning else { return false }
       tickerRunning = true
@@ -58,7 +62,7 @@ public final class VCPUThrottle: Sendable {
   /// Wakes vCPUs sleeping in `throttleIfDue` (a pause or a stop was requested).
   public func wakeSleepers() {
     monitor.locked {
-      wakeGeneration &+= 1
+      wakeGeneration.add(1, ordering: .relaxed)
       monitor.broadcast()
     }
   }
@@ -79,29 +83,66 @@ public final class VCPUThrottle: Sendable {
     }
   }
 
-  /// Called by a vCPU thread at a safe point while `isActive`: once the vCPU has run a
-  /// timeslice since `runningSince` (host CLOCK_MONOTONIC nanoseconds, 0 when it has not started
-  /// counting), sleeps for the throttle's share and starts the next timeslice. Returns early
-  /// when `wakeSleepers` is called or the throttle changes.
-  /// Returns whether it slept.
+  /// One vCPU thread's place in the throttle's timeslices; each vCPU thread keeps its own and
+  /// passes it to `throttleIfDue(_:)`.
+  public struct Timeslice: Sendable {
+    /// The thread's CPU time (CLOCK_THREAD_CPUTIME_ID nanoseconds) when its current timeslice
+    /// began; nil when it has not started counting.
+    var cpuTimeAtStart: UInt64?
+    /// The host time (CLOCK_MONOTONIC nanoseconds) until which the vCPU owes a sleep.
+    var sleepUntil: UInt64?
+
+    public init() {}
+
+    /// Forgets the timeslice (the throttle was lifted).
+    public mutating func reset() { self = Timeslice() }
+  }
+
+  /// The calling thread's CPU time in nanoseconds.
+  static func threadCPUTime() -> UInt64 {
+    var now = timespec()
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now)
+    return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
+  }
+
+  /// Called by a vCPU thread at a safe point while `isActive`: once the thread has run a
+  /// timeslice of CPU time since its timeslice began, sleeps for the throttle's share and then
+  /// starts the next timeslice. Returns early, with the rest of the sleep still owed, when
+  /// `wakeSleepers` is called or the throttle changes; the next call sleeps what is left (a
+  /// deadline that passed meanwhile, e.g. during a pause, is not slept again).
+  /// Returns whether it slept (or was woken from a sleep): the caller rechecks its requests.
   @discardableResult
-  public func throttleIfDue(runningSince: inout UInt64) -> Bool {
+  public func throttleIfDue(_ slice: inout Timeslice) -> Bool {
     let percent = percentValue.load(ordering: .acquiring)
-    let now = HostCondition.now()
-    guard percent > 0, runningSince != 0 else {
-      runningSince = now
+    guard percent > 0 else {
+      slice.reset()
       return false
     }
-    guard now &- runningSince >= Self.timesliceNanoseconds else { return false }
-    let sleep = Self.timesliceNanoseconds * UInt64(percent) / UInt64(100 - percent)
-    let deadline = now &+ sleep
-    monitor.locked {
-      let generation = wakeGeneration
-      while wakeGeneration == generation && HostCondition.now() < deadline {
+    let deadline: UInt64
+    if let owed = slice.sleepUntil {
+      deadline = owed
+    } else {
+      let cpuTime = Self.threadCPUTime()
+      guard let start = slice.cpuTimeAtStart else {
+        slice.cpuTimeAtStart = cpuTime
+        return false
+      }
+      guard cpuTime &- start >= Self.timesliceNanoseconds else { return false }
+      deadline = HostCondition.now() &+ Self.timesliceNanoseconds * UInt64(percent) / UInt64(100 - percent)
+      slice.sleepUntil = deadline
+    }
+    let woken = monitor.locked { () -> Bool in
+      let generation = wakeGeneration.load(ordering: .relaxed)
+      while HostCondition.now() < deadline {
+        if wakeGeneration.load(ordering: .relaxed) != generation { return true }
         _ = monitor.wait(untilHost: deadline)
       }
+      return false
     }
-    runningSince = HostCondition.now()
+    if !woken {
+      slice.sleepUntil = nil
+      slice.cpuTimeAtStart = Self.threadCPUTime()
+    }
     return true
   }
 }
