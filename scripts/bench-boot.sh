@@ -23,16 +23,22 @@
 # /proc/PID/stat when the marker appears). On a shared machine the CPU time is the stable one;
 # the ratios are CPU-time ratios.
 #
-#   scripts/bench-boot.sh [--runs N] [--hostvisor PATH]
+# With --baseline PATH a second Hostvisor binary (e.g. a build of an earlier commit) boots the
+# same guest in the same rounds, alternating with the others, and a hostvisor / baseline ratio
+# is printed: a change's effect on boot time, measured under the same load.
+#
+#   scripts/bench-boot.sh [--runs N] [--hostvisor PATH] [--baseline PATH]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=3
 hostvisor=.build/release/hostvisor
+baseline=
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2 ;;
     --hostvisor) hostvisor="$2"; shift 2 ;;
-    *) echo "usage: $0 [--runs N] [--hostvisor PATH]" >&2; exit 2 ;;
+    --baseline) baseline="$2"; shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH]" >&2; exit 2 ;;
   esac
 done
 guest=.cache/guest
@@ -40,6 +46,7 @@ marker=HOSTVISOR-GUEST-READY
 cmdline="console=ttyS0 panic=-1"
 limit=120
 [ -x "$hostvisor" ] || { echo "missing $hostvisor: run 'make build' first" >&2; exit 1; }
+[ -z "$baseline" ] || [ -x "$baseline" ] || { echo "missing baseline binary $baseline" >&2; exit 1; }
 [ -f $guest/vmlinuz ] || scripts/make-default-guest.sh $guest
 command -v qemu-system-x86_64 >/dev/null || { echo "missing qemu-system-x86_64: apt-get install qemu-system-x86" >&2; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/hostvisor-bench-boot.XXXXXX")
@@ -82,11 +89,14 @@ time_to_marker() {
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
 configs=(hostvisor qemu-microvm qemu-pc)
+[ -z "$baseline" ] || configs=(hostvisor baseline qemu-microvm qemu-pc)
 run_config() {
   local log="$work/$1.log"
   case $1 in
-    hostvisor)
-      time_to_marker "$log" "$hostvisor" run --accel soft --serial "file:$log" --memory 512M \
+    hostvisor | baseline)
+      local binary="$hostvisor"
+      [ "$1" = baseline ] && binary="$baseline"
+      time_to_marker "$log" "$binary" run --accel soft --serial "file:$log" --memory 512M \
         --kernel $guest/vmlinuz --initrd $guest/initramfs.cpio.gz --cmdline "$cmdline" ;;
     qemu-microvm)
       time_to_marker "$log" qemu-system-x86_64 -accel tcg -M microvm -cpu "$qemu_cpu" -nodefaults -no-user-config \
@@ -130,7 +140,7 @@ for c in "${configs[@]}"; do
   printf 'median %-13s wall %6.2fs  cpu %6.2fs  (%d failed runs)\n' "$c" "${mw[$c]}" "${mc[$c]}" "${fails[$c]:-0}"
 done
 [ -n "${fails[hostvisor]:-}" ] && status=1
-for q in qemu-microvm qemu-pc; do
+for q in baseline qemu-microvm qemu-pc; do
   [ -n "${mc[$q]:-}" ] && [ -n "${mc[hostvisor]:-}" ] || continue
   printf 'ratio hostvisor / %-13s cpu %.2f  wall %.2f\n' "$q" "$(echo "${mc[hostvisor]} / ${mc[$q]}" | bc -l)" \
     "$(echo "${mw[hostvisor]} / ${mw[$q]}" | bc -l)"
