@@ -2,10 +2,12 @@ import Glibc
 import Synchronization
 
 /// Slows a running machine's vCPUs down without stopping its clocks: while a throttle of P
-/// percent is set, every vCPU thread sleeps after each `timesliceNanoseconds` of CPU time it
-/// ran, for the share that makes it run (100 - P) % of the time (P / (100 - P) timeslices).
-/// Counting the thread's CPU time, not the wall clock, keeps the share exact on a loaded host,
-/// where a runnable vCPU thread waits for a core part of the time. Live
+/// percent is set, every vCPU thread sleeps after each `timesliceNanoseconds` of host time it
+/// ran, for the share that makes it run at most (100 - P) % of the time (P / (100 - P)
+/// timeslices), as QEMU's CPU throttle does. Timeslices are wall-clock time, not the thread's
+/// CPU time: on a loaded host a runnable vCPU thread waits for a core part of the time, and a
+/// CPU-time timeslice then stretches over that wait, so the throttle would slow the guest far
+/// less than P % against its unthrottled speed on the same host. Live
 /// migration's auto-converge sets it when the guest dirties pages faster than the link sends
 /// them (docs/machine-state.md, "Auto-converge").
 ///
@@ -86,9 +88,9 @@ public final class VCPUThrottle: Sendable {
   /// One vCPU thread's place in the throttle's timeslices; each vCPU thread keeps its own and
   /// passes it to `throttleIfDue(_:)`.
   public struct Timeslice: Sendable {
-    /// The thread's CPU time (CLOCK_THREAD_CPUTIME_ID nanoseconds) when its current timeslice
-    /// began; nil when it has not started counting.
-    var cpuTimeAtStart: UInt64?
+    /// The host time (CLOCK_MONOTONIC nanoseconds) when the current timeslice began; nil when
+    /// the vCPU has not started counting.
+    var startedAt: UInt64?
     /// The host time (CLOCK_MONOTONIC nanoseconds) until which the vCPU owes a sleep.
     var sleepUntil: UInt64?
 
@@ -98,15 +100,8 @@ public final class VCPUThrottle: Sendable {
     public mutating func reset() { self = Timeslice() }
   }
 
-  /// The calling thread's CPU time in nanoseconds.
-  static func threadCPUTime() -> UInt64 {
-    var now = timespec()
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now)
-    return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
-  }
-
   /// Called by a vCPU thread at a safe point while `isActive`: once the thread has run a
-  /// timeslice of CPU time since its timeslice began, sleeps for the throttle's share and then
+  /// timeslice (of host time) since its timeslice began, sleeps for the throttle's share and then
   /// starts the next timeslice. Returns early, with the rest of the sleep still owed, when
   /// `wakeSleepers` is called or the throttle changes; the next call sleeps what is left (a
   /// deadline that passed meanwhile, e.g. during a pause, is not slept again).
@@ -122,13 +117,13 @@ public final class VCPUThrottle: Sendable {
     if let owed = slice.sleepUntil {
       deadline = owed
     } else {
-      let cpuTime = Self.threadCPUTime()
-      guard let start = slice.cpuTimeAtStart else {
-        slice.cpuTimeAtStart = cpuTime
+      let now = HostCondition.now()
+      guard let start = slice.startedAt else {
+        slice.startedAt = now
         return false
       }
-      guard cpuTime &- start >= Self.timesliceNanoseconds else { return false }
-      deadline = HostCondition.now() &+ Self.timesliceNanoseconds * UInt64(percent) / UInt64(100 - percent)
+      guard now &- start >= Self.timesliceNanoseconds else { return false }
+      deadline = now &+ Self.timesliceNanoseconds * UInt64(percent) / UInt64(100 - percent)
       slice.sleepUntil = deadline
     }
     let woken = monitor.locked { () -> Bool in
@@ -141,7 +136,7 @@ public final class VCPUThrottle: Sendable {
     }
     if !woken {
       slice.sleepUntil = nil
-      slice.cpuTimeAtStart = Self.threadCPUTime()
+      slice.startedAt = HostCondition.now()
     }
     return true
   }
