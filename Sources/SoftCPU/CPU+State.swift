@@ -1,3 +1,4 @@
+import InterruptControllers
 import VMCore
 
 extension SegmentCache {
@@ -195,5 +196,19 @@ extension CPU: StateSavable {
     systemModeChanged()
     systemFlushTLB(includingGlobal: true)
     flushDecodedBlocks()
+  }
+}
+
+extension CPU {
+  /// Sets which physical page this CPU's memory path decodes as its local APIC's registers,
+  /// from IA32_APIC_BASE (the APIC's, or this CPU's copy when it has none): a base other than
+  /// 0xFEE00000 in xAPIC mode is decoded here; the default page is on the bus, and in x2APIC
+  /// mode or with the APIC disabled no page is. Called after a WRMSR to IA32_APIC_BASE and
+  /// after a restore, which sets the MSR without a WRMSR.
+  func refreshAPICDecoding() {
+    let base = system.localAPIC?.apicBaseMSR ?? apicBase
+    let page = base & ~0xFFF
+    let xAPICMode = base & (LocalAPIC.baseEnableBit | LocalAPIC.baseExtendedBit) == LocalAPIC.baseEnableBit
+    system.relocatedAPICPage = xAPICMode && page != LocalAPIC.defaultBase ? page : UInt64.max
   }
 }

@@ -166,9 +166,7 @@ extension CPU {
         if value & ~(baseMask | 0x900) != 0 { throw .generalProtection(0) }
         apicBase = (value & ~0x100) | (apicBase & 0x100)
       }
-      let page = apicBase & ~0xFFF
-      let xAPICMode = apicBase & (LocalAPIC.baseEnableBit | LocalAPIC.baseExtendedBit) == LocalAPIC.baseEnableBit
-      system.relocatedAPICPage = xAPICMode && page != LocalAPIC.defaultBase ? page : UInt64.max
+      refreshAPICDecoding()
     case MSRIndex.sysenterCS: sysenterCS = value & 0xFFFF
     case MSRIndex.sysenterESP:
       guard isCanonical(value) else { throw .generalProtection(0) }

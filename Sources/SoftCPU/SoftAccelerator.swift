@@ -429,6 +429,8 @@ extension SoftAccelerator: StateSavable {
     try clock.restoreState(from: &clockReader)
     for cpu in cpus { try reader.section("cpu", cpu) }
     try reader.section("interrupt-controllers", controllers)
+    // IA32_APIC_BASE came back with the APICs' state, without the WRMSR that maps a relocated page.
+    for cpu in cpus { cpu.refreshAPICDecoding() }
     restoredFromSnapshot.store(true, ordering: .releasing)
   }
 }

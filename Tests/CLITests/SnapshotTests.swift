@@ -82,6 +82,24 @@ let stateGuest =
 
     """ + interruptGuestTables
 
+/// A Multiboot guest that moves its local APIC's page to 1 GiB, above its RAM (IA32_APIC_BASE),
+/// and then reads the APIC version register there in a loop: the value at 0x6004, a pass count
+/// at 0x6000.
+let relocatedAPICGuest =
+  multibootPrologue + """
+    _start:
+            movl $0x1B, %ecx
+            rdmsr
+            andl $0xFFF, %eax
+            orl $0x40000000, %eax
+            wrmsr
+    again:  movl 0x40000030, %eax
+            movl %eax, 0x6004
+            incl 0x6000
+            jmp again
+
+    """
+
 @Suite("Snapshot and restore on the software CPU", .serialized)
 struct SnapshotTests {
   let scratch: ScratchDirectory
@@ -179,6 +197,48 @@ struct SnapshotTests {
     #expect(try progress(controller) == atSnapshot)
     try controller.resume()
     #expect(controller.waitUntilStopped(timeoutNanoseconds: 120_000_000_000) == .debugExit(value: 0x31))
+  }
+
+  /// A local APIC page moved by the guest (IA32_APIC_BASE) is still the APIC after a restore,
+  /// which sets the MSR without the guest's WRMSR.
+  @Test func relocatedAPICPageIsDecodedAfterARestore() throws {
+    let kernel = try assembleGuest(relocatedAPICGuest, in: scratch)
+    let controller = VMController(id: "relocated-apic")
+    try controller.configure { spec throws(ControlError) in
+      spec.kernelPath = kernel
+      spec.memoryMiB = 32
+      spec.accelerator = .soft
+      spec.serial = .none
+    }
+    try controller.start()
+    defer { try? controller.shutdown() }
+    func waitForPasses(_ machine: VMController, beyond start: UInt32) throws {
+      let deadline = Date().addingTimeInterval(60)
+      while try progress(machine) &- start < 1000 {
+        guard Date() < deadline else { throw ControlError(.failed, "the guest made no progress") }
+        usleep(1000)
+      }
+    }
+    try waitForPasses(controller, beyond: 0)
+    let version = try controller.machine!.parts.memory.read(UInt32.self, at: 0x6004)
+    // The version register: 0x1X in bits 0-7 (an integrated APIC), the LVT count above.
+    #expect(version & 0xF0 == 0x10, "the relocated page read \(version) before the snapshot")
+    try controller.pause()
+    let state = scratch.path("relocated-apic.state")
+    let memory = scratch.path("relocated-apic.mem")
+    try controller.createSnapshot(statePath: state, memoryPath: memory)
+    try controller.shutdown()
+
+    let restored = VMController(id: "relocated-apic-restored")
+    try restored.configure { spec throws(ControlError) in spec.serial = .none }
+    try restored.loadSnapshot(statePath: state, memoryPath: memory, resume: false)
+    defer { try? restored.shutdown() }
+    try restored.machine!.parts.memory.write(UInt32(0), at: 0x6004)
+    let atRestore = try progress(restored)
+    try restored.resume()
+    try waitForPasses(restored, beyond: atRestore)
+    // Without the APIC there, the read goes to the bus, where nothing answers at 1 GiB.
+    #expect(try restored.machine!.parts.memory.read(UInt32.self, at: 0x6004) == version)
   }
 
   /// Each bad state file is refused with one line, and no machine runs.
