@@ -27,18 +27,27 @@
 # same guest in the same rounds, alternating with the others, and a hostvisor / baseline ratio
 # is printed: a change's effect on boot time, measured under the same load.
 #
+# --hostvisor-args 'ARGS' adds arguments to the hostvisor runs only (not the baseline's), e.g.
+# '--cpu-model x86-64-v2' to compare a build with an older one at a similar CPU model;
+# --no-qemu leaves QEMU out (for a hostvisor / baseline comparison alone).
+#
 #   scripts/bench-boot.sh [--runs N] [--hostvisor PATH] [--baseline PATH]
+#                         [--hostvisor-args 'ARGS'] [--no-qemu]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=3
 hostvisor=.build/release/hostvisor
 baseline=
+hostvisor_args=()
+no_qemu=
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2 ;;
     --hostvisor) hostvisor="$2"; shift 2 ;;
     --baseline) baseline="$2"; shift 2 ;;
-    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH]" >&2; exit 2 ;;
+    --hostvisor-args) read -r -a hostvisor_args <<<"$2"; shift 2 ;;
+    --no-qemu) no_qemu=1; shift ;;
+    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH] [--hostvisor-args 'ARGS'] [--no-qemu]" >&2; exit 2 ;;
   esac
 done
 guest=.cache/guest
@@ -88,15 +97,16 @@ time_to_marker() {
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
-configs=(hostvisor qemu-microvm qemu-pc)
-[ -z "$baseline" ] || configs=(hostvisor baseline qemu-microvm qemu-pc)
+configs=(hostvisor)
+[ -z "$baseline" ] || configs+=(baseline)
+[ -n "$no_qemu" ] || configs+=(qemu-microvm qemu-pc)
 run_config() {
   local log="$work/$1.log"
   case $1 in
     hostvisor | baseline)
-      local binary="$hostvisor"
-      [ "$1" = baseline ] && binary="$baseline"
-      time_to_marker "$log" "$binary" run --accel soft --serial "file:$log" --memory 512M \
+      local binary="$hostvisor" extra=("${hostvisor_args[@]}")
+      [ "$1" = baseline ] && binary="$baseline" extra=()
+      time_to_marker "$log" "$binary" run --accel soft "${extra[@]}" --serial "file:$log" --memory 512M \
         --kernel $guest/vmlinuz --initrd $guest/initramfs.cpio.gz --cmdline "$cmdline" ;;
     qemu-microvm)
       time_to_marker "$log" qemu-system-x86_64 -accel tcg -M microvm -cpu "$qemu_cpu" -nodefaults -no-user-config \
