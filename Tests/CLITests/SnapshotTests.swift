@@ -110,8 +110,9 @@ struct SnapshotTests {
     kernel = try assembleGuest(stateGuest, in: scratch)
   }
 
-  func startController(memoryMiB: Int = 32) throws -> VMController {
+  func startController(memoryMiB: Int = 32, kernel: String? = nil) throws -> VMController {
     let controller = VMController(id: "snapshot-test")
+    let kernel = kernel ?? self.kernel
     try controller.configure { spec throws(ControlError) in
       spec.kernelPath = kernel
       spec.memoryMiB = memoryMiB
@@ -135,10 +136,10 @@ struct SnapshotTests {
 
   /// Runs the guest until it has done `rounds` rounds, pauses it and snapshots it into
   /// `name`.state / `name`.mem; returns the paths and the progress at the snapshot.
-  func snapshot(named name: String, after rounds: UInt32, memoryMiB: Int = 32) throws -> (
+  func snapshot(named name: String, after rounds: UInt32, memoryMiB: Int = 32, kernel: String? = nil) throws -> (
     state: String, memory: String, progress: UInt32
   ) {
-    let controller = try startController(memoryMiB: memoryMiB)
+    let controller = try startController(memoryMiB: memoryMiB, kernel: kernel)
     defer { try? controller.shutdown() }
     let deadline = Date().addingTimeInterval(60)
     while try progress(controller) < rounds {
@@ -203,42 +204,26 @@ struct SnapshotTests {
   /// which sets the MSR without the guest's WRMSR.
   @Test func relocatedAPICPageIsDecodedAfterARestore() throws {
     let kernel = try assembleGuest(relocatedAPICGuest, in: scratch)
-    let controller = VMController(id: "relocated-apic")
-    try controller.configure { spec throws(ControlError) in
-      spec.kernelPath = kernel
-      spec.memoryMiB = 32
-      spec.accelerator = .soft
-      spec.serial = .none
-    }
-    try controller.start()
-    defer { try? controller.shutdown() }
-    func waitForPasses(_ machine: VMController, beyond start: UInt32) throws {
-      let deadline = Date().addingTimeInterval(60)
-      while try progress(machine) &- start < 1000 {
-        guard Date() < deadline else { throw ControlError(.failed, "the guest made no progress") }
-        usleep(1000)
-      }
-    }
-    try waitForPasses(controller, beyond: 0)
-    let version = try controller.machine!.parts.memory.read(UInt32.self, at: 0x6004)
-    // The version register: 0x1X in bits 0-7 (an integrated APIC), the LVT count above.
-    #expect(version & 0xF0 == 0x10, "the relocated page read \(version) before the snapshot")
-    try controller.pause()
-    let state = scratch.path("relocated-apic.state")
-    let memory = scratch.path("relocated-apic.mem")
-    try controller.createSnapshot(statePath: state, memoryPath: memory)
-    try controller.shutdown()
-
+    let (state, memory, _) = try snapshot(named: "relocated-apic", after: 1000, kernel: kernel)
     let restored = VMController(id: "relocated-apic-restored")
     try restored.configure { spec throws(ControlError) in spec.serial = .none }
     try restored.loadSnapshot(statePath: state, memoryPath: memory, resume: false)
     defer { try? restored.shutdown() }
-    try restored.machine!.parts.memory.write(UInt32(0), at: 0x6004)
+    let guestMemory = restored.machine!.parts.memory
+    // What the relocated page read before the snapshot: the version register, 0x1X in bits
+    // 0-7 (an integrated APIC).
+    let version = try guestMemory.read(UInt32.self, at: 0x6004)
+    #expect(version & 0xF0 == 0x10, "the relocated page read \(version) before the snapshot")
+    try guestMemory.write(UInt32(0), at: 0x6004)
     let atRestore = try progress(restored)
     try restored.resume()
-    try waitForPasses(restored, beyond: atRestore)
+    let deadline = Date().addingTimeInterval(60)
+    while try progress(restored) &- atRestore < 1000 {
+      guard Date() < deadline else { throw ControlError(.failed, "the restored guest made no progress") }
+      usleep(1000)
+    }
     // Without the APIC there, the read goes to the bus, where nothing answers at 1 GiB.
-    #expect(try restored.machine!.parts.memory.read(UInt32.self, at: 0x6004) == version)
+    #expect(try guestMemory.read(UInt32.self, at: 0x6004) == version)
   }
 
   /// Each bad state file is refused with one line, and no machine runs.
