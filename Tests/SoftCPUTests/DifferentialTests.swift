@@ -20,14 +20,7 @@ struct DifferentialTests {
   /// Forms with a reviewed, documented difference from this host (docs/softcpu-testing.md), and
   /// the MXCSR bits not compared in cases built around them; everything else is compared
   /// strictly. They are never used as fillers around other forms. The goal is an empty list.
-  static let knownMismatches: [String: (mxcsrIgnored: UInt32, reason: String)] = [
-    "dppd": (0x30, dotProductReason), "vdppd xmm": (0x30, dotProductReason),
-  ]
-
-  /// Seen as a filler (seed 1): with DE unmasked, a denormal in one product and an underflowing
-  /// other product, the host faults with DE, UE and PE set; the software CPU reports DE only.
-  static let dotProductReason =
-    "DPPD with an unmasked pre-computation exception in one product keeps the other's UE/PE on the host"
+  static let knownMismatches: [String: (mxcsrIgnored: UInt32, reason: String)] = [:]
 
   static let environment = ProcessInfo.processInfo.environment
   static var seed: UInt64 { UInt64(environment["HOSTVISOR_DIFF_SEED"] ?? "") ?? 1 }
