@@ -183,8 +183,14 @@ extension CPU {
       guard prefix == 1 || prefix == 3 else { throw .invalidOpcode }
       try hostFloat(instruction, prefix: prefix, sourceSize: 16)
     case 0x2E, 0x2F: try compareIntoFlags(instruction, prefix: prefix)
-    case 0x2A: try convertIntegerToFloat(instruction, prefix: prefix)
-    case 0x2C, 0x2D: try convertFloatToInteger(instruction, prefix: prefix)
+    case 0x2A, 0x2C, 0x2D:
+      if prefix <= 1 {
+        try executeMMXConversion(instruction, prefix: prefix)
+      } else if opcode == 0x12A {
+        try convertIntegerToFloat(instruction, prefix: prefix)
+      } else {
+        try convertFloatToInteger(instruction, prefix: prefix)
+      }
 
     default:
       throw .invalidOpcode
@@ -589,7 +595,6 @@ extension CPU {
 
   /// CVTSI2SS/CVTSI2SD (F3/F2 0F 2A) from r/m32 or r/m64 (REX.W).
   private func convertIntegerToFloat(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
-    guard prefix >= 2 else { throw .invalidOpcode }  // CVTPI2PS/CVTPI2PD: MMX, not implemented
     let integer: UInt64
     if instruction.hasMemoryOperand {
       let address = linearAddress(instruction)
@@ -608,7 +613,6 @@ extension CPU {
 
   /// CVTTSS2SI/CVTTSD2SI/CVTSS2SI/CVTSD2SI (F3/F2 0F 2C/2D) into r32 (zero-extended) or r64.
   private func convertFloatToInteger(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
-    guard prefix >= 2 else { throw .invalidOpcode }  // CVT(T)PS2PI/CVT(T)PD2PI: MMX
     var source = try sourceSized(instruction, size: prefix == 2 ? 4 : 8)
     var result = XMMValue(0, 0)
     var operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
@@ -653,7 +657,11 @@ extension CPU {
       } else {
         throw .invalidOpcode
       }
-    case 0x1D6:  // MOVQ xmm/m64, xmm
+    case 0x1D6:  // MOVQ xmm/m64, xmm; MOVQ2DQ, MOVDQ2Q (MMX.swift)
+      if prefix >= 2 {
+        try executeMMXConversion(instruction, prefix: prefix)
+        return
+      }
       guard prefix == 1 else { throw .invalidOpcode }
       let low = xmm[reg][0]
       if instruction.hasMemoryOperand {
