@@ -39,7 +39,8 @@ public struct CPUIDEntry: Sendable, Equatable, Hashable {
 ///   virtualization (VMX, leaf 1 ECX[5]; SVM, leaf 0x8000_0001 ECX[2]).
 /// - Gives each vCPU its APIC ID (its index, as the in-kernel LAPIC uses) in leaf 1 EBX[31:24],
 ///   the x2APIC topology leaves 0xB/0x1F and AMD leaf 0x8000_001E, and describes one package of
-///   `cpuCount` single-thread cores (leaf 1 EBX[23:16] + HTT, leaf 4 EAX[31:26], leaf 0x8000_0008 ECX).
+///   `cpuCount` single-thread cores (leaf 1 EBX[23:16] + HTT, leaf 4 EAX[31:26], leaf 0x8000_0008
+///   ECX) as `CPUTopology` gives it (the software CPU's CPUID reads the same).
 /// - With a named CPU model (`GuestCPUModel`), masks the feature registers to the model's bits
 ///   (`model(_:supported:)` first refuses a model whose features KVM lacks), hides leaf 7's
 ///   other subleaves and the XSAVE state components beyond the model's.
@@ -96,8 +97,8 @@ public enum CPUIDPolicy {
     let features = model.features
     let xsaveComponents = features.map { $0.xsaveComponents } ?? ~0
     let apic = UInt32(truncatingIfNeeded: apicID) & 0xFF
-    let count = UInt32(max(1, min(cpuCount, 255)))
-    let coreShift = UInt32(bitsToNumber(Int(count)))
+    let topology = CPUTopology(cpuCount: cpuCount)
+    let count = topology.logicalProcessorsPerPackage
     var result: [CPUIDEntry] = []
     result.reserveCapacity(supported.count + 3)
     var hadTopologyLeaf: Set<UInt32> = []
@@ -143,7 +144,7 @@ public enum CPUIDPolicy {
         entry.ecx |= hypervisorBit | tscDeadlineBit
         entry.ecx &= ~(monitorBit | vmxBit)
         entry.ebx = (entry.ebx & 0x0000_FFFF) | (apic << 24) | (count << 16)
-        if count > 1 { entry.edx |= hyperThreadingBit } else { entry.edx &= ~hyperThreadingBit }
+        if topology.hyperThreadingFlag { entry.edx |= hyperThreadingBit } else { entry.edx &= ~hyperThreadingBit }
       case 0x4:
         // Cores per package minus one, for every cache level.
         entry.eax = (entry.eax & 0x03FF_FFFF) | ((min(count, 64) - 1) << 26)
@@ -153,7 +154,7 @@ public enum CPUIDPolicy {
       case 0x8000_0001:
         entry.ecx &= ~svmBit
       case 0x8000_0008:
-        entry.ecx = (entry.ecx & ~0xF0FF) | (coreShift << 12) | (count - 1)
+        entry.ecx = (entry.ecx & ~0xF0FF) | topology.extendedSizeECX
       case 0x8000_001E:
         entry.eax = apic
       default:
@@ -165,15 +166,13 @@ public enum CPUIDPolicy {
     for leaf in [UInt32(0xB), 0x1F] where hadTopologyLeaf.contains(leaf) {
       // Subleaf 0: SMT level, one thread per core. Subleaf 1: core level, `count` cores.
       // Subleaf 2: invalid level, ending the enumeration.
-      result.append(
-        CPUIDEntry(
-          function: leaf, index: 0, flags: CPUIDEntry.significantIndex, eax: 0, ebx: 1, ecx: 0x100, edx: apic))
-      result.append(
-        CPUIDEntry(
-          function: leaf, index: 1, flags: CPUIDEntry.significantIndex, eax: coreShift, ebx: count, ecx: 0x201,
-          edx: apic))
-      result.append(
-        CPUIDEntry(function: leaf, index: 2, flags: CPUIDEntry.significantIndex, eax: 0, ebx: 0, ecx: 2, edx: apic))
+      for subleaf: UInt32 in 0...2 {
+        let level = topology.extendedTopology(subleaf: subleaf, x2APICID: apic)
+        result.append(
+          CPUIDEntry(
+            function: leaf, index: subleaf, flags: CPUIDEntry.significantIndex, eax: level.eax, ebx: level.ebx,
+            ecx: level.ecx, edx: level.edx))
+      }
     }
     return result
   }
@@ -187,12 +186,5 @@ public enum CPUIDPolicy {
       size = max(size, entry.ebx + entry.eax)
     }
     return size
-  }
-
-  /// The number of APIC ID bits needed to number `count` items (0 for one item).
-  static func bitsToNumber(_ count: Int) -> Int {
-    var bits = 0
-    while (1 << bits) < count { bits += 1 }
-    return bits
   }
 }

@@ -84,6 +84,8 @@ extension CPU {
       try fusedMultiplyAdd(ins)
     case 0x213, 0x31D:
       try halfPrecisionConversion(ins)
+    case 0x340 where ins.mandatoryPrefix == 1, 0x341 where ins.mandatoryPrefix == 1:  // VDPPS, VDPPD
+      try vexDotProduct(ins)
     default:
       if try executeAVXPermute(ins) { return }
       if let shape = vexDirectForm(ins) {
@@ -214,8 +216,8 @@ extension CPU {
       case 0x0A, 0x0B: return .scalar  // VROUNDSS/SD
       case 0x0C: return VEXLaneForm(highImmediateShift: 4)  // VBLENDPS
       case 0x0D: return VEXLaneForm(highImmediateShift: 2)  // VBLENDPD
-      case 0x0E, 0x0F, 0x40: return .two  // VPBLENDW, VPALIGNR, VDPPS
-      case 0x41, 0x44, 0x21: return .two128  // VDPPD, VPCLMULQDQ, VINSERTPS
+      case 0x0E, 0x0F: return .two  // VPBLENDW, VPALIGNR
+      case 0x44, 0x21: return .two128  // VPCLMULQDQ, VINSERTPS
       case 0x42: return VEXLaneForm(highImmediateShift: 3)  // VMPSADBW
       case 0x20, 0x22: return VEXLaneForm(length: .only128, rmIsGeneral: true)  // VPINSRB/D/Q
       default: return nil

@@ -19,6 +19,9 @@ enum CPUModel {
     | 1 << 16 | 1 << 17 | 1 << 19 | 1 << 23 | 1 << 24 | 1 << 25 | 1 << 26
   /// Leaf 1 EDX bit 9: the local APIC.
   static let leaf1EDXAPIC: UInt32 = 1 << 9
+  /// Leaf 1 EDX bit 28: HTT, EBX[23:16] counts the package's logical processors (set with
+  /// more than one vCPU, from `CPUTopology`).
+  static let leaf1EDXHTT: UInt32 = 1 << 28
   /// Leaf 1 EBX[15:8]: CLFLUSH line size in 8-byte units (64 bytes).
   static let clflushLineSize: UInt32 = 8
   /// Leaf 1 ECX: SSE3(0) PCLMULQDQ(1) SSSE3(9) CX16(13) SSE4.1(19) SSE4.2(20) MOVBE(22) POPCNT(23)
@@ -108,10 +111,14 @@ extension CPU {
       c = ascii(vendor, 8)
     case 1:
       a = UInt64(CPUModel.signature)
-      // One logical processor, the APIC ID, the CLFLUSH line size.
-      b = 1 << 16 | UInt64(system.apicID & 0xFF) << 24 | UInt64(CPUModel.clflushLineSize) << 8
+      // The package's logical processors, the APIC ID, the CLFLUSH line size.
+      let topology = system.topology
+      b =
+        UInt64(topology.logicalProcessorsPerPackage) << 16 | UInt64(system.apicID & 0xFF) << 24
+        | UInt64(CPUModel.clflushLineSize) << 8
       c = UInt64(features.leaf1ECX)
       d = UInt64(features.leaf1EDX)
+      if topology.hyperThreadingFlag { d |= UInt64(CPUModel.leaf1EDXHTT) }
       let apicEnabled = system.localAPIC?.isGloballyEnabled ?? (apicBase & LocalAPIC.baseEnableBit != 0)
       if !apicEnabled { d &= ~UInt64(CPUModel.leaf1EDXAPIC) }
       if cr4 & X86.cr4OSXSAVE != 0 { c |= UInt64(CPUModel.leaf1ECXOSXSAVE) }
@@ -121,6 +128,11 @@ extension CPU {
         c = UInt64(features.leaf7ECX)
         d = UInt64(features.leaf7EDX)
       }
+    case 0xB:
+      // Extended topology (within the highest basic leaf, 0xD; the model has no leaf 0x1F).
+      let level = system.topology.extendedTopology(
+        subleaf: UInt32(truncatingIfNeeded: gpr[1]), x2APICID: system.apicID)
+      (a, b, c, d) = (UInt64(level.eax), UInt64(level.ebx), UInt64(level.ecx), UInt64(level.edx))
     case 0xD:
       // XSAVE components: x87, SSE, AVX; XSAVEOPT and XSAVEC (no XSAVES, no XGETBV ECX = 1),
       // as far as the model offers them; nothing without XSAVE.
@@ -169,6 +181,7 @@ extension CPU {
       d = UInt64(CPUModel.powerManagementEDX)
     case 0x8000_0008:
       a = UInt64(CPUModel.linearAddressBits) << 8 | system.physicalAddressBits
+      c = UInt64(system.topology.extendedSizeECX)
     default:
       break
     }

@@ -183,3 +183,65 @@ extension CPU {
     }
   }
 }
+
+extension CPU {
+  /// The SSE instructions with an MMX operand (SDM Vol. 2): CVTPI2PS and CVTPI2PD (NP/66 0F 2A),
+  /// CVTTPS2PI and CVTTPD2PI (NP/66 0F 2C), CVTPS2PI and CVTPD2PI (NP/66 0F 2D), MOVQ2DQ
+  /// (F3 0F D6) and MOVDQ2Q (F2 0F D6). The caller checked the SSE availability rules (CR0.EM,
+  /// CR0.TS, CR4.OSFXSR). A form that touches an MMX register first takes a pending x87
+  /// exception (#MF) and makes the x87-to-MMX transition (TOP = 0, every tag valid); CVTPI2PS
+  /// and CVTPI2PD with a memory operand touch no MMX register and do neither (as the host shows). The conversions run on the
+  /// host as the SSE conversion of the same elements (CVTDQ2PS, CVTDQ2PD, CVT(T)PS2DQ,
+  /// CVT(T)PD2DQ) under the guest's MXCSR: rounding, the integer indefinite 0x80000000 for NaN
+  /// and out-of-range values, and the IE/PE flags are the host's.
+  func executeMMXConversion(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
+    let opcode = instruction.opcode
+    let reg = Int(instruction.reg)
+    let rm = Int(instruction.rm)
+    let touchesMMX = !(opcode == 0x12A && instruction.hasMemoryOperand)
+    if opcode == 0x1D6 && instruction.hasMemoryOperand { throw .invalidOpcode }
+    if touchesMMX { try checkPendingX87Exception() }
+    switch (opcode, prefix) {
+    case (0x12A, 0), (0x12A, 1):  // CVTPI2PS xmm, mm/m64; CVTPI2PD xmm, mm/m64
+      let integers =
+        instruction.hasMemoryOperand ? try read64(linearAddress(instruction)) : mmxRegister(rm & 7)
+      var result = xmm[reg]
+      var source = XMMValue(integers, 0)
+      // CVTDQ2PS (0F 5B) or CVTDQ2PD (F3 0F E6) of the two doublewords.
+      let raised = runHostFloat(prefix == 0 ? 0x5B : 0x2E6, 0, &result, &source)
+      guard raised != CSF_UNSUPPORTED else { throw .invalidOpcode }
+      if touchesMMX { enterMMXState() }
+      try commitSIMDExceptions(raised)
+      // CVTPI2PS keeps the destination's upper two singles.
+      xmm[reg] = prefix == 0 ? XMMValue(result[0], xmm[reg][1]) : result
+    case (0x12C, 0), (0x12D, 0), (0x12C, 1), (0x12D, 1):
+      // CVT(T)PS2PI mm, xmm/m64; CVT(T)PD2PI mm, xmm/m128.
+      var source: XMMValue
+      if prefix == 0 {
+        source = instruction.hasMemoryOperand ? XMMValue(try read64(linearAddress(instruction)), 0) : xmm[rm]
+        source[1] = 0  // +0.0 in the unused elements: converts to 0 and raises nothing
+      } else {
+        source = try source128(instruction, aligned: true)
+      }
+      let truncate = opcode == 0x12C
+      // CVTTPS2DQ (F3 0F 5B), CVTPS2DQ (66 0F 5B), CVTTPD2DQ (66 0F E6), CVTPD2DQ (F2 0F E6).
+      let operation: UInt32 = prefix == 0 ? (truncate ? 0x25B : 0x15B) : (truncate ? 0x1E6 : 0x3E6)
+      var result = XMMValue.zero
+      let raised = runHostFloat(operation, 0, &result, &source)
+      guard raised != CSF_UNSUPPORTED else { throw .invalidOpcode }
+      enterMMXState()
+      try commitSIMDExceptions(raised)
+      setMMXRegister(reg & 7, result[0])
+    case (0x1D6, 2):  // MOVQ2DQ xmm, mm
+      let value = mmxRegister(rm & 7)
+      enterMMXState()
+      xmm[reg] = XMMValue(value, 0)
+    case (0x1D6, 3):  // MOVDQ2Q mm, xmm
+      let value = xmm[rm][0]
+      enterMMXState()
+      setMMXRegister(reg & 7, value)
+    default:
+      throw .invalidOpcode
+    }
+  }
+}

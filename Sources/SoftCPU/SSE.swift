@@ -183,8 +183,14 @@ extension CPU {
       guard prefix == 1 || prefix == 3 else { throw .invalidOpcode }
       try hostFloat(instruction, prefix: prefix, sourceSize: 16)
     case 0x2E, 0x2F: try compareIntoFlags(instruction, prefix: prefix)
-    case 0x2A: try convertIntegerToFloat(instruction, prefix: prefix)
-    case 0x2C, 0x2D: try convertFloatToInteger(instruction, prefix: prefix)
+    case 0x2A, 0x2C, 0x2D:
+      if prefix <= 1 {
+        try executeMMXConversion(instruction, prefix: prefix)
+      } else if opcode == 0x12A {
+        try convertIntegerToFloat(instruction, prefix: prefix)
+      } else {
+        try convertFloatToInteger(instruction, prefix: prefix)
+      }
 
     default:
       throw .invalidOpcode
@@ -266,14 +272,6 @@ extension CPU {
     let raised = csf_sse_float(operation, immediate, mxcsr, &destination, &source)
     let unmasked = ~(mxcsr >> 7) & MXCSR.flags
     let overflowOrUnderflow: UInt32 = 0x18
-    // DPPS/DPPD step by step whenever an exception is unmasked that one step can raise and
-    // stop at: the whole-instruction flags mix the steps (e.g. DE from a tiny product that an
-    // unmasked underflow of the multiplication would have stopped before the additions).
-    if _slowPath(
-      (raised & unmasked != 0 || unmasked & overflowOrUnderflow != 0) && operation & ~1 == CSF_SSE_MAP3A | 0x140)
-    {
-      return dotProductFlags(operation, immediate, original, source, fallback: raised)
-    }
     if raised == CSF_UNSUPPORTED || unmasked & overflowOrUnderflow == 0
       || raised & unmasked & MXCSR.precomputationFlags != 0
     {
@@ -386,15 +384,75 @@ extension CPU {
     return flags
   }
 
-  /// DPPS/DPPD flags when an exception is unmasked: the multiplications, the first additions
-  /// and the final addition are separate steps, and an unmasked exception in one step ends
-  /// the instruction before the next step reports anything.
-  private func dotProductFlags(
-    _ operation: UInt32, _ immediate: UInt32, _ destination: XMMValue, _ source: XMMValue, fallback: UInt32
-  ) -> UInt32 {
+  // MARK: - Dot products
+
+  /// DPPS/DPPD (66 0F 3A 40/41) xmm, xmm/m128, imm8.
+  func dotProduct(_ instruction: Instruction) throws(Fault) {
+    let reg = Int(instruction.reg)
+    let source = try source128(instruction, aligned: sseArithmeticNeedsAlignment)
+    let operation = hostOperation(instruction, prefix: 1)
+    let immediate = UInt32(truncatingIfNeeded: instruction.immediate & 0xFF)
+    var result = xmm[reg]
+    let raised = try hostDotProduct(operation, immediate, &result, source)
+    try commitDotProduct(operation, immediate, low: (xmm[reg], source), high: nil, raised: raised)
+    xmm[reg] = result
+  }
+
+  /// VDPPS xmm/ymm and VDPPD xmm (VEX.66.0F3A 40/41): dest = dot products of VEX.vvvv and r/m,
+  /// each 128-bit half on its own (VDPPD: VEX.L = 1 raises #UD). Memory needs no alignment.
+  func vexDotProduct(_ ins: Instruction) throws(Fault) {
+    if ins.opcode & 1 != 0 && ins.vexL { throw .invalidOpcode }
+    let left = Int(ins.vexRegister)
+    var rightLow = xmm[Int(ins.rm)]
+    var rightHigh = ymmHigh[Int(ins.rm)]
+    if ins.hasMemoryOperand {
+      rightLow = try read128(linearAddress(ins), aligned: false)
+      if ins.vexL {
+        var upper = ins
+        upper.displacement &+= 16
+        rightHigh = try read128(linearAddress(upper), aligned: false)
+      }
+    }
+    let operation = hostOperation(ins, prefix: 1)
+    let immediate = UInt32(truncatingIfNeeded: ins.immediate & 0xFF)
+    var low = xmm[left]
+    var raised = try hostDotProduct(operation, immediate, &low, rightLow)
+    var high = XMMValue.zero
+    if ins.vexL {
+      high = ymmHigh[left]
+      raised |= try hostDotProduct(operation, immediate, &high, rightHigh)
+    }
+    try commitDotProduct(
+      operation, immediate, low: (xmm[left], rightLow), high: ins.vexL ? (ymmHigh[left], rightHigh) : nil,
+      raised: raised)
+    let destination = Int(ins.reg)
+    xmm[destination] = low
+    ymmHigh[destination] = high
+    xsaveInUse |= ins.vexL ? XSaveModel.sse | XSaveModel.avx : XSaveModel.sse
+  }
+
+  /// One 128-bit DPPS/DPPD on the host under the guest's MXCSR, all exceptions masked: the
+  /// result and the flags the instruction raised.
+  private func hostDotProduct(
+    _ operation: UInt32, _ immediate: UInt32, _ destination: inout XMMValue, _ source: XMMValue
+  ) throws(Fault) -> UInt32 {
+    var scratch = source
+    let raised = csf_sse_float(operation, immediate, mxcsr, &destination, &scratch)
+    guard raised != CSF_UNSUPPORTED else { throw .invalidOpcode }
+    return raised
+  }
+
+  /// The flags of the steps of one 128-bit DPPS/DPPD: the multiplications of the selected
+  /// elements, the first additions ((p0 + p1) and (p2 + p3); DPPD's only addition) and DPPS's
+  /// final addition. Each step reports its flags as the packed or scalar instruction of that
+  /// step does (with an unmasked overflow or underflow per element, PE only when the result
+  /// with an unbounded exponent is inexact).
+  private func dotProductSteps(
+    _ operation: UInt32, _ immediate: UInt32, _ destination: XMMValue, _ source: XMMValue
+  ) -> SIMD3<UInt32> {
     let unmasked = ~(mxcsr >> 7) & MXCSR.flags
     let single = operation & 1 == 0
-    // Step 1: products of the selected elements (the others are +0.0 and raise nothing).
+    // The elements the immediate does not select are +0.0 and raise nothing.
     var left = destination
     var right = source
     if single {
@@ -412,46 +470,67 @@ extension CPU {
         right[lane] = 0
       }
     }
-    // A step with an unmasked exception ends the instruction. Each step reports its flags as
-    // the packed/scalar instruction of that step does (with an unmasked overflow/underflow:
-    // per element, PE only when the result with an unbounded exponent is inexact).
-    var flags: UInt32 = 0
-    func finish(_ step: UInt32) -> Bool {
-      if step & unmasked & MXCSR.precomputationFlags != 0 {
-        // The earlier steps completed: their flags stay in MXCSR, although this step's
-        // unmasked pre-computation exception suppresses its own post-computation flags
-        // (commitSIMDExceptions keeps only the pre-computation ones of the result).
-        mxcsr |= flags
-      }
-      flags |= step
-      return step & unmasked != 0
-    }
     func step(_ operation: UInt32, _ destination: inout XMMValue, _ source: inout XMMValue) -> UInt32 {
       let original = destination
       let raised = csf_sse_float(operation, 0, mxcsr, &destination, &source)
-      if raised == CSF_UNSUPPORTED || unmasked & 0x18 == 0 || raised & unmasked & MXCSR.precomputationFlags != 0 {
-        return raised
-      }
+      if raised == CSF_UNSUPPORTED { return 0 }
+      if unmasked & 0x18 == 0 || raised & unmasked & MXCSR.precomputationFlags != 0 { return raised }
       return postComputationFlags(operation, 0, original, source, fallback: raised)
     }
+    var steps = SIMD3<UInt32>.zero
     var products = left
-    let first = step(single ? 0x59 : 0x159, &products, &right)
-    if first == CSF_UNSUPPORTED { return fallback }
-    if finish(first) { return flags }
+    steps[0] = step(single ? 0x59 : 0x159, &products, &right)  // MULPS/MULPD
     if single {
-      // Step 2: (p0 + p1) and (p2 + p3); step 3: their sum.
       var sums = products
       var same = products
-      if finish(step(0x37C, &sums, &same)) { return flags }  // HADDPS
+      steps[1] = step(0x37C, &sums, &same)  // HADDPS: (p0 + p1), (p2 + p3)
       var low = XMMValue(sums[0] & 0xFFFF_FFFF, 0)
       var high = XMMValue(sums[0] >> 32, 0)
-      _ = finish(step(0x258, &low, &high))  // ADDSS
+      steps[2] = step(0x258, &low, &high)  // ADDSS
     } else {
       var low = XMMValue(products[0], 0)
       var high = XMMValue(products[1], 0)
-      _ = finish(step(0x358, &low, &high))  // ADDSD
+      steps[1] = step(0x358, &low, &high)  // ADDSD
     }
-    return flags
+    return steps
+  }
+
+  /// Merges a dot product's flags into MXCSR and raises its unmasked exception (the caller then
+  /// leaves the destination unchanged), for one 128-bit half or two (VDPPS ymm), as the host
+  /// does. With no exception unmasked that a step could stop at, the flags are those the whole
+  /// instruction `raised`. Otherwise the steps run in order over both halves, and the first step
+  /// with an unmasked exception ends the instruction: the flags of the completed steps stay, and
+  /// an unmasked pre-computation exception suppresses only its own step's post-computation
+  /// flags (so a denormal product that makes the addition fault with DE keeps the
+  /// multiplications' UE and PE). When one half's first additions raise an unmasked exception,
+  /// the other half's flags of that step are not reported (VDPPS ymm on the host).
+  private func commitDotProduct(
+    _ operation: UInt32, _ immediate: UInt32, low: (XMMValue, XMMValue), high: (XMMValue, XMMValue)?,
+    raised: UInt32
+  ) throws(Fault) {
+    let unmasked = ~(mxcsr >> 7) & MXCSR.flags
+    if raised & unmasked == 0 && unmasked & 0x18 == 0 {
+      mxcsr |= raised
+      return
+    }
+    let lowSteps = dotProductSteps(operation, immediate, low.0, low.1)
+    let highSteps = high.map { dotProductSteps(operation, immediate, $0.0, $0.1) } ?? .zero
+    var flags: UInt32 = 0
+    for index in 0..<3 {
+      var step = lowSteps[index] | highSteps[index]
+      if index == 1 && step & unmasked != 0 {
+        step =
+          (lowSteps[index] & unmasked != 0 ? lowSteps[index] : 0)
+          | (highSteps[index] & unmasked != 0 ? highSteps[index] : 0)
+      }
+      if step & unmasked != 0 {
+        let reported = step & unmasked & MXCSR.precomputationFlags != 0 ? step & MXCSR.precomputationFlags : step
+        mxcsr |= flags | reported
+        throw cr4 & X86.cr4OSXMMEXCPT != 0 ? .simdError : .invalidOpcode
+      }
+      flags |= step
+    }
+    mxcsr |= flags
   }
 
   /// The `csf_unbounded_inexact` kind of an operation, when it has one.
@@ -516,7 +595,6 @@ extension CPU {
 
   /// CVTSI2SS/CVTSI2SD (F3/F2 0F 2A) from r/m32 or r/m64 (REX.W).
   private func convertIntegerToFloat(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
-    guard prefix >= 2 else { throw .invalidOpcode }  // CVTPI2PS/CVTPI2PD: MMX, not implemented
     let integer: UInt64
     if instruction.hasMemoryOperand {
       let address = linearAddress(instruction)
@@ -535,7 +613,6 @@ extension CPU {
 
   /// CVTTSS2SI/CVTTSD2SI/CVTSS2SI/CVTSD2SI (F3/F2 0F 2C/2D) into r32 (zero-extended) or r64.
   private func convertFloatToInteger(_ instruction: Instruction, prefix: UInt8) throws(Fault) {
-    guard prefix >= 2 else { throw .invalidOpcode }  // CVT(T)PS2PI/CVT(T)PD2PI: MMX
     var source = try sourceSized(instruction, size: prefix == 2 ? 4 : 8)
     var result = XMMValue(0, 0)
     var operation = UInt32(prefix) << 8 | UInt32(instruction.opcode & 0xFF)
@@ -580,7 +657,11 @@ extension CPU {
       } else {
         throw .invalidOpcode
       }
-    case 0x1D6:  // MOVQ xmm/m64, xmm
+    case 0x1D6:  // MOVQ xmm/m64, xmm; MOVQ2DQ, MOVDQ2Q (MMX.swift)
+      if prefix >= 2 {
+        try executeMMXConversion(instruction, prefix: prefix)
+        return
+      }
       guard prefix == 1 else { throw .invalidOpcode }
       let low = xmm[reg][0]
       if instruction.hasMemoryOperand {

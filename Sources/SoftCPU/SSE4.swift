@@ -87,8 +87,10 @@ extension CPU {
     let reg = Int(instruction.reg)
     let immediate = Int(instruction.immediate & 0xFF)
     switch byte {
-    case 0x08, 0x09, 0x40, 0x41:
+    case 0x08, 0x09:
       try hostFloat(instruction, prefix: prefix, sourceSize: 16)
+    case 0x40, 0x41:  // DPPS, DPPD
+      try dotProduct(instruction)
     case 0x0A, 0x0B:
       try hostFloat(instruction, prefix: prefix, sourceSize: byte == 0x0A ? 4 : 8)
     case 0x42, 0x44:

@@ -65,6 +65,7 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
       cpu.system.localAPIC = apic
       cpu.system.clock = clock
       cpu.system.apicID = UInt32(index)
+      cpu.system.topology = CPUTopology(cpuCount: cpuCount)
       cpu.system.cpuidFeatures = features
       cpu.system.tscKilohertz = TimeBase.tscFrequency / 1000
       cpu.apicBase = apic.apicBaseMSR

@@ -65,6 +65,8 @@ public final class SystemState: @unchecked Sendable {
   public var tscKilohertz: UInt64 = 1_000_000
   /// APIC ID of this CPU.
   public var apicID: UInt32 = 0
+  /// The machine's processor topology (CPUID leaves 1, 0BH and 8000_0008), as KVM presents it.
+  public var topology = CPUTopology(cpuCount: 1)
   /// A large-page translation may be in the TLB (INVLPG must drop every piece of it).
   var largePagesCached = false
   /// AMD's legacy performance counters (PerformanceCounters.swift).

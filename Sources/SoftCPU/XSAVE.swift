@@ -176,7 +176,8 @@ extension Instruction {
     switch opcode >> 8 {
     case 1:
       switch byte {
-      case 0x11, 0x13, 0x17, 0x29, 0x2B, 0x7F, 0xD6, 0xE7: return !hasMemoryOperand
+      case 0x11, 0x13, 0x17, 0x29, 0x2B, 0x7F, 0xE7: return !hasMemoryOperand
+      case 0xD6: return !hasMemoryOperand && mandatoryPrefix != 3  // MOVDQ2Q writes an MMX register
       case 0x7E: return mandatoryPrefix == 2
       case 0x2C, 0x2D, 0x2E, 0x2F, 0x50, 0xC5, 0xD7, 0xF7: return false
       case 0xAE: return reg & 7 == 1

@@ -96,6 +96,11 @@ struct LinuxSMPTests {
     try await session.waitForShell()
     #expect(try await session.run("nproc") == "2")
     #expect(try await session.run("grep -c ^processor /proc/cpuinfo") == "2")
+    // CPUID describes one package of two single-thread cores (CPUTopology: leaf 1, leaf 0BH and
+    // 8000_0008 ECX, which Linux's AMD code reads), as the MADT lists them.
+    #expect(try await session.run("grep '^physical id' /proc/cpuinfo | sort -u | wc -l") == "1")
+    #expect(try await session.run("grep '^cpu cores' /proc/cpuinfo | sort -u | tr -d ' \\t'") == "cpucores:2")
+    #expect(try await session.run("grep '^core id' /proc/cpuinfo | sort -u | wc -l") == "2")
     // The invariant TSC (CPUID 8000_0007 EDX[8]) gives both vCPUs constant_tsc/nonstop_tsc, so
     // the kernel keeps the TSC instead of marking it unstable as unsynchronized at boot.
     #expect(try await session.run("grep -c 'constant_tsc.*nonstop_tsc' /proc/cpuinfo") == "2")

@@ -451,6 +451,43 @@ struct CoreInstructionTests {
     #expect(machine[R.rdx] & (1 << 29) != 0)
   }
 
+  @Test("CPUID describes the machine's topology as KVM's CPUIDPolicy does: leaves 1, 0BH and 8000_0008")
+  func cpuidTopology() throws {
+    let machine = try CoreMachine()
+    machine.cpu.system.topology = CPUTopology(cpuCount: 3)
+    machine.cpu.system.apicID = 2
+    try machine.load(
+      assembly: """
+        mov eax, 1
+        cpuid
+        mov r8, rbx
+        mov r9, rdx
+        mov eax, 0xB
+        mov ecx, 1
+        cpuid
+        mov r10, rax
+        mov r11, rbx
+        mov r12, rcx
+        mov r13, rdx
+        mov eax, 0xB
+        mov ecx, 2
+        cpuid
+        mov r14, rbx
+        mov r15, rcx
+        mov eax, 0x80000008
+        cpuid
+        hlt
+        """)
+    #expect(machine.run() == .halted)
+    #expect((machine[R.r8] >> 16) & 0xFF == 3)  // logical processors in the package
+    #expect(machine[R.r8] >> 24 == 2)  // APIC ID
+    #expect(machine[R.r9] & (1 << 28) != 0)  // HTT
+    // Core level: shift 2, 3 processors, level 1 of type core, x2APIC ID 2.
+    #expect([machine[R.r10], machine[R.r11], machine[R.r12], machine[R.r13]] == [2, 3, 0x201, 2])
+    #expect([machine[R.r14], machine[R.r15]] == [0, 2])  // the invalid level ends the list
+    #expect(machine[R.rcx] == 0x2002)  // ApicIdSize 2, NC = 2
+  }
+
   @Test("Stop request returns .stopRequested at a block boundary")
   func stopRequest() throws {
     let machine = try CoreMachine()

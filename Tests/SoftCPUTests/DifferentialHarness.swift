@@ -401,6 +401,9 @@ struct ComparisonMask {
   var x87Tolerance: Double? = nil
   /// MXCSR bits not compared (a reviewed known difference; 0 normally).
   var mxcsrIgnored: UInt32 = 0
+  /// Offsets in the data buffer not compared: the MXCSR_MASK field of the areas XSAVE and its
+  /// variants store, on a host whose MXCSR_MASK is not the model's (`HostModel`).
+  var dataIgnored: [Int] = []
 }
 
 /// One difference between native and emulated results.
@@ -464,17 +467,23 @@ enum DiffCompare {
       differences.append(
         Difference(what: "guest RAM outside the data buffer", native: "unchanged", emulated: "changed: " + stray))
     }
-    if native.data != emulated.data {
+    var nativeData = native.data
+    var emulatedData = emulated.data
+    for offset in mask.dataIgnored where offset < nativeData.count && offset < emulatedData.count {
+      nativeData[offset] = 0
+      emulatedData[offset] = 0
+    }
+    if nativeData != emulatedData {
       var ranges: [String] = []
       var index = 0
-      while index < native.data.count && ranges.count < 8 {
-        if native.data[index] != emulated.data[index] {
+      while index < nativeData.count && ranges.count < 8 {
+        if nativeData[index] != emulatedData[index] {
           let start = index
-          while index < native.data.count && native.data[index] != emulated.data[index] && index - start < 32 {
+          while index < nativeData.count && nativeData[index] != emulatedData[index] && index - start < 32 {
             index += 1
           }
-          let nativeBytes = native.data[start..<index].map { String(format: "%02x", $0) }.joined()
-          let emulatedBytes = emulated.data[start..<index].map { String(format: "%02x", $0) }.joined()
+          let nativeBytes = nativeData[start..<index].map { String(format: "%02x", $0) }.joined()
+          let emulatedBytes = emulatedData[start..<index].map { String(format: "%02x", $0) }.joined()
           ranges.append(
             "[\(hex(DiffLayout.dataBase + UInt64(start)))] native \(nativeBytes) emulated \(emulatedBytes)")
         }

@@ -20,14 +20,7 @@ struct DifferentialTests {
   /// Forms with a reviewed, documented difference from this host (docs/softcpu-testing.md), and
   /// the MXCSR bits not compared in cases built around them; everything else is compared
   /// strictly. They are never used as fillers around other forms. The goal is an empty list.
-  static let knownMismatches: [String: (mxcsrIgnored: UInt32, reason: String)] = [
-    "dppd": (0x30, dotProductReason), "vdppd xmm": (0x30, dotProductReason),
-  ]
-
-  /// Seen as a filler (seed 1): with DE unmasked, a denormal in one product and an underflowing
-  /// other product, the host faults with DE, UE and PE set; the software CPU reports DE only.
-  static let dotProductReason =
-    "DPPD with an unmasked pre-computation exception in one product keeps the other's UE/PE on the host"
+  static let knownMismatches: [String: (mxcsrIgnored: UInt32, reason: String)] = [:]
 
   static let environment = ProcessInfo.processInfo.environment
   static var seed: UInt64 { UInt64(environment["HOSTVISOR_DIFF_SEED"] ?? "") ?? 1 }
@@ -289,6 +282,44 @@ struct DifferentialFixedCases {
         $0.xmm[13] = SIMD2(0x3EFF_0320_6336_F8BF, 0xC188_D932_658E_5F46)
       }
       #expect(result == nil, Comment(rawValue: result ?? ""))
+    }
+  }
+
+  /// DPPD and VDPPD with DE unmasked (UE, PE masked): both products are tiny and inexact (UE,
+  /// PE), and their sum has denormal operands, so the addition step faults with DE. The
+  /// completed multiplications keep UE and PE in MXCSR (DE, UE, PE in all); the VEX form used
+  /// to lose them when it combined its one half as if it were a packed instruction.
+  @Test func dotProductKeepsTheProductsFlagsWhenTheAdditionFaults() {
+    // dppd xmm5, xmm13, 0x31 and vdppd xmm5, xmm5, xmm13, 0x31.
+    for code: [UInt8] in [[0x66, 0x41, 0x0F, 0x3A, 0x41, 0xED, 0x31], [0xC4, 0xC3, 0x51, 0x41, 0xED, 0x31]] {
+      let result = Self.check(code) {
+        $0.mxcsr = 0x1E80
+        // 2^-540 × 2^-500·(1 + 2^-52) in both elements: denormal and inexact.
+        $0.xmm[5] = SIMD2(0x1E30_0000_0000_0000, 0x1E30_0000_0000_0000)
+        $0.xmm[13] = SIMD2(0x20B0_0000_0000_0001, 0x20B0_0000_0000_0001)
+      }
+      #expect(result == nil, Comment(rawValue: result ?? ""))
+    }
+  }
+
+  /// VDPPS ymm with PE unmasked (IE masked) where one half's first additions are inexact
+  /// (1 + 2^-30) and the other half's are invalid (∞ + -∞): the host faults with PE alone, the
+  /// other half's IE of the same step is not reported; both ways round, and with IE unmasked too.
+  @Test func vdppsYmmReportsOnlyTheFaultingHalfOfTheFirstAdditions() {
+    let inexact = (SIMD2<UInt64>(0x3F80_0000_3F80_0000, 0), SIMD2<UInt64>(0x3080_0000_3F80_0000, 0))
+    let invalid = (SIMD2<UInt64>(0xFF80_0000_7F80_0000, 0), SIMD2<UInt64>(0x3F80_0000_3F80_0000, 0))
+    for (low, high) in [(inexact, invalid), (invalid, inexact)] {
+      for mxcsr: UInt32 in [0x0F80, 0x0F00] {
+        // vdpps ymm5, ymm5, ymm13, 0x31: elements 0 and 1 of each half, the sum in element 0.
+        let result = Self.check([0xC4, 0xC3, 0x55, 0x40, 0xED, 0x31]) {
+          $0.mxcsr = mxcsr
+          $0.xmm[5] = low.0
+          $0.xmm[13] = low.1
+          $0.ymmHigh[5] = high.0
+          $0.ymmHigh[13] = high.1
+        }
+        #expect(result == nil, Comment(rawValue: result ?? ""))
+      }
     }
   }
 

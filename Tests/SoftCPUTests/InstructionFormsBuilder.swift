@@ -52,6 +52,8 @@ struct SequenceBuilder {
   /// Absolute 32-bit addresses of group starts to patch (PUSH imm32 before RET).
   var addressPatches: [(at: Int, target: Int)] = []
   var undefinedFlags: UInt64 = 0
+  /// Data-buffer offsets left out of the comparison (`ComparisonMask.dataIgnored`).
+  var dataIgnored: [Int] = []
   var undefinedCC: UInt16 = 0
   /// Undefined-flag state arriving at a group by a branch.
   var joins: [Int: (UInt64, UInt16)] = [:]
@@ -436,6 +438,12 @@ struct SequenceBuilder {
           for byte in 0..<4 { data[offset + byte] = UInt8(truncatingIfNeeded: value >> UInt32(8 * byte)) }
         case .xsaveArea(let restore, let compacted) where restore:
           fillXSAVEArea(at: address, compacted: compacted)
+        case .xsaveArea:
+          // The stored MXCSR_MASK is the host's (AMD: 0x2FFFF with MM) or the model's (0xFFFF).
+          if HostModel.mxcsrMaskDifference != 0 {
+            let offset = Int(address - DiffLayout.dataBase) + 28
+            dataIgnored += Array(offset..<offset + 4)
+          }
         case .fldcw:
           var value = UInt16(0x037F)
           value ^= UInt16(rng.below(4)) << 10
@@ -653,6 +661,7 @@ enum CaseGenerator {
         mask.rflags &= ~builder.undefinedFlags
         mask.fswIgnored = builder.undefinedCC
         mask.x87Tolerance = builder.x87Tolerance
+        mask.dataIgnored = builder.dataIgnored
         let faultMasks = builder.undefinedBefore.map { before in
           var faultMask = mask
           faultMask.rflags = ComparisonMask().rflags & ~before.flags

@@ -1,10 +1,12 @@
 import Testing
 
-/// Every MMX form (the no-prefix 0F, 0F 38 and 0F 3A integer SIMD instructions on MM0-MM7)
-/// run on the host and on the software CPU from the same random state: the MMX registers (the
-/// x87 significands, with exponents set to all ones), the x87 tag word and TOP (the
-/// x87-to-MMX transition), general registers, memory and faults (a pending x87 exception's
-/// #MF, #UD for the register-only and memory-only forms) must agree.
+/// Every MMX form (the no-prefix 0F, 0F 38 and 0F 3A integer SIMD instructions on MM0-MM7, and
+/// the SSE conversions and moves between MMX and XMM registers) run on the host and on the
+/// software CPU from the same random state: the MMX registers (the x87 significands, with
+/// exponents set to all ones), the x87 tag word and TOP (the x87-to-MMX transition), XMM
+/// registers, MXCSR, general registers, memory and faults (a pending x87 exception's #MF, #XM
+/// for an unmasked SIMD exception, #GP for a misaligned m128, #UD for the register-only and
+/// memory-only forms) must agree.
 @Suite("MMX against the host CPU")
 struct MMXDifferentialTests {
   /// The operand kinds of one form.
@@ -21,6 +23,10 @@ struct MMXDifferentialTests {
     case registerOnly
     /// Memory in r/m only (MOVNTQ).
     case memoryOnly
+    /// xmm, mm/m64 (CVTPI2PS, CVTPI2PD; MOVQ2DQ without a memory form).
+    case xmmFromMMX
+    /// mm, xmm/m64 or xmm/m128 (CVT(T)PS2PI, CVT(T)PD2PI; MOVDQ2Q without a memory form).
+    case mmxFromXMM
   }
 
   struct Form: CustomStringConvertible {
@@ -29,6 +35,12 @@ struct MMXDifferentialTests {
     var operands: Operands = .mmx
     var immediate = false
     var extensionField: UInt8?
+    /// The mandatory prefix (66, F3 or F2), before any REX prefix.
+    var mandatoryPrefix: UInt8?
+    /// The memory operand's size in bytes for the conversions (0: register form only).
+    var memoryBytes = 8
+    /// What the memory operand holds: integers, singles or doubles (the conversions).
+    var memoryValues: MemoryFill = .random
     var description: String { name }
   }
 
@@ -72,27 +84,71 @@ struct MMXDifferentialTests {
       forms.append(
         Form(name: name, opcode: [0x0F, opcode], operands: .registerOnly, immediate: true, extensionField: field))
     }
+    forms += [
+      Form(name: "cvtpi2ps", opcode: [0x0F, 0x2A], operands: .xmmFromMMX, memoryValues: .int32),
+      Form(name: "cvtpi2pd", opcode: [0x0F, 0x2A], operands: .xmmFromMMX, mandatoryPrefix: 0x66, memoryValues: .int32),
+      Form(name: "cvtps2pi", opcode: [0x0F, 0x2D], operands: .mmxFromXMM, memoryValues: .float32),
+      Form(name: "cvttps2pi", opcode: [0x0F, 0x2C], operands: .mmxFromXMM, memoryValues: .float32),
+      Form(
+        name: "cvtpd2pi", opcode: [0x0F, 0x2D], operands: .mmxFromXMM, mandatoryPrefix: 0x66, memoryBytes: 16,
+        memoryValues: .float64),
+      Form(
+        name: "cvttpd2pi", opcode: [0x0F, 0x2C], operands: .mmxFromXMM, mandatoryPrefix: 0x66, memoryBytes: 16,
+        memoryValues: .float64),
+      Form(name: "movq2dq", opcode: [0x0F, 0xD6], operands: .xmmFromMMX, mandatoryPrefix: 0xF3, memoryBytes: 0),
+      Form(name: "movdq2q", opcode: [0x0F, 0xD6], operands: .mmxFromXMM, mandatoryPrefix: 0xF2, memoryBytes: 0),
+    ]
     return forms
   }()
 
+  /// Doublewords that convert inexactly to single precision or sit at the integer range's ends.
+  static let specialInt32: [UInt32] = [
+    0, 1, 0xFFFF_FFFF, 0x7FFF_FFFF, 0x8000_0000, 0x8000_0001, 0x0100_0001, 0xFEFF_FFFF, 0x0123_4567, 0x7FFF_FFC0,
+  ]
+
+  /// Two elements of the kind `fill` as 64 bits (singles, doublewords) or one double.
+  static func value(_ fill: MemoryFill, _ rng: inout DiffRNG) -> UInt64 {
+    switch fill {
+    case .float32: return UInt64(DiffValues.float32(&rng)) | UInt64(DiffValues.float32(&rng)) << 32
+    case .float64: return DiffValues.float64(&rng)
+    case .int32:
+      let low = rng.chance(50) ? UInt64(rng.pick(specialInt32)) : rng.next() & 0xFFFF_FFFF
+      let high = rng.chance(50) ? UInt64(rng.pick(specialInt32)) : rng.next() & 0xFFFF_FFFF
+      return low | high << 32
+    default: return rng.next()
+    }
+  }
+
   /// One random encoding of `form` and the state it starts from.
-  static func makeCase(_ form: Form, _ rng: inout DiffRNG) -> (code: [UInt8], state: MachineState) {
-    var state = DiffStates.random(&rng, x87: true, unmaskedSIMD: false)
+  static func makeCase(_ form: Form, _ rng: inout DiffRNG) -> (code: [UInt8], state: MachineState, data: [UInt8]) {
+    let conversion = form.operands == .xmmFromMMX || form.operands == .mmxFromXMM
+    // The conversions also run with unmasked SIMD exceptions (#XM) in a quarter of the cases.
+    var state = DiffStates.random(&rng, x87: true, unmaskedSIMD: conversion && rng.chance(25))
+    var data = DiffStates.randomData(&rng)
     // MMX values: random significands; the exponents vary (MMX ignores them, a write sets them).
     for index in 0..<8 where rng.chance(70) {
-      state.st[index] = X87Register(significand: rng.next(), signExponent: UInt16(truncatingIfNeeded: rng.next()))
+      let significand = form.memoryValues == .int32 && rng.chance(50) ? value(.int32, &rng) : rng.next()
+      state.st[index] = X87Register(significand: significand, signExponent: UInt16(truncatingIfNeeded: rng.next()))
+    }
+    // XMM sources of the float-to-integer conversions: special values, in and out of range.
+    if form.operands == .mmxFromXMM && form.memoryValues != .random {
+      for index in 0..<16 where rng.chance(60) {
+        state.xmm[index] = SIMD2(value(form.memoryValues, &rng), value(form.memoryValues, &rng))
+      }
     }
     // Shift counts in range half the time.
     if rng.chance(50) { state.st[(8 - state.top + 1) & 7].significand = UInt64(rng.below(70)) }
     state.gpr[3] = DiffLayout.dataBase
     state.gpr[7] = DiffLayout.dataBase + UInt64(rng.below(DiffLayout.dataSize - 64))
     var code: [UInt8] = []
+    if let prefix = form.mandatoryPrefix { code.append(prefix) }
     var rex: UInt8 = 0
     if rng.chance(40) { rex = 0x40 | UInt8(rng.below(16)) }
     let memory: Bool
     switch form.operands {
     case .registerOnly, .generalReg: memory = false
     case .memoryOnly: memory = true
+    case .xmmFromMMX, .mmxFromXMM: memory = form.memoryBytes != 0 && rng.chance(40)
     default: memory = rng.chance(40)
     }
     if memory { rex &= ~0x3 }  // keep RBX as the only base (no REX.B or REX.X)
@@ -101,7 +157,17 @@ struct MMXDifferentialTests {
     var reg = form.extensionField ?? UInt8(rng.below(8))
     if form.operands == .generalReg { reg = rng.pick([0, 1, 2, 5, 6]) }
     if memory {
-      let displacement = UInt32(rng.below(DiffLayout.dataSize - 64))
+      var displacement = UInt32(rng.below(DiffLayout.dataSize - 64))
+      // An m128 operand is aligned but in a few cases (#GP).
+      if form.memoryBytes == 16 && rng.chance(85) { displacement &= ~15 }
+      if form.memoryValues != .random {
+        for offset in stride(from: 0, to: form.memoryBytes, by: 8) {
+          let bytes = value(form.memoryValues, &rng)
+          for byte in 0..<8 {
+            data[Int(displacement) + offset + byte] = UInt8(truncatingIfNeeded: bytes >> (8 * UInt64(byte)))
+          }
+        }
+      }
       code.append(0x80 | reg << 3 | 3)  // [rbx + disp32]
       withUnsafeBytes(of: displacement.littleEndian) { code += $0 }
     } else {
@@ -111,7 +177,7 @@ struct MMXDifferentialTests {
       code.append(0xC0 | reg << 3 | rm)
     }
     if form.immediate { code.append(UInt8(truncatingIfNeeded: rng.next())) }
-    return (code, state)
+    return (code, state, data)
   }
 
   @Test(arguments: forms)
@@ -120,8 +186,7 @@ struct MMXDifferentialTests {
     let runner = EmulatedRunner()
     var compared = 0
     for _ in 0..<150 {
-      let (code, state) = Self.makeCase(form, &rng)
-      let data = DiffStates.randomData(&rng)
+      let (code, state, data) = Self.makeCase(form, &rng)
       let native = NativeRunner.run(code: code, initial: state, data: data)
       let emulated = runner.run(code: code, initial: state, data: data)
       let differences = DiffCompare.compare(native: native, emulated: emulated, mask: ComparisonMask())
@@ -129,7 +194,8 @@ struct MMXDifferentialTests {
       if !differences.isEmpty { return }
       if native.end == .completed { compared += 1 }
     }
-    // Most cases run to completion (the rest end in #MF from a pending x87 exception).
+    // Most cases run to completion (the rest end in #MF from a pending x87 exception, or for the
+    // conversions in #XM or a misaligned m128's #GP).
     #expect(compared >= 100, "\(form): only \(compared) cases completed")
   }
 }
