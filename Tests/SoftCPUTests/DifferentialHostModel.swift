@@ -49,6 +49,14 @@ enum HostModel {
   /// behaviour is left out of the generated cases.
   static var vendorsDiffer: Bool { hostVendor != modelVendor }
 
+  /// Whether the host is an Intel processor. Two behaviours the model takes from an Intel host
+  /// differ on an AMD one (docs/TODO.md): XSAVE's AVX-in-use bit after VEX.256 instructions
+  /// that leave the upper halves zero, and VCVTPS2PH's PE with overflow or underflow unmasked.
+  static var hostIsIntel: Bool { hostVendor == "GenuineIntel" }
+
+  /// Whether the host sets XINUSE[2] (AVX) as the model does (`hostIsIntel`).
+  static var hostTracksAVXInUseAsTheModel: Bool { hostIsIntel }
+
   /// CMPXCHG r32 with a register destination on a failed compare: AMD leaves the destination
   /// untouched, Intel writes it back (clearing bits 63:32). Generated only on a host of the
   /// model's vendor.

@@ -393,7 +393,8 @@ struct DifferentialFixedCases {
   /// an exact one too (2^-20), but not one that rounds up to the smallest normal; PE is the
   /// inexactness with an unbounded exponent (2^-30 and 2^20 are exact); flags of the elements
   /// combine (1+2^-23 inexact beside an exact tiny 2^-30); a denormal single input.
-  @Test func halfConversionUnboundedExponentInexactness() {
+  @Test(.enabled(if: HostModel.hostIsIntel, "the model follows an Intel host here; an AMD host differs (docs/TODO.md)"))
+  func halfConversionUnboundedExponentInexactness() {
     let xmmForm: [UInt8] = [0xC4, 0xE3, 0x79, 0x1D, 0xC8, 0x04]  // vcvtps2ph xmm0, xmm1, 4 (MXCSR.RC)
     let ymmForm: [UInt8] = [0xC4, 0xE3, 0x7D, 0x1D, 0xC8, 0x00]  // vcvtps2ph xmm0, ymm1, 0 (nearest)
     let cases: [([UInt8], [UInt32])] = [
@@ -420,7 +421,8 @@ struct DifferentialFixedCases {
   /// XINUSE after a VEX.256 instruction that writes only an XMM register (a narrowing
   /// conversion, VCVTPS2PH, VEXTRACTF128/I128) from the AVX initial state: XSAVE's XSTATE_BV
   /// shows whether the instruction marked the AVX component in use.
-  @Test func vex256WithAnXMMDestinationMarksAVXInUse() {
+  @Test(.enabled(if: HostModel.hostIsIntel, "the model follows an Intel host here; an AMD host differs (docs/TODO.md)"))
+  func vex256WithAnXMMDestinationMarksAVXInUse() {
     let instructions: [(String, [UInt8])] = [
       ("vcvtpd2dq xmm14, ymm14", [0xC4, 0x41, 0x7F, 0xE6, 0xF6]),
       ("vcvtps2ph xmm0, ymm1, 0", [0xC4, 0xE3, 0x7D, 0x1D, 0xC8, 0x00]),

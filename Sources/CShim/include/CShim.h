@@ -144,6 +144,20 @@ static inline __attribute__((always_inline)) uint64_t hv_imul64(int64_t a, int64
   *high = (int64_t)(product >> 64);
   return (uint64_t)product;
 }
+/// The host's SF, ZF, AF, PF and CF (RFLAGS bits 0-7, through LAHF) after `imul a, b` (the
+/// 64-bit two-operand form), for comparing the flags the architecture leaves undefined there
+/// with the software CPU's.
+static inline uint64_t hv_host_imul64_flags(uint64_t a, uint64_t b) {
+  uint64_t ax;
+  __asm__ volatile("imulq %2, %1\n\tlahf" : "=a"(ax), "+r"(a) : "r"(b) : "cc");
+  return (ax >> 8) & 0xFF;
+}
+/// The host's RFLAGS bits 0-7 after `mul b` with RAX = a (64-bit), as `hv_host_imul64_flags`.
+static inline uint64_t hv_host_mul64_flags(uint64_t a, uint64_t b) {
+  uint64_t high;
+  __asm__ volatile("mulq %2\n\tlahf" : "+a"(a), "=d"(high) : "r"(b) : "cc");
+  return (a >> 8) & 0xFF;
+}
 /// Unsigned 64 x 64 -> 128-bit multiply: returns the low half, stores the high half.
 static inline __attribute__((always_inline)) uint64_t hv_mul64(uint64_t a, uint64_t b, uint64_t *high) {
   unsigned __int128 product = (unsigned __int128)a * (unsigned __int128)b;

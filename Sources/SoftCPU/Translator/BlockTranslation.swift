@@ -258,6 +258,7 @@ struct BlockTranslator {
         && (instruction.opcode == 0xC1 || instruction.opcode == 0xD1) && rotateCount(instruction) != 0
     }
     if instruction.prefixes & Instruction.Prefix.lock != 0 { return false }
+    if isMultiply(instruction.fast) && !hostMultiplyFlagsMatchTheInterpreter { return false }
     switch instruction.fast {
     case .addRI64, .subRI64, .andRI64, .orRI64, .xorRI64, .cmpRI64, .testRI64, .adcRI64, .sbbRI64, .cmpMI64,
       .storeMI64, .imulRRI64:
@@ -297,6 +298,43 @@ struct BlockTranslator {
   static func isIndirectBranch(_ instruction: Instruction) -> Bool {
     (instruction.op == .jmpRm || instruction.op == .callRm) && instruction.operandSize == 8
   }
+
+  /// MUL and IMUL forms the translator runs as host multiplies.
+  static func isMultiply(_ fast: FastOp) -> Bool {
+    switch fast {
+    case .imulRR64, .imulRR32, .imulRRI64, .imulRRI32, .mulR64: true
+    default: false
+    }
+  }
+
+  /// Whether this host's MUL and IMUL leave SF, ZF, AF and PF (undefined architecturally) as
+  /// the interpreter sets them (`recordMultiplyFlags`: from the low half, AF clear). Where they
+  /// differ (an AMD EPYC host does), multiplies are left to the interpreter, so a guest that
+  /// branches on those flags sees the same thing on both tiers.
+  static let hostMultiplyFlagsMatchTheInterpreter: Bool = {
+    let operands: [(UInt64, UInt64)] = [
+      (3, 5), (UInt64.max, 1), (0, 7), (7, 1), (2, 1 << 62), (0x100, 0x100), (1 << 63, 1),
+      (UInt64(bitPattern: -59), 0x10_0573), (0xFFFF_FFFF, 0xFFFF_FFFF), (0x1234_5678_9ABC_DEF1, 0x0F0F_0F0F_0F0F_0F0F),
+    ]
+    let compared = RFlags.sf | RFlags.zf | RFlags.af | RFlags.pf | RFlags.cf
+    func expected(low: UInt64, overflow: Bool) -> UInt64 {
+      var flags: UInt64 = overflow ? RFlags.cf : 0
+      if low.nonzeroBitCount == 0 { flags |= RFlags.zf }
+      if low >> 63 != 0 { flags |= RFlags.sf }
+      if (low & 0xFF).nonzeroBitCount % 2 == 0 { flags |= RFlags.pf }
+      return flags
+    }
+    for (a, b) in operands {
+      let signed = Int64(bitPattern: a).multipliedFullWidth(by: Int64(bitPattern: b))
+      let signedOverflow = Int64(bitPattern: signed.low) >> 63 != signed.high
+      if hv_host_imul64_flags(a, b) & compared != expected(low: signed.low, overflow: signedOverflow) { return false }
+      let unsigned = a.multipliedFullWidth(by: b)
+      if hv_host_mul64_flags(a, b) & compared != expected(low: unsigned.low, overflow: unsigned.high != 0) {
+        return false
+      }
+    }
+    return true
+  }()
 
   /// The masked count of a ROL/ROR by immediate.
   static func rotateCount(_ instruction: Instruction) -> UInt8 {
