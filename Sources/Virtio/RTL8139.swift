@@ -469,7 +469,7 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
       state.nextTransmit = (index + 1) % 4
     }
     if causes != 0 { raise(&state, causes) }
-    if backend.hasPendingOutput { worker.wake() }
+    if backend.hasPendingOutput || backend.hasPendingInput { worker.wake() }
   }
 
   /// Hands one frame to the backend behind an all-zero vnet header.
