@@ -83,7 +83,7 @@ public final class UserNetworkBackend: NetworkBackend {
   /// never polls readable); -1 while passt runs. Written once, under `input`'s lock.
   nonisolated(unsafe) private var quietPipeWriter: Int32 = -1
   public var pollDescriptor: Int32 { socket }
-  /// passt's log file (removed with the backend).
+  /// passt's log file while it is still to be removed (with the backend).
   private let logPath: String?
 
   /// Starts passt with `forwards`; `passtPath` nil searches the PATH.
@@ -107,10 +107,11 @@ public final class UserNetworkBackend: NetworkBackend {
       "--address", UserNetworkAddresses.guest, "--netmask", "\(UserNetworkAddresses.prefixLength)",
       "--gateway", UserNetworkAddresses.gateway,
     ]
-    let tcp = forwards.filter { $0.proto == .tcp }.map(\.passtSpecification)
-    let udp = forwards.filter { $0.proto == .udp }.map(\.passtSpecification)
-    if !tcp.isEmpty { arguments += ["--tcp-ports", tcp.joined(separator: ",")] }
-    if !udp.isEmpty { arguments += ["--udp-ports", udp.joined(separator: ",")] }
+    // One option per forward: passt takes one address per option ("127.0.0.1/1:2,3:4"), so
+    // forwards joined with commas and each with its address are refused.
+    for forward in forwards {
+      arguments += [forward.proto == .tcp ? "--tcp-ports" : "--udp-ports", forward.passtSpecification]
+    }
 
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
@@ -135,7 +136,6 @@ public final class UserNetworkBackend: NetworkBackend {
     }
     socket = pair[0]
     child = pid
-    self.logPath = logFD >= 0 ? logPath : nil
     // Never block the device worker: queued output is flushed when the socket polls writable.
     _ = fcntl(socket, F_SETFL, fcntl(socket, F_GETFL) | O_NONBLOCK)
     var bufferSize: Int32 = 1 << 20
@@ -146,12 +146,22 @@ public final class UserNetworkBackend: NetworkBackend {
     for _ in 0..<20 {
       var status: Int32 = 0
       if waitpid(pid, &status, WNOHANG) == pid {
-        close(socket)
+        close(pair[0])
         let detail = Self.lastLine(ofFile: logPath) ?? "a forwarded port may be in use or an option refused"
         if logFD >= 0 { unlink(logPath) }
         throw UserNetworkError("passt exited at start (status \(status >> 8)): \(detail)")
       }
       usleep(5_000)
+    }
+    // passt writes a first line when it opens its log. From then on the file can go: passt
+    // keeps writing to the open file, and nothing is left in /tmp however the VMM ends. A log
+    // still empty (passt slow to start) is removed with the backend instead.
+    var logStatus = stat()
+    if logFD >= 0, stat(logPath, &logStatus) == 0, logStatus.st_size > 0 {
+      unlink(logPath)
+      self.logPath = nil
+    } else {
+      self.logPath = logFD >= 0 ? logPath : nil
     }
   }
 
