@@ -357,3 +357,46 @@ enum Segments {
     #expect(receive() == Array(completions.guestSYNACK().dropLast(2)), "the SYN-ACK, without its padding")
   }
 }
+
+/// How the backend starts passt, seen by a stand-in that records its arguments and writes its
+/// log as passt does.
+@Suite struct PasstArgumentTests {
+  @Test func eachForwardIsItsOwnOptionAndTheLogLeavesTmp() throws {
+    let folder = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-args-\(UUID().uuidString)")
+      .path
+    try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: folder) }
+    let script = folder + "/record-passt"
+    let body = """
+      #!/bin/sh
+      printf '%s\\n' "$@" > \(folder)/arguments
+      while [ $# -gt 0 ]; do [ "$1" = --log-file ] && echo "stand-in started" > "$2"; shift; done
+      exec cat <&3 >&3
+
+      """
+    #expect(
+      FileManager.default.createFile(atPath: script, contents: Data(body.utf8), attributes: [.posixPermissions: 0o755]))
+    var backend: UserNetworkBackend? = try UserNetworkBackend(
+      forwards: [
+        PortForward(proto: .tcp, hostAddress: "127.0.0.1", hostPort: 10080, guestPort: 80),
+        PortForward(proto: .tcp, hostAddress: "127.0.0.1", hostPort: 10081, guestPort: 81),
+        PortForward(proto: .udp, hostPort: 10053, guestPort: 53),
+      ], passtPath: script)
+    #expect(backend != nil)
+    var arguments: [String] = []
+    for _ in 0..<200 {
+      arguments = ((try? String(contentsOfFile: folder + "/arguments", encoding: .utf8)) ?? "")
+        .split(separator: "\n").map(String.init)
+      if arguments.count > 1 { break }
+      usleep(10_000)
+    }
+    let pairs = stride(from: 0, to: max(0, arguments.count - 1), by: 1).map { "\(arguments[$0]) \(arguments[$0 + 1])" }
+    #expect(pairs.contains("--tcp-ports 127.0.0.1/10080:80"))
+    #expect(pairs.contains("--tcp-ports 127.0.0.1/10081:81"))
+    #expect(pairs.contains("--udp-ports 10053:53"))
+    let log = try #require(arguments.firstIndex(of: "--log-file").map { arguments[$0 + 1] })
+    #expect(log.hasPrefix("/tmp/hostvisor-passt-"))
+    backend = nil
+    #expect(!FileManager.default.fileExists(atPath: log), "the log is gone once the backend is")
+  }
+}
