@@ -427,6 +427,16 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
       }
       state.setWord(Register.bmcr, control & ~0x0200)  // restart auto-negotiation completes at once
     }
+    if touches(Register.isr, 2) && state.bytes[Register.command] & Command.receiverEnable != 0
+      && !Self.ringIsEmpty(state)
+    {
+      // Frames the driver has not taken are still in the ring: ROK stays set. 8139too clears
+      // ROK after each frame and, when its NAPI budget runs out, looks at the ring again only
+      // if ROK is set; a device that filled the ring meanwhile (frames from the backend wait
+      // for room, and the peer waits for the guest's ACKs) would otherwise never interrupt
+      // again. A chip on a wire is rescued by the next packet or RXOVW.
+      state.setWord(Register.isr, state.word(Register.isr) | Interrupt.receiveOK)
+    }
     if touches(Register.imr, 2) || touches(Register.isr, 2) { updateInterrupt(&state) }
   }
 
@@ -469,7 +479,7 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
       state.nextTransmit = (index + 1) % 4
     }
     if causes != 0 { raise(&state, causes) }
-    if backend.hasPendingOutput { worker.wake() }
+    if backend.hasPendingOutput || backend.hasPendingInput { worker.wake() }
   }
 
   /// Hands one frame to the backend behind an all-zero vnet header.

@@ -76,11 +76,14 @@ public final class UserNetworkBackend: NetworkBackend {
   private let child: pid_t
   private let input = Mutex<ReassemblyBuffer>(ReassemblyBuffer(capacity: 4 * (maximumFrame + 4)))
   private let output = Mutex<[UInt8]>([])
+  /// The handshakes of forwarded connections that passt leaves half-open (see
+  /// `PasstHandshakeCompletion`), and the ACKs that complete them, waiting for the guest.
+  private let handshakes = Mutex(PasstHandshakeCompletion())
   /// The write end of the pipe that replaces a dead passt stream (kept open so the read end
   /// never polls readable); -1 while passt runs. Written once, under `input`'s lock.
   nonisolated(unsafe) private var quietPipeWriter: Int32 = -1
   public var pollDescriptor: Int32 { socket }
-  /// passt's log file (removed with the backend).
+  /// passt's log file while it is still to be removed (with the backend).
   private let logPath: String?
 
   /// Starts passt with `forwards`; `passtPath` nil searches the PATH.
@@ -104,10 +107,11 @@ public final class UserNetworkBackend: NetworkBackend {
       "--address", UserNetworkAddresses.guest, "--netmask", "\(UserNetworkAddresses.prefixLength)",
       "--gateway", UserNetworkAddresses.gateway,
     ]
-    let tcp = forwards.filter { $0.proto == .tcp }.map(\.passtSpecification)
-    let udp = forwards.filter { $0.proto == .udp }.map(\.passtSpecification)
-    if !tcp.isEmpty { arguments += ["--tcp-ports", tcp.joined(separator: ",")] }
-    if !udp.isEmpty { arguments += ["--udp-ports", udp.joined(separator: ",")] }
+    // One option per forward: passt takes one address per option ("127.0.0.1/1:2,3:4"), so
+    // forwards joined with commas and each with its address are refused.
+    for forward in forwards {
+      arguments += [forward.proto == .tcp ? "--tcp-ports" : "--udp-ports", forward.passtSpecification]
+    }
 
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
@@ -132,7 +136,6 @@ public final class UserNetworkBackend: NetworkBackend {
     }
     socket = pair[0]
     child = pid
-    self.logPath = logFD >= 0 ? logPath : nil
     // Never block the device worker: queued output is flushed when the socket polls writable.
     _ = fcntl(socket, F_SETFL, fcntl(socket, F_GETFL) | O_NONBLOCK)
     var bufferSize: Int32 = 1 << 20
@@ -143,12 +146,22 @@ public final class UserNetworkBackend: NetworkBackend {
     for _ in 0..<20 {
       var status: Int32 = 0
       if waitpid(pid, &status, WNOHANG) == pid {
-        close(socket)
+        close(pair[0])
         let detail = Self.lastLine(ofFile: logPath) ?? "a forwarded port may be in use or an option refused"
         if logFD >= 0 { unlink(logPath) }
         throw UserNetworkError("passt exited at start (status \(status >> 8)): \(detail)")
       }
       usleep(5_000)
+    }
+    // passt writes a first line when it opens its log. From then on the file can go: passt
+    // keeps writing to the open file, and nothing is left in /tmp however the VMM ends. A log
+    // still empty (passt slow to start) is removed with the backend instead.
+    var logStatus = stat()
+    if logFD >= 0, stat(logPath, &logStatus) == 0, logStatus.st_size > 0 {
+      unlink(logPath)
+      self.logPath = nil
+    } else {
+      self.logPath = logFD >= 0 ? logPath : nil
     }
   }
 
@@ -165,23 +178,36 @@ public final class UserNetworkBackend: NetworkBackend {
   }
 
   /// Sends one frame (the 12-byte virtio-net header is dropped: passt takes plain frames).
+  /// Ethernet padding behind an IPv4 or IPv6 packet is cut off (`EthernetFrame.unpaddedLength`):
+  /// passt (2023-03) takes the frame's length for the packet's, so a TCP acknowledgement that a
+  /// driver padded to 60 bytes (8139too and e1000 do) reads as a segment with 6 bytes of data
+  /// and passt stops accepting the guest's acknowledgements.
   /// What the socket cannot take at once is queued; the device's worker polls for
   /// writability while anything is queued and flushes it.
   public func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool {
     var length = 0
     for vector in vectors { length += vector.iov_len }
-    let frameLength = length - Self.headerSize
-    guard frameLength > 0, frameLength <= Self.maximumFrame else { return false }
+    guard length - Self.headerSize > 0, length - Self.headerSize <= Self.maximumFrame else { return false }
     return output.withLock { pending in
-      let prefix = UInt32(frameLength).bigEndian
-      withUnsafeBytes(of: prefix) { pending.append(contentsOf: $0) }
+      let start = pending.count
+      pending.append(contentsOf: [0, 0, 0, 0] as [UInt8])
       var skip = Self.headerSize
       for vector in vectors {
         guard let base = vector.iov_base else { continue }
         let bytes = UnsafeRawBufferPointer(start: base, count: vector.iov_len)
-        let start = min(skip, bytes.count)
-        skip -= start
-        pending.append(contentsOf: bytes[start...])
+        let first = min(skip, bytes.count)
+        skip -= first
+        pending.append(contentsOf: bytes[first...])
+      }
+      let frameLength = pending.withUnsafeBytes {
+        EthernetFrame.unpaddedLength(UnsafeRawBufferPointer(rebasing: $0[(start + 4)...]))
+      }
+      pending.removeLast(pending.count - (start + 4 + frameLength))
+      let prefix = UInt32(frameLength)
+      for index in 0..<4 { pending[start + index] = UInt8(truncatingIfNeeded: prefix >> (24 - 8 * index)) }
+      pending.withUnsafeBytes { bytes in
+        let frame = UnsafeRawBufferPointer(rebasing: bytes[(start + 4)...])
+        handshakes.withLock { _ = $0.noteFromGuest(frame) }
       }
       flush(&pending)
       // Never queue without bound behind a stalled passt: drop what cannot be sent.
@@ -212,20 +238,32 @@ public final class UserNetworkBackend: NetworkBackend {
 
   public var hasPendingOutput: Bool { output.withLock { !$0.isEmpty } }
 
+  /// Whether a frame the backend made itself (a handshake's ACK) waits for the guest: it is not
+  /// on the socket, so the device must look without waiting for the descriptor.
+  public var hasPendingInput: Bool { handshakes.withLock { $0.hasWaitingFrame } }
+
   public func flushPendingOutput() {
     output.withLock { if !$0.isEmpty { flush(&$0) } }
   }
 
   /// Returns the next whole frame behind a zeroed virtio-net header, or 0 when none is
-  /// complete yet.
+  /// complete yet. A handshake's ACK made by the backend comes before the stream's frames.
   public func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int {
-    input.withLock { reassembly in
+    if let made = handshakes.withLock({ $0.nextFrame() }), Self.headerSize + made.count <= buffer.count {
+      memset(buffer.baseAddress!, 0, Self.headerSize)
+      made.withUnsafeBytes {
+        (buffer.baseAddress! + Self.headerSize).copyMemory(from: $0.baseAddress!, byteCount: $0.count)
+      }
+      return Self.headerSize + made.count
+    }
+    return input.withLock { reassembly in
       while true {
         if let frame = reassembly.nextFrame(maximum: Self.maximumFrame) {
           guard Self.headerSize + frame.count <= buffer.count else {
             reassembly.consume(frame)
             continue  // larger than the receive buffer: drop it
           }
+          handshakes.withLock { $0.noteFromPasst(UnsafeRawBufferPointer(start: frame.bytes, count: frame.count)) }
           memset(buffer.baseAddress!, 0, Self.headerSize)
           (buffer.baseAddress! + Self.headerSize).copyMemory(from: frame.bytes, byteCount: frame.count)
           reassembly.consume(frame)
@@ -270,10 +308,16 @@ public final class UserNetworkBackend: NetworkBackend {
     return last
   }
 
-  private static func findExecutable(_ name: String) -> String? {
-    let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
-    for directory in path.split(separator: ":") + ["/usr/bin", "/usr/sbin"] {
-      let candidate = "\(directory)/\(name)"
+  /// The first regular, executable file called `name` in the directories of `path` (the
+  /// PATH's syntax; nil reads the environment's), then in /usr/bin and /usr/sbin. Relative
+  /// and empty entries are skipped: the VMM's working directory is no place to find programs.
+  static func findExecutable(_ name: String, path: String? = nil) -> String? {
+    let search = path ?? getenv("PATH").map { String(cString: $0) } ?? ""
+    let directories = search.split(separator: ":").map(String.init) + ["/usr/bin", "/usr/sbin"]
+    for directory in directories where directory.hasPrefix("/") {
+      let candidate = directory.hasSuffix("/") ? directory + name : directory + "/" + name
+      var status = stat()
+      guard stat(candidate, &status) == 0, status.st_mode & S_IFMT == S_IFREG else { continue }
       if access(candidate, X_OK) == 0 { return candidate }
     }
     return nil

@@ -37,6 +37,9 @@ public protocol NetworkBackend: AnyObject, Sendable {
   var hasPendingOutput: Bool { get }
   /// Sends what `transmit` had to leave queued, as far as the descriptor takes it.
   func flushPendingOutput()
+  /// Whether `receive` has a frame that the descriptor does not show (one the backend made
+  /// itself): a device that transmitted outside its worker wakes the worker to take it.
+  var hasPendingInput: Bool { get }
 }
 
 extension NetworkBackend {
@@ -44,6 +47,7 @@ extension NetworkBackend {
   public func setReceiveOffloads(_ offloads: NetworkOffloads) -> Bool { offloads.isEmpty }
   public var hasPendingOutput: Bool { false }
   public func flushPendingOutput() {}
+  public var hasPendingInput: Bool { false }
 }
 
 /// Offloads a receiver accepts in frames' `virtio_net_hdr`: partial checksums and TCP

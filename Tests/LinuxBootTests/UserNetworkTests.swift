@@ -3,8 +3,9 @@ import Testing
 
 /// User-mode networking (`--net user`, on passt) for an unprivileged user: the default Debian
 /// guest on the software CPU, run under an unprivileged uid, gets its address by DHCP, fetches
-/// from an HTTP server on the host's loopback through the gateway, and serves a host client
-/// through a port forward. Payloads are random and checked with sha256sum on both sides.
+/// from an HTTP server on the host's loopback through the gateway, and serves host clients
+/// through port forwards: 10 MiB each way through the gateway and through the forwards.
+/// Payloads are random and checked with sha256sum on both sides.
 @Suite("User-mode networking without privileges", .serialized)
 struct UserNetworkTests {
   /// The unprivileged user the VMM runs as when the test runs as root.
@@ -68,7 +69,7 @@ struct UserNetworkTests {
       arguments: [
         "run", "--accel", "soft", "--memory", "512M", "--kernel", kernel, "--initrd", initrd,
         "--cmdline", "console=ttyS0 panic=-1 loglevel=4 hostvisor.modules=virtio_pci,virtio_net",
-        "--net", "user,hostfwd=tcp:127.0.0.1:\(forwardPort)-:8080",
+        "--net", "user,hostfwd=tcp:127.0.0.1:\(forwardPort)-:8080,hostfwd=tcp:127.0.0.1:\(forwardPort + 1)-:8081",
       ], launcher: launcher)
     defer { session.saveTranscript(name: "user-network") }
     try await session.waitForShell()
@@ -92,44 +93,14 @@ struct UserNetworkTests {
 
     // Guest to host: 10 MiB sent by the guest to a listener on the host's loopback through the
     // gateway address, checked on the host.
-    let copy = folder.path("from-guest.bin")
-    let uploadPort = Self.freePort() + 2
-    let listener = Process()
-    listener.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    listener.arguments = [
-      "python3", "-c",
-      """
-      import socket, sys
-      server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
-      server.settimeout(300)
-      connection, _ = server.accept()
-      with open(sys.argv[2], "wb") as out:
-          while chunk := connection.recv(65536):
-              out.write(chunk)
-      """, "\(uploadPort)", copy,
-    ]
-    listener.standardOutput = FileHandle.nullDevice
-    listener.standardError = FileHandle.nullDevice
-    try listener.run()
-    defer { if listener.isRunning { kill(listener.processIdentifier, SIGKILL) } }
-    try await Task.sleep(for: .seconds(1))
-    let sent = try await session.run(
-      "head -c \(size) /dev/urandom > /tmp/out && sha256sum /tmp/out && nc 10.0.2.2 \(uploadPort) < /tmp/out",
-      timeout: .seconds(300))
-    let sentDigest = try #require(LinuxVirtioTests.digest(in: sent, for: "/tmp/out"))
-    for _ in 0..<100 where listener.isRunning { try await Task.sleep(for: .milliseconds(200)) }
-    #expect(try LinuxVirtioTests.sha256(ofFile: copy) == sentDigest)
+    try await UserNetworkTransfers.uploadThroughTheGateway(session, size: size, folder: folder, port: httpPort + 3)
 
-    // Host to guest through the port forward. With Debian 12's passt (2023-03) a connection
-    // forwarded into the guest often completes its handshake late or not at all and carries no data
-    // (docs/user-networking.md); recorded as a known issue so a fix shows up.
-    _ = try await session.run("echo FORWARDED-\(token.suffix(8)) > /tmp/f && (nc -l -p 8080 < /tmp/f &)")
-    let forwarded = try hostCommand(
-      "/bin/sh", ["-c", "sleep 20 | timeout 20 /bin/busybox nc 127.0.0.1 \(forwardPort)"]
-    ).output
-    withKnownIssue("passt 2023-03 port forwards into the guest carry no data here", isIntermittent: true) {
-      #expect(forwarded.contains("FORWARDED-\(token.suffix(8))"))
-    }
+    // Through the port forwards: the host sends 10 MiB to a guest server, and a guest server
+    // that speaks first sends 10 MiB to a host client that sends nothing.
+    try await UserNetworkTransfers.sendThroughAForward(
+      session, payload: payload, hostPort: forwardPort, guestPort: 8080)
+    try await UserNetworkTransfers.receiveThroughAForward(
+      session, size: size, folder: folder, hostPort: forwardPort + 1, guestPort: 8081)
 
     session.type("poweroff -f\n")
     #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
