@@ -80,7 +80,8 @@ let package = Package(
     .testTarget(
       name: "SoftCPUTests",
       dependencies: [
-        "SoftCPU", "VMCore", "CNativeExec", "InterruptControllers", "Loaders", "Devices", "KVMBackend", "TestSupport",
+        "SoftCPU", "VMCore", "CNativeExec", "CShim", "InterruptControllers", "Loaders", "Devices", "KVMBackend",
+        "TestSupport",
       ]),
     .testTarget(name: "CLITests", dependencies: ["VMM", "Sandbox", "TestSupport"]),
     .testTarget(name: "GDBStubTests", dependencies: ["GDBStub", "VMCore", "hostvisor"]),

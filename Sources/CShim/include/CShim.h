@@ -158,6 +158,33 @@ static inline uint64_t hv_host_mul64_flags(uint64_t a, uint64_t b) {
   __asm__ volatile("mulq %2\n\tlahf" : "+a"(a), "=d"(high) : "r"(b) : "cc");
   return (a >> 8) & 0xFF;
 }
+/// The host's RFLAGS bits 0-7 and OF (bit 11) after a shift or rotate of `value` by `count`
+/// in CL: `kind` 0 SHL, 1 SHR, 2 SAR, 3 ROL, 4 ROR; `wide` the 64-bit form, else the 32-bit
+/// one. For comparing the flags the architecture leaves undefined (AF; OF for counts above 1)
+/// with the software CPU's.
+static inline uint64_t hv_host_shift_flags(int kind, int wide, uint64_t value, uint8_t count) {
+  uint64_t ax = 0;
+  uint8_t overflow = 0;
+#define HV_SHIFT(insn) \
+  __asm__ volatile(insn " %%cl, %2\n\tlahf\n\tseto %1" : "=a"(ax), "=q"(overflow), "+r"(value) : "c"(count) : "cc")
+#define HV_SHIFT32(insn) \
+  __asm__ volatile(insn " %%cl, %k2\n\tlahf\n\tseto %1" : "=a"(ax), "=q"(overflow), "+r"(value) : "c"(count) : "cc")
+  switch (kind * 2 + (wide ? 1 : 0)) {
+  case 0: HV_SHIFT32("shll"); break;
+  case 1: HV_SHIFT("shlq"); break;
+  case 2: HV_SHIFT32("shrl"); break;
+  case 3: HV_SHIFT("shrq"); break;
+  case 4: HV_SHIFT32("sarl"); break;
+  case 5: HV_SHIFT("sarq"); break;
+  case 6: HV_SHIFT32("roll"); break;
+  case 7: HV_SHIFT("rolq"); break;
+  case 8: HV_SHIFT32("rorl"); break;
+  default: HV_SHIFT("rorq"); break;
+  }
+#undef HV_SHIFT
+#undef HV_SHIFT32
+  return ((ax >> 8) & 0xFF) | ((uint64_t)overflow << 11);
+}
 /// Unsigned 64 x 64 -> 128-bit multiply: returns the low half, stores the high half.
 static inline __attribute__((always_inline)) uint64_t hv_mul64(uint64_t a, uint64_t b, uint64_t *high) {
   unsigned __int128 product = (unsigned __int128)a * (unsigned __int128)b;

@@ -252,6 +252,7 @@ struct BlockTranslator {
   static func canTranslate(_ slot: UnsafePointer<Instruction>, offsetAfter: Int) -> Bool {
     let instruction = slot.pointee
     guard let use = flagUse(slot) else { return false }
+    if (use.rotate || isShift(instruction.fast)) && !hostShiftFlagsMatchTheInterpreter { return false }
     if use.rotate {
       // ROL/ROR of a 32- or 64-bit register by a nonzero immediate count (C1 /0-1, D1 /0-1).
       return !instruction.hasMemoryOperand && instruction.operandSize >= 4 && instruction.rm < 16
@@ -331,6 +332,77 @@ struct BlockTranslator {
       let unsigned = a.multipliedFullWidth(by: b)
       if hv_host_mul64_flags(a, b) & compared != expected(low: unsigned.low, overflow: unsigned.high != 0) {
         return false
+      }
+    }
+    return true
+  }()
+
+  /// SHL, SHR and SAR forms the translator runs as host shifts.
+  static func isShift(_ fast: FastOp) -> Bool {
+    switch fast {
+    case .shlRI64, .shlRI32, .shrRI64, .shrRI32, .sarRI64, .sarRI32, .shlRC64, .shlRC32, .shrRC64, .shrRC32, .sarRC64,
+      .sarRC32:
+      true
+    default: false
+    }
+  }
+
+  /// Whether this host's shifts and rotates leave AF, and OF for counts above 1 (undefined
+  /// architecturally), as the interpreter sets them (Flags.swift: AF clear; SHL OF = MSB ^ CF,
+  /// SHR OF = the original MSB, SAR OF = 0; ROL OF = MSB ^ CF, ROR OF = the two top bits
+  /// differ). Where they differ (an AMD EPYC host does), the translator leaves them to the
+  /// interpreter.
+  static let hostShiftFlagsMatchTheInterpreter: Bool = {
+    let values: [UInt64] = [
+      0x8000_0000_0000_0001, 0x7FFF_FFFF_FFFF_FFFF, 0x0123_4567_89AB_CDEF, 0xFFFF_FFFF_8000_0000, 0xF0,
+    ]
+    let compared = RFlags.status
+    for wide in [false, true] {
+      let bits: UInt64 = wide ? 64 : 32
+      let mask: UInt64 = wide ? .max : 0xFFFF_FFFF
+      for value in values {
+        let operand = value & mask
+        for count in [1, 2, 3, 7, 31] as [UInt64] {
+          for kind in 0..<5 {
+            var result: UInt64
+            var carry: UInt64
+            var overflow: UInt64
+            let msbOf = { (x: UInt64) in (x >> (bits - 1)) & 1 }
+            switch kind {
+            case 0:
+              result = (operand << count) & mask
+              carry = (operand >> (bits - count)) & 1
+              overflow = msbOf(result) ^ carry
+            case 1:
+              result = operand >> count
+              carry = (operand >> (count - 1)) & 1
+              overflow = msbOf(operand)
+            case 2:
+              let signed = wide ? Int64(bitPattern: operand) : Int64(Int32(bitPattern: UInt32(operand)))
+              result = UInt64(bitPattern: signed >> Int64(count)) & mask
+              carry = (operand >> (count - 1)) & 1
+              overflow = 0
+            case 3:
+              result = ((operand << count) | (operand >> (bits - count))) & mask
+              carry = result & 1
+              overflow = msbOf(result) ^ carry
+            default:
+              result = ((operand >> count) | (operand << (bits - count))) & mask
+              carry = msbOf(result)
+              overflow = carry ^ ((result >> (bits - 2)) & 1)
+            }
+            var expected = carry | overflow << 11
+            if kind < 3 {
+              if result == 0 { expected |= RFlags.zf }
+              if msbOf(result) != 0 { expected |= RFlags.sf }
+              if (result & 0xFF).nonzeroBitCount % 2 == 0 { expected |= RFlags.pf }
+            }
+            // Rotates leave SF, ZF, AF and PF as they were: compare CF and OF only.
+            let checked = kind < 3 ? compared : RFlags.cf | RFlags.of
+            let host = hv_host_shift_flags(Int32(kind), wide ? 1 : 0, operand, UInt8(count))
+            if host & checked != expected & checked { return false }
+          }
+        }
       }
     }
     return true
