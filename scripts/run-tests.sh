@@ -18,6 +18,8 @@ work=$(mktemp -d /tmp/hv-tests.XXXXXX)
 log=$work/test.log
 trap 'rm -rf "$work"' EXIT
 
+# The log exists before its follower starts (the runner's redirection may come later).
+: >"$log"
 # stdbuf keeps the runner's lines flowing into the log as they are written.
 setsid stdbuf -oL -eL "$SWIFT" test -c release -Xswiftc -enable-testing "$@" >"$log" 2>&1 &
 runner=$!
