@@ -149,15 +149,12 @@ extension CPU {
     fpuControl = image.control & 0x1F3F | 0x40
     fpuStatus = image.status & ~0x3800
     fpuTop = top
-    if image.status & 0x80 != 0 {
-      fpuLastOpcode = image.opcode & 0x7FF
-      fpuLastIP = image.instructionPointer
-      fpuLastDP = image.dataPointer
-    } else {
-      fpuLastOpcode = 0
-      fpuLastIP = 0
-      fpuLastDP = 0
-    }
+    // The pointers are loaded whatever the image's ES bit says (an AMD host does: a restored
+    // status whose exception flags are unmasked by the restored control word has ES set after
+    // the restore, and FXSAVE/XSAVE then store the restored pointers).
+    fpuLastOpcode = image.opcode & 0x7FF
+    fpuLastIP = image.instructionPointer
+    fpuLastDP = image.dataPointer
     var tags: UInt16 = 0
     for register in 0..<8 {
       let tag = image.abridgedTags & (1 << UInt8(register)) != 0 ? fpuRegisters[register].x87Tag : 3
