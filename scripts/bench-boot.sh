@@ -29,16 +29,20 @@
 #
 # --hostvisor-args 'ARGS' adds arguments to the hostvisor runs only (not the baseline's), e.g.
 # '--cpu-model x86-64-v2' to compare a build with an older one at a similar CPU model;
+# --baseline-args 'ARGS' does the same for the baseline's runs; with the same binary as
+# baseline it compares two settings, e.g. `--baseline .build/release/hostvisor --baseline-args
+# '--softcpu-tier interp'` puts the interpreter alone beside the default translating tier.
 # --no-qemu leaves QEMU out (for a hostvisor / baseline comparison alone).
 #
 #   scripts/bench-boot.sh [--runs N] [--hostvisor PATH] [--baseline PATH]
-#                         [--hostvisor-args 'ARGS'] [--no-qemu]
+#                         [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=3
 hostvisor=.build/release/hostvisor
 baseline=
 hostvisor_args=()
+baseline_args=()
 no_qemu=
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -46,8 +50,9 @@ while [ $# -gt 0 ]; do
     --hostvisor) hostvisor="$2"; shift 2 ;;
     --baseline) baseline="$2"; shift 2 ;;
     --hostvisor-args) read -r -a hostvisor_args <<<"$2"; shift 2 ;;
+    --baseline-args) read -r -a baseline_args <<<"$2"; shift 2 ;;
     --no-qemu) no_qemu=1; shift ;;
-    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH] [--hostvisor-args 'ARGS'] [--no-qemu]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH] [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu]" >&2; exit 2 ;;
   esac
 done
 guest=.cache/guest
@@ -105,7 +110,7 @@ run_config() {
   case $1 in
     hostvisor | baseline)
       local binary="$hostvisor" extra=("${hostvisor_args[@]}")
-      [ "$1" = baseline ] && binary="$baseline" extra=()
+      [ "$1" = baseline ] && binary="$baseline" extra=("${baseline_args[@]}")
       time_to_marker "$log" "$binary" run --accel soft "${extra[@]}" --serial "file:$log" --memory 512M \
         --kernel $guest/vmlinuz --initrd $guest/initramfs.cpio.gz --cmdline "$cmdline" ;;
     qemu-microvm)

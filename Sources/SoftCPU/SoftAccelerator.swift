@@ -38,7 +38,7 @@ public final class SoftAccelerator: Accelerator, GuestMemoryWriteObserver {
   /// is translated. The vCPUs present `cpuModel` (refused when it asks for something the
   /// software CPU does not implement, or is `host`).
   public init(
-    parts: MachineParts, cpuCount: Int = 1, clock: (any MachineClock)? = nil, tier: SoftCPUTier = .interpreter,
+    parts: MachineParts, cpuCount: Int = 1, clock: (any MachineClock)? = nil, tier: SoftCPUTier = .standard,
     threshold: UInt32 = SoftCPUTier.defaultThreshold, cpuModel: GuestCPUModel = .hostvisor
   ) throws {
     guard (1...255).contains(cpuCount) else { throw SoftAcceleratorError.invalidCPUCount(cpuCount) }

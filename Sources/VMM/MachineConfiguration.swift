@@ -351,7 +351,7 @@ public struct MachineConfiguration: Sendable {
   /// The CPU model the vCPUs present; nil: `host` on KVM, `hostvisor` on the software CPU.
   public var cpuModel: GuestCPUModel?
   /// How the software CPU runs guest code (interpreter, translator, lockstep check).
-  public var softCPUTier: SoftCPUTier = .interpreter
+  public var softCPUTier: SoftCPUTier = .standard
   /// Executions of a block before the software CPU translates it.
   public var softCPUThreshold: UInt32 = SoftCPUTier.defaultThreshold
   /// A virtio-balloon device, attached last.

@@ -141,10 +141,10 @@ struct Run: ParsableCommand {
   @Option(
     name: .customLong("softcpu-tier"),
     help: ArgumentHelp(
-      "With --accel soft: interp (the interpreter only), jit (hot blocks translated to host code) or lockstep (every translated block checked against the interpreter; a difference stops the machine with a report). Default: $HOSTVISOR_SOFTCPU_TIER, else interp.",
+      "With --accel soft: interp (the interpreter only), jit (hot blocks translated to host code) or lockstep (every translated block checked against the interpreter; a difference stops the machine with a report). Default: $HOSTVISOR_SOFTCPU_TIER, else jit.",
       valueName: "interp|jit|lockstep"))
   var softCPUTier: String =
-    ProcessInfo.processInfo.environment["HOSTVISOR_SOFTCPU_TIER"] ?? SoftCPUExecutionTier.interpreter.rawValue
+    ProcessInfo.processInfo.environment["HOSTVISOR_SOFTCPU_TIER"] ?? SoftCPUExecutionTier.standard.rawValue
 
   @Option(
     name: .customLong("softcpu-threshold"),

@@ -12,6 +12,10 @@ public enum SoftCPUTier: String, Sendable, CaseIterable {
   /// copy of the state and compared; a difference stops the machine with a report.
   case lockstep
 
+  /// The tier `--accel soft` uses unless told otherwise: the translator, with the interpreter
+  /// as its cold tier and fallback.
+  public static let standard: SoftCPUTier = .translator
+
   /// Executions of a block before it is translated.
   public static let defaultThreshold: UInt32 = 32
 }
