@@ -152,9 +152,10 @@ extension CPU {
     // The pointers are loaded whatever the image's ES bit says (an AMD host does: a restored
     // status whose exception flags are unmasked by the restored control word has ES set after
     // the restore, and FXSAVE/XSAVE then store the restored pointers).
+    // The processor keeps 48-bit linear addresses: bits 63:48 come back as copies of bit 47.
     fpuLastOpcode = image.opcode & 0x7FF
-    fpuLastIP = image.instructionPointer
-    fpuLastDP = image.dataPointer
+    fpuLastIP = UInt64(bitPattern: Int64(bitPattern: image.instructionPointer << 16) >> 16)
+    fpuLastDP = UInt64(bitPattern: Int64(bitPattern: image.dataPointer << 16) >> 16)
     var tags: UInt16 = 0
     for register in 0..<8 {
       let tag = image.abridgedTags & (1 << UInt8(register)) != 0 ? fpuRegisters[register].x87Tag : 3
