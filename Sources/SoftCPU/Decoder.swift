@@ -527,6 +527,9 @@ extension CPU {
     // LOCK is valid only on read-modify-write instructions with a memory destination.
     if lock && (!ins.hasMemoryOperand || !op.allowsLock) { throw .invalidOpcode }
 
+    // The no-prefix forms of the MMX opcodes run on MMX registers: told apart here, once per
+    // decoded instruction, instead of on every execution of an SSE instruction.
+    if op == .sse && ins.mandatoryPrefix == 0 && isMMXForm(ins.opcode & 0x3FF) { op = .mmx }
     ins.op = op
     ins.length = UInt8(count)
     return ins

@@ -392,6 +392,7 @@ extension CPU {
     case .inImm, .inDX, .outImm, .outDX: try portIO(ins)
 
     case .sse: try executeSSE(ins)
+    case .mmx: try executeMMX(ins)
     case .x87: try executeX87(ins)
     case .vex: try executeVEX(ins)
     case .xsave, .xrstor, .xsaveopt, .xsavec: try executeXSAVE(ins)

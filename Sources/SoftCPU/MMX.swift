@@ -11,19 +11,19 @@ import VMCore
 // inserts, extracts, PSHUFW, PALIGNR and MASKMOVQ are done here.
 
 /// Whether the no-prefix `.sse` opcode (0x1xx: 0F xx, 0x2xx: 0F 38 xx, 0x3xx: 0F 3A xx) is an
-/// MMX form.
-let mmxForms: [Bool] = {
-  var forms = [Bool](repeating: false, count: 0x400)
-  let map1: [ClosedRange<Int>] = [
-    0x60...0x6B, 0x6E...0x76, 0x7E...0x7F, 0xC4...0xC5, 0xD1...0xD5, 0xD7...0xDF, 0xE0...0xE5, 0xE7...0xEF,
-    0xF1...0xF7, 0xF8...0xFE,
-  ]
-  for range in map1 { for opcode in range { forms[0x100 | opcode] = true } }
-  for opcode in 0x00...0x0B { forms[0x200 | opcode] = true }
-  for opcode in 0x1C...0x1E { forms[0x200 | opcode] = true }
-  forms[0x30F] = true  // PALIGNR mm
-  return forms
-}()
+/// MMX form; the decoder then makes it `.mmx`. (Checked on every execution of an SSE
+/// instruction, through a lazily initialized table, it cost the interpreter a fifth of its
+/// speed on SSE floating-point code: `scripts/bench-interpreter.sh`.)
+@inline(__always)
+func isMMXForm(_ opcode: UInt16) -> Bool {
+  switch opcode {
+  case 0x160...0x16B, 0x16E...0x176, 0x17E...0x17F, 0x1C4...0x1C5, 0x1D1...0x1D5, 0x1D7...0x1DF, 0x1E0...0x1E5,
+    0x1E7...0x1EF, 0x1F1...0x1F7, 0x1F8...0x1FE, 0x200...0x20B, 0x21C...0x21E, 0x30F:
+    return true
+  default:
+    return false
+  }
+}
 
 extension CPU {
   /// MMX register `index` (0-7): the significand of x87 physical register R`index`.
@@ -54,7 +54,7 @@ extension CPU {
     return mmxRegister(Int(instruction.rm & 7))
   }
 
-  /// Executes an MMX instruction (the caller checked `mmxForms`).
+  /// Executes an MMX instruction (`.mmx`, see `isMMXForm`).
   func executeMMX(_ instruction: Instruction) throws(Fault) {
     guard cr0 & X86.cr0EM == 0 else { throw .invalidOpcode }
     guard cr0 & X86.cr0TS == 0 else { throw .deviceNotAvailable }

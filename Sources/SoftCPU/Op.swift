@@ -15,6 +15,8 @@ public enum Op: UInt16, Sendable {
   case sse
   /// x87 escape D8-DF: see `CPU.executeX87`.
   case x87
+  /// MMX: the no-prefix forms of the SSE integer opcodes, on MM0-MM7: see `CPU.executeMMX`.
+  case mmx
   /// VEX-encoded instruction (C4/C5 prefix): see `CPU.executeVEX`.
   case vex
   /// Instruction longer than 15 bytes: #GP(0).

@@ -30,10 +30,6 @@ extension CPU {
   /// Executes an instruction the decoder classified as `.sse`.
   func executeSSE(_ instruction: Instruction) throws(Fault) {
     let opcode = instruction.opcode
-    if _slowPath(instruction.mandatoryPrefix == 0 && mmxForms[Int(opcode & 0x3FF)]) {
-      try executeMMX(instruction)
-      return
-    }
     // One test for the common case; EMMS and 0F AE have their own availability rules.
     if _slowPath(
       cr0 & (X86.cr0EM | X86.cr0TS) != 0 || cr4 & X86.cr4OSFXSR == 0 || opcode == 0x177 || opcode == 0x1AE)
