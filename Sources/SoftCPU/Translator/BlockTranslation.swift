@@ -252,14 +252,16 @@ struct BlockTranslator {
   static func canTranslate(_ slot: UnsafePointer<Instruction>, offsetAfter: Int) -> Bool {
     let instruction = slot.pointee
     guard let use = flagUse(slot) else { return false }
-    if (use.rotate || isShift(instruction.fast)) && !hostShiftFlagsMatchTheInterpreter { return false }
+    // Where the host's undefined shift flags differ from the interpreter's, shifts by an
+    // immediate get the interpreter's flags set after them (`emitInterpreterShiftFlags`);
+    // rotates and shifts by CL (whose count may be 0 at run time) stay interpreted.
+    if (use.rotate || isShiftByCL(instruction.fast)) && !hostShiftFlagsMatchTheInterpreter { return false }
     if use.rotate {
       // ROL/ROR of a 32- or 64-bit register by a nonzero immediate count (C1 /0-1, D1 /0-1).
       return !instruction.hasMemoryOperand && instruction.operandSize >= 4 && instruction.rm < 16
         && (instruction.opcode == 0xC1 || instruction.opcode == 0xD1) && rotateCount(instruction) != 0
     }
     if instruction.prefixes & Instruction.Prefix.lock != 0 { return false }
-    if isMultiply(instruction.fast) && !hostMultiplyFlagsMatchTheInterpreter { return false }
     switch instruction.fast {
     case .addRI64, .subRI64, .andRI64, .orRI64, .xorRI64, .cmpRI64, .testRI64, .adcRI64, .sbbRI64, .cmpMI64,
       .storeMI64, .imulRRI64:
@@ -336,6 +338,14 @@ struct BlockTranslator {
     }
     return true
   }()
+
+  /// SHL, SHR and SAR by CL.
+  static func isShiftByCL(_ fast: FastOp) -> Bool {
+    switch fast {
+    case .shlRC64, .shlRC32, .shrRC64, .shrRC32, .sarRC64, .sarRC32: true
+    default: false
+    }
+  }
 
   /// SHL, SHR and SAR forms the translator runs as host shifts.
   static func isShift(_ fast: FastOp) -> Bool {
@@ -850,12 +860,18 @@ struct BlockTranslator {
       emitter.alu(.cmp, size: 1, dst, immediate: imm32)
 
     case .shlRI64, .shrRI64, .sarRI64:
+      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && immediate & 63 != 0
+      if fixFlags { emitter.mov(size: 8, HostRegister.rdx, dst) }
       emitter.shift(Self.shiftKind(instruction.fast), size: 8, dst, count: UInt8(truncatingIfNeeded: immediate))
+      if fixFlags { emitter.interpreterShiftFlags(Self.shiftKind(instruction.fast), size: 8) }
     case .shlRI32, .shrRI32, .sarRI32:
+      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && immediate & 31 != 0
       emitter.mov(size: 4, rax, dst)
+      if fixFlags { emitter.mov(size: 4, HostRegister.rdx, .register(rax)) }
       emitter.shift(
         Self.shiftKind(instruction.fast), size: 4, .register(rax), count: UInt8(truncatingIfNeeded: immediate))
       emitter.mov(size: 8, dst, rax)
+      if fixFlags { emitter.interpreterShiftFlags(Self.shiftKind(instruction.fast), size: 4) }
     case .shlRC64, .shrRC64, .sarRC64:
       emitter.mov(size: 4, rcx, guest(1))
       emitter.shiftByCL(Self.shiftKind(instruction.fast), size: 8, dst)
@@ -894,16 +910,20 @@ struct BlockTranslator {
       emitter.mov(size: 8, rax, dst)
       emitter.imul(size: 8, rax, src)
       emitter.mov(size: 8, dst, rax)
+      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 8) }
     case .imulRR32:
       emitter.mov(size: 4, rax, dst)
       emitter.imul(size: 4, rax, src)
       emitter.mov(size: 8, dst, rax)
+      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 4) }
     case .imulRRI64:
       emitter.imul(size: 8, rax, src, immediate: imm32)
       emitter.mov(size: 8, dst, rax)
+      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 8) }
     case .imulRRI32:
       emitter.imul(size: 4, rax, src, immediate: imm32)
       emitter.mov(size: 8, dst, rax)
+      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 4) }
 
     case .cmovRR64:
       emitter.mov(size: 8, rax, dst)
@@ -1006,6 +1026,7 @@ struct BlockTranslator {
       emitter.mul(size: 8, src)
       emitter.mov(size: 8, guest(0), rax)
       emitter.mov(size: 8, guest(2), HostRegister.rdx)
+      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 8) }
     case .push64:
       let source = src
       emitStore(slot, index: index, size: 8, stackOffset: -8, after: Self.adjustStack(-8)) { emitter, register in

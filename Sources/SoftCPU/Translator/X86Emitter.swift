@@ -335,6 +335,45 @@ struct X86Emitter {
   /// SAHF: SF, ZF, AF, PF, CF from AH.
   mutating func storeAHIntoFlags() { byte(0x9E) }
   mutating func ret() { byte(0xC3) }
+
+  /// After a multiply whose low result is in RAX (EAX for `size` 4) and whose CF = OF is the
+  /// host's: sets SF, ZF and PF from that result and clears AF, as the interpreter does
+  /// (`recordMultiplyFlags`), for hosts whose multiplies leave other undefined flags. Uses CL
+  /// and AH.
+  mutating func interpreterMultiplyFlags(size: Int) {
+    bytes += [0x0F, 0x92, 0xC1]  // setc cl
+    if size == 8 { byte(0x48) }
+    bytes += [0x85, 0xC0]  // test rax, rax (or eax): SF, ZF, PF; CF = OF = 0
+    byte(0x9F)  // lahf
+    bytes += [0x80, 0xE4, 0xEF]  // and ah, ~AF
+    bytes += [0x08, 0xCC]  // or ah, cl: CF
+    bytes += [0x80, 0xC1, 0x7F]  // add cl, 0x7F: OF = cl
+    byte(0x9E)  // sahf: SF, ZF, AF, PF, CF; OF stays
+  }
+
+  /// After a shift by a nonzero immediate, with the operand's value before the shift in RDX
+  /// (EDX for `size` 4): keeps CF, SF, ZF and PF as the host set them, clears AF, and sets OF
+  /// as the interpreter does for every count (Flags.swift): SHL the XOR of the operand's two
+  /// top bits, SHR its top bit, SAR 0. Uses AH and DL.
+  mutating func interpreterShiftFlags(_ op: HostShift, size: Int) {
+    byte(0x9F)  // lahf
+    bytes += [0x80, 0xE4, 0xEF]  // and ah, ~AF (also OF = 0)
+    let bits = UInt8(size * 8)
+    switch op {
+    case .shr:
+      if size == 8 { byte(0x48) }
+      bytes += [0xC1, 0xEA, bits - 1]  // shr rdx, 63 (edx, 31): the top bit
+      bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
+    case .shl:
+      if size == 8 { byte(0x48) }
+      bytes += [0xC1, 0xEA, bits - 2]  // shr rdx, 62 (edx, 30): the two top bits
+      bytes += [0x80, 0xC2, 0x01, 0x80, 0xE2, 0x02, 0xD0, 0xEA]  // add dl, 1; and dl, 2; shr dl, 1: their XOR
+      bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
+    default:
+      break  // SAR: OF stays 0 from the AND
+    }
+    byte(0x9E)  // sahf
+  }
 }
 
 /// Condition codes in the Jcc/SETcc/CMOVcc encoding.
