@@ -2,17 +2,10 @@ import Foundation
 import TestSupport
 
 /// The start of a 32-bit Multiboot v1 guest in GNU as syntax: the header (magic, flags 3,
-/// checksum) in `.text`, then `_start`, which the guest source continues.
+/// checksum) in `.text` from Tests/GuestPrograms/include/multiboot.inc, then `_start`, which the
+/// guest source continues (the sources are assembled with `guestIncludeFolder`).
 let multibootPrologue = """
-          .set MB_MAGIC, 0x1BADB002
-          .set MB_FLAGS, 0x00000003
-          .text
-          .code32
-          .align 4
-          .long MB_MAGIC
-          .long MB_FLAGS
-          .long -(MB_MAGIC + MB_FLAGS)
-          .globl _start
+          .include "multiboot.inc"
 
   """
 
@@ -70,13 +63,18 @@ private func assembleGuest(_ source: String, bits: Int, in scratch: ScratchDirec
   return try assembleAndLink(sourcePath, bits: bits, linkAt: "0x100000", into: scratch.path("guest\(bits)"))
 }
 
-/// Assembles the GNU as file at `sourcePath` (`--32` or `--64`) into `output`.o and links it
-/// with ld at `address` into `output`.elf, whose path it returns.
+/// The folder `.include`d files of the guest sources live in (Tests/GuestPrograms/include).
+let guestIncludeFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+  .appendingPathComponent("GuestPrograms/include").path
+
+/// Assembles the GNU as file at `sourcePath` (`--32` or `--64`, with `guestIncludeFolder` for
+/// `.include`) into `output`.o and links it with ld at `address` into `output`.elf, whose path
+/// it returns.
 func assembleAndLink(_ sourcePath: String, bits: Int, linkAt address: String, into output: String) throws -> String {
   let object = output + ".o"
   let image = output + ".elf"
   for (tool, arguments) in [
-    ("/usr/bin/as", ["--\(bits)", "-o", object, sourcePath]),
+    ("/usr/bin/as", ["--\(bits)", "-I", guestIncludeFolder, "-o", object, sourcePath]),
     ("/usr/bin/ld", ["-m", bits == 64 ? "elf_x86_64" : "elf_i386", "-Ttext", address, "-o", image, object]),
   ] {
     try HostCommand.check(tool, arguments)

@@ -189,15 +189,7 @@ struct TestFailure: Error, CustomStringConvertible {
 /// A Multiboot guest that prints `C1`, `C2`, ... on COM1, one line every few milliseconds,
 /// forever.
 let counterGuestSource = """
-          .set MB_MAGIC, 0x1BADB002
-          .set MB_FLAGS, 0x00000003
-          .text
-          .code32
-          .align 4
-          .long MB_MAGIC
-          .long MB_FLAGS
-          .long -(MB_MAGIC + MB_FLAGS)
-          .globl _start
+          .include "multiboot.inc"
   _start:
           movl $0x80000, %esp
           xorl %ebx, %ebx
@@ -232,14 +224,20 @@ let counterGuestSource = """
 
   """
 
-/// Assembles and links `source` as a 32-bit ELF at 1 MiB; returns the image's path.
+/// The folder of the guest sources' `.include` files (Tests/GuestPrograms/include: the
+/// Multiboot header, multiboot.inc).
+let guestIncludeFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+  .appendingPathComponent("GuestPrograms/include").path
+
+/// Assembles and links `source` as a 32-bit ELF at 1 MiB (`.include` files from
+/// `guestIncludeFolder`); returns the image's path.
 func assembleGuest(_ source: String, in scratch: Scratch, name: String = "guest") throws -> String {
   let sourcePath = scratch.file("\(name).S")
   try source.write(toFile: sourcePath, atomically: true, encoding: .utf8)
   let object = scratch.file("\(name).o")
   let image = scratch.file("\(name).elf")
   for (tool, arguments) in [
-    ("/usr/bin/as", ["--32", "-o", object, sourcePath]),
+    ("/usr/bin/as", ["--32", "-I", guestIncludeFolder, "-o", object, sourcePath]),
     ("/usr/bin/ld", ["-m", "elf_i386", "-Ttext", "0x100000", "-o", image, object]),
   ] {
     let result = try runProgram(tool, arguments)

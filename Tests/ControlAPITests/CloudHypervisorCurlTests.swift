@@ -152,15 +152,7 @@ struct CloudHypervisorCurlTests {
   @Test func guestExitEndsTheProcess() throws {
     let scratch = try Scratch()
     let exiting = """
-            .set MB_MAGIC, 0x1BADB002
-            .set MB_FLAGS, 0x00000003
-            .text
-            .code32
-            .align 4
-            .long MB_MAGIC
-            .long MB_FLAGS
-            .long -(MB_MAGIC + MB_FLAGS)
-            .globl _start
+            .include "multiboot.inc"
       _start: movw $0xF4, %dx
             movl $0x21, %eax
             outl %eax, %dx

@@ -1,15 +1,7 @@
 # A Multiboot v1 kernel that prints "busy loop running" on COM1 and then spins forever,
 # printing "tick" after every 2^16 iterations of a countdown loop: the host measures the guest's
 # CPU speed by counting ticks per second.
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
+        .include "multiboot.inc"
 _start:
         movl $stack_top, %esp
         movl $running, %esi

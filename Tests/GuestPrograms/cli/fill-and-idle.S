@@ -2,15 +2,7 @@
 # must back all of it), prints "filled" on COM1, then waits in HLT with interrupts enabled
 # (nothing is programmed to interrupt it) for as long as the host lets it run; the test reads
 # the VMM's memory mappings meanwhile. (HLT with interrupts off would power the machine off.)
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
+        .include "multiboot.inc"
 _start:
         cli
         movl $0x200000, %edi

@@ -1,14 +1,6 @@
 # A Multiboot v1 kernel that writes to every 4 KiB page from 2 MiB up to 192 MiB (so the host
 # must back all of it), prints "filled" on COM1 and exits through isa-debug-exit (status 0x21).
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
+        .include "multiboot.inc"
 _start:
         movl $0x200000, %edi
 touch:  movl %edi, (%edi)

@@ -4,19 +4,11 @@
 # processors in the ACPI MADT; the file "etc/e820" (found in the file directory, read by DMA)
 # equals the Multiboot memory map. Prints "fw_cfg cpus=N ram=0xR cmdline=TEXT" on COM1 and
 # exits through isa-debug-exit with 0x21, or with the number of the failed check.
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
         .set SELECTOR, 0x510
         .set DATA, 0x511
         .set DMA, 0x514
 
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
+        .include "multiboot.inc"
 _start:
         mov $stack_top, %esp
         mov %ebx, mbi

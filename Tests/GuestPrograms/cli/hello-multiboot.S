@@ -1,14 +1,6 @@
 # A Multiboot v1 kernel that prints a line on COM1 and exits through isa-debug-exit.
 # Runs in the 32-bit protected mode that a Multiboot loader provides.
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC                  # the header must sit in the first 8 KiB of the file
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
+        .include "multiboot.inc"
 _start:
         cmpl $0x2BADB002, %eax          # the loader's magic
         jne fail

@@ -4,16 +4,8 @@
 # memory map lie outside [image start, bss end); the stack it was given works and lies
 # outside too; its data survived. Prints on COM1, exits through isa-debug-exit with 0x21 when
 # every check passed, else with the failed check's number.
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
-        .text
-        .code32
-        .align 4
 image_start:
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
+        .include "multiboot.inc"
 _start:
         mov $1, %edi
         cmpl $0x2BADB002, %eax          # check 1: the loader's magic

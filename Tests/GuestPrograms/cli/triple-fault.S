@@ -1,14 +1,6 @@
 # A Multiboot v1 kernel that triple-faults: with an empty IDT, UD2 raises #UD, whose delivery
 # faults (#GP), then the double fault's delivery faults too: the CPU shuts down.
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
+        .include "multiboot.inc"
 _start:
         lidt empty_idt
         .globl fault_here

@@ -29,8 +29,6 @@
 # used (MOV to and from MMIO, IN/OUT, no string instructions), and waits are bounded by the
 # CMOS clock's seconds (real time on both accelerators), not by loop counts.
 
-        .set MB_MAGIC, 0x1BADB002
-        .set MB_FLAGS, 0x00000003
         .set COM1, 0x3F8
         .set DEBUG_EXIT, 0xF4
         .set LAPIC, 0xFEE00000
@@ -42,13 +40,7 @@
         .set IP_HOST, 0x0102000A        # 10.0.2.1 as it lies in memory
         .set IP_GUEST, 0x0F02000A       # 10.0.2.15
 
-        .text
-        .code32
-        .align 4
-        .long MB_MAGIC
-        .long MB_FLAGS
-        .long -(MB_MAGIC + MB_FLAGS)
-        .globl _start
+        .include "multiboot.inc"
 _start:
         cli
         movl $stack_top, %esp
