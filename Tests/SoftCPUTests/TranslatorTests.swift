@@ -183,7 +183,7 @@ struct TranslatorTests {
     }
   }
 
-  /// Multiplies and shifts by an immediate leave every status flag as the interpreter sets it,
+  /// Multiplies, shifts and rotates by an immediate leave every status flag as the interpreter sets it,
   /// the undefined ones too, on any host: translated as host instructions, followed on hosts
   /// whose undefined flags differ (an AMD EPYC host) by code that sets the interpreter's. Each
   /// operation's flags are pushed and summed into R8 after it, so a difference in any flag of
@@ -192,7 +192,8 @@ struct TranslatorTests {
     let operations = [
       "imul rax, rbx", "imul eax, ebx", "imul rax, rbx, 0x1234567", "imul eax, ebx, -3", "mul rbx",
       "shl rax, 1", "shl rax, 7", "shl eax, 31", "shr rax, 1", "shr rax, 13", "shr eax, 5", "sar rax, 1",
-      "sar rax, 63", "sar eax, 9", "shl rbx, 2", "shr ebx, 30",
+      "sar rax, 63", "sar eax, 9", "shl rbx, 2", "shr ebx, 30", "rol rax, 1", "rol rax, 5", "rol eax, 17",
+      "ror rax, 1", "ror rax, 9", "ror eax, 3", "ror ebx, 31",
     ]
     let values: [(UInt64, UInt64)] = [
       (3, 5), (UInt64.max, 1), (0, 7), (0x8000_0000_0000_0001, 3), (0x4000_0000_0000_0000, 2),

@@ -254,8 +254,9 @@ struct BlockTranslator {
     guard let use = flagUse(slot) else { return false }
     // Where the host's undefined shift flags differ from the interpreter's, shifts by an
     // immediate get the interpreter's flags set after them (`emitInterpreterShiftFlags`);
-    // rotates and shifts by CL (whose count may be 0 at run time) stay interpreted.
-    if (use.rotate || isShiftByCL(instruction.fast)) && !hostShiftFlagsMatchTheInterpreter { return false }
+    // rotates by an immediate get the same (`interpreterRotateFlags`); shifts by CL (whose
+    // count may be 0 at run time) stay interpreted.
+    if isShiftByCL(instruction.fast) && !hostShiftFlagsMatchTheInterpreter { return false }
     if use.rotate {
       // ROL/ROR of a 32- or 64-bit register by a nonzero immediate count (C1 /0-1, D1 /0-1).
       return !instruction.hasMemoryOperand && instruction.operandSize >= 4 && instruction.rm < 16
@@ -801,6 +802,11 @@ struct BlockTranslator {
         emitter.mov(size: 4, rax, register)
         emitter.shift(kind, size: 4, .register(rax), count: count)
         emitter.mov(size: 8, register, rax)
+      }
+      if !Self.hostShiftFlagsMatchTheInterpreter {
+        let size = Int(instruction.operandSize == 8 ? 8 : 4)
+        emitter.mov(size: size, HostRegister.rdx, register)
+        emitter.interpreterRotateFlags(kind, size: size)
       }
       return false
     }

@@ -351,6 +351,25 @@ struct X86Emitter {
     byte(0x9E)  // sahf: SF, ZF, AF, PF, CF; OF stays
   }
 
+  /// After a rotate by a nonzero immediate, with the result in RDX (EDX for `size` 4): keeps
+  /// CF and the flags a rotate leaves alone, and sets OF as the interpreter does for every
+  /// count (Flags.swift): ROL the result's top bit XOR CF, ROR the XOR of its two top bits.
+  /// Uses AH, CL and DL.
+  mutating func interpreterRotateFlags(_ op: HostShift, size: Int) {
+    byte(0x9F)  // lahf: SF, ZF, AF, PF as before the rotate; CF from it
+    let bits = UInt8(size * 8)
+    if size == 8 { byte(0x48) }
+    if op == .rol {
+      bytes += [0xC1, 0xEA, bits - 1]  // shr rdx, 63 (edx, 31): the top bit
+      bytes += [0x88, 0xE1, 0x80, 0xE1, 0x01, 0x30, 0xCA]  // mov cl, ah; and cl, 1; xor dl, cl: XOR CF
+    } else {
+      bytes += [0xC1, 0xEA, bits - 2]  // shr rdx, 62 (edx, 30): the two top bits
+      bytes += [0x80, 0xC2, 0x01, 0x80, 0xE2, 0x02, 0xD0, 0xEA]  // add dl, 1; and dl, 2; shr dl, 1: their XOR
+    }
+    bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
+    byte(0x9E)  // sahf
+  }
+
   /// After a shift by a nonzero immediate, with the operand's value before the shift in RDX
   /// (EDX for `size` 4): keeps CF, SF, ZF and PF as the host set them, clears AF, and sets OF
   /// as the interpreter does for every count (Flags.swift): SHL the XOR of the operand's two
