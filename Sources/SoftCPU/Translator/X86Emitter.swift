@@ -357,17 +357,24 @@ struct X86Emitter {
   /// Uses AH, CL and DL.
   mutating func interpreterRotateFlags(_ op: HostShift, size: Int) {
     byte(0x9F)  // lahf: SF, ZF, AF, PF as before the rotate; CF from it
-    let bits = UInt8(size * 8)
-    if size == 8 { byte(0x48) }
     if op == .rol {
-      bytes += [0xC1, 0xEA, bits - 1]  // shr rdx, 63 (edx, 31): the top bit
+      if size == 8 { byte(0x48) }
+      bytes += [0xC1, 0xEA, UInt8(size * 8) - 1]  // shr rdx, 63 (edx, 31): the top bit
       bytes += [0x88, 0xE1, 0x80, 0xE1, 0x01, 0x30, 0xCA]  // mov cl, ah; and cl, 1; xor dl, cl: XOR CF
+      bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
     } else {
-      bytes += [0xC1, 0xEA, bits - 2]  // shr rdx, 62 (edx, 30): the two top bits
-      bytes += [0x80, 0xC2, 0x01, 0x80, 0xE2, 0x02, 0xD0, 0xEA]  // add dl, 1; and dl, 2; shr dl, 1: their XOR
+      overflowFromTheTwoTopBitsOfRDX(size: size)
     }
-    bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
     byte(0x9E)  // sahf
+  }
+
+  /// OF = the XOR of the two top bits of RDX (EDX for `size` 4); clobbers DL and the other
+  /// status flags.
+  private mutating func overflowFromTheTwoTopBitsOfRDX(size: Int) {
+    if size == 8 { byte(0x48) }
+    bytes += [0xC1, 0xEA, UInt8(size * 8) - 2]  // shr rdx, 62 (edx, 30): the two top bits
+    bytes += [0x80, 0xC2, 0x01, 0x80, 0xE2, 0x02, 0xD0, 0xEA]  // add dl, 1; and dl, 2; shr dl, 1: their XOR
+    bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
   }
 
   /// After a shift by a nonzero immediate, with the operand's value before the shift in RDX
@@ -384,10 +391,7 @@ struct X86Emitter {
       bytes += [0xC1, 0xEA, bits - 1]  // shr rdx, 63 (edx, 31): the top bit
       bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
     case .shl:
-      if size == 8 { byte(0x48) }
-      bytes += [0xC1, 0xEA, bits - 2]  // shr rdx, 62 (edx, 30): the two top bits
-      bytes += [0x80, 0xC2, 0x01, 0x80, 0xE2, 0x02, 0xD0, 0xEA]  // add dl, 1; and dl, 2; shr dl, 1: their XOR
-      bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
+      overflowFromTheTwoTopBitsOfRDX(size: size)
     default:
       break  // SAR: OF stays 0 from the AND
     }
