@@ -252,10 +252,10 @@ struct BlockTranslator {
   static func canTranslate(_ slot: UnsafePointer<Instruction>, offsetAfter: Int) -> Bool {
     let instruction = slot.pointee
     guard let use = flagUse(slot) else { return false }
-    // Where the host's undefined shift flags differ from the interpreter's, shifts by an
-    // immediate get the interpreter's flags set after them (`emitInterpreterShiftFlags`);
-    // rotates by an immediate get the same (`interpreterRotateFlags`); shifts by CL (whose
-    // count may be 0 at run time) stay interpreted.
+    // Where the host's undefined shift flags differ from the interpreter's, shifts and rotates
+    // by an immediate get the interpreter's flags set after them (`X86Emitter`'s
+    // `interpreterShiftFlags`, `interpreterRotateFlags`); shifts by CL (whose count may be 0 at run time)
+    // stay interpreted.
     if isShiftByCL(instruction.fast) && !hostShiftFlagsMatchTheInterpreter { return false }
     if use.rotate {
       // ROL/ROR of a 32- or 64-bit register by a nonzero immediate count (C1 /0-1, D1 /0-1).
@@ -303,18 +303,11 @@ struct BlockTranslator {
     (instruction.op == .jmpRm || instruction.op == .callRm) && instruction.operandSize == 8
   }
 
-  /// MUL and IMUL forms the translator runs as host multiplies.
-  static func isMultiply(_ fast: FastOp) -> Bool {
-    switch fast {
-    case .imulRR64, .imulRR32, .imulRRI64, .imulRRI32, .mulR64: true
-    default: false
-    }
-  }
-
   /// Whether this host's MUL and IMUL leave SF, ZF, AF and PF (undefined architecturally) as
   /// the interpreter sets them (`recordMultiplyFlags`: from the low half, AF clear). Where they
-  /// differ (an AMD EPYC host does), multiplies are left to the interpreter, so a guest that
-  /// branches on those flags sees the same thing on both tiers.
+  /// differ (an AMD EPYC host does), each translated multiply is followed by code that sets the
+  /// interpreter's flags (`X86Emitter.interpreterMultiplyFlags`), so a guest that branches on
+  /// them sees the same thing on both tiers.
   static let hostMultiplyFlagsMatchTheInterpreter: Bool = {
     let operands: [(UInt64, UInt64)] = [
       (3, 5), (UInt64.max, 1), (0, 7), (7, 1), (2, 1 << 62), (0x100, 0x100), (1 << 63, 1),
@@ -348,21 +341,11 @@ struct BlockTranslator {
     }
   }
 
-  /// SHL, SHR and SAR forms the translator runs as host shifts.
-  static func isShift(_ fast: FastOp) -> Bool {
-    switch fast {
-    case .shlRI64, .shlRI32, .shrRI64, .shrRI32, .sarRI64, .sarRI32, .shlRC64, .shlRC32, .shrRC64, .shrRC32, .sarRC64,
-      .sarRC32:
-      true
-    default: false
-    }
-  }
-
   /// Whether this host's shifts and rotates leave AF, and OF for counts above 1 (undefined
   /// architecturally), as the interpreter sets them (Flags.swift: AF clear; SHL OF = MSB ^ CF,
   /// SHR OF = the original MSB, SAR OF = 0; ROL OF = MSB ^ CF, ROR OF = the two top bits
-  /// differ). Where they differ (an AMD EPYC host does), the translator leaves them to the
-  /// interpreter.
+  /// differ). Where they differ (an AMD EPYC host does), shifts and rotates by an immediate are
+  /// followed by code that sets the interpreter's flags, and shifts by CL stay interpreted.
   static let hostShiftFlagsMatchTheInterpreter: Bool = {
     let values: [UInt64] = [
       0x8000_0000_0000_0001, 0x7FFF_FFFF_FFFF_FFFF, 0x0123_4567_89AB_CDEF, 0xFFFF_FFFF_8000_0000, 0xF0,

@@ -344,11 +344,11 @@ struct X86Emitter {
     bytes += [0x0F, 0x92, 0xC1]  // setc cl
     if size == 8 { byte(0x48) }
     bytes += [0x85, 0xC0]  // test rax, rax (or eax): SF, ZF, PF; CF = OF = 0
-    byte(0x9F)  // lahf
+    loadFlagsIntoAH()
     bytes += [0x80, 0xE4, 0xEF]  // and ah, ~AF
     bytes += [0x08, 0xCC]  // or ah, cl: CF
     bytes += [0x80, 0xC1, 0x7F]  // add cl, 0x7F: OF = cl
-    byte(0x9E)  // sahf: SF, ZF, AF, PF, CF; OF stays
+    storeAHIntoFlags()  // SF, ZF, AF, PF, CF; OF stays
   }
 
   /// After a rotate by a nonzero immediate, with the result in RDX (EDX for `size` 4): keeps
@@ -356,7 +356,7 @@ struct X86Emitter {
   /// count (Flags.swift): ROL the result's top bit XOR CF, ROR the XOR of its two top bits.
   /// Uses AH, CL and DL.
   mutating func interpreterRotateFlags(_ op: HostShift, size: Int) {
-    byte(0x9F)  // lahf: SF, ZF, AF, PF as before the rotate; CF from it
+    loadFlagsIntoAH()  // SF, ZF, AF, PF as before the rotate; CF from it
     if op == .rol {
       if size == 8 { byte(0x48) }
       bytes += [0xC1, 0xEA, UInt8(size * 8) - 1]  // shr rdx, 63 (edx, 31): the top bit
@@ -365,7 +365,7 @@ struct X86Emitter {
     } else {
       overflowFromTheTwoTopBitsOfRDX(size: size)
     }
-    byte(0x9E)  // sahf
+    storeAHIntoFlags()
   }
 
   /// OF = the XOR of the two top bits of RDX (EDX for `size` 4); clobbers DL and the other
@@ -382,7 +382,7 @@ struct X86Emitter {
   /// as the interpreter does for every count (Flags.swift): SHL the XOR of the operand's two
   /// top bits, SHR its top bit, SAR 0. Uses AH and DL.
   mutating func interpreterShiftFlags(_ op: HostShift, size: Int) {
-    byte(0x9F)  // lahf
+    loadFlagsIntoAH()
     bytes += [0x80, 0xE4, 0xEF]  // and ah, ~AF (also OF = 0)
     let bits = UInt8(size * 8)
     switch op {
@@ -395,7 +395,7 @@ struct X86Emitter {
     default:
       break  // SAR: OF stays 0 from the AND
     }
-    byte(0x9E)  // sahf
+    storeAHIntoFlags()
   }
 }
 
