@@ -183,7 +183,7 @@ struct TranslatorTests {
     }
   }
 
-  /// Multiplies, shifts and rotates by an immediate leave every status flag as the interpreter sets it,
+  /// Multiplies, shifts (by an immediate and by CL) and rotates by an immediate leave every status flag as the interpreter sets it,
   /// the undefined ones too, on any host: translated as host instructions, followed on hosts
   /// whose undefined flags differ (an AMD EPYC host) by code that sets the interpreter's. Each
   /// operation's flags are pushed and summed into R8 after it, so a difference in any flag of
@@ -194,16 +194,23 @@ struct TranslatorTests {
       "shl rax, 1", "shl rax, 7", "shl eax, 31", "shr rax, 1", "shr rax, 13", "shr eax, 5", "sar rax, 1",
       "sar rax, 63", "sar eax, 9", "shl rbx, 2", "shr ebx, 30", "rol rax, 1", "rol rax, 5", "rol eax, 17",
       "ror rax, 1", "ror rax, 9", "ror eax, 3", "ror ebx, 31",
+      // By CL, the count taken from RBX: 0 (the flags stay), masked counts, 1.
+      "mov rcx, rbx\n  shl rax, cl", "mov rcx, rbx\n  shr rax, cl", "mov rcx, rbx\n  sar rax, cl",
+      "mov rcx, rbx\n  shl eax, cl", "mov rcx, rbx\n  shr eax, cl", "mov rcx, rbx\n  sar eax, cl",
+      "cmp rax, rbx\n  mov ecx, 64\n  shl rax, cl", "cmp rbx, rax\n  mov ecx, 32\n  shr eax, cl",
     ]
     let values: [(UInt64, UInt64)] = [
-      (3, 5), (UInt64.max, 1), (0, 7), (0x8000_0000_0000_0001, 3), (0x4000_0000_0000_0000, 2),
+      (3, 5), (UInt64.max, 1), (0, 7), (0x8000_0000_0000_0001, 3), (0x4000_0000_0000_0000, 2), (0xC000_0000_0000_0005, 0),
       (0x1234_5678_9ABC_DEF1, 0x0F0F_0F0F_0F0F_0F0F), (0xFFFF_FFFF, 0xFFFF_FFFF), (0x7FFF_FFFF, 0x8000_0000),
     ]
     var body = "  xor r8, r8\n"
     for (a, b) in values {
       for operation in operations {
         body += "  mov rax, 0x\(String(a, radix: 16))\n  mov rbx, 0x\(String(b, radix: 16))\n"
+        // PUSHFQ is interpreted, and so is the rest of its block: the JMP starts a new block, so
+        // every operation begins a translated prefix.
         body += "  \(operation)\n  pushfq\n  pop rcx\n  and ecx, 0x8D5\n  add r8, rcx\n  rol r8, 3\n  xor r8, rax\n"
+        body += "  jmp 1f\n1:\n"
       }
     }
     let source = "  mov r9d, 40\nagain:\n" + body + "  dec r9d\n  jnz again\n  hlt\n"
@@ -221,6 +228,63 @@ struct TranslatorTests {
     for result in results.dropFirst() {
       #expect(result.0 == results[0].0)
       #expect(result.1 == results[0].1)
+    }
+  }
+
+  /// The integer forms translated by their op (ALU, TEST, INC/DEC/NEG/NOT in every operand
+  /// size with AH..BH, on registers and memory, LOCK forms, unsigned DIV) give the
+  /// interpreter's registers, flags and memory, and a DIV that faults (#DE) stops at the DIV
+  /// with the state before it.
+  @Test(arguments: [false, true])
+  func integerFormsMatchTheInterpreter(divideFaults: Bool) throws {
+    let steps = [
+      "add bl, cl", "adc bh, al", "sub ah, 0x7f", "cmp ch, dl", "xor dh, bh", "or al, 0x81", "and cl, ah",
+      "sbb dl, 3", "test bh, 0x80", "test ah, cl", "inc ah", "dec bl", "neg ch", "not dh",
+      "add bx, cx", "sub ax, 0x1234", "cmp dx, 7", "inc cx", "neg bx", "test ax, 0x8001",
+      "adc ebx, ecx", "sbb eax, -5", "cmp ecx, ebx", "test edx, eax", "inc ebx", "dec eax", "not ecx",
+      "add byte ptr [rsi], 0x90", "sub word ptr [rsi + 2], ax", "adc dword ptr [rsi + 4], ebx",
+      "sbb qword ptr [rsi + 8], 17", "and dword ptr [rsi + 16], 0xF0F0F0F0", "or byte ptr [rsi + 1], ah",
+      "xor qword ptr [rsi + 24], rcx", "inc dword ptr [rsi + 4]", "dec qword ptr [rsi + 8]",
+      "neg word ptr [rsi + 2]", "not byte ptr [rsi + 3]", "lock add qword ptr [rsi + 8], rax",
+      "lock inc dword ptr [rsi + 16]", "lock xor byte ptr [rsi + 5], cl", "lock dec qword ptr [rsi + 24]",
+      "cmp byte ptr [rsi], bl", "cmp dword ptr [rsi + 4], 99", "test qword ptr [rsi + 8], rdx",
+      "test byte ptr [rsi + 1], 0x41", "add cl, byte ptr [rsi + 1]", "sub bx, word ptr [rsi + 2]",
+      "xor edx, dword ptr [rsi + 4]", "cmp rax, qword ptr [rsi + 8]", "and ah, byte ptr [rsi + 3]",
+      "mov r10, rax\n  mov r11, rdx\n  mov rdx, rbx\n  and edx, 0xFFFF\n  mov rax, rcx\n  mov r12d, 0x10007\n  div r12\n  add rbx, rax\n  add rcx, rdx\n  mov rax, r10\n  mov rdx, r11",
+      "mov r10, rax\n  mov r11, rdx\n  xor edx, edx\n  mov eax, ebx\n  mov dword ptr [rsi + 32], 0x3001\n  div dword ptr [rsi + 32]\n  add ecx, eax\n  add ebx, edx\n  mov rax, r10\n  mov rdx, r11",
+    ]
+    var body = ""
+    for (number, step) in steps.enumerated() {
+      body += "  mov rax, r13\n  add rax, \(number * 0x9E37_79B9 & 0xFFFF_FFF)\n  mov rcx, rax\n  rol rcx, 17\n"
+      body += "  mov rdx, rax\n  ror rdx, 29\n  \(step)\n  pushfq\n  pop rdi\n  and edi, 0x8D5\n  add r8, rdi\n"
+      body += "  rol r8, 5\n  xor r8, rax\n  add r8, rcx\n  xor r8, rdx\n  add r8, rbx\n  mov r13, rax\n  xor r13, rdx\n"
+      // A new block per step (PUSHFQ ends the translated prefix of its block).
+      body += "  jmp 1f\n1:\n"
+    }
+    // The faulting variant divides by zero once, late in the loop.
+    let fault = divideFaults ? "  cmp r9d, 3\n  jne 2f\n  xor edi, edi\n  div rdi\n2:\n" : ""
+    let source =
+      "  mov r9d, 30\n  mov r13, 0x0123456789ABCDEF\n  mov rbx, 0x5555\nagain:\n" + body + fault
+      + "  dec r9d\n  jnz again\n  hlt\n"
+    var results: [(String, [UInt64], UInt64, [UInt8])] = []
+    for tier in [SoftCPUTier.interpreter, .translator, .lockstep] {
+      let machine = try CoreMachine(cpl: 0)
+      machine.cpu.setExecutionTier(tier, threshold: 2)
+      try machine.load(assembly: source)
+      machine.cpu.gpr[6] = CoreMachine.dataBase
+      let stop = machine.run(limit: 10_000_000)
+      #expect(machine.cpu.lockstepFailure == nil, "\(machine.cpu.lockstepFailure ?? "")")
+      if tier != .interpreter { #expect(machine.cpu.translatedBlockCount > 0) }
+      let data = try machine.memory.slice(at: CoreMachine.dataBase, length: 40)
+      results.append(
+        ("\(stop)", (0..<16).map { machine.cpu.gpr[$0] }, machine.cpu.rip, (0..<40).map { data[$0] }))
+    }
+    #expect(results[0].0.contains(divideFaults ? "vector: 0" : "halted"), "\(results[0].0)")
+    for result in results.dropFirst() {
+      #expect(result.0 == results[0].0)
+      #expect(result.1 == results[0].1)
+      #expect(result.2 == results[0].2)
+      #expect(result.3 == results[0].3)
     }
   }
 

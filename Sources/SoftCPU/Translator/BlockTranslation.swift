@@ -238,11 +238,11 @@ struct BlockTranslator {
   /// leave MMIO to the interpreter).
   var inlineTLBProbes = true
 
-  private var emitter = X86Emitter()
-  private var outOfLine: [(inout X86Emitter) -> Void] = []
-  private var epilogue = HostLabel(id: 0)
-  private var instructionOffsets: [Int] = []
-  private var flagsValidAt: [Bool] = []
+  var emitter = X86Emitter()
+  var outOfLine: [(inout X86Emitter) -> Void] = []
+  var epilogue = HostLabel(id: 0)
+  var instructionOffsets: [Int] = []
+  var flagsValidAt: [Bool] = []
 
   init(inlineTLBProbes: Bool) {
     self.inlineTLBProbes = inlineTLBProbes
@@ -256,13 +256,12 @@ struct BlockTranslator {
     // by an immediate get the interpreter's flags set after them (`X86Emitter`'s
     // `interpreterShiftFlags`, `interpreterRotateFlags`); shifts by CL (whose count may be 0 at run time)
     // stay interpreted.
-    if isShiftByCL(instruction.fast) && !hostShiftFlagsMatchTheInterpreter { return false }
     if use.rotate {
       // ROL/ROR of a 32- or 64-bit register by a nonzero immediate count (C1 /0-1, D1 /0-1).
       return !instruction.hasMemoryOperand && instruction.operandSize >= 4 && instruction.rm < 16
         && (instruction.opcode == 0xC1 || instruction.opcode == 0xD1) && rotateCount(instruction) != 0
     }
-    if instruction.prefixes & Instruction.Prefix.lock != 0 { return false }
+    if instruction.prefixes & Instruction.Prefix.lock != 0 && integerForm(instruction)?.locked != true { return false }
     switch instruction.fast {
     case .addRI64, .subRI64, .andRI64, .orRI64, .xorRI64, .cmpRI64, .testRI64, .adcRI64, .sbbRI64, .cmpMI64,
       .storeMI64, .imulRRI64:
@@ -295,7 +294,14 @@ struct BlockTranslator {
     if instruction.fast == .none && (isIndirectBranch(instruction) || SSEForm(instruction) != nil) {
       return FlagUse()
     }
-    return instruction.fast.translatedFlagUse
+    if let use = instruction.fast.translatedFlagUse { return use }
+    return IntegerForm(instruction)?.flagUse
+  }
+
+  /// The op-recognized form of an integer instruction whose fast form (if any) has no
+  /// translation.
+  static func integerForm(_ instruction: Instruction) -> IntegerForm? {
+    instruction.fast.translatedFlagUse == nil ? IntegerForm(instruction) : nil
   }
 
   /// JMP r/m64 or CALL r/m64 (no fast form: recognized by its op).
@@ -418,6 +424,9 @@ struct BlockTranslator {
     if use.rotate {
       // CF is the last bit rotated; OF is defined for a count of 1 only.
       return before & ~(RFlags.cf | RFlags.of) | (rotateCount(slot.pointee) == 1 ? 0 : RFlags.of)
+    }
+    if let form = integerForm(slot.pointee), form.kind == .inc || form.kind == .dec {
+      return before & RFlags.cf
     }
     switch slot.pointee.fast {
     case .shlRI64, .shlRI32, .shrRI64, .shrRI32, .sarRI64, .sarRI32:
@@ -544,6 +553,19 @@ struct BlockTranslator {
     if flagsValidAt[index] { emitter.storeGuestFlags() }
   }
 
+  /// After a shift by CL (count in RCX, the operand before the shift in RDX) on a host whose
+  /// undefined shift flags differ from the interpreter's: the interpreter's flags, unless the
+  /// masked count is 0 (the shift then left every flag alone). Tests the count without
+  /// touching the flags: its low 6 (5) bits moved to the top of CL, then JRCXZ.
+  private mutating func emitShiftFlagsForNonzeroCount(_ kind: HostShift, size: Int) {
+    let rcx = HostRegister.rcx
+    for _ in 0..<(size == 8 ? 2 : 3) {
+      emitter.lea(rcx, .memory(base: rcx, index: rcx, scale: 0, displacement: 0))
+    }
+    emitter.movzx(rcx, sourceSize: 1, .register(rcx))
+    emitter.skipIfRCXIsZero { emitter in emitter.interpreterShiftFlags(kind, size: size) }
+  }
+
   private mutating func emitLeave(rip offset: Int, result: UInt64) {
     emitter.leave(ripOffset: offset, result: result, epilogue: epilogue)
   }
@@ -594,7 +616,7 @@ struct BlockTranslator {
   }
 
   /// RSI = the linear address of the memory operand (64-bit mode: only FS and GS have bases).
-  private mutating func emitLinearAddress(_ slot: UnsafePointer<Instruction>, index: Int) {
+  mutating func emitLinearAddress(_ slot: UnsafePointer<Instruction>, index: Int) {
     emitEffectiveAddress(slot, index: index)
     let segment = slot.pointee.segment
     if segment == SegmentIndex.fs || segment == SegmentIndex.gs {
@@ -607,7 +629,7 @@ struct BlockTranslator {
   /// Probes the read (or write) TLB for `size` bytes at RSI. On a hit RDX = host address and
   /// the host flags are intact; on a miss jumps to `miss` with the flags saved in EBP (when
   /// valid).
-  private mutating func emitProbe(size: Int, write: Bool, flagsValid: Bool, miss: HostLabel, aligned: Bool = false) {
+  mutating func emitProbe(size: Int, write: Bool, flagsValid: Bool, miss: HostLabel, aligned: Bool = false) {
     if flagsValid { emitter.saveFlags() }
     if aligned {
       // A misaligned access takes the slow path, whose helper raises the #GP(0).
@@ -640,7 +662,7 @@ struct BlockTranslator {
 
   /// Out-of-line code: on a miss in instruction `index` (flags in EBP when valid), stores the
   /// flags to the context and leaves before the instruction.
-  private mutating func deferLeaveBefore(_ index: Int, miss: HostLabel) {
+  mutating func deferLeaveBefore(_ index: Int, miss: HostLabel) {
     let valid = flagsValidAt[index]
     let offset = instructionOffsets[index]
     let epilogue = self.epilogue
@@ -656,7 +678,7 @@ struct BlockTranslator {
 
   /// Load of `size` bytes at the memory operand into RAX (zero-extended), with the host flags
   /// intact afterwards: inline probe, helper call on a miss.
-  private mutating func emitLoad(_ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil) {
+  mutating func emitLoad(_ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil) {
     emitAccessAddress(slot, index: index, stackOffset: stackOffset)
     let valid = flagsValidAt[index]
     let miss = emitter.newLabel()
@@ -793,6 +815,10 @@ struct BlockTranslator {
       }
       return false
     }
+    if let form = Self.integerForm(instruction) {
+      emitInteger(slot, index: index, form: form)
+      return false
+    }
     switch instruction.fast {
     case .nop: break
     case .movRR64:
@@ -862,13 +888,19 @@ struct BlockTranslator {
       emitter.mov(size: 8, dst, rax)
       if fixFlags { emitter.interpreterShiftFlags(Self.shiftKind(instruction.fast), size: 4) }
     case .shlRC64, .shrRC64, .sarRC64:
-      emitter.mov(size: 4, rcx, guest(1))
+      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter
+      emitter.movzx(rcx, sourceSize: 1, guest(1))
+      if fixFlags { emitter.mov(size: 8, HostRegister.rdx, dst) }
       emitter.shiftByCL(Self.shiftKind(instruction.fast), size: 8, dst)
+      if fixFlags { emitShiftFlagsForNonzeroCount(Self.shiftKind(instruction.fast), size: 8) }
     case .shlRC32, .shrRC32, .sarRC32:
-      emitter.mov(size: 4, rcx, guest(1))
+      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter
+      emitter.movzx(rcx, sourceSize: 1, guest(1))
       emitter.mov(size: 4, rax, dst)
+      if fixFlags { emitter.mov(size: 4, HostRegister.rdx, .register(rax)) }
       emitter.shiftByCL(Self.shiftKind(instruction.fast), size: 4, .register(rax))
       emitter.mov(size: 8, dst, rax)
+      if fixFlags { emitShiftFlagsForNonzeroCount(Self.shiftKind(instruction.fast), size: 4) }
 
     case .incR64: emitter.inc(size: 8, dst)
     case .decR64: emitter.dec(size: 8, dst)

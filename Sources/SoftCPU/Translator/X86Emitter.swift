@@ -253,6 +253,8 @@ struct X86Emitter {
   mutating func inc(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xFE : 0xFF], size: size, reg: 0, rm: rm) }
   mutating func dec(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xFE : 0xFF], size: size, reg: 1, rm: rm) }
   mutating func not(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 2, rm: rm) }
+  /// `div rm` (unsigned RDX:RAX / rm; raises #DE on a zero divisor or a quotient overflow).
+  mutating func div(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 6, rm: rm) }
   mutating func neg(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 3, rm: rm) }
 
   /// `imul reg, rm` (size 4 or 8).
@@ -326,6 +328,17 @@ struct X86Emitter {
   /// `movdqu m128/xmm, xmm`.
   mutating func storeVector(_ destination: HostOperand, _ register: UInt8) {
     sse(prefix: 0xF3, opcode: 0x7F, reg: register, rm: destination)
+  }
+
+  /// `jrcxz` over the code `body` emits (at most 127 bytes; no flags read or written).
+  mutating func skipIfRCXIsZero(_ body: (inout X86Emitter) -> Void) {
+    byte(0xE3)
+    byte(0)
+    let start = bytes.count
+    body(&self)
+    let length = bytes.count - start
+    precondition(length <= 127, "jrcxz body too long")
+    bytes[start - 1] = UInt8(length)
   }
 
   mutating func pushFlags() { byte(0x9C) }
@@ -402,6 +415,7 @@ struct X86Emitter {
 /// Condition codes in the Jcc/SETcc/CMOVcc encoding.
 enum HostCondition {
   static let overflow: UInt8 = 0
+  static let aboveOrEqual: UInt8 = 3
   static let equal: UInt8 = 4
   static let notEqual: UInt8 = 5
   static let greater: UInt8 = 0xF
