@@ -965,7 +965,7 @@ struct BlockTranslator {
       emitter.mov(size: 8, dst, HostRegister.rsi)
 
     case .loadRM64, .loadRM32, .movzxByteRM, .movzxWordRM:
-      let size = [FastOp.loadRM64: 8, .loadRM32: 4, .movzxByteRM: 1][instruction.fast] ?? 2
+      let size = instruction.fast == .loadRM64 ? 8 : instruction.fast == .loadRM32 ? 4 : instruction.fast == .movzxByteRM ? 1 : 2
       emitLoad(slot, index: index, size: size)
       emitter.mov(size: 8, dst, rax)
     case .loadRM8:
@@ -1006,7 +1006,7 @@ struct BlockTranslator {
       emitter.test(size: 1, .register(rax), immediate: imm32)
 
     case .storeMR64, .storeMR32, .storeMR16, .storeMR8:
-      let size = [FastOp.storeMR64: 8, .storeMR32: 4, .storeMR16: 2][instruction.fast] ?? 1
+      let size = instruction.fast == .storeMR64 ? 8 : instruction.fast == .storeMR32 ? 4 : instruction.fast == .storeMR16 ? 2 : 1
       let source = src
       emitStore(slot, index: index, size: size) { emitter, register in
         emitter.mov(size: 8, register, source)

@@ -36,6 +36,10 @@ final class Translator {
   let context: UnsafeMutablePointer<hv_jit_context>
   /// The jump cache (`JumpCache`) generated code chains through.
   let jumpCache: UnsafeMutablePointer<hv_jit_cache_entry>
+  /// Hot blocks waiting to be translated (`translatePending`).
+  var pending: [Int32] = []
+  /// Blocks translated together; measured on the default guest's boot (docs/softcpu-performance.md).
+  static let batchSize = 16
   /// Translated blocks: entry point, instruction count, flags undefined after each count.
   var translations: [(code: UnsafeRawPointer, instructions: Int, undefinedAfter: [UInt64])] = []
   /// The first lockstep difference (the machine stops on it).
@@ -94,34 +98,61 @@ final class Translator {
       blocks[index].heat = 0
     }
     translations.removeAll(keepingCapacity: true)
+    pending.removeAll(keepingCapacity: true)
     jumpCache.update(repeating: hv_jit_cache_entry(), count: JumpCache.entries)
     buffer.reset()
   }
 
-  /// Translates `block` and records the result in it (`translation`, `translatedCode`).
-  func translate(_ cpu: CPU, block: Int) {
-    let first = cpu.blockArena + Int(cpu.blocks[block].first)
-    var translator = BlockTranslator(inlineTLBProbes: !lockstep)
-    cpu.blocks[block].translation = -1
-    guard cpu.codeSize == 8, let result = translator.translate(first, count: Int(cpu.blocks[block].count))
-    else { return }
-    var code = buffer.install(result.code)
-    if code == nil {
-      flush(blocks: cpu.blocks, count: cpu.blockCount)
+  /// Queues hot `block` for translation (its `translation` becomes `queuedTranslation`); the
+  /// queue is translated together once `batchSize` blocks wait (or at once when the threshold
+  /// is 0). Batches exist because installing code costs two `mprotect` calls (W^X), whatever
+  /// its size: one batch pays them once.
+  func enqueue(_ cpu: CPU, block: Int) {
+    cpu.blocks[block].translation = queuedTranslation
+    pending.append(Int32(block))
+    if pending.count >= Self.batchSize || threshold == 0 { translatePending(cpu) }
+  }
+
+  /// Translates every queued block and installs their code with one protection change; each
+  /// block records the result (`translation`, `translatedCode`), or -1 when it has none.
+  func translatePending(_ cpu: CPU) {
+    var code: [UInt8] = []
+    var results: [(block: Int, offset: Int, result: TranslatedCode)] = []
+    for block in pending.map({ Int($0) }) where cpu.blocks[block].translation == queuedTranslation {
       cpu.blocks[block].translation = -1
-      code = buffer.install(result.code)
+      // 64-bit code only (the key's top byte is the code size the block was decoded for).
+      guard cpu.blocks[block].key >> 56 == 8 else { continue }
+      let first = cpu.blockArena + Int(cpu.blocks[block].first)
+      var translator = BlockTranslator(inlineTLBProbes: !lockstep)
+      guard let result = translator.translate(first, count: Int(cpu.blocks[block].count)) else { continue }
+      // Blocks start on 16-byte boundaries.
+      code.append(contentsOf: repeatElement(0xCC, count: (16 - code.count % 16) % 16))
+      results.append((block, code.count, result))
+      code.append(contentsOf: result.code)
     }
-    guard let code else { return }
-    // Every block's frame set-up is the same, so is the entry chained blocks jump to.
-    context.pointee.chain_offset = UInt64(result.chainEntry)
-    translations.append((code, result.instructions, result.undefinedAfter))
-    if result.usesFloatingPoint { cpu.translationUsesFloatingPoint = true }
-    translatedBlocks += 1
-    translatedInstructions += result.instructions
-    cpu.blocks[block].translation = Int32(translations.count)
-    cpu.blocks[block].translatedCode = code
+    pending.removeAll(keepingCapacity: true)
+    guard !results.isEmpty else { return }
+    var base = buffer.install(code)
+    if base == nil {
+      flush(blocks: cpu.blocks, count: cpu.blockCount)
+      base = buffer.install(code)
+    }
+    guard let base else { return }
+    for (block, offset, result) in results {
+      // Every block's frame set-up is the same, so is the entry chained blocks jump to.
+      context.pointee.chain_offset = UInt64(result.chainEntry)
+      translations.append((base + offset, result.instructions, result.undefinedAfter))
+      if result.usesFloatingPoint { cpu.translationUsesFloatingPoint = true }
+      translatedBlocks += 1
+      translatedInstructions += result.instructions
+      cpu.blocks[block].translation = Int32(translations.count)
+      cpu.blocks[block].translatedCode = base + offset
+    }
   }
 }
+
+/// `DecodedBlock.translation` of a block waiting in the translator's queue.
+let queuedTranslation: Int32 = -2
 
 extension CPU {
   /// Selects the execution tier (`threshold`: executions of a block before it is translated;
@@ -164,8 +195,11 @@ extension CPU {
     context.pointee.chained = 0
     var code = blocks[block].translatedCode
     if code == nil {
-      if blocks[block].translation != 0 { return 0 }
-      if blocks[block].heat < translationThreshold {
+      // Cold (count executions), queued (translate the queue once the block ran as often again
+      // while it waited) or without a translation.
+      let state = blocks[block].translation
+      if state != 0 && state != queuedTranslation { return 0 }
+      if blocks[block].heat < translationThreshold &* (state == 0 ? 1 : 2) {
         blocks[block].heat &+= 1
         return 0
       }
@@ -225,7 +259,12 @@ extension CPU {
 
   @inline(never)
   func translateBlock(_ block: Int) -> UnsafeRawPointer? {
-    translator?.translate(self, block: block)
+    guard let translator else { return nil }
+    if blocks[block].translation == 0 {
+      translator.enqueue(self, block: block)
+    } else {
+      translator.translatePending(self)
+    }
     return blocks[block].translatedCode
   }
 

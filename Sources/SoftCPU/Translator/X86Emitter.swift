@@ -102,10 +102,11 @@ struct X86Emitter {
     for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: value >> UInt64(shift))) }
   }
 
-  /// Emits [66] [REX] opcode ModRM [SIB] [disp] for `reg` (register or /digit) and `rm`.
+  /// Emits [66] [REX] opcode [second opcode byte] ModRM [SIB] [disp] for `reg` (register or
+  /// /digit) and `rm`.
   /// `size` 2 adds the operand-size prefix, 8 sets REX.W; 1 forces a REX prefix when a byte
   /// register 4-7 is named (SPL..DIL rather than AH..BH).
-  mutating func encode(_ opcode: [UInt8], size: Int, reg: UInt8, rm: HostOperand) {
+  mutating func encode(_ opcode: UInt8, _ secondOpcode: UInt8? = nil, size: Int, reg: UInt8, rm: HostOperand) {
     if size == 2 { byte(0x66) }
     var rex: UInt8 = size == 8 ? 0x08 : 0
     if reg & 8 != 0 { rex |= 0x04 }
@@ -119,7 +120,8 @@ struct X86Emitter {
       if let index, index & 8 != 0 { rex |= 0x02 }
     }
     if rex != 0 || forceREX { byte(0x40 | rex) }
-    bytes.append(contentsOf: opcode)
+    bytes.append(opcode)
+    if let secondOpcode { bytes.append(secondOpcode) }
     let regBits = (reg & 7) << 3
     switch rm {
     case .register(let register):
@@ -153,36 +155,36 @@ struct X86Emitter {
 
   /// `op rm, reg` (size 1, 2, 4, 8).
   mutating func alu(_ op: HostALU, size: Int, _ rm: HostOperand, _ reg: UInt8) {
-    encode([op.rawValue << 3 | (size == 1 ? 0 : 1)], size: size, reg: reg, rm: rm)
+    encode(op.rawValue << 3 | (size == 1 ? 0 : 1), size: size, reg: reg, rm: rm)
   }
 
   /// `op reg, rm`.
   mutating func alu(_ op: HostALU, size: Int, _ reg: UInt8, _ rm: HostOperand) {
-    encode([op.rawValue << 3 | (size == 1 ? 2 : 3)], size: size, reg: reg, rm: rm)
+    encode(op.rawValue << 3 | (size == 1 ? 2 : 3), size: size, reg: reg, rm: rm)
   }
 
   /// `op rm, imm` (the immediate is sign-extended by the CPU for sizes 4 and 8).
   mutating func alu(_ op: HostALU, size: Int, _ rm: HostOperand, immediate: Int32) {
     if size == 1 {
-      encode([0x80], size: 1, reg: op.rawValue, rm: rm)
+      encode(0x80, size: 1, reg: op.rawValue, rm: rm)
       byte(UInt8(truncatingIfNeeded: immediate))
     } else if Int32(Int8(truncatingIfNeeded: immediate)) == immediate {
-      encode([0x83], size: size, reg: op.rawValue, rm: rm)
+      encode(0x83, size: size, reg: op.rawValue, rm: rm)
       byte(UInt8(truncatingIfNeeded: immediate))
     } else {
-      encode([0x81], size: size, reg: op.rawValue, rm: rm)
+      encode(0x81, size: size, reg: op.rawValue, rm: rm)
       if size == 2 { int16(Int16(truncatingIfNeeded: immediate)) } else { int32(immediate) }
     }
   }
 
   /// `test rm, reg`.
   mutating func test(size: Int, _ rm: HostOperand, _ reg: UInt8) {
-    encode([size == 1 ? 0x84 : 0x85], size: size, reg: reg, rm: rm)
+    encode(size == 1 ? 0x84 : 0x85, size: size, reg: reg, rm: rm)
   }
 
   /// `test rm, imm`.
   mutating func test(size: Int, _ rm: HostOperand, immediate: Int32) {
-    encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 0, rm: rm)
+    encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 0, rm: rm)
     switch size {
     case 1: byte(UInt8(truncatingIfNeeded: immediate))
     case 2: int16(Int16(truncatingIfNeeded: immediate))
@@ -192,17 +194,17 @@ struct X86Emitter {
 
   /// `mov rm, reg`.
   mutating func mov(size: Int, _ rm: HostOperand, _ reg: UInt8) {
-    encode([size == 1 ? 0x88 : 0x89], size: size, reg: reg, rm: rm)
+    encode(size == 1 ? 0x88 : 0x89, size: size, reg: reg, rm: rm)
   }
 
   /// `mov reg, rm` (size 4 zero-extends into the full register).
   mutating func mov(size: Int, _ reg: UInt8, _ rm: HostOperand) {
-    encode([size == 1 ? 0x8A : 0x8B], size: size, reg: reg, rm: rm)
+    encode(size == 1 ? 0x8A : 0x8B, size: size, reg: reg, rm: rm)
   }
 
   /// `mov rm, imm` (size 8: imm32 sign-extended).
   mutating func mov(size: Int, _ rm: HostOperand, immediate: Int32) {
-    encode([size == 1 ? 0xC6 : 0xC7], size: size, reg: 0, rm: rm)
+    encode(size == 1 ? 0xC6 : 0xC7, size: size, reg: 0, rm: rm)
     switch size {
     case 1: byte(UInt8(truncatingIfNeeded: immediate))
     case 2: int16(Int16(truncatingIfNeeded: immediate))
@@ -219,63 +221,63 @@ struct X86Emitter {
 
   /// `movzx reg32, byte/word rm`.
   mutating func movzx(_ reg: UInt8, sourceSize: Int, _ rm: HostOperand) {
-    encode([0x0F, sourceSize == 1 ? 0xB6 : 0xB7], size: 4, reg: reg, rm: rm)
+    encode(0x0F, sourceSize == 1 ? 0xB6 : 0xB7, size: 4, reg: reg, rm: rm)
   }
 
   /// `movsx reg, byte/word rm` with a 4- or 8-byte destination, or `movsxd reg64, rm32`.
   mutating func movsx(size: Int, _ reg: UInt8, sourceSize: Int, _ rm: HostOperand) {
     switch sourceSize {
-    case 1: encode([0x0F, 0xBE], size: size, reg: reg, rm: rm)
-    case 2: encode([0x0F, 0xBF], size: size, reg: reg, rm: rm)
-    default: encode([0x63], size: 8, reg: reg, rm: rm)
+    case 1: encode(0x0F, 0xBE, size: size, reg: reg, rm: rm)
+    case 2: encode(0x0F, 0xBF, size: size, reg: reg, rm: rm)
+    default: encode(0x63, size: 8, reg: reg, rm: rm)
     }
   }
 
   /// `lea reg64, [memory]`.
   mutating func lea(_ reg: UInt8, _ memory: HostOperand) {
-    encode([0x8D], size: 8, reg: reg, rm: memory)
+    encode(0x8D, size: 8, reg: reg, rm: memory)
   }
 
   /// `shl/shr/sar rm, imm8`.
   mutating func shift(_ op: HostShift, size: Int, _ rm: HostOperand, count: UInt8) {
-    encode([size == 1 ? 0xC0 : 0xC1], size: size, reg: op.rawValue, rm: rm)
+    encode(size == 1 ? 0xC0 : 0xC1, size: size, reg: op.rawValue, rm: rm)
     byte(count)
   }
 
   /// `shl/shr/sar rm, cl`.
   mutating func shiftByCL(_ op: HostShift, size: Int, _ rm: HostOperand) {
-    encode([size == 1 ? 0xD2 : 0xD3], size: size, reg: op.rawValue, rm: rm)
+    encode(size == 1 ? 0xD2 : 0xD3, size: size, reg: op.rawValue, rm: rm)
   }
 
   /// INC (/0), DEC (/1) on FE/FF; NOT (/2), NEG (/3) on F6/F7.
   /// `mul rm` (RDX:RAX = RAX * rm, unsigned).
-  mutating func mul(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 4, rm: rm) }
-  mutating func inc(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xFE : 0xFF], size: size, reg: 0, rm: rm) }
-  mutating func dec(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xFE : 0xFF], size: size, reg: 1, rm: rm) }
-  mutating func not(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 2, rm: rm) }
+  mutating func mul(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 4, rm: rm) }
+  mutating func inc(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xFE : 0xFF, size: size, reg: 0, rm: rm) }
+  mutating func dec(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xFE : 0xFF, size: size, reg: 1, rm: rm) }
+  mutating func not(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 2, rm: rm) }
   /// `div rm` (unsigned RDX:RAX / rm; raises #DE on a zero divisor or a quotient overflow).
-  mutating func div(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 6, rm: rm) }
-  mutating func neg(size: Int, _ rm: HostOperand) { encode([size == 1 ? 0xF6 : 0xF7], size: size, reg: 3, rm: rm) }
+  mutating func div(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 6, rm: rm) }
+  mutating func neg(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 3, rm: rm) }
 
   /// `imul reg, rm` (size 4 or 8).
   mutating func imul(size: Int, _ reg: UInt8, _ rm: HostOperand) {
-    encode([0x0F, 0xAF], size: size, reg: reg, rm: rm)
+    encode(0x0F, 0xAF, size: size, reg: reg, rm: rm)
   }
 
   /// `imul reg, rm, imm32`.
   mutating func imul(size: Int, _ reg: UInt8, _ rm: HostOperand, immediate: Int32) {
-    encode([0x69], size: size, reg: reg, rm: rm)
+    encode(0x69, size: size, reg: reg, rm: rm)
     int32(immediate)
   }
 
   /// `cmovcc reg, rm`.
   mutating func cmov(_ condition: UInt8, size: Int, _ reg: UInt8, _ rm: HostOperand) {
-    encode([0x0F, 0x40 | (condition & 0xF)], size: size, reg: reg, rm: rm)
+    encode(0x0F, 0x40 | (condition & 0xF), size: size, reg: reg, rm: rm)
   }
 
   /// `setcc byte rm`.
   mutating func set(_ condition: UInt8, _ rm: HostOperand) {
-    encode([0x0F, 0x90 | (condition & 0xF)], size: 1, reg: 0, rm: rm)
+    encode(0x0F, 0x90 | (condition & 0xF), size: 1, reg: 0, rm: rm)
   }
 
   /// `jcc label` (rel32).
@@ -295,12 +297,12 @@ struct X86Emitter {
 
   /// `call rm` (an absolute address in a register or memory).
   mutating func call(_ rm: HostOperand) {
-    encode([0xFF], size: 4, reg: 2, rm: rm)
+    encode(0xFF, size: 4, reg: 2, rm: rm)
   }
 
   /// `jmp rm` (an absolute address in a register or memory).
   mutating func jumpIndirect(_ rm: HostOperand) {
-    encode([0xFF], size: 4, reg: 4, rm: rm)
+    encode(0xFF, size: 4, reg: 4, rm: rm)
   }
 
   mutating func push(_ reg: UInt8) {
@@ -317,7 +319,7 @@ struct X86Emitter {
   /// with XMM register `reg` and `rm` (an XMM register number or memory); `wide` sets REX.W.
   mutating func sse(prefix: UInt8, opcode: UInt8, wide: Bool = false, reg: UInt8, rm: HostOperand) {
     if prefix != 0 { byte(prefix) }
-    encode([0x0F, opcode], size: wide ? 8 : 4, reg: reg, rm: rm)
+    encode(0x0F, opcode, size: wide ? 8 : 4, reg: reg, rm: rm)
   }
 
   /// `movdqu xmm, m128/xmm`.
