@@ -232,7 +232,8 @@ struct TranslatorTests {
   }
 
   /// The integer forms translated by their op (ALU, TEST, INC/DEC/NEG/NOT in every operand
-  /// size with AH..BH, on registers and memory, LOCK forms, unsigned DIV) give the
+  /// size with AH..BH, on registers and memory, LOCK forms, unsigned DIV, BT*, CMPXCHG,
+  /// XADD, MOVZX/MOVSX, 8/16-bit MOV, CBW/CWD families, BSWAP, SETcc to memory) give the
   /// interpreter's registers, flags and memory, and a DIV that faults (#DE) stops at the DIV
   /// with the state before it.
   @Test(arguments: [false, true])
@@ -250,6 +251,16 @@ struct TranslatorTests {
       "cmp byte ptr [rsi], bl", "cmp dword ptr [rsi + 4], 99", "test qword ptr [rsi + 8], rdx",
       "test byte ptr [rsi + 1], 0x41", "add cl, byte ptr [rsi + 1]", "sub bx, word ptr [rsi + 2]",
       "xor edx, dword ptr [rsi + 4]", "cmp rax, qword ptr [rsi + 8]", "and ah, byte ptr [rsi + 3]",
+      "bt ebx, 3", "bts rcx, 63", "btr dx, 9", "btc eax, 31", "bt qword ptr [rsi + 8], 40",
+      "lock bts dword ptr [rsi + 4], 7", "btr word ptr [rsi + 2], 15", "lock btc qword ptr [rsi + 24], 0",
+      "lock cmpxchg qword ptr [rsi + 8], rcx", "cmpxchg dword ptr [rsi + 4], ebx",
+      "mov eax, dword ptr [rsi + 4]\n  lock cmpxchg dword ptr [rsi + 4], edx", "cmpxchg byte ptr [rsi + 1], cl",
+      "lock xadd qword ptr [rsi + 16], rbx", "xadd word ptr [rsi + 2], cx", "lock xadd byte ptr [rsi + 3], dl",
+      "movzx ebx, ah", "movsx rcx, byte ptr [rsi + 3]", "movsx dx, bl", "movzx bx, byte ptr [rsi + 1]",
+      "movsx eax, word ptr [rsi + 2]", "movsxd ecx, dword ptr [rsi + 4]", "movsxd edx, ebx", "movzx ecx, ch",
+      "mov bh, cl", "mov ah, byte ptr [rsi + 5]", "mov byte ptr [rsi + 6], dh", "mov cx, word ptr [rsi + 2]",
+      "mov word ptr [rsi + 10], bx", "mov dx, ax", "cbw", "cwde", "cdqe", "cwd", "cdq", "cqo",
+      "bswap ebx", "bswap rcx", "cmp eax, ebx\n  setl byte ptr [rsi + 7]", "test ecx, edx\n  sets byte ptr [rsi + 11]",
       "mov r10, rax\n  mov r11, rdx\n  mov rdx, rbx\n  and edx, 0xFFFF\n  mov rax, rcx\n  mov r12d, 0x10007\n  div r12\n  add rbx, rax\n  add rcx, rdx\n  mov rax, r10\n  mov rdx, r11",
       "mov r10, rax\n  mov r11, rdx\n  xor edx, edx\n  mov eax, ebx\n  mov dword ptr [rsi + 32], 0x3001\n  div dword ptr [rsi + 32]\n  add ecx, eax\n  add ebx, edx\n  mov rax, r10\n  mov rdx, r11",
     ]

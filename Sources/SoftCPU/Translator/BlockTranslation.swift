@@ -425,8 +425,12 @@ struct BlockTranslator {
       // CF is the last bit rotated; OF is defined for a count of 1 only.
       return before & ~(RFlags.cf | RFlags.of) | (rotateCount(slot.pointee) == 1 ? 0 : RFlags.of)
     }
-    if let form = integerForm(slot.pointee), form.kind == .inc || form.kind == .dec {
-      return before & RFlags.cf
+    if let form = integerForm(slot.pointee) {
+      switch form.kind {
+      case .inc, .dec: return before & RFlags.cf
+      case .bitTest: return before & ~RFlags.cf
+      default: break
+      }
     }
     switch slot.pointee.fast {
     case .shlRI64, .shlRI32, .shrRI64, .shrRI32, .sarRI64, .sarRI32:
@@ -723,7 +727,7 @@ struct BlockTranslator {
   /// when the flags were already stored (the instruction ends the block). `after` completes
   /// the instruction once the store is done (both paths); `endedRIPOffset` is where a store
   /// that invalidated decoded code leaves the block (default: the next instruction).
-  private mutating func emitStore(
+  mutating func emitStore(
     _ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil, flagsLive: Bool = true,
     after: ((inout X86Emitter) -> Void)? = nil, endedRIPOffset: Int? = nil, endedRIPInContext: Bool = false,
     value: @escaping (inout X86Emitter, UInt8) -> Void
@@ -1373,9 +1377,13 @@ extension X86Emitter {
   }
 
   /// Restores the host status flags from EBP (ADD AL, 7FH sets OF from SETO's 1; SAHF the
-  /// rest). Clobbers RAX.
-  mutating func restoreFlags() {
+  /// rest); `carryFromCL`: CF from CL (0 or 1) instead. Clobbers RAX.
+  mutating func restoreFlags(carryFromCL: Bool = false) {
     mov(size: 4, HostRegister.rax, .register(HostRegister.rbp))
+    if carryFromCL {
+      raw(0x80, 0xE4, 0xFE)  // and ah, ~CF
+      raw(0x08, 0xCC)  // or ah, cl
+    }
     alu(.add, size: 1, .register(HostRegister.rax), immediate: 0x7F)
     storeAHIntoFlags()
   }

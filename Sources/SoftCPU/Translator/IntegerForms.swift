@@ -1,9 +1,11 @@
 // Integer instructions the translator recognizes by their op rather than by an interpreter
 // fast form: the ALU group, TEST, INC/DEC/NEG/NOT in every operand size (8-bit registers
 // including AH..BH), with register or memory operands, LOCK on read-modify-write memory
-// forms, and unsigned DIV of 32- and 64-bit operands. Each becomes the same host instruction
-// on the guest register slot, on the host address of guest RAM the inline TLB probe found, or
-// on the loaded operand, so the host computes the result and the flags.
+// forms, unsigned DIV of 32- and 64-bit operands, BT/BTS/BTR/BTC with an immediate bit,
+// CMPXCHG and XADD on memory, MOVZX/MOVSX and 8/16-bit moves, CBW/CWDE/CDQE and CWD/CDQ/CQO,
+// BSWAP, and SETcc to memory. Each becomes the same host instruction on the guest register
+// slot, on the host address of guest RAM the inline TLB probe found, or on the loaded operand,
+// so the host computes the result and the flags.
 
 /// A translated integer instruction without a translated fast form.
 struct IntegerForm {
@@ -13,6 +15,19 @@ struct IntegerForm {
     case inc, dec, neg, not
     /// Unsigned DIV (RDX:RAX / r/m).
     case divide
+    /// BT (4), BTS (5), BTR (6), BTC (7) with an immediate bit number (the 0F BA /digit).
+    case bitTest(UInt8)
+    /// CMPXCHG and XADD with a memory destination.
+    case compareExchange, exchangeAdd
+    /// MOVZX / MOVSX from a `from`-byte source, and MOVSXD with a 32-bit destination (`from` 4).
+    case extend(signed: Bool, from: Int)
+    /// MOV of 8- or 16-bit operands (the wider ones have fast forms).
+    case move
+    /// CBW/CWDE/CDQE and CWD/CDQ/CQO.
+    case convertAccumulator, convertToDouble
+    case byteSwap
+    /// SETcc with a memory destination.
+    case setByte
   }
 
   /// Where the operands are: `op r/m, reg`, `op reg, r/m`, `op r/m, imm` or `op r/m`.
@@ -44,6 +59,28 @@ struct IntegerForm {
     case .divRm:
       guard instruction.operandSize >= 4 else { return nil }
       operands = .rm
+    case .btRmImm, .btsRmImm, .btrRmImm, .btcRmImm:
+      operands = .rmImm
+    case .cmpxchg, .xadd:
+      // The register operand is loaded whole: AH..BH have no form here.
+      guard instruction.hasMemoryOperand, instruction.reg < 16 else { return nil }
+      operands = .rmReg
+    case .movzxByte, .movzxWord, .movsxByte, .movsxWord:
+      operands = .regRm
+    case .movsxd:
+      guard instruction.operandSize == 4 else { return nil }
+      operands = .regRm
+    case .movRmReg, .movRegRm:
+      guard instruction.operandSize <= 2 else { return nil }
+      operands = instruction.op == .movRmReg ? .rmReg : .regRm
+    case .cbw, .cwd:
+      operands = .rm
+    case .bswap:
+      guard instruction.operandSize >= 4 else { return nil }  // BSWAP r16 is undefined
+      operands = .rm
+    case .setcc:
+      guard instruction.hasMemoryOperand else { return nil }
+      operands = .rm
     default:
       return nil
     }
@@ -61,22 +98,40 @@ struct IntegerForm {
     case .decRm: kind = .dec
     case .negRm: kind = .neg
     case .notRm: kind = .not
-    default: kind = .divide
+    case .divRm: kind = .divide
+    case .btRmImm: kind = .bitTest(4)
+    case .btsRmImm: kind = .bitTest(5)
+    case .btrRmImm: kind = .bitTest(6)
+    case .btcRmImm: kind = .bitTest(7)
+    case .cmpxchg: kind = .compareExchange
+    case .xadd: kind = .exchangeAdd
+    case .movzxByte: kind = .extend(signed: false, from: 1)
+    case .movzxWord: kind = .extend(signed: false, from: 2)
+    case .movsxByte: kind = .extend(signed: true, from: 1)
+    case .movsxWord: kind = .extend(signed: true, from: 2)
+    case .movsxd: kind = .extend(signed: true, from: 4)
+    case .movRmReg, .movRegRm: kind = .move
+    case .cbw: kind = .convertAccumulator
+    case .cwd: kind = .convertToDouble
+    case .bswap: kind = .byteSwap
+    default: kind = .setByte
     }
     size = Int(instruction.operandSize)
     memory = instruction.hasMemoryOperand
     locked = instruction.prefixes & Instruction.Prefix.lock != 0
     // LOCK is valid only on a read-modify-write memory destination (#UD otherwise, which the
     // interpreter raises).
-    if locked && !(memory && writesMemory) { return nil }
+    if locked && !(memory && instruction.op.allowsLock && writesMemory) { return nil }
   }
 
   /// The instruction writes its r/m operand.
   var writesRM: Bool {
     switch kind {
     case .alu(let alu): operands != .regRm && alu != .cmp
-    case .test, .divide: false
-    case .inc, .dec, .neg, .not: true
+    case .inc, .dec, .neg, .not, .compareExchange, .exchangeAdd, .setByte: true
+    case .bitTest(let digit): digit != 4
+    case .move: operands == .rmReg
+    case .test, .divide, .extend, .convertAccumulator, .convertToDouble, .byteSwap: false
     }
   }
 
@@ -99,12 +154,16 @@ struct IntegerForm {
       FlagUse(reads: false, writesAll: true, undefined: RFlags.af)
     case .alu(.adc), .alu(.sbb):
       FlagUse(reads: true, writesAll: true)
-    case .alu, .neg:
+    case .alu, .neg, .compareExchange, .exchangeAdd:
       FlagUse(reads: false, writesAll: true)
     case .inc, .dec:
       // CF is kept.
       FlagUse(reads: true, writesAll: false)
-    case .not, .divide:
+    case .bitTest, .setByte:
+      // BT* set CF and keep the rest (the interpreter keeps OF, SF, AF and PF, which the
+      // architecture leaves undefined); SETcc reads them.
+      FlagUse(reads: true, writesAll: false)
+    case .not, .divide, .extend, .move, .convertAccumulator, .convertToDouble, .byteSwap:
       // The flags are unchanged (the interpreter's DIV keeps them; the translation saves and
       // restores them around the host's DIV, which leaves them undefined).
       FlagUse()
@@ -124,9 +183,32 @@ extension BlockTranslator {
   /// Emits an `IntegerForm` instruction.
   mutating func emitInteger(_ slot: UnsafePointer<Instruction>, index: Int, form: IntegerForm) {
     let instruction = slot.pointee
-    if form.kind == .divide {
+    switch form.kind {
+    case .divide:
       emitDivide(slot, index: index, form: form)
       return
+    case .bitTest(let digit):
+      emitBitTest(slot, index: index, form: form, digit: digit)
+      return
+    case .compareExchange, .exchangeAdd:
+      emitExchange(slot, index: index, form: form)
+      return
+    case .extend, .move:
+      emitMove(slot, index: index, form: form)
+      return
+    case .convertAccumulator, .convertToDouble, .byteSwap:
+      emitAccumulatorForms(slot, form: form)
+      return
+    case .setByte:
+      // The condition is taken into R8B first: on a TLB miss the flags are stored (which
+      // clobbers them in the host) before the value is computed.
+      emitter.set(UInt8(truncatingIfNeeded: instruction.opcode), .register(HostRegister.r8))
+      emitStore(slot, index: index, size: 1) { emitter, register in
+        emitter.movzx(register, sourceSize: 1, .register(HostRegister.r8))
+      }
+      return
+    default:
+      break
     }
     let size = form.size
     let rax = HostRegister.rax
@@ -234,7 +316,7 @@ extension BlockTranslator {
     case .dec: emitter.dec(size: size, destination)
     case .neg: emitter.neg(size: size, destination)
     case .not: emitter.not(size: size, destination)
-    case .divide: preconditionFailure("DIV has its own emitter")
+    default: preconditionFailure("\(form.kind) has its own emitter")
     }
   }
 
@@ -265,6 +347,135 @@ extension BlockTranslator {
     emitter.mov(size: 8, guestRegister(2, size: 8), rdx)
     if valid { emitter.restoreFlags() }
     deferLeaveBefore(index, miss: fault)
+  }
+
+  /// BT/BTS/BTR/BTC r/m, imm8: CF = the bit, the other status flags kept (saved in EBP
+  /// around the host instruction and put back with the new CF).
+  private mutating func emitBitTest(_ slot: UnsafePointer<Instruction>, index: Int, form: IntegerForm, digit: UInt8) {
+    let instruction = slot.pointee
+    let size = form.size
+    let bit = UInt8(truncatingIfNeeded: instruction.immediate) & UInt8(size * 8 - 1)
+    let miss = emitter.newLabel()
+    let operand: HostOperand
+    if form.memory {
+      emitLinearAddress(slot, index: index)
+      guard inlineTLBProbes else {
+        emitter.saveFlags()
+        emitter.jump(to: miss)
+        deferLeaveBefore(index, miss: miss)
+        return
+      }
+      // BT only reads; the others write (a read probe would miss code-page protection).
+      emitProbe(size: size, write: digit != 4, flagsValid: true, miss: miss)
+      operand = .at(HostRegister.rdx, 0)
+    } else {
+      operand = guestRegister(instruction.rm, size: size)
+    }
+    emitter.saveFlags()
+    if form.locked { emitter.byte(0xF0) }
+    emitter.bitTest(digit, size: size, operand, bit: bit)
+    emitter.set(HostCondition.below, .register(HostRegister.rcx))
+    if !form.memory && size == 4 && digit != 4 {
+      // A 32-bit register result zero-extends.
+      emitter.mov(size: 4, .at(HostRegister.rbx, Int(instruction.rm) * 8 + 4), immediate: 0)
+    }
+    emitter.restoreFlags(carryFromCL: true)
+    if form.memory { deferLeaveBefore(index, miss: miss) }
+  }
+
+  /// LOCK CMPXCHG / XADD r/m, reg with a memory destination in guest RAM (a write-TLB miss
+  /// leaves before the instruction). The guest's RAX and source register are loaded whole and
+  /// stored back whole, so the sizes below 8 keep or zero-extend their upper bits as the host
+  /// instruction does.
+  private mutating func emitExchange(_ slot: UnsafePointer<Instruction>, index: Int, form: IntegerForm) {
+    let instruction = slot.pointee
+    let size = form.size
+    emitLinearAddress(slot, index: index)
+    let miss = emitter.newLabel()
+    if inlineTLBProbes {
+      emitProbe(size: size, write: true, flagsValid: flagsValidAt[index], miss: miss)
+      if form.kind == .compareExchange {
+        emitter.mov(size: 8, HostRegister.rax, guestRegister(0, size: 8))
+        emitter.mov(size: 8, HostRegister.rcx, guestRegister(instruction.reg, size: 8))
+        if form.locked { emitter.byte(0xF0) }
+        emitter.compareExchange(size: size, .at(HostRegister.rdx, 0), HostRegister.rcx)
+        emitter.mov(size: 8, guestRegister(0, size: 8), HostRegister.rax)
+      } else {
+        emitter.mov(size: 8, HostRegister.rax, guestRegister(instruction.reg, size: 8))
+        if form.locked { emitter.byte(0xF0) }
+        emitter.exchangeAdd(size: size, .at(HostRegister.rdx, 0), HostRegister.rax)
+        emitter.mov(size: 8, guestRegister(instruction.reg, size: 8), HostRegister.rax)
+      }
+    } else {
+      if flagsValidAt[index] { emitter.saveFlags() }
+      emitter.jump(to: miss)
+    }
+    deferLeaveBefore(index, miss: miss)
+  }
+
+  /// MOVZX/MOVSX/MOVSXD (32-bit destination) and 8/16-bit MOVs between registers and memory.
+  private mutating func emitMove(_ slot: UnsafePointer<Instruction>, index: Int, form: IntegerForm) {
+    let instruction = slot.pointee
+    let size = form.size
+    let rax = HostRegister.rax
+    if case .extend(let signed, let from) = form.kind {
+      // RAX = the source, extended to the destination size (4 or 8; a 16-bit destination
+      // takes the low word).
+      let wide = size == 8 ? 8 : 4
+      let source: HostOperand
+      if form.memory {
+        emitLoad(slot, index: index, size: from)
+        source = .register(rax)
+      } else {
+        source = guestRegister(instruction.rm, size: from)
+      }
+      if from == 4 {
+        emitter.mov(size: 4, rax, source)
+      } else if signed {
+        emitter.movsx(size: wide, rax, sourceSize: from, source)
+      } else {
+        emitter.movzx(rax, sourceSize: from, source)
+      }
+      emitter.mov(size: size == 2 ? 2 : 8, guestRegister(instruction.reg, size: size), rax)
+      return
+    }
+    if form.operands == .rmReg && form.memory {
+      let source = guestRegister(instruction.reg, size: size)
+      emitStore(slot, index: index, size: size) { emitter, register in
+        emitter.movzx(register, sourceSize: size, source)
+      }
+      return
+    }
+    if form.memory {
+      emitLoad(slot, index: index, size: size)
+    } else {
+      let source = form.operands == .rmReg ? instruction.reg : instruction.rm
+      emitter.mov(size: size, rax, guestRegister(source, size: size))
+    }
+    let destination = form.operands == .rmReg ? instruction.rm : instruction.reg
+    emitter.mov(size: size, guestRegister(destination, size: size), rax)
+  }
+
+  /// CBW/CWDE/CDQE, CWD/CDQ/CQO and BSWAP on the guest registers, as the host instructions.
+  private mutating func emitAccumulatorForms(_ slot: UnsafePointer<Instruction>, form: IntegerForm) {
+    let rax = HostRegister.rax
+    let rdx = HostRegister.rdx
+    switch form.kind {
+    case .convertAccumulator:
+      emitter.mov(size: 8, rax, guestRegister(0, size: 8))
+      emitter.convertAccumulator(size: form.size)
+      emitter.mov(size: 8, guestRegister(0, size: 8), rax)
+    case .convertToDouble:
+      emitter.mov(size: 8, rax, guestRegister(0, size: 8))
+      emitter.mov(size: 8, rdx, guestRegister(2, size: 8))
+      emitter.convertToDouble(size: form.size)
+      emitter.mov(size: 8, guestRegister(2, size: 8), rdx)
+    default:
+      let register = guestRegister(slot.pointee.rm, size: 8)
+      emitter.mov(size: 8, rax, register)
+      emitter.byteSwap(size: form.size, rax)
+      emitter.mov(size: 8, register, rax)
+    }
   }
 
   /// The ALU operation of a form that writes a register (not TEST, which has no result).

@@ -332,6 +332,44 @@ struct X86Emitter {
     sse(prefix: 0xF3, opcode: 0x7F, reg: register, rm: destination)
   }
 
+  /// BT (4), BTS (5), BTR (6) or BTC (7) `rm, imm8` (0F BA /digit ib).
+  mutating func bitTest(_ digit: UInt8, size: Int, _ rm: HostOperand, bit: UInt8) {
+    encode(0x0F, 0xBA, size: size, reg: digit, rm: rm)
+    byte(bit)
+  }
+
+  /// `cmpxchg rm, reg` (compares with RAX/EAX/AX/AL).
+  mutating func compareExchange(size: Int, _ rm: HostOperand, _ reg: UInt8) {
+    encode(0x0F, size == 1 ? 0xB0 : 0xB1, size: size, reg: reg, rm: rm)
+  }
+
+  /// `xadd rm, reg`.
+  mutating func exchangeAdd(size: Int, _ rm: HostOperand, _ reg: UInt8) {
+    encode(0x0F, size == 1 ? 0xC0 : 0xC1, size: size, reg: reg, rm: rm)
+  }
+
+  /// CBW (size 2), CWDE (4) or CDQE (8).
+  mutating func convertAccumulator(size: Int) {
+    if size == 2 { byte(0x66) } else if size == 8 { byte(0x48) }
+    byte(0x98)
+  }
+
+  /// CWD (size 2), CDQ (4) or CQO (8).
+  mutating func convertToDouble(size: Int) {
+    if size == 2 { byte(0x66) } else if size == 8 { byte(0x48) }
+    byte(0x99)
+  }
+
+  /// `bswap reg` (size 4 or 8).
+  mutating func byteSwap(size: Int, _ reg: UInt8) {
+    byte(0x40 | (size == 8 ? 0x08 : 0) | (reg & 8 != 0 ? 1 : 0))
+    byte(0x0F)
+    byte(0xC8 | (reg & 7))
+  }
+
+  /// Raw bytes.
+  mutating func raw(_ values: UInt8...) { bytes.append(contentsOf: values) }
+
   /// `jrcxz` over the code `body` emits (at most 127 bytes; no flags read or written).
   mutating func skipIfRCXIsZero(_ body: (inout X86Emitter) -> Void) {
     byte(0xE3)
@@ -417,6 +455,7 @@ struct X86Emitter {
 /// Condition codes in the Jcc/SETcc/CMOVcc encoding.
 enum HostCondition {
   static let overflow: UInt8 = 0
+  static let below: UInt8 = 2
   static let aboveOrEqual: UInt8 = 3
   static let equal: UInt8 = 4
   static let notEqual: UInt8 = 5
