@@ -438,31 +438,35 @@ extension CPU {
   }
 }
 
-/// Entry points of the helpers for generated code (C calling convention).
+/// Entry points of the helpers for generated code (C calling convention). The CPU is used
+/// without a retain: it has weak references (interrupt controllers), so each retain and release
+/// would take the runtime's slow side-table path.
 private func translatedLoad(_ context: UnsafeMutablePointer<hv_jit_context>?, _ linear: UInt64, _ size: UInt64)
   -> UInt64
 {
-  let cpu = Unmanaged<CPU>.fromOpaque(context!.pointee.cpu).takeUnretainedValue()
-  return cpu.translatedLoad(context!, linear, size)
+  Unmanaged<CPU>.fromOpaque(context!.pointee.cpu)._withUnsafeGuaranteedRef { $0.translatedLoad(context!, linear, size) }
 }
 
 private func translatedStore(
   _ context: UnsafeMutablePointer<hv_jit_context>?, _ linear: UInt64, _ size: UInt64, _ value: UInt64
 ) {
-  let cpu = Unmanaged<CPU>.fromOpaque(context!.pointee.cpu).takeUnretainedValue()
-  cpu.translatedStore(context!, linear, size, value)
+  Unmanaged<CPU>.fromOpaque(context!.pointee.cpu)._withUnsafeGuaranteedRef {
+    $0.translatedStore(context!, linear, size, value)
+  }
 }
 
 private func translatedVectorLoad(_ context: UnsafeMutablePointer<hv_jit_context>?, _ linear: UInt64, _ size: UInt64) {
-  let cpu = Unmanaged<CPU>.fromOpaque(context!.pointee.cpu).takeUnretainedValue()
-  cpu.translatedVectorLoad(context!, linear, size)
+  Unmanaged<CPU>.fromOpaque(context!.pointee.cpu)._withUnsafeGuaranteedRef {
+    $0.translatedVectorLoad(context!, linear, size)
+  }
 }
 
 private func translatedVectorStore(
   _ context: UnsafeMutablePointer<hv_jit_context>?, _ linear: UInt64, _ size: UInt64
 ) {
-  let cpu = Unmanaged<CPU>.fromOpaque(context!.pointee.cpu).takeUnretainedValue()
-  cpu.translatedVectorStore(context!, linear, size)
+  Unmanaged<CPU>.fromOpaque(context!.pointee.cpu)._withUnsafeGuaranteedRef {
+    $0.translatedVectorStore(context!, linear, size)
+  }
 }
 
 extension CPU {
