@@ -243,6 +243,15 @@ struct BlockTranslator {
   var epilogue = HostLabel(id: 0)
   var instructionOffsets: [Int] = []
   var flagsValidAt: [Bool] = []
+  /// The decoded block being translated (its index, for the run loop's `last_block`) and its
+  /// instruction count; `selfLoopEntry` is the chained entry, the target of a branch back to
+  /// the block's first instruction (a loop of one block), nil when the index is unknown.
+  private var blockIndex: Int32 = -1
+  /// The block's first decoded instruction and the length of the translated prefix.
+  private var firstSlot: UnsafePointer<Instruction>?
+  private var translatedCount = 0
+  private var decodedCount = 0
+  private var selfLoopEntry: HostLabel?
 
   init(inlineTLBProbes: Bool) {
     self.inlineTLBProbes = inlineTLBProbes
@@ -446,7 +455,7 @@ struct BlockTranslator {
 
   /// Translates the translatable prefix of the `count` instructions at `first`; nil when not
   /// even the first instruction has a translation.
-  mutating func translate(_ first: UnsafePointer<Instruction>, count: Int) -> TranslatedCode? {
+  mutating func translate(_ first: UnsafePointer<Instruction>, count: Int, block: Int32 = -1) -> TranslatedCode? {
     // Prefix and instruction offsets from the block's entry RIP.
     var offsets = [0]
     var translated = 0
@@ -486,6 +495,16 @@ struct BlockTranslator {
     epilogue = emitter.newLabel()
     emitFrame()
     let chainEntry = emitter.count
+    blockIndex = block
+    decodedCount = count
+    firstSlot = first
+    translatedCount = translated
+    selfLoopEntry = nil
+    if block >= 0 {
+      let entry = emitter.newLabel()
+      emitter.bind(entry)
+      selfLoopEntry = entry
+    }
     // SSE: the block runs only when the run loop found SSE usable (CR0.EM/TS clear, CR4.OSFXSR
     // set) and, for floating-point arithmetic, the guest's MXCSR loaded with every exception
     // masked; otherwise it leaves before its first instruction and the interpreter runs it
@@ -555,6 +574,24 @@ struct BlockTranslator {
 
   private mutating func storeFlagsIfValid(at index: Int) {
     if flagsValidAt[index] { emitter.storeGuestFlags() }
+  }
+
+  /// Whether the instruction after `index` in the translated prefix writes every status flag
+  /// without reading one and cannot leave the block before it completes (register operands
+  /// only, no shift by a zero count): whatever flags instruction `index` leaves are then never
+  /// seen by the guest, so the code that sets the interpreter's undefined flags after a
+  /// multiply, shift or rotate on hosts that differ can be left out.
+  private func flagsOverwrittenNext(_ index: Int) -> Bool {
+    guard index + 1 < translatedCount, let firstSlot else { return false }
+    let next = firstSlot + index + 1
+    guard let use = Self.flagUse(next), use.writesAll, !use.reads, !next.pointee.hasMemoryOperand else {
+      return false
+    }
+    switch next.pointee.fast {
+    case .shlRI64, .shrRI64, .sarRI64: return next.pointee.immediate & 63 != 0
+    case .shlRI32, .shrRI32, .sarRI32: return next.pointee.immediate & 31 != 0
+    default: return true
+    }
   }
 
   /// After a shift by CL (count in RCX, the operand before the shift in RDX) on a host whose
@@ -812,7 +849,7 @@ struct BlockTranslator {
         emitter.shift(kind, size: 4, .register(rax), count: count)
         emitter.mov(size: 8, register, rax)
       }
-      if !Self.hostShiftFlagsMatchTheInterpreter {
+      if !Self.hostShiftFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
         let size = Int(instruction.operandSize == 8 ? 8 : 4)
         emitter.mov(size: size, HostRegister.rdx, register)
         emitter.interpreterRotateFlags(kind, size: size)
@@ -879,12 +916,12 @@ struct BlockTranslator {
       emitter.alu(.cmp, size: 1, dst, immediate: imm32)
 
     case .shlRI64, .shrRI64, .sarRI64:
-      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && immediate & 63 != 0
+      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && immediate & 63 != 0 && !flagsOverwrittenNext(index)
       if fixFlags { emitter.mov(size: 8, HostRegister.rdx, dst) }
       emitter.shift(Self.shiftKind(instruction.fast), size: 8, dst, count: UInt8(truncatingIfNeeded: immediate))
       if fixFlags { emitter.interpreterShiftFlags(Self.shiftKind(instruction.fast), size: 8) }
     case .shlRI32, .shrRI32, .sarRI32:
-      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && immediate & 31 != 0
+      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && immediate & 31 != 0 && !flagsOverwrittenNext(index)
       emitter.mov(size: 4, rax, dst)
       if fixFlags { emitter.mov(size: 4, HostRegister.rdx, .register(rax)) }
       emitter.shift(
@@ -892,13 +929,13 @@ struct BlockTranslator {
       emitter.mov(size: 8, dst, rax)
       if fixFlags { emitter.interpreterShiftFlags(Self.shiftKind(instruction.fast), size: 4) }
     case .shlRC64, .shrRC64, .sarRC64:
-      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter
+      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && !flagsOverwrittenNext(index)
       emitter.movzx(rcx, sourceSize: 1, guest(1))
       if fixFlags { emitter.mov(size: 8, HostRegister.rdx, dst) }
       emitter.shiftByCL(Self.shiftKind(instruction.fast), size: 8, dst)
       if fixFlags { emitShiftFlagsForNonzeroCount(Self.shiftKind(instruction.fast), size: 8) }
     case .shlRC32, .shrRC32, .sarRC32:
-      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter
+      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && !flagsOverwrittenNext(index)
       emitter.movzx(rcx, sourceSize: 1, guest(1))
       emitter.mov(size: 4, rax, dst)
       if fixFlags { emitter.mov(size: 4, HostRegister.rdx, .register(rax)) }
@@ -935,20 +972,20 @@ struct BlockTranslator {
       emitter.mov(size: 8, rax, dst)
       emitter.imul(size: 8, rax, src)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 8) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 8) }
     case .imulRR32:
       emitter.mov(size: 4, rax, dst)
       emitter.imul(size: 4, rax, src)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 4) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 4) }
     case .imulRRI64:
       emitter.imul(size: 8, rax, src, immediate: imm32)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 8) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 8) }
     case .imulRRI32:
       emitter.imul(size: 4, rax, src, immediate: imm32)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 4) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 4) }
 
     case .cmovRR64:
       emitter.mov(size: 8, rax, dst)
@@ -1041,17 +1078,25 @@ struct BlockTranslator {
       let target = instructionOffsets[index + 1] + Int(Int64(bitPattern: immediate))
       let epilogue = self.epilogue
       let offsets = instructionOffsets
+      let selfLoop = target == 0 ? selfLoopEntry : nil
+      let block = blockIndex
+      let blockCount = decodedCount
       outOfLine.append { emitter in
         emitter.bind(taken)
         emitter.storeGuestFlags()
-        emitter.branch(targetOffset: target, index: index, faultOffset: offsets[index], epilogue: epilogue)
+        if let selfLoop {
+          emitter.loopToBlockEntry(
+            selfLoop, block: block, completed: index + 1, blockCount: blockCount, epilogue: epilogue)
+        } else {
+          emitter.branch(targetOffset: target, index: index, faultOffset: offsets[index], epilogue: epilogue)
+        }
       }
     case .mulR64:
       emitter.mov(size: 8, rax, guest(0))
       emitter.mul(size: 8, src)
       emitter.mov(size: 8, guest(0), rax)
       emitter.mov(size: 8, guest(2), HostRegister.rdx)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter { emitter.interpreterMultiplyFlags(size: 8) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 8) }
     case .push64:
       let source = src
       emitStore(slot, index: index, size: 8, stackOffset: -8, after: Self.adjustStack(-8)) { emitter, register in
@@ -1098,9 +1143,13 @@ struct BlockTranslator {
       return true
     case .jmpRel:
       storeFlagsIfValid(at: index)
-      emitter.branch(
-        targetOffset: instructionOffsets[index + 1] + Int(Int64(bitPattern: immediate)), index: index,
-        faultOffset: instructionOffsets[index], epilogue: epilogue)
+      let target = instructionOffsets[index + 1] + Int(Int64(bitPattern: immediate))
+      if target == 0, let selfLoopEntry {
+        emitter.loopToBlockEntry(
+          selfLoopEntry, block: blockIndex, completed: index + 1, blockCount: decodedCount, epilogue: epilogue)
+      } else {
+        emitter.branch(targetOffset: target, index: index, faultOffset: instructionOffsets[index], epilogue: epilogue)
+      }
       return true
     default:
       preconditionFailure("untranslated fast form \(instruction.fast)")
@@ -1419,6 +1468,29 @@ extension X86Emitter {
   /// the next block's RIP, flags stored. Jumps straight into the next block's translation when
   /// the jump cache holds it under the current generation, its instructions fit the budget and
   /// no stop was requested; otherwise returns `result`. Clobbers RCX and RDX.
+  /// A branch back to the first instruction of the block being run (flags already stored):
+  /// jumps to the block's own chained entry, skipping the jump cache, when no stop is requested
+  /// and the budget holds the completed instructions and another run of the block, with the
+  /// same accounting as `chainOrLeave`; otherwise leaves with RIP at the block's entry.
+  mutating func loopToBlockEntry(_ entry: HostLabel, block: Int32, completed: Int, blockCount: Int, epilogue: HostLabel) {
+    let leave = newLabel()
+    mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
+    alu(.cmp, size: 1, .at(HostRegister.rdx, 0), immediate: 0)
+    jump(HostCondition.notEqual, to: leave)
+    mov(size: 8, .register(HostRegister.rdx), immediate: Int32(completed + blockCount))
+    alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.budget))
+    jump(HostCondition.greater, to: leave)
+    alu(.sub, size: 8, .at(HostRegister.r12, ContextOffset.budget), immediate: Int32(completed))
+    alu(.add, size: 8, .at(HostRegister.r12, ContextOffset.chained), immediate: Int32(completed))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.lastBlock), immediate: block)
+    jump(to: entry)
+    bind(leave)
+    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+    movImmediate64(HostRegister.rax, UInt64(completed) | translationEndedBit)
+    jump(to: epilogue)
+  }
+
   mutating func chainOrLeave(instructions: Int, result: UInt64, epilogue: HostLabel) {
     let leave = newLabel()
     mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))

@@ -124,7 +124,8 @@ final class Translator {
       guard cpu.blocks[block].key >> 56 == 8 else { continue }
       let first = cpu.blockArena + Int(cpu.blocks[block].first)
       var translator = BlockTranslator(inlineTLBProbes: !lockstep)
-      guard let result = translator.translate(first, count: Int(cpu.blocks[block].count)) else { continue }
+      guard let result = translator.translate(first, count: Int(cpu.blocks[block].count), block: Int32(block))
+      else { continue }
       // Blocks start on 16-byte boundaries.
       code.append(contentsOf: repeatElement(0xCC, count: (16 - code.count % 16) % 16))
       results.append((block, code.count, result))
