@@ -200,7 +200,8 @@ struct TranslatorTests {
       "cmp rax, rbx\n  mov ecx, 64\n  shl rax, cl", "cmp rbx, rax\n  mov ecx, 32\n  shr eax, cl",
     ]
     let values: [(UInt64, UInt64)] = [
-      (3, 5), (UInt64.max, 1), (0, 7), (0x8000_0000_0000_0001, 3), (0x4000_0000_0000_0000, 2), (0xC000_0000_0000_0005, 0),
+      (3, 5), (UInt64.max, 1), (0, 7), (0x8000_0000_0000_0001, 3), (0x4000_0000_0000_0000, 2),
+      (0xC000_0000_0000_0005, 0),
       (0x1234_5678_9ABC_DEF1, 0x0F0F_0F0F_0F0F_0F0F), (0xFFFF_FFFF, 0xFFFF_FFFF), (0x7FFF_FFFF, 0x8000_0000),
     ]
     var body = "  xor r8, r8\n"
@@ -268,7 +269,8 @@ struct TranslatorTests {
     for (number, step) in steps.enumerated() {
       body += "  mov rax, r13\n  add rax, \(number * 0x9E37_79B9 & 0xFFFF_FFF)\n  mov rcx, rax\n  rol rcx, 17\n"
       body += "  mov rdx, rax\n  ror rdx, 29\n  \(step)\n  pushfq\n  pop rdi\n  and edi, 0x8D5\n  add r8, rdi\n"
-      body += "  rol r8, 5\n  xor r8, rax\n  add r8, rcx\n  xor r8, rdx\n  add r8, rbx\n  mov r13, rax\n  xor r13, rdx\n"
+      body +=
+        "  rol r8, 5\n  xor r8, rax\n  add r8, rcx\n  xor r8, rdx\n  add r8, rbx\n  mov r13, rax\n  xor r13, rdx\n"
       // A new block per step (PUSHFQ ends the translated prefix of its block).
       body += "  jmp 1f\n1:\n"
     }

@@ -972,20 +972,28 @@ struct BlockTranslator {
       emitter.mov(size: 8, rax, dst)
       emitter.imul(size: 8, rax, src)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 8) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+        emitter.interpreterMultiplyFlags(size: 8)
+      }
     case .imulRR32:
       emitter.mov(size: 4, rax, dst)
       emitter.imul(size: 4, rax, src)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 4) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+        emitter.interpreterMultiplyFlags(size: 4)
+      }
     case .imulRRI64:
       emitter.imul(size: 8, rax, src, immediate: imm32)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 8) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+        emitter.interpreterMultiplyFlags(size: 8)
+      }
     case .imulRRI32:
       emitter.imul(size: 4, rax, src, immediate: imm32)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 4) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+        emitter.interpreterMultiplyFlags(size: 4)
+      }
 
     case .cmovRR64:
       emitter.mov(size: 8, rax, dst)
@@ -1006,7 +1014,8 @@ struct BlockTranslator {
       emitter.mov(size: 8, dst, HostRegister.rsi)
 
     case .loadRM64, .loadRM32, .movzxByteRM, .movzxWordRM:
-      let size = instruction.fast == .loadRM64 ? 8 : instruction.fast == .loadRM32 ? 4 : instruction.fast == .movzxByteRM ? 1 : 2
+      let size =
+        instruction.fast == .loadRM64 ? 8 : instruction.fast == .loadRM32 ? 4 : instruction.fast == .movzxByteRM ? 1 : 2
       emitLoad(slot, index: index, size: size)
       emitter.mov(size: 8, dst, rax)
     case .loadRM8:
@@ -1047,7 +1056,8 @@ struct BlockTranslator {
       emitter.test(size: 1, .register(rax), immediate: imm32)
 
     case .storeMR64, .storeMR32, .storeMR16, .storeMR8:
-      let size = instruction.fast == .storeMR64 ? 8 : instruction.fast == .storeMR32 ? 4 : instruction.fast == .storeMR16 ? 2 : 1
+      let size =
+        instruction.fast == .storeMR64 ? 8 : instruction.fast == .storeMR32 ? 4 : instruction.fast == .storeMR16 ? 2 : 1
       let source = src
       emitStore(slot, index: index, size: size) { emitter, register in
         emitter.mov(size: 8, register, source)
@@ -1096,7 +1106,9 @@ struct BlockTranslator {
       emitter.mul(size: 8, src)
       emitter.mov(size: 8, guest(0), rax)
       emitter.mov(size: 8, guest(2), HostRegister.rdx)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) { emitter.interpreterMultiplyFlags(size: 8) }
+      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+        emitter.interpreterMultiplyFlags(size: 8)
+      }
     case .push64:
       let source = src
       emitStore(slot, index: index, size: 8, stackOffset: -8, after: Self.adjustStack(-8)) { emitter, register in
@@ -1472,7 +1484,8 @@ extension X86Emitter {
   /// jumps to the block's own chained entry, skipping the jump cache, when no stop is requested
   /// and the budget holds the completed instructions and another run of the block, with the
   /// same accounting as `chainOrLeave`; otherwise leaves with RIP at the block's entry.
-  mutating func loopToBlockEntry(_ entry: HostLabel, block: Int32, completed: Int, blockCount: Int, epilogue: HostLabel) {
+  mutating func loopToBlockEntry(_ entry: HostLabel, block: Int32, completed: Int, blockCount: Int, epilogue: HostLabel)
+  {
     let leave = newLabel()
     mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
     alu(.cmp, size: 1, .at(HostRegister.rdx, 0), immediate: 0)

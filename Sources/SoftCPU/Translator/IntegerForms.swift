@@ -297,7 +297,8 @@ extension BlockTranslator {
 
   /// The operation itself on `destination` (a register slot, RAX or host memory), with the
   /// source in `register` (`rmReg`) or `immediate` (`rmImm`).
-  private mutating func emitOperation(_ form: IntegerForm, destination: HostOperand, register: UInt8, immediate: Int32) {
+  private mutating func emitOperation(_ form: IntegerForm, destination: HostOperand, register: UInt8, immediate: Int32)
+  {
     let size = form.size
     switch form.kind {
     case .alu(let alu):
