@@ -262,9 +262,8 @@ struct BlockTranslator {
     let instruction = slot.pointee
     guard let use = flagUse(slot) else { return false }
     // Where the host's undefined shift flags differ from the interpreter's, shifts and rotates
-    // by an immediate get the interpreter's flags set after them (`X86Emitter`'s
-    // `interpreterShiftFlags`, `interpreterRotateFlags`); shifts by CL (whose count may be 0 at run time)
-    // stay interpreted.
+    // get the interpreter's flags set after them (`X86Emitter`'s `interpreterShiftFlags`,
+    // `interpreterRotateFlags`; after a shift by CL only for a nonzero count).
     if use.rotate {
       // ROL/ROR of a 32- or 64-bit register by a nonzero immediate count (C1 /0-1, D1 /0-1).
       return !instruction.hasMemoryOperand && instruction.operandSize >= 4 && instruction.rm < 16
@@ -348,19 +347,11 @@ struct BlockTranslator {
     return true
   }()
 
-  /// SHL, SHR and SAR by CL.
-  static func isShiftByCL(_ fast: FastOp) -> Bool {
-    switch fast {
-    case .shlRC64, .shlRC32, .shrRC64, .shrRC32, .sarRC64, .sarRC32: true
-    default: false
-    }
-  }
-
   /// Whether this host's shifts and rotates leave AF, and OF for counts above 1 (undefined
   /// architecturally), as the interpreter sets them (Flags.swift: AF clear; SHL OF = MSB ^ CF,
   /// SHR OF = the original MSB, SAR OF = 0; ROL OF = MSB ^ CF, ROR OF = the two top bits
-  /// differ). Where they differ (an AMD EPYC host does), shifts and rotates by an immediate are
-  /// followed by code that sets the interpreter's flags, and shifts by CL stay interpreted.
+  /// differ). Where they differ (an AMD EPYC host does), shifts and rotates are followed by code
+  /// that sets the interpreter's flags (for a shift by CL, behind a test of the count).
   static let hostShiftFlagsMatchTheInterpreter: Bool = {
     let values: [UInt64] = [
       0x8000_0000_0000_0001, 0x7FFF_FFFF_FFFF_FFFF, 0x0123_4567_89AB_CDEF, 0xFFFF_FFFF_8000_0000, 0xF0,
