@@ -8,10 +8,30 @@ enum UserNetworkTransfers {
   /// A Python program on the host: `send FILE PORT` connects to 127.0.0.1:PORT, sends FILE and
   /// closes; `receive FILE PORT` connects and writes what arrives until the peer closes;
   /// `listen FILE PORT` accepts one connection on 127.0.0.1:PORT and writes what arrives.
-  /// Every step has a deadline of `seconds`.
+  /// Every step has a deadline of `seconds`. `receive` connects again while a connection ends
+  /// (closed or reset) before its first byte: the port forward accepts at once, and the guest's
+  /// listener, started in the background, may not be listening yet.
   static let hostPeer = """
-    import socket, sys
+    import socket, sys, time
     mode, path, port, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    if mode == "receive":
+        deadline = time.monotonic() + seconds
+        while True:
+            connection = socket.create_connection(("127.0.0.1", port), timeout=seconds)
+            connection.settimeout(seconds)
+            received = 0
+            try:
+                with open(path, "wb") as out:
+                    while chunk := connection.recv(65536):
+                        out.write(chunk)
+                        received += len(chunk)
+            except ConnectionResetError:
+                if received:
+                    raise
+            connection.close()
+            if received or time.monotonic() > deadline:
+                sys.exit(0 if received else 1)
+            time.sleep(0.5)
     if mode == "listen":
         server = socket.create_server(("127.0.0.1", port))
         server.settimeout(seconds)
