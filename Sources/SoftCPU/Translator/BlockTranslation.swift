@@ -604,8 +604,9 @@ struct BlockTranslator {
 
   // MARK: Operands
 
+  /// The whole guest register `register` (see `guestRegister(_:size:)`).
   private func guest(_ register: UInt8) -> HostOperand {
-    .at(HostRegister.rbx, Int(register) * 8)
+    guestRegister(register, size: 8)
   }
 
   /// RSI = the effective address (no segment) of the memory operand of `slot`, without
