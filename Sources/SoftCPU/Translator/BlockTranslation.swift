@@ -585,6 +585,17 @@ struct BlockTranslator {
     }
   }
 
+  /// Whether the shift or rotate at `index` needs the code that sets the interpreter's
+  /// undefined flags after it: the host's differ and someone may see them.
+  private func fixesShiftFlags(after index: Int) -> Bool {
+    !Self.hostShiftFlagsMatchTheInterpreter && !flagsOverwrittenNext(index)
+  }
+
+  /// The same for the multiply at `index`.
+  private func fixesMultiplyFlags(after index: Int) -> Bool {
+    !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index)
+  }
+
   /// After a shift by CL (count in RCX, the operand before the shift in RDX) on a host whose
   /// undefined shift flags differ from the interpreter's: the interpreter's flags, unless the
   /// masked count is 0 (the shift then left every flag alone). Tests the count without
@@ -841,7 +852,7 @@ struct BlockTranslator {
         emitter.shift(kind, size: 4, .register(rax), count: count)
         emitter.mov(size: 8, register, rax)
       }
-      if !Self.hostShiftFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+      if fixesShiftFlags(after: index) {
         let size = Int(instruction.operandSize == 8 ? 8 : 4)
         emitter.mov(size: size, HostRegister.rdx, register)
         emitter.interpreterRotateFlags(kind, size: size)
@@ -908,12 +919,12 @@ struct BlockTranslator {
       emitter.alu(.cmp, size: 1, dst, immediate: imm32)
 
     case .shlRI64, .shrRI64, .sarRI64:
-      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && immediate & 63 != 0 && !flagsOverwrittenNext(index)
+      let fixFlags = immediate & 63 != 0 && fixesShiftFlags(after: index)
       if fixFlags { emitter.mov(size: 8, HostRegister.rdx, dst) }
       emitter.shift(Self.shiftKind(instruction.fast), size: 8, dst, count: UInt8(truncatingIfNeeded: immediate))
       if fixFlags { emitter.interpreterShiftFlags(Self.shiftKind(instruction.fast), size: 8) }
     case .shlRI32, .shrRI32, .sarRI32:
-      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && immediate & 31 != 0 && !flagsOverwrittenNext(index)
+      let fixFlags = immediate & 31 != 0 && fixesShiftFlags(after: index)
       emitter.mov(size: 4, rax, dst)
       if fixFlags { emitter.mov(size: 4, HostRegister.rdx, .register(rax)) }
       emitter.shift(
@@ -921,13 +932,13 @@ struct BlockTranslator {
       emitter.mov(size: 8, dst, rax)
       if fixFlags { emitter.interpreterShiftFlags(Self.shiftKind(instruction.fast), size: 4) }
     case .shlRC64, .shrRC64, .sarRC64:
-      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && !flagsOverwrittenNext(index)
+      let fixFlags = fixesShiftFlags(after: index)
       emitter.movzx(rcx, sourceSize: 1, guest(1))
       if fixFlags { emitter.mov(size: 8, HostRegister.rdx, dst) }
       emitter.shiftByCL(Self.shiftKind(instruction.fast), size: 8, dst)
       if fixFlags { emitShiftFlagsForNonzeroCount(Self.shiftKind(instruction.fast), size: 8) }
     case .shlRC32, .shrRC32, .sarRC32:
-      let fixFlags = !Self.hostShiftFlagsMatchTheInterpreter && !flagsOverwrittenNext(index)
+      let fixFlags = fixesShiftFlags(after: index)
       emitter.movzx(rcx, sourceSize: 1, guest(1))
       emitter.mov(size: 4, rax, dst)
       if fixFlags { emitter.mov(size: 4, HostRegister.rdx, .register(rax)) }
@@ -964,26 +975,26 @@ struct BlockTranslator {
       emitter.mov(size: 8, rax, dst)
       emitter.imul(size: 8, rax, src)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+      if fixesMultiplyFlags(after: index) {
         emitter.interpreterMultiplyFlags(size: 8)
       }
     case .imulRR32:
       emitter.mov(size: 4, rax, dst)
       emitter.imul(size: 4, rax, src)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+      if fixesMultiplyFlags(after: index) {
         emitter.interpreterMultiplyFlags(size: 4)
       }
     case .imulRRI64:
       emitter.imul(size: 8, rax, src, immediate: imm32)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+      if fixesMultiplyFlags(after: index) {
         emitter.interpreterMultiplyFlags(size: 8)
       }
     case .imulRRI32:
       emitter.imul(size: 4, rax, src, immediate: imm32)
       emitter.mov(size: 8, dst, rax)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+      if fixesMultiplyFlags(after: index) {
         emitter.interpreterMultiplyFlags(size: 4)
       }
 
@@ -1098,7 +1109,7 @@ struct BlockTranslator {
       emitter.mul(size: 8, src)
       emitter.mov(size: 8, guest(0), rax)
       emitter.mov(size: 8, guest(2), HostRegister.rdx)
-      if !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index) {
+      if fixesMultiplyFlags(after: index) {
         emitter.interpreterMultiplyFlags(size: 8)
       }
     case .push64:

@@ -394,13 +394,13 @@ struct X86Emitter {
   /// (`recordMultiplyFlags`), for hosts whose multiplies leave other undefined flags. Uses CL
   /// and AH.
   mutating func interpreterMultiplyFlags(size: Int) {
-    bytes += [0x0F, 0x92, 0xC1]  // setc cl
+    raw(0x0F, 0x92, 0xC1)  // setc cl
     if size == 8 { byte(0x48) }
-    bytes += [0x85, 0xC0]  // test rax, rax (or eax): SF, ZF, PF; CF = OF = 0
+    raw(0x85, 0xC0)  // test rax, rax (or eax): SF, ZF, PF; CF = OF = 0
     loadFlagsIntoAH()
-    bytes += [0x80, 0xE4, 0xEF]  // and ah, ~AF
-    bytes += [0x08, 0xCC]  // or ah, cl: CF
-    bytes += [0x80, 0xC1, 0x7F]  // add cl, 0x7F: OF = cl
+    raw(0x80, 0xE4, 0xEF)  // and ah, ~AF
+    raw(0x08, 0xCC)  // or ah, cl: CF
+    raw(0x80, 0xC1, 0x7F)  // add cl, 0x7F: OF = cl
     storeAHIntoFlags()  // SF, ZF, AF, PF, CF; OF stays
   }
 
@@ -412,9 +412,9 @@ struct X86Emitter {
     loadFlagsIntoAH()  // SF, ZF, AF, PF as before the rotate; CF from it
     if op == .rol {
       if size == 8 { byte(0x48) }
-      bytes += [0xC1, 0xEA, UInt8(size * 8) - 1]  // shr rdx, 63 (edx, 31): the top bit
-      bytes += [0x88, 0xE1, 0x80, 0xE1, 0x01, 0x30, 0xCA]  // mov cl, ah; and cl, 1; xor dl, cl: XOR CF
-      bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
+      raw(0xC1, 0xEA, UInt8(size * 8) - 1)  // shr rdx, 63 (edx, 31): the top bit
+      raw(0x88, 0xE1, 0x80, 0xE1, 0x01, 0x30, 0xCA)  // mov cl, ah; and cl, 1; xor dl, cl: XOR CF
+      raw(0x80, 0xC2, 0x7F)  // add dl, 0x7F: OF = dl
     } else {
       overflowFromTheTwoTopBitsOfRDX(size: size)
     }
@@ -425,9 +425,9 @@ struct X86Emitter {
   /// status flags.
   private mutating func overflowFromTheTwoTopBitsOfRDX(size: Int) {
     if size == 8 { byte(0x48) }
-    bytes += [0xC1, 0xEA, UInt8(size * 8) - 2]  // shr rdx, 62 (edx, 30): the two top bits
-    bytes += [0x80, 0xC2, 0x01, 0x80, 0xE2, 0x02, 0xD0, 0xEA]  // add dl, 1; and dl, 2; shr dl, 1: their XOR
-    bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
+    raw(0xC1, 0xEA, UInt8(size * 8) - 2)  // shr rdx, 62 (edx, 30): the two top bits
+    raw(0x80, 0xC2, 0x01, 0x80, 0xE2, 0x02, 0xD0, 0xEA)  // add dl, 1; and dl, 2; shr dl, 1: their XOR
+    raw(0x80, 0xC2, 0x7F)  // add dl, 0x7F: OF = dl
   }
 
   /// After a shift by a nonzero immediate, with the operand's value before the shift in RDX
@@ -436,13 +436,13 @@ struct X86Emitter {
   /// top bits, SHR its top bit, SAR 0. Uses AH and DL.
   mutating func interpreterShiftFlags(_ op: HostShift, size: Int) {
     loadFlagsIntoAH()
-    bytes += [0x80, 0xE4, 0xEF]  // and ah, ~AF (also OF = 0)
+    raw(0x80, 0xE4, 0xEF)  // and ah, ~AF (also OF = 0)
     let bits = UInt8(size * 8)
     switch op {
     case .shr:
       if size == 8 { byte(0x48) }
-      bytes += [0xC1, 0xEA, bits - 1]  // shr rdx, 63 (edx, 31): the top bit
-      bytes += [0x80, 0xC2, 0x7F]  // add dl, 0x7F: OF = dl
+      raw(0xC1, 0xEA, bits - 1)  // shr rdx, 63 (edx, 31): the top bit
+      raw(0x80, 0xC2, 0x7F)  // add dl, 0x7F: OF = dl
     case .shl:
       overflowFromTheTwoTopBitsOfRDX(size: size)
     default:
