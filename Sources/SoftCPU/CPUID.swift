@@ -8,8 +8,20 @@ import VMCore
 enum CPUModel {
   static let vendor = "AuthenticAMD"
   static let brand = "Hostvisor software x86-64 CPU"
-  /// Family 0x17 (Zen), model 0x01, stepping 0 (leaf 1 EAX).
-  static let signature: UInt32 = 0x0080_0F10
+  /// Family 0x19, model 0x01, stepping 0 (leaf 1 EAX), with leaf 0x8000_0021 saying which
+  /// speculative-execution bugs of that family it does not have. The software CPU does not
+  /// speculate, so a guest kernel should not pay for mitigations: as family 0x17 (Zen 1/2),
+  /// Linux put a return thunk on every kernel RET (retbleed, SRSO "safe RET"), an untraining
+  /// sequence on every entry and a divide on every return to user space (div0), and nothing
+  /// in CPUID can declare those families immune.
+  static let signature: UInt32 = 0x00A0_0F10
+  /// 0x8000_0008 EBX: SSB_NO(26): not affected by Speculative Store Bypass.
+  static let extendedFeature8EBX: UInt32 = 1 << 26
+  /// 0x8000_0021 EAX: LFENCE always serializing(2), SRSO_NO(29): not affected by Speculative
+  /// Return Stack Overflow.
+  static let extendedFeature21EAX: UInt32 = 1 << 2 | 1 << 29
+  /// 0x8000_0021 ECX: TSA_SQ_NO(1), TSA_L1_NO(2): not affected by Transient Scheduler Attacks.
+  static let extendedFeature21ECX: UInt32 = 1 << 1 | 1 << 2
 
   /// Leaf 1 EDX: FPU(0) PSE(3) TSC(4) MSR(5) PAE(6) CX8(8) APIC(9) SEP(11) MTRR(12) PGE(13)
   /// CMOV(15) PAT(16) PSE-36(17) CLFSH(19) MMX(23) FXSR(24) SSE(25) SSE2(26). APIC reads 0 while
@@ -161,7 +173,7 @@ extension CPU {
       a = system.tscKilohertz
       b = LocalAPIC.timerFrequency / 1000  // LAPIC timer input clock in kHz
     case 0x8000_0000:
-      a = 0x8000_0008
+      a = 0x8000_0021
       b = ascii(vendor, 0)
       d = ascii(vendor, 4)
       c = ascii(vendor, 8)
@@ -181,7 +193,11 @@ extension CPU {
       d = UInt64(CPUModel.powerManagementEDX)
     case 0x8000_0008:
       a = UInt64(CPUModel.linearAddressBits) << 8 | system.physicalAddressBits
+      b = UInt64(CPUModel.extendedFeature8EBX)
       c = UInt64(system.topology.extendedSizeECX)
+    case 0x8000_0021:
+      a = UInt64(CPUModel.extendedFeature21EAX)
+      c = UInt64(CPUModel.extendedFeature21ECX)
     default:
       break
     }

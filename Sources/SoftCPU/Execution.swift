@@ -176,6 +176,11 @@ extension CPU {
         }
         instruction += Int(truncatingIfNeeded: result & 0xFFFF_FFFF)
         if result & translationEndedBit != 0 { blockInvalidated = true }
+        // A translated block that stopped early (an instruction without a translation, or one
+        // that left for the interpreter: a TLB miss, a fault to raise) has that one instruction
+        // interpreted, and execution goes on at the next block lookup: the rest of the block
+        // becomes a block of its own, translated once hot, rather than interpreted each time.
+        if blocks[blockIndex].translation > 0 && instruction < end { end = instruction + 1 }
       }
       do {
         while instruction < end && !blockInvalidated {

@@ -140,6 +140,29 @@ struct LinuxX86_64V3Tests {
     text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
   }
 
+  /// The software CPU does not speculate and says so in CPUID (docs/cpu-model.md): the guest
+  /// kernel reports no speculative-execution bug that would make it put return thunks, entry
+  /// untraining or division clearing in its hot paths.
+  @Test func guestKernelSeesNoSpeculationBugs() async throws {
+    let (kernel, initrd, _) = try GuestImages.images()
+    let session = try GuestSession(arguments: [
+      "run", "--accel", "soft", "--memory", "256M", "--serial", "stdio", "--kernel", kernel, "--initrd", initrd,
+      "--cmdline", "console=ttyS0 panic=-1",
+    ])
+    defer { session.saveTranscript(name: "linux-speculation-bugs") }
+    try await session.waitForShell()
+    for issue in ["retbleed", "spec_rstack_overflow", "spec_store_bypass", "tsa"] {
+      let state = try await session.run("cat /sys/devices/system/cpu/vulnerabilities/\(issue)")
+      #expect(state.contains("Not affected"), "\(issue): \(state)")
+    }
+    let bugs = Set(try await session.run("grep -m1 ^bugs /proc/cpuinfo").split(separator: " ").map(String.init))
+    for bug in ["retbleed", "srso", "div0", "smt_rsb", "spec_store_bypass"] {
+      #expect(!bugs.contains(bug), "/proc/cpuinfo lists the bug \(bug)")
+    }
+    session.type("poweroff -f\n")
+    #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
+  }
+
   @Test func loaderFindsTheV3LevelAndAV3ProgramGivesTheHostsAnswers() async throws {
     let work = URL(fileURLWithPath: NSTemporaryDirectory()).appendingPathComponent("hostvisor-v3-\(UUID())")
     let stage = work.appendingPathComponent("stage")

@@ -649,13 +649,16 @@ struct BlockTranslator {
   }
 
   /// RSI = the linear address of the access: the memory operand, or the stack (`stackOffset`
-  /// bytes from the guest RSP; 64-bit mode, so SS has no base and the stack is 64-bit).
-  private mutating func emitAccessAddress(_ slot: UnsafePointer<Instruction>, index: Int, stackOffset: Int?) {
+  /// bytes from the guest RSP, or from RBP for LEAVE's `stackRegister` 5; 64-bit mode, so SS
+  /// has no base and the stack is 64-bit).
+  private mutating func emitAccessAddress(
+    _ slot: UnsafePointer<Instruction>, index: Int, stackOffset: Int?, stackRegister: UInt8 = 4
+  ) {
     guard let stackOffset else {
       emitLinearAddress(slot, index: index)
       return
     }
-    emitter.mov(size: 8, HostRegister.rsi, guest(4))
+    emitter.mov(size: 8, HostRegister.rsi, guest(stackRegister))
     if stackOffset != 0 { emitter.lea(HostRegister.rsi, .at(HostRegister.rsi, stackOffset)) }
   }
 
@@ -722,8 +725,10 @@ struct BlockTranslator {
 
   /// Load of `size` bytes at the memory operand into RAX (zero-extended), with the host flags
   /// intact afterwards: inline probe, helper call on a miss.
-  mutating func emitLoad(_ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil) {
-    emitAccessAddress(slot, index: index, stackOffset: stackOffset)
+  mutating func emitLoad(
+    _ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil, stackRegister: UInt8 = 4
+  ) {
+    emitAccessAddress(slot, index: index, stackOffset: stackOffset, stackRegister: stackRegister)
     let valid = flagsValidAt[index]
     let miss = emitter.newLabel()
     let resume = emitter.newLabel()

@@ -2,8 +2,8 @@
 // fast form: the ALU group, TEST, INC/DEC/NEG/NOT in every operand size (8-bit registers
 // including AH..BH), with register or memory operands, LOCK on read-modify-write memory
 // forms, unsigned DIV of 32- and 64-bit operands, BT/BTS/BTR/BTC with an immediate bit,
-// CMPXCHG and XADD on memory, MOVZX/MOVSX and 8/16-bit moves, CBW/CWDE/CDQE and CWD/CDQ/CQO,
-// BSWAP, and SETcc to memory. Each becomes the same host instruction on the guest register
+// CMPXCHG and XADD on memory, MOVZX/MOVSX and 8/16-bit moves (immediates included), CBW/CWDE/CDQE and CWD/CDQ/CQO,
+// BSWAP, SETcc to memory, PUSH imm, PUSH r/m64, LEAVE and the fences. Each becomes the same host instruction on the guest register
 // slot, on the host address of guest RAM the inline TLB probe found, or on the loaded operand,
 // so the host computes the result and the flags.
 
@@ -21,13 +21,18 @@ struct IntegerForm {
     case compareExchange, exchangeAdd
     /// MOVZX / MOVSX from a `from`-byte source, and MOVSXD with a 32-bit destination (`from` 4).
     case extend(signed: Bool, from: Int)
-    /// MOV of 8- or 16-bit operands (the wider ones have fast forms).
+    /// MOV of 8- or 16-bit operands, from a register or an immediate (the wider ones have fast
+    /// forms).
     case move
     /// CBW/CWDE/CDQE and CWD/CDQ/CQO.
     case convertAccumulator, convertToDouble
     case byteSwap
     /// SETcc with a memory destination.
     case setByte
+    /// PUSH imm and PUSH r/m64; LEAVE (64-bit operand size).
+    case push, leave
+    /// LFENCE, MFENCE, SFENCE: the same host fence.
+    case fence
   }
 
   /// Where the operands are: `op r/m, reg`, `op reg, r/m`, `op r/m, imm` or `op r/m`.
@@ -73,6 +78,9 @@ struct IntegerForm {
     case .movRmReg, .movRegRm:
       guard instruction.operandSize <= 2 else { return nil }
       operands = instruction.op == .movRmReg ? .rmReg : .regRm
+    case .movRmImm:
+      guard instruction.operandSize <= 2 else { return nil }
+      operands = .rmImm
     case .cbw, .cwd:
       operands = .rm
     case .bswap:
@@ -80,6 +88,14 @@ struct IntegerForm {
       operands = .rm
     case .setcc:
       guard instruction.hasMemoryOperand else { return nil }
+      operands = .rm
+    case .pushImm:
+      guard instruction.operandSize == 8 else { return nil }
+      operands = .rmImm
+    case .pushRm, .leave:
+      guard instruction.operandSize == 8 else { return nil }
+      operands = .rm
+    case .fence:
       operands = .rm
     default:
       return nil
@@ -110,10 +126,13 @@ struct IntegerForm {
     case .movsxByte: kind = .extend(signed: true, from: 1)
     case .movsxWord: kind = .extend(signed: true, from: 2)
     case .movsxd: kind = .extend(signed: true, from: 4)
-    case .movRmReg, .movRegRm: kind = .move
+    case .movRmReg, .movRegRm, .movRmImm: kind = .move
     case .cbw: kind = .convertAccumulator
     case .cwd: kind = .convertToDouble
     case .bswap: kind = .byteSwap
+    case .pushImm, .pushRm: kind = .push
+    case .leave: kind = .leave
+    case .fence: kind = .fence
     default: kind = .setByte
     }
     size = Int(instruction.operandSize)
@@ -130,8 +149,8 @@ struct IntegerForm {
     case .alu(let alu): operands != .regRm && alu != .cmp
     case .inc, .dec, .neg, .not, .compareExchange, .exchangeAdd, .setByte: true
     case .bitTest(let digit): digit != 4
-    case .move: operands == .rmReg
-    case .test, .divide, .extend, .convertAccumulator, .convertToDouble, .byteSwap: false
+    case .move: operands != .regRm
+    case .test, .divide, .extend, .convertAccumulator, .convertToDouble, .byteSwap, .push, .leave, .fence: false
     }
   }
 
@@ -142,7 +161,7 @@ struct IntegerForm {
   var writesDestination: Bool {
     switch kind {
     case .alu(let alu): alu != .cmp
-    case .test: false
+    case .test, .push, .fence: false
     default: true
     }
   }
@@ -163,7 +182,7 @@ struct IntegerForm {
       // BT* set CF and keep the rest (the interpreter keeps OF, SF, AF and PF, which the
       // architecture leaves undefined); SETcc reads them.
       FlagUse(reads: true, writesAll: false)
-    case .not, .divide, .extend, .move, .convertAccumulator, .convertToDouble, .byteSwap:
+    case .not, .divide, .extend, .move, .convertAccumulator, .convertToDouble, .byteSwap, .push, .leave, .fence:
       // The flags are unchanged (the interpreter's DIV keeps them; the translation saves and
       // restores them around the host's DIV, which leaves them undefined).
       FlagUse()
@@ -198,6 +217,13 @@ extension BlockTranslator {
       return
     case .convertAccumulator, .convertToDouble, .byteSwap:
       emitAccumulatorForms(slot, form: form)
+      return
+    case .push, .leave:
+      emitStackForms(slot, index: index, form: form)
+      return
+    case .fence:
+      // 0F AE E8/F0/F8 (the /5, /6, /7 register forms).
+      emitter.raw(0x0F, 0xAE, 0xC0 | (slot.pointee.reg & 7) << 3)
       return
     case .setByte:
       // The condition is taken into R8B first: on a TLB miss the flags are stored (which
@@ -440,6 +466,18 @@ extension BlockTranslator {
       emitter.mov(size: size == 2 ? 2 : 8, guestRegister(instruction.reg, size: size), rax)
       return
     }
+    if form.operands == .rmImm {
+      // MOV r/m8, imm8 (B0-B7 and C6) and MOV r/m16, imm16.
+      let immediate = Int32(truncatingIfNeeded: instruction.immediate)
+      if form.memory {
+        emitStore(slot, index: index, size: size) { emitter, register in
+          emitter.mov(size: 4, .register(register), immediate: immediate)
+        }
+      } else {
+        emitter.mov(size: size, guestRegister(instruction.rm, size: size), immediate: immediate)
+      }
+      return
+    }
     if form.operands == .rmReg && form.memory {
       let source = guestRegister(instruction.reg, size: size)
       emitStore(slot, index: index, size: size) { emitter, register in
@@ -477,6 +515,40 @@ extension BlockTranslator {
       emitter.byteSwap(size: form.size, rax)
       emitter.mov(size: 8, register, rax)
     }
+  }
+
+  /// PUSH imm / PUSH r/m64 and LEAVE. The stack store (or LEAVE's load from RBP) goes through
+  /// the TLB probe; a miss leaves before the instruction with RSP and RBP untouched, so a fault
+  /// is raised by the interpreter with the state the instruction started with.
+  private mutating func emitStackForms(_ slot: UnsafePointer<Instruction>, index: Int, form: IntegerForm) {
+    let instruction = slot.pointee
+    let rax = HostRegister.rax
+    let rcx = HostRegister.rcx
+    let r8 = HostRegister.r8
+    if form.kind == .leave {
+      // RAX = [RBP]; RSP = RBP + 8; RBP = RAX.
+      emitLoad(slot, index: index, size: 8, stackOffset: 0, stackRegister: 5)
+      emitter.mov(size: 8, rcx, guestRegister(5, size: 8))
+      emitter.lea(rcx, .at(rcx, 8))
+      emitter.mov(size: 8, guestRegister(4, size: 8), rcx)
+      emitter.mov(size: 8, guestRegister(5, size: 8), rax)
+      return
+    }
+    let store: (inout X86Emitter, UInt8) -> Void
+    if form.operands == .rmImm {
+      let value = Int32(truncatingIfNeeded: instruction.immediate)
+      store = { emitter, register in emitter.mov(size: 8, .register(register), immediate: value) }
+    } else if form.memory {
+      // The operand's address uses RSP before the push; the value waits in R8 (the store's
+      // probe and its miss path keep R8 until the value is taken).
+      emitLoad(slot, index: index, size: 8)
+      emitter.mov(size: 8, r8, .register(rax))
+      store = { emitter, register in emitter.mov(size: 8, register, .register(r8)) }
+    } else {
+      let source = guestRegister(instruction.rm, size: 8)
+      store = { emitter, register in emitter.mov(size: 8, register, source) }
+    }
+    emitStore(slot, index: index, size: 8, stackOffset: -8, after: Self.adjustStack(-8), value: store)
   }
 
   /// The ALU operation of a form that writes a register (not TEST, which has no result).

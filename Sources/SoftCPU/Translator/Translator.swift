@@ -36,8 +36,16 @@ final class Translator {
   let context: UnsafeMutablePointer<hv_jit_context>
   /// The jump cache (`JumpCache`) generated code chains through.
   let jumpCache: UnsafeMutablePointer<hv_jit_cache_entry>
-  /// Hot blocks waiting to be translated (`translatePending`).
-  var pending: [Int32] = []
+  /// Hot blocks waiting to be translated (`translatePending`), with the linear RIP each was
+  /// entered at.
+  var pending: [(block: Int32, rip: UInt64)] = []
+  /// A perf map (`/tmp/perf-PID.map`) naming each translation by its guest RIP, so `perf
+  /// report` attributes samples in generated code; on when HOSTVISOR_PERF_MAP is set.
+  static let perfMap: Int32? = {
+    guard getenv("HOSTVISOR_PERF_MAP") != nil else { return nil }
+    let descriptor = open("/tmp/perf-\(getpid()).map", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+    return descriptor >= 0 ? descriptor : nil
+  }()
   /// Blocks translated together; measured on the default guest's boot (docs/softcpu-performance.md).
   static let batchSize = 16
   /// Translated blocks: entry point, instruction count, flags undefined after each count.
@@ -109,7 +117,7 @@ final class Translator {
   /// its size: one batch pays them once.
   func enqueue(_ cpu: CPU, block: Int) {
     cpu.blocks[block].translation = queuedTranslation
-    pending.append(Int32(block))
+    pending.append((Int32(block), cpu.rip))
     if pending.count >= Self.batchSize || threshold == 0 { translatePending(cpu) }
   }
 
@@ -117,8 +125,10 @@ final class Translator {
   /// block records the result (`translation`, `translatedCode`), or -1 when it has none.
   func translatePending(_ cpu: CPU) {
     var code: [UInt8] = []
-    var results: [(block: Int, offset: Int, result: TranslatedCode)] = []
-    for block in pending.map({ Int($0) }) where cpu.blocks[block].translation == queuedTranslation {
+    var results: [(block: Int, rip: UInt64, offset: Int, result: TranslatedCode)] = []
+    var mapLines = ""
+    for (block, rip) in pending.map({ (Int($0.block), $0.rip) })
+    where cpu.blocks[block].translation == queuedTranslation {
       cpu.blocks[block].translation = -1
       // 64-bit code only (the key's top byte is the code size the block was decoded for).
       guard cpu.blocks[block].key >> 56 == 8 else { continue }
@@ -128,7 +138,7 @@ final class Translator {
       else { continue }
       // Blocks start on 16-byte boundaries.
       code.append(contentsOf: repeatElement(0xCC, count: (16 - code.count % 16) % 16))
-      results.append((block, code.count, result))
+      results.append((block, rip, code.count, result))
       code.append(contentsOf: result.code)
     }
     pending.removeAll(keepingCapacity: true)
@@ -139,7 +149,7 @@ final class Translator {
       base = buffer.install(code)
     }
     guard let base else { return }
-    for (block, offset, result) in results {
+    for (block, rip, offset, result) in results {
       // Every block's frame set-up is the same, so is the entry chained blocks jump to.
       context.pointee.chain_offset = UInt64(result.chainEntry)
       translations.append((base + offset, result.instructions, result.undefinedAfter))
@@ -148,6 +158,13 @@ final class Translator {
       translatedInstructions += result.instructions
       cpu.blocks[block].translation = Int32(translations.count)
       cpu.blocks[block].translatedCode = base + offset
+      if Self.perfMap != nil {
+        let start = String(UInt(bitPattern: base + offset), radix: 16)
+        mapLines += "\(start) \(String(result.code.count, radix: 16)) guest_\(String(rip, radix: 16))\n"
+      }
+    }
+    if let map = Self.perfMap {
+      _ = mapLines.withCString { write(map, $0, strlen($0)) }
     }
   }
 }
