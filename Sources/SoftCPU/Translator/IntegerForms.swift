@@ -2,10 +2,11 @@
 // fast form: the ALU group, TEST, INC/DEC/NEG/NOT in every operand size (8-bit registers
 // including AH..BH), with register or memory operands, LOCK on read-modify-write memory
 // forms, unsigned DIV of 32- and 64-bit operands, BT/BTS/BTR/BTC with an immediate bit,
-// CMPXCHG and XADD on memory, MOVZX/MOVSX and 8/16-bit moves (immediates included), CBW/CWDE/CDQE and CWD/CDQ/CQO,
-// BSWAP, SETcc to memory, PUSH imm, PUSH r/m64, LEAVE and the fences. Each becomes the same host instruction on the guest register
-// slot, on the host address of guest RAM the inline TLB probe found, or on the loaded operand,
-// so the host computes the result and the flags.
+// CMPXCHG and XADD on memory, MOVZX/MOVSX and 8/16-bit moves (immediates included),
+// CBW/CWDE/CDQE and CWD/CDQ/CQO, BSWAP, SETcc to memory, PUSH imm, PUSH r/m64, LEAVE and the
+// fences. Each becomes the same host instruction on the guest register slot, on the host
+// address of guest RAM the inline TLB probe found, or on the loaded operand, so the host
+// computes the result and the flags.
 
 /// A translated integer instruction without a translated fast form.
 struct IntegerForm {
