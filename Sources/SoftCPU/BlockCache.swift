@@ -43,8 +43,10 @@ struct DecodedBlock {
   /// table lookups between hot blocks. Two links cover both exits of a conditional branch.
   var linkGeneration: UInt64 = ~0
   var links: (BlockLink, BlockLink) = (BlockLink(), BlockLink())
-  /// Translating tier (Translator/): executions counted before translation, the translation
-  /// (index + 1 into `Translator.translations`; 0 none yet, -1 none possible) and its code.
+  /// Translating tier (Translator/): executions counted before translation (once the
+  /// translation is -1: how many untranslatable instructions the block starts with before a
+  /// translatable one, or 0), the translation (index + 1 into `Translator.translations`; 0 none
+  /// yet, -1 none possible) and its code.
   var heat: UInt32 = 0
   var translation: Int32 = 0
   var translatedCode: UnsafeRawPointer? = nil

@@ -180,7 +180,14 @@ extension CPU {
         // that left for the interpreter: a TLB miss, a fault to raise) has that one instruction
         // interpreted, and execution goes on at the next block lookup: the rest of the block
         // becomes a block of its own, translated once hot, rather than interpreted each time.
-        if blocks[blockIndex].translation > 0 && instruction < end { end = instruction + 1 }
+        // A hot block that starts with instructions without a translation has those
+        // interpreted (`heat` counts them, see `translatePending`), and the same happens.
+        let state = blocks[blockIndex].translation
+        if state > 0 && instruction < end {
+          end = instruction + 1
+        } else if state == -1 && blocks[blockIndex].heat != 0 && instruction + Int(blocks[blockIndex].heat) < end {
+          end = instruction + Int(blocks[blockIndex].heat)
+        }
       }
       do {
         while instruction < end && !blockInvalidated {

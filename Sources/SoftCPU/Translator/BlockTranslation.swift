@@ -444,6 +444,18 @@ struct BlockTranslator {
     }
   }
 
+  /// The number of instructions at the start of the `count` at `first` that have no
+  /// translation, when a later one has (0 when the first has one, or none has).
+  static func untranslatableLead(_ first: UnsafePointer<Instruction>, count: Int) -> Int {
+    var offset = 0
+    for index in 0..<count {
+      let after = offset + Int((first + index).pointee.length)
+      if canTranslate(first + index, offsetAfter: after) { return index }
+      offset = after
+    }
+    return 0
+  }
+
   /// Translates the translatable prefix of the `count` instructions at `first`; nil when not
   /// even the first instruction has a translation.
   mutating func translate(_ first: UnsafePointer<Instruction>, count: Int, block: Int32 = -1) -> TranslatedCode? {

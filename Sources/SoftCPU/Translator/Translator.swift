@@ -130,12 +130,18 @@ final class Translator {
     for (block, rip) in pending.map({ (Int($0.block), $0.rip) })
     where cpu.blocks[block].translation == queuedTranslation {
       cpu.blocks[block].translation = -1
+      cpu.blocks[block].heat = 0
       // 64-bit code only (the key's top byte is the code size the block was decoded for).
       guard cpu.blocks[block].key >> 56 == 8 else { continue }
       let first = cpu.blockArena + Int(cpu.blocks[block].first)
       var translator = BlockTranslator(inlineTLBProbes: !lockstep)
       guard let result = translator.translate(first, count: Int(cpu.blocks[block].count), block: Int32(block))
-      else { continue }
+      else {
+        // No translated prefix: `heat` keeps how many instructions the interpreter runs before
+        // the run loop looks the rest up as a block of its own (0: the whole block).
+        cpu.blocks[block].heat = UInt32(BlockTranslator.untranslatableLead(first, count: Int(cpu.blocks[block].count)))
+        continue
+      }
       // Blocks start on 16-byte boundaries.
       code.append(contentsOf: repeatElement(0xCC, count: (16 - code.count % 16) % 16))
       results.append((block, rip, code.count, result))
