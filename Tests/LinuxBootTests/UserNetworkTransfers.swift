@@ -6,7 +6,8 @@ import Testing
 /// loopback), and both ways through port forwards into the guest.
 enum UserNetworkTransfers {
   /// A Python program on the host: `send FILE PORT` connects to 127.0.0.1:PORT, sends FILE and
-  /// closes; `receive FILE PORT` connects and writes what arrives until the peer closes;
+  /// closes; `receive FILE PORT [BYTES]` connects and writes what arrives until the peer closes
+  /// or BYTES have arrived (then it closes);
   /// `listen FILE PORT` accepts one connection on 127.0.0.1:PORT and writes what arrives.
   /// Every step has a deadline of `seconds`. `receive` connects again while a connection ends
   /// (closed or reset) before its first byte: the port forward accepts at once, and the guest's
@@ -14,6 +15,7 @@ enum UserNetworkTransfers {
   static let hostPeer = """
     import socket, sys, time
     mode, path, port, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    expected = int(sys.argv[5]) if len(sys.argv) > 5 else None
     if mode == "receive":
         deadline = time.monotonic() + seconds
         while True:
@@ -22,7 +24,10 @@ enum UserNetworkTransfers {
             received = 0
             try:
                 with open(path, "wb") as out:
-                    while chunk := connection.recv(65536):
+                    while expected is None or received < expected:
+                        chunk = connection.recv(65536)
+                        if not chunk:
+                            break
                         out.write(chunk)
                         received += len(chunk)
             except ConnectionResetError:
@@ -53,10 +58,13 @@ enum UserNetworkTransfers {
     """
 
   /// Starts the host peer in `mode` (see `hostPeer`) as a child process.
-  static func startHostPeer(_ mode: String, file: String, port: UInt16, seconds: Int = 300) throws -> Process {
+  static func startHostPeer(
+    _ mode: String, file: String, port: UInt16, seconds: Int = 300, expectedBytes: Int? = nil
+  ) throws -> Process {
     let peer = Process()
     peer.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    peer.arguments = ["python3", "-c", hostPeer, mode, file, "\(port)", "\(seconds)"]
+    peer.arguments =
+      ["python3", "-c", hostPeer, mode, file, "\(port)", "\(seconds)"] + (expectedBytes.map { ["\($0)"] } ?? [])
     peer.standardOutput = FileHandle.nullDevice
     peer.standardError = FileHandle.nullDevice
     try peer.run()
@@ -132,19 +140,22 @@ enum UserNetworkTransfers {
 
   /// Guest to host through a port forward: a guest server on `guestPort` sends `size` random
   /// bytes as soon as the host connects to 127.0.0.1:`hostPort` (the host sends nothing
-  /// first); the host's copy's SHA-256 must be the guest's.
+  /// first); the host's copy's SHA-256 must be the guest's. The guest server keeps its sending
+  /// side open after the data (a FIN right behind it sometimes left Debian 12's passt resending
+  /// data endlessly, as in `sendThroughAForward`); the host closes once `size` bytes arrived.
   static func receiveThroughAForward(
     _ session: GuestSession, size: Int, folder: UserNetworkTests.SharedFolder, hostPort: UInt16, guestPort: UInt16,
     sourceLocation: SourceLocation = #_sourceLocation
   ) async throws {
     let prepared = try await session.run(
-      "head -c \(size) /dev/urandom > /tmp/fout && sha256sum /tmp/fout && (nc -l -p \(guestPort) < /tmp/fout &)",
+      "head -c \(size) /dev/urandom > /tmp/fout && sha256sum /tmp/fout"
+        + " && ((cat /tmp/fout; sleep 3600) | nc -l -p \(guestPort) &)",
       timeout: .seconds(300))
     let sentDigest = try #require(
       LinuxVirtioTests.digest(in: prepared, for: "/tmp/fout"), sourceLocation: sourceLocation)
     try await Task.sleep(for: .seconds(1))
     let copy = folder.path("forwarded-\(hostPort).bin")
-    let receiver = try startHostPeer("receive", file: copy, port: hostPort)
+    let receiver = try startHostPeer("receive", file: copy, port: hostPort, expectedBytes: size)
     let status = try await wait(for: receiver)
     #expect(status == 0, "the host could not receive through the forward", sourceLocation: sourceLocation)
     #expect(
