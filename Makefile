@@ -38,9 +38,14 @@ run: build guest
 	  --cmdline "console=ttyS0 panic=-1" --memory 512M
 
 ## Build optimized (the interpreter is too slow in debug) and run every test, under a watchdog
-## that names the unfinished tests and prints the runner's stacks if the run hangs.
+## that names the unfinished tests and prints the runner's stacks if the run hangs. The suites
+## on user-mode networking run in a second pass of their own: Debian 12's passt stalls bulk
+## transfers when the guest's CPU is starved for seconds, as it is beside the rest of the suite
+## on two cores (docs/user-networking.md).
+USERNET_SUITES = LinuxBootTests\.(UserNetworkTests|EmulatedNICUserNetworkTests)
 test: deps guest guest-generic guest-686
-	SWIFT=$(SWIFT) scripts/run-tests.sh
+	SWIFT=$(SWIFT) scripts/run-tests.sh --skip '$(USERNET_SUITES)'
+	SWIFT=$(SWIFT) scripts/run-tests.sh --filter '$(USERNET_SUITES)'
 	scripts/api-conformance.sh
 
 lint:

@@ -71,6 +71,11 @@ enum UserNetworkTransfers {
     return peer
   }
 
+  /// The size of the file at `path` in bytes, or -1 when it does not exist.
+  static func byteCount(ofFile path: String) -> Int {
+    ((try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? NSNumber)?.intValue ?? -1
+  }
+
   /// Waits up to `seconds` for `process` to exit (killing it after that); its exit status.
   static func wait(for process: Process, seconds: Int = 300) async throws -> Int32 {
     for _ in 0..<(seconds * 5) where process.isRunning { try await Task.sleep(for: .milliseconds(200)) }
@@ -113,7 +118,8 @@ enum UserNetworkTransfers {
     let status = try await wait(for: listener)
     #expect(
       (try? LinuxVirtioTests.sha256(ofFile: copy)) == sentDigest,
-      "guest to host through the gateway (listener status \(status))", sourceLocation: sourceLocation)
+      "guest to host through the gateway (listener status \(status), \(byteCount(ofFile: copy)) of \(size) bytes)",
+      sourceLocation: sourceLocation)
   }
 
   /// Host to guest through a port forward: a guest server on `guestPort` (reached from
@@ -159,7 +165,8 @@ enum UserNetworkTransfers {
     let status = try await wait(for: receiver)
     #expect(status == 0, "the host could not receive through the forward", sourceLocation: sourceLocation)
     #expect(
-      (try? LinuxVirtioTests.sha256(ofFile: copy)) == sentDigest, "guest to host through the port forward",
+      (try? LinuxVirtioTests.sha256(ofFile: copy)) == sentDigest,
+      "guest to host through the port forward (\(byteCount(ofFile: copy)) of \(size) bytes)",
       sourceLocation: sourceLocation)
     _ = try await session.run("rm -f /tmp/fout")
   }
