@@ -78,7 +78,7 @@ extension CPU {
   /// Physical address of the instruction byte at linear `linear`, through the fetch TLB.
   @_transparent
   func fetchPhysical(_ linear: UInt64) throws(Fault) -> UInt64 {
-    let entry = fetchTLB[Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)]
+    let entry = fetchTLB[tlbIndex(linear, tlbTagExtra)]
     if entry.tag == (linear & ~0xFFF) | tlbTagExtra {
       return linear &+ entry.delta
     }
@@ -117,6 +117,7 @@ extension CPU {
   @inline(never)
   func buildBlock(_ linear: UInt64, key: UInt64, slot: Int) throws(Fault) -> Int {
     if arenaUsed + maximumBlockInstructions > blockArenaCapacity || blockCount == maximumBlocks {
+      statistics.arenaFullFlushes += 1
       flushDecodedBlocks()
     }
     var fetch = CodeFetch()
@@ -140,6 +141,7 @@ extension CPU {
       }
     }
     arenaUsed += count
+    statistics.blocksDecoded += 1
     let index = blockCount
     blockCount += 1
     let firstPage = fetch.firstPhysicalPage
@@ -169,6 +171,7 @@ extension CPU {
   func invalidateCodePage(_ page: UInt64) {
     var link = codePageHead[Int(page)]
     codePageHead[Int(page)] = 0
+    statistics.codePageInvalidations += 1
     while link != 0 {
       let index = Int(link - 1)
       let block = blocks[index]
@@ -184,6 +187,7 @@ extension CPU {
 
   /// Drops every decoded block (arena full, or a global code change).
   public func flushDecodedBlocks() {
+    statistics.decodedBlockFlushes += 1
     for index in 0..<blockCount {
       let block = blocks[index]
       codePageHead[Int(block.firstPage)] = 0
@@ -263,6 +267,7 @@ extension CPU {
   func applyPostedExternalWrites() {
     postedExternalWrites.withLock { posted in
       if posted.overflowed {
+        statistics.postedWriteOverflows += 1
         flushDecodedBlocks()
       } else {
         for range in posted.ranges { noteExternalWrite(physical: range.physical, length: range.length) }

@@ -127,8 +127,17 @@ public final class CPU: @unchecked Sendable {
   let readTLB: UnsafeMutablePointer<TLBEntry>
   let writeTLB: UnsafeMutablePointer<TLBEntry>
   let fetchTLB: UnsafeMutablePointer<TLBEntry>
-  /// OR-ed into the page tag of every TLB lookup: bit 0 = user mode (CPL 3), so user and
-  /// supervisor translations never alias. Part 2 may add more context bits (low 12 bits).
+  /// Per TLB index, which of the three entries came from a global translation and so survive
+  /// a CR3 write (`TLBGlobalMark`).
+  let tlbGlobalMarks: UnsafeMutablePointer<UInt8>
+  /// Translations of system accesses (`systemPhysicalAddress`: descriptor tables, TSS, IDT,
+  /// interrupt stack frames), which bypass the TLB; emptied with it.
+  let systemTranslations: UnsafeMutablePointer<TLBEntry>
+  /// Whether the last `translate` found a global translation (the TLB fill that follows marks
+  /// its entry).
+  var lastTranslationGlobal = false
+  /// OR-ed into the page tag of every TLB lookup and added to its index: `tlbUserTagBits` in
+  /// user mode (CPL 3), 0 otherwise, so user and supervisor translations never alias.
   var tlbTagExtra: UInt64 = 0
   /// Guest RAM regions, copied once so the hot path never touches Swift arrays.
   let ramRegions: UnsafeMutablePointer<RAMRegion>
@@ -151,6 +160,8 @@ public final class CPU: @unchecked Sendable {
   /// Bumped whenever decoded blocks, translations or the code size change: block-to-block
   /// links (`DecodedBlock.links`) made under an older generation are ignored.
   var chainGeneration: UInt64 = 0
+  /// Counters of the block cache and the translating tier.
+  public internal(set) var statistics = SoftCPUStatistics()
 
   /// Guest RAM ranges other threads wrote (device DMA) that may hold decoded code; `run`
   /// applies them at its next block boundary (`postExternalWrite`, BlockCache.swift).
@@ -223,6 +234,10 @@ public final class CPU: @unchecked Sendable {
     writeTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
     fetchTLB = .allocate(capacity: tlbEntries)
     fetchTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
+    tlbGlobalMarks = .allocate(capacity: tlbEntries)
+    tlbGlobalMarks.initialize(repeating: 0, count: tlbEntries)
+    systemTranslations = .allocate(capacity: systemTranslationEntries)
+    systemTranslations.initialize(repeating: TLBEntry(), count: systemTranslationEntries)
     // RAM, then device memory the guest maps like RAM (a framebuffer).
     let regionList = memory.regions + memory.deviceRegions
     ramRegionCount = regionList.count
@@ -257,6 +272,8 @@ public final class CPU: @unchecked Sendable {
     readTLB.deallocate()
     writeTLB.deallocate()
     fetchTLB.deallocate()
+    tlbGlobalMarks.deallocate()
+    systemTranslations.deallocate()
     ramRegions.deallocate()
     blockArena.deallocate()
     blocks.deallocate()

@@ -55,7 +55,7 @@ extension CPU {
       segments[index] = segment
       segmentBase[index] = 0
     }
-    tlbTagExtra = self.cpl == 3 ? 1 : 0
+    tlbTagExtra = self.cpl == 3 ? tlbUserTagBits : 0
     rflags = 0x2
     mxcsr = 0x1F80
     fpuControl = 0x037F
@@ -189,6 +189,9 @@ extension CPU {
           end = instruction + Int(blocks[blockIndex].heat)
         }
       }
+      let interpretedFrom = instruction
+      statistics.blockDispatches += 1
+      defer { statistics.interpretedInstructions &+= UInt64(instruction - interpretedFrom) }
       do {
         while instruction < end && !blockInvalidated {
           instructionStart = rip

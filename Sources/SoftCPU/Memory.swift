@@ -44,7 +44,7 @@ extension CPU {
   /// Host address for reading `size` bytes at `linear` when the read TLB hits.
   @_transparent
   func readHost(_ linear: UInt64, _ size: UInt64) -> UnsafeMutableRawPointer? {
-    let entry = readTLB[Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)]
+    let entry = readTLB[tlbIndex(linear, tlbTagExtra)]
     if entry.tag == (linear & ~0xFFF) | tlbTagExtra && linear & 0xFFF <= 0x1000 - size {
       return UnsafeMutableRawPointer(bitPattern: UInt(linear &+ entry.delta))
     }
@@ -54,7 +54,7 @@ extension CPU {
   /// Host address for writing `size` bytes at `linear` when the write TLB hits.
   @_transparent
   func writeHost(_ linear: UInt64, _ size: UInt64) -> UnsafeMutableRawPointer? {
-    let entry = writeTLB[Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)]
+    let entry = writeTLB[tlbIndex(linear, tlbTagExtra)]
     if entry.tag == (linear & ~0xFFF) | tlbTagExtra && linear & 0xFFF <= 0x1000 - size {
       return UnsafeMutableRawPointer(bitPattern: UInt(linear &+ entry.delta))
     }
@@ -171,7 +171,14 @@ extension CPU {
   @_transparent
   func fillTLB(_ table: UnsafeMutablePointer<TLBEntry>, linear: UInt64, target: UInt64) {
     let page = linear & ~0xFFF
-    table[Int((linear >> 12) & tlbIndexMask)] = TLBEntry(tag: page | tlbTagExtra, delta: target &- page)
+    let index = tlbIndex(linear, tlbTagExtra)
+    table[index] = TLBEntry(tag: page | tlbTagExtra, delta: target &- page)
+    let mark = table == readTLB ? TLBGlobalMark.read : table == writeTLB ? TLBGlobalMark.write : TLBGlobalMark.fetch
+    if lastTranslationGlobal {
+      tlbGlobalMarks[index] |= mark
+    } else {
+      tlbGlobalMarks[index] &= ~mark
+    }
   }
 
   @inline(never)

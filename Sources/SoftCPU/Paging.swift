@@ -71,6 +71,7 @@ extension CPU {
     if cr0 & X86.cr0PG == 0 {
       return .identity(isLongModeActive ? linear : linear & 0xFFFF_FFFF)
     }
+    statistics.pageWalks += 1
     if efer & X86.eferLMA != 0 {
       if !isCanonical(linear) { throw .nonCanonical(linear) }
       return try walkHierarchical(linear, access: access, cpl: cpl, levels: 4)

@@ -185,6 +185,12 @@ private func runVCPU(
   control.pauseGate.enter()
   defer { control.pauseGate.leave() }
   debugHook.noteVCPUStarted()
+  defer {
+    if SoftCPUStatistics.reportRequested {
+      let line = cpu.statisticsReport(index: index) + "\n"
+      _ = line.withCString { write(2, $0, strlen($0)) }
+    }
+  }
   // Where this vCPU is in the throttle's timeslices (while a throttle is set).
   var throttleTimeslice = VCPUThrottle.Timeslice()
   while true {

@@ -95,17 +95,23 @@ extension CPU {
 
   // MARK: Hooks into the core (TLB, decoded blocks, cached mode)
 
-  /// Flushes the core's software TLB. The core's TLB has no global-page tagging yet, so a
-  /// non-global flush drops everything too (correct, only slower).
+  /// Flushes the core's software TLB: everything, or (`includingGlobal` false, a CR3 write)
+  /// all but the entries of global translations. Large pages may stay cached in the latter.
   func systemFlushTLB(includingGlobal: Bool) {
-    flushTLB()
-    system.largePagesCached = false
+    statistics.fullTLBFlushes += 1
+    if includingGlobal {
+      flushTLB()
+      system.largePagesCached = false
+    } else {
+      flushNonGlobalTLB()
+    }
   }
 
   /// Flushes the TLB entries of the page holding `linear` (INVLPG), whatever their size: the
   /// core's TLB holds 4 KiB pieces of large pages, so when large pages were cached every piece
   /// of the surrounding 1 GiB region is dropped.
   func systemFlushTLBPage(_ linear: UInt64) {
+    statistics.pageTLBFlushes += 1
     flushTLBPage(linear)
     guard system.largePagesCached else { return }
     let regionMask: UInt64 = ~((1 << 30) - 1)
@@ -126,7 +132,7 @@ extension CPU {
     } else {
       codeSize = cs & SegmentAccess.defaultBig != 0 ? 4 : 2
     }
-    tlbTagExtra = (tlbTagExtra & ~1) | (cpl == 3 ? 1 : 0)
+    tlbTagExtra = (tlbTagExtra & ~tlbUserTagBits) | (cpl == 3 ? tlbUserTagBits : 0)
     refreshAllSegmentBases()
     refreshStackMask()
   }
@@ -158,16 +164,27 @@ extension CPU {
     }
     let translation = try translateSlow(linear, access: kind, cpl: cpl)
     if translation.pageSize > 4096 { system.largePagesCached = true }
+    lastTranslationGlobal = translation.global
     return translation.physicalPage | (linear & 0xFFF)
   }
 
   // MARK: Supervisor-mode linear memory access (descriptor tables, TSS, IDT, stack frames)
 
-  /// Translates `linear` for a system access, without going through (or filling) the TLB.
+  /// Translates `linear` for a system access, without going through (or filling) the TLB but
+  /// through a small cache of its own (`systemTranslations`, keyed by page, access kind and
+  /// privilege, emptied whenever the TLB is): every interrupt reads the IDT and TSS and pushes
+  /// a frame, and each of those walked the page tables.
   @inline(__always)
   func systemPhysicalAddress(_ linear: UInt64, access: MemoryAccessKind, cpl: UInt8) throws(Fault) -> UInt64 {
     if cr0 & X86.cr0PG == 0 { return isLongModeActive ? linear : linear & 0xFFFF_FFFF }
+    let linear = isLongModeActive ? linear : linear & 0xFFFF_FFFF
+    let page = linear & ~0xFFF
+    let tag = page | UInt64(access.rawValue) << 2 | UInt64(cpl & 3)
+    let slot = Int(truncatingIfNeeded: ((linear >> 12) &+ (linear >> 22)) & UInt64(systemTranslationEntries - 1))
+    let entry = systemTranslations[slot]
+    if entry.tag == tag { return linear &+ entry.delta }
     let translation = try translateSlow(linear, access: access, cpl: cpl)
+    systemTranslations[slot] = TLBEntry(tag: tag, delta: translation.physicalPage &- page)
     return translation.physicalPage | (linear & 0xFFF)
   }
 

@@ -1,8 +1,9 @@
 import VMCore
 
 // Software TLB: the future shadow page table. One direct-mapped table per access kind
-// (read, write, execute), indexed by linear page number. A hit costs one compare and one
-// add: the entry holds the page tag and the delta to add to the linear address.
+// (read, write, execute), indexed by a hash of the linear page number and the privilege
+// (`tlbIndex`). A hit costs one compare and one add: the entry holds the page tag and the
+// delta to add to the linear address.
 //
 // - read/write entries: delta = host address - linear address (RAM pages only; MMIO and
 //   not-present translations are never cached).
@@ -18,15 +19,46 @@ import VMCore
 // Part 2: `translate` walks the 4-level page tables here (setting A/D bits, checking U/S,
 // R/W, NX against `access` and CPL, raising #PF with CR2). Fill write entries only when the
 // walk allowed writes and set D; fill entries per privilege via `tlbTagExtra`. Flush with
-// `flushTLB()` on CR3 writes (keep global pages if desired), INVLPG (`flushTLBPage`), CR0.PG/
-// CR0.WP/CR4 paging-bit and EFER.NXE changes, and when CPL changes between 3 and 0-2 nothing
-// needs flushing (the tag differs).
+// `flushTLB()` on CR0.PG/CR0.WP/CR4 paging-bit and EFER.NXE changes, `flushNonGlobalTLB()` on
+// CR3 writes (entries filled from a global translation stay, as on hardware: `tlbGlobalMarks`
+// says which), `flushTLBPage` on INVLPG; when CPL changes between 3 and 0-2 nothing needs
+// flushing (the tag differs).
 
 /// Number of entries per TLB table (power of two).
 let tlbEntries = 1024
 let tlbIndexMask: UInt64 = UInt64(tlbEntries - 1)
 /// Tag of an empty entry: low bits all ones never match `page | tlbTagExtra`.
 let tlbInvalidTag: UInt64 = ~0
+/// `tlbTagExtra` at CPL 3: bit 0 keeps user and supervisor entries apart, and the value as a
+/// whole moves user entries half a table away from the supervisor ones of the same page (the
+/// kernel copying to and from a user buffer would otherwise evict the user's entry).
+let tlbUserTagBits: UInt64 = 0x201
+
+/// The TLB index of linear `linear` with tag bits `extra`: page + page / 1024 + extra, modulo
+/// the table size. The page / 1024 term keeps pages 4 MiB apart from sharing an entry (the
+/// kernel reaches the same data through its image mapping and through the direct map, whose
+/// addresses agree in their low bits). Two consecutive pages never share an index (their
+/// indices differ by 1 or 2): an access that crosses a page, looked up at its first page's
+/// index with its last page's tag, therefore always misses. The translator's probe computes
+/// the same (`BlockTranslator.emitProbe`).
+@_transparent
+func tlbIndex(_ linear: UInt64, _ extra: UInt64) -> Int {
+  let page = linear >> 12
+  return Int(truncatingIfNeeded: (page &+ (page >> 10) &+ extra) & tlbIndexMask)
+}
+
+/// Entries of `CPU.systemTranslations` (power of two): the GDT, IDT and TSS pages and the
+/// kernel stack an interrupt pushes its frame on.
+let systemTranslationEntries = 16
+
+/// Bits of `CPU.tlbGlobalMarks`: the entry of that index in the read, write or fetch table was
+/// filled from a global translation. Only valid entries' marks matter: a fill sets or clears
+/// its bit, so an entry dropped without clearing it is still dropped.
+enum TLBGlobalMark {
+  static let read: UInt8 = 1
+  static let write: UInt8 = 2
+  static let fetch: UInt8 = 4
+}
 
 /// One software-TLB entry.
 struct TLBEntry {
@@ -80,6 +112,7 @@ extension CPU {
       }
     }
     if cr0 & X86.cr0PG == 0 {
+      lastTranslationGlobal = false
       return linear
     }
     // Part 2 hook: the page walk (Paging.swift, System.swift `translatePaged`).
@@ -99,15 +132,33 @@ extension CPU {
     readTLB.update(repeating: TLBEntry(), count: tlbEntries)
     writeTLB.update(repeating: TLBEntry(), count: tlbEntries)
     fetchTLB.update(repeating: TLBEntry(), count: tlbEntries)
+    tlbGlobalMarks.update(repeating: 0, count: tlbEntries)
+    systemTranslations.update(repeating: TLBEntry(), count: systemTranslationEntries)
+    chainGeneration &+= 1
+  }
+
+  /// Empties the TLB but for entries filled from global translations (a CR3 write with
+  /// CR4.PGE on: the kernel's pages stay across address-space switches).
+  public func flushNonGlobalTLB() {
+    for index in 0..<tlbEntries {
+      let marks = tlbGlobalMarks[index]
+      if marks & TLBGlobalMark.read == 0 { readTLB[index] = TLBEntry() }
+      if marks & TLBGlobalMark.write == 0 { writeTLB[index] = TLBEntry() }
+      if marks & TLBGlobalMark.fetch == 0 { fetchTLB[index] = TLBEntry() }
+    }
+    systemTranslations.update(repeating: TLBEntry(), count: systemTranslationEntries)
     chainGeneration &+= 1
   }
 
   /// Drops the entries for the page of `linear` (INVLPG).
   public func flushTLBPage(_ linear: UInt64) {
-    let index = Int((linear >> 12) & tlbIndexMask)
-    readTLB[index] = TLBEntry()
-    writeTLB[index] = TLBEntry()
-    fetchTLB[index] = TLBEntry()
+    // The page's supervisor and user entries sit at different indices.
+    for index in [tlbIndex(linear, 0), tlbIndex(linear, tlbUserTagBits)] {
+      readTLB[index] = TLBEntry()
+      writeTLB[index] = TLBEntry()
+      fetchTLB[index] = TLBEntry()
+    }
+    systemTranslations.update(repeating: TLBEntry(), count: systemTranslationEntries)
     chainGeneration &+= 1
   }
 

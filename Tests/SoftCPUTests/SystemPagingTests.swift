@@ -114,6 +114,54 @@ struct SystemPagingTests {
     #expect((try cpu.translateSlow(0xB0_0000, access: .read, cpl: 0)).global)
   }
 
+  /// The software TLB keeps translations of global pages across a CR3 write (CR4.PGE on), as
+  /// hardware may, and drops every other one; INVLPG drops its page's, global or not; turning
+  /// CR4.PGE off drops them all. Seen by a guest that remaps two pages (one global) behind the
+  /// TLB's back and reads them again after each kind of flush, under both execution tiers.
+  @Test(arguments: ["cr3", "invlpg", "pge"], [SoftCPUTier.interpreter, .translator])
+  func globalTranslationsSurviveOnlyCR3Writes(flush: String, tier: SoftCPUTier) throws {
+    cpu.setExecutionTier(tier, threshold: 0)
+    try tables.map(0x40_0000, to: 0x20_0000, flags: 0x103)
+    try tables.map(0x60_0000, to: 0x30_0000, flags: 0x103)
+    try tables.map(0x70_0000, to: 0x31_0000, flags: 0x3)
+    for (index, value) in [UInt64(0x1111), 0x2222, 0x3333, 0x4444].enumerated() {
+      try machine.write64(0x30_0000 + UInt64(index) * 0x1_0000, value)
+    }
+    let flushes = [
+      "cr3": "mov rcx, cr3\n mov cr3, rcx",
+      "invlpg": "invlpg [0x600000]",
+      "pge": "mov rcx, cr4\n and rcx, ~0x80\n mov cr4, rcx\n or rcx, 0x80\n mov cr4, rcx",
+    ]
+    let code = try CoreAssembler.assemble(
+      """
+        mov rax, qword ptr [0x600000]
+        mov rbx, qword ptr [0x700000]
+        hlt
+      .org 0x100
+        \(flushes[flush]!)
+        mov rax, qword ptr [0x600000]
+        mov rbx, qword ptr [0x700000]
+        hlt
+      """)
+    try machine.memory.writeBytes(code, at: 0x20_0000)
+    cpu.noteExternalWrite(physical: 0x20_0000, length: UInt64(code.count))
+    #expect(cpu.run(instructionLimit: 100) == .halted)
+    #expect(cpu.gpr[0] == 0x1111 && cpu.gpr[3] == 0x2222)
+    // Both pages now map the next frames; nothing told the TLB.
+    try tables.map(0x60_0000, to: 0x32_0000, flags: 0x103)
+    try tables.map(0x70_0000, to: 0x33_0000, flags: 0x3)
+    cpu.rip = 0x40_0100
+    #expect(cpu.run(instructionLimit: 100) == .halted)
+    let expected: (UInt64, UInt64) =
+      switch flush {
+      case "cr3": (0x1111, 0x4444)
+      case "invlpg": (0x3333, 0x2222)
+      default: (0x3333, 0x4444)
+      }
+    #expect(cpu.gpr[0] == expected.0, "the global page after \(flush)")
+    #expect(cpu.gpr[3] == expected.1, "the other page after \(flush)")
+  }
+
   @Test func pagingDisabledIsIdentity() throws {
     let plain = try SystemTestMachine()
     let translation = try plain.cpu.translateSlow(0x12_3456, access: .write, cpl: 0)

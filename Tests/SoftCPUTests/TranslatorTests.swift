@@ -140,6 +140,43 @@ struct TranslatorTests {
     }
   }
 
+  /// The block cache's counters: the interpreter counts every instruction as interpreted, the
+  /// translator few of a hot loop's; each store into decoded code counts an invalidation, and a
+  /// flush counts as one.
+  @Test func statisticsCountInterpretedDecodedAndInvalidatedCode() throws {
+    let source = """
+        mov ecx, 3
+      again:
+        lea rdx, [rip + patch + 1]
+        mov byte ptr [rdx], cl
+      patch:
+        mov eax, 0
+        add rbx, rax
+        dec ecx
+        jnz again
+        hlt
+      """
+    let machine = try CoreMachine(cpl: 0)
+    machine.cpu.setExecutionTier(.interpreter)
+    try machine.load(assembly: source)
+    let before = machine.cpu.statistics
+    _ = machine.run()
+    let counts = machine.cpu.statistics
+    #expect(counts.interpretedInstructions == machine.cpu.retiredInstructions)
+    #expect(counts.interpretedInstructions == 1 + 3 * 6 + 1)
+    #expect(counts.codePageInvalidations == 3, "one per store into the decoded loop")
+    #expect(counts.blocksDecoded >= 4, "the first block and one per store")
+    #expect(counts.decodedBlockFlushes == before.decodedBlockFlushes && counts.codeBufferFlushes == 0)
+    machine.cpu.flushDecodedBlocks()
+    #expect(machine.cpu.statistics.decodedBlockFlushes == before.decodedBlockFlushes + 1)
+    #expect(machine.cpu.statistics.arenaFullFlushes == 0 && machine.cpu.statistics.postedWriteOverflows == 0)
+
+    let (_, cpu) = try Self.execute(try Self.benchImage(1), tier: .translator, threshold: 0)
+    #expect(cpu.statistics.interpretedInstructions > 0)
+    #expect(cpu.statistics.interpretedInstructions < cpu.retiredInstructions / 100)
+    #expect(cpu.statisticsReport(index: 0).contains("interpreted \(cpu.statistics.interpretedInstructions),"))
+  }
+
   /// JMP and CALL through a register and through memory chain like direct transfers; a
   /// non-canonical target raises #GP(0) at the branch, with the state before it.
   @Test func indirectJumpsAndCalls() throws {

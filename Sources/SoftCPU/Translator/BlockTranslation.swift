@@ -695,11 +695,16 @@ struct BlockTranslator {
       emitter.test(size: 4, .register(HostRegister.rsi), immediate: Int32(size - 1))
       emitter.jump(HostCondition.notEqual, to: miss)
     }
+    // The index is `tlbIndex(RSI, R15)`: page + page / 1024 + tag bits.
+    emitter.mov(size: 8, HostRegister.rcx, .register(HostRegister.rsi))
+    emitter.shift(.shr, size: 8, .register(HostRegister.rcx), count: 12)
+    emitter.mov(size: 8, HostRegister.rdx, .register(HostRegister.rcx))
+    emitter.shift(.shr, size: 8, .register(HostRegister.rdx), count: 10)
+    emitter.alu(.add, size: 8, HostRegister.rcx, .register(HostRegister.rdx))
+    emitter.alu(.add, size: 8, HostRegister.rcx, .register(HostRegister.r15))
     emitter.lea(HostRegister.rdx, .at(HostRegister.rsi, size - 1))
     emitter.alu(.and, size: 8, .register(HostRegister.rdx), immediate: -4096)
     emitter.alu(.or, size: 8, HostRegister.rdx, .register(HostRegister.r15))
-    emitter.mov(size: 8, HostRegister.rcx, .register(HostRegister.rsi))
-    emitter.shift(.shr, size: 8, .register(HostRegister.rcx), count: 12)
     emitter.alu(.and, size: 4, .register(HostRegister.rcx), immediate: Int32(tlbIndexMask))
     emitter.shift(.shl, size: 4, .register(HostRegister.rcx), count: 4)
     emitter.alu(.add, size: 8, HostRegister.rcx, .register(write ? HostRegister.r14 : HostRegister.r13))

@@ -151,6 +151,7 @@ final class Translator {
     guard !results.isEmpty else { return }
     var base = buffer.install(code)
     if base == nil {
+      cpu.statistics.codeBufferFlushes += 1
       flush(blocks: cpu.blocks, count: cpu.blockCount)
       base = buffer.install(code)
     }
