@@ -342,6 +342,75 @@ struct TranslatorTests {
     }
   }
 
+  /// Instructions without a translation of their own that translated code runs through the
+  /// interpreter helper (`BlockTranslator.interpretedOps`: REP MOVS/STOS/LODS in both
+  /// directions, PUSHF, CLI, shifts of bytes and memory, BSF/BSR, CMOVcc from memory, XCHG,
+  /// IMUL, CMPXCHG16B, SWAPGS) give the interpreter's registers, flags and memory; a REP STOSB
+  /// into the next instruction of its own block changes what runs, and a REP MOVSB that runs
+  /// off the end of RAM faults with the interpreter's partial progress (RCX, RSI, RDI).
+  @Test(arguments: [false, true])
+  func interpretedFormsMatchTheInterpreter(moveFaults: Bool) throws {
+    let steps = [
+      "lea rsi, [r15 + 3]\n  lea rdi, [r15 + 80]\n  mov ecx, 21\n  rep movsb",
+      "lea rdi, [r15 + 128]\n  mov ecx, 5\n  rep stosq",
+      "std\n  lea rsi, [r15 + 40]\n  lea rdi, [r15 + 200]\n  mov ecx, 9\n  rep movsb\n  cld",
+      "lea rsi, [r15 + 8]\n  lodsq", "lea rdi, [r15 + 300]\n  stosw",
+      "pushfq\n  pop r10\n  add rbx, r10", "cli\n  sti",
+      "shr byte ptr [r15 + 5], 3", "sar bl, cl", "shl word ptr [r15 + 2], 1", "shr dh, 1", "sar qword ptr [r15 + 24], cl",
+      "bsf rbx, rcx", "bsr edx, eax", "bsf ax, word ptr [r15 + 2]",
+      "cmp eax, ebx\n  cmovl rcx, qword ptr [r15 + 8]", "test ecx, ecx\n  cmovz edx, eax",
+      "xchg qword ptr [r15 + 16], rbx", "xchg cl, dh", "imul ebx, dword ptr [r15 + 4]", "imul cx, dx",
+      "mov r10, rax\n  mov r11, rdx\n  lock cmpxchg16b xmmword ptr [r15 + 32]\n  mov rax, r10\n  mov rdx, r11",
+      "swapgs\n  swapgs",
+      "lea rdi, [rip + 3f + 2]\n  mov ecx, 1\n  mov r10, rax\n  mov al, cl\n  add al, bl\n  rep stosb\n3:\n"
+        + "  mov r11d, 0x11\n  add rbx, r11\n  mov rax, r10",
+    ]
+    var body = ""
+    for (number, step) in steps.enumerated() {
+      // The last step stores into its own code: it gets a page of its own, so the rest of the
+      // loop stays decoded (and translated) across the invalidations.
+      if number == steps.count - 1 { body += ".p2align 12\n" }
+      body += "  mov rax, r13\n  add rax, \(number * 0x9E37_79B9 & 0xFFFF_FFF)\n  mov rcx, rax\n  rol rcx, 17\n"
+      body += "  and ecx, 0x3F\n  mov rdx, rax\n  ror rdx, 29\n  \(step)\n  pushfq\n  pop rdi\n  and edi, 0xCD5\n"
+      body += "  add r8, rdi\n  rol r8, 5\n  xor r8, rax\n  add r8, rcx\n  xor r8, rdx\n  add r8, rbx\n  mov r13, rax\n"
+      body += "  xor r13, rdx\n  jmp 1f\n1:\n"
+    }
+    // The faulting variant copies from 8 bytes below the end of RAM, late in the loop.
+    let fault =
+      moveFaults
+      ? "  cmp r9d, 3\n  jne 2f\n  mov rsi, 0xFFFFF8\n  lea rdi, [r15 + 400]\n  mov ecx, 32\n  rep movsb\n2:\n" : ""
+    let source =
+      "  mov r9d, 30\n  mov r13, 0x0123456789ABCDEF\n  mov rbx, 0x5555\n  mov r15, 0x100000\nagain:\n" + body + fault
+      + "  dec r9d\n  jnz again\n  hlt\n"
+    var results: [(String, [UInt64], UInt64, [UInt8])] = []
+    var dispatches: [Int] = []
+    for tier in [SoftCPUTier.interpreter, .translator, .lockstep] {
+      let machine = try CoreMachine(cpl: 0)
+      machine.cpu.setExecutionTier(tier, threshold: 2)
+      try machine.load(assembly: source)
+      let stop = machine.run(limit: 10_000_000)
+      dispatches.append(machine.cpu.statistics.blockDispatches)
+      #expect(machine.cpu.lockstepFailure == nil, "\(machine.cpu.lockstepFailure ?? "")")
+      if tier != .interpreter { #expect(machine.cpu.translatedBlockCount > 0) }
+      let data = try machine.memory.slice(at: CoreMachine.dataBase, length: 512)
+      results.append(
+        ("\(stop)", (0..<16).map { machine.cpu.gpr[$0] }, machine.cpu.rip, (0..<512).map { data[$0] }))
+    }
+    #expect(
+      results[0].0.contains(moveFaults ? "vector: 14" : "halted"),
+      "\(results[0].0) at \(String(results[0].2 - CoreMachine.codeBase, radix: 16))")
+    if moveFaults { #expect(results[0].1[1] == 24, "the copy stopped after 8 of 32 bytes") }
+    // The translator runs them inside its blocks: fewer returns to the run loop than in
+    // lockstep mode, where each of them ends its block's translated prefix.
+    #expect(dispatches[1] < dispatches[2] * 3 / 4, "dispatches: \(dispatches)")
+    for (tier, result) in zip(["translator", "lockstep"], results.dropFirst()) {
+      #expect(result.0 == results[0].0, "\(tier)")
+      #expect(result.1 == results[0].1, "\(tier)")
+      #expect(result.2 == results[0].2, "\(tier)")
+      #expect(result.3 == results[0].3, "\(tier)")
+    }
+  }
+
   /// A load from an unmapped address inside a translated block: the fault reports the RIP of
   /// the faulting instruction with the registers and flags as before it.
   @Test func faultInsideATranslatedBlockIsPrecise() throws {

@@ -243,6 +243,9 @@ typedef struct hv_jit_context {
   /// The vector slow-path helpers (`vector` holds the operand).
   void *vector_load_helper;
   void *vector_store_helper;
+  /// Runs one instruction without a translation of its own in the interpreter (`exit` as for
+  /// the memory helpers; the status flags in and out through `flags`).
+  void *interpret_helper;
   /// A 16-byte operand a vector helper loaded or is to store (16-byte aligned: translated
   /// code uses it as the memory operand of aligned SSE instructions).
   uint64_t vector[2] __attribute__((aligned(16)));

@@ -85,6 +85,7 @@ enum ContextOffset {
   static let sseWritten = MemoryLayout<hv_jit_context>.offset(of: \.sse_written)!
   static let vectorLoadHelper = MemoryLayout<hv_jit_context>.offset(of: \.vector_load_helper)!
   static let vectorStoreHelper = MemoryLayout<hv_jit_context>.offset(of: \.vector_store_helper)!
+  static let interpretHelper = MemoryLayout<hv_jit_context>.offset(of: \.interpret_helper)!
   static let vector = MemoryLayout<hv_jit_context>.offset(of: \.vector)!
 }
 
@@ -257,9 +258,28 @@ struct BlockTranslator {
     self.inlineTLBProbes = inlineTLBProbes
   }
 
+  /// Instructions without a translation of their own that translated code runs by calling the
+  /// interpreter for them (`emitInterpreted`), rather than leaving the block: string moves and
+  /// stores, CLI, PUSHF, RDTSC(P), CMPXCHG8B/16B, SWAPGS and the integer forms the translator
+  /// lacks (byte and memory shifts, BT, BSF/BSR, CMOVcc, SETcc, XCHG, XADD, CMPXCHG, IMUL and
+  /// the zero- and sign-extending moves). None of them transfers control or changes the mode;
+  /// should one end the block anyway (a store into decoded code, a fault), the helper says so.
+  static let interpretedOps: Set<Op> = [
+    .movs, .stos, .lods, .cli, .pushf, .rdtsc, .rdtscp, .cmpxchg8b16b, .swapgs, .shrRm, .shlRm, .sarRm, .btRmReg,
+    .bsf, .bsr, .cmovcc, .setcc, .xchgRmReg, .xadd, .cmpxchg, .imulRegRm, .movzxByte, .movzxWord, .movsxByte,
+  ]
+
+  /// Whether `slot` has no translation of its own but is run through the interpreter helper.
+  static func isInterpreted(_ slot: UnsafePointer<Instruction>) -> Bool {
+    translatedFlagUse(slot) == nil && interpretedOps.contains(slot.pointee.op)
+  }
+
   /// Whether `slot` has a translation (and its operands fit the encodings used).
-  static func canTranslate(_ slot: UnsafePointer<Instruction>, offsetAfter: Int) -> Bool {
+  /// `interpreting`: instructions of `interpretedOps` count as translatable (not in lockstep
+  /// mode, whose journal of stores the interpreter would bypass).
+  static func canTranslate(_ slot: UnsafePointer<Instruction>, offsetAfter: Int, interpreting: Bool) -> Bool {
     let instruction = slot.pointee
+    if isInterpreted(slot) { return interpreting }
     guard let use = flagUse(slot) else { return false }
     // Where the host's undefined shift flags differ from the interpreter's, shifts and rotates
     // get the interpreter's flags set after them (`X86Emitter`'s `interpreterShiftFlags`,
@@ -294,7 +314,15 @@ struct BlockTranslator {
 
   /// Status-flag use of the translated form of `slot`; nil when it has none. Most forms are
   /// the interpreter's fast forms; ROL and ROR (no fast form) are recognized by their op.
+  /// An interpreted instruction (`isInterpreted`) reads and writes them all, through the
+  /// context.
   static func flagUse(_ slot: UnsafePointer<Instruction>) -> FlagUse? {
+    if let use = translatedFlagUse(slot) { return use }
+    return interpretedOps.contains(slot.pointee.op) ? FlagUse(reads: true, writesAll: true) : nil
+  }
+
+  /// Status-flag use of the instruction's own translation; nil when it has none.
+  static func translatedFlagUse(_ slot: UnsafePointer<Instruction>) -> FlagUse? {
     let instruction = slot.pointee
     if instruction.fast == .none && (instruction.op == .rolRm || instruction.op == .rorRm) {
       return FlagUse(reads: true, writesAll: false, undefined: RFlags.of, rotate: true)
@@ -446,11 +474,11 @@ struct BlockTranslator {
 
   /// The number of instructions at the start of the `count` at `first` that have no
   /// translation, when a later one has (0 when the first has one, or none has).
-  static func untranslatableLead(_ first: UnsafePointer<Instruction>, count: Int) -> Int {
+  static func untranslatableLead(_ first: UnsafePointer<Instruction>, count: Int, interpreting: Bool) -> Int {
     var offset = 0
     for index in 0..<count {
       let after = offset + Int((first + index).pointee.length)
-      if canTranslate(first + index, offsetAfter: after) { return index }
+      if canTranslate(first + index, offsetAfter: after, interpreting: interpreting) { return index }
       offset = after
     }
     return 0
@@ -464,7 +492,7 @@ struct BlockTranslator {
     var translated = 0
     while translated < count {
       let after = offsets[translated] + Int((first + translated).pointee.length)
-      guard Self.canTranslate(first + translated, offsetAfter: after) else { break }
+      guard Self.canTranslate(first + translated, offsetAfter: after, interpreting: inlineTLBProbes) else { break }
       offsets.append(after)
       translated += 1
       // A jump ends the block.
@@ -724,6 +752,34 @@ struct BlockTranslator {
     }
   }
 
+  /// Instruction `index` run by the interpreter (`CPU.translatedInterpret`): the status flags
+  /// go to the context before and come back after; the helper's verdict is the memory
+  /// helpers' (1: leave before the instruction, which the interpreter then runs and faults on;
+  /// 2: the block ends after it, with the RIP the interpreter left in the context).
+  private mutating func emitInterpreted(_ slot: UnsafePointer<Instruction>, index: Int) {
+    if flagsValidAt[index] { emitter.storeGuestFlags() }
+    emitter.mov(size: 8, HostRegister.rdi, .register(HostRegister.r12))
+    emitter.movImmediate64(HostRegister.rsi, UInt64(UInt(bitPattern: slot)))
+    emitter.mov(size: 4, .register(HostRegister.rdx), immediate: Int32(instructionOffsets[index]))
+    emitter.call(.at(HostRegister.r12, ContextOffset.interpretHelper))
+    emitter.alu(.cmp, size: 8, .at(HostRegister.r12, ContextOffset.exit), immediate: 0)
+    let leaving = emitter.newLabel()
+    emitter.jump(HostCondition.notEqual, to: leaving)
+    emitter.loadGuestFlags()
+    let epilogue = self.epilogue
+    let offset = instructionOffsets[index]
+    outOfLine.append { emitter in
+      emitter.bind(leaving)
+      let ended = emitter.newLabel()
+      emitter.alu(.cmp, size: 8, .at(HostRegister.r12, ContextOffset.exit), immediate: 2)
+      emitter.jump(HostCondition.equal, to: ended)
+      emitter.leave(ripOffset: offset, result: UInt64(index), epilogue: epilogue)
+      emitter.bind(ended)
+      emitter.movImmediate64(HostRegister.rax, UInt64(index + 1) | translationEndedBit)
+      emitter.jump(to: epilogue)
+    }
+  }
+
   /// Out-of-line code: on a miss in instruction `index` (flags in EBP when valid), stores the
   /// flags to the context and leaves before the instruction.
   mutating func deferLeaveBefore(_ index: Int, miss: HostLabel) {
@@ -855,6 +911,10 @@ struct BlockTranslator {
     let immediate = instruction.immediate
     let imm32 = Int32(truncatingIfNeeded: immediate)
 
+    if Self.isInterpreted(slot) {
+      emitInterpreted(slot, index: index)
+      return false
+    }
     if let form = SSEForm(instruction) {
       emitSSE(slot, index: index, form: form)
       return false

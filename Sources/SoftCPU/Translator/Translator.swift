@@ -78,6 +78,8 @@ final class Translator {
       translatedVectorLoad
     let vectorStore: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64) -> Void =
       translatedVectorStore
+    let interpret: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64) -> Void =
+      translatedInterpret
     context.initialize(
       to: hv_jit_context(
         flags: 0, rip: 0, exit: 0, read_tlb: UnsafeMutableRawPointer(cpu.readTLB),
@@ -90,7 +92,8 @@ final class Translator {
         stop: cpu.translationStopSignal, chain_offset: 0, xmm: UnsafeMutableRawPointer(cpu.xmm), sse_state: 0,
         host_mxcsr: 0, sse_written: 0,
         vector_load_helper: unsafeBitCast(vectorLoad, to: UnsafeMutableRawPointer.self),
-        vector_store_helper: unsafeBitCast(vectorStore, to: UnsafeMutableRawPointer.self), vector: (0, 0)))
+        vector_store_helper: unsafeBitCast(vectorStore, to: UnsafeMutableRawPointer.self),
+        interpret_helper: unsafeBitCast(interpret, to: UnsafeMutableRawPointer.self), vector: (0, 0)))
   }
 
   deinit {
@@ -139,7 +142,8 @@ final class Translator {
       else {
         // No translated prefix: `heat` keeps how many instructions the interpreter runs before
         // the run loop looks the rest up as a block of its own (0: the whole block).
-        cpu.blocks[block].heat = UInt32(BlockTranslator.untranslatableLead(first, count: Int(cpu.blocks[block].count)))
+        cpu.blocks[block].heat = UInt32(
+          BlockTranslator.untranslatableLead(first, count: Int(cpu.blocks[block].count), interpreting: !lockstep))
         continue
       }
       // Blocks start on 16-byte boundaries.
@@ -378,6 +382,48 @@ extension CPU {
     if let guestMXCSR { hv_ldmxcsr(guestMXCSR) }
   }
 
+  /// An instruction of `BlockTranslator.interpretedOps` at `offset` from the block's entry,
+  /// run by the interpreter from translated code, with the status flags taken from and given
+  /// back to the context. A fault leaves before the instruction (the run loop's interpreter
+  /// runs it again and raises the fault exactly); anything that may change what the rest of
+  /// the block means ends it after the instruction: a store into decoded code, a new chain
+  /// generation, mode, privilege or code size, a RIP other than the next instruction's (a REP
+  /// string instruction that stopped early) or a requested exit.
+  func translatedInterpret(
+    _ context: UnsafeMutablePointer<hv_jit_context>, _ slot: UnsafeMutablePointer<Instruction>, _ offset: UInt64
+  ) {
+    let guestMXCSR = enterHelper(context)
+    defer { leaveHelper(context, guestMXCSR) }
+    let start = context.pointee.entry_rip &+ offset
+    let next = start &+ UInt64(slot.pointee.length)
+    let generation = chainGeneration
+    let size = codeSize
+    let privilege = cpl
+    materializeFlags()
+    storedFlags = context.pointee.flags
+    rip = next
+    blockInvalidated = false
+    do {
+      try executeFast(slot)
+    } catch {
+      // The run loop's interpreter runs the instruction again (from where a REP instruction
+      // got to) and raises the fault; what the failed attempt marked must not stop it first.
+      rip = start
+      blockInvalidated = false
+      context.pointee.exit = 1
+      return
+    }
+    statistics.interpretedInstructions &+= 1
+    materializeFlags()
+    context.pointee.flags = storedFlags
+    if blockInvalidated || exitRequested || rip != next || chainGeneration != generation || codeSize != size
+      || cpl != privilege
+    {
+      context.pointee.rip = rip
+      context.pointee.exit = 2
+    }
+  }
+
   /// A vector load the inline TLB probe missed (or that is misaligned): the `size & 0xFF`
   /// bytes at `linear` into the context's `vector` (zero-extended), as the interpreter reads
   /// them (`size & 0x100`: a 16-byte access that must be aligned). A fault leaves before the
@@ -460,6 +506,13 @@ extension CPU {
       let physical = try? translate(linear, access: write ? .write : .read)
     else { return nil }
     return write ? writableRAM(linear, physical: physical) : ramPointer(physical)
+  }
+}
+
+/// `slot`: the address of the decoded instruction in the block arena.
+private func translatedInterpret(_ context: UnsafeMutablePointer<hv_jit_context>?, _ slot: UInt64, _ offset: UInt64) {
+  Unmanaged<CPU>.fromOpaque(context!.pointee.cpu)._withUnsafeGuaranteedRef {
+    $0.translatedInterpret(context!, UnsafeMutablePointer(bitPattern: UInt(slot))!, offset)
   }
 }
 
