@@ -115,21 +115,25 @@ struct TranslatorTests {
     #expect(checks > 500)
   }
 
+  /// A loop that stores its counter into the immediate of a later instruction of its own block
+  /// (3 iterations: RBX ends as 3 + 2 + 1).
+  static let selfModifyingLoop = """
+      mov ecx, 3
+    again:
+      lea rdx, [rip + patch + 1]
+      mov byte ptr [rdx], cl
+    patch:
+      mov eax, 0
+      add rbx, rax
+      dec ecx
+      jnz again
+      hlt
+    """
+
   /// A store into the block being run: the translated block ends after the store and the
   /// modified code runs (self-modifying code stays exact under the translator).
   @Test func selfModifyingCodeUnderTheTranslator() throws {
-    let source = """
-        mov ecx, 3
-      again:
-        lea rdx, [rip + patch + 1]
-        mov byte ptr [rdx], cl
-      patch:
-        mov eax, 0
-        add rbx, rax
-        dec ecx
-        jnz again
-        hlt
-      """
+    let source = Self.selfModifyingLoop
     for tier in [SoftCPUTier.interpreter, .translator, .lockstep] {
       let machine = try CoreMachine(cpl: 0)
       machine.cpu.setExecutionTier(tier, threshold: 0)
@@ -144,18 +148,7 @@ struct TranslatorTests {
   /// translator few of a hot loop's; each store into decoded code counts an invalidation, and a
   /// flush counts as one.
   @Test func statisticsCountInterpretedDecodedAndInvalidatedCode() throws {
-    let source = """
-        mov ecx, 3
-      again:
-        lea rdx, [rip + patch + 1]
-        mov byte ptr [rdx], cl
-      patch:
-        mov eax, 0
-        add rbx, rax
-        dec ecx
-        jnz again
-        hlt
-      """
+    let source = Self.selfModifyingLoop
     let machine = try CoreMachine(cpl: 0)
     machine.cpu.setExecutionTier(.interpreter)
     try machine.load(assembly: source)
