@@ -21,8 +21,10 @@ public struct SoftCPUStatistics: Sendable, Equatable {
   public var codeBufferFlushes = 0
   /// Blocks the run loop dispatched (a chain of translated blocks counts once).
   public var blockDispatches = 0
-  /// Software-TLB flushes: whole (CR3 and paging-mode writes) and of one page (INVLPG).
+  /// Software-TLB flushes of the whole table (CR3 and paging-mode writes; a CR3 write keeps
+  /// global translations).
   public var fullTLBFlushes = 0
+  /// Software-TLB flushes of one page (INVLPG).
   public var pageTLBFlushes = 0
   /// Page-table walks (software-TLB misses on paged memory).
   public var pageWalks = 0
