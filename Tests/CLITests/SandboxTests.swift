@@ -8,24 +8,33 @@ import Testing
   .enabled(if: getuid() == 0, "the sandbox needs root"),
   .enabled(if: FileManager.default.isWritableFile(atPath: "/dev/kvm"), "needs /dev/kvm"))
 struct SandboxTests {
-  /// A running `hostvisor` whose output goes to a file (never the runner's pipes).
+  /// A running `hostvisor` whose output goes to files (never the runner's pipes): one for
+  /// stdout (the guest's serial console) and one for stderr (the VMM's own lines), so that a
+  /// VMM line written while the guest is mid-line cannot split the guest's text.
   final class RunningVMM {
     let process = Process()
-    let outputPath: String
+    let stdoutPath: String
+    let stderrPath: String
 
     init(_ arguments: [String], scratch: ScratchDirectory) throws {
-      outputPath = scratch.path("vmm-\(UUID().uuidString).log")
-      _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
-      let output = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath))
+      let name = UUID().uuidString
+      stdoutPath = scratch.path("vmm-\(name).stdout")
+      stderrPath = scratch.path("vmm-\(name).stderr")
+      _ = FileManager.default.createFile(atPath: stdoutPath, contents: nil)
+      _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
       process.executableURL = HostvisorProcess.executable
       process.arguments = arguments
       process.standardInput = FileHandle.nullDevice
-      process.standardOutput = output
-      process.standardError = output
+      process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: stdoutPath))
+      process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: stderrPath))
       try process.run()
     }
 
-    var output: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
+    /// The guest's serial output followed by the VMM's own lines.
+    var output: String {
+      [stdoutPath, stderrPath].map { (try? String(contentsOfFile: $0, encoding: .utf8)) ?? "" }
+        .joined(separator: "\n")
+    }
 
     /// Waits until the output contains `text`.
     func waitFor(_ text: String, seconds: Double = 60) throws {
