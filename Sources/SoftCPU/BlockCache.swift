@@ -61,6 +61,16 @@ struct BlockLink {
   var block: Int32 = -1
   var first: Int32 = 0
   var count: Int32 = 0
+  /// 0 when the target's code is fetched through global translations only (a CR3 write keeps
+  /// its mapping), else the `CPU.addressSpaceGeneration` the link was made under.
+  var addressSpace: UInt32 = 0
+
+  /// Whether the link leads to the block at linear `fetchAddress` in address space
+  /// `currentAddressSpace`.
+  @_transparent
+  func leads(to fetchAddress: UInt64, in currentAddressSpace: UInt32) -> Bool {
+    rip == fetchAddress && (addressSpace == 0 || addressSpace == currentAddressSpace)
+  }
 }
 
 /// One slot of the lookup table.
@@ -87,6 +97,9 @@ extension CPU {
 
   @inline(never)
   func fetchPhysicalSlow(_ linear: UInt64) throws(Fault) -> UInt64 {
+    if promoteVictim(fetchTLB, linear) {
+      return linear &+ fetchTLB[tlbIndex(linear, tlbTagExtra)].delta
+    }
     let physical = try translate(linear, access: .execute)
     guard ramPointer(physical) != nil else {
       throw .pageFault(pageFaultErrorCode(access: .execute), address: linear)

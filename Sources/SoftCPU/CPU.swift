@@ -160,6 +160,10 @@ public final class CPU: @unchecked Sendable {
   /// Bumped whenever decoded blocks, translations or the code size change: block-to-block
   /// links (`DecodedBlock.links`) made under an older generation are ignored.
   var chainGeneration: UInt64 = 0
+  /// Bumped by every CR3 write (never 0): links and jump-cache entries to code fetched through
+  /// a non-global translation are valid only in the address space they were made in, while
+  /// those to global code (the kernel's) survive the switch, as the TLB entries they rest on do.
+  var addressSpaceGeneration: UInt32 = 1
   /// Counters of the block cache and the translating tier.
   public internal(set) var statistics = SoftCPUStatistics()
 
@@ -228,14 +232,14 @@ public final class CPU: @unchecked Sendable {
     segmentBase = .allocate(capacity: 6)
     segmentBase.initialize(repeating: 0, count: 6)
 
-    readTLB = .allocate(capacity: tlbEntries)
-    readTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
-    writeTLB = .allocate(capacity: tlbEntries)
-    writeTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
-    fetchTLB = .allocate(capacity: tlbEntries)
-    fetchTLB.initialize(repeating: TLBEntry(), count: tlbEntries)
-    tlbGlobalMarks = .allocate(capacity: tlbEntries)
-    tlbGlobalMarks.initialize(repeating: 0, count: tlbEntries)
+    readTLB = .allocate(capacity: tlbSlots)
+    readTLB.initialize(repeating: TLBEntry(), count: tlbSlots)
+    writeTLB = .allocate(capacity: tlbSlots)
+    writeTLB.initialize(repeating: TLBEntry(), count: tlbSlots)
+    fetchTLB = .allocate(capacity: tlbSlots)
+    fetchTLB.initialize(repeating: TLBEntry(), count: tlbSlots)
+    tlbGlobalMarks = .allocate(capacity: tlbSlots)
+    tlbGlobalMarks.initialize(repeating: 0, count: tlbSlots)
     systemTranslations = .allocate(capacity: systemTranslationEntries)
     systemTranslations.initialize(repeating: TLBEntry(), count: systemTranslationEntries)
     // RAM, then device memory the guest maps like RAM (a framebuffer).

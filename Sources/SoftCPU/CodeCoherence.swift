@@ -78,7 +78,7 @@ extension CPU {
     let epoch = shared.epoch.load(ordering: .acquiring)
     guard epoch != seenCodeEpoch else { return }
     seenCodeEpoch = epoch
-    for index in 0..<tlbEntries where writeTLB[index].tag != tlbInvalidTag {
+    for index in 0..<tlbSlots where writeTLB[index].tag != tlbInvalidTag {
       let entry = writeTLB[index]
       let host = (entry.tag & ~0xFFF) &+ entry.delta
       guard let page = physicalPage(ofHost: host), siblingsHoldCode(page) else { continue }

@@ -12,7 +12,7 @@ import VMCore
 extension CPU {
   /// Drops every write-TLB entry, so the next store to each page takes the slow path.
   public func dropAllWriteEntries() {
-    writeTLB.update(repeating: TLBEntry(), count: tlbEntries)
+    writeTLB.update(repeating: TLBEntry(), count: tlbSlots)
   }
 }
 

@@ -124,11 +124,11 @@ extension CPU {
       }
       let link = blocks + (previous > 0 ? previous : 0)
       let linksValid = previous >= 0 && link.pointee.linkGeneration == chainGeneration
-      if linksValid && link.pointee.links.0.rip == fetchAddress {
+      if linksValid && link.pointee.links.0.leads(to: fetchAddress, in: addressSpaceGeneration) {
         blockIndex = Int(link.pointee.links.0.block)
         first = link.pointee.links.0.first
         count = link.pointee.links.0.count
-      } else if linksValid && link.pointee.links.1.rip == fetchAddress {
+      } else if linksValid && link.pointee.links.1.leads(to: fetchAddress, in: addressSpaceGeneration) {
         blockIndex = Int(link.pointee.links.1.block)
         first = link.pointee.links.1.first
         count = link.pointee.links.1.count
@@ -147,7 +147,9 @@ extension CPU {
         count = blocks[blockIndex].count
         if previous >= 0 {
           // The newest link goes first; the other one is kept if still valid.
-          let newest = BlockLink(rip: fetchAddress, block: Int32(blockIndex), first: first, count: count)
+          let newest = BlockLink(
+            rip: fetchAddress, block: Int32(blockIndex), first: first, count: count,
+            addressSpace: blockCodeIsGlobal(fetchAddress, block: blockIndex) ? 0 : addressSpaceGeneration)
           link.pointee.links = (newest, linksValid ? link.pointee.links.0 : BlockLink())
           link.pointee.linkGeneration = chainGeneration
         }

@@ -168,12 +168,22 @@ extension CPU {
   // MARK: Slow paths
 
   /// Fills the read TLB for the page of `linear` (physical `physical`, RAM at `host`).
+  /// The entry it replaces in the primary way moves to the victim way (`tlbSlots`).
   @_transparent
   func fillTLB(_ table: UnsafeMutablePointer<TLBEntry>, linear: UInt64, target: UInt64) {
     let page = linear & ~0xFFF
     let index = tlbIndex(linear, tlbTagExtra)
-    table[index] = TLBEntry(tag: page | tlbTagExtra, delta: target &- page)
-    let mark = table == readTLB ? TLBGlobalMark.read : table == writeTLB ? TLBGlobalMark.write : TLBGlobalMark.fetch
+    let victim = index + tlbEntries
+    let tag = page | tlbTagExtra
+    let mark = globalMark(of: table)
+    let displaced = table[index]
+    if displaced.tag != tlbInvalidTag && displaced.tag != tag {
+      table[victim] = displaced
+      tlbGlobalMarks[victim] = tlbGlobalMarks[victim] & ~mark | tlbGlobalMarks[index] & mark
+    } else if table[victim].tag == tag {
+      table[victim] = TLBEntry()
+    }
+    table[index] = TLBEntry(tag: tag, delta: target &- page)
     if lastTranslationGlobal {
       tlbGlobalMarks[index] |= mark
     } else {
@@ -181,24 +191,52 @@ extension CPU {
     }
   }
 
+  /// The `TLBGlobalMark` bit of `table`.
+  @_transparent
+  func globalMark(of table: UnsafeMutablePointer<TLBEntry>) -> UInt8 {
+    table == readTLB ? TLBGlobalMark.read : table == writeTLB ? TLBGlobalMark.write : TLBGlobalMark.fetch
+  }
+
+  /// After a primary-way miss for `linear`: when the victim way holds its page, swaps the two
+  /// ways (entries and global marks) so the fast path hits, and returns true.
+  @inline(__always)
+  func promoteVictim(_ table: UnsafeMutablePointer<TLBEntry>, _ linear: UInt64) -> Bool {
+    let index = tlbIndex(linear, tlbTagExtra)
+    let victim = index + tlbEntries
+    guard table[victim].tag == (linear & ~0xFFF) | tlbTagExtra else { return false }
+    let primary = table[index]
+    table[index] = table[victim]
+    table[victim] = primary
+    let mark = globalMark(of: table)
+    let marks = tlbGlobalMarks[index]
+    tlbGlobalMarks[index] = marks & ~mark | tlbGlobalMarks[victim] & mark
+    tlbGlobalMarks[victim] = tlbGlobalMarks[victim] & ~mark | marks & mark
+    return true
+  }
+
   @inline(never)
   func readSlow(_ linear: UInt64, _ size: UInt64) throws(Fault) -> UInt64 {
     if linear & 0xFFF <= 0x1000 - size {
-      let physical = try translate(linear, access: .read)
-      if let host = ramPointer(physical) {
-        fillTLB(readTLB, linear: linear, target: UInt64(UInt(bitPattern: host)) & ~0xFFF)
-        switch size {
-        case 1: return UInt64(hv_load8(host))
-        case 2: return UInt64(hv_load16(host))
-        case 4: return UInt64(hv_load32(host))
-        default: return hv_load64(host)
+      var host = promoteVictim(readTLB, linear) ? readHost(linear, size) : nil
+      if host == nil {
+        let physical = try translate(linear, access: .read)
+        guard let ram = ramPointer(physical) else {
+          if physical & ~0xFFF == system.relocatedAPICPage, let apic = system.localAPIC {
+            return apic.mmioRead(offset: physical & 0xFFF, size: Int(size))
+          }
+          try checkBacked(physical, linear: linear, access: .read)
+          return bus.mmioRead(physical, size: Int(size))
         }
+        fillTLB(readTLB, linear: linear, target: UInt64(UInt(bitPattern: ram)) & ~0xFFF)
+        host = ram
       }
-      if physical & ~0xFFF == system.relocatedAPICPage, let apic = system.localAPIC {
-        return apic.mmioRead(offset: physical & 0xFFF, size: Int(size))
+      let pointer = host.unsafelyUnwrapped
+      switch size {
+      case 1: return UInt64(hv_load8(pointer))
+      case 2: return UInt64(hv_load16(pointer))
+      case 4: return UInt64(hv_load32(pointer))
+      default: return hv_load64(pointer)
       }
-      try checkBacked(physical, linear: linear, access: .read)
-      return bus.mmioRead(physical, size: Int(size))
     }
     // Crossing a page boundary: byte by byte.
     var value: UInt64 = 0
@@ -244,8 +282,10 @@ extension CPU {
   @inline(never)
   func writeSlow(_ linear: UInt64, _ size: UInt64, _ value: UInt64) throws(Fault) {
     if linear & 0xFFF <= 0x1000 - size {
-      let physical = try translate(linear, access: .write)
-      if let host = writableRAM(linear, physical: physical) {
+      // A victim-way hit is a page already writable, dirty-marked and free of code.
+      let promoted = promoteVictim(writeTLB, linear) ? writeHost(linear, size) : nil
+      let physical = promoted == nil ? try translate(linear, access: .write) : 0
+      if let host = promoted ?? writableRAM(linear, physical: physical) {
         switch size {
         case 1: hv_store8(host, UInt8(truncatingIfNeeded: value))
         case 2: hv_store16(host, UInt16(truncatingIfNeeded: value))
@@ -272,6 +312,7 @@ extension CPU {
   @inline(never)
   func modifyHostSlow(_ linear: UInt64, _ size: UInt64) throws(Fault) -> UnsafeMutableRawPointer? {
     if linear & 0xFFF <= 0x1000 - size {
+      if promoteVictim(writeTLB, linear), let host = writeHost(linear, size) { return host }
       let physical = try translate(linear, access: .write)
       if let host = writableRAM(linear, physical: physical) { return host }
       try checkBacked(physical, linear: linear, access: .write)

@@ -123,6 +123,7 @@ extension CPU {
   /// Host address for reading `length` bytes within one page (filling the read TLB), or nil.
   func readableHost(_ linear: UInt64, _ length: UInt64) throws(Fault) -> UnsafeMutableRawPointer? {
     if let host = readHost(linear, length) { return host }
+    if promoteVictim(readTLB, linear), let host = readHost(linear, length) { return host }
     let physical = try translate(linear, access: .read)
     guard let host = ramPointer(physical) else { return nil }
     fillTLB(readTLB, linear: linear, target: UInt64(UInt(bitPattern: host)) & ~0xFFF)

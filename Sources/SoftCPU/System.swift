@@ -117,7 +117,7 @@ extension CPU {
     let regionMask: UInt64 = ~((1 << 30) - 1)
     let region = linear & regionMask
     for table in [readTLB, writeTLB, fetchTLB] {
-      for index in 0..<tlbEntries where table[index].tag != tlbInvalidTag {
+      for index in 0..<tlbSlots where table[index].tag != tlbInvalidTag {
         if table[index].tag & regionMask == region { table[index] = TLBEntry() }
       }
     }

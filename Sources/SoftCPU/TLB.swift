@@ -24,8 +24,14 @@ import VMCore
 // says which), `flushTLBPage` on INVLPG; when CPL changes between 3 and 0-2 nothing needs
 // flushing (the tag differs).
 
-/// Number of entries per TLB table (power of two).
+/// Number of indices per TLB table (power of two).
 let tlbEntries = 1024
+/// Entries per TLB table: each index has a primary way (at the index, where the fast paths and
+/// the translator's probe look first) and a victim way (at index + `tlbEntries`) that keeps
+/// the entry the last fill displaced, so two pages that share an index do not evict each
+/// other on every access. The slow paths promote a victim hit back to the primary way
+/// (`promoteVictim`); the translator's probe checks the victim way out of line.
+let tlbSlots = 2 * tlbEntries
 let tlbIndexMask: UInt64 = UInt64(tlbEntries - 1)
 /// Tag of an empty entry: low bits all ones never match `page | tlbTagExtra`.
 let tlbInvalidTag: UInt64 = ~0
@@ -129,10 +135,10 @@ extension CPU {
 
   /// Empties every TLB table (CR3 write, paging mode change).
   public func flushTLB() {
-    readTLB.update(repeating: TLBEntry(), count: tlbEntries)
-    writeTLB.update(repeating: TLBEntry(), count: tlbEntries)
-    fetchTLB.update(repeating: TLBEntry(), count: tlbEntries)
-    tlbGlobalMarks.update(repeating: 0, count: tlbEntries)
+    readTLB.update(repeating: TLBEntry(), count: tlbSlots)
+    writeTLB.update(repeating: TLBEntry(), count: tlbSlots)
+    fetchTLB.update(repeating: TLBEntry(), count: tlbSlots)
+    tlbGlobalMarks.update(repeating: 0, count: tlbSlots)
     systemTranslations.update(repeating: TLBEntry(), count: systemTranslationEntries)
     chainGeneration &+= 1
   }
@@ -140,20 +146,39 @@ extension CPU {
   /// Empties the TLB but for entries filled from global translations (a CR3 write with
   /// CR4.PGE on: the kernel's pages stay across address-space switches).
   public func flushNonGlobalTLB() {
-    for index in 0..<tlbEntries {
+    for index in 0..<tlbSlots {
       let marks = tlbGlobalMarks[index]
       if marks & TLBGlobalMark.read == 0 { readTLB[index] = TLBEntry() }
       if marks & TLBGlobalMark.write == 0 { writeTLB[index] = TLBEntry() }
       if marks & TLBGlobalMark.fetch == 0 { fetchTLB[index] = TLBEntry() }
     }
     systemTranslations.update(repeating: TLBEntry(), count: systemTranslationEntries)
-    chainGeneration &+= 1
+    // Chains into global code stay; those into the old address space's code go.
+    addressSpaceGeneration = addressSpaceGeneration == .max ? 1 : addressSpaceGeneration + 1
+    translator?.dropAddressSpaceEntries(chainGeneration: chainGeneration)
+  }
+
+  /// Whether the code of decoded block `block`, fetched at linear `linear`, comes through
+  /// global translations only (64-bit code with paging; its fetch-TLB entries present and
+  /// marked global), so that a CR3 write leaves its linear-to-physical mapping as it is.
+  func blockCodeIsGlobal(_ linear: UInt64, block: Int) -> Bool {
+    guard codeSize == 8, cr0 & X86.cr0PG != 0, fetchIsGlobal(linear) else { return false }
+    return blocks[block].secondPage == .max || fetchIsGlobal((linear & ~0xFFF) &+ 0x1000)
+  }
+
+  /// Whether the fetch TLB holds the page of `linear` at the current privilege, filled from a
+  /// global translation.
+  private func fetchIsGlobal(_ linear: UInt64) -> Bool {
+    let index = tlbIndex(linear, tlbTagExtra)
+    return fetchTLB[index].tag == (linear & ~0xFFF) | tlbTagExtra && tlbGlobalMarks[index] & TLBGlobalMark.fetch != 0
   }
 
   /// Drops the entries for the page of `linear` (INVLPG).
   public func flushTLBPage(_ linear: UInt64) {
     // The page's supervisor and user entries sit at different indices.
-    for index in [tlbIndex(linear, 0), tlbIndex(linear, tlbUserTagBits)] {
+    let supervisor = tlbIndex(linear, 0)
+    let user = tlbIndex(linear, tlbUserTagBits)
+    for index in [supervisor, user, supervisor + tlbEntries, user + tlbEntries] {
       readTLB[index] = TLBEntry()
       writeTLB[index] = TLBEntry()
       fetchTLB[index] = TLBEntry()
@@ -165,7 +190,7 @@ extension CPU {
   /// Drops write entries that map host page `hostPage` (the page just became a code page).
   func dropWriteEntries(hostPage: UnsafeMutableRawPointer) {
     let target = UInt64(UInt(bitPattern: hostPage))
-    for index in 0..<tlbEntries where writeTLB[index].tag != tlbInvalidTag {
+    for index in 0..<tlbSlots where writeTLB[index].tag != tlbInvalidTag {
       let entry = writeTLB[index]
       if (entry.tag & ~0xFFF) &+ entry.delta == target { writeTLB[index] = TLBEntry() }
     }

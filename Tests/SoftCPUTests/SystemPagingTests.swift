@@ -162,6 +162,112 @@ struct SystemPagingTests {
     #expect(cpu.gpr[3] == expected.1, "the other page after \(flush)")
   }
 
+  /// Two pages whose TLB entries share an index (page + page / 1024 agree modulo 1024) both
+  /// stay cached: the victim way keeps the one the other displaced, so a loop reading both
+  /// walks each once instead of on every access, under both tiers.
+  @Test(arguments: [SoftCPUTier.interpreter, .translator])
+  func pagesSharingATLBIndexBothStayCached(tier: SoftCPUTier) throws {
+    cpu.setExecutionTier(tier, threshold: 0)
+    try tables.map(0x40_0000, to: 0x20_0000, flags: 0x3)
+    // Pages 0x600 and 0x9FF: 0x600 + 1 and 0x9FF + 2 are both 0x201 modulo 1024.
+    try tables.map(0x60_0000, to: 0x30_0000, flags: 0x3)
+    try tables.map(0x9F_F000, to: 0x31_0000, flags: 0x3)
+    try machine.write64(0x30_0000, 3)
+    try machine.write64(0x31_0000, 4)
+    let code = try CoreAssembler.assemble(
+      """
+        mov ecx, 500
+        xor eax, eax
+      1:
+        add rax, qword ptr [0x600000]
+        add rax, qword ptr [0x9ff000]
+        dec ecx
+        jnz 1b
+        hlt
+      """)
+    try machine.memory.writeBytes(code, at: 0x20_0000)
+    cpu.noteExternalWrite(physical: 0x20_0000, length: UInt64(code.count))
+    let walksBefore = cpu.statistics.pageWalks
+    #expect(cpu.run(instructionLimit: 10_000) == .halted)
+    #expect(cpu.gpr[0] == 500 * 7)
+    // The code page and the two data pages, each once (a page walk per access without the
+    // victim way: 1000).
+    #expect(cpu.statistics.pageWalks - walksBefore <= 6, "\(cpu.statistics.pageWalks - walksBefore) walks")
+  }
+
+  /// An entry in the victim way is flushed like one in the primary way: after INVLPG of its
+  /// page, or a CR3 write (not global), a remapped page reads its new frame.
+  @Test(arguments: ["invlpg", "cr3"], [SoftCPUTier.interpreter, .translator])
+  func victimEntriesAreFlushed(flush: String, tier: SoftCPUTier) throws {
+    cpu.setExecutionTier(tier, threshold: 0)
+    try tables.map(0x40_0000, to: 0x20_0000, flags: 0x103)
+    try tables.map(0x60_0000, to: 0x30_0000, flags: 0x3)
+    try tables.map(0x9F_F000, to: 0x31_0000, flags: 0x3)
+    try machine.write64(0x30_0000, 0x1111)
+    try machine.write64(0x31_0000, 0x2222)
+    try machine.write64(0x32_0000, 0x3333)
+    let flushes = ["invlpg": "invlpg [0x600000]", "cr3": "mov rcx, cr3\n mov cr3, rcx"]
+    let code = try CoreAssembler.assemble(
+      """
+        mov rax, qword ptr [0x600000]
+        mov rbx, qword ptr [0x9ff000]
+        hlt
+      .org 0x100
+        \(flushes[flush]!)
+        mov rax, qword ptr [0x600000]
+        hlt
+      """)
+    try machine.memory.writeBytes(code, at: 0x20_0000)
+    cpu.noteExternalWrite(physical: 0x20_0000, length: UInt64(code.count))
+    #expect(cpu.run(instructionLimit: 100) == .halted)
+    #expect(cpu.gpr[0] == 0x1111 && cpu.gpr[3] == 0x2222)
+    // 0x600000's entry now sits in the victim way; remap it behind the TLB's back.
+    try tables.map(0x60_0000, to: 0x32_0000, flags: 0x3)
+    cpu.rip = 0x40_0100
+    #expect(cpu.run(instructionLimit: 100) == .halted)
+    #expect(cpu.gpr[0] == 0x3333, "after \(flush)")
+  }
+
+  /// Chains into code fetched through a non-global translation last only as long as its
+  /// address space: a loop in global code calls (indirectly, through the jump cache) a
+  /// function whose page it remaps and then reloads CR3 each time, alternating two frames that
+  /// return 1 and 2. Every call must run the frame mapped at that moment, under both tiers.
+  @Test(arguments: [SoftCPUTier.interpreter, .translator])
+  func chainsIntoNonGlobalCodeEndWithTheAddressSpace(tier: SoftCPUTier) throws {
+    cpu.setExecutionTier(tier, threshold: 0)
+    try tables.map(0x40_0000, to: 0x20_0000, flags: 0x103)
+    try tables.map(0x50_0000, to: 0x34_0000, flags: 0x3)
+    try tables.map(0x41_0000, to: 0x36_0000, flags: 0x103)  // the stack
+    let leaf = try tables.leafAddress(0x50_0000)
+    // The leaf's page table, reachable by the guest at 0x80_0000.
+    try tables.map(0x80_0000, to: leaf & ~0xFFF, flags: 0x103)
+    try machine.memory.writeBytes(try CoreAssembler.assemble("mov eax, 1\n ret"), at: 0x34_0000)
+    try machine.memory.writeBytes(try CoreAssembler.assemble("mov eax, 2\n ret"), at: 0x35_0000)
+    let code = try CoreAssembler.assemble(
+      """
+        mov r8, 0x350003
+        mov r9, 0x340003
+        mov ecx, 200
+        xor ebx, ebx
+        mov rsp, 0x411000
+      1:
+        mov rax, 0x500000
+        call rax
+        add rbx, rax
+        mov qword ptr [\(0x80_0000 + (leaf & 0xFFF))], r8
+        xchg r8, r9
+        mov rdx, cr3
+        mov cr3, rdx
+        dec ecx
+        jnz 1b
+        hlt
+      """)
+    try machine.memory.writeBytes(code, at: 0x20_0000)
+    cpu.noteExternalWrite(physical: 0x20_0000, length: UInt64(code.count))
+    #expect(cpu.run(instructionLimit: 10_000) == .halted)
+    #expect(cpu.gpr[3] == 100 * 1 + 100 * 2)
+  }
+
   @Test func pagingDisabledIsIdentity() throws {
     let plain = try SystemTestMachine()
     let translation = try plain.cpu.translateSlow(0x12_3456, access: .write, cpl: 0)

@@ -182,7 +182,7 @@ struct SSEForm {
 /// translation of the block at `rip` under one block-chain generation (`hv_jit_cache_entry`).
 enum JumpCache {
   /// Entries (a power of two).
-  static let entries = 4096
+  static let entries = 32768
   /// The entry for a block starting at `rip`.
   @inline(__always)
   static func index(_ rip: UInt64) -> Int {
@@ -737,10 +737,22 @@ struct BlockTranslator {
     emitter.shift(.shl, size: 4, .register(HostRegister.rcx), count: 4)
     emitter.alu(.add, size: 8, HostRegister.rcx, .register(write ? HostRegister.r14 : HostRegister.r13))
     emitter.alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.rcx, 0))
-    emitter.jump(HostCondition.notEqual, to: miss)
+    let victim = emitter.newLabel()
+    let found = emitter.newLabel()
+    emitter.jump(HostCondition.notEqual, to: victim)
     emitter.mov(size: 8, HostRegister.rdx, .at(HostRegister.rcx, 8))
+    emitter.bind(found)
     emitter.alu(.add, size: 8, HostRegister.rdx, .register(HostRegister.rsi))
     if flagsValid { emitter.restoreFlags() }
+    // The victim way (`tlbSlots`), out of line: a hit there goes on as a primary hit.
+    let victimOffset = tlbEntries * MemoryLayout<TLBEntry>.stride
+    outOfLine.append { emitter in
+      emitter.bind(victim)
+      emitter.alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.rcx, victimOffset))
+      emitter.jump(HostCondition.notEqual, to: miss)
+      emitter.mov(size: 8, HostRegister.rdx, .at(HostRegister.rcx, victimOffset + 8))
+      emitter.jump(to: found)
+    }
   }
 
   /// RAX = `size` bytes at [RDX], zero-extended.

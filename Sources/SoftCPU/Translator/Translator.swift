@@ -27,7 +27,7 @@ let mxcsrExceptionMasks: UInt32 = 0x1F80
 /// generated code works on (see BlockTranslation.swift). Used only on the vCPU's thread.
 final class Translator {
   /// Code buffer per vCPU.
-  static let bufferCapacity = 16 << 20
+  static let bufferCapacity = 32 << 20
 
   let lockstep: Bool
   /// Executions before translation (0: translate on first execution).
@@ -99,6 +99,34 @@ final class Translator {
   deinit {
     context.deallocate()
     jumpCache.deallocate()
+  }
+
+  /// Jump-cache entries made under chain generation `addressSpaceEntriesGeneration` for code
+  /// fetched through non-global translations: a CR3 write drops them
+  /// (`dropAddressSpaceEntries`), and the entries into global code stay.
+  var addressSpaceEntries: [Int32] = []
+  var addressSpaceEntriesGeneration: UInt64 = ~0
+
+  /// Records that jump-cache entry `index` (made under `chainGeneration`) leads to code of
+  /// the current address space only.
+  func noteAddressSpaceEntry(_ index: Int, chainGeneration: UInt64) {
+    if addressSpaceEntriesGeneration != chainGeneration {
+      // A new generation invalidated every older entry already.
+      addressSpaceEntries.removeAll(keepingCapacity: true)
+      addressSpaceEntriesGeneration = chainGeneration
+    }
+    addressSpaceEntries.append(Int32(index))
+  }
+
+  /// A CR3 write: drops the jump-cache entries recorded by `noteAddressSpaceEntry` (an entry
+  /// whose slot a global block took since is dropped too, which costs only a miss).
+  func dropAddressSpaceEntries(chainGeneration: UInt64) {
+    if addressSpaceEntriesGeneration == chainGeneration {
+      for index in addressSpaceEntries {
+        jumpCache[Int(index)] = hv_jit_cache_entry(rip: 1 << 63, generation: ~0, code: nil, count: 0, block: -1)
+      }
+    }
+    addressSpaceEntries.removeAll(keepingCapacity: true)
   }
 
   /// Drops every translation (the code buffer is full, or the decoded blocks were flushed).
@@ -252,6 +280,9 @@ extension CPU {
         rip: rip, generation: chainGeneration,
         code: code.unsafelyUnwrapped + Int(context.pointee.chain_offset), count: UInt32(blocks[block].count),
         block: Int32(block))
+      if !blockCodeIsGlobal(rip, block: block) {
+        translator.unsafelyUnwrapped.noteAddressSpaceEntry(JumpCache.index(rip), chainGeneration: chainGeneration)
+      }
     }
     let result = callTranslated(code.unsafelyUnwrapped, context)
     storedFlags = context.pointee.flags
