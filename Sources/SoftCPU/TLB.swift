@@ -1,9 +1,10 @@
 import VMCore
 
-// Software TLB: the future shadow page table. One direct-mapped table per access kind
-// (read, write, execute), indexed by a hash of the linear page number and the privilege
-// (`tlbIndex`). A hit costs one compare and one add: the entry holds the page tag and the
-// delta to add to the linear address.
+// Software TLB: the future shadow page table. One two-way table per access kind (read,
+// write, execute), indexed by a hash of the linear page number and the privilege
+// (`tlbIndex`): the primary way, where every lookup starts, and a victim way holding the entry
+// the last fill displaced (`tlbSlots`). A hit costs one compare and one add: the entry holds
+// the page tag and the delta to add to the linear address.
 //
 // - read/write entries: delta = host address - linear address (RAM pages only; MMIO and
 //   not-present translations are never cached).
@@ -176,12 +177,13 @@ extension CPU {
   /// Drops the entries for the page of `linear` (INVLPG).
   public func flushTLBPage(_ linear: UInt64) {
     // The page's supervisor and user entries sit at different indices.
-    let supervisor = tlbIndex(linear, 0)
-    let user = tlbIndex(linear, tlbUserTagBits)
-    for index in [supervisor, user, supervisor + tlbEntries, user + tlbEntries] {
-      readTLB[index] = TLBEntry()
-      writeTLB[index] = TLBEntry()
-      fetchTLB[index] = TLBEntry()
+    for privilegeTag in [0, tlbUserTagBits] {
+      let index = tlbIndex(linear, privilegeTag)
+      for slot in [index, index + tlbEntries] {
+        readTLB[slot] = TLBEntry()
+        writeTLB[slot] = TLBEntry()
+        fetchTLB[slot] = TLBEntry()
+      }
     }
     systemTranslations.update(repeating: TLBEntry(), count: systemTranslationEntries)
     chainGeneration &+= 1

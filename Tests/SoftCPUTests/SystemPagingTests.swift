@@ -15,6 +15,15 @@ struct SystemPagingTests {
 
   var cpu: CPU { machine.cpu }
 
+  /// Assembles `source` into physical 0x20_0000 (where the tests map linear 0x40_0000) and
+  /// runs it from 0x40_0000 until it halts.
+  func loadAndRun(_ source: String, instructionLimit: Int = 100) throws {
+    let code = try CoreAssembler.assemble(source)
+    try machine.memory.writeBytes(code, at: 0x20_0000)
+    cpu.noteExternalWrite(physical: 0x20_0000, length: UInt64(code.count))
+    #expect(cpu.run(instructionLimit: instructionLimit) == .halted)
+  }
+
   @Test func fourLevelWalkSetsAccessedThenDirty() throws {
     try tables.map(0x7F12_3456_7000, to: 0x23_4000, flags: 0x3)
     let translation = try cpu.translateSlow(0x7F12_3456_7ABC, access: .read, cpl: 0)
@@ -132,7 +141,7 @@ struct SystemPagingTests {
       "invlpg": "invlpg [0x600000]",
       "pge": "mov rcx, cr4\n and rcx, ~0x80\n mov cr4, rcx\n or rcx, 0x80\n mov cr4, rcx",
     ]
-    let code = try CoreAssembler.assemble(
+    try loadAndRun(
       """
         mov rax, qword ptr [0x600000]
         mov rbx, qword ptr [0x700000]
@@ -143,9 +152,6 @@ struct SystemPagingTests {
         mov rbx, qword ptr [0x700000]
         hlt
       """)
-    try machine.memory.writeBytes(code, at: 0x20_0000)
-    cpu.noteExternalWrite(physical: 0x20_0000, length: UInt64(code.count))
-    #expect(cpu.run(instructionLimit: 100) == .halted)
     #expect(cpu.gpr[0] == 0x1111 && cpu.gpr[3] == 0x2222)
     // Both pages now map the next frames; nothing told the TLB.
     try tables.map(0x60_0000, to: 0x32_0000, flags: 0x103)
@@ -174,7 +180,8 @@ struct SystemPagingTests {
     try tables.map(0x9F_F000, to: 0x31_0000, flags: 0x3)
     try machine.write64(0x30_0000, 3)
     try machine.write64(0x31_0000, 4)
-    let code = try CoreAssembler.assemble(
+    let walksBefore = cpu.statistics.pageWalks
+    try loadAndRun(
       """
         mov ecx, 500
         xor eax, eax
@@ -184,11 +191,7 @@ struct SystemPagingTests {
         dec ecx
         jnz 1b
         hlt
-      """)
-    try machine.memory.writeBytes(code, at: 0x20_0000)
-    cpu.noteExternalWrite(physical: 0x20_0000, length: UInt64(code.count))
-    let walksBefore = cpu.statistics.pageWalks
-    #expect(cpu.run(instructionLimit: 10_000) == .halted)
+      """, instructionLimit: 10_000)
     #expect(cpu.gpr[0] == 500 * 7)
     // The code page and the two data pages, each once (a page walk per access without the
     // victim way: 1000).
@@ -207,7 +210,7 @@ struct SystemPagingTests {
     try machine.write64(0x31_0000, 0x2222)
     try machine.write64(0x32_0000, 0x3333)
     let flushes = ["invlpg": "invlpg [0x600000]", "cr3": "mov rcx, cr3\n mov cr3, rcx"]
-    let code = try CoreAssembler.assemble(
+    try loadAndRun(
       """
         mov rax, qword ptr [0x600000]
         mov rbx, qword ptr [0x9ff000]
@@ -217,9 +220,6 @@ struct SystemPagingTests {
         mov rax, qword ptr [0x600000]
         hlt
       """)
-    try machine.memory.writeBytes(code, at: 0x20_0000)
-    cpu.noteExternalWrite(physical: 0x20_0000, length: UInt64(code.count))
-    #expect(cpu.run(instructionLimit: 100) == .halted)
     #expect(cpu.gpr[0] == 0x1111 && cpu.gpr[3] == 0x2222)
     // 0x600000's entry now sits in the victim way; remap it behind the TLB's back.
     try tables.map(0x60_0000, to: 0x32_0000, flags: 0x3)
@@ -243,7 +243,7 @@ struct SystemPagingTests {
     try tables.map(0x80_0000, to: leaf & ~0xFFF, flags: 0x103)
     try machine.memory.writeBytes(try CoreAssembler.assemble("mov eax, 1\n ret"), at: 0x34_0000)
     try machine.memory.writeBytes(try CoreAssembler.assemble("mov eax, 2\n ret"), at: 0x35_0000)
-    let code = try CoreAssembler.assemble(
+    try loadAndRun(
       """
         mov r8, 0x350003
         mov r9, 0x340003
@@ -261,10 +261,7 @@ struct SystemPagingTests {
         dec ecx
         jnz 1b
         hlt
-      """)
-    try machine.memory.writeBytes(code, at: 0x20_0000)
-    cpu.noteExternalWrite(physical: 0x20_0000, length: UInt64(code.count))
-    #expect(cpu.run(instructionLimit: 10_000) == .halted)
+      """, instructionLimit: 10_000)
     #expect(cpu.gpr[3] == 100 * 1 + 100 * 2)
   }
 
