@@ -155,7 +155,13 @@ extension CPU {
     }
     systemTranslations.update(repeating: TLBEntry(), count: systemTranslationEntries)
     // Chains into global code stay; those into the old address space's code go.
-    addressSpaceGeneration = addressSpaceGeneration == .max ? 1 : addressSpaceGeneration + 1
+    if addressSpaceGeneration == .max {
+      // Wrapping around: links made under the generations about to come again must go.
+      addressSpaceGeneration = 1
+      chainGeneration &+= 1
+    } else {
+      addressSpaceGeneration += 1
+    }
     translator?.dropAddressSpaceEntries(chainGeneration: chainGeneration)
   }
 
