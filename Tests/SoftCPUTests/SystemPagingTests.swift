@@ -15,6 +15,13 @@ struct SystemPagingTests {
 
   var cpu: CPU { machine.cpu }
 
+  /// The guest code of each kind of TLB flush the tests ask for (INVLPG of page 0x600000).
+  static let flushes = [
+    "cr3": "mov rcx, cr3\n mov cr3, rcx",
+    "invlpg": "invlpg [0x600000]",
+    "pge": "mov rcx, cr4\n and rcx, ~0x80\n mov cr4, rcx\n or rcx, 0x80\n mov cr4, rcx",
+  ]
+
   /// Assembles `source` into physical 0x20_0000 (where the tests map linear 0x40_0000) and
   /// runs it from 0x40_0000 until it halts.
   func loadAndRun(_ source: String, instructionLimit: Int = 100) throws {
@@ -136,18 +143,13 @@ struct SystemPagingTests {
     for (index, value) in [UInt64(0x1111), 0x2222, 0x3333, 0x4444].enumerated() {
       try machine.write64(0x30_0000 + UInt64(index) * 0x1_0000, value)
     }
-    let flushes = [
-      "cr3": "mov rcx, cr3\n mov cr3, rcx",
-      "invlpg": "invlpg [0x600000]",
-      "pge": "mov rcx, cr4\n and rcx, ~0x80\n mov cr4, rcx\n or rcx, 0x80\n mov cr4, rcx",
-    ]
     try loadAndRun(
       """
         mov rax, qword ptr [0x600000]
         mov rbx, qword ptr [0x700000]
         hlt
       .org 0x100
-        \(flushes[flush]!)
+        \(Self.flushes[flush]!)
         mov rax, qword ptr [0x600000]
         mov rbx, qword ptr [0x700000]
         hlt
@@ -209,14 +211,13 @@ struct SystemPagingTests {
     try machine.write64(0x30_0000, 0x1111)
     try machine.write64(0x31_0000, 0x2222)
     try machine.write64(0x32_0000, 0x3333)
-    let flushes = ["invlpg": "invlpg [0x600000]", "cr3": "mov rcx, cr3\n mov cr3, rcx"]
     try loadAndRun(
       """
         mov rax, qword ptr [0x600000]
         mov rbx, qword ptr [0x9ff000]
         hlt
       .org 0x100
-        \(flushes[flush]!)
+        \(Self.flushes[flush]!)
         mov rax, qword ptr [0x600000]
         hlt
       """)
