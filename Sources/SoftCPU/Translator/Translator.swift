@@ -274,14 +274,15 @@ extension CPU {
     context.pointee.generation = chainGeneration
     context.pointee.budget = debugStopPagesActive ? 0 : Int64(remaining)
     // This block becomes a chaining target.
-    let entry = context.pointee.jump_cache.assumingMemoryBound(to: hv_jit_cache_entry.self) + JumpCache.index(rip)
+    let slot = JumpCache.index(rip)
+    let entry = context.pointee.jump_cache.assumingMemoryBound(to: hv_jit_cache_entry.self) + slot
     if entry.pointee.rip != rip || entry.pointee.generation != chainGeneration {
       entry.pointee = hv_jit_cache_entry(
         rip: rip, generation: chainGeneration,
         code: code.unsafelyUnwrapped + Int(context.pointee.chain_offset), count: UInt32(blocks[block].count),
         block: Int32(block))
       if !blockCodeIsGlobal(rip, block: block) {
-        translator.unsafelyUnwrapped.noteAddressSpaceEntry(JumpCache.index(rip), chainGeneration: chainGeneration)
+        translator.unsafelyUnwrapped.noteAddressSpaceEntry(slot, chainGeneration: chainGeneration)
       }
     }
     let result = callTranslated(code.unsafelyUnwrapped, context)
