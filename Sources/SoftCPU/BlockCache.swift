@@ -201,12 +201,16 @@ extension CPU {
   /// Drops every decoded block (arena full, or a global code change).
   public func flushDecodedBlocks() {
     statistics.decodedBlockFlushes += 1
+    // Every filled table slot belongs to one of the blocks decoded since the last flush: with
+    // few of them, clearing their slots is cheaper than clearing the table.
+    let clearSlots = blockCount <= blockTableSize / 16
     for index in 0..<blockCount {
       let block = blocks[index]
       codePageHead[Int(block.firstPage)] = 0
       if block.secondPage != .max { codePageHead[Int(block.secondPage)] = 0 }
+      if clearSlots { blockTable[blockSlot(block.key)] = BlockTableEntry() }
     }
-    blockTable.update(repeating: BlockTableEntry(), count: blockTableSize)
+    if !clearSlots { blockTable.update(repeating: BlockTableEntry(), count: blockTableSize) }
     translator?.flush(blocks: blocks, count: 0)
     blockCount = 0
     arenaUsed = 0

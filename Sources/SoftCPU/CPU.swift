@@ -133,6 +133,10 @@ public final class CPU: @unchecked Sendable {
   /// Translations of system accesses (`systemPhysicalAddress`: descriptor tables, TSS, IDT,
   /// interrupt stack frames), which bypass the TLB; emptied with it.
   let systemTranslations: UnsafeMutablePointer<TLBEntry>
+  /// The TLB indices filled since the last `flushTLB` (the first `tlbFillRecordCapacity`), and
+  /// how many fills there were: a flush after a few fills clears only those indices.
+  let tlbFilledIndices: UnsafeMutablePointer<UInt16>
+  var tlbFills = 0
   /// Whether the last `translate` found a global translation (the TLB fill that follows marks
   /// its entry).
   var lastTranslationGlobal = false
@@ -242,6 +246,7 @@ public final class CPU: @unchecked Sendable {
     tlbGlobalMarks.initialize(repeating: 0, count: tlbSlots)
     systemTranslations = .allocate(capacity: systemTranslationEntries)
     systemTranslations.initialize(repeating: TLBEntry(), count: systemTranslationEntries)
+    tlbFilledIndices = .allocate(capacity: tlbFillRecordCapacity)
     // RAM, then device memory the guest maps like RAM (a framebuffer).
     let regionList = memory.regions + memory.deviceRegions
     ramRegionCount = regionList.count
@@ -278,6 +283,7 @@ public final class CPU: @unchecked Sendable {
     fetchTLB.deallocate()
     tlbGlobalMarks.deallocate()
     systemTranslations.deallocate()
+    tlbFilledIndices.deallocate()
     ramRegions.deallocate()
     blockArena.deallocate()
     blocks.deallocate()

@@ -184,6 +184,8 @@ extension CPU {
       table[victim] = TLBEntry()
     }
     table[index] = TLBEntry(tag: tag, delta: target &- page)
+    if tlbFills < tlbFillRecordCapacity { tlbFilledIndices[tlbFills] = UInt16(truncatingIfNeeded: index) }
+    tlbFills &+= 1
     if lastTranslationGlobal {
       tlbGlobalMarks[index] |= mark
     } else {

@@ -54,6 +54,10 @@ func tlbIndex(_ linear: UInt64, _ extra: UInt64) -> Int {
   return Int(truncatingIfNeeded: (page &+ (page >> 10) &+ extra) & tlbIndexMask)
 }
 
+/// TLB fills `CPU.tlbFilledIndices` records between two flushes; after more, a flush clears
+/// every slot.
+let tlbFillRecordCapacity = 64
+
 /// Entries of `CPU.systemTranslations` (power of two): the GDT, IDT and TSS pages and the
 /// kernel stack an interrupt pushes its frame on.
 let systemTranslationEntries = 16
@@ -136,10 +140,25 @@ extension CPU {
 
   /// Empties every TLB table (CR3 write, paging mode change).
   public func flushTLB() {
-    readTLB.update(repeating: TLBEntry(), count: tlbSlots)
-    writeTLB.update(repeating: TLBEntry(), count: tlbSlots)
-    fetchTLB.update(repeating: TLBEntry(), count: tlbSlots)
-    tlbGlobalMarks.update(repeating: 0, count: tlbSlots)
+    if tlbFills <= tlbFillRecordCapacity {
+      // Only the indices filled since the last flush can hold entries, in either way (a fill
+      // moves the displaced entry to its own index's victim way).
+      for fill in 0..<tlbFills {
+        for way in 0..<2 {
+          let index = Int(tlbFilledIndices[fill]) + way * tlbEntries
+          readTLB[index] = TLBEntry()
+          writeTLB[index] = TLBEntry()
+          fetchTLB[index] = TLBEntry()
+          tlbGlobalMarks[index] = 0
+        }
+      }
+    } else {
+      readTLB.update(repeating: TLBEntry(), count: tlbSlots)
+      writeTLB.update(repeating: TLBEntry(), count: tlbSlots)
+      fetchTLB.update(repeating: TLBEntry(), count: tlbSlots)
+      tlbGlobalMarks.update(repeating: 0, count: tlbSlots)
+    }
+    tlbFills = 0
     systemTranslations.update(repeating: TLBEntry(), count: systemTranslationEntries)
     chainGeneration &+= 1
   }

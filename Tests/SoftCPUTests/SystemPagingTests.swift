@@ -201,8 +201,9 @@ struct SystemPagingTests {
   }
 
   /// An entry in the victim way is flushed like one in the primary way: after INVLPG of its
-  /// page, or a CR3 write (not global), a remapped page reads its new frame.
-  @Test(arguments: ["invlpg", "cr3"], [SoftCPUTier.interpreter, .translator])
+  /// page, a CR3 write (not global) or a CR4.PGE toggle (a full flush after a few fills, which
+  /// clears only the filled indices), a remapped page reads its new frame.
+  @Test(arguments: ["invlpg", "cr3", "pge"], [SoftCPUTier.interpreter, .translator])
   func victimEntriesAreFlushed(flush: String, tier: SoftCPUTier) throws {
     cpu.setExecutionTier(tier, threshold: 0)
     try tables.map(0x40_0000, to: 0x20_0000, flags: 0x103)

@@ -183,6 +183,11 @@ struct SSEForm {
 enum JumpCache {
   /// Entries (a power of two).
   static let entries = 32768
+  /// An entry that matches no block: no canonical RIP has bit 63 alone set, and no chain
+  /// generation reaches all ones.
+  static var empty: hv_jit_cache_entry {
+    hv_jit_cache_entry(rip: 1 << 63, generation: ~0, code: nil, count: 0, block: -1)
+  }
   /// The entry for a block starting at `rip`.
   @inline(__always)
   static func index(_ rip: UInt64) -> Int {

@@ -68,7 +68,7 @@ final class Translator {
     self.buffer = buffer
     precondition(MemoryLayout<hv_jit_cache_entry>.stride == 32)
     jumpCache = .allocate(capacity: JumpCache.entries)
-    jumpCache.initialize(repeating: hv_jit_cache_entry(), count: JumpCache.entries)
+    jumpCache.initialize(repeating: JumpCache.empty, count: JumpCache.entries)
     context = .allocate(capacity: 1)
     precondition(UInt(bitPattern: context) & 15 == 0 && ContextOffset.vector & 15 == 0)
     let load: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64) -> UInt64 = translatedLoad
@@ -123,13 +123,17 @@ final class Translator {
   func dropAddressSpaceEntries(chainGeneration: UInt64) {
     if addressSpaceEntriesGeneration == chainGeneration {
       for index in addressSpaceEntries {
-        jumpCache[Int(index)] = hv_jit_cache_entry(rip: 1 << 63, generation: ~0, code: nil, count: 0, block: -1)
+        jumpCache[Int(index)] = JumpCache.empty
       }
     }
     addressSpaceEntries.removeAll(keepingCapacity: true)
   }
 
   /// Drops every translation (the code buffer is full, or the decoded blocks were flushed).
+  /// The jump cache is left as it is: its entries carry the chain generation they were made
+  /// in, and every flush of the decoded blocks starts a new one, so none of them matches again
+  /// (clearing its 1 MiB each time made small flushes, such as the fuzz loops' per-run
+  /// resets, cost more than the code they ran).
   func flush(blocks: UnsafeMutablePointer<DecodedBlock>, count: Int) {
     for index in 0..<count {
       blocks[index].translation = 0
@@ -138,7 +142,6 @@ final class Translator {
     }
     translations.removeAll(keepingCapacity: true)
     pending.removeAll(keepingCapacity: true)
-    jumpCache.update(repeating: hv_jit_cache_entry(), count: JumpCache.entries)
     buffer.reset()
   }
 
