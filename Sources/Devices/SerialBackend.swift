@@ -9,17 +9,36 @@ import Synchronization
 public protocol SerialBackend: AnyObject, Sendable {
   /// Sends bytes the guest transmitted to the host side.
   func write(_ bytes: UnsafeRawBufferPointer)
+
+  /// Whether the backend takes more bytes now. While it does not, a UART reports its
+  /// transmitter busy; bytes written anyway may be lost.
+  var isReadyToTransmit: Bool { get }
+
+  /// Sets what the backend calls (from any thread, with none of its locks held) when it is
+  /// ready again after `isReadyToTransmit` answered false.
+  func whenReadyToTransmit(_ handler: @escaping @Sendable () -> Void)
+}
+
+extension SerialBackend {
+  /// Always ready: `write` takes every byte at once.
+  public var isReadyToTransmit: Bool { true }
+
+  public func whenReadyToTransmit(_ handler: @escaping @Sendable () -> Void) {}
 }
 
 /// Why a serial backend could not be opened.
 public enum SerialBackendError: Error, Equatable, Sendable, CustomStringConvertible {
   /// The output file could not be opened for appending.
   case cannotOpen(path: String, errno: Int32)
+  /// The writer thread of a buffered backend (or its wake-up descriptor) could not be created.
+  case cannotStartWriter(errno: Int32)
 
   public var description: String {
     switch self {
     case .cannotOpen(let path, let err):
       return "cannot open serial output file '\(path)': \(String(cString: strerror(err)))"
+    case .cannotStartWriter(let err):
+      return "cannot start the serial output writer: \(String(cString: strerror(err)))"
     }
   }
 }
@@ -56,27 +75,6 @@ public final class StdioSerialBackend: SerialBackend {
   public init(fileDescriptor: Int32 = STDOUT_FILENO) {
     self.fileDescriptor = fileDescriptor
   }
-
-  public func write(_ bytes: UnsafeRawBufferPointer) {
-    writeFully(fd: fileDescriptor, bytes)
-  }
-}
-
-/// Appends guest output to a file, created if missing (`--serial file:PATH`).
-public final class FileSerialBackend: SerialBackend {
-  /// The path given at creation.
-  public let path: String
-  private let fileDescriptor: Int32
-
-  /// Opens `path` for appending, creating it with mode 0644 if needed.
-  public init(path: String) throws(SerialBackendError) {
-    let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-    guard fd >= 0 else { throw .cannotOpen(path: path, errno: errno) }
-    self.path = path
-    self.fileDescriptor = fd
-  }
-
-  deinit { close(fileDescriptor) }
 
   public func write(_ bytes: UnsafeRawBufferPointer) {
     writeFully(fd: fileDescriptor, bytes)

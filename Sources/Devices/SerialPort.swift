@@ -9,9 +9,11 @@ import VMCore
 /// - 2: IIR (read; bits 6-7 set while the FIFOs are enabled) / FCR (write)
 /// - 3: LCR, 4: MCR (5 bits, bit 4 loopback), 5: LSR, 6: MSR, 7: SCR
 ///
-/// Transmission is instantaneous: THR and the transmitter are always empty (LSR THRE and TEMT
-/// set), and a THR write goes straight to the `SerialBackend` (or, in loopback mode, into the
-/// receive FIFO). The receive FIFO holds 16 bytes as on the real part; host input beyond that
+/// Transmission is instantaneous: a THR write goes straight to the `SerialBackend` (or, in
+/// loopback mode, into the receive FIFO), and THR and the transmitter are empty (LSR THRE and
+/// TEMT set) whenever the backend is ready for more (`SerialBackend.isReadyToTransmit`: a
+/// buffered backend whose consumer stopped reading is not). The THR-empty interrupt of a write
+/// that found the backend not ready comes when the backend calls back. The receive FIFO holds 16 bytes as on the real part; host input beyond that
 /// waits in a host-side queue (up to `hostQueueLimit` bytes) that refills the FIFO as the guest
 /// reads, which plays the role of flow control so pasted text is not lost.
 ///
@@ -44,15 +46,17 @@ public final class SerialPort: PortIODevice {
     self.basePort = basePort
     self.backend = backend
     self.state = Mutex(UARTState(interrupt: TrackedInterruptLine(interrupt)))
+    backend.whenReadyToTransmit { [weak self] in self?.transmitterBecameReady() }
   }
 
   public func portRead(port: UInt16, size: Int) -> UInt32 {
     let base = basePort
+    let backend = self.backend
     return state.withLock { uart in
       PortAccess.readBytes(port: port, size: size) { port in
         let offset = port &- base
         guard offset < SerialPort.portCount else { return nil }
-        let value = uart.readRegister(offset)
+        let value = uart.readRegister(offset, backend: backend)
         uart.updateInterrupt()
         return value
       }
@@ -80,6 +84,16 @@ public final class SerialPort: PortIODevice {
       let accepted = uart.enqueueHostInput(bytes)
       uart.updateInterrupt()
       return accepted
+    }
+  }
+
+  /// The backend is ready again: the THR-empty interrupt a write was waiting for.
+  private func transmitterBecameReady() {
+    state.withLock { uart in
+      guard uart.transmitterWaiting else { return }
+      uart.transmitterWaiting = false
+      uart.transmitterEmptyPending = true
+      uart.updateInterrupt()
     }
   }
 
@@ -148,6 +162,9 @@ struct UARTState {
   var fifosEnabled = false
   var triggerLevel = 1
   var transmitterEmptyPending = false
+  /// THR was written (or its interrupt enabled) while the backend was not ready: the THR-empty
+  /// interrupt waits for the backend's call.
+  var transmitterWaiting = false
 
   init(interrupt: TrackedInterruptLine) {
     self.interrupt = interrupt
@@ -193,7 +210,7 @@ struct UARTState {
     interrupt.set(pendingInterrupt != Self.noInterruptPending)
   }
 
-  mutating func readRegister(_ offset: UInt16) -> UInt8 {
+  mutating func readRegister(_ offset: UInt16, backend: any SerialBackend) -> UInt8 {
     switch offset {
     case Self.dataRegister:
       if divisorLatchSelected { return UInt8(truncatingIfNeeded: divisor) }
@@ -212,7 +229,8 @@ struct UARTState {
     case Self.modemControlRegister:
       return modemControl
     case Self.lineStatusRegister:
-      var status = Self.transmitterHoldingEmpty | Self.transmitterEmpty | lineStatusErrors
+      var status = lineStatusErrors
+      if inLoopback || backend.isReadyToTransmit { status |= Self.transmitterHoldingEmpty | Self.transmitterEmpty }
       if !receiveFIFO.isEmpty { status |= Self.dataReady }
       lineStatusErrors = 0
       return status
@@ -240,9 +258,12 @@ struct UARTState {
         let newValue = value & 0x0F
         let transmitterEmptyChanged = (newValue ^ interruptEnable) & Self.enableTransmitterEmpty != 0
         interruptEnable = newValue
-        // Enabling the THR-empty interrupt while THR is empty (it always is) raises it.
+        // Enabling the THR-empty interrupt while THR is empty raises it.
         if transmitterEmptyChanged {
-          transmitterEmptyPending = newValue & Self.enableTransmitterEmpty != 0
+          let enabled = newValue & Self.enableTransmitterEmpty != 0
+          let ready = inLoopback || backend.isReadyToTransmit
+          transmitterEmptyPending = enabled && ready
+          transmitterWaiting = enabled && !ready
         }
       }
     case Self.interruptIdentificationRegister:
@@ -266,7 +287,9 @@ struct UARTState {
     } else {
       withUnsafeBytes(of: byte) { backend.write($0) }
     }
-    transmitterEmptyPending = true
+    let ready = inLoopback || backend.isReadyToTransmit
+    transmitterEmptyPending = ready
+    transmitterWaiting = !ready
   }
 
   private mutating func writeFIFOControl(_ value: UInt8) {
@@ -350,7 +373,9 @@ extension SerialPort: StateSavable {
     }
     writer.write(saved.divisor)
     writer.write(saved.fifosEnabled)
-    writer.write(saved.transmitterEmptyPending)
+    // A restored machine's backend starts empty and ready: an interrupt still waiting for the
+    // old one is pending in the new one.
+    writer.write(saved.transmitterEmptyPending || saved.transmitterWaiting)
     writer.write(saved.interrupt.level)
   }
 

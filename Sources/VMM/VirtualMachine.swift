@@ -136,11 +136,14 @@ public final class VirtualMachine: Sendable {
     }
     let backend: any SerialBackend
     switch configuration.serial {
-    case .stdio: backend = StdioSerialBackend()
     case .none: backend = NullSerialBackend()
-    case .file(let path):
+    case .stdio, .file:
       do {
-        backend = try FileSerialBackend(path: path)
+        if case .file(let path) = configuration.serial {
+          backend = try BufferedSerialBackend(appendingTo: path)
+        } else {
+          backend = try BufferedSerialBackend(fileDescriptor: STDOUT_FILENO)
+        }
       } catch {
         Self.shutdown(virtioDevices)
         throw MachineError(error.description)

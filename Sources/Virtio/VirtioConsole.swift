@@ -9,7 +9,7 @@ import VMCore
 /// excess is dropped) until the driver posts receive buffers.
 ///
 /// Guest output goes to a `SerialBackend` (module Devices), the same backends the UART uses:
-/// `StdioSerialBackend`, `FileSerialBackend`, `CapturingSerialBackend`, `NullSerialBackend`.
+/// `StdioSerialBackend`, `BufferedSerialBackend`, `CapturingSerialBackend`, `NullSerialBackend`.
 /// `write` is called on the device's worker thread (or the vCPU for EMERG_WRITE), one call at a
 /// time, in guest order.
 public final class VirtioConsole: QueueWorkerDevice {
