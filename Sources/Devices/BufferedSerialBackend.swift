@@ -27,7 +27,8 @@ public final class BufferedSerialBackend: SerialBackend {
   public init(
     fileDescriptor: Int32, ownsDescriptor: Bool = false, capacity: Int = BufferedSerialBackend.defaultCapacity
   ) throws(SerialBackendError) {
-    channel = try SerialOutputChannel(fileDescriptor: fileDescriptor, ownsDescriptor: ownsDescriptor, capacity: capacity)
+    channel = try SerialOutputChannel(
+      fileDescriptor: fileDescriptor, ownsDescriptor: ownsDescriptor, capacity: capacity)
   }
 
   /// Appends guest output to `path`, created (mode 0644) if missing (`--serial file:PATH`).

@@ -1,7 +1,7 @@
 import Foundation
 import Synchronization
-import Testing
 import TestSupport
+import Testing
 
 /// Hostile guests against the VMM's own resources (docs/isolation.md): whatever a guest does,
 /// its `hostvisor` process stays manageable (the API pauses and resumes it promptly, SIGTERM
@@ -95,8 +95,11 @@ struct HostileGuestResourceTests {
     func request(_ method: String, _ path: String) throws -> (status: Int, seconds: Double) {
       let start = Date()
       let result = try HostCommand.run(
-        "curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--unix-socket", socket, "-X", method,
-          "http://localhost\(path)"], timeout: 30)
+        "curl",
+        [
+          "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--unix-socket", socket, "-X", method,
+          "http://localhost\(path)",
+        ], timeout: 30)
       return (Int(result.text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0, Date().timeIntervalSince(start))
     }
 
@@ -147,7 +150,8 @@ struct HostileGuestResourceTests {
   /// Pauses through the API (within 3 s), checks `whilePaused`, resumes (within 3 s).
   func pauseAndResume(_ vmm: GuestVMM, whilePaused: () throws -> Void = {}) throws {
     let pause = try vmm.request("PUT", "/api/v1/vm.pause")
-    #expect(pause.status == 204 && pause.seconds < 3, "pause: HTTP \(pause.status) after \(pause.seconds) s; \(vmm.errors)")
+    #expect(
+      pause.status == 204 && pause.seconds < 3, "pause: HTTP \(pause.status) after \(pause.seconds) s; \(vmm.errors)")
     try whilePaused()
     let resume = try vmm.request("PUT", "/api/v1/vm.resume")
     #expect(resume.status == 204 && resume.seconds < 3, "resume: HTTP \(resume.status) after \(resume.seconds) s")
@@ -175,7 +179,8 @@ struct HostileGuestResourceTests {
     sleep(3)
     try pauseAndResume(vmm)
     let residentAfter = try #require(vmm.status("VmRSS"))
-    #expect(residentAfter - residentBefore < 8 * 1024, "resident memory grew from \(residentBefore) to \(residentAfter) kB")
+    #expect(
+      residentAfter - residentBefore < 8 * 1024, "resident memory grew from \(residentBefore) to \(residentAfter) kB")
     #expect(vmm.stop(timeout: 5), "the VMM did not end within 5 s of SIGTERM")
     var buffer = [UInt8](repeating: 0, count: 4096)
     let count = read(vmm.outputDescriptor, &buffer, buffer.count)
@@ -226,7 +231,8 @@ struct HostileGuestResourceTests {
     while Self.reports(vmm.text).count == resumedCount && Date() < resumeDeadline { usleep(50_000) }
     #expect(Self.reports(vmm.text).count > resumedCount, "no report after resuming")
     let residentAfter = try #require(vmm.status("VmRSS"))
-    #expect(residentAfter - residentBefore < 8 * 1024, "resident memory grew from \(residentBefore) to \(residentAfter) kB")
+    #expect(
+      residentAfter - residentBefore < 8 * 1024, "resident memory grew from \(residentBefore) to \(residentAfter) kB")
     #expect(vmm.stop(timeout: 5), "the VMM did not end within 5 s of SIGTERM")
   }
 }
