@@ -56,6 +56,8 @@ extension CPU {
       segmentBase[index] = 0
     }
     tlbTagExtra = self.cpl == 3 ? tlbUserTagBits : 0
+    // A run that left 64-bit code (a far return into a 32-bit segment) narrowed the stack.
+    refreshStackMask()
     rflags = 0x2
     mxcsr = 0x1F80
     fpuControl = 0x037F

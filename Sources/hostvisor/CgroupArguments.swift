@@ -1,7 +1,8 @@
 import ArgumentParser
 import Sandbox
 
-/// `run`'s cgroup options (cgroup v2 syntax, translated on a cgroup v1 host; docs/isolation.md).
+/// The cgroup options of `run` and `serve` (cgroup v2 syntax, translated on a cgroup v1 host;
+/// docs/isolation.md).
 struct CgroupArguments: ParsableArguments {
   @Option(
     name: .long,

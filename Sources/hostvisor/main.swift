@@ -378,9 +378,27 @@ struct Serve: ParsableCommand {
       "Wait at URL (unix:PATH or tcp:HOST:PORT) for a live migration and run the migrated guest.", valueName: "url"))
   var incoming: String?
 
+  @OptionGroup(title: "cgroups") var cgroupArguments: CgroupArguments
+
   func run() throws {
     guard let accelerator = AcceleratorChoice(rawValue: accel) else {
       ManagedProcess.exit(1, message: "invalid accelerator '\(accel)': use auto, kvm or soft")
+    }
+    // The whole serving process goes into the group at once, as Firecracker's jailer puts
+    // Firecracker there; the vCPU and device threads the API's boot starts then move into
+    // its vcpu and io children.
+    do {
+      if let limits = try cgroupArguments.limits() {
+        guard limits.ioMax == nil else {
+          throw CommandFailure(
+            "--io-max applies to the disks given at start: use it with hostvisor run (serve's disks come from the API)")
+        }
+        try cgroupArguments.apply(limits, diskPaths: [])
+      }
+    } catch let error as CommandFailure {
+      ManagedProcess.exit(1, message: error.message)
+    } catch {
+      ManagedProcess.exit(1, message: "\(error)")
     }
     var model: GuestCPUModel?
     if let cpuModel {

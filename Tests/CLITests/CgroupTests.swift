@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 @testable import Sandbox
@@ -90,14 +91,7 @@ struct CgroupTests {
     }
 
     /// The process's user + system CPU time in seconds (/proc/PID/stat, clock ticks).
-    var cpuSeconds: Double {
-      let stat = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/stat", encoding: .utf8)) ?? ""
-      // Fields after the command name in parentheses: state is field 3, utime 14, stime 15.
-      guard let close = stat.lastIndex(of: ")") else { return 0 }
-      let fields = stat[stat.index(after: close)...].split(separator: " ")
-      guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
-      return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
-    }
+    var cpuSeconds: Double { CgroupTests.processCPUSeconds(process.processIdentifier) }
 
     func stop() {
       kill(process.processIdentifier, SIGKILL)
@@ -144,6 +138,62 @@ struct CgroupTests {
     if freeShare > 0.3 {
       #expect(throttled > 0, "never throttled (unlimited share \(freeShare), limited \(limitedShare))")
     }
+  }
+
+  /// `serve --cgroup NAME --cpu-max 20%`: the API process is in the group from the start, the
+  /// busy-loop guest booted later through the Firecracker API is held to its share, and the
+  /// vCPU thread that boot started placed itself in `NAME/vcpu`.
+  @Test func serveKeepsTheVMItBootsInItsGroup() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    let name = "hostvisor-test-\(getpid())-serve"
+    defer { Self.host.remove(name) }
+    let socket = scratch.path("api.sock")
+    let served = try HostProcess(
+      HostvisorProcess.executable.path,
+      ["serve", "--api-sock", socket, "--accel", "kvm", "--cgroup", name, "--cpu-max", "20%"]
+    ) { _ in }
+    defer {
+      served.signal(SIGKILL)
+      _ = served.waitUntilExit(timeout: 10)
+    }
+    let deadline = Date().addingTimeInterval(30)
+    while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(20_000) }
+    func put(_ path: String, _ body: String) throws -> String {
+      try HostCommand.run(
+        "curl",
+        [
+          "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--unix-socket", socket, "-X", "PUT",
+          "-H", "Content-Type: application/json", "-d", body, "http://localhost\(path)",
+        ]
+      ).text
+    }
+    #expect(try put("/boot-source", "{\"kernel_image_path\": \"\(kernel)\"}") == "204")
+    #expect(try put("/actions", "{\"action_type\": \"InstanceStart\"}") == "204")
+    let cgroupOfProcess = try String(contentsOfFile: "/proc/\(served.processIdentifier)/cgroup", encoding: .utf8)
+    #expect(cgroupOfProcess.contains("/\(name)"), "\(cgroupOfProcess)")
+    sleep(1)
+    let threads =
+      ["cgroup.threads", "tasks"].compactMap {
+        try? String(contentsOfFile: Self.host.cpuGroup(name) + "/vcpu/" + $0, encoding: .utf8)
+      }.first ?? ""
+    #expect(!threads.split(separator: "\n").isEmpty, "no thread in \(name)/vcpu")
+    let before = Self.processCPUSeconds(served.processIdentifier)
+    let start = Date()
+    sleep(4)
+    let share = (Self.processCPUSeconds(served.processIdentifier) - before) / Date().timeIntervalSince(start)
+    #expect(share > 0.02 && share < 0.27, "the served VM used \(share) CPUs at cpu.max 20%")
+    #expect((Self.host.throttledPeriods(name) ?? 0) > 0, "the group was never throttled")
+  }
+
+  /// User plus system CPU seconds of process `pid` (/proc/PID/stat: utime and stime are fields
+  /// 14 and 15, counted after the command name in parentheses).
+  static func processCPUSeconds(_ pid: pid_t) -> Double {
+    let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+    guard let close = stat.lastIndex(of: ")") else { return 0 }
+    let fields = stat[stat.index(after: close)...].split(separator: " ")
+    guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
+    return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
   }
 
   @Test func cpuWeightSharesACoreInItsRatio() throws {

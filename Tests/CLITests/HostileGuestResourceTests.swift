@@ -82,14 +82,8 @@ struct HostileGuestResourceTests {
       return fields.count > 1 ? Int(fields[1]) : nil
     }
 
-    /// User plus system CPU seconds the process used (/proc/PID/stat).
-    var cpuSeconds: Double {
-      let stat = (try? String(contentsOfFile: "/proc/\(processIdentifier)/stat", encoding: .utf8)) ?? ""
-      guard let close = stat.lastIndex(of: ")") else { return 0 }
-      let fields = stat[stat.index(after: close)...].split(separator: " ")
-      guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
-      return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
-    }
+    /// User plus system CPU seconds the process used.
+    var cpuSeconds: Double { CgroupTests.processCPUSeconds(processIdentifier) }
 
     /// Sends an API request with curl; the HTTP status and how long the answer took.
     func request(_ method: String, _ path: String) throws -> (status: Int, seconds: Double) {
