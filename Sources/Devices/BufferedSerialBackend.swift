@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import VMCore
 
 /// Sends guest output to a host descriptor through a bounded buffer that a writer thread of its
 /// own drains, so a consumer that stops reading (a full pipe, a stopped terminal, a slow disk)
@@ -91,19 +92,10 @@ final class SerialOutputChannel: Sendable {
     guard pipe(&ends) == 0 else { throw .cannotStartWriter(errno: errno) }
     for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
     (wakeRead, wakeWrite) = (ends[0], ends[1])
-    let context = Unmanaged.passRetained(self).toOpaque()
-    var thread = pthread_t()
-    let result = pthread_create(
-      &thread, nil,
-      { argument in
-        Unmanaged<SerialOutputChannel>.fromOpaque(argument!).takeRetainedValue().run()
-        return nil
-      }, context)
-    guard result == 0 else {
-      Unmanaged<SerialOutputChannel>.fromOpaque(context).release()
-      throw .cannotStartWriter(errno: result)
+    // The thread holds the channel until it ends.
+    if case .failure(let error) = HostThread.start(detached: true, { [self] in run() }) {
+      throw .cannotStartWriter(errno: error.errno)
     }
-    pthread_detach(thread)
     liveSerialChannels.withLock { $0[ObjectIdentifier(self)] = self }
     _ = serialDrainAtExitRegistered
   }
