@@ -37,6 +37,11 @@ public struct SandboxOptions: Sendable {
   public var probeHostPID: pid_t = 1
   /// A host path the `report` probe tries to open.
   public var probeHostPath: String = "/etc/passwd"
+  /// Host character devices (such as /dev/kvm) recreated under the jail's /dev, a tmpfs of its
+  /// own, with the same device numbers and owned by the sandbox's user: for a VMM that opens
+  /// them after entry (`serve`, which builds its machine when the API says so), as Firecracker's
+  /// jailer does. Needs a jail directory.
+  public var devices: [String] = []
 
   /// - Parameters: see the properties.
   public init(jailDirectory: String?, uid: uid_t, gid: gid_t) {
@@ -98,7 +103,7 @@ public enum Sandbox {
       throw SandboxError("sandbox: --uid and --gid must not be 0 (root); use --no-sandbox to keep root")
     }
     let openDescriptors = highestOpenDescriptor()
-    try pivot(into: options.jailDirectory)
+    try pivot(into: options.jailDirectory, devices: options.devices, uid: options.uid, gid: options.gid)
     // Capabilities: the bounding and ambient sets first (needs CAP_SETPCAP), then the
     // identity change clears the permitted and effective sets of every thread (glibc applies
     // set*id to all threads), then this thread's sets are cleared explicitly.
@@ -147,7 +152,7 @@ public enum Sandbox {
 
   /// Makes `directory` (or a new empty tmpfs) the root and current directory, with the old
   /// root detached.
-  private static func pivot(into directory: String?) throws(SandboxError) {
+  private static func pivot(into directory: String?, devices: [String], uid: uid_t, gid: gid_t) throws(SandboxError) {
     let newRoot: String
     if let directory {
       guard let resolved = realpath(directory, nil) else {
@@ -162,7 +167,9 @@ public enum Sandbox {
       if mount(newRoot, newRoot, nil, UInt(MS_BIND | MS_REC), nil) != 0 {
         throw SandboxError("cannot bind the jail '\(directory)'", errno: errno)
       }
+      try makeDeviceNodes(devices, under: newRoot, uid: uid, gid: gid)
     } else {
+      guard devices.isEmpty else { throw SandboxError("sandbox: device nodes need a jail directory") }
       newRoot = "/tmp"
       if mount("tmpfs", newRoot, "tmpfs", UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), "size=16k,mode=0555") != 0 {
         throw SandboxError("cannot mount the empty root", errno: errno)
@@ -178,6 +185,42 @@ public enum Sandbox {
       let flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
       if mount(nil, "/", nil, UInt(flags), nil) != 0 {
         throw SandboxError("cannot make the empty root read-only", errno: errno)
+      }
+    }
+  }
+
+  /// Mounts a tmpfs on `root`/dev (in the VMM's own mount namespace: the host's view of the
+  /// jail is unchanged) and makes each device of `devices` there, owned by `uid`/`gid`.
+  private static func makeDeviceNodes(_ devices: [String], under root: String, uid: uid_t, gid: gid_t)
+    throws(SandboxError)
+  {
+    guard !devices.isEmpty else { return }
+    let folder = root + "/dev"
+    if mkdir(folder, 0o755) != 0 && errno != EEXIST {
+      throw SandboxError("cannot create the jail's /dev", errno: errno)
+    }
+    if mount("tmpfs", folder, "tmpfs", UInt(MS_NOSUID | MS_NOEXEC), "size=64k,mode=0755") != 0 {
+      throw SandboxError("cannot mount the jail's /dev", errno: errno)
+    }
+    for device in devices {
+      var info = stat()
+      guard device.hasPrefix("/dev/"), stat(device, &info) == 0, info.st_mode & S_IFMT == S_IFCHR else {
+        throw SandboxError("sandbox: \(device) is not a character device under /dev")
+      }
+      // Subfolders (/dev/net/tun) first.
+      var path = folder
+      for part in device.dropFirst(5).split(separator: "/").dropLast() {
+        path += "/" + part
+        if mkdir(path, 0o755) != 0 && errno != EEXIST {
+          throw SandboxError("cannot create \(path) in the jail", errno: errno)
+        }
+      }
+      let node = root + device
+      guard mknod(node, S_IFCHR | 0o600, info.st_rdev) == 0 else {
+        throw SandboxError("cannot make \(device) in the jail", errno: errno)
+      }
+      guard chown(node, uid, gid) == 0 else {
+        throw SandboxError("cannot hand \(device) to the sandbox's user", errno: errno)
       }
     }
   }

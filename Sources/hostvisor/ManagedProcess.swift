@@ -2,6 +2,7 @@ import ArgumentParser
 import ControlAPI
 import Foundation
 import Glibc
+import Sandbox
 import VMCore
 import VMM
 
@@ -19,6 +20,8 @@ enum ManagedProcess {
     var logPath: String?
     var verbose = false
     var incoming: String?
+    /// The sandbox to enter once the API socket is open (`serve --sandbox`).
+    var sandbox: SandboxOptions?
   }
 
   /// The socket to remove when the process exits.
@@ -51,6 +54,32 @@ enum ManagedProcess {
   /// Parks the main thread; the process ends through `exit`.
   static func waitForever() -> Never {
     while true { sleep(3600) }
+  }
+
+  /// Enters the sandbox (the API's threads and socket exist; the machine does not yet). Paths
+  /// the API is given from now on are paths inside the jail; the socket is removed at exit
+  /// only if it lies inside the jail too.
+  static func enterSandbox(_ sandbox: SandboxOptions, socketPath: String?, verbose: Bool) {
+    let jail = sandbox.jailDirectory.flatMap { path in realpath(path, nil).map { String(cString: $0) } }
+    let socket = socketPath.flatMap { path -> String? in
+      let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
+      return realpath(folder, nil).map { String(cString: $0) + "/" + URL(fileURLWithPath: path).lastPathComponent }
+    }
+    do {
+      try Sandbox.enter(sandbox)
+    } catch {
+      exit(1, message: "\(error)")
+    }
+    if let jail, let socket, socket.hasPrefix(jail + "/") {
+      socketToRemove = String(socket.dropFirst(jail.count))
+    } else {
+      socketToRemove = nil
+    }
+    if verbose {
+      printError(
+        "hostvisor: sandbox: entered (root: \(sandbox.jailDirectory ?? "empty"); user \(sandbox.uid), group \(sandbox.gid); seccomp filters per thread kind)"
+      )
+    }
   }
 
   /// `serve` and the Firecracker personality: serve the APIs, boot from a configuration file
@@ -90,6 +119,11 @@ enum ManagedProcess {
     } catch {
       exit(1, message: "\(error)")
     }
+    // A configuration file is a host path: read before the jail hides it.
+    let configuration = options.configFile.map { FileManager.default.contents(atPath: $0) }
+    if let sandbox = options.sandbox {
+      enterSandbox(sandbox, socketPath: options.socketPath, verbose: options.verbose)
+    }
     if let incoming = options.incoming {
       guard options.configFile == nil else { exit(1, message: "--incoming and --config-file exclude each other") }
       do {
@@ -99,7 +133,7 @@ enum ManagedProcess {
       }
     }
     if let configFile = options.configFile {
-      guard let contents = FileManager.default.contents(atPath: configFile) else {
+      guard let contents = configuration ?? nil else {
         exit(1, message: "cannot read the configuration file \(configFile)")
       }
       do {

@@ -378,11 +378,36 @@ struct Serve: ParsableCommand {
       "Wait at URL (unix:PATH or tcp:HOST:PORT) for a live migration and run the migrated guest.", valueName: "url"))
   var incoming: String?
 
+  @OptionGroup(title: "Sandbox") var sandboxArguments: SandboxArguments
+
   @OptionGroup(title: "cgroups") var cgroupArguments: CgroupArguments
 
   func run() throws {
     guard let accelerator = AcceleratorChoice(rawValue: accel) else {
       ManagedProcess.exit(1, message: "invalid accelerator '\(accel)': use auto, kvm or soft")
+    }
+    // The sandbox: its namespaces now, while the process has one thread; the jail once the API
+    // socket is open. The machine comes later from paths inside the jail, /dev/kvm from a node
+    // the sandbox makes there for its user.
+    var sandbox: SandboxOptions?
+    do {
+      let sandboxed = sandboxArguments.enabled(apiSocket: apiSocket, gdb: nil, snapshotOnSignal: nil)
+      try sandboxArguments.validate(enabled: sandboxed)
+      if sandboxed {
+        guard sandboxArguments.jail != nil else {
+          throw CommandFailure(
+            "serve --sandbox needs --jail DIR: the kernel, disks and snapshots the API names are paths inside it")
+        }
+        try Sandbox.prepare()
+        sandbox = try sandboxArguments.options(probePath: nil)
+        if accelerator != .soft && FileManager.default.fileExists(atPath: kvmDevicePath) {
+          sandbox?.devices = [kvmDevicePath]
+        }
+      }
+    } catch let error as CommandFailure {
+      ManagedProcess.exit(1, message: error.message)
+    } catch {
+      ManagedProcess.exit(1, message: "\(error)")
     }
     // The whole serving process goes into the group at once, as Firecracker's jailer puts
     // Firecracker there; the vCPU and device threads the API's boot starts then move into
@@ -411,8 +436,11 @@ struct Serve: ParsableCommand {
     ManagedProcess.serve(
       options: ManagedProcess.Options(
         socketPath: apiSocket, configFile: configFile, noAPI: noAPI, id: id, accelerator: accelerator,
-        cpuModel: model, level: level, logPath: logPath, verbose: verbose, incoming: incoming))
+        cpuModel: model, level: level, logPath: logPath, verbose: verbose, incoming: incoming, sandbox: sandbox))
   }
+
+  /// The KVM device a machine built after entry opens (the accelerator's default path).
+  private var kvmDevicePath: String { "/dev/kvm" }
 }
 
 /// `hostvisor ctl`: drives a running Hostvisor over its API socket, in the spirit of ch-remote.

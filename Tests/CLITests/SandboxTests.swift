@@ -69,6 +69,22 @@ struct SandboxTests {
     deinit { kill() }
   }
 
+  /// An API request with curl on `socket`: the answer's body.
+  static func curl(_ socket: String, _ method: String, _ path: String, _ body: String? = nil) throws -> String {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+    process.arguments =
+      ["-s", "--max-time", "60", "--unix-socket", socket, "-X", method, "http://localhost\(path)"]
+      + (body.map { ["-H", "Content-Type: application/json", "-d", $0] } ?? [])
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    let data = output.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return String(decoding: data, as: UTF8.self)
+  }
+
   /// One field of /proc/PID/status.
   static func status(_ pid: pid_t, _ field: String) -> String? {
     let text = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
@@ -196,18 +212,7 @@ struct SandboxTests {
     try vmm.waitFor("hostvisor: sandbox: entered (root: \(jail);")
     try vmm.waitFor("busy loop running")
     func curl(_ method: String, _ path: String, _ body: String? = nil) throws -> String {
-      let process = Process()
-      process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-      process.arguments =
-        ["-s", "--max-time", "60", "--unix-socket", socket, "-X", method, "http://localhost\(path)"]
-        + (body.map { ["-H", "Content-Type: application/json", "-d", $0] } ?? [])
-      let output = Pipe()
-      process.standardOutput = output
-      process.standardError = FileHandle.nullDevice
-      try process.run()
-      let data = output.fileHandleForReading.readDataToEndOfFile()
-      process.waitUntilExit()
-      return String(decoding: data, as: UTF8.self)
+      try Self.curl(socket, method, path, body)
     }
     #expect(try curl("GET", "/").contains("\"state\":\"Running\""))
     _ = try curl("PATCH", "/vm", #"{"state":"Paused"}"#)
@@ -222,6 +227,49 @@ struct SandboxTests {
       "PUT", "/snapshot/create", #"{"snapshot_path":"\#(scratch.path("x.state"))","mem_file_path":"/x.mem"}"#)
     #expect(outside.contains("fault_message"), "\(outside)")
     #expect(!FileManager.default.fileExists(atPath: scratch.path("x.state")))
+    vmm.kill()
+  }
+
+  /// `serve --sandbox --jail DIR`: the API process enters its jail before any machine exists;
+  /// the machine the API then configures comes from paths inside the jail (a host path is
+  /// refused), /dev/kvm from the node the sandbox made there for its user, and the booted guest
+  /// runs with the VMM unprivileged, without new privileges, under seccomp, its vCPU thread
+  /// under a filter of its own.
+  @Test(arguments: ["soft", "kvm"])
+  func serveBootsWhatItsAPINamesInsideTheJail(accelerator: String) throws {
+    let scratch = try ScratchDirectory()
+    let jail = scratch.path("jail")
+    try FileManager.default.createDirectory(atPath: jail, withIntermediateDirectories: true)
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    try FileManager.default.copyItem(atPath: kernel, toPath: jail + "/busy.elf")
+    let socket = scratch.path("api.sock")
+    let vmm = try RunningVMM(
+      ["serve", "--api-sock", socket, "--accel", accelerator, "--sandbox", "--jail", jail, "--verbose"],
+      scratch: scratch)
+    try vmm.waitFor("hostvisor: sandbox: entered (root: \(jail);")
+    let hostPath = try Self.curl(socket, "PUT", "/boot-source", #"{"kernel_image_path":"\#(jail)/busy.elf"}"#)
+    #expect(hostPath.contains("fault_message"), "a host path reached through the jail: \(hostPath)")
+    let jailed = try Self.curl(socket, "PUT", "/boot-source", #"{"kernel_image_path":"/busy.elf"}"#)
+    #expect(!jailed.contains("fault_message"), "\(jailed)")
+    let started = try Self.curl(socket, "PUT", "/actions", #"{"action_type":"InstanceStart"}"#)
+    #expect(!started.contains("fault_message"), "\(started)")
+    try vmm.waitFor("busy loop running")
+    #expect(vmm.output.contains("accelerator: \(accelerator)"), "\(vmm.output)")
+    let child = try vmm.child()
+    #expect(Self.status(child, "Uid")?.split(separator: "\t").allSatisfy { $0 == "\(Self.nobody.uid)" } == true)
+    #expect(Self.status(child, "NoNewPrivs") == "1")
+    #expect(Self.status(child, "Seccomp") == "2")
+    #expect(Self.status(child, "CapEff") == "0000000000000000")
+    var vcpuFilters: [Int?] = []
+    for task in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(child)/task") {
+      let name = (try? String(contentsOfFile: "/proc/\(child)/task/\(task)/comm", encoding: .utf8)) ?? ""
+      let status = (try? String(contentsOfFile: "/proc/\(child)/task/\(task)/status", encoding: .utf8)) ?? ""
+      guard name.hasPrefix("vcpu") else { continue }
+      vcpuFilters.append(
+        status.split(separator: "\n").first { $0.hasPrefix("Seccomp_filters:") }
+          .flatMap { Int($0.split(separator: "\t").last ?? "") })
+    }
+    #expect(vcpuFilters == [2], "the vCPU threads' filters: \(vcpuFilters)")
     vmm.kill()
   }
 }
