@@ -36,13 +36,7 @@ func interruptGuestStart(vector: Int) -> String {
 /// The end of an `interruptGuestStart` guest, in its `.data` section: the IDT register, a
 /// 256-gate IDT and a 4 KiB stack that ends at `stack_top`.
 let interruptGuestTables = """
-          .align 8
-  idtr:   .word 256 * 8 - 1
-          .long idt
-          .align 8
-  idt:    .fill 256 * 8, 1, 0
-          .fill 4096, 1, 0
-  stack_top:
+          .include "interrupt-tables.inc"
 
   """
 

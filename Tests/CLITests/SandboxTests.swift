@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// The sandbox (docs/isolation.md) around the real binary and a real KVM guest: each layer is
@@ -71,18 +72,12 @@ struct SandboxTests {
 
   /// An API request with curl on `socket`: the answer's body.
   static func curl(_ socket: String, _ method: String, _ path: String, _ body: String? = nil) throws -> String {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-    process.arguments =
+    try HostCommand.run(
+      "curl",
       ["-s", "--max-time", "60", "--unix-socket", socket, "-X", method, "http://localhost\(path)"]
-      + (body.map { ["-H", "Content-Type: application/json", "-d", $0] } ?? [])
-    let output = Pipe()
-    process.standardOutput = output
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    let data = output.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return String(decoding: data, as: UTF8.self)
+        + (body.map { ["-H", "Content-Type: application/json", "-d", $0] } ?? []),
+      errors: .discarded, timeout: 90
+    ).text
   }
 
   /// One field of /proc/PID/status.

@@ -160,10 +160,4 @@ digits:  .ascii "0123456789abcdef"
 pit_count:   .long 0
 timer_count: .long 0
 ipi_count:   .long 0
-        .align 8
-idtr:   .word 256 * 8 - 1
-        .long idt
-        .align 8
-idt:    .fill 256 * 8, 1, 0
-        .fill 4096, 1, 0
-stack_top:
+        .include "interrupt-tables.inc"

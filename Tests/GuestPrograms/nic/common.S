@@ -647,12 +647,6 @@ rx_interrupts:  .long 0
 tries:          .long 0
 timer_left:     .long 0
 timer_last:     .byte 0
-        .align 8
-idtr:   .word 256 * 8 - 1
-        .long idt
-        .align 8
-idt:    .fill 256 * 8, 1, 0
-        .fill 4096, 1, 0
-stack_top:
+        .include "interrupt-tables.inc"
         .align 16
 txbuf:  .fill 2048, 1, 0
