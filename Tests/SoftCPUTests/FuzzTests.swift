@@ -320,12 +320,13 @@ enum HostileRunChecks {
 /// OF for counts above 1 was the one difference in 200 000 runs).
 @Suite("FuzzTranslatorAgreementTests")
 struct FuzzTranslatorAgreementTests {
-  /// Whether `bytes` hold RDTSC, RDTSCP, RDPMC or the 0F C7 group (RDRAND, RDSEED).
+  /// Whether `bytes` hold RDTSC, RDTSCP, RDPMC, RDMSR (the TSC is MSR 0x10) or the 0F C7
+  /// group (RDRAND, RDSEED).
   static func readsTimeOrRandom(_ bytes: ArraySlice<UInt8>) -> Bool {
     let array = Array(bytes)
     for index in array.indices.dropLast() where array[index] == 0x0F {
       switch array[index + 1] {
-      case 0x31, 0x33, 0xC7: return true
+      case 0x31, 0x32, 0x33, 0xC7: return true
       case 0x01 where index + 2 < array.count && array[index + 2] == 0xF9: return true
       default: continue
       }
