@@ -13,9 +13,10 @@ import VMCore
 /// loopback mode, into the receive FIFO), and THR and the transmitter are empty (LSR THRE and
 /// TEMT set) whenever the backend is ready for more (`SerialBackend.isReadyToTransmit`: a
 /// buffered backend whose consumer stopped reading is not). The THR-empty interrupt of a write
-/// that found the backend not ready comes when the backend calls back. The receive FIFO holds 16 bytes as on the real part; host input beyond that
-/// waits in a host-side queue (up to `hostQueueLimit` bytes) that refills the FIFO as the guest
-/// reads, which plays the role of flow control so pasted text is not lost.
+/// that found the backend not ready comes when the backend calls back. The receive FIFO holds
+/// 16 bytes as on the real part; host input beyond that waits in a host-side queue (up to
+/// `hostQueueLimit` bytes) that refills the FIFO as the guest reads, which plays the role of
+/// flow control so pasted text is not lost.
 ///
 /// Interrupts follow the 16550 priorities (line status, received data or character timeout,
 /// THR empty, modem status) and drive the interrupt line as a level, recomputed after every

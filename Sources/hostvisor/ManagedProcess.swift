@@ -60,10 +60,16 @@ enum ManagedProcess {
   /// the API is given from now on are paths inside the jail; the socket is removed at exit
   /// only if it lies inside the jail too.
   static func enterSandbox(_ sandbox: SandboxOptions, socketPath: String?, verbose: Bool) {
-    let jail = sandbox.jailDirectory.flatMap { path in realpath(path, nil).map { String(cString: $0) } }
-    let socket = socketPath.flatMap { path -> String? in
-      let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
-      return realpath(folder, nil).map { String(cString: $0) + "/" + URL(fileURLWithPath: path).lastPathComponent }
+    func resolved(_ path: String) -> String? {
+      guard let result = realpath(path, nil) else { return nil }
+      defer { free(result) }
+      return String(cString: result)
+    }
+    let jail = sandbox.jailDirectory.flatMap(resolved)
+    let socket = socketPath.flatMap { path in
+      resolved(URL(fileURLWithPath: path).deletingLastPathComponent().path).map {
+        $0 + "/" + URL(fileURLWithPath: path).lastPathComponent
+      }
     }
     do {
       try Sandbox.enter(sandbox)
