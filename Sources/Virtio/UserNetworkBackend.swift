@@ -136,6 +136,7 @@ public final class UserNetworkBackend: NetworkBackend {
     }
     socket = pair[0]
     child = pid
+    PasstChildren.started(pid)
     // Never block the device worker: queued output is flushed when the socket polls writable.
     _ = fcntl(socket, F_SETFL, fcntl(socket, F_GETFL) | O_NONBLOCK)
     var bufferSize: Int32 = 1 << 20
@@ -149,6 +150,7 @@ public final class UserNetworkBackend: NetworkBackend {
         close(pair[0])
         let detail = Self.lastLine(ofFile: logPath) ?? "a forwarded port may be in use or an option refused"
         if logFD >= 0 { unlink(logPath) }
+        PasstChildren.ended(pid)
         throw UserNetworkError("passt exited at start (status \(status >> 8)): \(detail)")
       }
       usleep(5_000)
@@ -175,6 +177,7 @@ public final class UserNetworkBackend: NetworkBackend {
       kill(child, SIGTERM)
       waitpid(child, &status, 0)
     }
+    PasstChildren.ended(child)
   }
 
   /// Sends one frame (the 12-byte virtio-net header is dropped: passt takes plain frames).
@@ -392,5 +395,28 @@ final class ReassemblyBuffer: @unchecked Sendable {
       if result == 0 { isAtEnd = true }
       return 0
     }
+  }
+}
+
+/// The passt children still running, killed when the VMM exits (`exit`, which the VMM's every
+/// own way out takes): passt should end when its socket closes (`--one-off`), but it was seen
+/// spinning at full CPU, its VMM gone, until killed. A VMM killed by a signal leaves passt to
+/// `--one-off`.
+enum PasstChildren {
+  private static let running = Mutex<Set<pid_t>>([])
+  private static let atExitRegistered: Bool = {
+    atexit {
+      for pid in PasstChildren.running.withLock({ $0 }) { kill(pid, SIGKILL) }
+    }
+    return true
+  }()
+
+  static func started(_ pid: pid_t) {
+    _ = atExitRegistered
+    running.withLock { _ = $0.insert(pid) }
+  }
+
+  static func ended(_ pid: pid_t) {
+    running.withLock { _ = $0.remove(pid) }
   }
 }

@@ -301,6 +301,14 @@ struct Run: ParsableCommand {
     spec.drives = configuration.disks.enumerated().map { index, disk in
       DriveSpec(id: "disk\(index)", path: disk.path, readOnly: disk.readOnly)
     }
+    // The API's network interfaces are virtio-net on a TAP (Firecracker's model): anything else
+    // would come up as a TAP without a name.
+    if let network = configuration.networks.first(where: {
+      $0.tapName.isEmpty || $0.model != .virtio || !$0.offloads
+    }) {
+      let kind = network.tapName.isEmpty ? "user networking" : "model=\(network.model.rawValue) or offloads=off"
+      throw CommandFailure("--api-sock supports --net tap=NAME (virtio) only: \(kind) is not available with it")
+    }
     spec.networkInterfaces = configuration.networks.enumerated().map { index, network in
       NetworkInterfaceSpec(id: "net\(index)", hostDeviceName: network.tapName, guestMAC: network.mac)
     }

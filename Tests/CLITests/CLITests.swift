@@ -82,6 +82,17 @@ struct CLITests {
     expectOneLineError(result, containing: "invalid memory size 'lots'")
   }
 
+  /// The API's network interfaces are virtio-net on a TAP: `--api-sock` with user networking
+  /// (which the API could not describe) is refused instead of becoming a TAP without a name.
+  @Test func apiSocketRefusesUserNetworking() throws {
+    let socket = "/tmp/hostvisor-cli-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+    defer { unlink(socket) }
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", "/bin/true", "--accel", "soft", "--net", "user", "--api-sock", socket, "--serial", "none",
+    ])
+    expectOneLineError(result, containing: "--api-sock supports --net tap=NAME (virtio) only: user networking")
+  }
+
   @Test func zeroCPUs() throws {
     let result = try HostvisorProcess.run(["run", "--kernel", "/bin/true", "--cpus", "0", "--serial", "none"])
     expectOneLineError(result, containing: "invalid CPU count 0")

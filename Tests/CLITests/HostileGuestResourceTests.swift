@@ -24,7 +24,7 @@ struct HostileGuestResourceTests {
     private let output = Collected()
     private let reaped = Mutex<Bool>(false)
 
-    init(kernel: String, accelerator: String, collect: Bool, scratch: ScratchDirectory) throws {
+    init(kernel: String, accelerator: String, collect: Bool, scratch: ScratchDirectory, extra: [String] = []) throws {
       socket = scratch.path("api-\(accelerator).sock")
       errorsPath = scratch.path("errors-\(accelerator).txt")
       var ends: [Int32] = [-1, -1]
@@ -42,7 +42,7 @@ struct HostileGuestResourceTests {
           [
             "run", "--kernel", kernel, "--accel", accelerator, "--memory", "64", "--api-sock", socket,
             "--no-sandbox",
-          ], environment: nil, actions: &actions)
+          ] + extra, environment: nil, actions: &actions)
       } catch {
         close(ends[0])
         close(ends[1])
