@@ -2,9 +2,10 @@ import Foundation
 import Testing
 
 /// A hostile guest's device reset loop, with Debian's own drivers on the software CPU: the guest
-/// unbinds and binds its virtio-blk and virtio-rng drivers hundreds of times (each unbind resets
+/// unbinds and binds its virtio-blk and virtio-rng drivers 500 times each (each unbind resets
 /// the device, each bind negotiates features and sets up its queues again). The VMM's resident
-/// memory must not grow with the number of resets, and the devices must still work afterwards.
+/// memory must stop growing with the number of resets, and the devices must still work
+/// afterwards.
 @Suite("Linux resets its virtio devices in a loop", .serialized)
 struct LinuxDeviceResetLoopTests {
   /// The VMM's resident memory in KiB (guest RAM the guest touched included).
@@ -29,12 +30,17 @@ struct LinuxDeviceResetLoopTests {
       "cycle() { for drv in virtio_blk virtio_rng; do dev=$(basename /sys/bus/virtio/drivers/$drv/virtio*); "
         + "i=0; while [ $i -lt $1 ]; do echo $dev > /sys/bus/virtio/drivers/$drv/unbind; "
         + "echo $dev > /sys/bus/virtio/drivers/$drv/bind; i=$((i+1)); done; done; echo cycled; }")
-    #expect(try await session.run("cycle 20") == "cycled")
-    let before = Self.residentKiB(pid)
-    #expect(try await session.run("cycle 200", timeout: .seconds(600)) == "cycled")
-    let after = Self.residentKiB(pid)
-    #expect(
-      before > 0 && after - before < 8 * 1024, "resident memory grew from \(before) to \(after) KiB over 400 resets")
+    // Resident memory after each of five rounds of 200 resets: the first rounds fill the guest's
+    // allocator and the software CPU's bounded decoded-code caches; a leak per reset would keep
+    // adding the same amount round after round.
+    var resident: [Int] = []
+    for _ in 0..<5 {
+      #expect(try await session.run("cycle 100", timeout: .seconds(600)) == "cycled")
+      resident.append(Self.residentKiB(pid))
+    }
+    print("device reset loop: resident KiB after each 200 resets: \(resident)")
+    let lastRounds = resident[4] - resident[2]
+    #expect(lastRounds < 4 * 1024, "resident memory grew by \(lastRounds) KiB over the last 400 resets: \(resident)")
     // Both devices work after the last bind: the disk reads back what the host wrote.
     let firstBlock = try await session.run("dd if=/dev/vda bs=4096 count=1 2>/dev/null | sha256sum")
     try pattern.write(to: URL(fileURLWithPath: scratch.path("first-block")))
