@@ -81,11 +81,14 @@ enum ManagedProcess {
     } else {
       socketToRemove = nil
     }
-    if verbose {
-      printError(
-        "hostvisor: sandbox: entered (root: \(sandbox.jailDirectory ?? "empty"); user \(sandbox.uid), group \(sandbox.gid); seccomp filters per thread kind)"
-      )
-    }
+    if verbose { reportSandboxEntered(sandbox) }
+  }
+
+  /// The `--verbose` line that says the sandbox is in place (tests wait for it).
+  static func reportSandboxEntered(_ sandbox: SandboxOptions) {
+    printError(
+      "hostvisor: sandbox: entered (root: \(sandbox.jailDirectory ?? "empty"); user \(sandbox.uid), group \(sandbox.gid); seccomp filters per thread kind)"
+    )
   }
 
   /// `serve` and the Firecracker personality: serve the APIs, boot from a configuration file

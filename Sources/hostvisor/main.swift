@@ -253,11 +253,7 @@ struct Run: ParsableCommand {
   /// Enters the sandbox; with --verbose, says so.
   private func enterSandbox(_ options: SandboxOptions) throws {
     try Sandbox.enter(options)
-    if verbose {
-      printError(
-        "hostvisor: sandbox: entered (root: \(options.jailDirectory ?? "empty"); user \(options.uid), group \(options.gid); seccomp filters per thread kind)"
-      )
-    }
+    if verbose { ManagedProcess.reportSandboxEntered(options) }
   }
 
   private func finish(_ stopReason: MachineStopReason) -> Never {
