@@ -24,7 +24,7 @@ struct HostileGuestResourceTests {
     private let output = Collected()
     private let reaped = Mutex<Bool>(false)
 
-    init(kernel: String, accelerator: String, collect: Bool, scratch: ScratchDirectory, extra: [String] = []) throws {
+    init(kernel: String, accelerator: String, collect: Bool, scratch: ScratchDirectory) throws {
       socket = scratch.path("api-\(accelerator).sock")
       errorsPath = scratch.path("errors-\(accelerator).txt")
       var ends: [Int32] = [-1, -1]
@@ -42,7 +42,7 @@ struct HostileGuestResourceTests {
           [
             "run", "--kernel", kernel, "--accel", accelerator, "--memory", "64", "--api-sock", socket,
             "--no-sandbox",
-          ] + extra, environment: nil, actions: &actions)
+          ], environment: nil, actions: &actions)
       } catch {
         close(ends[0])
         close(ends[1])
@@ -76,10 +76,7 @@ struct HostileGuestResourceTests {
 
     /// A field of /proc/PID/status in kB (VmRSS) or as a count (Threads).
     func status(_ field: String) -> Int? {
-      let text = (try? String(contentsOfFile: "/proc/\(processIdentifier)/status", encoding: .utf8)) ?? ""
-      guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix(field + ":") }) else { return nil }
-      let fields = line.split { $0 == " " || $0 == "\t" }
-      return fields.count > 1 ? Int(fields[1]) : nil
+      SandboxTests.status(processIdentifier, field)?.split(separator: " ").first.flatMap { Int($0) }
     }
 
     /// User plus system CPU seconds the process used.
