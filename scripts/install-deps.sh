@@ -13,7 +13,12 @@ for pair in as:binutils ld:binutils busybox:busybox-static cpio:cpio xz:xz-utils
 done
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
+  # A mirror in the middle of a sync fails the update ("File has unexpected size"): try again,
+  # then go on with the lists there are.
+  for attempt in 1 2 3; do
+    $SUDO apt-get update -qq && break
+    [ "$attempt" = 3 ] || { echo "install-deps: apt-get update failed, trying again in 20 s" >&2; sleep 20; }
+  done
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 # Python clients for the control-plane tests: firecracker-python (a real Firecracker client)

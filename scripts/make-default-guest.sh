@@ -96,6 +96,16 @@ as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# Refreshes apt's package lists, trying again while a mirror is in the middle of a sync
+# ("File has unexpected size"); after three tries it goes on with the lists it has.
+refresh_package_lists() {
+  for attempt in 1 2 3; do
+    as_root apt-get update -qq && return 0
+    [ "$attempt" = 3 ] || { echo "make-default-guest: apt-get update failed, trying again in 20 s" >&2; sleep 20; }
+  done
+  echo "make-default-guest: apt-get update still fails; going on with the package lists it has" >&2
+}
+
 # The versioned kernel package the meta package points at, e.g. linux-image-6.1.0-57-cloud-amd64.
 kernel_package_of() {
   apt-cache depends "$meta_package" 2>/dev/null |
@@ -105,12 +115,12 @@ kernel_package_of() {
 if [ -n "$guest_busybox_package" ] && ! dpkg --print-foreign-architectures | grep -qx i386; then
   echo "make-default-guest: adding the i386 architecture to dpkg (for the 32-bit guest's packages)" >&2
   as_root dpkg --add-architecture i386
-  as_root apt-get update -qq
+  refresh_package_lists
 fi
 kernel_package=$(kernel_package_of || true)
 if [ -z "$kernel_package" ]; then
   echo "make-default-guest: refreshing the apt package lists" >&2
-  as_root apt-get update -qq
+  refresh_package_lists
   kernel_package=$(kernel_package_of || true)
 fi
 [ -n "$kernel_package" ] || fail "cannot find the kernel package that $meta_package depends on"
@@ -123,7 +133,7 @@ if [ "$(id -u)" = 0 ] && id _apt >/dev/null 2>&1; then
 fi
 if ! (cd "$work/download" && apt-get download -qq "$kernel_package" >/dev/null); then
   echo "make-default-guest: download failed, refreshing the apt package lists and retrying" >&2
-  as_root apt-get update -qq
+  refresh_package_lists
   (cd "$work/download" && apt-get download -qq "$kernel_package" >/dev/null) ||
     fail "cannot download $kernel_package"
 fi

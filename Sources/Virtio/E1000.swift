@@ -600,7 +600,9 @@ public final class E1000: PCIDevice, CountingDevice {
     var head = Int(state[Register.tdh])
     let tail = Int(state[Register.tdt])
     var wroteBack = false
-    while head != tail {
+    // Descriptors the backend cannot take yet stay in the ring (TDH stops short of TDT): the
+    // worker polls the backend for writability while its queue is full and comes back here.
+    while head != tail, backend.canTransmit {
       let address = base + UInt64(head) * 16
       guard let lower = try? memory.read(UInt64.self, at: address),
         let upper = try? memory.read(UInt64.self, at: address + 8)
@@ -624,7 +626,7 @@ public final class E1000: PCIDevice, CountingDevice {
     }
     guard head != Int(state[Register.tdh]) else { return }
     state[Register.tdh] = UInt32(head)
-    var causes = Interrupt.transmitQueueEmpty
+    var causes: UInt32 = head == tail ? Interrupt.transmitQueueEmpty : 0
     if wroteBack { causes |= Interrupt.transmitDescriptorWritten }
     state[Register.icr] |= causes
     updateInterrupt(&state)

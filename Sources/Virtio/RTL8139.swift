@@ -457,10 +457,14 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
   /// Sends the descriptors the driver handed over, in turn from the current one, while the
   /// transmitter is enabled: TOK and OWN on each sent frame, TABT and OWN on one that is empty,
   /// longer than 1792 bytes or not in RAM.
-  private func transmitPending(_ state: inout State) {
+  /// Sends the descriptors the driver handed over, in order, while the backend takes frames; a
+  /// descriptor it cannot take yet keeps its OWN bit clear until the worker, polling the
+  /// backend for writability, comes back here (`inWorker`). Called on the vCPU's TSD write,
+  /// the worker is woken for what the backend queued.
+  private func transmitPending(_ state: inout State, inWorker: Bool = false) {
     guard state.bytes[Register.command] & Command.transmitterEnable != 0 else { return }
     var causes: UInt16 = 0
-    for _ in 0..<4 {
+    for _ in 0..<4 where backend.canTransmit {
       let index = state.nextTransmit
       let register = Register.tsd0 + 4 * index
       let status = state.dword(register)
@@ -479,7 +483,7 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
       state.nextTransmit = (index + 1) % 4
     }
     if causes != 0 { raise(&state, causes) }
-    if backend.hasPendingOutput || backend.hasPendingInput { worker.wake() }
+    if !inWorker, backend.hasPendingOutput || backend.hasPendingInput { worker.wake() }
   }
 
   /// Hands one frame to the backend behind an all-zero vnet header.
@@ -516,7 +520,10 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
 
   fileprivate func process() {
     backend.flushPendingOutput()
-    state.withLock { receiveAll(&$0) }
+    state.withLock { state in
+      transmitPending(&state, inWorker: true)
+      receiveAll(&state)
+    }
   }
 
   private func receiveAll(_ state: inout State) {

@@ -186,12 +186,22 @@ public final class UserNetworkBackend: NetworkBackend {
   /// driver padded to 60 bytes (8139too and e1000 do) reads as a segment with 6 bytes of data
   /// and passt stops accepting the guest's acknowledgements.
   /// What the socket cannot take at once is queued; the device's worker polls for
-  /// writability while anything is queued and flushes it.
+  /// writability while anything is queued and flushes it. While the queue holds
+  /// `transmitQueueLimit` bytes or more, `canTransmit` is false; a frame that would take it past
+  /// `transmitQueueHardLimit` is dropped whole. The stream never loses part of a frame: passt
+  /// reads a length prefix, then that many bytes, so one cut frame would turn every later
+  /// byte into garbage lengths and stall the guest's traffic for good.
   public func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool {
     var length = 0
     for vector in vectors { length += vector.iov_len }
     guard length - Self.headerSize > 0, length - Self.headerSize <= Self.maximumFrame else { return false }
     return output.withLock { pending in
+      // Never queue without bound behind a stalled passt: drop this frame, never one already
+      // (perhaps partly) on its way.
+      if pending.count + 4 + length - Self.headerSize > Self.transmitQueueHardLimit {
+        flush(&pending)
+        if pending.count + 4 + length - Self.headerSize > Self.transmitQueueHardLimit { return false }
+      }
       let start = pending.count
       pending.append(contentsOf: [0, 0, 0, 0] as [UInt8])
       var skip = Self.headerSize
@@ -213,14 +223,17 @@ public final class UserNetworkBackend: NetworkBackend {
         handshakes.withLock { _ = $0.noteFromGuest(frame) }
       }
       flush(&pending)
-      // Never queue without bound behind a stalled passt: drop what cannot be sent.
-      if pending.count > 4 * (Self.maximumFrame + 4) {
-        pending.removeAll()
-        return false
-      }
       return true
     }
   }
+
+  /// The queued bytes at which `canTransmit` turns false: two of the largest frames.
+  static let transmitQueueLimit = 2 * (maximumFrame + 4)
+  /// The queued bytes beyond which a frame is dropped: room for a device that sends a whole
+  /// segmented packet (an e1000 TSO burst) after `canTransmit` turned false.
+  static let transmitQueueHardLimit = 8 * (maximumFrame + 4)
+
+  public var canTransmit: Bool { output.withLock { $0.count < Self.transmitQueueLimit } }
 
   private func flush(_ pending: inout [UInt8]) {
     var sent = 0

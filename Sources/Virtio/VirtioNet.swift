@@ -37,6 +37,11 @@ public protocol NetworkBackend: AnyObject, Sendable {
   var hasPendingOutput: Bool { get }
   /// Sends what `transmit` had to leave queued, as far as the descriptor takes it.
   func flushPendingOutput()
+  /// Whether the backend takes another frame now: false while its queue towards the host is
+  /// full, when a device leaves further frames in its transmit ring (as a real NIC does when
+  /// the wire is busy) until the worker's flush has made room. A frame transmitted anyway may
+  /// be dropped.
+  var canTransmit: Bool { get }
   /// Whether `receive` has a frame that the descriptor does not show (one the backend made
   /// itself): a device that transmitted outside its worker wakes the worker to take it.
   var hasPendingInput: Bool { get }
@@ -47,6 +52,7 @@ extension NetworkBackend {
   public func setReceiveOffloads(_ offloads: NetworkOffloads) -> Bool { offloads.isEmpty }
   public var hasPendingOutput: Bool { false }
   public func flushPendingOutput() {}
+  public var canTransmit: Bool { true }
   public var hasPendingInput: Bool { false }
 }
 
@@ -477,7 +483,9 @@ public final class VirtioNet: VirtioDeviceModel, CountingDevice {
     let passHeader = transmitOffloads.load(ordering: .acquiring)
     _ = queues.withQueue(1) { queue throws(VirtqueueError) in
       var header = [UInt8](repeating: 0, count: Self.headerSize)
-      while try queue.popAvailable(into: &state.chain) {
+      // Frames the backend cannot take yet stay in the ring: the worker polls the backend for
+      // writability while its queue is full and comes back here.
+      while backend.canTransmit, try queue.popAvailable(into: &state.chain) {
         let chain = state.chain
         guard chain.readableCount == chain.buffers.count else {
           throw VirtqueueError("virtio-net transmit buffer is device-writable")

@@ -400,3 +400,85 @@ enum Segments {
     #expect(!FileManager.default.fileExists(atPath: log), "the log is gone once the backend is")
   }
 }
+
+/// The backend against a stand-in for passt that reads nothing for a while, then copies the
+/// whole stream to a file: the frames the backend accepted arrive whole, in order, each behind
+/// its own length, however full the socket got.
+@Suite struct UserNetworkBackendBackpressureTests {
+  /// A 1,514-byte frame of a type the backend keeps whole, carrying `sequence` in every byte
+  /// of its payload's first eight.
+  static func frame(_ sequence: UInt32) -> [UInt8] {
+    let tag = withUnsafeBytes(of: sequence.bigEndian) { Array($0) }
+    return FrameBuilder.frame(etherType: 0x88B5, payload: tag + tag + [UInt8](repeating: 0x5A, count: 1492))
+  }
+
+  @Test func aStalledPeerLosesWholeFramesOnlyAndTheBackendSaysWhenItIsFull() throws {
+    let folder = FileManager.default.temporaryDirectory.appendingPathComponent(
+      "hostvisor-backpressure-\(UUID().uuidString)"
+    ).path
+    try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: folder) }
+    let script = folder + "/slow-passt"
+    let stream = folder + "/stream"
+    let body = "#!/bin/sh\nsleep 1\nexec cat <&3 > \(stream)\n"
+    #expect(
+      FileManager.default.createFile(atPath: script, contents: Data(body.utf8), attributes: [.posixPermissions: 0o755]))
+    var backend: UserNetworkBackend? = try UserNetworkBackend(forwards: [], passtPath: script)
+
+    func send(_ frame: [UInt8]) -> Bool {
+      let bytes = [UInt8](repeating: 0, count: 12) + frame
+      return bytes.withUnsafeBytes { raw in
+        var vector = iovec(iov_base: UnsafeMutableRawPointer(mutating: raw.baseAddress), iov_len: raw.count)
+        return withUnsafePointer(to: &vector) { backend!.transmit(UnsafeBufferPointer(start: $0, count: 1)) }
+      }
+    }
+
+    // 4,000 frames (6 MB) at once, while the peer reads nothing: more than the socket and the
+    // backend's queue hold, sent regardless of `canTransmit` as a careless device would.
+    var accepted: [UInt32] = []
+    var sawFull = false
+    for sequence in 0..<UInt32(4000) {
+      if !backend!.canTransmit { sawFull = true }
+      if send(Self.frame(sequence)) { accepted.append(sequence) }
+    }
+    #expect(sawFull, "the backend never said it was full")
+    #expect(accepted.count < 4000, "a stalled peer took 6 MB")
+    // Once the peer reads, everything queued goes out and the backend takes frames again.
+    for _ in 0..<500 where backend!.hasPendingOutput {
+      backend!.flushPendingOutput()
+      usleep(10_000)
+    }
+    #expect(!backend!.hasPendingOutput)
+    #expect(backend!.canTransmit)
+    #expect(send(Self.frame(4000)))
+    accepted.append(4000)
+    // The backend stops its peer when it goes: let the copy catch up first.
+    func copied() -> Int { ((try? FileManager.default.attributesOfItem(atPath: stream))?[.size] as? Int) ?? 0 }
+    for _ in 0..<500 where copied() < accepted.count * (4 + 1514) { usleep(10_000) }
+    backend = nil
+    let bytes = Array((try? Data(contentsOf: URL(fileURLWithPath: stream))) ?? Data())
+    var received: [UInt32] = []
+    var offset = 0
+    while offset + 4 <= bytes.count {
+      let length = bytes[offset..<offset + 4].reduce(0) { $0 << 8 | Int($1) }
+      guard length == 1514, offset + 4 + length <= bytes.count else {
+        Issue.record("a frame of \(length) bytes at offset \(offset) after \(received.count) whole frames")
+        break
+      }
+      let frame = Array(bytes[offset + 4..<offset + 4 + length])
+      let sequence = frame[14..<18].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+      guard frame == Self.frame(sequence) else {
+        Issue.record("frame \(received.count) is not a frame that was sent")
+        break
+      }
+      received.append(sequence)
+      offset += 4 + length
+    }
+    let firstDifference =
+      zip(received, accepted).enumerated().first { $0.element.0 != $0.element.1 }?.offset
+      ?? min(received.count, accepted.count)
+    #expect(
+      received.count == accepted.count && firstDifference == accepted.count,
+      "\(received.count) frames arrived of \(accepted.count) accepted; they differ from frame \(firstDifference)")
+  }
+}
