@@ -75,7 +75,7 @@ public final class UserNetworkBackend: NetworkBackend {
   private let socket: Int32
   private let child: pid_t
   private let input = Mutex<ReassemblyBuffer>(ReassemblyBuffer(capacity: 4 * (maximumFrame + 4)))
-  private let output = Mutex<[UInt8]>([])
+  private let output = Mutex(PasstOutputQueue())
   /// The handshakes of forwarded connections that passt leaves half-open (see
   /// `PasstHandshakeCompletion`), and the ACKs that complete them, waiting for the guest.
   private let handshakes = Mutex(PasstHandshakeCompletion())
@@ -188,41 +188,37 @@ public final class UserNetworkBackend: NetworkBackend {
   /// What the socket cannot take at once is queued; the device's worker polls for
   /// writability while anything is queued and flushes it. While the queue holds
   /// `transmitQueueLimit` bytes or more, `canTransmit` is false; a frame that would take it past
-  /// `transmitQueueHardLimit` is dropped whole. The stream never loses part of a frame: passt
-  /// reads a length prefix, then that many bytes, so one cut frame would turn every later
-  /// byte into garbage lengths and stall the guest's traffic for good.
+  /// `transmitQueueHardLimit` is dropped whole. Every frame enters the socket whole, with a
+  /// send of its own (`PasstOutputQueue` says why passt needs that).
   public func transmit(_ vectors: UnsafeBufferPointer<iovec>) -> Bool {
     var length = 0
     for vector in vectors { length += vector.iov_len }
     guard length - Self.headerSize > 0, length - Self.headerSize <= Self.maximumFrame else { return false }
+    var record = [UInt8](repeating: 0, count: 4)
+    record.reserveCapacity(4 + length - Self.headerSize)
+    var skip = Self.headerSize
+    for vector in vectors {
+      guard let base = vector.iov_base else { continue }
+      let bytes = UnsafeRawBufferPointer(start: base, count: vector.iov_len)
+      let first = min(skip, bytes.count)
+      skip -= first
+      record.append(contentsOf: bytes[first...])
+    }
+    let frameLength = record.withUnsafeBytes {
+      EthernetFrame.unpaddedLength(UnsafeRawBufferPointer(rebasing: $0[4...]))
+    }
+    record.removeLast(record.count - (4 + frameLength))
+    for index in 0..<4 { record[index] = UInt8(truncatingIfNeeded: UInt32(frameLength) >> (24 - 8 * index)) }
     return output.withLock { pending in
+      pending.flush(to: socket)
       // Never queue without bound behind a stalled passt: drop this frame, never one already
-      // (perhaps partly) on its way.
-      if pending.count + 4 + length - Self.headerSize > Self.transmitQueueHardLimit {
-        flush(&pending)
-        if pending.count + 4 + length - Self.headerSize > Self.transmitQueueHardLimit { return false }
+      // on its way.
+      guard pending.byteCount + record.count <= Self.transmitQueueHardLimit else { return false }
+      record.withUnsafeBytes { bytes in
+        handshakes.withLock { _ = $0.noteFromGuest(UnsafeRawBufferPointer(rebasing: bytes[4...])) }
       }
-      let start = pending.count
-      pending.append(contentsOf: [0, 0, 0, 0] as [UInt8])
-      var skip = Self.headerSize
-      for vector in vectors {
-        guard let base = vector.iov_base else { continue }
-        let bytes = UnsafeRawBufferPointer(start: base, count: vector.iov_len)
-        let first = min(skip, bytes.count)
-        skip -= first
-        pending.append(contentsOf: bytes[first...])
-      }
-      let frameLength = pending.withUnsafeBytes {
-        EthernetFrame.unpaddedLength(UnsafeRawBufferPointer(rebasing: $0[(start + 4)...]))
-      }
-      pending.removeLast(pending.count - (start + 4 + frameLength))
-      let prefix = UInt32(frameLength)
-      for index in 0..<4 { pending[start + index] = UInt8(truncatingIfNeeded: prefix >> (24 - 8 * index)) }
-      pending.withUnsafeBytes { bytes in
-        let frame = UnsafeRawBufferPointer(rebasing: bytes[(start + 4)...])
-        handshakes.withLock { _ = $0.noteFromGuest(frame) }
-      }
-      flush(&pending)
+      pending.append(record)
+      pending.flush(to: socket)
       return true
     }
   }
@@ -233,24 +229,7 @@ public final class UserNetworkBackend: NetworkBackend {
   /// segmented packet (an e1000 TSO burst) after `canTransmit` turned false.
   static let transmitQueueHardLimit = 8 * (maximumFrame + 4)
 
-  public var canTransmit: Bool { output.withLock { $0.count < Self.transmitQueueLimit } }
-
-  private func flush(_ pending: inout [UInt8]) {
-    var sent = 0
-    while sent < pending.count {
-      let result = pending.withUnsafeBytes { bytes in
-        send(socket, bytes.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL))
-      }
-      if result > 0 {
-        sent += result
-      } else if result < 0 && errno == EINTR {
-        continue
-      } else {
-        break
-      }
-    }
-    pending.removeFirst(sent)
-  }
+  public var canTransmit: Bool { output.withLock { $0.byteCount < Self.transmitQueueLimit } }
 
   public var hasPendingOutput: Bool { output.withLock { !$0.isEmpty } }
 
@@ -259,7 +238,7 @@ public final class UserNetworkBackend: NetworkBackend {
   public var hasPendingInput: Bool { handshakes.withLock { $0.hasWaitingFrame } }
 
   public func flushPendingOutput() {
-    output.withLock { if !$0.isEmpty { flush(&$0) } }
+    output.withLock { if !$0.isEmpty { $0.flush(to: socket) } }
   }
 
   /// Returns the next whole frame behind a zeroed virtio-net header, or 0 when none is

@@ -56,10 +56,10 @@ struct EmulatedNICUserNetworkTests {
     try await UserNetworkTransfers.uploadThroughTheGateway(
       session, size: size, folder: folder, port: httpPort + 3)
     try await UserNetworkTransfers.sendThroughAForward(session, payload: payload, hostPort: inward, guestPort: 8080)
-    // Known, intermittent (docs/TODO.md): on the emulated NICs this transfer sometimes never
-    // starts (the host's connection through the forward gets no byte in 300 s, or passt spins
-    // and the guest sits idle); whether passt or the NIC models are at fault is not established.
-    await withKnownIssue("guest-to-host through a forward on an emulated NIC stalls at times", isIntermittent: true) {
+    // Known, intermittent (docs/user-networking.md): Debian 12's passt sometimes stops in a
+    // loop of its own on this transfer (busy, no system calls, the VMM's frames unread in its
+    // socket), and the host's connection through the forward gets nothing more.
+    await withKnownIssue("passt (Debian 12) sometimes spins on a guest-to-host forward", isIntermittent: true) {
       try await UserNetworkTransfers.receiveThroughAForward(
         session, size: size, folder: folder, hostPort: outward, guestPort: 8081)
     }

