@@ -48,7 +48,9 @@ public final class BufferedSerialBackend: SerialBackend {
 
   public func write(_ bytes: UnsafeRawBufferPointer) { channel.append(bytes) }
 
-  public var isReadyToTransmit: Bool { channel.hasRoom() }
+  public var isReadyToTransmit: Bool { channel.hasRoom(for: 1) }
+
+  public func hasRoom(for count: Int) -> Bool { channel.hasRoom(for: count) }
 
   public func whenReadyToTransmit(_ handler: @escaping @Sendable () -> Void) { channel.setReadyHandler(handler) }
 
@@ -126,10 +128,10 @@ final class SerialOutputChannel: Sendable {
     if wake { signalWriter() }
   }
 
-  /// Whether one more byte fits; when not, the ready handler runs once room is made.
-  func hasRoom() -> Bool {
+  /// Whether `count` more bytes fit; when not, the ready handler runs once room is made.
+  func hasRoom(for count: Int) -> Bool {
     state.withLock { state in
-      if state.count < capacity { return true }
+      if state.count + count <= capacity { return true }
       state.waitingForRoom = true
       return false
     }

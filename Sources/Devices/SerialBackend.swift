@@ -15,8 +15,12 @@ public protocol SerialBackend: AnyObject, Sendable {
   var isReadyToTransmit: Bool { get }
 
   /// Sets what the backend calls (from any thread, with none of its locks held) when it is
-  /// ready again after `isReadyToTransmit` answered false.
+  /// ready again after `isReadyToTransmit` or `hasRoom(for:)` answered false.
   func whenReadyToTransmit(_ handler: @escaping @Sendable () -> Void)
+
+  /// Whether `count` more bytes fit now, none of them lost. While they do not, a device that
+  /// can wait (a virtqueue) leaves its output where it is until the ready handler runs.
+  func hasRoom(for count: Int) -> Bool
 }
 
 extension SerialBackend {
@@ -24,6 +28,9 @@ extension SerialBackend {
   public var isReadyToTransmit: Bool { true }
 
   public func whenReadyToTransmit(_ handler: @escaping @Sendable () -> Void) {}
+
+  /// Always: `write` takes every byte at once.
+  public func hasRoom(for count: Int) -> Bool { true }
 }
 
 /// Why a serial backend could not be opened.

@@ -280,7 +280,13 @@ public final class VirtualMachine: Sendable {
         }
       }
       if configuration.console == .virtio {
-        let model = VirtioConsole(backend: StdioSerialBackend())
+        let output: BufferedSerialBackend
+        do {
+          output = try BufferedSerialBackend(fileDescriptor: STDOUT_FILENO)
+        } catch {
+          throw MachineError(error.description)
+        }
+        let model = VirtioConsole(backend: output)
         console = model
         try attach(model)
       }

@@ -11,12 +11,19 @@ import VMCore
 /// Guest output goes to a `SerialBackend` (module Devices), the same backends the UART uses:
 /// `StdioSerialBackend`, `BufferedSerialBackend`, `CapturingSerialBackend`, `NullSerialBackend`.
 /// `write` is called on the device's worker thread (or the vCPU for EMERG_WRITE), one call at a
-/// time, in guest order.
+/// time, in guest order. The worker takes a transmit buffer only while the backend has room for
+/// `wholeChainBytes` (`SerialBackend.hasRoom(for:)`): behind a consumer that stopped reading,
+/// the guest's output waits in its own ring (its driver sees the queue full) instead of
+/// blocking the worker or being lost, and the worker goes on when the backend's ready handler
+/// wakes it. Only the part of a larger buffer beyond the backend's room can be lost.
 public final class VirtioConsole: QueueWorkerDevice {
   /// Bound of the host input buffer.
   public static let inputLimit = 1 << 20
   /// VIRTIO_CONSOLE_F_EMERG_WRITE.
   public static let emergencyWriteFeature: UInt64 = 1 << 2
+  /// The output a transmit buffer may carry and still be taken whole when the backend is
+  /// short of room: a page, the size of Linux's hvc output buffer.
+  public static let wholeChainBytes = 4096
 
   public let deviceType = VirtioDeviceID.console
   public let deviceFeatures: UInt64 = VirtioConsole.emergencyWriteFeature
@@ -37,6 +44,7 @@ public final class VirtioConsole: QueueWorkerDevice {
     let link = WeakLink<VirtioConsole>()
     queueWorker = QueueWorker(name: "virtio-console") { link.target?.process() }
     link.target = self
+    backend.whenReadyToTransmit { link.target?.queueWorker.wake() }
   }
 
   /// Queues host input for the guest (any thread).
@@ -60,7 +68,8 @@ public final class VirtioConsole: QueueWorkerDevice {
   }
 
   func process() {
-    queueWorker.serve(queue: 1) { chain, memory throws(VirtqueueError) in
+    queueWorker.serve(queue: 1, while: { backend.hasRoom(for: Self.wholeChainBytes) }) {
+      chain, memory throws(VirtqueueError) in
       guard chain.readableCount == chain.buffers.count else {
         throw VirtqueueError("virtio-console transmit buffer is device-writable")
       }

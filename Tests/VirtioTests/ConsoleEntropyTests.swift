@@ -68,6 +68,53 @@ import VMCore
     #expect(capture.text == "!")
   }
 
+  /// Output behind a consumer that stopped reading waits in the guest's ring: the worker takes
+  /// no more than the backend holds, still serves host input, loses nothing, and everything
+  /// arrives in order once the consumer reads again.
+  @Test func outputWaitsInTheRingWhileTheConsumerStopsReading() throws {
+    let machine = try TestMachine()
+    var ends: [Int32] = [-1, -1]
+    try #require(pipe(&ends) == 0)
+    defer { close(ends[0]) }
+    // The backend owns the write end.
+    let backend = try BufferedSerialBackend(fileDescriptor: ends[1], ownsDescriptor: true, capacity: 16 << 10)
+    let console = VirtioConsole(backend: backend)
+    let driver = try VirtioDriver(machine: machine, model: console)
+    driver.start(queueCount: 2, size: 128)
+    // 64 buffers of 4 KiB: four times what the pipe (64 KiB) and the backend (16 KiB) hold.
+    let chunk = 4096
+    let count = 64
+    var sent: [UInt8] = []
+    for index in 0..<count {
+      let bytes = (0..<chunk).map { UInt8(truncatingIfNeeded: $0 / 7 &+ index &* 13) }
+      try machine.memory.writeBytes(bytes, at: 0x40_0000 + UInt64(index * chunk))
+      sent += bytes
+      driver.queues[1].submit([(0x40_0000 + UInt64(index * chunk), UInt32(chunk), false)])
+    }
+    usleep(300_000)
+    #expect(driver.queues[1].usedIndex < UInt16(count), "the worker took all the output with nobody reading")
+    // Host input still reaches the guest: the worker is not stuck in a write.
+    console.receive(Array("typed".utf8))
+    driver.queues[0].submit([(0x48_0000, 64, true)])
+    #expect(driver.queues[0].waitForUsed(1))
+    #expect(try machine.memory.readBytes(at: 0x48_0000, count: 5) == Array("typed".utf8))
+    // Once the consumer reads, the rest goes out, in order.
+    var received: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    let deadline = ContinuousClock.now + .seconds(10)
+    while received.count < sent.count && ContinuousClock.now < deadline {
+      var ready = pollfd(fd: ends[0], events: Int16(POLLIN), revents: 0)
+      guard poll(&ready, 1, 100) > 0 else { continue }
+      let read = Glibc.read(ends[0], &buffer, buffer.count)
+      if read > 0 { received += buffer[0..<read] }
+    }
+    #expect(driver.queues[1].waitForUsed(UInt16(count)))
+    #expect(backend.droppedBytes == 0)
+    #expect(received.count == sent.count)
+    let same = received == sent
+    #expect(same, "the output arrived altered or out of order")
+  }
+
   @Test func writableTransmitBufferNeedsReset() throws {
     let machine = try TestMachine()
     let capture = CapturingSerialBackend()
