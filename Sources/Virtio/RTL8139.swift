@@ -456,11 +456,10 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
 
   /// Sends the descriptors the driver handed over, in turn from the current one, while the
   /// transmitter is enabled: TOK and OWN on each sent frame, TABT and OWN on one that is empty,
-  /// longer than 1792 bytes or not in RAM.
-  /// Sends the descriptors the driver handed over, in order, while the backend takes frames; a
-  /// descriptor it cannot take yet keeps its OWN bit clear until the worker, polling the
-  /// backend for writability, comes back here (`inWorker`). Called on the vCPU's TSD write,
-  /// the worker is woken for what the backend queued.
+  /// longer than 1792 bytes or not in RAM. A descriptor the backend cannot take yet
+  /// (`NetworkBackend.canTransmit`) keeps its OWN bit clear until the worker, polling the
+  /// backend for writability, comes back here (`inWorker`); called on the vCPU's TSD write, it
+  /// wakes the worker for what the backend queued.
   private func transmitPending(_ state: inout State, inWorker: Bool = false) {
     guard state.bytes[Register.command] & Command.transmitterEnable != 0 else { return }
     var causes: UInt16 = 0
