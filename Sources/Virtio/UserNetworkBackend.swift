@@ -210,10 +210,12 @@ public final class UserNetworkBackend: NetworkBackend {
     record.removeLast(record.count - (4 + frameLength))
     for index in 0..<4 { record[index] = UInt8(truncatingIfNeeded: UInt32(frameLength) >> (24 - 8 * index)) }
     return output.withLock { pending in
-      pending.flush(to: socket)
       // Never queue without bound behind a stalled passt: drop this frame, never one already
       // on its way.
-      guard pending.byteCount + record.count <= Self.transmitQueueHardLimit else { return false }
+      if pending.byteCount + record.count > Self.transmitQueueHardLimit {
+        pending.flush(to: socket)
+        guard pending.byteCount + record.count <= Self.transmitQueueHardLimit else { return false }
+      }
       record.withUnsafeBytes { bytes in
         handshakes.withLock { _ = $0.noteFromGuest(UnsafeRawBufferPointer(rebasing: bytes[4...])) }
       }

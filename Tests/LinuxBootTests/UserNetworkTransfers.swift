@@ -99,19 +99,23 @@ enum UserNetworkTransfers {
   }
 
   /// Guest to host through the gateway: the guest sends `size` random bytes to a listener on
-  /// the host's loopback; the copy's SHA-256 must be the guest's.
+  /// the host's loopback; the copy's SHA-256 must be the guest's. `meanwhile` runs beside the
+  /// guest's sending, from the moment it starts.
   static func uploadThroughTheGateway(
     _ session: GuestSession, size: Int, folder: UserNetworkTests.SharedFolder, port: UInt16,
-    sourceLocation: SourceLocation = #_sourceLocation
+    meanwhile: (@Sendable () async throws -> Void)? = nil, sourceLocation: SourceLocation = #_sourceLocation
   ) async throws {
     let copy = folder.path("from-guest-\(port).bin")
+    let prepared = try await session.run(
+      "head -c \(size) /dev/urandom > /tmp/out && sha256sum /tmp/out", timeout: .seconds(300))
+    let sentDigest = try #require(
+      LinuxVirtioTests.digest(in: prepared, for: "/tmp/out"), sourceLocation: sourceLocation)
     let listener = try startHostPeer("listen", file: copy, port: port)
     defer { if listener.isRunning { kill(listener.processIdentifier, SIGKILL) } }
     try await Task.sleep(for: .seconds(1))
-    let sent = try await session.run(
-      "head -c \(size) /dev/urandom > /tmp/out && sha256sum /tmp/out && nc 10.0.2.2 \(port) < /tmp/out; rm -f /tmp/out",
-      timeout: .seconds(600))
-    let sentDigest = try #require(LinuxVirtioTests.digest(in: sent, for: "/tmp/out"), sourceLocation: sourceLocation)
+    let beside = meanwhile.map { action in Task { try await action() } }
+    _ = try await session.run("nc 10.0.2.2 \(port) < /tmp/out; rm -f /tmp/out", timeout: .seconds(600))
+    try await beside?.value
     // The guest's nc ends once its data is in its socket buffer; passt may take minutes more
     // to deliver it on a loaded host (it resends much of it on the emulated NICs), so the
     // listener gets the same time as the other transfers' peers.
