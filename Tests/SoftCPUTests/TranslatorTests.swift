@@ -99,6 +99,91 @@ struct TranslatorTests {
     #expect(cpu.lockstepCheckCount > 0)
   }
 
+  /// The guest's status flags survive every outcome of the translated TLB probe between the
+  /// instruction that sets them and the ones that read them: a hit in the primary way, a hit in
+  /// the victim way (two pages that share an index, read in turn), a miss that fills, and the
+  /// page-crossing loads and stores that always miss and go through the helpers. Among them are
+  /// accesses after which the probe does not put the flags back (a load or store followed by an
+  /// instruction that writes them all, a CMP or ADD with a memory operand), next to ones after
+  /// which they are read (ADC, SETcc, Jcc). Each pass sums CF, OF, SF and ZF as they were
+  /// after an instruction that came before the accesses, so a flag lost on any path changes R8.
+  @Test func flagsSurviveEveryOutcomeOfTheProbe() throws {
+    // Pages 0x100 and 0x4FF share a TLB index (page + page / 1024, modulo 1024).
+    let source = """
+        mov rsi, 0x100000
+        mov rbp, 0x4FF000
+        mov rdi, 0x101000
+        mov r12, 0x102FFC
+        mov rax, 0x0123456789ABCDEF
+        mov rbx, 0x7000000000000001
+        xor r8, r8
+        mov r9d, 200
+      again:
+        add rax, rbx
+        mov rcx, [rsi]
+        mov rdx, [rbp]
+        mov rcx, [rsi]
+        adc r8, rcx
+        cmp rax, rbx
+        mov [rdi], r8
+        mov rdx, [r12]
+        seto cl
+        movzx ecx, cl
+        lea r8, [r8 + rcx * 2]
+        cmp rbx, rax
+        mov [r12], rax
+        mov rcx, [rbp]
+        mov [rsi], rdx
+        sets cl
+        movzx ecx, cl
+        lea r8, [r8 + rcx * 4]
+        test rax, 0x700
+        mov rdx, [rsi]
+        mov rcx, [rbp]
+        setz cl
+        movzx ecx, cl
+        lea r8, [r8 + rcx * 8]
+        cmp rax, [rbp]
+        mov rdx, [r12]
+        sub r10, rdx
+        adc r8, 0
+        cmp [rsi], rbx
+        mov [rdi + 8], rax
+        xor r11, rax
+        setl cl
+        movzx ecx, cl
+        add r8, rcx
+        add rbx, [r12]
+        mov rcx, [rsi]
+        jc 1f
+        add r8, 16
+      1:
+        rol r8, 5
+        ror rbx, 7
+        dec r9d
+        jnz again
+        hlt
+      """
+    var results: [(stop: String, registers: [UInt64], flags: UInt64, memory: [UInt64])] = []
+    for tier in [SoftCPUTier.interpreter, .translator] {
+      let machine = try CoreMachine(cpl: 0)
+      machine.cpu.setExecutionTier(tier, threshold: 0)
+      try machine.load(assembly: source)
+      let stop = machine.run()
+      if tier == .translator { #expect(machine.cpu.translatedBlockCount > 0) }
+      let memory = try [UInt64(0x100000), 0x101000, 0x101008, 0x102FF8, 0x103000, 0x4FF000].map {
+        try machine.memory.read(UInt64.self, at: $0)
+      }
+      results.append(("\(stop)", (0..<16).map { machine.cpu.gpr[$0] }, machine.cpu.rflags, memory))
+    }
+    #expect(results[0].stop.contains("halted"))
+    #expect(results[0].registers[R.r9] == 0)
+    #expect(results[1].stop == results[0].stop)
+    #expect(results[1].registers == results[0].registers)
+    #expect(results[1].flags == results[0].flags)
+    #expect(results[1].memory == results[0].memory)
+  }
+
   /// Random sequences of the differential tests' integer forms, each checked in lockstep.
   @Test func randomSequencesInLockstep() throws {
     let forms = (FormTable.integer + FormTable.control).filter { !DifferentialTests.terminalForms.contains($0.name) }

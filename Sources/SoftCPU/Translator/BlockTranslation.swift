@@ -630,6 +630,16 @@ struct BlockTranslator {
     }
   }
 
+  /// Whether the guest's flags in the host RFLAGS are dead once instruction `index` has made
+  /// its (only) memory access, so the probe need not put them back after saving them for its
+  /// miss path: the instruction writes all six itself after the access without reading one
+  /// (`writesAllFlags`), or it touches none and the next instruction writes all six before
+  /// anything can read or leave (`flagsOverwrittenNext`). Only for translations that read no
+  /// host flag after the access.
+  private func flagsDeadAfterAccess(_ index: Int, writesAllFlags: Bool) -> Bool {
+    writesAllFlags || flagsOverwrittenNext(index)
+  }
+
   /// Whether the shift or rotate at `index` needs the code that sets the interpreter's
   /// undefined flags after it: the host's differ and someone may see them.
   private func fixesShiftFlags(after index: Int) -> Bool {
@@ -719,9 +729,12 @@ struct BlockTranslator {
   }
 
   /// Probes the read (or write) TLB for `size` bytes at RSI. On a hit RDX = host address and
-  /// the host flags are intact; on a miss jumps to `miss` with the flags saved in EBP (when
-  /// valid).
-  mutating func emitProbe(size: Int, write: Bool, flagsValid: Bool, miss: HostLabel, aligned: Bool = false) {
+  /// the host flags are intact, unless `restoresFlags` is false (nobody reads them before they
+  /// are written again: `flagsDeadAfterAccess`); on a miss jumps to `miss` with the flags
+  /// saved in EBP (when valid).
+  mutating func emitProbe(
+    size: Int, write: Bool, flagsValid: Bool, restoresFlags: Bool = true, miss: HostLabel, aligned: Bool = false
+  ) {
     if flagsValid { emitter.saveFlags() }
     if aligned {
       // A misaligned access takes the slow path, whose helper raises the #GP(0).
@@ -748,7 +761,7 @@ struct BlockTranslator {
     emitter.mov(size: 8, HostRegister.rdx, .at(HostRegister.rcx, 8))
     emitter.bind(found)
     emitter.alu(.add, size: 8, HostRegister.rdx, .register(HostRegister.rsi))
-    if flagsValid { emitter.restoreFlags() }
+    if flagsValid && restoresFlags { emitter.restoreFlags() }
     // The victim way (`tlbSlots`), out of line: a hit there goes on as a primary hit.
     let victimOffset = tlbEntries * MemoryLayout<TLBEntry>.stride
     outOfLine.append { emitter in
@@ -815,15 +828,19 @@ struct BlockTranslator {
 
   /// Load of `size` bytes at the memory operand into RAX (zero-extended), with the host flags
   /// intact afterwards: inline probe, helper call on a miss.
+  ///
+  /// `flagsDead`: the flags need not survive the access on its fast path
+  /// (`flagsDeadAfterAccess`).
   mutating func emitLoad(
-    _ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil, stackRegister: UInt8 = 4
+    _ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil, stackRegister: UInt8 = 4,
+    flagsDead: Bool = false
   ) {
     emitAccessAddress(slot, index: index, stackOffset: stackOffset, stackRegister: stackRegister)
     let valid = flagsValidAt[index]
     let miss = emitter.newLabel()
     let resume = emitter.newLabel()
     if inlineTLBProbes {
-      emitProbe(size: size, write: false, flagsValid: valid, miss: miss)
+      emitProbe(size: size, write: false, flagsValid: valid, restoresFlags: !flagsDead, miss: miss)
       emitLoadHost(size: size, from: .at(HostRegister.rdx, 0))
     } else {
       if valid { emitter.saveFlags() }
@@ -859,20 +876,21 @@ struct BlockTranslator {
   /// to the memory operand.
   ///
   /// `stackOffset`: the access is to the stack (see `emitAccessAddress`). `flagsLive`: false
-  /// when the flags were already stored (the instruction ends the block). `after` completes
+  /// when the flags were already stored (the instruction ends the block). `flagsDead`: as for
+  /// `emitLoad`. `after` completes
   /// the instruction once the store is done (both paths); `endedRIPOffset` is where a store
   /// that invalidated decoded code leaves the block (default: the next instruction).
   mutating func emitStore(
     _ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil, flagsLive: Bool = true,
-    after: ((inout X86Emitter) -> Void)? = nil, endedRIPOffset: Int? = nil, endedRIPInContext: Bool = false,
-    value: @escaping (inout X86Emitter, UInt8) -> Void
+    flagsDead: Bool = false, after: ((inout X86Emitter) -> Void)? = nil, endedRIPOffset: Int? = nil,
+    endedRIPInContext: Bool = false, value: @escaping (inout X86Emitter, UInt8) -> Void
   ) {
     emitAccessAddress(slot, index: index, stackOffset: stackOffset)
     let valid = flagsLive && flagsValidAt[index]
     let miss = emitter.newLabel()
     let resume = emitter.newLabel()
     if inlineTLBProbes {
-      emitProbe(size: size, write: true, flagsValid: valid, miss: miss)
+      emitProbe(size: size, write: true, flagsValid: valid, restoresFlags: !flagsDead, miss: miss)
       value(&emitter, HostRegister.rax)
       emitter.mov(size: size, .at(HostRegister.rdx, 0), HostRegister.rax)
     } else {
@@ -1118,56 +1136,59 @@ struct BlockTranslator {
     case .loadRM64, .loadRM32, .movzxByteRM, .movzxWordRM:
       let size =
         instruction.fast == .loadRM64 ? 8 : instruction.fast == .loadRM32 ? 4 : instruction.fast == .movzxByteRM ? 1 : 2
-      emitLoad(slot, index: index, size: size)
+      emitLoad(slot, index: index, size: size, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false))
       emitter.mov(size: 8, dst, rax)
     case .loadRM8:
-      emitLoad(slot, index: index, size: 1)
+      emitLoad(slot, index: index, size: 1, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false))
       emitter.mov(size: 1, dst, rax)
     case .movsxdRM:
-      emitLoad(slot, index: index, size: 4)
+      emitLoad(slot, index: index, size: 4, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false))
       emitter.movsx(size: 8, rax, sourceSize: 4, .register(rax))
       emitter.mov(size: 8, dst, rax)
     case .addRM64, .subRM64, .andRM64, .orRM64, .xorRM64, .cmpRM64, .adcRM64, .sbbRM64:
-      emitLoad(slot, index: index, size: 8)
+      let readsCarry = instruction.fast == .adcRM64 || instruction.fast == .sbbRM64
+      emitLoad(slot, index: index, size: 8, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: !readsCarry))
       emitter.alu(Self.aluKind(instruction.fast), size: 8, dst, rax)
     case .addRM32, .subRM32, .andRM32, .orRM32, .xorRM32:
-      emitLoad(slot, index: index, size: 4)
+      emitLoad(slot, index: index, size: 4, flagsDead: true)
       emitter.mov(size: 4, rcx, dst)
       emitter.alu(Self.aluKind(instruction.fast), size: 4, .register(rcx), rax)
       emitter.mov(size: 8, dst, rcx)
     case .cmpRM32:
-      emitLoad(slot, index: index, size: 4)
+      emitLoad(slot, index: index, size: 4, flagsDead: true)
       emitter.alu(.cmp, size: 4, dst, rax)
     case .cmpRM8:
-      emitLoad(slot, index: index, size: 1)
+      emitLoad(slot, index: index, size: 1, flagsDead: true)
       emitter.alu(.cmp, size: 1, dst, rax)
     case .cmpMR64, .cmpMR32:
       let size = instruction.fast == .cmpMR64 ? 8 : 4
-      emitLoad(slot, index: index, size: size)
+      emitLoad(slot, index: index, size: size, flagsDead: true)
       emitter.alu(.cmp, size: size, rax, src)
     case .cmpMI64, .cmpMI32, .cmpMI8:
       let size = instruction.fast == .cmpMI64 ? 8 : instruction.fast == .cmpMI32 ? 4 : 1
-      emitLoad(slot, index: index, size: size)
+      emitLoad(slot, index: index, size: size, flagsDead: true)
       emitter.alu(.cmp, size: size, .register(rax), immediate: imm32)
     case .testMR64, .testMR32:
       let size = instruction.fast == .testMR64 ? 8 : 4
-      emitLoad(slot, index: index, size: size)
+      emitLoad(slot, index: index, size: size, flagsDead: true)
       emitter.test(size: size, src, rax)
     case .testMI8:
-      emitLoad(slot, index: index, size: 1)
+      emitLoad(slot, index: index, size: 1, flagsDead: true)
       emitter.test(size: 1, .register(rax), immediate: imm32)
 
     case .storeMR64, .storeMR32, .storeMR16, .storeMR8:
       let size =
         instruction.fast == .storeMR64 ? 8 : instruction.fast == .storeMR32 ? 4 : instruction.fast == .storeMR16 ? 2 : 1
       let source = src
-      emitStore(slot, index: index, size: size) { emitter, register in
+      emitStore(slot, index: index, size: size, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false)) {
+        emitter, register in
         emitter.mov(size: 8, register, source)
       }
     case .storeMI64, .storeMI32, .storeMI8:
       let size = instruction.fast == .storeMI64 ? 8 : instruction.fast == .storeMI32 ? 4 : 1
       let value = size == 8 ? immediate : immediate & sizeMask(UInt8(size))
-      emitStore(slot, index: index, size: size) { emitter, register in
+      emitStore(slot, index: index, size: size, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false)) {
+        emitter, register in
         emitter.movImmediate64(register, value)
       }
 
@@ -1175,7 +1196,8 @@ struct BlockTranslator {
       emitLinearAddress(slot, index: index)
       let miss = emitter.newLabel()
       if inlineTLBProbes {
-        emitProbe(size: 8, write: true, flagsValid: flagsValidAt[index], miss: miss)
+        let readsCarry = instruction.fast == .adcMR64 || instruction.fast == .sbbMR64
+        emitProbe(size: 8, write: true, flagsValid: flagsValidAt[index], restoresFlags: readsCarry, miss: miss)
         emitter.mov(size: 8, rax, src)
         emitter.alu(Self.aluKind(instruction.fast), size: 8, .at(HostRegister.rdx, 0), rax)
       } else {
@@ -1512,13 +1534,16 @@ struct BlockTranslator {
 }
 
 extension X86Emitter {
-  /// Host RFLAGS status bits = the context's (other bits cleared: no TF, AC or DF in the host).
+  /// Host RFLAGS status bits = the context's; the host's other bits stay as they are (no TF,
+  /// AC or DF in the host). Without POPF, which costs several times as much: AH = bits 0-7
+  /// (ROL AX), OF from bit 11 by an ADD that overflows exactly when it is set, then SAHF.
   /// Clobbers RAX.
   mutating func loadGuestFlags() {
-    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.flags))
-    alu(.and, size: 4, .register(HostRegister.rax), immediate: Int32(RFlags.status))
-    push(HostRegister.rax)
-    popFlags()
+    mov(size: 4, HostRegister.rax, .at(HostRegister.r12, ContextOffset.flags))
+    shift(.rol, size: 2, .register(HostRegister.rax), count: 8)
+    alu(.and, size: 1, .register(HostRegister.rax), immediate: Int32(RFlags.of >> 8))
+    alu(.add, size: 1, .register(HostRegister.rax), immediate: 0x80 - Int32(RFlags.of >> 8))
+    storeAHIntoFlags()
   }
 
   /// Context status bits = the host's. Clobbers RCX and RDX.

@@ -246,7 +246,8 @@ extension BlockTranslator {
       emitLinearAddress(slot, index: index)
       let miss = emitter.newLabel()
       if inlineTLBProbes {
-        emitProbe(size: size, write: true, flagsValid: flagsValidAt[index], miss: miss)
+        let flagsDead = form.flagUse.writesAll && !form.flagUse.reads
+        emitProbe(size: size, write: true, flagsValid: flagsValidAt[index], restoresFlags: !flagsDead, miss: miss)
         if form.operands == .rmReg { emitter.mov(size: size, rax, guestRegister(instruction.reg, size: size)) }
         if form.locked { emitter.byte(0xF0) }
         emitOperation(form, destination: .at(HostRegister.rdx, 0), register: rax, immediate: immediate)
@@ -259,7 +260,7 @@ extension BlockTranslator {
     }
     if form.memory {
       // The memory operand is only read: RAX = its value.
-      emitLoad(slot, index: index, size: size)
+      emitLoad(slot, index: index, size: size, flagsDead: form.flagUse.writesAll && !form.flagUse.reads)
       switch form.operands {
       case .regRm:
         emitToRegister(form, instruction.reg, source: .register(rax), sourceIsRAX: true)

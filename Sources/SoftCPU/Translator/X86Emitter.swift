@@ -382,7 +382,6 @@ struct X86Emitter {
   }
 
   mutating func pushFlags() { byte(0x9C) }
-  mutating func popFlags() { byte(0x9D) }
   /// LAHF: AH = SF:ZF:0:AF:0:PF:1:CF.
   mutating func loadFlagsIntoAH() { byte(0x9F) }
   /// SAHF: SF, ZF, AF, PF, CF from AH.
