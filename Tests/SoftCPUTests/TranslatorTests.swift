@@ -313,6 +313,16 @@ struct TranslatorTests {
       "mov rcx, rbx\n  shl rax, cl", "mov rcx, rbx\n  shr rax, cl", "mov rcx, rbx\n  sar rax, cl",
       "mov rcx, rbx\n  shl eax, cl", "mov rcx, rbx\n  shr eax, cl", "mov rcx, rbx\n  sar eax, cl",
       "cmp rax, rbx\n  mov ecx, 64\n  shl rax, cl", "cmp rbx, rax\n  mov ecx, 32\n  shr eax, cl",
+      // Instructions that leave the flags alone between the operation and the next reader
+      // (PUSHFQ below) or writer: the fix-up stays before a reader and goes before a writer.
+      "imul rax, rbx\n  mov rcx, rdx\n  lea rdx, [rcx + 8]\n  movzx ecx, dl",
+      "imul eax, ebx\n  mov rcx, rax\n  not rcx\n  mov edx, 5\n  nop", "shl rax, 7\n  mov rdx, rax\n  movsxd rcx, edx",
+      "rol rax, 9\n  lea rcx, [rax + rbx]\n  mov rdx, rcx", "imul rax, rbx\n  mov rcx, rax\n  add rcx, rbx",
+      "imul rax, rbx, 7\n  mov rcx, rax\n  imul rcx, rbx\n  mov rdx, rcx",
+      // A reader (SETcc) between the operation and a writer: the fix-up stays.
+      "imul rax, rbx\n  lea rcx, [rax + 1]\n  setp cl\n  add r8, rcx",
+      "imul eax, ebx\n  mov rcx, rdx\n  sets cl\n  add r8, rcx",
+      "shl rax, 5\n  mov rcx, rbx\n  seto cl\n  add r8, rcx", "rol rax, 3\n  mov rcx, rbx\n  seto cl\n  sub r8, rcx",
     ]
     let values: [(UInt64, UInt64)] = [
       (3, 5), (UInt64.max, 1), (0, 7), (0x8000_0000_0000_0001, 3), (0x4000_0000_0000_0000, 2),

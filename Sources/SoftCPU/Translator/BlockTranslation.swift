@@ -612,14 +612,19 @@ struct BlockTranslator {
     if flagsValidAt[index] { emitter.storeGuestFlags() }
   }
 
-  /// Whether the instruction after `index` in the translated prefix writes every status flag
-  /// without reading one and cannot leave the block before it completes (register operands
-  /// only, no shift by a zero count): whatever flags instruction `index` leaves are then never
-  /// seen by the guest, so the code that sets the interpreter's undefined flags after a
-  /// multiply, shift or rotate on hosts that differ can be left out.
+  /// Whether a later instruction of the translated prefix writes every status flag without
+  /// reading one and cannot leave the block before it completes (register operands only, no
+  /// shift by a zero count), with only instructions that leave the flags alone and cannot leave
+  /// the block in between (`leavesFlagsAndBlockAlone`): whatever flags instruction `index`
+  /// leaves are then never seen by the guest, so the code that sets the interpreter's undefined
+  /// flags after a multiply, shift or rotate on hosts that differ can be left out. (The
+  /// kernel's multi-precision multiply runs four IMULs with MOVs between them.)
   private func flagsOverwrittenNext(_ index: Int) -> Bool {
-    guard index + 1 < translatedCount, let firstSlot else { return false }
-    let next = firstSlot + index + 1
+    guard let firstSlot else { return false }
+    var position = index + 1
+    while position < translatedCount && Self.leavesFlagsAndBlockAlone(firstSlot + position) { position += 1 }
+    guard position < translatedCount else { return false }
+    let next = firstSlot + position
     guard let use = Self.flagUse(next), use.writesAll, !use.reads, !next.pointee.hasMemoryOperand else {
       return false
     }
@@ -630,11 +635,24 @@ struct BlockTranslator {
     }
   }
 
+  /// Whether the translation of `slot` neither reads nor writes a status flag nor can leave
+  /// the block: moves, zero- and sign-extensions and NOT between registers, LEA, NOP. (PUSH,
+  /// POP and the other forms without a flag effect access memory or can fault.)
+  static func leavesFlagsAndBlockAlone(_ slot: UnsafePointer<Instruction>) -> Bool {
+    switch slot.pointee.fast {
+    case .movRR64, .movRR32, .movRI64, .movRI32, .notR64, .notR32, .movzxByteRR, .movzxWordRR, .movsxByteRR64,
+      .movsxByteRR32, .movsxWordRR64, .movsxWordRR32, .movsxdRR, .lea64, .lea32, .nop:
+      return true
+    default:
+      return false
+    }
+  }
+
   /// Whether the guest's flags in the host RFLAGS are dead once instruction `index` has made
   /// its (only) memory access, so the probe need not put them back after saving them for its
   /// miss path: the instruction writes all six itself after the access without reading one
-  /// (`writesAllFlags`), or it touches none and the next instruction writes all six before
-  /// anything can read or leave (`flagsOverwrittenNext`). Only for translations that read no
+  /// (`writesAllFlags`), or it touches none and a later one writes all six before anything can
+  /// read them or leave (`flagsOverwrittenNext`). Only for translations that read no
   /// host flag after the access.
   private func flagsDeadAfterAccess(_ index: Int, writesAllFlags: Bool) -> Bool {
     writesAllFlags || flagsOverwrittenNext(index)
