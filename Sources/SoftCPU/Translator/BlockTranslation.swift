@@ -895,9 +895,9 @@ struct BlockTranslator {
   ///
   /// `stackOffset`: the access is to the stack (see `emitAccessAddress`). `flagsLive`: false
   /// when the flags were already stored (the instruction ends the block). `flagsDead`: as for
-  /// `emitLoad`. `after` completes
-  /// the instruction once the store is done (both paths); `endedRIPOffset` is where a store
-  /// that invalidated decoded code leaves the block (default: the next instruction).
+  /// `emitLoad`. `after` completes the instruction once the store is done (both paths);
+  /// `endedRIPOffset` is where a store that invalidated decoded code leaves the block
+  /// (default: the next instruction).
   mutating func emitStore(
     _ slot: UnsafePointer<Instruction>, index: Int, size: Int, stackOffset: Int? = nil, flagsLive: Bool = true,
     flagsDead: Bool = false, after: ((inout X86Emitter) -> Void)? = nil, endedRIPOffset: Int? = nil,
