@@ -4,7 +4,7 @@ import Testing
 /// The emulated NICs on user-mode networking (`--net user,model=...`, on passt): Debian's
 /// generic kernel on the software CPU binds its driver to the e1000 or the RTL8139, gets
 /// 10.0.2.15 by DHCP through passt, fetches a token from an HTTP server on the host's loopback
-/// through the gateway, then moves 20 MiB each way through the gateway and 20 MiB each way
+/// through the gateway, then moves 10 MiB each way through the gateway and 10 MiB each way
 /// through port forwards into the guest, every copy checked with SHA-256 on both ends.
 @Suite("Emulated NICs on user-mode networking", .serialized)
 struct EmulatedNICUserNetworkTests {
@@ -15,7 +15,7 @@ struct EmulatedNICUserNetworkTests {
   func dhcpHTTPAndBulkTransfersThroughTheGatewayAndPortForwards(model: String, module: String) async throws {
     let folder = try UserNetworkTests.SharedFolder()
     let images = try GuestImages.images("guest-generic")
-    let size = 20 << 20
+    let size = 10 << 20
     let token = "TOKEN-\(UUID().uuidString)"
     let web = folder.path("www")
     try FileManager.default.createDirectory(atPath: web, withIntermediateDirectories: true)

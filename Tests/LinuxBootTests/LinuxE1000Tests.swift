@@ -4,7 +4,7 @@ import Testing
 /// The emulated 82540EM end to end: Debian's generic kernel (the `guest-generic` images, whose
 /// initramfs carries e1000.ko) on the software CPU binds its own `e1000` driver to
 /// `--net tap=...,model=e1000`, brings the link up, and moves traffic through a TAP in a
-/// network namespace made by the test: ping, and 20 MiB each way with busybox nc, checked with
+/// network namespace made by the test: ping, and 10 MiB each way with busybox nc, checked with
 /// sha256sum on both sides.
 @Suite("Linux drives the emulated e1000 on the software CPU", .serialized)
 struct LinuxE1000Tests {
@@ -38,7 +38,7 @@ struct LinuxE1000Tests {
   /// Boots the generic kernel with `--net tap=TAP,model=MODEL,mac=...` in a new network
   /// namespace, loads `module`, and checks that its driver binds eth0 with the MAC the device
   /// was given, that dmesg shows `linkMessage`, that the guest pings the host side of the TAP,
-  /// and that 20 MiB go each way with busybox nc, their SHA-256 checked on both sides.
+  /// and that 10 MiB go each way with busybox nc, their SHA-256 checked on both sides.
   static func tcpThroughATap(model: String, module: String, tap: String, linkMessage: String) async throws {
     let scratch = try LinuxVirtioTests.ScratchFolder()
     let namespace = "\(tap)-\(UInt32.random(in: 0...UInt32.max))"
@@ -80,8 +80,8 @@ struct LinuxE1000Tests {
     let ping = try await session.run("ping -c 3 -W 5 10.0.3.2", timeout: .seconds(60))
     #expect(ping.contains("3 packets received"))
 
-    // Host to guest: a host listener sends 20 MiB of random bytes; the guest checksums them.
-    let size = 20 << 20
+    // Host to guest: a host listener sends 10 MiB of random bytes; the guest checksums them.
+    let size = 10 << 20
     let payload = scratch.path("to-guest.bin")
     var random = SystemRandomNumberGenerator()
     _ = FileManager.default.createFile(
@@ -94,7 +94,7 @@ struct LinuxE1000Tests {
         + " sha256sum /tmp/in; wc -c < /tmp/in", timeout: .seconds(900))
     #expect(LinuxVirtioTests.digest(in: received, for: "/tmp/in") == (try LinuxVirtioTests.sha256(ofFile: payload)))
 
-    // Guest to host: the guest sends 20 MiB of random bytes; the host listener's copy must match.
+    // Guest to host: the guest sends 10 MiB of random bytes; the host listener's copy must match.
     let copy = scratch.path("from-guest.bin")
     #expect(FileManager.default.createFile(atPath: copy, contents: nil))
     let keepOpen = Pipe()

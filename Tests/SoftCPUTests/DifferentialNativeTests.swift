@@ -111,9 +111,21 @@ struct DifferentialNativeTests {
     state.gpr[3] = 0x3000
     let data = [UInt8](repeating: 0, count: DiffLayout.dataSize)
     let code: [UInt8] = [0x48, 0x89, 0x03]  // mov [rbx], rax
-    let flat = EmulatedRunner().run(code: code, initial: state, data: data)
+    let flatRunner = EmulatedRunner()
+    let flat = flatRunner.run(code: code, initial: state, data: data)
     #expect(flat.end == .completed)
     #expect(flat.strayWrites != nil)
+    // The runner drops the pages a run wrote outside the buffer: the same write is seen again,
+    // a run that writes nothing there is clean, and a write into the code page past the code
+    // (a page the harness writes itself) is seen too.
+    #expect(flatRunner.run(code: code, initial: state, data: data).strayWrites != nil)
+    var inside = state
+    inside.gpr[3] = DiffLayout.dataBase + 0x40
+    #expect(flatRunner.run(code: code, initial: inside, data: data).strayWrites == nil)
+    var codePage = state
+    codePage.gpr[3] = DiffLayout.codeBase + 0x800
+    #expect(flatRunner.run(code: code, initial: codePage, data: data).strayWrites != nil)
+    #expect(flatRunner.run(code: code, initial: inside, data: data).strayWrites == nil)
     let paged = EmulatedRunner(paging: true).run(code: code, initial: state, data: data)
     // Error code: write (W) from user mode (U), page not present.
     #expect(paged.end == .fault(vector: 14, errorCode: 6), "\(paged.end)")
