@@ -523,13 +523,7 @@ enum DiffCompare {
       nativeData[offset] = 0
       emulatedData[offset] = 0
     }
-    // memcmp: Array's == compares 64 KiB byte by byte, a tenth of a whole case's time.
-    let dataDiffer =
-      nativeData.count != emulatedData.count
-      || nativeData.withUnsafeBytes { a in
-        emulatedData.withUnsafeBytes { b in memcmp(a.baseAddress!, b.baseAddress!, a.count) }
-      }
-        != 0
+    let dataDiffer = !sameBytes(nativeData, emulatedData)
     if dataDiffer {
       var ranges: [String] = []
       var index = 0
@@ -549,6 +543,14 @@ enum DiffCompare {
       differences.append(Difference(what: "memory", native: ranges.joined(separator: "; "), emulated: "(see left)"))
     }
     return differences
+  }
+
+  /// Whether two byte arrays are equal, with memcmp: Array's == compares the 64 KiB data
+  /// buffers byte by byte, a tenth of a whole case's time.
+  static func sameBytes(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+    guard a.count == b.count else { return false }
+    guard !a.isEmpty else { return true }
+    return a.withUnsafeBytes { x in b.withUnsafeBytes { y in memcmp(x.baseAddress!, y.baseAddress!, x.count) == 0 } }
   }
 
   static func closeEnough(_ a: X87Register, _ b: X87Register, _ tolerance: Double) -> Bool {
