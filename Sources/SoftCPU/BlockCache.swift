@@ -1,3 +1,4 @@
+import Glibc
 import Synchronization
 import VMCore
 
@@ -216,6 +217,71 @@ extension CPU {
     arenaUsed = 0
     blockInvalidated = true
     chainGeneration &+= 1
+  }
+}
+
+extension CPU {
+  /// Instructions held in the decoded-block arena.
+  var decodedInstructionCount: Int { arenaUsed }
+
+  /// Drops every decoded block and translation, as `flushDecodedBlocks` does, and gives the
+  /// memory that held them back to the host (the arena, the block list and the code buffer
+  /// read as untouched pages again). For an idle vCPU (`IdleCodeTrim`): a booted guest that
+  /// waits keeps only the little code it runs while waiting, where the boot's run-once code
+  /// filled tens of MiB. Call it on the vCPU's thread, between blocks.
+  public func releaseDecodedCode() {
+    statistics.idleTrims += 1
+    flushDecodedBlocks()
+    releasePages(UnsafeMutableRawPointer(blockArena), byteCount: blockArenaCapacity * MemoryLayout<Instruction>.stride)
+    releasePages(UnsafeMutableRawPointer(blocks), byteCount: maximumBlocks * MemoryLayout<DecodedBlock>.stride)
+    translator?.releaseCodeMemory()
+  }
+}
+
+/// Gives the whole pages inside `byteCount` bytes at `start` back to the host
+/// (MADV_DONTNEED: private anonymous memory then reads as zeros and costs nothing until
+/// touched). Only for memory whose contents are dead and whose type needs no clean-up: the
+/// decoded instructions and blocks are plain values, and the arena and list are rewritten
+/// before they are read again.
+func releasePages(_ start: UnsafeMutableRawPointer, byteCount: Int) {
+  let pageSize = 4096
+  let address = Int(bitPattern: start)
+  let first = (address + pageSize - 1) & ~(pageSize - 1)
+  let end = (address + byteCount) & ~(pageSize - 1)
+  guard end > first, let page = UnsafeMutableRawPointer(bitPattern: first) else { return }
+  madvise(page, end - first, MADV_DONTNEED)
+}
+
+/// When an idle vCPU releases its decoded code (`CPU.releaseDecodedCode`). Checked each time
+/// the vCPU is about to sleep in HLT: once a window of `window` nanoseconds has passed, the
+/// vCPU counts as idle if it retired fewer than `idleInstructions` in it (a waiting Linux guest
+/// retires a few hundred thousand a second; a busy one hundreds of millions), and it releases
+/// its code when the arena holds at least `minimumDecodedInstructions` (what an idle guest
+/// decodes again stays below that, so a guest that stays idle releases once).
+struct IdleCodeTrim {
+  /// The length of one observation window (virtual nanoseconds of the machine's clock).
+  static let window: UInt64 = 5_000_000_000
+  /// Fewer instructions than this in a window: the vCPU was idle.
+  static let idleInstructions: UInt64 = 20_000_000
+  /// The smallest arena worth releasing (about 1.5 MiB of decoded instructions).
+  static let minimumDecodedInstructions = 32_768
+
+  private var windowStart: UInt64?
+  private var retiredAtWindowStart: UInt64 = 0
+
+  /// Whether to release now, at machine time `now`, with `retired` instructions retired so far
+  /// and `decoded` instructions in the arena. Starts a new window whenever one has passed.
+  mutating func shouldRelease(now: UInt64, retired: UInt64, decoded: Int) -> Bool {
+    guard let start = windowStart, now >= start else {
+      windowStart = now
+      retiredAtWindowStart = retired
+      return false
+    }
+    guard now - start >= Self.window else { return false }
+    let idle = retired &- retiredAtWindowStart < Self.idleInstructions
+    windowStart = now
+    retiredAtWindowStart = retired
+    return idle && decoded >= Self.minimumDecodedInstructions
   }
 }
 

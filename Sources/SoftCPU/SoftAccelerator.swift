@@ -193,6 +193,8 @@ private func runVCPU(
   }
   // Where this vCPU is in the throttle's timeslices (while a throttle is set).
   var throttleTimeslice = VCPUThrottle.Timeslice()
+  // When this vCPU, idle, gives the memory of its decoded code back.
+  var idleTrim = IdleCodeTrim()
   while true {
     if control.isStopping { return }
     if control.pauseGate.isPauseRequested {
@@ -239,6 +241,9 @@ private func runVCPU(
       let deadline = controllers.nextDeadline(cpu: index)
       let now = clock.nanoseconds
       if let deadline, deadline <= now { continue }
+      if idleTrim.shouldRelease(now: now, retired: cpu.retiredInstructions, decoded: cpu.decodedInstructionCount) {
+        cpu.releaseDecodedCode()
+      }
       wakeup.sleep(untilVirtual: deadline, clock: clock)
       continue
     }

@@ -19,6 +19,9 @@ public struct SoftCPUStatistics: Sendable, Equatable {
   public var codePageInvalidations = 0
   /// Flushes of every translation because the code buffer was full.
   public var codeBufferFlushes = 0
+  /// Of the decoded-block flushes, those of an idle vCPU that gave the memory of its decoded
+  /// blocks and translations back to the host (`IdleCodeTrim`).
+  public var idleTrims = 0
   /// Blocks the run loop dispatched (a chain of translated blocks counts once).
   public var blockDispatches = 0
   /// Software-TLB flushes of the whole table (CR3 and paging-mode writes; a CR3 write keeps
@@ -43,7 +46,7 @@ extension CPU {
       + " blocks decoded \(counts.blocksDecoded), decoded-block flushes \(counts.decodedBlockFlushes)"
       + " (arena full \(counts.arenaFullFlushes), posted writes \(counts.postedWriteOverflows)),"
       + " code-page invalidations \(counts.codePageInvalidations), blocks translated \(translatedBlockCount),"
-      + " code-buffer flushes \(counts.codeBufferFlushes), block dispatches \(counts.blockDispatches),"
+      + " code-buffer flushes \(counts.codeBufferFlushes), idle trims \(counts.idleTrims), block dispatches \(counts.blockDispatches),"
       + " TLB flushes \(counts.fullTLBFlushes) + \(counts.pageTLBFlushes) pages, page walks \(counts.pageWalks)"
   }
 }

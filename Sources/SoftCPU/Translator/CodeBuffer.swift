@@ -64,4 +64,11 @@ final class CodeBuffer {
     used = 0
     flushes += 1
   }
+
+  /// Gives the pages back to the host (MADV_DONTNEED: they read as zeros until the next
+  /// `install` writes them), after `reset`.
+  func release() {
+    precondition(used == 0, "the code buffer still holds translations")
+    madvise(base, capacity, MADV_DONTNEED)
+  }
 }

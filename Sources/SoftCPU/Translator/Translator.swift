@@ -145,6 +145,12 @@ final class Translator {
     buffer.reset()
   }
 
+  /// Gives the code buffer's pages back to the host; every translation must have been
+  /// dropped (`flush`) first.
+  func releaseCodeMemory() {
+    buffer.release()
+  }
+
   /// Queues hot `block` for translation (its `translation` becomes `queuedTranslation`); the
   /// queue is translated together once `batchSize` blocks wait (or at once when the threshold
   /// is 0). Batches exist because installing code costs two `mprotect` calls (W^X), whatever
