@@ -257,8 +257,13 @@ func releasePages(_ start: UnsafeMutableRawPointer, byteCount: Int) {
 /// vCPU counts as idle if it retired fewer than `idleInstructions` in it (a waiting Linux guest
 /// retires a few hundred thousand a second; a busy one hundreds of millions), and it releases
 /// its code when the arena holds at least `minimumDecodedInstructions` (what an idle guest
-/// decodes again stays below that, so a guest that stays idle releases once).
+/// decodes again stays below that, so a guest that stays idle releases once). The environment
+/// variable `HOSTVISOR_SOFTCPU_IDLE_RELEASE=off` turns it off (the caches then fill once and
+/// stay, as a test that looks for leaks in the VMM's resident memory needs).
 struct IdleCodeTrim {
+  /// Whether idle vCPUs release their code (not `HOSTVISOR_SOFTCPU_IDLE_RELEASE=off`).
+  static let enabled = getenv("HOSTVISOR_SOFTCPU_IDLE_RELEASE").map { String(cString: $0) != "off" } ?? true
+
   /// The length of one observation window (virtual nanoseconds of the machine's clock).
   static let window: UInt64 = 5_000_000_000
   /// Fewer instructions than this in a window: the vCPU was idle.
@@ -272,6 +277,7 @@ struct IdleCodeTrim {
   /// Whether to release now, at machine time `now`, with `retired` instructions retired so far
   /// and `decoded` instructions in the arena. Starts a new window whenever one has passed.
   mutating func shouldRelease(now: UInt64, retired: UInt64, decoded: Int) -> Bool {
+    guard Self.enabled else { return false }
     guard let start = windowStart, now >= start else {
       windowStart = now
       retiredAtWindowStart = retired

@@ -42,6 +42,8 @@ public final class VirtualMachine: Sendable {
   public let emulatedNetworkDevices: [any EmulatedNetworkDevice]
   /// The virtio console wired to standard input/output, when `console` is `.virtio`.
   private let virtioConsole: VirtioConsole?
+  /// COM1's buffered output (a file or standard output), drained when the machine stops.
+  private let serialOutput: BufferedSerialBackend?
   /// The ACPI fixed-hardware registers (power button, sleep states).
   public let powerManagement: ACPIPowerManagement
   /// The framebuffer and VNC server (`--display vnc=...`), or nil without a display.
@@ -149,6 +151,7 @@ public final class VirtualMachine: Sendable {
         throw MachineError(error.description)
       }
     }
+    serialOutput = backend as? BufferedSerialBackend
     let accelerator: any Accelerator
     let clock: any MachineClock
     let cpuModel: GuestCPUModel
@@ -337,11 +340,15 @@ public final class VirtualMachine: Sendable {
     for device in devices { device.shutdown() }
   }
 
-  /// Stops every device's worker thread (`run` does this when the guest stops).
+  /// Stops every device's worker thread (`run` does this when the guest stops), and writes
+  /// out what COM1 still buffers, so a serial file is complete once the machine has stopped.
+  /// It waits at most half a second (a file takes microseconds), so a consumer that stopped
+  /// reading delays the stop by that much and no more; the exit hook then waits its own bound.
   public func shutdownDevices() {
     Self.shutdown(virtioDevices)
     for device in emulatedNetworkDevices { device.shutdown() }
     display?.stop()
+    serialOutput?.drain(timeout: .milliseconds(500))
   }
 
   /// The virtio-net devices whose host side is a TAP (those a live migration hands over).
