@@ -69,6 +69,6 @@ final class CodeBuffer {
   /// `install` writes them), after `reset`.
   func release() {
     precondition(used == 0, "the code buffer still holds translations")
-    madvise(base, capacity, MADV_DONTNEED)
+    releasePages(base, byteCount: capacity)
   }
 }
