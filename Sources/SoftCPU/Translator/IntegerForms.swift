@@ -240,13 +240,15 @@ extension BlockTranslator {
     let size = form.size
     let rax = HostRegister.rax
     let immediate = Int32(truncatingIfNeeded: instruction.immediate)
+    // The instruction writes every flag after its access without reading one: the probe need
+    // not put the flags back (`flagsDeadAfterAccess`).
+    let flagsDead = form.flagUse.writesAll && !form.flagUse.reads
     if form.writesMemory {
       // Read-modify-write of guest RAM through the write TLB; a miss (unmapped, MMIO, a code
       // page, a page-crossing access) leaves before the instruction for the interpreter.
       emitLinearAddress(slot, index: index)
       let miss = emitter.newLabel()
       if inlineTLBProbes {
-        let flagsDead = form.flagUse.writesAll && !form.flagUse.reads
         emitProbe(size: size, write: true, flagsValid: flagsValidAt[index], restoresFlags: !flagsDead, miss: miss)
         if form.operands == .rmReg { emitter.mov(size: size, rax, guestRegister(instruction.reg, size: size)) }
         if form.locked { emitter.byte(0xF0) }
@@ -260,7 +262,7 @@ extension BlockTranslator {
     }
     if form.memory {
       // The memory operand is only read: RAX = its value.
-      emitLoad(slot, index: index, size: size, flagsDead: form.flagUse.writesAll && !form.flagUse.reads)
+      emitLoad(slot, index: index, size: size, flagsDead: flagsDead)
       switch form.operands {
       case .regRm:
         emitToRegister(form, instruction.reg, source: .register(rax), sourceIsRAX: true)
