@@ -32,19 +32,31 @@ extension CPU {
   /// (CR4.OSFXSR/OSXMMEXCPT, CR0.MP, no EM/TS), x87 in its FNINIT state, exceptions not
   /// delivered but returned from `run` as `.fault`.
   public func enterFlatLongMode(cpl: UInt8 = 3) {
+    enterFlatMode(cpl: cpl, longMode: true)
+  }
+
+  /// Puts the CPU in flat 32-bit protected mode for tests, as `enterFlatLongMode` does for
+  /// 64-bit mode: EFER.LME/LMA clear, CS.D=1 and SS.B=1 (32-bit code and stack), all segment
+  /// bases 0 with 4 GiB limits, paging off, SSE enabled, exceptions returned from `run`.
+  public func enterFlatProtectedMode(cpl: UInt8 = 3) {
+    enterFlatMode(cpl: cpl, longMode: false)
+  }
+
+  private func enterFlatMode(cpl: UInt8, longMode: Bool) {
     self.cpl = cpl & 3
-    codeSize = 8
+    codeSize = longMode ? 8 : 4
     flatTestMode = true
     cr0 = X86.cr0PE | X86.cr0MP | X86.cr0ET | X86.cr0NE
-    cr4 = X86.cr4PAE | X86.cr4OSFXSR | X86.cr4OSXMMEXCPT | X86.cr4OSXSAVE
+    cr4 = (longMode ? X86.cr4PAE : 0) | X86.cr4OSFXSR | X86.cr4OSXMMEXCPT | X86.cr4OSXSAVE
     xcr0 = XSaveModel.supportedComponents
-    efer = X86.eferLME | X86.eferLMA | X86.eferSCE | X86.eferNXE
+    efer = longMode ? X86.eferLME | X86.eferLMA | X86.eferSCE | X86.eferNXE : 0
     for index in 0..<6 {
       var segment = SegmentCache()
       let rpl = UInt16(self.cpl)
       if index == Int(SegmentIndex.cs) {
         segment.selector = (self.cpl == 3 ? 0x33 : 0x08)
-        segment.access = 0xA09B | UInt32(self.cpl) << 5  // code, present, L=1, G
+        // Code, present, G; L=1 in 64-bit mode, D=1 in 32-bit mode.
+        segment.access = (longMode ? 0xA09B : 0xC09B) | UInt32(self.cpl) << 5
       } else {
         segment.selector = index == Int(SegmentIndex.ss) ? (self.cpl == 3 ? 0x2B : 0x10) : 0
         segment.access = 0xC093 | UInt32(self.cpl) << 5

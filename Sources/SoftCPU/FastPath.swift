@@ -51,8 +51,8 @@ enum FastOp: UInt8 {
   case adcRM64, sbbRM64, addMR64, subMR64, adcMR64, sbbMR64
   // MUL r/m64 (RDX:RAX = RAX * source).
   case mulR64, mulM64
-  // Control transfer and the stack (64-bit operand size).
-  case jcc, jmpRel, push64, pop64, callRel64, ret64
+  // Control transfer and the stack (64-bit operand size, and 32-bit for 32-bit code).
+  case jcc, jmpRel, push64, pop64, callRel64, ret64, push32, pop32, callRel32, ret32
 }
 
 extension Instruction {
@@ -286,17 +286,17 @@ extension Instruction {
     case .jcc: fast = .jcc
     case .jmpRel: fast = .jmpRel
     case .pushRm:
-      guard wide, isRegister else { return }
-      fast = .push64
+      guard size >= 4, isRegister else { return }
+      fast = pick(.push64, .push32)
       fastSrc = rm
     case .popRm:
-      guard wide, isRegister else { return }
-      fast = .pop64
+      guard size >= 4, isRegister else { return }
+      fast = pick(.pop64, .pop32)
       fastDst = rm
     case .callRel:
-      if wide { fast = .callRel64 }
+      if size >= 4 { fast = pick(.callRel64, .callRel32) }
     case .ret:
-      if wide { fast = .ret64 }
+      if size >= 4 { fast = pick(.ret64, .ret32) }
     default:
       break
     }
@@ -673,6 +673,20 @@ extension CPU {
     case .ret64:
       let target = try branchTarget(try readMemory(segmentBase[2] &+ stackPointer, size: 8), size: 8)
       adjustStack(8)
+      rip = target
+    case .push32:
+      try push(gpr[src], size: 4)
+    case .pop32:
+      let value = try readMemory(segmentBase[2] &+ stackPointer, size: 4)
+      adjustStack(4)
+      gpr[dst] = value
+    case .callRel32:
+      let target = (rip &+ slot.pointee.immediate) & low32
+      try push(rip, size: 4)
+      rip = target
+    case .ret32:
+      let target = try readMemory(segmentBase[2] &+ stackPointer, size: 4)
+      adjustStack(4)
       rip = target
     }
   }

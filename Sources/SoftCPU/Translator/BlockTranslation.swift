@@ -205,7 +205,7 @@ extension FastOp {
     case .movRR64, .movRR32, .movRI64, .movRI32, .notR64, .notR32, .movzxByteRR, .movzxWordRR, .movsxByteRR64,
       .movsxByteRR32, .movsxWordRR64, .movsxWordRR32, .movsxdRR, .lea64, .lea32, .loadRM64, .loadRM32, .loadRM8,
       .storeMR64, .storeMR32, .storeMR16, .storeMR8, .storeMI64, .storeMI32, .storeMI8, .movzxByteRM, .movzxWordRM,
-      .movsxdRM, .jmpRel, .nop, .push64, .pop64, .callRel64, .ret64:
+      .movsxdRM, .jmpRel, .nop, .push64, .pop64, .callRel64, .ret64, .push32, .pop32, .callRel32, .ret32:
       return none
     case .mulR64:
       return FlagUse(reads: false, writesAll: true, undefined: RFlags.sf | RFlags.zf | RFlags.af | RFlags.pf)
@@ -238,11 +238,22 @@ extension FastOp {
   }
 }
 
-/// Translates decoded blocks of 64-bit code into host code.
+/// Translates decoded blocks of 64-bit and 32-bit code into host code.
+///
+/// 32-bit code (protected mode, or compatibility mode under a 64-bit kernel) is translated
+/// for the conditions the run loop checks before it enters any translated block of it
+/// (`CPU.flatLegacyCode`): a 32-bit stack (SS.B set) and CS, DS, ES and SS with base 0, as
+/// every flat-model kernel and user space sets them up. Its addresses are 32 bits wide (the
+/// address-size truncation), FS and GS add their bases as in 64-bit code, near branches wrap
+/// at 4 GiB instead of checking for canonical form, and the stack forms move 4 bytes and
+/// update ESP (the upper half of RSP kept, as the interpreter does).
 struct BlockTranslator {
   /// Every memory access through the helpers (lockstep mode: the helpers journal stores and
   /// leave MMIO to the interpreter).
   var inlineTLBProbes = true
+  /// The code size the block was decoded for: 8 (64-bit code) or 4 (32-bit code). Also the
+  /// width of the stack pointer and of the near branches' targets.
+  let codeSize: Int
 
   var emitter = X86Emitter()
   var outOfLine: [(inout X86Emitter) -> Void] = []
@@ -259,9 +270,13 @@ struct BlockTranslator {
   private var decodedCount = 0
   private var selfLoopEntry: HostLabel?
 
-  init(inlineTLBProbes: Bool) {
+  init(inlineTLBProbes: Bool, codeSize: Int = 8) {
     self.inlineTLBProbes = inlineTLBProbes
+    self.codeSize = codeSize
   }
+
+  /// Whether blocks decoded for `codeSize` are translated (64-bit and 32-bit code).
+  static func translates(codeSize: Int) -> Bool { codeSize == 8 || codeSize == 4 }
 
   /// Instructions without a translation of their own that translated code runs by calling the
   /// interpreter for them (`emitInterpreted`), rather than leaving the block: string moves and
@@ -282,10 +297,18 @@ struct BlockTranslator {
   /// Whether `slot` has a translation (and its operands fit the encodings used).
   /// `interpreting`: instructions of `interpretedOps` count as translatable (not in lockstep
   /// mode, whose journal of stores the interpreter would bypass).
-  static func canTranslate(_ slot: UnsafePointer<Instruction>, offsetAfter: Int, interpreting: Bool) -> Bool {
+  /// `codeSize`: as `BlockTranslator.codeSize`; near branches and stack forms must have it as
+  /// their operand size.
+  static func canTranslate(
+    _ slot: UnsafePointer<Instruction>, offsetAfter: Int, interpreting: Bool, codeSize: Int
+  ) -> Bool {
     let instruction = slot.pointee
     if isInterpreted(slot) { return interpreting }
     guard let use = flagUse(slot) else { return false }
+    if isIndirectBranch(instruction) && Int(instruction.operandSize) != codeSize { return false }
+    if let form = integerForm(instruction), form.kind == .push || form.kind == .leave, form.size != codeSize {
+      return false
+    }
     // Where the host's undefined shift flags differ from the interpreter's, shifts and rotates
     // get the interpreter's flags set after them (`X86Emitter`'s `interpreterShiftFlags`,
     // `interpreterRotateFlags`; after a shift by CL only for a nonzero count).
@@ -299,17 +322,24 @@ struct BlockTranslator {
     case .addRI64, .subRI64, .andRI64, .orRI64, .xorRI64, .cmpRI64, .testRI64, .adcRI64, .sbbRI64, .cmpMI64,
       .storeMI64, .imulRRI64:
       return fitsInt32(instruction.immediate)
-    case .jcc, .jmpRel, .callRel64:
-      return instruction.operandSize == 8
+    case .jcc, .jmpRel, .callRel64, .callRel32:
+      return Int(instruction.operandSize) == codeSize
         && fitsInt32(instruction.immediate &+ UInt64(offsetAfter))
+    case .push64, .pop64, .ret64:
+      return codeSize == 8
+    case .push32, .pop32, .ret32:
+      return codeSize == 4
     default:
       break
     }
     if instruction.hasMemoryOperand && instruction.fast != .nop {
       if instruction.addressSize == 2 { return false }
       // MOV AL/AX/EAX/RAX with a 64-bit absolute address (A0-A3) has a displacement that
-      // does not fit the host's 32-bit one.
-      if !fitsInt32(UInt64(bitPattern: instruction.displacement)) { return false }
+      // does not fit the host's 32-bit one (a 32-bit address is truncated after the sum, so
+      // any 32-bit displacement serves).
+      let displacement = UInt64(bitPattern: instruction.displacement)
+      let fits = fitsInt32(displacement) || (instruction.addressSize == 4 && displacement >> 32 == 0)
+      if !fits { return false }
       if instruction.base == Instruction.ripRelative {
         return fitsInt32(UInt64(bitPattern: instruction.displacement) &+ UInt64(offsetAfter))
       }
@@ -345,9 +375,11 @@ struct BlockTranslator {
     instruction.fast.translatedFlagUse == nil ? IntegerForm(instruction) : nil
   }
 
-  /// JMP r/m64 or CALL r/m64 (no fast form: recognized by its op).
+  /// JMP r/m64 or CALL r/m64, or their 32-bit forms in 32-bit code (no fast form: recognized
+  /// by its op; `canTranslate` matches the operand size with the code size).
   static func isIndirectBranch(_ instruction: Instruction) -> Bool {
-    (instruction.op == .jmpRm || instruction.op == .callRm) && instruction.operandSize == 8
+    (instruction.op == .jmpRm || instruction.op == .callRm)
+      && (instruction.operandSize == 8 || instruction.operandSize == 4)
   }
 
   /// Whether this host's MUL and IMUL leave SF, ZF, AF and PF (undefined architecturally) as
@@ -479,15 +511,22 @@ struct BlockTranslator {
 
   /// The number of instructions at the start of the `count` at `first` that have no
   /// translation, when a later one has (0 when the first has one, or none has).
-  static func untranslatableLead(_ first: UnsafePointer<Instruction>, count: Int, interpreting: Bool) -> Int {
+  static func untranslatableLead(
+    _ first: UnsafePointer<Instruction>, count: Int, interpreting: Bool, codeSize: Int
+  ) -> Int {
     var offset = 0
     for index in 0..<count {
       let after = offset + Int((first + index).pointee.length)
-      if canTranslate(first + index, offsetAfter: after, interpreting: interpreting) { return index }
+      if canTranslate(first + index, offsetAfter: after, interpreting: interpreting, codeSize: codeSize) {
+        return index
+      }
       offset = after
     }
     return 0
   }
+
+  /// The fast forms that jump unconditionally: nothing after them in the block is translated.
+  static let endsTranslation: Set<FastOp> = [.jmpRel, .callRel64, .ret64, .callRel32, .ret32]
 
   /// Translates the translatable prefix of the `count` instructions at `first`; nil when not
   /// even the first instruction has a translation.
@@ -497,13 +536,14 @@ struct BlockTranslator {
     var translated = 0
     while translated < count {
       let after = offsets[translated] + Int((first + translated).pointee.length)
-      guard Self.canTranslate(first + translated, offsetAfter: after, interpreting: inlineTLBProbes) else { break }
+      guard
+        Self.canTranslate(first + translated, offsetAfter: after, interpreting: inlineTLBProbes, codeSize: codeSize)
+      else { break }
       offsets.append(after)
       translated += 1
       // A jump ends the block.
-      let last = (first + translated - 1).pointee.fast
-      if last == .jmpRel || last == .callRel64 || last == .ret64 { break }
-      if Self.isIndirectBranch((first + translated - 1).pointee) { break }
+      let last = (first + translated - 1).pointee
+      if Self.endsTranslation.contains(last.fast) || Self.isIndirectBranch(last) { break }
     }
     guard translated > 0 else { return nil }
     instructionOffsets = offsets
@@ -722,8 +762,9 @@ struct BlockTranslator {
   }
 
   /// RSI = the linear address of the access: the memory operand, or the stack (`stackOffset`
-  /// bytes from the guest RSP, or from RBP for LEAVE's `stackRegister` 5; 64-bit mode, so SS
-  /// has no base and the stack is 64-bit).
+  /// bytes from the guest RSP, or from RBP for LEAVE's `stackRegister` 5). SS has no base (64-bit
+  /// mode, or a base of 0 checked before 32-bit code runs); the stack pointer is `codeSize`
+  /// bytes wide, so a 32-bit one wraps at 4 GiB.
   private mutating func emitAccessAddress(
     _ slot: UnsafePointer<Instruction>, index: Int, stackOffset: Int?, stackRegister: UInt8 = 4
   ) {
@@ -731,8 +772,8 @@ struct BlockTranslator {
       emitLinearAddress(slot, index: index)
       return
     }
-    emitter.mov(size: 8, HostRegister.rsi, guest(stackRegister))
-    if stackOffset != 0 { emitter.lea(HostRegister.rsi, .at(HostRegister.rsi, stackOffset)) }
+    emitter.mov(size: codeSize, HostRegister.rsi, guest(stackRegister))
+    if stackOffset != 0 { emitter.lea(size: codeSize, HostRegister.rsi, .at(HostRegister.rsi, stackOffset)) }
   }
 
   /// RSI = the linear address of the memory operand (64-bit mode: only FS and GS have bases).
@@ -1231,6 +1272,7 @@ struct BlockTranslator {
       let epilogue = self.epilogue
       let offsets = instructionOffsets
       let selfLoop = target == 0 ? selfLoopEntry : nil
+      let wraps = codeSize == 4
       let block = blockIndex
       let blockCount = decodedCount
       outOfLine.append { emitter in
@@ -1240,7 +1282,8 @@ struct BlockTranslator {
           emitter.loopToBlockEntry(
             selfLoop, block: block, completed: index + 1, blockCount: blockCount, epilogue: epilogue)
         } else {
-          emitter.branch(targetOffset: target, index: index, faultOffset: offsets[index], epilogue: epilogue)
+          emitter.branch(
+            targetOffset: target, index: index, faultOffset: offsets[index], wraps: wraps, epilogue: epilogue)
         }
       }
     case .mulR64:
@@ -1251,22 +1294,54 @@ struct BlockTranslator {
       if fixesMultiplyFlags(after: index) {
         emitter.interpreterMultiplyFlags(size: 8)
       }
-    case .push64:
+    case .push64, .push32:
       let source = src
-      emitStore(slot, index: index, size: 8, stackOffset: -8, after: Self.adjustStack(-8)) { emitter, register in
-        emitter.mov(size: 8, register, source)
+      let width = codeSize
+      emitStore(slot, index: index, size: width, stackOffset: -width, after: adjustStack(-width)) {
+        emitter, register in
+        emitter.mov(size: width, register, source)
       }
-    case .pop64:
-      emitLoad(slot, index: index, size: 8, stackOffset: 0)
-      Self.adjustStack(8)(&emitter)
+    case .pop64, .pop32:
+      // A 32-bit POP zero-extends into the register (RAX holds the zero-extended load).
+      emitLoad(slot, index: index, size: codeSize, stackOffset: 0)
+      adjustStack(codeSize)(&emitter)
       emitter.mov(size: 8, dst, rax)
+    case .callRel32:
+      // The target wraps at 4 GiB; it goes to the context first, where a store that
+      // invalidated decoded code leaves it.
+      storeFlagsIfValid(at: index)
+      let returnOffset = instructionOffsets[index + 1]
+      let target = returnOffset + Int(Int64(bitPattern: immediate))
+      emitter.mov(size: 8, rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+      emitter.lea(size: 4, rax, .at(rax, target))
+      emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
+      emitStore(
+        slot, index: index, size: 4, stackOffset: -4, flagsLive: false, after: adjustStack(-4),
+        endedRIPInContext: true
+      ) { emitter, register in
+        emitter.mov(size: 8, register, .at(HostRegister.r12, ContextOffset.entryRIP))
+        emitter.lea(register, .at(register, returnOffset))
+      }
+      emitter.mov(size: 8, rax, .at(HostRegister.r12, ContextOffset.rip))
+      emitter.chainOrLeave(
+        instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+      return true
+    case .ret32:
+      // The loaded return address is the 32-bit target (no canonical check).
+      emitLoad(slot, index: index, size: 4, stackOffset: 0)
+      storeFlagsIfValid(at: index)
+      emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
+      adjustStack(4)(&emitter)
+      emitter.chainOrLeave(
+        instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+      return true
     case .callRel64:
       storeFlagsIfValid(at: index)
       let returnOffset = instructionOffsets[index + 1]
       let target = returnOffset + Int(Int64(bitPattern: immediate))
       emitCanonicalCheck(targetOffset: target, index: index)
       emitStore(
-        slot, index: index, size: 8, stackOffset: -8, flagsLive: false, after: Self.adjustStack(-8),
+        slot, index: index, size: 8, stackOffset: -8, flagsLive: false, after: adjustStack(-8),
         endedRIPOffset: target
       ) { emitter, register in
         emitter.mov(size: 8, register, .at(HostRegister.r12, ContextOffset.entryRIP))
@@ -1291,7 +1366,7 @@ struct BlockTranslator {
       emitLeave(rip: instructionOffsets[index], result: UInt64(index))
       emitter.bind(canonical)
       emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
-      Self.adjustStack(8)(&emitter)
+      adjustStack(8)(&emitter)
       emitter.chainOrLeave(
         instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
       return true
@@ -1302,7 +1377,9 @@ struct BlockTranslator {
         emitter.loopToBlockEntry(
           selfLoopEntry, block: blockIndex, completed: index + 1, blockCount: decodedCount, epilogue: epilogue)
       } else {
-        emitter.branch(targetOffset: target, index: index, faultOffset: instructionOffsets[index], epilogue: epilogue)
+        emitter.branch(
+          targetOffset: target, index: index, faultOffset: instructionOffsets[index], wraps: codeSize == 4,
+          epilogue: epilogue)
       }
       return true
     default:
@@ -1470,30 +1547,34 @@ struct BlockTranslator {
 
   /// JMP r/m64 or CALL r/m64: the target is read (register or memory), checked for canonical
   /// form (#GP(0) at the branch otherwise: the block leaves before it), CALL pushes the return
-  /// address, and the block chains to the target through the jump cache.
+  /// address, and the block chains to the target through the jump cache. In 32-bit code the
+  /// target and the return address are 32 bits (no canonical check).
   private mutating func emitIndirectBranch(_ slot: UnsafePointer<Instruction>, index: Int) {
     let instruction = slot.pointee
     let rax = HostRegister.rax
     let rcx = HostRegister.rcx
+    let width = codeSize
     if instruction.hasMemoryOperand {
-      emitLoad(slot, index: index, size: 8)
+      emitLoad(slot, index: index, size: width)
     } else {
-      emitter.mov(size: 8, rax, guest(instruction.rm))
+      emitter.mov(size: width, rax, guest(instruction.rm))
     }
     storeFlagsIfValid(at: index)
-    emitter.mov(size: 8, rcx, .register(rax))
-    emitter.shift(.shl, size: 8, .register(rcx), count: 16)
-    emitter.shift(.sar, size: 8, .register(rcx), count: 16)
-    emitter.alu(.cmp, size: 8, .register(rcx), rax)
-    let canonical = emitter.newLabel()
-    emitter.jump(HostCondition.equal, to: canonical)
-    emitLeave(rip: instructionOffsets[index], result: UInt64(index))
-    emitter.bind(canonical)
+    if width == 8 {
+      emitter.mov(size: 8, rcx, .register(rax))
+      emitter.shift(.shl, size: 8, .register(rcx), count: 16)
+      emitter.shift(.sar, size: 8, .register(rcx), count: 16)
+      emitter.alu(.cmp, size: 8, .register(rcx), rax)
+      let canonical = emitter.newLabel()
+      emitter.jump(HostCondition.equal, to: canonical)
+      emitLeave(rip: instructionOffsets[index], result: UInt64(index))
+      emitter.bind(canonical)
+    }
     emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
     if instruction.op == .callRm {
       let returnOffset = instructionOffsets[index + 1]
       emitStore(
-        slot, index: index, size: 8, stackOffset: -8, flagsLive: false, after: Self.adjustStack(-8),
+        slot, index: index, size: width, stackOffset: -width, flagsLive: false, after: adjustStack(-width),
         endedRIPInContext: true
       ) { emitter, register in
         emitter.mov(size: 8, register, .at(HostRegister.r12, ContextOffset.entryRIP))
@@ -1505,12 +1586,15 @@ struct BlockTranslator {
       instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
   }
 
-  /// Guest RSP += `delta` without touching the host flags. Clobbers RCX.
-  static func adjustStack(_ delta: Int) -> (inout X86Emitter) -> Void {
-    { emitter in
-      emitter.mov(size: 8, HostRegister.rcx, .at(HostRegister.rbx, 4 * 8))
-      emitter.lea(HostRegister.rcx, .at(HostRegister.rcx, delta))
-      emitter.mov(size: 8, .at(HostRegister.rbx, 4 * 8), HostRegister.rcx)
+  /// Guest RSP += `delta` at the stack's width without touching the host flags: a 32-bit
+  /// stack pointer wraps at 4 GiB and the upper half of RSP is kept (only its low 4 bytes are
+  /// stored), as the interpreter's `adjustStack` does. Clobbers RCX.
+  func adjustStack(_ delta: Int) -> (inout X86Emitter) -> Void {
+    let width = codeSize
+    return { emitter in
+      emitter.mov(size: width, HostRegister.rcx, .at(HostRegister.rbx, 4 * 8))
+      emitter.lea(size: width, HostRegister.rcx, .at(HostRegister.rcx, delta))
+      emitter.mov(size: width, .at(HostRegister.rbx, 4 * 8), HostRegister.rcx)
     }
   }
 
@@ -1605,9 +1689,17 @@ extension X86Emitter {
 
   /// RIP = entry + `targetOffset` (the branch of instruction `index`) and the block ends; a
   /// non-canonical target raises #GP(0) at the branch, so the block then returns before it
-  /// (RIP = entry + `faultOffset`) and the interpreter re-executes it. Flags already stored.
-  mutating func branch(targetOffset: Int, index: Int, faultOffset: Int, epilogue: HostLabel) {
+  /// (RIP = entry + `faultOffset`) and the interpreter re-executes it. `wraps`: 32-bit code,
+  /// whose target wraps at 4 GiB instead. Flags already stored.
+  mutating func branch(targetOffset: Int, index: Int, faultOffset: Int, wraps: Bool, epilogue: HostLabel) {
     mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+    if wraps {
+      lea(size: 4, HostRegister.rax, .at(HostRegister.rax, targetOffset))
+      mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+      chainOrLeave(
+        instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
+      return
+    }
     lea(HostRegister.rax, .at(HostRegister.rax, targetOffset))
     mov(size: 8, HostRegister.rcx, .register(HostRegister.rax))
     shift(.shl, size: 8, .register(HostRegister.rcx), count: 16)

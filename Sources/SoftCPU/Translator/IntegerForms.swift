@@ -30,7 +30,8 @@ struct IntegerForm {
     case byteSwap
     /// SETcc with a memory destination.
     case setByte
-    /// PUSH imm and PUSH r/m64; LEAVE (64-bit operand size).
+    /// PUSH imm and PUSH r/m; LEAVE (the stack's operand size: 64-bit, or 32-bit in 32-bit
+    /// code).
     case push, leave
     /// LFENCE, MFENCE, SFENCE: the same host fence.
     case fence
@@ -91,10 +92,11 @@ struct IntegerForm {
       guard instruction.hasMemoryOperand else { return nil }
       operands = .rm
     case .pushImm:
-      guard instruction.operandSize == 8 else { return nil }
+      // 64-bit, or 32-bit in 32-bit code (`canTranslate` matches it with the code size).
+      guard instruction.operandSize >= 4 else { return nil }
       operands = .rmImm
     case .pushRm, .leave:
-      guard instruction.operandSize == 8 else { return nil }
+      guard instruction.operandSize >= 4 else { return nil }
       operands = .rm
     case .fence:
       operands = .rm
@@ -521,38 +523,40 @@ extension BlockTranslator {
     }
   }
 
-  /// PUSH imm / PUSH r/m64 and LEAVE. The stack store (or LEAVE's load from RBP) goes through
-  /// the TLB probe; a miss leaves before the instruction with RSP and RBP untouched, so a fault
-  /// is raised by the interpreter with the state the instruction started with.
+  /// PUSH imm / PUSH r/m and LEAVE, at the stack's width (`codeSize`). The stack store (or
+  /// LEAVE's load from RBP) goes through the TLB probe; a miss leaves before the instruction
+  /// with RSP and RBP untouched, so a fault is raised by the interpreter with the state the
+  /// instruction started with.
   private mutating func emitStackForms(_ slot: UnsafePointer<Instruction>, index: Int, form: IntegerForm) {
     let instruction = slot.pointee
     let rax = HostRegister.rax
-    let rcx = HostRegister.rcx
     let r8 = HostRegister.r8
+    let width = codeSize
     if form.kind == .leave {
-      // RAX = [RBP]; RSP = RBP + 8; RBP = RAX.
-      emitLoad(slot, index: index, size: 8, stackOffset: 0, stackRegister: 5)
-      emitter.mov(size: 8, rcx, guestRegister(5, size: 8))
-      emitter.lea(rcx, .at(rcx, 8))
-      emitter.mov(size: 8, guestRegister(4, size: 8), rcx)
+      // RAX = [RBP]; RSP = RBP + width (the low half alone for a 32-bit stack); RBP = RAX
+      // (zero-extended from a 32-bit load).
+      emitLoad(slot, index: index, size: width, stackOffset: 0, stackRegister: 5)
+      emitter.mov(size: width, HostRegister.rcx, guestRegister(5, size: 8))
+      emitter.lea(size: width, HostRegister.rcx, .at(HostRegister.rcx, width))
+      emitter.mov(size: width, guestRegister(4, size: 8), HostRegister.rcx)
       emitter.mov(size: 8, guestRegister(5, size: 8), rax)
       return
     }
     let store: (inout X86Emitter, UInt8) -> Void
     if form.operands == .rmImm {
       let value = Int32(truncatingIfNeeded: instruction.immediate)
-      store = { emitter, register in emitter.mov(size: 8, .register(register), immediate: value) }
+      store = { emitter, register in emitter.mov(size: width, .register(register), immediate: value) }
     } else if form.memory {
       // The operand's address uses RSP before the push; the value waits in R8 (the store's
       // probe and its miss path keep R8 until the value is taken).
-      emitLoad(slot, index: index, size: 8)
+      emitLoad(slot, index: index, size: width)
       emitter.mov(size: 8, r8, .register(rax))
       store = { emitter, register in emitter.mov(size: 8, register, .register(r8)) }
     } else {
       let source = guestRegister(instruction.rm, size: 8)
-      store = { emitter, register in emitter.mov(size: 8, register, source) }
+      store = { emitter, register in emitter.mov(size: width, register, source) }
     }
-    emitStore(slot, index: index, size: 8, stackOffset: -8, after: Self.adjustStack(-8), value: store)
+    emitStore(slot, index: index, size: width, stackOffset: -width, after: adjustStack(-width), value: store)
   }
 
   /// The ALU operation of a form that writes a register (not TEST, which has no result).

@@ -171,16 +171,18 @@ final class Translator {
     where cpu.blocks[block].translation == queuedTranslation {
       cpu.blocks[block].translation = -1
       cpu.blocks[block].heat = 0
-      // 64-bit code only (the key's top byte is the code size the block was decoded for).
-      guard cpu.blocks[block].key >> 56 == 8 else { continue }
+      // 64-bit and 32-bit code (the key's top byte is the code size the block was decoded for).
+      let codeSize = Int(cpu.blocks[block].key >> 56)
+      guard BlockTranslator.translates(codeSize: codeSize) else { continue }
       let first = cpu.blockArena + Int(cpu.blocks[block].first)
-      var translator = BlockTranslator(inlineTLBProbes: !lockstep)
+      var translator = BlockTranslator(inlineTLBProbes: !lockstep, codeSize: codeSize)
       guard let result = translator.translate(first, count: Int(cpu.blocks[block].count), block: Int32(block))
       else {
         // No translated prefix: `heat` keeps how many instructions the interpreter runs before
         // the run loop looks the rest up as a block of its own (0: the whole block).
         cpu.blocks[block].heat = UInt32(
-          BlockTranslator.untranslatableLead(first, count: Int(cpu.blocks[block].count), interpreting: !lockstep))
+          BlockTranslator.untranslatableLead(
+            first, count: Int(cpu.blocks[block].count), interpreting: !lockstep, codeSize: codeSize))
         continue
       }
       // Blocks start on 16-byte boundaries.
@@ -257,6 +259,7 @@ extension CPU {
   /// (the result is that block's).
   @inline(__always)
   func runTranslated(block: Int, remaining: Int) -> UInt64 {
+    if codeSize != 8 && !flatLegacyCode { return 0 }
     let context = translationContext.unsafelyUnwrapped
     context.pointee.chained = 0
     var code = blocks[block].translatedCode
@@ -325,6 +328,19 @@ extension CPU {
       result = hv_jit_call(code, context, gpr)
     }
     return result
+  }
+
+  /// Whether translated 32-bit code may run now (`BlockTranslator`): a 32-bit stack, CS, DS,
+  /// ES and SS with base 0, and RIP below the last 64 KiB, so that no offset within a block
+  /// wraps at 4 GiB. The registers these depend on change only in instructions the translator
+  /// leaves to the interpreter, which return to the run loop, and a translated block chains
+  /// only to blocks that entered the jump cache here (and so passed the same check): every
+  /// translated run of 32-bit code starts from this check.
+  @inline(__always)
+  var flatLegacyCode: Bool {
+    stackMask == 0xFFFF_FFFF && rip < 0xFFFF_0000
+      && segmentBase[Int(SegmentIndex.es)] | segmentBase[Int(SegmentIndex.cs)] | segmentBase[Int(SegmentIndex.ss)]
+        | segmentBase[Int(SegmentIndex.ds)] == 0
   }
 
   @inline(never)

@@ -238,6 +238,12 @@ struct X86Emitter {
     encode(0x8D, size: 8, reg: reg, rm: memory)
   }
 
+  /// `lea reg, [memory]` with a `size`-byte result (4: the address wraps at 4 GiB and the
+  /// register is zero-extended).
+  mutating func lea(size: Int, _ reg: UInt8, _ memory: HostOperand) {
+    encode(0x8D, size: size, reg: reg, rm: memory)
+  }
+
   /// `shl/shr/sar rm, imm8`.
   mutating func shift(_ op: HostShift, size: Int, _ rm: HostOperand, count: UInt8) {
     encode(size == 1 ? 0xC0 : 0xC1, size: size, reg: op.rawValue, rm: rm)
