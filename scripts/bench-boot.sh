@@ -33,9 +33,12 @@
 # baseline it compares two settings, e.g. `--baseline .build/release/hostvisor --baseline-args
 # '--softcpu-tier interp'` puts the interpreter alone beside the default translating tier.
 # --no-qemu leaves QEMU out (for a hostvisor / baseline comparison alone).
+# --guest DIR boots another guest folder made by scripts/make-default-guest.sh, e.g.
+# .cache/guest-686 (`make guest-686`: Debian's 32-bit 686 kernel and an i386 busybox; QEMU
+# boots it with the same 64-bit CPU model, as a 64-bit PC boots a 32-bit kernel).
 #
 #   scripts/bench-boot.sh [--runs N] [--hostvisor PATH] [--baseline PATH]
-#                         [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu]
+#                         [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu] [--guest DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=3
@@ -44,6 +47,7 @@ baseline=
 hostvisor_args=()
 baseline_args=()
 no_qemu=
+guest=.cache/guest
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2 ;;
@@ -52,16 +56,22 @@ while [ $# -gt 0 ]; do
     --hostvisor-args) read -r -a hostvisor_args <<<"$2"; shift 2 ;;
     --baseline-args) read -r -a baseline_args <<<"$2"; shift 2 ;;
     --no-qemu) no_qemu=1; shift ;;
-    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH] [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu]" >&2; exit 2 ;;
+    --guest) guest="$2"; shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH] [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu] [--guest DIR]" >&2; exit 2 ;;
   esac
 done
-guest=.cache/guest
 marker=HOSTVISOR-GUEST-READY
 cmdline="console=ttyS0 panic=-1"
 limit=120
 [ -x "$hostvisor" ] || { echo "missing $hostvisor: run 'make build' first" >&2; exit 1; }
 [ -z "$baseline" ] || [ -x "$baseline" ] || { echo "missing baseline binary $baseline" >&2; exit 1; }
-[ -f $guest/vmlinuz ] || scripts/make-default-guest.sh $guest
+if [ ! -f "$guest/vmlinuz" ]; then
+  case "$guest" in
+    .cache/guest) scripts/make-default-guest.sh "$guest" ;;
+    .cache/guest-686) scripts/make-default-guest.sh --i386 "$guest" ;;
+    *) echo "missing $guest/vmlinuz: make the guest with scripts/make-default-guest.sh" >&2; exit 1 ;;
+  esac
+fi
 command -v qemu-system-x86_64 >/dev/null || { echo "missing qemu-system-x86_64: apt-get install qemu-system-x86" >&2; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/hostvisor-bench-boot.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -5,9 +5,8 @@ import Testing
 /// entered through the 32-bit boot protocol) boot to a busybox shell on the software CPU, a
 /// scripted session runs, and `poweroff -f` ends the VMM with status 0.
 ///
-/// The 686 kernel runs first: its 32-bit code is interpreted, not translated, so its boot is the
-/// suite's longest (over a minute and a half of CPU time); started last it would end the whole
-/// test run with one core idle beside it.
+/// The 686 kernel's boot exercises the translator on 32-bit code (flat protected mode, the
+/// kernel's FS-based per-CPU accesses, i386 user space).
 @Suite("Linux boots on the software CPU", .serialized)
 struct LinuxBootTests {
   @Test(arguments: ["guest-686", "guest", "guest-generic"])

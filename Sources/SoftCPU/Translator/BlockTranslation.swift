@@ -705,7 +705,7 @@ struct BlockTranslator {
   }
 
   /// The same for the multiply at `index`.
-  private func fixesMultiplyFlags(after index: Int) -> Bool {
+  func fixesMultiplyFlags(after index: Int) -> Bool {
     !Self.hostMultiplyFlagsMatchTheInterpreter && !flagsOverwrittenNext(index)
   }
 

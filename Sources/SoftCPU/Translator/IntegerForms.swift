@@ -16,6 +16,8 @@ struct IntegerForm {
     case inc, dec, neg, not
     /// Unsigned DIV (RDX:RAX / r/m).
     case divide
+    /// MUL and one-operand IMUL (RDX:RAX = RAX * r/m) of 32- and 64-bit operands.
+    case multiply(signed: Bool)
     /// BT (4), BTS (5), BTR (6), BTC (7) with an immediate bit number (the 0F BA /digit).
     case bitTest(UInt8)
     /// CMPXCHG and XADD with a memory destination.
@@ -63,7 +65,7 @@ struct IntegerForm {
       operands = .rmReg
     case .incRm, .decRm, .negRm, .notRm:
       operands = .rm
-    case .divRm:
+    case .divRm, .mulRm, .imulRm:
       guard instruction.operandSize >= 4 else { return nil }
       operands = .rm
     case .btRmImm, .btsRmImm, .btrRmImm, .btcRmImm:
@@ -118,6 +120,8 @@ struct IntegerForm {
     case .negRm: kind = .neg
     case .notRm: kind = .not
     case .divRm: kind = .divide
+    case .mulRm: kind = .multiply(signed: false)
+    case .imulRm: kind = .multiply(signed: true)
     case .btRmImm: kind = .bitTest(4)
     case .btsRmImm: kind = .bitTest(5)
     case .btrRmImm: kind = .bitTest(6)
@@ -153,7 +157,8 @@ struct IntegerForm {
     case .inc, .dec, .neg, .not, .compareExchange, .exchangeAdd, .setByte: true
     case .bitTest(let digit): digit != 4
     case .move: operands != .regRm
-    case .test, .divide, .extend, .convertAccumulator, .convertToDouble, .byteSwap, .push, .leave, .fence: false
+    case .test, .divide, .multiply, .extend, .convertAccumulator, .convertToDouble, .byteSwap, .push, .leave, .fence:
+      false
     }
   }
 
@@ -178,6 +183,10 @@ struct IntegerForm {
       FlagUse(reads: true, writesAll: true)
     case .alu, .neg, .compareExchange, .exchangeAdd:
       FlagUse(reads: false, writesAll: true)
+    case .multiply:
+      // CF and OF from the product; the rest undefined (set as the interpreter does on hosts
+      // whose differ: `fixesMultiplyFlags`).
+      FlagUse(reads: false, writesAll: true, undefined: RFlags.sf | RFlags.zf | RFlags.af | RFlags.pf)
     case .inc, .dec:
       // CF is kept.
       FlagUse(reads: true, writesAll: false)
@@ -208,6 +217,9 @@ extension BlockTranslator {
     switch form.kind {
     case .divide:
       emitDivide(slot, index: index, form: form)
+      return
+    case .multiply(let signed):
+      emitMultiply(slot, index: index, form: form, signed: signed)
       return
     case .bitTest(let digit):
       emitBitTest(slot, index: index, form: form, digit: digit)
@@ -380,6 +392,35 @@ extension BlockTranslator {
     emitter.mov(size: 8, guestRegister(2, size: 8), rdx)
     if valid { emitter.restoreFlags() }
     deferLeaveBefore(index, miss: fault)
+  }
+
+  /// MUL / IMUL r/m (one operand): RDX:RAX = RAX * r/m as the same host instruction, whose CF
+  /// and OF are the architecture's; the 32-bit form's EAX and EDX zero-extend. A memory
+  /// operand is loaded first (a miss or fault leaves before the instruction, as for any load).
+  private mutating func emitMultiply(
+    _ slot: UnsafePointer<Instruction>, index: Int, form: IntegerForm, signed: Bool
+  ) {
+    let instruction = slot.pointee
+    let size = form.size
+    let rax = HostRegister.rax
+    let rcx = HostRegister.rcx
+    if form.memory {
+      emitLoad(slot, index: index, size: size, flagsDead: true)
+      emitter.mov(size: 8, rcx, .register(rax))
+    } else {
+      emitter.mov(size: size, rcx, guestRegister(instruction.rm, size: size))
+    }
+    emitter.mov(size: size, rax, guestRegister(0, size: size))
+    if signed {
+      emitter.imul(size: size, .register(rcx))
+    } else {
+      emitter.mul(size: size, .register(rcx))
+    }
+    emitter.mov(size: 8, guestRegister(0, size: 8), rax)
+    emitter.mov(size: 8, guestRegister(2, size: 8), HostRegister.rdx)
+    if fixesMultiplyFlags(after: index) {
+      emitter.interpreterMultiplyFlags(size: size)
+    }
   }
 
   /// BT/BTS/BTR/BTC r/m, imm8: CF = the bit, the other status flags kept (saved in EBP

@@ -258,6 +258,8 @@ struct X86Emitter {
   /// INC (/0), DEC (/1) on FE/FF; NOT (/2), NEG (/3) on F6/F7.
   /// `mul rm` (RDX:RAX = RAX * rm, unsigned).
   mutating func mul(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 4, rm: rm) }
+  /// One-operand `imul rm` (RDX:RAX = RAX * rm, signed).
+  mutating func imul(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 5, rm: rm) }
   mutating func inc(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xFE : 0xFF, size: size, reg: 0, rm: rm) }
   mutating func dec(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xFE : 0xFF, size: size, reg: 1, rm: rm) }
   mutating func not(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 2, rm: rm) }
