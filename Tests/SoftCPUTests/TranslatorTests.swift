@@ -391,7 +391,8 @@ struct TranslatorTests {
       "push qword ptr [rsi + 8]\n  pop r10\n  add rdx, r10", "push rbp\n  mov rbp, rsp\n  push rbx\n  push 5\n  leave",
       "lfence", "mfence", "sfence", "cbw", "cwde", "cdqe", "cwd", "cdq", "cqo",
       "bswap ebx", "bswap rcx", "mul ebx", "imul ecx", "mul dword ptr [rsi + 4]", "imul qword ptr [rsi + 8]",
-      "mul qword ptr [rsi + 16]", "imul rbx", "mov eax, 3\n  mul ebx", "cmp eax, ebx\n  setl byte ptr [rsi + 7]", "test ecx, edx\n  sets byte ptr [rsi + 11]",
+      "mul qword ptr [rsi + 16]", "imul rbx", "mov eax, 3\n  mul ebx", "cmp eax, ebx\n  setl byte ptr [rsi + 7]",
+      "test ecx, edx\n  sets byte ptr [rsi + 11]",
       "mov r10, rax\n  mov r11, rdx\n  mov rdx, rbx\n  and edx, 0xFFFF\n  mov rax, rcx\n  mov r12d, 0x10007\n  div r12\n  add rbx, rax\n  add rcx, rdx\n  mov rax, r10\n  mov rdx, r11",
       "mov r10, rax\n  mov r11, rdx\n  xor edx, edx\n  mov eax, ebx\n  mov dword ptr [rsi + 32], 0x3001\n  div dword ptr [rsi + 32]\n  add ecx, eax\n  add ebx, edx\n  mov rax, r10\n  mov rdx, r11",
     ]
