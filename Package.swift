@@ -109,6 +109,9 @@ if fuzzing {
       name: "fuzz-virtio", dependencies: ["FuzzSupport", "Virtio", "Devices", "PCI", "VMCore"], path: "Fuzz/virtio",
       linkerSettings: linkWithLLD),
     .executableTarget(
+      name: "fuzz-nics", dependencies: ["FuzzSupport", "Virtio", "VMCore"], path: "Fuzz/nics",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
       name: "fuzz-loaders", dependencies: ["FuzzSupport", "Loaders", "VMCore"], path: "Fuzz/loaders",
       linkerSettings: linkWithLLD),
     .executableTarget(

@@ -571,7 +571,9 @@ public final class E1000: PCIDevice, CountingDevice {
 
   // MARK: Worker
 
-  fileprivate func process() {
+  /// One pass of the worker: the backend's queued output, the transmit ring, then the receive
+  /// ring. Internal so that a fuzz target can serve the device on its own thread.
+  func process() {
     backend.flushPendingOutput()
     state.withLock { state in
       transmitAll(&state)
