@@ -115,6 +115,9 @@ if fuzzing {
       name: "fuzz-loaders", dependencies: ["FuzzSupport", "Loaders", "VMCore"], path: "Fuzz/loaders",
       linkerSettings: linkWithLLD),
     .executableTarget(
+      name: "fuzz-migration", dependencies: ["FuzzSupport", "VMM", "Virtio", "VMCore"], path: "Fuzz/migration",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
       name: "fuzz-state", dependencies: ["FuzzSupport", "VMM", "Virtio", "VMCore"], path: "Fuzz/state",
       linkerSettings: linkWithLLD),
     .executableTarget(
