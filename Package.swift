@@ -118,6 +118,9 @@ if fuzzing {
       name: "fuzz-migration", dependencies: ["FuzzSupport", "VMM", "Virtio", "VMCore"], path: "Fuzz/migration",
       linkerSettings: linkWithLLD),
     .executableTarget(
+      name: "fuzz-vnc", dependencies: ["FuzzSupport", "Display", "VMCore"], path: "Fuzz/vnc",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
       name: "fuzz-state", dependencies: ["FuzzSupport", "VMM", "Virtio", "VMCore"], path: "Fuzz/state",
       linkerSettings: linkWithLLD),
     .executableTarget(
