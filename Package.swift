@@ -121,6 +121,9 @@ if fuzzing {
       name: "fuzz-vnc", dependencies: ["FuzzSupport", "Display", "VMCore"], path: "Fuzz/vnc",
       linkerSettings: linkWithLLD),
     .executableTarget(
+      name: "fuzz-gdb", dependencies: ["FuzzSupport", "GDBStub", "SoftCPU", "VMCore"], path: "Fuzz/gdb",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
       name: "fuzz-state", dependencies: ["FuzzSupport", "VMM", "Virtio", "VMCore"], path: "Fuzz/state",
       linkerSettings: linkWithLLD),
     .executableTarget(
