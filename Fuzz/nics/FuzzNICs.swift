@@ -238,8 +238,9 @@ enum FuzzNICs {
     [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x52, 0x54, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06]
     + [UInt8](repeating: 0x5A, count: 46)
 
-  /// The e1000 sending a legacy frame and receiving one; sending a TCP segmentation packet;
-  /// the RTL8139 sending a frame and receiving one into its ring.
+  /// The e1000 sending a legacy frame and receiving one; sending TCP segmentation packets
+  /// (a small one, and a large one at the limit of the IPv4 length field); the RTL8139 sending
+  /// a frame and receiving one into its ring.
   static func seeds() -> [[UInt8]] {
     typealias R = E1000.Register
     var legacy = SeedWriter(model: .e1000)
@@ -261,26 +262,28 @@ enum FuzzNICs {
     legacy.frame(broadcastFrame)
     legacy.serve()
 
-    var segmentation = SeedWriter(model: .e1000)
-    segmentation.write(e1000Index(R.tdbal), UInt32(ringAreas[0]))
-    segmentation.write(e1000Index(R.tdlen), 64 * 16)
-    segmentation.write(e1000Index(R.tctl), 0x2)
-    // An IPv4/TCP header (Ethernet 14, IP 20, TCP 20) and 3000 bytes of payload.
-    var headers = [UInt8](repeating: 0, count: 54)
-    headers[12] = 0x08
-    headers[14] = 0x45
-    headers[23] = 6
-    headers[46] = 0x50
-    segmentation.guestBytes(at: UInt32(dataAddress), headers)
-    // Context: IPCSS 14, IPCSO 24, TUCSS 34, TUCSO 50; TCP, IPv4, DEXT, TSE; HDRLEN 54, MSS 1460.
-    let context: UInt64 = 14 | 24 << 8 | 34 << 32 | 50 << 40
-    segmentation.rawDescriptor(
-      area: 0, index: 0, lower: context, upper: UInt64(0x27) << 24 | UInt64(54) << 40 | UInt64(1460) << 48)
-    // Data: DEXT, TSE, EOP, RS, type 1, POPTS IXSM|TXSM; 3054 bytes.
-    segmentation.descriptor(
-      area: 0, index: 1, dataOffset: 0, upper: 3054 | 1 << 20 | UInt64(0x2D) << 24 | UInt64(0x03) << 40)
-    segmentation.write(e1000Index(R.tdt), 2)
-    segmentation.serve()
+    /// TCP segmentation of `length` bytes (headers included) in segments of `mss` bytes.
+    func segmentation(mss: UInt64, length: UInt64) -> [UInt8] {
+      var seed = SeedWriter(model: .e1000)
+      seed.write(e1000Index(R.tdbal), UInt32(ringAreas[0]))
+      seed.write(e1000Index(R.tdlen), 64 * 16)
+      seed.write(e1000Index(R.tctl), 0x2)
+      // An IPv4/TCP header (Ethernet 14, IP 20, TCP 20); the payload is whatever RAM holds.
+      var headers = [UInt8](repeating: 0, count: 54)
+      headers[12] = 0x08
+      headers[14] = 0x45
+      headers[23] = 6
+      headers[46] = 0x50
+      seed.guestBytes(at: UInt32(dataAddress), headers)
+      // Context: IPCSS 14, IPCSO 24, TUCSS 34, TUCSO 50; TCP, IPv4, DEXT, TSE; HDRLEN 54.
+      let context: UInt64 = 14 | 24 << 8 | 34 << 32 | 50 << 40
+      seed.rawDescriptor(area: 0, index: 0, lower: context, upper: 0x27 << 24 | 54 << 40 | mss << 48)
+      // Data: DEXT, TSE, EOP, RS, type 1, POPTS IXSM|TXSM.
+      seed.descriptor(area: 0, index: 1, dataOffset: 0, upper: length | 1 << 20 | 0x2D << 24 | 0x03 << 40)
+      seed.write(e1000Index(R.tdt), 2)
+      seed.serve()
+      return seed.bytes
+    }
 
     typealias T = RTL8139.Register
     var rtl = SeedWriter(model: .rtl8139)
@@ -296,6 +299,11 @@ enum FuzzNICs {
     rtl.serve()
     rtl.write(rtl8139Index(T.capr), 0x40, width: 2)
     rtl.serve()
-    return [legacy.bytes, segmentation.bytes, rtl.bytes]
+    // 3000 bytes of payload in segments of 1460; 200,000 bytes in segments of the largest size
+    // whose IPv4 total length fits 16 bits.
+    return [
+      legacy.bytes, segmentation(mss: 1460, length: 3054), segmentation(mss: 65536 - 54 - 14, length: 200_000),
+      rtl.bytes,
+    ]
   }
 }
