@@ -109,7 +109,19 @@ if fuzzing {
       name: "fuzz-virtio", dependencies: ["FuzzSupport", "Virtio", "Devices", "PCI", "VMCore"], path: "Fuzz/virtio",
       linkerSettings: linkWithLLD),
     .executableTarget(
+      name: "fuzz-nics", dependencies: ["FuzzSupport", "Virtio", "VMCore"], path: "Fuzz/nics",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
       name: "fuzz-loaders", dependencies: ["FuzzSupport", "Loaders", "VMCore"], path: "Fuzz/loaders",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
+      name: "fuzz-migration", dependencies: ["FuzzSupport", "VMM", "Virtio", "VMCore"], path: "Fuzz/migration",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
+      name: "fuzz-vnc", dependencies: ["FuzzSupport", "Display", "VMCore"], path: "Fuzz/vnc",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
+      name: "fuzz-gdb", dependencies: ["FuzzSupport", "GDBStub", "SoftCPU", "VMCore"], path: "Fuzz/gdb",
       linkerSettings: linkWithLLD),
     .executableTarget(
       name: "fuzz-state", dependencies: ["FuzzSupport", "VMM", "Virtio", "VMCore"], path: "Fuzz/state",

@@ -42,7 +42,9 @@ final class VNCSession {
   }
 
   func run() {
-    guard handshake() else { return }
+    // Messages that came in with ClientInit are handled before waiting for more bytes: the
+    // wait would otherwise last up to 500 ms, or end the session first when the client closed.
+    guard handshake(), processMessages() else { return }
     while !server.isStopped {
       if let incremental = pendingIncremental {
         if sendUpdate(incremental: incremental) { pendingIncremental = nil }

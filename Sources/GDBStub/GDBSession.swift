@@ -313,7 +313,7 @@ final class Session: @unchecked Sendable {  // used by the server thread only
     guard parts.count == 3, let type = GDBWire.number(parts[0]), let address = GDBWire.number(parts[1]),
       let length = GDBWire.number(parts[2]), length <= 8
     else { return error(1) }
-    guard let kind = GDBBreakpointKind(rawValue: Int(type)) else { return [] }
+    guard let kind = Int(exactly: type).flatMap(GDBBreakpointKind.init(rawValue:)) else { return [] }
     let breakpoint = GDBBreakpoint(kind: kind, address: address, length: kind.isWatchpoint ? length : 1)
     if kind.isWatchpoint && length == 0 { return error(1) }
     guard target.setBreakpoint(breakpoint, inserted: insert) else {

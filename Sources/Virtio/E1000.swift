@@ -571,7 +571,9 @@ public final class E1000: PCIDevice, CountingDevice {
 
   // MARK: Worker
 
-  fileprivate func process() {
+  /// One pass of the worker: the backend's queued output, the transmit ring, then the receive
+  /// ring. Internal so that a fuzz target can serve the device on its own thread.
+  func process() {
     backend.flushPendingOutput()
     state.withLock { state in
       transmitAll(&state)
@@ -727,9 +729,10 @@ public final class E1000: PCIDevice, CountingDevice {
     let context = state.context
     let header = context.headerLength
     let l4Minimum = context.isTCP ? 20 : 8
+    // An IPv4 segment's total length (from IPCSS to its end) must fit the 16-bit field.
     guard header > 0, header < length, context.segmentSize > 0, context.segmentSize <= 65536 - header,
       context.ipStart + (context.isIPv4 ? 20 : 40) <= header, context.l4Start + l4Minimum <= header,
-      context.l4Start > context.ipStart
+      context.l4Start > context.ipStart, !context.isIPv4 || header + context.segmentSize - context.ipStart <= 0xFFFF
     else {
       counters.add(["tx_dropped": 1])
       return

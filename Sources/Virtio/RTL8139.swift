@@ -517,7 +517,10 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
     return offsets.read == offsets.write
   }
 
-  fileprivate func process() {
+  /// One pass of the worker: the backend's queued output, the pending transmit descriptors,
+  /// then the receive ring. Internal so that a fuzz target can serve the device on its own
+  /// thread.
+  func process() {
     backend.flushPendingOutput()
     state.withLock { state in
       transmitPending(&state, inWorker: true)

@@ -128,6 +128,17 @@ struct GDBSessionProtocolTests {
     #expect(reply(session, "p10")?.count == 16)
   }
 
+  /// A breakpoint type of 16 hex digits above Int.max is an unknown type (empty reply), not a
+  /// trap of the integer conversion (found by the `gdb` fuzz target).
+  @Test func breakpointTypesBeyondIntAreUnknown() throws {
+    let target = try FakeTarget()
+    let session = Session(target: target, startStopped: true)
+    #expect(reply(session, "Z8000000000000000,1000,1") == "")
+    #expect(reply(session, "zffffffffffffffff,1000,1") == "")
+    #expect(target.breakpoints.isEmpty)
+    #expect(reply(session, "Z1,1000,1") == "OK")
+  }
+
   @Test func corruptChecksumsAreRejected() {
     var reader = GDBPacketReader()
     #expect(reader.feed(Array("$g#00".utf8)) == [.corrupt])

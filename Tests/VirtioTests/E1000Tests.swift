@@ -428,6 +428,30 @@ func onesComplementSum(_ bytes: ArraySlice<UInt8>, initial: UInt32 = 0) -> UInt1
     #expect(sent[..<40] == frame[..<40] && sent[42...] == frame[42...])
   }
 
+  /// TCP segmentation whose IPv4 segments would not fit the 16-bit total length (IPCSS 0, MSS
+  /// 65536 - HDRLEN, a 70,000-byte packet) drops the packet instead of trapping on the
+  /// device's worker thread; the device then sends the next frame (found with the `nics` fuzz
+  /// target).
+  @Test func segmentationBeyondTheIPv4LengthFieldIsDropped() throws {
+    let driver = try E1000Driver()
+    let memory = driver.memory
+    driver.setUpTransmit(base: 0x10000, count: 16)
+    // Context: IPCSS 0, IPCSO 10, TUCSS 20, TUCSO 36; TSE|IP|TCP|DEXT, HDRLEN 54, MSS 65482.
+    let contextLower: UInt64 = 0 | 10 << 8 | 20 << 32 | 36 << 40
+    let contextUpper: UInt64 = 0x27 << 24 | 54 << 40 | UInt64(65536 - 54) << 48
+    try driver.putDescriptor(base: 0x10000, index: 0, contextLower, contextUpper)
+    // Data: 70,000 bytes, DTYP 1, DEXT|TSE|RS|EOP, POPTS IXSM|TXSM.
+    try driver.putDescriptor(base: 0x10000, index: 1, 0x40000, 70_000 | 1 << 20 | 0x2D << 24 | 0x3 << 40)
+    let frame: [UInt8] =
+      [0x02, 0, 0, 0, 0, 1] + E1000Driver.mac.array + [0x08, 0x00] + [UInt8](repeating: 9, count: 50)
+    try memory.writeBytes(frame, at: 0x30000)
+    try driver.putDescriptor(base: 0x10000, index: 2, 0x30000, UInt64(frame.count) | 0x09 << 24)
+    driver.write(E1000.Register.tdt, 3)
+    #expect(driver.backend.sentFrames(count: 1) == [frame])
+    #expect(driver.device.counters.values["tx_dropped"] == 1)
+    #expect(driver.read(E1000.Register.tdh) == 3)
+  }
+
   /// A hostile driver: rings outside RAM, head and tail outside the ring, descriptors with
   /// random addresses, lengths, commands and types, zero and huge lengths. The device must
   /// stay alive, write only inside guest RAM, and work again once programmed properly.
