@@ -392,6 +392,8 @@ struct TranslatorTests {
       "lfence", "mfence", "sfence", "cbw", "cwde", "cdqe", "cwd", "cdq", "cqo",
       "bswap ebx", "bswap rcx", "mul ebx", "imul ecx", "mul dword ptr [rsi + 4]", "imul qword ptr [rsi + 8]",
       "mul qword ptr [rsi + 16]", "imul rbx", "mov eax, 3\n  mul ebx", "cmp eax, ebx\n  setl byte ptr [rsi + 7]",
+      "cmp eax, ebx\n  cmovl ecx, dword ptr [rsi + 4]", "test ecx, edx\n  cmovs rbx, qword ptr [rsi + 8]",
+      "cmp ecx, edx\n  cmovae edx, dword ptr [rsi + 16]",
       "test ecx, edx\n  sets byte ptr [rsi + 11]",
       "mov r10, rax\n  mov r11, rdx\n  mov rdx, rbx\n  and edx, 0xFFFF\n  mov rax, rcx\n  mov r12d, 0x10007\n  div r12\n  add rbx, rax\n  add rcx, rdx\n  mov rax, r10\n  mov rdx, r11",
       "mov r10, rax\n  mov r11, rdx\n  xor edx, edx\n  mov eax, ebx\n  mov dword ptr [rsi + 32], 0x3001\n  div dword ptr [rsi + 32]\n  add ecx, eax\n  add ebx, edx\n  mov rax, r10\n  mov rdx, r11",
@@ -434,7 +436,7 @@ struct TranslatorTests {
 
   /// Instructions without a translation of their own that translated code runs through the
   /// interpreter helper (`BlockTranslator.interpretedOps`: REP MOVS/STOS/LODS in both
-  /// directions, PUSHF, CLI, shifts of bytes and memory, BSF/BSR, CMOVcc from memory, XCHG,
+  /// directions, PUSHF, CLI, shifts of bytes and memory, BSF/BSR, 16-bit CMOVcc from memory, XCHG,
   /// IMUL, CMPXCHG16B, SWAPGS) give the interpreter's registers, flags and memory; a REP STOSB
   /// into the next instruction of its own block changes what runs, and a REP MOVSB that runs
   /// off the end of RAM faults with the interpreter's partial progress (RCX, RSI, RDI).
@@ -449,7 +451,7 @@ struct TranslatorTests {
       "shr byte ptr [r15 + 5], 3", "sar bl, cl", "shl word ptr [r15 + 2], 1", "shr dh, 1",
       "sar qword ptr [r15 + 24], cl",
       "bsf rbx, rcx", "bsr edx, eax", "bsf ax, word ptr [r15 + 2]",
-      "cmp eax, ebx\n  cmovl rcx, qword ptr [r15 + 8]", "test ecx, ecx\n  cmovz edx, eax",
+      "cmp eax, ebx\n  cmovl cx, word ptr [r15 + 8]", "test ecx, ecx\n  cmovz edx, eax",
       "xchg qword ptr [r15 + 16], rbx", "xchg cl, dh", "imul ebx, dword ptr [r15 + 4]", "imul cx, dx",
       "mov r10, rax\n  mov r11, rdx\n  lock cmpxchg16b xmmword ptr [r15 + 32]\n  mov rax, r10\n  mov rdx, r11",
       "swapgs\n  swapgs",

@@ -281,7 +281,7 @@ struct BlockTranslator {
   /// Instructions without a translation of their own that translated code runs by calling the
   /// interpreter for them (`emitInterpreted`), rather than leaving the block: string moves and
   /// stores, CLI, PUSHF, RDTSC(P), CMPXCHG8B/16B, SWAPGS and the integer forms the translator
-  /// lacks (byte and memory shifts, BT, BSF/BSR, CMOVcc, SETcc, XCHG, XADD, CMPXCHG, IMUL and
+  /// lacks (byte and memory shifts, BT, BSF/BSR, 16-bit CMOVcc, SETcc, XCHG, XADD, CMPXCHG, IMUL and
   /// the zero- and sign-extending moves). None of them transfers control or changes the mode;
   /// should one end the block anyway (a store into decoded code, a fault), the helper says so.
   static let interpretedOps: Set<Op> = [

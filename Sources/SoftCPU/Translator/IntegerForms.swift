@@ -32,6 +32,8 @@ struct IntegerForm {
     case byteSwap
     /// SETcc with a memory destination.
     case setByte
+    /// CMOVcc from memory (32- and 64-bit; the register forms are fast forms).
+    case conditionalMove
     /// PUSH imm and PUSH r/m; LEAVE (the stack's operand size: 64-bit, or 32-bit in 32-bit
     /// code).
     case push, leave
@@ -93,6 +95,9 @@ struct IntegerForm {
     case .setcc:
       guard instruction.hasMemoryOperand else { return nil }
       operands = .rm
+    case .cmovcc:
+      guard instruction.hasMemoryOperand, instruction.operandSize >= 4 else { return nil }
+      operands = .regRm
     case .pushImm:
       // 64-bit, or 32-bit in 32-bit code (`canTranslate` matches it with the code size).
       guard instruction.operandSize >= 4 else { return nil }
@@ -140,6 +145,7 @@ struct IntegerForm {
     case .pushImm, .pushRm: kind = .push
     case .leave: kind = .leave
     case .fence: kind = .fence
+    case .cmovcc: kind = .conditionalMove
     default: kind = .setByte
     }
     size = Int(instruction.operandSize)
@@ -157,7 +163,8 @@ struct IntegerForm {
     case .inc, .dec, .neg, .not, .compareExchange, .exchangeAdd, .setByte: true
     case .bitTest(let digit): digit != 4
     case .move: operands != .regRm
-    case .test, .divide, .multiply, .extend, .convertAccumulator, .convertToDouble, .byteSwap, .push, .leave, .fence:
+    case .test, .divide, .multiply, .extend, .convertAccumulator, .convertToDouble, .byteSwap, .push, .leave, .fence,
+      .conditionalMove:
       false
     }
   }
@@ -190,6 +197,8 @@ struct IntegerForm {
     case .inc, .dec:
       // CF is kept.
       FlagUse(reads: true, writesAll: false)
+    case .conditionalMove:
+      FlagUse(reads: true, writesAll: false)
     case .bitTest, .setByte:
       // BT* set CF and keep the rest (the interpreter keeps OF, SF, AF and PF, which the
       // architecture leaves undefined); SETcc reads them.
@@ -220,6 +229,16 @@ extension BlockTranslator {
       return
     case .multiply(let signed):
       emitMultiply(slot, index: index, form: form, signed: signed)
+      return
+    case .conditionalMove:
+      // The operand is read whatever the condition (a fault is the instruction's); a 32-bit
+      // destination is zero-extended either way, as CMOVcc does in 64-bit mode.
+      let size = form.size
+      let destination = guestRegister(instruction.reg, size: 8)
+      emitLoad(slot, index: index, size: size)
+      emitter.mov(size: size, HostRegister.rcx, destination)
+      emitter.cmov(UInt8(truncatingIfNeeded: instruction.opcode), size: size, HostRegister.rcx, .register(HostRegister.rax))
+      emitter.mov(size: 8, destination, HostRegister.rcx)
       return
     case .bitTest(let digit):
       emitBitTest(slot, index: index, form: form, digit: digit)

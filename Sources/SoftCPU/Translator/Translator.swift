@@ -32,7 +32,14 @@ final class Translator {
   let lockstep: Bool
   /// Executions before translation (0: translate on first execution).
   var threshold: UInt32
-  let buffer: CodeBuffer
+  /// The code buffer translations are installed in.
+  private(set) var buffer: CodeBuffer
+  /// Whether a flush moves to a fresh code buffer instead of reusing the old one's addresses,
+  /// so that no address names two blocks in the perf map (on when the map is written, and
+  /// only then: each such flush keeps the old buffer's address range, its pages given back).
+  var keepsCodeAddressesUnique = Translator.perfMap != nil
+  /// Buffers left behind by flushes while `keepsCodeAddressesUnique`.
+  private(set) var retiredBuffers: [CodeBuffer] = []
   let context: UnsafeMutablePointer<hv_jit_context>
   /// The jump cache (`JumpCache`) generated code chains through.
   let jumpCache: UnsafeMutablePointer<hv_jit_cache_entry>
@@ -142,7 +149,13 @@ final class Translator {
     }
     translations.removeAll(keepingCapacity: true)
     pending.removeAll(keepingCapacity: true)
+    let held = buffer.used > 0
     buffer.reset()
+    if keepsCodeAddressesUnique && held, let fresh = CodeBuffer(capacity: Self.bufferCapacity) {
+      buffer.release()
+      retiredBuffers.append(buffer)
+      buffer = fresh
+    }
   }
 
   /// Gives the code buffer's pages back to the host; every translation must have been
