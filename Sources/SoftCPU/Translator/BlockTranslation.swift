@@ -1306,17 +1306,23 @@ struct BlockTranslator {
       emitLoad(slot, index: index, size: codeSize, stackOffset: 0)
       adjustStack(codeSize)(&emitter)
       emitter.mov(size: 8, dst, rax)
-    case .callRel32:
-      // The target wraps at 4 GiB; it goes to the context first, where a store that
-      // invalidated decoded code leaves it.
+    case .callRel64, .callRel32:
+      // The target (checked for canonical form in 64-bit code, wrapping at 4 GiB in 32-bit
+      // code) goes to the context first, where a store that invalidated decoded code leaves
+      // it; then the return address is pushed.
       storeFlagsIfValid(at: index)
+      let width = codeSize
       let returnOffset = instructionOffsets[index + 1]
       let target = returnOffset + Int(Int64(bitPattern: immediate))
-      emitter.mov(size: 8, rax, .at(HostRegister.r12, ContextOffset.entryRIP))
-      emitter.lea(size: 4, rax, .at(rax, target))
+      if width == 8 {
+        emitCanonicalCheck(targetOffset: target, index: index)
+      } else {
+        emitter.mov(size: 8, rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+        emitter.lea(size: 4, rax, .at(rax, target))
+      }
       emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
       emitStore(
-        slot, index: index, size: 4, stackOffset: -4, flagsLive: false, after: adjustStack(-4),
+        slot, index: index, size: width, stackOffset: -width, flagsLive: false, after: adjustStack(-width),
         endedRIPInContext: true
       ) { emitter, register in
         emitter.mov(size: 8, register, .at(HostRegister.r12, ContextOffset.entryRIP))
@@ -1332,24 +1338,6 @@ struct BlockTranslator {
       storeFlagsIfValid(at: index)
       emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
       adjustStack(4)(&emitter)
-      emitter.chainOrLeave(
-        instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
-      return true
-    case .callRel64:
-      storeFlagsIfValid(at: index)
-      let returnOffset = instructionOffsets[index + 1]
-      let target = returnOffset + Int(Int64(bitPattern: immediate))
-      emitCanonicalCheck(targetOffset: target, index: index)
-      emitStore(
-        slot, index: index, size: 8, stackOffset: -8, flagsLive: false, after: adjustStack(-8),
-        endedRIPOffset: target
-      ) { emitter, register in
-        emitter.mov(size: 8, register, .at(HostRegister.r12, ContextOffset.entryRIP))
-        emitter.lea(register, .at(register, returnOffset))
-      }
-      emitter.mov(size: 8, rax, .at(HostRegister.r12, ContextOffset.entryRIP))
-      emitter.lea(rax, .at(rax, target))
-      emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
       emitter.chainOrLeave(
         instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
       return true

@@ -237,7 +237,8 @@ extension BlockTranslator {
       let destination = guestRegister(instruction.reg, size: 8)
       emitLoad(slot, index: index, size: size)
       emitter.mov(size: size, HostRegister.rcx, destination)
-      emitter.cmov(UInt8(truncatingIfNeeded: instruction.opcode), size: size, HostRegister.rcx, .register(HostRegister.rax))
+      let condition = UInt8(truncatingIfNeeded: instruction.opcode)
+      emitter.cmov(condition, size: size, HostRegister.rcx, .register(HostRegister.rax))
       emitter.mov(size: 8, destination, HostRegister.rcx)
       return
     case .bitTest(let digit):
