@@ -1345,14 +1345,7 @@ struct BlockTranslator {
       emitLoad(slot, index: index, size: 8, stackOffset: 0)
       storeFlagsIfValid(at: index)
       // A non-canonical return address: #GP at the RET, which the interpreter raises.
-      emitter.mov(size: 8, rcx, .register(rax))
-      emitter.shift(.shl, size: 8, .register(rcx), count: 16)
-      emitter.shift(.sar, size: 8, .register(rcx), count: 16)
-      emitter.alu(.cmp, size: 8, .register(rcx), rax)
-      let canonical = emitter.newLabel()
-      emitter.jump(HostCondition.equal, to: canonical)
-      emitLeave(rip: instructionOffsets[index], result: UInt64(index))
-      emitter.bind(canonical)
+      emitLeaveUnlessRAXIsCanonical(index: index)
       emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
       adjustStack(8)(&emitter)
       emitter.chainOrLeave(
@@ -1540,7 +1533,6 @@ struct BlockTranslator {
   private mutating func emitIndirectBranch(_ slot: UnsafePointer<Instruction>, index: Int) {
     let instruction = slot.pointee
     let rax = HostRegister.rax
-    let rcx = HostRegister.rcx
     let width = codeSize
     if instruction.hasMemoryOperand {
       emitLoad(slot, index: index, size: width)
@@ -1549,14 +1541,7 @@ struct BlockTranslator {
     }
     storeFlagsIfValid(at: index)
     if width == 8 {
-      emitter.mov(size: 8, rcx, .register(rax))
-      emitter.shift(.shl, size: 8, .register(rcx), count: 16)
-      emitter.shift(.sar, size: 8, .register(rcx), count: 16)
-      emitter.alu(.cmp, size: 8, .register(rcx), rax)
-      let canonical = emitter.newLabel()
-      emitter.jump(HostCondition.equal, to: canonical)
-      emitLeave(rip: instructionOffsets[index], result: UInt64(index))
-      emitter.bind(canonical)
+      emitLeaveUnlessRAXIsCanonical(index: index)
     }
     emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
     if instruction.op == .callRm {
@@ -1591,6 +1576,12 @@ struct BlockTranslator {
   private mutating func emitCanonicalCheck(targetOffset: Int, index: Int) {
     emitter.mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
     emitter.lea(HostRegister.rax, .at(HostRegister.rax, targetOffset))
+    emitLeaveUnlessRAXIsCanonical(index: index)
+  }
+
+  /// Leaves before instruction `index` (whose flags are stored) unless RAX, a branch target,
+  /// is canonical (the interpreter then raises the #GP). Clobbers RCX and the flags.
+  private mutating func emitLeaveUnlessRAXIsCanonical(index: Int) {
     emitter.mov(size: 8, HostRegister.rcx, .register(HostRegister.rax))
     emitter.shift(.shl, size: 8, .register(HostRegister.rcx), count: 16)
     emitter.shift(.sar, size: 8, .register(HostRegister.rcx), count: 16)
