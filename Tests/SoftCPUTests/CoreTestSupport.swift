@@ -25,6 +25,26 @@ enum CoreAssembler {
     return [UInt8](try Data(contentsOf: binaryURL))
   }
 
+  /// Assembles the GNU as file at `sourcePath` (`bits` 64 or 32; `assemblerArguments` such as
+  /// `--defsym`), links it at `address`, which is also its entry, and returns the flat image.
+  static func linkedImage(
+    sourcePath: String, bits: Int, at address: UInt64, assemblerArguments: [String] = []
+  ) throws -> [UInt8] {
+    let work = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-link-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(at: work) }
+    let object = work.appendingPathComponent("image.o").path
+    let elf = work.appendingPathComponent("image.elf").path
+    let binary = work.appendingPathComponent("image.bin").path
+    let hexAddress = "0x" + String(address, radix: 16)
+    try run("/usr/bin/as", ["--\(bits)"] + assemblerArguments + ["-o", object, sourcePath])
+    try run(
+      "/usr/bin/ld",
+      ["-m", bits == 32 ? "elf_i386" : "elf_x86_64", "-Ttext=\(hexAddress)", "-e", hexAddress, "-o", elf, object])
+    try run("/usr/bin/objcopy", ["-O", "binary", elf, binary])
+    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: binary)))
+  }
+
   private static func run(_ tool: String, _ arguments: [String]) throws {
     try HostCommand.check(tool, arguments)
   }

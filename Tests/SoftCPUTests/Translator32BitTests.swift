@@ -22,20 +22,13 @@ struct Translator32BitTests {
 
   /// Assembles and links Intel-syntax 32-bit source at `codeBase`; returns the flat image.
   static func assemble(_ source: String) throws -> [UInt8] {
-    let work = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-jit32-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(at: work) }
-    let sourcePath = work.appendingPathComponent("p.s").path
-    let object = work.appendingPathComponent("p.o").path
-    let elf = work.appendingPathComponent("p.elf").path
-    let binary = work.appendingPathComponent("p.bin").path
-    try (".intel_syntax noprefix\n.code32\n.text\n.globl _start\n_start:\n" + source + "\n")
+    let sourcePath = FileManager.default.temporaryDirectory.appendingPathComponent(
+      "hostvisor-jit32-\(UUID().uuidString).s"
+    ).path
+    defer { try? FileManager.default.removeItem(atPath: sourcePath) }
+    try (".intel_syntax noprefix\n.code32\n.text\n" + source + "\n")
       .write(toFile: sourcePath, atomically: true, encoding: .utf8)
-    try HostCommand.check("/usr/bin/as", ["--32", "-o", object, sourcePath])
-    try HostCommand.check(
-      "/usr/bin/ld", ["-m", "elf_i386", "-Ttext=0x\(String(codeBase, radix: 16))", "-e", "_start", "-o", elf, object])
-    try HostCommand.check("/usr/bin/objcopy", ["-O", "binary", elf, binary])
-    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: binary)))
+    return try CoreAssembler.linkedImage(sourcePath: sourcePath, bits: 32, at: codeBase)
   }
 
   /// 300 rounds of calls through a register, through memory and by displacement, pushes of

@@ -18,21 +18,9 @@ struct TranslatorTests {
 
   /// The flat image of bench.S program `program` (one repetition).
   static func benchImage(_ program: Int) throws -> [UInt8] {
-    let work = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-jit-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(at: work) }
-    let object = work.appendingPathComponent("b.o").path
-    let elf = work.appendingPathComponent("b.elf").path
-    let binary = work.appendingPathComponent("b.bin").path
-    try run(
-      "/usr/bin/as", ["--64", "--defsym", "PROGRAM=\(program)", "--defsym", "REPEAT=1", "-o", object, benchSource.path])
-    try run("/usr/bin/ld", ["-m", "elf_x86_64", "-Ttext=0x100000", "-e", "0x100000", "-o", elf, object])
-    try run("/usr/bin/objcopy", ["-O", "binary", elf, binary])
-    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: binary)))
-  }
-
-  static func run(_ tool: String, _ arguments: [String]) throws {
-    try HostCommand.check(tool, arguments)
+    try CoreAssembler.linkedImage(
+      sourcePath: benchSource.path, bits: 64, at: loadAddress,
+      assemblerArguments: ["--defsym", "PROGRAM=\(program)", "--defsym", "REPEAT=1"])
   }
 
   struct Outcome: Equatable {

@@ -1332,22 +1332,14 @@ struct BlockTranslator {
       emitter.chainOrLeave(
         instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
       return true
-    case .ret32:
-      // The loaded return address is the 32-bit target (no canonical check).
-      emitLoad(slot, index: index, size: 4, stackOffset: 0)
+    case .ret64, .ret32:
+      emitLoad(slot, index: index, size: codeSize, stackOffset: 0)
       storeFlagsIfValid(at: index)
+      // A non-canonical return address: #GP at the RET, which the interpreter raises (a 32-bit
+      // one is the target as loaded).
+      if codeSize == 8 { emitLeaveUnlessRAXIsCanonical(index: index) }
       emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
-      adjustStack(4)(&emitter)
-      emitter.chainOrLeave(
-        instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
-      return true
-    case .ret64:
-      emitLoad(slot, index: index, size: 8, stackOffset: 0)
-      storeFlagsIfValid(at: index)
-      // A non-canonical return address: #GP at the RET, which the interpreter raises.
-      emitLeaveUnlessRAXIsCanonical(index: index)
-      emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), rax)
-      adjustStack(8)(&emitter)
+      adjustStack(codeSize)(&emitter)
       emitter.chainOrLeave(
         instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
       return true
