@@ -113,26 +113,18 @@ public final class UserNetworkBackend: NetworkBackend {
       arguments += [forward.proto == .tcp ? "--tcp-ports" : "--udp-ports", forward.passtSpecification]
     }
 
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    // dup2 clears close-on-exec on the child's descriptor 3; its standard streams are
-    // /dev/null (it logs to the file), and every other descriptor the VMM holds (disks, TAPs,
-    // /dev/kvm, the API socket, other processes' pipes) is closed in the child.
-    posix_spawn_file_actions_adddup2(&actions, pair[1], 3)
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
-    hv_spawn_add_close_from(&actions, 4)
-    var pid: pid_t = 0
+    // passt's descriptor 3 is the socket; its standard streams are /dev/null (it logs to the
+    // file), and every other descriptor the VMM holds (disks, TAPs, /dev/kvm, the API socket,
+    // other processes' pipes) is closed in the child. It is killed when the VMM ends, however
+    // it ends: a passt caught in a spin never notices its socket closing (`PasstChildren`).
     let argv = arguments.map { strdup($0) } + [nil]
     defer { for argument in argv { free(argument) } }
-    let result = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+    let pid = hv_spawn_bound_to_process(executable, argv, environ, pair[1])
     close(pair[1])
-    guard result == 0 else {
+    guard pid > 0 else {
       close(pair[0])
       if logFD >= 0 { unlink(logPath) }
-      throw UserNetworkError("cannot start passt (\(executable)): \(String(cString: strerror(result)))")
+      throw UserNetworkError("cannot start passt (\(executable)): \(String(cString: strerror(-pid)))")
     }
     socket = pair[0]
     child = pid
@@ -394,8 +386,8 @@ final class ReassemblyBuffer: @unchecked Sendable {
 
 /// The passt children still running, killed when the VMM exits (`exit`, which the VMM's every
 /// own way out takes): passt should end when its socket closes (`--one-off`), but it was seen
-/// spinning at full CPU, its VMM gone, until killed. A VMM killed by a signal leaves passt to
-/// `--one-off`.
+/// spinning at full CPU, its VMM gone, until killed. A VMM killed by a signal takes its passt
+/// children with it through their parent-death signal (`hv_spawn_bound_to_process`).
 enum PasstChildren {
   private static let running = Mutex<Set<pid_t>>([])
   private static let atExitRegistered: Bool = {

@@ -302,5 +302,10 @@ int hv_spawn_add_close_from(posix_spawn_file_actions_t *actions, int lowest);
 int hv_pipe_cloexec(int ends[2]);
 /// Adds "change the working directory to path" to `actions` (posix_spawn_file_actions_addchdir_np).
 int hv_spawn_add_chdir(posix_spawn_file_actions_t *actions, const char *path);
+/// Starts `path` with `argv` and `envp`, `descriptor` as its descriptor 3, /dev/null as 0-2
+/// and no other descriptor, killed (SIGKILL) when this process ends however it ends: forked
+/// from a thread that lives as long as the process, with the parent-death signal set before
+/// exec. Returns the child's PID, or -errno. Thread-safe.
+pid_t hv_spawn_bound_to_process(const char *path, char *const argv[], char *const envp[], int descriptor);
 
 #endif

@@ -1,0 +1,67 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// passt, the child behind `--net user`, never outlives its VMM: a VMM killed by a signal runs
+/// no exit hook, and a passt that does not notice its socket closing (it was seen spinning)
+/// would stay behind.
+@Suite struct PasstLifetimeTests {
+  /// The VMM is killed with SIGKILL while its passt child is stopped (SIGSTOP: a passt that
+  /// cannot react to its socket closing); the child (`passt`, or `passt.avx2`, which it execs on
+  /// hosts with AVX2) must be gone within seconds.
+  @Test func passtEndsWithAVMMKilledBySignal() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    let vmm = try HostProcess(
+      HostvisorProcess.executable.path,
+      ["run", "--kernel", kernel, "--accel", "soft", "--net", "user", "--serial", "none"]
+    ) { _ in }
+    defer {
+      vmm.signal(SIGKILL)
+      _ = vmm.waitUntilExit(timeout: 10)
+    }
+    var found: pid_t?
+    let deadline = Date().addingTimeInterval(30)
+    while found == nil && Date() < deadline {
+      found = Self.children(of: vmm.processIdentifier).first { Self.command(of: $0)?.hasPrefix("passt") == true }
+      if found == nil { usleep(20_000) }
+    }
+    let passt = try #require(found, "the VMM started no passt child")
+    defer { if Self.isAlive(passt) { kill(passt, SIGKILL) } }
+    kill(passt, SIGSTOP)
+    vmm.signal(SIGKILL)
+    #expect(vmm.waitUntilExit(timeout: 10), "the VMM did not die of SIGKILL")
+    let gone = Date().addingTimeInterval(5)
+    while Self.isAlive(passt) && Date() < gone { usleep(20_000) }
+    #expect(!Self.isAlive(passt), "passt (PID \(passt)) outlived its VMM")
+  }
+
+  /// The fields of /proc/PID/stat after the command name (state first), nil once the process
+  /// is gone.
+  static func statFields(_ pid: pid_t) -> [Substring]? {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+      let close = stat.lastIndex(of: ")")
+    else { return nil }
+    return stat[stat.index(after: close)...].split(separator: " ")
+  }
+
+  /// Whether `pid` still exists and is not a zombie.
+  static func isAlive(_ pid: pid_t) -> Bool {
+    guard let fields = statFields(pid), let state = fields.first else { return false }
+    return state != "Z" && state != "X"
+  }
+
+  /// The processes whose parent is `parent`.
+  static func children(of parent: pid_t) -> [pid_t] {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.compactMap { pid_t($0) }.filter { pid in
+      guard let fields = statFields(pid), fields.count > 1 else { return false }
+      return pid_t(fields[1]) == parent
+    }
+  }
+
+  /// The command name of `pid` (/proc/PID/comm).
+  static func command(of pid: pid_t) -> String? {
+    (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+  }
+}
