@@ -422,6 +422,39 @@ struct TranslatorTests {
     }
   }
 
+  /// ADC and SBB of a 64-bit register and memory read CF after their access: the TLB probe
+  /// must put the flags back even where the next instruction overwrites all of them (it did
+  /// not, and `adc rdx, [rsi]; and eax, imm` added the probe's carry instead of the guest's:
+  /// found by `hostileBytesSameUnderBothTiers` with seed 3).
+  @Test(arguments: ["adc", "sbb"])
+  func carryReadingLoadKeepsTheCarryAcrossItsProbe(operation: String) throws {
+    let source = """
+        mov ecx, 3
+      again:
+        mov rdx, 0x86
+        stc
+        \(operation) rdx, qword ptr [rsi + 8]
+        and eax, 0x1234
+        add rbx, rdx
+        dec ecx
+        jnz again
+        hlt
+      """
+    var sums: [UInt64] = []
+    for tier in [SoftCPUTier.interpreter, .translator] {
+      let machine = try CoreMachine(cpl: 0)
+      machine.cpu.setExecutionTier(tier, threshold: 0)
+      try machine.load(assembly: source)
+      machine.cpu.gpr[6] = CoreMachine.dataBase
+      #expect(machine.run() == .halted)
+      if tier == .translator { #expect(machine.cpu.translatedBlockCount > 0) }
+      sums.append(machine.cpu.gpr[3])
+    }
+    // The qword at [rsi + 8] is 0: 0x86 plus or minus the carry, three times.
+    #expect(sums[0] == 3 * (operation == "adc" ? 0x87 : 0x85))
+    #expect(sums[1] == sums[0], "translator: 0x\(String(sums[1], radix: 16))")
+  }
+
   /// Instructions without a translation of their own that translated code runs through the
   /// interpreter helper (`BlockTranslator.interpretedOps`: REP MOVS/STOS/LODS in both
   /// directions, PUSHF, CLI, shifts of bytes and memory, BSF/BSR, 16-bit CMOVcc from memory, XCHG,
