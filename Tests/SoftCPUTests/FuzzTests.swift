@@ -1,12 +1,13 @@
 import Foundation
+import InterruptControllers
 import SoftCPU
 import Testing
 import VMCore
 
 /// Hostile-input fuzzing of the software CPU: random bytes as code.
 ///
-/// Environment: `HOSTVISOR_FUZZ_CASES` (default 200000 hostile runs, 50000 decoder
-/// comparisons), `HOSTVISOR_DIFF_SEED`.
+/// Environment: `HOSTVISOR_FUZZ_CASES` (default 200000 hostile runs of 64-bit code, 100000 of
+/// 32-bit code, 50000 decoder comparisons), `HOSTVISOR_DIFF_SEED`.
 @Suite("FuzzTests")
 struct FuzzTests {
   static var seed: UInt64 { DifferentialTests.seed }
@@ -14,12 +15,13 @@ struct FuzzTests {
 
   /// Random 1-15 byte sequences with random registers and a small instruction budget: the CPU
   /// must return a defined StopCause every time (no crash, no hang), never touch host memory
-  /// outside guest RAM (PROT_NONE guards around it would kill the test), stop with a canonical
-  /// RIP, and run a known-answer sequence correctly afterwards (every 1000 runs and at the end).
-  /// Under the interpreter and under the translating tier (every block translated on its first
-  /// execution).
-  @Test(arguments: [SoftCPUTier.interpreter, .translator])
-  func hostileBytesNeverCrashOrHang(tier: SoftCPUTier) throws {
+  /// outside guest RAM (PROT_NONE guards around it would kill the test), stop with a RIP the
+  /// mode allows (canonical in 64-bit code, within 32 bits in 32-bit code), and run a
+  /// known-answer sequence correctly afterwards (every 1000 runs and at the end). Under the
+  /// interpreter and under the translating tier (every block translated on its first
+  /// execution), as 64-bit code and as 32-bit protected-mode code.
+  @Test(arguments: [SoftCPUTier.interpreter, .translator], HostileCodeSize.allCases)
+  func hostileBytesNeverCrashOrHang(tier: SoftCPUTier, size: HostileCodeSize) throws {
     let memory = try GuestMemory(size: 2 << 20)
     let guards = HostileRunChecks.HostGuards(around: memory)
     defer { guards.remove() }
@@ -27,12 +29,12 @@ struct FuzzTests {
     let cpu = CPU(memory: memory, bus: bus)
     cpu.setExecutionTier(tier, threshold: 0)
     let codeBase: UInt64 = 0x1000
-    var rng = DiffRNG(seed: DiffRNG.mix(Self.seed, 0xF022))
+    var rng = DiffRNG(seed: DiffRNG.mix(Self.seed, size.salt))
     // Counted by index (fault vectors, then the other stops) and named once at the end.
     let stopNames = (0..<32).map { Fault.mnemonic($0) } + ["INT n", "halted", "instruction limit", "stop requested"]
     var stopCounts = [Int](repeating: 0, count: stopNames.count)
-    let cases = Self.cases
-    var nonCanonical = 0
+    let cases = size.cases
+    var ripOutOfMode = 0
     var knownAnswerFailures: [String] = []
     let code = try memory.slice(at: codeBase, length: 32)
     let start = Date()
@@ -40,11 +42,8 @@ struct FuzzTests {
       let length = 1 + rng.below(15)
       for index in 0..<32 { code[index] = index < length ? UInt8(truncatingIfNeeded: rng.next()) : 0xF4 }
       cpu.noteExternalWrite(physical: codeBase, length: 32)
-      cpu.enterFlatLongMode(cpl: rng.chance(50) ? 3 : 0)
-      for index in 0..<16 {
-        // Mostly addresses inside guest RAM, sometimes anything.
-        cpu.gpr[index] = rng.chance(70) ? UInt64(rng.below(2 << 20)) : DiffValues.integer(&rng)
-      }
+      size.enter(cpu, cpl: rng.chance(50) ? 3 : 0)
+      for index in 0..<16 { cpu.gpr[index] = size.register(&rng) }
       cpu.gpr[4] = 0x10_0000 + UInt64(rng.below(0x1000))
       cpu.rflags = 0x202 | (rng.next() & (F.all | RFlags.df))
       cpu.rip = codeBase
@@ -55,7 +54,7 @@ struct FuzzTests {
       case .stopRequested: stopCounts[35] += 1
       case .fault(let fault): stopCounts[min(Int(fault.vector), 32)] += 1
       }
-      if !HostileRunChecks.isCanonical(cpu.rip) { nonCanonical += 1 }
+      if !size.allows(rip: cpu.rip) { ripOutOfMode += 1 }
       if run % 1000 == 999 || run == cases - 1, knownAnswerFailures.count < 5,
         let failure = try HostileRunChecks.knownAnswerFails(cpu: cpu, memory: memory, at: 0x2000, seed: rng.next())
       {
@@ -65,10 +64,10 @@ struct FuzzTests {
     let seconds = Date().timeIntervalSince(start)
     let outcomes = Dictionary(zip(stopNames, stopCounts).filter { $0.1 > 0 }, uniquingKeysWith: +)
     print(
-      "FuzzTests (\(tier.rawValue)): \(cases) hostile sequences in \(String(format: "%.1f", seconds)) s: "
+      "FuzzTests (\(tier.rawValue), \(size.rawValue)): \(cases) hostile sequences in \(String(format: "%.1f", seconds)) s: "
         + outcomes.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
         + "; host guards: \(guards.description)")
-    #expect(nonCanonical == 0, "runs that stopped with a non-canonical RIP")
+    #expect(ripOutOfMode == 0, "runs that stopped with a RIP \(size.rawValue) code cannot have")
     #expect(knownAnswerFailures.isEmpty, Comment(rawValue: knownAnswerFailures.joined(separator: "\n")))
     // Random bytes hit every kind of stop; a run that never faults or never reaches its
     // budget means the loop did not run what it claims.
@@ -244,6 +243,54 @@ struct FuzzTests {
   }
 }
 
+/// The code size hostile bytes run as: 64-bit code in flat long mode, or 32-bit code in flat
+/// protected mode (flat 4 GiB segments, a 32-bit stack).
+enum HostileCodeSize: String, CaseIterable, Sendable, CustomTestStringConvertible {
+  case bits64 = "64-bit"
+  case bits32 = "32-bit"
+
+  var testDescription: String { rawValue }
+
+  /// Part of the seed: the 64-bit loops keep the sequences they ran before 32-bit code did.
+  var salt: UInt64 { self == .bits64 ? 0xF022 : 0xF032 }
+
+  /// The runs of a loop: `HOSTVISOR_FUZZ_CASES` for each size; by default 200000 in 64-bit
+  /// code and 100000 in 32-bit code (the suite's time).
+  var cases: Int {
+    Int(ProcessInfo.processInfo.environment["HOSTVISOR_FUZZ_CASES"] ?? "") ?? (self == .bits64 ? 200_000 : 100_000)
+  }
+
+  /// Puts `cpu` in the flat mode of this code size at `cpl`.
+  func enter(_ cpu: CPU, cpl: UInt8) {
+    switch self {
+    case .bits64: cpu.enterFlatLongMode(cpl: cpl)
+    case .bits32: cpu.enterFlatProtectedMode(cpl: cpl)
+    }
+  }
+
+  /// A random register: mostly an address inside the 2 MiB of guest RAM, sometimes anything
+  /// of the code size. In 32-bit code one register in 20 also has an upper half, which 32-bit
+  /// code must neither use in addresses nor lose where it does not write the register.
+  func register(_ rng: inout DiffRNG) -> UInt64 {
+    switch self {
+    case .bits64: return rng.chance(70) ? UInt64(rng.below(2 << 20)) : DiffValues.integer(&rng)
+    case .bits32:
+      if rng.chance(70) { return UInt64(rng.below(2 << 20)) }
+      let value = DiffValues.integer(&rng)
+      return rng.chance(5) ? value : value & 0xFFFF_FFFF
+    }
+  }
+
+  /// Whether a run may stop at `rip`: a canonical address in 64-bit code, one within 32 bits
+  /// (the instruction pointer is EIP) in 32-bit code.
+  func allows(rip: UInt64) -> Bool {
+    switch self {
+    case .bits64: return HostileRunChecks.isCanonical(rip)
+    case .bits32: return rip >> 32 == 0
+    }
+  }
+}
+
 /// Checks shared by the hostile-input fuzz loops.
 enum HostileRunChecks {
   static func isCanonical(_ address: UInt64) -> Bool {
@@ -314,70 +361,87 @@ enum HostileRunChecks {
 }
 
 /// The hostile-bytes runs under the interpreter and under the translator side by side, run by
-/// run: both must stop the same way, at the same RIP, with the same registers. The translator
+/// run: both must stop the same way, at the same RIP, with the same registers, instructions
+/// retired and stack pages, and every 1000 runs with the same RAM. The translator
 /// runs integer instructions as the host's own, so this also holds the interpreter to the
 /// host's choice of flags the architecture leaves undefined where later code reads them (SHL's
-/// OF for counts above 1 was the one difference in 200 000 runs).
+/// OF for counts above 1 was the one difference in 200 000 runs). Both CPUs read one clock
+/// that stands still, so a time stamp or counter read (RDTSC, RDTSCP, RDPMC, RDMSR) gives both
+/// the same value, also where a run reaches it through a branch into older bytes.
 @Suite("FuzzTranslatorAgreementTests")
 struct FuzzTranslatorAgreementTests {
-  /// Whether `bytes` hold RDTSC, RDTSCP, RDPMC, RDMSR (the TSC is MSR 0x10) or the 0F C7
-  /// group (RDRAND, RDSEED).
-  static func readsTimeOrRandom(_ bytes: ArraySlice<UInt8>) -> Bool {
-    let array = Array(bytes)
-    for index in array.indices.dropLast() where array[index] == 0x0F {
-      switch array[index + 1] {
-      case 0x31, 0x32, 0x33, 0xC7: return true
-      case 0x01 where index + 2 < array.count && array[index + 2] == 0xF9: return true
-      default: continue
-      }
-    }
-    return false
-  }
-
-  @Test func hostileBytesSameUnderBothTiers() throws {
+  /// As 64-bit code and as 32-bit protected-mode code.
+  @Test(arguments: HostileCodeSize.allCases)
+  func hostileBytesSameUnderBothTiers(size: HostileCodeSize) throws {
     let tiers = [SoftCPUTier.interpreter, .translator]
     let memories = try tiers.map { _ in try GuestMemory(size: 2 << 20) }
     let cpus = tiers.indices.map { CPU(memory: memories[$0], bus: IOBus()) }
-    for (cpu, tier) in zip(cpus, tiers) { cpu.setExecutionTier(tier, threshold: 0) }
+    let clock = ManualClock(nanoseconds: 1 << 40)
+    for (cpu, tier) in zip(cpus, tiers) {
+      cpu.setExecutionTier(tier, threshold: 0)
+      cpu.system.clock = clock
+    }
     let codeBase: UInt64 = 0x1000
-    var rng = DiffRNG(seed: DiffRNG.mix(FuzzTests.seed, 0xF022))
+    var rng = DiffRNG(seed: DiffRNG.mix(FuzzTests.seed, size.salt))
     var differences: [String] = []
-    for run in 0..<FuzzTests.cases {
+    // Where the runs' stacks lie (ESP/RSP 0x100000-0x100FFF), with room for pushes and pops.
+    let stackPages: UInt64 = 0xF_F000
+    let rams = try memories.map { try $0.slice(at: 0, length: 2 << 20) }
+    // A store elsewhere that differs is caught within 1000 runs of where it happened; the
+    // translator's RAM then starts again from the interpreter's.
+    func compareRAM(before run: Int) {
+      guard memcmp(rams[0].baseAddress!, rams[1].baseAddress!, 2 << 20) != 0 else { return }
+      if differences.count < 5 {
+        differences.append("\(size.rawValue) RAM differs before run \(run) (from run \(run - 1000))")
+      }
+      rams[1].copyMemory(from: UnsafeRawBufferPointer(rams[0]))
+      cpus[1].noteExternalWrite(physical: 0, length: 2 << 20)
+    }
+    for run in 0..<size.cases {
+      if run % 1000 == 0 { compareRAM(before: run) }
       let length = 1 + rng.below(15)
       var bytes = [UInt8](repeating: 0xF4, count: 32)
       for index in 0..<length { bytes[index] = UInt8(truncatingIfNeeded: rng.next()) }
       let cpl: UInt8 = rng.chance(50) ? 3 : 0
-      let registers = (0..<16).map { _ in rng.chance(70) ? UInt64(rng.below(2 << 20)) : DiffValues.integer(&rng) }
+      let registers = (0..<16).map { _ in size.register(&rng) }
       let stack = 0x10_0000 + UInt64(rng.below(0x1000))
       let flags = 0x202 | (rng.next() & (F.all | RFlags.df))
       let limit = 1 + rng.below(8)
-      // Time stamps, performance counters and random numbers differ between any two runs.
-      if Self.readsTimeOrRandom(bytes[0..<length]) { continue }
-      var results: [(stop: StopCause, rip: UInt64, registers: [UInt64])] = []
+      var results: [(stop: StopCause, rip: UInt64, retired: UInt64, registers: [UInt64])] = []
       for (cpu, memory) in zip(cpus, memories) {
         let code = try memory.slice(at: codeBase, length: 32)
         for index in 0..<32 { code[index] = bytes[index] }
         cpu.noteExternalWrite(physical: codeBase, length: 32)
-        cpu.enterFlatLongMode(cpl: cpl)
+        size.enter(cpu, cpl: cpl)
         for index in 0..<16 { cpu.gpr[index] = registers[index] }
         cpu.gpr[4] = stack
         cpu.rflags = flags
         cpu.rip = codeBase
+        let retired = cpu.retiredInstructions
         let stop = cpu.run(instructionLimit: limit)
-        results.append((stop, cpu.rip, (0..<16).map { cpu.gpr[$0] }))
+        results.append((stop, cpu.rip, cpu.retiredInstructions - retired, (0..<16).map { cpu.gpr[$0] }))
       }
-      if results[0] != results[1], differences.count < 5 {
+      let stacks = try memories.map { try $0.slice(at: stackPages, length: 0x3000) }
+      let stacksDiffer = memcmp(stacks[0].baseAddress!, stacks[1].baseAddress!, 0x3000) != 0
+      if results[0] != results[1] || stacksDiffer, differences.count < 5 {
         // Described only when they differ: formatting every run cost more than running it.
         let described = results.map {
-          "\($0.stop) rip \(String($0.rip, radix: 16)) regs "
+          "\($0.stop) rip \(String($0.rip, radix: 16)) retired \($0.retired) regs "
             + $0.registers.map { String($0, radix: 16) }.joined(separator: " ")
         }
         differences.append(
-          "run \(run) cpl \(cpl) limit \(limit) bytes "
+          "\(size.rawValue) run \(run) cpl \(cpl) limit \(limit) bytes "
             + bytes[0..<length].map { String(format: "%02x", $0) }.joined(separator: " ")
-            + "\n  interpreter: \(described[0])\n  translator:  \(described[1])")
+            + "\n  interpreter: \(described[0])\n  translator:  \(described[1])"
+            + (stacksDiffer ? "\n  the stack pages differ" : ""))
       }
     }
+    compareRAM(before: size.cases)
     #expect(differences.isEmpty, Comment(rawValue: differences.joined(separator: "\n")))
+    // The comparison means something only where the translator ran the code.
+    let retired = cpus[1].retiredInstructions
+    let translated = retired - cpus[1].statistics.interpretedInstructions
+    print("FuzzTranslatorAgreementTests (\(size.rawValue)): \(translated) of \(retired) instructions ran translated")
+    #expect(translated > retired / 10, "\(translated) of \(retired) instructions ran translated")
   }
 }

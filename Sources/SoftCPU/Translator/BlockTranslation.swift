@@ -1205,8 +1205,9 @@ struct BlockTranslator {
       emitter.movsx(size: 8, rax, sourceSize: 4, .register(rax))
       emitter.mov(size: 8, dst, rax)
     case .addRM64, .subRM64, .andRM64, .orRM64, .xorRM64, .cmpRM64, .adcRM64, .sbbRM64:
+      // ADC and SBB read CF after the access: the probe puts the flags back, whatever follows.
       let readsCarry = instruction.fast == .adcRM64 || instruction.fast == .sbbRM64
-      emitLoad(slot, index: index, size: 8, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: !readsCarry))
+      emitLoad(slot, index: index, size: 8, flagsDead: !readsCarry)
       emitter.alu(Self.aluKind(instruction.fast), size: 8, dst, rax)
     case .addRM32, .subRM32, .andRM32, .orRM32, .xorRM32:
       emitLoad(slot, index: index, size: 4, flagsDead: true)
