@@ -110,11 +110,11 @@ def memory_of(pid, guest_bytes):
 
 
 class Guest:
-    def __init__(self, index, memory, initramfs, scratch):
+    def __init__(self, index, memory, initramfs, scratch, binary):
         self.log = os.path.join(scratch, f"guest-{index}.log")
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
-                [BINARY, "run", "--accel", "soft", "--no-sandbox", "--memory", memory,
+                [binary, "run", "--accel", "soft", "--no-sandbox", "--memory", memory,
                  "--kernel", os.path.join(GUEST, "vmlinuz"),
                  "--initrd", initramfs,
                  "--cmdline", "console=ttyS0 panic=-1 quiet"],
@@ -146,7 +146,7 @@ def density(args, scratch):
             if mem_available_mib() < args.reserve:
                 print(f"stop: MemAvailable below {args.reserve} MiB", flush=True)
                 break
-            wave = [Guest(len(guests) + i, args.memory, initramfs, scratch)
+            wave = [Guest(len(guests) + i, args.memory, initramfs, scratch, args.hostvisor)
                     for i in range(min(args.wave, args.cap - len(guests)))]
             guests += wave
             start = time.monotonic()
@@ -179,13 +179,13 @@ def density(args, scratch):
     return held, waves, figures
 
 
-def start_rate(count, scratch):
+def start_rate(count, scratch, binary):
     kernel = assemble_multiboot(TINY_GUEST, scratch, name="tiny")
     processes = []
     start = time.monotonic()
     for _ in range(count):
         processes.append(subprocess.Popen(
-            [BINARY, "run", "--accel", "soft", "--no-sandbox", "--memory", "64M", "--kernel", kernel,
+            [binary, "run", "--accel", "soft", "--no-sandbox", "--memory", "64M", "--kernel", kernel,
              "--serial", "stdio"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
     for p in processes:
         p.stdout.read(1)
@@ -206,13 +206,14 @@ def main():
     parser.add_argument("--reserve", type=int, default=2048, help="MiB of MemAvailable to keep")
     parser.add_argument("--starts", type=int, default=20)
     parser.add_argument("--deadline", type=float, default=0, help="start no wave after this many seconds (0: none)")
+    parser.add_argument("--hostvisor", default=BINARY, help="the hostvisor binary to run")
     args = parser.parse_args()
-    if not os.access(BINARY, os.X_OK):
-        sys.exit(f"bench-density: no {BINARY}; run `make build` first")
+    if not os.access(args.hostvisor, os.X_OK):
+        sys.exit(f"bench-density: no {args.hostvisor}; run `make build` first")
     cores = os.cpu_count()
     with tempfile.TemporaryDirectory(prefix="hostvisor-density-") as scratch:
         held, waves, figures = density(args, scratch)
-        elapsed = start_rate(args.starts, scratch)
+        elapsed = start_rate(args.starts, scratch, args.hostvisor)
     print()
     print(f"host: {cores} cores, {mem_available_mib()} MiB available after the run")
     print(f"density: {held} guests of {args.memory} ({args.initramfs} initramfs) held at their shell on --accel soft "

@@ -74,10 +74,12 @@ struct BlockLink {
   }
 }
 
-/// One slot of the lookup table.
+/// One slot of the lookup table. The empty slot is all zeros (no block key is 0: its top byte
+/// is the code size), so the table lives in zero-filled pages that cost nothing until a block
+/// is entered in them (`allocateZeroedPages`).
 struct BlockTableEntry {
-  var key: UInt64 = ~0
-  var block: Int32 = -1
+  var key: UInt64 = 0
+  var block: Int32 = 0
 }
 
 @_transparent
@@ -211,7 +213,7 @@ extension CPU {
       if block.secondPage != .max { codePageHead[Int(block.secondPage)] = 0 }
       if clearSlots { blockTable[blockSlot(block.key)] = BlockTableEntry() }
     }
-    if !clearSlots { blockTable.update(repeating: BlockTableEntry(), count: blockTableSize) }
+    if !clearSlots { releasePages(UnsafeMutableRawPointer(blockTable), byteCount: blockTableBytes) }
     translator?.flush(blocks: blocks, count: 0)
     blockCount = 0
     arenaUsed = 0
@@ -234,6 +236,7 @@ extension CPU {
     flushDecodedBlocks()
     releasePages(UnsafeMutableRawPointer(blockArena), byteCount: blockArenaCapacity * MemoryLayout<Instruction>.stride)
     releasePages(UnsafeMutableRawPointer(blocks), byteCount: maximumBlocks * MemoryLayout<DecodedBlock>.stride)
+    releasePages(UnsafeMutableRawPointer(blockTable), byteCount: blockTableBytes)
     translator?.releaseCodeMemory()
   }
 }
@@ -250,6 +253,24 @@ func releasePages(_ start: UnsafeMutableRawPointer, byteCount: Int) {
   let end = (address + byteCount) & ~(pageSize - 1)
   guard end > first, let page = UnsafeMutableRawPointer(bitPattern: first) else { return }
   madvise(page, end - first, MADV_DONTNEED)
+}
+
+/// The bytes of the block lookup table.
+let blockTableBytes = blockTableSize * MemoryLayout<BlockTableEntry>.stride
+
+/// `count` values of `T` in fresh private anonymous pages: all-zero bytes that cost nothing
+/// until touched, and that `releasePages` returns to. Only for plain types whose all-zero value
+/// is valid. Free with `freeZeroedPages`.
+func allocateZeroedPages<T>(_ type: T.Type, count: Int) -> UnsafeMutablePointer<T> {
+  let bytes = count * MemoryLayout<T>.stride
+  let mapping = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+  precondition(mapping != MAP_FAILED && mapping != nil, "cannot map \(bytes) bytes")
+  return mapping!.bindMemory(to: T.self, capacity: count)
+}
+
+/// Unmaps memory from `allocateZeroedPages`.
+func freeZeroedPages<T>(_ pointer: UnsafeMutablePointer<T>, count: Int) {
+  munmap(pointer, count * MemoryLayout<T>.stride)
 }
 
 /// When an idle vCPU releases its decoded code (`CPU.releaseDecodedCode`). Checked each time

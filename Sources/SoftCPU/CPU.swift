@@ -162,8 +162,9 @@ public final class CPU: @unchecked Sendable {
   /// not end its block): the current block stops after that instruction.
   var blockInvalidated = false
   /// Bumped whenever decoded blocks, translations or the code size change: block-to-block
-  /// links (`DecodedBlock.links`) made under an older generation are ignored.
-  var chainGeneration: UInt64 = 0
+  /// links (`DecodedBlock.links`) and jump-cache entries made under an older generation are
+  /// ignored. Never 0, the generation of an empty (zero-filled) jump-cache entry.
+  var chainGeneration: UInt64 = 1
   /// Bumped by every CR3 write (never 0): links and jump-cache entries to code fetched through
   /// a non-global translation are valid only in the address space they were made in, while
   /// those to global code (the kernel's) survive the switch, as the TLB entries they rest on do.
@@ -260,8 +261,7 @@ public final class CPU: @unchecked Sendable {
 
     blockArena = .allocate(capacity: blockArenaCapacity)
     blocks = .allocate(capacity: maximumBlocks)
-    blockTable = .allocate(capacity: blockTableSize)
-    blockTable.initialize(repeating: BlockTableEntry(), count: blockTableSize)
+    blockTable = allocateZeroedPages(BlockTableEntry.self, count: blockTableSize)
     codePageCount = lastPage
     // One Int32 per guest page, zero-filled and reserved lazily by the kernel.
     let bytes = Int(max(lastPage, 1)) * MemoryLayout<Int32>.stride
@@ -287,7 +287,7 @@ public final class CPU: @unchecked Sendable {
     ramRegions.deallocate()
     blockArena.deallocate()
     blocks.deallocate()
-    blockTable.deallocate()
+    freeZeroedPages(blockTable, count: blockTableSize)
     munmap(codePageHead, Int(max(codePageCount, 1)) * MemoryLayout<Int32>.stride)
   }
 

@@ -183,10 +183,11 @@ struct SSEForm {
 enum JumpCache {
   /// Entries (a power of two).
   static let entries = 32768
-  /// An entry that matches no block: no canonical RIP has bit 63 alone set, and no chain
-  /// generation reaches all ones.
+  /// An entry that matches no block: all zeros, generation 0, which `CPU.chainGeneration`
+  /// never is. The cache lives in zero-filled pages (`allocateZeroedPages`) that cost nothing
+  /// until an entry is made in them, and an idle vCPU gives them back with its code.
   static var empty: hv_jit_cache_entry {
-    hv_jit_cache_entry(rip: 1 << 63, generation: ~0, code: nil, count: 0, block: -1)
+    hv_jit_cache_entry(rip: 0, generation: 0, code: nil, count: 0, block: 0)
   }
   /// The entry for a block starting at `rip`.
   @inline(__always)

@@ -74,8 +74,7 @@ final class Translator {
     self.threshold = threshold
     self.buffer = buffer
     precondition(MemoryLayout<hv_jit_cache_entry>.stride == 32)
-    jumpCache = .allocate(capacity: JumpCache.entries)
-    jumpCache.initialize(repeating: JumpCache.empty, count: JumpCache.entries)
+    jumpCache = allocateZeroedPages(hv_jit_cache_entry.self, count: JumpCache.entries)
     context = .allocate(capacity: 1)
     precondition(UInt(bitPattern: context) & 15 == 0 && ContextOffset.vector & 15 == 0)
     let load: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64) -> UInt64 = translatedLoad
@@ -105,7 +104,7 @@ final class Translator {
 
   deinit {
     context.deallocate()
-    jumpCache.deallocate()
+    freeZeroedPages(jumpCache, count: JumpCache.entries)
   }
 
   /// Jump-cache entries made under chain generation `addressSpaceEntriesGeneration` for code
@@ -158,10 +157,12 @@ final class Translator {
     }
   }
 
-  /// Gives the code buffer's pages back to the host; every translation must have been
-  /// dropped (`flush`) first.
+  /// Gives the code buffer's and the jump cache's pages back to the host; every translation
+  /// must have been dropped (`flush`) first (its entries are then stale, and zero pages are
+  /// empty entries).
   func releaseCodeMemory() {
     buffer.release()
+    releasePages(UnsafeMutableRawPointer(jumpCache), byteCount: JumpCache.entries * MemoryLayout<hv_jit_cache_entry>.stride)
   }
 
   /// Queues hot `block` for translation (its `translation` becomes `queuedTranslation`); the
