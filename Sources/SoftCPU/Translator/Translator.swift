@@ -162,7 +162,8 @@ final class Translator {
   /// empty entries).
   func releaseCodeMemory() {
     buffer.release()
-    releasePages(UnsafeMutableRawPointer(jumpCache), byteCount: JumpCache.entries * MemoryLayout<hv_jit_cache_entry>.stride)
+    let jumpCacheBytes = JumpCache.entries * MemoryLayout<hv_jit_cache_entry>.stride
+    releasePages(UnsafeMutableRawPointer(jumpCache), byteCount: jumpCacheBytes)
   }
 
   /// Queues hot `block` for translation (its `translation` becomes `queuedTranslation`); the
