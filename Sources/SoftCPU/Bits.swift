@@ -67,20 +67,25 @@ extension CPU {
     let src = try readRm(ins, size: size)
     materializeFlags()
     var flags = storedFlags
-    switch ins.op {
+    // A CPU model without ABM (LZCNT) or BMI1 (TZCNT) runs F3 0F BD and F3 0F BC as BSR and
+    // BSF, as processors without them do (they ignore the F3 prefix).
+    var op = ins.op
+    if op == .lzcnt && system.cpuidFeatures.extendedECX & CPUModel.extendedECXABM == 0 { op = .bsr }
+    if op == .tzcnt && system.cpuidFeatures.leaf7EBX & CPUModel.leaf7EBXBMI1 == 0 { op = .bsf }
+    switch op {
     case .bsf, .bsr:
       if src == 0 {
         flags |= RFlags.zf
       } else {
         flags &= ~RFlags.zf
-        let index = ins.op == .bsf ? UInt64(src.trailingZeroBitCount) : 63 - UInt64(src.leadingZeroBitCount)
+        let index = op == .bsf ? UInt64(src.trailingZeroBitCount) : 63 - UInt64(src.leadingZeroBitCount)
         writeRegister(ins.reg, size: size, index)
       }
     case .tzcnt, .lzcnt:
       let count =
         src == 0
         ? bits
-        : ins.op == .tzcnt ? UInt64(src.trailingZeroBitCount) : UInt64(src.leadingZeroBitCount) - (64 - bits)
+        : op == .tzcnt ? UInt64(src.trailingZeroBitCount) : UInt64(src.leadingZeroBitCount) - (64 - bits)
       writeRegister(ins.reg, size: size, count)
       flags &= ~(RFlags.cf | RFlags.zf)
       if src == 0 { flags |= RFlags.cf }

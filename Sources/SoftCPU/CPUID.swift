@@ -66,6 +66,9 @@ enum CPUModel {
   static let extendedEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 26 | 1 << 27 | 1 << 29
   /// 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode(0) ABM/LZCNT(5).
   static let extendedECX: UInt32 = 1 << 0 | 1 << 5
+  /// The ABM bit (LZCNT) of 0x8000_0001 ECX and the BMI1 bit (TZCNT, ANDN...) of leaf 7 EBX.
+  static let extendedECXABM: UInt32 = 1 << 5
+  static let leaf7EBXBMI1: UInt32 = 1 << 3
   /// 0x8000_0007 EDX: invariant TSC(8). Every vCPU reads the TSC from one virtual clock at a
   /// constant rate that no power state stops, so Linux may keep it as the clocksource with
   /// several vCPUs (it marks a TSC without this bit unstable on a non-Intel SMP machine). An

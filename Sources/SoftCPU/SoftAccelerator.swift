@@ -166,7 +166,7 @@ public enum SoftAcceleratorError: Error, CustomStringConvertible {
     switch self {
     case .cpuModelUnavailable(let model, let lacking) where lacking.isEmpty:
       return "the software CPU cannot present the CPU model '\(model)' (KVM's own CPUID); "
-        + "use hostvisor, x86-64-v3 or x86-64-v2"
+        + "use hostvisor, x86-64-v3, x86-64-v2 or x86-64"
     case .cpuModelUnavailable(let model, let lacking):
       return "the software CPU cannot present the CPU model '\(model)': it lacks \(lacking.joined(separator: ", "))"
     case .invalidCPUCount(let count): return "the software CPU supports 1-255 vCPUs, not \(count)"

@@ -121,7 +121,10 @@ struct CLITests {
     let refused = try HostvisorProcess.run([
       "run", "--kernel", kernel, "--accel", "soft", "--cpu-model", "host", "--serial", "none",
     ])
-    expectOneLineError(refused, containing: "the software CPU cannot present the CPU model 'host'")
+    expectOneLineError(
+      refused,
+      containing: "the software CPU cannot present the CPU model 'host' (KVM's own CPUID); "
+        + "use hostvisor, x86-64-v3, x86-64-v2 or x86-64")
     let accepted = try HostvisorProcess.run([
       "run", "--kernel", kernel, "--accel", "soft", "--cpu-model", "x86-64-v2", "--serial", "stdio", "--verbose",
     ])
