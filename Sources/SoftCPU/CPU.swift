@@ -264,10 +264,7 @@ public final class CPU: @unchecked Sendable {
     blockTable = allocateZeroedPages(BlockTableEntry.self, count: blockTableSize)
     codePageCount = lastPage
     // One Int32 per guest page, zero-filled and reserved lazily by the kernel.
-    let bytes = Int(max(lastPage, 1)) * MemoryLayout<Int32>.stride
-    let mapping = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-    precondition(mapping != MAP_FAILED && mapping != nil, "cannot reserve the code-page table")
-    codePageHead = mapping!.bindMemory(to: Int32.self, capacity: Int(max(lastPage, 1)))
+    codePageHead = allocateZeroedPages(Int32.self, count: Int(max(lastPage, 1)))
   }
 
   deinit {
@@ -288,7 +285,7 @@ public final class CPU: @unchecked Sendable {
     blockArena.deallocate()
     blocks.deallocate()
     freeZeroedPages(blockTable, count: blockTableSize)
-    munmap(codePageHead, Int(max(codePageCount, 1)) * MemoryLayout<Int32>.stride)
+    freeZeroedPages(codePageHead, count: Int(max(codePageCount, 1)))
   }
 
   /// Asks `run` (on the vCPU thread) to return `.stopRequested` at the next block boundary.
