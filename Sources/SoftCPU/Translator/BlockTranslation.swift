@@ -1,4 +1,5 @@
 import CShim
+import Glibc
 
 // Translation of one decoded block into host x86-64 code (see docs/softcpu-performance.md,
 // "The translating tier").
@@ -11,7 +12,8 @@ import CShim
 //
 // Register use inside a block: RBX = guest registers, R12 = the `hv_jit_context`, R13 / R14 =
 // the read / write TLB, R15 = the TLB tag bits of the current privilege, RBP = status flags
-// saved around a TLB probe (LAHF + SETO), RAX RCX RDX RSI RDI = scratch.
+// saved around a TLB probe (LAHF + SETO), RAX RCX RDX RSI RDI = scratch, R8-R11 = the guest
+// registers the block uses most (write-through: see `X86Emitter.cachedRegisters`).
 //
 // Flags: the run loop materializes the interpreter's lazy flags before a block, so the
 // context holds the status flags. The block loads them into the host RFLAGS (POPFQ, status
@@ -526,6 +528,55 @@ struct BlockTranslator {
     return 0
   }
 
+  /// Host registers that can cache guest registers inside a block: the caller-saved ones the
+  /// translation uses for nothing else.
+  static let cacheHostRegisters: [UInt8] = [HostRegister.r8, HostRegister.r9, HostRegister.r10, HostRegister.r11]
+
+  /// Whether blocks cache guest registers in host registers: on unless the environment sets
+  /// `HOSTVISOR_SOFTCPU_REGISTER_CACHE=off` (for measuring what the cache gives, and for
+  /// telling a defect of the cache from one of the forms).
+  static let cachesRegisters = getenv("HOSTVISOR_SOFTCPU_REGISTER_CACHE").map { String(cString: $0) != "off" } ?? true
+
+  /// The guest-register cache of the first `count` instructions at `first` (the map of
+  /// `X86Emitter.cachedRegisters`): the general registers their operands name most often, at
+  /// least twice (a cached register costs one load at the block's entry), in
+  /// `cacheHostRegisters`. Instructions the interpreter helper runs do not count (their
+  /// registers are read from the register array).
+  static func registerCache(_ first: UnsafePointer<Instruction>, count: Int) -> [UInt8] {
+    var uses = [Int](repeating: 0, count: 16)
+    for index in 0..<count {
+      let slot = first + index
+      if isInterpreted(slot) { continue }
+      let instruction = slot.pointee
+      var named: [UInt8] = [instruction.reg]
+      if instruction.hasMemoryOperand {
+        named += [instruction.base, instruction.index]
+      } else {
+        named.append(instruction.rm)
+      }
+      if instruction.fast != .none { named += [instruction.fastDst, instruction.fastSrc] }
+      for register in Set(named) where register < 16 { uses[Int(register)] += 1 }
+      if usesStack(instruction) { uses[4] += 2 }
+    }
+    var cache = [UInt8](repeating: 0, count: 16)
+    let chosen = (0..<16).filter { uses[$0] >= 2 }.sorted { uses[$0] > uses[$1] }.prefix(cacheHostRegisters.count)
+    guard !chosen.isEmpty else { return [] }
+    for (host, register) in zip(cacheHostRegisters, chosen) { cache[register] = host }
+    return cache
+  }
+
+  /// Whether the translation of `instruction` reads and writes the guest RSP implicitly.
+  static func usesStack(_ instruction: Instruction) -> Bool {
+    switch instruction.fast {
+    case .push64, .push32, .pop64, .pop32, .callRel64, .callRel32, .ret64, .ret32: return true
+    default: break
+    }
+    switch instruction.op {
+    case .pushImm, .pushRm, .leave, .callRm: return true
+    default: return false
+    }
+  }
+
   /// The fast forms that jump unconditionally: nothing after them in the block is translated.
   static let endsTranslation: Set<FastOp> = [.jmpRel, .callRel64, .ret64, .callRel32, .ret32]
 
@@ -572,6 +623,10 @@ struct BlockTranslator {
     epilogue = emitter.newLabel()
     emitFrame()
     let chainEntry = emitter.count
+    // The guest registers this prefix uses most live in host registers from here on (see
+    // `X86Emitter.cachedRegisters`); a block chained to enters here and loads its own.
+    emitter.cachedRegisters = Self.cachesRegisters ? Self.registerCache(first, count: translated) : []
+    emitter.loadCachedRegisters()
     blockIndex = block
     decodedCount = count
     firstSlot = first
@@ -1393,7 +1448,7 @@ struct BlockTranslator {
       let general = guest(instruction.rm)
       if form.destinationIsRM {
         emitter.loadVector(0, guestVector(instruction.reg))
-        emitter.sse(prefix: prefix, opcode: opcode, wide: form.wide, reg: 0, rm: general)
+        emitter.sse(prefix: prefix, opcode: opcode, wide: form.wide, reg: 0, rm: general, writesRM: true)
         if !form.wide {
           // A 32-bit destination register is zero-extended.
           emitter.mov(size: 4, .at(HostRegister.rbx, Int(instruction.rm) * 8 + 4), immediate: 0)

@@ -261,11 +261,12 @@ extension BlockTranslator {
       emitter.raw(0x0F, 0xAE, 0xC0 | (slot.pointee.reg & 7) << 3)
       return
     case .setByte:
-      // The condition is taken into R8B first: on a TLB miss the flags are stored (which
-      // clobbers them in the host) before the value is computed.
-      emitter.set(UInt8(truncatingIfNeeded: instruction.opcode), .register(HostRegister.r8))
+      // The condition is taken into the context's `vector` first: on a TLB miss the flags
+      // are stored (which clobbers them in the host) before the value is computed.
+      let scratch = HostOperand.at(HostRegister.r12, ContextOffset.vector)
+      emitter.set(UInt8(truncatingIfNeeded: instruction.opcode), scratch)
       emitStore(slot, index: index, size: 1) { emitter, register in
-        emitter.movzx(register, sourceSize: 1, .register(HostRegister.r8))
+        emitter.movzx(register, sourceSize: 1, scratch)
       }
       return
     default:
@@ -591,7 +592,6 @@ extension BlockTranslator {
   private mutating func emitStackForms(_ slot: UnsafePointer<Instruction>, index: Int, form: IntegerForm) {
     let instruction = slot.pointee
     let rax = HostRegister.rax
-    let r8 = HostRegister.r8
     let width = codeSize
     if form.kind == .leave {
       // RAX = [RBP]; RSP = RBP + width (the low half alone for a 32-bit stack); RBP = RAX
@@ -608,11 +608,12 @@ extension BlockTranslator {
       let value = Int32(truncatingIfNeeded: instruction.immediate)
       store = { emitter, register in emitter.mov(size: width, .register(register), immediate: value) }
     } else if form.memory {
-      // The operand's address uses RSP before the push; the value waits in R8 (the store's
-      // probe and its miss path keep R8 until the value is taken).
+      // The operand's address uses RSP before the push; the value waits in the context's
+      // `vector` (the store's probe and its miss path leave it alone until the value is taken).
+      let scratch = HostOperand.at(HostRegister.r12, ContextOffset.vector)
       emitLoad(slot, index: index, size: width)
-      emitter.mov(size: 8, r8, .register(rax))
-      store = { emitter, register in emitter.mov(size: 8, register, .register(r8)) }
+      emitter.mov(size: 8, scratch, rax)
+      store = { emitter, register in emitter.mov(size: 8, register, scratch) }
     } else {
       let source = guestRegister(instruction.rm, size: 8)
       store = { emitter, register in emitter.mov(size: width, register, source) }

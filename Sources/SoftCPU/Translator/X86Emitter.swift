@@ -14,6 +14,9 @@ enum HostRegister {
   static let rsi: UInt8 = 6
   static let rdi: UInt8 = 7
   static let r8: UInt8 = 8
+  static let r9: UInt8 = 9
+  static let r10: UInt8 = 10
+  static let r11: UInt8 = 11
   static let r12: UInt8 = 12
   static let r13: UInt8 = 13
   static let r14: UInt8 = 14
@@ -42,6 +45,22 @@ enum HostShift: UInt8 {
   case rol = 0, ror = 1, shl = 4, shr = 5, sar = 7
 }
 
+/// How an emitted instruction uses its r/m operand: what the guest-register cache
+/// (`X86Emitter.cachedRegisters`) must do when that operand is a guest register's slot.
+enum OperandAccess {
+  /// Read only: a cached register is read from its host register.
+  case read
+  /// Written (or read and written): the host register is written and then stored to the slot;
+  /// a 4-byte write, which would zero the host register's upper half where the slot keeps its
+  /// own, goes to the slot and the host register is reloaded from it.
+  case write
+  /// Not an access (LEA's address).
+  case address
+  /// An SSE instruction's general-register operand (the r/m field names an XMM register
+  /// there): the slot is used in memory; `vectorWrite` reloads the host register after.
+  case vectorRead, vectorWrite
+}
+
 /// A branch target inside the code being assembled.
 struct HostLabel {
   let id: Int
@@ -52,6 +71,17 @@ struct X86Emitter {
   private(set) var bytes: [UInt8] = []
   private var labelOffsets: [Int?] = []
   private var fixups: [(at: Int, label: Int)] = []
+
+  /// The guest-register cache of the block being assembled: entry `n` is the host register that
+  /// holds guest register `n` (its 8-byte slot at [RBX + 8n]), 0 for none; empty when nothing
+  /// is cached. An operand naming a cached slot is rewritten by `encode`: reads take the host
+  /// register, writes go to it and are then stored to the slot (write-through), so the slot is
+  /// always current and every exit, fault and helper sees the register file as before. The host
+  /// registers are caller-saved: `call` reloads them after every helper call. Set it after the
+  /// block's entry loaded them (`loadCachedRegisters`).
+  var cachedRegisters: [UInt8] = []
+  /// The store (or reload) that completes the last instruction's write of a cached slot.
+  private var pendingSlotUpdate: (store: Bool, host: UInt8, displacement: Int32)?
 
   init() {
     bytes.reserveCapacity(1024)
@@ -67,6 +97,7 @@ struct X86Emitter {
   }
 
   mutating func bind(_ label: HostLabel) {
+    completeAccess()
     labelOffsets[label.id] = bytes.count
   }
 
@@ -106,7 +137,60 @@ struct X86Emitter {
   /// /digit) and `rm`.
   /// `size` 2 adds the operand-size prefix, 8 sets REX.W; 1 forces a REX prefix when a byte
   /// register 4-7 is named (SPL..DIL rather than AH..BH).
-  mutating func encode(_ opcode: UInt8, _ secondOpcode: UInt8? = nil, size: Int, reg: UInt8, rm: HostOperand) {
+  ///
+  /// `access` says how the instruction uses `rm` (see `cachedRegisters`); an instruction that
+  /// writes it calls `completeAccess()` after its last byte.
+  mutating func encode(
+    _ opcode: UInt8, _ secondOpcode: UInt8? = nil, size: Int, reg: UInt8, rm: HostOperand,
+    access: OperandAccess = .read
+  ) {
+    completeAccess()
+    var operand = rm
+    if !cachedRegisters.isEmpty, case .memory(let base, nil, _, let displacement) = rm, base == HostRegister.rbx,
+      displacement >= 0, displacement < 8 * 16
+    {
+      let host = cachedRegisters[Int(displacement >> 3)]
+      let wholeSlot = displacement & 7 == 0
+      if host != 0 {
+        let slot = displacement & ~7
+        switch access {
+        case .read:
+          if wholeSlot { operand = .register(host) }
+        case .write:
+          if wholeSlot && size != 4 {
+            operand = .register(host)
+            pendingSlotUpdate = (store: true, host: host, displacement: slot)
+          } else {
+            pendingSlotUpdate = (store: false, host: host, displacement: slot)
+          }
+        case .vectorWrite:
+          pendingSlotUpdate = (store: false, host: host, displacement: slot)
+        case .address, .vectorRead:
+          break
+        }
+      }
+    }
+    encodeUncached(opcode, secondOpcode, size: size, reg: reg, rm: operand)
+  }
+
+  /// Completes a write of a cached guest register (see `cachedRegisters`): stores the host
+  /// register to its slot, or reloads it from a slot written in memory. Nothing otherwise.
+  mutating func completeAccess() {
+    guard let update = pendingSlotUpdate else { return }
+    pendingSlotUpdate = nil
+    let slot = HostOperand.at(HostRegister.rbx, Int(update.displacement))
+    encodeUncached(update.store ? 0x89 : 0x8B, size: 8, reg: update.host, rm: slot)
+  }
+
+  /// Loads every cached guest register from its slot into its host register (a block's entry,
+  /// and after a helper call).
+  mutating func loadCachedRegisters() {
+    for (register, host) in cachedRegisters.enumerated() where host != 0 {
+      encodeUncached(0x8B, size: 8, reg: host, rm: .at(HostRegister.rbx, register * 8))
+    }
+  }
+
+  private mutating func encodeUncached(_ opcode: UInt8, _ secondOpcode: UInt8? = nil, size: Int, reg: UInt8, rm: HostOperand) {
     if size == 2 { byte(0x66) }
     var rex: UInt8 = size == 8 ? 0x08 : 0
     if reg & 8 != 0 { rex |= 0x04 }
@@ -155,7 +239,8 @@ struct X86Emitter {
 
   /// `op rm, reg` (size 1, 2, 4, 8).
   mutating func alu(_ op: HostALU, size: Int, _ rm: HostOperand, _ reg: UInt8) {
-    encode(op.rawValue << 3 | (size == 1 ? 0 : 1), size: size, reg: reg, rm: rm)
+    encode(op.rawValue << 3 | (size == 1 ? 0 : 1), size: size, reg: reg, rm: rm, access: op == .cmp ? .read : .write)
+    completeAccess()
   }
 
   /// `op reg, rm`.
@@ -165,16 +250,18 @@ struct X86Emitter {
 
   /// `op rm, imm` (the immediate is sign-extended by the CPU for sizes 4 and 8).
   mutating func alu(_ op: HostALU, size: Int, _ rm: HostOperand, immediate: Int32) {
+    let access: OperandAccess = op == .cmp ? .read : .write
     if size == 1 {
-      encode(0x80, size: 1, reg: op.rawValue, rm: rm)
+      encode(0x80, size: 1, reg: op.rawValue, rm: rm, access: access)
       byte(UInt8(truncatingIfNeeded: immediate))
     } else if Int32(Int8(truncatingIfNeeded: immediate)) == immediate {
-      encode(0x83, size: size, reg: op.rawValue, rm: rm)
+      encode(0x83, size: size, reg: op.rawValue, rm: rm, access: access)
       byte(UInt8(truncatingIfNeeded: immediate))
     } else {
-      encode(0x81, size: size, reg: op.rawValue, rm: rm)
+      encode(0x81, size: size, reg: op.rawValue, rm: rm, access: access)
       if size == 2 { int16(Int16(truncatingIfNeeded: immediate)) } else { int32(immediate) }
     }
+    completeAccess()
   }
 
   /// `test rm, reg`.
@@ -194,7 +281,8 @@ struct X86Emitter {
 
   /// `mov rm, reg`.
   mutating func mov(size: Int, _ rm: HostOperand, _ reg: UInt8) {
-    encode(size == 1 ? 0x88 : 0x89, size: size, reg: reg, rm: rm)
+    encode(size == 1 ? 0x88 : 0x89, size: size, reg: reg, rm: rm, access: .write)
+    completeAccess()
   }
 
   /// `mov reg, rm` (size 4 zero-extends into the full register).
@@ -204,16 +292,18 @@ struct X86Emitter {
 
   /// `mov rm, imm` (size 8: imm32 sign-extended).
   mutating func mov(size: Int, _ rm: HostOperand, immediate: Int32) {
-    encode(size == 1 ? 0xC6 : 0xC7, size: size, reg: 0, rm: rm)
+    encode(size == 1 ? 0xC6 : 0xC7, size: size, reg: 0, rm: rm, access: .write)
     switch size {
     case 1: byte(UInt8(truncatingIfNeeded: immediate))
     case 2: int16(Int16(truncatingIfNeeded: immediate))
     default: int32(immediate)
     }
+    completeAccess()
   }
 
   /// `mov reg, imm64`.
   mutating func movImmediate64(_ reg: UInt8, _ value: UInt64) {
+    completeAccess()
     byte(0x48 | (reg & 8 != 0 ? 1 : 0))
     byte(0xB8 | (reg & 7))
     int64(value)
@@ -235,24 +325,26 @@ struct X86Emitter {
 
   /// `lea reg64, [memory]`.
   mutating func lea(_ reg: UInt8, _ memory: HostOperand) {
-    encode(0x8D, size: 8, reg: reg, rm: memory)
+    encode(0x8D, size: 8, reg: reg, rm: memory, access: .address)
   }
 
   /// `lea reg, [memory]` with a `size`-byte result (4: the address wraps at 4 GiB and the
   /// register is zero-extended).
   mutating func lea(size: Int, _ reg: UInt8, _ memory: HostOperand) {
-    encode(0x8D, size: size, reg: reg, rm: memory)
+    encode(0x8D, size: size, reg: reg, rm: memory, access: .address)
   }
 
   /// `shl/shr/sar rm, imm8`.
   mutating func shift(_ op: HostShift, size: Int, _ rm: HostOperand, count: UInt8) {
-    encode(size == 1 ? 0xC0 : 0xC1, size: size, reg: op.rawValue, rm: rm)
+    encode(size == 1 ? 0xC0 : 0xC1, size: size, reg: op.rawValue, rm: rm, access: .write)
     byte(count)
+    completeAccess()
   }
 
   /// `shl/shr/sar rm, cl`.
   mutating func shiftByCL(_ op: HostShift, size: Int, _ rm: HostOperand) {
-    encode(size == 1 ? 0xD2 : 0xD3, size: size, reg: op.rawValue, rm: rm)
+    encode(size == 1 ? 0xD2 : 0xD3, size: size, reg: op.rawValue, rm: rm, access: .write)
+    completeAccess()
   }
 
   /// INC (/0), DEC (/1) on FE/FF; NOT (/2), NEG (/3) on F6/F7.
@@ -260,12 +352,24 @@ struct X86Emitter {
   mutating func mul(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 4, rm: rm) }
   /// One-operand `imul rm` (RDX:RAX = RAX * rm, signed).
   mutating func imul(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 5, rm: rm) }
-  mutating func inc(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xFE : 0xFF, size: size, reg: 0, rm: rm) }
-  mutating func dec(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xFE : 0xFF, size: size, reg: 1, rm: rm) }
-  mutating func not(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 2, rm: rm) }
+  mutating func inc(size: Int, _ rm: HostOperand) {
+    encode(size == 1 ? 0xFE : 0xFF, size: size, reg: 0, rm: rm, access: .write)
+    completeAccess()
+  }
+  mutating func dec(size: Int, _ rm: HostOperand) {
+    encode(size == 1 ? 0xFE : 0xFF, size: size, reg: 1, rm: rm, access: .write)
+    completeAccess()
+  }
+  mutating func not(size: Int, _ rm: HostOperand) {
+    encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 2, rm: rm, access: .write)
+    completeAccess()
+  }
   /// `div rm` (unsigned RDX:RAX / rm; raises #DE on a zero divisor or a quotient overflow).
   mutating func div(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 6, rm: rm) }
-  mutating func neg(size: Int, _ rm: HostOperand) { encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 3, rm: rm) }
+  mutating func neg(size: Int, _ rm: HostOperand) {
+    encode(size == 1 ? 0xF6 : 0xF7, size: size, reg: 3, rm: rm, access: .write)
+    completeAccess()
+  }
 
   /// `imul reg, rm` (size 4 or 8).
   mutating func imul(size: Int, _ reg: UInt8, _ rm: HostOperand) {
@@ -285,11 +389,13 @@ struct X86Emitter {
 
   /// `setcc byte rm`.
   mutating func set(_ condition: UInt8, _ rm: HostOperand) {
-    encode(0x0F, 0x90 | (condition & 0xF), size: 1, reg: 0, rm: rm)
+    encode(0x0F, 0x90 | (condition & 0xF), size: 1, reg: 0, rm: rm, access: .write)
+    completeAccess()
   }
 
   /// `jcc label` (rel32).
   mutating func jump(_ condition: UInt8, to label: HostLabel) {
+    completeAccess()
     byte(0x0F)
     byte(0x80 | (condition & 0xF))
     fixups.append((bytes.count, label.id))
@@ -298,14 +404,18 @@ struct X86Emitter {
 
   /// `jmp label` (rel32).
   mutating func jump(to label: HostLabel) {
+    completeAccess()
     byte(0xE9)
     fixups.append((bytes.count, label.id))
     int32(0)
   }
 
-  /// `call rm` (an absolute address in a register or memory).
+  /// `call rm` (an absolute address in a register or memory), then the cached guest
+  /// registers reloaded (the callee may clobber their caller-saved host registers, and a helper
+  /// may change the guest's).
   mutating func call(_ rm: HostOperand) {
     encode(0xFF, size: 4, reg: 2, rm: rm)
+    loadCachedRegisters()
   }
 
   /// `jmp rm` (an absolute address in a register or memory).
@@ -314,20 +424,25 @@ struct X86Emitter {
   }
 
   mutating func push(_ reg: UInt8) {
+    completeAccess()
     if reg & 8 != 0 { byte(0x41) }
     byte(0x50 | (reg & 7))
   }
 
   mutating func pop(_ reg: UInt8) {
+    completeAccess()
     if reg & 8 != 0 { byte(0x41) }
     byte(0x58 | (reg & 7))
   }
 
   /// An SSE instruction `[prefix] 0F opcode /r` (`prefix` 0 for none; 66, F3 or F2 otherwise)
   /// with XMM register `reg` and `rm` (an XMM register number or memory); `wide` sets REX.W.
-  mutating func sse(prefix: UInt8, opcode: UInt8, wide: Bool = false, reg: UInt8, rm: HostOperand) {
+  /// `writesRM`: the instruction stores to `rm` (a general register's slot in MOVD/MOVQ).
+  mutating func sse(prefix: UInt8, opcode: UInt8, wide: Bool = false, reg: UInt8, rm: HostOperand, writesRM: Bool = false) {
+    completeAccess()
     if prefix != 0 { byte(prefix) }
-    encode(0x0F, opcode, size: wide ? 8 : 4, reg: reg, rm: rm)
+    encode(0x0F, opcode, size: wide ? 8 : 4, reg: reg, rm: rm, access: writesRM ? .vectorWrite : .vectorRead)
+    completeAccess()
   }
 
   /// `movdqu xmm, m128/xmm`.
@@ -342,59 +457,70 @@ struct X86Emitter {
 
   /// BT (4), BTS (5), BTR (6) or BTC (7) `rm, imm8` (0F BA /digit ib).
   mutating func bitTest(_ digit: UInt8, size: Int, _ rm: HostOperand, bit: UInt8) {
-    encode(0x0F, 0xBA, size: size, reg: digit, rm: rm)
+    encode(0x0F, 0xBA, size: size, reg: digit, rm: rm, access: digit == 4 ? .read : .write)
     byte(bit)
+    completeAccess()
   }
 
   /// `cmpxchg rm, reg` (compares with RAX/EAX/AX/AL).
   mutating func compareExchange(size: Int, _ rm: HostOperand, _ reg: UInt8) {
-    encode(0x0F, size == 1 ? 0xB0 : 0xB1, size: size, reg: reg, rm: rm)
+    encode(0x0F, size == 1 ? 0xB0 : 0xB1, size: size, reg: reg, rm: rm, access: .write)
+    completeAccess()
   }
 
   /// `xadd rm, reg`.
   mutating func exchangeAdd(size: Int, _ rm: HostOperand, _ reg: UInt8) {
-    encode(0x0F, size == 1 ? 0xC0 : 0xC1, size: size, reg: reg, rm: rm)
+    encode(0x0F, size == 1 ? 0xC0 : 0xC1, size: size, reg: reg, rm: rm, access: .write)
+    completeAccess()
   }
 
   /// CBW (size 2), CWDE (4) or CDQE (8).
   mutating func convertAccumulator(size: Int) {
+    completeAccess()
     if size == 2 { byte(0x66) } else if size == 8 { byte(0x48) }
     byte(0x98)
   }
 
   /// CWD (size 2), CDQ (4) or CQO (8).
   mutating func convertToDouble(size: Int) {
+    completeAccess()
     if size == 2 { byte(0x66) } else if size == 8 { byte(0x48) }
     byte(0x99)
   }
 
   /// `bswap reg` (size 4 or 8).
   mutating func byteSwap(size: Int, _ reg: UInt8) {
+    completeAccess()
     byte(0x40 | (size == 8 ? 0x08 : 0) | (reg & 8 != 0 ? 1 : 0))
     byte(0x0F)
     byte(0xC8 | (reg & 7))
   }
 
   /// Raw bytes.
-  mutating func raw(_ values: UInt8...) { bytes.append(contentsOf: values) }
+  mutating func raw(_ values: UInt8...) {
+    completeAccess()
+    bytes.append(contentsOf: values)
+  }
 
   /// `jrcxz` over the code `body` emits (at most 127 bytes; no flags read or written).
   mutating func skipIfRCXIsZero(_ body: (inout X86Emitter) -> Void) {
+    completeAccess()
     byte(0xE3)
     byte(0)
     let start = bytes.count
     body(&self)
+    completeAccess()
     let length = bytes.count - start
     precondition(length <= 127, "jrcxz body too long")
     bytes[start - 1] = UInt8(length)
   }
 
-  mutating func pushFlags() { byte(0x9C) }
+  mutating func pushFlags() { raw(0x9C) }
   /// LAHF: AH = SF:ZF:0:AF:0:PF:1:CF.
-  mutating func loadFlagsIntoAH() { byte(0x9F) }
+  mutating func loadFlagsIntoAH() { raw(0x9F) }
   /// SAHF: SF, ZF, AF, PF, CF from AH.
-  mutating func storeAHIntoFlags() { byte(0x9E) }
-  mutating func ret() { byte(0xC3) }
+  mutating func storeAHIntoFlags() { raw(0x9E) }
+  mutating func ret() { raw(0xC3) }
 
   /// After a multiply whose low result is in RAX (EAX for `size` 4) and whose CF = OF is the
   /// host's: sets SF, ZF and PF from that result and clears AF, as the interpreter does
