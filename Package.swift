@@ -124,6 +124,9 @@ if fuzzing {
       name: "fuzz-gdb", dependencies: ["FuzzSupport", "GDBStub", "SoftCPU", "VMCore"], path: "Fuzz/gdb",
       linkerSettings: linkWithLLD),
     .executableTarget(
+      name: "fuzz-memfiles", dependencies: ["FuzzSupport", "VMM", "VMCore"], path: "Fuzz/memfiles",
+      linkerSettings: linkWithLLD),
+    .executableTarget(
       name: "fuzz-state", dependencies: ["FuzzSupport", "VMM", "Virtio", "VMCore"], path: "Fuzz/state",
       linkerSettings: linkWithLLD),
     .executableTarget(

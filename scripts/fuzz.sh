@@ -12,13 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-targets=(softcpu virtio nics loaders state migration api vnc gdb)
+targets=(softcpu virtio nics loaders state memfiles migration api vnc gdb)
 usage() { echo "usage: scripts/fuzz.sh ${targets[*]// /|}|all [SECONDS] [libFuzzer flags...]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 target=$1
 seconds=${2:-60}
 shift $(($# >= 2 ? 2 : 1))
-case "$target" in all) selected=("${targets[@]}") ;; softcpu|virtio|nics|loaders|state|migration|api|vnc|gdb) selected=("$target") ;; *) usage ;; esac
+case "$target" in all) selected=("${targets[@]}") ;; softcpu|virtio|nics|loaders|state|memfiles|migration|api|vnc|gdb) selected=("$target") ;; *) usage ;; esac
 [[ "$seconds" =~ ^[0-9]+$ ]] || usage
 
 sanitizers=${HOSTVISOR_FUZZ_SANITIZERS:-fuzzer,address}

@@ -12,26 +12,28 @@ import Virtio
 /// and the payload each) that the target frames with the right magic number and CRC-32C, so
 /// the fuzzer reaches the message handlers without solving the checksum. The stream is written
 /// into one end of a Unix stream socket pair, which is then closed for writing; the other end
-/// is the receiver's `MigrationChannel`, read as `VMController.receiveMigration` reads it:
-/// the `hello` (protocol version, page size, machine description, nothing after it), then
-/// `pages` messages stored into guest RAM (`GuestMemory.receivePages`), then the `state`
-/// (resume flag, state file: header and checksum, the machine section compared with the
-/// hello's description, every section restored into the machine).
+/// is the channel of `VMController`'s own receive loop (`receiveMigration(over:...)`, what
+/// `receiveMigration(from:)` runs once a source has connected), on a fresh controller set to
+/// the software CPU: the `hello` (protocol version, page size, machine description, nothing
+/// after it), the machine built from it, `pages` messages stored into its RAM
+/// (`GuestMemory.receivePages`), the `state` (resume flag, state file: header and checksum, the
+/// machine section compared with the hello's description, every section restored), then the
+/// adoption of the machine by the controller (paused, or resumed when the flag says so), which
+/// the target then shuts down.
 ///
-/// The machine: a hello describing the fuzz machine (a tiny ELF kernel, a disk and a balloon
-/// in memfds, 16 MiB of RAM on the software CPU, as in its seeds) is built by
-/// `VirtualMachine.build`, as the receiver builds it. Any other description names host files
-/// (kernel, initrd, disks) and TAP devices the receiver would open: it is not built; its RAM
-/// is mapped alone (`GuestMemory(size:)`, up to 64 MiB) to take the pages, and its state is
-/// decoded and compared but not restored. RAM is fenced by `PROT_NONE` guards, so a page number
-/// that reached outside it would kill the target. A restored machine is not adopted or run.
+/// The machine is built through the loop's seam (`buildingWith:`): a hello describing the fuzz
+/// machine (a tiny ELF kernel, a disk and a balloon in memfds, 16 MiB of RAM on the software
+/// CPU, as in its seeds) gets that machine, built by `VirtualMachine.build` as the receiver
+/// builds it, on RAM fenced by `PROT_NONE` guards (a page number that reached outside it would
+/// kill the target). Any other description names host files (kernel, initrd, disks) and TAP
+/// devices the receiver would open: the builder refuses it, as a receiver that cannot build
+/// the machine does.
 @main
 enum FuzzMigration {
-  /// The largest RAM mapped for a description that is not the fuzz machine's.
-  static let largestForeignMemory: UInt64 = 64 << 20
-
   nonisolated(unsafe) static var configuration: MachineConfiguration?
   nonisolated(unsafe) static var fuzzDescription: MachineDescription?
+  /// The guards around the RAM of the machine the current input built.
+  nonisolated(unsafe) static var guards: GuestMemoryGuards?
 
   static func main() {
     FuzzDriver.run(name: "migration", seeds: seeds) { input in runOne(&input) }
@@ -108,77 +110,50 @@ enum FuzzMigration {
     shutdown(pair[1], Int32(SHUT_WR))
     let channel = MigrationChannel(descriptor: pair[0])
     FuzzDriver.count("streams")
+    defer { guards = nil }
+    var spec = VMSpec()
+    spec.accelerator = .soft
+    spec.serial = .none
+    let controller = VMController(spec: spec)
     do {
-      try receive(over: channel)
+      try controller.receiveMigration(over: channel, networkOverrides: [:], buildingWith: build)
+      FuzzDriver.count("machines adopted")
     } catch {
-      _ = "\(error)"
+      _ = error.description
       FuzzDriver.count("streams refused")
+      // Refused after the adoption (the resume failed): the machine still has to stop.
+      guard controller.lifecycle != .notStarted else { return }
+      FuzzDriver.count("streams refused after the adoption")
+    }
+    if controller.lifecycle == .running { FuzzDriver.count("machines running after the loop") }
+    do {
+      try controller.shutdown(timeoutNanoseconds: 10_000_000_000)
+    } catch {
+      preconditionFailure("an adopted machine did not stop: \(error)")
     }
   }
 
-  /// What the receiver does with the stream, up to the restored (not adopted) machine.
-  static func receive(over channel: MigrationChannel) throws {
-    var hello = StateReader(bytes: try channel.receive(.hello))
-    let version: UInt32 = try hello.read()
-    guard version == MigrationChannel.version else { throw MigrationError.protocolError("version \(version)") }
-    let pageSize: UInt32 = try hello.read()
-    guard pageSize == 4096 else { throw MigrationError.protocolError("page size \(pageSize)") }
-    let description = try MachineDescription.restore(from: &hello)
-    guard hello.isAtEnd else { throw MigrationError.protocolError("trailing bytes after the hello") }
+  /// The receive loop's builder: the fuzz machine on guarded RAM; any other description is
+  /// refused (it names host files and TAP devices).
+  static func build(_ description: MachineDescription, overrides: RestoreOverrides) throws -> VirtualMachine {
     FuzzDriver.count("hellos accepted")
-
-    var machine: VirtualMachine?
-    defer { machine?.shutdownDevices() }
-    let memory: GuestMemory
-    if description == machineDescription() {
-      memory = try GuestMemory(size: description.memorySize)
-      var overrides = RestoreOverrides()
-      overrides.serial = .none
-      overrides.accelerator = .soft
-      overrides.openTapsLater = true
-      machine = try VirtualMachine.build(description: description, overrides: overrides, memory: memory)
-      FuzzDriver.count("machines built")
-    } else {
-      guard description.memorySize <= largestForeignMemory else {
-        FuzzDriver.count("hellos with more RAM than the target maps")
-        return
-      }
-      memory = try GuestMemory(size: description.memorySize)
+    guard description == machineDescription() else {
+      FuzzDriver.count("hellos describing another machine")
+      throw MigrationError.protocolError("the fuzz target builds only its own machine")
     }
-    let guards = GuestMemoryGuards(around: memory)
-    defer { withExtendedLifetime(guards) {} }
-    try channel.send(.accept)
-
-    while true {
-      let (type, payload) = try channel.receive()
-      if type == .pages {
-        try memory.receivePages(payload)
-        FuzzDriver.count("pages messages stored")
-        continue
-      }
-      guard type == .state, payload.first != nil else {
-        throw MigrationError.protocolError("unexpected migration message \(type)")
-      }
-      var reader = StateReader(bytes: try MachineStateFile.decode(Array(payload.dropFirst())))
-      let stateDescription = try reader.section("machine") { (reader) throws(MachineStateError) in
-        try MachineDescription.restore(from: &reader)
-      }
-      guard stateDescription == description else {
-        throw MigrationError.protocolError("the state describes another machine")
-      }
-      guard let machine else {
-        FuzzDriver.count("states of machines not built")
-        return
-      }
-      try machine.restoreSections(from: &reader, description: description, paused: true)
-      FuzzDriver.count("states restored")
-      return
-    }
+    precondition(overrides.accelerator == .soft && overrides.serial == .none && overrides.openTapsLater)
+    let memory = try GuestMemory(size: description.memorySize)
+    guards = GuestMemoryGuards(around: memory)
+    let machine = try VirtualMachine.build(description: description, overrides: overrides, memory: memory)
+    FuzzDriver.count("machines built")
+    return machine
   }
 
   /// Migrations of the fuzz machine as its source sends them, each framed (the raw stream)
   /// and as messages for the target to frame: the hello and a pages message with a data page
-  /// and a zero page; the hello, a pages message of zero pages and the state.
+  /// and a zero page; the hello, a pages message of zero pages and the state of a paused
+  /// source; the same with the state of a running source (resumed here). Each stays under
+  /// `scripts/fuzz.sh`'s `-max_len` of 8192 bytes, or libFuzzer would cut it short.
   static func seeds() -> [[UInt8]] {
     let machine = try! VirtualMachine(configuration: machineConfiguration())
     defer { machine.shutdownDevices() }
@@ -189,10 +164,11 @@ enum FuzzMigration {
     func entry(_ page: UInt64) -> [UInt8] { withUnsafeBytes(of: page.littleEndian) { Array($0) } }
     let dataPages = entry(0x100) + [UInt8](repeating: 0xF4, count: 4096) + entry(0x101 | MigrationChannel.zeroPageFlag)
     let zeroPages = entry(0x102 | MigrationChannel.zeroPageFlag) + entry(0xFFF | MigrationChannel.zeroPageFlag)
-    let state = [0] + MachineStateFile.encode(payload: try! machine.encodeState(memoryPath: "", networkIDs: nil))
+    let file = MachineStateFile.encode(payload: try! machine.encodeState(memoryPath: "", networkIDs: nil))
     let migrations: [[(MigrationMessage, [UInt8])]] = [
       [(.hello, hello.bytes), (.pages, dataPages)],
-      [(.hello, hello.bytes), (.pages, zeroPages), (.state, state)],
+      [(.hello, hello.bytes), (.pages, zeroPages), (.state, [0] + file)],
+      [(.hello, hello.bytes), (.pages, zeroPages), (.state, [1] + file)],
     ]
     return migrations.flatMap { messages -> [[UInt8]] in
       var listed: [UInt8] = [1]

@@ -19,8 +19,17 @@ extension GuestMemory {
     } catch {
       throw MachineStateError("cannot allocate guest RAM for the snapshot: \(error)")
     }
+    try memory.readSnapshotData(from: descriptor, path: path)
+    return memory
+  }
+
+  /// Reads the data runs of the memory file open at `descriptor` (already checked to be a
+  /// regular file of this memory's size) into this memory; holes leave it as it is. `path`
+  /// names the file in errors. The eager restore's reader (`loading(snapshotFile:size:)`);
+  /// the snapshot-memory fuzz target calls it on guarded RAM.
+  func readSnapshotData(from descriptor: Int32, path: String) throws(MachineStateError) {
     var regionStart: UInt64 = 0
-    for region in memory.regions {
+    for region in regions {
       let regionEnd = regionStart + region.size
       var offset = regionStart
       while offset < regionEnd {
@@ -48,6 +57,5 @@ extension GuestMemory {
       }
       regionStart = regionEnd
     }
-    return memory
   }
 }

@@ -619,9 +619,43 @@ extension VMController {
       throw ControlError(.failed, "cannot receive a migration at \(address): \(error)")
     }
     channel.setTimeout(seconds: 60)
+    try receiveMigration(over: channel, networkOverrides: networkOverrides, buildingWith: Self.buildMigratingMachine)
+  }
+
+  /// Builds the machine a migration's hello describes, with the receiver's `overrides`: fresh
+  /// guest RAM of the described size, then `VirtualMachine.build` (which opens the kernel,
+  /// initrd and disks the description names). What `receiveMigration(from:)` uses.
+  static func buildMigratingMachine(_ description: MachineDescription, overrides: RestoreOverrides) throws
+    -> VirtualMachine
+  {
+    let memory: GuestMemory
+    do {
+      memory = try GuestMemory(size: description.memorySize)
+    } catch {
+      throw ControlError(.failed, error.description)
+    }
+    do {
+      return try VirtualMachine.build(description: description, overrides: overrides, memory: memory)
+    } catch {
+      throw ControlError(.failed, "cannot build the migrating machine here: \(error)")
+    }
+  }
+
+  /// The receiver's loop on a connected `channel`, as `receiveMigration(from:)` runs it once a
+  /// source has connected: the hello, the machine built by `buildMachine` from the hello's
+  /// description and the receiver's overrides (the seam: `receiveMigration(from:)` passes
+  /// `buildMigratingMachine`; the migration fuzz target builds a software-CPU machine on
+  /// guarded RAM and refuses descriptions naming other host files), the pages into that
+  /// machine's RAM, the state, the hand-over of TAP devices, and the adoption of the machine
+  /// (resumed if the source ran it). On failure the machine's devices are shut down, the
+  /// source is told why, and the error is returned. Only before start.
+  func receiveMigration(
+    over channel: MigrationChannel, networkOverrides: [String: String],
+    buildingWith buildMachine: (MachineDescription, RestoreOverrides) throws -> VirtualMachine
+  ) throws(ControlError) {
     var machine: VirtualMachine?
     do {
-      try receive(over: channel, building: &machine, networkOverrides: networkOverrides)
+      try receive(over: channel, building: &machine, networkOverrides: networkOverrides, buildMachine: buildMachine)
     } catch {
       machine?.shutdownDevices()
       let message = (error as? ControlError)?.description ?? "\(error)"
@@ -632,7 +666,8 @@ extension VMController {
   }
 
   private func receive(
-    over channel: MigrationChannel, building machine: inout VirtualMachine?, networkOverrides: [String: String]
+    over channel: MigrationChannel, building machine: inout VirtualMachine?, networkOverrides: [String: String],
+    buildMachine: (MachineDescription, RestoreOverrides) throws -> VirtualMachine
   ) throws {
     var hello = StateReader(bytes: try channel.receive(.hello))
     let version: UInt32 = try hello.read()
@@ -645,12 +680,6 @@ extension VMController {
     guard pageSize == 4096 else { throw ControlError(.failed, "the source's page size \(pageSize) is not 4096") }
     let description = try MachineDescription.restore(from: &hello)
     guard hello.isAtEnd else { throw ControlError(.failed, "the source's hello message has trailing bytes") }
-    let memory: GuestMemory
-    do {
-      memory = try GuestMemory(size: description.memorySize)
-    } catch {
-      throw ControlError(.failed, error.description)
-    }
     var overrides = RestoreOverrides()
     let current = spec
     overrides.serial = current.serial
@@ -661,11 +690,9 @@ extension VMController {
     overrides.accelerator = current.accelerator
     // The source still holds its TAPs: they are opened after it lets go of them.
     overrides.openTapsLater = true
-    do {
-      machine = try VirtualMachine.build(description: description, overrides: overrides, memory: memory)
-    } catch {
-      throw ControlError(.failed, "cannot build the migrating machine here: \(error)")
-    }
+    let built = try buildMachine(description, overrides)
+    machine = built
+    let memory = built.parts.memory
     try channel.send(.accept)
     while true {
       let (type, payload) = try channel.receive()
@@ -684,17 +711,17 @@ extension VMController {
       guard stateDescription == description else {
         throw ControlError(.failed, "the migrated state describes another machine than the source announced")
       }
-      try machine!.restoreSections(from: &reader, description: description, paused: true)
-      if !machine!.tapNetworkDevices.isEmpty {
+      try built.restoreSections(from: &reader, description: description, paused: true)
+      if !built.tapNetworkDevices.isEmpty {
         try channel.send(.releaseNetwork)
         _ = try channel.receive(.networkReleased)
         do {
-          try machine!.attachNetworkInterfaces()
+          try built.attachNetworkInterfaces()
         } catch {
           throw ControlError(.failed, "cannot take over the network interfaces: \(error)")
         }
       }
-      try adopt(machine!, paused: true)
+      try adopt(built, paused: true)
       if resume == 1 { try self.resume() }
       // The guest runs here now: the source may stop (if it never hears this, it resumes).
       try? channel.send(.resumed)

@@ -333,7 +333,7 @@ extension VirtualMachine {
     let description = try reader.section("machine") { (reader) throws(MachineStateError) in
       try MachineDescription.restore(from: &reader)
     }
-    var layers: [String]
+    let layers: [String]
     if isDiff {
       guard let base = overrides.memoryPath else {
         throw MachineStateError(
@@ -345,12 +345,7 @@ extension VirtualMachine {
     } else {
       layers = [overrides.memoryPath ?? description.memoryPath] + overrides.diffPaths
     }
-    let firstLayer = layers.removeFirst()
-    let memory =
-      overrides.eagerMemory
-      ? try GuestMemory.loading(snapshotFile: firstLayer, size: description.memorySize)
-      : try GuestMemory.mapping(snapshotFile: firstLayer, size: description.memorySize)
-    for diff in layers { try memory.applyDiff(path: diff) }
+    let memory = try restoreMemory(layers: layers, size: description.memorySize, eager: overrides.eagerMemory)
     var clockStep: UInt64 = 0
     if overrides.clockRealtime {
       guard let takenAt = try recordedHostTime(in: payload) else {
@@ -364,6 +359,20 @@ extension VirtualMachine {
     try machine.restoreSections(
       from: &reader, description: description, paused: overrides.paused, clockStep: clockStep)
     return machine
+  }
+
+  /// Guest RAM of `size` bytes restored from memory-file layers: the first (a full memory file,
+  /// or a base with diffs merged into it) mapped copy-on-write, or read into fresh RAM when
+  /// `eager`; then each later layer, a diff, laid over it in order. Each file must be a regular
+  /// file of exactly `size` bytes; anything else is refused with an error.
+  static func restoreMemory(layers: [String], size: UInt64, eager: Bool) throws(MachineStateError) -> GuestMemory {
+    guard let first = layers.first else { throw MachineStateError("no memory file to restore guest RAM from") }
+    let memory =
+      eager
+      ? try GuestMemory.loading(snapshotFile: first, size: size)
+      : try GuestMemory.mapping(snapshotFile: first, size: size)
+    for diff in layers.dropFirst() { try memory.applyDiff(path: diff) }
+    return memory
   }
 
   /// The machine `description` describes, with `overrides`, on `memory` (not yet restored).
