@@ -540,10 +540,15 @@ struct BlockTranslator {
   /// The guest-register cache of the first `count` instructions at `first` (the map of
   /// `X86Emitter.cachedRegisters`): the general registers their operands name most often, at
   /// least twice (a cached register costs one load at the block's entry), in
-  /// `cacheHostRegisters`. Instructions the interpreter helper runs do not count (their
+  /// `cacheHostRegisters`, except registers the block writes in part (`codeSize` 4: the
+  /// stack pointer). Instructions the interpreter helper runs do not count (their
   /// registers are read from the register array).
-  static func registerCache(_ first: UnsafePointer<Instruction>, count: Int) -> [UInt8] {
+  static func registerCache(_ first: UnsafePointer<Instruction>, count: Int, codeSize: Int = 8) -> [UInt8] {
     var uses = [Int](repeating: 0, count: 16)
+    // Registers whose slot is written in part (AH..BH, or a 32-bit stack pointer's low half,
+    // which keeps the upper one) are left in memory: reloading the whole slot right after a
+    // narrower store would wait for the store to complete (no store-to-load forwarding).
+    var partlyWritten: Set<Int> = codeSize == 4 ? [4] : []
     for index in 0..<count {
       let slot = first + index
       if isInterpreted(slot) { continue }
@@ -555,11 +560,18 @@ struct BlockTranslator {
         named.append(instruction.rm)
       }
       if instruction.fast != .none { named += [instruction.fastDst, instruction.fastSrc] }
-      for register in Set(named) where register < 16 { uses[Int(register)] += 1 }
+      for register in Set(named) {
+        if register < 16 {
+          uses[Int(register)] += 1
+        } else if register < Instruction.highByteBase + 4 {
+          partlyWritten.insert(Int(register - Instruction.highByteBase))
+        }
+      }
       if usesStack(instruction) { uses[4] += 2 }
     }
     var cache = [UInt8](repeating: 0, count: 16)
-    let chosen = (0..<16).filter { uses[$0] >= 2 }.sorted { uses[$0] > uses[$1] }.prefix(cacheHostRegisters.count)
+    let chosen = (0..<16).filter { uses[$0] >= 2 && !partlyWritten.contains($0) }.sorted { uses[$0] > uses[$1] }
+      .prefix(cacheHostRegisters.count)
     guard !chosen.isEmpty else { return [] }
     for (host, register) in zip(cacheHostRegisters, chosen) { cache[register] = host }
     return cache
@@ -625,7 +637,8 @@ struct BlockTranslator {
     let chainEntry = emitter.count
     // The guest registers this prefix uses most live in host registers from here on (see
     // `X86Emitter.cachedRegisters`); a block chained to enters here and loads its own.
-    emitter.cachedRegisters = Self.cachesRegisters ? Self.registerCache(first, count: translated) : []
+    emitter.cachedRegisters =
+      Self.cachesRegisters ? Self.registerCache(first, count: translated, codeSize: codeSize) : []
     emitter.loadCachedRegisters()
     blockIndex = block
     decodedCount = count
