@@ -135,6 +135,7 @@ struct SeccompPolicy: Sendable {
         HV_SYS_getpeername, HV_SYS_uname, HV_SYS_sysinfo, HV_SYS_getrusage, HV_SYS_times, HV_SYS_membarrier,
         HV_SYS_wait4,
         HV_SYS_kill, HV_SYS_getuid, HV_SYS_geteuid, HV_SYS_getgid, HV_SYS_getegid, HV_SYS_getppid,
+        HV_SYS_getpgrp,
         HV_SYS_sched_setaffinity,
         HV_SYS_fchmod, HV_SYS_sync_file_range, HV_SYS_flock, HV_SYS_access, HV_SYS_faccessat, HV_SYS_faccessat2,
       ]),

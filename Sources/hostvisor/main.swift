@@ -1,5 +1,6 @@
 import ArgumentParser
 import ControlAPI
+import Devices
 import Foundation
 import Glibc
 import Sandbox
@@ -182,7 +183,10 @@ struct Run: ParsableCommand {
       let sandboxed = sandboxArguments.enabled(apiSocket: apiSocket, gdb: gdb, snapshotOnSignal: snapshotOnSignal)
       try sandboxArguments.validate(enabled: sandboxed)
       let probePath = (kernel ?? restore).map { URL(fileURLWithPath: $0).standardizedFileURL.path }
-      if sandboxed { try Sandbox.prepare() }
+      if sandboxed {
+        TerminalConsole.recordJobStateBeforePIDNamespace()
+        try Sandbox.prepare()
+      }
       let sandboxOptions = sandboxed ? try sandboxArguments.options(probePath: probePath) : nil
       if let limits = try cgroupArguments.limits() {
         try cgroupArguments.apply(limits, diskPaths: disk.map { String($0.split(separator: ",").first ?? "") })
@@ -402,6 +406,7 @@ struct Serve: ParsableCommand {
           throw CommandFailure(
             "serve --sandbox needs --jail DIR: the kernel, disks and snapshots the API names are paths inside it")
         }
+        TerminalConsole.recordJobStateBeforePIDNamespace()
         try Sandbox.prepare()
         sandbox = try sandboxArguments.options(probePath: nil)
         if accelerator != .soft && FileManager.default.fileExists(atPath: kvmDevicePath) {
