@@ -127,7 +127,7 @@ def main():
         walls, cpus = [], []
         for _ in range(10):
             start = time.perf_counter()
-            run = subprocess.Popen([BINARY, "run", "--kernel", kernel, "--accel", accel, "--memory", "128M",
+            run = subprocess.Popen([BINARY, "run", "--no-sandbox", "--kernel", kernel, "--accel", accel, "--memory", "128M",
                                     "--serial", "stdio"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL)
             ready, _, _ = select.select([run.stdout], [], [], 10)

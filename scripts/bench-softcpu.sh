@@ -85,7 +85,7 @@ qemu_cmd() { echo qemu-system-x86_64 -accel tcg -m 128 -kernel "$1" -nographic -
 
 base=$(measure 1 $(qemu_cmd "$work/b0.bin")) || exit 1
 read -r qemu_base_wall qemu_base_cpu _ <<<"$base"
-base=$(measure 1 "$hostvisor" run --accel soft --softcpu-tier interp --memory 128M --kernel "$work/b0.bin") || exit 1
+base=$(measure 1 "$hostvisor" run --no-sandbox --accel soft --softcpu-tier interp --memory 128M --kernel "$work/b0.bin") || exit 1
 read -r vmm_base_wall vmm_base_cpu _ <<<"$base"
 mismatches=0
 printf "%-12s %12s %7s | %8s %8s | %8s | %8s %8s | %8s %8s | %6s %6s %6s %6s | %s\n" program instructions MIPS hv-wall hv-cpu jit-cpu qemu-wall qemu-cpu flat-wall flat-cpu hv/q hv/q-net jit/q jit/hv "results hv/jit/qemu/flat"
@@ -99,9 +99,9 @@ for p in $programs; do
   mips=$(echo "$instructions / $soft_cpu / 1000000" | bc -l | xargs printf "%.0f")
   line=$(measure 1 $(qemu_cmd "$work/b$p.bin")) || exit 1
   read -r qemu_wall qemu_cpu qemu_result <<<"$line"
-  line=$(measure 1 "$hostvisor" run --accel soft --softcpu-tier interp --memory 128M --kernel "$work/b$p.bin") || exit 1
+  line=$(measure 1 "$hostvisor" run --no-sandbox --accel soft --softcpu-tier interp --memory 128M --kernel "$work/b$p.bin") || exit 1
   read -r vmm_wall vmm_cpu vmm_result <<<"$line"
-  line=$(measure 1 "$hostvisor" run --accel soft --softcpu-tier jit --memory 128M --kernel "$work/b$p.bin") || exit 1
+  line=$(measure 1 "$hostvisor" run --no-sandbox --accel soft --softcpu-tier jit --memory 128M --kernel "$work/b$p.bin") || exit 1
   read -r _ jit_cpu jit_result <<<"$line"
   # Headline: `hostvisor run` against QEMU, the same image booted the same way (Multiboot
   # loader, 32-bit entry, guest page tables, long mode, debug-exit), CPU time; and the same

@@ -135,7 +135,7 @@ def snapshot_and_restore(binary, work, accel, kernel, memory_mib):
         source.stop()
     allocated = os.stat(os.path.join(directory, "memory")).st_blocks * 512
     start = time.perf_counter()
-    restored = subprocess.Popen([binary, "run", "--restore", os.path.join(directory, "state")],
+    restored = subprocess.Popen([binary, "run", "--no-sandbox", "--restore", os.path.join(directory, "state")],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         ready, _, _ = select.select([restored.stdout], [], [], 120)

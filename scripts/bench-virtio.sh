@@ -252,7 +252,7 @@ class Server:
 
 
 def hostvisor_argv(nic):
-    return [hostvisor, "run", "--accel", "soft", "--memory", "512M", "--serial", "stdio",
+    return [hostvisor, "run", "--no-sandbox", "--accel", "soft", "--memory", "512M", "--serial", "stdio",
             "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline,
             "--disk", image, "--net", f"tap={tap},mac={mac}" + ("" if qemu_offloads == "1" else ",offloads=off")
             + ("" if nic == "virtio" else f",model={nic}")]

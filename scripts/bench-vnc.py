@@ -137,7 +137,7 @@ def process_cpu_seconds(pid):
 def guest_cost(rounds, megabytes, hostvisor):
     guest = '.cache/guest'
     vmm = subprocess.Popen(
-        [hostvisor, 'run', '--accel', 'soft', '--memory', '256M', '--kernel', guest + '/vmlinuz', '--initrd',
+        [hostvisor, 'run', '--no-sandbox', '--accel', 'soft', '--memory', '256M', '--kernel', guest + '/vmlinuz', '--initrd',
          guest + '/initramfs.cpio.gz', '--cmdline', 'console=tty0 console=ttyS0 panic=-1', '--display',
          'vnc=127.0.0.1:0', '--serial', 'stdio'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -13,6 +13,8 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <sys/sysmacros.h>
 #include <sys/resource.h>
@@ -101,16 +103,55 @@ int hv_sandbox_close_from(unsigned int first) {
 
 int hv_sandbox_set_no_new_privs(void) { return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 ? 0 : errno; }
 
-pid_t hv_sandbox_fork(void) {
-  pid_t parent = getpid();
+// The supervisor's terminal settings before the VMM could change them (stdin a terminal).
+static struct termios supervisor_terminal;
+static int supervisor_terminal_saved;
+
+pid_t hv_sandbox_fork(int *liveness) {
+  supervisor_terminal_saved = isatty(STDIN_FILENO) && tcgetattr(STDIN_FILENO, &supervisor_terminal) == 0;
+  // Only the supervisor holds the write end: the read end reports a hang-up once it is gone.
+  int pipe_ends[2];
+  if (pipe2(pipe_ends, O_CLOEXEC) != 0) return -errno;
   pid_t child = fork();
-  if (child < 0) return -errno;
-  if (child == 0) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    // The parent may have died before the request: its death would never be reported.
-    if (getppid() != 0 && getppid() != parent) _exit(1);
+  if (child < 0) {
+    int error = errno;
+    close(pipe_ends[0]);
+    close(pipe_ends[1]);
+    return -error;
   }
-  return child;
+  if (child > 0) {
+    close(pipe_ends[0]);
+    return child;
+  }
+  close(pipe_ends[1]);
+  *liveness = pipe_ends[0];
+  prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+  // The parent may have died before the request: its death would never be reported (getppid
+  // cannot tell: the parent lies outside this PID namespace, so it reads 0 either way).
+  if (!hv_sandbox_supervisor_alive(pipe_ends[0])) _exit(1);
+  return 0;
+}
+
+int hv_sandbox_supervisor_alive(int liveness) {
+  struct pollfd entry = {.fd = liveness, .events = POLLIN};
+  int ready;
+  do {
+    ready = poll(&entry, 1, 0);
+  } while (ready < 0 && errno == EINTR);
+  return ready == 0;
+}
+
+/// Puts the terminal back as it was before the VMM started when the VMM could not (it was
+/// killed) and this process is in the foreground (a background job would be stopped by it).
+static void restore_supervisor_terminal(void) {
+  if (!supervisor_terminal_saved || tcgetpgrp(STDIN_FILENO) != getpgrp()) return;
+  struct termios now;
+  if (tcgetattr(STDIN_FILENO, &now) != 0) return;
+  if (now.c_iflag == supervisor_terminal.c_iflag && now.c_oflag == supervisor_terminal.c_oflag &&
+      now.c_cflag == supervisor_terminal.c_cflag && now.c_lflag == supervisor_terminal.c_lflag &&
+      memcmp(now.c_cc, supervisor_terminal.c_cc, sizeof now.c_cc) == 0)
+    return;
+  tcsetattr(STDIN_FILENO, TCSANOW, &supervisor_terminal);
 }
 
 static volatile pid_t supervised_child;
@@ -137,6 +178,7 @@ void hv_sandbox_supervise(pid_t child) {
     if (result == child) break;
     if (result < 0 && errno != EINTR) _exit(1);
   }
+  restore_supervisor_terminal();
   if (WIFEXITED(status)) _exit(WEXITSTATUS(status));
   int signo = WIFSIGNALED(status) ? WTERMSIG(status) : SIGKILL;
   if (signo == SIGKILL && forwarded_signal) signo = forwarded_signal;

@@ -143,6 +143,16 @@ public final class TerminalConsole: Sendable {
     if state.ownsRawMode { TerminalModeGuard.leaveRawMode() }
   }
 
+  /// Records whether standard input is a terminal this process is a background job of, for a
+  /// process about to become PID 1 of a PID namespace of its own (the sandboxed VMM): inside,
+  /// its process group and the terminal's foreground group both lie outside the namespace and
+  /// read as 0, so `start()` could no longer tell a background job (which must not touch the
+  /// terminal) from the foreground. Call before the namespace is entered.
+  public static func recordJobStateBeforePIDNamespace() {
+    let background = isatty(STDIN_FILENO) == 1 && TerminalModeGuard.isBackgroundJob(STDIN_FILENO)
+    backgroundJobOutsidePIDNamespace.store(background, ordering: .releasing)
+  }
+
   /// Runs `body` with the console started, and stops it however `body` ends.
   public func run<Result>(_ body: () throws -> Result) throws -> Result {
     try start()
@@ -249,6 +259,8 @@ private let terminalRestoreArmed = Atomic<Bool>(false)
 private nonisolated(unsafe) let previousSignalActions = UnsafeMutablePointer<sigaction>.allocate(capacity: 65)
 private nonisolated(unsafe) var installedSignalMask: UInt64 = 0
 private let terminalOwnerLock = Mutex<Bool>(false)
+/// See `TerminalConsole.recordJobStateBeforePIDNamespace`.
+private let backgroundJobOutsidePIDNamespace = Atomic<Bool>(false)
 
 /// Signals whose default action ends the process, after which the terminal must be sane again.
 private let restoringSignals: [Int32] = [
@@ -318,7 +330,10 @@ enum TerminalModeGuard {
   /// terminal, tcgetpgrp fails and there is no job control to worry about.
   static func isBackgroundJob(_ descriptor: Int32) -> Bool {
     let foreground = tcgetpgrp(descriptor)
-    return foreground >= 0 && foreground != getpgrp()
+    let own = getpgrp()
+    // Both outside our PID namespace: what `recordJobStateBeforePIDNamespace` saw.
+    if foreground == 0 && own == 0 { return backgroundJobOutsidePIDNamespace.load(ordering: .acquiring) }
+    return foreground >= 0 && foreground != own
   }
 
   /// Restores the saved settings and disarms restoration.

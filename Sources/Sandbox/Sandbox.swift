@@ -6,9 +6,17 @@ import VMCore
 /// A failure while entering the sandbox, as one clear line.
 public struct SandboxError: Error, CustomStringConvertible, Sendable {
   public let description: String
-  init(_ description: String) { self.description = description }
-  init(_ step: String, errno number: Int32) {
+  /// Whether the host refused the namespaces themselves (no CAP_SYS_ADMIN, e.g. root inside
+  /// an unprivileged container, or a kernel without them): nothing was changed, so the
+  /// process can go on without the sandbox.
+  public let isUnavailable: Bool
+  init(_ description: String) {
+    self.description = description
+    isUnavailable = false
+  }
+  init(_ step: String, errno number: Int32, unavailable: Bool = false) {
     description = "sandbox: \(step): \(String(cString: strerror(number)))"
+    isUnavailable = unavailable
   }
 }
 
@@ -81,21 +89,38 @@ public enum Sandbox {
       throw SandboxError("sandbox: the process already runs \(threads) threads; cannot enter namespaces")
     }
     let unshared = hv_sandbox_unshare_namespaces()
-    if unshared != 0 { throw SandboxError("cannot enter new namespaces (needs root)", errno: unshared) }
+    if unshared != 0 {
+      throw SandboxError("cannot enter new namespaces (needs root)", errno: unshared, unavailable: true)
+    }
     // Nothing mounted from here on reaches the host's namespace.
     if mount(nil, "/", nil, UInt(MS_REC | MS_PRIVATE), nil) != 0 {
       throw SandboxError("cannot make the mounts private", errno: errno)
     }
     supervisorPIDValue.store(getpid(), ordering: .relaxed)
-    let child = hv_sandbox_fork()
+    var liveness: Int32 = -1
+    let child = hv_sandbox_fork(&liveness)
     if child < 0 { throw SandboxError("cannot fork the VMM into its PID namespace", errno: -child) }
     if child > 0 { hv_sandbox_supervise(child) }
     // Only the VMM drops what it inherited. The supervisor keeps its descriptors: a parent may
     // watch one of them for the end of its child (Foundation's `Process` does, with a socket
-    // it passes down), and closing it would read as the supervisor's exit.
-    _ = hv_sandbox_close_from(3)
+    // it passes down), and closing it would read as the supervisor's exit. The VMM keeps only
+    // the supervisor's liveness pipe, as descriptor 3, until `enter` no longer needs it.
+    if liveness != livenessDescriptor {
+      guard dup2(liveness, livenessDescriptor) == livenessDescriptor,
+        fcntl(livenessDescriptor, F_SETFD, FD_CLOEXEC) == 0
+      else {
+        throw SandboxError("cannot keep the supervisor's liveness pipe", errno: errno)
+      }
+    }
+    _ = hv_sandbox_close_from(UInt32(livenessDescriptor) + 1)
+    livenessKept.set()
     _ = "hostvisor".withCString { sethostname($0, 9) }
   }
+
+  /// The descriptor of the pipe whose write end only the supervisor holds (see `prepare`).
+  private static let livenessDescriptor: Int32 = 3
+  /// Whether `prepare` left the liveness pipe at `livenessDescriptor`.
+  private static let livenessKept = SandboxFlag()
 
   /// Step two (see the type's description), for a machine whose devices are all open.
   public static func enter(_ options: SandboxOptions) throws(SandboxError) {
@@ -115,8 +140,13 @@ public enum Sandbox {
     let user = hv_sandbox_set_user(options.uid)
     if user != 0 { throw SandboxError("cannot switch to user \(options.uid)", errno: user) }
     // Changing credentials cleared PR_SET_PDEATHSIG: without it the VMM would outlive a
-    // killed supervisor.
+    // killed supervisor. A supervisor that died while it was cleared sent nothing: the pipe
+    // whose only write end it held tells.
     hv_sandbox_renew_parent_death_signal()
+    if livenessKept.isSet {
+      if hv_sandbox_supervisor_alive(livenessDescriptor) == 0 { _exit(128 + SIGKILL) }
+      close(livenessDescriptor)
+    }
     let cleared = hv_sandbox_clear_capabilities()
     if cleared != 0 { throw SandboxError("cannot clear the capabilities", errno: cleared) }
     let noNewPrivileges = hv_sandbox_set_no_new_privs()

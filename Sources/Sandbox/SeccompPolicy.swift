@@ -9,6 +9,10 @@ struct SeccompPolicy: Sendable {
   let syscalls: Set<Int32>
   /// Which ioctl requests are allowed.
   let ioctl: IoctlRule
+  /// System calls that fail with EACCES instead of stopping the process: calls the C library
+  /// makes by itself on any thread, which it survives refused (glibc's malloc opens
+  /// /proc/sys/vm/overcommit_memory the first time a thread's arena shrinks).
+  var refused: Set<Int32> = []
 
   enum IoctlRule: Sendable {
     /// None.
@@ -69,6 +73,10 @@ struct SeccompPolicy: Sendable {
     for number in policy.syscalls.sorted() where number != HV_SYS_ioctl {
       code.append(jump(jumpIfEqual, UInt32(number), 0, 1))
       code.append(allow)
+    }
+    for number in policy.refused.sorted() {
+      code.append(jump(jumpIfEqual, UInt32(number), 0, 1))
+      code.append(statement(returnValue, HV_SECCOMP_RET_ERRNO | UInt32(EACCES)))
     }
     code.append(trap)
     if let ioctlJump {
@@ -135,6 +143,7 @@ struct SeccompPolicy: Sendable {
         HV_SYS_getpeername, HV_SYS_uname, HV_SYS_sysinfo, HV_SYS_getrusage, HV_SYS_times, HV_SYS_membarrier,
         HV_SYS_wait4,
         HV_SYS_kill, HV_SYS_getuid, HV_SYS_geteuid, HV_SYS_getgid, HV_SYS_getegid, HV_SYS_getppid,
+        HV_SYS_getpgrp,
         HV_SYS_sched_setaffinity,
         HV_SYS_fchmod, HV_SYS_sync_file_range, HV_SYS_flock, HV_SYS_access, HV_SYS_faccessat, HV_SYS_faccessat2,
       ]),
@@ -144,12 +153,12 @@ struct SeccompPolicy: Sendable {
   /// backends, starting device workers. No opening of files, no sockets.
   static let vcpu = SeccompPolicy(
     syscalls: common.union(deviceIO).union(threads).union([HV_SYS_ioctl, HV_SYS_rt_sigaction]),
-    ioctl: .numbers(ioctlNumbers(hv_sandbox_vcpu_ioctls)))
+    ioctl: .numbers(ioctlNumbers(hv_sandbox_vcpu_ioctls)), refused: [HV_SYS_openat])
 
   /// A device worker thread: its queues and backend only; no KVM, no threads, no files.
   static let deviceWorker = SeccompPolicy(
     syscalls: common.union(deviceIO).union([HV_SYS_ioctl]),
-    ioctl: .numbers(ioctlNumbers(hv_sandbox_worker_ioctls)))
+    ioctl: .numbers(ioctlNumbers(hv_sandbox_worker_ioctls)), refused: [HV_SYS_openat])
 
   private static func ioctlNumbers(_ list: (UnsafeMutablePointer<Int32>?) -> UnsafePointer<UInt32>?) -> [UInt32] {
     var count: Int32 = 0

@@ -7,7 +7,7 @@ struct SandboxArguments: ParsableArguments {
   @Flag(
     inversion: .prefixedNo,
     help: ArgumentHelp(
-      "Run the VMM sandboxed once the machine is open: new mount, PID, IPC and UTS namespaces, an empty root (or --jail), an unprivileged user, no capabilities, resource limits, seccomp filters per thread. Needs root. Default: off for now (see docs/isolation.md)."
+      "Run the VMM sandboxed once the machine is open: new mount, PID, IPC and UTS namespaces, an empty root (or --jail), an unprivileged user, no capabilities, resource limits, seccomp filters per thread. Needs root. Default for run: on when started as root, except with --api-sock, --gdb, --snapshot-on-signal or $HOSTVISOR_PERF_MAP set (they use host paths, the host's view of the VMM or debugging after start; give --sandbox to have it anyway), and off when the host refuses the namespaces (a warning says so). Default for serve: off (it needs --jail). See docs/isolation.md."
     ))
   var sandbox: Bool?
 
@@ -34,11 +34,26 @@ struct SandboxArguments: ParsableArguments {
     help: ArgumentHelp("Test hook: report,forbidden-call,forbidden-call-vcpu.", visibility: .private))
   var probes: String?
 
-  /// Whether to sandbox this run.
-  func enabled(apiSocket: String?, gdb: String?, snapshotOnSignal: String?) -> Bool {
-    // Default on as root once killing the supervisor reliably ends the VMM (docs/TODO.md):
-    // (getuid() == 0 && apiSocket == nil && gdb == nil && snapshotOnSignal == nil)
-    sandbox ?? false
+  /// Whether the command line speaks of the sandbox: `--sandbox`, `--no-sandbox`, `--jail`,
+  /// `--uid` or `--gid`.
+  var isExplicit: Bool { sandbox != nil || jail != nil || uid != nil || gid != nil }
+
+  /// Whether to sandbox this run: as `--sandbox`/`--no-sandbox` say, otherwise on when started
+  /// as root (effective user 0) unless `defaultOffReason` is given.
+  func enabled(defaultOffReason: String?) -> Bool {
+    sandbox ?? (geteuid() == 0 && defaultOffReason == nil)
+  }
+
+  /// Why `run` leaves the sandbox off by default: an option that needs host paths, the host's
+  /// view of the VMM process or a debugger after start; nil when none applies.
+  static func defaultOffReason(apiSocket: String?, gdb: String?, snapshotOnSignal: String?) -> String? {
+    if apiSocket != nil { return "--api-sock (the API names host paths after start)" }
+    if gdb != nil { return "--gdb (a debugger attaches after start)" }
+    if snapshotOnSignal != nil { return "--snapshot-on-signal (it writes host paths after start)" }
+    if getenv("HOSTVISOR_PERF_MAP") != nil {
+      return "HOSTVISOR_PERF_MAP (the perf map names the VMM's host PID under /tmp)"
+    }
+    return nil
   }
 
   /// The options for `Sandbox.enter`, or a one-line error.

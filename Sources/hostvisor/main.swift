@@ -1,5 +1,6 @@
 import ArgumentParser
 import ControlAPI
+import Devices
 import Foundation
 import Glibc
 import Sandbox
@@ -179,10 +180,27 @@ struct Run: ParsableCommand {
 
   func run() throws {
     do {
-      let sandboxed = sandboxArguments.enabled(apiSocket: apiSocket, gdb: gdb, snapshotOnSignal: snapshotOnSignal)
+      let offReason = SandboxArguments.defaultOffReason(
+        apiSocket: apiSocket, gdb: gdb, snapshotOnSignal: snapshotOnSignal)
+      var sandboxed = sandboxArguments.enabled(defaultOffReason: offReason)
       try sandboxArguments.validate(enabled: sandboxed)
+      if verbose, !sandboxArguments.isExplicit, geteuid() == 0, let offReason {
+        printError("hostvisor: sandbox: off by default with \(offReason); --sandbox turns it on")
+      }
       let probePath = (kernel ?? restore).map { URL(fileURLWithPath: $0).standardizedFileURL.path }
-      if sandboxed { try Sandbox.prepare() }
+      if sandboxed {
+        TerminalConsole.recordJobStateBeforePIDNamespace()
+        do throws(SandboxError) {
+          try Sandbox.prepare()
+        } catch {
+          // On by default only: a root the host denies namespaces (an unprivileged container)
+          // still runs its VM, with one line saying it is not sandboxed.
+          let explicit = sandboxArguments.isExplicit
+          guard error.isUnavailable, !explicit else { throw error }
+          printError("hostvisor: warning: \(error.description); running without the sandbox (--no-sandbox: no warning)")
+          sandboxed = false
+        }
+      }
       let sandboxOptions = sandboxed ? try sandboxArguments.options(probePath: probePath) : nil
       if let limits = try cgroupArguments.limits() {
         try cgroupArguments.apply(limits, diskPaths: disk.map { String($0.split(separator: ",").first ?? "") })
@@ -395,13 +413,15 @@ struct Serve: ParsableCommand {
     // the sandbox makes there for its user.
     var sandbox: SandboxOptions?
     do {
-      let sandboxed = sandboxArguments.enabled(apiSocket: apiSocket, gdb: nil, snapshotOnSignal: nil)
+      // Off unless asked for: serve's sandbox needs a --jail holding what the API will name.
+      let sandboxed = sandboxArguments.enabled(defaultOffReason: "serve")
       try sandboxArguments.validate(enabled: sandboxed)
       if sandboxed {
         guard sandboxArguments.jail != nil else {
           throw CommandFailure(
             "serve --sandbox needs --jail DIR: the kernel, disks and snapshots the API names are paths inside it")
         }
+        TerminalConsole.recordJobStateBeforePIDNamespace()
         try Sandbox.prepare()
         sandbox = try sandboxArguments.options(probePath: nil)
         if accelerator != .soft && FileManager.default.fileExists(atPath: kvmDevicePath) {

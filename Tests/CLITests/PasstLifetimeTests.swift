@@ -10,11 +10,22 @@ import Testing
   /// cannot react to its socket closing); the child (`passt`, or `passt.avx2`, which it execs on
   /// hosts with AVX2) must be gone within seconds.
   @Test func passtEndsWithAVMMKilledBySignal() throws {
+    try checkPasstEnds(sandbox: "--no-sandbox")
+  }
+
+  /// The same with the sandbox (as root, the default): passt runs in the VMM's PID namespace,
+  /// and SIGKILL goes to the supervisor, whose death takes the VMM and the namespace with it.
+  @Test(.enabled(if: getuid() == 0, "the sandbox needs root"))
+  func passtEndsWithASandboxedVMMWhoseSupervisorIsKilled() throws {
+    try checkPasstEnds(sandbox: "--sandbox")
+  }
+
+  func checkPasstEnds(sandbox: String) throws {
     let scratch = try ScratchDirectory()
     let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
     let vmm = try HostProcess(
       HostvisorProcess.executable.path,
-      ["run", "--kernel", kernel, "--accel", "soft", "--net", "user", "--serial", "none"]
+      ["run", "--kernel", kernel, "--accel", "soft", "--net", "user", "--serial", "none", sandbox]
     ) { _ in }
     defer {
       vmm.signal(SIGKILL)
@@ -23,7 +34,10 @@ import Testing
     var found: pid_t?
     let deadline = Date().addingTimeInterval(30)
     while found == nil && Date() < deadline {
-      found = Self.children(of: vmm.processIdentifier).first { Self.command(of: $0)?.hasPrefix("passt") == true }
+      // The VMM's child: with the sandbox, the VMM is the started supervisor's child.
+      let started = vmm.processIdentifier
+      let candidates = Self.children(of: started) + Self.children(of: started).flatMap { Self.children(of: $0) }
+      found = candidates.first { Self.command(of: $0)?.hasPrefix("passt") == true }
       if found == nil { usleep(20_000) }
     }
     let passt = try #require(found, "the VMM started no passt child")

@@ -49,11 +49,17 @@ struct SandboxTests {
       }
     }
 
-    /// The sandboxed VMM: the supervisor's only child.
+    /// The sandboxed VMM: the supervisor's only child (an error when there is none).
     func child() throws -> pid_t {
+      guard let first = children.first else { throw CocoaError(.fileReadNoSuchFile) }
+      return first
+    }
+
+    /// The children of the process started (the sandboxed VMM under its supervisor).
+    var children: [pid_t] {
       let pid = process.processIdentifier
-      let children = try String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8)
-      return try #require(children.split(separator: " ").compactMap { pid_t($0) }.first)
+      let text = (try? String(contentsOfFile: "/proc/\(pid)/task/\(pid)/children", encoding: .utf8)) ?? ""
+      return text.split(separator: " ").compactMap { pid_t($0) }
     }
 
     /// SIGKILL to the VMM and then its supervisor (the runner's children inherit a blocked
@@ -166,27 +172,130 @@ struct SandboxTests {
       "stderr: \(result.stderr)")
   }
 
-  /// With --sandbox the guest still runs and exits with its own
-  /// status; --no-sandbox turns it off; sandbox options without the sandbox are an error.
-  @Test func defaultsAndOptOut() throws {
+  /// As root the sandbox is on by default: a `run` without sandbox options ends up as an
+  /// unprivileged, filtered VMM under its supervisor, and the guest still runs and exits with
+  /// its own status; --no-sandbox keeps a single root process; the options that need the host's
+  /// view after start leave it off by default (--verbose says why) unless --sandbox is given;
+  /// sandbox options without the sandbox are an error.
+  @Test func onByDefaultAsRootAndOptOut() throws {
     let scratch = try ScratchDirectory()
+    let busy = try buildGuest("cli/busy-loop.S", in: scratch)
+    let defaulted = try RunningVMM(["run", "--kernel", busy, "--accel", "kvm", "--serial", "stdio"], scratch: scratch)
+    try defaulted.waitFor("busy loop running")
+    let vmm = try defaulted.child()
+    #expect(Self.status(vmm, "NoNewPrivs") == "1")
+    #expect(Self.status(vmm, "Seccomp") == "2")
+    #expect(Self.status(vmm, "Uid")?.split(separator: "\t").allSatisfy { $0 == "\(Self.nobody.uid)" } == true)
+    #expect(Self.status(vmm, "CapEff") == "0000000000000000")
+    #expect(Self.status(vmm, "NSpid") == "\(vmm)\t1")
+    defaulted.kill()
+
+    let plain = try RunningVMM(
+      ["run", "--kernel", busy, "--accel", "kvm", "--serial", "stdio", "--no-sandbox"], scratch: scratch)
+    try plain.waitFor("busy loop running")
+    let pid = plain.process.processIdentifier
+    #expect(Self.status(pid, "NoNewPrivs") == "0")
+    #expect(Self.status(pid, "Seccomp") == "0")
+    #expect(Self.status(pid, "Uid")?.split(separator: "\t").allSatisfy { $0 == "0" } == true)
+    #expect(plain.children.isEmpty, "a VMM without the sandbox forked \(plain.children)")
+    plain.kill()
+
     let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
     let disk = scratch.path("disk.img")
     try Data(repeating: 0, count: 1 << 20).write(to: URL(fileURLWithPath: disk))
     let base = ["run", "--kernel", kernel, "--accel", "kvm", "--disk", disk, "--console", "virtio", "--verbose"]
-    let sandboxed = try HostvisorProcess.run(base + ["--serial", "stdio", "--sandbox"])
+    let sandboxed = try HostvisorProcess.run(base + ["--serial", "stdio"])
     #expect(sandboxed.status == (0x21 << 1) | 1, "stderr: \(sandboxed.stderr)")
     #expect(sandboxed.stdout.contains("hello from the guest"))
     #expect(sandboxed.stderr.contains("hostvisor: sandbox: entered (root: empty;"), "\(sandboxed.stderr)")
-    let plain = try HostvisorProcess.run(base + ["--serial", "stdio", "--no-sandbox"])
-    #expect(plain.status == (0x21 << 1) | 1, "stderr: \(plain.stderr)")
-    #expect(!plain.stderr.contains("sandbox"), "\(plain.stderr)")
+    let optedOut = try HostvisorProcess.run(base + ["--serial", "stdio", "--no-sandbox"])
+    #expect(optedOut.status == (0x21 << 1) | 1, "stderr: \(optedOut.stderr)")
+    #expect(!optedOut.stderr.contains("sandbox"), "\(optedOut.stderr)")
+    let port = String(Int.random(in: 20000...40000))
+    let debugged = try HostvisorProcess.run(base + ["--serial", "stdio", "--gdb", "127.0.0.1:\(port)"])
+    #expect(debugged.status == (0x21 << 1) | 1, "stderr: \(debugged.stderr)")
+    #expect(
+      debugged.stderr.contains("hostvisor: sandbox: off by default with --gdb") && !debugged.stderr.contains("entered"),
+      "\(debugged.stderr)")
+    let asked = try HostvisorProcess.run(base + ["--serial", "stdio", "--gdb", "127.0.0.1:\(port)", "--sandbox"])
+    #expect(asked.status == (0x21 << 1) | 1, "stderr: \(asked.stderr)")
+    #expect(asked.stderr.contains("hostvisor: sandbox: entered"), "\(asked.stderr)")
     let wrong = try HostvisorProcess.run(base + ["--no-sandbox", "--uid", "1"])
     #expect(wrong.status == 1)
     #expect(wrong.stderr.hasPrefix("hostvisor: error: --jail, --uid and --gid need the sandbox"), "\(wrong.stderr)")
-    let root = try HostvisorProcess.run(base + ["--sandbox", "--uid", "0"])
+    let root = try HostvisorProcess.run(base + ["--uid", "0"])
     #expect(root.status == 1)
     #expect(root.stderr.contains("must not be 0"), "\(root.stderr)")
+  }
+
+  /// Root without CAP_SYS_ADMIN (as in an unprivileged container) cannot enter namespaces: by
+  /// default the guest runs without the sandbox after one warning line; with --sandbox that is
+  /// a one-line error.
+  @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"), "needs setpriv"))
+  func rootDeniedNamespacesRunsWithoutTheSandboxByDefault() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let command = [
+      "--bounding-set=-sys_admin", "--", HostvisorProcess.executable.path, "run", "--kernel", kernel, "--accel", "kvm",
+      "--serial", "stdio",
+    ]
+    let defaulted = try HostCommand.run("/usr/bin/setpriv", command, timeout: 120)
+    #expect(defaulted.status == (0x21 << 1) | 1, "stderr: \(defaulted.errorText)")
+    #expect(defaulted.text.contains("hello from the guest"))
+    #expect(
+      defaulted.errorText
+        == "hostvisor: warning: sandbox: cannot enter new namespaces (needs root): Operation not permitted; "
+        + "running without the sandbox (--no-sandbox: no warning)\n")
+    let asked = try HostCommand.run("/usr/bin/setpriv", command + ["--sandbox"], timeout: 120)
+    #expect(asked.status == 1)
+    #expect(
+      asked.errorText
+        == "hostvisor: error: sandbox: cannot enter new namespaces (needs root): Operation not permitted\n")
+  }
+
+  /// SIGKILL to the supervisor at any point of the VMM's life (before its machine exists,
+  /// while it enters the sandbox, while 16 vCPU threads run) leaves no VMM behind: every
+  /// process started with this run's kernel path is gone (or a zombie) within 5 s.
+  @Test func killingTheSupervisorAnytimeEndsAManyThreadedVMM() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    var killedAfterEntry = 0
+    for (round, delay) in [0, 5, 15, 30, 50, 80, 120, 200, 300, 500, -1, -1].enumerated() {
+      // A path of its own names every process of this round in /proc/PID/cmdline.
+      let copy = scratch.path("busy-\(round).elf")
+      try FileManager.default.copyItem(atPath: kernel, toPath: copy)
+      let vmm = try RunningVMM(
+        ["run", "--kernel", copy, "--accel", "soft", "--cpus", "16", "--memory", "64", "--serial", "stdio"],
+        scratch: scratch)
+      if delay < 0 {
+        try vmm.waitFor("busy loop running")
+      } else {
+        usleep(UInt32(delay) * 1000)
+      }
+      if let child = try? vmm.child(), Self.status(child, "Seccomp") == "2" { killedAfterEntry += 1 }
+      Glibc.kill(vmm.process.processIdentifier, SIGKILL)
+      vmm.process.waitUntilExit()
+      var left = Self.liveProcesses(naming: copy)
+      for _ in 0..<250 where !left.isEmpty {
+        usleep(20_000)
+        left = Self.liveProcesses(naming: copy)
+      }
+      #expect(left.isEmpty, "round \(round) (\(delay) ms): the VMM outlived its supervisor: \(left)")
+      for pid in left { Glibc.kill(pid, SIGKILL) }
+    }
+    #expect(killedAfterEntry >= 2, "only \(killedAfterEntry) rounds killed a VMM that had entered the sandbox")
+  }
+
+  /// Processes (not zombies) whose command line contains `text`.
+  static func liveProcesses(naming text: String) -> [pid_t] {
+    let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return entries.compactMap { pid_t($0) }.filter { pid in
+      guard let command = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+        String(decoding: command, as: UTF8.self).contains(text)
+      else { return false }
+      let state = status(pid, "State")
+      return state != nil && !state!.hasPrefix("Z") && !state!.hasPrefix("X")
+    }
   }
 
   /// With --api-sock and a --jail the API still answers after the VMM entered the sandbox, and

@@ -46,6 +46,7 @@ static const int HV_SYS_getegid = __NR_getegid;
 static const int HV_SYS_geteuid = __NR_geteuid;
 static const int HV_SYS_getgid = __NR_getgid;
 static const int HV_SYS_getpeername = __NR_getpeername;
+static const int HV_SYS_getpgrp = __NR_getpgrp;
 static const int HV_SYS_getpid = __NR_getpid;
 static const int HV_SYS_getppid = __NR_getppid;
 static const int HV_SYS_getrandom = __NR_getrandom;
@@ -178,12 +179,20 @@ int hv_sandbox_set_no_new_privs(void);
 
 // MARK: - The PID namespace's supervising parent
 
-/// fork(2); in the child also asks for SIGKILL when the parent dies. Returns the child's PID in
-/// the parent, 0 in the child, -errno on failure.
-pid_t hv_sandbox_fork(void);
+/// fork(2); in the child also asks for SIGKILL when the parent dies, and stores in `liveness`
+/// the read end of a pipe (close-on-exec) whose only write end the parent keeps, so that
+/// `hv_sandbox_supervisor_alive` can tell whether the parent still lives. A child whose parent
+/// died before the request exits at once. Also saves standard input's terminal settings for
+/// the parent (see `hv_sandbox_supervise`). Returns the child's PID in the parent, 0 in the
+/// child, -errno on failure.
+pid_t hv_sandbox_fork(int *liveness);
+/// Whether the parent that `hv_sandbox_fork` gave `liveness` still lives (1) or died (0).
+int hv_sandbox_supervisor_alive(int liveness);
 /// In the parent after `hv_sandbox_fork`: forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the
 /// child as SIGKILL (the child is its PID namespace's init, which ignores signals it has no
-/// handler for), waits for it and ends this process the way the child ended. Never returns.
+/// handler for), waits for it, puts standard input's terminal settings back when they changed
+/// and this process is in the foreground (a killed VMM cannot leave raw mode), and ends this
+/// process the way the child ended. Never returns.
 void hv_sandbox_supervise(pid_t child) __attribute__((noreturn));
 
 /// Asks again for SIGKILL when the supervisor dies (a change of credentials clears the request).
