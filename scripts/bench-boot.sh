@@ -121,7 +121,7 @@ run_config() {
     hostvisor | baseline)
       # The VMM itself is measured (/proc/PID/stat), so not under the sandbox's supervisor.
       local binary="$hostvisor" extra=(--no-sandbox "${hostvisor_args[@]}")
-      [ "$1" = baseline ] && binary="$baseline" extra=("${baseline_args[@]}")
+      [ "$1" = baseline ] && binary="$baseline" extra=(--no-sandbox "${baseline_args[@]}")
       time_to_marker "$log" "$binary" run --accel soft "${extra[@]}" --serial "file:$log" --memory 512M \
         --kernel $guest/vmlinuz --initrd $guest/initramfs.cpio.gz --cmdline "$cmdline" ;;
     qemu-microvm)
