@@ -34,9 +34,12 @@ import Testing
     var found: pid_t?
     let deadline = Date().addingTimeInterval(30)
     while found == nil && Date() < deadline {
-      // The VMM's child: with the sandbox, the VMM is the started supervisor's child.
+      // The VMM's child: with the sandbox, the VMM is the started supervisor's child. (Without
+      // it only the VMM's own children count: a process passt itself started has no parent
+      // death signal and is not what the VMM spawned.)
       let started = vmm.processIdentifier
-      let candidates = Self.children(of: started) + Self.children(of: started).flatMap { Self.children(of: $0) }
+      let vmms = sandbox == "--sandbox" ? Self.children(of: started) : [started]
+      let candidates = vmms.flatMap { Self.children(of: $0) }
       found = candidates.first { Self.command(of: $0)?.hasPrefix("passt") == true }
       if found == nil { usleep(20_000) }
     }
