@@ -190,7 +190,9 @@ struct X86Emitter {
     }
   }
 
-  private mutating func encodeUncached(_ opcode: UInt8, _ secondOpcode: UInt8? = nil, size: Int, reg: UInt8, rm: HostOperand) {
+  private mutating func encodeUncached(
+    _ opcode: UInt8, _ secondOpcode: UInt8? = nil, size: Int, reg: UInt8, rm: HostOperand
+  ) {
     if size == 2 { byte(0x66) }
     var rex: UInt8 = size == 8 ? 0x08 : 0
     if reg & 8 != 0 { rex |= 0x04 }
@@ -438,7 +440,9 @@ struct X86Emitter {
   /// An SSE instruction `[prefix] 0F opcode /r` (`prefix` 0 for none; 66, F3 or F2 otherwise)
   /// with XMM register `reg` and `rm` (an XMM register number or memory); `wide` sets REX.W.
   /// `writesRM`: the instruction stores to `rm` (a general register's slot in MOVD/MOVQ).
-  mutating func sse(prefix: UInt8, opcode: UInt8, wide: Bool = false, reg: UInt8, rm: HostOperand, writesRM: Bool = false) {
+  mutating func sse(
+    prefix: UInt8, opcode: UInt8, wide: Bool = false, reg: UInt8, rm: HostOperand, writesRM: Bool = false
+  ) {
     completeAccess()
     if prefix != 0 { byte(prefix) }
     encode(0x0F, opcode, size: wide ? 8 : 4, reg: reg, rm: rm, access: writesRM ? .vectorWrite : .vectorRead)
