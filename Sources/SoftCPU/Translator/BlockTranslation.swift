@@ -548,29 +548,31 @@ struct BlockTranslator {
     // Registers whose slot is written in part (AH..BH, or a 32-bit stack pointer's low half,
     // which keeps the upper one) are left in memory: reloading the whole slot right after a
     // narrower store would wait for the store to complete (no store-to-load forwarding).
-    var partlyWritten: Set<Int> = codeSize == 4 ? [4] : []
+    // Bit n: guest register n (0-15) or AH..BH (16-19, `Instruction.highByteBase + n`).
+    var partlyWritten: UInt32 = codeSize == 4 ? 1 << 4 : 0
     for index in 0..<count {
       let slot = first + index
       if isInterpreted(slot) { continue }
       let instruction = slot.pointee
-      var named: [UInt8] = [instruction.reg]
+      var named: UInt32 = 0
+      func name(_ register: UInt8) { if register < 20 { named |= 1 << register } }
+      name(instruction.reg)
       if instruction.hasMemoryOperand {
-        named += [instruction.base, instruction.index]
+        name(instruction.base)
+        name(instruction.index)
       } else {
-        named.append(instruction.rm)
+        name(instruction.rm)
       }
-      if instruction.fast != .none { named += [instruction.fastDst, instruction.fastSrc] }
-      for register in Set(named) {
-        if register < 16 {
-          uses[Int(register)] += 1
-        } else if register < Instruction.highByteBase + 4 {
-          partlyWritten.insert(Int(register - Instruction.highByteBase))
-        }
+      if instruction.fast != .none {
+        name(instruction.fastDst)
+        name(instruction.fastSrc)
       }
+      for register in 0..<16 where named & 1 << register != 0 { uses[register] += 1 }
+      partlyWritten |= named >> 16
       if usesStack(instruction) { uses[4] += 2 }
     }
     var cache = [UInt8](repeating: 0, count: 16)
-    let chosen = (0..<16).filter { uses[$0] >= 2 && !partlyWritten.contains($0) }.sorted { uses[$0] > uses[$1] }
+    let chosen = (0..<16).filter { uses[$0] >= 2 && partlyWritten & 1 << $0 == 0 }.sorted { uses[$0] > uses[$1] }
       .prefix(cacheHostRegisters.count)
     guard !chosen.isEmpty else { return [] }
     for (host, register) in zip(cacheHostRegisters, chosen) { cache[register] = host }

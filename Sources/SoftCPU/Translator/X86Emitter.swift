@@ -77,8 +77,9 @@ struct X86Emitter {
   /// is cached. An operand naming a cached slot is rewritten by `encode`: reads take the host
   /// register, writes go to it and are then stored to the slot (write-through), so the slot is
   /// always current and every exit, fault and helper sees the register file as before. The host
-  /// registers are caller-saved: `call` reloads them after every helper call. Set it after the
-  /// block's entry loaded them (`loadCachedRegisters`).
+  /// registers are caller-saved: `call` reloads them after every helper call. The block's entry
+  /// sets it, then loads them (`loadCachedRegisters`). Every instruction that writes its r/m
+  /// operand completes that write itself (`completeAccess`) before it returns.
   var cachedRegisters: [UInt8] = []
   /// The store (or reload) that completes the last instruction's write of a cached slot.
   private var pendingSlotUpdate: (store: Bool, host: UInt8, displacement: Int32)?
@@ -97,7 +98,6 @@ struct X86Emitter {
   }
 
   mutating func bind(_ label: HostLabel) {
-    completeAccess()
     labelOffsets[label.id] = bytes.count
   }
 
@@ -144,7 +144,7 @@ struct X86Emitter {
     _ opcode: UInt8, _ secondOpcode: UInt8? = nil, size: Int, reg: UInt8, rm: HostOperand,
     access: OperandAccess = .read
   ) {
-    completeAccess()
+    assert(pendingSlotUpdate == nil, "an instruction that wrote a cached slot did not complete its access")
     var operand = rm
     if !cachedRegisters.isEmpty, case .memory(let base, nil, _, let displacement) = rm, base == HostRegister.rbx,
       displacement >= 0, displacement < 8 * 16
@@ -305,7 +305,6 @@ struct X86Emitter {
 
   /// `mov reg, imm64`.
   mutating func movImmediate64(_ reg: UInt8, _ value: UInt64) {
-    completeAccess()
     byte(0x48 | (reg & 8 != 0 ? 1 : 0))
     byte(0xB8 | (reg & 7))
     int64(value)
@@ -397,7 +396,6 @@ struct X86Emitter {
 
   /// `jcc label` (rel32).
   mutating func jump(_ condition: UInt8, to label: HostLabel) {
-    completeAccess()
     byte(0x0F)
     byte(0x80 | (condition & 0xF))
     fixups.append((bytes.count, label.id))
@@ -406,7 +404,6 @@ struct X86Emitter {
 
   /// `jmp label` (rel32).
   mutating func jump(to label: HostLabel) {
-    completeAccess()
     byte(0xE9)
     fixups.append((bytes.count, label.id))
     int32(0)
@@ -426,13 +423,11 @@ struct X86Emitter {
   }
 
   mutating func push(_ reg: UInt8) {
-    completeAccess()
     if reg & 8 != 0 { byte(0x41) }
     byte(0x50 | (reg & 7))
   }
 
   mutating func pop(_ reg: UInt8) {
-    completeAccess()
     if reg & 8 != 0 { byte(0x41) }
     byte(0x58 | (reg & 7))
   }
@@ -443,7 +438,6 @@ struct X86Emitter {
   mutating func sse(
     prefix: UInt8, opcode: UInt8, wide: Bool = false, reg: UInt8, rm: HostOperand, writesRM: Bool = false
   ) {
-    completeAccess()
     if prefix != 0 { byte(prefix) }
     encode(0x0F, opcode, size: wide ? 8 : 4, reg: reg, rm: rm, access: writesRM ? .vectorWrite : .vectorRead)
     completeAccess()
@@ -480,51 +474,43 @@ struct X86Emitter {
 
   /// CBW (size 2), CWDE (4) or CDQE (8).
   mutating func convertAccumulator(size: Int) {
-    completeAccess()
     if size == 2 { byte(0x66) } else if size == 8 { byte(0x48) }
     byte(0x98)
   }
 
   /// CWD (size 2), CDQ (4) or CQO (8).
   mutating func convertToDouble(size: Int) {
-    completeAccess()
     if size == 2 { byte(0x66) } else if size == 8 { byte(0x48) }
     byte(0x99)
   }
 
   /// `bswap reg` (size 4 or 8).
   mutating func byteSwap(size: Int, _ reg: UInt8) {
-    completeAccess()
     byte(0x40 | (size == 8 ? 0x08 : 0) | (reg & 8 != 0 ? 1 : 0))
     byte(0x0F)
     byte(0xC8 | (reg & 7))
   }
 
   /// Raw bytes.
-  mutating func raw(_ values: UInt8...) {
-    completeAccess()
-    bytes.append(contentsOf: values)
-  }
+  mutating func raw(_ values: UInt8...) { bytes.append(contentsOf: values) }
 
   /// `jrcxz` over the code `body` emits (at most 127 bytes; no flags read or written).
   mutating func skipIfRCXIsZero(_ body: (inout X86Emitter) -> Void) {
-    completeAccess()
     byte(0xE3)
     byte(0)
     let start = bytes.count
     body(&self)
-    completeAccess()
     let length = bytes.count - start
     precondition(length <= 127, "jrcxz body too long")
     bytes[start - 1] = UInt8(length)
   }
 
-  mutating func pushFlags() { raw(0x9C) }
+  mutating func pushFlags() { byte(0x9C) }
   /// LAHF: AH = SF:ZF:0:AF:0:PF:1:CF.
-  mutating func loadFlagsIntoAH() { raw(0x9F) }
+  mutating func loadFlagsIntoAH() { byte(0x9F) }
   /// SAHF: SF, ZF, AF, PF, CF from AH.
-  mutating func storeAHIntoFlags() { raw(0x9E) }
-  mutating func ret() { raw(0xC3) }
+  mutating func storeAHIntoFlags() { byte(0x9E) }
+  mutating func ret() { byte(0xC3) }
 
   /// After a multiply whose low result is in RAX (EAX for `size` 4) and whose CF = OF is the
   /// host's: sets SF, ZF and PF from that result and clears AF, as the interpreter does
