@@ -804,32 +804,70 @@ struct BlockTranslator {
     guestRegister(register, size: 8)
   }
 
-  /// RSI = the effective address (no segment) of the memory operand of `slot`, without
-  /// touching the host flags. Clobbers RDI.
-  private mutating func emitEffectiveAddress(_ slot: UnsafePointer<Instruction>, index: Int) {
+  /// A 32-bit operation whose result goes zero-extended into the whole guest register slot
+  /// `destination`: `operation` gets the host register that holds the destination's value (its
+  /// cached host register, or `scratch` loaded from the slot, or not loaded when
+  /// `readsDestination` is false) and writes it with a 4-byte instruction; the register is
+  /// then stored whole to the slot.
+  mutating func emitWrite32(
+    _ destination: HostOperand, scratch: UInt8 = HostRegister.rax, readsDestination: Bool = true,
+    _ operation: (inout X86Emitter, UInt8) -> Void
+  ) {
+    if let host = emitter.cachedHost(destination) {
+      operation(&emitter, host)
+      emitter.storeToSlot(host, destination)
+    } else {
+      if readsDestination { emitter.mov(size: 4, scratch, destination) }
+      operation(&emitter, scratch)
+      emitter.mov(size: 8, destination, scratch)
+    }
+  }
+
+  /// `target` = the effective address (no segment) of the memory operand of `slot`, `width`
+  /// bytes wide (4: wrapped at 4 GiB and zero-extended; nil: the instruction's address size),
+  /// without touching the host flags. Registers held in the guest-register cache are used
+  /// where they are; the others are loaded into RSI (base) and RDI (index), so the sum is one
+  /// LEA. Clobbers RSI and RDI.
+  private mutating func emitEffectiveAddress(
+    _ slot: UnsafePointer<Instruction>, index: Int, into target: UInt8 = HostRegister.rsi, width: Int? = nil
+  ) {
     let instruction = slot.pointee
+    let width = width ?? (instruction.addressSize == 4 ? 4 : 8)
     var displacement = instruction.displacement
+    let base: UInt8
     if instruction.base < 16 {
-      emitter.mov(size: 8, HostRegister.rsi, guest(instruction.base))
+      if let host = emitter.cachedHost(guest(instruction.base)) {
+        base = host
+      } else {
+        base = HostRegister.rsi
+        emitter.mov(size: 8, base, guest(instruction.base))
+      }
     } else if instruction.base == Instruction.ripRelative {
-      emitter.mov(size: 8, HostRegister.rsi, .at(HostRegister.r12, ContextOffset.entryRIP))
+      base = HostRegister.rsi
+      emitter.mov(size: 8, base, .at(HostRegister.r12, ContextOffset.entryRIP))
       displacement &+= Int64(instructionOffsets[index + 1])
     } else {
-      emitter.mov(size: 4, .register(HostRegister.rsi), immediate: 0)
+      base = HostRegister.rsi
+      emitter.mov(size: 4, .register(base), immediate: 0)
     }
+    var indexRegister: UInt8?
     if instruction.index != Instruction.noRegister {
-      emitter.mov(size: 8, HostRegister.rdi, guest(instruction.index))
-      emitter.lea(
-        HostRegister.rsi,
-        .memory(
-          base: HostRegister.rsi, index: HostRegister.rdi, scale: instruction.scaleShift,
-          displacement: Int32(truncatingIfNeeded: displacement)))
-    } else if displacement != 0 {
-      emitter.lea(HostRegister.rsi, .at(HostRegister.rsi, Int(Int32(truncatingIfNeeded: displacement))))
+      if let host = emitter.cachedHost(guest(instruction.index)) {
+        indexRegister = host
+      } else {
+        indexRegister = HostRegister.rdi
+        emitter.mov(size: 8, HostRegister.rdi, guest(instruction.index))
+      }
     }
-    if instruction.addressSize == 4 {
-      emitter.mov(size: 4, HostRegister.rsi, .register(HostRegister.rsi))
+    let displacement32 = Int32(truncatingIfNeeded: displacement)
+    if indexRegister == nil && displacement32 == 0 {
+      // A MOV of 4 bytes zero-extends as the 4-byte LEA would.
+      if base != target || width == 4 { emitter.mov(size: width, target, .register(base)) }
+      return
     }
+    emitter.lea(
+      size: width, target,
+      .memory(base: base, index: indexRegister, scale: instruction.scaleShift, displacement: displacement32))
   }
 
   /// RSI = the linear address of the access: the memory operand, or the stack (`stackOffset`
@@ -1116,8 +1154,7 @@ struct BlockTranslator {
       emitter.mov(size: 8, rax, src)
       emitter.mov(size: 8, dst, rax)
     case .movRR32:
-      emitter.mov(size: 4, rax, src)
-      emitter.mov(size: 8, dst, rax)
+      emitWrite32(dst, readsDestination: false) { emitter, register in emitter.mov(size: 4, register, src) }
     case .movRI64:
       if Self.fitsInt32(immediate) {
         emitter.mov(size: 8, dst, immediate: imm32)
@@ -1136,9 +1173,8 @@ struct BlockTranslator {
       emitter.mov(size: 8, rax, src)
       emitter.test(size: 8, dst, rax)
     case .addRR32, .subRR32, .andRR32, .orRR32, .xorRR32, .adcRR32, .sbbRR32:
-      emitter.mov(size: 4, rax, dst)
-      emitter.alu(Self.aluKind(instruction.fast), size: 4, rax, src)
-      emitter.mov(size: 8, dst, rax)
+      let kind = Self.aluKind(instruction.fast)
+      emitWrite32(dst) { emitter, register in emitter.alu(kind, size: 4, register, src) }
     case .cmpRR32:
       emitter.mov(size: 4, rax, dst)
       emitter.alu(.cmp, size: 4, rax, src)
@@ -1150,9 +1186,8 @@ struct BlockTranslator {
     case .testRI64:
       emitter.test(size: 8, dst, immediate: imm32)
     case .addRI32, .subRI32, .andRI32, .orRI32, .xorRI32, .adcRI32, .sbbRI32:
-      emitter.mov(size: 4, rax, dst)
-      emitter.alu(Self.aluKind(instruction.fast), size: 4, .register(rax), immediate: imm32)
-      emitter.mov(size: 8, dst, rax)
+      let kind = Self.aluKind(instruction.fast)
+      emitWrite32(dst) { emitter, register in emitter.alu(kind, size: 4, .register(register), immediate: imm32) }
     case .cmpRI32:
       emitter.alu(.cmp, size: 4, dst, immediate: imm32)
     case .testRI32:
@@ -1198,14 +1233,15 @@ struct BlockTranslator {
     case .negR64: emitter.neg(size: 8, dst)
     case .notR64: emitter.not(size: 8, dst)
     case .incR32, .decR32, .negR32, .notR32:
-      emitter.mov(size: 4, rax, dst)
-      switch instruction.fast {
-      case .incR32: emitter.inc(size: 4, .register(rax))
-      case .decR32: emitter.dec(size: 4, .register(rax))
-      case .negR32: emitter.neg(size: 4, .register(rax))
-      default: emitter.not(size: 4, .register(rax))
+      let fast = instruction.fast
+      emitWrite32(dst) { emitter, register in
+        switch fast {
+        case .incR32: emitter.inc(size: 4, .register(register))
+        case .decR32: emitter.dec(size: 4, .register(register))
+        case .negR32: emitter.neg(size: 4, .register(register))
+        default: emitter.not(size: 4, .register(register))
+        }
       }
-      emitter.mov(size: 8, dst, rax)
 
     case .movzxByteRR, .movzxWordRR:
       emitter.movzx(rax, sourceSize: instruction.fast == .movzxByteRR ? 1 : 2, src)
@@ -1226,11 +1262,14 @@ struct BlockTranslator {
         emitter.interpreterMultiplyFlags(size: 8)
       }
     case .imulRR32:
-      emitter.mov(size: 4, rax, dst)
-      emitter.imul(size: 4, rax, src)
-      emitter.mov(size: 8, dst, rax)
       if fixesMultiplyFlags(after: index) {
+        // The flags' fix-up reads the product in EAX.
+        emitter.mov(size: 4, rax, dst)
+        emitter.imul(size: 4, rax, src)
+        emitter.mov(size: 8, dst, rax)
         emitter.interpreterMultiplyFlags(size: 4)
+      } else {
+        emitWrite32(dst) { emitter, register in emitter.imul(size: 4, register, src) }
       }
     case .imulRRI64:
       emitter.imul(size: 8, rax, src, immediate: imm32)
@@ -1250,18 +1289,22 @@ struct BlockTranslator {
       emitter.cmov(UInt8(truncatingIfNeeded: instruction.opcode), size: 8, rax, src)
       emitter.mov(size: 8, dst, rax)
     case .cmovRR32:
-      emitter.mov(size: 4, rax, dst)
-      emitter.cmov(UInt8(truncatingIfNeeded: instruction.opcode), size: 4, rax, src)
-      emitter.mov(size: 8, dst, rax)
+      // A 32-bit CMOVcc zero-extends its destination whatever the condition.
+      let condition = UInt8(truncatingIfNeeded: instruction.opcode)
+      emitWrite32(dst) { emitter, register in emitter.cmov(condition, size: 4, register, src) }
     case .setccR:
       emitter.set(UInt8(truncatingIfNeeded: instruction.opcode), dst)
 
     case .lea64, .lea32:
-      emitEffectiveAddress(slot, index: index)
-      if instruction.fast == .lea32 {
-        emitter.mov(size: 4, HostRegister.rsi, .register(HostRegister.rsi))
+      // The address computed into the destination's host register when it is cached.
+      let width = instruction.fast == .lea32 || instruction.addressSize == 4 ? 4 : 8
+      if let host = emitter.cachedHost(dst) {
+        emitEffectiveAddress(slot, index: index, into: host, width: width)
+        emitter.storeToSlot(host, dst)
+      } else {
+        emitEffectiveAddress(slot, index: index, width: width)
+        emitter.mov(size: 8, dst, HostRegister.rsi)
       }
-      emitter.mov(size: 8, dst, HostRegister.rsi)
 
     case .loadRM64, .loadRM32, .movzxByteRM, .movzxWordRM:
       let size =
@@ -1282,9 +1325,8 @@ struct BlockTranslator {
       emitter.alu(Self.aluKind(instruction.fast), size: 8, dst, rax)
     case .addRM32, .subRM32, .andRM32, .orRM32, .xorRM32:
       emitLoad(slot, index: index, size: 4, flagsDead: true)
-      emitter.mov(size: 4, rcx, dst)
-      emitter.alu(Self.aluKind(instruction.fast), size: 4, .register(rcx), rax)
-      emitter.mov(size: 8, dst, rcx)
+      let kind = Self.aluKind(instruction.fast)
+      emitWrite32(dst, scratch: rcx) { emitter, register in emitter.alu(kind, size: 4, .register(register), rax) }
     case .cmpRM32:
       emitLoad(slot, index: index, size: 4, flagsDead: true)
       emitter.alu(.cmp, size: 4, dst, rax)

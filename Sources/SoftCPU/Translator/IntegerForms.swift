@@ -342,14 +342,16 @@ extension BlockTranslator {
     let rax = HostRegister.rax
     let rcx = HostRegister.rcx
     if size == 4 && form.writesDestination {
-      // 32-bit result: compute in ECX and store zero-extended.
-      emitter.mov(size: 4, rcx, destination)
-      if sourceIsRAX {
-        emitter.alu(Self.hostALU(form), size: 4, .register(rcx), rax)
-      } else {
-        emitter.alu(Self.hostALU(form), size: 4, rcx, source)
+      // 32-bit result: computed in the destination's host register (or ECX) and stored
+      // zero-extended.
+      let alu = Self.hostALU(form)
+      emitWrite32(destination, scratch: rcx) { emitter, register in
+        if sourceIsRAX {
+          emitter.alu(alu, size: 4, .register(register), rax)
+        } else {
+          emitter.alu(alu, size: 4, register, source)
+        }
       }
-      emitter.mov(size: 8, destination, rcx)
       return
     }
     if !sourceIsRAX { emitter.mov(size: size, rax, source) }

@@ -182,6 +182,23 @@ struct X86Emitter {
     encodeUncached(update.store ? 0x89 : 0x8B, size: 8, reg: update.host, rm: slot)
   }
 
+  /// The host register holding the guest register whose whole slot is `operand`
+  /// ([RBX + 8n]), nil when that register is not cached (or `operand` is not a whole slot).
+  func cachedHost(_ operand: HostOperand) -> UInt8? {
+    guard !cachedRegisters.isEmpty, case .memory(let base, nil, _, let displacement) = operand,
+      base == HostRegister.rbx, displacement >= 0, displacement < 8 * 16, displacement & 7 == 0
+    else { return nil }
+    let host = cachedRegisters[Int(displacement >> 3)]
+    return host == 0 ? nil : host
+  }
+
+  /// Stores the cached host register `host` to its guest register's slot `operand`: the
+  /// write-through after an instruction that wrote `host` itself (see `cachedHost`).
+  mutating func storeToSlot(_ host: UInt8, _ operand: HostOperand) {
+    assert(cachedHost(operand) == host, "not the slot of that host register")
+    encodeUncached(0x89, size: 8, reg: host, rm: operand)
+  }
+
   /// Loads every cached guest register from its slot into its host register (a block's entry,
   /// and after a helper call).
   mutating func loadCachedRegisters() {
