@@ -245,6 +245,11 @@ long hv_sandbox_forbidden_call(void) { return syscall(SYS_ptrace, PTRACE_TRACEME
 
 long hv_sandbox_socket_call(void) { return syscall(SYS_socket, AF_INET, SOCK_STREAM, 0); }
 
+long hv_sandbox_open_call(const char *path) {
+  long result = syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  return result < 0 ? -errno : result;
+}
+
 #define TERMINAL_IOCTLS TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ, FIONREAD, FIONBIO
 
 static const uint32_t vcpu_ioctls[] = {

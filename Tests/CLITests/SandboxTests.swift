@@ -228,6 +228,27 @@ struct SandboxTests {
     #expect(root.stderr.contains("must not be 0"), "\(root.stderr)")
   }
 
+  /// The open-vcpu probe: a vCPU thread's `openat` (of the jail's root, which exists) is
+  /// refused with EACCES, and the VMM carries on and runs its guest to its own exit status. A
+  /// filter that allowed the call would report "opened"; one that stopped the VMM would end it
+  /// with status 159 and the seccomp line.
+  @Test func openOnAVCPUThreadIsRefusedWithEACCES() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "kvm", "--serial", "stdio", "--sandbox", "--sandbox-probe", "open-vcpu",
+    ])
+    #expect(result.status == (0x21 << 1) | 1, "stderr: \(result.stderr)")
+    #expect(result.stdout.contains("hello from the guest"), "stdout: \(result.stdout)")
+    let reports = result.stderr.split(separator: "\n").filter {
+      $0.hasPrefix("sandbox-probe: open / on a vcpu thread:")
+    }
+    #expect(
+      reports == ["sandbox-probe: open / on a vcpu thread: \(String(cString: strerror(EACCES)))"],
+      "stderr: \(result.stderr)")
+    #expect(!result.stderr.contains("seccomp stopped the VMM"), "stderr: \(result.stderr)")
+  }
+
   /// The state letter of /proc/PID/stat (R, S, T, Z, ...) of a process or one of its threads.
   static func state(_ path: String) -> Character? {
     guard let text = try? String(contentsOfFile: path + "/stat", encoding: .utf8),

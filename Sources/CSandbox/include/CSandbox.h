@@ -204,6 +204,9 @@ void hv_sandbox_renew_parent_death_signal(void);
 long hv_sandbox_forbidden_call(void);
 /// socket(AF_INET, SOCK_STREAM, 0) made directly, for the vCPU thread's test hook.
 long hv_sandbox_socket_call(void);
+/// openat(AT_FDCWD, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC) made directly, for the test hook
+/// that shows which threads may open files. Returns the descriptor or -errno.
+long hv_sandbox_open_call(const char *path);
 
 // MARK: - ioctl numbers
 
