@@ -176,6 +176,7 @@ public enum Sandbox {
       if kind == .vcpu && vcpuOpenProbe { SandboxReport.openOnThread(kind: kind.rawValue) }
       if kind == .vcpu && vcpuProbe { _ = hv_sandbox_socket_call() }
     }
+    HostSandboxIdentity.record(uid: options.uid, gid: options.gid)
     active.set()
     if options.probes.contains(.forbiddenCall) { _ = hv_sandbox_forbidden_call() }
   }
