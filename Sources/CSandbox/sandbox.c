@@ -158,24 +158,74 @@ static volatile pid_t supervised_child;
 static volatile sig_atomic_t forwarded_signal;
 
 static void forward_as_kill(int signo) {
+  int saved = errno;
   forwarded_signal = signo;
   if (supervised_child > 0) kill(supervised_child, SIGKILL);
+  errno = saved;
+}
+
+/// Job-control stops reach the VMM as SIGSTOP (the only stop signal a PID namespace's init
+/// cannot ignore when it comes from outside); SIGCONT, SIGUSR1 and SIGUSR2 as they are.
+static void forward_job_control(int signo) {
+  int saved = errno;
+  int sent = (signo == SIGTSTP || signo == SIGTTIN || signo == SIGTTOU) ? SIGSTOP : signo;
+  if (supervised_child > 0) kill(supervised_child, sent);
+  errno = saved;
+}
+
+static void install_handler(int signo, void (*handler)(int)) {
+  struct sigaction action;
+  memset(&action, 0, sizeof action);
+  action.sa_handler = handler;
+  sigemptyset(&action.sa_mask);
+  sigaction(signo, &action, NULL);
+}
+
+/// The VMM stopped (a forwarded SIGTSTP, or a SIGSTOP sent to it or to the process group):
+/// this process stops too, so that whoever waits for it (a shell's job control) sees the job
+/// stopped; the SIGCONT that continues it is forwarded to the VMM. SIGCONT is held back
+/// meanwhile: one that arrived before this process stopped would continue the VMM and leave
+/// this process stopped. Held, it is either cancelled by this stop (both stay stopped until the
+/// next SIGCONT) or forwarded once this process runs again.
+static void follow_stop(pid_t child) {
+  sigset_t hold, previous;
+  sigemptyset(&hold);
+  sigaddset(&hold, SIGCONT);
+  sigprocmask(SIG_BLOCK, &hold, &previous);
+  // Without WEXITED only a continue is reported (none: si_pid stays 0); an exit stays for the
+  // caller's waitpid.
+  siginfo_t info;
+  memset(&info, 0, sizeof info);
+  if (waitid(P_PID, (id_t)child, &info, WCONTINUED | WNOHANG) == 0 && info.si_pid == 0) kill(getpid(), SIGSTOP);
+  sigprocmask(SIG_SETMASK, &previous, NULL);
 }
 
 void hv_sandbox_supervise(pid_t child) {
   supervised_child = child;
-  int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT};
+  int killing[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT};
+  for (size_t i = 0; i < sizeof killing / sizeof killing[0]; i++) install_handler(killing[i], forward_as_kill);
+  // Relaying these is this process's job: a parent that started it with them blocked (test
+  // harnesses: their threads block most signals) would otherwise keep them from the VMM. The
+  // VMM keeps the signal mask it inherited.
+  int forwarded[] = {SIGTSTP, SIGTTIN, SIGTTOU, SIGCONT, SIGUSR1, SIGUSR2};
+  sigset_t relayed;
+  sigemptyset(&relayed);
   for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) {
-    struct sigaction action;
-    memset(&action, 0, sizeof action);
-    action.sa_handler = forward_as_kill;
-    sigemptyset(&action.sa_mask);
-    sigaction(forwarded[i], &action, NULL);
+    install_handler(forwarded[i], forward_job_control);
+    sigaddset(&relayed, forwarded[i]);
   }
+  sigprocmask(SIG_UNBLOCK, &relayed, NULL);
   int status = 0;
   for (;;) {
-    pid_t result = waitpid(child, &status, 0);
-    if (result == child) break;
+    pid_t result = waitpid(child, &status, WUNTRACED | WCONTINUED);
+    if (result == child) {
+      if (WIFSTOPPED(status)) {
+        follow_stop(child);
+        continue;
+      }
+      if (WIFCONTINUED(status)) continue;
+      break;
+    }
     if (result < 0 && errno != EINTR) _exit(1);
   }
   restore_supervisor_terminal();
@@ -194,6 +244,11 @@ void hv_sandbox_supervise(pid_t child) {
 long hv_sandbox_forbidden_call(void) { return syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0); }
 
 long hv_sandbox_socket_call(void) { return syscall(SYS_socket, AF_INET, SOCK_STREAM, 0); }
+
+long hv_sandbox_open_call(const char *path) {
+  long result = syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  return result < 0 ? -errno : result;
+}
 
 #define TERMINAL_IOCTLS TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ, FIONREAD, FIONBIO
 

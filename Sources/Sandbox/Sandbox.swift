@@ -29,6 +29,11 @@ public enum SandboxProbe: String, Sendable, CaseIterable {
   case forbiddenCall = "forbidden-call"
   /// vCPU 0's thread makes a system call its own filter forbids (one the main thread may make).
   case forbiddenCallOnVCPU = "forbidden-call-vcpu"
+  /// Each vCPU thread, once its filter is in place, opens the jail's root directory (which
+  /// every jail has) and reports the result on standard error: the filter refuses `openat` on
+  /// vCPU threads with EACCES instead of stopping the VMM (glibc's malloc opens a file by
+  /// itself on whatever thread it runs).
+  case openOnVCPU = "open-vcpu"
 }
 
 /// What `Sandbox.enter` applies.
@@ -158,6 +163,7 @@ public enum Sandbox {
     if reporter != 0 { throw SandboxError("cannot install the SIGSYS reporter", errno: reporter) }
     try SeccompPolicy.process.install(allThreads: true)
     let vcpuProbe = options.probes.contains(.forbiddenCallOnVCPU)
+    let vcpuOpenProbe = options.probes.contains(.openOnVCPU)
     ThreadStartActions.add { kind in
       let policy: SeccompPolicy = kind == .vcpu ? .vcpu : .deviceWorker
       kind.rawValue.withCString { hv_sandbox_set_thread_kind($0) }
@@ -167,8 +173,10 @@ public enum Sandbox {
         SandboxReport.line("\(error)")
         exit(1)
       }
+      if kind == .vcpu && vcpuOpenProbe { SandboxReport.openOnThread(kind: kind.rawValue) }
       if kind == .vcpu && vcpuProbe { _ = hv_sandbox_socket_call() }
     }
+    HostSandboxIdentity.record(uid: options.uid, gid: options.gid)
     active.set()
     if options.probes.contains(.forbiddenCall) { _ = hv_sandbox_forbidden_call() }
   }

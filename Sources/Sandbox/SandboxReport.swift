@@ -19,6 +19,16 @@ enum SandboxReport {
     line("sandbox-probe: cwd \(cwd) /proc \(proc)")
   }
 
+  /// The `open-vcpu` probe's line: what `openat` of the jail's root gives this thread
+  /// (`opened`, or the error's text).
+  static func openOnThread(kind: String) {
+    let result = hv_sandbox_open_call("/")
+    if result >= 0 { close(Int32(result)) }
+    line(
+      "sandbox-probe: open / on a \(kind) thread: \(result >= 0 ? "opened" : String(cString: strerror(Int32(-result))))"
+    )
+  }
+
   static func line(_ text: String) {
     var message = text + "\n"
     message.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }

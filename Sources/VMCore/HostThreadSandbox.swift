@@ -23,3 +23,17 @@ public enum HostThreadSandbox {
     hook.withLock { $0 }?(kind)
   }
 }
+
+/// The user and group a sandbox confined the VMM to, once it did: errors about host resources
+/// the unprivileged VMM opens after entry (a TAP device) say what that user needs.
+public enum HostSandboxIdentity {
+  private static let value = Mutex<(uid: UInt32, gid: UInt32)?>(nil)
+
+  /// The confining user and group; nil while the VMM is not sandboxed.
+  public static var confined: (uid: UInt32, gid: UInt32)? { value.withLock { $0 } }
+
+  /// Records the user and group the sandbox switched to.
+  public static func record(uid: UInt32, gid: UInt32) {
+    value.withLock { $0 = (uid, gid) }
+  }
+}

@@ -256,7 +256,7 @@ public final class VirtualMachine: Sendable {
             backend = try TapBackend(
               name: name, offloads: network.offloads, attached: !configuration.openTapsLater)
           } catch {
-            throw MachineError(error.description)
+            throw MachineError(Self.describeTapFailure(error, name: name))
           }
         case .user(let forwards):
           do {
@@ -474,5 +474,28 @@ public final class VirtualMachine: Sendable {
   private static func log(_ message: String) {
     var line = "hostvisor: \(message)\n"
     line.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+  }
+}
+
+extension VirtualMachine {
+  /// The one-line error for a TAP that cannot be opened. A sandboxed VMM opening it after entry
+  /// (`serve --sandbox`, whose machine comes later through the API) runs as an unprivileged
+  /// user without CAP_NET_ADMIN: it can neither create a TAP nor attach to one that another
+  /// user or group owns, so the line says what the TAP needs.
+  static func describeTapFailure(_ error: NetworkBackendError, name: String) -> String {
+    guard let identity = HostSandboxIdentity.confined, case .cannotOpenTap(_, let number) = error else {
+      return error.description
+    }
+    switch number {
+    case EPERM, EACCES:
+      return error.description
+        + " (the sandboxed VMM runs as user \(identity.uid), group \(identity.gid), without CAP_NET_ADMIN: it cannot"
+        + " create a TAP, and attaches only to one that belongs to that user or group, or to no one: ip tuntap add"
+        + " dev \(name) mode tap user \(identity.uid))"
+    case ENOENT:
+      return error.description + " (the sandbox's jail has no /dev/net/tun: the host has no TUN device)"
+    default:
+      return error.description
+    }
   }
 }

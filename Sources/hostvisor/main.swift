@@ -409,8 +409,8 @@ struct Serve: ParsableCommand {
       ManagedProcess.exit(1, message: "invalid accelerator '\(accel)': use auto, kvm or soft")
     }
     // The sandbox: its namespaces now, while the process has one thread; the jail once the API
-    // socket is open. The machine comes later from paths inside the jail, /dev/kvm from a node
-    // the sandbox makes there for its user.
+    // socket is open. The machine comes later from paths inside the jail, /dev/kvm and
+    // /dev/net/tun from nodes the sandbox makes there for its user.
     var sandbox: SandboxOptions?
     do {
       // Off unless asked for: serve's sandbox needs a --jail holding what the API will name.
@@ -425,7 +425,12 @@ struct Serve: ParsableCommand {
         try Sandbox.prepare()
         sandbox = try sandboxArguments.options(probePath: nil)
         if accelerator != .soft && FileManager.default.fileExists(atPath: kvmDevicePath) {
-          sandbox?.devices = [kvmDevicePath]
+          sandbox?.devices.append(kvmDevicePath)
+        }
+        // TAP devices the API attaches: the unprivileged VMM opens /dev/net/tun in its jail
+        // and attaches to a TAP that exists already and belongs to its user or group.
+        if FileManager.default.fileExists(atPath: tunDevicePath) {
+          sandbox?.devices.append(tunDevicePath)
         }
       }
     } catch let error as CommandFailure {
@@ -465,6 +470,8 @@ struct Serve: ParsableCommand {
 
   /// The KVM device a machine built after entry opens (the accelerator's default path).
   private var kvmDevicePath: String { "/dev/kvm" }
+  /// The TUN/TAP clone device a TAP backend opens.
+  private var tunDevicePath: String { "/dev/net/tun" }
 }
 
 /// `hostvisor ctl`: drives a running Hostvisor over its API socket, in the spirit of ch-remote.

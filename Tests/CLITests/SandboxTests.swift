@@ -228,6 +228,112 @@ struct SandboxTests {
     #expect(root.stderr.contains("must not be 0"), "\(root.stderr)")
   }
 
+  /// The open-vcpu probe: a vCPU thread's `openat` (of the jail's root, which exists) is
+  /// refused with EACCES, and the VMM carries on and runs its guest to its own exit status. A
+  /// filter that allowed the call would report "opened"; one that stopped the VMM would end it
+  /// with status 159 and the seccomp line.
+  @Test func openOnAVCPUThreadIsRefusedWithEACCES() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/hello-multiboot.S", in: scratch)
+    let result = try HostvisorProcess.run([
+      "run", "--kernel", kernel, "--accel", "kvm", "--serial", "stdio", "--sandbox", "--sandbox-probe", "open-vcpu",
+    ])
+    #expect(result.status == (0x21 << 1) | 1, "stderr: \(result.stderr)")
+    #expect(result.stdout.contains("hello from the guest"), "stdout: \(result.stdout)")
+    let reports = result.stderr.split(separator: "\n").filter {
+      $0.hasPrefix("sandbox-probe: open / on a vcpu thread:")
+    }
+    #expect(
+      reports == ["sandbox-probe: open / on a vcpu thread: \(String(cString: strerror(EACCES)))"],
+      "stderr: \(result.stderr)")
+    #expect(!result.stderr.contains("seccomp stopped the VMM"), "stderr: \(result.stderr)")
+  }
+
+  /// The state letter of /proc/PID/stat (R, S, T, Z, ...) of a process or one of its threads.
+  static func state(_ path: String) -> Character? {
+    guard let text = try? String(contentsOfFile: path + "/stat", encoding: .utf8),
+      let end = text.range(of: ") ", options: .backwards)
+    else { return nil }
+    return text[end.upperBound...].first
+  }
+
+  /// Whether every thread of `pid` is stopped (T), or none is.
+  static func threadsStopped(_ pid: pid_t) -> (all: Bool, none: Bool) {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+    let states = tasks.compactMap { state("/proc/\(pid)/task/\($0)") }
+    return (!states.isEmpty && states.allSatisfy { $0 == "T" }, !states.contains("T"))
+  }
+
+  /// Polls `condition` every 20 ms for up to `seconds`.
+  static func eventually(seconds: Double = 10, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while !condition() {
+      guard Date() < deadline else { return false }
+      usleep(20_000)
+    }
+    return true
+  }
+
+  /// The size of a file (its growth shows the guest's serial output advancing).
+  static func size(_ path: String) -> Int {
+    ((try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int) ?? -1
+  }
+
+  /// Job control through the supervisor: SIGTSTP to it stops the VMM (every thread in state T,
+  /// the guest's ticks no longer reach its serial file) and then the supervisor itself, as a
+  /// shell waiting for its job expects; SIGCONT to the supervisor continues both, and the
+  /// ticks advance again. SIGUSR1 and SIGUSR2 reach the VMM as they are: a VMM that has no
+  /// handler for one ignores it (it is its PID namespace's init), so neither ends the machine,
+  /// and SIGUSR2 makes a sandboxed `--snapshot-on-signal` VMM write its snapshot into its jail.
+  @Test func jobControlSignalsReachTheVMMThroughTheSupervisor() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    let jail = scratch.path("jail")
+    try FileManager.default.createDirectory(atPath: jail, withIntermediateDirectories: true)
+    #expect(chown(jail, Self.nobody.uid, Self.nobody.gid) == 0)
+    let vmm = try RunningVMM(
+      [
+        "run", "--kernel", kernel, "--accel", "kvm", "--memory", "32M", "--serial", "stdio", "--sandbox", "--jail",
+        jail, "--snapshot-on-signal", "/vm.state",
+      ], scratch: scratch)
+    try vmm.waitFor("busy loop running")
+    let supervisor = vmm.process.processIdentifier
+    let child = try vmm.child()
+    func advances() -> Bool {
+      let before = Self.size(vmm.stdoutPath)
+      return Self.eventually(seconds: 10) { Self.size(vmm.stdoutPath) > before }
+    }
+    #expect(advances(), "the guest's output does not advance before the stop")
+
+    for round in 0..<2 {
+      Glibc.kill(supervisor, SIGTSTP)
+      #expect(Self.eventually { Self.threadsStopped(child).all }, "round \(round): the VMM did not stop")
+      #expect(
+        Self.eventually { Self.state("/proc/\(supervisor)") == "T" }, "round \(round): the supervisor did not stop")
+      // Every thread stopped: nothing more reaches the file (a write under way when the stop
+      // came has completed).
+      let stopped = Self.size(vmm.stdoutPath)
+      usleep(1_000_000)
+      #expect(Self.size(vmm.stdoutPath) == stopped, "round \(round): the guest's output advanced while stopped")
+      #expect(Self.threadsStopped(child).all, "round \(round): the VMM did not stay stopped")
+
+      Glibc.kill(supervisor, SIGCONT)
+      #expect(Self.eventually { Self.threadsStopped(child).none }, "round \(round): the VMM was not continued")
+      #expect(
+        Self.eventually { Self.state("/proc/\(supervisor)") != "T" }, "round \(round): the supervisor stays stopped")
+      #expect(advances(), "round \(round): the guest's output does not advance after SIGCONT")
+    }
+
+    // SIGUSR1 (the KVM kick signal, which the VMM handles) and SIGUSR2 (the snapshot signal).
+    Glibc.kill(supervisor, SIGUSR1)
+    Glibc.kill(supervisor, SIGUSR2)
+    try vmm.waitFor("hostvisor: snapshot written to /vm.state", seconds: 60)
+    #expect(FileManager.default.fileExists(atPath: jail + "/vm.state"))
+    #expect(vmm.process.isRunning, "the supervisor ended: \(vmm.output)")
+    #expect(advances(), "the guest's output does not advance after SIGUSR1 and SIGUSR2")
+    vmm.kill()
+  }
+
   /// Root without CAP_SYS_ADMIN (as in an unprivileged container) cannot enter namespaces: by
   /// default the guest runs without the sandbox after one warning line; with --sandbox that is
   /// a one-line error.

@@ -190,9 +190,11 @@ pid_t hv_sandbox_fork(int *liveness);
 int hv_sandbox_supervisor_alive(int liveness);
 /// In the parent after `hv_sandbox_fork`: forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to the
 /// child as SIGKILL (the child is its PID namespace's init, which ignores signals it has no
-/// handler for), waits for it, puts standard input's terminal settings back when they changed
-/// and this process is in the foreground (a killed VMM cannot leave raw mode), and ends this
-/// process the way the child ended. Never returns.
+/// handler for), SIGTSTP, SIGTTIN and SIGTTOU as SIGSTOP, SIGCONT, SIGUSR1 and SIGUSR2 as they
+/// are; stops itself when the child stops (job control: the SIGCONT that continues it goes on
+/// to the child); waits for the child's end, puts standard input's terminal settings back when
+/// they changed and this process is in the foreground (a killed VMM cannot leave raw mode),
+/// and ends this process the way the child ended. Never returns.
 void hv_sandbox_supervise(pid_t child) __attribute__((noreturn));
 
 /// Asks again for SIGKILL when the supervisor dies (a change of credentials clears the request).
@@ -202,6 +204,9 @@ void hv_sandbox_renew_parent_death_signal(void);
 long hv_sandbox_forbidden_call(void);
 /// socket(AF_INET, SOCK_STREAM, 0) made directly, for the vCPU thread's test hook.
 long hv_sandbox_socket_call(void);
+/// openat(AT_FDCWD, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC) made directly, for the test hook
+/// that shows which threads may open files. Returns the descriptor or -errno.
+long hv_sandbox_open_call(const char *path);
 
 // MARK: - ioctl numbers
 
