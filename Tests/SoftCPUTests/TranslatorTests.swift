@@ -490,7 +490,7 @@ struct TranslatorTests {
 
   /// Instructions without a translation of their own that translated code runs through the
   /// interpreter helper (`BlockTranslator.interpretedOps`: REP MOVS/STOS/LODS in both
-  /// directions, PUSHF, CLI, shifts of bytes and memory, BSF/BSR, 16-bit CMOVcc from memory, XCHG,
+  /// directions, REPNE SCAS and REPE CMPS that stop early or run out, SCAS and CMPS alone, PUSHF, CLI, shifts of bytes and memory, BSF/BSR, 16-bit CMOVcc from memory, XCHG,
   /// IMUL, CMPXCHG16B, SWAPGS) give the interpreter's registers, flags and memory; a REP STOSB
   /// into the next instruction of its own block changes what runs, and a REP MOVSB that runs
   /// off the end of RAM faults with the interpreter's partial progress (RCX, RSI, RDI).
@@ -501,6 +501,10 @@ struct TranslatorTests {
       "lea rdi, [r15 + 128]\n  mov ecx, 5\n  rep stosq",
       "std\n  lea rsi, [r15 + 40]\n  lea rdi, [r15 + 200]\n  mov ecx, 9\n  rep movsb\n  cld",
       "lea rsi, [r15 + 8]\n  lodsq", "lea rdi, [r15 + 300]\n  stosw",
+      "lea rdi, [r15 + 1]\n  mov ecx, 40\n  repne scasb", "lea rdi, [r15 + 200]\n  mov ecx, 7\n  repne scasw",
+      "lea rsi, [r15 + 3]\n  lea rdi, [r15 + 80]\n  mov ecx, 30\n  repe cmpsb",
+      "std\n  lea rsi, [r15 + 40]\n  lea rdi, [r15 + 200]\n  mov ecx, 3\n  repe cmpsd\n  cld",
+      "lea rdi, [r15 + 16]\n  scasq", "lea rsi, [r15 + 24]\n  lea rdi, [r15 + 32]\n  cmpsw",
       "pushfq\n  pop r10\n  add rbx, r10", "cli\n  sti",
       "shr byte ptr [r15 + 5], 3", "sar bl, cl", "shl word ptr [r15 + 2], 1", "shr dh, 1",
       "sar qword ptr [r15 + 24], cl",
