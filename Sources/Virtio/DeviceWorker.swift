@@ -99,10 +99,48 @@ final class DeviceWorker: Sendable {
   }
 }
 
-/// Writes one line about a device problem to standard error.
+/// Writes one line about a device problem to standard error, within `VirtioLogLimit`'s rate:
+/// the problems are the guest's doing (a driver that breaks the protocol, in a loop if it
+/// likes), so what they cost the host's log must be bounded.
 func logVirtio(_ message: String) {
-  let line = "hostvisor: virtio: \(message)\n"
+  var now = timespec()
+  clock_gettime(CLOCK_MONOTONIC, &now)
+  let seconds = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+  guard let suppressed = virtioLogLimit.withLock({ $0.admit(at: seconds) }) else { return }
+  let note = suppressed > 0 ? " (\(suppressed) more virtio messages were not printed)" : ""
+  let line = "hostvisor: virtio: \(message)\(note)\n"
   line.withCString { _ = write(STDERR_FILENO, $0, strlen($0)) }
+}
+
+/// The process's budget of virtio messages.
+let virtioLogLimit = Mutex(VirtioLogLimit())
+
+/// A token bucket for device messages: `burst` lines at once, then one every `interval`
+/// seconds; the lines refused in between are counted and the next printed line says how many.
+/// A guest that resets and breaks its devices in a loop thus writes about a line a minute
+/// to the host's log, where each round used to write one (tens of megabytes a minute).
+struct VirtioLogLimit {
+  /// Lines printed without waiting.
+  static let burst = 20.0
+  /// Seconds per line once the burst is spent.
+  static let interval = 60.0
+  private var tokens = Self.burst
+  private var last: Double?
+  private var suppressed = 0
+
+  /// Whether a line may be printed at time `now` (seconds): nil if not (it is counted),
+  /// else how many were refused since the last printed one.
+  mutating func admit(at now: Double) -> Int? {
+    if let last { tokens = min(Self.burst, tokens + max(0, now - last) / Self.interval) }
+    last = now
+    guard tokens >= 1 else {
+      suppressed += 1
+      return nil
+    }
+    tokens -= 1
+    defer { suppressed = 0 }
+    return suppressed
+  }
 }
 
 /// A device model served by one `QueueWorker` (virtio-blk, virtio-rng, virtio-console): the

@@ -15,12 +15,13 @@ struct EmulatedNICGuestTests {
   /// Which guest drives each model: the driver file appended to common.S.
   static let models = ["e1000", "rtl8139"]
 
-  /// Assembles common.S followed by `model`.S into a Multiboot image linked at 1 MiB.
-  static func guest(model: String, in scratch: ScratchDirectory) throws -> String {
+  /// Assembles common.S followed by `model`.S into a Multiboot image linked at 1 MiB, with
+  /// `definitions` (assembler lines such as `.set RESET_LOOP, 1`) in front.
+  static func guest(model: String, in scratch: ScratchDirectory, definitions: String = "") throws -> String {
     let folder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
       .appendingPathComponent("GuestPrograms/nic")
     let source =
-      try String(contentsOf: folder.appendingPathComponent("common.S"), encoding: .utf8)
+      try definitions + String(contentsOf: folder.appendingPathComponent("common.S"), encoding: .utf8)
       + String(contentsOf: folder.appendingPathComponent("\(model).S"), encoding: .utf8)
     let path = scratch.path("\(model).S")
     try source.write(toFile: path, atomically: true, encoding: .utf8)

@@ -17,39 +17,66 @@ struct HostileGuestResourceTests {
     let errorsPath: String
     /// The pipe's read end (the test's).
     let outputDescriptor: Int32
+    /// The write end of the VMM's standard input (COM1's input), when asked for; else -1.
+    let inputDescriptor: Int32
     /// What the reader thread collected.
     final class Collected: Sendable {
       let data = Mutex<Data>(Data())
     }
     private let output = Collected()
     private let reaped = Mutex<Bool>(false)
+    /// The wait status once the process has been reaped.
+    private let waitStatus = Mutex<Int32?>(nil)
 
-    init(kernel: String, accelerator: String, collect: Bool, scratch: ScratchDirectory) throws {
+    /// Starts `hostvisor run` with `kernel` on `accelerator` and `memory` MiB, plus `arguments`;
+    /// `launcher` goes in front (e.g. `ip netns exec NAME`, which execs the VMM in place, so
+    /// the child's PID is the VMM's); `input` gives it a standard input the test writes.
+    init(
+      kernel: String, accelerator: String, collect: Bool, scratch: ScratchDirectory, memory: String = "64",
+      arguments: [String] = [], launcher: [String] = [], input: Bool = false, api: Bool = true
+    ) throws {
       socket = scratch.path("api-\(accelerator).sock")
       errorsPath = scratch.path("errors-\(accelerator).txt")
-      var ends: [Int32] = [-1, -1]
+      var ends: [Int32] = [-1, -1, -1, -1]
       guard pipe(&ends) == 0 else { throw HostCommandError("cannot create a pipe") }
-      for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+      if input {
+        guard ends.withUnsafeMutableBufferPointer({ pipe($0.baseAddress! + 2) }) == 0 else {
+          close(ends[0])
+          close(ends[1])
+          throw HostCommandError("cannot create a pipe")
+        }
+      }
+      for end in ends where end >= 0 { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
       var actions = posix_spawn_file_actions_t()
       posix_spawn_file_actions_init(&actions)
       defer { posix_spawn_file_actions_destroy(&actions) }
-      posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+      if input {
+        posix_spawn_file_actions_adddup2(&actions, ends[2], 0)
+      } else {
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+      }
       posix_spawn_file_actions_adddup2(&actions, ends[1], 1)
       posix_spawn_file_actions_addopen(&actions, 2, errorsPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+      let command =
+        [
+          HostvisorProcess.executable.path, "run", "--kernel", kernel, "--accel", accelerator, "--memory", memory,
+          "--no-sandbox",
+        ] + (api ? ["--api-sock", socket] : []) + arguments
       do {
-        processIdentifier = try spawnChild(
-          HostvisorProcess.executable.path,
-          [
-            "run", "--kernel", kernel, "--accel", accelerator, "--memory", "64", "--api-sock", socket,
-            "--no-sandbox",
-          ], environment: nil, actions: &actions)
+        processIdentifier =
+          if launcher.isEmpty {
+            try spawnChild(command[0], Array(command.dropFirst()), environment: nil, actions: &actions)
+          } else {
+            try spawnChild(launcher[0], Array(launcher.dropFirst()) + command, environment: nil, actions: &actions)
+          }
       } catch {
-        close(ends[0])
-        close(ends[1])
+        for end in ends where end >= 0 { close(end) }
         throw error
       }
       close(ends[1])
+      if input { close(ends[2]) }
       outputDescriptor = ends[0]
+      inputDescriptor = input ? ends[3] : -1
       if collect {
         let descriptor = ends[0]
         Thread.detachNewThread { [output] in
@@ -108,9 +135,24 @@ struct HostileGuestResourceTests {
       reaped.withLock { reaped in
         if reaped { return false }
         var status: Int32 = 0
-        if waitpid(processIdentifier, &status, WNOHANG) == processIdentifier { reaped = true }
+        if waitpid(processIdentifier, &status, WNOHANG) == processIdentifier {
+          reaped = true
+          waitStatus.withLock { $0 = status }
+        }
         return !reaped
       }
+    }
+
+    /// Waits at most `timeout` seconds for the process to end by itself; its exit status (or
+    /// nil if it is still running or ended on a signal).
+    func exitStatus(within timeout: Double) -> Int32? {
+      let deadline = Date().addingTimeInterval(timeout)
+      while isRunning {
+        guard Date() < deadline else { return nil }
+        usleep(20_000)
+      }
+      guard let status = waitStatus.withLock({ $0 }), status & 0x7F == 0 else { return nil }
+      return (status >> 8) & 0xFF
     }
 
     /// Sends `signal` and waits at most `timeout` seconds for the process to end.
@@ -127,6 +169,7 @@ struct HostileGuestResourceTests {
     deinit {
       if isRunning { _ = stop(SIGKILL, timeout: 10) }
       close(outputDescriptor)
+      if inputDescriptor >= 0 { close(inputDescriptor) }
     }
   }
 
@@ -229,5 +272,194 @@ struct HostileGuestResourceTests {
     #expect(
       residentAfter - residentBefore < 8 * 1024, "resident memory grew from \(residentBefore) to \(residentAfter) kB")
     #expect(vmm.stop(timeout: 5), "the VMM did not end within 5 s of SIGTERM")
+  }
+
+  /// A network namespace with a TAP `hvnic0` at 10.0.2.1/24 (the emulated-NIC guests' peer),
+  /// deleted by `remove`.
+  struct TapNamespace {
+    let name = "hvhostile-\(UInt32.random(in: 0...UInt32.max))"
+    let tap = "hvnic0"
+
+    init() throws {
+      try EmulatedNICGuestTests.ip(["netns", "add", name])
+      do {
+        try EmulatedNICGuestTests.ip(["-n", name, "link", "set", "lo", "up"])
+        try EmulatedNICGuestTests.ip(["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"])
+        try EmulatedNICGuestTests.ip(["-n", name, "addr", "add", "10.0.2.1/24", "dev", tap])
+        try EmulatedNICGuestTests.ip(["-n", name, "link", "set", tap, "up"])
+      } catch {
+        remove()
+        throw error
+      }
+    }
+
+    /// `ip netns exec NAME`: runs the VMM in the namespace (exec'd in place).
+    var launcher: [String] { ["/usr/bin/env", "ip", "netns", "exec", name] }
+
+    /// The TAP's MAC address.
+    func tapAddress() throws -> String {
+      try HostCommand.run(
+        "/usr/bin/env", ["ip", "netns", "exec", name, "cat", "/sys/class/net/\(tap)/address"], timeout: 30
+      ).text.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    func remove() { _ = try? HostCommand.run("/usr/bin/env", ["ip", "netns", "del", name], errors: .discarded) }
+  }
+
+  /// The virtio-hostile guest's "round N scenarios S refused R good G" lines.
+  static func rounds(_ text: String) -> [(round: Int, scenarios: Int, refused: Int, good: Int)] {
+    text.split(separator: "\n").compactMap { line in
+      let fields = line.split(separator: " ")
+      guard fields.count == 8, fields[0] == "round", fields[2] == "scenarios", fields[4] == "refused",
+        fields[6] == "good", let round = Int(fields[1]), let scenarios = Int(fields[3]),
+        let refused = Int(fields[5]), let good = Int(fields[7])
+      else { return nil }
+      return (round, scenarios, refused, good)
+    }
+  }
+
+  /// Every virtio device (block, console, entropy, balloon, and with root a network interface
+  /// on a TAP) attacked by a guest that points its rings and buffers everywhere but its RAM:
+  /// outside RAM, at MMIO, across the ends of both RAM regions, into the PCI hole, at addresses
+  /// that wrap, with lengths that wrap, descriptor loops, bad indirect tables, an available
+  /// index far ahead, a head outside the table (Tests/GuestPrograms/cli/virtio-hostile.S),
+  /// round after round, each scenario after a reset and with 16 notifications. Every scenario
+  /// must end in DEVICE_NEEDS_RESET with nothing used, a good request must work after them, the
+  /// guest's canary next to the hole must stay, and no byte may reach the disk from outside
+  /// guest RAM (the buffers of the write requests point past RAM; sector 1 keeps the test's
+  /// pattern). Meanwhile the VMM's memory, threads and log stay bounded, and it pauses,
+  /// resumes and ends on SIGTERM at once. RAM is 3328 MiB, so that RAM lies on both sides of
+  /// the hole (untouched RAM costs nothing).
+  @Test(arguments: Self.accelerators)
+  func virtioRingsAndBuffersPointingEverywhere(accelerator: String) throws {
+    let kernel = try buildGuest("cli/virtio-hostile.S", in: scratch)
+    let disk = scratch.path("disk-\(accelerator).img")
+    var image = [UInt8](repeating: 0, count: 1 << 20)
+    image.replaceSubrange(0..<8, with: Array("HVDISK00".utf8))
+    image.replaceSubrange(512..<1024, with: [UInt8](repeating: 0xC3, count: 512))
+    try Data(image).write(to: URL(fileURLWithPath: disk))
+    let serial = scratch.path("serial-\(accelerator).txt")
+    var arguments = [
+      "--disk", disk, "--balloon", "on", "--console", "virtio", "--serial", "file:\(serial)",
+    ]
+    var devices: Set<String> = ["1042", "1043", "1044", "1045"]
+    let namespace = getuid() == 0 ? try TapNamespace() : nil
+    defer { namespace?.remove() }
+    if let namespace {
+      arguments += ["--net", "tap=\(namespace.tap)"]
+      devices.insert("1041")
+    }
+    let vmm = try GuestVMM(
+      kernel: kernel, accelerator: accelerator, collect: false, scratch: scratch, memory: "3328",
+      arguments: arguments, launcher: namespace?.launcher ?? [])
+    try #require(vmm.waitForAPI(), "the API socket did not appear: \(vmm.errors)")
+    func text() -> String { (try? String(contentsOfFile: serial, encoding: .utf8)) ?? "" }
+    func lastRound() -> Int { Self.rounds(text()).last?.round ?? 0 }
+    func waitForRound(_ round: Int, seconds: Double) -> Bool {
+      let deadline = Date().addingTimeInterval(seconds)
+      while lastRound() < round {
+        guard Date() < deadline, vmm.isRunning else { return false }
+        usleep(50_000)
+      }
+      return true
+    }
+    try #require(waitForRound(3, seconds: 120), "no third round: \(text().suffix(2000))\n\(vmm.errors.prefix(2000))")
+    sleep(2)
+    let residentBefore = try #require(vmm.status("VmRSS"))
+    let threadsBefore = try #require(vmm.status("Threads"))
+    let roundBefore = lastRound()
+    sleep(5)
+    try #require(waitForRound(roundBefore + 2, seconds: 60), "the guest stopped making rounds: \(text().suffix(2000))")
+    let residentAfter = try #require(vmm.status("VmRSS"))
+    #expect(
+      residentAfter - residentBefore < 8 * 1024, "resident memory grew from \(residentBefore) to \(residentAfter) kB")
+    #expect(vmm.status("Threads") == threadsBefore, "threads: \(threadsBefore), then \(vmm.status("Threads") ?? 0)")
+    try pauseAndResume(vmm) {
+      usleep(300_000)
+      let paused = lastRound()
+      sleep(1)
+      #expect(lastRound() == paused, "the guest made rounds while paused")
+    }
+    let resumed = lastRound()
+    #expect(waitForRound(resumed + 1, seconds: 60), "no round after resuming")
+    // The log says what went wrong, but a guest breaking its devices in a loop must not
+    // flood it: the first lines, then about one a minute.
+    let errors = vmm.errors
+    let logLines = errors.split(separator: "\n").filter { $0.hasPrefix("hostvisor: virtio: ") }
+    #expect(logLines.count <= 24, "\(logLines.count) device messages on standard error: \(errors.prefix(1500))")
+    #expect(logLines.count >= 1, "no device message on standard error")
+    #expect(vmm.stop(timeout: 5), "the VMM did not end within 5 s of SIGTERM")
+
+    let output = text()
+    let found = Set(
+      output.split(separator: "\n").filter { $0.hasPrefix("virtio ") }.compactMap {
+        $0.split(separator: " ").dropFirst().first
+      }
+      .map(String.init))
+    #expect(found == devices, "devices found: \(found)")
+    let rounds = Self.rounds(output)
+    #expect(rounds.count >= 5, "\(output.suffix(2000))")
+    for round in rounds {
+      #expect(
+        round.scenarios == 36 * devices.count && round.refused == round.scenarios && round.good == devices.count,
+        "round \(round.round): \(round.scenarios) scenarios, \(round.refused) refused, \(round.good) good")
+    }
+    #expect(!output.contains("FAIL"), "\(output.split(separator: "\n").filter { $0.contains("FAIL") }.prefix(20))")
+    let after = try [UInt8](Data(contentsOf: URL(fileURLWithPath: disk)))
+    #expect(
+      after.count == image.count && Array(after[0..<1024]) == Array(image[0..<1024]), "the disk's first sectors changed"
+    )
+  }
+
+  /// An emulated NIC (e1000, RTL8139) reset in a tight loop while its rings are programmed and
+  /// frames come and go (Tests/GuestPrograms/nic with RESET_LOOP: reset, rings set up, an ARP
+  /// request sent, whose reply lands during the next resets): the VMM's memory and threads stay
+  /// as they were, and when the test stops the loop (a byte on COM1, through the VMM's standard
+  /// input) the device works: the guest's next ARP request is answered by the TAP. (The API,
+  /// which the other tests pause through, does not take the emulated NICs yet.)
+  @Test(
+    .enabled(if: getuid() == 0, "needs root to make a network namespace and a TAP"),
+    arguments: EmulatedNICGuestTests.models, Self.accelerators)
+  func emulatedNICResetLoop(model: String, accelerator: String) throws {
+    let kernel = try EmulatedNICGuestTests.guest(model: model, in: scratch, definitions: ".set RESET_LOOP, 1\n")
+    let namespace = try TapNamespace()
+    defer { namespace.remove() }
+    let tapAddress = try namespace.tapAddress()
+    let vmm = try GuestVMM(
+      kernel: kernel, accelerator: accelerator, collect: true, scratch: scratch, memory: "32",
+      arguments: ["--net", "tap=\(namespace.tap),model=\(model)"], launcher: namespace.launcher, input: true,
+      api: false)
+    func resets() -> Int {
+      vmm.text.split(separator: "\n").last { $0.hasPrefix("resets ") }.flatMap { Int($0.dropFirst(7)) } ?? 0
+    }
+    func waitForResets(_ count: Int, seconds: Double) -> Bool {
+      let deadline = Date().addingTimeInterval(seconds)
+      while resets() < count {
+        guard Date() < deadline, vmm.isRunning else { return false }
+        usleep(50_000)
+      }
+      return true
+    }
+    try #require(waitForResets(512, seconds: 120), "the reset loop did not run: \(vmm.text.suffix(2000)) \(vmm.errors)")
+    let residentBefore = try #require(vmm.status("VmRSS"))
+    let threadsBefore = try #require(vmm.status("Threads"))
+    let before = resets()
+    try #require(waitForResets(before + 1024, seconds: 120), "the reset loop stalled: \(vmm.text.suffix(2000))")
+    let residentAfter = try #require(vmm.status("VmRSS"))
+    #expect(
+      residentAfter - residentBefore < 8 * 1024, "resident memory grew from \(residentBefore) to \(residentAfter) kB")
+    #expect(vmm.status("Threads") == threadsBefore, "threads: \(threadsBefore), then \(vmm.status("Threads") ?? 0)")
+    var stop: UInt8 = 0x71
+    #expect(write(vmm.inputDescriptor, &stop, 1) == 1)
+    // The VMM still answers its console: the byte ends the loop.
+    let status = vmm.exitStatus(within: 60)
+    let context = "serial:\n\(vmm.text.suffix(3000))\nstderr:\n\(vmm.errors.prefix(2000))"
+    let expected: Int32 = (0x31 << 1) | 1
+    #expect(status == expected, "exit status \(status.map(String.init) ?? "none")\n\(context)")
+    let lines = vmm.text.split(separator: "\n").map(String.init)
+    #expect(lines.contains { $0.hasPrefix("reset loop stopped after ") }, "\(context)")
+    #expect(lines.contains("alive: arp reply 10.0.2.1 is-at \(tapAddress)"), "\(context)")
+    #expect(lines.last == "nic guest done", "\(context)")
+    #expect(!vmm.text.contains("FAIL"), "\(context)")
   }
 }

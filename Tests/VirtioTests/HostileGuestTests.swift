@@ -48,6 +48,18 @@ import VMCore
     return Fixture(machine: machine, driver: driver, queue: queue, snapshot: MemorySnapshot(machine.memory), file: file)
   }
 
+  /// A guest that breaks its devices in a loop gets one log line per break only up to the
+  /// bucket's burst, then one a minute, each saying how many were left out.
+  @Test func deviceMessagesAreRateLimited() {
+    var limit = VirtioLogLimit()
+    for _ in 0..<20 { #expect(limit.admit(at: 100) == 0) }
+    #expect(limit.admit(at: 100) == nil)
+    #expect(limit.admit(at: 130) == nil)
+    #expect(limit.admit(at: 160) == 2)
+    #expect(limit.admit(at: 161) == nil)
+    #expect(limit.admit(at: 10_000) == 1)
+  }
+
   @Test func descriptorLoop() throws {
     let fixture = try makeFixture()
     fixture.queue.writeDescriptor(0, address: 0x40_0000, length: 16, flags: 1, next: 1)

@@ -20,6 +20,7 @@
 #   echo reply from 10.0.2.1 ttl <n> checksums ok
 #   receive interrupts <n>
 #   hostile ... (driver lines)
+#   resets <n>, reset loop stopped after <n>  (instead, when assembled with RESET_LOOP)
 #   alive: arp reply 10.0.2.1 is-at <MAC>     (after a reset, the device works again)
 #   nic guest done
 # and exits through isa-debug-exit with 0x31 (status 99); on any failure it prints
@@ -90,9 +91,13 @@ _start:
         call putdec
         call newline
 
+.ifdef RESET_LOOP
+        call reset_loop
+.else
         call nic_hostile
         movl $s_hostile_done, %esi
         call puts
+.endif
 
         call nic_reset
         call nic_setup
@@ -115,6 +120,36 @@ _start:
         call puts
         movl $EXIT_OK, %eax
         jmp exit
+
+# reset_loop (assembled with RESET_LOOP defined): resets the device, sets its rings up again
+# and sends an ARP request (whose reply arrives while the next resets run), over and over,
+# printing "resets <n>" after every 256, until a byte arrives on COM1; then resets it once more
+# and expects it to work: "alive: arp reply ...", as after nic_hostile.
+reset_loop:
+1:      call nic_reset
+        call nic_setup
+        call build_arp
+        call nic_send
+        incl resets
+        testl $0xFF, resets
+        jnz 2f
+        movl $s_resets, %esi
+        call puts
+        movl resets, %eax
+        call putdec
+        call newline
+2:      movw $COM1 + 5, %dx             # LSR: data ready?
+        inb %dx, %al
+        testb $1, %al
+        jz 1b
+        movw $COM1, %dx
+        inb %dx, %al
+        movl $s_resets_stopped, %esi
+        call puts
+        movl resets, %eax
+        call putdec
+        call newline
+        ret
 
 # fail: prints "FAIL: " and the string at %esi, then exits with EXIT_FAIL.
 fail:
@@ -597,6 +632,8 @@ s_echo:         .asciz "echo reply from 10.0.2.1 ttl "
 s_echo_ok:      .asciz " checksums ok\n"
 s_interrupts:   .asciz "receive interrupts "
 s_hostile_done: .asciz "hostile done\n"
+s_resets:       .asciz "resets "
+s_resets_stopped: .asciz "reset loop stopped after "
 s_alive:        .asciz "alive: arp reply 10.0.2.1 is-at "
 s_done:         .asciz "nic guest done\n"
 s_fail:         .asciz "FAIL: "
@@ -645,6 +682,7 @@ bar0:           .long 0
 irq_line:       .long 0
 rx_interrupts:  .long 0
 tries:          .long 0
+resets:         .long 0
 timer_left:     .long 0
 timer_last:     .byte 0
         .include "interrupt-tables.inc"
