@@ -546,78 +546,7 @@ good_request:
 
 # ---- PCI, time and serial ----
 
-pci_read:
-        pushl %edx
-        movl %ecx, %eax
-        movw $0xCF8, %dx
-        outl %eax, %dx
-        movw $0xCFC, %dx
-        inl %dx, %eax
-        popl %edx
-        ret
-
-pci_write:
-        pushl %edx
-        pushl %eax
-        movl %ecx, %eax
-        movw $0xCF8, %dx
-        outl %eax, %dx
-        popl %eax
-        movw $0xCFC, %dx
-        outl %eax, %dx
-        popl %edx
-        ret
-
-timer_start:
-        movl %eax, timer_left
-        call rtc_seconds
-        movb %al, timer_last
-        ret
-
-# timer_running: ZF clear while the window lasts.
-timer_running:
-        pushl %eax
-        call rtc_seconds
-        cmpb timer_last, %al
-        je 1f
-        movb %al, timer_last
-        decl timer_left
-1:      cmpl $0, timer_left
-        popl %eax
-        ret
-
-rtc_seconds:
-        movb $0, %al
-        outb %al, $0x70
-        inb $0x71, %al
-        ret
-
-putc:
-        pushl %edx
-        movw $COM1, %dx
-        outb %al, %dx
-        popl %edx
-        ret
-
-newline:
-        pushl %eax
-        movb $'\n', %al
-        call putc
-        popl %eax
-        ret
-
-puts:
-        pushl %eax
-        pushl %esi
-1:      movb (%esi), %al
-        incl %esi
-        testb %al, %al
-        jz 2f
-        call putc
-        jmp 1b
-2:      popl %esi
-        popl %eax
-        ret
+        .include "pc-io.inc"
 
 hexdigit:
         andb $0xF, %al

@@ -188,31 +188,9 @@ irq_entry:
         popfl
         ret
 
-# ---- PCI configuration mechanism #1 ----
+# ---- PCI configuration mechanism #1, the CMOS clock's seconds, serial output ----
 
-# pci_read: %ecx = 0x80000000 | slot << 11 | offset; returns the dword in %eax.
-pci_read:
-        pushl %edx
-        movl %ecx, %eax
-        movw $0xCF8, %dx
-        outl %eax, %dx
-        movw $0xCFC, %dx
-        inl %dx, %eax
-        popl %edx
-        ret
-
-# pci_write: %ecx as pci_read, %eax = the dword to write.
-pci_write:
-        pushl %edx
-        pushl %eax
-        movl %ecx, %eax
-        movw $0xCF8, %dx
-        outl %eax, %dx
-        popl %eax
-        movw $0xCFC, %dx
-        outl %eax, %dx
-        popl %edx
-        ret
+        .include "pc-io.inc"
 
 # pci_find: %ebx = device << 16 | vendor. Finds it on bus 0 (or fails), enables I/O and
 # memory decoding and bus mastering, and sets pci_base, bar0 (the raw BAR) and irq_line;
@@ -276,62 +254,7 @@ ioapic_route:
         movl $(VECTOR | 0x8000), IOAPIC + 0x10
         ret
 
-# ---- time: the CMOS clock's seconds ----
-
-# timer_start: %eax = how many changes of the seconds register to wait at most.
-timer_start:
-        movl %eax, timer_left
-        call rtc_seconds
-        movb %al, timer_last
-        ret
-
-# timer_running: ZF clear while the window lasts, set once it has passed.
-timer_running:
-        pushl %eax
-        call rtc_seconds
-        cmpb timer_last, %al
-        je 1f
-        movb %al, timer_last
-        decl timer_left
-1:      cmpl $0, timer_left
-        popl %eax
-        ret
-
-rtc_seconds:
-        movb $0, %al
-        outb %al, $0x70
-        inb $0x71, %al
-        ret
-
-# ---- serial output ----
-
-putc:
-        pushl %edx
-        movw $COM1, %dx
-        outb %al, %dx
-        popl %edx
-        ret
-
-newline:
-        pushl %eax
-        movb $'\n', %al
-        call putc
-        popl %eax
-        ret
-
-# puts: the NUL-terminated string at %esi.
-puts:
-        pushl %eax
-        pushl %esi
-1:      movb (%esi), %al
-        incl %esi
-        testb %al, %al
-        jz 2f
-        call putc
-        jmp 1b
-2:      popl %esi
-        popl %eax
-        ret
+# ---- serial output (putc, newline and puts are in pc-io.inc) ----
 
 # puthex8: %al as two lowercase hex digits.
 puthex8:
