@@ -288,8 +288,8 @@ struct BlockTranslator {
   /// the zero- and sign-extending moves). None of them transfers control or changes the mode;
   /// should one end the block anyway (a store into decoded code, a fault), the helper says so.
   static let interpretedOps: Set<Op> = [
-    .movs, .stos, .lods, .scas, .cmps, .cli, .pushf, .rdtsc, .rdtscp, .cmpxchg8b16b, .swapgs, .shrRm, .shlRm, .sarRm, .btRmReg,
-    .bsf, .bsr, .cmovcc, .setcc, .xchgRmReg, .xadd, .cmpxchg, .imulRegRm, .movzxByte, .movzxWord, .movsxByte,
+    .movs, .stos, .lods, .scas, .cmps, .cli, .pushf, .rdtsc, .rdtscp, .cmpxchg8b16b, .swapgs, .shrRm, .shlRm, .sarRm,
+    .btRmReg, .bsf, .bsr, .cmovcc, .setcc, .xchgRmReg, .xadd, .cmpxchg, .imulRegRm, .movzxByte, .movzxWord, .movsxByte,
   ]
 
   /// Whether `slot` has no translation of its own but is run through the interpreter helper.
