@@ -548,14 +548,6 @@ good_request:
 
         .include "pc-io.inc"
 
-hexdigit:
-        andb $0xF, %al
-        cmpb $10, %al
-        jb 1f
-        addb $('a' - 10 - '0'), %al
-1:      addb $'0', %al
-        jmp putc
-
 # puthex16: %ax as four lowercase hex digits.
 puthex16:
         pushl %eax
@@ -571,24 +563,6 @@ puthex16:
         popl %edx
         popl %ecx
         popl %eax
-        ret
-
-putdec:
-        pushal
-        movl $10, %ebx
-        xorl %ecx, %ecx
-1:      xorl %edx, %edx
-        divl %ebx
-        pushl %edx
-        incl %ecx
-        testl %eax, %eax
-        jnz 1b
-2:      popl %eax
-        addb $'0', %al
-        call putc
-        decl %ecx
-        jnz 2b
-        popal
         ret
 
         .data

@@ -268,14 +268,6 @@ puthex8:
         popl %eax
         ret
 
-hexdigit:
-        andb $0xF, %al
-        cmpb $10, %al
-        jb 1f
-        addb $('a' - 10 - '0'), %al
-1:      addb $'0', %al
-        jmp putc
-
 puthex32:
         pushl %eax
         pushl %ecx
@@ -292,25 +284,6 @@ puthex32:
         call puthex8
         popl %ecx
         popl %eax
-        ret
-
-# putdec: %eax unsigned, in decimal.
-putdec:
-        pushal
-        movl $10, %ebx
-        xorl %ecx, %ecx
-1:      xorl %edx, %edx
-        divl %ebx
-        pushl %edx
-        incl %ecx
-        testl %eax, %eax
-        jnz 1b
-2:      popl %eax
-        addb $'0', %al
-        call putc
-        decl %ecx
-        jnz 2b
-        popal
         ret
 
 # put_mac: the six bytes at %esi as xx:xx:xx:xx:xx:xx.
