@@ -34,6 +34,9 @@ public enum SandboxProbe: String, Sendable, CaseIterable {
   /// vCPU threads with EACCES instead of stopping the VMM (glibc's malloc opens a file by
   /// itself on whatever thread it runs).
   case openOnVCPU = "open-vcpu"
+  /// The same on each device worker thread that starts after entry (a virtio device's queues,
+  /// once its driver activates it): its filter refuses `openat` with EACCES too.
+  case openOnDeviceWorker = "open-worker"
 }
 
 /// What `Sandbox.enter` applies.
@@ -164,6 +167,7 @@ public enum Sandbox {
     try SeccompPolicy.process.install(allThreads: true)
     let vcpuProbe = options.probes.contains(.forbiddenCallOnVCPU)
     let vcpuOpenProbe = options.probes.contains(.openOnVCPU)
+    let workerOpenProbe = options.probes.contains(.openOnDeviceWorker)
     ThreadStartActions.add { kind in
       let policy: SeccompPolicy = kind == .vcpu ? .vcpu : .deviceWorker
       kind.rawValue.withCString { hv_sandbox_set_thread_kind($0) }
@@ -173,7 +177,7 @@ public enum Sandbox {
         SandboxReport.line("\(error)")
         exit(1)
       }
-      if kind == .vcpu && vcpuOpenProbe { SandboxReport.openOnThread(kind: kind.rawValue) }
+      if kind == .vcpu ? vcpuOpenProbe : workerOpenProbe { SandboxReport.openOnThread(kind: kind.rawValue) }
       if kind == .vcpu && vcpuProbe { _ = hv_sandbox_socket_call() }
     }
     HostSandboxIdentity.record(uid: options.uid, gid: options.gid)

@@ -19,7 +19,7 @@ enum SandboxReport {
     line("sandbox-probe: cwd \(cwd) /proc \(proc)")
   }
 
-  /// The `open-vcpu` probe's line: what `openat` of the jail's root gives this thread
+  /// The `open-vcpu` and `open-worker` probes' line: what `openat` of the jail's root gives this thread
   /// (`opened`, or the error's text).
   static func openOnThread(kind: String) {
     let result = hv_sandbox_open_call("/")

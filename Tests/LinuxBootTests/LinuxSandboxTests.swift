@@ -3,7 +3,8 @@ import Testing
 
 /// Debian's kernel on the software CPU boots, reads and writes its virtio disk and powers off
 /// with the VMM sandboxed (docs/isolation.md): jailed in an empty root, nobody, no
-/// capabilities, seccomp filters per thread kind.
+/// capabilities, seccomp filters per thread kind (a device worker's refuses `openat` with
+/// EACCES: the `open-worker` probe).
 @Suite(
   "Linux under the sandboxed VMM", .serialized,
   .enabled(if: getuid() == 0, "the sandbox needs root"))
@@ -19,7 +20,7 @@ struct LinuxSandboxTests {
     try content.write(to: URL(fileURLWithPath: image))
 
     let session = try await LinuxVirtioTests.boot(
-      ["--serial", "stdio", "--disk", image, "--sandbox", "--sandbox-probe", "report", "--verbose"],
+      ["--serial", "stdio", "--disk", image, "--sandbox", "--sandbox-probe", "report,open-worker", "--verbose"],
       cmdline: "console=ttyS0 panic=-1 loglevel=4 hostvisor.modules=virtio_pci,virtio_blk")
     defer { session.saveTranscript(name: "sandbox-linux") }
     #expect(session.text.contains("hostvisor: sandbox: entered (root: empty;"))
@@ -43,6 +44,15 @@ struct LinuxSandboxTests {
     #expect(written.contains("WRITE-OK"), "\(written)")
     session.type("poweroff -f\n")
     #expect(try await session.waitForExit(timeout: .seconds(120)) == 0)
+    // The disk's worker thread, started when the driver activated the device, could not open
+    // a file (EACCES from its filter), and the VMM carried on.
+    let workerReports = session.text.split(whereSeparator: \.isNewline).filter {
+      $0.hasPrefix("sandbox-probe: open / on a device worker thread:")
+    }
+    #expect(!workerReports.isEmpty, "no worker thread reported")
+    #expect(
+      workerReports.allSatisfy { $0.hasSuffix(": \(String(cString: strerror(EACCES)))") },
+      "\(workerReports)")
     let after = try Data(contentsOf: URL(fileURLWithPath: image))
     #expect(String(decoding: after[512..<(512 + guestPhrase.utf8.count)], as: UTF8.self) == guestPhrase)
   }
