@@ -31,7 +31,8 @@ struct SandboxArguments: ParsableArguments {
 
   @Option(
     name: .customLong("sandbox-probe"),
-    help: ArgumentHelp("Test hook: report,forbidden-call,forbidden-call-vcpu,open-vcpu,open-worker.", visibility: .private))
+    help: ArgumentHelp(
+      "Test hook: report,forbidden-call,forbidden-call-vcpu,open-vcpu,open-worker.", visibility: .private))
   var probes: String?
 
   /// Whether the command line speaks of the sandbox: `--sandbox`, `--no-sandbox`, `--jail`,
