@@ -19,8 +19,8 @@ enum SandboxReport {
     line("sandbox-probe: cwd \(cwd) /proc \(proc)")
   }
 
-  /// The `open-vcpu` and `open-worker` probes' line: what `openat` of the jail's root gives this thread
-  /// (`opened`, or the error's text).
+  /// The `open-vcpu` and `open-worker` probes' line: what `openat` of the jail's root gives
+  /// this thread (`opened`, or the error's text).
   static func openOnThread(kind: String) {
     let result = hv_sandbox_open_call("/")
     if result >= 0 { close(Int32(result)) }

@@ -123,8 +123,14 @@ struct HostileGuestResourceTests {
 
     /// Waits until the API socket exists.
     func waitForAPI() -> Bool {
-      let deadline = Date().addingTimeInterval(30)
-      while !FileManager.default.fileExists(atPath: socket) {
+      waitWhileRunning(seconds: 30) { FileManager.default.fileExists(atPath: socket) }
+    }
+
+    /// Polls `condition` every 20 ms for at most `seconds`; false when the time ran out or the
+    /// VMM ended first.
+    func waitWhileRunning(seconds: Double, until condition: () -> Bool) -> Bool {
+      let deadline = Date().addingTimeInterval(seconds)
+      while !condition() {
         guard Date() < deadline, isRunning else { return false }
         usleep(20_000)
       }
@@ -356,12 +362,7 @@ struct HostileGuestResourceTests {
     func text() -> String { (try? String(contentsOfFile: serial, encoding: .utf8)) ?? "" }
     func lastRound() -> Int { Self.rounds(text()).last?.round ?? 0 }
     func waitForRound(_ round: Int, seconds: Double) -> Bool {
-      let deadline = Date().addingTimeInterval(seconds)
-      while lastRound() < round {
-        guard Date() < deadline, vmm.isRunning else { return false }
-        usleep(50_000)
-      }
-      return true
+      vmm.waitWhileRunning(seconds: seconds) { lastRound() >= round }
     }
     try #require(waitForRound(3, seconds: 120), "no third round: \(text().suffix(2000))\n\(vmm.errors.prefix(2000))")
     sleep(2)
@@ -433,12 +434,7 @@ struct HostileGuestResourceTests {
       vmm.text.split(separator: "\n").last { $0.hasPrefix("resets ") }.flatMap { Int($0.dropFirst(7)) } ?? 0
     }
     func waitForResets(_ count: Int, seconds: Double) -> Bool {
-      let deadline = Date().addingTimeInterval(seconds)
-      while resets() < count {
-        guard Date() < deadline, vmm.isRunning else { return false }
-        usleep(50_000)
-      }
-      return true
+      vmm.waitWhileRunning(seconds: seconds) { resets() >= count }
     }
     try #require(waitForResets(512, seconds: 120), "the reset loop did not run: \(vmm.text.suffix(2000)) \(vmm.errors)")
     let residentBefore = try #require(vmm.status("VmRSS"))

@@ -283,9 +283,10 @@ struct BlockTranslator {
 
   /// Instructions without a translation of their own that translated code runs by calling the
   /// interpreter for them (`emitInterpreted`), rather than leaving the block: the string
-  /// instructions but INS and OUTS (MOVS, STOS, LODS, SCAS, CMPS, with or without REP), CLI, PUSHF, RDTSC(P), CMPXCHG8B/16B, SWAPGS and the integer forms the translator
-  /// lacks (byte and memory shifts, BT, BSF/BSR, 16-bit CMOVcc, SETcc, XCHG, XADD, CMPXCHG, IMUL and
-  /// the zero- and sign-extending moves). None of them transfers control or changes the mode;
+  /// instructions but INS and OUTS (MOVS, STOS, LODS, SCAS, CMPS, with or without REP), CLI,
+  /// PUSHF, RDTSC(P), CMPXCHG8B/16B, SWAPGS and the integer forms the translator lacks (byte
+  /// and memory shifts, BT, BSF/BSR, 16-bit CMOVcc, SETcc, XCHG, XADD, CMPXCHG, IMUL and the
+  /// zero- and sign-extending moves). None of them transfers control or changes the mode;
   /// should one end the block anyway (a store into decoded code, a fault), the helper says so.
   static let interpretedOps: Set<Op> = [
     .movs, .stos, .lods, .scas, .cmps, .cli, .pushf, .rdtsc, .rdtscp, .cmpxchg8b16b, .swapgs, .shrRm, .shlRm, .sarRm,
