@@ -384,6 +384,8 @@ struct TranslatorTests {
       "cmp eax, ebx\n  cmovl ecx, dword ptr [rsi + 4]", "test ecx, edx\n  cmovs rbx, qword ptr [rsi + 8]",
       "cmp ecx, edx\n  cmovae edx, dword ptr [rsi + 16]",
       "test ecx, edx\n  sets byte ptr [rsi + 11]",
+      "shr bx, 3", "sar cx, 15", "shl ax, 1", "sal dx, 9", "shr bx, 1", "sar ax, 1", "shl dh, 7", "sar ah, 3",
+      "shr cl, 1", "shl r14b, 2", "sar r14w, 6", "shr dx, 15\n  shl bx, 4\n  add ecx, ebx",
       "mov r10, rax\n  mov r11, rdx\n  mov rdx, rbx\n  and edx, 0xFFFF\n  mov rax, rcx\n  mov r12d, 0x10007\n  div r12\n  add rbx, rax\n  add rcx, rdx\n  mov rax, r10\n  mov rdx, r11",
       "mov r10, rax\n  mov r11, rdx\n  xor edx, edx\n  mov eax, ebx\n  mov dword ptr [rsi + 32], 0x3001\n  div dword ptr [rsi + 32]\n  add ecx, eax\n  add ebx, edx\n  mov rax, r10\n  mov rdx, r11",
     ]
@@ -490,10 +492,12 @@ struct TranslatorTests {
 
   /// Instructions without a translation of their own that translated code runs through the
   /// interpreter helper (`BlockTranslator.interpretedOps`: REP MOVS/STOS/LODS in both
-  /// directions, REPNE SCAS and REPE CMPS that stop early or run out, SCAS and CMPS alone, PUSHF, CLI, shifts of bytes and memory, BSF/BSR, 16-bit CMOVcc from memory, XCHG,
-  /// IMUL, CMPXCHG16B, SWAPGS) give the interpreter's registers, flags and memory; a REP STOSB
-  /// into the next instruction of its own block changes what runs, and a REP MOVSB that runs
-  /// off the end of RAM faults with the interpreter's partial progress (RCX, RSI, RDI).
+  /// directions, REPNE SCAS and REPE CMPS that stop early or run out, SCAS and CMPS alone,
+  /// PUSHF, CLI, shifts of memory, by CL, by 0 and by the operand's width or more, BSF/BSR,
+  /// 16-bit CMOVcc from memory, XCHG, IMUL, CMPXCHG16B, SWAPGS) give the interpreter's
+  /// registers, flags and memory; a REP STOSB into the next instruction of its own block
+  /// changes what runs, and a REP MOVSB that runs off the end of RAM faults with the
+  /// interpreter's partial progress (RCX, RSI, RDI).
   @Test(arguments: [false, true])
   func interpretedFormsMatchTheInterpreter(moveFaults: Bool) throws {
     let steps = [
@@ -507,7 +511,7 @@ struct TranslatorTests {
       "lea rdi, [r15 + 16]\n  scasq", "lea rsi, [r15 + 24]\n  lea rdi, [r15 + 32]\n  cmpsw",
       "pushfq\n  pop r10\n  add rbx, r10", "cli\n  sti",
       "shr byte ptr [r15 + 5], 3", "sar bl, cl", "shl word ptr [r15 + 2], 1", "shr dh, 1",
-      "sar qword ptr [r15 + 24], cl",
+      "sar qword ptr [r15 + 24], cl", "shl bx, 17", "shr al, 8", "sar cx, 0",
       "bsf rbx, rcx", "bsr edx, eax", "bsf ax, word ptr [r15 + 2]",
       "cmp eax, ebx\n  cmovl cx, word ptr [r15 + 8]", "test ecx, ecx\n  cmovz edx, eax",
       "xchg qword ptr [r15 + 16], rbx", "xchg cl, dh", "imul ebx, dword ptr [r15 + 4]", "imul cx, dx",

@@ -498,6 +498,7 @@ struct BlockTranslator {
       switch form.kind {
       case .inc, .dec: return before & RFlags.cf
       case .bitTest: return before & ~RFlags.cf
+      case .shift: return slot.pointee.immediate & 0x1F == 1 ? RFlags.af : RFlags.af | RFlags.of
       default: break
       }
     }
@@ -772,7 +773,7 @@ struct BlockTranslator {
 
   /// Whether the shift or rotate at `index` needs the code that sets the interpreter's
   /// undefined flags after it: the host's differ and someone may see them.
-  private func fixesShiftFlags(after index: Int) -> Bool {
+  func fixesShiftFlags(after index: Int) -> Bool {
     !Self.hostShiftFlagsMatchTheInterpreter && !flagsOverwrittenNext(index)
   }
 

@@ -3,8 +3,9 @@
 // including AH..BH), with register or memory operands, LOCK on read-modify-write memory
 // forms, unsigned DIV of 32- and 64-bit operands, BT/BTS/BTR/BTC with an immediate bit,
 // CMPXCHG and XADD on memory, MOVZX/MOVSX and 8/16-bit moves (immediates included),
-// CBW/CWDE/CDQE and CWD/CDQ/CQO, BSWAP, SETcc to memory, PUSH imm, PUSH r/m64, LEAVE and the
-// fences. Each becomes the same host instruction on the guest register slot, on the host
+// CBW/CWDE/CDQE and CWD/CDQ/CQO, BSWAP, SETcc to memory, PUSH imm, PUSH r/m64, LEAVE, the
+// fences and SHL/SHR/SAR of 8- and 16-bit registers by an immediate. Each becomes the same
+// host instruction on the guest register slot, on the host
 // address of guest RAM the inline TLB probe found, or on the loaded operand, so the host
 // computes the result and the flags.
 
@@ -39,6 +40,9 @@ struct IntegerForm {
     case push, leave
     /// LFENCE, MFENCE, SFENCE: the same host fence.
     case fence
+    /// SHL, SHR and SAR of an 8- or 16-bit register by an immediate count (C0/C1/D0/D1) that
+    /// stays below the operand's width once masked (the wider ones have fast forms).
+    case shift(HostShift)
   }
 
   /// Where the operands are: `op r/m, reg`, `op reg, r/m`, `op r/m, imm` or `op r/m`.
@@ -107,6 +111,14 @@ struct IntegerForm {
       operands = .rm
     case .fence:
       operands = .rm
+    case .shlRm, .shrRm, .sarRm:
+      // Counts of 0 (no change at all) and of the width or more (flags the architecture
+      // leaves undefined, and CF from beyond the operand) stay with the interpreter.
+      let count = instruction.immediate & 0x1F
+      guard instruction.operandSize <= 2, !instruction.hasMemoryOperand, [0xC0, 0xC1, 0xD0, 0xD1].contains(instruction.opcode),
+        count != 0, count < UInt64(instruction.operandSize) * 8
+      else { return nil }
+      operands = .rmImm
     default:
       return nil
     }
@@ -146,6 +158,9 @@ struct IntegerForm {
     case .leave: kind = .leave
     case .fence: kind = .fence
     case .cmovcc: kind = .conditionalMove
+    case .shlRm: kind = .shift(.shl)
+    case .shrRm: kind = .shift(.shr)
+    case .sarRm: kind = .shift(.sar)
     default: kind = .setByte
     }
     size = Int(instruction.operandSize)
@@ -160,7 +175,7 @@ struct IntegerForm {
   var writesRM: Bool {
     switch kind {
     case .alu(let alu): operands != .regRm && alu != .cmp
-    case .inc, .dec, .neg, .not, .compareExchange, .exchangeAdd, .setByte: true
+    case .inc, .dec, .neg, .not, .compareExchange, .exchangeAdd, .setByte, .shift: true
     case .bitTest(let digit): digit != 4
     case .move: operands != .regRm
     case .test, .divide, .multiply, .extend, .convertAccumulator, .convertToDouble, .byteSwap, .push, .leave, .fence,
@@ -190,6 +205,10 @@ struct IntegerForm {
       FlagUse(reads: true, writesAll: true)
     case .alu, .neg, .compareExchange, .exchangeAdd:
       FlagUse(reads: false, writesAll: true)
+    case .shift:
+      // OF is undefined unless the count is 1 (`undefinedFlags(after:before:)` refines it);
+      // set as the interpreter does on hosts whose differ (`fixesShiftFlags`).
+      FlagUse(reads: false, writesAll: true, undefined: RFlags.af | RFlags.of)
     case .multiply:
       // CF and OF from the product; the rest undefined (set as the interpreter does on hosts
       // whose differ: `fixesMultiplyFlags`).
@@ -243,6 +262,15 @@ extension BlockTranslator {
       return
     case .bitTest(let digit):
       emitBitTest(slot, index: index, form: form, digit: digit)
+      return
+    case .shift(let kind):
+      // The register's slot shifted in place; the operand before the shift goes to RDX
+      // (zero-extended) for the interpreter's flags where the host's differ.
+      let destination = guestRegister(instruction.rm, size: form.size)
+      let fixFlags = fixesShiftFlags(after: index)
+      if fixFlags { emitter.movzx(HostRegister.rdx, sourceSize: form.size, destination) }
+      emitter.shift(kind, size: form.size, destination, count: UInt8(truncatingIfNeeded: instruction.immediate & 0x1F))
+      if fixFlags { emitter.interpreterShiftFlags(kind, size: form.size) }
       return
     case .compareExchange, .exchangeAdd:
       emitExchange(slot, index: index, form: form)
