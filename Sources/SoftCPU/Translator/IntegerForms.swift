@@ -5,9 +5,8 @@
 // CMPXCHG and XADD on memory, MOVZX/MOVSX and 8/16-bit moves (immediates included),
 // CBW/CWDE/CDQE and CWD/CDQ/CQO, BSWAP, SETcc to memory, PUSH imm, PUSH r/m64, LEAVE, the
 // fences and SHL/SHR/SAR of 8- and 16-bit registers by an immediate. Each becomes the same
-// host instruction on the guest register slot, on the host
-// address of guest RAM the inline TLB probe found, or on the loaded operand, so the host
-// computes the result and the flags.
+// host instruction on the guest register slot, on the host address of guest RAM the inline
+// TLB probe found, or on the loaded operand, so the host computes the result and the flags.
 
 /// A translated integer instruction without a translated fast form.
 struct IntegerForm {
@@ -115,7 +114,8 @@ struct IntegerForm {
       // Counts of 0 (no change at all) and of the width or more (flags the architecture
       // leaves undefined, and CF from beyond the operand) stay with the interpreter.
       let count = instruction.immediate & 0x1F
-      guard instruction.operandSize <= 2, !instruction.hasMemoryOperand, [0xC0, 0xC1, 0xD0, 0xD1].contains(instruction.opcode),
+      guard instruction.operandSize <= 2, !instruction.hasMemoryOperand,
+        [0xC0, 0xC1, 0xD0, 0xD1].contains(instruction.opcode),
         count != 0, count < UInt64(instruction.operandSize) * 8
       else { return nil }
       operands = .rmImm
