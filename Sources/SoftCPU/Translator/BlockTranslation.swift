@@ -263,6 +263,15 @@ struct BlockTranslator {
   var epilogue = HostLabel(id: 0)
   var instructionOffsets: [Int] = []
   var flagsValidAt: [Bool] = []
+  /// The guest's status flags are parked in EBP, where a probe saved them, and the host
+  /// RFLAGS hold whatever the probe left: between loads, stores, pushes and pops that neither
+  /// read nor write a flag (`keepsFlagsParked`), the flags are put back only once, before the
+  /// next instruction that needs them, instead of after every probe. Every exit of those
+  /// instructions (a probe's miss path) restores them from EBP.
+  var flagsParked = false
+  /// The probe of the instruction being emitted leaves the flags parked instead of restoring
+  /// them: it and the next instruction keep them parked.
+  var parksFlagsAfterProbe = false
   /// The decoded block being translated (its index, for the run loop's `last_block`) and its
   /// instruction count; `selfLoopEntry` is the chained entry, the target of a branch back to
   /// the block's first instruction (a loop of one block), nil when the index is unknown.
@@ -673,9 +682,15 @@ struct BlockTranslator {
     }
     if loadAtEntry { emitter.loadGuestFlags() }
     var ended = false
+    flagsParked = false
     for index in 0..<translated {
+      let keepsParked = Self.keepsFlagsParked(first + index)
+      if flagsParked && !keepsParked { unparkFlags() }
+      parksFlagsAfterProbe =
+        inlineTLBProbes && keepsParked && index + 1 < translated && Self.keepsFlagsParked(first + index + 1)
       ended = emitInstruction(first + index, index: index)
     }
+    if flagsParked { unparkFlags() }
     if !ended {
       storeFlagsIfValid(at: translated)
       if translated == count {
@@ -719,6 +734,26 @@ struct BlockTranslator {
     emitter.mov(size: 8, HostRegister.r13, .at(HostRegister.r12, ContextOffset.readTLB))
     emitter.mov(size: 8, HostRegister.r14, .at(HostRegister.r12, ContextOffset.writeTLB))
     emitter.mov(size: 8, HostRegister.r15, .at(HostRegister.r12, ContextOffset.tagExtra))
+  }
+
+  /// Puts the flags parked in EBP back into the host RFLAGS (clobbers RAX).
+  private mutating func unparkFlags() {
+    emitter.restoreFlags()
+    flagsParked = false
+  }
+
+  /// Whether the translation of `slot` can run with the guest's flags parked in EBP
+  /// (`flagsParked`): it reads and writes no flag, and its only exits are the miss paths of
+  /// its one probe, which restore them from EBP. Loads into and stores from general registers,
+  /// PUSH and POP, and the register forms of `leavesFlagsAndBlockAlone`.
+  static func keepsFlagsParked(_ slot: UnsafePointer<Instruction>) -> Bool {
+    switch slot.pointee.fast {
+    case .loadRM64, .loadRM32, .loadRM8, .movzxByteRM, .movzxWordRM, .movsxdRM, .storeMR64, .storeMR32, .storeMR16,
+      .storeMR8, .storeMI64, .storeMI32, .storeMI8, .push64, .push32, .pop64, .pop32:
+      return true
+    default:
+      return leavesFlagsAndBlockAlone(slot)
+    }
   }
 
   private mutating func storeFlagsIfValid(at index: Int) {
@@ -905,7 +940,8 @@ struct BlockTranslator {
   mutating func emitProbe(
     size: Int, write: Bool, flagsValid: Bool, restoresFlags: Bool = true, miss: HostLabel, aligned: Bool = false
   ) {
-    if flagsValid { emitter.saveFlags() }
+    // Parked flags are in EBP already.
+    if flagsValid && !flagsParked { emitter.saveFlags() }
     if aligned {
       // A misaligned access takes the slow path, whose helper raises the #GP(0).
       emitter.test(size: 4, .register(HostRegister.rsi), immediate: Int32(size - 1))
@@ -931,7 +967,11 @@ struct BlockTranslator {
     emitter.mov(size: 8, HostRegister.rdx, .at(HostRegister.rcx, 8))
     emitter.bind(found)
     emitter.alu(.add, size: 8, HostRegister.rdx, .register(HostRegister.rsi))
-    if flagsValid && restoresFlags { emitter.restoreFlags() }
+    if flagsValid {
+      // Flags the probe need not restore are dead: nothing reads them before they are written.
+      if restoresFlags && !parksFlagsAfterProbe { emitter.restoreFlags() }
+      flagsParked = restoresFlags && parksFlagsAfterProbe
+    }
     // The victim way (`tlbSlots`), out of line: a hit there goes on as a primary hit.
     let victimOffset = tlbEntries * MemoryLayout<TLBEntry>.stride
     outOfLine.append { emitter in
