@@ -59,6 +59,10 @@ public final class VirtualMachine: Sendable {
   /// With `restoringMemory` (a snapshot's RAM), nothing is written into RAM (no kernel, no ACPI
   /// tables): the caller restores the machine state before `run` (see `restore(statePath:...)`).
   public init(configuration: MachineConfiguration, restoringMemory: GuestMemory? = nil) throws {
+    // Messages from the machine's threads (vCPUs, device workers) must never wait for standard
+    // error; the writer starts here, before a sandbox forbids device workers to start threads
+    // (a failure to start it leaves the messages written directly).
+    try? DiagnosticOutput.standardError.start()
     self.configuration = configuration
     do {
       try configuration.validate()
@@ -472,8 +476,7 @@ public final class VirtualMachine: Sendable {
   }
 
   private static func log(_ message: String) {
-    var line = "hostvisor: \(message)\n"
-    line.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+    DiagnosticOutput.standardError.write("hostvisor: \(message)")
   }
 }
 
