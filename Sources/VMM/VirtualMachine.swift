@@ -59,10 +59,6 @@ public final class VirtualMachine: Sendable {
   /// With `restoringMemory` (a snapshot's RAM), nothing is written into RAM (no kernel, no ACPI
   /// tables): the caller restores the machine state before `run` (see `restore(statePath:...)`).
   public init(configuration: MachineConfiguration, restoringMemory: GuestMemory? = nil) throws {
-    // Messages from the machine's threads (vCPUs, device workers) must never wait for standard
-    // error; the writer starts here, before a sandbox forbids device workers to start threads
-    // (a failure to start it leaves the messages written directly).
-    try? DiagnosticOutput.standardError.start()
     self.configuration = configuration
     do {
       try configuration.validate()
@@ -84,6 +80,12 @@ public final class VirtualMachine: Sendable {
     } catch {
       throw MachineError(error.description)
     }
+    // Messages from the machine's threads (vCPUs, device workers) must never wait for standard
+    // error; the writer starts here, before the devices and before a sandbox forbids device
+    // workers to start threads (a failure to start it leaves the messages written directly).
+    // After RAM is mapped, as the machine's other threads: a thread's malloc arena mapped just
+    // above RAM would otherwise merge with its mapping (one VMA in /proc/PID/smaps).
+    try? DiagnosticOutput.standardError.start()
     parts = MachineParts(memory: memory, bus: IOBus(), control: MachineControl(), interrupts: InterruptRouter())
     pci = PCIBus(layout: PCIAddressLayout(), interrupts: parts.interrupts)
     let (virtioDevices, virtioConsole, emulatedNetworkDevices) = try Self.attachVirtioDevices(
