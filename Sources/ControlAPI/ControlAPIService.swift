@@ -2,6 +2,7 @@ import Dispatch
 import Foundation
 import Glibc
 import Logging
+import VMCore
 import VMM
 
 /// Sends `/api/v1/...` to the Cloud Hypervisor frontend and everything else to the Firecracker
@@ -50,6 +51,9 @@ public final class ControlAPIService: Sendable {
     instanceID: String, baseSpec: VMSpec, socketPath: String?, limits: APIServerLimits = APIServerLimits(),
     onExit: @escaping @Sendable (Int32) -> Void
   ) throws(APIServerError) {
+    // From here on the process has event loops and, later, machines: their messages must not
+    // wait for standard error (a failure to start the writer leaves them written directly).
+    try? DiagnosticOutput.standardError.start()
     LogSink.bootstrap(instanceID: instanceID)
     plane = ControlPlane(instanceID: instanceID, baseSpec: baseSpec) { reason in
       if case .failure(let message) = reason {

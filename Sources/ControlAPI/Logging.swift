@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Logging
 import Synchronization
+import VMCore
 
 /// Where the process's swift-log messages go, as Firecracker's logger formats them:
 /// `TIMESTAMP [INSTANCE_ID:THREAD(:LEVEL)(:FILE:LINE)] MESSAGE`, one line each. Configured by
@@ -96,7 +97,13 @@ public final class LogSink: Sendable {
       if settings.showLevel { text += ":" + Self.name(level) }
       if settings.showOrigin { text += ":\(file):\(line)" }
       text += "] " + message.replacingOccurrences(of: "\n", with: " ") + "\n"
-      _ = text.withUTF8 { Glibc.write(settings.descriptor, $0.baseAddress, $0.count) }
+      if settings.descriptor == STDERR_FILENO {
+        // Event loops and machine threads log here: a standard error nobody reads must not
+        // stall them.
+        DiagnosticOutput.standardError.write(text)
+      } else {
+        _ = text.withUTF8 { Glibc.write(settings.descriptor, $0.baseAddress, $0.count) }
+      }
     }
   }
 

@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import VMCore
 
 /// Why the terminal console could not start.
 public enum TerminalConsoleError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -239,9 +240,7 @@ private final class ConsoleReader: Sendable {
           onQuit()
           if exitWhenCallbackReturns.load(ordering: .acquiring) { return }
         case .help:
-          ConsoleEscapeDecoder.helpText.utf8CString.withUnsafeBytes {
-            writeFully(fd: STDERR_FILENO, UnsafeRawBufferPointer(rebasing: $0.dropLast()))
-          }
+          DiagnosticOutput.standardError.write(ConsoleEscapeDecoder.helpText)
         }
       }
     }

@@ -1,5 +1,6 @@
 import CSandbox
 import Glibc
+import VMCore
 
 /// The `report` probe's lines on standard error, each starting with `sandbox-probe:`.
 enum SandboxReport {
@@ -30,7 +31,6 @@ enum SandboxReport {
   }
 
   static func line(_ text: String) {
-    var message = text + "\n"
-    message.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+    DiagnosticOutput.standardError.write(text)
   }
 }

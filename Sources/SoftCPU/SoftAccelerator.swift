@@ -187,8 +187,7 @@ private func runVCPU(
   debugHook.noteVCPUStarted()
   defer {
     if SoftCPUStatistics.reportRequested {
-      let line = cpu.statisticsReport(index: index) + "\n"
-      _ = line.withCString { write(2, $0, strlen($0)) }
+      DiagnosticOutput.standardError.write(cpu.statisticsReport(index: index))
     }
   }
   // Where this vCPU is in the throttle's timeslices (while a throttle is set).

@@ -595,7 +595,7 @@ extension VirtualMachine {
       while true {
         var received: Int32 = 0
         guard sigwait(&set, &received) == 0 else { continue }
-        var line: String
+        let line: String
         do {
           try pause()
           defer { resume() }
@@ -604,7 +604,7 @@ extension VirtualMachine {
         } catch {
           line = "hostvisor: error: snapshot failed: \(error)\n"
         }
-        line.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+        DiagnosticOutput.standardError.write(line)
       }
     }
   }

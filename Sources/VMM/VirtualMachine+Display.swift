@@ -56,8 +56,7 @@ public final class MachineDisplay: Sendable {
       throw MachineError(error.description)
     }
     server.withLock { $0 = started }
-    var line = "hostvisor: VNC server listening on \(started.address)\n"
-    line.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+    DiagnosticOutput.standardError.write("hostvisor: VNC server listening on \(started.address)")
   }
 
   func stop() {

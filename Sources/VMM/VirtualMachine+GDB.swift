@@ -18,8 +18,7 @@ extension VirtualMachine {
       throw MachineError(error.description)
     }
     gdbServer.withLock { $0 = server }
-    var line =
-      "hostvisor: gdb stub listening on \(server.address)\(waitForDebugger ? "; waiting for gdb to continue" : "")\n"
-    line.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+    DiagnosticOutput.standardError.write(
+      "hostvisor: gdb stub listening on \(server.address)\(waitForDebugger ? "; waiting for gdb to continue" : "")")
   }
 }

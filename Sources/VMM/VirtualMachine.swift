@@ -80,6 +80,12 @@ public final class VirtualMachine: Sendable {
     } catch {
       throw MachineError(error.description)
     }
+    // Messages from the machine's threads (vCPUs, device workers) must never wait for standard
+    // error; the writer starts here, before the devices and before a sandbox forbids device
+    // workers to start threads (a failure to start it leaves the messages written directly).
+    // After RAM is mapped, as the machine's other threads: a thread's malloc arena mapped just
+    // above RAM would otherwise merge with its mapping (one VMA in /proc/PID/smaps).
+    try? DiagnosticOutput.standardError.start()
     parts = MachineParts(memory: memory, bus: IOBus(), control: MachineControl(), interrupts: InterruptRouter())
     pci = PCIBus(layout: PCIAddressLayout(), interrupts: parts.interrupts)
     let (virtioDevices, virtioConsole, emulatedNetworkDevices) = try Self.attachVirtioDevices(
@@ -472,8 +478,7 @@ public final class VirtualMachine: Sendable {
   }
 
   private static func log(_ message: String) {
-    var line = "hostvisor: \(message)\n"
-    line.withUTF8 { buffer in _ = write(2, buffer.baseAddress, buffer.count) }
+    DiagnosticOutput.standardError.write("hostvisor: \(message)")
   }
 }
 

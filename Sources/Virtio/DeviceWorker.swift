@@ -101,15 +101,16 @@ final class DeviceWorker: Sendable {
 
 /// Writes one line about a device problem to standard error, within `VirtioLogLimit`'s rate:
 /// the problems are the guest's doing (a driver that breaks the protocol, in a loop if it
-/// likes), so what they cost the host's log must be bounded.
+/// likes), so what they cost the host's log must be bounded. The line goes through
+/// `DiagnosticOutput.standardError`, so the thread that found the problem (often a vCPU) never
+/// waits for a standard error that nobody reads.
 func logVirtio(_ message: String) {
   var now = timespec()
   clock_gettime(CLOCK_MONOTONIC, &now)
   let seconds = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
   guard let suppressed = virtioLogLimit.withLock({ $0.admit(at: seconds) }) else { return }
   let note = suppressed > 0 ? " (\(suppressed) more virtio messages were not printed)" : ""
-  let line = "hostvisor: virtio: \(message)\(note)\n"
-  line.withCString { _ = write(STDERR_FILENO, $0, strlen($0)) }
+  DiagnosticOutput.standardError.write("hostvisor: virtio: \(message)\(note)")
 }
 
 /// The process's budget of virtio messages.

@@ -1,6 +1,7 @@
 import CShim
 import Glibc
 import Synchronization
+import VMCore
 
 /// A port forward from the host into the guest: connections to `hostAddress:hostPort` on the
 /// host reach `guestPort` in the guest.
@@ -279,8 +280,7 @@ public final class UserNetworkBackend: NetworkBackend {
       close(pipeEnds[0])
       quietPipeWriter = pipeEnds[1]
     }
-    var line = "hostvisor: user networking: passt \(reason); the guest's network is down\n"
-    line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+    DiagnosticOutput.standardError.write("hostvisor: user networking: passt \(reason); the guest's network is down")
   }
 
   private static func lastLine(ofFile path: String) -> String? {

@@ -590,9 +590,11 @@ struct CommandFailure: Error {
   init(_ message: String) { self.message = message }
 }
 
+/// Writes `message` as one line on standard error: directly while the process starts, through
+/// `DiagnosticOutput`'s buffer once a machine or the API runs (so lines keep their order, and
+/// the buffer is written at exit within its bounded wait).
 func printError(_ message: String) {
-  var line = message + "\n"
-  line.withUTF8 { buffer in _ = write(STDERR_FILENO, buffer.baseAddress, buffer.count) }
+  DiagnosticOutput.standardError.write(message)
 }
 
 // A parent may have started us with terminating signals blocked or ignored (test harnesses,

@@ -10,7 +10,8 @@ import Testing
 @Suite("hostile guests against the VMM's resources", .serialized)
 struct HostileGuestResourceTests {
   /// A `hostvisor run` child with its API on a socket, its serial console on a pipe the test
-  /// reads (`collect`) or leaves unread, and its own messages in a file.
+  /// reads (`collect`) or leaves unread, and its own messages in a file (or on a descriptor
+  /// the test gives).
   final class GuestVMM {
     let processIdentifier: pid_t
     let socket: String
@@ -30,10 +31,12 @@ struct HostileGuestResourceTests {
 
     /// Starts `hostvisor run` with `kernel` on `accelerator` and `memory` MiB, plus `arguments`;
     /// `launcher` goes in front (e.g. `ip netns exec NAME`, which execs the VMM in place, so
-    /// the child's PID is the VMM's); `input` gives it a standard input the test writes.
+    /// the child's PID is the VMM's); `input` gives it a standard input the test writes;
+    /// `standardError` is a descriptor to give it as standard error instead of `errorsPath`.
     init(
       kernel: String, accelerator: String, collect: Bool, scratch: ScratchDirectory, memory: String = "64",
-      arguments: [String] = [], launcher: [String] = [], input: Bool = false, api: Bool = true
+      arguments: [String] = [], launcher: [String] = [], input: Bool = false, api: Bool = true,
+      standardError: Int32? = nil
     ) throws {
       socket = scratch.path("api-\(accelerator).sock")
       errorsPath = scratch.path("errors-\(accelerator).txt")
@@ -56,7 +59,11 @@ struct HostileGuestResourceTests {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
       }
       posix_spawn_file_actions_adddup2(&actions, ends[1], 1)
-      posix_spawn_file_actions_addopen(&actions, 2, errorsPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+      if let standardError {
+        posix_spawn_file_actions_adddup2(&actions, standardError, 2)
+      } else {
+        posix_spawn_file_actions_addopen(&actions, 2, errorsPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+      }
       let command =
         [
           HostvisorProcess.executable.path, "run", "--kernel", kernel, "--accel", accelerator, "--memory", memory,
@@ -410,6 +417,109 @@ struct HostileGuestResourceTests {
     #expect(
       after.count == image.count && Array(after[0..<1024]) == Array(image[0..<1024]), "the disk's first sectors changed"
     )
+  }
+
+  /// fcntl's F_SETPIPE_SZ (F_LINUX_SPECIFIC_BASE + 7), which Glibc's module does not export.
+  static let setPipeSize: Int32 = 1031
+
+  /// A pipe of one page whose write end is completely full (and blocking again); the caller
+  /// closes both ends.
+  static func fullPipe() throws -> (read: Int32, write: Int32) {
+    var ends: [Int32] = [-1, -1]
+    try #require(pipe(&ends) == 0)
+    for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+    try #require(fcntl(ends[1], setPipeSize, 4096) >= 4096, "F_SETPIPE_SZ: \(String(cString: strerror(errno)))")
+    let flags = fcntl(ends[1], F_GETFL)
+    _ = fcntl(ends[1], F_SETFL, flags | O_NONBLOCK)
+    let filler = [UInt8](repeating: UInt8(ascii: "p"), count: 4096)
+    var filled = 0
+    while true {
+      let written = write(ends[1], filler, filler.count)
+      guard written > 0 else { break }
+      filled += written
+    }
+    // The VMM inherits this description: it must block as a standard error nobody reads does.
+    _ = fcntl(ends[1], F_SETFL, flags)
+    var queued: Int32 = 0
+    try #require(ioctl(ends[0], UInt(FIONREAD), &queued) == 0 && queued == filled && filled >= 4096)
+    return (ends[0], ends[1])
+  }
+
+  /// The virtio-hostile guest (every scenario makes a device complain on standard error) with
+  /// the VMM's standard error on a pipe that is full before it starts and that the test does
+  /// not read while it runs, as behind a supervisor that never drains it. Writing a device
+  /// message to it would block the thread that found the problem (a vCPU, for a queue refused
+  /// when the guest enables it, or a device worker) forever: instead the guest keeps making its
+  /// rounds (its serial output is a file) for seconds after its first messages, the VMM pauses
+  /// and resumes at once, and once the test reads the pipe the messages the VMM kept arrive
+  /// whole.
+  @Test func deviceMessagesBehindAStandardErrorNobodyReadsDoNotStallTheGuest() throws {
+    let kernel = try buildGuest("cli/virtio-hostile.S", in: scratch)
+    let disk = scratch.path("disk-stderr.img")
+    var image = [UInt8](repeating: 0, count: 1 << 20)
+    image.replaceSubrange(0..<8, with: Array("HVDISK00".utf8))
+    try Data(image).write(to: URL(fileURLWithPath: disk))
+    let serial = scratch.path("serial-stderr.txt")
+    let errors = try Self.fullPipe()
+    defer { close(errors.read) }
+    let vmm: GuestVMM
+    do {
+      defer { close(errors.write) }
+      vmm = try GuestVMM(
+        kernel: kernel, accelerator: "soft", collect: false, scratch: scratch, memory: "3328",
+        arguments: ["--disk", disk, "--balloon", "on", "--console", "virtio", "--serial", "file:\(serial)"],
+        standardError: errors.write)
+    }
+    try #require(vmm.waitForAPI(), "the API socket did not appear")
+    func text() -> String { (try? String(contentsOfFile: serial, encoding: .utf8)) ?? "" }
+    func lastRound() -> Int { Self.rounds(text()).last?.round ?? 0 }
+    func waitForRound(_ round: Int, seconds: Double) -> Bool {
+      vmm.waitWhileRunning(seconds: seconds) { lastRound() >= round }
+    }
+    // Every round breaks every device 36 times: from the first scenario on, the VMM has
+    // messages for its standard error, and the pipe has no room for any of them.
+    try #require(waitForRound(2, seconds: 120), "the guest stalled before its second round: \(text().suffix(2000))")
+    var queued: Int32 = 0
+    #expect(ioctl(errors.read, UInt(FIONREAD), &queued) == 0 && queued == 4096, "the pipe has room: \(queued) bytes")
+    let roundBefore = lastRound()
+    sleep(5)
+    #expect(
+      waitForRound(roundBefore + 2, seconds: 60),
+      "the guest stopped making rounds behind a full standard error: \(text().suffix(2000))")
+    try pauseAndResume(vmm)
+    let resumed = lastRound()
+    #expect(waitForRound(resumed + 1, seconds: 60), "no round after resuming")
+    // Still nothing could be written: the messages waited in the VMM's buffer.
+    #expect(ioctl(errors.read, UInt(FIONREAD), &queued) == 0 && queued == 4096, "the pipe has room: \(queued) bytes")
+
+    // Read the pipe while the VMM runs: what it kept arrives, in whole lines.
+    var received: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    let flags = fcntl(errors.read, F_GETFL)
+    _ = fcntl(errors.read, F_SETFL, flags | O_NONBLOCK)
+    let deadline = Date().addingTimeInterval(20)
+    var lastData = Date()
+    while Date() < deadline {
+      let count = read(errors.read, &buffer, buffer.count)
+      if count > 0 {
+        received += buffer[0..<count]
+        lastData = Date()
+      } else {
+        // Done once the messages have come and a second passed without more.
+        if received.count > 4096 && Date().timeIntervalSince(lastData) > 1 { break }
+        usleep(50_000)
+      }
+    }
+    #expect(vmm.stop(timeout: 5), "the VMM did not end within 5 s of SIGTERM")
+    try #require(received.count > 4096, "nothing came after the filler")
+    #expect(received[0..<4096].allSatisfy { $0 == UInt8(ascii: "p") })
+    let messages = String(decoding: received[4096...], as: UTF8.self)
+    let lines = messages.split(separator: "\n")
+    #expect(lines.first?.hasPrefix("hostvisor: virtio: device ") == true, "\(messages.prefix(1500))")
+    #expect(lines.allSatisfy { $0.hasPrefix("hostvisor: ") }, "\(messages.prefix(1500))")
+    // The rate limit still holds: the burst of 20, perhaps one more a minute later.
+    let deviceLines = lines.filter { $0.hasPrefix("hostvisor: virtio: ") }
+    #expect((1...24).contains(deviceLines.count), "\(deviceLines.count) device messages: \(messages.prefix(1500))")
   }
 
   /// An emulated NIC (e1000, RTL8139) reset in a tight loop while its rings are programmed and
