@@ -307,6 +307,7 @@ public final class VirtualMachine: Sendable {
     } catch {
       shutdown(devices)
       for device in emulated { device.shutdown() }
+      relinquishPreopenedTaps(emulated.map(\.backend))
       throw error
     }
     return (devices, console, emulated)
@@ -342,8 +343,18 @@ public final class VirtualMachine: Sendable {
     }
   }
 
+  /// Stops the devices' worker threads, then gives the TAPs the process opened at start back
+  /// (`relinquishPreopenedTaps`).
   private static func shutdown(_ devices: [VirtioPCIDevice]) {
     for device in devices { device.shutdown() }
+    relinquishPreopenedTaps(devices.compactMap { ($0.model as? VirtioNet)?.backend })
+  }
+
+  /// Ends the claims of stopped devices' backends on TAPs the process opened at start
+  /// (`serve --tap`, `PreopenedTaps`), so the next machine the API builds can attach them; a
+  /// backend that never claimed one is left as it is.
+  private static func relinquishPreopenedTaps(_ backends: [any NetworkBackend]) {
+    for case let tap as TapBackend in backends { tap.relinquishPreopened() }
   }
 
   /// Stops every device's worker thread (`run` does this when the guest stops), and writes
@@ -353,6 +364,7 @@ public final class VirtualMachine: Sendable {
   public func shutdownDevices() {
     Self.shutdown(virtioDevices)
     for device in emulatedNetworkDevices { device.shutdown() }
+    Self.relinquishPreopenedTaps(emulatedNetworkDevices.map(\.backend))
     display?.stop()
     serialOutput?.drain(timeout: .milliseconds(500))
   }
@@ -486,7 +498,8 @@ extension VirtualMachine {
   /// The one-line error for a TAP that cannot be opened. A sandboxed VMM opening it after entry
   /// (`serve --sandbox`, whose machine comes later through the API) runs as an unprivileged
   /// user without CAP_NET_ADMIN: it can neither create a TAP nor attach to one that another
-  /// user or group owns, so the line says what the TAP needs.
+  /// user or group owns, so the line says how to provide it: `serve --tap` opens it before
+  /// entry, or it is made beforehand for the sandbox's user.
   static func describeTapFailure(_ error: NetworkBackendError, name: String) -> String {
     guard let identity = HostSandboxIdentity.confined, case .cannotOpenTap(_, let number) = error else {
       return error.description
@@ -495,8 +508,9 @@ extension VirtualMachine {
     case EPERM, EACCES:
       return error.description
         + " (the sandboxed VMM runs as user \(identity.uid), group \(identity.gid), without CAP_NET_ADMIN: it cannot"
-        + " create a TAP, and attaches only to one that belongs to that user or group, or to no one: ip tuntap add"
-        + " dev \(name) mode tap user \(identity.uid))"
+        + " create a TAP, and attaches only to one that belongs to that user or group, or to no one: name it at"
+        + " start with serve --tap \(name), or make it beforehand with ip tuntap add dev \(name) mode tap user"
+        + " \(identity.uid))"
     case ENOENT:
       return error.description + " (the sandbox's jail has no /dev/net/tun: the host has no TUN device)"
     default:

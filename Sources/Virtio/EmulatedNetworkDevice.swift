@@ -7,6 +7,8 @@ public protocol EmulatedNetworkDevice: PCIDevice, CountingDevice {
   var modelDescription: String { get }
   /// The device's MAC address.
   var mac: MACAddress { get }
+  /// The host side.
+  var backend: any NetworkBackend { get }
   /// Stops the device's worker thread.
   func shutdown()
 }

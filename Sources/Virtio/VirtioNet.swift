@@ -7,12 +7,18 @@ import VMCore
 public enum NetworkBackendError: Error, Equatable, Sendable, CustomStringConvertible {
   /// The TAP device could not be opened or configured.
   case cannotOpenTap(name: String, errno: Int32)
+  /// The TAP device is one the process opened at start (`PreopenedTaps`, `serve --tap`) and
+  /// another network interface holds it.
+  case tapInUse(name: String)
   /// The MAC address text is not six hex bytes separated by colons.
   case invalidMAC(String)
 
   public var description: String {
     switch self {
     case .cannotOpenTap(let name, let err): return "cannot open TAP '\(name)': \(String(cString: strerror(err)))"
+    case .tapInUse(let name):
+      return "TAP '\(name)' is in use by another network interface (a TAP opened at start with serve --tap is"
+        + " attached to one interface at a time)"
     case .invalidMAC(let text): return "invalid MAC address '\(text)' (expected xx:xx:xx:xx:xx:xx)"
     }
   }
@@ -81,36 +87,66 @@ public struct NetworkOffloads: OptionSet, Sendable {
 /// migration on one host hands the interface from the source process to the destination this
 /// way. While released, the descriptor is an eventfd that never polls readable, transmitted
 /// frames are dropped and nothing is received.
+///
+/// A TAP the process opened at start (`PreopenedTaps`, `hostvisor serve --tap`) is not opened
+/// again: the backend claims it (one backend at a time) and works on a duplicate of the kept
+/// descriptor, so an unprivileged, sandboxed VMM attaches a TAP it could neither create nor
+/// open. The claim ends with `relinquishPreopened` (the machine stopped) or with the backend.
 public final class TapBackend: NetworkBackend {
   /// The interface name the kernel reports (the requested name while never attached).
   public let name: String
   /// The descriptor number; it refers to the TAP while attached, else to an idle eventfd.
   private let fd: Int32
   public var pollDescriptor: Int32 { fd }
-  /// Whether `fd` refers to the TAP now; and the receive offloads last asked for, applied
-  /// again when the interface is taken back.
-  private let attachment: Mutex<(attached: Bool, offloads: NetworkOffloads)>
+  /// Whether `fd` refers to the TAP now; the receive offloads last asked for, applied again
+  /// when the interface is taken back; and whether the backend still holds its claim on the
+  /// pre-opened TAP (always false without one).
+  private let attachment: Mutex<(attached: Bool, offloads: NetworkOffloads, holdsClaim: Bool)>
+  /// The TAP the process opened at start under this name, when there is one.
+  private let preopened: PreopenedTap?
 
   /// Whether the device may offer the checksum and segmentation offloads (`supportsOffloads`).
   private let offersOffloads: Bool
 
-  /// Opens (or creates) TAP interface `name`; `offloads: false` makes the device offer no
-  /// checksum or segmentation offloads (plain 1500-byte frames with full checksums only).
-  /// With `attached: false` the interface is not opened yet (see `attach`).
+  /// Opens (or creates) TAP interface `name`, or claims it when the process opened it at start
+  /// (`PreopenedTaps`; `.tapInUse` while another backend holds it); `offloads: false` makes the
+  /// device offer no checksum or segmentation offloads (plain 1500-byte frames with full
+  /// checksums only). With `attached: false` the interface is not opened yet (see `attach`),
+  /// though a pre-opened one is claimed already.
   public init(name: String, offloads: Bool = true, attached: Bool = true) throws(NetworkBackendError) {
     guard !name.isEmpty, name.utf8.count < 16 else { throw .cannotOpenTap(name: name, errno: EINVAL) }
-    let fd = attached ? try Self.open(name: name) : hv_eventfd()
-    guard fd >= 0 else { throw .cannotOpenTap(name: name, errno: errno) }
+    let preopened = PreopenedTaps.named(name)
+    try preopened?.claim()
+    let fd: Int32
+    do throws(NetworkBackendError) {
+      if !attached {
+        fd = hv_eventfd()
+      } else if let preopened {
+        fd = try preopened.duplicate()
+      } else {
+        fd = try Self.open(name: name)
+      }
+      guard fd >= 0 else { throw .cannotOpenTap(name: name, errno: errno) }
+    } catch {
+      preopened?.relinquish()
+      throw error
+    }
     self.fd = fd
     self.offersOffloads = offloads
+    self.preopened = preopened
     self.name = attached ? Self.interfaceName(of: fd) ?? name : name
-    attachment = Mutex((attached, []))
+    attachment = Mutex((attached, [], preopened != nil))
   }
 
-  deinit { close(fd) }
+  deinit {
+    close(fd)
+    if attachment.withLock({ $0.holdsClaim }) { preopened?.relinquish() }
+  }
 
-  /// A new descriptor on TAP `name` (IFF_VNET_HDR, 12-byte header, offloads off).
-  private static func open(name: String) throws(NetworkBackendError) -> Int32 {
+  /// A new descriptor on TAP `name` (IFF_VNET_HDR, 12-byte header, offloads off), creating the
+  /// interface when it is missing (needs CAP_NET_ADMIN, as attaching to a TAP that belongs to
+  /// another user or group does).
+  static func open(name: String) throws(NetworkBackendError) -> Int32 {
     let fd = Glibc.open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK)
     guard fd >= 0 else { throw .cannotOpenTap(name: name, errno: errno) }
     var request = [UInt8](repeating: 0, count: Int(HV_IFREQ_SIZE))
@@ -131,12 +167,25 @@ public final class TapBackend: NetworkBackend {
   }
 
   /// The name of the interface `fd` is attached to (TUNGETIFF).
-  private static func interfaceName(of fd: Int32) -> String? {
+  static func interfaceName(of fd: Int32) -> String? {
+    interfaceRequest(of: fd).map { String(decoding: $0.prefix(16).prefix { $0 != 0 }, as: UTF8.self) }
+  }
+
+  /// Whether the interface `fd` is attached to is persistent (TUNGETIFF reports IFF_PERSIST):
+  /// it outlives its last descriptor.
+  static func isPersistent(_ fd: Int32) -> Bool {
+    guard let request = interfaceRequest(of: fd) else { return false }
+    let flags = UInt16(request[Int(HV_IFREQ_FLAGS_OFFSET)]) | UInt16(request[Int(HV_IFREQ_FLAGS_OFFSET) + 1]) << 8
+    return flags & UInt16(bitPattern: HV_IFF_PERSIST) != 0
+  }
+
+  /// The `struct ifreq` TUNGETIFF fills in for `fd` (name and flags).
+  private static func interfaceRequest(of fd: Int32) -> [UInt8]? {
     var request = [UInt8](repeating: 0, count: Int(HV_IFREQ_SIZE))
     guard request.withUnsafeMutableBytes({ hv_virtio_ioctl_ptr(fd, HV_TUNGETIFF, $0.baseAddress) }) == 0 else {
       return nil
     }
-    return String(decoding: request.prefix(16).prefix { $0 != 0 }, as: UTF8.self)
+    return request
   }
 
   /// Whether the backend holds the interface now.
@@ -145,31 +194,51 @@ public final class TapBackend: NetworkBackend {
   /// Lets go of the interface: its descriptor is replaced by an idle eventfd, so the kernel
   /// detaches this process from the TAP once no poll holds the old descriptor any more (a
   /// persistent TAP stays, with its addresses; one this process created disappears). Frames
-  /// sent meanwhile are dropped.
+  /// sent meanwhile are dropped. A pre-opened TAP stays attached to the process, which keeps
+  /// its own descriptor on it (`PreopenedTap`).
   public func release() {
     attachment.withLock { state in
       guard state.attached else { return }
       let idle = hv_eventfd()
       guard idle >= 0 else { return }
-      _ = dup2(idle, fd)
+      _ = hv_dup3_cloexec(idle, fd)
       close(idle)
       state.attached = false
     }
   }
 
+  /// Ends this backend's claim on a pre-opened TAP (`PreopenedTaps`) once its device has
+  /// stopped: the backend lets go of the interface (`release`) and the next machine's backend
+  /// may claim it. Nothing for other TAPs, whose descriptor closes with the backend.
+  public func relinquishPreopened() {
+    guard let preopened else { return }
+    release()
+    let held = attachment.withLock { state in
+      defer { state.holdsClaim = false }
+      return state.holdsClaim
+    }
+    if held { preopened.relinquish() }
+  }
+
   /// Opens the interface by name again (after `release`, or for a backend made with
-  /// `attached: false`) and restores the receive offloads the device asked for. Retries for up
-  /// to `timeoutMilliseconds` while the kernel reports it busy (another process still holds
-  /// it).
+  /// `attached: false`; a pre-opened TAP is duplicated from the process's descriptor instead)
+  /// and restores the receive offloads the device asked for. Retries for up to
+  /// `timeoutMilliseconds` while the kernel reports it busy (another process still holds it).
   public func attach(timeoutMilliseconds: Int = 5000) throws(NetworkBackendError) {
     var waited = 0
     while true {
       let result = attachment.withLock { state -> Result<Void, NetworkBackendError> in
         guard !state.attached else { return .success(()) }
         do throws(NetworkBackendError) {
-          let tap = try Self.open(name: name)
+          let tap: Int32
+          if let preopened {
+            guard state.holdsClaim else { throw .tapInUse(name: name) }
+            tap = try preopened.duplicate()
+          } else {
+            tap = try Self.open(name: name)
+          }
           if !state.offloads.isEmpty { _ = hv_virtio_ioctl_int(tap, HV_TUNSETOFFLOAD, UInt(state.offloads.rawValue)) }
-          _ = dup2(tap, fd)
+          _ = hv_dup3_cloexec(tap, fd)
           close(tap)
           state.attached = true
           return .success(())

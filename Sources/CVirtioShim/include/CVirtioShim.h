@@ -3,6 +3,7 @@
 // Host interfaces the Virtio module needs that Swift cannot import by itself (variadic calls,
 // GNU-only declarations, macros): eventfd, getrandom, fallocate modes, TAP ioctls, AF_PACKET.
 #include <stdint.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
 #include <sys/syscall.h>
@@ -25,6 +26,7 @@ static const unsigned long HV_TUNSETOFFLOAD = TUNSETOFFLOAD;
 static const short HV_IFF_TAP = IFF_TAP;
 static const short HV_IFF_NO_PI = IFF_NO_PI;
 static const short HV_IFF_VNET_HDR = IFF_VNET_HDR;
+static const short HV_IFF_PERSIST = IFF_PERSIST;
 static const unsigned int HV_TUN_F_CSUM = TUN_F_CSUM;
 static const unsigned int HV_TUN_F_TSO4 = TUN_F_TSO4;
 static const unsigned int HV_TUN_F_TSO6 = TUN_F_TSO6;
@@ -43,6 +45,9 @@ static inline long hv_getrandom(void *buffer, unsigned long length) { return get
 static inline int hv_fallocate(int fd, int mode, int64_t offset, int64_t length) {
   return (int)syscall(SYS_fallocate, fd, mode, offset, length);
 }
+/// dup3(2) with O_CLOEXEC (GNU-only in <unistd.h>): `newfd` then refers to what `oldfd` does,
+/// and stays close-on-exec; returns `newfd` or -1 with errno.
+static inline int hv_dup3_cloexec(int oldfd, int newfd) { return (int)syscall(SYS_dup3, oldfd, newfd, O_CLOEXEC); }
 /// setns(2); returns 0 or -1 with errno.
 static inline int hv_setns(int fd, int nstype) { return (int)syscall(SYS_setns, fd, nstype); }
 /// ioctl(2) with a pointer argument.
