@@ -228,8 +228,11 @@ public final class CloudHypervisorAPI: Sendable {
       if let text = net.mac {
         do { mac = try MACAddress(parsing: text) } catch { throw refuse("net[\(index)].mac is not a MAC address") }
       }
-      spec.networkInterfaces.append(
-        NetworkInterfaceSpec(id: net.id ?? "_net\(index)", hostDeviceName: tap, guestMAC: mac))
+      let id = net.id ?? "_net\(index)"
+      if let holder = spec.interfaceHoldingPreopenedTap(tap, except: id) {
+        throw refuse(VMSpec.preopenedTapTaken(tap, by: holder, for: id))
+      }
+      spec.networkInterfaces.append(NetworkInterfaceSpec(id: id, hostDeviceName: tap, guestMAC: mac))
     }
     if let rng = config.rng, rng.src != "/dev/urandom", rng.src != "/dev/random" {
       throw refuse("Hostvisor's virtio-rng reads the host's random source; rng.src must be /dev/urandom")

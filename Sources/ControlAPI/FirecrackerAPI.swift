@@ -381,6 +381,9 @@ public final class FirecrackerAPI: Sendable {
     }
     let guestMAC = mac
     try configure { spec throws(ControlError) in
+      if let holder = spec.interfaceHoldingPreopenedTap(body.host_dev_name, except: id) {
+        throw ControlError(.invalidArgument, VMSpec.preopenedTapTaken(body.host_dev_name, by: holder, for: id))
+      }
       let interface = NetworkInterfaceSpec(id: id, hostDeviceName: body.host_dev_name, guestMAC: guestMAC)
       if let index = spec.networkInterfaces.firstIndex(where: { $0.id == id }) {
         spec.networkInterfaces[index] = interface

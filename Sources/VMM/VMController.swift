@@ -124,6 +124,22 @@ public struct VMSpec: Sendable, Equatable {
 
   public init() {}
 
+  /// The ID of the network interface other than `id` that names `tapName`, when `tapName` is a
+  /// TAP the process opened at start (`PreopenedTaps`, `serve --tap`): such a TAP is attached
+  /// to one interface at a time. Nil for other TAPs, which the machine opens when it is built
+  /// (two interfaces on one of them fail then, as the kernel refuses the second).
+  public func interfaceHoldingPreopenedTap(_ tapName: String, except id: String) -> String? {
+    guard PreopenedTaps.named(tapName) != nil else { return nil }
+    return networkInterfaces.first { $0.hostDeviceName == tapName && $0.id != id }?.id
+  }
+
+  /// The one-line refusal of interface `id` naming pre-opened TAP `tapName`, which interface
+  /// `holder` names already.
+  public static func preopenedTapTaken(_ tapName: String, by holder: String, for id: String) -> String {
+    "Network interface \(id) cannot use TAP \(tapName): network interface \(holder) has it already (a TAP that"
+      + " serve opened with --tap is attached to one interface at a time)."
+  }
+
   /// The drives in the order their virtio-blk devices are attached: the root drive (if any)
   /// first, so it is `/dev/vda`, then the others as they were added.
   public var drivesInDeviceOrder: [DriveSpec] { drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice } }
@@ -135,6 +151,12 @@ public struct VMSpec: Sendable, Equatable {
       throw ControlError(.invalidArgument, "cannot start the machine: no boot source (kernel image) is configured")
     }
     guard memoryMiB >= 1 else { throw ControlError(.invalidArgument, "memory size must be at least 1 MiB") }
+    for interface in networkInterfaces {
+      if let holder = interfaceHoldingPreopenedTap(interface.hostDeviceName, except: interface.id) {
+        throw ControlError(
+          .invalidArgument, Self.preopenedTapTaken(interface.hostDeviceName, by: holder, for: interface.id))
+      }
+    }
     var commandLine = bootArgs ?? Self.defaultBootArgs
     let ordered = drivesInDeviceOrder
     if let root = ordered.first, root.isRootDevice {
