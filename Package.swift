@@ -65,7 +65,8 @@ let package = Package(
     .executableTarget(
       name: "hostvisor",
       dependencies: [
-        "VMM", "ControlAPI", "Sandbox", "Devices", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        "VMM", "ControlAPI", "Sandbox", "Devices", "Virtio",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]
     ),
     .executableTarget(name: "hostvisor-bench", dependencies: ["KVMBackend", "VMCore"]),

@@ -6,6 +6,7 @@ import Glibc
 import Sandbox
 import VMCore
 import VMM
+import Virtio
 
 /// `hostvisor`: a hosted virtual machine monitor for x86-64 guests.
 struct Hostvisor: ParsableCommand {
@@ -400,6 +401,13 @@ struct Serve: ParsableCommand {
       "Wait at URL (unix:PATH or tcp:HOST:PORT) for a live migration and run the migrated guest.", valueName: "url"))
   var incoming: String?
 
+  @Option(
+    name: .customLong("tap"),
+    help: ArgumentHelp(
+      "A TAP device the API may attach later (Firecracker's host_dev_name, Cloud Hypervisor's net tap): opened at start, while serve is still privileged (before --sandbox drops privileges), and created if missing. A TAP serve created is removed when serve exits; an existing persistent one stays. Each is attached to one network interface at a time. Repeatable. See docs/isolation.md.",
+      valueName: "name"))
+  var taps: [String] = []
+
   @OptionGroup(title: "Sandbox") var sandboxArguments: SandboxArguments
 
   @OptionGroup(title: "cgroups") var cgroupArguments: CgroupArguments
@@ -408,6 +416,7 @@ struct Serve: ParsableCommand {
     guard let accelerator = AcceleratorChoice(rawValue: accel) else {
       ManagedProcess.exit(1, message: "invalid accelerator '\(accel)': use auto, kvm or soft")
     }
+    validateTaps()
     // The sandbox: its namespaces now, while the process has one thread; the jail once the API
     // socket is open. The machine comes later from paths inside the jail, /dev/kvm and
     // /dev/net/tun from nodes the sandbox makes there for its user.
@@ -438,6 +447,9 @@ struct Serve: ParsableCommand {
     } catch {
       ManagedProcess.exit(1, message: "\(error)")
     }
+    // In the VMM's process (after the sandbox's fork, which closes what it inherited), while it
+    // is still root.
+    openTaps()
     // The whole serving process goes into the group at once, as Firecracker's jailer puts
     // Firecracker there; the vCPU and device threads the API's boot starts then move into
     // its vcpu and io children.
@@ -466,6 +478,48 @@ struct Serve: ParsableCommand {
       options: ManagedProcess.Options(
         socketPath: apiSocket, configFile: configFile, noAPI: noAPI, id: id, accelerator: accelerator,
         cpuModel: model, level: level, logPath: logPath, verbose: verbose, incoming: incoming, sandbox: sandbox))
+  }
+
+  /// Refuses a `--tap` name the kernel would refuse or misread, and a name given twice, with
+  /// one line, before anything else happens.
+  private func validateTaps() {
+    var seen: Set<String> = []
+    for name in taps {
+      if let problem = PreopenedTaps.problem(withName: name) {
+        ManagedProcess.exit(1, message: "invalid --tap '\(name)': \(problem.reason)")
+      }
+      guard seen.insert(name).inserted else { ManagedProcess.exit(1, message: "--tap \(name) is given twice") }
+    }
+  }
+
+  /// Opens (or creates) every `--tap` TAP and keeps its descriptor (`PreopenedTaps`), so the
+  /// machines the API builds attach them without privileges; exits with one line when one
+  /// cannot be opened. With `--verbose`, one line per TAP says whether it stays after exit.
+  private func openTaps() {
+    for name in taps {
+      do {
+        let tap = try PreopenedTaps.open(name)
+        if verbose {
+          printError(
+            "hostvisor: tap: \(tap.name) opened at start ("
+              + (tap.isPersistent ? "persistent: it stays when serve exits)" : "created: removed when serve exits)"))
+        }
+      } catch {
+        var message = "--tap: \(error.description)"
+        if case .cannotOpenTap(_, let number) = error {
+          switch number {
+          case EPERM, EACCES:
+            message +=
+              " (creating a TAP, or opening one that belongs to another user or group, needs CAP_NET_ADMIN: start"
+              + " serve as root)"
+          case ENOENT: message += " (the host has no /dev/net/tun)"
+          case EBUSY: message += " (another process holds it)"
+          default: break
+          }
+        }
+        ManagedProcess.exit(1, message: message)
+      }
+    }
   }
 
   /// The KVM device a machine built after entry opens (the accelerator's default path).
