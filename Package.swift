@@ -73,7 +73,7 @@ let package = Package(
     .executableTarget(name: "hostvisor-softbench", dependencies: ["SoftCPU", "VMCore"]),
     .target(name: "TestSupport", dependencies: ["CShim"], path: "Tests/TestSupport"),
     .testTarget(name: "TestSupportTests", dependencies: ["TestSupport"]),
-    .testTarget(name: "VMCoreTests", dependencies: ["VMCore"]),
+    .testTarget(name: "VMCoreTests", dependencies: ["VMCore", "TestSupport"]),
     .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "VMCore", "Devices", "Loaders", "TestSupport"]),
     .testTarget(name: "LoaderTests", dependencies: ["Loaders", "VMCore", "TestSupport"]),
     .executableTarget(name: "DeviceTestHelper", dependencies: ["Devices"], path: "Tests/DeviceTestHelper"),

@@ -1,5 +1,6 @@
 import Glibc
 import Synchronization
+import VMCore
 
 /// Where the bytes a guest transmits through a UART go.
 ///
@@ -46,28 +47,6 @@ public enum SerialBackendError: Error, Equatable, Sendable, CustomStringConverti
       return "cannot open serial output file '\(path)': \(String(cString: strerror(err)))"
     case .cannotStartWriter(let err):
       return "cannot start the serial output writer: \(String(cString: strerror(err)))"
-    }
-  }
-}
-
-/// Writes all of `bytes` to `fd`, retrying on EINTR and short writes and waiting when the
-/// descriptor is non-blocking and full. Gives up silently on any other error (a closed
-/// terminal must not stop the guest).
-func writeFully(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
-  guard var pointer = bytes.baseAddress else { return }
-  var remaining = bytes.count
-  while remaining > 0 {
-    let written = Glibc.write(fd, pointer, remaining)
-    if written > 0 {
-      pointer += written
-      remaining -= written
-    } else if written < 0 && errno == EINTR {
-      continue
-    } else if written < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-      var waiter = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-      _ = poll(&waiter, 1, 100)
-    } else {
-      return
     }
   }
 }

@@ -100,7 +100,7 @@ public final class DiagnosticOutput: @unchecked Sendable {
       condition.broadcast()
       return true
     }
-    if !queued { line.withUnsafeBytes { Self.writeFully(fileDescriptor, $0) } }
+    if !queued { line.withUnsafeBytes { writeFully(fd: fileDescriptor, $0) } }
   }
 
   /// How many lines were dropped because the buffer was full.
@@ -172,7 +172,7 @@ public final class DiagnosticOutput: @unchecked Sendable {
           batch += lines[index]
           index += 1
         }
-        batch.withUnsafeBytes { Self.writeFully(fileDescriptor, $0) }
+        batch.withUnsafeBytes { writeFully(fd: fileDescriptor, $0) }
         condition.locked {
           state.bufferedBytes -= batch.count
           queueNoteIfItFits()
@@ -192,28 +192,6 @@ public final class DiagnosticOutput: @unchecked Sendable {
     state.bufferedBytes += note.count
     state.unreportedDrops = 0
   }
-
-  /// Writes all of `bytes`, retrying after signals and partial writes; gives up on an error
-  /// (a closed descriptor: nobody would read the message anyway).
-  private static func writeFully(_ descriptor: Int32, _ bytes: UnsafeRawBufferPointer) {
-    guard var pointer = bytes.baseAddress else { return }
-    var remaining = bytes.count
-    while remaining > 0 {
-      let written = Glibc.write(descriptor, pointer, remaining)
-      if written > 0 {
-        pointer += written
-        remaining -= written
-      } else if written < 0 && errno == EINTR {
-        continue
-      } else if written < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-        // A descriptor someone else made non-blocking: wait for room as a blocking one would.
-        var waiter = pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)
-        _ = poll(&waiter, 1, 100)
-      } else {
-        return
-      }
-    }
-  }
 }
 
 /// Outputs whose writer runs, for the exit hook.
@@ -230,3 +208,26 @@ private let diagnosticDrainAtExitRegistered: Bool = {
   }
   return true
 }()
+
+/// Writes all of `bytes` to `fd`, retrying on EINTR and short writes and waiting for room when
+/// the descriptor is non-blocking and full (someone else may have made a shared description
+/// non-blocking). Gives up silently on any other error: a closed terminal or pipe must not stop
+/// the guest, and nobody would read the bytes anyway.
+public func writeFully(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
+  guard var pointer = bytes.baseAddress else { return }
+  var remaining = bytes.count
+  while remaining > 0 {
+    let written = Glibc.write(fd, pointer, remaining)
+    if written > 0 {
+      pointer += written
+      remaining -= written
+    } else if written < 0 && errno == EINTR {
+      continue
+    } else if written < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+      var waiter = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+      _ = poll(&waiter, 1, 100)
+    } else {
+      return
+    }
+  }
+}

@@ -419,32 +419,6 @@ struct HostileGuestResourceTests {
     )
   }
 
-  /// fcntl's F_SETPIPE_SZ (F_LINUX_SPECIFIC_BASE + 7), which Glibc's module does not export.
-  static let setPipeSize: Int32 = 1031
-
-  /// A pipe of one page whose write end is completely full (and blocking again); the caller
-  /// closes both ends.
-  static func fullPipe() throws -> (read: Int32, write: Int32) {
-    var ends: [Int32] = [-1, -1]
-    try #require(pipe(&ends) == 0)
-    for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
-    try #require(fcntl(ends[1], setPipeSize, 4096) >= 4096, "F_SETPIPE_SZ: \(String(cString: strerror(errno)))")
-    let flags = fcntl(ends[1], F_GETFL)
-    _ = fcntl(ends[1], F_SETFL, flags | O_NONBLOCK)
-    let filler = [UInt8](repeating: UInt8(ascii: "p"), count: 4096)
-    var filled = 0
-    while true {
-      let written = write(ends[1], filler, filler.count)
-      guard written > 0 else { break }
-      filled += written
-    }
-    // The VMM inherits this description: it must block as a standard error nobody reads does.
-    _ = fcntl(ends[1], F_SETFL, flags)
-    var queued: Int32 = 0
-    try #require(ioctl(ends[0], UInt(FIONREAD), &queued) == 0 && queued == filled && filled >= 4096)
-    return (ends[0], ends[1])
-  }
-
   /// The virtio-hostile guest (every scenario makes a device complain on standard error) with
   /// the VMM's standard error on a pipe that is full before it starts and that the test does
   /// not read while it runs, as behind a supervisor that never drains it. Writing a device
@@ -460,7 +434,7 @@ struct HostileGuestResourceTests {
     image.replaceSubrange(0..<8, with: Array("HVDISK00".utf8))
     try Data(image).write(to: URL(fileURLWithPath: disk))
     let serial = scratch.path("serial-stderr.txt")
-    let errors = try Self.fullPipe()
+    let errors = try FullPipe()
     defer { close(errors.read) }
     let vmm: GuestVMM
     do {

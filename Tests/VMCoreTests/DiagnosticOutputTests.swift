@@ -1,5 +1,6 @@
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import VMCore
@@ -8,32 +9,6 @@ import Testing
 /// behind a standard error nobody reads, and what it keeps arrives whole and in order.
 @Suite("diagnostic output")
 struct DiagnosticOutputTests {
-  /// fcntl's F_SETPIPE_SZ (F_LINUX_SPECIFIC_BASE + 7), which Glibc's module does not export.
-  static let setPipeSize: Int32 = 1031
-
-  /// A pipe of one page (4096 bytes) whose write end is completely full and blocking; the
-  /// caller closes both ends.
-  static func fullPipe() throws -> (read: Int32, write: Int32) {
-    var ends: [Int32] = [-1, -1]
-    try #require(pipe(&ends) == 0)
-    for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
-    try #require(fcntl(ends[1], setPipeSize, 4096) >= 4096, "F_SETPIPE_SZ: \(String(cString: strerror(errno)))")
-    let flags = fcntl(ends[1], F_GETFL)
-    _ = fcntl(ends[1], F_SETFL, flags | O_NONBLOCK)
-    let filler = [UInt8](repeating: UInt8(ascii: "p"), count: 4096)
-    var filled = 0
-    while true {
-      let written = write(ends[1], filler, filler.count)
-      guard written > 0 else { break }
-      filled += written
-    }
-    // Blocking again: the writer under test must meet a full pipe that blocks.
-    _ = fcntl(ends[1], F_SETFL, flags)
-    var queued: Int32 = 0
-    try #require(ioctl(ends[0], UInt(FIONREAD), &queued) == 0 && queued == filled && filled >= 4096)
-    return (ends[0], ends[1])
-  }
-
   /// Reads `descriptor` on a thread of its own until end of file.
   final class Reader: Sendable {
     let data = Mutex<[UInt8]>([])
@@ -58,7 +33,7 @@ struct DiagnosticOutputTests {
   /// kept lines arrive whole and in order, then one line saying how many were dropped, then
   /// the lines written after that.
   @Test func writesBehindAFullPipeReturnAtOnceAndDropsAreReported() throws {
-    let pipe = try Self.fullPipe()
+    let pipe = try FullPipe()
     defer { close(pipe.read) }
     let output = DiagnosticOutput(fileDescriptor: pipe.write, capacity: 8192)
     try output.start()
