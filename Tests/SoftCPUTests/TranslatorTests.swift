@@ -93,9 +93,10 @@ struct TranslatorTests {
   /// page-crossing loads and stores that always miss and go through the helpers. Among them are
   /// accesses after which the probe does not put the flags back (a load or store followed by an
   /// instruction that writes them all, a CMP or ADD with a memory operand), next to ones after
-  /// which they are read (ADC, SETcc, Jcc), and runs of loads, stores, PUSH and POP that keep
-  /// the flags parked in EBP from one probe to the next. Each pass sums CF, OF, SF and ZF as they were
-  /// after an instruction that came before the accesses, so a flag lost on any path changes R8.
+  /// which they are read (ADC, SETcc, Jcc), and runs of loads, stores (16-bit and MOVSX among
+  /// them), PUSH and POP that keep the flags parked in EBP from one probe to the next. Each
+  /// pass sums CF, OF, SF and ZF as they were after an instruction that came before the
+  /// accesses, so a flag lost on any path changes R8.
   @Test func flagsSurviveEveryOutcomeOfTheProbe() throws {
     // Pages 0x100 and 0x4FF share a TLB index (page + page / 1024, modulo 1024).
     let source = """
@@ -136,6 +137,8 @@ struct TranslatorTests {
         push rdx
         mov rdx, [r12]
         mov [rdi + 16], rdx
+        mov word ptr [rdi + 24], dx
+        movsx r11d, byte ptr [rdi + 17]
         pop rdx
         mov rcx, [rbp]
         setb cl
@@ -169,7 +172,7 @@ struct TranslatorTests {
       try machine.load(assembly: source)
       let stop = machine.run()
       if tier == .translator { #expect(machine.cpu.translatedBlockCount > 0) }
-      let memory = try [UInt64(0x100000), 0x101000, 0x101008, 0x101010, 0x102FF8, 0x103000, 0x4FF000].map {
+      let memory = try [UInt64(0x100000), 0x101000, 0x101008, 0x101010, 0x101018, 0x102FF8, 0x103000, 0x4FF000].map {
         try machine.memory.read(UInt64.self, at: $0)
       }
       results.append(("\(stop)", (0..<16).map { machine.cpu.gpr[$0] }, machine.cpu.rflags, memory))

@@ -744,7 +744,8 @@ struct BlockTranslator {
 
   /// Whether the translation of `slot` can run with the guest's flags parked in EBP
   /// (`flagsParked`): it reads and writes no flag, and its only exits are the miss paths of
-  /// its one probe, which restore them from EBP. Loads into and stores from general registers,
+  /// its one probe, which restore them from EBP. Loads into and stores from general registers
+  /// (8- and 16-bit MOV and MOVZX/MOVSX among them: `IntegerForm`'s `move` and `extend`),
   /// PUSH and POP, and the register forms of `leavesFlagsAndBlockAlone`.
   static func keepsFlagsParked(_ slot: UnsafePointer<Instruction>) -> Bool {
     switch slot.pointee.fast {
@@ -752,7 +753,11 @@ struct BlockTranslator {
       .storeMR8, .storeMI64, .storeMI32, .storeMI8, .push64, .push32, .pop64, .pop32:
       return true
     default:
-      return leavesFlagsAndBlockAlone(slot)
+      if leavesFlagsAndBlockAlone(slot) { return true }
+      switch integerForm(slot.pointee)?.kind {
+      case .move, .extend: return true
+      default: return false
+      }
     }
   }
 
