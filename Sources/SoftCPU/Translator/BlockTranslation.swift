@@ -683,11 +683,11 @@ struct BlockTranslator {
     if loadAtEntry { emitter.loadGuestFlags() }
     var ended = false
     flagsParked = false
+    let keepsParked = (0..<translated).map { Self.keepsFlagsParked(first + $0) }
     for index in 0..<translated {
-      let keepsParked = Self.keepsFlagsParked(first + index)
-      if flagsParked && !keepsParked { unparkFlags() }
+      if flagsParked && !keepsParked[index] { unparkFlags() }
       parksFlagsAfterProbe =
-        inlineTLBProbes && keepsParked && index + 1 < translated && Self.keepsFlagsParked(first + index + 1)
+        inlineTLBProbes && keepsParked[index] && index + 1 < translated && keepsParked[index + 1]
       ended = emitInstruction(first + index, index: index)
     }
     if flagsParked { unparkFlags() }
