@@ -93,13 +93,15 @@ test_main:
         movabs LAPIC+0x30, %eax
         CHECK_SAME %eax, %r13d, 12
 
-        # One-shot timer, masked, divide by 1, 20000 counts: wait for the current count to
-        # reach 0, check it stays 0, and stays 0 after a switch to periodic mode.
+        # One-shot timer, masked, divide by 1, 20 million counts (20 ms at the 1 GHz timer
+        # clock, so a descheduled vCPU thread does not see it expire before the first read):
+        # wait for the current count to reach 0, check it stays 0, and stays 0 after a switch
+        # to periodic mode.
         mov $LAPIC, %ebx
         movl $0x1FF, 0xF0(%rbx)
         movl $0xB, 0x3E0(%rbx)
         movl $0x10040, 0x320(%rbx)      # masked, one-shot, vector 0x40
-        movl $20000, 0x380(%rbx)
+        movl $20000000, 0x380(%rbx)
         mov 0x390(%rbx), %eax
         test %eax, %eax
         FAIL_IF z, 13                   # running: nonzero
@@ -120,6 +122,6 @@ test_main:
         mov 0x390(%rbx), %eax
         CHECK_EQ %rax, 0, 16
         mov 0x380(%rbx), %eax
-        CHECK_EQ %rax, 20000, 17        # the initial count is kept
+        CHECK_EQ %rax, 20000000, 17        # the initial count is kept
         movl $0, 0x380(%rbx)
         ret

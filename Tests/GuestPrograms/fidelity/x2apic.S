@@ -154,7 +154,9 @@ test_main:
         mov $0x8E00, %edx
         call set_gate
 
-        # The timer through MSRs: software-enable, divide by 1, one-shot, 20000 counts.
+        # The timer through MSRs: software-enable, divide by 1, one-shot, 20 million counts
+        # (20 ms at the 1 GHz timer clock: long enough that a host which deschedules the vCPU
+        # thread between the write and the read does not see the timer expire in between).
         mov $0x1FF, %eax
         xor %edx, %edx
         WRITE_X2 X2_SVR
@@ -164,13 +166,13 @@ test_main:
         WRITE_X2 X2_LVT_TIMER
         READ_X2 X2_LVT_TIMER
         CHECK_EQ %rax, TIMER_VECTOR, 22
-        mov $20000, %eax
+        mov $20000000, %eax
         xor %edx, %edx
         WRITE_X2 X2_INITIAL
         READ_X2 X2_CURRENT
         test %rax, %rax
         FAIL_IF z, 23
-        cmp $20000, %rax
+        cmp $20000000, %rax
         FAIL_IF a, 24
         sti
         mov $200000000, %r8
