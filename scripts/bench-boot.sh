@@ -32,13 +32,18 @@
 # --baseline-args 'ARGS' does the same for the baseline's runs; with the same binary as
 # baseline it compares two settings, e.g. `--baseline .build/release/hostvisor --baseline-args
 # '--softcpu-tier interp'` puts the interpreter alone beside the default translating tier.
-# --no-qemu leaves QEMU out (for a hostvisor / baseline comparison alone).
+# --no-qemu leaves QEMU out (for a hostvisor / baseline comparison alone); --no-microvm leaves
+# QEMU's microvm machine out (the PC machine stays).
+# --marker TEXT times the boot to another line of the console (e.g. 'Linux version' with
+# --cmdline-extra earlyprintk=ttyS0, the end of the bzImage decompressor), to compare one phase
+# of the boot; --cmdline-extra 'ARGS' appends to the kernel command line of every VMM.
 # --guest DIR boots another guest folder made by scripts/make-default-guest.sh, e.g.
 # .cache/guest-686 (`make guest-686`: Debian's 32-bit 686 kernel and an i386 busybox; QEMU
 # boots it with the same 64-bit CPU model, as a 64-bit PC boots a 32-bit kernel).
 #
 #   scripts/bench-boot.sh [--runs N] [--hostvisor PATH] [--baseline PATH]
-#                         [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu] [--guest DIR]
+#                         [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu] [--no-microvm] [--guest DIR]
+#                         [--marker TEXT] [--cmdline-extra 'ARGS']
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=3
@@ -47,7 +52,10 @@ baseline=
 hostvisor_args=()
 baseline_args=()
 no_qemu=
+no_microvm=
 guest=.cache/guest
+marker=HOSTVISOR-GUEST-READY
+cmdline_extra=
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2 ;;
@@ -56,12 +64,14 @@ while [ $# -gt 0 ]; do
     --hostvisor-args) read -r -a hostvisor_args <<<"$2"; shift 2 ;;
     --baseline-args) read -r -a baseline_args <<<"$2"; shift 2 ;;
     --no-qemu) no_qemu=1; shift ;;
+    --no-microvm) no_microvm=1; shift ;;
     --guest) guest="$2"; shift 2 ;;
-    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH] [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu] [--guest DIR]" >&2; exit 2 ;;
+    --marker) marker="$2"; shift 2 ;;
+    --cmdline-extra) cmdline_extra=" $2"; shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH] [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu] [--no-microvm] [--guest DIR] [--marker TEXT] [--cmdline-extra 'ARGS']" >&2; exit 2 ;;
   esac
 done
-marker=HOSTVISOR-GUEST-READY
-cmdline="console=ttyS0 panic=-1"
+cmdline="console=ttyS0 panic=-1$cmdline_extra"
 limit=120
 [ -x "$hostvisor" ] || { echo "missing $hostvisor: run 'make build' first" >&2; exit 1; }
 [ -z "$baseline" ] || [ -x "$baseline" ] || { echo "missing baseline binary $baseline" >&2; exit 1; }
@@ -114,7 +124,8 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else prin
 
 configs=(hostvisor)
 [ -z "$baseline" ] || configs+=(baseline)
-[ -n "$no_qemu" ] || configs+=(qemu-microvm qemu-pc)
+[ -n "$no_qemu" ] || [ -n "$no_microvm" ] || configs+=(qemu-microvm)
+[ -n "$no_qemu" ] || configs+=(qemu-pc)
 run_config() {
   local log="$work/$1.log"
   case $1 in

@@ -461,6 +461,58 @@ struct TranslatorTests {
     }
   }
 
+  /// A loop of one block whose first instruction reads the flags its previous run left (ADC
+  /// after DEC, which keeps CF; ADC after JMP) keeps them in the host RFLAGS from one run to
+  /// the next (`loopToBlockEntryKeepingFlags`). Run in slices of `slice` instructions, the
+  /// loops also leave at every point of the block (the budget check), where the flags must be
+  /// stored: the registers, flags and instruction counts stay the interpreter's.
+  @Test(arguments: [5, 7, 9, 1_000_000])
+  func selfLoopsCarryTheirFlagsFromOneRunToTheNext(slice: Int) throws {
+    let counted = """
+        mov ecx, 300
+        mov rax, 0x8000000000000001
+        mov rbx, 0xC000000000000003
+        xor r8, r8
+        stc
+      again:
+        adc rax, rbx
+        adc r8, 0
+        dec ecx
+        jnz again
+        hlt
+      """
+    let endless = """
+        mov rax, 0x9000000000000005
+        stc
+      top:
+        adc r9, rax
+        lea r10, [r10 + 1]
+        jmp top
+      """
+    for (name, source, total) in [("jnz", counted, 2_000), ("jmp", endless, 1_501)] {
+      var outcomes: [(registers: [UInt64], flags: UInt64, instructions: UInt64, stop: String)] = []
+      for tier in [SoftCPUTier.interpreter, .translator] {
+        let machine = try CoreMachine(cpl: 0)
+        machine.cpu.setExecutionTier(tier, threshold: 0)
+        try machine.load(assembly: source)
+        var stop = StopCause.instructionLimit
+        var left = total
+        while left > 0 && stop == .instructionLimit {
+          stop = machine.run(limit: min(slice, left))
+          left -= slice
+        }
+        if tier == .translator { #expect(machine.cpu.translatedBlockCount > 0, "\(name)") }
+        outcomes.append(
+          ((0..<16).map { machine.cpu.gpr[$0] }, machine.cpu.rflags, machine.cpu.retiredInstructions, "\(stop)"))
+      }
+      #expect(outcomes[0].stop == (name == "jnz" ? "halted" : "instructionLimit"), "\(name)")
+      #expect(outcomes[1].stop == outcomes[0].stop, "\(name)")
+      #expect(outcomes[1].registers == outcomes[0].registers, "\(name)")
+      #expect(outcomes[1].flags == outcomes[0].flags, "\(name)")
+      #expect(outcomes[1].instructions == outcomes[0].instructions, "\(name)")
+    }
+  }
+
   /// ADC and SBB of a 64-bit register and memory read CF after their access: the TLB probe
   /// must put the flags back even where the next instruction overwrites all of them (it did
   /// not, and `adc rdx, [rsi]; and eax, imm` added the probe's carry instead of the guest's:

@@ -281,6 +281,14 @@ struct BlockTranslator {
   private var translatedCount = 0
   private var decodedCount = 0
   private var selfLoopEntry: HostLabel?
+  /// Where a branch back to the block's first instruction goes with the guest flags still in
+  /// the host RFLAGS: after the entry's flag load, so a loop that carries its flags from one
+  /// run of the block to the next (the bzImage decompressor's byte loops, an ADC chain) keeps
+  /// them in RFLAGS instead of storing them (PUSHF) and loading them again each time. Nil
+  /// when the block does not load the flags at its entry (its first instructions then take
+  /// the flags in the context as the guest's: they must be stored) or checks the SSE state
+  /// there (which clobbers them).
+  private var selfLoopFlagsEntry: HostLabel?
 
   init(inlineTLBProbes: Bool, codeSize: Int = 8) {
     self.inlineTLBProbes = inlineTLBProbes
@@ -681,6 +689,12 @@ struct BlockTranslator {
       emitter.bind(ready)
     }
     if loadAtEntry { emitter.loadGuestFlags() }
+    selfLoopFlagsEntry = nil
+    if selfLoopEntry != nil && loadAtEntry && !usesSSE {
+      let flagsEntry = emitter.newLabel()
+      emitter.bind(flagsEntry)
+      selfLoopFlagsEntry = flagsEntry
+    }
     var ended = false
     flagsParked = false
     let keepsParked = (0..<translated).map { Self.keepsFlagsParked(first + $0) }
@@ -1434,11 +1448,17 @@ struct BlockTranslator {
       let epilogue = self.epilogue
       let offsets = instructionOffsets
       let selfLoop = target == 0 ? selfLoopEntry : nil
+      let selfLoopKeepingFlags = target == 0 ? selfLoopFlagsEntry : nil
       let wraps = codeSize == 4
       let block = blockIndex
       let blockCount = decodedCount
       outOfLine.append { emitter in
         emitter.bind(taken)
+        if let selfLoopKeepingFlags {
+          emitter.loopToBlockEntryKeepingFlags(
+            selfLoopKeepingFlags, block: block, completed: index + 1, blockCount: blockCount, epilogue: epilogue)
+          return
+        }
         emitter.storeGuestFlags()
         if let selfLoop {
           emitter.loopToBlockEntry(
@@ -1506,8 +1526,13 @@ struct BlockTranslator {
         instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
       return true
     case .jmpRel:
-      storeFlagsIfValid(at: index)
       let target = instructionOffsets[index + 1] + Int(Int64(bitPattern: immediate))
+      if target == 0, let selfLoopFlagsEntry {
+        emitter.loopToBlockEntryKeepingFlags(
+          selfLoopFlagsEntry, block: blockIndex, completed: index + 1, blockCount: decodedCount, epilogue: epilogue)
+        return true
+      }
+      storeFlagsIfValid(at: index)
       if target == 0, let selfLoopEntry {
         emitter.loopToBlockEntry(
           selfLoopEntry, block: blockIndex, completed: index + 1, blockCount: decodedCount, epilogue: epilogue)
@@ -1868,6 +1893,35 @@ extension X86Emitter {
     mov(size: 8, .at(HostRegister.r12, ContextOffset.lastBlock), immediate: block)
     jump(to: entry)
     bind(leave)
+    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+    movImmediate64(HostRegister.rax, UInt64(completed) | translationEndedBit)
+    jump(to: epilogue)
+  }
+
+  /// `loopToBlockEntry` for a block that loads the guest flags at its entry, with the flags in
+  /// the host RFLAGS (not stored): they wait in EBP (LAHF, SETO) while the stop request and
+  /// the budget are checked, go back into RFLAGS, and the loop goes on at `flagsEntry`, after
+  /// the entry's load. Leaving, they are stored in the context. Clobbers RAX, RDX and EBP.
+  mutating func loopToBlockEntryKeepingFlags(
+    _ flagsEntry: HostLabel, block: Int32, completed: Int, blockCount: Int, epilogue: HostLabel
+  ) {
+    let leave = newLabel()
+    saveFlags()
+    mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
+    alu(.cmp, size: 1, .at(HostRegister.rdx, 0), immediate: 0)
+    jump(HostCondition.notEqual, to: leave)
+    mov(size: 8, .register(HostRegister.rdx), immediate: Int32(completed + blockCount))
+    alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.budget))
+    jump(HostCondition.greater, to: leave)
+    alu(.sub, size: 8, .at(HostRegister.r12, ContextOffset.budget), immediate: Int32(completed))
+    alu(.add, size: 8, .at(HostRegister.r12, ContextOffset.chained), immediate: Int32(completed))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.lastBlock), immediate: block)
+    restoreFlags()
+    jump(to: flagsEntry)
+    bind(leave)
+    restoreFlags()
+    storeGuestFlags()
     mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
     mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
     movImmediate64(HostRegister.rax, UInt64(completed) | translationEndedBit)
