@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import Synchronization
 import Testing
 import VMM
@@ -12,10 +13,10 @@ struct LoggerNamedPipeTests {
   /// fcntl's F_SETPIPE_SZ (F_LINUX_SPECIFIC_BASE + 7), which Glibc's module does not export.
   static let setPipeSize: Int32 = 1031
 
-  /// A log configured through `PUT /logger` on a named pipe (made small: one page) that its
-  /// reader holds open and does not read. Thousands of lines logged meanwhile all return at
-  /// once. Once the pipe is read, what arrives is whole lines: the first ones logged, in order,
-  /// then one line saying how many were dropped, then the lines logged after that.
+  /// A log configured through `PUT /logger` on a named pipe (made small: one page, and full)
+  /// that its reader holds open and does not read. Thousands of lines logged meanwhile all
+  /// return at once. Once the pipe is read, what arrives is whole lines: the first ones logged,
+  /// in order, then one line saying how many were dropped, then the lines logged after that.
   @Test func linesBehindANamedPipeNobodyReadsAreDroppedWholeAndCounted() throws {
     let scratch = try Scratch()
     let fifo = scratch.file("log.fifo")
@@ -25,6 +26,19 @@ struct LoggerNamedPipeTests {
     try #require(reader >= 0, "open: \(String(cString: strerror(errno)))")
     defer { close(reader) }
     try #require(fcntl(reader, Self.setPipeSize, 4096) >= 4096)
+    // Full from the start, so the lines wait in the logger's buffer alone (an empty pipe would
+    // take a first batch while the lines are being logged, and let more in after a drop).
+    let filler = open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
+    try #require(filler >= 0, "open: \(String(cString: strerror(errno)))")
+    let page = [UInt8](repeating: UInt8(ascii: "p"), count: 4096)
+    var filled = 0
+    while true {
+      let written = Glibc.write(filler, page, page.count)
+      guard written > 0 else { break }
+      filled += written
+    }
+    close(filler)
+    try #require(filled >= 4096, "the pipe took \(filled) bytes")
 
     let sink = LogSink()
     let api = FirecrackerAPI(plane: ControlPlane(instanceID: "fifo-vm", baseSpec: VMSpec(), logSink: sink))
@@ -75,7 +89,9 @@ struct LoggerNamedPipeTests {
     }
     try #require(readUntil("after 9"), "the lines logged after the pipe was read did not arrive")
 
-    let text = String(decoding: received, as: UTF8.self)
+    try #require(received.count > filled)
+    #expect(received[0..<filled].allSatisfy { $0 == UInt8(ascii: "p") })
+    let text = String(decoding: received[filled...], as: UTF8.self)
     // `TIMESTAMP [INSTANCE_ID:LABEL] MESSAGE`: the label and the message.
     let lines = text.split(separator: "\n", omittingEmptySubsequences: false).dropLast().map { line -> String in
       guard let bracket = line.firstIndex(of: "["), let close = line.range(of: "] ") else { return "unparsed: \(line)" }
