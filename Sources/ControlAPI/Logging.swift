@@ -35,23 +35,45 @@ public final class LogSink: Sendable {
     }
   }
 
+  /// Which messages are written, and where.
   private struct Settings {
-    var descriptor: Int32 = STDERR_FILENO
+    /// The configured file or named pipe; nil: standard error, through `DiagnosticOutput`.
+    var writer: BoundedWriter?
     var level: Logger.Level? = .warning
-    var showLevel = false
-    var showOrigin = false
     var module: String?
-    var instanceID = "anonymous-instance"
   }
 
+  /// How each line looks: `TIMESTAMP [INSTANCE_ID:LABEL(:LEVEL)(:FILE:LINE)] MESSAGE`.
+  private struct LineFormat {
+    var instanceID = "anonymous-instance"
+    var showLevel = false
+    var showOrigin = false
+
+    /// One line, ending with a newline (newlines inside `message` become spaces).
+    func line(level: Logger.Level, label: String, message: String, file: String, line: UInt) -> String {
+      var text = LogSink.timestamp() + " [" + instanceID + ":" + label
+      if showLevel { text += ":" + LogSink.name(level) }
+      if showOrigin { text += ":\(file):\(line)" }
+      return text + "] " + message.replacingOccurrences(of: "\n", with: " ") + "\n"
+    }
+  }
+
+  /// Bytes a configured file or named pipe buffers while it is not being read.
+  static let bufferCapacity = 1 << 16
+
   private let settings = Mutex(Settings())
+  /// Apart from `settings`: a writer's note about dropped lines reads it with the writer's lock
+  /// held, and `write` holds `settings` around its writes.
+  private let format = Mutex(LineFormat())
   private static let bootstrapped = Mutex(false)
 
   public init() {}
 
+  deinit { settings.withLock { $0.writer }?.finish() }
+
   /// Routes swift-log to `shared` (once per process; later calls do nothing).
   public static func bootstrap(instanceID: String) {
-    shared.settings.withLock { $0.instanceID = instanceID }
+    shared.format.withLock { $0.instanceID = instanceID }
     let first = bootstrapped.withLock { done in
       defer { done = true }
       return !done
@@ -63,27 +85,49 @@ public final class LogSink: Sendable {
 
   /// Sends the log to `path` (a file, appended, or a named pipe), with `level` and the
   /// optional parts of each line.
+  ///
+  /// The file or pipe is written by a thread of its own through a bounded buffer
+  /// (`BoundedWriter`), so a named pipe nobody reads never blocks the thread that logs: while
+  /// the buffer is full, lines are dropped whole and counted, and once room returns one line
+  /// (`N messages were dropped (the log was not being read)`) says how many, where they would
+  /// have been.
   public func configure(
     path: String?, level: Level?, showLevel: Bool?, showOrigin: Bool?, module: String?
   ) throws(ControlFailure) {
-    var descriptor: Int32?
+    var writer: BoundedWriter?
     if let path {
       let opened = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC, 0o600)
       guard opened >= 0 else {
         throw ControlFailure("Cannot open the log file \(path): \(String(cString: strerror(errno)))")
       }
-      descriptor = opened
+      let created = BoundedWriter(
+        fileDescriptor: opened, ownsDescriptor: true, capacity: Self.bufferCapacity,
+        whenFull: .dropMessages(note: { [weak self] dropped in
+          self?.droppedLinesNote(dropped) ?? "\(dropped) messages were dropped (the log was not being read)"
+        }))
+      do {
+        try created.start()
+      } catch {
+        throw ControlFailure("Cannot write the log file \(path): \(error.description)")
+      }
+      writer = created
     }
-    settings.withLock { settings in
-      if let descriptor {
-        if settings.descriptor > STDERR_FILENO { Glibc.close(settings.descriptor) }
-        settings.descriptor = descriptor
+    format.withLock { format in
+      if let showLevel { format.showLevel = showLevel }
+      if let showOrigin { format.showOrigin = showOrigin }
+    }
+    let replaced = settings.withLock { settings -> BoundedWriter? in
+      var replaced: BoundedWriter?
+      if let writer {
+        replaced = settings.writer
+        settings.writer = writer
       }
       if let level { settings.level = level.swiftLogLevel }
-      if let showLevel { settings.showLevel = showLevel }
-      if let showOrigin { settings.showOrigin = showOrigin }
       settings.module = module
+      return replaced
     }
+    // The previous file's thread writes what it holds, then ends and closes it.
+    replaced?.finish()
   }
 
   /// The level messages must reach to be written; nil when logging is off.
@@ -93,18 +137,21 @@ public final class LogSink: Sendable {
     settings.withLock { settings in
       guard let threshold = settings.level, level >= threshold else { return }
       if let module = settings.module, !label.hasPrefix(module) { return }
-      var text = Self.timestamp() + " [" + settings.instanceID + ":" + label
-      if settings.showLevel { text += ":" + Self.name(level) }
-      if settings.showOrigin { text += ":\(file):\(line)" }
-      text += "] " + message.replacingOccurrences(of: "\n", with: " ") + "\n"
-      if settings.descriptor == STDERR_FILENO {
-        // Event loops and machine threads log here: a standard error nobody reads must not
-        // stall them.
-        DiagnosticOutput.standardError.write(text)
+      let text = format.withLock { $0.line(level: level, label: label, message: message, file: file, line: line) }
+      // Event loops and machine threads log here: a standard error or a named pipe nobody
+      // reads must not stall them.
+      if let writer = settings.writer {
+        writer.write(text)
       } else {
-        _ = text.withUTF8 { Glibc.write(settings.descriptor, $0.baseAddress, $0.count) }
+        DiagnosticOutput.standardError.write(text)
       }
     }
+  }
+
+  /// The line that stands for `dropped` lines the configured file or pipe had no room for.
+  private func droppedLinesNote(_ dropped: Int) -> String {
+    let message = "\(dropped) message\(dropped == 1 ? " was" : "s were") dropped (the log was not being read)"
+    return format.withLock { $0.line(level: .warning, label: "logger", message: message, file: #fileID, line: #line) }
   }
 
   private static func name(_ level: Logger.Level) -> String {

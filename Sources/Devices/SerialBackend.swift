@@ -38,7 +38,7 @@ extension SerialBackend {
 public enum SerialBackendError: Error, Equatable, Sendable, CustomStringConvertible {
   /// The output file could not be opened for appending.
   case cannotOpen(path: String, errno: Int32)
-  /// The writer thread of a buffered backend (or its wake-up descriptor) could not be created.
+  /// The writer thread of a buffered backend could not be started.
   case cannotStartWriter(errno: Int32)
 
   public var description: String {
