@@ -1794,27 +1794,24 @@ struct BlockTranslator {
 }
 
 extension X86Emitter {
-  /// Host RFLAGS status bits = the context's; the host's other bits stay as they are (no TF,
-  /// AC or DF in the host). Without POPF, which costs several times as much: AH = bits 0-7
-  /// (ROL AX), OF from bit 11 by an ADD that overflows exactly when it is set, then SAHF.
-  /// Clobbers RAX.
+  /// Host RFLAGS status bits = the context's (`TranslatedFlags`: LAHF's byte in bits 8-15,
+  /// OF in bit 0); the host's other bits stay as they are (no TF, AC or DF in the host).
+  /// Without POPF, which costs several times as much: ADD AL, 7FH sets OF exactly when bit 0
+  /// is set, SAHF the rest. Clobbers RAX.
   mutating func loadGuestFlags() {
     mov(size: 4, HostRegister.rax, .at(HostRegister.r12, ContextOffset.flags))
-    shift(.rol, size: 2, .register(HostRegister.rax), count: 8)
-    alu(.and, size: 1, .register(HostRegister.rax), immediate: Int32(RFlags.of >> 8))
-    alu(.add, size: 1, .register(HostRegister.rax), immediate: 0x80 - Int32(RFlags.of >> 8))
+    alu(.add, size: 1, .register(HostRegister.rax), immediate: 0x7F)
     storeAHIntoFlags()
   }
 
-  /// Context status bits = the host's. Clobbers RCX and RDX.
+  /// Context status bits = the host's, packed as `TranslatedFlags` (LAHF, SETO and one store:
+  /// no PUSHF). Clobbers RDX; RAX is kept.
   mutating func storeGuestFlags() {
-    pushFlags()
-    pop(HostRegister.rcx)
-    alu(.and, size: 4, .register(HostRegister.rcx), immediate: Int32(RFlags.status))
-    mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.flags))
-    alu(.and, size: 8, .register(HostRegister.rdx), immediate: ~Int32(RFlags.status))
-    alu(.or, size: 8, HostRegister.rdx, .register(HostRegister.rcx))
-    mov(size: 8, .at(HostRegister.r12, ContextOffset.flags), HostRegister.rdx)
+    mov(size: 8, HostRegister.rdx, .register(HostRegister.rax))
+    loadFlagsIntoAH()
+    set(HostCondition.overflow, .register(HostRegister.rax))
+    mov(size: 4, .at(HostRegister.r12, ContextOffset.flags), HostRegister.rax)
+    mov(size: 8, HostRegister.rax, .register(HostRegister.rdx))
   }
 
   /// Saves the host status flags in EBP (LAHF; SETO AL). Clobbers RAX.

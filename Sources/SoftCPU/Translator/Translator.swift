@@ -291,7 +291,7 @@ extension CPU {
       if code == nil { return 0 }
     }
     materializeFlags()
-    context.pointee.flags = storedFlags
+    context.pointee.flags = TranslatedFlags.packed(storedFlags)
     context.pointee.entry_rip = rip
     context.pointee.exit = 0
     context.pointee.tag_extra = tlbTagExtra
@@ -313,7 +313,7 @@ extension CPU {
       }
     }
     let result = callTranslated(code.unsafelyUnwrapped, context)
-    storedFlags = context.pointee.flags
+    storedFlags = TranslatedFlags.unpacked(context.pointee.flags, into: storedFlags)
     rip = context.pointee.rip
     return result
   }
@@ -472,7 +472,7 @@ extension CPU {
     let size = codeSize
     let privilege = cpl
     materializeFlags()
-    storedFlags = context.pointee.flags
+    storedFlags = TranslatedFlags.unpacked(context.pointee.flags, into: storedFlags)
     rip = next
     blockInvalidated = false
     do {
@@ -487,7 +487,7 @@ extension CPU {
     }
     statistics.interpretedInstructions &+= 1
     materializeFlags()
-    context.pointee.flags = storedFlags
+    context.pointee.flags = TranslatedFlags.packed(storedFlags)
     if blockInvalidated || exitRequested || rip != next || chainGeneration != generation || codeSize != size
       || cpl != privilege
     {
@@ -619,6 +619,27 @@ private func translatedVectorStore(
   }
 }
 
+/// The guest's status flags as translated code keeps them in `hv_jit_context.flags`: what
+/// LAHF leaves in AH (SF, ZF, AF, PF, CF and the always-set bit 1) in bits 8-15 and OF in bit
+/// 0, as SETO leaves it in AL, so a block stores them with LAHF, SETO and one store, and loads
+/// them with ADD AL, 7FH and SAHF (`X86Emitter.storeGuestFlags`, `loadGuestFlags`; the same
+/// layout as the flags parked in EBP). Bits 1-7 and 16-31 of a stored value are left as the
+/// store found them (zero) and ignored.
+enum TranslatedFlags {
+  /// The packed form of `rflags`' status flags.
+  static func packed(_ rflags: UInt64) -> UInt64 {
+    ((rflags & lahfFlags) | 0x2) << 8 | (rflags >> 11) & 1
+  }
+
+  /// `rflags` with its status flags taken from `packed`.
+  static func unpacked(_ packed: UInt64, into rflags: UInt64) -> UInt64 {
+    (rflags & ~RFlags.status) | (packed >> 8) & lahfFlags | (packed & 1) << 11
+  }
+
+  /// SF, ZF, AF, PF and CF: the status flags LAHF and SAHF carry.
+  static let lahfFlags: UInt64 = RFlags.status & ~RFlags.of
+}
+
 extension CPU {
   /// Lockstep mode: runs the translated block, undoes its effects, runs the same instructions
   /// in the interpreter and compares registers, RIP, the defined status flags and the bytes
@@ -642,7 +663,7 @@ extension CPU {
     let translatedXMM = (0..<16).map { xmm[$0] }
     let translatedMXCSR = mxcsr
     let translatedRIP = context.pointee.rip
-    let translatedFlags = context.pointee.flags
+    let translatedFlags = TranslatedFlags.unpacked(context.pointee.flags, into: savedFlags)
     let translatedInvalidated = blockInvalidated
     func load(_ host: UnsafeMutableRawPointer, _ size: Int) -> UInt64 {
       switch size {

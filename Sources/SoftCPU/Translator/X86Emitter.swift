@@ -522,7 +522,6 @@ struct X86Emitter {
     bytes[start - 1] = UInt8(length)
   }
 
-  mutating func pushFlags() { byte(0x9C) }
   /// LAHF: AH = SF:ZF:0:AF:0:PF:1:CF.
   mutating func loadFlagsIntoAH() { byte(0x9F) }
   /// SAHF: SF, ZF, AF, PF, CF from AH.
