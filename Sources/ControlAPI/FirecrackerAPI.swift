@@ -496,7 +496,9 @@ public final class FirecrackerAPI: Sendable {
     for (kind, values) in totals {
       for (metric, value) in values { plane.metrics.set(kind, metric, to: value) }
     }
-    try plane.metrics.flush()
+    // The action's reply follows the line's write (at once on a file; a named pipe nobody
+    // reads gets the line later, and the reply after a second).
+    try plane.metrics.flush(writtenWithin: .seconds(1))
   }
 
   func patchVM(_ body: VmStateBody) throws(ControlFailure) {

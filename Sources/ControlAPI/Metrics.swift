@@ -1,25 +1,35 @@
 import Foundation
 import Glibc
 import Synchronization
+import VMCore
 
 /// Firecracker-style metrics: counters grouped by area (`put_api_requests`, `vcpu`, ...),
 /// written as one JSON object per line to the file or named pipe that `PUT /metrics` names,
 /// on `FlushMetrics` and once a minute. Each line holds what changed since the previous line,
 /// as Firecracker's incremental counters do.
+///
+/// The lines go through a bounded buffer that a writer thread of its own empties
+/// (`BoundedWriter`), so a named pipe nobody reads never blocks the API thread that flushes. A
+/// line that does not fit is not written at all, and the changes it held stay for the next
+/// line: the destination sees whole JSON lines whose changes add up to the counters, however
+/// long it stopped reading.
 public final class APIMetrics: Sendable {
   private struct State {
     var counters: [String: [String: UInt64]] = [:]
     var flushed: [String: [String: UInt64]] = [:]
-    var descriptor: Int32 = -1
+    var writer: BoundedWriter?
     var path: String?
   }
+
+  /// Bytes of metrics lines buffered for a destination that does not read.
+  static let bufferCapacity = 1 << 16
 
   private let state = Mutex(State())
 
   public init() {}
 
   deinit {
-    state.withLock { if $0.descriptor >= 0 { Glibc.close($0.descriptor) } }
+    state.withLock { $0.writer?.finish() }
   }
 
   /// Adds one to `group.name`.
@@ -59,7 +69,14 @@ public final class APIMetrics: Sendable {
       guard descriptor >= 0 else {
         throw ControlFailure("Cannot open the metrics file \(path): \(String(cString: strerror(errno)))")
       }
-      state.descriptor = descriptor
+      let writer = BoundedWriter(
+        fileDescriptor: descriptor, ownsDescriptor: true, capacity: Self.bufferCapacity, whenFull: .backPressure)
+      do {
+        try writer.start()
+      } catch {
+        throw ControlFailure("Cannot write the metrics file \(path): \(error)")
+      }
+      state.writer = writer
       state.path = path
     }
   }
@@ -75,10 +92,13 @@ public final class APIMetrics: Sendable {
     }
   }
 
-  /// Writes one JSON line with the changes since the last line.
-  public func flush() throws(ControlFailure) {
-    try state.withLock { (state) throws(ControlFailure) in
-      guard state.descriptor >= 0 else { throw ControlFailure("The metrics system is not initialized.") }
+  /// Writes one JSON line with the changes since the last line, waiting at most
+  /// `writtenWithin` for it to reach the destination (a line still buffered then is written
+  /// later). When the destination has not read enough of the earlier lines for this one to fit
+  /// in the buffer, nothing is written, the changes stay for the next line and the flush fails.
+  public func flush(writtenWithin wait: Duration = .zero) throws(ControlFailure) {
+    let writer = try state.withLock { (state) throws(ControlFailure) -> BoundedWriter in
+      guard let writer = state.writer else { throw ControlFailure("The metrics system is not initialized.") }
       var line: [String: Any] = [
         "utc_timestamp_ms": Int64(Date().timeIntervalSince1970 * 1000)
       ]
@@ -89,7 +109,6 @@ public final class APIMetrics: Sendable {
         }
         line[group] = changes
       }
-      state.flushed = state.counters
       guard
         var text = (try? JSONSerialization.data(withJSONObject: line, options: [.sortedKeys]))
           .map({ String(decoding: $0, as: UTF8.self) })
@@ -97,12 +116,18 @@ public final class APIMetrics: Sendable {
         throw ControlFailure("Cannot encode the metrics.")
       }
       text += "\n"
-      let written = text.withUTF8 { write(state.descriptor, $0.baseAddress, $0.count) }
-      guard written == text.utf8.count else {
+      // Only this method writes, under the lock, and the writer thread only makes room: a line
+      // that fits now is queued whole.
+      guard writer.hasRoom(for: text.utf8.count) else {
         throw ControlFailure(
-          "Cannot write the metrics: \(written < 0 ? String(cString: strerror(errno)) : "short write")")
+          "Cannot write the metrics: \(state.path ?? "the destination") is not being read (the changes stay for the next line)"
+        )
       }
+      writer.write(text)
+      state.flushed = state.counters
+      return writer
     }
+    if wait > .zero { writer.drain(timeout: wait) }
   }
 }
 
