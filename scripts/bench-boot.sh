@@ -37,13 +37,18 @@
 # --marker TEXT times the boot to another line of the console (e.g. 'Linux version' with
 # --cmdline-extra earlyprintk=ttyS0, the end of the bzImage decompressor), to compare one phase
 # of the boot; --cmdline-extra 'ARGS' appends to the kernel command line of every VMM.
+# --paired starts the configurations of a round at the same time instead of one after the other,
+# so they share whatever else the host is running in the same seconds: on a host whose CPU time
+# varies by a third from one run to the next, the per-round ratios of two configurations run
+# side by side spread far less than those of consecutive runs. Use it with two configurations
+# on a host with two free cores (e.g. --no-qemu with --baseline, or --no-microvm without it).
 # --guest DIR boots another guest folder made by scripts/make-default-guest.sh, e.g.
 # .cache/guest-686 (`make guest-686`: Debian's 32-bit 686 kernel and an i386 busybox; QEMU
 # boots it with the same 64-bit CPU model, as a 64-bit PC boots a 32-bit kernel).
 #
 #   scripts/bench-boot.sh [--runs N] [--hostvisor PATH] [--baseline PATH]
 #                         [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu] [--no-microvm] [--guest DIR]
-#                         [--marker TEXT] [--cmdline-extra 'ARGS']
+#                         [--marker TEXT] [--cmdline-extra 'ARGS'] [--paired]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=3
@@ -53,6 +58,7 @@ hostvisor_args=()
 baseline_args=()
 no_qemu=
 no_microvm=
+paired=
 guest=.cache/guest
 marker=HOSTVISOR-GUEST-READY
 cmdline_extra=
@@ -65,10 +71,11 @@ while [ $# -gt 0 ]; do
     --baseline-args) read -r -a baseline_args <<<"$2"; shift 2 ;;
     --no-qemu) no_qemu=1; shift ;;
     --no-microvm) no_microvm=1; shift ;;
+    --paired) paired=1; shift ;;
     --guest) guest="$2"; shift 2 ;;
     --marker) marker="$2"; shift 2 ;;
     --cmdline-extra) cmdline_extra=" $2"; shift 2 ;;
-    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH] [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu] [--no-microvm] [--guest DIR] [--marker TEXT] [--cmdline-extra 'ARGS']" >&2; exit 2 ;;
+    *) echo "usage: $0 [--runs N] [--hostvisor PATH] [--baseline PATH] [--hostvisor-args 'ARGS'] [--baseline-args 'ARGS'] [--no-qemu] [--no-microvm] [--guest DIR] [--marker TEXT] [--cmdline-extra 'ARGS'] [--paired]" >&2; exit 2 ;;
   esac
 done
 cmdline="console=ttyS0 panic=-1$cmdline_extra"
@@ -151,8 +158,16 @@ run_config() {
 declare -A walls cpus fails
 for ((i = 1; i <= runs; i++)); do
   line="run $i:"
+  if [ -n "$paired" ]; then
+    for c in "${configs[@]}"; do run_config "$c" >"$work/$c.result" & done
+    wait
+  fi
   for c in "${configs[@]}"; do
-    read -r wall cpu < <(run_config "$c")
+    if [ -n "$paired" ]; then
+      read -r wall cpu <"$work/$c.result"
+    else
+      read -r wall cpu < <(run_config "$c")
+    fi
     if [ "$wall" = fail ]; then
       fails[$c]=$((${fails[$c]:-0} + 1))
       line+="  $c fail"
@@ -164,6 +179,18 @@ for ((i = 1; i <= runs; i++)); do
   done
   echo "$line"
 done
+# The ratio of each round (the two first configurations; run side by side with --paired).
+if [ ${#configs[@]} -ge 2 ]; then
+  first=${configs[0]} second=${configs[1]}
+  read -r -a firsts <<<"${cpus[$first]:-}"
+  read -r -a seconds <<<"${cpus[$second]:-}"
+  if [ ${#firsts[@]} -eq ${#seconds[@]} ] && [ ${#firsts[@]} -gt 0 ]; then
+    rounds=()
+    for ((k = 0; k < ${#firsts[@]}; k++)); do rounds+=("$(echo "${firsts[$k]} / ${seconds[$k]}" | bc -l)"); done
+    printf 'per-round cpu ratio %s / %s: median %.2f (%s)\n' "$first" "$second" \
+      "$(printf '%s\n' "${rounds[@]}" | median)" "$(printf '%.2f ' "${rounds[@]}")"
+  fi
+fi
 declare -A mw mc
 status=0
 for c in "${configs[@]}"; do
