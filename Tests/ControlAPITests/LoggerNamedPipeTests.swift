@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Synchronization
+import TestSupport
 import Testing
 import VMM
 
@@ -10,9 +11,6 @@ import VMM
 /// reading: the thread that logs never blocks and no line is lost silently.
 @Suite("logger on a named pipe")
 struct LoggerNamedPipeTests {
-  /// fcntl's F_SETPIPE_SZ (F_LINUX_SPECIFIC_BASE + 7), which Glibc's module does not export.
-  static let setPipeSize: Int32 = 1031
-
   /// A log configured through `PUT /logger` on a named pipe (made small: one page, and full)
   /// that its reader holds open and does not read. Thousands of lines logged meanwhile all
   /// return at once. Once the pipe is read, what arrives is whole lines: the first ones logged,
@@ -20,25 +18,12 @@ struct LoggerNamedPipeTests {
   @Test func linesBehindANamedPipeNobodyReadsAreDroppedWholeAndCounted() throws {
     let scratch = try Scratch()
     let fifo = scratch.file("log.fifo")
-    try #require(mkfifo(fifo, 0o600) == 0, "mkfifo: \(String(cString: strerror(errno)))")
-    // The reader: open (so the logger may open the pipe) but not reading yet.
-    let reader = open(fifo, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
-    try #require(reader >= 0, "open: \(String(cString: strerror(errno)))")
+    // Full from the start, so the lines wait in the writer's buffer alone (an empty pipe would
+    // take a first batch meanwhile).
+    let pipe = try FullNamedPipe(path: fifo)
+    let reader = pipe.reader
     defer { close(reader) }
-    try #require(fcntl(reader, Self.setPipeSize, 4096) >= 4096)
-    // Full from the start, so the lines wait in the logger's buffer alone (an empty pipe would
-    // take a first batch while the lines are being logged, and let more in after a drop).
-    let filler = open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
-    try #require(filler >= 0, "open: \(String(cString: strerror(errno)))")
-    let page = [UInt8](repeating: UInt8(ascii: "p"), count: 4096)
-    var filled = 0
-    while true {
-      let written = Glibc.write(filler, page, page.count)
-      guard written > 0 else { break }
-      filled += written
-    }
-    close(filler)
-    try #require(filled >= 4096, "the pipe took \(filled) bytes")
+    let filled = pipe.filled
 
     let sink = LogSink()
     let api = FirecrackerAPI(plane: ControlPlane(instanceID: "fifo-vm", baseSpec: VMSpec(), logSink: sink))

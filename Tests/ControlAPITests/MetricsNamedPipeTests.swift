@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Synchronization
+import TestSupport
 import Testing
 
 @testable import ControlAPI
@@ -10,31 +11,18 @@ import Testing
 /// next one.
 @Suite("metrics on a named pipe")
 struct MetricsNamedPipeTests {
-  /// fcntl's F_SETPIPE_SZ (F_LINUX_SPECIFIC_BASE + 7), which Glibc's module does not export.
-  static let setPipeSize: Int32 = 1031
-
   /// Thousands of flushes into a full one-page named pipe that its reader holds open and does
   /// not read all return at once, some of them failing (the buffer is full). Once the pipe is
   /// read, what arrives is whole JSON lines whose changes add up to every event counted.
   @Test func flushesBehindANamedPipeNobodyReadsKeepEveryChange() throws {
     let scratch = try Scratch()
     let fifo = scratch.file("metrics.fifo")
-    try #require(mkfifo(fifo, 0o600) == 0, "mkfifo: \(String(cString: strerror(errno)))")
-    let reader = open(fifo, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
-    try #require(reader >= 0, "open: \(String(cString: strerror(errno)))")
+    // Full from the start, so the lines wait in the writer's buffer alone (an empty pipe would
+    // take a first batch meanwhile).
+    let pipe = try FullNamedPipe(path: fifo)
+    let reader = pipe.reader
     defer { close(reader) }
-    try #require(fcntl(reader, Self.setPipeSize, 4096) >= 4096)
-    let filler = open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
-    try #require(filler >= 0, "open: \(String(cString: strerror(errno)))")
-    let page = [UInt8](repeating: UInt8(ascii: "p"), count: 4096)
-    var filled = 0
-    while true {
-      let written = Glibc.write(filler, page, page.count)
-      guard written > 0 else { break }
-      filled += written
-    }
-    close(filler)
-    try #require(filled >= 4096, "the pipe took \(filled) bytes")
+    let filled = pipe.filled
 
     let metrics = APIMetrics()
     try metrics.configure(path: fifo)

@@ -48,3 +48,43 @@ public struct FullPipeError: Error, CustomStringConvertible {
   public let description: String
   init(_ description: String) { self.description = description }
 }
+
+/// A named pipe at `path` shrunk to one page and filled, whose reader holds it open without
+/// reading: a log or metrics destination nobody reads, for the tests of writers that open it
+/// by name and must not block behind it.
+public struct FullNamedPipe {
+  /// The read end (non-blocking, close-on-exec; not read from yet; the caller closes it).
+  public let reader: Int32
+  /// Bytes of filler ("p") queued in the pipe when it was made.
+  public let filled: Int
+
+  /// Makes the named pipe at `path` (which must not exist).
+  public init(path: String) throws {
+    guard mkfifo(path, 0o600) == 0 else { throw FullPipeError("mkfifo: \(String(cString: strerror(errno)))") }
+    // Open for reading first, so that the writers' opens do not wait (or fail) for a reader.
+    let reader = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+    guard reader >= 0 else { throw FullPipeError("open: \(String(cString: strerror(errno)))") }
+    guard fcntl(reader, FullPipe.setPipeSize, 4096) >= 4096 else {
+      close(reader)
+      throw FullPipeError("F_SETPIPE_SZ: \(String(cString: strerror(errno)))")
+    }
+    let filler = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
+    guard filler >= 0 else {
+      close(reader)
+      throw FullPipeError("open: \(String(cString: strerror(errno)))")
+    }
+    let page = [UInt8](repeating: UInt8(ascii: "p"), count: 4096)
+    var filled = 0
+    while true {
+      let written = Glibc.write(filler, page, page.count)
+      guard written > 0 else { break }
+      filled += written
+    }
+    close(filler)
+    guard filled >= 4096 else {
+      close(reader)
+      throw FullPipeError("the pipe took \(filled) bytes")
+    }
+    (self.reader, self.filled) = (reader, filled)
+  }
+}

@@ -1879,6 +1879,16 @@ extension X86Emitter {
   mutating func loopToBlockEntry(_ entry: HostLabel, block: Int32, completed: Int, blockCount: Int, epilogue: HostLabel)
   {
     let leave = newLabel()
+    accountForLoop(block: block, completed: completed, blockCount: blockCount, orLeaveTo: leave)
+    jump(to: entry)
+    bind(leave)
+    leaveAtBlockEntry(completed: completed, epilogue: epilogue)
+  }
+
+  /// The checks and the accounting of a block's branch back to itself: to `leave` when a stop
+  /// is requested or the budget does not hold another run of the block; otherwise the
+  /// `completed` instructions are counted as a chain's. Clobbers RDX and the flags.
+  private mutating func accountForLoop(block: Int32, completed: Int, blockCount: Int, orLeaveTo leave: HostLabel) {
     mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
     alu(.cmp, size: 1, .at(HostRegister.rdx, 0), immediate: 0)
     jump(HostCondition.notEqual, to: leave)
@@ -1888,8 +1898,10 @@ extension X86Emitter {
     alu(.sub, size: 8, .at(HostRegister.r12, ContextOffset.budget), immediate: Int32(completed))
     alu(.add, size: 8, .at(HostRegister.r12, ContextOffset.chained), immediate: Int32(completed))
     mov(size: 8, .at(HostRegister.r12, ContextOffset.lastBlock), immediate: block)
-    jump(to: entry)
-    bind(leave)
+  }
+
+  /// Returns from the block with RIP at its entry, `completed` instructions done (flags stored).
+  private mutating func leaveAtBlockEntry(completed: Int, epilogue: HostLabel) {
     mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
     mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
     movImmediate64(HostRegister.rax, UInt64(completed) | translationEndedBit)
@@ -1905,24 +1917,13 @@ extension X86Emitter {
   ) {
     let leave = newLabel()
     saveFlags()
-    mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
-    alu(.cmp, size: 1, .at(HostRegister.rdx, 0), immediate: 0)
-    jump(HostCondition.notEqual, to: leave)
-    mov(size: 8, .register(HostRegister.rdx), immediate: Int32(completed + blockCount))
-    alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.budget))
-    jump(HostCondition.greater, to: leave)
-    alu(.sub, size: 8, .at(HostRegister.r12, ContextOffset.budget), immediate: Int32(completed))
-    alu(.add, size: 8, .at(HostRegister.r12, ContextOffset.chained), immediate: Int32(completed))
-    mov(size: 8, .at(HostRegister.r12, ContextOffset.lastBlock), immediate: block)
+    accountForLoop(block: block, completed: completed, blockCount: blockCount, orLeaveTo: leave)
     restoreFlags()
     jump(to: flagsEntry)
     bind(leave)
     restoreFlags()
     storeGuestFlags()
-    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
-    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
-    movImmediate64(HostRegister.rax, UInt64(completed) | translationEndedBit)
-    jump(to: epilogue)
+    leaveAtBlockEntry(completed: completed, epilogue: epilogue)
   }
 
   mutating func chainOrLeave(instructions: Int, result: UInt64, epilogue: HostLabel) {
