@@ -196,8 +196,9 @@ static inline __attribute__((always_inline)) uint64_t hv_mul64(uint64_t a, uint6
 /// State shared between the software CPU's translated blocks and the Swift run loop
 /// (Sources/SoftCPU/Translator). Generated code addresses these fields by their offsets.
 typedef struct hv_jit_context {
-  /// RFLAGS; the status bits are authoritative (the interpreter's lazy flags are materialized
-  /// before a translated block runs).
+  /// The guest's status flags, packed as LAHF and SETO leave them: SF, ZF, AF, PF and CF (with
+  /// the always-set bit 1) in bits 8-15, OF in bit 0; other bits ignored (`TranslatedFlags` in
+  /// the software CPU converts; the interpreter's lazy flags are materialized first).
   uint64_t flags;
   /// RIP when the block returns (in: the block's entry RIP).
   uint64_t rip;
