@@ -96,21 +96,11 @@ public final class LogSink: Sendable {
   ) throws(ControlFailure) {
     var writer: BoundedWriter?
     if let path {
-      let opened = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC, 0o600)
-      guard opened >= 0 else {
-        throw ControlFailure("Cannot open the log file \(path): \(String(cString: strerror(errno)))")
-      }
-      let created = BoundedWriter(
-        fileDescriptor: opened, ownsDescriptor: true, capacity: Self.bufferCapacity,
+      writer = try startedDestinationWriter(
+        path: path, describedAs: "log file", capacity: Self.bufferCapacity,
         whenFull: .dropMessages(note: { [weak self] dropped in
           self?.droppedLinesNote(dropped) ?? "\(dropped) messages were dropped (the log was not being read)"
         }))
-      do {
-        try created.start()
-      } catch {
-        throw ControlFailure("Cannot write the log file \(path): \(error.description)")
-      }
-      writer = created
     }
     format.withLock { format in
       if let showLevel { format.showLevel = showLevel }

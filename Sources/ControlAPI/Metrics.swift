@@ -65,18 +65,8 @@ public final class APIMetrics: Sendable {
   public func configure(path: String) throws(ControlFailure) {
     try state.withLock { (state) throws(ControlFailure) in
       guard state.path == nil else { throw ControlFailure("Reinitialization of metrics not allowed.") }
-      let descriptor = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC, 0o600)
-      guard descriptor >= 0 else {
-        throw ControlFailure("Cannot open the metrics file \(path): \(String(cString: strerror(errno)))")
-      }
-      let writer = BoundedWriter(
-        fileDescriptor: descriptor, ownsDescriptor: true, capacity: Self.bufferCapacity, whenFull: .backPressure)
-      do {
-        try writer.start()
-      } catch {
-        throw ControlFailure("Cannot write the metrics file \(path): \(error)")
-      }
-      state.writer = writer
+      state.writer = try startedDestinationWriter(
+        path: path, describedAs: "metrics file", capacity: Self.bufferCapacity, whenFull: .backPressure)
       state.path = path
     }
   }
@@ -135,4 +125,25 @@ public final class APIMetrics: Sendable {
 public struct ControlFailure: Error, CustomStringConvertible, Sendable {
   public let description: String
   public init(_ description: String) { self.description = description }
+}
+
+/// A `BoundedWriter` with its thread started, on `path` opened for the API's log or metrics (a
+/// file created with mode 0600 and appended to, or a named pipe, which must have a reader:
+/// opened non-blocking, so a pipe nobody reads never blocks the writer's callers). Fails with
+/// one line naming the `describedAs` destination.
+func startedDestinationWriter(
+  path: String, describedAs destination: String, capacity: Int, whenFull: BoundedWriter.WhenFull
+) throws(ControlFailure) -> BoundedWriter {
+  let descriptor = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NONBLOCK | O_CLOEXEC, 0o600)
+  guard descriptor >= 0 else {
+    throw ControlFailure("Cannot open the \(destination) \(path): \(String(cString: strerror(errno)))")
+  }
+  // The writer owns the descriptor from here: released unstarted, it closes it.
+  let writer = BoundedWriter(fileDescriptor: descriptor, ownsDescriptor: true, capacity: capacity, whenFull: whenFull)
+  do {
+    try writer.start()
+  } catch {
+    throw ControlFailure("Cannot write the \(destination) \(path): \(error.description)")
+  }
+  return writer
 }
