@@ -130,6 +130,12 @@ extension CPU {
     return try buildBlock(linear, key: key, slot: slot)
   }
 
+  /// The block decoded for `key` that is current (in the block table), if any.
+  func currentBlock(key: UInt64) -> Int? {
+    let entry = blockTable[blockSlot(key)]
+    return entry.key == key ? Int(entry.block) : nil
+  }
+
   @inline(never)
   func buildBlock(_ linear: UInt64, key: UInt64, slot: Int) throws(Fault) -> Int {
     if arenaUsed + maximumBlockInstructions > blockArenaCapacity || blockCount == maximumBlocks {

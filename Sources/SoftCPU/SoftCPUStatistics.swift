@@ -46,6 +46,7 @@ extension CPU {
       + " blocks decoded \(counts.blocksDecoded), decoded-block flushes \(counts.decodedBlockFlushes)"
       + " (arena full \(counts.arenaFullFlushes), posted writes \(counts.postedWriteOverflows)),"
       + " code-page invalidations \(counts.codePageInvalidations), blocks translated \(translatedBlockCount),"
+      + " direct links \(translator?.linkedSites ?? 0) + \(translator?.lateLinkedSites ?? 0) late,"
       + " code-buffer flushes \(counts.codeBufferFlushes), idle trims \(counts.idleTrims), block dispatches \(counts.blockDispatches),"
       + " TLB flushes \(counts.fullTLBFlushes) + \(counts.pageTLBFlushes) pages, page walks \(counts.pageWalks)"
   }

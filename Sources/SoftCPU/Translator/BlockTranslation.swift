@@ -62,6 +62,40 @@ struct TranslatedCode {
   var chainEntry: Int
   /// The translation has SSE floating-point arithmetic (it runs only under the guest's MXCSR).
   var usesFloatingPoint = false
+  /// Its direct exits, which the translator links to their targets' translations.
+  var linkSites: [DirectLinkSite] = []
+}
+
+/// A translated block's exit to a fixed target on the page of the block's entry (a direct
+/// JMP, CALL or Jcc, or the fall-through at the block's end), emitted by `directExit`.
+///
+/// Until it is linked the exit goes through the jump cache (`chainOrLeave`). Linking
+/// (`Translator.link`) patches it to jump straight into the target block's translation, with
+/// only the stop request and the instruction budget checked on the way: no jump-cache hash, tag or
+/// generation compare. The target is found by physical address (the entry's page plus the
+/// target's offset), and that needs no check at run time: the branch stays on the page the
+/// block is running from, which maps the same physical page for as long as the block runs
+/// (an instruction that changes a mapping leaves translated code), and a store into that page
+/// invalidates the block and its target together. A target that continues onto another page
+/// is linked only when the block continues onto the same one.
+///
+/// Offsets are from the start of the block's code.
+struct DirectLinkSite {
+  /// The rel32 of the gate, a JMP that leads to the jump-cache path until the site is linked,
+  /// then to `directPath`.
+  var gate: Int
+  /// The direct path's first instruction.
+  var directPath: Int
+  /// The imm32 of the direct path's budget compare: the exit's instructions plus the target's.
+  var budgetImmediate: Int
+  /// The imm32 of the direct path's store of the target's block index into `last_block`.
+  var blockImmediate: Int
+  /// The rel32 of the direct path's final JMP into the target's chained entry.
+  var targetJump: Int
+  /// Guest instructions the block has completed when it takes this exit.
+  var instructions: Int
+  /// The target's offset from the block's entry RIP.
+  var targetOffset: Int
 }
 
 /// Offsets of the context fields in generated code.
@@ -78,7 +112,6 @@ enum ContextOffset {
   static let entryRIP = MemoryLayout<hv_jit_context>.offset(of: \.entry_rip)!
   static let generation = MemoryLayout<hv_jit_context>.offset(of: \.generation)!
   static let budget = MemoryLayout<hv_jit_context>.offset(of: \.budget)!
-  static let chained = MemoryLayout<hv_jit_context>.offset(of: \.chained)!
   static let lastBlock = MemoryLayout<hv_jit_context>.offset(of: \.last_block)!
   static let jumpCache = MemoryLayout<hv_jit_context>.offset(of: \.jump_cache)!
   static let stop = MemoryLayout<hv_jit_context>.offset(of: \.stop)!
@@ -290,9 +323,14 @@ struct BlockTranslator {
   /// there (which clobbers them).
   private var selfLoopFlagsEntry: HostLabel?
 
-  init(inlineTLBProbes: Bool, codeSize: Int = 8) {
+  /// The offset of the block's entry RIP within its page, when its exits to that page are to
+  /// be linked directly (`DirectLinkSite`); nil for none.
+  var entryPageOffset: Int?
+
+  init(inlineTLBProbes: Bool, codeSize: Int = 8, entryPageOffset: Int? = nil) {
     self.inlineTLBProbes = inlineTLBProbes
     self.codeSize = codeSize
+    self.entryPageOffset = entryPageOffset
   }
 
   /// Whether blocks decoded for `codeSize` are translated (64-bit and 32-bit code).
@@ -652,6 +690,7 @@ struct BlockTranslator {
     }
 
     emitter = X86Emitter()
+    emitter.entryPageOffset = entryPageOffset
     outOfLine = []
     epilogue = emitter.newLabel()
     emitFrame()
@@ -709,10 +748,16 @@ struct BlockTranslator {
       storeFlagsIfValid(at: translated)
       if translated == count {
         // The whole block ran: go on to the next one (chained when translated).
-        emitter.mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
-        emitter.lea(HostRegister.rax, .at(HostRegister.rax, offsets[translated]))
-        emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
-        emitter.chainOrLeave(instructions: translated, result: UInt64(translated), epilogue: epilogue)
+        if emitter.staysOnEntryPage(offsets[translated]) {
+          emitter.directExit(
+            targetOffset: offsets[translated], instructions: translated, result: UInt64(translated),
+            epilogue: epilogue)
+        } else {
+          emitter.mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+          emitter.lea(HostRegister.rax, .at(HostRegister.rax, offsets[translated]))
+          emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+          emitter.chainOrLeave(instructions: translated, result: UInt64(translated), epilogue: epilogue)
+        }
       } else {
         emitLeave(rip: offsets[translated], result: UInt64(translated))
       }
@@ -728,7 +773,7 @@ struct BlockTranslator {
     guard let code = emitter.finish() else { return nil }
     return TranslatedCode(
       code: code, instructions: translated, undefinedAfter: undefined, chainEntry: chainEntry,
-      usesFloatingPoint: usesFloatingPoint)
+      usesFloatingPoint: usesFloatingPoint, linkSites: emitter.linkSites)
   }
 
   // MARK: Frame, flags and exits
@@ -1510,6 +1555,12 @@ struct BlockTranslator {
         emitter.mov(size: 8, register, .at(HostRegister.r12, ContextOffset.entryRIP))
         emitter.lea(register, .at(register, returnOffset))
       }
+      if emitter.staysOnEntryPage(target) {
+        emitter.directExit(
+          targetOffset: target, instructions: index + 1, result: UInt64(index + 1) | translationEndedBit,
+          epilogue: epilogue)
+        return true
+      }
       emitter.mov(size: 8, rax, .at(HostRegister.r12, ContextOffset.rip))
       emitter.chainOrLeave(
         instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
@@ -1847,6 +1898,13 @@ extension X86Emitter {
   /// (RIP = entry + `faultOffset`) and the interpreter re-executes it. `wraps`: 32-bit code,
   /// whose target wraps at 4 GiB instead. Flags already stored.
   mutating func branch(targetOffset: Int, index: Int, faultOffset: Int, wraps: Bool, epilogue: HostLabel) {
+    if staysOnEntryPage(targetOffset) {
+      // Canonical (and below 4 GiB in 32-bit code) as the block's entry is.
+      directExit(
+        targetOffset: targetOffset, instructions: index + 1, result: UInt64(index + 1) | translationEndedBit,
+        epilogue: epilogue)
+      return
+    }
     mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
     if wraps {
       lea(size: 4, HostRegister.rax, .at(HostRegister.rax, targetOffset))
@@ -1868,10 +1926,6 @@ extension X86Emitter {
     chainOrLeave(instructions: index + 1, result: UInt64(index + 1) | translationEndedBit, epilogue: epilogue)
   }
 
-  /// The block completed `instructions` guest instructions and RAX (= the context's RIP) is
-  /// the next block's RIP, flags stored. Jumps straight into the next block's translation when
-  /// the jump cache holds it under the current generation, its instructions fit the budget and
-  /// no stop was requested; otherwise returns `result`. Clobbers RCX and RDX.
   /// A branch back to the first instruction of the block being run (flags already stored):
   /// jumps to the block's own chained entry, skipping the jump cache, when no stop is requested
   /// and the budget holds the completed instructions and another run of the block, with the
@@ -1887,7 +1941,8 @@ extension X86Emitter {
 
   /// The checks and the accounting of a block's branch back to itself: to `leave` when a stop
   /// is requested or the budget does not hold another run of the block; otherwise the
-  /// `completed` instructions are counted as a chain's. Clobbers RDX and the flags.
+  /// `completed` instructions are taken from the budget (the run loop counts what the budget
+  /// lost as the chain's). Clobbers RDX and the flags.
   private mutating func accountForLoop(block: Int32, completed: Int, blockCount: Int, orLeaveTo leave: HostLabel) {
     mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
     alu(.cmp, size: 1, .at(HostRegister.rdx, 0), immediate: 0)
@@ -1896,7 +1951,6 @@ extension X86Emitter {
     alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.budget))
     jump(HostCondition.greater, to: leave)
     alu(.sub, size: 8, .at(HostRegister.r12, ContextOffset.budget), immediate: Int32(completed))
-    alu(.add, size: 8, .at(HostRegister.r12, ContextOffset.chained), immediate: Int32(completed))
     mov(size: 8, .at(HostRegister.r12, ContextOffset.lastBlock), immediate: block)
   }
 
@@ -1926,6 +1980,59 @@ extension X86Emitter {
     leaveAtBlockEntry(completed: completed, epilogue: epilogue)
   }
 
+  /// Whether `targetOffset` from the block's entry lies on the entry's page, and direct
+  /// exits are wanted (`entryPageOffset`).
+  func staysOnEntryPage(_ targetOffset: Int) -> Bool {
+    guard let entryPageOffset else { return false }
+    let offset = entryPageOffset + targetOffset
+    return offset >= 0 && offset < 4096
+  }
+
+  /// The exit to `targetOffset` from the block's entry (on the entry's page, see
+  /// `DirectLinkSite`) after `instructions` completed, flags stored: through the jump cache
+  /// (`chainOrLeave`) until the translator links it, then straight into the target's
+  /// translation while no stop is requested and the budget holds the target's instructions;
+  /// otherwise returns `result` with RIP at the target. Clobbers RAX, RCX and RDX.
+  mutating func directExit(targetOffset: Int, instructions: Int, result: UInt64, epilogue: HostLabel) {
+    // The gate: falls through to the jump-cache path until linked.
+    byte(0xE9)
+    let gate = count
+    int32(0)
+    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+    lea(HostRegister.rax, .at(HostRegister.rax, targetOffset))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+    chainOrLeave(instructions: instructions, result: result, epilogue: epilogue)
+    let directPath = count
+    let leave = newLabel()
+    mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
+    alu(.cmp, size: 1, .at(HostRegister.rdx, 0), immediate: 0)
+    jump(HostCondition.notEqual, to: leave)
+    aluWithPatchableImmediate(.cmp, size: 8, .at(HostRegister.r12, ContextOffset.budget), immediate: Int32.max)
+    let budgetImmediate = count - 4
+    jump(HostCondition.less, to: leave)
+    alu(.sub, size: 8, .at(HostRegister.r12, ContextOffset.budget), immediate: Int32(instructions))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.lastBlock), immediate: -1)
+    let blockImmediate = count - 4
+    alu(.add, size: 8, .at(HostRegister.r12, ContextOffset.entryRIP), immediate: Int32(targetOffset))
+    byte(0xE9)
+    let targetJump = count
+    int32(0)
+    bind(leave)
+    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+    lea(HostRegister.rax, .at(HostRegister.rax, targetOffset))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+    movImmediate64(HostRegister.rax, result)
+    jump(to: epilogue)
+    linkSites.append(
+      DirectLinkSite(
+        gate: gate, directPath: directPath, budgetImmediate: budgetImmediate, blockImmediate: blockImmediate,
+        targetJump: targetJump, instructions: instructions, targetOffset: targetOffset))
+  }
+
+  /// The block completed `instructions` guest instructions and RAX (= the context's RIP) is
+  /// the next block's RIP, flags stored. Jumps straight into the next block's translation when
+  /// the jump cache holds it under the current generation, its instructions fit the budget and
+  /// no stop was requested; otherwise returns `result`. Clobbers RCX and RDX.
   mutating func chainOrLeave(instructions: Int, result: UInt64, epilogue: HostLabel) {
     let leave = newLabel()
     mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
@@ -1947,7 +2054,6 @@ extension X86Emitter {
     alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.budget))
     jump(HostCondition.greater, to: leave)
     alu(.sub, size: 8, .at(HostRegister.r12, ContextOffset.budget), immediate: Int32(instructions))
-    alu(.add, size: 8, .at(HostRegister.r12, ContextOffset.chained), immediate: Int32(instructions))
     mov(size: 4, HostRegister.rdx, .at(HostRegister.rcx, 28))
     mov(size: 8, .at(HostRegister.r12, ContextOffset.lastBlock), HostRegister.rdx)
     mov(size: 8, .at(HostRegister.r12, ContextOffset.entryRIP), HostRegister.rax)

@@ -59,6 +59,37 @@ final class CodeBuffer {
     return UnsafeRawPointer(base + start)
   }
 
+  /// The offset in the buffer of `address`, which lies in it.
+  func offset(of address: UnsafeRawPointer) -> Int {
+    UnsafeRawPointer(base).distance(to: address)
+  }
+
+  /// Writes each 32-bit `value` at its `offset` into installed code (a link between blocks):
+  /// the pages written are made read-write, then read-execute again. False when a protection
+  /// change fails (the code may then be half patched only if the second one failed).
+  func patch(_ patches: [(offset: Int, value: Int32)]) -> Bool {
+    let sorted = patches.sorted { $0.offset < $1.offset }
+    var index = 0
+    while index < sorted.count {
+      // One protection change per run of patches on consecutive pages.
+      let firstPage = sorted[index].offset & ~(Self.pageSize - 1)
+      var end = index
+      var lastPage = (sorted[index].offset + 3) & ~(Self.pageSize - 1)
+      while end + 1 < sorted.count && sorted[end + 1].offset & ~(Self.pageSize - 1) <= lastPage + Self.pageSize {
+        end += 1
+        lastPage = max(lastPage, (sorted[end].offset + 3) & ~(Self.pageSize - 1))
+      }
+      let length = lastPage + Self.pageSize - firstPage
+      guard mprotect(base + firstPage, length, PROT_READ | PROT_WRITE) == 0 else { return false }
+      for patch in sorted[index...end] {
+        (base + patch.offset).storeBytes(of: patch.value.littleEndian, as: Int32.self)
+      }
+      guard mprotect(base + firstPage, length, PROT_READ | PROT_EXEC) == 0 else { return false }
+      index = end + 1
+    }
+    return true
+  }
+
   /// Forgets every installed block (their addresses become invalid).
   func reset() {
     used = 0

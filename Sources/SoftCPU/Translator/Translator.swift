@@ -148,6 +148,7 @@ final class Translator {
     }
     translations.removeAll(keepingCapacity: true)
     pending.removeAll(keepingCapacity: true)
+    waitingLinks.removeAll()
     let held = buffer.used > 0
     buffer.reset()
     if keepsCodeAddressesUnique && held, let fresh = CodeBuffer(capacity: Self.bufferCapacity) {
@@ -190,7 +191,10 @@ final class Translator {
       let codeSize = Int(cpu.blocks[block].key >> 56)
       guard BlockTranslator.translates(codeSize: codeSize) else { continue }
       let first = cpu.blockArena + Int(cpu.blocks[block].first)
-      var translator = BlockTranslator(inlineTLBProbes: !lockstep, codeSize: codeSize)
+      // Lockstep runs one block at a time: no links.
+      var translator = BlockTranslator(
+        inlineTLBProbes: !lockstep, codeSize: codeSize,
+        entryPageOffset: lockstep ? nil : Int(cpu.blocks[block].key & 0xFFF))
       guard let result = translator.translate(first, count: Int(cpu.blocks[block].count), block: Int32(block))
       else {
         // No translated prefix: `heat` keeps how many instructions the interpreter runs before
@@ -207,16 +211,22 @@ final class Translator {
     }
     pending.removeAll(keepingCapacity: true)
     guard !results.isEmpty else { return }
-    var base = buffer.install(code)
-    if base == nil {
+    if !buffer.fits(code.count) {
+      // Flushed first, so that links are made only to code that stays.
       cpu.statistics.codeBufferFlushes += 1
       flush(blocks: cpu.blocks, count: cpu.blockCount)
-      base = buffer.install(code)
     }
-    guard let base else { return }
+    // Every block's frame set-up is the same, so is the entry chained blocks jump to.
+    context.pointee.chain_offset = UInt64(results[0].result.chainEntry)
+    let batchOffset = buffer.used
+    linkBatch(cpu, results.map { ($0.block, $0.offset, $0.result) }, at: batchOffset, into: &code)
+    guard let base = buffer.install(code) else {
+      // The links waiting in this batch's code must not be patched into whatever comes next.
+      flush(blocks: cpu.blocks, count: cpu.blockCount)
+      return
+    }
     for (block, rip, offset, result) in results {
-      // Every block's frame set-up is the same, so is the entry chained blocks jump to.
-      context.pointee.chain_offset = UInt64(result.chainEntry)
+      precondition(UInt64(result.chainEntry) == context.pointee.chain_offset)
       translations.append((base + offset, result.instructions, result.undefinedAfter))
       if result.usesFloatingPoint { cpu.translationUsesFloatingPoint = true }
       translatedBlocks += 1
@@ -230,6 +240,107 @@ final class Translator {
     }
     if let map = Self.perfMap {
       _ = mapLines.withCString { write(map, $0, strlen($0)) }
+    }
+    linkWaitingSites(cpu, to: results.map(\.block))
+  }
+
+  // MARK: Direct links
+
+  /// A direct exit (`DirectLinkSite`) of installed code whose target had no translation yet.
+  struct WaitingLink {
+    /// Where the source block's code starts in the buffer.
+    var blockOffset: Int
+    var site: DirectLinkSite
+    /// The source block's second page (`DecodedBlock.secondPage`).
+    var sourceSecondPage: UInt64
+  }
+
+  /// Waiting direct exits by the block key of their target; emptied by `flush`.
+  var waitingLinks: [UInt64: [WaitingLink]] = [:]
+  /// Direct exits linked when their block was translated, and later, when their target was.
+  var linkedSites = 0
+  var lateLinkedSites = 0
+
+  /// The translated block a direct exit of `source` to physical address `physical` may enter:
+  /// the block decoded there for the source's code size, if it is current (in the block
+  /// table) and lies on the source's pages. Its code may still be waiting in this batch.
+  private func linkTarget(_ cpu: CPU, source: Int, key: UInt64) -> Int? {
+    guard let target = cpu.currentBlock(key: key) else { return nil }
+    let second = cpu.blocks[target].secondPage
+    return second == .max || second == cpu.blocks[source].secondPage ? target : nil
+  }
+
+  /// The patches that link `site` of a block whose code starts at buffer offset `blockOffset`
+  /// to block `target`, whose code starts at buffer offset `targetOffset`.
+  private func patches(
+    _ site: DirectLinkSite, blockOffset: Int, target: Int, targetOffset: Int, cpu: CPU
+  ) -> [(offset: Int, value: Int32)] {
+    let entry = targetOffset + Int(context.pointee.chain_offset)
+    return [
+      (blockOffset + site.budgetImmediate, Int32(site.instructions + Int(cpu.blocks[target].count))),
+      (blockOffset + site.blockImmediate, Int32(target)),
+      (blockOffset + site.targetJump, Int32(entry - (blockOffset + site.targetJump + 4))),
+      (blockOffset + site.gate, Int32(site.directPath - (site.gate + 4))),
+    ]
+  }
+
+  /// Links the direct exits of a batch about to be installed at buffer offset `batchOffset`
+  /// (`code` holds the batch; `offset` is each block's within it) whose targets have
+  /// translations, installed or in the batch; the others wait for theirs (`waitingLinks`).
+  private func linkBatch(
+    _ cpu: CPU, _ batch: [(block: Int, offset: Int, result: TranslatedCode)], at batchOffset: Int,
+    into code: inout [UInt8]
+  ) {
+    var inBatch: [Int: Int] = [:]
+    for (block, offset, _) in batch { inBatch[block] = batchOffset + offset }
+    for (block, offset, result) in batch {
+      let source = cpu.blocks[block]
+      let entryPage = source.firstPage << 12
+      let entryOffset = Int(source.key & 0xFFF)
+      let blockOffset = batchOffset + offset
+      for site in result.linkSites {
+        let key = (entryPage | UInt64(entryOffset + site.targetOffset)) | source.key & (0xFF << 56)
+        let target = linkTarget(cpu, source: block, key: key)
+        let targetOffset: Int? = target.flatMap { target in
+          inBatch[target] ?? cpu.blocks[target].translatedCode.map { buffer.offset(of: $0) }
+        }
+        guard let target, let targetOffset else {
+          waitingLinks[key, default: []].append(
+            WaitingLink(blockOffset: blockOffset, site: site, sourceSecondPage: source.secondPage))
+          continue
+        }
+        for (at, value) in patches(site, blockOffset: blockOffset, target: target, targetOffset: targetOffset, cpu: cpu)
+        {
+          let index = at - batchOffset
+          withUnsafeBytes(of: value.littleEndian) { raw in
+            for byte in 0..<4 { code[index + byte] = raw[byte] }
+          }
+        }
+        linkedSites += 1
+      }
+    }
+  }
+
+  /// Links the waiting direct exits of installed code to `blocks`, just translated.
+  private func linkWaitingSites(_ cpu: CPU, to blocks: [Int]) {
+    guard !waitingLinks.isEmpty else { return }
+    var patchList: [(offset: Int, value: Int32)] = []
+    for block in blocks {
+      let key = cpu.blocks[block].key
+      guard let waiting = waitingLinks[key], cpu.currentBlock(key: key) == block,
+        let code = cpu.blocks[block].translatedCode
+      else { continue }
+      waitingLinks[key] = nil
+      let second = cpu.blocks[block].secondPage
+      for link in waiting where second == .max || second == link.sourceSecondPage {
+        patchList += patches(
+          link.site, blockOffset: link.blockOffset, target: block, targetOffset: buffer.offset(of: code), cpu: cpu)
+        lateLinkedSites += 1
+      }
+    }
+    if !patchList.isEmpty && !buffer.patch(patchList) {
+      // A protection change failed: translate again from scratch.
+      flush(blocks: cpu.blocks, count: cpu.blockCount)
     }
   }
 }
@@ -260,6 +371,10 @@ extension CPU {
 
   /// Blocks translated since the tier was set (including ones dropped by flushes).
   public var translatedBlockCount: Int { translator?.translatedBlocks ?? 0 }
+
+  /// Direct exits of translated blocks linked to their target's translation since the tier
+  /// was set (see `DirectLinkSite`), when translated or later.
+  public var directLinkCount: Int { (translator?.linkedSites ?? 0) + (translator?.lateLinkedSites ?? 0) }
 
   /// Translated blocks compared with the interpreter in lockstep mode.
   public var lockstepCheckCount: Int { translator?.lockstepChecks ?? 0 }
@@ -299,7 +414,8 @@ extension CPU {
       return runLockstep(block: block)
     }
     context.pointee.generation = chainGeneration
-    context.pointee.budget = debugStopPagesActive ? 0 : Int64(remaining)
+    let budget: Int64 = debugStopPagesActive ? 0 : Int64(remaining)
+    context.pointee.budget = budget
     // This block becomes a chaining target.
     let slot = JumpCache.index(rip)
     let entry = context.pointee.jump_cache.assumingMemoryBound(to: hv_jit_cache_entry.self) + slot
@@ -313,6 +429,8 @@ extension CPU {
       }
     }
     let result = callTranslated(code.unsafelyUnwrapped, context)
+    // Each chain into a further block took the completed block's instructions from the budget.
+    context.pointee.chained = UInt64(bitPattern: budget &- context.pointee.budget)
     storedFlags = TranslatedFlags.unpacked(context.pointee.flags, into: storedFlags)
     rip = context.pointee.rip
     return result

@@ -81,6 +81,11 @@ struct X86Emitter {
   /// sets it, then loads them (`loadCachedRegisters`). Every instruction that writes its r/m
   /// operand completes that write itself (`completeAccess`) before it returns.
   var cachedRegisters: [UInt8] = []
+  /// The offset of the block's entry RIP within its page when its branches to the same page
+  /// may be linked directly to their target's translation (`directExit`); nil for none.
+  var entryPageOffset: Int?
+  /// The direct exits emitted so far (`directExit`), for the translator to link.
+  var linkSites: [DirectLinkSite] = []
   /// The store (or reload) that completes the last instruction's write of a cached slot.
   private var pendingSlotUpdate: (store: Bool, host: UInt8, displacement: Int32)?
 
@@ -280,6 +285,14 @@ struct X86Emitter {
       encode(0x81, size: size, reg: op.rawValue, rm: rm, access: access)
       if size == 2 { int16(Int16(truncatingIfNeeded: immediate)) } else { int32(immediate) }
     }
+    completeAccess()
+  }
+
+  /// `op rm, imm32` always in its 32-bit immediate form (0x81), whose immediate (the last four
+  /// bytes emitted) can be patched later. Sizes 4 and 8.
+  mutating func aluWithPatchableImmediate(_ op: HostALU, size: Int, _ rm: HostOperand, immediate: Int32) {
+    encode(0x81, size: size, reg: op.rawValue, rm: rm, access: op == .cmp ? .read : .write)
+    int32(immediate)
     completeAccess()
   }
 
@@ -598,5 +611,6 @@ enum HostCondition {
   static let aboveOrEqual: UInt8 = 3
   static let equal: UInt8 = 4
   static let notEqual: UInt8 = 5
+  static let less: UInt8 = 0xC
   static let greater: UInt8 = 0xF
 }
