@@ -137,7 +137,7 @@ extension CPU {
         return .instructionLimit
       }
       let link = blocks + (previous > 0 ? previous : 0)
-      let linksValid = previous >= 0 && link.pointee.linkGeneration == chainGeneration
+      let linksValid = previous >= 0 && link.pointee.linkGeneration == chainGenerationAndPrivilege
       if linksValid && link.pointee.links.0.leads(to: fetchAddress, in: addressSpaceGeneration) {
         blockIndex = Int(link.pointee.links.0.block)
         first = link.pointee.links.0.first
@@ -165,7 +165,7 @@ extension CPU {
             rip: fetchAddress, block: Int32(blockIndex), first: first, count: count,
             addressSpace: blockCodeIsGlobal(fetchAddress, block: blockIndex) ? 0 : addressSpaceGeneration)
           link.pointee.links = (newest, linksValid ? link.pointee.links.0 : BlockLink())
-          link.pointee.linkGeneration = chainGeneration
+          link.pointee.linkGeneration = chainGenerationAndPrivilege
         }
       }
       var start = blockArena + Int(first)

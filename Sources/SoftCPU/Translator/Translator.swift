@@ -413,15 +413,15 @@ extension CPU {
     if translationLockstep {
       return runLockstep(block: block)
     }
-    context.pointee.generation = chainGeneration
+    context.pointee.generation = chainGenerationAndPrivilege
     let budget: Int64 = debugStopPagesActive ? 0 : Int64(remaining)
     context.pointee.budget = budget
     // This block becomes a chaining target.
     let slot = JumpCache.index(rip)
     let entry = context.pointee.jump_cache.assumingMemoryBound(to: hv_jit_cache_entry.self) + slot
-    if entry.pointee.rip != rip || entry.pointee.generation != chainGeneration {
+    if entry.pointee.rip != rip || entry.pointee.generation != chainGenerationAndPrivilege {
       entry.pointee = hv_jit_cache_entry(
-        rip: rip, generation: chainGeneration,
+        rip: rip, generation: chainGenerationAndPrivilege,
         code: code.unsafelyUnwrapped + Int(context.pointee.chain_offset), count: UInt32(blocks[block].count),
         block: Int32(block))
       if !blockCodeIsGlobal(rip, block: block) {
@@ -462,6 +462,16 @@ extension CPU {
     }
     return result
   }
+
+  /// The generation jump-cache entries and block links (`DecodedBlock.links`) are made and
+  /// matched under: the chain generation with the privilege (user or supervisor) in bit 0.
+  /// Code entered at one privilege is never chained to at the other: a privilege change
+  /// leaves translated code (the instructions that make it are interpreted) without starting a
+  /// new chain generation, and a jump from user mode to a supervisor page must fault on its
+  /// fetch instead of chaining into code entered at CPL 0. Never 0, the generation of an empty
+  /// entry (`chainGeneration` starts at 1).
+  @inline(__always)
+  var chainGenerationAndPrivilege: UInt64 { chainGeneration << 1 | (tlbTagExtra & 1) }
 
   /// Whether translated 32-bit code may run now (`BlockTranslator`): a 32-bit stack, CS, DS,
   /// ES and SS with base 0, and RIP below the last 64 KiB, so that no offset within a block
@@ -508,7 +518,7 @@ extension CPU {
     }
     do {
       let value = try readMemory(linear, size: UInt8(size))
-      context.pointee.generation = chainGeneration
+      context.pointee.generation = chainGenerationAndPrivilege
       return value
     } catch {
       context.pointee.exit = 1
@@ -554,7 +564,7 @@ extension CPU {
       }
     }
     if blockInvalidated { context.pointee.exit = 2 }
-    context.pointee.generation = chainGeneration
+    context.pointee.generation = chainGenerationAndPrivilege
   }
 
   /// A helper called by translated code runs under the host's MXCSR (translated code may run
@@ -641,7 +651,7 @@ extension CPU {
         let value = try read128(linear, aligned: size & 0x100 != 0)
         context.pointee.vector = (value[0], value[1])
       }
-      context.pointee.generation = chainGeneration
+      context.pointee.generation = chainGenerationAndPrivilege
     } catch {
       context.pointee.exit = 1
     }
@@ -686,7 +696,7 @@ extension CPU {
       }
     }
     if blockInvalidated { context.pointee.exit = 2 }
-    context.pointee.generation = chainGeneration
+    context.pointee.generation = chainGenerationAndPrivilege
   }
 
   /// Lockstep mode: the host address of a RAM access within one page, or nil (faults, MMIO and
