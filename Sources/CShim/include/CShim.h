@@ -220,9 +220,10 @@ typedef struct hv_jit_context {
   /// The CPU's block-chain generation (jump cache entries of another one are stale).
   uint64_t generation;
   /// Instructions the run loop still allows; a block chains into the next only when its own
-  /// instructions and the next block's all fit.
+  /// instructions and the next block's all fit, and takes its own from it.
   int64_t budget;
-  /// Out: instructions of the blocks completed before the last one (0 when none chained).
+  /// Out: instructions of the blocks completed before the last one (0 when none chained):
+  /// what the budget lost, set by `runTranslated` after the call.
   uint64_t chained;
   /// Out: the decoded-block index of the last block run (when `chained` is nonzero).
   uint64_t last_block;
