@@ -261,9 +261,10 @@ final class Translator {
   var linkedSites = 0
   var lateLinkedSites = 0
 
-  /// The translated block a direct exit of `source` to physical address `physical` may enter:
-  /// the block decoded there for the source's code size, if it is current (in the block
-  /// table) and lies on the source's pages. Its code may still be waiting in this batch.
+  /// The block a direct exit of block `source` may enter: the one decoded for `key` (the
+  /// target's physical address under the source's code size), if it is current (in the block
+  /// table) and lies on the source's pages. Its translation may still be in this batch, or
+  /// not exist yet.
   private func linkTarget(_ cpu: CPU, source: Int, key: UInt64) -> Int? {
     guard let target = cpu.currentBlock(key: key) else { return nil }
     let second = cpu.blocks[target].secondPage
