@@ -41,17 +41,19 @@ let tlbInvalidTag: UInt64 = ~0
 /// kernel copying to and from a user buffer would otherwise evict the user's entry).
 let tlbUserTagBits: UInt64 = 0x201
 
-/// The TLB index of linear `linear` with tag bits `extra`: page + page / 1024 + extra, modulo
-/// the table size. The page / 1024 term keeps pages 4 MiB apart from sharing an entry (the
-/// kernel reaches the same data through its image mapping and through the direct map, whose
-/// addresses agree in their low bits). Two consecutive pages never share an index (their
-/// indices differ by 1 or 2): an access that crosses a page, looked up at its first page's
-/// index with its last page's tag, therefore always misses. The translator's probe computes
-/// the same (`BlockTranslator.emitProbe`).
+/// The TLB index of linear `linear` with tag bits `extra`: page + extra, modulo the table
+/// size. Pages 4 MiB apart share an index (the kernel reaches the same data through its image
+/// mapping and through the direct map, whose addresses agree in their low bits); the victim
+/// way keeps two of them, and the one-step index shortens every translated access's probe
+/// (a `page + page / 1024` index, which kept them apart, cost the 686 boot 7 % and the 64-bit
+/// boot 4 % more CPU time with no fewer page walks: docs/softcpu-performance.md, "Fourteenth
+/// step"). Two consecutive pages never share an index: an access that crosses a page, looked
+/// up at its first page's index with its last page's tag, therefore always misses. The
+/// translator's probe computes the same (`BlockTranslator.emitProbe`).
 @_transparent
 func tlbIndex(_ linear: UInt64, _ extra: UInt64) -> Int {
   let page = linear >> 12
-  return Int(truncatingIfNeeded: (page &+ (page >> 10) &+ extra) & tlbIndexMask)
+  return Int(truncatingIfNeeded: (page &+ extra) & tlbIndexMask)
 }
 
 /// TLB fills `CPU.tlbFilledIndices` records between two flushes; after more, a flush clears

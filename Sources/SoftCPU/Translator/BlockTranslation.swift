@@ -1011,13 +1011,9 @@ struct BlockTranslator {
       emitter.test(size: 4, .register(HostRegister.rsi), immediate: Int32(size - 1))
       emitter.jump(HostCondition.notEqual, to: miss)
     }
-    // The index is `tlbIndex(RSI, R15)`: page + page / 1024 + tag bits, with page / 1024
-    // shifted out of the address beside the page number (one dependent step fewer).
+    // The index is `tlbIndex(RSI, R15)`: page + tag bits.
     emitter.mov(size: 8, HostRegister.rcx, .register(HostRegister.rsi))
     emitter.shift(.shr, size: 8, .register(HostRegister.rcx), count: 12)
-    emitter.mov(size: 8, HostRegister.rdx, .register(HostRegister.rsi))
-    emitter.shift(.shr, size: 8, .register(HostRegister.rdx), count: 22)
-    emitter.alu(.add, size: 8, HostRegister.rcx, .register(HostRegister.rdx))
     emitter.alu(.add, size: 8, HostRegister.rcx, .register(HostRegister.r15))
     emitter.lea(HostRegister.rdx, .at(HostRegister.rsi, size - 1))
     emitter.alu(.and, size: 8, .register(HostRegister.rdx), immediate: -4096)
