@@ -70,7 +70,7 @@ struct TranslatedCode {
 /// JMP, CALL or Jcc, or the fall-through at the block's end), emitted by `directExit`.
 ///
 /// Until it is linked the exit goes through the jump cache (`chainOrLeave`). Linking
-/// (`Translator.link`) patches it to jump straight into the target block's translation, with
+/// (`Translator.linkBatch`, `Translator.linkWaitingSites`) patches it to jump straight into the target block's translation, with
 /// only the stop request and the instruction budget checked on the way: no jump-cache hash, tag or
 /// generation compare. The target is found by physical address (the entry's page plus the
 /// target's offset), and that needs no check at run time: the branch stays on the page the
@@ -2014,11 +2014,7 @@ extension X86Emitter {
     let targetJump = count
     int32(0)
     bind(leave)
-    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
-    lea(HostRegister.rax, .at(HostRegister.rax, targetOffset))
-    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
-    movImmediate64(HostRegister.rax, result)
-    jump(to: epilogue)
+    self.leave(ripOffset: targetOffset, result: result, epilogue: epilogue)
     linkSites.append(
       DirectLinkSite(
         gate: gate, directPath: directPath, budgetImmediate: budgetImmediate, blockImmediate: blockImmediate,
