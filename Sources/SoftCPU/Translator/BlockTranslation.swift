@@ -753,10 +753,8 @@ struct BlockTranslator {
             targetOffset: offsets[translated], instructions: translated, result: UInt64(translated),
             epilogue: epilogue)
         } else {
-          emitter.mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
-          emitter.lea(HostRegister.rax, .at(HostRegister.rax, offsets[translated]))
-          emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
-          emitter.chainOrLeave(instructions: translated, result: UInt64(translated), epilogue: epilogue)
+          emitter.chainOrLeave(
+            toOffset: offsets[translated], instructions: translated, result: UInt64(translated), epilogue: epilogue)
         }
       } else {
         emitLeave(rip: offsets[translated], result: UInt64(translated))
@@ -1994,10 +1992,7 @@ extension X86Emitter {
     byte(0xE9)
     let gate = count
     int32(0)
-    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
-    lea(HostRegister.rax, .at(HostRegister.rax, targetOffset))
-    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
-    chainOrLeave(instructions: instructions, result: result, epilogue: epilogue)
+    chainOrLeave(toOffset: targetOffset, instructions: instructions, result: result, epilogue: epilogue)
     let directPath = count
     let leave = newLabel()
     mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.stop))
@@ -2019,6 +2014,14 @@ extension X86Emitter {
       DirectLinkSite(
         gate: gate, directPath: directPath, budgetImmediate: budgetImmediate, blockImmediate: blockImmediate,
         targetJump: targetJump, instructions: instructions, targetOffset: targetOffset))
+  }
+
+  /// Sets the context's RIP to the block's entry + `offset`, then `chainOrLeave`.
+  mutating func chainOrLeave(toOffset offset: Int, instructions: Int, result: UInt64, epilogue: HostLabel) {
+    mov(size: 8, HostRegister.rax, .at(HostRegister.r12, ContextOffset.entryRIP))
+    lea(HostRegister.rax, .at(HostRegister.rax, offset))
+    mov(size: 8, .at(HostRegister.r12, ContextOffset.rip), HostRegister.rax)
+    chainOrLeave(instructions: instructions, result: result, epilogue: epilogue)
   }
 
   /// The block completed `instructions` guest instructions and RAX (= the context's RIP) is

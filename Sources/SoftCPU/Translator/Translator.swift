@@ -261,14 +261,14 @@ final class Translator {
   var linkedSites = 0
   var lateLinkedSites = 0
 
-  /// The block a direct exit of block `source` may enter: the one decoded for `key` (the
-  /// target's physical address under the source's code size), if it is current (in the block
-  /// table) and lies on the source's pages. Its translation may still be in this batch, or
-  /// not exist yet.
-  private func linkTarget(_ cpu: CPU, source: Int, key: UInt64) -> Int? {
+  /// The block a direct exit may enter: the one decoded for `key` (the target's physical
+  /// address under the source's code size), if it is current (in the block table) and lies on
+  /// the source block's pages (`sourceSecondPage`: its second page, `.max` for none). Its
+  /// translation may still be in this batch, or not exist yet.
+  private func linkTarget(_ cpu: CPU, key: UInt64, sourceSecondPage: UInt64) -> Int? {
     guard let target = cpu.currentBlock(key: key) else { return nil }
     let second = cpu.blocks[target].secondPage
-    return second == .max || second == cpu.blocks[source].secondPage ? target : nil
+    return second == .max || second == sourceSecondPage ? target : nil
   }
 
   /// The patches that link `site` of a block whose code starts at buffer offset `blockOffset`
@@ -301,7 +301,7 @@ final class Translator {
       let blockOffset = batchOffset + offset
       for site in result.linkSites {
         let key = (entryPage | UInt64(entryOffset + site.targetOffset)) | source.key & (0xFF << 56)
-        let target = linkTarget(cpu, source: block, key: key)
+        let target = linkTarget(cpu, key: key, sourceSecondPage: source.secondPage)
         let targetOffset: Int? = target.flatMap { target in
           inBatch[target] ?? cpu.blocks[target].translatedCode.map { buffer.offset(of: $0) }
         }
@@ -312,10 +312,7 @@ final class Translator {
         }
         for (at, value) in patches(site, blockOffset: blockOffset, target: target, targetOffset: targetOffset, cpu: cpu)
         {
-          let index = at - batchOffset
-          withUnsafeBytes(of: value.littleEndian) { raw in
-            for byte in 0..<4 { code[index + byte] = raw[byte] }
-          }
+          code.storeInt32(value, at: at - batchOffset)
         }
         linkedSites += 1
       }
@@ -328,12 +325,9 @@ final class Translator {
     var patchList: [(offset: Int, value: Int32)] = []
     for block in blocks {
       let key = cpu.blocks[block].key
-      guard let waiting = waitingLinks[key], cpu.currentBlock(key: key) == block,
-        let code = cpu.blocks[block].translatedCode
-      else { continue }
+      guard let waiting = waitingLinks[key], let code = cpu.blocks[block].translatedCode else { continue }
       waitingLinks[key] = nil
-      let second = cpu.blocks[block].secondPage
-      for link in waiting where second == .max || second == link.sourceSecondPage {
+      for link in waiting where linkTarget(cpu, key: key, sourceSecondPage: link.sourceSecondPage) == block {
         patchList += patches(
           link.site, blockOffset: link.blockOffset, target: block, targetOffset: buffer.offset(of: code), cpu: cpu)
         lateLinkedSites += 1

@@ -111,10 +111,7 @@ struct X86Emitter {
     var code = bytes
     for fixup in fixups {
       guard let target = labelOffsets[fixup.label] else { return nil }
-      let displacement = Int32(target - (fixup.at + 4))
-      withUnsafeBytes(of: displacement.littleEndian) { raw in
-        for index in 0..<4 { code[fixup.at + index] = raw[index] }
-      }
+      code.storeInt32(Int32(target - (fixup.at + 4)), at: fixup.at)
     }
     return code
   }
@@ -613,4 +610,14 @@ enum HostCondition {
   static let notEqual: UInt8 = 5
   static let less: UInt8 = 0xC
   static let greater: UInt8 = 0xF
+}
+
+extension [UInt8] {
+  /// Writes `value` little-endian over the four bytes at `index` (a displacement or immediate
+  /// of assembled code).
+  mutating func storeInt32(_ value: Int32, at index: Int) {
+    Swift.withUnsafeBytes(of: value.littleEndian) { raw in
+      for byte in 0..<4 { self[index + byte] = raw[byte] }
+    }
+  }
 }
