@@ -8,7 +8,11 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sched.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 
 // MARK: - KVM
 
@@ -88,9 +92,16 @@ int hv_spawn_add_chdir(posix_spawn_file_actions_t *actions, const char *path) {
 // Linux sends a child's parent-death signal when the thread that forked it ends, not the
 // process: children are forked from one thread that lives as long as the process, so a
 // caller on a short-lived thread (a Dispatch worker, an API request) cannot end them early.
+//
+// A change of credentials clears the parent-death signal, and a child started by root may
+// well change them (passt switches to nobody). As root, a child therefore runs in a PID
+// namespace of its own under a small init (this binary again, `hv_bound_init`), which keeps
+// the signal: the VMM's end kills the init, and the init's end kills everything in its
+// namespace, whatever its credentials.
 struct hv_bound_spawn {
   const char *path;
   char *const *argv;
+  char *const *init_argv;
   char *const *envp;
   int descriptor;
   pid_t result;
@@ -102,12 +113,26 @@ static pthread_cond_t bound_spawn_changed = PTHREAD_COND_INITIALIZER;
 static struct hv_bound_spawn *bound_spawn_request;
 static int bound_spawn_thread_error = -1;
 
-static pid_t hv_bound_spawn_fork(const struct hv_bound_spawn *request) {
-  pid_t parent = getpid();
-  pid_t pid = fork();
-  if (pid != 0) return pid < 0 ? -errno : pid;
-  // The child: only system calls until execve.
-  if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || getppid() != parent) _exit(127);
+/// argv[0] of this binary run as the init of a bound child's PID namespace.
+static const char bound_init_name[] = "hostvisor-bound-init";
+
+// The child of `hv_bound_spawn_fork`: only system calls until execve. `liveness` is the read
+// end of a pipe whose write end only the VMM holds until the child has execed (-1 without a
+// namespace, where getppid tells).
+static void hv_bound_spawn_child(const struct hv_bound_spawn *request, pid_t parent, int liveness) {
+  if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) _exit(127);
+  if (liveness < 0) {
+    if (getppid() != parent) _exit(127);
+  } else {
+    // A parent outside the child's PID namespace reads as 0 through getppid: a VMM that died
+    // before the signal was set shows as a hang-up on the pipe instead.
+    struct pollfd entry = {.fd = liveness, .events = POLLIN};
+    int ready;
+    do {
+      ready = poll(&entry, 1, 0);
+    } while (ready < 0 && errno == EINTR);
+    if (ready != 0) _exit(127);
+  }
   if (request->descriptor == 3) {
     if (fcntl(3, F_SETFD, 0) != 0) _exit(127);
   } else if (dup2(request->descriptor, 3) != 3) {
@@ -116,8 +141,100 @@ static pid_t hv_bound_spawn_fork(const struct hv_bound_spawn *request) {
   int null = open("/dev/null", O_RDWR);
   if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0) _exit(127);
   closefrom(4);
+  // Without /proc (a jail) the child itself is the namespace's init: it still dies with the
+  // VMM unless it changes its credentials.
+  if (liveness >= 0) execve("/proc/self/exe", request->init_argv, request->envp);
   execve(request->path, request->argv, request->envp);
   _exit(127);
+}
+
+static pid_t hv_bound_spawn_fork(const struct hv_bound_spawn *request) {
+  pid_t parent = getpid();
+  // liveness: the child's check that the VMM is alive; started: end of file once the child
+  // execed (or died), after which the VMM may drop its end of `liveness`.
+  int liveness[2] = {-1, -1}, started[2] = {-1, -1};
+  pid_t pid = -1;
+  if (geteuid() == 0 && request->init_argv != NULL && pipe2(liveness, O_CLOEXEC) == 0) {
+    if (pipe2(started, O_CLOEXEC) == 0) {
+      // A fork into a new PID namespace; the child runs only system calls until execve.
+      pid = (pid_t)syscall(SYS_clone, CLONE_NEWPID | SIGCHLD, NULL, NULL, NULL, 0);
+    }
+    if (pid < 0) {
+      // No namespace (no CAP_SYS_ADMIN in a container, a namespace limit): a plain fork.
+      for (int index = 0; index < 2; index++) {
+        if (liveness[index] >= 0) close(liveness[index]);
+        if (started[index] >= 0) close(started[index]);
+        liveness[index] = started[index] = -1;
+      }
+    }
+  }
+  if (pid == 0) {
+    close(liveness[1]);
+    close(started[0]);
+    hv_bound_spawn_child(request, parent, liveness[0]);
+  }
+  if (liveness[0] < 0) {
+    pid = fork();
+    if (pid == 0) hv_bound_spawn_child(request, parent, -1);
+    return pid < 0 ? -errno : pid;
+  }
+  close(started[1]);
+  char byte;
+  while (read(started[0], &byte, 1) < 0 && errno == EINTR) {
+  }
+  close(started[0]);
+  close(liveness[0]);
+  close(liveness[1]);
+  return pid;
+}
+
+// MARK: The init of a bound child's PID namespace
+
+static volatile sig_atomic_t bound_init_child;
+
+static void hv_bound_init_forward(int signo) {
+  if (bound_init_child > 0) kill(bound_init_child, signo);
+}
+
+// PID 1 of the namespace: starts the child, passes on the signals a user may send it (as a
+// namespace's init it would otherwise ignore them), reaps whatever the namespace leaves to it
+// and ends with the child's status (128 + the signal's number for a child killed by one).
+static void hv_bound_init(char **argv, char **envp) {
+  prctl(PR_SET_NAME, (unsigned long)"hostvisor-init", 0, 0, 0);
+  sigset_t all, previous;
+  sigfillset(&all);
+  sigprocmask(SIG_BLOCK, &all, &previous);
+  pid_t child = fork();
+  if (child < 0) _exit(127);
+  if (child == 0) {
+    sigprocmask(SIG_SETMASK, &previous, NULL);
+    execve(argv[1], argv + 2, envp);
+    _exit(127);
+  }
+  bound_init_child = child;
+  // No descriptor of the child's stays open here: its socket must close when the child ends.
+  syscall(SYS_close_range, 0U, ~0U, 0U);
+  static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+  struct sigaction action;
+  memset(&action, 0, sizeof action);
+  action.sa_handler = hv_bound_init_forward;
+  sigemptyset(&action.sa_mask);
+  for (unsigned index = 0; index < sizeof forwarded / sizeof forwarded[0]; index++) {
+    sigaction(forwarded[index], &action, NULL);
+  }
+  sigprocmask(SIG_SETMASK, &previous, NULL);
+  for (;;) {
+    int status;
+    pid_t ended = waitpid(-1, &status, 0);
+    if (ended == child) _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    if (ended < 0 && errno == ECHILD) _exit(127);
+  }
+}
+
+// Runs before main (glibc passes constructors argc, argv and envp): this binary started as a
+// bound child's init never reaches the Swift code.
+__attribute__((constructor)) static void hv_bound_init_entry(int argc, char **argv, char **envp) {
+  if (argc >= 3 && strcmp(argv[0], bound_init_name) == 0) hv_bound_init(argv, envp);
 }
 
 static void *hv_bound_spawn_thread(void *unused) {
@@ -147,7 +264,16 @@ static void hv_bound_spawn_start(void) {
 pid_t hv_spawn_bound_to_process(const char *path, char *const argv[], char *const envp[], int descriptor) {
   pthread_once(&bound_spawn_once, hv_bound_spawn_start);
   if (bound_spawn_thread_error != 0) return -bound_spawn_thread_error;
-  struct hv_bound_spawn request = {path, argv, envp, descriptor, 0};
+  // The init's arguments: its name, the child's path, then the child's argv.
+  size_t count = 0;
+  while (argv[count] != NULL) count++;
+  char **init_argv = calloc(count + 3, sizeof(char *));
+  if (init_argv != NULL) {
+    init_argv[0] = (char *)bound_init_name;
+    init_argv[1] = (char *)path;
+    memcpy(init_argv + 2, argv, count * sizeof(char *));
+  }
+  struct hv_bound_spawn request = {path, argv, init_argv, envp, descriptor, 0};
   pthread_mutex_lock(&bound_spawn_callers);
   pthread_mutex_lock(&bound_spawn_lock);
   bound_spawn_request = &request;
@@ -156,5 +282,6 @@ pid_t hv_spawn_bound_to_process(const char *path, char *const argv[], char *cons
   bound_spawn_request = NULL;
   pthread_mutex_unlock(&bound_spawn_lock);
   pthread_mutex_unlock(&bound_spawn_callers);
+  free(init_argv);
   return request.result;
 }

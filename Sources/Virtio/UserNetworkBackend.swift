@@ -165,9 +165,10 @@ public final class UserNetworkBackend: NetworkBackend {
     close(socket)
     if quietPipeWriter >= 0 { close(quietPipeWriter) }
     var status: Int32 = 0
-    // passt ends when its socket closes (--one-off); make sure, then reap it.
+    // passt ends when its socket closes (--one-off); make sure, then reap it. (SIGKILL: a
+    // passt that is its PID namespace's init, without the VMM's init above it, ignores SIGTERM.)
     if waitpid(child, &status, WNOHANG) == 0 {
-      kill(child, SIGTERM)
+      kill(child, SIGKILL)
       waitpid(child, &status, 0)
     }
     PasstChildren.ended(child)

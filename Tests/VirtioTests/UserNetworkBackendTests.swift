@@ -401,6 +401,34 @@ enum Segments {
   }
 }
 
+/// A passt that fails on its options at start is reported with its exit status and its log's
+/// last line, also through the init of its PID namespace (as root), which ends with the
+/// child's status.
+@Suite struct PasstStartFailureTests {
+  @Test func aPasstThatExitsAtStartIsReportedWithItsStatusAndLog() throws {
+    let folder = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-fail-\(UUID().uuidString)")
+      .path
+    try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: folder) }
+    let script = folder + "/failing-passt"
+    let body = """
+      #!/bin/sh
+      while [ $# -gt 0 ]; do [ "$1" = --log-file ] && echo "stand-in refused port 7" > "$2"; shift; done
+      exit 3
+
+      """
+    #expect(
+      FileManager.default.createFile(atPath: script, contents: Data(body.utf8), attributes: [.posixPermissions: 0o755]))
+    do {
+      _ = try UserNetworkBackend(forwards: [], passtPath: script)
+      Issue.record("a passt that exited at start was not reported")
+    } catch {
+      #expect(error.description.contains("status 3"), "\(error.description)")
+      #expect(error.description.contains("stand-in refused port 7"), "\(error.description)")
+    }
+  }
+}
+
 /// The backend against a stand-in for passt that reads nothing for a while, then reads the
 /// stream slowly: the frames the backend accepted arrive whole, in order, each behind its own
 /// length, however full the socket got, and the socket never holds part of a frame at the
