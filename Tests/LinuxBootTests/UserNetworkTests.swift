@@ -131,13 +131,17 @@ struct UserNetworkTests {
     try await session.waitForShell()
     let lease = try await session.run("ip link set eth0 up; udhcpc -i eth0 -n -q -t 5 2>&1; ip -4 addr show eth0")
     #expect(lease.contains("inet 10.0.2.15/24"), "DHCP did not configure eth0: \(lease)")
-    // passt is the VMM's child: the started process's, or with the sandbox (on by default as
-    // root) its supervisor's grandchild.
+    // passt is the VMM's child, or as root the child of its PID namespace's init, the VMM's
+    // child; with the sandbox (on by default as root) the VMM is the started supervisor's child.
     let started = "\(session.process.processIdentifier)"
-    let children = try hostCommand("/usr/bin/pgrep", ["-P", started]).output.split(separator: "\n").map(String.init)
+    var family = [started]
+    for _ in 0..<2 {
+      family += try hostCommand("/usr/bin/pgrep", ["-P", family.joined(separator: ",")]).output
+        .split(separator: "\n").map(String.init)
+    }
     let passt = try #require(
       Int32(
-        try host("/usr/bin/pgrep", ["-P", ([started] + children).joined(separator: ","), "passt"])
+        try host("/usr/bin/pgrep", ["-P", Set(family).joined(separator: ","), "passt"])
           .trimmingCharacters(in: .whitespacesAndNewlines)),
       "no passt child")
 

@@ -201,4 +201,89 @@ struct Translator32BitTests {
     #expect(cpu.translatedBlockCount == 0)
     #expect(cpu.statistics.interpretedInstructions == cpu.retiredInstructions)
   }
+
+  /// Translated 32-bit code's TLB probes under 4 KiB paging whose pages are not contiguous in
+  /// RAM: accesses through one register that go on to the next page, ones that cross the
+  /// page's end (virtual 0x300000 and 0x301000 map to physical 0x350000 and 0x340000, so a
+  /// crossing read done in one piece would read 0x351000's bytes), and a page the loop maps to
+  /// another frame (with INVLPG) before each run of the block that reads it, whose first access
+  /// then misses the TLB and whose next ones must see the new frame (an address remembered
+  /// from the block's previous run would see the old one). Every tier must end alike.
+  @Test func accessesThroughOneRegisterAcrossPagesMatchTheInterpreter() throws {
+    let pageDirectory: UInt64 = 0x20_0000
+    let pageTable: UInt64 = pageDirectory + 0x1000
+    let image = try Self.assemble(
+      """
+        mov eax, \(pageDirectory)
+        mov cr3, eax
+        mov eax, cr0
+        or eax, 0x80000000
+        mov cr0, eax
+        jmp paged
+      paged:
+        mov ecx, 200
+        xor edx, edx
+      again:
+        mov eax, ecx
+        and eax, 1
+        shl eax, 12
+        add eax, 0x360003
+        mov dword ptr [\(pageTable + 0x302 * 4)], eax
+        invlpg [0x302000]
+        mov ebp, 0x302000
+        mov eax, dword ptr [ebp + 4]
+        add edx, eax
+        mov eax, dword ptr [ebp + 8]
+        add edx, eax
+        mov dword ptr [ebp + 12], edx
+        mov dword ptr [ebp + 16], ecx
+        mov ebp, 0x300ff8
+        mov eax, dword ptr [ebp]
+        add edx, eax
+        mov eax, dword ptr [ebp + 6]
+        add edx, eax
+        mov eax, dword ptr [ebp + 8]
+        add edx, eax
+        mov ax, word ptr [ebp + 7]
+        add dx, ax
+        mov eax, dword ptr [ebp + 4]
+        add edx, eax
+        mov dword ptr [ebp + 0x10], edx
+        mov dword ptr [ebp - 0x10], ecx
+        mov dword ptr [ebp + 6], ecx
+        dec ecx
+        jnz again
+        hlt
+      """)
+    let prepare: (CPU) -> Void = { cpu in
+      let memory = cpu.memory
+      try? memory.write(UInt32(pageTable | 3), at: pageDirectory)
+      for page in 0..<1024 as Range<UInt64> {
+        let frame: UInt64 =
+          switch page {
+          case 0x300: 0x35_0000
+          case 0x301: 0x34_0000
+          case 0x302: 0x36_0000
+          default: page << 12
+          }
+        try? memory.write(UInt32(frame | 3), at: pageTable + page * 4)
+      }
+      for (frame, step) in [(0x34_0000, 13), (0x35_0000, 7), (0x35_1000, 3), (0x36_0000, 11), (0x36_1000, 5)]
+        as [(UInt64, Int)]
+      {
+        let bytes = (0..<4096).map { UInt8(truncatingIfNeeded: $0 * step + 1) }
+        try? memory.writeBytes(bytes, at: frame)
+      }
+    }
+    let (reference, _) = try Self.execute(image, tier: .interpreter, prepare: prepare)
+    #expect(reference.stop == "halted")
+    for (tier, threshold) in [(SoftCPUTier.translator, UInt32(0)), (.translator, SoftCPUTier.defaultThreshold)] {
+      let (outcome, cpu) = try Self.execute(image, tier: tier, threshold: threshold, prepare: prepare)
+      #expect(outcome == reference, "tier \(tier.rawValue) threshold \(threshold)")
+      #expect(cpu.translatedBlockCount > 0)
+    }
+    let (checked, cpu) = try Self.execute(image, tier: .lockstep, prepare: prepare)
+    #expect(cpu.lockstepFailure == nil, "\(cpu.lockstepFailure ?? "")")
+    #expect(checked == reference)
+  }
 }

@@ -86,20 +86,21 @@ final class Translator {
       translatedVectorStore
     let interpret: @convention(c) (UnsafeMutablePointer<hv_jit_context>?, UInt64, UInt64) -> Void =
       translatedInterpret
-    context.initialize(
-      to: hv_jit_context(
-        flags: 0, rip: 0, exit: 0, read_tlb: UnsafeMutableRawPointer(cpu.readTLB),
-        write_tlb: UnsafeMutableRawPointer(cpu.writeTLB), tag_extra: 0,
-        segment_base: UnsafeMutableRawPointer(cpu.segmentBase),
-        cpu: Unmanaged.passUnretained(cpu).toOpaque(),
-        load_helper: unsafeBitCast(load, to: UnsafeMutableRawPointer.self),
-        store_helper: unsafeBitCast(store, to: UnsafeMutableRawPointer.self), entry_rip: 0, generation: 0,
-        budget: 0, chained: 0, last_block: 0, jump_cache: UnsafeMutableRawPointer(jumpCache),
-        stop: cpu.translationStopSignal, chain_offset: 0, xmm: UnsafeMutableRawPointer(cpu.xmm), sse_state: 0,
-        host_mxcsr: 0, sse_written: 0,
-        vector_load_helper: unsafeBitCast(vectorLoad, to: UnsafeMutableRawPointer.self),
-        vector_store_helper: unsafeBitCast(vectorStore, to: UnsafeMutableRawPointer.self),
-        interpret_helper: unsafeBitCast(interpret, to: UnsafeMutableRawPointer.self), vector: (0, 0)))
+    // Every other field starts at zero.
+    var initial = hv_jit_context()
+    initial.read_tlb = UnsafeMutableRawPointer(cpu.readTLB)
+    initial.write_tlb = UnsafeMutableRawPointer(cpu.writeTLB)
+    initial.segment_base = UnsafeMutableRawPointer(cpu.segmentBase)
+    initial.cpu = Unmanaged.passUnretained(cpu).toOpaque()
+    initial.load_helper = unsafeBitCast(load, to: UnsafeMutableRawPointer.self)
+    initial.store_helper = unsafeBitCast(store, to: UnsafeMutableRawPointer.self)
+    initial.jump_cache = UnsafeMutableRawPointer(jumpCache)
+    initial.stop = cpu.translationStopSignal
+    initial.xmm = UnsafeMutableRawPointer(cpu.xmm)
+    initial.vector_load_helper = unsafeBitCast(vectorLoad, to: UnsafeMutableRawPointer.self)
+    initial.vector_store_helper = unsafeBitCast(vectorStore, to: UnsafeMutableRawPointer.self)
+    initial.interpret_helper = unsafeBitCast(interpret, to: UnsafeMutableRawPointer.self)
+    context.initialize(to: initial)
   }
 
   deinit {
