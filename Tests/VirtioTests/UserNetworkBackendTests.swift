@@ -358,24 +358,32 @@ enum Segments {
   }
 }
 
-/// How the backend starts passt, seen by a stand-in that records its arguments and writes its
-/// log as passt does.
+/// How the backend starts passt, seen by stand-ins: shell scripts given as passt's path.
 @Suite struct PasstArgumentTests {
-  @Test func eachForwardIsItsOwnOptionAndTheLogLeavesTmp() throws {
-    let folder = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-args-\(UUID().uuidString)")
+  /// A fresh folder holding the executable script `body(folder)` as `name`; removed by `cleanUp`.
+  static func standIn(_ name: String, _ body: (String) -> String) throws -> (folder: String, script: String) {
+    let folder = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-\(name)-\(UUID().uuidString)")
       .path
     try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(atPath: folder) }
-    let script = folder + "/record-passt"
-    let body = """
+    let script = folder + "/" + name
+    let created = FileManager.default.createFile(
+      atPath: script, contents: Data(body(folder).utf8), attributes: [.posixPermissions: 0o755])
+    try #require(created, "cannot write \(script)")
+    return (folder, script)
+  }
+
+  /// A stand-in that records its arguments, writes its log as passt does and echoes the stream.
+  @Test func eachForwardIsItsOwnOptionAndTheLogLeavesTmp() throws {
+    let (folder, script) = try Self.standIn("record-passt") { folder in
+      """
       #!/bin/sh
       printf '%s\\n' "$@" > \(folder)/arguments
       while [ $# -gt 0 ]; do [ "$1" = --log-file ] && echo "stand-in started" > "$2"; shift; done
       exec cat <&3 >&3
 
       """
-    #expect(
-      FileManager.default.createFile(atPath: script, contents: Data(body.utf8), attributes: [.posixPermissions: 0o755]))
+    }
+    defer { try? FileManager.default.removeItem(atPath: folder) }
     var backend: UserNetworkBackend? = try UserNetworkBackend(
       forwards: [
         PortForward(proto: .tcp, hostAddress: "127.0.0.1", hostPort: 10080, guestPort: 80),
@@ -399,26 +407,20 @@ enum Segments {
     backend = nil
     #expect(!FileManager.default.fileExists(atPath: log), "the log is gone once the backend is")
   }
-}
 
-/// A passt that fails on its options at start is reported with its exit status and its log's
-/// last line, also through the init of its PID namespace (as root), which ends with the
-/// child's status.
-@Suite struct PasstStartFailureTests {
+  /// A passt that fails on its options at start is reported with its exit status and its log's
+  /// last line, also through the init of its PID namespace (as root), which ends with the
+  /// child's status.
   @Test func aPasstThatExitsAtStartIsReportedWithItsStatusAndLog() throws {
-    let folder = FileManager.default.temporaryDirectory.appendingPathComponent("hostvisor-fail-\(UUID().uuidString)")
-      .path
-    try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(atPath: folder) }
-    let script = folder + "/failing-passt"
-    let body = """
+    let (folder, script) = try Self.standIn("failing-passt") { _ in
+      """
       #!/bin/sh
       while [ $# -gt 0 ]; do [ "$1" = --log-file ] && echo "stand-in refused port 7" > "$2"; shift; done
       exit 3
 
       """
-    #expect(
-      FileManager.default.createFile(atPath: script, contents: Data(body.utf8), attributes: [.posixPermissions: 0o755]))
+    }
+    defer { try? FileManager.default.removeItem(atPath: folder) }
     do {
       _ = try UserNetworkBackend(forwards: [], passtPath: script)
       Issue.record("a passt that exited at start was not reported")
