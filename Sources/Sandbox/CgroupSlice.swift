@@ -46,6 +46,11 @@ public final class CgroupSlice: Sendable {
   public let path: String
   private let vcpuThreads: Int32
   private let ioThreads: Int32
+  /// With I/O limits: the `io.max` keys, and the files they go to (cgroup v2's `io.max`, or
+  /// v1's `blkio.throttle.*_device`), opened at start so disks attached later (through the
+  /// API, maybe inside the sandbox) get them too (`limitDevice`).
+  private let ioMax: String?
+  private let ioLimitFiles: [String: Int32]
 
   /// The host's cgroup hierarchy this process can write to: cgroup v2 when its root offers the
   /// cpu and memory controllers, else cgroup v1 when its cpu and memory hierarchies are
@@ -95,14 +100,30 @@ public final class CgroupSlice: Sendable {
     case .failure(let error): throw CgroupError("cannot use --cgroup: \(error.description)")
     }
     let threadList: String
+    // Where each I/O limit file is: the group's own directory on v2, its blkio group on v1.
+    let ioGroup: String?
     switch hierarchy {
     case .unified(let root):
       path = try Self.createUnified(root: root, name: name, limits: limits, diskDevices: diskDevices)
       threadList = "cgroup.threads"
+      ioGroup = path
     case .legacy(let roots):
       path = try Self.createLegacy(roots: roots, name: name, limits: limits, diskDevices: diskDevices)
       threadList = "tasks"
+      ioGroup = roots["blkio"].map { $0 + "/" + name }
     }
+    ioMax = limits.ioMax
+    var ioLimitFiles: [String: Int32] = [:]
+    if let ioMax = limits.ioMax, let ioGroup {
+      for (file, _) in try Self.ioLimitWrites(ioMax, device: "0:0", unified: ioGroup == path) {
+        let descriptor = open(ioGroup + "/" + file, O_WRONLY | O_CLOEXEC)
+        guard descriptor >= 0 else {
+          throw CgroupError("cannot open \(ioGroup)/\(file): \(String(cString: strerror(errno)))")
+        }
+        ioLimitFiles[file] = descriptor
+      }
+    }
+    self.ioLimitFiles = ioLimitFiles
     vcpuThreads = open(path + "/vcpu/" + threadList, O_WRONLY | O_CLOEXEC)
     ioThreads = open(path + "/io/" + threadList, O_WRONLY | O_CLOEXEC)
     guard vcpuThreads >= 0, ioThreads >= 0 else {
@@ -220,6 +241,32 @@ public final class CgroupSlice: Sendable {
     return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
   }
 
+  /// Applies the I/O limits to the block device `device` (`major:minor`), for a disk opened
+  /// after start; nothing without I/O limits.
+  public func limitDevice(_ device: String) throws(CgroupError) {
+    guard let ioMax else { return }
+    for (file, value) in try Self.ioLimitWrites(ioMax, device: device, unified: ioLimitFiles["io.max"] != nil) {
+      guard let descriptor = ioLimitFiles[file] else {
+        throw CgroupError("cannot apply \(file): the host's cgroup v1 has no writable blkio hierarchy")
+      }
+      var text = value
+      let written = text.withUTF8 { Glibc.write(descriptor, $0.baseAddress, $0.count) }
+      guard written == value.utf8.count else {
+        throw CgroupError("cannot write '\(value)' to \(file): \(String(cString: strerror(errno)))")
+      }
+    }
+  }
+
+  /// The files and lines that put the `io.max` keys `ioMax` on `device`.
+  private static func ioLimitWrites(_ ioMax: String, device: String, unified: Bool) throws(CgroupError) -> [(
+    String, String
+  )] {
+    if unified { return [("io.max", "\(device) \(ioMax)")] }
+    var limits = CgroupLimits()
+    limits.ioMax = ioMax
+    return try legacyFiles(limits, diskDevices: [device])
+  }
+
   /// Moves the calling thread into the child group of its kind.
   public func placeCurrentThread(_ kind: HostThreadKind) {
     let descriptor = kind == .vcpu ? vcpuThreads : ioThreads
@@ -233,7 +280,12 @@ public final class CgroupSlice: Sendable {
     var info = stat()
     guard stat(path, &info) == 0 else { return nil }
     let device = (info.st_mode & S_IFMT) == S_IFBLK ? info.st_rdev : info.st_dev
-    return "\(hv_sandbox_major(device)):\(hv_sandbox_minor(device))"
+    return deviceName(UInt64(device))
+  }
+
+  /// `major:minor` of the device number `device`.
+  public static func deviceName(_ device: UInt64) -> String {
+    "\(hv_sandbox_major(dev_t(device))):\(hv_sandbox_minor(dev_t(device)))"
   }
 
   private static func write(_ value: String, to file: String) throws(CgroupError) {

@@ -37,3 +37,21 @@ public enum HostSandboxIdentity {
     value.withLock { $0 = (uid, gid) }
   }
 }
+
+/// Where disk images announce the host device they live on when they are opened, so per-device
+/// I/O limits (a cgroup's `io.max`) also cover disks a machine gets after start, through the API.
+public enum HostDiskDevices {
+  private static let hook = Mutex<(@Sendable (_ device: UInt64) -> String?)?>(nil)
+
+  /// Sets the closure told about every disk image opened from now on: `device` is the block
+  /// device itself or the one holding the file (`st_rdev` or `st_dev`); it returns why the disk
+  /// must not be used, or nil.
+  public static func setOpenHook(_ body: @escaping @Sendable (_ device: UInt64) -> String?) {
+    hook.withLock { $0 = body }
+  }
+
+  /// Called when a disk image on `device` was opened; a reason to refuse it, or nil.
+  public static func opened(device: UInt64) -> String? {
+    hook.withLock { $0 }?(device)
+  }
+}

@@ -249,7 +249,7 @@ public final class VirtualMachine: Sendable {
           switch error {
           case .cannotOpen(let path, let err):
             throw MachineError("cannot open disk '\(path)': \(String(cString: strerror(err)))")
-          case .io: throw MachineError(error.description)
+          case .io, .cannotLimit: throw MachineError(error.description)
           }
         }
         try attach(VirtioBlock(backend: backend))

@@ -9,11 +9,14 @@ public enum BlockBackendError: Error, Equatable, Sendable, CustomStringConvertib
   case cannotOpen(path: String, errno: Int32)
   /// A host I/O call failed with `errno`.
   case io(errno: Int32)
+  /// The VM's I/O limits could not be put on the image's host device.
+  case cannotLimit(path: String, reason: String)
 
   public var description: String {
     switch self {
     case .cannotOpen(let path, let err): return "cannot open disk image '\(path)': \(String(cString: strerror(err)))"
     case .io(let err): return "disk I/O error: \(String(cString: strerror(err)))"
+    case .cannotLimit(let path, let reason): return "cannot limit the I/O of disk image '\(path)': \(reason)"
     }
   }
 }
@@ -62,6 +65,11 @@ public final class RawFileBlockBackend: BlockBackend {
     guard info.st_mode & S_IFMT == S_IFREG || info.st_mode & S_IFMT == S_IFBLK else {
       close(fd)
       throw .cannotOpen(path: path, errno: EINVAL)
+    }
+    let device = info.st_mode & S_IFMT == S_IFBLK ? info.st_rdev : info.st_dev
+    if let refusal = HostDiskDevices.opened(device: UInt64(device)) {
+      close(fd)
+      throw .cannotLimit(path: path, reason: refusal)
     }
     var size = UInt64(info.st_size)
     if info.st_mode & S_IFMT == S_IFBLK {

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Sandbox
+import VMCore
 
 /// The cgroup options of `run` and `serve` (cgroup v2 syntax, translated on a cgroup v1 host;
 /// docs/isolation.md).
@@ -38,7 +39,8 @@ struct CgroupArguments: ParsableArguments {
   @Option(
     name: .customLong("io-max"),
     help: ArgumentHelp(
-      "With --cgroup: io.max for the device under every --disk, e.g. rbps=1048576,wiops=100.", valueName: "keys"))
+      "With --cgroup: io.max for the device under every disk (given at start or through the API), e.g. rbps=1048576,wiops=100.",
+      valueName: "keys"))
   var ioMax: String?
 
   /// The limits, or a one-line error for malformed values or limits without --cgroup.
@@ -96,13 +98,24 @@ struct CgroupArguments: ParsableArguments {
   }
 
   /// Creates the group and moves this process into it; new vCPU and device threads then move
-  /// themselves into `vcpu` and `io`.
+  /// themselves into `vcpu` and `io`. With I/O limits, every disk image opened from now on
+  /// (an API's drives included) gets them on its host device, or is refused.
   func apply(_ limits: CgroupLimits, diskPaths: [String]) throws {
     guard let cgroup else { return }
     do {
       let slice = try CgroupSlice(
         name: cgroup, limits: limits, diskDevices: diskPaths.compactMap { CgroupSlice.blockDevice(of: $0) })
       ThreadStartActions.add { slice.placeCurrentThread($0) }
+      if limits.ioMax != nil {
+        HostDiskDevices.setOpenHook { device in
+          do {
+            try slice.limitDevice(CgroupSlice.deviceName(device))
+            return nil
+          } catch {
+            return "\(error)"
+          }
+        }
+      }
     } catch {
       throw CommandFailure(error.description)
     }

@@ -454,13 +454,8 @@ struct Serve: ParsableCommand {
     // Firecracker there; the vCPU and device threads the API's boot starts then move into
     // its vcpu and io children.
     do {
-      if let limits = try cgroupArguments.limits() {
-        guard limits.ioMax == nil else {
-          throw CommandFailure(
-            "--io-max applies to the disks given at start: use it with hostvisor run (serve's disks come from the API)")
-        }
-        try cgroupArguments.apply(limits, diskPaths: [])
-      }
+      // The API's drives get `--io-max` when they are opened (`HostDiskDevices`).
+      if let limits = try cgroupArguments.limits() { try cgroupArguments.apply(limits, diskPaths: []) }
     } catch let error as CommandFailure {
       ManagedProcess.exit(1, message: error.message)
     } catch {

@@ -186,6 +186,60 @@ struct CgroupTests {
     #expect((Self.host.throttledPeriods(name) ?? 0) > 0, "the group was never throttled")
   }
 
+  /// `serve --cgroup NAME --io-max ...`: a drive given through the Firecracker API gets the
+  /// limits on its host device when the machine starts (cgroup v2's `io.max`, or v1's
+  /// `blkio.throttle.*` files).
+  @Test(.enabled(if: CgroupSlice.blockDevice(of: NSTemporaryDirectory())?.hasPrefix("0:") == false))
+  func serveLimitsTheIOOfTheAPIsDrives() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    let disk = scratch.path("disk.img")
+    #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 1 << 20)))
+    let device = try #require(CgroupSlice.blockDevice(of: disk))
+    let name = "hostvisor-test-\(getpid())-io"
+    defer { Self.host.remove(name) }
+    let socket = scratch.path("api.sock")
+    let served = try HostProcess(
+      HostvisorProcess.executable.path,
+      [
+        "serve", "--api-sock", socket, "--accel", "soft", "--cgroup", name, "--io-max", "rbps=1048576,wiops=100",
+      ]
+    ) { _ in }
+    defer {
+      served.signal(SIGKILL)
+      _ = served.waitUntilExit(timeout: 10)
+    }
+    let deadline = Date().addingTimeInterval(30)
+    while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(20_000) }
+    func put(_ path: String, _ body: String) throws -> String {
+      try HostCommand.run(
+        "curl",
+        [
+          "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--unix-socket", socket, "-X", "PUT",
+          "-H", "Content-Type: application/json", "-d", body, "http://localhost\(path)",
+        ]
+      ).text
+    }
+    #expect(try put("/boot-source", "{\"kernel_image_path\": \"\(kernel)\"}") == "204")
+    let drive =
+      "{\"drive_id\": \"data\", \"path_on_host\": \"\(disk)\", \"is_root_device\": false, \"is_read_only\": false}"
+    #expect(try put("/drives/data", drive) == "204")
+    #expect(try put("/actions", "{\"action_type\": \"InstanceStart\"}") == "204")
+    let lines: [String]
+    switch try #require(try? CgroupSlice.hierarchy().get()) {
+    case .unified(let root):
+      lines = [try String(contentsOfFile: root + "/" + name + "/io.max", encoding: .utf8)]
+    case .legacy(let roots):
+      let blkio = try #require(roots["blkio"], "no writable blkio hierarchy")
+      lines = try ["read_bps_device", "write_iops_device"].map {
+        try String(contentsOfFile: blkio + "/" + name + "/blkio.throttle." + $0, encoding: .utf8)
+      }
+    }
+    let text = lines.joined(separator: "\n")
+    #expect(text.contains("\(device) 1048576") || text.contains("\(device) rbps=1048576"), "\(text)")
+    #expect(text.contains("\(device) 100") || text.contains("wiops=100"), "\(text)")
+  }
+
   /// User plus system CPU seconds of process `pid` (/proc/PID/stat: utime and stime are fields
   /// 14 and 15, counted after the command name in parentheses).
   static func processCPUSeconds(_ pid: pid_t) -> Double {
