@@ -148,26 +148,10 @@ struct CgroupTests {
     let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
     let name = "hostvisor-test-\(getpid())-serve"
     defer { Self.host.remove(name) }
-    let socket = scratch.path("api.sock")
-    let served = try HostProcess(
-      HostvisorProcess.executable.path,
-      ["serve", "--api-sock", socket, "--accel", "kvm", "--cgroup", name, "--cpu-max", "20%"]
-    ) { _ in }
-    defer {
-      served.signal(SIGKILL)
-      _ = served.waitUntilExit(timeout: 10)
-    }
-    let deadline = Date().addingTimeInterval(30)
-    while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(20_000) }
-    func put(_ path: String, _ body: String) throws -> String {
-      try HostCommand.run(
-        "curl",
-        [
-          "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--unix-socket", socket, "-X", "PUT",
-          "-H", "Content-Type: application/json", "-d", body, "http://localhost\(path)",
-        ]
-      ).text
-    }
+    let api = try ServedAPI(in: scratch, ["--accel", "kvm", "--cgroup", name, "--cpu-max", "20%"])
+    defer { api.stop() }
+    let served = api.process
+    let put = api.put
     #expect(try put("/boot-source", "{\"kernel_image_path\": \"\(kernel)\"}") == "204")
     #expect(try put("/actions", "{\"action_type\": \"InstanceStart\"}") == "204")
     let cgroupOfProcess = try String(contentsOfFile: "/proc/\(served.processIdentifier)/cgroup", encoding: .utf8)
@@ -198,28 +182,9 @@ struct CgroupTests {
     let device = try #require(CgroupSlice.blockDevice(of: disk))
     let name = "hostvisor-test-\(getpid())-io"
     defer { Self.host.remove(name) }
-    let socket = scratch.path("api.sock")
-    let served = try HostProcess(
-      HostvisorProcess.executable.path,
-      [
-        "serve", "--api-sock", socket, "--accel", "soft", "--cgroup", name, "--io-max", "rbps=1048576,wiops=100",
-      ]
-    ) { _ in }
-    defer {
-      served.signal(SIGKILL)
-      _ = served.waitUntilExit(timeout: 10)
-    }
-    let deadline = Date().addingTimeInterval(30)
-    while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(20_000) }
-    func put(_ path: String, _ body: String) throws -> String {
-      try HostCommand.run(
-        "curl",
-        [
-          "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--unix-socket", socket, "-X", "PUT",
-          "-H", "Content-Type: application/json", "-d", body, "http://localhost\(path)",
-        ]
-      ).text
-    }
+    let api = try ServedAPI(in: scratch, ["--accel", "soft", "--cgroup", name, "--io-max", "rbps=1048576,wiops=100"])
+    defer { api.stop() }
+    let put = api.put
     #expect(try put("/boot-source", "{\"kernel_image_path\": \"\(kernel)\"}") == "204")
     let drive =
       "{\"drive_id\": \"data\", \"path_on_host\": \"\(disk)\", \"is_root_device\": false, \"is_read_only\": false}"
@@ -238,6 +203,36 @@ struct CgroupTests {
     let text = lines.joined(separator: "\n")
     #expect(text.contains("\(device) 1048576") || text.contains("\(device) rbps=1048576"), "\(text)")
     #expect(text.contains("\(device) 100") || text.contains("wiops=100"), "\(text)")
+  }
+
+  /// `hostvisor serve` on a socket in `scratch` with `arguments`, and PUT requests to it.
+  struct ServedAPI {
+    let process: HostProcess
+    let socket: String
+
+    /// Starts the server and waits (up to 30 s) for its socket.
+    init(in scratch: ScratchDirectory, _ arguments: [String]) throws {
+      socket = scratch.path("api.sock")
+      process = try HostProcess(HostvisorProcess.executable.path, ["serve", "--api-sock", socket] + arguments) { _ in }
+      let deadline = Date().addingTimeInterval(30)
+      while !FileManager.default.fileExists(atPath: socket) && Date() < deadline { usleep(20_000) }
+    }
+
+    /// The HTTP status of PUT `path` with the JSON `body`.
+    func put(_ path: String, _ body: String) throws -> String {
+      try HostCommand.run(
+        "curl",
+        [
+          "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--unix-socket", socket, "-X", "PUT",
+          "-H", "Content-Type: application/json", "-d", body, "http://localhost\(path)",
+        ]
+      ).text
+    }
+
+    func stop() {
+      process.signal(SIGKILL)
+      _ = process.waitUntilExit(timeout: 10)
+    }
   }
 
   /// User plus system CPU seconds of process `pid` (/proc/PID/stat: utime and stime are fields
