@@ -72,29 +72,23 @@ struct CgroupTests {
   /// A busy-loop guest on KVM (ring 0: the host kernel emulates it, so its vCPU thread is
   /// CPU-bound on the host), optionally pinned to host CPU 0.
   final class BusyGuest {
-    let process = Process()
+    let process: HostProcess
 
     init(_ extra: [String], pinned: Bool, scratch: ScratchDirectory) throws {
       let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
       let arguments = ["run", "--kernel", kernel, "--accel", "kvm", "--serial", "none", "--no-sandbox"] + extra
-      if pinned {
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
-        process.arguments = ["-c", "0", HostvisorProcess.executable.path] + arguments
-      } else {
-        process.executableURL = HostvisorProcess.executable
-        process.arguments = arguments
-      }
-      process.standardInput = FileHandle.nullDevice
-      process.standardOutput = FileHandle.nullDevice
-      process.standardError = FileHandle.nullDevice
-      try process.run()
+      let hostvisor = HostvisorProcess.executable.path
+      process =
+        pinned
+        ? try HostProcess("/usr/bin/taskset", ["-c", "0", hostvisor] + arguments) { _ in }
+        : try HostProcess(hostvisor, arguments) { _ in }
     }
 
     /// The process's user + system CPU time in seconds (/proc/PID/stat, clock ticks).
     var cpuSeconds: Double { CgroupTests.processCPUSeconds(process.processIdentifier) }
 
     func stop() {
-      kill(process.processIdentifier, SIGKILL)
+      process.signal(SIGKILL)
       process.waitUntilExit()
     }
 

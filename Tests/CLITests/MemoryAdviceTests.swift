@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// `--memory SIZE,merge=on,hugepages=on`: the guest RAM mapping carries the madvise flags the
@@ -54,17 +55,12 @@ struct MemoryAdviceTests {
     let scratch = try ScratchDirectory()
     let kernel = try buildGuest("cli/fill-and-idle.S", in: scratch)
     let log = scratch.path("serial.log")
-    let process = Process()
-    process.executableURL = HostvisorProcess.executable
-    process.arguments = [
-      "run", "--kernel", kernel, "--accel", "soft", "--memory", memory, "--serial", "file:\(log)", "--no-sandbox",
-    ]
-    process.standardInput = FileHandle.nullDevice
-    process.standardOutput = FileHandle.nullDevice
-    process.standardError = FileHandle.nullDevice
-    try process.run()
+    let process = try HostProcess(
+      HostvisorProcess.executable.path,
+      ["run", "--kernel", kernel, "--accel", "soft", "--memory", memory, "--serial", "file:\(log)", "--no-sandbox"]
+    ) { _ in }
     defer {
-      kill(process.processIdentifier, SIGKILL)
+      process.signal(SIGKILL)
       process.waitUntilExit()
     }
     let deadline = Date().addingTimeInterval(60)
