@@ -34,7 +34,8 @@ import Testing
       _ = vmm.waitUntilExit(timeout: 10)
     }
     var found: pid_t?
-    let deadline = Date().addingTimeInterval(30)
+    var seen: [pid_t] = []
+    let deadline = Date().addingTimeInterval(60)
     while found == nil && Date() < deadline {
       // What the VMM spawned: with the sandbox, the VMM is the started supervisor's child; as
       // root, passt is the child of its PID namespace's init, the VMM's child. (A process
@@ -43,13 +44,19 @@ import Testing
       let vmms = sandbox == "--sandbox" ? Self.children(of: started) : [started]
       let children = vmms.flatMap { Self.children(of: $0) }
       let candidates = children + children.flatMap { Self.children(of: $0) }
+      seen = vmms + candidates
       found = candidates.first { Self.command(of: $0)?.hasPrefix("passt") == true }
       // Root's passt changes to nobody; held before that, its parent-death signal would still
       // be set and the test would not test the init.
       if let passt = found, getuid() == 0, Self.effectiveUser(of: passt) == 0 { found = nil }
       if found == nil { usleep(20_000) }
     }
-    let passt = try #require(found, "the VMM started no passt child (or it kept root's identity)")
+    let tree = seen.map {
+      "\($0) \(Self.command(of: $0) ?? "gone") euid \(Self.effectiveUser(of: $0).map(String.init) ?? "-")"
+    }
+    let passt = try #require(
+      found,
+      "the VMM started no passt child (or it kept root's identity); VMM alive: \(vmm.isRunning), below it: \(tree)")
     defer { if Self.isAlive(passt) { kill(passt, SIGKILL) } }
     // Held by a tracer (gdb attached), not by SIGSTOP: a job-control stop would end passt by
     // itself once the VMM, its process group's leader, dies (the kernel sends SIGHUP to the
