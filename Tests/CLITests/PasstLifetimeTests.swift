@@ -64,7 +64,9 @@ import Testing
     // such help.
     let tracer = try HostProcess("gdb", ["-q", "-nx", "-batch", "-p", "\(passt)", "-ex", "shell sleep 20"]) { _ in }
     defer {
-      tracer.signal(SIGKILL)
+      // The whole process group (HostProcess gives the child its own): gdb forks a helper to
+      // read files in passt's mount namespace, which would outlive gdb blocked on its socket.
+      kill(-tracer.processIdentifier, SIGKILL)
       _ = tracer.waitUntilExit(timeout: 10)
     }
     let attached = Date().addingTimeInterval(15)
