@@ -99,12 +99,11 @@ struct CgroupArguments: ParsableArguments {
 
   /// Creates the group and moves this process into it; new vCPU and device threads then move
   /// themselves into `vcpu` and `io`. With I/O limits, every disk image opened from now on
-  /// (an API's drives included) gets them on its host device, or is refused.
-  func apply(_ limits: CgroupLimits, diskPaths: [String]) throws {
+  /// (`--disk` and the API's drives) gets them on its host device, or is refused.
+  func apply(_ limits: CgroupLimits) throws {
     guard let cgroup else { return }
     do {
-      let slice = try CgroupSlice(
-        name: cgroup, limits: limits, diskDevices: diskPaths.compactMap { CgroupSlice.blockDevice(of: $0) })
+      let slice = try CgroupSlice(name: cgroup, limits: limits, diskDevices: [])
       ThreadStartActions.add { slice.placeCurrentThread($0) }
       if limits.ioMax != nil {
         HostDiskDevices.setOpenHook { device in

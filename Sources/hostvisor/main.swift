@@ -203,9 +203,8 @@ struct Run: ParsableCommand {
         }
       }
       let sandboxOptions = sandboxed ? try sandboxArguments.options(probePath: probePath) : nil
-      if let limits = try cgroupArguments.limits() {
-        try cgroupArguments.apply(limits, diskPaths: disk.map { String($0.split(separator: ",").first ?? "") })
-      }
+      // The disks get `--io-max` when the machine opens them (`HostDiskDevices`).
+      if let limits = try cgroupArguments.limits() { try cgroupArguments.apply(limits) }
       guard let acceleratorChoice = AcceleratorChoice(rawValue: accel) else {
         throw CommandFailure("invalid accelerator '\(accel)': use auto, kvm or soft")
       }
@@ -455,7 +454,7 @@ struct Serve: ParsableCommand {
     // its vcpu and io children.
     do {
       // The API's drives get `--io-max` when they are opened (`HostDiskDevices`).
-      if let limits = try cgroupArguments.limits() { try cgroupArguments.apply(limits, diskPaths: []) }
+      if let limits = try cgroupArguments.limits() { try cgroupArguments.apply(limits) }
     } catch let error as CommandFailure {
       ManagedProcess.exit(1, message: error.message)
     } catch {
