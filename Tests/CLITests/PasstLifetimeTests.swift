@@ -62,14 +62,18 @@ import Testing
     // itself once the VMM, its process group's leader, dies (the kernel sends SIGHUP to the
     // stopped members of a group that becomes orphaned), and a passt caught in a spin gets no
     // such help.
-    let tracer = try HostProcess("gdb", ["-q", "-nx", "-batch", "-p", "\(passt)", "-ex", "shell sleep 20"]) { _ in }
+    // `set sysroot /`: gdb reads passt's files from the host's root, not through a helper in
+    // passt's mount namespace (a sandboxed VMM's is an empty jail once it entered it).
+    let tracer = try HostProcess(
+      "gdb", ["-q", "-nx", "-batch", "-iex", "set sysroot /", "-p", "\(passt)", "-ex", "shell sleep 20"]
+    ) { _ in }
     defer {
       // The whole process group (HostProcess gives the child its own): gdb forks a helper to
       // read files in passt's mount namespace, which would outlive gdb blocked on its socket.
       kill(-tracer.processIdentifier, SIGKILL)
       _ = tracer.waitUntilExit(timeout: 10)
     }
-    let attached = Date().addingTimeInterval(15)
+    let attached = Date().addingTimeInterval(30)
     while Self.tracer(of: passt) == 0 && Date() < attached { usleep(20_000) }
     try #require(Self.tracer(of: passt) != 0, "gdb did not attach to passt")
     vmm.signal(SIGKILL)
