@@ -88,9 +88,9 @@ public final class CgroupSlice: Sendable {
   }
 
   /// Creates (or reuses) the group `name`, writes the limits, creates the `vcpu` and `io`
-  /// children and moves this process into the group. `diskDevices` are the block devices
-  /// (`major:minor`) under the VM's disks, for the I/O limits.
-  public init(name: String, limits: CgroupLimits, diskDevices: [String]) throws(CgroupError) {
+  /// children and moves this process into the group. The I/O limits go on each disk's device
+  /// as it is opened (`limitDevice`).
+  public init(name: String, limits: CgroupLimits) throws(CgroupError) {
     guard !name.isEmpty, !name.contains(".."), !name.hasPrefix("/") else {
       throw CgroupError("invalid --cgroup '\(name)': use a relative name without '..'")
     }
@@ -104,17 +104,20 @@ public final class CgroupSlice: Sendable {
     let ioGroup: String?
     switch hierarchy {
     case .unified(let root):
-      path = try Self.createUnified(root: root, name: name, limits: limits, diskDevices: diskDevices)
+      path = try Self.createUnified(root: root, name: name, limits: limits)
       threadList = "cgroup.threads"
       ioGroup = path
     case .legacy(let roots):
-      path = try Self.createLegacy(roots: roots, name: name, limits: limits, diskDevices: diskDevices)
+      path = try Self.createLegacy(roots: roots, name: name, limits: limits)
       threadList = "tasks"
       ioGroup = roots["blkio"].map { $0 + "/" + name }
     }
     ioMax = limits.ioMax
     var ioLimitFiles: [String: Int32] = [:]
-    if let ioMax = limits.ioMax, let ioGroup {
+    if let ioMax = limits.ioMax {
+      guard let ioGroup else {
+        throw CgroupError("cannot apply --io-max: the host's cgroup v1 has no writable blkio hierarchy")
+      }
       for (file, _) in try Self.ioLimitWrites(ioMax, device: "0:0", unified: ioGroup == path) {
         let descriptor = open(ioGroup + "/" + file, O_WRONLY | O_CLOEXEC)
         guard descriptor >= 0 else {
@@ -134,7 +137,7 @@ public final class CgroupSlice: Sendable {
   /// cgroup v2: `ROOT/name` with the limits in v2's own files, threaded children; returns the
   /// group's path.
   private static func createUnified(
-    root: String, name: String, limits: CgroupLimits, diskDevices: [String]
+    root: String, name: String, limits: CgroupLimits
   ) throws(CgroupError) -> String {
     let path = root + "/" + name
     // Every level down to the group must pass the controllers on.
@@ -153,9 +156,6 @@ public final class CgroupSlice: Sendable {
     for (file, value) in files {
       if let value { try write(value, to: path + "/" + file) }
     }
-    if let ioMax = limits.ioMax {
-      for device in Set(diskDevices) { try write("\(device) \(ioMax)", to: path + "/io.max") }
-    }
     for child in ["vcpu", "io"] {
       try makeDirectory(path + "/" + child)
       try write("threaded", to: path + "/" + child + "/cgroup.type")
@@ -168,7 +168,7 @@ public final class CgroupSlice: Sendable {
   /// cgroup v1: `name` in each controller's hierarchy, the v2-syntax limits translated to v1's
   /// files, children in the cpu hierarchy; returns the group's path there.
   private static func createLegacy(
-    roots: [String: String], name: String, limits: CgroupLimits, diskDevices: [String]
+    roots: [String: String], name: String, limits: CgroupLimits
   ) throws(CgroupError) -> String {
     var groups: [String: String] = [:]
     for (controller, root) in roots {
@@ -180,7 +180,7 @@ public final class CgroupSlice: Sendable {
       groups[controller] = level
     }
     let cpu = groups["cpu"]!
-    for (file, value) in try legacyFiles(limits, diskDevices: diskDevices) {
+    for (file, value) in try legacyFiles(limits, diskDevices: []) {
       let controller = String(file.prefix { $0 != "." })
       guard let group = groups[controller] else {
         throw CgroupError("cannot apply \(file): the host's cgroup v1 has no writable \(controller) hierarchy")
@@ -246,14 +246,8 @@ public final class CgroupSlice: Sendable {
   public func limitDevice(_ device: String) throws(CgroupError) {
     guard let ioMax else { return }
     for (file, value) in try Self.ioLimitWrites(ioMax, device: device, unified: ioLimitFiles["io.max"] != nil) {
-      guard let descriptor = ioLimitFiles[file] else {
-        throw CgroupError("cannot apply \(file): the host's cgroup v1 has no writable blkio hierarchy")
-      }
-      var text = value
-      let written = text.withUTF8 { Glibc.write(descriptor, $0.baseAddress, $0.count) }
-      guard written == value.utf8.count else {
-        throw CgroupError("cannot write '\(value)' to \(file): \(String(cString: strerror(errno)))")
-      }
+      guard let descriptor = ioLimitFiles[file] else { throw CgroupError("cannot apply \(file): not opened") }
+      try Self.write(value, descriptor: descriptor, file: file)
     }
   }
 
@@ -292,6 +286,12 @@ public final class CgroupSlice: Sendable {
     let descriptor = open(file, O_WRONLY | O_CLOEXEC)
     guard descriptor >= 0 else { throw CgroupError("cannot open \(file): \(String(cString: strerror(errno)))") }
     defer { close(descriptor) }
+    try write(value, descriptor: descriptor, file: file)
+  }
+
+  /// Writes `value` to the open `descriptor` of `file` in one call (a cgroup file takes one
+  /// line per write).
+  private static func write(_ value: String, descriptor: Int32, file: String) throws(CgroupError) {
     var text = value
     let written = text.withUTF8 { Glibc.write(descriptor, $0.baseAddress, $0.count) }
     guard written == value.utf8.count else {

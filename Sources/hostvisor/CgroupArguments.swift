@@ -103,7 +103,7 @@ struct CgroupArguments: ParsableArguments {
   func apply(_ limits: CgroupLimits) throws {
     guard let cgroup else { return }
     do {
-      let slice = try CgroupSlice(name: cgroup, limits: limits, diskDevices: [])
+      let slice = try CgroupSlice(name: cgroup, limits: limits)
       ThreadStartActions.add { slice.placeCurrentThread($0) }
       if limits.ioMax != nil {
         HostDiskDevices.setOpenHook { device in
