@@ -98,6 +98,11 @@ int hv_spawn_add_chdir(posix_spawn_file_actions_t *actions, const char *path) {
 // namespace of its own under a small init (this binary again, `hv_bound_init`), which keeps
 // the signal: the VMM's end kills the init, and the init's end kills everything in its
 // namespace, whatever its credentials.
+//
+// The init also gets a mount namespace of its own, a copy of the VMM's taken at the spawn: a
+// sandboxed VMM pivots into an empty jail in its mount namespace right after, and a passt that
+// shared it would find no /tmp to mount its own tmpfs on if it set up its namespaces later than
+// that (as it does on a loaded host), and exit.
 struct hv_bound_spawn {
   const char *path;
   char *const *argv;
@@ -156,8 +161,9 @@ static pid_t hv_bound_spawn_fork(const struct hv_bound_spawn *request) {
   pid_t pid = -1;
   if (geteuid() == 0 && request->init_argv != NULL && pipe2(liveness, O_CLOEXEC) == 0) {
     if (pipe2(started, O_CLOEXEC) == 0) {
-      // A fork into a new PID namespace; the child runs only system calls until execve.
-      pid = (pid_t)syscall(SYS_clone, CLONE_NEWPID | SIGCHLD, NULL, NULL, NULL, 0);
+      // A fork into new PID and mount namespaces; the child runs only system calls until
+      // execve.
+      pid = (pid_t)syscall(SYS_clone, CLONE_NEWPID | CLONE_NEWNS | SIGCHLD, NULL, NULL, NULL, 0);
     }
     if (pid < 0) {
       // No namespace (no CAP_SYS_ADMIN in a container, a namespace limit): a plain fork.

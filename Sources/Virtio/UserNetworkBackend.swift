@@ -86,9 +86,22 @@ public final class UserNetworkBackend: NetworkBackend {
   public var pollDescriptor: Int32 { socket }
   /// passt's log file while it is still to be removed (with the backend).
   private let logPath: String?
+  /// A descriptor of passt's log (-1 without one): read for the reason when passt ends, after
+  /// the file's name is gone.
+  private let logDescriptor: Int32
+  /// passt was reaped when its stream ended (`stopPolling`); the backend's end must not wait for
+  /// it again. Written under `input`'s lock.
+  nonisolated(unsafe) private var childReaped = false
 
-  /// Starts passt with `forwards`; `passtPath` nil searches the PATH.
-  public init(forwards: [PortForward], passtPath: String? = nil) throws(UserNetworkError) {
+  /// Where the backend reports passt's end.
+  private let diagnostics: DiagnosticOutput
+
+  /// Starts passt with `forwards`; `passtPath` nil searches the PATH. passt's end while the
+  /// machine runs is reported to `diagnostics`.
+  public init(
+    forwards: [PortForward], passtPath: String? = nil, diagnostics: DiagnosticOutput = .standardError
+  ) throws(UserNetworkError) {
+    self.diagnostics = diagnostics
     guard let executable = passtPath ?? Self.findExecutable("passt") else {
       throw UserNetworkError("user networking needs passt (Debian package 'passt'), which is not installed")
     }
@@ -99,10 +112,10 @@ public final class UserNetworkBackend: NetworkBackend {
     // passt logs to syslog unless told otherwise; its messages go to a file read on failure.
     var logTemplate = Array("/tmp/hostvisor-passt-XXXXXX.log".utf8CString)
     let logFD = logTemplate.withUnsafeMutableBufferPointer { mkstemps($0.baseAddress!, 4) }
+    if logFD >= 0 { _ = fcntl(logFD, F_SETFD, FD_CLOEXEC) }
     let logPath =
       logFD >= 0
       ? String(decoding: logTemplate.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : "/dev/null"
-    if logFD >= 0 { close(logFD) }
     var arguments = [
       executable, "--foreground", "--quiet", "--one-off", "--fd", "3", "--ipv4-only", "--log-file", logPath,
       "--address", UserNetworkAddresses.guest, "--netmask", "\(UserNetworkAddresses.prefixLength)",
@@ -124,11 +137,15 @@ public final class UserNetworkBackend: NetworkBackend {
     close(pair[1])
     guard pid > 0 else {
       close(pair[0])
-      if logFD >= 0 { unlink(logPath) }
+      if logFD >= 0 {
+        close(logFD)
+        unlink(logPath)
+      }
       throw UserNetworkError("cannot start passt (\(executable)): \(String(cString: strerror(-pid)))")
     }
     socket = pair[0]
     child = pid
+    logDescriptor = logFD
     PasstChildren.started(pid)
     // Never block the device worker: queued output is flushed when the socket polls writable.
     _ = fcntl(socket, F_SETFL, fcntl(socket, F_GETFL) | O_NONBLOCK)
@@ -141,8 +158,11 @@ public final class UserNetworkBackend: NetworkBackend {
       var status: Int32 = 0
       if waitpid(pid, &status, WNOHANG) == pid {
         close(pair[0])
-        let detail = Self.lastLine(ofFile: logPath) ?? "a forwarded port may be in use or an option refused"
-        if logFD >= 0 { unlink(logPath) }
+        let detail = Self.lastLine(ofLog: logFD) ?? "a forwarded port may be in use or an option refused"
+        if logFD >= 0 {
+          close(logFD)
+          unlink(logPath)
+        }
         PasstChildren.ended(pid)
         throw UserNetworkError("passt exited at start (status \(status >> 8)): \(detail)")
       }
@@ -162,12 +182,13 @@ public final class UserNetworkBackend: NetworkBackend {
 
   deinit {
     if let logPath { unlink(logPath) }
+    if logDescriptor >= 0 { close(logDescriptor) }
     close(socket)
     if quietPipeWriter >= 0 { close(quietPipeWriter) }
     var status: Int32 = 0
     // passt ends when its socket closes (--one-off); make sure, then reap it. (SIGKILL: a
     // passt that is its PID namespace's init, without the VMM's init above it, ignores SIGTERM.)
-    if waitpid(child, &status, WNOHANG) == 0 {
+    if !childReaped && waitpid(child, &status, WNOHANG) == 0 {
       kill(child, SIGKILL)
       waitpid(child, &status, 0)
     }
@@ -263,7 +284,7 @@ public final class UserNetworkBackend: NetworkBackend {
         if reassembly.isCorrupt || reassembly.isAtEnd { return 0 }
         let read = reassembly.fill(from: socket)
         if reassembly.isAtEnd || reassembly.isCorrupt {
-          stopPolling(reason: reassembly.isCorrupt ? "sent a malformed frame length" : "exited")
+          stopPolling(reason: reassembly.isCorrupt ? "sent a malformed frame length" : endOfChild())
           return 0
         }
         if read <= 0 { return 0 }
@@ -281,21 +302,43 @@ public final class UserNetworkBackend: NetworkBackend {
       close(pipeEnds[0])
       quietPipeWriter = pipeEnds[1]
     }
-    DiagnosticOutput.standardError.write("hostvisor: user networking: passt \(reason); the guest's network is down")
+    diagnostics.write("hostvisor: user networking: passt \(reason); the guest's network is down")
   }
 
-  private static func lastLine(ofFile path: String) -> String? {
-    guard let file = fopen(path, "r") else { return nil }
-    defer { fclose(file) }
-    var last: String?
-    var line: UnsafeMutablePointer<CChar>?
-    var capacity = 0
-    while getline(&line, &capacity, file) > 0 {
-      let text = String(cString: line!).filter { $0 != "\n" && $0 != "\r" }
-      if !text.isEmpty { last = text }
+  /// Why passt's stream ended, once passt is gone: its exit status (the one its PID namespace's
+  /// init passes on) and the last line of its log. passt closes its stream by ending, but its
+  /// status may take a moment to arrive; reaped here, passt is not waited for again.
+  private func endOfChild() -> String {
+    var status: Int32 = 0
+    var reaped = false
+    for _ in 0..<50 {
+      let result = waitpid(child, &status, WNOHANG)
+      if result == child {
+        reaped = true
+        break
+      }
+      if result < 0 { break }
+      usleep(2_000)
     }
-    free(line)
-    return last
+    guard reaped else { return "closed its stream" }
+    childReaped = true
+    PasstChildren.ended(child)
+    let exit = (status & 0x7f) == 0 ? "status \((status >> 8) & 0xff)" : "signal \(status & 0x7f)"
+    return "exited (\(exit))" + (Self.lastLine(ofLog: logDescriptor).map { ": \($0)" } ?? "")
+  }
+
+  /// The last non-empty line of passt's log (read through `descriptor`, whose name may be gone),
+  /// from its last 4 KiB; nil without one.
+  static func lastLine(ofLog descriptor: Int32) -> String? {
+    guard descriptor >= 0 else { return nil }
+    var status = stat()
+    guard fstat(descriptor, &status) == 0 else { return nil }
+    let start = max(0, Int(status.st_size) - 4096)
+    var bytes = [UInt8](repeating: 0, count: Int(status.st_size) - start)
+    let count = bytes.withUnsafeMutableBytes { pread(descriptor, $0.baseAddress, $0.count, off_t(start)) }
+    guard count > 0 else { return nil }
+    let lines = String(decoding: bytes.prefix(count), as: UTF8.self).split(whereSeparator: { $0 == "\n" || $0 == "\r" })
+    return lines.last(where: { !$0.allSatisfy(\.isWhitespace) }).map(String.init)
   }
 
   /// The first regular, executable file called `name` in the directories of `path` (the

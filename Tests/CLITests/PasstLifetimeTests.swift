@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import TestSupport
 import Testing
 
@@ -22,13 +23,53 @@ import Testing
     try checkPasstEnds(sandbox: "--sandbox")
   }
 
+  /// A sandboxed VMM pivots into an empty jail in its mount namespace soon after it started
+  /// passt; a passt that runs programs or sets up its own namespaces later than that (as on a
+  /// loaded host, where Debian 12's passt then found no /tmp to mount on and exited) must still
+  /// see the host's files. The stand-in runs a program a second after its start.
+  @Test(.enabled(if: getuid() == 0, "the sandbox needs root"))
+  func passtKeepsTheHostsFilesAfterTheSandboxedVMMEnteredItsJail() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    let folder = scratch.path("bin")
+    try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+    let marker = scratch.path("late-program-ran")
+    let created = FileManager.default.createFile(
+      atPath: folder + "/passt",
+      contents: Data("#!/bin/sh\nsleep 1\ntouch \(marker)\nexec sleep 60\n".utf8),
+      attributes: [.posixPermissions: 0o755])
+    try #require(created)
+    var environment = ProcessInfo.processInfo.environment
+    environment["PATH"] = folder + ":" + (environment["PATH"] ?? "/usr/bin:/bin")
+    let messages = Mutex(Data())
+    let vmm = try HostProcess(
+      HostvisorProcess.executable.path,
+      ["run", "--kernel", kernel, "--accel", "soft", "--net", "user", "--serial", "none", "--sandbox"],
+      environment: environment
+    ) { data in messages.withLock { $0.append(data) } }
+    defer {
+      vmm.signal(SIGKILL)
+      _ = vmm.waitUntilExit(timeout: 10)
+    }
+    let deadline = Date().addingTimeInterval(30)
+    while !FileManager.default.fileExists(atPath: marker) && vmm.isRunning && Date() < deadline { usleep(50_000) }
+    #expect(
+      FileManager.default.fileExists(atPath: marker),
+      """
+      the stand-in's program, run after the VMM's sandbox entry, did not run; VMM alive: \(vmm.isRunning), \
+      its messages: \(messages.withLock { String(decoding: $0, as: UTF8.self) })
+      """)
+  }
+
   func checkPasstEnds(sandbox: String) throws {
     let scratch = try ScratchDirectory()
     let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    // The VMM's messages (passt's end is reported there) go into the failure messages.
+    let messages = Mutex(Data())
     let vmm = try HostProcess(
       HostvisorProcess.executable.path,
       ["run", "--kernel", kernel, "--accel", "soft", "--net", "user", "--serial", "none", sandbox]
-    ) { _ in }
+    ) { data in messages.withLock { $0.append(data) } }
     defer {
       vmm.signal(SIGKILL)
       _ = vmm.waitUntilExit(timeout: 10)
@@ -52,11 +93,15 @@ import Testing
       if found == nil { usleep(20_000) }
     }
     let tree = seen.map {
-      "\($0) \(Self.command(of: $0) ?? "gone") euid \(Self.effectiveUser(of: $0).map(String.init) ?? "-")"
+      "\($0) \(Self.command(of: $0) ?? "gone") state \(Self.statFields($0)?.first ?? "-")"
+        + " euid \(Self.effectiveUser(of: $0).map(String.init) ?? "-")"
     }
     let passt = try #require(
       found,
-      "the VMM started no passt child (or it kept root's identity); VMM alive: \(vmm.isRunning), below it: \(tree)")
+      """
+      the VMM started no passt child (or it kept root's identity); VMM alive: \(vmm.isRunning), below it: \(tree); \
+      its messages: \(messages.withLock { String(decoding: $0, as: UTF8.self) })
+      """)
     defer { if Self.isAlive(passt) { kill(passt, SIGKILL) } }
     // Held by a tracer (gdb attached), not by SIGSTOP: a job-control stop would end passt by
     // itself once the VMM, its process group's leader, dies (the kernel sends SIGHUP to the
@@ -64,9 +109,10 @@ import Testing
     // such help.
     // `set sysroot /`: gdb reads passt's files from the host's root, not through a helper in
     // passt's mount namespace (a sandboxed VMM's is an empty jail once it entered it).
+    let gdbOutput = Mutex(Data())
     let tracer = try HostProcess(
       "gdb", ["-q", "-nx", "-batch", "-iex", "set sysroot /", "-p", "\(passt)", "-ex", "shell sleep 20"]
-    ) { _ in }
+    ) { data in gdbOutput.withLock { $0.append(data) } }
     defer {
       // The whole process group (HostProcess gives the child its own): gdb forks a helper to
       // read files in passt's mount namespace, which would outlive gdb blocked on its socket.
@@ -75,7 +121,13 @@ import Testing
     }
     let attached = Date().addingTimeInterval(30)
     while Self.tracer(of: passt) == 0 && Date() < attached { usleep(20_000) }
-    try #require(Self.tracer(of: passt) != 0, "gdb did not attach to passt")
+    try #require(
+      Self.tracer(of: passt) != 0,
+      """
+      gdb did not attach to passt (PID \(passt), \(Self.command(of: passt) ?? "gone"), state \
+      \(Self.statFields(passt)?.first ?? "-")); gdb running: \(tracer.isRunning), its output: \
+      \(gdbOutput.withLock { String(decoding: $0, as: UTF8.self) })
+      """)
     vmm.signal(SIGKILL)
     #expect(vmm.waitUntilExit(timeout: 10), "the VMM did not die of SIGKILL")
     let gone = Date().addingTimeInterval(5)

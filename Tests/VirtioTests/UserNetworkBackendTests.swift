@@ -2,6 +2,8 @@ import Foundation
 import Glibc
 import Testing
 
+import VMCore
+
 @testable import Virtio
 
 /// Frames built byte by byte, as a driver or passt would put them on the wire.
@@ -428,6 +430,40 @@ enum Segments {
       #expect(error.description.contains("status 3"), "\(error.description)")
       #expect(error.description.contains("stand-in refused port 7"), "\(error.description)")
     }
+  }
+
+  /// A passt that ends while the machine runs (after the start-up check) is reported once its
+  /// stream ends, with its exit status and its log's last line, although the log's name is gone
+  /// by then (the stand-in, as passt, keeps the log open).
+  @Test func aPasstThatEndsLaterIsReportedWithItsStatusAndLog() throws {
+    let (folder, script) = try Self.standIn("ending-passt") { _ in
+      """
+      #!/bin/sh
+      while [ $# -gt 0 ]; do [ "$1" = --log-file ] && log="$2"; shift; done
+      exec 4>"$log"
+      echo "stand-in started" >&4
+      sleep 1
+      echo "stand-in lost its way" >&4
+      exit 5
+
+      """
+    }
+    defer { try? FileManager.default.removeItem(atPath: folder) }
+    var pipeEnds: [Int32] = [-1, -1]
+    try #require(pipe(&pipeEnds) == 0)
+    defer { close(pipeEnds[0]) }
+    let diagnostics = DiagnosticOutput(fileDescriptor: pipeEnds[1])
+    let backend = try UserNetworkBackend(forwards: [], passtPath: script, diagnostics: diagnostics)
+    var buffer = [UInt8](repeating: 0, count: 2048)
+    var polled = pollfd(fd: backend.pollDescriptor, events: Int16(POLLIN), revents: 0)
+    #expect(poll(&polled, 1, 20_000) == 1, "the stream did not end")
+    let received = buffer.withUnsafeMutableBytes { backend.receive(into: $0) }
+    #expect(received == 0)
+    close(pipeEnds[1])
+    var report = [UInt8](repeating: 0, count: 4096)
+    let count = read(pipeEnds[0], &report, report.count)
+    let line = String(decoding: report.prefix(max(0, count)), as: UTF8.self)
+    #expect(line.contains("exited (status 5): stand-in lost its way"), "\(line)")
   }
 }
 
