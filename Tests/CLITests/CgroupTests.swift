@@ -199,6 +199,29 @@ struct CgroupTests {
     #expect(text.contains("\(device) 100") || text.contains("wiops=100"), "\(text)")
   }
 
+  /// A drive whose host device takes no I/O limits (a file on tmpfs) is refused when the
+  /// machine starts, with a message that names the image, instead of running unlimited.
+  @Test(.enabled(if: CgroupSlice.blockDevice(of: "/dev/shm")?.hasPrefix("0:") == true))
+  func serveRefusesADriveWhoseDeviceTakesNoIOLimits() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    let disk = "/dev/shm/hostvisor-test-\(getpid())-io.img"
+    #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 1 << 20)))
+    defer { try? FileManager.default.removeItem(atPath: disk) }
+    let name = "hostvisor-test-\(getpid())-io-tmpfs"
+    defer { Self.host.remove(name) }
+    let api = try ServedAPI(in: scratch, ["--accel", "soft", "--cgroup", name, "--io-max", "rbps=1048576"])
+    defer { api.stop() }
+    #expect(try api.put("/boot-source", "{\"kernel_image_path\": \"\(kernel)\"}") == "204")
+    let drive =
+      "{\"drive_id\": \"data\", \"path_on_host\": \"\(disk)\", \"is_root_device\": false, \"is_read_only\": false}"
+    #expect(try api.put("/drives/data", drive) == "204")
+    let start = try api.request("/actions", "{\"action_type\": \"InstanceStart\"}")
+    #expect(start.status == "400", "\(start)")
+    #expect(start.body.contains("cannot limit the I/O of disk image"), "\(start.body)")
+    #expect(start.body.contains(disk), "\(start.body)")
+  }
+
   /// `hostvisor serve` on a socket in `scratch` with `arguments`, and PUT requests to it.
   struct ServedAPI {
     let process: HostProcess
@@ -214,13 +237,20 @@ struct CgroupTests {
 
     /// The HTTP status of PUT `path` with the JSON `body`.
     func put(_ path: String, _ body: String) throws -> String {
-      try HostCommand.run(
+      try request(path, body).status
+    }
+
+    /// The HTTP status and the response's body of PUT `path` with the JSON `body`.
+    func request(_ path: String, _ body: String) throws -> (status: String, body: String) {
+      let text = try HostCommand.run(
         "curl",
         [
-          "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20", "--unix-socket", socket, "-X", "PUT",
+          "-s", "-w", "\n%{http_code}", "--max-time", "20", "--unix-socket", socket, "-X", "PUT",
           "-H", "Content-Type: application/json", "-d", body, "http://localhost\(path)",
         ]
       ).text
+      let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+      return (String(lines.last ?? ""), lines.dropLast().joined(separator: "\n"))
     }
 
     func stop() {
