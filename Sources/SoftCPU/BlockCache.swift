@@ -91,7 +91,7 @@ extension CPU {
   /// Physical address of the instruction byte at linear `linear`, through the fetch TLB.
   @_transparent
   func fetchPhysical(_ linear: UInt64) throws(Fault) -> UInt64 {
-    let entry = fetchTLB[tlbIndex(linear, tlbTagExtra)]
+    let entry = fetchTLB[tlbIndex(linear)]
     if entry.tag == (linear & ~0xFFF) | tlbTagExtra {
       return linear &+ entry.delta
     }
@@ -101,7 +101,7 @@ extension CPU {
   @inline(never)
   func fetchPhysicalSlow(_ linear: UInt64) throws(Fault) -> UInt64 {
     if promoteVictim(fetchTLB, linear) {
-      return linear &+ fetchTLB[tlbIndex(linear, tlbTagExtra)].delta
+      return linear &+ fetchTLB[tlbIndex(linear)].delta
     }
     let physical = try translate(linear, access: .execute)
     guard ramPointer(physical) != nil else {

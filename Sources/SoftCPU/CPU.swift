@@ -140,8 +140,8 @@ public final class CPU: @unchecked Sendable {
   /// Whether the last `translate` found a global translation (the TLB fill that follows marks
   /// its entry).
   var lastTranslationGlobal = false
-  /// OR-ed into the page tag of every TLB lookup and added to its index: `tlbUserTagBits` in
-  /// user mode (CPL 3), 0 otherwise, so user and supervisor translations never alias.
+  /// OR-ed into the page tag of every TLB lookup: `tlbUserTagBits` in user mode (CPL 3), 0
+  /// otherwise, so user and supervisor translations never alias.
   var tlbTagExtra: UInt64 = 0
   /// Guest RAM regions, copied once so the hot path never touches Swift arrays.
   let ramRegions: UnsafeMutablePointer<RAMRegion>

@@ -44,7 +44,7 @@ extension CPU {
   /// Host address for reading `size` bytes at `linear` when the read TLB hits.
   @_transparent
   func readHost(_ linear: UInt64, _ size: UInt64) -> UnsafeMutableRawPointer? {
-    let entry = readTLB[tlbIndex(linear, tlbTagExtra)]
+    let entry = readTLB[tlbIndex(linear)]
     if entry.tag == (linear & ~0xFFF) | tlbTagExtra && linear & 0xFFF <= 0x1000 - size {
       return UnsafeMutableRawPointer(bitPattern: UInt(linear &+ entry.delta))
     }
@@ -54,7 +54,7 @@ extension CPU {
   /// Host address for writing `size` bytes at `linear` when the write TLB hits.
   @_transparent
   func writeHost(_ linear: UInt64, _ size: UInt64) -> UnsafeMutableRawPointer? {
-    let entry = writeTLB[tlbIndex(linear, tlbTagExtra)]
+    let entry = writeTLB[tlbIndex(linear)]
     if entry.tag == (linear & ~0xFFF) | tlbTagExtra && linear & 0xFFF <= 0x1000 - size {
       return UnsafeMutableRawPointer(bitPattern: UInt(linear &+ entry.delta))
     }
@@ -172,7 +172,7 @@ extension CPU {
   @_transparent
   func fillTLB(_ table: UnsafeMutablePointer<TLBEntry>, linear: UInt64, target: UInt64) {
     let page = linear & ~0xFFF
-    let index = tlbIndex(linear, tlbTagExtra)
+    let index = tlbIndex(linear)
     let victim = index + tlbEntries
     let tag = page | tlbTagExtra
     let mark = globalMark(of: table)
@@ -203,7 +203,7 @@ extension CPU {
   /// ways (entries and global marks) so the fast path hits, and returns true.
   @inline(__always)
   func promoteVictim(_ table: UnsafeMutablePointer<TLBEntry>, _ linear: UInt64) -> Bool {
-    let index = tlbIndex(linear, tlbTagExtra)
+    let index = tlbIndex(linear)
     let victim = index + tlbEntries
     guard table[victim].tag == (linear & ~0xFFF) | tlbTagExtra else { return false }
     let primary = table[index]

@@ -180,7 +180,7 @@ extension CPU {
     let linear = isLongModeActive ? linear : linear & 0xFFFF_FFFF
     let page = linear & ~0xFFF
     let tag = page | UInt64(access.rawValue) << 2 | UInt64(cpl & 3)
-    let slot = tlbIndex(linear, 0) & (systemTranslationEntries - 1)
+    let slot = tlbIndex(linear) & (systemTranslationEntries - 1)
     let entry = systemTranslations[slot]
     if entry.tag == tag { return linear &+ entry.delta }
     let translation = try translateSlow(linear, access: access, cpl: cpl)

@@ -1,8 +1,7 @@
 import VMCore
 
 // Software TLB: the future shadow page table. One two-way table per access kind (read,
-// write, execute), indexed by a hash of the linear page number and the privilege
-// (`tlbIndex`): the primary way, where every lookup starts, and a victim way holding the entry
+// write, execute), indexed by the linear page number's low bits (`tlbIndex`): the primary way, where every lookup starts, and a victim way holding the entry
 // the last fill displaced (`tlbSlots`). A hit costs one compare and one add: the entry holds
 // the page tag and the delta to add to the linear address.
 //
@@ -36,24 +35,24 @@ let tlbSlots = 2 * tlbEntries
 let tlbIndexMask: UInt64 = UInt64(tlbEntries - 1)
 /// Tag of an empty entry: low bits all ones never match `page | tlbTagExtra`.
 let tlbInvalidTag: UInt64 = ~0
-/// `tlbTagExtra` at CPL 3: bit 0 keeps user and supervisor entries apart, and the value as a
-/// whole moves user entries half a table away from the supervisor ones of the same page (the
-/// kernel copying to and from a user buffer would otherwise evict the user's entry).
-let tlbUserTagBits: UInt64 = 0x201
+/// `tlbTagExtra` at CPL 3: bit 0 of the tag keeps user and supervisor entries apart.
+let tlbUserTagBits: UInt64 = 1
 
-/// The TLB index of linear `linear` with tag bits `extra`: page + extra, modulo the table
-/// size. Pages 4 MiB apart share an index (the kernel reaches the same data through its image
-/// mapping and through the direct map, whose addresses agree in their low bits); the victim
-/// way keeps two of them, and the one-step index shortens every translated access's probe
-/// (a `page + page / 1024` index, which kept them apart, cost the 686 boot 7 % and the 64-bit
-/// boot 4 % more CPU time with no fewer page walks: docs/softcpu-performance.md, "Fourteenth
-/// step"). Two consecutive pages never share an index: an access that crosses a page, looked
-/// up at its first page's index with its last page's tag, therefore always misses. The
-/// translator's probe computes the same (`BlockTranslator.emitProbe`).
+/// The TLB index of linear `linear`: the page number modulo the table size, whatever the
+/// privilege. Pages 4 MiB apart share an index (the kernel reaches the same data through its
+/// image mapping and through the direct map, whose addresses agree in their low bits), and so
+/// do a page's user and supervisor entries (the kernel copying to or from a user buffer); the
+/// victim way keeps two of them. The index is as short as it can be for every translated
+/// access's probe: two host instructions from the address (docs/softcpu-performance.md,
+/// "Sixteenth step": adding the privilege's tag bits to the index, which kept a page's user and
+/// supervisor entries apart, cost the 686 boot a tenth more CPU time; a `page + page / 1024`
+/// index, which kept pages 4 MiB apart, cost it 7 %: "Fourteenth step"). Two consecutive pages
+/// never share an index: an access that crosses a page, looked up at its first page's index
+/// with its last page's tag, therefore always misses. The translator's probe computes the same
+/// (`BlockTranslator.emitProbe`).
 @_transparent
-func tlbIndex(_ linear: UInt64, _ extra: UInt64) -> Int {
-  let page = linear >> 12
-  return Int(truncatingIfNeeded: (page &+ extra) & tlbIndexMask)
+func tlbIndex(_ linear: UInt64) -> Int {
+  Int(truncatingIfNeeded: (linear >> 12) & tlbIndexMask)
 }
 
 /// TLB fills `CPU.tlbFilledIndices` records between two flushes; after more, a flush clears
@@ -197,20 +196,18 @@ extension CPU {
   /// Whether the fetch TLB holds the page of `linear` at the current privilege, filled from a
   /// global translation.
   private func fetchIsGlobal(_ linear: UInt64) -> Bool {
-    let index = tlbIndex(linear, tlbTagExtra)
+    let index = tlbIndex(linear)
     return fetchTLB[index].tag == (linear & ~0xFFF) | tlbTagExtra && tlbGlobalMarks[index] & TLBGlobalMark.fetch != 0
   }
 
   /// Drops the entries for the page of `linear` (INVLPG).
   public func flushTLBPage(_ linear: UInt64) {
-    // The page's supervisor and user entries sit at different indices.
-    for privilegeTag in [0, tlbUserTagBits] {
-      let index = tlbIndex(linear, privilegeTag)
-      for slot in [index, index + tlbEntries] {
-        readTLB[slot] = TLBEntry()
-        writeTLB[slot] = TLBEntry()
-        fetchTLB[slot] = TLBEntry()
-      }
+    // The page's supervisor and user entries share its index.
+    let index = tlbIndex(linear)
+    for slot in [index, index + tlbEntries] {
+      readTLB[slot] = TLBEntry()
+      writeTLB[slot] = TLBEntry()
+      fetchTLB[slot] = TLBEntry()
     }
     systemTranslations.update(repeating: TLBEntry(), count: systemTranslationEntries)
     chainGeneration &+= 1

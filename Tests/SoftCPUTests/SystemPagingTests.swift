@@ -170,16 +170,16 @@ struct SystemPagingTests {
     #expect(cpu.gpr[3] == expected.1, "the other page after \(flush)")
   }
 
-  /// Two pages whose TLB entries share an index (page + page / 1024 agree modulo 1024) both
+  /// Two pages whose TLB entries share an index (their page numbers agree modulo 1024) both
   /// stay cached: the victim way keeps the one the other displaced, so a loop reading both
   /// walks each once instead of on every access, under both tiers.
   @Test(arguments: [SoftCPUTier.interpreter, .translator])
   func pagesSharingATLBIndexBothStayCached(tier: SoftCPUTier) throws {
     cpu.setExecutionTier(tier, threshold: 0)
     try tables.map(0x40_0000, to: 0x20_0000, flags: 0x3)
-    // Pages 0x600 and 0x9FF: 0x600 + 1 and 0x9FF + 2 are both 0x201 modulo 1024.
+    // Pages 0x600 and 0xA00: both 0x200 modulo 1024.
     try tables.map(0x60_0000, to: 0x30_0000, flags: 0x3)
-    try tables.map(0x9F_F000, to: 0x31_0000, flags: 0x3)
+    try tables.map(0xA0_0000, to: 0x31_0000, flags: 0x3)
     try machine.write64(0x30_0000, 3)
     try machine.write64(0x31_0000, 4)
     let walksBefore = cpu.statistics.pageWalks
@@ -189,7 +189,7 @@ struct SystemPagingTests {
         xor eax, eax
       1:
         add rax, qword ptr [0x600000]
-        add rax, qword ptr [0x9ff000]
+        add rax, qword ptr [0xa00000]
         dec ecx
         jnz 1b
         hlt
@@ -208,14 +208,14 @@ struct SystemPagingTests {
     cpu.setExecutionTier(tier, threshold: 0)
     try tables.map(0x40_0000, to: 0x20_0000, flags: 0x103)
     try tables.map(0x60_0000, to: 0x30_0000, flags: 0x3)
-    try tables.map(0x9F_F000, to: 0x31_0000, flags: 0x3)
+    try tables.map(0xA0_0000, to: 0x31_0000, flags: 0x3)
     try machine.write64(0x30_0000, 0x1111)
     try machine.write64(0x31_0000, 0x2222)
     try machine.write64(0x32_0000, 0x3333)
     try loadAndRun(
       """
         mov rax, qword ptr [0x600000]
-        mov rbx, qword ptr [0x9ff000]
+        mov rbx, qword ptr [0xa00000]
         hlt
       .org 0x100
         \(Self.flushes[flush]!)

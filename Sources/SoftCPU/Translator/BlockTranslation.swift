@@ -1009,21 +1009,24 @@ struct BlockTranslator {
       emitter.test(size: 4, .register(HostRegister.rsi), immediate: Int32(size - 1))
       emitter.jump(HostCondition.notEqual, to: miss)
     }
-    // The index is `tlbIndex(RSI, R15)`: page + tag bits.
-    emitter.mov(size: 8, HostRegister.rcx, .register(HostRegister.rsi))
-    emitter.shift(.shr, size: 8, .register(HostRegister.rcx), count: 12)
-    emitter.alu(.add, size: 8, HostRegister.rcx, .register(HostRegister.r15))
+    // RCX = `tlbIndex(RSI)` scaled by the entry's size: two steps (the page's low bits are
+    // the low bits of ESI), the table's base added by the compare's address.
+    assert(MemoryLayout<TLBEntry>.stride == 16)
+    let table = write ? HostRegister.r14 : HostRegister.r13
+    func entry(_ offset: Int) -> HostOperand {
+      .memory(base: HostRegister.rcx, index: table, scale: 0, displacement: Int32(offset))
+    }
+    emitter.mov(size: 4, HostRegister.rcx, .register(HostRegister.rsi))
+    emitter.shift(.shr, size: 4, .register(HostRegister.rcx), count: 12 - 4)
+    emitter.alu(.and, size: 4, .register(HostRegister.rcx), immediate: Int32(tlbIndexMask << 4))
     emitter.lea(HostRegister.rdx, .at(HostRegister.rsi, size - 1))
     emitter.alu(.and, size: 8, .register(HostRegister.rdx), immediate: -4096)
     emitter.alu(.or, size: 8, HostRegister.rdx, .register(HostRegister.r15))
-    emitter.alu(.and, size: 4, .register(HostRegister.rcx), immediate: Int32(tlbIndexMask))
-    emitter.shift(.shl, size: 4, .register(HostRegister.rcx), count: 4)
-    emitter.alu(.add, size: 8, HostRegister.rcx, .register(write ? HostRegister.r14 : HostRegister.r13))
-    emitter.alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.rcx, 0))
+    emitter.alu(.cmp, size: 8, HostRegister.rdx, entry(0))
     let victim = emitter.newLabel()
     let found = emitter.newLabel()
     emitter.jump(HostCondition.notEqual, to: victim)
-    emitter.mov(size: 8, HostRegister.rdx, .at(HostRegister.rcx, 8))
+    emitter.mov(size: 8, HostRegister.rdx, entry(8))
     emitter.bind(found)
     emitter.alu(.add, size: 8, HostRegister.rdx, .register(HostRegister.rsi))
     if flagsValid {
@@ -1035,9 +1038,9 @@ struct BlockTranslator {
     let victimOffset = tlbEntries * MemoryLayout<TLBEntry>.stride
     outOfLine.append { emitter in
       emitter.bind(victim)
-      emitter.alu(.cmp, size: 8, HostRegister.rdx, .at(HostRegister.rcx, victimOffset))
+      emitter.alu(.cmp, size: 8, HostRegister.rdx, entry(victimOffset))
       emitter.jump(HostCondition.notEqual, to: miss)
-      emitter.mov(size: 8, HostRegister.rdx, .at(HostRegister.rcx, victimOffset + 8))
+      emitter.mov(size: 8, HostRegister.rdx, entry(victimOffset + 8))
       emitter.jump(to: found)
     }
   }
