@@ -153,8 +153,14 @@ public final class UserNetworkBackend: NetworkBackend {
     _ = setsockopt(socket, SOL_SOCKET, SO_SNDBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
     _ = setsockopt(socket, SOL_SOCKET, SO_RCVBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
     // Give passt a moment to fail on its options (e.g. a forwarded port already in use), so
-    // the user sees one clear line instead of a guest without a network.
-    for _ in 0..<20 {
+    // the user sees one clear line instead of a guest without a network: 100 ms from the
+    // moment it opened its log (its first line; at most 2 s for that on a loaded host, where
+    // starting passt under its init can take longer than the whole moment).
+    var pollsSinceLog = 0
+    for _ in 0..<420 {
+      if pollsSinceLog >= 20 { break }
+      var logStatus = stat()
+      if logFD < 0 || (fstat(logFD, &logStatus) == 0 && logStatus.st_size > 0) { pollsSinceLog += 1 }
       var status: Int32 = 0
       if waitpid(pid, &status, WNOHANG) == pid {
         close(pair[0])
