@@ -1,9 +1,10 @@
 import VMCore
 
 // Software TLB: the future shadow page table. One two-way table per access kind (read,
-// write, execute), indexed by the linear page number's low bits (`tlbIndex`): the primary way, where every lookup starts, and a victim way holding the entry
-// the last fill displaced (`tlbSlots`). A hit costs one compare and one add: the entry holds
-// the page tag and the delta to add to the linear address.
+// write, execute), indexed by the linear page number's low bits (`tlbIndex`): the primary
+// way, where every lookup starts, and a victim way holding the entry the last fill displaced
+// (`tlbSlots`). A hit costs one compare and one add: the entry holds the page tag and the
+// delta to add to the linear address.
 //
 // - read/write entries: delta = host address - linear address (RAM pages only; MMIO and
 //   not-present translations are never cached).
