@@ -64,3 +64,60 @@ struct ChainPrivilegeTests {
     #expect(errorCode == 0x15)
   }
 }
+
+/// A page's user and supervisor TLB entries share an index (`tlbIndex` has no privilege in
+/// it): only the tag's privilege bit keeps user code from using the kernel's translation.
+@Suite("TLBPrivilegeTests")
+struct TLBPrivilegeTests {
+  /// Kernel code reads a supervisor page (its TLB entry filled at CPL 0), then IRETQs to user
+  /// code that reads the same address: the read must raise #PF (error code: present, user,
+  /// read) under every tier instead of hitting the kernel's entry, and load nothing.
+  @Test(arguments: [SoftCPUTier.interpreter, .translator])
+  func userReadOfAPageTheKernelJustReadFaults(tier: SoftCPUTier) throws {
+    let kernel = PagedEnvironment.gdt + 0x800
+    let userStack = DiffLayout.dataBase + 0x800
+    let kernelCode = try CoreAssembler.assemble(
+      """
+        mov rax, qword ptr [\(PagedEnvironment.gdt + 8)]
+        mov rcx, \(DiffLayout.codeBase)
+        mov rbx, \(userStack)
+        push 0x2b
+        push rbx
+        push 2
+        push 0x33
+        push rcx
+        iretq
+      """, origin: kernel)
+    let userCode = try CoreAssembler.assemble(
+      """
+        mov rax, \(PagedEnvironment.gdt + 8)
+        mov rdx, qword ptr [rax]
+        mov r9, 1
+        jmp rax
+      """, origin: DiffLayout.codeBase)
+    let memory = try GuestMemory(size: DiffLayout.guestRAMSize)
+    try PagedEnvironment.install(memory)
+    try memory.slice(at: kernel, length: UInt64(kernelCode.count)).copyBytes(from: kernelCode)
+    try memory.slice(at: DiffLayout.codeBase, length: UInt64(userCode.count)).copyBytes(from: userCode)
+    let cpu = CPU(memory: memory, bus: IOBus())
+    var state = PagedEnvironment.state
+    state.cs = SegmentRegister(
+      selector: 0x10, base: 0, limit: 0xFFFF_FFFF, type: 0xB, s: true, dpl: 0, present: true, db: false, l: true,
+      g: true)
+    state.ss = SegmentRegister(
+      selector: 0x18, base: 0, limit: 0xFFFF_FFFF, type: 0x3, s: true, dpl: 0, present: true, db: true, g: true)
+    state.rip = kernel
+    state.rflags = 2
+    cpu.load(state)
+    cpu.gpr[4] = PagedEnvironment.stackTop
+    cpu.setExecutionTier(tier, threshold: 0)
+    let stop = cpu.run(instructionLimit: 1_000)
+    #expect("\(stop)" == "halted")
+    // Stopped at the HLT of the page-fault handler, with nothing loaded at CPL 3.
+    #expect(cpu.rip == PagedEnvironment.handlers + 14 * 16 + 1)
+    #expect(cpu.gpr[0] == PagedEnvironment.gdt + 8)
+    #expect(cpu.gpr[2] == 0 && cpu.gpr[9] == 0)
+    let errorCode = try memory.read(UInt64.self, at: cpu.gpr[4])
+    #expect(errorCode == 0x5)
+  }
+}
