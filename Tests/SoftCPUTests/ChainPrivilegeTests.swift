@@ -39,24 +39,7 @@ struct ChainPrivilegeTests {
         mov rax, \(target)
         jmp rax
       """, origin: DiffLayout.codeBase)
-    let memory = try GuestMemory(size: DiffLayout.guestRAMSize)
-    try PagedEnvironment.install(memory)
-    try memory.slice(at: kernel, length: UInt64(kernelCode.count)).copyBytes(from: kernelCode)
-    try memory.slice(at: DiffLayout.codeBase, length: UInt64(userCode.count)).copyBytes(from: userCode)
-    let cpu = CPU(memory: memory, bus: IOBus())
-    var state = PagedEnvironment.state
-    state.cs = SegmentRegister(
-      selector: 0x10, base: 0, limit: 0xFFFF_FFFF, type: 0xB, s: true, dpl: 0, present: true, db: false, l: true,
-      g: true)
-    state.ss = SegmentRegister(
-      selector: 0x18, base: 0, limit: 0xFFFF_FFFF, type: 0x3, s: true, dpl: 0, present: true, db: true, g: true)
-    state.rip = kernel
-    state.rflags = 2
-    cpu.load(state)
-    cpu.gpr[4] = PagedEnvironment.stackTop
-    cpu.setExecutionTier(tier, threshold: 0)
-    let stop = cpu.run(instructionLimit: 1_000)
-    #expect("\(stop)" == "halted")
+    let (cpu, memory) = try PrivilegeMachine.run(kernelCode, at: kernel, userCode: userCode, tier: tier)
     // Stopped at the HLT of the page-fault handler, the kernel block run once.
     #expect(cpu.rip == PagedEnvironment.handlers + 14 * 16 + 1)
     #expect(cpu.gpr[9] == 1)
@@ -95,6 +78,24 @@ struct TLBPrivilegeTests {
         mov r9, 1
         jmp rax
       """, origin: DiffLayout.codeBase)
+    let (cpu, memory) = try PrivilegeMachine.run(kernelCode, at: kernel, userCode: userCode, tier: tier)
+    // Stopped at the HLT of the page-fault handler, with nothing loaded at CPL 3.
+    #expect(cpu.rip == PagedEnvironment.handlers + 14 * 16 + 1)
+    #expect(cpu.gpr[0] == PagedEnvironment.gdt + 8)
+    #expect(cpu.gpr[2] == 0 && cpu.gpr[9] == 0)
+    let errorCode = try memory.read(UInt64.self, at: cpu.gpr[4])
+    #expect(errorCode == 0x5)
+  }
+}
+
+/// A paged machine (`PagedEnvironment`) that starts at CPL 0 in `kernelCode`, which IRETQs to
+/// `userCode` at `DiffLayout.codeBase`.
+enum PrivilegeMachine {
+  /// Runs the two programs under `tier` (translating from the first run of a block) until the
+  /// CPU halts (at most 1 000 instructions), and returns the CPU and its memory.
+  static func run(
+    _ kernelCode: [UInt8], at kernel: UInt64, userCode: [UInt8], tier: SoftCPUTier
+  ) throws -> (CPU, GuestMemory) {
     let memory = try GuestMemory(size: DiffLayout.guestRAMSize)
     try PagedEnvironment.install(memory)
     try memory.slice(at: kernel, length: UInt64(kernelCode.count)).copyBytes(from: kernelCode)
@@ -113,11 +114,6 @@ struct TLBPrivilegeTests {
     cpu.setExecutionTier(tier, threshold: 0)
     let stop = cpu.run(instructionLimit: 1_000)
     #expect("\(stop)" == "halted")
-    // Stopped at the HLT of the page-fault handler, with nothing loaded at CPL 3.
-    #expect(cpu.rip == PagedEnvironment.handlers + 14 * 16 + 1)
-    #expect(cpu.gpr[0] == PagedEnvironment.gdt + 8)
-    #expect(cpu.gpr[2] == 0 && cpu.gpr[9] == 0)
-    let errorCode = try memory.read(UInt64.self, at: cpu.gpr[4])
-    #expect(errorCode == 0x5)
+    return (cpu, memory)
   }
 }
