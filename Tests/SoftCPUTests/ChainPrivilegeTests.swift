@@ -13,33 +13,21 @@ struct ChainPrivilegeTests {
   /// present) under every tier, and the kernel block must not run at CPL 3.
   @Test(arguments: [SoftCPUTier.interpreter, .translator])
   func userCodeJumpingIntoKernelCodeFaults(tier: SoftCPUTier) throws {
-    // A supervisor page of its own (past the GDT and the TSS): not the stack's, whose pushes
-    // would invalidate it.
-    let kernel = PagedEnvironment.gdt + 0x800
-    let userStack = DiffLayout.dataBase + 0x800
-    let kernelCode = try CoreAssembler.assemble(
+    let kernelCode = try PrivilegeMachine.kernelCode(
       """
         xor eax, eax
         pause
       target:
         inc r9
-        mov rcx, \(DiffLayout.codeBase)
-        mov rbx, \(userStack)
-        push 0x2b
-        push rbx
-        push 2
-        push 0x33
-        push rcx
-        iretq
-      """, origin: kernel)
+      """)
     // The target is the first instruction after XOR (31 C0) and PAUSE (F3 90).
-    let target = kernel + 4
+    let target = PrivilegeMachine.kernel + 4
     let userCode = try CoreAssembler.assemble(
       """
         mov rax, \(target)
         jmp rax
       """, origin: DiffLayout.codeBase)
-    let (cpu, memory) = try PrivilegeMachine.run(kernelCode, at: kernel, userCode: userCode, tier: tier)
+    let (cpu, memory) = try PrivilegeMachine.run(kernelCode, userCode: userCode, tier: tier)
     // Stopped at the HLT of the page-fault handler, the kernel block run once.
     #expect(cpu.rip == PagedEnvironment.handlers + 14 * 16 + 1)
     #expect(cpu.gpr[9] == 1)
@@ -57,20 +45,10 @@ struct TLBPrivilegeTests {
   /// read) under every tier instead of hitting the kernel's entry, and load nothing.
   @Test(arguments: [SoftCPUTier.interpreter, .translator])
   func userReadOfAPageTheKernelJustReadFaults(tier: SoftCPUTier) throws {
-    let kernel = PagedEnvironment.gdt + 0x800
-    let userStack = DiffLayout.dataBase + 0x800
-    let kernelCode = try CoreAssembler.assemble(
+    let kernelCode = try PrivilegeMachine.kernelCode(
       """
         mov rax, qword ptr [\(PagedEnvironment.gdt + 8)]
-        mov rcx, \(DiffLayout.codeBase)
-        mov rbx, \(userStack)
-        push 0x2b
-        push rbx
-        push 2
-        push 0x33
-        push rcx
-        iretq
-      """, origin: kernel)
+      """)
     let userCode = try CoreAssembler.assemble(
       """
         mov rax, \(PagedEnvironment.gdt + 8)
@@ -78,7 +56,7 @@ struct TLBPrivilegeTests {
         mov r9, 1
         jmp rax
       """, origin: DiffLayout.codeBase)
-    let (cpu, memory) = try PrivilegeMachine.run(kernelCode, at: kernel, userCode: userCode, tier: tier)
+    let (cpu, memory) = try PrivilegeMachine.run(kernelCode, userCode: userCode, tier: tier)
     // Stopped at the HLT of the page-fault handler, with nothing loaded at CPL 3.
     #expect(cpu.rip == PagedEnvironment.handlers + 14 * 16 + 1)
     #expect(cpu.gpr[0] == PagedEnvironment.gdt + 8)
@@ -88,14 +66,34 @@ struct TLBPrivilegeTests {
   }
 }
 
-/// A paged machine (`PagedEnvironment`) that starts at CPL 0 in `kernelCode`, which IRETQs to
-/// `userCode` at `DiffLayout.codeBase`.
+/// A paged machine (`PagedEnvironment`) that starts at CPL 0 in kernel code, which IRETQs to
+/// user code at `DiffLayout.codeBase`.
 enum PrivilegeMachine {
+  /// Where the kernel code runs: a supervisor page of its own (past the GDT and the TSS), not
+  /// the stack's, whose pushes would invalidate it.
+  static let kernel = PagedEnvironment.gdt + 0x800
+  /// The user code's stack.
+  static let userStack = DiffLayout.dataBase + 0x800
+
+  /// `body` at `kernel`, followed by an IRETQ to the user code at CPL 3 (RCX and RBX clobbered).
+  static func kernelCode(_ body: String) throws -> [UInt8] {
+    try CoreAssembler.assemble(
+      body + """
+
+        mov rcx, \(DiffLayout.codeBase)
+        mov rbx, \(userStack)
+        push 0x2b
+        push rbx
+        push 2
+        push 0x33
+        push rcx
+        iretq
+      """, origin: kernel)
+  }
+
   /// Runs the two programs under `tier` (translating from the first run of a block) until the
   /// CPU halts (at most 1 000 instructions), and returns the CPU and its memory.
-  static func run(
-    _ kernelCode: [UInt8], at kernel: UInt64, userCode: [UInt8], tier: SoftCPUTier
-  ) throws -> (CPU, GuestMemory) {
+  static func run(_ kernelCode: [UInt8], userCode: [UInt8], tier: SoftCPUTier) throws -> (CPU, GuestMemory) {
     let memory = try GuestMemory(size: DiffLayout.guestRAMSize)
     try PagedEnvironment.install(memory)
     try memory.slice(at: kernel, length: UInt64(kernelCode.count)).copyBytes(from: kernelCode)
