@@ -80,15 +80,15 @@ enum PrivilegeMachine {
     try CoreAssembler.assemble(
       body + """
 
-        mov rcx, \(DiffLayout.codeBase)
-        mov rbx, \(userStack)
-        push 0x2b
-        push rbx
-        push 2
-        push 0x33
-        push rcx
-        iretq
-      """, origin: kernel)
+          mov rcx, \(DiffLayout.codeBase)
+          mov rbx, \(userStack)
+          push 0x2b
+          push rbx
+          push 2
+          push 0x33
+          push rcx
+          iretq
+        """, origin: kernel)
   }
 
   /// Runs the two programs under `tier` (translating from the first run of a block) until the
