@@ -33,6 +33,11 @@ public protocol BlockBackend: AnyObject, Sendable {
   func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BlockBackendError)
   /// Writes `buffer` at byte `offset`.
   func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlockBackendError)
+  /// Fills `buffers` in order from byte `offset`, as one read of their total length (reads
+  /// past the end of the data return zeros). A request's scattered guest pages arrive here.
+  func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) throws(BlockBackendError)
+  /// Writes `buffers` in order at byte `offset`, as one write of their total length.
+  func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockBackendError)
   /// Makes every completed write durable (fdatasync).
   func flush() throws(BlockBackendError)
   /// Forgets the data of a range (may punch a hole); reads may return old data or zeros.
@@ -41,7 +46,28 @@ public protocol BlockBackend: AnyObject, Sendable {
   func writeZeroes(offset: UInt64, length: UInt64, unmap: Bool) throws(BlockBackendError)
 }
 
-/// A raw disk image file: pread/pwrite, fdatasync for flushes, fallocate for discard and
+extension BlockBackend {
+  /// One buffer after another through `read(into:at:)`.
+  public func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) throws(BlockBackendError) {
+    var position = offset
+    for buffer in buffers {
+      try read(into: buffer, at: position)
+      position += UInt64(buffer.count)
+    }
+  }
+
+  /// One buffer after another through `write(_:at:)`.
+  public func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockBackendError) {
+    var position = offset
+    for buffer in buffers {
+      try write(buffer, at: position)
+      position += UInt64(buffer.count)
+    }
+  }
+}
+
+/// A raw disk image file: pread/pwrite (preadv/pwritev for a request's scattered buffers, one
+/// system call per request as long as the host transfers it whole), fdatasync for flushes, fallocate for discard and
 /// write-zeroes (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE).
 public final class RawFileBlockBackend: BlockBackend {
   /// The image path.
@@ -112,6 +138,60 @@ public final class RawFileBlockBackend: BlockBackend {
         throw .io(errno: errno)
       }
       done += count
+    }
+  }
+
+  public func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) throws(BlockBackendError) {
+    var vectors = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
+    try transfer(&vectors, at: offset, writing: false)
+  }
+
+  public func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(BlockBackendError) {
+    guard !isReadOnly else { throw .io(errno: EROFS) }
+    var vectors = buffers.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+    try transfer(&vectors, at: offset, writing: true)
+  }
+
+  /// preadv/pwritev over `vectors` (at most IOV_MAX per call), resumed after a short transfer
+  /// from the first byte not moved; a read that reaches the end of the file zero-fills the rest.
+  private func transfer(_ vectors: inout [iovec], at offset: UInt64, writing: Bool) throws(BlockBackendError) {
+    let vectorLimit = 1024
+    var first = 0
+    var position = off_t(offset)
+    while first < vectors.count {
+      if vectors[first].iov_len == 0 {
+        first += 1
+        continue
+      }
+      let batch = Int32(min(vectors.count - first, vectorLimit))
+      let count = vectors.withUnsafeBufferPointer { all in
+        writing
+          ? pwritev(fd, all.baseAddress! + first, batch, position) : preadv(fd, all.baseAddress! + first, batch, position)
+      }
+      if count < 0 {
+        if errno == EINTR { continue }
+        throw .io(errno: errno)
+      }
+      if count == 0 {
+        guard !writing else { throw .io(errno: EIO) }
+        for index in first..<vectors.count where vectors[index].iov_len > 0 {
+          memset(vectors[index].iov_base, 0, vectors[index].iov_len)
+        }
+        return
+      }
+      position += off_t(count)
+      var moved = count
+      while moved > 0 {
+        let length = vectors[first].iov_len
+        if moved >= length {
+          moved -= length
+          first += 1
+        } else {
+          vectors[first].iov_base = vectors[first].iov_base! + moved
+          vectors[first].iov_len -= moved
+          moved = 0
+        }
+      }
     }
   }
 
@@ -295,30 +375,20 @@ public final class VirtioBlock: QueueWorkerDevice, CountingDevice {
           status = Status.ioError
           break
         }
-        var failure: BlockBackendError?
-        _ = chain.fillSpans(memory: memory, offset: 0, count: Int(dataIn)) { pointer, done, count in
-          guard failure == nil else { return }
-          do throws(BlockBackendError) {
-            try backend.read(
-              into: UnsafeMutableRawBufferPointer(start: pointer, count: count), at: sector * 512 + UInt64(done))
-          } catch { failure = error }
+        _ = try chain.fillVectored(memory: memory, offset: 0, count: Int(dataIn)) {
+          buffers throws(BlockBackendError) in
+          try backend.read(into: buffers, at: sector * 512)
         }
-        if let failure { throw failure }
         written = dataIn
       case RequestType.write:
         guard !backend.isReadOnly, dataOut % 512 == 0, inBounds(sector, dataOut) else {
           status = Status.ioError
           break
         }
-        var failure: BlockBackendError?
-        _ = chain.readSpans(memory: memory, offset: 16, count: Int(dataOut)) {
-          pointer, done, count in
-          guard failure == nil else { return }
-          do throws(BlockBackendError) {
-            try backend.write(UnsafeRawBufferPointer(start: pointer, count: count), at: sector * 512 + UInt64(done))
-          } catch { failure = error }
+        _ = try chain.readVectored(memory: memory, offset: 16, count: Int(dataOut)) {
+          buffers throws(BlockBackendError) in
+          try backend.write(buffers, at: sector * 512)
         }
-        if let failure { throw failure }
       case RequestType.flush:
         try backend.flush()
       case RequestType.getID:

@@ -93,6 +93,41 @@ public struct DescriptorChain: Sendable {
     }
   }
 
+  /// Calls `body` once with read-only host buffers covering `count` bytes of the
+  /// device-readable area from logical `offset`, in order (for one vectored write to a
+  /// backend); returns how many bytes they cover.
+  public func readVectored<Failure: Error>(
+    memory: GuestMemory, offset: UInt64, count: Int, _ body: ([UnsafeRawBufferPointer]) throws(Failure) -> Void
+  ) throws(Failure) -> Int {
+    var spans: [UnsafeRawBufferPointer] = []
+    let covered = self.spans(memory: memory, buffers: readable, offset: offset, count: count) { pointer, _, length in
+      spans.append(UnsafeRawBufferPointer(start: pointer, count: length))
+    }
+    try body(spans)
+    return covered
+  }
+
+  /// Calls `body` once with host buffers covering `count` bytes of the device-writable area
+  /// from logical `offset`, in order, for the device to fill (one vectored read from a
+  /// backend); returns how many bytes they cover. Every span is reported to `memory`'s write
+  /// observer after `body` returns or throws, as `fillSpans` does.
+  public func fillVectored<Failure: Error>(
+    memory: GuestMemory, offset: UInt64, count: Int, _ body: ([UnsafeMutableRawBufferPointer]) throws(Failure) -> Void
+  ) throws(Failure) -> Int {
+    var spans: [UnsafeMutableRawBufferPointer] = []
+    var addresses: [(address: UInt64, length: Int)] = []
+    let covered = self.spans(memory: memory, buffers: writable, offset: offset, count: count) { pointer, _, length in
+      spans.append(UnsafeMutableRawBufferPointer(start: pointer, count: length))
+    } written: { address, length in
+      addresses.append((address, length))
+    }
+    defer {
+      for span in addresses { memory.noteWrite(at: span.address, length: UInt64(span.length)) }
+    }
+    try body(spans)
+    return covered
+  }
+
   /// Walks `count` bytes of `buffers` from logical `offset`, giving `body` host pointers from
   /// GuestMemory's bounds-checked slices and then `written` the guest address of each span.
   private func spans(

@@ -105,6 +105,69 @@ struct BlockRequests {
     #expect(try machine.memory.readBytes(at: BlockRequests.data, count: 1024) == pattern)
   }
 
+  /// A request's data in several buffers, out of address order (as a guest's scattered pages
+  /// arrive): each buffer takes its own part of the disk, one vectored transfer per request.
+  @Test func scatteredBuffersEachTakeTheirOwnPartOfTheDisk() throws {
+    let file = TemporaryFile(size: 1 << 20)
+    let (machine, _, requests) = try makeBlock(file)
+    let parts: [(address: UInt64, length: UInt32)] = [
+      (BlockRequests.data + 0x8000, 512), (BlockRequests.data, 1536), (BlockRequests.data + 0x4000, 2048),
+    ]
+    let pattern = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ $0 >> 9) }
+    var offset = 0
+    for part in parts {
+      try machine.memory.writeBytes(Array(pattern[offset..<offset + Int(part.length)]), at: part.address)
+      offset += Int(part.length)
+    }
+    requests.writeHeader(type: VirtioBlock.RequestType.write, sector: 20)
+    requests.queue.submit(
+      [(BlockRequests.header, 16, false)] + parts.map { ($0.address, $0.length, false) }
+        + [(BlockRequests.status, 1, true)])
+    #expect(requests.queue.waitForUsed(1))
+    #expect(try machine.memory.read(UInt8.self, at: BlockRequests.status) == 0)
+    #expect(file.read(at: 20 * 512, count: 4096) == pattern)
+
+    // Read it back into the same buffers in another order.
+    let readParts = [parts[2], parts[0], parts[1]]
+    for part in readParts { try machine.memory.fill(0xEE, at: part.address, length: UInt64(part.length)) }
+    requests.writeHeader(type: VirtioBlock.RequestType.read, sector: 20)
+    requests.queue.submit(
+      [(BlockRequests.header, 16, false)] + readParts.map { ($0.address, $0.length, true) }
+        + [(BlockRequests.status, 1, true)])
+    #expect(requests.queue.waitForUsed(2))
+    #expect(try machine.memory.read(UInt8.self, at: BlockRequests.status) == 0)
+    #expect(requests.queue.usedElement(1).length == 4097)
+    offset = 0
+    for part in readParts {
+      let bytes = try machine.memory.readBytes(at: part.address, count: Int(part.length))
+      #expect(bytes == Array(pattern[offset..<offset + Int(part.length)]), "buffer at \(part.address)")
+      offset += Int(part.length)
+    }
+  }
+
+  /// An image that shrank under the disk (another host process truncated it) ends inside a
+  /// request's second buffer: what the file still has lands in place and the rest of that
+  /// buffer and the next reads as zeros, as a read past the end of the data does.
+  @Test func aReadPastTheImagesEndFillsTheRemainingBuffersWithZeros() throws {
+    let file = TemporaryFile(size: 1 << 20, fill: 0x5C)
+    let (machine, _, requests) = try makeBlock(file)
+    #expect(truncate(file.path, off_t(10 * 512 + 700)) == 0)
+    let parts: [(address: UInt64, length: UInt32)] = [
+      (BlockRequests.data, 512), (BlockRequests.data + 0x2000, 1024), (BlockRequests.data + 0x1000, 512),
+    ]
+    for part in parts { try machine.memory.fill(0xEE, at: part.address, length: UInt64(part.length)) }
+    requests.writeHeader(type: VirtioBlock.RequestType.read, sector: 10)
+    requests.queue.submit(
+      [(BlockRequests.header, 16, false)] + parts.map { ($0.address, $0.length, true) }
+        + [(BlockRequests.status, 1, true)])
+    #expect(requests.queue.waitForUsed(1))
+    #expect(try machine.memory.read(UInt8.self, at: BlockRequests.status) == 0)
+    #expect(try machine.memory.readBytes(at: parts[0].address, count: 512) == [UInt8](repeating: 0x5C, count: 512))
+    let second = try machine.memory.readBytes(at: parts[1].address, count: 1024)
+    #expect(second == [UInt8](repeating: 0x5C, count: 188) + [UInt8](repeating: 0, count: 836))
+    #expect(try machine.memory.readBytes(at: parts[2].address, count: 512) == [UInt8](repeating: 0, count: 512))
+  }
+
   @Test func flushSyncsBeforeTheCompletionIsPublished() throws {
     let file = TemporaryFile(size: 1 << 20)
     let machine = try TestMachine()
