@@ -166,7 +166,8 @@ public final class RawFileBlockBackend: BlockBackend {
       let batch = Int32(min(vectors.count - first, vectorLimit))
       let count = vectors.withUnsafeBufferPointer { all in
         writing
-          ? pwritev(fd, all.baseAddress! + first, batch, position) : preadv(fd, all.baseAddress! + first, batch, position)
+          ? pwritev(fd, all.baseAddress! + first, batch, position)
+          : preadv(fd, all.baseAddress! + first, batch, position)
       }
       if count < 0 {
         if errno == EINTR { continue }
