@@ -3,7 +3,7 @@ SWIFT ?= swift
 CACHE ?= .cache
 GUEST = $(CACHE)/guest
 
-.PHONY: all build dist deps guest guest-generic guest-686 run test lint format bench clean
+.PHONY: all build dist deps guest guest-generic guest-686 run test fuzz-smoke lint format bench clean
 
 all: build
 
@@ -47,6 +47,13 @@ test: deps guest guest-generic guest-686
 	SWIFT=$(SWIFT) scripts/run-tests.sh --skip '$(USERNET_SUITES)'
 	SWIFT=$(SWIFT) scripts/run-tests.sh --filter '$(USERNET_SUITES)'
 	scripts/api-conformance.sh
+
+## Every libFuzzer target (docs/fuzzing.md) built with the address sanitizer and run for a
+## fixed number of inputs from a fixed seed (at most 30 s each): the fuzzing pass CI runs.
+## A crash, leak or sanitizer report fails it and leaves the input in .build-fuzz/crashes.
+FUZZ_SMOKE_RUNS ?= 10000
+fuzz-smoke:
+	scripts/fuzz.sh all 30 -seed=1 -runs=$(FUZZ_SMOKE_RUNS)
 
 lint:
 	$(SWIFT) format lint --strict --recursive Sources Tests Package.swift
