@@ -20,6 +20,8 @@ struct BufferedSerialBackendTests {
   /// A pipe whose read end the test holds (not read until `drain`) behind a buffered backend
   /// of 4 KiB and a UART with the THR-empty interrupt enabled.
   final class StalledConsole {
+    /// The backend's buffer, in bytes.
+    static let capacity = 4096
     let readEnd: Int32
     let backend: BufferedSerialBackend
     let port: SerialPort
@@ -28,7 +30,7 @@ struct BufferedSerialBackendTests {
       var ends: [Int32] = [-1, -1]
       guard pipe(&ends) == 0 else { throw SerialBackendError.cannotStartWriter(errno: errno) }
       readEnd = ends[0]
-      backend = try BufferedSerialBackend(fileDescriptor: ends[1], ownsDescriptor: true, capacity: 4096)
+      backend = try BufferedSerialBackend(fileDescriptor: ends[1], ownsDescriptor: true, capacity: Self.capacity)
       port = SerialPort(interrupt: InterruptLine(router: InterruptRouter(), line: 4), backend: backend)
       port.portWrite(port: BufferedSerialBackendTests.base + 1, size: 1, value: 0x02)  // IER: THR empty
     }
@@ -117,7 +119,9 @@ struct BufferedSerialBackendTests {
       }, "a THR write blocked on the full pipe")
     #expect(console.backend.droppedBytes > 0)
     let received = console.drain()
-    #expect(received.count >= 32768, "\(received.count) bytes arrived")
+    // At least what the buffer held arrives; how much more depends on how often the writer
+    // thread ran during the flood (on a loaded host, maybe not at all).
+    #expect(received.count >= StalledConsole.capacity, "\(received.count) bytes arrived")
     #expect(UInt64(received.count) + console.backend.droppedBytes == UInt64(bytes.count))
   }
 
