@@ -166,24 +166,10 @@ public final class E1000: PCIDevice, CountingDevice {
     var legacy = false
   }
 
-  /// The 93C46-style Microwire EEPROM's serial interface.
-  struct Microwire {
-    var selected = false
-    var clock = false
-    var command: UInt32 = 0
-    var commandBits = 0
-    var started = false
-    var reading = false
-    var address = 0
-    var bitIndex = 0
-    var dataOut = false
-  }
-
   struct State {
     var registers = [UInt32](repeating: 0, count: Int(E1000.registerBARSize) / 4)
-    var eeprom = [UInt16](repeating: 0, count: 64)
+    var eeprom = MicrowireEEPROM(words: [UInt16](repeating: 0, count: 64))
     var phy = [UInt16](repeating: 0, count: 32)
-    var microwire = Microwire()
     var ioAddress: UInt32 = 0
     var context = TransmitContext()
     var packet = TransmitPacket()
@@ -232,7 +218,7 @@ public final class E1000: PCIDevice, CountingDevice {
       segmentBuffer: .allocate(byteCount: 65536 + 4, alignment: 16),
       receiveBuffer: .allocate(byteCount: Self.vnetHeaderSize + Self.maximumReceiveFrame + 4, alignment: 16))
     initial.vectors.reserveCapacity(4)
-    initial.eeprom = Self.eepromContents(mac: self.mac)
+    initial.eeprom = MicrowireEEPROM(words: Self.eepromContents(mac: self.mac))
     state = Mutex(initial)
     let link = WeakLink<E1000>()
     worker = DeviceWorker(
@@ -288,7 +274,7 @@ public final class E1000: PCIDevice, CountingDevice {
     let bytes = mac.array.map(UInt32.init)
     state[Register.ral0] = bytes[0] | bytes[1] << 8 | bytes[2] << 16 | bytes[3] << 24
     state[Register.rah0] = bytes[4] | bytes[5] << 8 | 1 << 31
-    state.microwire = Microwire()
+    state.eeprom = MicrowireEEPROM(words: state.eeprom.words)  // the interface idle, clock low
     state.context = TransmitContext()
     state.packet = TransmitPacket()
     state.pendingReceive = 0
@@ -393,7 +379,7 @@ public final class E1000: PCIDevice, CountingDevice {
     case Register.eecd:
       let stored = state[Register.eecd] & EECD.writable
       let grant = stored & EECD.request != 0 ? EECD.grant : 0
-      return stored | grant | EECD.present | (state.microwire.dataOut ? EECD.dataOut : 0)
+      return stored | grant | EECD.present | (state.eeprom.dataOut ? EECD.dataOut : 0)
     case Register.statisticsStart..<Register.statisticsEnd:
       let value = state[offset]
       state[offset] = 0
@@ -418,11 +404,12 @@ public final class E1000: PCIDevice, CountingDevice {
       break
     case Register.eecd:
       state[Register.eecd] = value & EECD.writable
-      Self.clockEEPROM(&state, value)
+      state.eeprom.drive(
+        chipSelect: value & EECD.chipSelect != 0, clock: value & EECD.clock != 0, dataIn: value & EECD.dataIn != 0)
     case Register.eerd:
       if value & 1 != 0 {
         let address = Int((value >> 8) & 0xFF)
-        let word = address < state.eeprom.count ? UInt32(state.eeprom[address]) : 0
+        let word = address < state.eeprom.words.count ? UInt32(state.eeprom.words[address]) : 0
         state[Register.eerd] = word << 16 | UInt32(address) << 8 | 1 << 4
       }
     case Register.mdic:
@@ -469,56 +456,6 @@ public final class E1000: PCIDevice, CountingDevice {
       break
     default:
       state[offset] = value
-    }
-  }
-
-  /// One EECD write: a rising clock edge while selected shifts a bit in (start bit, opcode,
-  /// address) or, during a READ, the next data bit out (most significant first; the address
-  /// advances after each word). Deselecting ends the command.
-  private static func clockEEPROM(_ state: inout State, _ value: UInt32) {
-    let selected = value & EECD.chipSelect != 0
-    let clock = value & EECD.clock != 0
-    let rising = clock && !state.microwire.clock
-    state.microwire.clock = clock
-    guard selected else {
-      let clockLevel = state.microwire.clock
-      state.microwire = Microwire()
-      state.microwire.clock = clockLevel
-      return
-    }
-    state.microwire.selected = true
-    guard rising else { return }
-    if state.microwire.reading {
-      let word = state.eeprom[state.microwire.address % state.eeprom.count]
-      state.microwire.dataOut = (word >> (15 - state.microwire.bitIndex)) & 1 != 0
-      state.microwire.bitIndex += 1
-      if state.microwire.bitIndex == 16 {
-        state.microwire.bitIndex = 0
-        state.microwire.address = (state.microwire.address + 1) % state.eeprom.count
-      }
-      return
-    }
-    let bit: UInt32 = value & EECD.dataIn != 0 ? 1 : 0
-    if !state.microwire.started {
-      // Leading zeros before the start bit are ignored.
-      state.microwire.started = bit == 1
-      return
-    }
-    state.microwire.command = state.microwire.command << 1 | bit
-    state.microwire.commandBits += 1
-    // Two opcode bits and six address bits (a 64-word part).
-    if state.microwire.commandBits == 8 {
-      if state.microwire.command >> 6 == 0b10 {
-        state.microwire.reading = true
-        state.microwire.address = Int(state.microwire.command & 0x3F)
-        state.microwire.bitIndex = 0
-        state.microwire.dataOut = false
-      } else {
-        // Writes, erases and write-enable commands: the EEPROM is read-only.
-        state.microwire.started = false
-        state.microwire.command = 0
-        state.microwire.commandBits = 0
-      }
     }
   }
 
@@ -912,7 +849,7 @@ public final class E1000: PCIDevice, CountingDevice {
       return .noDescriptors
     }
     if withCRC {
-      var crc = Self.crc32(UnsafeRawBufferPointer(start: frame, count: length)).littleEndian
+      var crc = EthernetFrame.crc32(UnsafeRawBufferPointer(start: frame, count: length)).littleEndian
       withUnsafeBytes(of: &crc) { (frame + length).copyMemory(from: $0.baseAddress!, byteCount: 4) }
     }
     var index = head
@@ -1019,21 +956,5 @@ public final class E1000: PCIDevice, CountingDevice {
   }
   static func store32(_ pointer: UnsafeMutableRawPointer, _ value: UInt32) {
     pointer.storeBytes(of: value.bigEndian, as: UInt32.self)
-  }
-
-  private static let crcTable: [UInt32] = (0..<256).map { index in
-    var value = UInt32(index)
-    for _ in 0..<8 { value = value & 1 != 0 ? 0xEDB8_8320 ^ (value >> 1) : value >> 1 }
-    return value
-  }
-
-  /// The Ethernet frame check sequence (CRC-32, reflected, as transmitted least significant
-  /// byte first).
-  static func crc32(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
-    var crc: UInt32 = 0xFFFF_FFFF
-    crcTable.withUnsafeBufferPointer { table in
-      for byte in bytes { crc = table[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8) }
-    }
-    return ~crc
   }
 }

@@ -1,5 +1,5 @@
-/// Reading the layer-3 length of Ethernet frames, for backends whose peer takes the frame's
-/// length as the packet's.
+/// Ethernet frame helpers: the layer-3 length of a frame (for backends whose peer takes the
+/// frame's length as the packet's) and the frame check sequence the emulated NICs append.
 public enum EthernetFrame {
   /// The EtherType of IPv4.
   static let ipv4: UInt16 = 0x0800
@@ -45,5 +45,21 @@ public enum EthernetFrame {
       }
       return offset + packetLength <= frame.count ? offset + packetLength : frame.count
     }
+  }
+
+  private static let crcTable: [UInt32] = (0..<256).map { index in
+    var value = UInt32(index)
+    for _ in 0..<8 { value = value & 1 != 0 ? 0xEDB8_8320 ^ (value >> 1) : value >> 1 }
+    return value
+  }
+
+  /// The Ethernet frame check sequence (CRC-32, reflected, as transmitted least significant
+  /// byte first).
+  static func crc32(_ bytes: UnsafeRawBufferPointer) -> UInt32 {
+    var crc: UInt32 = 0xFFFF_FFFF
+    crcTable.withUnsafeBufferPointer { table in
+      for byte in bytes { crc = table[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8) }
+    }
+    return ~crc
   }
 }

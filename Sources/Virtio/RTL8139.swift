@@ -584,7 +584,7 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
     let (readOffset, writeOffset) = Self.ringOffsets(state)
     let used = (writeOffset - readOffset + size) % size
     guard size - used > entry else { return .noRoom }
-    var crc = E1000.crc32(UnsafeRawBufferPointer(start: frame, count: length)).littleEndian
+    var crc = EthernetFrame.crc32(UnsafeRawBufferPointer(start: frame, count: length)).littleEndian
     withUnsafeBytes(of: &crc) { (frame + length).copyMemory(from: $0.baseAddress!, byteCount: 4) }
 
     let base = UInt64(state.dword(Register.rbstart))
@@ -652,72 +652,9 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
   static func multicastHash(_ address: UnsafeRawBufferPointer) -> Int {
     // The reflected CRC register (before the final inversion) holds the CRC's bits in reverse
     // order: its lowest six bits, reversed, are the six most significant.
-    let reflected = ~E1000.crc32(address)
+    let reflected = ~EthernetFrame.crc32(address)
     var hash = 0
     for bit in 0..<6 { hash = hash << 1 | Int((reflected >> UInt32(bit)) & 1) }
     return hash
-  }
-}
-
-/// A 93C46-style serial EEPROM (64 16-bit words) on the Microwire interface, read-only: with
-/// chip select high, each rising clock edge shifts in a bit of the command (leading zeros, the
-/// start bit, the opcode and six address bits) or, during a READ, shifts out the next data bit
-/// (a dummy zero after the address, then the words from that address on, most significant bit
-/// first). Dropping chip select ends the command.
-struct MicrowireEEPROM {
-  /// The contents.
-  let words: [UInt16]
-  private var clockHigh = false
-  private var started = false
-  private var command: UInt32 = 0
-  private var commandBits = 0
-  private var reading = false
-  private var address = 0
-  private var bitIndex = 0
-  /// The level of the data output pin.
-  private(set) var dataOut = false
-
-  init(words: [UInt16]) { self.words = words }
-
-  /// Sets the chip select, clock and data input pins.
-  mutating func drive(chipSelect: Bool, clock: Bool, dataIn: Bool) {
-    let rising = clock && !clockHigh
-    clockHigh = clock
-    guard chipSelect else {
-      started = false
-      command = 0
-      commandBits = 0
-      reading = false
-      dataOut = false
-      return
-    }
-    guard rising else { return }
-    if reading {
-      dataOut = (words[address] >> (15 - bitIndex)) & 1 != 0
-      bitIndex += 1
-      if bitIndex == 16 {
-        bitIndex = 0
-        address = (address + 1) % words.count
-      }
-      return
-    }
-    guard started else {
-      started = dataIn
-      return
-    }
-    command = command << 1 | (dataIn ? 1 : 0)
-    commandBits += 1
-    guard commandBits == 8 else { return }
-    if command >> 6 == 0b10 {
-      reading = true
-      address = Int(command & 0x3F) % words.count
-      bitIndex = 0
-      dataOut = false
-    } else {
-      // Write, erase and enable commands: the contents are fixed.
-      started = false
-      command = 0
-      commandBits = 0
-    }
   }
 }
