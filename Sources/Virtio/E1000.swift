@@ -760,42 +760,20 @@ public final class E1000: PCIDevice, CountingDevice {
       wantsInput.store(false, ordering: .releasing)
       return
     }
-    var delivered = false
-    defer {
-      if delivered {
-        state[Register.icr] |= Interrupt.receiveTimer
-        updateInterrupt(&state)
-      }
-    }
-    while true {
-      if state.pendingReceive == 0 {
-        let count = backend.receive(
-          into: UnsafeMutableRawBufferPointer(
-            rebasing: state.receiveBuffer[0..<(Self.vnetHeaderSize + Self.maximumReceiveFrame)]))
-        guard count > Self.vnetHeaderSize else {
-          if count == 0 { break } else { continue }
-        }
-        state.pendingReceive = count
-      }
-      switch deliver(&state) {
-      case .delivered: delivered = true
-      case .dropped: break
-      case .noDescriptors:
-        // Keep the frame; poll again once the driver returns descriptors (an RDT write).
-        state[Register.icr] |= Interrupt.receiveOverrun
-        updateInterrupt(&state)
-        wantsInput.store(false, ordering: .releasing)
-        return
-      }
-    }
-    wantsInput.store(true, ordering: .releasing)
+    let pass = receivePendingFrames(
+      &state, pending: \.pendingReceive,
+      buffer: UnsafeMutableRawBufferPointer(
+        rebasing: state.receiveBuffer[0..<(Self.vnetHeaderSize + Self.maximumReceiveFrame)]),
+      headerSize: Self.vnetHeaderSize, from: backend, wantsInput: wantsInput, deliver: deliver)
+    // A kept frame waits for the driver to return descriptors (an RDT write).
+    if pass.stalled { state[Register.icr] |= Interrupt.receiveOverrun }
+    if pass.delivered { state[Register.icr] |= Interrupt.receiveTimer }
+    if pass.stalled || pass.delivered { updateInterrupt(&state) }
   }
-
-  private enum DeliveryResult { case delivered, dropped, noDescriptors }
 
   /// Filters the pending frame, strips a VLAN tag (CTRL.VME), appends the CRC (unless
   /// RCTL.SECRC) and writes it into as many receive descriptors as it needs.
-  private func deliver(_ state: inout State) -> DeliveryResult {
+  private func deliver(_ state: inout State) -> FrameDelivery {
     let base = state.receiveBuffer.baseAddress!
     var frame = base + Self.vnetHeaderSize
     var length = state.pendingReceive - Self.vnetHeaderSize
@@ -846,7 +824,7 @@ public final class E1000: PCIDevice, CountingDevice {
         memmove(frame - 4, frame, 12)
         frame -= 4
       }
-      return .noDescriptors
+      return .noRoom
     }
     if withCRC {
       var crc = EthernetFrame.crc32(UnsafeRawBufferPointer(start: frame, count: length)).littleEndian

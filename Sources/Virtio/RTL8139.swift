@@ -533,35 +533,18 @@ public final class RTL8139: PCIDevice, EmulatedNetworkDevice {
       wantsInput.store(false, ordering: .releasing)
       return
     }
-    var delivered = false
-    defer { if delivered { raise(&state, Interrupt.receiveOK) } }
-    while true {
-      if state.pendingReceive == 0 {
-        let count = backend.receive(
-          into: UnsafeMutableRawBufferPointer(
-            rebasing: state.receiveBuffer[0..<(Self.vnetHeaderSize + Self.backendFrameLimit)]))
-        guard count > Self.vnetHeaderSize else {
-          if count == 0 { break } else { continue }
-        }
-        state.pendingReceive = count
-      }
-      switch deliver(&state) {
-      case .delivered: delivered = true
-      case .dropped: break
-      case .noRoom:
-        // Keep the frame; poll again once the driver moves CAPR.
-        wantsInput.store(false, ordering: .releasing)
-        return
-      }
-    }
-    wantsInput.store(true, ordering: .releasing)
+    // A kept frame waits for the driver to move CAPR.
+    let pass = receivePendingFrames(
+      &state, pending: \.pendingReceive,
+      buffer: UnsafeMutableRawBufferPointer(
+        rebasing: state.receiveBuffer[0..<(Self.vnetHeaderSize + Self.backendFrameLimit)]),
+      headerSize: Self.vnetHeaderSize, from: backend, wantsInput: wantsInput, deliver: deliver)
+    if pass.delivered { raise(&state, Interrupt.receiveOK) }
   }
-
-  private enum DeliveryResult { case delivered, dropped, noRoom }
 
   /// Filters the pending frame, pads it to 60 bytes, appends its CRC and writes it with its
   /// header at CBR, if the ring has room for it.
-  private func deliver(_ state: inout State) -> DeliveryResult {
+  private func deliver(_ state: inout State) -> FrameDelivery {
     let frame = state.receiveBuffer.baseAddress! + Self.vnetHeaderSize
     var length = state.pendingReceive - Self.vnetHeaderSize
     guard length >= 14, let match = accepts(state, frame) else {
