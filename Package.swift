@@ -89,8 +89,8 @@ let package = Package(
     .testTarget(name: "LinuxBootTests", dependencies: ["hostvisor", "TestSupport"]),
     .testTarget(name: "ControlAPITests", dependencies: ["ControlAPI", "VMM", "hostvisor", "TestSupport"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
-    .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore"]),
-    .testTarget(name: "DisplayTests", dependencies: ["Display", "Devices", "VMCore", "PCI", "hostvisor"]),
+    .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore", "TestSupport"]),
+    .testTarget(name: "DisplayTests", dependencies: ["Display", "Devices", "VMCore", "PCI", "hostvisor", "TestSupport"]),
     .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim", "SoftCPU", "Devices"]),
   ],
   swiftLanguageModes: [.v6]

@@ -1,5 +1,6 @@
 import Display
 import Foundation
+import TestSupport
 import Testing
 
 /// PNG screenshots checked by Python's zlib and struct modules, an independent decoder.
@@ -69,15 +70,9 @@ enum PNGCheck {
     """
 
   static func decodeRGB(_ path: String) throws -> Image {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-    process.arguments = ["-c", script, path]
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    try process.run()
-    let output = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0, let newline = output.firstIndex(of: 0x0A) else {
+    let result = try HostCommand.run("/usr/bin/python3", ["-c", script, path], timeout: 120)
+    let output = result.output
+    guard result.status == 0, !result.timedOut, let newline = output.firstIndex(of: 0x0A) else {
       throw CheckFailure("python3 could not decode \(path)")
     }
     let header = String(decoding: output[..<newline], as: UTF8.self).split(separator: " ").compactMap { Int($0) }

@@ -1,6 +1,7 @@
 import Display
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 import VMCore
 
@@ -111,32 +112,17 @@ import VMCore
     try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
     defer { try? FileManager.default.removeItem(at: directory) }
 
-    var clients: [(process: Process, input: Pipe, output: Pipe, path: String)] = []
+    var clients: [(process: HostProcess, output: OutputLines, path: String)] = []
     for mode in ["zrle", "raw"] {
-      let process = Process()
-      process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
       let path = directory.appendingPathComponent(mode).path
-      process.arguments = ["-c", Self.client, port, mode, path]
-      let input = Pipe()
-      let output = Pipe()
-      process.standardInput = input
-      process.standardOutput = output
-      process.standardError = FileHandle.nullDevice
-      try process.run()
-      clients.append((process, input, output, path))
+      let output = OutputLines()
+      let process = try HostProcess(
+        "/usr/bin/python3", ["-c", Self.client, port, mode, path], errors: { _ in }, output: { output.append($0) })
+      clients.append((process, output, path))
     }
-    defer { for client in clients where client.process.isRunning { kill(client.process.processIdentifier, SIGKILL) } }
-    func readLine(_ pipe: Pipe) -> String {
-      var line: [UInt8] = []
-      while true {
-        let byte = pipe.fileHandleForReading.readData(ofLength: 1)
-        guard let first = byte.first, first != 0x0A else { break }
-        line.append(first)
-      }
-      return String(decoding: line, as: UTF8.self)
-    }
+    defer { for client in clients where client.process.isRunning { client.process.signal(SIGKILL) } }
     let before = Self.rgb(framebuffer)
-    for client in clients { #expect(readLine(client.output) == "READY") }
+    for client in clients { #expect(client.output.nextLine() == "READY") }
     #expect(server.clientCount == 2)
     for client in clients {
       #expect(try Data(contentsOf: URL(fileURLWithPath: client.path + ".full")) == Data(before))
@@ -144,10 +130,10 @@ import VMCore
     // Change a 10x10 block inside the tile at (64, 64).
     for y in 70..<80 { for x in 100..<110 { pixels[y * width + x] = 0x00FF_00FF } }
     let after = Self.rgb(framebuffer)
-    for client in clients { client.input.fileHandleForWriting.write(Data("GO\n".utf8)) }
+    for client in clients { client.process.write(Data("GO\n".utf8)) }
     for client in clients {
-      #expect(readLine(client.output) == "RECTS 64,64,64,64", "only the changed tile")
-      client.process.waitUntilExit()
+      #expect(client.output.nextLine() == "RECTS 64,64,64,64", "only the changed tile")
+      #expect(client.process.waitUntilExit(timeout: 60))
       #expect(client.process.terminationStatus == 0)
       #expect(try Data(contentsOf: URL(fileURLWithPath: client.path + ".after")) == Data(after))
     }
@@ -162,5 +148,29 @@ import VMCore
       let framebuffer = try Framebuffer(memory: memory, guestAddress: 0xC000_0000, width: 64, height: 64, size: 1 << 16)
       _ = try VNCServer(framebuffer: framebuffer, listenAddress: "nohost:99999")
     }
+  }
+}
+
+/// A child's standard output, split into lines as it arrives.
+final class OutputLines: Sendable {
+  private let pending = Mutex<[UInt8]>([])
+
+  /// Takes the next chunk of output (`HostProcess`'s output handler).
+  func append(_ data: Data) { pending.withLock { $0.append(contentsOf: data) } }
+
+  /// The next whole line without its newline, waiting up to `timeout` seconds; nil if none came.
+  func nextLine(timeout: Double = 60) -> String? {
+    let deadline = ContinuousClock.now + .milliseconds(Int(timeout * 1000))
+    while ContinuousClock.now < deadline {
+      let line: [UInt8]? = pending.withLock { bytes in
+        guard let newline = bytes.firstIndex(of: 0x0A) else { return nil }
+        let line = Array(bytes[..<newline])
+        bytes.removeSubrange(...newline)
+        return line
+      }
+      if let line { return String(decoding: line, as: UTF8.self) }
+      usleep(10_000)
+    }
+    return nil
   }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 @testable import Firmware
@@ -10,17 +11,9 @@ let iaslPath: String? = ["/usr/bin/iasl", "/usr/local/bin/iasl", "/usr/sbin/iasl
 
 /// Runs iasl with `arguments` in `directory`; returns its exit status and combined output.
 func runIASL(_ arguments: [String], in directory: URL) throws -> (status: Int32, output: String) {
-  let process = Process()
-  process.executableURL = URL(fileURLWithPath: iaslPath!)
-  process.arguments = arguments
-  process.currentDirectoryURL = directory
-  let pipe = Pipe()
-  process.standardOutput = pipe
-  process.standardError = pipe
-  try process.run()
-  let data = pipe.fileHandleForReading.readDataToEndOfFile()
-  process.waitUntilExit()
-  return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+  let result = try HostCommand.run(iaslPath!, arguments, errors: .merged, directory: directory.path, timeout: 120)
+  if result.timedOut { throw HostCommandError("iasl did not finish in 120 s") }
+  return (result.status, result.text)
 }
 
 @Suite(.enabled(if: iaslPath != nil, "iasl (acpica-tools) is not installed"))
