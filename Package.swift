@@ -91,7 +91,8 @@ let package = Package(
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore", "TestSupport"]),
     .testTarget(name: "DisplayTests", dependencies: ["Display", "Devices", "VMCore", "PCI", "hostvisor", "TestSupport"]),
-    .testTarget(name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim", "SoftCPU", "Devices"]),
+    .testTarget(
+      name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim", "SoftCPU", "Devices", "TestSupport"]),
   ],
   swiftLanguageModes: [.v6]
 )

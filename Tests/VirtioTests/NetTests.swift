@@ -2,6 +2,7 @@ import CVirtioShim
 import Foundation
 import Glibc
 import PCI
+import TestSupport
 import Testing
 import VMCore
 
@@ -10,14 +11,10 @@ import VMCore
 /// Runs a command, returns its exit status.
 @discardableResult
 func runCommand(_ path: String, _ arguments: [String]) -> Int32 {
-  let process = Process()
-  process.executableURL = URL(fileURLWithPath: path)
-  process.arguments = arguments
-  process.standardOutput = FileHandle.nullDevice
-  process.standardError = FileHandle.nullDevice
-  do { try process.run() } catch { return -1 }
-  process.waitUntilExit()
-  return process.terminationStatus
+  guard let result = try? HostCommand.run(path, arguments, errors: .discarded, timeout: 60), !result.timedOut else {
+    return -1
+  }
+  return result.status
 }
 
 /// A network namespace for one test, deleted on deinit.
