@@ -85,7 +85,7 @@ let package = Package(
         "TestSupport",
       ]),
     .testTarget(name: "CLITests", dependencies: ["VMM", "Sandbox", "TestSupport"]),
-    .testTarget(name: "GDBStubTests", dependencies: ["GDBStub", "VMCore", "hostvisor"]),
+    .testTarget(name: "GDBStubTests", dependencies: ["GDBStub", "VMCore", "hostvisor", "TestSupport"]),
     .testTarget(name: "LinuxBootTests", dependencies: ["hostvisor", "TestSupport"]),
     .testTarget(name: "ControlAPITests", dependencies: ["ControlAPI", "VMM", "hostvisor", "TestSupport"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),

@@ -112,10 +112,10 @@ import VMCore
     try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
     defer { try? FileManager.default.removeItem(at: directory) }
 
-    var clients: [(process: HostProcess, output: OutputLines, path: String)] = []
+    var clients: [(process: HostProcess, output: CollectedOutput, path: String)] = []
     for mode in ["zrle", "raw"] {
       let path = directory.appendingPathComponent(mode).path
-      let output = OutputLines()
+      let output = CollectedOutput()
       let process = try HostProcess(
         "/usr/bin/python3", ["-c", Self.client, port, mode, path], errors: { _ in }, output: { output.append($0) })
       clients.append((process, output, path))
@@ -148,29 +148,5 @@ import VMCore
       let framebuffer = try Framebuffer(memory: memory, guestAddress: 0xC000_0000, width: 64, height: 64, size: 1 << 16)
       _ = try VNCServer(framebuffer: framebuffer, listenAddress: "nohost:99999")
     }
-  }
-}
-
-/// A child's standard output, split into lines as it arrives.
-final class OutputLines: Sendable {
-  private let pending = Mutex<[UInt8]>([])
-
-  /// Takes the next chunk of output (`HostProcess`'s output handler).
-  func append(_ data: Data) { pending.withLock { $0.append(contentsOf: data) } }
-
-  /// The next whole line without its newline, waiting up to `timeout` seconds; nil if none came.
-  func nextLine(timeout: Double = 60) -> String? {
-    let deadline = ContinuousClock.now + .milliseconds(Int(timeout * 1000))
-    while ContinuousClock.now < deadline {
-      let line: [UInt8]? = pending.withLock { bytes in
-        guard let newline = bytes.firstIndex(of: 0x0A) else { return nil }
-        let line = Array(bytes[..<newline])
-        bytes.removeSubrange(...newline)
-        return line
-      }
-      if let line { return String(decoding: line, as: UTF8.self) }
-      usleep(10_000)
-    }
-    return nil
   }
 }

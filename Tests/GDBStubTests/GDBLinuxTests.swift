@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// The Debian kernel of the default guest (`make guest`), booted with `nokaslr` on the software
@@ -19,37 +20,25 @@ struct GDBLinuxTests {
   /// package's System.map is a placeholder; with nokaslr the running kernel's addresses are the
   /// link-time ones).
   static func startKernelAddress(kernel: String, initrd: String) throws -> UInt64? {
-    let machine = Process()
-    machine.executableURL = URL(fileURLWithPath: GDBTestSupport.hostvisor)
-    machine.arguments = [
-      "run", "--accel", "soft", "--memory", "256M", "--serial", "stdio", "--kernel", kernel, "--initrd", initrd,
-      "--cmdline", "console=ttyS0 nokaslr panic=-1",
-    ]
-    let input = Pipe()
-    let output = Pipe()
-    machine.standardInput = input
-    machine.standardOutput = output
-    machine.standardError = FileHandle.nullDevice
-    try machine.run()
-    let watchdog = DispatchWorkItem { machine.terminate() }
-    DispatchQueue.global().asyncAfter(deadline: .now() + 300, execute: watchdog)
+    let output = CollectedOutput()
+    let machine = try HostProcess(
+      GDBTestSupport.hostvisor,
+      [
+        "run", "--accel", "soft", "--memory", "256M", "--serial", "stdio", "--kernel", kernel, "--initrd", initrd,
+        "--cmdline", "console=ttyS0 nokaslr panic=-1",
+      ], errors: { _ in }, output: { output.append($0) })
     defer {
-      watchdog.cancel()
       if machine.isRunning { machine.terminate() }
-      machine.waitUntilExit()
+      machine.waitUntilExit(timeout: 10)
     }
-    var transcript = ""
-    var asked = false
+    guard output.waitFor("HOSTVISOR-GUEST-READY", timeout: 300, stop: { !machine.isRunning }) else { return nil }
+    usleep(500_000)
+    machine.write(Data("grep -w start_kernel /proc/kallsyms; exit\n".utf8))
+    let deadline = Date().addingTimeInterval(60)
     while true {
-      let chunk = output.fileHandleForReading.availableData
-      if chunk.isEmpty { return nil }
-      transcript += String(decoding: chunk, as: UTF8.self)
-      if !asked && transcript.contains("HOSTVISOR-GUEST-READY") {
-        asked = true
-        usleep(500_000)
-        input.fileHandleForWriting.write(Data("grep -w start_kernel /proc/kallsyms; exit\n".utf8))
-      }
-      for line in transcript.split(whereSeparator: \.isNewline) {
+      let running = machine.isRunning
+      if !running { machine.waitForOutputEnd(timeout: 5) }
+      for line in output.text.split(whereSeparator: \.isNewline) {
         let fields = line.split(separator: " ")
         if fields.count == 3, fields[2] == "start_kernel", fields[1] == "T" || fields[1] == "t",
           let address = UInt64(fields[0], radix: 16), address != 0
@@ -57,6 +46,8 @@ struct GDBLinuxTests {
           return address
         }
       }
+      if !running || Date() >= deadline { return nil }
+      usleep(20_000)
     }
   }
 
@@ -69,37 +60,25 @@ struct GDBLinuxTests {
 
     let hex = String(address, radix: 16)
     let port = GDBTestSupport.freePort()
-    let machine = Process()
-    machine.executableURL = URL(fileURLWithPath: GDBTestSupport.hostvisor)
-    machine.arguments = [
-      "run", "--accel", "soft", "--memory", "256M", "--serial", "none", "--kernel", kernel, "--initrd", initrd,
-      "--cmdline", "console=ttyS0 nokaslr panic=-1", "--gdb", "127.0.0.1:\(port)", "--gdb-wait",
-    ]
-    machine.standardError = FileHandle.nullDevice
-    try machine.run()
+    let machine = try HostProcess(
+      GDBTestSupport.hostvisor,
+      [
+        "run", "--accel", "soft", "--memory", "256M", "--serial", "none", "--kernel", kernel, "--initrd", initrd,
+        "--cmdline", "console=ttyS0 nokaslr panic=-1", "--gdb", "127.0.0.1:\(port)", "--gdb-wait",
+      ], errors: { _ in }, output: { _ in })
     defer { if machine.isRunning { machine.terminate() } }
-    let gdb = Process()
-    gdb.executableURL = URL(fileURLWithPath: "/usr/bin/gdb")
-    gdb.arguments = [
-      "-batch", "-nx", "-ex", "set pagination off", "-ex", "set architecture i386:x86-64",
-      "-ex", "target remote 127.0.0.1:\(port)", "-ex", "hbreak *0x\(hex)", "-ex", "continue",
-      "-ex", "printf \"PC=%lx\\n\", $pc", "-ex", "printf \"CR3=%lx\\n\", $cr3", "-ex", "x/4xb $pc", "-ex", "kill",
-    ]
-    let output = Pipe()
-    gdb.standardOutput = output
-    gdb.standardError = output
     // gdb retries its connection while hostvisor starts listening.
     usleep(500_000)
-    try gdb.run()
-    let watchdog = DispatchWorkItem {
-      gdb.terminate()
-      machine.terminate()
-    }
-    DispatchQueue.global().asyncAfter(deadline: .now() + 300, execute: watchdog)
-    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    gdb.waitUntilExit()
-    machine.waitUntilExit()
-    watchdog.cancel()
+    let gdb = try HostCommand.run(
+      "/usr/bin/gdb",
+      [
+        "-batch", "-nx", "-ex", "set pagination off", "-ex", "set architecture i386:x86-64",
+        "-ex", "target remote 127.0.0.1:\(port)", "-ex", "hbreak *0x\(hex)", "-ex", "continue",
+        "-ex", "printf \"PC=%lx\\n\", $pc", "-ex", "printf \"CR3=%lx\\n\", $cr3", "-ex", "x/4xb $pc", "-ex", "kill",
+      ], errors: .merged, timeout: 300)
+    let text = gdb.text
+    #expect(!gdb.timedOut, "gdb did not finish in 300 s")
+    #expect(machine.waitUntilExit(timeout: gdb.timedOut ? 0 : 60))
     #expect(text.contains("PC=\(hex)"), "gdb output:\n\(text)")
     // The kernel runs on its own page tables there; the bytes at RIP were read through them.
     #expect(text.contains("0x\(hex)") && text.contains(":\t0x"), "gdb output:\n\(text)")

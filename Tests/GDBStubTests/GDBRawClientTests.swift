@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Glibc
 import Testing
 
@@ -72,13 +73,10 @@ struct GDBRawClientTests {
     let ticks = try #require(try GDBTestSupport.symbols(image)["ticks"])
     let loop = Set(try GDBTestSupport.instructionAddresses(image))
     let port = GDBTestSupport.freePort()
-    let machine = Process()
-    machine.executableURL = URL(fileURLWithPath: GDBTestSupport.hostvisor)
-    machine.arguments = [
-      "run", "--kernel", image, "--accel", accelerator, "--memory", "64M", "--serial", "none", "--gdb", "\(port)",
-    ]
-    machine.standardError = FileHandle.nullDevice
-    try machine.run()
+    let machine = try HostProcess(
+      GDBTestSupport.hostvisor,
+      ["run", "--kernel", image, "--accel", accelerator, "--memory", "64M", "--serial", "none", "--gdb", "\(port)"],
+      errors: { _ in }, output: { _ in })
     defer { if machine.isRunning { machine.terminate() } }
 
     let client = try RawGDBClient(port: port)

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Glibc
 import Testing
 import VMCore
@@ -21,19 +22,11 @@ enum GDBTestSupport {
   /// Runs a tool to completion and returns its standard output.
   @discardableResult
   static func tool(_ path: String, _ arguments: [String]) throws -> String {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: path)
-    process.arguments = arguments
-    let output = Pipe()
-    process.standardOutput = output
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    let data = output.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
+    let result = try HostCommand.run(path, arguments, errors: .discarded, timeout: 120)
+    guard result.status == 0, !result.timedOut else {
       throw ToolFailure(description: "\(path) \(arguments.joined(separator: " ")) failed")
     }
-    return String(decoding: data, as: UTF8.self)
+    return result.text
   }
 
   /// Assembles and links Tests/GuestPrograms/gdb/NAME.S as a 64-bit ELF with its symbols.
@@ -98,47 +91,27 @@ struct DebugSession {
     throws -> DebugSession
   {
     let port = GDBTestSupport.freePort()
-    let machine = Process()
-    machine.executableURL = URL(fileURLWithPath: GDBTestSupport.hostvisor)
-    machine.arguments =
+    let machineError = CollectedOutput()
+    let machine = try HostProcess(
+      GDBTestSupport.hostvisor,
       [
         "run", "--kernel", image, "--accel", accelerator, "--memory", "64M", "--serial", "none",
         "--gdb", "127.0.0.1:\(port)", "--gdb-wait",
-      ] + extraArguments
-    let machineError = Pipe()
-    machine.standardError = machineError
-    machine.standardOutput = FileHandle.nullDevice
-    try machine.run()
+      ] + extraArguments, errors: { machineError.append($0) }, output: { _ in })
     // The stub listens before the machine runs; wait for the line that says so.
-    var announced = Data()
-    while !String(decoding: announced, as: UTF8.self).contains("listening") {
-      let chunk = machineError.fileHandleForReading.availableData
-      if chunk.isEmpty { break }
-      announced += chunk
-    }
+    machineError.waitFor("listening", timeout: 60) { !machine.isRunning }
     var arguments = ["-batch", "-nx", "-ex", "set pagination off", "-ex", "file \(image)"]
     arguments += ["-ex", "target remote 127.0.0.1:\(port)"]
     for command in commands { arguments += ["-ex", command] }
-    let gdb = Process()
-    gdb.executableURL = URL(fileURLWithPath: "/usr/bin/gdb")
-    gdb.arguments = arguments
-    let output = Pipe()
-    gdb.standardOutput = output
-    gdb.standardError = output
-    try gdb.run()
-    let watchdog = DispatchWorkItem {
-      gdb.terminate()
+    let gdb = try HostCommand.run("/usr/bin/gdb", arguments, errors: .merged, timeout: 120)
+    if !machine.waitUntilExit(timeout: gdb.timedOut ? 0 : 120) {
       machine.terminate()
+      machine.waitUntilExit(timeout: 10)
     }
-    DispatchQueue.global().asyncAfter(deadline: .now() + 120, execute: watchdog)
-    let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    gdb.waitUntilExit()
-    let rest = machineError.fileHandleForReading.readDataToEndOfFile()
-    machine.waitUntilExit()
-    watchdog.cancel()
+    machine.waitForOutputEnd()
     return DebugSession(
-      gdbOutput: text, hostvisorStatus: machine.terminationStatus,
-      hostvisorError: String(decoding: announced + rest, as: UTF8.self))
+      gdbOutput: gdb.text + (gdb.timedOut ? "\n(gdb did not finish in 120 s)" : ""),
+      hostvisorStatus: machine.terminationStatus, hostvisorError: machineError.text)
   }
 
   /// The value printed by a `printf "NAME=%lx\n"` command, if any.

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 import VMCore
 
@@ -56,16 +57,10 @@ struct GuestPageWalkerTests {
     defer { try? FileManager.default.removeItem(at: directory) }
     let image = try GDBTestSupport.buildGuest("spin64", in: directory)
     for argument in ["1.2.3:99999", "foo:1", "127.0.0.1:", "::1"] {
-      let process = Process()
-      process.executableURL = URL(fileURLWithPath: GDBTestSupport.hostvisor)
-      process.arguments = ["run", "--kernel", image, "--accel", "soft", "--gdb", argument]
-      let error = Pipe()
-      process.standardError = error
-      process.standardOutput = FileHandle.nullDevice
-      try process.run()
-      let text = String(decoding: error.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-      process.waitUntilExit()
-      #expect(process.terminationStatus == 1)
+      let result = try HostCommand.run(
+        GDBTestSupport.hostvisor, ["run", "--kernel", image, "--accel", "soft", "--gdb", argument], timeout: 60)
+      let text = result.errorText
+      #expect(result.status == 1)
       #expect(text.hasPrefix("hostvisor: error: invalid --gdb") && text.split(separator: "\n").count == 1, "\(text)")
     }
     #expect(throws: GDBServerError.self) { try GDBServer.parseAddress("foo:1") }

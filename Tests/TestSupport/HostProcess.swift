@@ -15,6 +15,8 @@ public final class HostProcess: Sendable {
   /// The raw wait status once the child has been reaped.
   private let reapedStatus = Mutex<Int32?>(nil)
   private let inputDescriptor = Mutex<Int32>(-1)
+  /// Output readers (standard output, and standard error when collected apart) still running.
+  private let readersRunning = Atomic<Int>(0)
 
   /// Starts `executable` (searched on the PATH when it has no slash) with `arguments`.
   public init(
@@ -49,13 +51,14 @@ public final class HostProcess: Sendable {
     if errorEnds[1] >= 0 { close(errorEnds[1]) }
     processIdentifier = pid
     inputDescriptor.withLock { $0 = inputEnds[1] }
-    Self.startReader(outputEnds[0], output)
-    if let errors { Self.startReader(errorEnds[0], errors) }
+    readersRunning.store(errors == nil ? 1 : 2, ordering: .releasing)
+    startReader(outputEnds[0], output)
+    if let errors { startReader(errorEnds[0], errors) }
   }
 
   /// Reads `descriptor` until end of file on a thread of its own, handing each chunk on.
-  private static func startReader(_ descriptor: Int32, _ deliver: @escaping @Sendable (Data) -> Void) {
-    Thread.detachNewThread {
+  private func startReader(_ descriptor: Int32, _ deliver: @escaping @Sendable (Data) -> Void) {
+    Thread.detachNewThread { [self] in
       var buffer = [UInt8](repeating: 0, count: 65536)
       while true {
         let count = read(descriptor, &buffer, buffer.count)
@@ -64,7 +67,21 @@ public final class HostProcess: Sendable {
         deliver(Data(buffer[0..<count]))
       }
       close(descriptor)
+      readersRunning.subtract(1, ordering: .releasing)
     }
+  }
+
+  /// Waits until every output handler has had the child's last output (its output pipes
+  /// reached end of file: the child and every process it left holding them closed them);
+  /// returns false if that did not happen within `timeout` seconds.
+  @discardableResult
+  public func waitForOutputEnd(timeout: Double = 10) -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    while readersRunning.load(ordering: .acquiring) > 0 {
+      if Date() >= deadline { return false }
+      usleep(5_000)
+    }
+    return true
   }
 
   /// Reaps the child if it has exited (without blocking); returns its raw wait status then.

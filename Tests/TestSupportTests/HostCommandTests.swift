@@ -54,7 +54,7 @@ import Testing
   }
 
   @Test func aLongRunningProcessIsAskedOfTheKernel() throws {
-    let output = OutputBox()
+    let output = CollectedOutput()
     let process = try HostProcess("/bin/sh", ["-c", "read line; echo got $line; exit 5"]) { output.append($0) }
     #expect(process.isRunning)
     process.write(Data("ping\n".utf8))
@@ -68,11 +68,22 @@ import Testing
     }
     #expect(output.text == "got ping\n")
   }
-}
 
-/// Output collected from a reader thread.
-final class OutputBox: Sendable {
-  private let data = Mutex(Data())
-  func append(_ chunk: Data) { data.withLock { $0.append(chunk) } }
-  var text: String { data.withLock { String(decoding: $0, as: UTF8.self) } }
+  /// The output of a child ends when every holder of its pipe closed it: here a process the
+  /// child left behind writes a second later, and `waitForOutputEnd` waits for that.
+  @Test func outputEndsWhenTheLastHolderOfThePipeClosesIt() throws {
+    let output = CollectedOutput()
+    let errors = CollectedOutput()
+    let process = try HostProcess(
+      "/bin/sh", ["-c", "(sleep 1; echo late; echo late-error >&2) & echo early"], errors: { errors.append($0) }
+    ) { output.append($0) }
+    #expect(process.waitUntilExit(timeout: 10))
+    #expect(!process.waitForOutputEnd(timeout: 0.2), "the background process still holds the pipes")
+    #expect(process.waitForOutputEnd(timeout: 10))
+    #expect(output.text == "early\nlate\n")
+    #expect(errors.text == "late-error\n")
+    #expect(output.nextLine(timeout: 0) == "early")
+    #expect(output.nextLine(timeout: 0) == "late")
+    #expect(output.nextLine(timeout: 0) == nil)
+  }
 }
