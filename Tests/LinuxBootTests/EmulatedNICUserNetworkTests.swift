@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// The emulated NICs on user-mode networking (`--net user,model=...`, on passt): Debian's
@@ -23,12 +24,7 @@ struct EmulatedNICUserNetworkTests {
     let payload = web + "/payload.bin"
     _ = FileManager.default.createFile(atPath: payload, contents: try randomBytes(size))
     let httpPort = UserNetworkTests.freePort()
-    let server = Process()
-    server.executableURL = URL(fileURLWithPath: "/bin/busybox")
-    server.arguments = ["httpd", "-f", "-p", "127.0.0.1:\(httpPort)", "-h", web]
-    server.standardOutput = FileHandle.nullDevice
-    server.standardError = FileHandle.nullDevice
-    try server.run()
+    let server = try HostProcess("/bin/busybox", ["httpd", "-f", "-p", "127.0.0.1:\(httpPort)", "-h", web], errors: { _ in }, output: { _ in })
     defer {
       // SIGKILL: the test runner's children inherit a blocked SIGTERM.
       kill(server.processIdentifier, SIGKILL)

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// The emulated 82540EM end to end: Debian's generic kernel (the `guest-generic` images, whose
@@ -8,24 +9,24 @@ import Testing
 /// sha256sum on both sides.
 @Suite("Linux drives the emulated e1000 on the software CPU", .serialized)
 struct LinuxE1000Tests {
-  /// Starts a busybox nc in `namespace` with `arguments`, reading `input` and writing `output`
-  /// (never the test runner's own output).
-  static func netcat(
-    in namespace: String, _ arguments: [String], input: Any?, output: FileHandle?
-  ) throws -> Process {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = ["ip", "netns", "exec", namespace, "/bin/busybox", "nc"] + arguments
-    process.standardInput = input
-    process.standardOutput = output ?? FileHandle.nullDevice
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    return process
+  /// Starts a busybox nc in `namespace` with `arguments`, its standard input read from the file
+  /// `input` (or a pipe the test keeps open, when nil) and its standard output written to the
+  /// file `output` (or discarded). The files are opened by the shell that becomes nc, so the
+  /// child holds only its own descriptors 0-2 (`HostProcess`).
+  static func netcat(in namespace: String, _ arguments: [String], input: String? = nil, output: String? = nil)
+    throws -> HostProcess
+  {
+    let script = #"in=$0; out=$1; shift; if [ "$in" = - ]; then exec /bin/busybox nc "$@" >"$out"; "#
+      + #"else exec /bin/busybox nc "$@" <"$in" >"$out"; fi"#
+    return try HostProcess(
+      "/usr/bin/env",
+      ["ip", "netns", "exec", namespace, "/bin/sh", "-c", script, input ?? "-", output ?? "/dev/null"] + arguments,
+      errors: { _ in }, output: { _ in })
   }
 
-  /// Ends a helper process (SIGKILL: the test runner's children inherit a blocked SIGTERM).
-  static func stop(_ process: Process) {
-    if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+  /// Ends a helper process (SIGKILL, as for every helper the tests start).
+  static func stop(_ process: HostProcess) {
+    if process.isRunning { process.signal(SIGKILL) }
     process.waitUntilExit()
   }
 
@@ -86,8 +87,7 @@ struct LinuxE1000Tests {
     var random = SystemRandomNumberGenerator()
     _ = FileManager.default.createFile(
       atPath: payload, contents: Data((0..<size / 8).flatMap { _ in withUnsafeBytes(of: random.next()) { Array($0) } }))
-    let sender = try Self.netcat(
-      in: namespace, ["-l", "-p", "5001"], input: FileHandle(forReadingAtPath: payload), output: nil)
+    let sender = try Self.netcat(in: namespace, ["-l", "-p", "5001"], input: payload)
     defer { Self.stop(sender) }
     let received = try await session.run(
       "for i in 1 2 3 4 5; do nc 10.0.3.2 5001 > /tmp/in && [ -s /tmp/in ] && break; sleep 1; done;"
@@ -97,9 +97,7 @@ struct LinuxE1000Tests {
     // Guest to host: the guest sends 10 MiB of random bytes; the host listener's copy must match.
     let copy = scratch.path("from-guest.bin")
     #expect(FileManager.default.createFile(atPath: copy, contents: nil))
-    let keepOpen = Pipe()
-    let receiver = try Self.netcat(
-      in: namespace, ["-l", "-p", "5002"], input: keepOpen, output: FileHandle(forWritingAtPath: copy))
+    let receiver = try Self.netcat(in: namespace, ["-l", "-p", "5002"], output: copy)
     defer { Self.stop(receiver) }
     let sent = try await session.run(
       "rm /tmp/in; head -c \(size) /dev/urandom > /tmp/out && sha256sum /tmp/out"

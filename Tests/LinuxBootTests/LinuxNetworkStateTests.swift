@@ -143,14 +143,8 @@ struct LinuxNetworkStateTests {
     let payload = scratch.path("to-guest.bin")
     _ = FileManager.default.createFile(
       atPath: payload, contents: try randomBytes(size))
-    let sender = Process()
-    sender.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    sender.arguments = ["ip", "netns", "exec", namespace, "/bin/busybox", "nc", "-l", "-p", "5001"]
-    sender.standardInput = FileHandle(forReadingAtPath: payload)
-    sender.standardOutput = FileHandle.nullDevice
-    sender.standardError = FileHandle.nullDevice
-    try sender.run()
-    defer { if sender.isRunning { kill(sender.processIdentifier, SIGKILL) } }
+    let sender = try LinuxE1000Tests.netcat(in: namespace, ["-l", "-p", "5001"], input: payload)
+    defer { LinuxE1000Tests.stop(sender) }
     let received = try await restored.run(
       "for i in 1 2 3 4 5; do nc 10.0.2.2 5001 > /tmp/in && [ -s /tmp/in ] && break; sleep 1; done;"
         + " sha256sum /tmp/in", timeout: .seconds(240))
@@ -158,15 +152,8 @@ struct LinuxNetworkStateTests {
 
     let copy = scratch.path("from-guest.bin")
     #expect(FileManager.default.createFile(atPath: copy, contents: nil))
-    let receiver = Process()
-    let keepOpen = Pipe()
-    receiver.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    receiver.arguments = ["ip", "netns", "exec", namespace, "/bin/busybox", "nc", "-l", "-p", "5002"]
-    receiver.standardInput = keepOpen
-    receiver.standardOutput = FileHandle(forWritingAtPath: copy)
-    receiver.standardError = FileHandle.nullDevice
-    try receiver.run()
-    defer { if receiver.isRunning { kill(receiver.processIdentifier, SIGKILL) } }
+    let receiver = try LinuxE1000Tests.netcat(in: namespace, ["-l", "-p", "5002"], output: copy)
+    defer { LinuxE1000Tests.stop(receiver) }
     let guestSent = try await restored.run(
       "head -c \(size) /dev/urandom > /tmp/out && sha256sum /tmp/out"
         + " && for i in 1 2 3 4 5; do nc 10.0.2.2 5002 < /tmp/out && break; sleep 1; done",

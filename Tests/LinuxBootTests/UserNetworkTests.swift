@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// User-mode networking (`--net user`, on passt) for an unprivileged user: the default Debian
@@ -48,13 +49,7 @@ struct UserNetworkTests {
     _ = FileManager.default.createFile(
       atPath: payload, contents: try randomBytes(size))
     let httpPort = Self.freePort()
-    let server = Process()
-    server.executableURL = URL(fileURLWithPath: "/bin/busybox")
-    server.arguments = ["httpd", "-f", "-p", "127.0.0.1:\(httpPort)", "-h", web]
-    // Never hold the test runner's output open, even if the server outlived the test.
-    server.standardOutput = FileHandle.nullDevice
-    server.standardError = FileHandle.nullDevice
-    try server.run()
+    let server = try HostProcess("/bin/busybox", ["httpd", "-f", "-p", "127.0.0.1:\(httpPort)", "-h", web], errors: { _ in }, output: { _ in })
     defer {
       // SIGKILL: the test runner's children inherit a blocked SIGTERM.
       kill(server.processIdentifier, SIGKILL)

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// Bulk transfers between the host and a guest on user-mode networking, each checked with
@@ -60,15 +61,11 @@ enum UserNetworkTransfers {
   /// Starts the host peer in `mode` (see `hostPeer`) as a child process.
   static func startHostPeer(
     _ mode: String, file: String, port: UInt16, seconds: Int = 300, expectedBytes: Int? = nil
-  ) throws -> Process {
-    let peer = Process()
-    peer.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    peer.arguments =
-      ["python3", "-c", hostPeer, mode, file, "\(port)", "\(seconds)"] + (expectedBytes.map { ["\($0)"] } ?? [])
-    peer.standardOutput = FileHandle.nullDevice
-    peer.standardError = FileHandle.nullDevice
-    try peer.run()
-    return peer
+  ) throws -> HostProcess {
+    try HostProcess(
+      "/usr/bin/env",
+      ["python3", "-c", hostPeer, mode, file, "\(port)", "\(seconds)"] + (expectedBytes.map { ["\($0)"] } ?? []),
+      errors: { _ in }, output: { _ in })
   }
 
   /// The size of the file at `path` in bytes, or -1 when it does not exist.
@@ -77,7 +74,7 @@ enum UserNetworkTransfers {
   }
 
   /// Waits up to `seconds` for `process` to exit (killing it after that); its exit status.
-  static func wait(for process: Process, seconds: Int = 300) async throws -> Int32 {
+  static func wait(for process: HostProcess, seconds: Int = 300) async throws -> Int32 {
     for _ in 0..<(seconds * 5) where process.isRunning { try await Task.sleep(for: .milliseconds(200)) }
     if process.isRunning { kill(process.processIdentifier, SIGKILL) }
     process.waitUntilExit()
