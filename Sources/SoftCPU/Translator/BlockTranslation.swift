@@ -939,15 +939,12 @@ struct BlockTranslator {
     let registerLoadSize = width == 4 ? 4 : 8
     var displacement = instruction.displacement
     let base: UInt8
-    // Whether `base` holds the base register's value already `width` bytes wide.
-    var baseLoadedAtWidth = false
     if instruction.base < 16 {
       if let host = emitter.cachedHost(guest(instruction.base)) {
         base = host
       } else {
         base = HostRegister.rsi
         emitter.mov(size: registerLoadSize, base, guest(instruction.base))
-        baseLoadedAtWidth = true
       }
     } else if instruction.base == Instruction.ripRelative {
       base = HostRegister.rsi
@@ -969,7 +966,7 @@ struct BlockTranslator {
     let displacement32 = Int32(truncatingIfNeeded: displacement)
     if indexRegister == nil && displacement32 == 0 {
       // A MOV of 4 bytes zero-extends as the 4-byte LEA would.
-      if base != target || (width == 4 && !baseLoadedAtWidth) { emitter.mov(size: width, target, .register(base)) }
+      if base != target || width == 4 { emitter.mov(size: width, target, .register(base)) }
       return
     }
     emitter.lea(
