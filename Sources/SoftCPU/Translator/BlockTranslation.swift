@@ -932,11 +932,6 @@ struct BlockTranslator {
   ) {
     let instruction = slot.pointee
     let width = width ?? (instruction.addressSize == 4 ? 4 : 8)
-    // A 4-byte address needs only the registers' low halves. Loading just those also lets the
-    // load take its value from a 4-byte store still in flight (a 32-bit PUSH, POP, CALL or RET
-    // writes the stack pointer's low half), where a wider load would wait for that store to
-    // reach the cache.
-    let registerLoadSize = width == 4 ? 4 : 8
     var displacement = instruction.displacement
     let base: UInt8
     if instruction.base < 16 {
@@ -944,7 +939,7 @@ struct BlockTranslator {
         base = host
       } else {
         base = HostRegister.rsi
-        emitter.mov(size: registerLoadSize, base, guest(instruction.base))
+        emitter.mov(size: 8, base, guest(instruction.base))
       }
     } else if instruction.base == Instruction.ripRelative {
       base = HostRegister.rsi
@@ -960,7 +955,7 @@ struct BlockTranslator {
         indexRegister = host
       } else {
         indexRegister = HostRegister.rdi
-        emitter.mov(size: registerLoadSize, HostRegister.rdi, guest(instruction.index))
+        emitter.mov(size: 8, HostRegister.rdi, guest(instruction.index))
       }
     }
     let displacement32 = Int32(truncatingIfNeeded: displacement)
