@@ -55,10 +55,17 @@ struct BlockRequests {
 
   /// Sends one request, waits for it; returns the status byte and the used length.
   func run(type: UInt32, sector: UInt64, dataLength: UInt32 = 0, deviceWrites: Bool = false) -> (UInt8, UInt32) {
+    run(type: type, sector: sector, parts: dataLength > 0 ? [(Self.data, dataLength)] : [], deviceWrites: deviceWrites)
+  }
+
+  /// Sends one request whose data is the buffers `parts`, in that order, and waits for it;
+  /// returns the status byte and the used length.
+  func run(type: UInt32, sector: UInt64, parts: [(address: UInt64, length: UInt32)], deviceWrites: Bool)
+    -> (UInt8, UInt32)
+  {
     writeHeader(type: type, sector: sector)
-    var buffers: [(UInt64, UInt32, Bool)] = [(Self.header, 16, false)]
-    if dataLength > 0 { buffers.append((Self.data, dataLength, deviceWrites)) }
-    buffers.append((Self.status, 1, true))
+    let buffers =
+      [(Self.header, 16, false)] + parts.map { ($0.address, $0.length, deviceWrites) } + [(Self.status, 1, true)]
     let before = queue.usedIndex
     queue.submit(buffers)
     #expect(queue.waitForUsed(before &+ 1))
@@ -119,24 +126,16 @@ struct BlockRequests {
       try machine.memory.writeBytes(Array(pattern[offset..<offset + Int(part.length)]), at: part.address)
       offset += Int(part.length)
     }
-    requests.writeHeader(type: VirtioBlock.RequestType.write, sector: 20)
-    requests.queue.submit(
-      [(BlockRequests.header, 16, false)] + parts.map { ($0.address, $0.length, false) }
-        + [(BlockRequests.status, 1, true)])
-    #expect(requests.queue.waitForUsed(1))
-    #expect(try machine.memory.read(UInt8.self, at: BlockRequests.status) == 0)
+    #expect(requests.run(type: VirtioBlock.RequestType.write, sector: 20, parts: parts, deviceWrites: false).0 == 0)
     #expect(file.read(at: 20 * 512, count: 4096) == pattern)
 
     // Read it back into the same buffers in another order.
     let readParts = [parts[2], parts[0], parts[1]]
     for part in readParts { try machine.memory.fill(0xEE, at: part.address, length: UInt64(part.length)) }
-    requests.writeHeader(type: VirtioBlock.RequestType.read, sector: 20)
-    requests.queue.submit(
-      [(BlockRequests.header, 16, false)] + readParts.map { ($0.address, $0.length, true) }
-        + [(BlockRequests.status, 1, true)])
-    #expect(requests.queue.waitForUsed(2))
-    #expect(try machine.memory.read(UInt8.self, at: BlockRequests.status) == 0)
-    #expect(requests.queue.usedElement(1).length == 4097)
+    let (status, length) = requests.run(
+      type: VirtioBlock.RequestType.read, sector: 20, parts: readParts, deviceWrites: true)
+    #expect(status == 0)
+    #expect(length == 4097)
     offset = 0
     for part in readParts {
       let bytes = try machine.memory.readBytes(at: part.address, count: Int(part.length))
@@ -156,12 +155,7 @@ struct BlockRequests {
       (BlockRequests.data, 512), (BlockRequests.data + 0x2000, 1024), (BlockRequests.data + 0x1000, 512),
     ]
     for part in parts { try machine.memory.fill(0xEE, at: part.address, length: UInt64(part.length)) }
-    requests.writeHeader(type: VirtioBlock.RequestType.read, sector: 10)
-    requests.queue.submit(
-      [(BlockRequests.header, 16, false)] + parts.map { ($0.address, $0.length, true) }
-        + [(BlockRequests.status, 1, true)])
-    #expect(requests.queue.waitForUsed(1))
-    #expect(try machine.memory.read(UInt8.self, at: BlockRequests.status) == 0)
+    #expect(requests.run(type: VirtioBlock.RequestType.read, sector: 10, parts: parts, deviceWrites: true).0 == 0)
     #expect(try machine.memory.readBytes(at: parts[0].address, count: 512) == [UInt8](repeating: 0x5C, count: 512))
     let second = try machine.memory.readBytes(at: parts[1].address, count: 1024)
     #expect(second == [UInt8](repeating: 0x5C, count: 188) + [UInt8](repeating: 0, count: 836))
