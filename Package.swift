@@ -90,9 +90,11 @@ let package = Package(
     .testTarget(name: "ControlAPITests", dependencies: ["ControlAPI", "VMM", "hostvisor", "TestSupport"]),
     .testTarget(name: "InterruptControllerTests", dependencies: ["InterruptControllers", "VMCore"]),
     .testTarget(name: "FirmwareTests", dependencies: ["Firmware", "VMCore", "TestSupport"]),
-    .testTarget(name: "DisplayTests", dependencies: ["Display", "Devices", "VMCore", "PCI", "hostvisor", "TestSupport"]),
     .testTarget(
-      name: "VirtioTests", dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim", "SoftCPU", "Devices", "TestSupport"]),
+      name: "DisplayTests", dependencies: ["Display", "Devices", "VMCore", "PCI", "hostvisor", "TestSupport"]),
+    .testTarget(
+      name: "VirtioTests",
+      dependencies: ["Virtio", "PCI", "VMCore", "CVirtioShim", "SoftCPU", "Devices", "TestSupport"]),
   ],
   swiftLanguageModes: [.v6]
 )

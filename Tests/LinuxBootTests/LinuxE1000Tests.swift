@@ -16,7 +16,8 @@ struct LinuxE1000Tests {
   static func netcat(in namespace: String, _ arguments: [String], input: String? = nil, output: String? = nil)
     throws -> HostProcess
   {
-    let script = #"in=$0; out=$1; shift; if [ "$in" = - ]; then exec /bin/busybox nc "$@" >"$out"; "#
+    let script =
+      #"in=$0; out=$1; shift; if [ "$in" = - ]; then exec /bin/busybox nc "$@" >"$out"; "#
       + #"else exec /bin/busybox nc "$@" <"$in" >"$out"; fi"#
     return try HostProcess(
       "/usr/bin/env",

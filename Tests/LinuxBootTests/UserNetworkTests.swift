@@ -49,7 +49,8 @@ struct UserNetworkTests {
     _ = FileManager.default.createFile(
       atPath: payload, contents: try randomBytes(size))
     let httpPort = Self.freePort()
-    let server = try HostProcess("/bin/busybox", ["httpd", "-f", "-p", "127.0.0.1:\(httpPort)", "-h", web], errors: { _ in }, output: { _ in })
+    let server = try HostProcess(
+      "/bin/busybox", ["httpd", "-f", "-p", "127.0.0.1:\(httpPort)", "-h", web], errors: { _ in }, output: { _ in })
     defer {
       // SIGKILL: the test runner's children inherit a blocked SIGTERM.
       kill(server.processIdentifier, SIGKILL)
