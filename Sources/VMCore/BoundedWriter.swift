@@ -13,10 +13,12 @@ import Synchronization
 ///
 /// Before `start()` (while the process is starting and still single-threaded: the sandbox
 /// forks, and a thread started before would not exist in its child) writes go directly to the
-/// descriptor, one `write(2)` each, by the caller. `finish()` makes the thread write what is
-/// buffered and end; later writes go directly again. At process exit (`atexit`) what every
-/// started writer still buffers is written, waiting at most `exitDrainTimeout` in all for
-/// consumers that do not read.
+/// descriptor, one `write(2)` each, by the caller; with `dropMessages` a message waits at most
+/// `directWriteWait` for the descriptor to take output and is otherwise dropped and counted,
+/// so a standard error nobody reads cannot stop the process before its writer runs either.
+/// `finish()` makes the thread write what is buffered and end; later writes go directly again.
+/// At process exit (`atexit`) what every started writer still buffers is written, waiting at
+/// most `exitDrainTimeout` in all for consumers that do not read.
 public final class BoundedWriter: @unchecked Sendable {
   /// What a write that does not fit in the buffer does.
   public enum WhenFull: Sendable {
@@ -159,11 +161,41 @@ public final class BoundedWriter: @unchecked Sendable {
       return true
     }
     guard !queued else { return }
+    if case .dropMessages = whenFull, !Self.hasRoom(fileDescriptor, within: Self.directWriteWait) {
+      // Nobody reads the descriptor and no thread may wait for it yet: the message is dropped
+      // and counted as one the buffer had no room for (the note follows once the writer runs).
+      condition.locked {
+        state.unreportedDrops += 1
+        state.droppedMessages += 1
+      }
+      return
+    }
     if needsNewline {
       let line = Array(bytes) + [UInt8(ascii: "\n")]
       line.withUnsafeBytes { writeFully(fd: fileDescriptor, $0) }
     } else {
       writeFully(fd: fileDescriptor, bytes)
+    }
+  }
+
+  /// How long a message written directly (`dropMessages`, before `start()` or after
+  /// `finish()`) waits for its descriptor to take output before it is dropped.
+  static let directWriteWait: Duration = .seconds(1)
+
+  /// Whether `fileDescriptor` takes output (POLLOUT: a pipe then has room for a message of up
+  /// to PIPE_BUF bytes) within `wait`; true for a descriptor poll cannot watch.
+  static func hasRoom(_ fileDescriptor: Int32, within wait: Duration) -> Bool {
+    let deadline = ContinuousClock.now + wait
+    while true {
+      var waiter = pollfd(fd: fileDescriptor, events: Int16(POLLOUT), revents: 0)
+      let left = deadline - ContinuousClock.now
+      let milliseconds = max(
+        0, Int32(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+      let ready = poll(&waiter, 1, milliseconds)
+      // Ready: room, or an error or hang-up on which the write fails at once.
+      if ready > 0 { return true }
+      if ready == 0 { return false }
+      if errno != EINTR { return true }
     }
   }
 

@@ -28,6 +28,39 @@ struct DiagnosticOutputTests {
     }
   }
 
+  /// Before the writer thread runs (a process still starting), a line written behind a full
+  /// pipe returns after about a second instead of waiting for a reader, and is counted; once
+  /// the writer runs and the pipe is read, the note about it comes before the next line.
+  @Test func aLineWrittenBeforeTheWriterStartsDoesNotWaitForAFullPipe() throws {
+    let pipe = try FullPipe()
+    defer { close(pipe.read) }
+    let output = DiagnosticOutput(fileDescriptor: pipe.write, capacity: 8192)
+    // On a thread of its own, so that a write that blocks fails the test instead of hanging it.
+    let written = DispatchSemaphore(value: 0)
+    Thread.detachNewThread {
+      output.write("hostvisor: a line before the writer runs")
+      written.signal()
+    }
+    let returned = written.wait(timeout: .now() + 10) == .success
+    #expect(returned, "a line written before start() behind a full pipe did not return within 10 s")
+    #expect(output.droppedLines == 1)
+
+    let reader = Reader(pipe.read)
+    if !returned { _ = written.wait(timeout: .now() + 60) }
+    try output.start()
+    output.write("hostvisor: a line after")
+    #expect(output.drain(timeout: .seconds(20)))
+    output.finish()
+    close(pipe.write)
+    try #require(reader.ended.wait(timeout: .now() + 20) == .success, "the reader did not see the end of the pipe")
+    let bytes = reader.data.withLock { $0 }
+    try #require(bytes.count >= pipe.filled)
+    let text = String(decoding: bytes[pipe.filled...], as: UTF8.self)
+    #expect(
+      text == "hostvisor: 1 message was dropped (standard error was not being read)\nhostvisor: a line after\n",
+      "\(text)")
+  }
+
   /// Thousands of lines written behind a full pipe that nobody reads all return at once; the
   /// buffer keeps the first that fit and counts the rest. Once the pipe is read again, the
   /// kept lines arrive whole and in order, then one line saying how many were dropped, then
