@@ -161,7 +161,7 @@ public final class BoundedWriter: @unchecked Sendable {
       return true
     }
     guard !queued else { return }
-    if case .dropMessages = whenFull, !Self.hasRoom(fileDescriptor, within: Self.directWriteWait) {
+    if case .dropMessages = whenFull, !Self.takesOutput(fileDescriptor, within: Self.directWriteWait) {
       // Nobody reads the descriptor and no thread may wait for it yet: the message is dropped
       // and counted as one the buffer had no room for (the note follows once the writer runs).
       condition.locked {
@@ -184,7 +184,7 @@ public final class BoundedWriter: @unchecked Sendable {
 
   /// Whether `fileDescriptor` takes output (POLLOUT: a pipe then has room for a message of up
   /// to PIPE_BUF bytes) within `wait`; true for a descriptor poll cannot watch.
-  static func hasRoom(_ fileDescriptor: Int32, within wait: Duration) -> Bool {
+  static func takesOutput(_ fileDescriptor: Int32, within wait: Duration) -> Bool {
     let deadline = ContinuousClock.now + wait
     while true {
       var waiter = pollfd(fd: fileDescriptor, events: Int16(POLLOUT), revents: 0)
