@@ -15,8 +15,9 @@ import Glibc
 /// Before `start()` (while the process is starting and still single-threaded: the sandbox
 /// forks, and a thread started before would not exist in its child) lines are written
 /// directly, as one `write(2)` each; a line that finds the descriptor full for a second is
-/// dropped and counted, and the note about it follows once the writer runs. At process exit what is buffered is written, waiting at
-/// most `exitDrainTimeout` for a consumer that does not read.
+/// dropped and counted, and the note about it follows once the writer runs. At process exit
+/// what is buffered is written, waiting at most `exitDrainTimeout` for a consumer that does
+/// not read.
 ///
 /// The buffer and its thread are a `BoundedWriter` that drops whole messages.
 public final class DiagnosticOutput: Sendable {

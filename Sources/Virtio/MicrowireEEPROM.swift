@@ -18,22 +18,16 @@ struct MicrowireEEPROM {
 
   init(words: [UInt16]) { self.words = words }
 
-  /// Ends any command and releases the data output (chip select dropped); the clock pin keeps
-  /// its level.
-  private mutating func resetInterface() {
-    started = false
-    command = 0
-    commandBits = 0
-    reading = false
-    dataOut = false
-  }
-
   /// Sets the chip select, clock and data input pins.
   mutating func drive(chipSelect: Bool, clock: Bool, dataIn: Bool) {
     let rising = clock && !clockHigh
     clockHigh = clock
     guard chipSelect else {
-      resetInterface()
+      started = false
+      command = 0
+      commandBits = 0
+      reading = false
+      dataOut = false
       return
     }
     guard rising else { return }

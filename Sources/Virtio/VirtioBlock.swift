@@ -66,8 +66,8 @@ extension BlockBackend {
   }
 }
 
-/// A raw disk image file: pread/pwrite (preadv/pwritev for a request's scattered buffers, one
-/// system call per request as long as the host transfers it whole), fdatasync for flushes, fallocate for discard and
+/// A raw disk image file: preadv/pwritev (a request's scattered buffers in one system call as
+/// long as the host transfers them whole), fdatasync for flushes, fallocate for discard and
 /// write-zeroes (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE).
 public final class RawFileBlockBackend: BlockBackend {
   /// The image path.
@@ -113,32 +113,11 @@ public final class RawFileBlockBackend: BlockBackend {
   deinit { close(fd) }
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BlockBackendError) {
-    var done = 0
-    while done < buffer.count {
-      let count = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-      if count < 0 {
-        if errno == EINTR { continue }
-        throw .io(errno: errno)
-      }
-      if count == 0 {
-        memset(buffer.baseAddress! + done, 0, buffer.count - done)
-        return
-      }
-      done += count
-    }
+    try read(into: [buffer], at: offset)
   }
 
   public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlockBackendError) {
-    guard !isReadOnly else { throw .io(errno: EROFS) }
-    var done = 0
-    while done < buffer.count {
-      let count = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-      if count < 0 {
-        if errno == EINTR { continue }
-        throw .io(errno: errno)
-      }
-      done += count
-    }
+    try write([buffer], at: offset)
   }
 
   public func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) throws(BlockBackendError) {

@@ -80,8 +80,8 @@ func curl(_ socket: String, _ method: String, _ path: String, _ body: String? = 
 /// A `hostvisor` process (any personality) whose output is collected.
 final class HostvisorProcess: Sendable {
   let process: HostProcess
-  private let transcript = Transcript()
-  private let errorTranscript = Transcript()
+  private let transcript = CollectedOutput()
+  private let errorTranscript = CollectedOutput()
 
   /// Starts `executable` (default: the hostvisor binary) with `arguments`.
   init(_ arguments: [String], executable: String = hostvisorBinary, environment: [String: String]? = nil) throws {
@@ -89,8 +89,7 @@ final class HostvisorProcess: Sendable {
     let errorTranscript = self.errorTranscript
     process = try HostProcess(
       executable, arguments, environment: environment.map { ProcessInfo.processInfo.environment.merging($0) { $1 } },
-      errors: { data in errorTranscript.text.withLock { $0 += String(decoding: data, as: UTF8.self) } },
-      output: { data in transcript.text.withLock { $0 += String(decoding: data, as: UTF8.self) } })
+      errors: { errorTranscript.append($0) }, output: { transcript.append($0) })
   }
 
   deinit {
@@ -104,10 +103,10 @@ final class HostvisorProcess: Sendable {
   }
 
   /// Everything the guest (and the process) printed on standard output so far.
-  var text: String { transcript.text.withLock { $0 } }
+  var text: String { transcript.text }
 
   /// Everything the process printed on standard error so far.
-  var errorText: String { errorTranscript.text.withLock { $0 } }
+  var errorText: String { errorTranscript.text }
 
   /// Types `text` on the guest's console.
   func type(_ text: String) { process.write(Data(text.utf8)) }
@@ -174,11 +173,6 @@ final class HostvisorProcess: Sendable {
     }
     return process.terminationStatus
   }
-}
-
-/// Text collected from a pipe.
-final class Transcript: Sendable {
-  let text = Mutex("")
 }
 
 struct TestFailure: Error, CustomStringConvertible {
