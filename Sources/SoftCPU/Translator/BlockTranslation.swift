@@ -305,6 +305,14 @@ struct BlockTranslator {
   /// The probe of the instruction being emitted leaves the flags parked instead of restoring
   /// them: it and the next instruction keep them parked.
   var parksFlagsAfterProbe = false
+  /// Per instruction of the prefix (and after the last): the recipe that computes the flags
+  /// again from the guest registers, where one holds (`FlagRecipe.recipes`).
+  var flagRecipes: [FlagRecipe?] = []
+  /// How the miss paths of the probe being emitted, and the code that unparks the flags, get
+  /// the guest's flags back into the host RFLAGS.
+  var flagRecovery = FlagRecovery.savedInEBP
+  /// The index of the instruction being emitted.
+  var emittingIndex = 0
   /// The decoded block being translated (its index, for the run loop's `last_block`) and its
   /// instruction count; `selfLoopEntry` is the chained entry, the target of a branch back to
   /// the block's first instruction (a loop of one block), nil when the index is unknown.
@@ -689,6 +697,9 @@ struct BlockTranslator {
       if index < translated, Self.flagUse(first + index)!.writesAll { valid = true }
     }
 
+    flagRecipes = FlagRecipe.recipes(first, count: translated, codeSize: codeSize)
+    flagRecovery = .savedInEBP
+
     emitter = X86Emitter()
     emitter.entryPageOffset = entryPageOffset
     outOfLine = []
@@ -738,9 +749,13 @@ struct BlockTranslator {
     flagsParked = false
     let keepsParked = (0..<translated).map { Self.keepsFlagsParked(first + $0) }
     for index in 0..<translated {
-      if flagsParked && !keepsParked[index] { unparkFlags() }
+      // Flags parked as a recipe come back before an instruction that writes one of its
+      // registers.
+      refreshParkedRecipe(index)
+      if flagsParked && (!keepsParked[index] || !parkedFlagsSurvive(index)) { unparkFlags() }
       parksFlagsAfterProbe =
         inlineTLBProbes && keepsParked[index] && index + 1 < translated && keepsParked[index + 1]
+      emittingIndex = index
       ended = emitInstruction(first + index, index: index)
     }
     if flagsParked { unparkFlags() }
@@ -795,8 +810,15 @@ struct BlockTranslator {
 
   /// Puts the flags parked in EBP back into the host RFLAGS (clobbers RAX).
   private mutating func unparkFlags() {
-    emitter.restoreFlags()
+    flagRecovery.emit(&emitter)
     flagsParked = false
+  }
+
+  /// Whether flags parked before instruction `index` can stay parked across it: saved in
+  /// EBP, or recomputed by a recipe that still holds after it.
+  private func parkedFlagsSurvive(_ index: Int) -> Bool {
+    guard case .recomputed = flagRecovery else { return true }
+    return recipeSurvives(index)
   }
 
   /// Whether the translation of `slot` can run with the guest's flags parked in EBP
@@ -1002,8 +1024,10 @@ struct BlockTranslator {
   mutating func emitProbe(
     size: Int, write: Bool, flagsValid: Bool, restoresFlags: Bool = true, miss: HostLabel, aligned: Bool = false
   ) {
-    // Parked flags are in EBP already.
-    if flagsValid && !flagsParked { emitter.saveFlags() }
+    // Parked flags are in EBP or recomputable already.
+    if flagsValid && !flagsParked {
+      keepFlagsForProbe(at: emittingIndex, parking: restoresFlags && parksFlagsAfterProbe)
+    }
     if aligned {
       // A misaligned access takes the slow path, whose helper raises the #GP(0).
       emitter.test(size: 4, .register(HostRegister.rsi), immediate: Int32(size - 1))
@@ -1031,7 +1055,7 @@ struct BlockTranslator {
     emitter.alu(.add, size: 8, HostRegister.rdx, .register(HostRegister.rsi))
     if flagsValid {
       // Flags the probe need not restore are dead: nothing reads them before they are written.
-      if restoresFlags && !parksFlagsAfterProbe { emitter.restoreFlags() }
+      if restoresFlags && !parksFlagsAfterProbe { flagRecovery.emit(&emitter) }
       flagsParked = restoresFlags && parksFlagsAfterProbe
     }
     // The victim way (`tlbSlots`), out of line: a hit there goes on as a primary hit.
@@ -1088,10 +1112,11 @@ struct BlockTranslator {
     let valid = flagsValidAt[index]
     let offset = instructionOffsets[index]
     let epilogue = self.epilogue
+    let recovery = flagRecovery
     outOfLine.append { emitter in
       emitter.bind(miss)
       if valid {
-        emitter.restoreFlags()
+        recovery.emit(&emitter)
         emitter.storeGuestFlags()
       }
       emitter.leave(ripOffset: offset, result: UInt64(index), epilogue: epilogue)
@@ -1115,16 +1140,17 @@ struct BlockTranslator {
       emitProbe(size: size, write: false, flagsValid: valid, restoresFlags: !flagsDead, miss: miss)
       emitLoadHost(size: size, from: .at(HostRegister.rdx, 0))
     } else {
-      if valid { emitter.saveFlags() }
+      if valid { saveFlagsInEBP() }
       emitter.jump(to: miss)
     }
     emitter.bind(resume)
     let epilogue = self.epilogue
     let offset = instructionOffsets[index]
+    let recovery = flagRecovery
     outOfLine.append { emitter in
       emitter.bind(miss)
       if valid {
-        emitter.restoreFlags()
+        recovery.emit(&emitter)
         emitter.storeGuestFlags()
       }
       emitter.mov(size: 8, HostRegister.rdi, .register(HostRegister.r12))
@@ -1166,7 +1192,7 @@ struct BlockTranslator {
       value(&emitter, HostRegister.rax)
       emitter.mov(size: size, .at(HostRegister.rdx, 0), HostRegister.rax)
     } else {
-      if valid { emitter.saveFlags() }
+      if valid { saveFlagsInEBP() }
       emitter.jump(to: miss)
     }
     emitter.bind(resume)
@@ -1174,10 +1200,11 @@ struct BlockTranslator {
     let epilogue = self.epilogue
     let offset = instructionOffsets[index]
     let nextOffset = endedRIPOffset ?? instructionOffsets[index + 1]
+    let recovery = flagRecovery
     outOfLine.append { emitter in
       emitter.bind(miss)
       if valid {
-        emitter.restoreFlags()
+        recovery.emit(&emitter)
         emitter.storeGuestFlags()
       }
       value(&emitter, HostRegister.rcx)
@@ -1478,7 +1505,7 @@ struct BlockTranslator {
         emitter.mov(size: 8, rax, src)
         emitter.alu(Self.aluKind(instruction.fast), size: 8, .at(HostRegister.rdx, 0), rax)
       } else {
-        if flagsValidAt[index] { emitter.saveFlags() }
+        if flagsValidAt[index] { saveFlagsInEBP() }
         emitter.jump(to: miss)
       }
       deferLeaveBefore(index, miss: miss)
@@ -1666,17 +1693,18 @@ struct BlockTranslator {
     if inlineTLBProbes {
       emitProbe(size: size, write: false, flagsValid: valid, miss: miss, aligned: aligned && size == 16)
     } else {
-      if valid { emitter.saveFlags() }
+      if valid { saveFlagsInEBP() }
       emitter.jump(to: miss)
     }
     emitter.bind(resume)
     let epilogue = self.epilogue
     let offset = instructionOffsets[index]
     let sizeArgument = Int32(size) | (aligned && size == 16 ? 0x100 : 0)
+    let recovery = flagRecovery
     outOfLine.append { emitter in
       emitter.bind(miss)
       if valid {
-        emitter.restoreFlags()
+        recovery.emit(&emitter)
         emitter.storeGuestFlags()
       }
       emitter.mov(size: 8, HostRegister.rdi, .register(HostRegister.r12))
@@ -1715,7 +1743,7 @@ struct BlockTranslator {
       emitter.loadVector(0, source)
       emitter.sse(prefix: prefix, opcode: opcode, wide: form.wide, reg: 0, rm: .at(HostRegister.rdx, 0))
     } else {
-      if valid { emitter.saveFlags() }
+      if valid { saveFlagsInEBP() }
       emitter.jump(to: miss)
     }
     emitter.bind(resume)
@@ -1723,10 +1751,11 @@ struct BlockTranslator {
     let offset = instructionOffsets[index]
     let nextOffset = instructionOffsets[index + 1]
     let sizeArgument = Int32(form.memorySize) | (form.aligned && form.memorySize == 16 ? 0x100 : 0)
+    let recovery = flagRecovery
     outOfLine.append { emitter in
       emitter.bind(miss)
       if valid {
-        emitter.restoreFlags()
+        recovery.emit(&emitter)
         emitter.storeGuestFlags()
       }
       emitter.mov(size: 8, HostRegister.rdi, .at(HostRegister.r12, ContextOffset.xmm))

@@ -317,7 +317,7 @@ extension BlockTranslator {
         if form.locked { emitter.byte(0xF0) }
         emitOperation(form, destination: .at(HostRegister.rdx, 0), register: rax, immediate: immediate)
       } else {
-        if flagsValidAt[index] { emitter.saveFlags() }
+        if flagsValidAt[index] { saveFlagsInEBP() }
         emitter.jump(to: miss)
       }
       deferLeaveBefore(index, miss: miss)
@@ -432,7 +432,7 @@ extension BlockTranslator {
       emitter.mov(size: size, rcx, guestRegister(instruction.rm, size: size))
     }
     let valid = flagsValidAt[index]
-    if valid { emitter.saveFlags() }
+    if valid { saveFlagsInEBP() }
     emitter.mov(size: size, rax, guestRegister(0, size: size))
     emitter.mov(size: size, rdx, guestRegister(2, size: size))
     emitter.alu(.cmp, size: size, .register(rdx), rcx)
@@ -485,7 +485,7 @@ extension BlockTranslator {
     if form.memory {
       emitLinearAddress(slot, index: index)
       guard inlineTLBProbes else {
-        emitter.saveFlags()
+        saveFlagsInEBP()
         emitter.jump(to: miss)
         deferLeaveBefore(index, miss: miss)
         return
@@ -532,7 +532,7 @@ extension BlockTranslator {
         emitter.mov(size: 8, guestRegister(instruction.reg, size: 8), HostRegister.rax)
       }
     } else {
-      if flagsValidAt[index] { emitter.saveFlags() }
+      if flagsValidAt[index] { saveFlagsInEBP() }
       emitter.jump(to: miss)
     }
     deferLeaveBefore(index, miss: miss)

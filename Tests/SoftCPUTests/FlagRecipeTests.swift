@@ -1,0 +1,236 @@
+import Foundation
+import TestSupport
+import Testing
+import VMCore
+
+@testable import SoftCPU
+
+/// The translator's flag recipes (`FlagRecipe`): where the guest's flags come from an ALU
+/// instruction on registers, a TLB probe does not save them but its miss path, and the code
+/// that needs them later, compute them again from the registers. Each program below runs an
+/// ALU instruction on operand values that change every round, then memory accesses that miss
+/// the TLB (page-crossing ones always do), hit it, and keep the flags parked, then PUSHF, which
+/// takes all six status flags (AF and PF included) into a checksum; a last access faults, so
+/// the flags at the fault are compared too. The translator must end exactly as the
+/// interpreter.
+@Suite("FlagRecipeTests")
+struct FlagRecipeTests {
+  struct Outcome: Equatable {
+    var registers: [UInt64]
+    var rflags: UInt64
+    var instructions: UInt64
+    var stop: String
+  }
+
+  static func run64(_ source: String, tier: SoftCPUTier) throws -> (Outcome, CPU) {
+    let machine = try CoreMachine(cpl: 0)
+    machine.cpu.setExecutionTier(tier, threshold: 0)
+    try machine.load(assembly: source)
+    let stop = machine.run()
+    let cpu = machine.cpu
+    let outcome = Outcome(
+      registers: (0..<16).map { cpu.gpr[$0] }, rflags: cpu.rflags, instructions: cpu.retiredInstructions,
+      stop: "\(stop)")
+    return (outcome, cpu)
+  }
+
+  /// The ALU forms with a recipe, as `(operation, operands)` in Intel syntax on RAX/EAX (the
+  /// destination) and RBX/EBX or an immediate.
+  static let operations: [String] = {
+    var forms: [String] = []
+    for name in ["add", "sub", "cmp", "and", "or", "xor", "test"] {
+      forms += ["\(name) rax, rbx", "\(name) eax, ebx", "\(name) rax, -0x65", "\(name) eax, 0x7FFFFFF7"]
+    }
+    return forms
+  }()
+
+  /// 64 rounds of `operation` on changing values (every fourth round with equal operands),
+  /// followed by a page-crossing load (its miss path needs the flags), a load and a store that
+  /// keep them parked, and PUSHF; then `operation` once more before a load from a
+  /// non-canonical address (#GP), whose flags must be the operation's.
+  static func program(_ operation: String) -> String {
+    """
+      mov rsi, 0x100000
+      mov r12, 0x101FFC
+      mov r13, 0x0123456789ABCDEF
+      mov r14, 0x7FFFFFFF80000001
+      xor r8, r8
+      mov r9d, 64
+    again:
+      rol r13, 13
+      add r14, r13
+      mov rax, r13
+      mov rbx, r14
+      test r9b, 3
+      cmovz rbx, rax
+      \(operation)
+      mov rcx, [r12]
+      mov rdx, [rsi]
+      mov [rsi + 8], rcx
+      pushfq
+      pop r11
+      add r8, r11
+      rol r8, 7
+      dec r9d
+      jnz again
+      mov rax, r13
+      mov rbx, r14
+      \(operation)
+      mov rcx, 0x8000000000000000
+      mov rdx, [rcx]
+      hlt
+    """
+  }
+
+  @Test(arguments: operations)
+  func flagsRecomputedAfterAnALUOperationMatchTheInterpreter(operation: String) throws {
+    let source = Self.program(operation)
+    let (reference, _) = try Self.run64(source, tier: .interpreter)
+    #expect(reference.stop.contains("vector: 13"), "the non-canonical load faults: \(reference.stop)")
+    let (outcome, cpu) = try Self.run64(source, tier: .translator)
+    #expect(cpu.translatedBlockCount > 0)
+    #expect(outcome == reference)
+    #expect(outcome.rflags == reference.rflags, "flags at the fault after \(operation)")
+  }
+
+  /// A recipe whose source register a load overwrites between the operation and a later
+  /// access must not be used past the load: here the flags of `add rax, rbx` stay live across
+  /// `mov rbx, [rsi]` (which rewrites the source) and a page-crossing load, and SETcc and
+  /// PUSHF read them after.
+  @Test func aRecipeDoesNotOutliveAWriteOfItsRegisters() throws {
+    let source = """
+        mov rsi, 0x100000
+        mov r12, 0x101FFC
+        mov qword ptr [rsi], 0x55
+        mov r13, 0xFEDCBA9876543210
+        xor r8, r8
+        mov r9d, 64
+      again:
+        ror r13, 11
+        mov rax, r13
+        mov rbx, 0x8000000000000007
+        add rax, rbx
+        mov rbx, [rsi]
+        mov rcx, [r12]
+        mov eax, [rsi + 16]
+        setc dl
+        movzx edx, dl
+        add r8, rdx
+        sub rax, r13
+        mov rbx, [rsi]
+        mov rdx, [r12]
+        pushfq
+        pop r11
+        add r8, r11
+        rol r8, 5
+        dec r9d
+        jnz again
+        hlt
+      """
+    let (reference, _) = try Self.run64(source, tier: .interpreter)
+    #expect(reference.stop.contains("halted"))
+    let (outcome, _) = try Self.run64(source, tier: .translator)
+    #expect(outcome == reference)
+  }
+
+  /// Flags of an operation on the stack pointer, computed again after POPs moved it (the
+  /// recipe's adjustment) and after a PUSH, on a hit, on a page-crossing POP's miss path and at
+  /// a fault, in 64-bit code.
+  @Test func stackPointerRecipesFollowPushAndPop64() throws {
+    let source = """
+        mov r9d, 48
+        xor r8, r8
+      again:
+        push r9
+        push 1
+        push 2
+        push 3
+        mov rdx, r9
+        and edx, 3
+        lea rax, [rsp + rdx * 8 - 16]
+        cmp rsp, rax
+        pop rbx
+        pop rbx
+        pop rbx
+        pushfq
+        pop r11
+        add r8, r11
+        rol r8, 3
+        pop r9
+        sub rsp, 40
+        add rsp, 32
+        pop rbx
+        push rbx
+        pop rbx
+        pushfq
+        pop r11
+        add r8, r11
+        dec r9d
+        jnz again
+        mov rsp, 0x100FFC
+        add rsp, 0
+        pop rbx
+        pop rbx
+        pushfq
+        pop r11
+        add r8, r11
+        mov rsp, 0x8000000000000010
+        add rsp, -8
+        pop rbx
+        hlt
+      """
+    let (reference, _) = try Self.run64(source, tier: .interpreter)
+    #expect(reference.stop.contains("vector: 12") || reference.stop.contains("vector: 13"), "\(reference.stop)")
+    let (outcome, cpu) = try Self.run64(source, tier: .translator)
+    #expect(cpu.translatedBlockCount > 0)
+    #expect(outcome == reference)
+  }
+
+  /// The same in 32-bit code, whose POPs move ESP by 4 and keep RSP's upper half: an
+  /// epilogue's `add esp, 12` and a CMP of ESP, then POPs, a page-crossing load and PUSHFD; last
+  /// a POP from beyond RAM (#PF) after `add esp, 4`.
+  @Test func stackPointerRecipesFollowPushAndPop32() throws {
+    let image = try Translator32BitTests.assemble(
+      """
+        mov ecx, 60
+        xor edi, edi
+      again:
+        push ecx
+        push 1
+        push 2
+        push 3
+        mov edx, ecx
+        and edx, 3
+        lea eax, [esp + edx * 4 - 8]
+        cmp esp, eax
+        pop ebx
+        pop ebx
+        pop ebx
+        pushfd
+        pop edx
+        add edi, edx
+        rol edi, 3
+        pop ecx
+        sub esp, 20
+        add esp, 12
+        pop ebx
+        mov ebx, dword ptr [0x100FFE]
+        pop ebx
+        pushfd
+        pop edx
+        add edi, edx
+        dec ecx
+        jnz again
+        mov esp, 0x3FFFF8
+        add esp, 4
+        pop ebx
+        pop ebx
+        hlt
+      """)
+    let (reference, _) = try Translator32BitTests.execute(image, tier: .interpreter)
+    #expect(reference.stop.contains("vector: 14"), "the POP past RAM faults: \(reference.stop)")
+    let (outcome, cpu) = try Translator32BitTests.execute(image, tier: .translator)
+    #expect(cpu.translatedBlockCount > 0)
+    #expect(outcome == reference)
+  }
+}
