@@ -251,6 +251,9 @@ typedef struct hv_jit_context {
   /// A 16-byte operand a vector helper loaded or is to store (16-byte aligned: translated
   /// code uses it as the memory operand of aligned SSE instructions).
   uint64_t vector[2] __attribute__((aligned(16)));
+  /// The operand of the last shift whose flags a `FlagRecipe` computes again on a slow path
+  /// (its value before the shift).
+  uint64_t flag_operand;
 } hv_jit_context;
 
 /// One jump cache entry: the translation of the block at `rip` (entered past its frame

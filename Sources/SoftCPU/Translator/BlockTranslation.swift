@@ -122,6 +122,7 @@ enum ContextOffset {
   static let vectorStoreHelper = MemoryLayout<hv_jit_context>.offset(of: \.vector_store_helper)!
   static let interpretHelper = MemoryLayout<hv_jit_context>.offset(of: \.interpret_helper)!
   static let vector = MemoryLayout<hv_jit_context>.offset(of: \.vector)!
+  static let flagOperand = MemoryLayout<hv_jit_context>.offset(of: \.flag_operand)!
 }
 
 /// An SSE instruction translated as the same host instruction (SSE2 and older: every x86-64
@@ -313,6 +314,9 @@ struct BlockTranslator {
   var flagRecovery = FlagRecovery.savedInEBP
   /// The index of the instruction being emitted.
   var emittingIndex = 0
+  /// The shifts by an immediate (their indices) that store their operand for a `FlagRecipe`
+  /// instead of fixing up their flags in line.
+  var shiftRecipes: Set<Int> = []
   /// The decoded block being translated (its index, for the run loop's `last_block`) and its
   /// instruction count; `selfLoopEntry` is the chained entry, the target of a branch back to
   /// the block's first instruction (a loop of one block), nil when the index is unknown.
@@ -697,9 +701,6 @@ struct BlockTranslator {
       if index < translated, Self.flagUse(first + index)!.writesAll { valid = true }
     }
 
-    flagRecipes = FlagRecipe.recipes(first, count: translated, codeSize: codeSize)
-    flagRecovery = .savedInEBP
-
     emitter = X86Emitter()
     emitter.entryPageOffset = entryPageOffset
     outOfLine = []
@@ -715,6 +716,16 @@ struct BlockTranslator {
     decodedCount = count
     firstSlot = first
     translatedCount = translated
+    // Shifts whose flags only the miss paths after them read keep their operand for a recipe
+    // instead of fixing up their flags in line.
+    shiftRecipes = []
+    if inlineTLBProbes && Self.recomputesFlags {
+      for index in 0..<translated where FlagRecipe.shiftReplay(first + index) != nil {
+        if !flagsOverwrittenNext(index) && flagsReachOnlyRecipes(after: index) { shiftRecipes.insert(index) }
+      }
+    }
+    flagRecipes = FlagRecipe.recipes(first, count: translated, codeSize: codeSize, shifts: shiftRecipes)
+    flagRecovery = .savedInEBP
     selfLoopEntry = nil
     if block >= 0 {
       let entry = emitter.newLabel()
@@ -856,7 +867,24 @@ struct BlockTranslator {
     var position = index + 1
     while position < translatedCount && Self.leavesFlagsAndBlockAlone(firstSlot + position) { position += 1 }
     guard position < translatedCount else { return false }
-    let next = firstSlot + position
+    return Self.writesAllFlagsFromRegisters(firstSlot + position)
+  }
+
+  /// Whether the flags instruction `index` leaves are read by nothing but the miss paths of
+  /// the loads, stores, pushes and pops after it (`keepsFlagsParked`), which recover them from
+  /// a `FlagRecipe`, before a later instruction writes all six from registers: a shift's
+  /// flags then need no fix-up in line (see `FlagRecipe.Replay.shift`).
+  func flagsReachOnlyRecipes(after index: Int) -> Bool {
+    guard let firstSlot else { return false }
+    var position = index + 1
+    while position < translatedCount && Self.keepsFlagsParked(firstSlot + position) { position += 1 }
+    guard position < translatedCount else { return false }
+    return Self.writesAllFlagsFromRegisters(firstSlot + position)
+  }
+
+  /// Whether `next` writes every status flag without reading one and cannot leave the block
+  /// before it completes (register operands only, no shift by a zero count).
+  private static func writesAllFlagsFromRegisters(_ next: UnsafePointer<Instruction>) -> Bool {
     guard let use = Self.flagUse(next), use.writesAll, !use.reads, !next.pointee.hasMemoryOperand else {
       return false
     }
@@ -1055,7 +1083,16 @@ struct BlockTranslator {
     emitter.alu(.add, size: 8, HostRegister.rdx, .register(HostRegister.rsi))
     if flagsValid {
       // Flags the probe need not restore are dead: nothing reads them before they are written.
-      if restoresFlags && !parksFlagsAfterProbe { flagRecovery.emit(&emitter) }
+      if restoresFlags && !parksFlagsAfterProbe {
+        // RDX holds the host address; RCX (the probe's index) is free.
+        if case .recomputed(let recipe) = flagRecovery, !recipe.keepsRDX {
+          emitter.mov(size: 8, HostRegister.rcx, .register(HostRegister.rdx))
+          recipe.emit(&emitter)
+          emitter.mov(size: 8, HostRegister.rdx, .register(HostRegister.rcx))
+        } else {
+          flagRecovery.emit(&emitter)
+        }
+      }
       flagsParked = restoresFlags && parksFlagsAfterProbe
     }
     // The victim way (`tlbSlots`), out of line: a hit there goes on as a primary hit.
@@ -1332,13 +1369,18 @@ struct BlockTranslator {
       emitter.alu(.cmp, size: 1, dst, immediate: imm32)
 
     case .shlRI64, .shrRI64, .sarRI64:
-      let fixFlags = immediate & 63 != 0 && fixesShiftFlags(after: index)
+      let fixFlags = immediate & 63 != 0 && fixesShiftFlags(after: index) && !shiftRecipes.contains(index)
+      if shiftRecipes.contains(index) {
+        emitter.mov(size: 8, rax, dst)
+        emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.flagOperand), rax)
+      }
       if fixFlags { emitter.mov(size: 8, HostRegister.rdx, dst) }
       emitter.shift(Self.shiftKind(instruction.fast), size: 8, dst, count: UInt8(truncatingIfNeeded: immediate))
       if fixFlags { emitter.interpreterShiftFlags(Self.shiftKind(instruction.fast), size: 8) }
     case .shlRI32, .shrRI32, .sarRI32:
-      let fixFlags = immediate & 31 != 0 && fixesShiftFlags(after: index)
+      let fixFlags = immediate & 31 != 0 && fixesShiftFlags(after: index) && !shiftRecipes.contains(index)
       emitter.mov(size: 4, rax, dst)
+      if shiftRecipes.contains(index) { emitter.mov(size: 8, .at(HostRegister.r12, ContextOffset.flagOperand), rax) }
       if fixFlags { emitter.mov(size: 4, HostRegister.rdx, .register(rax)) }
       emitter.shift(
         Self.shiftKind(instruction.fast), size: 4, .register(rax), count: UInt8(truncatingIfNeeded: immediate))

@@ -12,46 +12,80 @@ import Glibc
 // operand values gives exactly the same six flags. The miss path (and a hit path whose flags
 // are read later) does that instead, and the hit path saves nothing.
 
-/// How to compute again, from the guest registers, the status flags an ALU instruction on
-/// registers left (ADD, SUB, CMP, AND, OR, XOR, TEST of 32- or 64-bit register or immediate
-/// operands): the destination's value before the operation is recovered with the inverse
-/// operation where there is one (ADD: result - source; SUB: result + source; XOR: result ^
-/// source), and the operation is run again on it in RAX. AND and OR are run on their result,
-/// which gives the same result and so the same flags (SF, ZF, PF from the result; CF, OF clear;
-/// AF as the host's logic instructions leave it). CMP and TEST wrote no register: they run
-/// again as they were.
+/// How to compute again the status flags an instruction left, on a slow path, without having
+/// saved them.
+///
+/// An ALU instruction on registers (ADD, SUB, CMP, AND, OR, XOR, TEST of 32- or 64-bit register
+/// or immediate operands) runs again on its operands while they are still in their registers:
+/// the destination's value before the operation is recovered with the inverse operation where
+/// there is one (ADD: result - source; SUB: result + source; XOR: result ^ source), and the
+/// operation runs again on it in RAX. AND and OR run on their result, which gives the same
+/// result and so the same flags (SF, ZF, PF from the result; CF, OF clear; AF as the host's
+/// logic instructions leave it). CMP and TEST wrote no register: they run again as they were.
+///
+/// A shift of a 32- or 64-bit register by a nonzero immediate stores its operand's value
+/// before the shift in the context (`flag_operand`) instead of setting the interpreter's
+/// undefined flags after it, when nothing but the miss paths of the accesses after it reads
+/// its flags before they are overwritten (`BlockTranslator.flagsReachOnlyRecipes`): the shift
+/// runs again on that value, with the fix-up, only on a miss.
 struct FlagRecipe {
   enum Source {
     case register(UInt8)
     case immediate(Int32)
   }
 
+  enum Replay {
+    /// The ALU operation (nil for TEST) and its inverse, on `destination` and `source`.
+    case alu(operation: HostALU?, inverse: HostALU?, destination: UInt8, source: Source)
+    /// The shift by `count` of the operand kept in the context.
+    case shift(HostShift, count: UInt8)
+  }
+
   /// The index of the instruction that wrote the flags: two recipes are the same when they
   /// name the same writer.
   var writer: Int
-  /// The operation run again; nil for TEST.
-  var operation: HostALU?
-  /// The operation that turns the result back into the destination's earlier value.
-  var inverse: HostALU?
+  var replay: Replay
   var size: Int
-  /// The guest register holding the result (or CMP's and TEST's first operand).
-  var destination: UInt8
-  var source: Source
   /// What PUSH and POP since the writer added to the destination, the stack pointer (the
   /// epilogue's `add esp, 12` before its POPs).
   var adjustment: Int32 = 0
 
   /// The guest registers (bits 0-15) whose values the recipe reads.
-  var registers: UInt32 { 1 << destination | sourceRegisters }
+  var registers: UInt32 {
+    guard case .alu(_, _, let destination, _) = replay else { return 0 }
+    return 1 << destination | sourceRegisters
+  }
 
   /// The source's register (bits 0-15), if it is one.
   var sourceRegisters: UInt32 {
-    if case .register(let register) = source { return 1 << register }
+    if case .alu(_, _, _, .register(let register)) = replay { return 1 << register }
     return 0
   }
 
-  /// The recipe of the flags `slot` leaves, when it is one of the forms above and they can be
-  /// had again from its registers; `index` is its place in the block.
+  /// The stack pointer is the destination of an ALU recipe.
+  private var computesFromTheStackPointer: Bool {
+    guard case .alu(_, _, let destination, _) = replay else { return false }
+    return destination == 4
+  }
+
+  /// The shift and count of `slot` when it is a shift of a 32- or 64-bit register by an
+  /// immediate whose masked count is not 0.
+  static func shiftReplay(_ slot: UnsafePointer<Instruction>) -> Replay? {
+    let instruction = slot.pointee
+    let kind: HostShift
+    switch instruction.fast {
+    case .shlRI64, .shlRI32: kind = .shl
+    case .shrRI64, .shrRI32: kind = .shr
+    case .sarRI64, .sarRI32: kind = .sar
+    default: return nil
+    }
+    let wide = instruction.fast == .shlRI64 || instruction.fast == .shrRI64 || instruction.fast == .sarRI64
+    let count = UInt8(truncatingIfNeeded: instruction.immediate) & (wide ? 63 : 31)
+    return count == 0 ? nil : .shift(kind, count: count)
+  }
+
+  /// The recipe of the flags `slot` leaves, when it is one of the ALU forms above and they can
+  /// be had again from its registers; `index` is its place in the block.
   static func of(_ slot: UnsafePointer<Instruction>, index: Int) -> FlagRecipe? {
     let instruction = slot.pointee
     let size: Int
@@ -92,8 +126,9 @@ struct FlagRecipe {
       break
     }
     return FlagRecipe(
-      writer: index, operation: operation, inverse: inverse, size: size, destination: instruction.fastDst,
-      source: source)
+      writer: index,
+      replay: .alu(operation: operation, inverse: inverse, destination: instruction.fastDst, source: source),
+      size: size)
   }
 
   /// The guest registers (bits 0-15) `slot` writes, when it neither reads nor writes a status
@@ -137,22 +172,27 @@ struct FlagRecipe {
   /// (`count + 1` entries): the last writer of the flags when it has a recipe and no
   /// instruction since has written one of its registers, but for PUSH and POP moving a stack
   /// pointer the recipe computes from (`adjustment`). `codeSize`: as the translator's.
-  static func recipes(_ first: UnsafePointer<Instruction>, count: Int, codeSize: Int) -> [FlagRecipe?] {
+  /// `shifts`: the shifts that keep their operand for a recipe.
+  static func recipes(
+    _ first: UnsafePointer<Instruction>, count: Int, codeSize: Int, shifts: Set<Int> = []
+  ) -> [FlagRecipe?] {
     var recipes: [FlagRecipe?] = []
     recipes.reserveCapacity(count + 1)
     var current: FlagRecipe?
     for index in 0..<count {
       recipes.append(current)
       let slot = first + index
-      if let recipe = of(slot, index: index) {
+      if shifts.contains(index), let replay = shiftReplay(slot) {
+        let wide = slot.pointee.fast == .shlRI64 || slot.pointee.fast == .shrRI64 || slot.pointee.fast == .sarRI64
+        current = FlagRecipe(writer: index, replay: replay, size: wide ? 8 : 4)
+      } else if let recipe = of(slot, index: index) {
         current = recipe
       } else if let written = registersWritten(byFlagNeutral: slot) {
         guard var recipe = current, recipe.registers & written != 0 else { continue }
         let stackPointer: UInt32 = 1 << 4
         // The stack pointer as the destination alone (not also the source).
-        if let step = stackStep(slot, codeSize: codeSize), recipe.size == codeSize,
-          recipe.registers == stackPointer | recipe.sourceRegisters, recipe.sourceRegisters & stackPointer == 0,
-          recipe.destination == 4, written & recipe.sourceRegisters == 0
+        if let step = stackStep(slot, codeSize: codeSize), recipe.size == codeSize, recipe.computesFromTheStackPointer,
+          recipe.sourceRegisters & stackPointer == 0, written & recipe.sourceRegisters == 0
         {
           recipe.adjustment &+= step
           current = recipe
@@ -177,28 +217,43 @@ struct FlagRecipe {
     }
   }
 
-  /// Sets the host status flags as the writer left them. Clobbers RAX only.
+  /// Sets the host status flags as the writer left them. Clobbers RAX, and RDX for a shift.
   func emit(_ emitter: inout X86Emitter) {
     let rax = HostRegister.rax
-    emitter.mov(size: size, rax, BlockTranslator.slot(destination))
-    if adjustment != 0 { emitter.alu(.sub, size: size, .register(rax), immediate: adjustment) }
-    switch source {
-    case .register(let register):
-      let operand = BlockTranslator.slot(register)
-      if let inverse { emitter.alu(inverse, size: size, rax, operand) }
-      if let operation {
-        emitter.alu(operation, size: size, rax, operand)
-      } else {
-        emitter.test(size: size, operand, rax)
+    switch replay {
+    case .alu(let operation, let inverse, let destination, let source):
+      emitter.mov(size: size, rax, BlockTranslator.slot(destination))
+      if adjustment != 0 { emitter.alu(.sub, size: size, .register(rax), immediate: adjustment) }
+      switch source {
+      case .register(let register):
+        let operand = BlockTranslator.slot(register)
+        if let inverse { emitter.alu(inverse, size: size, rax, operand) }
+        if let operation {
+          emitter.alu(operation, size: size, rax, operand)
+        } else {
+          emitter.test(size: size, operand, rax)
+        }
+      case .immediate(let value):
+        if let inverse { emitter.alu(inverse, size: size, .register(rax), immediate: value) }
+        if let operation {
+          emitter.alu(operation, size: size, .register(rax), immediate: value)
+        } else {
+          emitter.test(size: size, .register(rax), immediate: value)
+        }
       }
-    case .immediate(let value):
-      if let inverse { emitter.alu(inverse, size: size, .register(rax), immediate: value) }
-      if let operation {
-        emitter.alu(operation, size: size, .register(rax), immediate: value)
-      } else {
-        emitter.test(size: size, .register(rax), immediate: value)
-      }
+    case .shift(let kind, let count):
+      // The interpreter's fix-up wants the operand before the shift in RDX.
+      emitter.mov(size: 8, HostRegister.rdx, .at(HostRegister.r12, ContextOffset.flagOperand))
+      emitter.mov(size: size, rax, .register(HostRegister.rdx))
+      emitter.shift(kind, size: size, .register(rax), count: count)
+      if !BlockTranslator.hostShiftFlagsMatchTheInterpreter { emitter.interpreterShiftFlags(kind, size: size) }
     }
+  }
+
+  /// Whether `emit` leaves RDX alone (it holds a probe's host address on its hit path).
+  var keepsRDX: Bool {
+    if case .shift = replay { return false }
+    return true
   }
 }
 
@@ -209,7 +264,7 @@ enum FlagRecovery {
   /// Computed again when needed (`FlagRecipe.emit`).
   case recomputed(FlagRecipe)
 
-  /// Puts the flags back into the host RFLAGS. Clobbers RAX.
+  /// Puts the flags back into the host RFLAGS. Clobbers RAX (and RDX for a shift's recipe).
   func emit(_ emitter: inout X86Emitter) {
     switch self {
     case .savedInEBP: emitter.restoreFlags()
