@@ -720,7 +720,7 @@ struct BlockTranslator {
     // instead of fixing up their flags in line.
     shiftRecipes = []
     if inlineTLBProbes && Self.recomputesFlags {
-      for index in 0..<translated where FlagRecipe.shiftReplay(first + index) != nil {
+      for index in 0..<translated where FlagRecipe.shift(first + index, index: index) != nil {
         if !flagsOverwrittenNext(index) && flagsReachOnlyRecipes(after: index) { shiftRecipes.insert(index) }
       }
     }

@@ -68,9 +68,10 @@ struct FlagRecipe {
     return destination == 4
   }
 
-  /// The shift and count of `slot` when it is a shift of a 32- or 64-bit register by an
-  /// immediate whose masked count is not 0.
-  static func shiftReplay(_ slot: UnsafePointer<Instruction>) -> Replay? {
+  /// The recipe of the flags `slot` leaves, when it is a shift of a 32- or 64-bit register by
+  /// an immediate whose masked count is not 0 (and stores its operand for it); `index` is its
+  /// place in the block.
+  static func shift(_ slot: UnsafePointer<Instruction>, index: Int) -> FlagRecipe? {
     let instruction = slot.pointee
     let kind: HostShift
     switch instruction.fast {
@@ -81,7 +82,8 @@ struct FlagRecipe {
     }
     let wide = instruction.fast == .shlRI64 || instruction.fast == .shrRI64 || instruction.fast == .sarRI64
     let count = UInt8(truncatingIfNeeded: instruction.immediate) & (wide ? 63 : 31)
-    return count == 0 ? nil : .shift(kind, count: count)
+    guard count != 0 else { return nil }
+    return FlagRecipe(writer: index, replay: .shift(kind, count: count), size: wide ? 8 : 4)
   }
 
   /// The recipe of the flags `slot` leaves, when it is one of the ALU forms above and they can
@@ -182,9 +184,8 @@ struct FlagRecipe {
     for index in 0..<count {
       recipes.append(current)
       let slot = first + index
-      if shifts.contains(index), let replay = shiftReplay(slot) {
-        let wide = slot.pointee.fast == .shlRI64 || slot.pointee.fast == .shrRI64 || slot.pointee.fast == .sarRI64
-        current = FlagRecipe(writer: index, replay: replay, size: wide ? 8 : 4)
+      if shifts.contains(index), let recipe = shift(slot, index: index) {
+        current = recipe
       } else if let recipe = of(slot, index: index) {
         current = recipe
       } else if let written = registersWritten(byFlagNeutral: slot) {
