@@ -92,6 +92,44 @@ final class CoreMachine {
   }
 }
 
+/// What a `CoreMachine` program left: the comparison the translator suites make between tiers.
+struct CoreRunOutcome: Equatable {
+  var registers: [UInt64]
+  var flags: UInt64
+  var instructions: UInt64
+  var stop: String
+  /// FNV-1a over the instruction count after each slice: every slice must end where the
+  /// interpreter's does (a chain must not run past its budget).
+  var sliceEnds: UInt64
+}
+
+extension CoreMachine {
+  /// Assembles `source` and runs it at CPL 0 from the start to HLT, a fault or `total`
+  /// instructions, in slices of `slice` instructions, under `tier` (translating blocks after
+  /// `threshold` runs); `prepare` sets the machine up first. Returns the outcome and the CPU.
+  static func run(
+    _ source: String, tier: SoftCPUTier, threshold: UInt32 = 0, slice: Int = 1_000_000, total: Int = 1_000_000,
+    prepare: (CoreMachine) -> Void = { _ in }
+  ) throws -> (CoreRunOutcome, CPU) {
+    let machine = try CoreMachine(cpl: 0)
+    machine.cpu.setExecutionTier(tier, threshold: threshold)
+    try machine.load(assembly: source)
+    prepare(machine)
+    var stop = StopCause.instructionLimit
+    var left = total
+    var sliceEnds: UInt64 = 0xCBF2_9CE4_8422_2325
+    while left > 0 && stop == .instructionLimit {
+      stop = machine.run(limit: min(slice, left))
+      left -= slice
+      sliceEnds = (sliceEnds ^ machine.cpu.retiredInstructions) &* 0x100_0000_01B3
+    }
+    let outcome = CoreRunOutcome(
+      registers: (0..<16).map { machine.cpu.gpr[$0] }, flags: machine.cpu.rflags,
+      instructions: machine.cpu.retiredInstructions, stop: "\(stop)", sliceEnds: sliceEnds)
+    return (outcome, machine.cpu)
+  }
+}
+
 /// Register numbers.
 enum R {
   static let rax = 0, rcx = 1, rdx = 2, rbx = 3, rsp = 4, rbp = 5, rsi = 6, rdi = 7

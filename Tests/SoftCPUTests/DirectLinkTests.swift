@@ -8,37 +8,15 @@ import Testing
 /// code that linked blocks lead to.
 @Suite("DirectLinkTests")
 struct DirectLinkTests {
-  struct Outcome: Equatable {
-    var registers: [UInt64]
-    var flags: UInt64
-    var instructions: UInt64
-    var stop: String
-    /// FNV-1a over the instruction count after each slice: every slice must end where the
-    /// interpreter's does (a chain must not run past its budget).
-    var sliceEnds: UInt64
-  }
-
   /// Runs `source` from the start to HLT (or `total` instructions) in slices of `slice`
-  /// instructions under `tier`; also returns the direct links made.
+  /// instructions under `tier`, RSI at the data page; also returns the direct links made.
   static func run(_ source: String, tier: SoftCPUTier, threshold: UInt32, slice: Int, total: Int = 1_000_000)
-    throws -> (Outcome, links: Int)
+    throws -> (CoreRunOutcome, links: Int)
   {
-    let machine = try CoreMachine(cpl: 0)
-    machine.cpu.setExecutionTier(tier, threshold: threshold)
-    try machine.load(assembly: source)
-    machine.cpu.gpr[6] = CoreMachine.dataBase
-    var stop = StopCause.instructionLimit
-    var left = total
-    var sliceEnds: UInt64 = 0xCBF2_9CE4_8422_2325
-    while left > 0 && stop == .instructionLimit {
-      stop = machine.run(limit: min(slice, left))
-      left -= slice
-      sliceEnds = (sliceEnds ^ machine.cpu.retiredInstructions) &* 0x100_0000_01B3
-    }
-    let outcome = Outcome(
-      registers: (0..<16).map { machine.cpu.gpr[$0] }, flags: machine.cpu.rflags,
-      instructions: machine.cpu.retiredInstructions, stop: "\(stop)", sliceEnds: sliceEnds)
-    return (outcome, machine.cpu.directLinkCount)
+    let (outcome, cpu) = try CoreMachine.run(
+      source, tier: tier, threshold: threshold, slice: slice, total: total,
+      prepare: { machine in machine.cpu.gpr[6] = CoreMachine.dataBase })
+    return (outcome, cpu.directLinkCount)
   }
 
   /// A loop of several blocks on one page: a Jcc to a later block, a fall-through, a CALL to

@@ -15,36 +15,17 @@ import VMCore
 /// interpreter.
 @Suite("FlagRecipeTests")
 struct FlagRecipeTests {
-  struct Outcome: Equatable {
-    var registers: [UInt64]
-    var rflags: UInt64
-    var instructions: UInt64
-    var stop: String
-  }
-
-  static func run64(_ source: String, tier: SoftCPUTier) throws -> (Outcome, CPU) {
-    let machine = try CoreMachine(cpl: 0)
-    machine.cpu.setExecutionTier(tier, threshold: 0)
-    try machine.load(assembly: source)
-    let stop = machine.run()
-    let cpu = machine.cpu
-    let outcome = Outcome(
-      registers: (0..<16).map { cpu.gpr[$0] }, rflags: cpu.rflags, instructions: cpu.retiredInstructions,
-      stop: "\(stop)")
-    return (outcome, cpu)
-  }
-
   /// Runs `source` under the interpreter, whose stop must be one of `stops`, and under the
   /// translator, which must translate some of it and end exactly alike.
   static func expectTheTranslatorMatchesTheInterpreter(
     _ source: String, stops: [String], _ comment: Comment? = nil,
     sourceLocation: SourceLocation = #_sourceLocation
   ) throws {
-    let (reference, _) = try run64(source, tier: .interpreter)
+    let (reference, _) = try CoreMachine.run(source, tier: .interpreter)
     #expect(
       stops.contains { reference.stop.contains($0) }, "the interpreter stopped with \(reference.stop)",
       sourceLocation: sourceLocation)
-    let (outcome, cpu) = try run64(source, tier: .translator)
+    let (outcome, cpu) = try CoreMachine.run(source, tier: .translator)
     #expect(cpu.translatedBlockCount > 0, sourceLocation: sourceLocation)
     #expect(outcome == reference, comment, sourceLocation: sourceLocation)
   }
