@@ -107,22 +107,32 @@ int hv_sandbox_set_no_new_privs(void) { return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 
 static struct termios supervisor_terminal;
 static int supervisor_terminal_saved;
 
+/// The supervisor's descriptor of the host's /proc (-1 when it could not be opened).
+static int host_proc_directory = -1;
+
 pid_t hv_sandbox_fork(int *liveness) {
   supervisor_terminal_saved = isatty(STDIN_FILENO) && tcgetattr(STDIN_FILENO, &supervisor_terminal) == 0;
   // Only the supervisor holds the write end: the read end reports a hang-up once it is gone.
   int pipe_ends[2];
   if (pipe2(pipe_ends, O_CLOEXEC) != 0) return -errno;
+  // The host's /proc, for the supervisor to read the VMM's status after the VMM's pivot into
+  // its jail (which changes the root of every process of the mount namespace, the supervisor's
+  // too). Opened before the fork, so no pivot can come first; the VMM closes its copy at once.
+  int proc = open("/proc", O_PATH | O_DIRECTORY | O_CLOEXEC);
   pid_t child = fork();
   if (child < 0) {
     int error = errno;
     close(pipe_ends[0]);
     close(pipe_ends[1]);
+    if (proc >= 0) close(proc);
     return -error;
   }
   if (child > 0) {
     close(pipe_ends[0]);
+    host_proc_directory = proc;
     return child;
   }
+  if (proc >= 0) close(proc);
   close(pipe_ends[1]);
   *liveness = pipe_ends[0];
   prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
@@ -164,10 +174,63 @@ static void forward_as_kill(int signo) {
   errno = saved;
 }
 
+/// Parses the hexadecimal signal set that follows `field` in a /proc/PID/status text.
+static int status_signal_set(const char *text, const char *field, unsigned long long *set) {
+  const char *found = strstr(text, field);
+  if (!found) return 0;
+  found += strlen(field);
+  while (*found == '\t' || *found == ' ') found++;
+  unsigned long long value = 0;
+  int digits = 0;
+  for (;; found++, digits++) {
+    char c = *found;
+    int nibble = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (nibble < 0) break;
+    value = value << 4 | (unsigned long long)nibble;
+  }
+  *set = value;
+  return digits > 0;
+}
+
+/// Whether `child` would end by `signo`'s default action: it neither catches, ignores nor
+/// blocks it (its main thread's mask: a blocked signal waits for a thread that takes it, as the
+/// snapshot signal's). Read from /proc/PID/status with calls that are safe in a signal handler.
+/// As its PID namespace's init, the VMM would instead never see such a signal from outside.
+static int takes_default_action(pid_t child, int signo) {
+  if (host_proc_directory < 0) return 0;
+  char path[32];
+  char digits[16];
+  int count = 0;
+  for (unsigned value = (unsigned)child; value > 0 || count == 0; value /= 10) digits[count++] = (char)('0' + value % 10);
+  size_t length = 0;
+  while (count > 0) path[length++] = digits[--count];
+  memcpy(path + length, "/status", sizeof "/status");
+  int descriptor = openat(host_proc_directory, path, O_RDONLY | O_CLOEXEC);
+  if (descriptor < 0) return 0;
+  char text[4096];
+  ssize_t size = read(descriptor, text, sizeof text - 1);
+  close(descriptor);
+  if (size <= 0) return 0;
+  text[size] = 0;
+  unsigned long long blocked = 0, ignored = 0, caught = 0;
+  if (!status_signal_set(text, "SigBlk:", &blocked) || !status_signal_set(text, "SigIgn:", &ignored) ||
+      !status_signal_set(text, "SigCgt:", &caught))
+    return 0;
+  return !((blocked | ignored | caught) & 1ULL << (signo - 1));
+}
+
 /// Job-control stops reach the VMM as SIGSTOP (the only stop signal a PID namespace's init
-/// cannot ignore when it comes from outside); SIGCONT, SIGUSR1 and SIGUSR2 as they are.
+/// cannot ignore when it comes from outside); SIGCONT as it is. SIGUSR1 and SIGUSR2 reach it
+/// as they are where it handles or ignores them; where it does not, they end it as they would
+/// end a VMM outside the sandbox (through SIGKILL, and this process then ends by the signal).
 static void forward_job_control(int signo) {
   int saved = errno;
+  if ((signo == SIGUSR1 || signo == SIGUSR2) && supervised_child > 0 &&
+      takes_default_action(supervised_child, signo)) {
+    forward_as_kill(signo);
+    errno = saved;
+    return;
+  }
   int sent = (signo == SIGTSTP || signo == SIGTTIN || signo == SIGTTOU) ? SIGSTOP : signo;
   if (supervised_child > 0) kill(supervised_child, sent);
   errno = saved;

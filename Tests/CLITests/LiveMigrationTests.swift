@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 import VMCore
 
@@ -77,19 +78,15 @@ func migrationGuest(printShift: Int) -> String {
 
 /// A `hostvisor` child process with its standard output in a file.
 final class ChildProcess {
-  let process = Process()
+  let process: HostProcess
   let outputPath: String
 
   init(_ arguments: [String], outputPath: String) throws {
     self.outputPath = outputPath
     _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
     _ = FileManager.default.createFile(atPath: outputPath + ".err", contents: nil)
-    process.executableURL = HostvisorProcess.executable
-    process.arguments = arguments
-    process.standardInput = FileHandle.nullDevice
-    process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath))
-    process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: outputPath + ".err"))
-    try process.run()
+    process = try HostProcess(
+      HostvisorProcess.executable.path, arguments, outputPath: outputPath, errorPath: outputPath + ".err")
   }
 
   deinit { kill() }
@@ -105,7 +102,7 @@ final class ChildProcess {
     return lines
   }
 
-  /// SIGKILL: children of the test runner inherit a blocked SIGTERM.
+  /// SIGKILL (what a test leaves behind ends at once, whatever it handles).
   func kill() {
     if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
     process.waitUntilExit()

@@ -13,7 +13,7 @@ struct SandboxTests {
   /// stdout (the guest's serial console) and one for stderr (the VMM's own lines), so that a
   /// VMM line written while the guest is mid-line cannot split the guest's text.
   final class RunningVMM {
-    let process = Process()
+    let process: HostProcess
     let stdoutPath: String
     let stderrPath: String
 
@@ -21,14 +21,8 @@ struct SandboxTests {
       let name = UUID().uuidString
       stdoutPath = scratch.path("vmm-\(name).stdout")
       stderrPath = scratch.path("vmm-\(name).stderr")
-      _ = FileManager.default.createFile(atPath: stdoutPath, contents: nil)
-      _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
-      process.executableURL = HostvisorProcess.executable
-      process.arguments = arguments
-      process.standardInput = FileHandle.nullDevice
-      process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: stdoutPath))
-      process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: stderrPath))
-      try process.run()
+      process = try HostProcess(
+        HostvisorProcess.executable.path, arguments, outputPath: stdoutPath, errorPath: stderrPath)
     }
 
     /// The guest's serial output followed by the VMM's own lines.
@@ -62,9 +56,8 @@ struct SandboxTests {
       return text.split(separator: " ").compactMap { pid_t($0) }
     }
 
-    /// SIGKILL to the VMM and then its supervisor (the runner's children inherit a blocked
-    /// SIGTERM; the VMM goes first so that a failing test leaves nothing behind even if its
-    /// parent-death signal did not work).
+    /// SIGKILL to the VMM and then its supervisor (the VMM goes first so that a failing test
+    /// leaves nothing behind even if its parent-death signal did not work).
     func kill() {
       if process.isRunning {
         if let vmm = try? child() { Glibc.kill(vmm, SIGKILL) }
@@ -282,9 +275,10 @@ struct SandboxTests {
   /// Job control through the supervisor: SIGTSTP to it stops the VMM (every thread in state T,
   /// the guest's ticks no longer reach its serial file) and then the supervisor itself, as a
   /// shell waiting for its job expects; SIGCONT to the supervisor continues both, and the
-  /// ticks advance again. SIGUSR1 and SIGUSR2 reach the VMM as they are: a VMM that has no
-  /// handler for one ignores it (it is its PID namespace's init), so neither ends the machine,
-  /// and SIGUSR2 makes a sandboxed `--snapshot-on-signal` VMM write its snapshot into its jail.
+  /// ticks advance again. SIGUSR1 and SIGUSR2 reach the VMM as they are where it takes them
+  /// (the KVM kick's handler, the snapshot signal's waiting thread), so neither ends the
+  /// machine, and SIGUSR2 makes a sandboxed `--snapshot-on-signal` VMM write its snapshot into
+  /// its jail.
   @Test func jobControlSignalsReachTheVMMThroughTheSupervisor() throws {
     let scratch = try ScratchDirectory()
     let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
@@ -332,6 +326,32 @@ struct SandboxTests {
     #expect(vmm.process.isRunning, "the supervisor ended: \(vmm.output)")
     #expect(advances(), "the guest's output does not advance after SIGUSR1 and SIGUSR2")
     vmm.kill()
+  }
+
+  /// A VMM that neither handles, ignores nor blocks SIGUSR2 (no `--snapshot-on-signal`) is
+  /// ended by it under the sandbox as without: the process started ends by SIGUSR2 and no VMM
+  /// is left. (As its PID namespace's init the sandboxed VMM would never see the signal; the
+  /// supervisor sees from /proc that it takes the default action and ends it.)
+  @Test func anUnhandledUserSignalEndsTheVMMAsWithoutTheSandbox() throws {
+    let scratch = try ScratchDirectory()
+    let kernel = try buildGuest("cli/busy-loop.S", in: scratch)
+    for sandbox in ["--no-sandbox", "--sandbox"] {
+      let vmm = try RunningVMM(
+        ["run", "--kernel", kernel, "--accel", "kvm", "--memory", "32M", "--serial", "stdio", sandbox],
+        scratch: scratch)
+      try vmm.waitFor("busy loop running")
+      let target = sandbox == "--sandbox" ? try vmm.child() : vmm.process.processIdentifier
+      let mask = UInt64(Self.status(target, "SigBlk") ?? "", radix: 16) ?? ~0
+      #expect(mask & (1 << (UInt64(SIGUSR2) - 1)) == 0, "\(sandbox): the VMM blocks SIGUSR2 (SigBlk \(mask))")
+      Glibc.kill(vmm.process.processIdentifier, SIGUSR2)
+      #expect(Self.eventually(seconds: 10) { !vmm.process.isRunning }, "\(sandbox): SIGUSR2 did not end the VMM")
+      vmm.kill()
+      #expect(vmm.process.wasSignaled, "\(sandbox): \(vmm.output)")
+      #expect(vmm.process.terminationStatus == SIGUSR2, "\(sandbox): \(vmm.output)")
+      if sandbox == "--sandbox" {
+        #expect(Self.eventually { Glibc.kill(target, 0) != 0 || Self.state("/proc/\(target)") == "Z" })
+      }
+    }
   }
 
   /// Root without CAP_SYS_ADMIN (as in an unprivileged container) cannot enter namespaces: by

@@ -5,7 +5,7 @@ import Synchronization
 
 /// A long-running host process a test talks to (a VMM on its serial console, a server): its
 /// standard input is a pipe the test writes, its standard output (and error, unless `errors` is
-/// given) goes to `output` as it arrives, on a thread of its own. Spawned as `HostCommand` spawns: descriptors 0-2 only,
+/// given) goes to `output` as it arrives, on a thread of its own (or both go to files). Spawned as `HostCommand` spawns: descriptors 0-2 only,
 /// default signal dispositions, an empty signal mask, its own process group; whether it runs
 /// is asked of the kernel (`waitpid`), never inferred from a pipe or socket another process
 /// may hold.
@@ -54,6 +54,24 @@ public final class HostProcess: Sendable {
     readersRunning.store(errors == nil ? 1 : 2, ordering: .releasing)
     startReader(outputEnds[0], output)
     if let errors { startReader(errorEnds[0], errors) }
+  }
+
+  /// Starts `executable` with standard input from /dev/null and its standard output and error
+  /// appended to the files at `outputPath` and `errorPath` (created when missing): for a child
+  /// whose output a test reads back from files while it runs, so that no pipe of the runner's
+  /// is involved.
+  public init(
+    _ executable: String, _ arguments: [String], environment: [String: String]? = nil, outputPath: String,
+    errorPath: String
+  ) throws {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    let appending = O_WRONLY | O_CREAT | O_APPEND
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, outputPath, appending, 0o644)
+    posix_spawn_file_actions_addopen(&actions, 2, errorPath, appending, 0o644)
+    processIdentifier = try spawnChild(executable, arguments, environment: environment, actions: &actions)
   }
 
   /// Reads `descriptor` until end of file on a thread of its own, handing each chunk on.
