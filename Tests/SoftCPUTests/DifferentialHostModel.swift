@@ -61,20 +61,33 @@ enum HostModel {
   /// pins the model's PE on Intel hosts.
   static func mxcsrIgnored(form: String) -> UInt32 { !hostIsIntel && form.hasPrefix("vcvtps2ph") ? 1 << 5 : 0 }
 
-  /// The host's CPU family as /proc/cpuinfo reports it (the display family: 23 is AMD's 17h).
-  static let hostFamily: Int = {
+  /// A number field of the host's first processor in /proc/cpuinfo (0 when missing).
+  private static func cpuinfoNumber(_ field: String) -> Int {
     guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
-      let line = text.split(separator: "\n").first(where: { $0.hasPrefix("cpu family") }),
+      let line = text.split(separator: "\n").first(where: {
+        $0.split(separator: ":").first?.trimmingCharacters(in: .whitespaces) == field
+      }),
       let value = line.split(separator: ":").last
     else { return 0 }
     return Int(value.trimmingCharacters(in: .whitespaces)) ?? 0
-  }()
+  }
+
+  /// The host's CPU family as /proc/cpuinfo reports it (the display family: 23 is AMD's 17h).
+  static let hostFamily = cpuinfoNumber("cpu family")
+
+  /// The host's CPU model as /proc/cpuinfo reports it (the display model).
+  static let hostModelNumber = cpuinfoNumber("model")
 
   /// MXCSR bits `DifferentialTests.vdppsYmmReportsOnlyTheFaultingHalfOfTheFirstAdditions` does
   /// not compare on this host: when VDPPS ymm faults with PE in one half while IE is masked, an
-  /// AMD family 17h (Zen 1) host also sets the other half's IE from the same step; the model, as
-  /// the later AMD and Intel hosts its rule was taken from, reports PE alone.
-  static var vdppsOtherHalfIEIgnored: UInt32 { hostVendor == "AuthenticAMD" && hostFamily == 23 ? 1 : 0 }
+  /// AMD family 17h (Zen 1) host and an Intel family 6 model 207 (Xeon, Emerald Rapids) host
+  /// also set the other half's IE from the same step; the model, as the later AMD and the
+  /// earlier Intel hosts its rule was taken from, reports PE alone.
+  static var vdppsOtherHalfIEIgnored: UInt32 {
+    let setsIE =
+      (hostVendor == "AuthenticAMD" && hostFamily == 23) || (hostIsIntel && hostFamily == 6 && hostModelNumber == 207)
+    return setsIE ? 1 : 0
+  }
 
   /// Whether the host sets XINUSE[2] (AVX) as the model does (`hostIsIntel`).
   static var hostTracksAVXInUseAsTheModel: Bool { hostIsIntel }

@@ -308,7 +308,8 @@ struct DifferentialFixedCases {
   /// VDPPS ymm with PE unmasked (IE masked) where one half's first additions are inexact
   /// (1 + 2^-30) and the other half's are invalid (∞ + -∞): the host faults with PE alone, the
   /// other half's IE of the same step is not reported; both ways round, and with IE unmasked too.
-  /// (An AMD family 17h host does set that IE: `HostModel.vdppsOtherHalfIEIgnored`.)
+  /// (An AMD family 17h host and an Intel Emerald Rapids host do set that IE:
+  /// `HostModel.vdppsOtherHalfIEIgnored`.)
   @Test func vdppsYmmReportsOnlyTheFaultingHalfOfTheFirstAdditions() {
     let inexact = (SIMD2<UInt64>(0x3F80_0000_3F80_0000, 0), SIMD2<UInt64>(0x3080_0000_3F80_0000, 0))
     let invalid = (SIMD2<UInt64>(0xFF80_0000_7F80_0000, 0), SIMD2<UInt64>(0x3F80_0000_3F80_0000, 0))
