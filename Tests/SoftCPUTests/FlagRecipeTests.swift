@@ -122,6 +122,67 @@ struct FlagRecipeTests {
     try Self.expectTheTranslatorMatchesTheInterpreter(source, stops: ["halted"])
   }
 
+  /// The access that overwrites a recipe's register (a load or POP into its source) comes
+  /// before the write: when the flags are dead after it (a MOV, then a 16-bit shift that
+  /// writes all six), its miss path still computes them from the recipe, and nothing saves
+  /// them. The loop's loads and POPs cross a page (misses that go on) and feed a checksum;
+  /// last, `final` faults while it would overwrite the source of `sub rax, rbx`, and the
+  /// fault must carry the SUB's flags.
+  @Test(arguments: [
+    ("mov rbx, [rdi]", "vector: 13"), ("pop rbx", "vector: 12"), ("mov bx, [rdi]", "vector: 13"),
+  ])
+  func aRecipeServesTheMissPathOfTheAccessThatOverwritesItsRegister(final: String, vector: String) throws {
+    let source = """
+        mov r12, 0x101FFC
+        mov r15, 0x102FFC
+        mov r13, 0x0123456789ABCDEF
+        mov r14, 0x7FFFFFFF80000001
+        xor r8, r8
+        mov r9d, 64
+      again:
+        rol r13, 13
+        add r14, r13
+        mov [r12], r13
+        mov [r15], r14
+        mov rax, r13
+        mov rbx, r14
+        sub rax, rbx
+        mov rcx, [r12]
+        mov rbx, [r12]
+        mov edx, ebx
+        shr dx, 3
+        add r8, rdx
+        mov rbx, r13
+        cmp rbx, rax
+        mov rsp, r15
+        pop rbx
+        mov edx, ebx
+        shl dx, 5
+        add r8, rdx
+        mov rbx, r14
+        xor rax, rbx
+        mov cx, [r12]
+        mov bx, [r15]
+        mov edx, ebx
+        sar dx, 2
+        add r8, rdx
+        rol r8, 7
+        dec r9d
+        jnz again
+        mov rdi, 0x8000000000000000
+        mov rsp, rdi
+        mov rax, r13
+        mov rbx, r14
+        sub rax, rbx
+        mov rcx, [r12]
+        \(final)
+        mov edx, ebx
+        shr dx, 3
+        hlt
+      """
+    try Self.expectTheTranslatorMatchesTheInterpreter(source, stops: [vector], "with \(final)")
+  }
+
   /// Flags of an operation on the stack pointer, computed again after POPs moved it (the
   /// recipe's adjustment) and after a PUSH, on a hit, on a page-crossing POP's miss path and at
   /// a fault, in 64-bit code.

@@ -760,14 +760,30 @@ struct BlockTranslator {
     flagsParked = false
     let keepsParked = (0..<translated).map { Self.keepsFlagsParked(first + $0) }
     for index in 0..<translated {
-      // Flags parked as a recipe come back before an instruction that writes one of its
-      // registers.
       refreshParkedRecipe(index)
-      if flagsParked && (!keepsParked[index] || !parkedFlagsSurvive(index)) { unparkFlags() }
+      var parkedFlagsDieHere = false
+      if flagsParked {
+        if !keepsParked[index] && Self.writesAllFlagsFromRegisters(first + index) {
+          // The instruction overwrites them before anything reads them: left parked.
+          flagsParked = false
+        } else if keepsParked[index] && !parkedFlagsSurvive(index) && flagsOverwrittenNext(index) {
+          // A recipe whose registers the instruction writes still holds on the miss path of
+          // its access, which comes before the write; after the instruction the flags are
+          // dead, so they are neither put back nor saved for it.
+          parkedFlagsDieHere = true
+        }
+        // Flags parked as a recipe otherwise come back before an instruction that writes one
+        // of its registers, and before one that is not run with them parked.
+        if flagsParked && !parkedFlagsDieHere && (!keepsParked[index] || !parkedFlagsSurvive(index)) {
+          unparkFlags()
+        }
+      }
       parksFlagsAfterProbe =
         inlineTLBProbes && keepsParked[index] && index + 1 < translated && keepsParked[index + 1]
+        && !parkedFlagsDieHere
       emittingIndex = index
       ended = emitInstruction(first + index, index: index)
+      if parkedFlagsDieHere { flagsParked = false }
     }
     if flagsParked { unparkFlags() }
     if !ended {
@@ -914,7 +930,7 @@ struct BlockTranslator {
   /// (`writesAllFlags`), or it touches none and a later one writes all six before anything can
   /// read them or leave (`flagsOverwrittenNext`). Only for translations that read no
   /// host flag after the access.
-  private func flagsDeadAfterAccess(_ index: Int, writesAllFlags: Bool) -> Bool {
+  func flagsDeadAfterAccess(_ index: Int, writesAllFlags: Bool) -> Bool {
     writesAllFlags || flagsOverwrittenNext(index)
   }
 

@@ -549,7 +549,7 @@ extension BlockTranslator {
       let wide = size == 8 ? 8 : 4
       let source: HostOperand
       if form.memory {
-        emitLoad(slot, index: index, size: from)
+        emitLoad(slot, index: index, size: from, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false))
         source = .register(rax)
       } else {
         source = guestRegister(instruction.rm, size: from)
@@ -568,7 +568,8 @@ extension BlockTranslator {
       // MOV r/m8, imm8 (B0-B7 and C6) and MOV r/m16, imm16.
       let immediate = Int32(truncatingIfNeeded: instruction.immediate)
       if form.memory {
-        emitStore(slot, index: index, size: size) { emitter, register in
+        emitStore(slot, index: index, size: size, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false)) {
+          emitter, register in
           emitter.mov(size: 4, .register(register), immediate: immediate)
         }
       } else {
@@ -578,13 +579,14 @@ extension BlockTranslator {
     }
     if form.operands == .rmReg && form.memory {
       let source = guestRegister(instruction.reg, size: size)
-      emitStore(slot, index: index, size: size) { emitter, register in
+      emitStore(slot, index: index, size: size, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false)) {
+        emitter, register in
         emitter.movzx(register, sourceSize: size, source)
       }
       return
     }
     if form.memory {
-      emitLoad(slot, index: index, size: size)
+      emitLoad(slot, index: index, size: size, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false))
     } else {
       let source = form.operands == .rmReg ? instruction.reg : instruction.rm
       emitter.mov(size: size, rax, guestRegister(source, size: size))
