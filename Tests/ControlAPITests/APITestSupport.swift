@@ -246,7 +246,10 @@ func counterValues(_ text: String) -> [Int] {
   var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
   lines.removeLast()
   return lines.compactMap { line in
+    // A machine stopped in the middle of a line (a reboot) leaves it for the next one to
+    // complete: "C41C1" is the new machine's 1.
     let trimmed = line.trimmingCharacters(in: .whitespacesAndNewlines)
-    return trimmed.hasPrefix("C") ? Int(trimmed.dropFirst()) : nil
+    guard trimmed.hasPrefix("C"), let last = trimmed.lastIndex(of: "C") else { return nil }
+    return Int(trimmed[trimmed.index(after: last)...])
   }
 }

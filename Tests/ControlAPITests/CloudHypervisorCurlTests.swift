@@ -85,9 +85,15 @@ struct CloudHypervisorCurlTests {
     let beforeRebootCount = server.text.count
     #expect(try api("PUT", "vm.reboot").status == 204)
     #expect(try api("GET", "vm.info").json["state"] as? String == "Running")
-    try server.waitForOutput("the counter after reboot") { text in
-      let values = counterValues(String(text.dropFirst(beforeRebootCount)))
-      return values.contains(1) && values.contains(2)
+    do {
+      try server.waitForOutput("the counter after reboot") { text in
+        let values = counterValues(String(text.dropFirst(beforeRebootCount)))
+        return values.contains(1) && values.contains(2)
+      }
+    } catch {
+      // Where the output went after the reboot was asked for (the error shows its end only).
+      Issue.record("after the reboot: \(server.text.dropFirst(beforeRebootCount).prefix(600))")
+      throw error
     }
 
     #expect(try api("PUT", "vm.shutdown").status == 204)
