@@ -40,6 +40,18 @@ struct FlagRecipeTests {
     return forms
   }()
 
+  /// The start of a loop of 64 rounds (R9D counts them, R8 takes a checksum) whose operands
+  /// R13 and R14 change every round; the round's code follows, up to `dec r9d; jnz again`.
+  static let changingOperands = """
+      mov r13, 0x0123456789ABCDEF
+      mov r14, 0x7FFFFFFF80000001
+      xor r8, r8
+      mov r9d, 64
+    again:
+      rol r13, 13
+      add r14, r13
+    """
+
   /// 64 rounds of `operation` on changing values (every fourth round with equal operands),
   /// followed by a page-crossing load (its miss path needs the flags), a load and a store that
   /// keep them parked, and PUSHF; then `operation` once more before a load from a
@@ -48,13 +60,7 @@ struct FlagRecipeTests {
     """
       mov rsi, 0x100000
       mov r12, 0x101FFC
-      mov r13, 0x0123456789ABCDEF
-      mov r14, 0x7FFFFFFF80000001
-      xor r8, r8
-      mov r9d, 64
-    again:
-      rol r13, 13
-      add r14, r13
+    \(changingOperands)
       mov rax, r13
       mov rbx, r14
       test r9b, 3
@@ -126,8 +132,8 @@ struct FlagRecipeTests {
   /// before the write: when the flags are dead after it (a MOV, then a 16-bit shift that
   /// writes all six), its miss path still computes them from the recipe, and nothing saves
   /// them. The loop's loads and POPs cross a page (misses that go on) and feed a checksum;
-  /// last, `final` faults while it would overwrite the source of `sub rax, rbx`, and the
-  /// fault must carry the SUB's flags.
+  /// last, `final` faults while it would overwrite the source of `sub rax, rbx`, and the fault
+  /// must carry the SUB's flags.
   @Test(arguments: [
     ("mov rbx, [rdi]", "vector: 13"), ("pop rbx", "vector: 12"), ("mov bx, [rdi]", "vector: 13"),
   ])
@@ -135,13 +141,7 @@ struct FlagRecipeTests {
     let source = """
         mov r12, 0x101FFC
         mov r15, 0x102FFC
-        mov r13, 0x0123456789ABCDEF
-        mov r14, 0x7FFFFFFF80000001
-        xor r8, r8
-        mov r9d, 64
-      again:
-        rol r13, 13
-        add r14, r13
+      \(Self.changingOperands)
         mov [r12], r13
         mov [r15], r14
         mov rax, r13
@@ -181,6 +181,41 @@ struct FlagRecipeTests {
         hlt
       """
     try Self.expectTheTranslatorMatchesTheInterpreter(source, stops: [vector], "with \(final)")
+  }
+
+  /// Flags kept across loads reach PUSHF intact: after a load that overwrites the recipe's
+  /// source (PUSHF two loads later), and after a register move and a BSWAP, which leave them
+  /// alone. A short loop keeps each sequence inside one block.
+  @Test func parkedFlagsStayLiveUntilRead() throws {
+    let source = """
+        mov r12, 0x101FFC
+        mov r15, 0x102FFC
+      \(Self.changingOperands)
+        mov [r12], r13
+        mov rax, r13
+        mov rbx, r14
+        add rax, rbx
+        mov rcx, [r12]
+        mov rbx, [r15]
+        mov rdx, [r12]
+        pushfq
+        pop r11
+        add r8, r11
+        sub rax, rbx
+        mov rcx, [r12]
+        mov rdx, [r15]
+        mov r10, rcx
+        bswap r10
+        pushfq
+        pop r11
+        add r8, r11
+        add r8, r10
+        rol r8, 7
+        dec r9d
+        jnz again
+        hlt
+      """
+    try Self.expectTheTranslatorMatchesTheInterpreter(source, stops: ["halted"])
   }
 
   /// Flags of an operation on the stack pointer, computed again after POPs moved it (the
