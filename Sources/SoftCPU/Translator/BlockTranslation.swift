@@ -764,7 +764,7 @@ struct BlockTranslator {
       var parkedFlagsDieHere = false
       if flagsParked {
         if !keepsParked[index] && Self.writesAllFlagsFromRegisters(first + index) {
-          // The instruction overwrites them before anything reads them: left parked.
+          // The instruction overwrites them before anything reads them: not put back.
           flagsParked = false
         } else if keepsParked[index] && !parkedFlagsSurvive(index) && flagsOverwrittenNext(index) {
           // A recipe whose registers the instruction writes still holds on the miss path of
