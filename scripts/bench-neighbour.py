@@ -68,13 +68,19 @@ class VMM:
         if pinned:
             command = ["taskset", "-c", "0"] + command
         self.output = output
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The VMM's own messages go to a file, never to a pipe nobody reads while it runs.
+        self.errors = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=self.errors)
+
+    def error_text(self):
+        self.errors.seek(0)
+        return self.errors.read().decode(errors="replace")
 
     def wait_for(self, text, seconds=30):
         deadline = time.time() + seconds
         while time.time() < deadline:
             if self.process.poll() is not None:
-                sys.exit(f"bench-neighbour: the VMM ended early: {self.process.stderr.read().decode()}")
+                sys.exit(f"bench-neighbour: the VMM ended early: {self.error_text()}")
             try:
                 with open(self.output, "rb") as handle:
                     if text in handle.read():
@@ -91,6 +97,7 @@ class VMM:
     def stop(self):
         self.process.kill()
         self.process.wait()
+        self.errors.close()
 
 
 def remove_group(name):
@@ -127,7 +134,7 @@ def measure(args, kernels, scratch, hostile, pinned, round_index):
             others.append(other)
             time.sleep(1.0)
             if other.process.poll() is not None:
-                sys.exit(f"bench-neighbour: the {hostile} VMM ended early: {other.process.stderr.read().decode()}")
+                sys.exit(f"bench-neighbour: the {hostile} VMM ended early: {other.error_text()}")
         neighbour = VMM(args.hostvisor, kernels["busy-loop"], "hvnb-neighbour", weight_n,
                         os.path.join(scratch, "neighbour-" + suffix), pinned)
         others.append(neighbour)

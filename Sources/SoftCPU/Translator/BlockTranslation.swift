@@ -762,19 +762,22 @@ struct BlockTranslator {
     for index in 0..<translated {
       refreshParkedRecipe(index)
       var parkedFlagsDieHere = false
-      if flagsParked {
-        if !keepsParked[index] && Self.writesAllFlagsFromRegisters(first + index) {
-          // The instruction overwrites them before anything reads them: not put back.
+      if flagsParked && !keepsParked[index] {
+        // Parked flags come back before an instruction that is not run with them parked,
+        // unless it overwrites them before anything reads them.
+        if Self.writesAllFlagsFromRegisters(first + index) {
           flagsParked = false
-        } else if keepsParked[index] && !parkedFlagsSurvive(index) && flagsOverwrittenNext(index) {
-          // A recipe whose registers the instruction writes still holds on the miss path of
-          // its access, which comes before the write; after the instruction the flags are
-          // dead, so they are neither put back nor saved for it.
-          parkedFlagsDieHere = true
+        } else {
+          unparkFlags()
         }
-        // Flags parked as a recipe otherwise come back before an instruction that writes one
-        // of its registers, and before one that is not run with them parked.
-        if flagsParked && !parkedFlagsDieHere && (!keepsParked[index] || !parkedFlagsSurvive(index)) {
+      } else if flagsParked && !parkedFlagsSurvive(index) {
+        // Flags parked as a recipe come back before an instruction that writes one of its
+        // registers, unless they are dead after it: the recipe still holds on the miss path of
+        // the instruction's access, which comes before the write, so they are neither put back
+        // nor saved for it.
+        if flagsOverwrittenNext(index) {
+          parkedFlagsDieHere = true
+        } else {
           unparkFlags()
         }
       }

@@ -543,13 +543,15 @@ extension BlockTranslator {
     let instruction = slot.pointee
     let size = form.size
     let rax = HostRegister.rax
+    // The flags need not survive the access when nothing reads them after it.
+    let flagsDead = form.memory && flagsDeadAfterAccess(index, writesAllFlags: false)
     if case .extend(let signed, let from) = form.kind {
       // RAX = the source, extended to the destination size (4 or 8; a 16-bit destination
       // takes the low word).
       let wide = size == 8 ? 8 : 4
       let source: HostOperand
       if form.memory {
-        emitLoad(slot, index: index, size: from, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false))
+        emitLoad(slot, index: index, size: from, flagsDead: flagsDead)
         source = .register(rax)
       } else {
         source = guestRegister(instruction.rm, size: from)
@@ -568,7 +570,7 @@ extension BlockTranslator {
       // MOV r/m8, imm8 (B0-B7 and C6) and MOV r/m16, imm16.
       let immediate = Int32(truncatingIfNeeded: instruction.immediate)
       if form.memory {
-        emitStore(slot, index: index, size: size, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false)) {
+        emitStore(slot, index: index, size: size, flagsDead: flagsDead) {
           emitter, register in
           emitter.mov(size: 4, .register(register), immediate: immediate)
         }
@@ -579,14 +581,14 @@ extension BlockTranslator {
     }
     if form.operands == .rmReg && form.memory {
       let source = guestRegister(instruction.reg, size: size)
-      emitStore(slot, index: index, size: size, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false)) {
+      emitStore(slot, index: index, size: size, flagsDead: flagsDead) {
         emitter, register in
         emitter.movzx(register, sourceSize: size, source)
       }
       return
     }
     if form.memory {
-      emitLoad(slot, index: index, size: size, flagsDead: flagsDeadAfterAccess(index, writesAllFlags: false))
+      emitLoad(slot, index: index, size: size, flagsDead: flagsDead)
     } else {
       let source = form.operands == .rmReg ? instruction.reg : instruction.rm
       emitter.mov(size: size, rax, guestRegister(source, size: size))
